@@ -1,0 +1,37 @@
+"""optax_subspace: memory-efficient subspace optimizers as Optax transformations.
+
+Every method is `project_subspace(inner, projector, ...)`: the gradient of each
+selected matrix is projected onto a low-rank subspace, any Optax
+transformation runs there (so its state is low-rank), and the result is
+projected back. Presets give the methods as their authors run them.
+"""
+
+from optax_subspace import projectors
+from optax_subspace._adam import ScaleByHfAdamState
+from optax_subspace._adam import scale_by_hf_adam
+from optax_subspace._adam import torch_adamw
+from optax_subspace._combinator import ProjectSubspaceState
+from optax_subspace._combinator import SECOND_MOMENT_FIELDS
+from optax_subspace._combinator import project_subspace
+from optax_subspace._leaves import MatrixDims
+from optax_subspace._presets import DecayAfterUpdateState
+from optax_subspace._presets import add_decayed_weights_after_update
+from optax_subspace._presets import galore
+from optax_subspace._presets import online_subspace_descent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DecayAfterUpdateState",
+    "MatrixDims",
+    "ProjectSubspaceState",
+    "SECOND_MOMENT_FIELDS",
+    "ScaleByHfAdamState",
+    "add_decayed_weights_after_update",
+    "galore",
+    "online_subspace_descent",
+    "project_subspace",
+    "projectors",
+    "scale_by_hf_adam",
+    "torch_adamw",
+]

@@ -1,0 +1,358 @@
+"""`project_subspace`: run any Optax transformation in a low-rank subspace."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_subspace import _leaves
+from optax_subspace.projectors import _base
+
+# Inner-state buffers holding non-negative statistics of squared gradients
+# (optax's Adam/AdaBelief/AMSGrad `nu`, RMSProp `nu`, Adagrad
+# `sum_of_squares`): "transport" moves them with M⊙M instead of M.
+SECOND_MOMENT_FIELDS = frozenset(
+    {"nu", "nu_max", "sum_of_squares", "v", "exp_avg_sq"}
+)
+ON_CHANGE = ("keep", "reset", "transport")
+
+
+class ProjectSubspaceState(NamedTuple):
+  """State of `project_subspace`.
+
+  Attributes:
+    count: steps taken (int32); projectors refresh on it.
+    projectors: a tree like the parameters: each projected leaf holds its
+      projector's state with the leaf's batch axes leading; other leaves hold
+      `optax.MaskedNode()`.
+    inner: the inner transformation's state, allocated on the low-rank
+      shapes of the projected leaves and the full shapes of the others.
+  """
+
+  count: jax.Array
+  projectors: Any
+  inner: optax.OptState
+
+
+def _over_batch(fn, plan: _leaves.LeafPlan, *args, in_axes):
+  """Applies a one-matrix function to every matrix of a leaf.
+
+  Mapped arguments have the leaf's batch axes leading; they are flattened to
+  one axis, vmapped, and the outputs get the batch axes back.
+  """
+  b = plan.num_matrices
+  flat = [
+      jax.tree_util.tree_map(lambda x: x.reshape((b,) + x.shape[
+          len(plan.batch_shape):]), a) if ax == 0 else a
+      for a, ax in zip(args, in_axes)
+  ]
+  out = jax.vmap(fn, in_axes=in_axes)(*flat)
+  return jax.tree_util.tree_map(
+      lambda x: x.reshape(plan.batch_shape + x.shape[1:]), out
+  )
+
+
+def _restore_structure(pstate, template):
+  """Gives a projector state back the container types `init` made.
+
+  Frameworks may rebuild the state's containers on the way back in (Flax's
+  `nnx.Optimizer` turns a NamedTuple at a parameter's position into an
+  `nnx.State` keyed by field name): leaves are matched by key-path names.
+  """
+  want, treedef = jax.tree_util.tree_flatten_with_path(template)
+  if jax.tree_util.tree_structure(pstate) == treedef:
+    return pstate
+  got = {_leaves.path_str(p): x
+         for p, x in jax.tree_util.tree_flatten_with_path(pstate)[0]}
+  names = [_leaves.path_str(p) for p, _ in want]
+  if sorted(got) != sorted(names):
+    raise ValueError(
+        f"projector state has fields {sorted(got)}, expected {sorted(names)}:"
+        " was the state made by another projector?"
+    )
+  return jax.tree_util.tree_unflatten(treedef, [got[n] for n in names])
+
+
+def _refresh_by_shape(projector, plans, pstates, grads, count):
+  """Refreshes every projected matrix, one vmapped call per matrix shape.
+
+  Leaves whose matrices share (s, l, r) are concatenated along the batch axis
+  so that a tree of 170 matrices compiles to a few batched refreshes, not 170.
+  """
+  groups: dict[tuple[int, int, int], list[int]] = {}
+  for i, plan in enumerate(plans):
+    if plan.projected:
+      groups.setdefault((plan.side, plan.other, plan.rank), []).append(i)
+  new_states, changed = dict(pstates), {}
+  for members in groups.values():
+    flat = lambda x, i: x.reshape((plans[i].num_matrices,) + x.shape[
+        len(plans[i].batch_shape):])
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
+    stacked_states = jax.tree_util.tree_map(
+        lambda *xs: cat([flat(x, i) for x, i in zip(xs, members)]),
+        *[pstates[i] for i in members],
+    )
+    stacked_grads = cat([flat(grads[i], i) for i in members])
+    out_states, out_changed = jax.vmap(
+        projector.refresh, in_axes=(0, 0, None)
+    )(stacked_states, stacked_grads, count)
+    start = 0
+    for i in members:
+      plan, stop = plans[i], start + plans[i].num_matrices
+      new_states[i] = jax.tree_util.tree_map(
+          lambda x: x[start:stop].reshape(plan.batch_shape + x.shape[1:]),
+          out_states,
+      )
+      changed[i] = out_changed[start:stop].reshape(plan.batch_shape)
+      start = stop
+  return new_states, changed
+
+
+def _low_rank_buffers(state_tree, plans, key_paths):
+  """Finds the inner-state buffers that mirror a projected leaf.
+
+  A buffer mirrors leaf i when its key path ends with the leaf's key path and
+  it has the leaf's low-rank shape (so `mu` of `scale_by_adam`, inside any
+  chain or `inject_hyperparams`, is found; factored statistics are not).
+  Returns {state leaf index: (param leaf index, field name)}.
+  """
+  by_path = {
+      tuple(kp): i for i, (kp, p) in enumerate(zip(key_paths, plans))
+      if p.projected
+  }
+  flat, _ = jax.tree_util.tree_flatten_with_path(state_tree)
+  found = {}
+  for j, (path, x) in enumerate(flat):
+    for cut in range(len(path) + 1):
+      i = by_path.get(tuple(path[cut:]))
+      if i is not None and np.shape(x) == plans[i].low_rank_shape:
+        field = path[cut - 1] if cut > 0 else None
+        name = getattr(field, "name", getattr(field, "key", None))
+        found[j] = (i, name)
+        break
+  return found
+
+
+def _on_change(mode, inner_state, plans, key_paths, old_bases, new_bases,
+               changed):
+  """Applies `on_change` to the inner state for matrices whose basis moved."""
+  if mode == "keep" or not changed:
+    return inner_state
+  flat, treedef = jax.tree_util.tree_flatten(inner_state)
+  for j, (i, name) in _low_rank_buffers(inner_state, plans, key_paths).items():
+    if i not in changed:
+      continue
+    plan, buf = plans[i], flat[j]
+    moved = changed[i][..., None, None]
+    oriented = _leaves.low_rank_layout(buf, plan).astype(jnp.float32)
+    if mode == "reset":
+      new = jnp.where(moved, 0.0, oriented)
+    else:  # transport: express the buffer in the new basis, M = P_newᵀ P_old
+      m = jnp.einsum("...sr,...sq->...rq", new_bases[i], old_bases[i])
+      if name in SECOND_MOMENT_FIELDS:
+        m = m * m  # variances of uncorrelated coordinates: Σ_q M_rq² v_q
+      new = jnp.where(moved, jnp.einsum("...rq,...ql->...rl", m, oriented),
+                      oriented)
+    flat[j] = _leaves.low_rank_layout(new, plan).astype(buf.dtype)
+  return jax.tree_util.tree_unflatten(treedef, flat)
+
+
+def project_subspace(
+    inner: optax.GradientTransformation,
+    projector: _base.Projector,
+    *,
+    scale: float = 1.0,
+    mask: _leaves.MaskSpec = None,
+    dims: _leaves.DimsSpec = None,
+    on_change: str = "keep",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Runs `inner` on low-rank projections of the selected gradients.
+
+  For each leaf selected by `mask`, seen as a batch of matrices G (s×l after
+  orienting the smaller side s first; `dims` says which axes are which), the
+  update is
+
+      R = Pᵀ G,   N = inner(R),   ΔW = scale · P N,
+
+  with P (s×r) from `projector`, whose state lives here, one per matrix. The
+  inner transformation sees one tree: low-rank R for projected leaves, the
+  full gradient for the others; so its state is allocated at the low-rank
+  shapes (r × l per matrix: never an s×l buffer). `scale` applies to projected
+  leaves only, as GaLore's α. Projector math is float32 whatever the dtype.
+
+  Why a wrapper rather than ``optax.chain(project, optax.adam(...))``: in a
+  chain every transformation allocates its state from the full parameter
+  shapes, so Adam's moments would be full size. Wrapping, like `optax.masked`
+  or `optax.MultiSteps`, lets the inner state live at the low-rank shapes.
+  The result goes into `optax.chain` like any other transformation.
+
+  When a matrix's basis changes, `on_change` says what happens to the inner
+  state's buffers of that matrix (those with the low-rank shape, found by key
+  path, in any chain): "keep" (GaLore and OSD: moments stay, untouched);
+  "reset" (set to zero; counts such as Adam's bias correction run on, since
+  they are shared with the other leaves); "transport" (re-expressed in the new
+  basis through M = P_newᵀ P_old: first moments as M·m, second-moment
+  statistics in `SECOND_MOMENT_FIELDS` as (M⊙M)·v, the variance of M·x for
+  uncorrelated coordinates, which keeps them non-negative).
+
+  References:
+    Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection", ICML 2024, arXiv:2403.03507.
+
+  Args:
+    inner: any optax transformation (`optax.adam(lr)`, `optax.scale_by_adam()`,
+      `optax.lion(...)`, a chain). For projected leaves its `params` argument
+      receives the projected parameters Pᵀ W.
+    projector: a `Projector`, e.g. `projectors.svd(rank, update_every)`.
+    scale: α, multiplies the back-projected update of projected leaves.
+    mask: which leaves are projected: a regex matched (`re.search`) against
+      the key path joined by "/" (e.g. ``r"(attention|mlp)/.*kernel"``), a
+      callable ``(path, leaf) -> bool``, or a pytree of bools like the params.
+      Default: every floating-point leaf with 2 or more axes (those with
+      more need `dims`). Unselected leaves go through `inner` at full size.
+    dims: `MatrixDims` for every selected leaf, a callable
+      ``(path, leaf) -> MatrixDims | None``, or a pytree of them. Needed for
+      selected leaves that are not 2-D.
+    on_change: "keep", "reset" or "transport" (above).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_subspace as osub
+    >>> params = {"w": jnp.ones((8, 16)), "b": jnp.zeros(16)}
+    >>> tx = osub.project_subspace(optax.adam(1e-2), osub.projectors.svd(2, 10))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state, params)
+  """
+  if on_change not in ON_CHANGE:
+    raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}.")
+  rank = projector.rank
+
+  def plan(tree, quiet):
+    with warnings.catch_warnings():
+      if quiet:
+        warnings.simplefilter("ignore")
+      plans, treedef = _leaves.plan_leaves(tree, rank, mask, dims)
+    key_paths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return plans, treedef, key_paths
+
+  def init_projector(i, p: _leaves.LeafPlan):
+    """States of leaf i's matrices, batch axes leading; keys from i."""
+    keys = jax.random.split(
+        jax.random.fold_in(jax.random.PRNGKey(0), i), p.num_matrices
+    )
+    one = lambda key: projector.init(p.side, p.other, p.rank, key)
+    return jax.tree_util.tree_map(
+        lambda y: y.reshape(p.batch_shape + y.shape[1:]), jax.vmap(one)(keys)
+    )
+
+  def init_fn(params):
+    plans, treedef, _ = plan(params, quiet=False)
+    leaves = treedef.flatten_up_to(params)
+    pstates, low_rank = [], []
+    for i, (p, x) in enumerate(zip(plans, leaves)):
+      if not p.projected:
+        pstates.append(optax.MaskedNode())
+        low_rank.append(x)
+        continue
+      pstates.append(init_projector(i, p))
+      low_rank.append(jnp.zeros(p.low_rank_shape, jnp.result_type(x)))
+    return ProjectSubspaceState(
+        count=jnp.zeros([], jnp.int32),
+        projectors=treedef.unflatten(pstates),
+        inner=inner.init(treedef.unflatten(low_rank)),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    plans, treedef, key_paths = plan(updates, quiet=True)
+    g_leaves = treedef.flatten_up_to(updates)
+    p_leaves = None if params is None else treedef.flatten_up_to(params)
+    pstates = dict(enumerate(treedef.flatten_up_to(state.projectors)))
+    projected = [i for i, p in enumerate(plans) if p.projected]
+    for i in projected:
+      template = jax.eval_shape(lambda i=i: init_projector(i, plans[i]))
+      pstates[i] = _restore_structure(pstates[i], template)
+    count = state.count
+    inner_state = state.inner
+    grads = {
+        i: _leaves.to_oriented(g_leaves[i], plans[i]).astype(jnp.float32)
+        for i in projected
+    }
+
+    def bases(states):
+      return {
+          i: _over_batch(projector.basis, plans[i], states[i], in_axes=(0,))
+          for i in projected
+      }
+
+    # 1. Refresh (GaLore: steps 0, T, 2T, ...; OSD: step 0), under one cond.
+    old = bases(pstates)
+    if projected:
+      sub = {i: pstates[i] for i in projected}
+      no_change = {i: jnp.zeros(plans[i].batch_shape, bool) for i in projected}
+      sub, changed = jax.lax.cond(
+          projector.needs_refresh(count),
+          lambda s: _refresh_by_shape(projector, plans, s, grads, count),
+          lambda s: (s, no_change),
+          sub,
+      )
+      pstates.update(sub)
+      new = bases(pstates)
+      inner_state = _on_change(on_change, inner_state, plans, key_paths, old,
+                               new, changed)
+      old = new
+
+    # 2. Project, run the inner transformation on the mixed tree.
+    low = {
+        i: jnp.einsum("...sr,...sl->...rl", old[i], grads[i]) for i in projected
+    }
+    inner_grads = list(g_leaves)
+    inner_params = None if p_leaves is None else list(p_leaves)
+    for i in projected:
+      dtype = jnp.result_type(g_leaves[i])
+      inner_grads[i] = _leaves.low_rank_layout(low[i], plans[i]).astype(dtype)
+      if inner_params is not None:
+        w = _leaves.to_oriented(p_leaves[i], plans[i]).astype(jnp.float32)
+        inner_params[i] = _leaves.low_rank_layout(
+            jnp.einsum("...sr,...sl->...rl", old[i], w), plans[i]
+        ).astype(jnp.result_type(p_leaves[i]))
+    inner_updates, inner_state = optax.with_extra_args_support(inner).update(
+        treedef.unflatten(inner_grads),
+        inner_state,
+        None if inner_params is None else treedef.unflatten(inner_params),
+        **extra_args,
+    )
+
+    # 3. Back-project with the same basis, scale.
+    out = treedef.flatten_up_to(inner_updates)
+    for i in projected:
+      n = _leaves.low_rank_layout(out[i], plans[i]).astype(jnp.float32)
+      full = jnp.einsum("...sr,...rl->...sl", old[i], n) * scale
+      out[i] = _leaves.from_oriented(full, plans[i]).astype(
+          jnp.result_type(g_leaves[i]))
+
+    # 4. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
+    if projector.advance is not None and projected:
+      changed = {}
+      for i in projected:
+        pstates[i], changed[i] = _over_batch(
+            lambda st, g, r: projector.advance(st, g, r, count),
+            plans[i], pstates[i], grads[i], low[i], in_axes=(0, 0, 0),
+        )
+      inner_state = _on_change(on_change, inner_state, plans, key_paths, old,
+                               bases(pstates), changed)
+
+    new_state = ProjectSubspaceState(
+        count=optax.safe_increment(count),
+        projectors=treedef.unflatten([pstates[i] for i in range(len(plans))]),
+        inner=inner_state,
+    )
+    return treedef.unflatten(out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

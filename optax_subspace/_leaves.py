@@ -1,0 +1,253 @@
+"""Which leaves are projected, and how an N-D leaf is seen as a batch of matrices.
+
+Everything here is static: it runs in Python on shapes, at `init` and again
+while tracing `update`, and never touches array values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class MatrixDims(NamedTuple):
+  """Which axes of a leaf form the rows and the columns of its matrices.
+
+  Every axis that is neither a row nor a column axis is a batch axis: each
+  index along it is a separate matrix with its own projector (a scanned
+  model's kernel of shape ``(layers, in, out)`` is ``MatrixDims(rows=1,
+  cols=2)``, a batch of ``layers`` matrices). Several axes on one side are
+  flattened together in the order given (an attention kernel of shape
+  ``(embed, heads, head_dim)`` is ``MatrixDims(rows=0, cols=(1, 2))``).
+
+  For a Flax kernel, stored ``(in, out)``, rows are the input side. The
+  projector spans the smaller side, and the rows when both are equal, which
+  is the input side of a square layer, as in the GaLore authors' code.
+
+  Attributes:
+    rows: axis or axes forming the matrix rows (the input side of a kernel).
+    cols: axis or axes forming the matrix columns (the output side).
+  """
+
+  rows: Union[int, Sequence[int]] = 0
+  cols: Union[int, Sequence[int]] = 1
+
+
+DimsSpec = Union[
+    None, MatrixDims, Callable[[str, Any], Optional[MatrixDims]], Any
+]
+MaskSpec = Union[None, str, Callable[[str, Any], bool], Any]
+
+
+class LeafPlan(NamedTuple):
+  """Static description of one parameter leaf (hashable, no arrays)."""
+
+  path: str
+  shape: tuple[int, ...]
+  projected: bool
+  perm: tuple[int, ...] = ()  # transpose to (batch..., rows..., cols...)
+  batch_shape: tuple[int, ...] = ()
+  rows: int = 0
+  cols: int = 0
+  axis: int = 0  # 0: the projector spans the rows; 1: the columns
+  rank: int = 0  # effective rank, min(rank, smaller side)
+
+  @property
+  def side(self) -> int:
+    """Length of the projected side (s)."""
+    return self.rows if self.axis == 0 else self.cols
+
+  @property
+  def other(self) -> int:
+    """Length of the side that is kept (l)."""
+    return self.cols if self.axis == 0 else self.rows
+
+  @property
+  def num_matrices(self) -> int:
+    return math.prod(self.batch_shape)
+
+  @property
+  def low_rank_shape(self) -> tuple[int, ...]:
+    """Shape of the projected gradient as the inner transformation sees it."""
+    if self.axis == 0:
+      return self.batch_shape + (self.rank, self.cols)
+    return self.batch_shape + (self.rows, self.rank)
+
+
+def path_str(path) -> str:
+  """`("layers", 0, "kernel")`-style key path as ``"layers/0/kernel"``."""
+  parts = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      parts.append(str(k.key))
+    elif isinstance(k, jax.tree_util.GetAttrKey):
+      parts.append(str(k.name))
+    elif isinstance(k, jax.tree_util.SequenceKey):
+      parts.append(str(k.idx))
+    elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+      parts.append(str(k.key))
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _as_axes(spec, ndim: int, what: str, path: str) -> tuple[int, ...]:
+  axes = (spec,) if isinstance(spec, (int, np.integer)) else tuple(spec)
+  if not axes:
+    raise ValueError(f"MatrixDims.{what} of leaf '{path}' is empty.")
+  out = []
+  for a in axes:
+    if not -ndim <= int(a) < ndim:
+      raise ValueError(
+          f"MatrixDims.{what}={spec} does not fit leaf '{path}' of rank {ndim}."
+      )
+    out.append(int(a) % ndim)
+  return tuple(out)
+
+
+def _leaf_mask(mask: MaskSpec, paths, leaves, treedef) -> list[bool]:
+  """Resolves `mask` to one bool per leaf."""
+  if mask is None:  # every floating-point matrix or batch of matrices
+    return [
+        len(np.shape(x)) >= 2
+        and jnp.issubdtype(jnp.result_type(x), jnp.floating)
+        for x in leaves
+    ]
+  if isinstance(mask, str):
+    pattern = re.compile(mask)
+    selected = [bool(pattern.search(p)) for p in paths]
+    if not any(selected):
+      raise ValueError(
+          f"mask {mask!r} matches no parameter path. Paths are matched with"
+          f" re.search against: {paths[:8]}{' ...' if len(paths) > 8 else ''}"
+      )
+    return selected
+  if callable(mask):
+    return [bool(mask(p, x)) for p, x in zip(paths, leaves)]
+  mask_leaves, mask_def = jax.tree_util.tree_flatten(mask)
+  if mask_def != treedef:
+    raise ValueError(
+        "mask is a pytree whose structure does not match the parameters:"
+        f"\n  mask:   {mask_def}\n  params: {treedef}"
+    )
+  return [bool(m) for m in mask_leaves]
+
+
+def _leaf_dims(dims: DimsSpec, paths, leaves, treedef) -> list:
+  if dims is None or isinstance(dims, MatrixDims):
+    return [dims] * len(leaves)
+  if callable(dims):
+    return [dims(p, x) for p, x in zip(paths, leaves)]
+  dims_leaves, dims_def = jax.tree_util.tree_flatten(
+      dims, is_leaf=lambda d: d is None or isinstance(d, MatrixDims)
+  )
+  if dims_def != treedef:
+    raise ValueError(
+        "dims is a pytree whose structure does not match the parameters:"
+        f"\n  dims:   {dims_def}\n  params: {treedef}"
+    )
+  return dims_leaves
+
+
+def plan_leaves(
+    params, rank: int, mask: MaskSpec = None, dims: DimsSpec = None
+) -> tuple[list[LeafPlan], Any]:
+  """Decides, for each leaf of `params`, whether and how it is projected.
+
+  Returns the plans in `jax.tree_util.tree_flatten` order and the treedef.
+  Raises `ValueError` on a mask or dims that does not fit the parameters, and
+  `TypeError` on a selected leaf that is not floating point.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [path_str(p) for p, _ in flat]
+  leaves = [x for _, x in flat]
+  selected = _leaf_mask(mask, paths, leaves, treedef)
+  leaf_dims = _leaf_dims(dims, paths, leaves, treedef)
+  plans, clamped = [], []
+  for path, x, sel, d in zip(paths, leaves, selected, leaf_dims):
+    shape = tuple(int(n) for n in np.shape(x))
+    if not sel:
+      plans.append(LeafPlan(path, shape, False))
+      continue
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      raise TypeError(
+          f"Leaf '{path}' is selected for projection but has dtype"
+          f" {jnp.result_type(x)}; only floating-point leaves can be projected."
+          " Exclude it with `mask`."
+      )
+    ndim = len(shape)
+    if d is None:
+      if ndim != 2:
+        raise ValueError(
+            f"Leaf '{path}' of shape {shape} is selected for projection but is"
+            " not 2-D: say which axes form the matrix with"
+            " `dims=MatrixDims(rows=..., cols=...)` (other axes are batch"
+            " axes), or exclude it with `mask`."
+        )
+      d = MatrixDims(0, 1)
+    rows = _as_axes(d.rows, ndim, "rows", path)
+    cols = _as_axes(d.cols, ndim, "cols", path)
+    if len(set(rows + cols)) != len(rows) + len(cols):
+      raise ValueError(f"MatrixDims {d} of leaf '{path}' repeats an axis.")
+    batch = tuple(a for a in range(ndim) if a not in rows + cols)
+    m = math.prod(shape[a] for a in rows)
+    n = math.prod(shape[a] for a in cols)
+    axis = 0 if m <= n else 1  # ties: the input side, as the authors' code
+    s = min(m, n)
+    if rank >= s:
+      clamped.append(path)
+    plans.append(
+        LeafPlan(
+            path=path,
+            shape=shape,
+            projected=True,
+            perm=batch + rows + cols,
+            batch_shape=tuple(shape[a] for a in batch),
+            rows=m,
+            cols=n,
+            axis=axis,
+            rank=min(rank, s),
+        )
+    )
+  if clamped:
+    warnings.warn(
+        f"rank {rank} is not below the smaller side of {len(clamped)} leaves"
+        f" ({', '.join(clamped[:4])}{', ...' if len(clamped) > 4 else ''}):"
+        " they are projected on their full smaller side (an exact rotation,"
+        " which saves no memory). Lower the rank or exclude them with `mask`.",
+        stacklevel=4,
+    )
+  return plans, treedef
+
+
+def to_oriented(x, plan: LeafPlan):
+  """Leaf -> (*batch, s, l): the projected side first, as projectors see it."""
+  x = jnp.transpose(x, plan.perm).reshape(
+      plan.batch_shape + (plan.rows, plan.cols)
+  )
+  return x if plan.axis == 0 else jnp.swapaxes(x, -1, -2)
+
+
+def from_oriented(y, plan: LeafPlan):
+  """(*batch, s, l) -> the leaf's own shape and axis order."""
+  if plan.axis == 1:
+    y = jnp.swapaxes(y, -1, -2)
+  permuted = tuple(plan.shape[a] for a in plan.perm)
+  return jnp.transpose(y.reshape(permuted), np.argsort(plan.perm))
+
+
+def low_rank_layout(r, plan: LeafPlan):
+  """(*batch, r, l) <-> the inner transformation's layout for this leaf.
+
+  The low-rank gradient keeps the leaf's orientation (rows x r when the
+  columns are projected), so the inner state looks like the authors' moments
+  (larger side x r). The map swaps the last two axes or not, so it is its own
+  inverse.
+  """
+  return r if plan.axis == 0 else jnp.swapaxes(r, -1, -2)

@@ -1,0 +1,26 @@
+"""Projector families for `optax_subspace.project_subspace`.
+
+Each projector is a `Projector`: pure functions on the state of one matrix
+(init, basis, refresh before projecting, advance after). See
+`optax_subspace/projectors/_base.py` for the contract.
+"""
+
+from optax_subspace.projectors._base import Projector
+from optax_subspace.projectors.online_pca import OnlinePcaState
+from optax_subspace.projectors.online_pca import online_pca
+from optax_subspace.projectors.online_pca import online_pca_gradient
+from optax_subspace.projectors.svd import RandomizedSvdState
+from optax_subspace.projectors.svd import SvdState
+from optax_subspace.projectors.svd import randomized_svd
+from optax_subspace.projectors.svd import svd
+
+__all__ = [
+    "OnlinePcaState",
+    "Projector",
+    "RandomizedSvdState",
+    "SvdState",
+    "online_pca",
+    "online_pca_gradient",
+    "randomized_svd",
+    "svd",
+]

@@ -1,0 +1,116 @@
+"""The projector interface and the linear algebra the projectors share.
+
+A projector is a set of pure functions on the state of ONE matrix. The
+matrix is always seen oriented, shape (s, l): s is the projected (smaller)
+side, l the other. The basis P is (s, r) with orthonormal columns (up to the
+online-PCA drift), the projected gradient is R = Pᵀ G (r, l) and the
+back-projection of a low-rank update N (r, l) is P N (s, l). The combinator
+`project_subspace` vmaps these functions over the batch axes of a leaf and
+over the leaves of one shape; projectors never see more than one matrix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+ProjectorState = Any
+
+
+class Projector(NamedTuple):
+  """The pure functions that define a projector family.
+
+  Attributes:
+    rank: the requested rank r (clamped per matrix to its smaller side).
+    init: ``(s, l, r, key) -> state`` for one oriented s×l matrix.
+    basis: ``state -> P`` of shape (s, r), float32.
+    needs_refresh: ``count -> bool scalar``: whether `refresh` runs at this
+      step (evaluated once per step, for all matrices).
+    refresh: ``(state, g, count) -> (state, changed)``, run before the
+      gradient g (s, l, float32) is projected, only on steps where
+      `needs_refresh` holds. `changed` is a bool scalar: the basis moved.
+    advance: optional ``(state, g, r, count) -> (state, changed)``, run every
+      step after the projection and the inner update, with r = basis(state)ᵀg
+      (r, l) already computed; the state it returns serves the next step.
+  """
+
+  rank: int
+  init: Callable[[int, int, int, jax.Array], ProjectorState]
+  basis: Callable[[ProjectorState], jax.Array]
+  needs_refresh: Callable[[jax.Array], jax.Array]
+  refresh: Callable[..., tuple[ProjectorState, jax.Array]]
+  advance: Optional[Callable[..., tuple[ProjectorState, jax.Array]]] = None
+
+
+def check_rank(rank) -> int:
+  """Validates a rank argument (a Python int, not a traced hyperparameter)."""
+  if isinstance(rank, jax.Array) or not isinstance(rank, int) or isinstance(
+      rank, bool
+  ):
+    raise TypeError(
+        f"rank must be a Python int, got {type(rank).__name__}. Under"
+        " optax.inject_hyperparams, name it static:"
+        " inject_hyperparams(galore, static_args=('rank', 'update_every'))."
+    )
+  if rank <= 0:
+    raise ValueError(f"rank must be positive, got {rank}.")
+  return rank
+
+
+def check_every(update_every, name: str = "update_every") -> int:
+  """Validates a refresh period T (a Python int ≥ 1)."""
+  if isinstance(update_every, jax.Array) or not isinstance(update_every, int):
+    raise TypeError(
+        f"{name} must be a Python int, got {type(update_every).__name__}."
+        f" Under optax.inject_hyperparams, list '{name}' in static_args."
+    )
+  if update_every <= 0:
+    raise ValueError(f"{name} must be positive, got {update_every}.")
+  return update_every
+
+
+def first_columns(s: int, r: int) -> jax.Array:
+  """The first r canonical basis vectors of R^s: a finite starting basis."""
+  return jnp.eye(s, r, dtype=jnp.float32)
+
+
+def usable(g: jax.Array) -> jax.Array:
+  """A gradient a projector may learn from: finite and not all zero.
+
+  GaLore's SVD fails to converge on such inputs (its issue #58); we keep the
+  previous basis instead, so the projector state never becomes NaN.
+  """
+  return jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
+
+
+def canonical_signs(p: jax.Array) -> jax.Array:
+  """Flips each column so that its largest-magnitude entry is positive.
+
+  Singular vectors are defined up to sign and backends disagree; since the
+  moments carry over a refresh, the sign changes the trajectory. This fixes
+  it the same way on every backend (METHODS.md, "SVD sign").
+  """
+  idx = jnp.argmax(jnp.abs(p), axis=0)
+  pivot = jnp.take_along_axis(p, idx[None, :], axis=0)[0]
+  return p * jnp.where(pivot < 0, -1.0, 1.0).astype(p.dtype)
+
+
+def top_left_singular_vectors(g: jax.Array, r: int) -> jax.Array:
+  """Top-r left singular vectors of g (s, l), s ≤ l, sign-canonical.
+
+  Computed from the eigenvectors of the s×s Gram matrix g gᵀ (the smaller
+  side: DESIGN.md allows it, and on our GPU eigh of the Gram matrix is 13–17×
+  faster than an SVD). The Gram product runs at full float32 precision: the
+  refresh is rare and TF32 would perturb the eigenvectors.
+  """
+  gram = jnp.matmul(g, g.T, precision=jax.lax.Precision.HIGHEST)
+  _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
+  return canonical_signs(vecs[:, ::-1][:, :r])
+
+
+def orthonormalize(y: jax.Array) -> jax.Array:
+  """Orthonormal basis of the columns of y (s, k), k ≤ s, via QR."""
+  q, _ = jnp.linalg.qr(y)
+  return q

@@ -1,0 +1,123 @@
+"""Online Subspace Descent's projector: one optimizer step of online PCA per step."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_subspace import _adam
+from optax_subspace.projectors import _base
+
+
+class OnlinePcaState(NamedTuple):
+  """State of one matrix under `online_pca`: P (s, r) and P's optimizer state."""
+
+  basis: jax.Array
+  opt_state: Any
+
+
+def online_pca_gradient(p, g, gtp, orthogonality_weight=0.0):
+  """Gradient of L(P) = ‖P Pᵀ G̃ − G̃‖²_F + λ‖PᵀP − I‖²_F, G̃ = G/‖G‖_F.
+
+  For P (s, r), G (s, l) and gtp = GᵀP (l, r), OSD's left-case closed form
+  (METHODS.md) with A = G̃ᵀP = gtp/‖G‖:
+  ∇P = 2[P(AᵀA) + G̃A(PᵀP) − 2 G̃A] + 4λ P(PᵀP − I).
+  The normalisation is applied to the small products (G̃A = G·gtp/‖G‖²), so
+  G is read once, never scaled in place. Cost O(s·l·r); no s×s or l×l matrix.
+  """
+  inv_sq = 1.0 / jnp.sum(jnp.square(g))
+  ptp = p.T @ p
+  ga = (g @ gtp) * inv_sq
+  grad = 2.0 * (p @ ((gtp.T @ gtp) * inv_sq) + ga @ ptp - 2.0 * ga)
+  if orthogonality_weight:
+    grad = grad + 4.0 * orthogonality_weight * (p @ ptp - p)
+  return grad
+
+
+def online_pca(
+    rank: int,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    *,
+    orthogonality_weight: float = 0.0,
+    dtype=jnp.float32,
+):
+  """Online Subspace Descent's projector, stepped by online PCA every step.
+
+  P is initialised at step 0 by the exact top-`rank` singular vectors of the
+  first gradient (as `svd`); on every later step, after the weights have been
+  updated through the current P_t, one step of `optimizer` on the online-PCA
+  loss L(P) = ‖P Pᵀ G̃ − G̃‖²_F (+ λ‖PᵀP − I‖²_F), G̃ = G/‖G‖_F, gives
+  P_{t+1}. The loss gradient is the closed form of `online_pca_gradient`; it
+  reuses Pᵀ G from the projection, so a step costs two products with G. No
+  SVD after step 0. A gradient that is zero or not finite skips the step.
+
+  References:
+    Liang, Liu, Chen, Liu, "Memory-Efficient LLM Training with Online
+    Subspace Descent", NeurIPS 2024, arXiv:2408.12857.
+
+  Args:
+    rank: r, the subspace dimension (clamped per matrix to its smaller side).
+    optimizer: any optax transformation stepping P. Default: the authors'
+      code, torch AdamW defaults (β 0.9/0.999, eps 1e-8, weight decay 0.01)
+      at learning rate 1/200 (the `online_subspace_descent` preset makes it
+      follow the weights' schedule).
+    orthogonality_weight: λ; 0 in the authors' code, 0.1 in the paper.
+    dtype: storage dtype of P.
+
+  Returns:
+    A `Projector` for `project_subspace`.
+
+  Example:
+    >>> import optax, optax_subspace as osub
+    >>> proj = osub.projectors.online_pca(4, optax.adamw(5e-3))
+    >>> tx = osub.project_subspace(optax.adam(1e-3), proj)
+  """
+  rank = _base.check_rank(rank)
+  if optimizer is None:
+    optimizer = _adam.torch_adamw(1.0 / 200)
+
+  def init(s, l, r, key):
+    del l, key
+    basis = _base.first_columns(s, r).astype(dtype)
+    return OnlinePcaState(basis, optimizer.init(basis))
+
+  def refresh(state, g, count):
+    # Only at step 0: P_0 from an SVD of the first gradient.
+    del count
+    r = state.basis.shape[-1]
+    ok = _base.usable(g)
+    svd_basis = _base.top_left_singular_vectors(jnp.where(ok, g, 0.0), r)
+    basis = jnp.where(ok, svd_basis.astype(state.basis.dtype), state.basis)
+    return OnlinePcaState(basis, state.opt_state), ok
+
+  def advance(state, g, projected, count):
+    # P gets no step at step 0, only the SVD (the authors' code). Values
+    # computed from an unusable g are discarded by the selects at the end,
+    # so g itself is never masked (that would cost a pass over it).
+    sq = jnp.sum(jnp.square(g))
+    ok = jnp.isfinite(sq) & (sq > 0) & (count > 0)
+    p = state.basis.astype(jnp.float32)
+    # GᵀP = (PᵀG)ᵀ: the projection already computed it.
+    grad = online_pca_gradient(p, g, projected.T, orthogonality_weight)
+    updates, opt_state = optimizer.update(
+        grad.astype(state.basis.dtype), state.opt_state, state.basis
+    )
+    new_basis = optax.apply_updates(state.basis, updates)
+    keep = lambda new, old: jnp.where(ok, new, old)
+    new_state = OnlinePcaState(
+        keep(new_basis, state.basis),
+        jax.tree_util.tree_map(keep, opt_state, state.opt_state),
+    )
+    return new_state, ok
+
+  return _base.Projector(
+      rank=rank,
+      init=init,
+      basis=lambda state: state.basis.astype(jnp.float32),
+      needs_refresh=lambda count: count == 0,
+      refresh=refresh,
+      advance=advance,
+  )

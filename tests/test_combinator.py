@@ -1,0 +1,265 @@
+"""`project_subspace`: selection, shapes, N-D leaves, subspace changes, bad input."""
+
+import math
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_subspace as osub
+from optax_subspace import projectors
+
+
+def _grads(params, seed):
+  key = jax.random.PRNGKey(seed)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten(
+      [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  )
+
+
+def _run(tx, params, steps, jit=True, seed=0):
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  for t in range(steps):
+    updates, state = update(_grads(params, seed + t), state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_rank_equal_to_smaller_side_with_sgd_is_plain_sgd(shape, jit):
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), shape),
+            "b": jnp.zeros(shape[1])}
+  tx = osub.project_subspace(optax.sgd(0.1), projectors.svd(min(shape), 2),
+                             mask=r"^w$")
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # rank = smaller side warns; tested below
+    ours, _ = _run(tx, params, 5, jit)
+  plain, _ = _run(optax.sgd(0.1), params, 5, jit)
+  chex.assert_trees_all_close(ours, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_rank_not_below_smaller_side_warns_and_clamps():
+  params = {"w": jnp.ones((4, 9))}
+  tx = osub.project_subspace(optax.adam(1e-3), projectors.svd(6, 5))
+  with pytest.warns(UserWarning, match="not below the smaller side"):
+    state = tx.init(params)
+  assert state.projectors["w"].basis.shape == (4, 4)
+  assert state.inner[0].mu["w"].shape == (4, 9)
+
+
+def _state_sizes(tx, params):
+  shapes = jax.eval_shape(tx.init, params)
+  return [math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)
+          if x.ndim > 0]
+
+
+@pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
+def test_galore_state_is_projector_plus_two_low_rank_moments(shape):
+  m, n, r = *shape, 8
+  params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
+  sizes = _state_sizes(osub.galore(1e-3, rank=r), params)
+  assert sum(sizes) == r * min(m, n) + 2 * r * max(m, n)
+  assert m * n not in sizes  # no m×n buffer anywhere
+
+
+def test_osd_state_adds_the_projector_optimizer_state():
+  m, n, r = 40, 24, 6
+  params = {"w": jax.ShapeDtypeStruct((m, n), jnp.float32)}
+  sizes = _state_sizes(osub.online_subspace_descent(1e-3, rank=r), params)
+  # P, P's two Adam moments, the weights' two low-rank moments.
+  assert sum(sizes) == 3 * r * min(m, n) + 2 * r * max(m, n)
+  assert m * n not in sizes
+
+
+def test_unprojected_leaves_keep_full_size_state():
+  params = {"w": jnp.ones((16, 32)), "emb": jnp.ones((50, 16))}
+  state = osub.galore(1e-3, rank=4, mask="^w$").init(params)
+  assert state[0].inner.mu["emb"].shape == (50, 16)
+  assert state[0].inner.mu["w"].shape == (4, 32)
+  assert isinstance(state[0].projectors["emb"], optax.MaskedNode)
+
+
+def test_stacked_layers_are_a_batch_of_independent_matrices():
+  stacked = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 12))
+  tx = osub.galore(1e-2, rank=2, update_every=2,
+                   dims=osub.MatrixDims(rows=1, cols=2))
+  per_layer = osub.galore(1e-2, rank=2, update_every=2)
+  state, state_l = tx.init({"k": stacked}), per_layer.init(
+      {str(i): stacked[i] for i in range(3)})
+  for t in range(4):
+    g = jax.random.normal(jax.random.PRNGKey(10 + t), stacked.shape)
+    u, state = tx.update({"k": g}, state, {"k": stacked})
+    u_l, state_l = per_layer.update({str(i): g[i] for i in range(3)}, state_l,
+                                    {str(i): stacked[i] for i in range(3)})
+    for i in range(3):
+      np.testing.assert_allclose(u["k"][i], u_l[str(i)], rtol=2e-5, atol=1e-7)
+  assert state[0].projectors["k"].basis.shape == (3, 8, 2)
+
+
+def test_attention_kernel_folds_heads_into_one_side():
+  # (embed, heads, head_dim) = (16, 2, 12) is the 16×24 matrix of its reshape.
+  kernel = jax.random.normal(jax.random.PRNGKey(2), (16, 2, 12))
+  tx3 = osub.galore(1e-2, rank=3, dims=osub.MatrixDims(rows=0, cols=(1, 2)))
+  tx2 = osub.galore(1e-2, rank=3)
+  g = jax.random.normal(jax.random.PRNGKey(3), kernel.shape)
+  u3, _ = tx3.update({"k": g}, tx3.init({"k": kernel}), {"k": kernel})
+  u2, _ = tx2.update({"k": g.reshape(16, 24)},
+                     tx2.init({"k": kernel.reshape(16, 24)}),
+                     {"k": kernel.reshape(16, 24)})
+  np.testing.assert_allclose(u3["k"].reshape(16, 24), u2["k"], rtol=1e-5,
+                             atol=1e-7)
+
+
+def test_out_projection_with_rows_after_cols_is_transposed_consistently():
+  # (heads, head_dim, embed) with rows=(0, 1): a 24×16 matrix.
+  kernel = jax.random.normal(jax.random.PRNGKey(4), (2, 12, 16))
+  g = jax.random.normal(jax.random.PRNGKey(5), kernel.shape)
+  tx = osub.galore(1e-2, rank=3, dims=osub.MatrixDims(rows=(0, 1), cols=2))
+  tx_t = osub.galore(1e-2, rank=3,
+                     dims=osub.MatrixDims(rows=2, cols=(0, 1)))
+  u, _ = tx.update({"k": g}, tx.init({"k": kernel}), {"k": kernel})
+  u_t, _ = tx_t.update({"k": g}, tx_t.init({"k": kernel}), {"k": kernel})
+  # Transposing the roles keeps the smaller side (16): the same update.
+  np.testing.assert_allclose(u["k"], u_t["k"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mask", [
+    r"attn/.*kernel",
+    lambda path, leaf: path.startswith("attn") and leaf.ndim == 2,
+    {"attn": {"kernel": True, "bias": False}, "embed": False},
+])
+def test_mask_selects_by_path_regex_callable_or_pytree(mask):
+  params = {"attn": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)},
+            "embed": jnp.ones((30, 8))}
+  state = osub.project_subspace(optax.adam(1e-3), projectors.svd(2, 5),
+                                mask=mask).init(params)
+  assert state.inner[0].mu["attn"]["kernel"].shape == (2, 16)
+  assert state.inner[0].mu["embed"].shape == (30, 8)
+
+
+def test_bad_input_is_rejected_at_init_with_a_clear_message():
+  params = {"w": jnp.ones((8, 16)), "ids": jnp.ones((8, 16), jnp.int32),
+            "k3": jnp.ones((4, 8, 16))}
+  sub = lambda **kw: osub.project_subspace(optax.adam(1e-3),
+                                           projectors.svd(2, 5), **kw)
+  with pytest.raises(ValueError, match="matches no parameter path"):
+    sub(mask="nothing_like_this").init(params)
+  with pytest.raises(ValueError, match="does not match the parameters"):
+    sub(mask={"w": True}).init(params)
+  with pytest.raises(TypeError, match="floating-point"):
+    sub(mask="ids").init(params)
+  with pytest.raises(ValueError, match="not 2-D"):
+    sub(mask="k3").init(params)
+  with pytest.raises(ValueError, match="does not fit leaf"):
+    sub(mask="k3", dims=osub.MatrixDims(rows=1, cols=3)).init(params)
+  with pytest.raises(ValueError, match="repeats an axis"):
+    sub(mask="k3", dims=osub.MatrixDims(rows=1, cols=1)).init(params)
+  with pytest.raises(ValueError, match="on_change"):
+    sub(on_change="rotate")
+
+
+@pytest.mark.parametrize("make", [
+    lambda: osub.galore(1e-2, rank=2, update_every=2),
+    lambda: osub.galore(1e-2, rank=2, update_every=2,
+                        projector="randomized_svd"),
+    lambda: osub.online_subspace_descent(1e-2, rank=2),
+])
+@pytest.mark.parametrize("bad", [0.0, np.nan])
+def test_bad_gradients_never_poison_the_projector(make, bad):
+  params = {"w": jax.random.normal(jax.random.PRNGKey(6), (6, 10))}
+  tx = make()
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t, scale in enumerate([1.0, bad, bad, 1.0, 1.0]):
+    g = {"w": jax.random.normal(jax.random.PRNGKey(t), (6, 10)) * scale}
+    _, state = update(g, state, params)
+    basis = state[0].projectors["w"].basis
+    assert bool(jnp.all(jnp.isfinite(basis))), f"step {t}"
+
+
+def test_bf16_gradients_keep_float32_projectors_and_bf16_updates():
+  params = {"w": jnp.ones((8, 16), jnp.bfloat16)}
+  tx = osub.galore(1e-2, rank=2)
+  g = {"w": jax.random.normal(jax.random.PRNGKey(7), (8, 16), jnp.bfloat16)}
+  updates, state = tx.update(g, tx.init(params), params)
+  assert state[0].projectors["w"].basis.dtype == jnp.float32
+  assert updates["w"].dtype == jnp.bfloat16
+  assert state[0].inner.mu["w"].dtype == jnp.bfloat16
+
+
+def _swap_projector():
+  """A projector whose refresh at step 1 swaps its two basis vectors."""
+  def init(s, l, r, key):
+    return projectors.SvdState(jnp.eye(s, r))
+
+  def refresh(state, g, count):
+    del g
+    swapped = state.basis[:, ::-1]
+    return projectors.SvdState(jnp.where(count == 1, swapped, state.basis)), (
+        count == 1)
+
+  return projectors.Projector(2, init, lambda s: s.basis,
+                              lambda count: count >= 1, refresh)
+
+
+def test_transport_carries_moments_into_the_new_basis():
+  params = {"w": jnp.zeros((4, 6))}
+  g0 = {"w": jax.random.normal(jax.random.PRNGKey(8), (4, 6))}
+  kept, moved, reset = (
+      osub.project_subspace(optax.scale_by_adam(), _swap_projector(),
+                            on_change=mode) for mode in
+      ("keep", "transport", "reset"))
+  states = [tx.update(g0, tx.init(params), params)[1] for tx in
+            (kept, moved, reset)]
+  zero = {"w": jnp.zeros((4, 6))}
+  after = [tx.update(zero, st, params)[1].inner for tx, st in
+           zip((kept, moved, reset), states)]
+  before = states[0].inner
+  b1, b2 = 0.9, 0.999
+  # The basis swapped its two vectors: transport permutes the moment rows,
+  # so P_new m_new = P_old m_old (the full-space momentum is unchanged).
+  np.testing.assert_allclose(after[1].mu["w"], b1 * before.mu["w"][::-1],
+                             rtol=1e-6)
+  np.testing.assert_allclose(after[1].nu["w"], b2 * before.nu["w"][::-1],
+                             rtol=1e-6)
+  np.testing.assert_allclose(after[0].mu["w"], b1 * before.mu["w"], rtol=1e-6)
+  np.testing.assert_array_equal(after[2].mu["w"], 0.0)
+  np.testing.assert_array_equal(after[2].nu["w"], 0.0)
+
+
+def test_transported_second_moment_stays_non_negative():
+  params = {"w": jnp.zeros((10, 20))}
+  tx = osub.project_subspace(optax.scale_by_adam(), projectors.svd(3, 2),
+                             on_change="transport")
+  _, state = _run(tx, params, 7)
+  assert bool(jnp.all(state.inner.nu["w"] >= 0))
+
+
+def test_inner_sees_projected_parameters():
+  w = jax.random.normal(jax.random.PRNGKey(9), (6, 10))
+  # add_decayed_weights(1) returns its params argument as the update.
+  tx = osub.project_subspace(optax.add_decayed_weights(1.0),
+                             projectors.svd(3, 5))
+  g = {"w": jax.random.normal(jax.random.PRNGKey(10), (6, 10))}
+  u, state = tx.update({"w": jnp.zeros((6, 10))}, tx.init({"w": w}), {"w": w})
+  p = state.projectors["w"].basis  # the step-0 refresh of a zero gradient
+  np.testing.assert_allclose(u["w"], p @ (p.T @ w) + 0.0, rtol=1e-5, atol=1e-6)
+  del g
+
+
+def test_same_seed_same_result_and_different_seed_differs():
+  params = {"w": jax.random.normal(jax.random.PRNGKey(11), (12, 20))}
+  # No oversampling or power iteration: the subspace depends on the draw.
+  run = lambda seed: _run(osub.galore(1e-2, projector=projectors.randomized_svd(
+      3, 2, oversample=0, power_iters=0, seed=seed)), params, 5)[0]
+  a, b, c = run(0), run(0), run(1)
+  chex.assert_trees_all_equal(a, b)
+  assert not np.allclose(a["w"], c["w"])

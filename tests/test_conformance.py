@@ -1,0 +1,185 @@
+"""One suite every preset goes through (as optax/contrib/_common_test.py does).
+
+A new method joins by adding one line to `PRESETS`: a factory from a learning
+rate (float or schedule) to a transformation.
+"""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_subspace as osub
+
+LR = 0.05
+PRESETS = {
+    "galore": lambda lr: osub.galore(lr, rank=2, update_every=3),
+    "galore_randomized_svd": lambda lr: osub.galore(
+        lr, rank=2, update_every=3, projector="randomized_svd"),
+    "galore_transport": lambda lr: osub.galore(lr, rank=2, update_every=3,
+                                               on_change="transport"),
+    "online_subspace_descent": lambda lr: osub.online_subspace_descent(
+        lr, rank=2, update_every=3, peak_learning_rate=LR),
+    "online_subspace_descent_paper": lambda lr: osub.online_subspace_descent(
+        lr, rank=2, orthogonality_weight=0.1,
+        projector_optimizer=optax.adamw(5 * LR)),
+}
+NAMES = sorted(PRESETS)
+
+
+def _problem(dtype=jnp.float32):
+  """A two-layer linear regression whose weights are projected matrices."""
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(k1, (64, 8))
+  y = x @ jax.random.normal(k2, (8, 4)) + 0.5
+  params = {"w1": 0.3 * jax.random.normal(k3, (8, 16)),
+            "w2": jnp.full((16, 4), 0.1), "b": jnp.zeros(4)}
+  params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+
+  def loss(p):
+    pred = (x.astype(dtype) @ p["w1"] @ p["w2"] + p["b"]).astype(jnp.float32)
+    return jnp.mean((pred - y) ** 2)
+
+  return params, loss
+
+
+def _train(tx, steps, dtype=jnp.float32, jit=True):
+  params, loss = _problem(dtype)
+  state = tx.init(params)
+
+  def step(params, state):
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step) if jit else step
+  for _ in range(steps):
+    params, state = step(params, state)
+  return params, state, float(loss(params))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_small_model_trains(name):
+  params, loss = _problem()
+  _, _, final = _train(PRESETS[name](LR), 150)
+  assert final < 0.1 * float(loss(params))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_and_no_jit_agree(name):
+  a, _, _ = _train(PRESETS[name](LR), 4, jit=False)
+  b, _, _ = _train(PRESETS[name](LR), 4, jit=True)
+  chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inject_hyperparams_matches_and_exposes_the_learning_rate(name):
+  injected = optax.inject_hyperparams(lambda learning_rate: PRESETS[name](
+      learning_rate))(learning_rate=LR)
+  a, state, _ = _train(injected, 4)
+  b, _, _ = _train(PRESETS[name](LR), 4)
+  chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.hyperparams["learning_rate"], LR)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_constant_schedule_equals_a_float(name):
+  a, _, _ = _train(PRESETS[name](optax.constant_schedule(LR)), 4)
+  b, _, _ = _train(PRESETS[name](LR), 4)
+  chex.assert_trees_all_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_multisteps_applies_the_mean_gradient_once(name):
+  params, loss = _problem()
+  g1 = jax.grad(loss)(params)
+  g2 = jax.tree_util.tree_map(lambda g: 0.5 * g, g1)
+  multi = optax.MultiSteps(PRESETS[name](LR), every_k_schedule=2)
+  state = multi.init(params)
+  u1, state = multi.update(g1, state, params)
+  chex.assert_trees_all_equal(u1, jax.tree_util.tree_map(jnp.zeros_like, u1))
+  u2, _ = multi.update(g2, state, params)
+  single = PRESETS[name](LR)
+  mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, g1, g2)
+  expected, _ = single.update(mean, single.init(params), params)
+  # MultiSteps averages as a running mean: float32 rounding differs.
+  chex.assert_trees_all_close(u2, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_state_shapes_and_dtypes_are_stable_and_updates_keep_dtype(name,
+                                                                   dtype):
+  params, loss = _problem(dtype)
+  tx = PRESETS[name](LR)
+  state0 = tx.init(params)
+  grads = jax.grad(loss)(params)
+  updates, state1 = jax.jit(tx.update)(grads, state0, params)
+  _, state2 = jax.jit(tx.update)(grads, state1, params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(state0, state1, state2)
+  chex.assert_trees_all_equal_dtypes(updates, params)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chains_after_gradient_clipping_with_donated_state(name):
+  tx = optax.chain(optax.clip_by_global_norm(0.1), PRESETS[name](LR))
+  params, loss = _problem()
+  state = tx.init(params)
+
+  @jax.jit
+  def reference_step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  donated_step = jax.jit(reference_step.__wrapped__, donate_argnums=(0, 1))
+  expected, _ = reference_step(params, state)
+  got, _ = donated_step(jax.tree_util.tree_map(jnp.copy, params),
+                        jax.tree_util.tree_map(jnp.copy, state))
+  chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+class _Mlp(nnx.Module):
+
+  def __init__(self, rngs):
+    self.up = nnx.Linear(8, 16, rngs=rngs)
+    self.down = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(nnx.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_trains_a_flax_nnx_model_through_nnx_optimizer(name):
+  model = _Mlp(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (32, 8))
+  y = jnp.sin(x[:, :4])
+  optimizer = nnx.Optimizer(model, PRESETS[name](0.02), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  first = float(step(model, optimizer))
+  for _ in range(60):
+    last = float(step(model, optimizer))
+  assert last < 0.5 * first
+  kernel_state = optimizer.opt_state[0].inner.mu["up"]["kernel"]
+  assert kernel_state.value.shape == (2, 16)  # low-rank: r × larger side
+
+
+def test_presets_under_inject_hyperparams_need_static_ints():
+  params, _ = _problem()
+  with pytest.raises(TypeError, match="static_args"):
+    optax.inject_hyperparams(osub.galore)(learning_rate=LR, rank=2).init(params)
+  tx = optax.inject_hyperparams(osub.galore,
+                                static_args=("rank", "update_every"))(
+                                    learning_rate=LR, rank=2, update_every=3)
+  a, _, _ = _train(tx, 3)
+  b, _, _ = _train(osub.galore(LR, rank=2, update_every=3), 3)
+  chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)

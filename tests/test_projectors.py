@@ -1,0 +1,186 @@
+"""Projectors on one matrix: the subspace they find, and what bad input does."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from optax_subspace import projectors
+from optax_subspace.projectors import _base
+
+
+def _decaying(key, s, l, decay=0.7):
+  """A random s×l matrix with singular values decay**i."""
+  k1, k2 = jax.random.split(key)
+  u, _ = jnp.linalg.qr(jax.random.normal(k1, (s, s)))
+  v, _ = jnp.linalg.qr(jax.random.normal(k2, (l, s)))
+  return (u * decay ** jnp.arange(s)) @ v.T
+
+
+def _top_subspace(g, r):
+  u, _, _ = np.linalg.svd(np.asarray(g, np.float64), full_matrices=False)
+  return u[:, :r]
+
+
+def _max_principal_angle(p, q):
+  """Largest principal angle (radians) between the spans of p and q."""
+  qp, _ = np.linalg.qr(np.asarray(p, np.float64))
+  qq, _ = np.linalg.qr(np.asarray(q, np.float64))
+  cosines = np.linalg.svd(qp.T @ qq, compute_uv=False)
+  return float(np.arccos(np.clip(cosines.min(), -1.0, 1.0)))
+
+
+def _captured_energy(p, g):
+  return float(np.sum((np.asarray(p).T @ np.asarray(g)) ** 2))
+
+
+@pytest.mark.parametrize("make", [
+    lambda r: projectors.svd(r, 10),
+    lambda r: projectors.randomized_svd(r, 10, seed=3),
+    lambda r: projectors.online_pca(r),
+])
+def test_refresh_finds_the_top_singular_subspace(make):
+  g = _decaying(jax.random.PRNGKey(0), 12, 30)
+  proj = make(4)
+  state = proj.init(12, 30, 4, jax.random.PRNGKey(1))
+  state, changed = jax.jit(proj.refresh)(state, g, jnp.int32(0))
+  p = proj.basis(state)
+  assert bool(changed)
+  assert p.shape == (12, 4) and p.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(p.T @ p), np.eye(4), atol=1e-5)
+  assert _max_principal_angle(p, _top_subspace(g, 4)) < 1e-3
+
+
+def test_svd_signs_are_canonical():
+  g = _decaying(jax.random.PRNGKey(2), 10, 20)
+  proj = projectors.svd(3, 5)
+  state, _ = proj.refresh(proj.init(10, 20, 3, None), g, jnp.int32(0))
+  p = np.asarray(proj.basis(state))
+  pivots = p[np.argmax(np.abs(p), axis=0), np.arange(3)]
+  assert np.all(pivots > 0)
+  # The same subspace from -g: identical basis, not a sign-flipped one.
+  state_neg, _ = proj.refresh(proj.init(10, 20, 3, None), -g, jnp.int32(0))
+  np.testing.assert_allclose(np.asarray(proj.basis(state_neg)), p, atol=1e-5)
+
+
+def test_randomized_svd_captures_the_exact_top_energy():
+  # Slowly decaying spectrum: the hard case for a range finder.
+  g = _decaying(jax.random.PRNGKey(4), 64, 200, decay=0.97)
+  exact = _captured_energy(_top_subspace(g, 16), g)
+  proj = projectors.randomized_svd(16, 10)  # defaults: p = 32, 2 iterations
+  state, _ = proj.refresh(proj.init(64, 200, 16, jax.random.PRNGKey(0)), g,
+                          jnp.int32(0))
+  assert _captured_energy(proj.basis(state), g) >= 0.999 * exact
+
+
+def test_randomized_svd_is_deterministic_per_key_and_step():
+  g = jax.random.normal(jax.random.PRNGKey(5), (20, 40))
+  proj = projectors.randomized_svd(5, 10, oversample=0, power_iters=0)
+  init = proj.init(20, 40, 5, jax.random.PRNGKey(7))
+  a = proj.basis(proj.refresh(init, g, jnp.int32(10))[0])
+  b = proj.basis(proj.refresh(init, g, jnp.int32(10))[0])
+  c = proj.basis(proj.refresh(init, g, jnp.int32(20))[0])
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.1])
+def test_online_pca_gradient_matches_autodiff(lam):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(6))
+  p = jax.random.normal(k1, (9, 3)) / 3
+  g = jax.random.normal(k2, (9, 14))
+
+  def loss(p):
+    gn = g / jnp.linalg.norm(g)
+    return (jnp.sum((p @ p.T @ gn - gn) ** 2)
+            + lam * jnp.sum((p.T @ p - jnp.eye(3)) ** 2))
+
+  closed = projectors.online_pca_gradient(p, g, g.T @ p, lam)
+  np.testing.assert_allclose(np.asarray(closed),
+                             np.asarray(jax.grad(loss)(p)), rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_online_pca_converges_to_the_top_subspace_of_a_fixed_gradient():
+  g = _decaying(jax.random.PRNGKey(8), 16, 40, decay=0.6)
+  proj = projectors.online_pca(4, optax.adam(1e-2))
+  # Start far from the answer: the last 4 canonical directions.
+  state = projectors.OnlinePcaState(
+      jnp.eye(16)[:, 12:], optax.adam(1e-2).init(jnp.eye(16)[:, 12:])
+  )
+  angle0 = _max_principal_angle(state.basis, _top_subspace(g, 4))
+
+  @jax.jit
+  def step(state, count):
+    return proj.advance(state, g, proj.basis(state).T @ g, count)[0]
+
+  for t in range(1, 3001):
+    state = step(state, jnp.int32(t))
+  angle = _max_principal_angle(state.basis, _top_subspace(g, 4))
+  assert angle0 > 1.0
+  assert angle < 1e-2
+
+
+def test_online_pca_does_not_step_at_step_zero():
+  g = jax.random.normal(jax.random.PRNGKey(9), (6, 10))
+  proj = projectors.online_pca(2)
+  state = proj.init(6, 10, 2, None)
+  new, changed = proj.advance(state, g, proj.basis(state).T @ g, jnp.int32(0))
+  assert not bool(changed)
+  np.testing.assert_array_equal(np.asarray(new.basis), np.asarray(state.basis))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: projectors.svd(3, 5),
+    lambda: projectors.randomized_svd(3, 5),
+    lambda: projectors.online_pca(3),
+])
+@pytest.mark.parametrize("bad", [0.0, np.nan, np.inf])
+def test_unusable_gradient_keeps_the_previous_basis(make, bad):
+  proj = make()
+  good = jax.random.normal(jax.random.PRNGKey(10), (8, 12))
+  state, _ = proj.refresh(proj.init(8, 12, 3, jax.random.PRNGKey(0)), good,
+                          jnp.int32(0))
+  g = jnp.full((8, 12), bad)
+  refreshed, changed = jax.jit(proj.refresh)(state, g, jnp.int32(5))
+  assert not bool(changed)
+  np.testing.assert_array_equal(np.asarray(proj.basis(refreshed)),
+                                np.asarray(proj.basis(state)))
+  if proj.advance is not None:
+    p = proj.basis(state)
+    advanced, changed = jax.jit(proj.advance)(state, g, p.T @ g, jnp.int32(5))
+    assert not bool(changed)
+    for new, old in zip(jax.tree_util.tree_leaves(advanced),
+                        jax.tree_util.tree_leaves(state)):
+      np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_zero_first_gradient_gives_a_finite_orthonormal_basis():
+  proj = projectors.svd(3, 5)
+  state, _ = proj.refresh(proj.init(8, 12, 3, None), jnp.zeros((8, 12)),
+                          jnp.int32(0))
+  p = np.asarray(proj.basis(state))
+  assert np.all(np.isfinite(p))
+  np.testing.assert_allclose(p.T @ p, np.eye(3), atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [projectors.svd, projectors.randomized_svd,
+                                  projectors.online_pca])
+def test_bad_rank_is_rejected(make):
+  with pytest.raises(ValueError, match="rank must be positive"):
+    make(0)
+  with pytest.raises(TypeError, match="Python int"):
+    make(jnp.int32(4))
+
+
+def test_bad_update_every_is_rejected():
+  with pytest.raises(ValueError, match="update_every must be positive"):
+    projectors.svd(4, 0)
+
+
+def test_canonical_signs_is_idempotent():
+  p = jax.random.normal(jax.random.PRNGKey(11), (7, 3))
+  once = _base.canonical_signs(p)
+  np.testing.assert_array_equal(np.asarray(_base.canonical_signs(once)),
+                                np.asarray(once))
