@@ -292,7 +292,7 @@ def project_subspace(
       }
 
     # 1. Refresh (GaLore: steps 0, T, 2T, ...; OSD: step 0), under one cond.
-    old = bases(pstates)
+    old = bases(pstates) if on_change == "transport" else None
     if projected:
       sub = {i: pstates[i] for i in projected}
       no_change = {i: jnp.zeros(plans[i].batch_shape, bool) for i in projected}
@@ -303,14 +303,16 @@ def project_subspace(
           sub,
       )
       pstates.update(sub)
-      new = bases(pstates)
-      inner_state = _on_change(on_change, inner_state, plans, key_paths, old,
-                               new, changed)
-      old = new
+      inner_state = _on_change(
+          on_change, inner_state, plans, key_paths, old,
+          bases(pstates) if on_change == "transport" else None, changed)
+      old = bases(pstates) if on_change == "transport" else None
 
     # 2. Project, run the inner transformation on the mixed tree.
+    project, back = projector.project_fn(), projector.back_fn()
     low = {
-        i: jnp.einsum("...sr,...sl->...rl", old[i], grads[i]) for i in projected
+        i: _over_batch(project, plans[i], pstates[i], grads[i], in_axes=(0, 0))
+        for i in projected
     }
     inner_grads = list(g_leaves)
     inner_params = None if p_leaves is None else list(p_leaves)
@@ -320,8 +322,8 @@ def project_subspace(
       if inner_params is not None:
         w = _leaves.to_oriented(p_leaves[i], plans[i]).astype(jnp.float32)
         inner_params[i] = _leaves.low_rank_layout(
-            jnp.einsum("...sr,...sl->...rl", old[i], w), plans[i]
-        ).astype(jnp.result_type(p_leaves[i]))
+            _over_batch(project, plans[i], pstates[i], w, in_axes=(0, 0)),
+            plans[i]).astype(jnp.result_type(p_leaves[i]))
     inner_updates, inner_state = optax.with_extra_args_support(inner).update(
         treedef.unflatten(inner_grads),
         inner_state,
@@ -333,7 +335,7 @@ def project_subspace(
     out = treedef.flatten_up_to(inner_updates)
     for i in projected:
       n = _leaves.low_rank_layout(out[i], plans[i]).astype(jnp.float32)
-      full = jnp.einsum("...sr,...rl->...sl", old[i], n) * scale
+      full = _over_batch(back, plans[i], pstates[i], n, in_axes=(0, 0)) * scale
       out[i] = _leaves.from_oriented(full, plans[i]).astype(
           jnp.result_type(g_leaves[i]))
 
@@ -345,8 +347,9 @@ def project_subspace(
             lambda st, g, r: projector.advance(st, g, r, count),
             plans[i], pstates[i], grads[i], low[i], in_axes=(0, 0, 0),
         )
-      inner_state = _on_change(on_change, inner_state, plans, key_paths, old,
-                               bases(pstates), changed)
+      inner_state = _on_change(
+          on_change, inner_state, plans, key_paths, old,
+          bases(pstates) if on_change == "transport" else None, changed)
 
     new_state = ProjectSubspaceState(
         count=optax.safe_increment(count),

@@ -184,3 +184,18 @@ def test_canonical_signs_is_idempotent():
   once = _base.canonical_signs(p)
   np.testing.assert_array_equal(np.asarray(_base.canonical_signs(once)),
                                 np.asarray(once))
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.97])
+def test_randomized_svd_handles_steep_spectra_and_rank_deficiency(decay):
+  steep = _decaying(jax.random.PRNGKey(12), 64, 200, decay)
+  rank3 = (jax.random.normal(jax.random.PRNGKey(13), (64, 3))
+           @ jax.random.normal(jax.random.PRNGKey(14), (3, 200)))
+  proj = projectors.randomized_svd(16, 10)
+  for g in (steep, rank3):
+    state, _ = proj.refresh(proj.init(64, 200, 16, jax.random.PRNGKey(0)), g,
+                            jnp.int32(0))
+    p = proj.basis(state)
+    np.testing.assert_allclose(np.asarray(p.T @ p), np.eye(16), atol=1e-5)
+    exact = _captured_energy(_top_subspace(g, 16), g)
+    assert _captured_energy(p, g) >= 0.999 * exact

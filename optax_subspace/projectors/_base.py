@@ -4,7 +4,9 @@ A projector is a set of pure functions on the state of ONE matrix. The
 matrix is always seen oriented, shape (s, l): s is the projected (smaller)
 side, l the other. The basis P is (s, r) with orthonormal columns (up to the
 online-PCA drift), the projected gradient is R = Pᵀ G (r, l) and the
-back-projection of a low-rank update N (r, l) is P N (s, l). The combinator
+back-projection of a low-rank update N (r, l) is P N (s, l). A projector
+whose P is structured (a row selection) supplies `project` and `back` that
+never form P; dense projectors leave them to the default products. The combinator
 `project_subspace` vmaps these functions over the batch axes of a leaf and
 over the leaves of one shape; projectors never see more than one matrix.
 """
@@ -34,6 +36,8 @@ class Projector(NamedTuple):
     advance: optional ``(state, g, r, count) -> (state, changed)``, run every
       step after the projection and the inner update, with r = basis(state)ᵀg
       (r, l) already computed; the state it returns serves the next step.
+    project: optional ``(state, g) -> R`` (r, l); default basis(state)ᵀ g.
+    back: optional ``(state, n) -> ΔG`` (s, l); default basis(state) n.
   """
 
   rank: int
@@ -42,6 +46,20 @@ class Projector(NamedTuple):
   needs_refresh: Callable[[jax.Array], jax.Array]
   refresh: Callable[..., tuple[ProjectorState, jax.Array]]
   advance: Optional[Callable[..., tuple[ProjectorState, jax.Array]]] = None
+  project: Optional[Callable[[ProjectorState, jax.Array], jax.Array]] = None
+  back: Optional[Callable[[ProjectorState, jax.Array], jax.Array]] = None
+
+  def project_fn(self):
+    """`project`, or the dense product with the basis."""
+    if self.project is not None:
+      return self.project
+    return lambda state, g: self.basis(state).T @ g
+
+  def back_fn(self):
+    """`back`, or the dense product with the basis."""
+    if self.back is not None:
+      return self.back
+    return lambda state, n: self.basis(state) @ n
 
 
 def check_rank(rank) -> int:
@@ -111,6 +129,23 @@ def top_left_singular_vectors(g: jax.Array, r: int) -> jax.Array:
 
 
 def orthonormalize(y: jax.Array) -> jax.Array:
-  """Orthonormal basis of the columns of y (s, k), k ≤ s, via QR."""
-  q, _ = jnp.linalg.qr(y)
-  return q
+  """Orthonormal basis of the columns of y (s, k), k ≤ s: shifted CholeskyQR3.
+
+  Each pass is a k×k Gram matrix, its Cholesky factor and a triangular solve:
+  matrix products that batch well on accelerators, where a vmapped
+  Householder QR runs one small kernel at a time (36 s for the 168 matrices
+  of a LLaMA-1B tree on an H200). The first pass is shifted by 1e-5 of the
+  Gram trace, so Cholesky stays defined on ill-conditioned or rank-deficient
+  y; it leaves y well conditioned, and two more passes (a 1e-7 shift, then
+  none) make it orthonormal to float32 rounding (Fukaya, Kannan, Nakatsukasa,
+  Yamamoto, Yanagisawa, "Shifted Cholesky QR for computing the QR
+  factorization of ill-conditioned matrices", SIAM J. Sci. Comput. 2020).
+  """
+  hi = jax.lax.Precision.HIGHEST
+  k = y.shape[-1]
+  for relative_shift in (1e-5, 1e-7, 0.0):
+    gram = jnp.matmul(y.T, y, precision=hi)
+    shift = relative_shift * jnp.trace(gram) + jnp.finfo(y.dtype).tiny
+    chol = jnp.linalg.cholesky(gram + shift * jnp.eye(k, dtype=y.dtype))
+    y = jax.scipy.linalg.solve_triangular(chol, y.T, lower=True).T
+  return y

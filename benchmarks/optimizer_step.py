@@ -1,0 +1,287 @@
+"""Optimizer-update time, compile time and state bytes on a LLaMA-shaped tree.
+
+Times one jitted update + apply (params and optimizer state donated, the
+gradients fixed) of optax.adamw, optax.contrib.galore (when installed), our
+galore (steady step and refresh step, exact and randomized SVD) and our
+online_subspace_descent, side by side in one process; then the projector
+step alone (exact SVD, our eigh-based SVD refresh, randomized SVD, one
+online-PCA step + AdamW on P) on the OSD paper's shapes. Writes JSON.
+
+    python benchmarks/optimizer_step.py --out benchmarks/results/optimizer_step_h100.json
+    python benchmarks/optimizer_step.py --size tiny --out /tmp/x.json   # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_subspace as osub
+
+# hidden, ffn, layers, vocab, rank: LLaMA-1B as in the GaLore experiments.
+SIZES = {
+    "1b": dict(d=2048, ffn=5461, layers=24, vocab=32000, rank=512),
+    "tiny": dict(d=64, ffn=176, layers=2, vocab=512, rank=16),
+}
+PROJECTED = r"(attention|mlp)/.*kernel"
+PROJECTOR_SHAPES = [(512, 1376), (1024, 2736), (2048, 5461), (4096, 11008)]
+TINY_PROJECTOR_SHAPES = [(64, 176)]
+
+
+def llama_shapes(d, ffn, layers, vocab, **_):
+  """The parameter tree of a non-scanned Flax LLaMA, kernels (in, out)."""
+  tree = {"embed": {"embedding": (vocab, d)}, "final_norm": {"scale": (d,)},
+          "lm_head": {"kernel": (d, vocab)}}
+  for i in range(layers):
+    tree[f"layers_{i}"] = {
+        "attention": {n: {"kernel": (d, d)} for n in ("q", "k", "v", "o")},
+        "mlp": {"gate": {"kernel": (d, ffn)}, "up": {"kernel": (d, ffn)},
+                "down": {"kernel": (ffn, d)}},
+        "attention_norm": {"scale": (d,)}, "mlp_norm": {"scale": (d,)},
+    }
+  return tree
+
+
+def synthetic_gradient(key, shape):
+  """Gaussian with power-law column scales: a decaying spectrum (σ ~ 1/i)."""
+  if len(shape) < 2:
+    return jax.random.normal(key, shape)
+  s = min(shape)
+  k1, k2 = jax.random.split(key)
+  left = jax.random.normal(k1, (shape[0], s)) / jnp.arange(1, s + 1)
+  return left @ jax.random.normal(k2, (s, shape[1])) / np.sqrt(shape[1])
+
+
+def make_tree(shapes, seed, fn):
+  leaves, treedef = jax.tree_util.tree_flatten(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return treedef.unflatten([jax.jit(fn, static_argnums=1)(k, s)
+                            for k, s in zip(keys, leaves)])
+
+
+def nbytes(tree):
+  return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
+
+
+def time_calls(fn, args_fn, reps, warmup=2):
+  """Median wall time (ms) of fn(*args_fn()) with a device sync per call."""
+  times = []
+  args = args_fn()
+  for i in range(warmup + reps):
+    t0 = time.perf_counter()
+    args = fn(*args)
+    jax.block_until_ready(args)
+    if i >= warmup:
+      times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times), args
+
+
+def bench_update(name, tx, params, grads, reps, first_step_count):
+  """Compile time, state bytes and median step time of one transformation."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.jit(tx.init)(params)
+  state_bytes = nbytes(state)
+  if first_step_count is not None:  # start past the step-0 refresh
+    state = _set_count(state, first_step_count)
+  jitted = jax.jit(step, donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  compiled = jitted.lower(params, state, grads).compile()
+  compile_s = time.perf_counter() - t0
+  p = jax.tree_util.tree_map(jnp.copy, params)
+  run = lambda p, s: (*compiled(p, s, grads),)
+  median, (p, state) = time_calls(run, lambda: (p, state), reps)
+  del p, state
+  print(f"  {name:<34} {median:9.2f} ms   compile {compile_s:6.1f} s"
+        f"   state {state_bytes / 2**30:6.2f} GiB", flush=True)
+  return {"method": name, "median_ms": median, "compile_s": compile_s,
+          "state_bytes": state_bytes}
+
+
+def _set_count(state, count):
+  """Sets every ProjectSubspaceState count (to time steady steps)."""
+  is_ps = lambda x: isinstance(x, osub.ProjectSubspaceState)
+  return jax.tree_util.tree_map(
+      lambda x: x._replace(count=jnp.asarray(count, jnp.int32))
+      if is_ps(x) else x, state, is_leaf=is_ps)
+
+
+def galore_state_formula(shapes, rank):
+  """Analytic bytes (float32): r·s + 2·r·l per projected matrix, 2·n else."""
+  total = 0
+  for path, shape in jax.tree_util.tree_flatten_with_path(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))[0]:
+    names = "/".join(str(getattr(k, "key", k)) for k in path)
+    projected = ("attention" in names or "mlp" in names) and len(shape) == 2
+    if projected:
+      s, l = min(shape), max(shape)
+      r = min(rank, s)
+      total += r * s + 2 * r * l
+    else:
+      total += 2 * int(np.prod(shape))
+  return 4 * total
+
+
+def bench_tree(size, reps):
+  cfg = SIZES[size]
+  shapes = llama_shapes(**cfg)
+  rank = cfg["rank"]
+  params = make_tree(shapes, 0, lambda k, s: 0.02 * jax.random.normal(k, s))
+  grads = make_tree(shapes, 1, synthetic_gradient)
+  n_params = sum(int(np.prod(x.shape)) for x in
+                 jax.tree_util.tree_leaves(params))
+  print(f"tree {size}: {n_params / 1e9:.3f}e9 params,"
+        f" {len(jax.tree_util.tree_leaves(params))} leaves, rank {rank}")
+  lr = 1e-3
+  big = 10**9  # update_every that never comes again: steady steps
+  methods = [
+      ("adamw", optax.adamw(lr), None),
+      ("galore_steady", osub.galore(lr, rank, big, mask=PROJECTED), 1),
+      ("galore_refresh_svd", osub.galore(lr, rank, 1, mask=PROJECTED), None),
+      ("galore_refresh_randomized_svd",
+       osub.galore(lr, rank, 1, mask=PROJECTED, projector="randomized_svd"),
+       None),
+      ("osd_steady",
+       osub.online_subspace_descent(lr, rank, mask=PROJECTED), 1),
+  ]
+  if hasattr(optax, "contrib") and hasattr(optax.contrib, "galore"):
+    methods.insert(1, ("optax_contrib_galore_steady",
+                       optax.contrib.galore(lr, rank=rank,
+                                            update_proj_gap=big), None))
+  rows = []
+  for name, tx, count in methods:
+    refresh = "refresh" in name
+    r = bench_update(name, tx, params, grads, max(3, reps // 10) if refresh
+                     else reps, count)
+    rows.append(r)
+  by = {r["method"]: r for r in rows}
+  adamw = by["adamw"]["median_ms"]
+  for r in rows:
+    r["ratio_to_adamw"] = r["median_ms"] / adamw
+    r["state_ratio_to_adamw"] = r["state_bytes"] / by["adamw"]["state_bytes"]
+  gap = 200
+  summary = {
+      "galore_avg_over_200_step_gap_ms": {
+          k: (by[f"galore_refresh_{k}"]["median_ms"]
+              + (gap - 1) * by["galore_steady"]["median_ms"]) / gap
+          for k in ("svd", "randomized_svd")},
+      "galore_state_formula_bytes": galore_state_formula(shapes, rank),
+  }
+  summary["galore_state_vs_formula"] = (
+      by["galore_steady"]["state_bytes"] / summary["galore_state_formula_bytes"])
+  summary["galore_avg_ratio_to_adamw"] = {
+      k: v / adamw for k, v in
+      summary["galore_avg_over_200_step_gap_ms"].items()}
+  refresh_energy = refresh_accuracy(grads, rank)
+  return {"size": size, "config": cfg, "n_params": n_params,
+          "n_leaves": len(jax.tree_util.tree_leaves(params)),
+          "projected": PROJECTED, "rows": rows, "summary": summary,
+          "randomized_svd_energy": refresh_energy}
+
+
+def refresh_accuracy(grads, rank):
+  """Top-r energy of the randomized basis over the exact one, per shape."""
+  out = {}
+  seen = set()
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    if g.ndim != 2 or g.shape in seen or not any(
+        "attention" in str(k) or "mlp" in str(k) for k in path):
+      continue
+    seen.add(g.shape)
+    o = g if g.shape[0] <= g.shape[1] else g.T  # (s, l)
+    s, l = o.shape
+    r = min(rank, s)
+    exact, rand = osub.projectors.svd(r, 1), osub.projectors.randomized_svd(r, 1)
+    e_state, _ = jax.jit(exact.refresh)(exact.init(s, l, r, None), o, 0)
+    r_state, _ = jax.jit(rand.refresh)(
+        rand.init(s, l, r, jax.random.PRNGKey(0)), o, 0)
+    energy = lambda p: float(jnp.sum(jnp.matmul(
+        p.T, o, precision=jax.lax.Precision.HIGHEST) ** 2))
+    out[f"{g.shape[0]}x{g.shape[1]}"] = energy(rand.basis(r_state)) / energy(
+        exact.basis(e_state))
+  return out
+
+
+def bench_projectors(shapes, reps):
+  """The projector step alone on one s×l matrix (s = smaller side)."""
+  rows = []
+  for s, l in shapes:
+    r = s // 4
+    g = synthetic_gradient(jax.random.PRNGKey(2), (s, l))
+    svd_exact = jax.jit(lambda g: jnp.linalg.svd(g, full_matrices=False))
+    ours_svd = osub.projectors.svd(r, 1)
+    ours_rand = osub.projectors.randomized_svd(r, 1)
+    osd = osub.projectors.online_pca(r)
+    st_svd = ours_svd.init(s, l, r, None)
+    st_rand = ours_rand.init(s, l, r, jax.random.PRNGKey(0))
+    st_osd, _ = osd.refresh(osd.init(s, l, r, None), g, 0)
+    # g is an argument, never a closed-over constant (XLA would fold it).
+    refresh_svd = jax.jit(lambda st, g: ours_svd.refresh(st, g, 0)[0])
+    refresh_rand = jax.jit(lambda st, g: ours_rand.refresh(st, g, 0)[0])
+
+    def osd_step(st, g):  # the P step as the combinator runs it: PᵀG reused
+      projected = osd.basis(st).T @ g
+      return osd.advance(st, g, projected, 1)[0]
+
+    osd_step = jax.jit(osd_step)
+    row = {"shape": [s, l], "rank": r}
+    for name, thunk in [("exact_svd", lambda: svd_exact(g)),
+                        ("svd_refresh_eigh", lambda: refresh_svd(st_svd, g)),
+                        ("randomized_svd_refresh",
+                         lambda: refresh_rand(st_rand, g)),
+                        ("online_pca_step", lambda: osd_step(st_osd, g))]:
+      median, _ = time_calls(lambda *_: (thunk(),), lambda: (), reps)
+      row[f"{name}_ms"] = median
+    row["exact_svd_over_online_pca"] = row["exact_svd_ms"] / row[
+        "online_pca_step_ms"]
+    print(f"  {s}x{l} r={r}: exact SVD {row['exact_svd_ms']:.2f} ms,"
+          f" eigh refresh {row['svd_refresh_eigh_ms']:.2f} ms,"
+          f" randomized {row['randomized_svd_refresh_ms']:.2f} ms,"
+          f" online PCA {row['online_pca_step_ms']:.3f} ms"
+          f" ({row['exact_svd_over_online_pca']:.0f}x)", flush=True)
+    rows.append(row)
+  return rows
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--size", default="1b", choices=sorted(SIZES))
+  ap.add_argument("--reps", type=int, default=50)
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args(argv)
+  dev = jax.devices()[0]
+  result = {
+      "benchmark": "optimizer_step",
+      "command": " ".join(["python"] + sys.argv),
+      "device": dev.device_kind, "platform": dev.platform,
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "optax": optax.__version__, "optax_subspace": osub.__version__},
+      "dtype": "float32", "matmul_precision": "default (TF32 on H100) except"
+      " refreshes, which use HIGHEST",
+      "timing": "median of --reps calls after 2 warm-up calls, each synced;"
+      " params and state donated; gradients synthetic (power-law spectrum)",
+  }
+  result["tree"] = bench_tree(args.size, args.reps)
+  shapes = TINY_PROJECTOR_SHAPES if args.size == "tiny" else PROJECTOR_SHAPES
+  print("projector step alone:")
+  result["projectors"] = bench_projectors(shapes, max(5, args.reps // 5))
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=1)
+  print("wrote", args.out)
+
+
+if __name__ == "__main__":
+  main()

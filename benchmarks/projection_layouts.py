@@ -1,0 +1,111 @@
+"""Where the time of a subspace step goes: projection layouts on the 1B tree.
+
+Times, on the 168 attention/MLP matrices of LLaMA-1B (rank 512, float32),
+the bare subspace round trip W ← W + P·(PᵀG) in several layouts, to choose
+how `project_subspace` should batch its per-step work:
+  per_matrix            one product pair per matrix (168 × 2 dots)
+  per_matrix_highest    the same at Precision.HIGHEST (is TF32 in use?)
+  stacked_inputs        matrices of one shape already stacked (scanned model)
+  stack_then_batch      per-matrix leaves concatenated by shape each step
+  per_matrix_with_cond  per_matrix plus a never-taken lax.cond refresh
+
+    python benchmarks/projection_layouts.py --out benchmarks/results/projection_layouts_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+SHAPES = [(2048, 2048)] * 96 + [(2048, 5461)] * 72  # (s, l): q,k,v,o; gate,up,down
+RANK = 512
+
+
+def _median_ms(fn, w, rest, reps=30):
+  """Median time of w ← fn(w, *rest), w donated and threaded through."""
+  w = jax.block_until_ready(fn(w, *rest))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    w = jax.block_until_ready(fn(w, *rest))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return statistics.median(times)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--out", required=True)
+  ap.add_argument("--scale", type=int, default=1, help="divide sizes (CPU)")
+  args = ap.parse_args(argv)
+  shapes = [(s // args.scale, l // args.scale) for s, l in SHAPES]
+  r = RANK // args.scale
+  key = jax.random.PRNGKey(0)
+  mk = lambda i, shape: jax.random.normal(jax.random.fold_in(key, i), shape)
+  g = [mk(i, sh) for i, sh in enumerate(shapes)]
+  w = [mk(1000 + i, sh) for i, sh in enumerate(shapes)]
+  p = [jnp.linalg.qr(mk(2000 + i, (sh[0], r)))[0] for i, sh in enumerate(shapes)]
+
+  def round_trip(p, g, precision=None):
+    low = jnp.einsum("sr,sl->rl", p, g, precision=precision)
+    return jnp.einsum("sr,rl->sl", p, low, precision=precision)
+
+  def per_matrix(w, p, g, precision=None):
+    return [wi + round_trip(pi, gi, precision) for wi, pi, gi in zip(w, p, g)]
+
+  def with_cond(w, p, g):
+    def refresh(p):
+      return [jnp.linalg.eigh(gi @ gi.T)[1][:, :r] for gi in g]
+    p = jax.lax.cond(jnp.int32(1) == 0, refresh, lambda p: p, p)
+    return per_matrix(w, p, g)
+
+  index = {}
+  for i, sh in enumerate(shapes):  # matrices grouped by their (s, l)
+    index.setdefault(sh, []).append(i)
+
+  def groups(xs):
+    return [[xs[i] for i in members] for members in index.values()]
+
+  def stacked(ws, ps, gs):
+    out = []
+    for wb, pb, gb in zip(ws, ps, gs):
+      low = jnp.einsum("bsr,bsl->brl", pb, gb)
+      out.append(wb + jnp.einsum("bsr,brl->bsl", pb, low))
+    return out
+
+  def stack_then_batch(w, p, g):
+    ws, ps, gs = (groups(x) for x in (w, p, g))
+    out = stacked([jnp.stack(x) for x in ws], [jnp.stack(x) for x in ps],
+                  [jnp.stack(x) for x in gs])
+    return [x for block in out for x in block]
+
+  results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+             "rank": r, "n_matrices": len(shapes), "dtype": "float32"}
+  donate = dict(donate_argnums=(0,))
+  cases = {
+      "per_matrix": (jax.jit(per_matrix, **donate), (w, p, g)),
+      "per_matrix_highest": (jax.jit(
+          lambda w, p, g: per_matrix(w, p, g, jax.lax.Precision.HIGHEST),
+          **donate), (w, p, g)),
+      "per_matrix_with_cond": (jax.jit(with_cond, **donate), (w, p, g)),
+      "stack_then_batch": (jax.jit(stack_then_batch, **donate), (w, p, g)),
+      "stacked_inputs": (jax.jit(stacked, **donate), tuple(
+          [jnp.stack(x) for x in groups(t)] for t in (w, p, g))),
+  }
+  for name, (fn, a) in cases.items():
+    a = jax.tree_util.tree_map(jnp.copy, a)
+    ms = _median_ms(fn, a[0], a[1:])
+    results[f"{name}_ms"] = ms
+    print(f"{name:<24} {ms:8.2f} ms", flush=True)
+  flops = sum(4 * s * l * r for s, l in shapes)
+  results["tflops_per_round_trip"] = flops / 1e12
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,297 @@
+"""Shardings of a subspace optimizer's state, derived from the parameters'.
+
+`state_shardings(tx, params, param_shardings)` gives a `NamedSharding` for
+every leaf of ``tx.init(params)``, so that one
+``jax.jit(train_step, in_shardings=..., out_shardings=...)`` runs the whole
+step sharded (FSDP / ZeRO-3 when the parameters are sharded on an "fsdp"
+axis). The rules, per projected matrix seen as s × l (s the projected,
+smaller side; see `optax_subspace.MatrixDims`):
+
+- batch axes (stacked layers) keep the parameter's sharding;
+- the basis P (s × r) and every projector buffer of that shape (online PCA's
+  AdamW moments) keep the sharding of the parameter's s side on their first
+  dimension, and are replicated along r;
+- a low-rank inner buffer (r × l, or l × r in the leaf's own orientation)
+  keeps the sharding of the parameter's l side; when only the s side is
+  sharded, that sharding moves to the l side (ZeRO: each device holds 1/F of
+  every moment), if l divides evenly;
+- full-size buffers (moments of unprojected leaves, `optax.MultiSteps`
+  accumulators, any other transformation in the chain) take the parameter's
+  own sharding, matched by key path and shape;
+- PRNG keys, counts, hyperparameters and anything unmatched are replicated;
+  an unmatched buffer as large as a sharded parameter gets a warning.
+
+Which axes are rows, columns and batch is recomputed with
+`_leaves.plan_leaves` from the projector state that `tx.init` makes (which
+leaves are projected, at what rank), so only `dims` has to be repeated for
+leaves with more than two axes.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+from optax_subspace import _combinator
+from optax_subspace import _leaves
+
+
+def _is_state(x) -> bool:
+  return isinstance(x, _combinator.ProjectSubspaceState)
+
+
+def _as_named(s, mesh):
+  if isinstance(s, NamedSharding):
+    return s
+  if isinstance(s, PartitionSpec):
+    if mesh is None:
+      raise ValueError(
+          "param_shardings holds PartitionSpecs: pass the mesh as `mesh=`.")
+    return NamedSharding(mesh, s)
+  raise TypeError(
+      "param_shardings must hold NamedSharding or PartitionSpec leaves, got"
+      f" {type(s).__name__}."
+  )
+
+
+def _padded(spec: PartitionSpec, ndim: int) -> tuple:
+  entries = tuple(spec)
+  return entries + (None,) * (ndim - len(entries))
+
+
+def _mesh_size(mesh, entry) -> int:
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(mesh.shape[n] for n in names)
+
+
+def _merged_entry(entries, sizes):
+  """Sharding of the dimension formed by flattening axes (major first).
+
+  Flattening keeps a block sharding only when the one sharded axis is the
+  most major of the axes longer than 1; otherwise the merged dimension is
+  replicated (correct, at the cost of memory).
+  """
+  live = [(e, n) for e, n in zip(entries, sizes) if n > 1 or e is not None]
+  sharded = [i for i, (e, _) in enumerate(live) if e is not None]
+  if not sharded:
+    return None
+  if sharded == [0]:
+    return live[0][0]
+  return None
+
+
+def _split_groups(plan: _leaves.LeafPlan):
+  """The leaf's batch, row and column axes, from its plan's permutation."""
+  nb = len(plan.batch_shape)
+  batch, rest = plan.perm[:nb], plan.perm[nb:]
+  prod, cut = 1, 0
+  while cut < len(rest) and prod != plan.rows:
+    prod *= plan.shape[rest[cut]]
+    cut += 1
+  if prod != plan.rows:  # only size-1 axes left: all of them are rows
+    cut = len(rest) - 1
+  return batch, rest[:cut], rest[cut:]
+
+
+class _LeafSpecs:
+  """Partition specs of the state buffers that belong to one parameter."""
+
+  def __init__(self, plan: _leaves.LeafPlan, sharding: NamedSharding):
+    self.plan = plan
+    self.mesh = sharding.mesh
+    self.full = _padded(sharding.spec, len(plan.shape))
+    if not plan.projected:
+      return
+    batch, rows, cols = _split_groups(plan)
+    merged = lambda axes: _merged_entry([self.full[a] for a in axes],
+                                        [plan.shape[a] for a in axes])
+    self.batch = tuple(self.full[a] for a in batch)
+    row_e, col_e = merged(rows), merged(cols)
+    side_e, other_e = (row_e, col_e) if plan.axis == 0 else (col_e, row_e)
+    self.side = side_e
+    if (other_e is None and side_e is not None
+        and plan.other % _mesh_size(self.mesh, side_e) == 0):
+      other_e = side_e  # ZeRO: the moments are split along the kept side
+    self.other = other_e
+
+  def low_rank(self):
+    if self.plan.axis == 0:
+      return self.batch + (None, self.other)
+    return self.batch + (self.other, None)
+
+  def basis(self):
+    return self.batch + (self.side, None)
+
+  def projector_leaf(self, shape):
+    nb = len(self.plan.batch_shape)
+    if tuple(shape[nb:]) == (self.plan.side, self.plan.rank):
+      return self.basis()
+    return self.batch + (None,) * (len(shape) - nb)
+
+
+def _match(path, by_path):
+  """The parameter whose key path is the longest suffix of `path`."""
+  for cut in range(len(path) + 1):
+    i = by_path.get(tuple(path[cut:]))
+    if i is not None:
+      return i
+  return None
+
+
+def _project_state_plans(node, params, dims):
+  """Recomputes the leaf plans a `project_subspace` state was made with."""
+  treedef = jax.tree_util.tree_structure(params)
+  pstates = treedef.flatten_up_to(node.projectors)
+  projected = [not isinstance(p, optax.MaskedNode) for p in pstates]
+  ranks = [
+      int(np.shape(jax.tree_util.tree_leaves(p)[0])[-1]) if sel else 0
+      for p, sel in zip(pstates, projected)
+  ]
+  rank = max(ranks) if any(projected) else 1
+  mask = treedef.unflatten(projected)
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      plans, _ = _leaves.plan_leaves(params, rank, mask, dims)
+  except ValueError as e:
+    raise ValueError(
+        f"{e}\nstate_shardings needs the same `dims` as the optimizer."
+    ) from e
+  return plans
+
+
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params: Any,
+    param_shardings: Any,
+    *,
+    dims: _leaves.DimsSpec = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+) -> Any:
+  r"""`NamedSharding`s for the state of `tx`, derived from the parameters'.
+
+  For every leaf of ``tx.init(params)`` (computed with `jax.eval_shape`, no
+  memory used), a sharding on the parameters' mesh: low-rank moments
+  (r × l) keep the sharding of the parameter's kept side l, or take the
+  projected side's when only that one is sharded (ZeRO); the basis P (s × r)
+  keeps the sharding of the projected side s; batch axes keep theirs;
+  full-size buffers take the parameter's own sharding (matched by key-path
+  suffix and shape, in any `optax.chain`, `optax.MultiSteps` or
+  `optax.inject_hyperparams`); keys, counts and scalars are replicated. No
+  buffer of a parameter's full size is replicated unless the parameter is.
+  The result goes straight into `jax.jit`'s `in_shardings` and
+  `out_shardings` (and ``jax.jit(tx.init, out_shardings=...)`` creates the
+  state already sharded). What each method then communicates per step is in
+  docs/scaling.md.
+
+  References:
+    Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
+    Parameter Models", SC 2020, arXiv:1910.02054.
+    Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection", ICML 2024, arXiv:2403.03507.
+
+  Args:
+    tx: the optimizer (any chain containing `project_subspace` presets).
+    params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
+    param_shardings: a tree like `params` of `NamedSharding`s, or of
+      `PartitionSpec`s together with `mesh`.
+    dims: the `dims` given to the optimizer; only needed when a projected
+      leaf has more than two axes.
+    mesh: the mesh, when `param_shardings` holds `PartitionSpec`s.
+
+  Returns:
+    A tree like ``tx.init(params)`` of `NamedSharding`s.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_subspace as osub
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+    >>> params = {"w": jnp.ones((16, 32))}
+    >>> tx = osub.galore(1e-3, rank=4)
+    >>> shardings = osub.state_shardings(tx, params, {"w": P("fsdp")},
+    ...                                  mesh=mesh)
+    >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
+  """
+  treedef = jax.tree_util.tree_structure(params)
+  named = [_as_named(s, mesh) for s in treedef.flatten_up_to(param_shardings)]
+  meshes = {s.mesh for s in named}
+  if not named and mesh is None:
+    raise ValueError("params has no leaves: pass `mesh=`.")
+  if len(meshes) > 1:
+    raise ValueError("param_shardings use more than one mesh.")
+  mesh = next(iter(meshes)) if named else mesh
+  replicated = NamedSharding(mesh, PartitionSpec())
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  key_paths = [tuple(kp) for kp, _ in flat_params]
+  shapes = [tuple(np.shape(x)) for _, x in flat_params]
+  by_path = {kp: i for i, kp in enumerate(key_paths)}
+  sharded_sizes = [
+      math.prod(shape) for shape, s in zip(shapes, named)
+      if any(e is not None for e in s.spec)
+  ]
+  warn_above = min(sharded_sizes) if sharded_sizes else math.inf
+
+  abstract = jax.eval_shape(tx.init, params)
+  out = []
+  unmatched = []
+
+  def full_or_replicated(path, x):
+    i = _match(path, by_path)
+    if i is not None and tuple(x.shape) == shapes[i]:
+      return named[i]
+    if math.prod(x.shape) >= warn_above:
+      unmatched.append(_leaves.path_str(path))
+    return replicated
+
+  def visit(node, path):
+    if _is_state(node):
+      plans = _project_state_plans(node, params, dims)
+      specs = [_LeafSpecs(p, s) for p, s in zip(plans, named)]
+      out.append(replicated)  # count
+      visit_projectors(node.projectors, specs)
+      visit_inner(node.inner, plans, specs,
+                  path + (jax.tree_util.GetAttrKey("inner"),))
+      return
+    children = jax.tree_util.tree_flatten_with_path(
+        node, is_leaf=lambda x: x is not node and _is_state(x))[0]
+    for sub, x in children:
+      if _is_state(x):
+        visit(x, path + tuple(sub))
+      else:
+        out.append(full_or_replicated(path + tuple(sub), x))
+
+  def visit_projectors(tree, specs):
+    for i, sub in enumerate(treedef.flatten_up_to(tree)):
+      for _, x in jax.tree_util.tree_flatten_with_path(sub)[0]:
+        spec = specs[i].projector_leaf(x.shape)
+        out.append(NamedSharding(mesh, PartitionSpec(*spec)))
+
+  def visit_inner(tree, plans, specs, path):
+    for sub, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      full_path = path + tuple(sub)
+      i = _match(full_path, by_path)
+      if i is not None and plans[i].projected and (
+          tuple(x.shape) == plans[i].low_rank_shape):
+        out.append(NamedSharding(mesh, PartitionSpec(*specs[i].low_rank())))
+      else:
+        out.append(full_or_replicated(full_path, x))
+
+  visit(abstract, ())
+  if unmatched:
+    warnings.warn(
+        "state_shardings replicates optimizer-state buffers it could not"
+        f" match to a parameter: {', '.join(unmatched[:4])}"
+        f"{' ...' if len(unmatched) > 4 else ''}.",
+        stacklevel=2,
+    )
+  state_def = jax.tree_util.tree_structure(abstract)
+  return jax.tree_util.tree_unflatten(state_def, out)
