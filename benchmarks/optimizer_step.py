@@ -156,6 +156,13 @@ def bench_tree(size, reps):
        None),
       ("osd_steady",
        osub.online_subspace_descent(lr, rank, mask=PROJECTED), 1),
+      # bf16 operands for the products with G (float32 accumulation).
+      ("galore_steady_bf16_products",
+       osub.galore(lr, rank, big, mask=PROJECTED,
+                   projection_dtype=jnp.bfloat16), 1),
+      ("osd_steady_bf16_products",
+       osub.online_subspace_descent(lr, rank, mask=PROJECTED,
+                                    projection_dtype=jnp.bfloat16), 1),
   ]
   if hasattr(optax, "contrib") and hasattr(optax.contrib, "galore"):
     methods.insert(1, ("optax_contrib_galore_steady",

@@ -18,10 +18,15 @@ from optax_subspace._presets import DecayAfterUpdateState
 from optax_subspace._presets import add_decayed_weights_after_update
 from optax_subspace._presets import galore
 from optax_subspace._presets import online_subspace_descent
+from optax_subspace.checkpoint import CheckpointMismatchError
+from optax_subspace.checkpoint import restore_checkpoint
+from optax_subspace.checkpoint import save_checkpoint
+from optax_subspace.sharding import state_shardings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointMismatchError",
     "DecayAfterUpdateState",
     "MatrixDims",
     "ProjectSubspaceState",
@@ -32,6 +37,9 @@ __all__ = [
     "online_subspace_descent",
     "project_subspace",
     "projectors",
+    "restore_checkpoint",
+    "save_checkpoint",
     "scale_by_hf_adam",
+    "state_shardings",
     "torch_adamw",
 ]

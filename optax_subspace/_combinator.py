@@ -170,6 +170,7 @@ def project_subspace(
     mask: _leaves.MaskSpec = None,
     dims: _leaves.DimsSpec = None,
     on_change: str = "keep",
+    projection_dtype=None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` on low-rank projections of the selected gradients.
 
@@ -219,6 +220,12 @@ def project_subspace(
       ``(path, leaf) -> MatrixDims | None``, or a pytree of them. Needed for
       selected leaves that are not 2-D.
     on_change: "keep", "reset" or "transport" (above).
+    projection_dtype: dtype of the operands of the products with G (R = PᵀG,
+      P·N, and OSD's G·(GᵀP)); they accumulate in float32 either way.
+      Default float32 (TF32 on recent NVIDIA GPUs at JAX's default
+      precision). ``jnp.bfloat16`` runs them on the bf16 tensor cores, as the
+      authors' code does for bf16 models (P cast to the gradient's dtype);
+      refreshes and the online-PCA step stay float32.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -280,8 +287,9 @@ def project_subspace(
       pstates[i] = _restore_structure(pstates[i], template)
     count = state.count
     inner_state = state.inner
+    compute_dtype = projection_dtype or jnp.float32
     grads = {
-        i: _leaves.to_oriented(g_leaves[i], plans[i]).astype(jnp.float32)
+        i: _leaves.to_oriented(g_leaves[i], plans[i]).astype(compute_dtype)
         for i in projected
     }
 
@@ -320,7 +328,7 @@ def project_subspace(
       dtype = jnp.result_type(g_leaves[i])
       inner_grads[i] = _leaves.low_rank_layout(low[i], plans[i]).astype(dtype)
       if inner_params is not None:
-        w = _leaves.to_oriented(p_leaves[i], plans[i]).astype(jnp.float32)
+        w = _leaves.to_oriented(p_leaves[i], plans[i]).astype(compute_dtype)
         inner_params[i] = _leaves.low_rank_layout(
             _over_batch(project, plans[i], pstates[i], w, in_axes=(0, 0)),
             plans[i]).astype(jnp.result_type(p_leaves[i]))
@@ -334,7 +342,7 @@ def project_subspace(
     # 3. Back-project with the same basis, scale.
     out = treedef.flatten_up_to(inner_updates)
     for i in projected:
-      n = _leaves.low_rank_layout(out[i], plans[i]).astype(jnp.float32)
+      n = _leaves.low_rank_layout(out[i], plans[i]).astype(compute_dtype)
       full = _over_batch(back, plans[i], pstates[i], n, in_axes=(0, 0)) * scale
       out[i] = _leaves.from_oriented(full, plans[i]).astype(
           jnp.result_type(g_leaves[i]))

@@ -86,7 +86,8 @@ def _hf_or_optax_adam(b1, b2, eps, eps_placement):
 
 
 def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
-                    eps_placement, weight_decay, mask, dims, on_change):
+                    eps_placement, weight_decay, mask, dims, on_change,
+                    projection_dtype):
   parts = [
       _combinator.project_subspace(
           _hf_or_optax_adam(b1, b2, eps, eps_placement),
@@ -95,6 +96,7 @@ def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
           mask=mask,
           dims=dims,
           on_change=on_change,
+          projection_dtype=projection_dtype,
       ),
       optax.scale_by_learning_rate(learning_rate),
   ]
@@ -119,6 +121,7 @@ def galore(
     projector: Union[str, _base.Projector] = "svd",
     on_change: str = "keep",
     seed: int = 0,
+    projection_dtype=None,
 ) -> optax.GradientTransformation:
   r"""GaLore: AdamW whose moments live in a periodically refreshed SVD subspace.
 
@@ -148,6 +151,8 @@ def galore(
     on_change: "keep" (authors), "reset" or "transport"; see
       `project_subspace`.
     seed: seed of the "randomized_svd" projector.
+    projection_dtype: operand dtype of the products with G (default float32;
+      ``jnp.bfloat16`` for speed); see `project_subspace`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -169,7 +174,8 @@ def galore(
           f" {projector!r}."
       )
   return _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
-                         eps_placement, weight_decay, mask, dims, on_change)
+                         eps_placement, weight_decay, mask, dims, on_change,
+                         projection_dtype)
 
 
 def _projector_learning_rate(learning_rate, peak_learning_rate, update_every):
@@ -208,6 +214,7 @@ def online_subspace_descent(
     mask: _leaves.MaskSpec = None,
     dims: _leaves.DimsSpec = None,
     on_change: str = "keep",
+    projection_dtype=None,
 ) -> optax.GradientTransformation:
   r"""Online Subspace Descent: GaLore's subspace Adam with an online-PCA P.
 
@@ -234,8 +241,8 @@ def online_subspace_descent(
       default AdamW and `projector_weight_decay`.
     projector_weight_decay: weight decay of the default AdamW on P.
     orthogonality_weight: λ of the online-PCA loss (paper 0.1, code 0).
-    b1, b2, eps, eps_placement, weight_decay, mask, dims, on_change: as in
-      `galore`.
+    b1, b2, eps, eps_placement, weight_decay, mask, dims, on_change,
+      projection_dtype: as in `galore`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -255,4 +262,5 @@ def online_subspace_descent(
       rank, projector_optimizer, orthogonality_weight=orthogonality_weight
   )
   return _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
-                         eps_placement, weight_decay, mask, dims, on_change)
+                         eps_placement, weight_decay, mask, dims, on_change,
+                         projection_dtype)

@@ -36,6 +36,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import optax
+from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
@@ -191,7 +192,10 @@ def state_shardings(
   The result goes straight into `jax.jit`'s `in_shardings` and
   `out_shardings` (and ``jax.jit(tx.init, out_shardings=...)`` creates the
   state already sharded). What each method then communicates per step is in
-  docs/scaling.md.
+  docs/scaling.md. The mesh's axes must be `AxisType.Auto` (jit's
+  shardings drive XLA's partitioner, as pjit did); `jax.make_mesh` makes
+  `Explicit` axes by default, under which the projectors' products do not
+  trace yet.
 
   References:
     Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
@@ -213,8 +217,9 @@ def state_shardings(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_subspace as osub
-    >>> from jax.sharding import PartitionSpec as P
-    >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
+    >>> from jax.sharding import AxisType, PartitionSpec as P
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",),
+    ...                      (AxisType.Auto,))
     >>> params = {"w": jnp.ones((16, 32))}
     >>> tx = osub.galore(1e-3, rank=4)
     >>> shardings = osub.state_shardings(tx, params, {"w": P("fsdp")},
@@ -229,6 +234,16 @@ def state_shardings(
   if len(meshes) > 1:
     raise ValueError("param_shardings use more than one mesh.")
   mesh = next(iter(meshes)) if named else mesh
+  explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types)
+              if t == AxisType.Explicit]
+  if explicit:
+    warnings.warn(
+        f"mesh axes {explicit} are AxisType.Explicit: project_subspace's"
+        " update does not trace under explicit sharding yet (its matrix"
+        " products raise ShardingTypeError). Make the mesh with"
+        " axis_types=(AxisType.Auto,) * n; see docs/scaling.md.",
+        stacklevel=2,
+    )
   replicated = NamedSharding(mesh, PartitionSpec())
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
   key_paths = [tuple(kp) for kp, _ in flat_params]
@@ -289,7 +304,8 @@ def state_shardings(
   if unmatched:
     warnings.warn(
         "state_shardings replicates optimizer-state buffers it could not"
-        f" match to a parameter: {', '.join(unmatched[:4])}"
+        " match to a parameter (by key path and shape):"
+        f" {', '.join(repr(u) for u in unmatched[:4])}"
         f"{' ...' if len(unmatched) > 4 else ''}.",
         stacklevel=2,
     )

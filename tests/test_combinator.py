@@ -263,3 +263,18 @@ def test_same_seed_same_result_and_different_seed_differs():
   a, b, c = run(0), run(0), run(1)
   chex.assert_trees_all_equal(a, b)
   assert not np.allclose(a["w"], c["w"])
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: osub.galore(1e-2, rank=3, update_every=2, **kw),
+    lambda **kw: osub.online_subspace_descent(1e-2, rank=3, **kw),
+])
+def test_bf16_projection_products_stay_close_to_float32(make):
+  params = {"w": jax.random.normal(jax.random.PRNGKey(12), (16, 24))}
+  exact, _ = _run(make(), params, 4)
+  fast, state = _run(make(projection_dtype=jnp.bfloat16), params, 4)
+  assert state[0].projectors["w"].basis.dtype == jnp.float32
+  delta = lambda p: np.asarray(p["w"] - params["w"])
+  err = np.linalg.norm(delta(fast) - delta(exact)) / np.linalg.norm(
+      delta(exact))
+  assert err < 3e-2  # bf16 operands: 8 mantissa bits

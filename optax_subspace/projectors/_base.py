@@ -38,6 +38,8 @@ class Projector(NamedTuple):
       (r, l) already computed; the state it returns serves the next step.
     project: optional ``(state, g) -> R`` (r, l); default basis(state)ᵀ g.
     back: optional ``(state, n) -> ΔG`` (s, l); default basis(state) n.
+    Both run in their input's dtype (the combinator's `projection_dtype`)
+    and return float32; `refresh` and `advance` do their own math in float32.
   """
 
   rank: int
@@ -53,13 +55,17 @@ class Projector(NamedTuple):
     """`project`, or the dense product with the basis."""
     if self.project is not None:
       return self.project
-    return lambda state, g: self.basis(state).T @ g
+    return lambda state, g: jnp.matmul(
+        self.basis(state).T.astype(g.dtype), g,
+        preferred_element_type=jnp.float32)
 
   def back_fn(self):
     """`back`, or the dense product with the basis."""
     if self.back is not None:
       return self.back
-    return lambda state, n: self.basis(state) @ n
+    return lambda state, n: jnp.matmul(
+        self.basis(state).astype(n.dtype), n,
+        preferred_element_type=jnp.float32)
 
 
 def check_rank(rank) -> int:
@@ -123,6 +129,7 @@ def top_left_singular_vectors(g: jax.Array, r: int) -> jax.Array:
   faster than an SVD). The Gram product runs at full float32 precision: the
   refresh is rare and TF32 would perturb the eigenvectors.
   """
+  g = g.astype(jnp.float32)
   gram = jnp.matmul(g, g.T, precision=jax.lax.Precision.HIGHEST)
   _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
   return canonical_signs(vecs[:, ::-1][:, :r])
@@ -143,9 +150,13 @@ def orthonormalize(y: jax.Array) -> jax.Array:
   """
   hi = jax.lax.Precision.HIGHEST
   k = y.shape[-1]
-  for relative_shift in (1e-5, 1e-7, 0.0):
+
+  def one_pass(y, relative_shift):
     gram = jnp.matmul(y.T, y, precision=hi)
     shift = relative_shift * jnp.trace(gram) + jnp.finfo(y.dtype).tiny
     chol = jnp.linalg.cholesky(gram + shift * jnp.eye(k, dtype=y.dtype))
-    y = jax.scipy.linalg.solve_triangular(chol, y.T, lower=True).T
-  return y
+    return jax.scipy.linalg.solve_triangular(chol, y.T, lower=True).T, None
+
+  # A scan, not an unrolled loop: the pass is compiled once.
+  shifts = jnp.array([1e-5, 1e-7, 0.0], y.dtype)
+  return jax.lax.scan(one_pass, y, shifts)[0]

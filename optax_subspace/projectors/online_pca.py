@@ -28,9 +28,11 @@ def online_pca_gradient(p, g, gtp, orthogonality_weight=0.0):
   The normalisation is applied to the small products (G̃A = G·gtp/‖G‖²), so
   G is read once, never scaled in place. Cost O(s·l·r); no s×s or l×l matrix.
   """
-  inv_sq = 1.0 / jnp.sum(jnp.square(g))
+  inv_sq = 1.0 / jnp.sum(jnp.square(g.astype(jnp.float32)))
   ptp = p.T @ p
-  ga = (g @ gtp) * inv_sq
+  # The one product with G runs in G's dtype (`projection_dtype`).
+  ga = jnp.matmul(g, gtp.astype(g.dtype),
+                  preferred_element_type=jnp.float32) * inv_sq
   grad = 2.0 * (p @ ((gtp.T @ gtp) * inv_sq) + ga @ ptp - 2.0 * ga)
   if orthogonality_weight:
     grad = grad + 4.0 * orthogonality_weight * (p @ ptp - p)
@@ -88,6 +90,7 @@ def online_pca(
     # Only at step 0: P_0 from an SVD of the first gradient.
     del count
     r = state.basis.shape[-1]
+    g = g.astype(jnp.float32)
     ok = _base.usable(g)
     svd_basis = _base.top_left_singular_vectors(jnp.where(ok, g, 0.0), r)
     basis = jnp.where(ok, svd_basis.astype(state.basis.dtype), state.basis)
@@ -97,7 +100,7 @@ def online_pca(
     # P gets no step at step 0, only the SVD (the authors' code). Values
     # computed from an unusable g are discarded by the selects at the end,
     # so g itself is never masked (that would cost a pass over it).
-    sq = jnp.sum(jnp.square(g))
+    sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
     ok = jnp.isfinite(sq) & (sq > 0) & (count > 0)
     p = state.basis.astype(jnp.float32)
     # GᵀP = (PᵀG)ᵀ: the projection already computed it.

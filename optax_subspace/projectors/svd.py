@@ -29,6 +29,7 @@ class RandomizedSvdState(NamedTuple):
 
 
 def _keep_if_unusable(g, new_basis_fn, old_basis):
+  g = g.astype(jnp.float32)
   ok = _base.usable(g)
   new = new_basis_fn(jnp.where(ok, g, 0.0))
   return jnp.where(ok, new.astype(old_basis.dtype), old_basis), ok
@@ -92,9 +93,12 @@ def _randomized_range(g, r, key, oversample, power_iters):
   hi = jax.lax.Precision.HIGHEST
   omega = jax.random.normal(key, (l, k), jnp.float32)
   q = _base.orthonormalize(jnp.matmul(g, omega, precision=hi))
-  for _ in range(power_iters):  # subspace iteration, re-orthonormalised
+
+  def power_iteration(_, q):  # subspace iteration, re-orthonormalised
     z = _base.orthonormalize(jnp.matmul(g.T, q, precision=hi))
-    q = _base.orthonormalize(jnp.matmul(g, z, precision=hi))
+    return _base.orthonormalize(jnp.matmul(g, z, precision=hi))
+
+  q = jax.lax.fori_loop(0, power_iters, power_iteration, q)
   b = jnp.matmul(q.T, g, precision=hi)  # (k, l): g ≈ q b
   _, vecs = jnp.linalg.eigh(jnp.matmul(b, b.T, precision=hi))
   top = vecs[:, ::-1][:, :r]
