@@ -13,6 +13,7 @@ midway is never listed as a step, and the latest complete one is restored.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import jax
@@ -228,11 +229,12 @@ def restore_checkpoint(
   leaves without one go to the first device. The checkpoint's signature is
   compared with theirs first: a checkpoint of another method (projector
   state type), rank, mask or parameter tree raises `CheckpointMismatchError`
-  naming every difference, before any array is read. Arrays are then
-  restored onto the targets' shardings, on any mesh (saved on 8 devices,
-  restored on 4 or 1). Restoring step N and taking M more steps gives, bit
-  for bit, the state of N + M uninterrupted steps (same program, same
-  devices).
+  naming every difference, before any array is read (a checkpoint without
+  a signature, e.g. written by plain Orbax, is restored with a warning).
+  Arrays are then restored onto the targets' shardings, on any mesh (saved
+  on 8 devices, restored on 4 or 1). Restoring step N and taking M more
+  steps gives, bit for bit, the state of N + M uninterrupted steps (same
+  program, same devices).
 
   References:
     Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
@@ -267,10 +269,22 @@ def restore_checkpoint(
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
-  saved = manager.restore(
-      step, args=ocp.args.Composite(**{_SIGNATURE: ocp.args.JsonRestore()})
-  )[_SIGNATURE]
-  differences = _differences(saved, _signature(params, opt_state))
+  try:
+    saved = manager.restore(
+        step, args=ocp.args.Composite(**{_SIGNATURE: ocp.args.JsonRestore()})
+    )[_SIGNATURE]
+  except KeyError as e:
+    if _SIGNATURE not in str(e):
+      raise
+    saved = None
+    warnings.warn(
+        f"checkpoint step {step} in {manager.directory} has no"
+        f" '{_SIGNATURE}' signature (not written by save_checkpoint): it is"
+        " restored without checking method, rank or parameter tree.",
+        stacklevel=2,
+    )
+  differences = [] if saved is None else _differences(
+      saved, _signature(params, opt_state))
   if differences:
     raise CheckpointMismatchError(
         f"checkpoint step {step} in {manager.directory} does not fit the"

@@ -191,8 +191,9 @@ def test_randomized_svd_handles_steep_spectra_and_rank_deficiency(decay):
   steep = _decaying(jax.random.PRNGKey(12), 64, 200, decay)
   rank3 = (jax.random.normal(jax.random.PRNGKey(13), (64, 3))
            @ jax.random.normal(jax.random.PRNGKey(14), (3, 200)))
+  ones = jnp.ones((64, 200))  # rank 1: y = GΩ has one direction only
   proj = projectors.randomized_svd(16, 10)
-  for g in (steep, rank3):
+  for g in (steep, rank3, ones):
     state, _ = proj.refresh(proj.init(64, 200, 16, jax.random.PRNGKey(0)), g,
                             jnp.int32(0))
     p = proj.basis(state)

@@ -149,7 +149,13 @@ def orthonormalize(y: jax.Array) -> jax.Array:
   factorization of ill-conditioned matrices", SIAM J. Sci. Comput. 2020).
   """
   hi = jax.lax.Precision.HIGHEST
-  k = y.shape[-1]
+  s, k = y.shape
+  # A rank-deficient y (a gradient of rank < k) would leave columns with no
+  # direction at all; a fixed perturbation of 1e-4 of y's RMS gives them one
+  # (orthogonal to the rest after the passes, and of no weight in the range).
+  rms = jnp.sqrt(jnp.sum(jnp.square(y)) / (s * k))
+  noise = jax.random.normal(jax.random.PRNGKey(0), (s, k), y.dtype)
+  y = y + (1e-4 * rms + jnp.finfo(y.dtype).tiny) * noise
 
   def one_pass(y, relative_shift):
     gram = jnp.matmul(y.T, y, precision=hi)

