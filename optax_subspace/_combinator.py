@@ -276,7 +276,7 @@ def project_subspace(
         inner=inner.init(treedef.unflatten(low_rank)),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def _update(updates, state, params=None, **extra_args):
     plans, treedef, key_paths = plan(updates, quiet=True)
     g_leaves = treedef.flatten_up_to(updates)
     p_leaves = None if params is None else treedef.flatten_up_to(params)
@@ -365,5 +365,60 @@ def project_subspace(
         inner=inner_state,
     )
     return treedef.unflatten(out), new_state
+
+  def update_fn(updates, state, params=None, **extra_args):
+    # Under Explicit mesh axes (jax.make_mesh's default in current JAX) every
+    # array's type carries its sharding, and the projectors' products (e.g.
+    # the Gram matrix G·Gᵀ of a gradient sharded on its rows) raise
+    # ShardingTypeError when traced there. So the update runs with those
+    # axes switched to Auto, where XLA's partitioner places the products as
+    # under jit's in/out shardings, and its outputs are given back the
+    # inputs' shardings, so the state's types are the same every step.
+    # Inputs on no Explicit axis (Auto meshes, one device, numpy arrays
+    # outside a `jax.set_mesh`), and JAX versions without explicit sharding,
+    # take the plain path.
+    sharding = jax.sharding
+    if not hasattr(jax, "typeof") or not all(hasattr(sharding, n) for n in (
+        "AxisType", "auto_axes", "use_abstract_mesh", "get_abstract_mesh")):
+      return _update(updates, state, params, **extra_args)
+    typed = lambda x: isinstance(x, jax.Array) and hasattr(
+        getattr(jax.typeof(x), "sharding", None), "mesh")
+    leaves = jax.tree_util.tree_leaves((updates, state, params, extra_args))
+    meshes = [jax.typeof(x).sharding.mesh for x in leaves if typed(x)]
+    mesh = next((m for m in meshes + [sharding.get_abstract_mesh()]
+                 if sharding.AxisType.Explicit in tuple(m.axis_types)), None)
+    if mesh is None:
+      return _update(updates, state, params, **extra_args)
+    # Outside jit (no tracers), moving arrays onto the mesh needs its devices:
+    # the concrete mesh of an input, when one is on it.
+    concrete = None
+    tracer = getattr(jax.core, "Tracer", None)
+    if hasattr(sharding, "set_mesh") and tracer is not None and not any(
+        isinstance(x, tracer) for x in leaves):
+      concrete = next((
+          x.sharding.mesh for x in leaves
+          if isinstance(getattr(x, "sharding", None), sharding.NamedSharding)
+          and isinstance(x.sharding.mesh, sharding.Mesh)
+          and x.sharding.mesh.abstract_mesh == mesh), None)
+    explicit = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                     if t == sharding.AxisType.Explicit)
+    spec = lambda x: (jax.typeof(x).sharding.spec if typed(x)
+                      else sharding.PartitionSpec())
+    out_specs = jax.tree_util.tree_map(spec, (updates, state))
+    # Array-valued extra arguments go through auto_axes with the rest; any
+    # other value is closed over as it is.
+    e_leaves, e_def = jax.tree_util.tree_flatten(extra_args)
+    e_arrays = [i for i, x in enumerate(e_leaves) if isinstance(x, jax.Array)]
+
+    def auto(u, s, p, arrays):
+      leaves = list(e_leaves)
+      for i, x in zip(e_arrays, arrays):
+        leaves[i] = x
+      return _update(u, s, p, **e_def.unflatten(leaves))
+
+    with (sharding.use_abstract_mesh(mesh) if concrete is None
+          else sharding.set_mesh(concrete)):
+      return sharding.auto_axes(auto, axes=explicit, out_sharding=out_specs)(
+          updates, state, params, [e_leaves[i] for i in e_arrays])
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -36,7 +36,6 @@ from typing import Any, Optional
 import jax
 import numpy as np
 import optax
-from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
@@ -192,10 +191,9 @@ def state_shardings(
   The result goes straight into `jax.jit`'s `in_shardings` and
   `out_shardings` (and ``jax.jit(tx.init, out_shardings=...)`` creates the
   state already sharded). What each method then communicates per step is in
-  docs/scaling.md. The mesh's axes must be `AxisType.Auto` (jit's
-  shardings drive XLA's partitioner, as pjit did); `jax.make_mesh` makes
-  `Explicit` axes by default, under which the projectors' products do not
-  trace yet.
+  docs/scaling.md. The mesh's axes may be `AxisType.Auto` or `Explicit`
+  (`jax.make_mesh`'s default); under Explicit axes the update itself runs
+  them as Auto and keeps the inputs' shardings.
 
   References:
     Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
@@ -217,9 +215,8 @@ def state_shardings(
 
   Example:
     >>> import jax, jax.numpy as jnp, optax_subspace as osub
-    >>> from jax.sharding import AxisType, PartitionSpec as P
-    >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",),
-    ...                      (AxisType.Auto,))
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("fsdp",))
     >>> params = {"w": jnp.ones((16, 32))}
     >>> tx = osub.galore(1e-3, rank=4)
     >>> shardings = osub.state_shardings(tx, params, {"w": P("fsdp")},
@@ -234,16 +231,6 @@ def state_shardings(
   if len(meshes) > 1:
     raise ValueError("param_shardings use more than one mesh.")
   mesh = next(iter(meshes)) if named else mesh
-  explicit = [n for n, t in zip(mesh.axis_names, mesh.axis_types)
-              if t == AxisType.Explicit]
-  if explicit:
-    warnings.warn(
-        f"mesh axes {explicit} are AxisType.Explicit: project_subspace's"
-        " update does not trace under explicit sharding yet (its matrix"
-        " products raise ShardingTypeError). Make the mesh with"
-        " axis_types=(AxisType.Auto,) * n; see docs/scaling.md.",
-        stacklevel=2,
-    )
   replicated = NamedSharding(mesh, PartitionSpec())
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
   key_paths = [tuple(kp) for kp, _ in flat_params]

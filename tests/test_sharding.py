@@ -85,9 +85,9 @@ def _grads(step):
   return out
 
 
-def _mesh(name):
+def _mesh(name, axis_type=AxisType.Auto):
   shape, axes = MESHES[name]
-  return _auto_mesh(shape, axes)
+  return jax.make_mesh(shape, axes, (axis_type,) * len(axes))
 
 
 def _auto_mesh(shape, axes):
@@ -107,11 +107,13 @@ def _step_fn(tx):
 
 
 @functools.lru_cache(maxsize=None)
-def _run(name, mesh_name=None):
+def _run(name, mesh_name=None, axis_type=AxisType.Auto):
   """STEPS steps of preset `name`, on one device or sharded on a mesh.
 
   Returns the updates of every step, the final state, the state's shardings
-  and the compiled step's HLO text (None on one device).
+  and the compiled step's HLO text (None on one device). On a mesh with
+  Explicit axes the step is a plain `jax.jit`: the shardings come with the
+  arrays' types.
   """
   tx = PRESETS[name]()
   params = _params()
@@ -119,19 +121,23 @@ def _run(name, mesh_name=None):
   if mesh_name is None:
     psh = ssh = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   else:
-    psh = _param_shardings(_mesh(mesh_name))
+    psh = _param_shardings(_mesh(mesh_name, axis_type))
     ssh = osub.state_shardings(tx, params, psh, dims=DIMS)
   init = jax.jit(tx.init, out_shardings=ssh)
-  step = jax.jit(_step_fn(tx), in_shardings=(psh, ssh, psh),
-                 out_shardings=(psh, ssh, psh)).lower(
-                     params, abstract, params).compile()
+  if axis_type == AxisType.Explicit:
+    step = jax.jit(_step_fn(tx))
+  else:
+    step = jax.jit(_step_fn(tx), in_shardings=(psh, ssh, psh),
+                   out_shardings=(psh, ssh, psh)).lower(
+                       params, abstract, params).compile()
   params = jax.device_put(params, psh)
   state = init(params)
   updates = []
   for t in range(STEPS):
     params, state, u = step(jax.device_put(_grads(t), psh), state, params)
     updates.append(u)
-  hlo = None if mesh_name is None else step.as_text()
+  hlo = None if mesh_name is None or axis_type == AxisType.Explicit else (
+      step.as_text())
   return updates, state, ssh, hlo
 
 
@@ -170,11 +176,16 @@ def test_state_shardings_follow_the_parameters_axis_by_axis():
   assert sub.count.spec == P() and shardings.mini_step.spec == P()
 
 
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit],
+                         ids=["auto", "explicit"])
 @pytest.mark.parametrize("mesh_name", sorted(MESHES))
 @pytest.mark.parametrize("name", NAMES)
-def test_sharded_updates_equal_one_device_across_a_refresh(name, mesh_name):
+def test_sharded_updates_equal_one_device_across_a_refresh(name, mesh_name,
+                                                           axis_type):
+  # Explicit axes are jax.make_mesh's default: the update runs them as Auto
+  # inside (project_subspace's update_fn) and keeps the state's shardings.
   want_updates, want_state, _, _ = _run(name)
-  got_updates, got_state, shardings, _ = _run(name, mesh_name)
+  got_updates, got_state, shardings, _ = _run(name, mesh_name, axis_type)
   chex.assert_trees_all_close(got_updates, want_updates, rtol=RTOL,
                               atol=UPDATE_ATOL)
   chex.assert_trees_all_close(got_state, want_state, rtol=RTOL,
@@ -183,6 +194,21 @@ def test_sharded_updates_equal_one_device_across_a_refresh(name, mesh_name):
                   jax.tree_util.tree_leaves(shardings)):
     assert x.sharding.is_equivalent_to(s, x.ndim)
 
+
+def test_an_update_on_an_explicit_mesh_also_runs_without_jit():
+  mesh = _mesh("4x2", AxisType.Explicit)
+  tx = PRESETS["galore"]()
+  psh = _param_shardings(mesh)
+  params = jax.device_put(_params(), psh)
+  state = jax.jit(tx.init, out_shardings=osub.state_shardings(
+      tx, _params(), psh, dims=DIMS))(params)
+  updates, new_state = tx.update(jax.device_put(_grads(0), psh), state,
+                                 params)
+  chex.assert_trees_all_close(updates, _run("galore")[0][0], rtol=RTOL,
+                              atol=UPDATE_ATOL)
+  for x, y in zip(jax.tree_util.tree_leaves(new_state),
+                  jax.tree_util.tree_leaves(state)):
+    assert jax.typeof(x).sharding.spec == jax.typeof(y).sharding.spec
 
 def test_per_device_state_bytes_shrink_with_the_fsdp_axis():
   tx = PRESETS["online_subspace_descent"]()
@@ -301,13 +327,6 @@ def test_a_projected_leaf_with_more_axes_needs_the_optimizer_dims():
   tx = PRESETS["galore"]()
   with pytest.raises(ValueError, match="same `dims` as the optimizer"):
     osub.state_shardings(tx, _params(), _param_shardings(mesh))
-
-
-def test_a_mesh_with_explicit_axes_gets_a_warning():
-  mesh = jax.make_mesh((8,), ("fsdp",), (AxisType.Explicit,))
-  with pytest.warns(UserWarning, match="AxisType.Auto"):
-    osub.state_shardings(PRESETS["galore"](), _params(),
-                         _param_shardings(mesh), dims=DIMS)
 
 
 def test_partition_specs_need_a_mesh():
