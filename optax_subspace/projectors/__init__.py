@@ -9,6 +9,8 @@ from optax_subspace.projectors._base import Projector
 from optax_subspace.projectors.online_pca import OnlinePcaState
 from optax_subspace.projectors.online_pca import online_pca
 from optax_subspace.projectors.online_pca import online_pca_gradient
+from optax_subspace.projectors.sparse_rows import SparseRowsState
+from optax_subspace.projectors.sparse_rows import sparse_rows
 from optax_subspace.projectors.svd import RandomizedSvdState
 from optax_subspace.projectors.svd import SvdState
 from optax_subspace.projectors.svd import randomized_svd
@@ -18,9 +20,11 @@ __all__ = [
     "OnlinePcaState",
     "Projector",
     "RandomizedSvdState",
+    "SparseRowsState",
     "SvdState",
     "online_pca",
     "online_pca_gradient",
     "randomized_svd",
+    "sparse_rows",
     "svd",
 ]
