@@ -13,6 +13,7 @@ from optax_subspace._adam import torch_adamw
 from optax_subspace._combinator import ProjectSubspaceState
 from optax_subspace._combinator import SECOND_MOMENT_FIELDS
 from optax_subspace._combinator import project_subspace
+from optax_subspace._grass import grass
 from optax_subspace._leaves import MatrixDims
 from optax_subspace._presets import DecayAfterUpdateState
 from optax_subspace._presets import add_decayed_weights_after_update
@@ -34,6 +35,7 @@ __all__ = [
     "ScaleByHfAdamState",
     "add_decayed_weights_after_update",
     "galore",
+    "grass",
     "online_subspace_descent",
     "project_subspace",
     "projectors",
