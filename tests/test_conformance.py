@@ -21,6 +21,9 @@ PRESETS = {
         lr, rank=2, update_every=3, projector="randomized_svd"),
     "galore_transport": lambda lr: osub.galore(lr, rank=2, update_every=3,
                                                on_change="transport"),
+    "grass_topk": lambda lr: osub.grass(lr, rank=2, update_every=3),
+    "grass_multinomial": lambda lr: osub.grass(
+        lr, rank=2, update_every=3, selection="multinomial"),
     "online_subspace_descent": lambda lr: osub.online_subspace_descent(
         lr, rank=2, update_every=3, peak_learning_rate=LR),
     "online_subspace_descent_paper": lambda lr: osub.online_subspace_descent(
