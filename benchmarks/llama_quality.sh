@@ -4,6 +4,7 @@
 # learning rates per method. Writes OUT/quality.tar.gz (each run's config,
 # metrics.jsonl and summary), OUT/table.md and OUT/loss.png.
 #   bash benchmarks/llama_quality.sh OUT [DATA_DIR]
+# SPECS="grass 1e-2,grass 2e-2" runs only those (method lr) pairs.
 set -euo pipefail
 out=$1
 data=${2:-}
@@ -11,8 +12,9 @@ mkdir -p "$out/runs"
 common=(--model-size "${SIZE:-20m}" --batch-size 64 --steps "${STEPS:-1000}" --eval-every 100
         --eval-windows 512 --checkpoint-every 0 --log-every 50)
 [ -n "$data" ] && common+=(--data-dir "$data")
-for spec in "adamw 1e-3" "adamw 3e-3" "galore 1e-2" "galore 2e-2" \
-            "osd 1e-2" "osd 2e-2" "optax_galore 1e-2" "optax_galore 2e-2"; do
+specs=${SPECS:-"adamw 1e-3,adamw 3e-3,galore 1e-2,galore 2e-2,osd 1e-2,osd 2e-2,optax_galore 1e-2,optax_galore 2e-2"}
+IFS=, read -ra spec_list <<< "$specs"
+for spec in "${spec_list[@]}"; do
   set -- $spec
   python -m examples.llama train "${common[@]}" --optimizer "$1" --lr "$2" \
       --run-dir "$out/runs/20m-$1-lr$2" 2>&1 | grep -v "^\s*$" | tail -3

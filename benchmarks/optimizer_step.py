@@ -156,6 +156,8 @@ def bench_tree(size, reps):
        None),
       ("osd_steady",
        osub.online_subspace_descent(lr, rank, mask=PROJECTED), 1),
+      ("grass_steady", osub.grass(lr, rank, big, mask=PROJECTED), 1),
+      ("grass_refresh_topk", osub.grass(lr, rank, 1, mask=PROJECTED), None),
       # bf16 operands for the products with G (float32 accumulation).
       ("galore_steady_bf16_products",
        osub.galore(lr, rank, big, mask=PROJECTED,
@@ -282,6 +284,8 @@ def main(argv=None):
       " params and state donated; gradients synthetic (power-law spectrum)",
   }
   result["tree"] = bench_tree(args.size, args.reps)
+  with open(args.out, "w") as f:  # in case the projector part is cut short
+    json.dump(result, f, indent=1)
   shapes = TINY_PROJECTOR_SHAPES if args.size == "tiny" else PROJECTOR_SHAPES
   print("projector step alone:")
   result["projectors"] = bench_projectors(shapes, max(5, args.reps // 5))

@@ -43,8 +43,12 @@ def _over_batch(fn, plan: _leaves.LeafPlan, *args, in_axes):
   """Applies a one-matrix function to every matrix of a leaf.
 
   Mapped arguments have the leaf's batch axes leading; they are flattened to
-  one axis, vmapped, and the outputs get the batch axes back.
+  one axis, vmapped, and the outputs get the batch axes back. A plain matrix
+  (no batch axes) is passed straight through: no size-1 batch dimension for
+  XLA to carry into every product.
   """
+  if not plan.batch_shape:
+    return fn(*args)
   b = plan.num_matrices
   flat = [
       jax.tree_util.tree_map(lambda x: x.reshape((b,) + x.shape[

@@ -75,7 +75,9 @@ def test_a_small_model_trains(name):
 def test_jit_and_no_jit_agree(name):
   a, _, _ = _train(PRESETS[name](LR), 4, jit=False)
   b, _, _ = _train(PRESETS[name](LR), 4, jit=True)
-  chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+  # Parameters are O(1); eager and compiled float32 differ by rounding (the
+  # refresh's eigh amplifies it slightly), not by more.
+  chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)

