@@ -36,6 +36,9 @@ PRESETS = {
     "online_subspace_descent_paper": lambda: osub.online_subspace_descent(
         0.01, RANK, orthogonality_weight=0.1,
         projector_optimizer=optax.adamw(0.05)),
+    "grass_topk": lambda: osub.grass(0.01, RANK, EVERY),
+    "grass_multinomial": lambda: osub.grass(
+        0.01, RANK, EVERY, "multinomial", on_change="remap"),
 }
 NAMES = sorted(PRESETS)
 SPECS = {"w1": P("fsdp", None), "w2": P("fsdp", None), "b": P()}

@@ -40,6 +40,9 @@ PRESETS = {
     "online_subspace_descent_paper": lambda: osub.online_subspace_descent(
         0.01, RANK, orthogonality_weight=0.1, dims=DIMS,
         projector_optimizer=optax.adamw(0.05)),
+    "grass_topk": lambda: osub.grass(0.01, RANK, EVERY, dims=DIMS),
+    "grass_multinomial": lambda: osub.grass(
+        0.01, RANK, EVERY, "multinomial", on_change="remap", dims=DIMS),
 }
 NAMES = sorted(PRESETS)
 # Every case of a matrix under FSDP: sharded on its projected (smaller) side
