@@ -206,6 +206,7 @@ def online_subspace_descent(
     projector_optimizer: Optional[optax.GradientTransformation] = None,
     projector_weight_decay: float = 0.01,
     orthogonality_weight: float = 0.0,
+    step_before_projection: bool = False,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
@@ -241,6 +242,9 @@ def online_subspace_descent(
       default AdamW and `projector_weight_decay`.
     projector_weight_decay: weight decay of the default AdamW on P.
     orthogonality_weight: λ of the online-PCA loss (paper 0.1, code 0).
+    step_before_projection: step P with G_t before projecting G_t, as the
+      stored copy of the authors' code does (see `projectors.online_pca`);
+      default False, METHODS.md's order.
     b1, b2, eps, eps_placement, weight_decay, mask, dims, on_change,
       projection_dtype: as in `galore`.
 
@@ -259,7 +263,8 @@ def online_subspace_descent(
         weight_decay=projector_weight_decay,
     )
   projector = projectors_lib.online_pca(
-      rank, projector_optimizer, orthogonality_weight=orthogonality_weight
+      rank, projector_optimizer, orthogonality_weight=orthogonality_weight,
+      step_before_projection=step_before_projection,
   )
   return _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                          eps_placement, weight_decay, mask, dims, on_change,

@@ -26,6 +26,9 @@ PRESETS = {
         lr, rank=2, update_every=3, selection="multinomial"),
     "online_subspace_descent": lambda lr: osub.online_subspace_descent(
         lr, rank=2, update_every=3, peak_learning_rate=LR),
+    "online_subspace_descent_code_order": lambda lr: osub.online_subspace_descent(
+        lr, rank=2, update_every=3, peak_learning_rate=LR,
+        step_before_projection=True),
     "online_subspace_descent_paper": lambda lr: osub.online_subspace_descent(
         lr, rank=2, orthogonality_weight=0.1,
         projector_optimizer=optax.adamw(5 * LR)),

@@ -60,34 +60,40 @@ def _reference(grads_torch, r, method, gap):
   mu = nu = p = None
   p_m = p_v = None  # torch AdamW state of P
   updates = []
+  osd = method.startswith("osd")
+
+  def step_p(p, p_m, p_v, g, k):
+    # torch AdamW on P: lr 1/T (constant W lr), wd 0.01 applied first,
+    # eps 1e-8 after bias correction; its own step count k starts at 1.
+    grad = _osd_grad(p, g)
+    p_lr = 1.0 / gap
+    p = p * (1 - p_lr * 0.01)
+    p_m = 0.9 * p_m + 0.1 * grad
+    p_v = 0.999 * p_v + 0.001 * grad**2
+    m_hat = p_m / (1 - 0.9**k)
+    v_hat = p_v / (1 - 0.999**k)
+    return p - p_lr * m_hat / (np.sqrt(v_hat) + 1e-8), p_m, p_v
+
   for t, g in enumerate(grads_torch):
-    if method == "galore" and t % gap == 0 or method == "osd" and t == 0:
+    if method == "galore" and t % gap == 0 or osd and t == 0:
       p = _svd_basis(g, r)
+      p_m, p_v = np.zeros_like(p), np.zeros_like(p)
+    elif method == "osd_code":  # the stored authors' code: P steps first
+      p, p_m, p_v = step_p(p, p_m, p_v, g, t)
     low = _project(p, g)
     if mu is None:
       mu, nu = np.zeros_like(low), np.zeros_like(low)
-      p_m, p_v = np.zeros_like(p), np.zeros_like(p)
     mu = B1 * mu + (1 - B1) * low
     nu = B2 * nu + (1 - B2) * low**2
     step = LR * np.sqrt(1 - B2 ** (t + 1)) / (1 - B1 ** (t + 1))
     n_low = mu / (np.sqrt(nu) + EPS)
     updates.append(-step * SCALE * _back(p, n_low, shape))
-    if method == "osd" and t > 0:
-      # torch AdamW on P: lr 1/T (constant W lr), wd 0.01 applied first,
-      # eps 1e-8 after bias correction; its own step count starts at 1.
-      k = t
-      grad = _osd_grad(p, g)
-      p_lr = 1.0 / gap
-      p = p * (1 - p_lr * 0.01)
-      p_m = 0.9 * p_m + 0.1 * grad
-      p_v = 0.999 * p_v + 0.001 * grad**2
-      m_hat = p_m / (1 - 0.9**k)
-      v_hat = p_v / (1 - 0.999**k)
-      p = p - p_lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+    if method == "osd" and t > 0:  # METHODS.md: W with P_t, then P_{t+1}
+      p, p_m, p_v = step_p(p, p_m, p_v, g, t)
   return updates
 
 
-@pytest.mark.parametrize("method", ["galore", "osd"])
+@pytest.mark.parametrize("method", ["galore", "osd", "osd_code"])
 @pytest.mark.parametrize("flax_shape", [(12, 20), (20, 12), (16, 16)],
                          ids=["in<out", "in>out", "square"])
 @pytest.mark.parametrize("jit", [False, True])
@@ -103,8 +109,9 @@ def test_matches_the_authors_update(method, flax_shape, jit):
   if method == "galore":
     tx = osub.galore(LR, rank=r, update_every=gap, scale=SCALE)
   else:
-    tx = osub.online_subspace_descent(LR, rank=r, scale=SCALE,
-                                      update_every=gap)
+    tx = osub.online_subspace_descent(
+        LR, rank=r, scale=SCALE, update_every=gap,
+        step_before_projection=method == "osd_code")
   params = {"kernel": jnp.zeros(flax_shape)}
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update

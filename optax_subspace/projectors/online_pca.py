@@ -44,6 +44,7 @@ def online_pca(
     optimizer: Optional[optax.GradientTransformation] = None,
     *,
     orthogonality_weight: float = 0.0,
+    step_before_projection: bool = False,
     dtype=jnp.float32,
 ):
   """Online Subspace Descent's projector, stepped by online PCA every step.
@@ -67,6 +68,12 @@ def online_pca(
       at learning rate 1/200 (the `online_subspace_descent` preset makes it
       follow the weights' schedule).
     orthogonality_weight: λ; 0 in the authors' code, 0.1 in the paper.
+    step_before_projection: False (the paper's order and METHODS.md's: W
+      moves through P_t, then P_{t+1} is stored). True reproduces the stored
+      copy of the authors' code (`proj_type="continuous"`): at step t > 0, P
+      is first stepped with G_t and G_t is then projected on the new P. It
+      costs one more product with G (PᵀG cannot be reused) and runs through
+      the refresh path every step.
     dtype: storage dtype of P.
 
   Returns:
@@ -86,9 +93,8 @@ def online_pca(
     basis = _base.first_columns(s, r).astype(dtype)
     return OnlinePcaState(basis, optimizer.init(basis))
 
-  def refresh(state, g, count):
-    # Only at step 0: P_0 from an SVD of the first gradient.
-    del count
+  def svd_start(state, g):
+    # P_0 from an SVD of the first gradient.
     r = state.basis.shape[-1]
     g = g.astype(jnp.float32)
     ok = _base.usable(g)
@@ -116,11 +122,28 @@ def online_pca(
     )
     return new_state, ok
 
+  if not step_before_projection:
+    return _base.Projector(
+        rank=rank,
+        init=init,
+        basis=lambda state: state.basis.astype(jnp.float32),
+        needs_refresh=lambda count: count == 0,
+        refresh=lambda state, g, count: svd_start(state, g),
+        advance=advance,
+    )
+
+  def step_first(state, g, count):
+    projected = jnp.matmul(state.basis.T.astype(g.dtype), g,
+                           preferred_element_type=jnp.float32)
+    return advance(state, g, projected, count)
+
   return _base.Projector(
       rank=rank,
       init=init,
       basis=lambda state: state.basis.astype(jnp.float32),
-      needs_refresh=lambda count: count == 0,
-      refresh=refresh,
-      advance=advance,
+      needs_refresh=lambda count: count >= 0,  # every step
+      refresh=lambda state, g, count: jax.lax.cond(
+          count == 0, lambda: svd_start(state, g),
+          lambda: step_first(state, g, count)),
   )
+
