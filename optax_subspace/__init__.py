@@ -19,6 +19,8 @@ from optax_subspace._presets import DecayAfterUpdateState
 from optax_subspace._presets import add_decayed_weights_after_update
 from optax_subspace._presets import galore
 from optax_subspace._presets import online_subspace_descent
+from optax_subspace._restart import RestartEveryState
+from optax_subspace._restart import restart_every
 from optax_subspace.checkpoint import CheckpointMismatchError
 from optax_subspace.checkpoint import restore_checkpoint
 from optax_subspace.checkpoint import save_checkpoint
@@ -39,6 +41,8 @@ __all__ = [
     "online_subspace_descent",
     "project_subspace",
     "projectors",
+    "RestartEveryState",
+    "restart_every",
     "restore_checkpoint",
     "save_checkpoint",
     "scale_by_hf_adam",

@@ -255,9 +255,7 @@ def project_subspace(
 
   def init_projector(i, p: _leaves.LeafPlan):
     """States of leaf i's matrices, batch axes leading; keys from i."""
-    keys = jax.random.split(
-        jax.random.fold_in(jax.random.PRNGKey(0), i), p.num_matrices
-    )
+    keys = _base.matrix_keys(i, p.num_matrices)
     one = lambda key: projector.init(p.side, p.other, p.rank, key)
     return jax.tree_util.tree_map(
         lambda y: y.reshape(p.batch_shape + y.shape[1:]), jax.vmap(one)(keys)

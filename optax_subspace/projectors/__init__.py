@@ -11,6 +11,7 @@ from optax_subspace.projectors.online_pca import online_pca
 from optax_subspace.projectors.online_pca import online_pca_gradient
 from optax_subspace.projectors.sparse_rows import SparseRowsState
 from optax_subspace.projectors.sparse_rows import sparse_rows
+from optax_subspace.projectors.random import random_basis
 from optax_subspace.projectors.svd import RandomizedSvdState
 from optax_subspace.projectors.svd import SvdState
 from optax_subspace.projectors.svd import randomized_svd
@@ -24,6 +25,7 @@ __all__ = [
     "SvdState",
     "online_pca",
     "online_pca_gradient",
+    "random_basis",
     "randomized_svd",
     "sparse_rows",
     "svd",

@@ -95,6 +95,18 @@ def check_every(update_every, name: str = "update_every") -> int:
   return update_every
 
 
+def matrix_keys(leaf_index: int, num_matrices: int) -> jax.Array:
+  """The PRNG keys `project_subspace` gives the matrices of one leaf.
+
+  Leaf `leaf_index` (its position in the parameters' flatten order) gets
+  ``fold_in(PRNGKey(0), leaf_index)``, split once per matrix. Projectors fold
+  their own seed in. Model-level pieces that must draw the same random
+  subspaces as the optimizer level (RSO) derive their keys here too.
+  """
+  return jax.random.split(
+      jax.random.fold_in(jax.random.PRNGKey(0), leaf_index), num_matrices)
+
+
 def first_columns(s: int, r: int) -> jax.Array:
   """The first r canonical basis vectors of R^s: a finite starting basis."""
   return jnp.eye(s, r, dtype=jnp.float32)
