@@ -1,0 +1,22 @@
+"""Model-level pieces (Flax NNX): layers that also save activation and gradient memory.
+
+They plug into an unmodified model by module surgery (`rso_layers`).
+"""
+
+from optax_subspace.nn.rso import FrozenKernel
+from optax_subspace.nn.rso import RsoBasis
+from optax_subspace.nn.rso import RsoLinear
+from optax_subspace.nn.rso import merge_and_redraw
+from optax_subspace.nn.rso import merge_if_due
+from optax_subspace.nn.rso import rso_layers
+from optax_subspace.nn.rso import rso_optimizer
+
+__all__ = [
+    "FrozenKernel",
+    "RsoBasis",
+    "RsoLinear",
+    "merge_and_redraw",
+    "merge_if_due",
+    "rso_layers",
+    "rso_optimizer",
+]

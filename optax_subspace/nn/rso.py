@@ -1,0 +1,442 @@
+"""RSO at the model level: linear layers that train only B in x·W + (x·P)·B.
+
+Randomized Subspace Optimization (Chen, Zhang, Liu, Yuan, Wen, ICML 2025,
+arXiv:2502.07222) solves, for k = 0, 1, …, the subproblem
+min_B f(W_k + P_k·B) + ‖B‖²/(2η) from B = 0 with a fresh inner optimizer, then
+merges W_{k+1} = W_k + P_k·B and draws a new P_{k+1}. With W frozen inside a
+subproblem, a layer z = x·(W + P·B) = x·W + (x·P)·B has ∂L/∂B = (x·P)ᵀ·∂L/∂z,
+so its backward pass keeps x·P (b×r) instead of x (b×m) and never forms the
+m×n weight gradient (paper, Sec. 3: the activation-memory argument).
+
+How it plugs into an unmodified Flax NNX model: module surgery
+(`optax_subspace.nn._surgery`). `rso_layers` swaps each selected `nnx.Linear`
+for an `RsoLinear` in place; the model's code and `__call__` are untouched.
+`RsoLinear` keeps W in a `FrozenKernel` (an `nnx.Variable` that is not an
+`nnx.Param`, so `nnx.Optimizer(..., wrt=nnx.Param)` and `nnx.grad` never see
+it) and P in an `RsoBasis`; its one `nnx.Param` is B, named ``rso_b``: the name
+is what `rso_optimizer` labels by, since `nnx.Optimizer.update` hands optax
+plain arrays (variable types are gone by then, paths are not).
+
+The training protocol, one subproblem per K = `inner_steps` updates:
+
+    rso_layers(model, rank)                       # P_0 drawn, B = 0
+    opt = nnx.Optimizer(model, rso_optimizer(lr, inner_steps=K), wrt=nnx.Param)
+    for t in range(steps):
+      grads = nnx.grad(loss_fn)(model, batch)      # gradients of B only
+      opt.update(model, grads)                     # update t (0-based)
+      merge_if_due(model, opt.step[...], K)        # after updates K, 2K, …
+
+The optimizer restarts its state for B at its updates 0, K, 2K, …, which is
+right after each merge, so every subproblem starts from B = 0 with a fresh
+inner state, as the paper's Algorithm 1 does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+from optax_subspace._restart import restart_every
+from optax_subspace.nn import _surgery
+from optax_subspace.projectors import _base
+from optax_subspace.projectors.random import DISTRIBUTIONS
+from optax_subspace.projectors.random import random_basis
+
+# The attribute name of B in an RsoLinear: `rso_optimizer` selects by it.
+B_NAME = "rso_b"
+_NOT_2D_LINEAR = (nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)
+
+
+class FrozenKernel(nnx.Variable):
+  """The weight W of an `RsoLinear`: constant within a subproblem, changed only by a merge."""
+
+
+class RsoBasis(nnx.Variable):
+  """The random basis P (in, r) of an `RsoLinear` and its subproblem index k."""
+
+
+def _layer_key(leaf_index: int, seed: int, subproblem) -> jax.Array:
+  """The key of P_k for the kernel that is leaf `leaf_index` of the model's Params.
+
+  The same chain as the optimizer-level `projectors.random`: the combinator's
+  key of that leaf (`_base.matrix_keys`), the seed folded in, then k.
+  """
+  key = jax.random.fold_in(_base.matrix_keys(leaf_index, 1)[0], seed)
+  return jax.random.fold_in(key, subproblem)
+
+
+def _split_sharding(kernel: jax.Array, keep_axis: int) -> Optional[NamedSharding]:
+  """A NamedSharding for an array that shares axis `keep_axis` with the kernel, if it has one."""
+  sharding = getattr(kernel, "sharding", None)
+  if not isinstance(sharding, NamedSharding):
+    return None
+  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+  kept = [None, None]
+  kept[keep_axis] = spec[keep_axis]
+  return NamedSharding(sharding.mesh, PartitionSpec(*kept))
+
+
+def _split_metadata(kernel: nnx.Variable, keep_axis: int) -> dict:
+  """Sharding metadata (`out_sharding`) for B or P, derived from the kernel's."""
+  names = kernel.get_metadata().get("out_sharding")
+  if not names:
+    return {}
+  names = tuple(names) + (None,) * (2 - len(names))
+  kept = [None, None]
+  kept[keep_axis] = names[keep_axis]
+  return {"out_sharding": tuple(kept), "eager_sharding": False}
+
+
+def _placed(value: jax.Array, kernel: jax.Array, keep_axis: int) -> jax.Array:
+  sharding = _split_sharding(kernel, keep_axis)
+  return value if sharding is None else jax.device_put(value, sharding)
+
+
+class RsoLinear(nnx.Module):
+  r"""An `nnx.Linear` that trains only B: y = x·W + (x·P)·B (+ bias).
+
+  W (in, out) is held constant (a `FrozenKernel`, under `stop_gradient`
+  too), P (in, r) is a random basis on the input side (float32, an
+  `RsoBasis`, redrawn only by `merge_and_redraw`) and B (r, out) is the
+  layer's `nnx.Param`, zero at the start of each subproblem. So
+  ∂L/∂B = (x·P)ᵀ·∂L/∂y = Pᵀ·∂L/∂W, and the backward pass saves x·P (b×r),
+  not x (b×in); ∂L/∂x = ∂L/∂y·Wᵀ + (∂L/∂y·Bᵀ)·Pᵀ needs only W, P and B
+  (arXiv:2502.07222, Sec. 3). The bias, if the layer has one, stays an
+  `nnx.Param` trained in full. Dtype promotion, `precision`, `dot_general`
+  and `preferred_element_type` are the replaced layer's; P and B are cast to
+  the compute dtype for the products.
+
+  References:
+    Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
+    Optimization Method for Training Large Language Models", ICML 2025,
+    arXiv:2502.07222.
+
+  Args:
+    linear: the `nnx.Linear` to replace; its kernel (and bias) arrays are
+      reused, with their shardings.
+    rank: r, with 1 ≤ r < in_features.
+    leaf_index: the kernel's position in
+      ``jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))`` before any
+      surgery; with `seed` it fixes the layer's P_k (the optimizer-level
+      `optax_subspace.rso` draws the same P_k for that leaf).
+    distribution: "haar" (orthonormal columns) or "gaussian" (N(0, 1/r)).
+    seed: folded into the layer's key.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from optax_subspace import nn as osnn
+    >>> layer = osnn.RsoLinear(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), rank=4)
+    >>> layer(jnp.ones((2, 16))).shape
+    (2, 8)
+  """
+
+  def __init__(self, linear: nnx.Linear, rank: int, *, leaf_index: int = 0,
+               distribution: str = "haar", seed: int = 0):
+    if not isinstance(linear, nnx.Linear):
+      raise TypeError(
+          f"RsoLinear replaces an nnx.Linear, got {type(linear).__name__}.")
+    kernel = linear.kernel
+    if kernel.ndim != 2:
+      raise ValueError(
+          f"RsoLinear needs a 2-D kernel (in, out), got shape {kernel.shape}.")
+    m, n = kernel.shape
+    _base.check_rank(rank)
+    if rank >= m:
+      raise ValueError(
+          f"rank must be below the input side in_features={m} (P is in×r and"
+          f" r = in would not save anything), got {rank}.")
+    if distribution not in DISTRIBUTIONS:
+      raise ValueError(
+          f"distribution must be one of {DISTRIBUTIONS},"
+          f" got {distribution!r}.")
+    self.in_features, self.out_features = m, n
+    self.use_bias = linear.use_bias
+    self.dtype = linear.dtype
+    self.param_dtype = linear.param_dtype
+    self.precision = linear.precision
+    self.dot_general = linear.dot_general
+    self.promote_dtype = linear.promote_dtype
+    self.preferred_element_type = linear.preferred_element_type
+    self.rank = rank
+    self.leaf_index = leaf_index
+    self.distribution = distribution
+    self.seed = seed
+    w = kernel[...]
+    self.kernel = FrozenKernel(w, **{**kernel.get_metadata(), "eager_sharding": False})
+    self.bias = linear.bias
+    self.rso_b = nnx.Param(
+        _placed(jnp.zeros((rank, n), w.dtype), w, 1), **_split_metadata(kernel, 1))
+    basis = random_basis(
+        _layer_key(leaf_index, seed, 0), m, rank, distribution)
+    self.rso_basis = RsoBasis(_placed(basis, w, 0), **_split_metadata(kernel, 0))
+    self.rso_subproblem = RsoBasis(jnp.zeros([], jnp.int32))
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    """y = x·W + (x·P)·B (+ bias), W and P under `stop_gradient`."""
+    kernel = jax.lax.stop_gradient(self.kernel[...])
+    bias = self.bias[...] if self.bias is not None else None
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    basis = jax.lax.stop_gradient(self.rso_basis[...]).astype(inputs.dtype)
+    b = self.rso_b[...].astype(inputs.dtype)
+    extra = {}
+    if self.preferred_element_type is not None:
+      extra["preferred_element_type"] = self.preferred_element_type
+    last = ((inputs.ndim - 1,), (0,))
+    dims = (last, ((), ()))
+    y = self.dot_general(inputs, kernel, dims, precision=self.precision,
+                         out_sharding=out_sharding, **extra)
+    # x·P (b×r) is the only activation the backward pass keeps for this layer.
+    xp = self.dot_general(inputs, basis, dims, precision=self.precision, **extra)
+    xp = xp.astype(inputs.dtype)
+    y = y + self.dot_general(xp, b, (((xp.ndim - 1,), (0,)), ((), ())),
+                             precision=self.precision, out_sharding=out_sharding,
+                             **extra)
+    if bias is not None:
+      y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y
+
+
+def _rso_linears(model: nnx.Module) -> list[RsoLinear]:
+  return [node for _, node in nnx.iter_graph(model) if isinstance(node, RsoLinear)]
+
+
+def _param_leaf_indices(model: nnx.Module) -> dict[tuple, int]:
+  """Module path + ("kernel",) -> position in the flattened `nnx.Param` state."""
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+  index = {}
+  for i, (key_path, _) in enumerate(flat):
+    names = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
+    index[names] = i
+  return index
+
+
+def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(attention|mlp)/",
+               distribution: str = "haar", seed: int = 0) -> list[str]:
+  r"""Turns the selected `nnx.Linear` layers of `model` into `RsoLinear`, in place.
+
+  Each selected layer computes y = x·W + (x·P_k)·B afterwards, with B = 0,
+  so the model's outputs are unchanged until B is trained. The layer whose
+  kernel is leaf i of ``jax.tree_util.tree_leaves(nnx.state(model,
+  nnx.Param))`` (this call's flatten order, before the surgery) gets, for
+  subproblem k, P_k = ``projectors.random_basis(fold_in(fold_in(
+  matrix_keys(i, 1)[0], seed), k), in_features, rank, distribution)``: the
+  basis the optimizer-level ``optax_subspace.rso`` (same rank, seed and
+  distribution) draws for that leaf, so both levels take the same steps.
+
+  References:
+    Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
+    Optimization Method for Training Large Language Models", ICML 2025,
+    arXiv:2502.07222.
+
+  Args:
+    model: an NNX module, e.g. the LLaMA example's `Llama`; not yet
+      containing `RsoLinear` layers.
+    rank: r, 1 ≤ r < in_features of every selected layer.
+    mask: a regex searched in the "/"-joined module path (default: the
+      attention and MLP projections of the LLaMA example) or a callable
+      ``(path, layer) -> bool``.
+    distribution: "haar" or "gaussian" (`projectors.random_basis`).
+    seed: folded into every layer's key.
+
+  Returns:
+    The "/"-joined paths of the replaced layers.
+
+  Example:
+    >>> from flax import nnx
+    >>> from optax_subspace import nn as osnn
+    >>> class Mlp(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.up = nnx.Linear(16, 32, rngs=rngs)
+    ...     self.down = nnx.Linear(32, 16, rngs=rngs)
+    >>> osnn.rso_layers(Mlp(nnx.Rngs(0)), rank=4, mask="up|down")
+    ['down', 'up']
+  """
+  _base.check_rank(rank)
+  if _rso_linears(model):
+    raise ValueError(
+        "model already has RsoLinear layers; call rso_layers once, on the"
+        " unmodified model (its Param flatten order fixes every layer's P).")
+  found = _surgery.find_linears(model, mask, kinds=(nnx.Linear,) + _NOT_2D_LINEAR)
+  for path, layer in found:
+    if not isinstance(layer, nnx.Linear):
+      raise ValueError(
+          f"{_surgery.path_str(path)} is an nnx.{type(layer).__name__}, not a"
+          " 2-D linear map (nnx.Linear); narrow `mask` to leave it out.")
+  index = _param_leaf_indices(model)
+  new = [(path, RsoLinear(layer, rank, leaf_index=index[path + ("kernel",)],
+                          distribution=distribution, seed=seed))
+         for path, layer in found]
+  for path, layer in new:
+    _surgery.replace(model, path, layer)
+  return [_surgery.path_str(path) for path, _ in new]
+
+
+def _like(new: jax.Array, old: jax.Array) -> jax.Array:
+  """`new` on `old`'s NamedSharding when `old` is a concrete array that has one."""
+  sharding = getattr(old, "sharding", None)
+  if isinstance(old, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
+    return new
+  return jax.device_put(new, sharding)
+
+
+def merge_and_redraw(model: nnx.Module) -> None:
+  r"""Ends the current RSO subproblem of every `RsoLinear` of `model`, in place.
+
+  W_{k+1} = W_k + P_k·B (float32 arithmetic at full precision, stored in W's
+  dtype), B ← 0, k ← k + 1 and P ← P_{k+1}, the layer's next draw
+  (arXiv:2502.07222, Algorithm 1). The draws of all layers with the same
+  (in_features, rank, distribution) are one vmapped computation. Call it
+  after every K-th optimizer update (`merge_if_due` does the bookkeeping);
+  eagerly it keeps the arrays' shardings, and under `nnx.jit` the outputs
+  follow the inputs' shardings.
+
+  References:
+    Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
+    Optimization Method for Training Large Language Models", ICML 2025,
+    arXiv:2502.07222.
+
+  Args:
+    model: a module containing `RsoLinear` layers (see `rso_layers`).
+
+  Returns:
+    None; `model` is updated in place.
+
+  Example:
+    >>> from flax import nnx
+    >>> from optax_subspace import nn as osnn
+    >>> model = osnn.RsoLinear(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), rank=4)
+    >>> osnn.merge_and_redraw(model)
+    >>> int(model.rso_subproblem[...])
+    1
+  """
+  layers = _rso_linears(model)
+  if not layers:
+    raise ValueError("model has no RsoLinear layers; call rso_layers first.")
+  groups: dict[tuple, list[RsoLinear]] = {}
+  for layer in layers:
+    groups.setdefault((layer.in_features, layer.rank, layer.distribution), []).append(layer)
+  for (m, r, distribution), group in groups.items():
+    keys = jnp.stack([
+        _layer_key(layer.leaf_index, layer.seed, layer.rso_subproblem[...] + 1)
+        for layer in group])
+    bases = jax.vmap(
+        lambda key: random_basis(key, m, r, distribution))(keys)
+    for layer, basis in zip(group, bases):
+      w, p, b = layer.kernel[...], layer.rso_basis[...], layer.rso_b[...]
+      merged = w.astype(jnp.float32) + jnp.matmul(
+          p, b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+      layer.kernel.value = _like(merged.astype(w.dtype), w)
+      layer.rso_b.value = _like(jnp.zeros_like(b), b)
+      layer.rso_basis.value = _like(basis, p)
+      layer.rso_subproblem.value = layer.rso_subproblem[...] + 1
+
+
+def merge_if_due(model: nnx.Module, step, inner_steps: int) -> None:
+  r"""Runs `merge_and_redraw` when `step` (updates done) is a positive multiple of K.
+
+  Call it right after each optimizer update with the number of updates done
+  so far (``nnx.Optimizer.step`` after `update`): the merges then fall after
+  updates K, 2K, …, and `rso_optimizer` restarts B's inner state at the very
+  next update (arXiv:2502.07222, Algorithm 1). `step` may be a Python int
+  (checked on the host) or a traced array inside `nnx.jit` (then an
+  `nnx.cond`, so one compiled train step serves every step).
+
+  References:
+    Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
+    Optimization Method for Training Large Language Models", ICML 2025,
+    arXiv:2502.07222.
+
+  Args:
+    model: a module containing `RsoLinear` layers.
+    step: the number of optimizer updates done, ≥ 1 after the first update.
+    inner_steps: K, the updates per subproblem (as given to `rso_optimizer`).
+
+  Returns:
+    None; `model` is updated in place when a merge is due.
+
+  Example:
+    >>> from flax import nnx
+    >>> from optax_subspace import nn as osnn
+    >>> model = osnn.RsoLinear(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), rank=4)
+    >>> osnn.merge_if_due(model, 3, inner_steps=3)
+    >>> int(model.rso_subproblem[...])
+    1
+  """
+  inner_steps = _base.check_every(inner_steps, "inner_steps")
+  if isinstance(step, jax.core.Tracer):
+    due = (step > 0) & (step % inner_steps == 0)
+    nnx.cond(due, merge_and_redraw, lambda m: None, model)
+    return
+  step = int(step)
+  if step > 0 and step % inner_steps == 0:
+    merge_and_redraw(model)
+
+
+def _is_rso_b(path) -> bool:
+  return any(isinstance(k, jax.tree_util.DictKey) and k.key == B_NAME for k in path)
+
+
+def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
+                  proximal: Optional[float] = None,
+                  inner: Optional[optax.GradientTransformation] = None
+                  ) -> optax.GradientTransformation:
+  r"""The optimizer of a model with `RsoLinear` layers, for ``nnx.Optimizer(..., wrt=nnx.Param)``.
+
+  Every B (the ``rso_b`` parameters) runs
+  ``restart_every(chain(add_decayed_weights(1/η), inner), K)``: within
+  subproblem k the inner optimizer minimises f(W_k + P_k·B) + ‖B‖²/(2η)
+  from B = 0 with a fresh state, whose proximal gradient B/η is added to
+  ∂f/∂B (B is exactly the displacement W − W_k of the current subproblem);
+  without `proximal` the subproblem is min_B f(W_k + P_k·B). Every other
+  parameter (embeddings, norms, head, biases) runs `inner` in full, never
+  restarted. The train loop merges after every K-th update (`merge_if_due`),
+  so the restarts at updates 0, K, 2K, … meet a freshly zeroed B
+  (arXiv:2502.07222, Algorithm 1 and eq. (5)).
+
+  References:
+    Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
+    Optimization Method for Training Large Language Models", ICML 2025,
+    arXiv:2502.07222.
+
+  Args:
+    learning_rate: the learning rate (or schedule) of the default inner
+      optimizer, ``optax.adam(learning_rate)``; unused when `inner` is given.
+    inner_steps: K, optimizer updates per subproblem, a Python int ≥ 1.
+    proximal: η > 0 of the proximal term ‖B‖²/(2η); None: no proximal term.
+    inner: the optax transformation run on every parameter (with its learning
+      rate); default ``optax.adam(learning_rate)``.
+
+  Returns:
+    An `optax.GradientTransformation` (an `optax.multi_transform`).
+
+  Example:
+    >>> from flax import nnx
+    >>> from optax_subspace import nn as osnn
+    >>> model = osnn.RsoLinear(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), rank=4)
+    >>> tx = osnn.rso_optimizer(1e-3, inner_steps=100, proximal=1.0)
+    >>> opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  """
+  inner_steps = _base.check_every(inner_steps, "inner_steps")
+  if proximal is not None and not proximal > 0:
+    raise ValueError(f"proximal (η) must be positive or None, got {proximal}.")
+  if inner is None:
+    inner = optax.adam(learning_rate)
+  subproblem = inner
+  if proximal is not None:
+    # ∂/∂B of ‖B‖²/(2η) is B/η (arXiv:2502.07222, eq. (5)).
+    subproblem = optax.chain(optax.add_decayed_weights(1.0 / proximal), inner)
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "rso" if _is_rso_b(path) else "full", params)
+
+  return optax.multi_transform(
+      {"rso": restart_every(subproblem, inner_steps), "full": inner}, labels)

@@ -1,0 +1,369 @@
+"""RSO at the model level: `optax_subspace.nn` (RsoLinear, rso_layers, merges, optimizer).
+
+The sharded test needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8
+(set in .ci/run); the rest runs on one.
+"""
+
+import contextlib
+import io
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from examples.llama.config import ModelConfig
+from examples.llama.model import Llama
+from optax_subspace import nn as osnn
+from optax_subspace.projectors import _base
+from optax_subspace.projectors import random_basis
+
+TINY = ModelConfig(hidden=16, ffn=24, heads=2, layers=2, vocab_size=32,
+                   compute_dtype="float32")
+RANK = 4
+
+
+@pytest.fixture(autouse=True)
+def _full_precision():
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+def _llama(seed=0, cfg=TINY):
+  return Llama(cfg, nnx.Rngs(seed))
+
+
+def _tokens(seed, batch=2, seq=9):
+  return jax.random.randint(jax.random.PRNGKey(seed), (batch, seq), 0, TINY.vocab_size)
+
+
+def _loss(model, tokens):
+  logits = model(tokens[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def _linear(m=8, n=6, use_bias=False, seed=0, **kw):
+  return nnx.Linear(m, n, use_bias=use_bias, rngs=nnx.Rngs(seed), **kw)
+
+
+def _effective_kernels(model):
+  """Path -> W + P·B of every RsoLinear (W of every other kernel)."""
+  out = {}
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, osnn.RsoLinear):
+      out["/".join(map(str, path))] = np.asarray(
+          node.kernel[...] + node.rso_basis[...] @ node.rso_b[...])
+    elif isinstance(node, nnx.Linear):
+      out["/".join(map(str, path))] = np.asarray(node.kernel[...])
+  return out
+
+
+# --- the layer -------------------------------------------------------------------
+
+
+def test_surgery_keeps_the_models_outputs_at_b_zero():
+  model = _llama()
+  tokens = _tokens(0)
+  before = model(tokens)
+  paths = osnn.rso_layers(model, RANK)
+  assert len(paths) == 7 * TINY.layers
+  assert all(re.search(r"(attention|mlp)/", p) for p in paths)
+  np.testing.assert_array_equal(model(tokens), before)
+
+
+def test_only_b_is_a_param_and_w_p_are_frozen_variables():
+  layer = osnn.RsoLinear(_linear(use_bias=True), RANK)
+  params = nnx.state(layer, nnx.Param)
+  assert set(params.keys()) == {"rso_b", "bias"}
+  assert params["rso_b"].shape == (RANK, 6)
+  assert isinstance(layer.kernel, osnn.FrozenKernel)
+  assert isinstance(layer.rso_basis, osnn.RsoBasis)
+  assert layer.rso_basis[...].dtype == jnp.float32
+
+
+def test_grad_of_b_at_zero_is_projected_weight_gradient_exactly():
+  # Integer-valued x, P and ∂L/∂y make every product exact in float32, so
+  # ∂L/∂B = (xP)ᵀ∂L/∂y and Pᵀ∂L/∂W = Pᵀ(xᵀ∂L/∂y) must agree bit for bit.
+  linear = _linear()
+  x = jnp.asarray(np.random.RandomState(0).randint(-3, 4, (5, 8)), jnp.float32)
+  cot = jnp.asarray(np.random.RandomState(1).randint(-3, 4, (5, 6)), jnp.float32)
+  grad_w = jax.grad(lambda w: jnp.sum((x @ w) * cot))(linear.kernel[...])
+  layer = osnn.RsoLinear(linear, RANK)
+  layer.rso_basis.value = jnp.asarray(
+      np.random.RandomState(2).randint(-2, 3, (8, RANK)), jnp.float32)
+  grads = nnx.grad(lambda m: jnp.sum(m(x) * cot))(layer)
+  np.testing.assert_array_equal(grads["rso_b"][...], layer.rso_basis[...].T @ grad_w)
+
+
+def test_grad_of_b_at_zero_is_projected_weight_gradient_in_llama():
+  model = _llama()
+  tokens = _tokens(1)
+  full = nnx.grad(_loss)(model, tokens)
+  osnn.rso_layers(model, RANK)
+  low = nnx.grad(_loss)(model, tokens)
+  layer = model.layers[1].mlp.down_proj
+  np.testing.assert_allclose(
+      low["layers"][1]["mlp"]["down_proj"]["rso_b"][...],
+      layer.rso_basis[...].T @ full["layers"][1]["mlp"]["down_proj"]["kernel"][...],
+      rtol=1e-5, atol=1e-7)
+  # Gradients exist only for B and the full-size parameters: no dW anywhere.
+  assert "kernel" not in low["layers"][1]["mlp"]["down_proj"]
+
+
+def _residual_shapes(f, *args):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(f, *args)
+  return [tuple(int(d) for d in m.group(1).split(",") if d)
+          for m in re.finditer(r"\[([0-9,]*)\]", out.getvalue())]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_backward_saves_xp_not_x(dtype):
+  batch, m, n = 32, 64, 48
+  layer = osnn.RsoLinear(_linear(m, n, use_bias=True, dtype=dtype), 8)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  x = jax.random.normal(jax.random.PRNGKey(0), (batch, m))
+
+  def f(params, x):  # differentiable in B, the bias and the input
+    y = nnx.merge(graphdef, params, rest)(x)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+  shapes = _residual_shapes(f, params, x)
+  assert (batch, 8) in shapes, shapes  # x·P
+  assert (batch, m) not in shapes, shapes  # not x
+  assert (m, n) in shapes  # W, for ∂L/∂x: a parameter, not an activation
+  # The plain layer, for contrast, keeps x.
+  plain = _linear(m, n, use_bias=True, dtype=dtype)
+  graphdef2, params2 = nnx.split(plain)
+  shapes2 = _residual_shapes(
+      lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef2, p)(x).astype(jnp.float32))),
+      params2, x)
+  assert (batch, m) in shapes2
+
+
+def test_layer_keeps_dtype_bias_and_precision_semantics():
+  linear = _linear(use_bias=True, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.PRNGKey(3), (4, 8))
+  expected = linear(x)
+  layer = osnn.RsoLinear(linear, RANK)
+  y = layer(x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y, expected)
+  assert layer.kernel[...].dtype == jnp.float32
+  assert layer.rso_b[...].dtype == jnp.float32
+
+
+# --- the key contract and merges -----------------------------------------------
+
+
+def test_each_layer_draws_the_optimizer_levels_basis_for_its_leaf():
+  model = _llama()
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+  leaf_of = {"/".join(str(k.key) for k in kp[:-2]): i
+             for i, (kp, _) in enumerate(flat) if kp[-2].key == "kernel"}
+  osnn.rso_layers(model, RANK, distribution="gaussian", seed=7)
+  for k in range(2):
+    for path, node in nnx.iter_graph(model):
+      if isinstance(node, osnn.RsoLinear):
+        i = leaf_of["/".join(map(str, path))]
+        key = jax.random.fold_in(
+            jax.random.fold_in(_base.matrix_keys(i, 1)[0], 7), k)
+        np.testing.assert_array_equal(
+            node.rso_basis[...], random_basis(key, node.in_features, RANK, "gaussian"))
+    osnn.merge_and_redraw(model)
+
+
+def test_merge_folds_pb_into_w_and_starts_the_next_subproblem():
+  model = _llama()
+  osnn.rso_layers(model, RANK)
+  layer = model.layers[0].attention.q_proj
+  old_p = layer.rso_basis[...]
+  layer.rso_b.value = jax.random.normal(jax.random.PRNGKey(0), layer.rso_b.shape)
+  effective = _effective_kernels(model)
+  tokens = _tokens(2)
+  before = model(tokens)
+  osnn.merge_and_redraw(model)
+  for path, w in _effective_kernels(model).items():
+    np.testing.assert_allclose(w, effective[path], rtol=1e-6, atol=1e-7)
+  assert not np.any(np.asarray(layer.rso_b[...]))
+  assert int(layer.rso_subproblem[...]) == 1
+  assert not np.allclose(layer.rso_basis[...], old_p)
+  np.testing.assert_allclose(model(tokens), before, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_if_due_merges_after_updates_k_2k():
+  layer = osnn.RsoLinear(_linear(), RANK)
+  for step in range(1, 8):
+    osnn.merge_if_due(layer, step, 3)
+    assert int(layer.rso_subproblem[...]) == step // 3
+  osnn.merge_if_due(layer, 0, 3)
+  assert int(layer.rso_subproblem[...]) == 2
+
+
+# --- errors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rank", [0, -1, 8, 9])
+def test_rank_must_be_positive_and_below_the_input_side(rank):
+  with pytest.raises(ValueError, match="rank"):
+    osnn.RsoLinear(_linear(8, 16), rank)
+  with pytest.raises(ValueError, match="rank"):
+    osnn.rso_layers(_llama(), rank if rank <= 0 else TINY.hidden + rank - 8)
+
+
+def test_rank_must_be_an_int():
+  with pytest.raises(TypeError, match="rank"):
+    osnn.rso_layers(_llama(), 2.0)
+
+
+def test_unknown_distribution_is_an_error():
+  with pytest.raises(ValueError, match="distribution"):
+    osnn.rso_layers(_llama(), RANK, distribution="uniform")
+
+
+def test_layers_that_are_not_2d_linear_maps_are_refused():
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.dense = nnx.Linear(8, 8, rngs=rngs)
+      self.general = nnx.LinearGeneral(8, (2, 4), rngs=rngs)
+      self.einsum = nnx.Einsum("ab,bc->ac", (8, 8), rngs=rngs)
+
+  with pytest.raises(ValueError, match="general is an nnx.LinearGeneral"):
+    osnn.rso_layers(Model(nnx.Rngs(0)), 2, mask="general")
+  with pytest.raises(ValueError, match="einsum is an nnx.Einsum"):
+    osnn.rso_layers(Model(nnx.Rngs(0)), 2, mask="einsum")
+  with pytest.raises(TypeError, match="nnx.Linear"):
+    osnn.RsoLinear(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)), 2)
+  linear = _linear()
+  linear.kernel.value = jnp.zeros((2, 8, 6))
+  with pytest.raises(ValueError, match="2-D"):
+    osnn.RsoLinear(linear, 2)
+
+
+def test_mask_that_selects_nothing_and_repeated_surgery_are_errors():
+  with pytest.raises(ValueError, match="selects no layer"):
+    osnn.rso_layers(_llama(), RANK, mask="nowhere")
+  model = _llama()
+  osnn.rso_layers(model, RANK, mask="attention/")
+  with pytest.raises(ValueError, match="already has RsoLinear"):
+    osnn.rso_layers(model, RANK, mask="mlp/")
+  with pytest.raises(ValueError, match="no RsoLinear"):
+    osnn.merge_and_redraw(_llama())
+
+
+@pytest.mark.parametrize("k", [0, -2])
+def test_inner_steps_must_be_positive(k):
+  with pytest.raises(ValueError, match="inner_steps"):
+    osnn.rso_optimizer(0.1, inner_steps=k)
+  with pytest.raises(ValueError, match="inner_steps"):
+    osnn.merge_if_due(osnn.RsoLinear(_linear(), 2), 1, k)
+
+
+@pytest.mark.parametrize("eta", [0.0, -1.0])
+def test_proximal_eta_must_be_positive(eta):
+  with pytest.raises(ValueError, match="proximal"):
+    osnn.rso_optimizer(0.1, inner_steps=2, proximal=eta)
+
+
+# --- the optimizer and the train loop ----------------------------------------------
+
+
+def _train_model_level(model, tx, batches, inner_steps, jit):
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  def step(model, opt, tokens):
+    grads = nnx.grad(_loss)(model, tokens)
+    opt.update(model, grads)
+    osnn.merge_if_due(model, opt.step[...], inner_steps)
+
+  step = nnx.jit(step) if jit else step
+  for tokens in batches:
+    step(model, opt, tokens)
+  return opt
+
+
+def test_rso_optimizer_restarts_only_b_and_merges_every_k():
+  model = _llama()
+  osnn.rso_layers(model, RANK)
+  tx = osnn.rso_optimizer(0.01, inner_steps=2)
+  opt = _train_model_level(model, tx, [_tokens(s) for s in range(3)], 2, jit=False)
+  state = opt.opt_state
+  rso_count = state.inner_states["rso"].inner_state.count
+  full_adam = state.inner_states["full"].inner_state[0]
+  assert int(rso_count) == 3
+  assert int(full_adam.count) == 3  # never restarted
+  # B's Adam restarted at update 2: its own count is 1 after update 3.
+  b_adam = state.inner_states["rso"].inner_state.inner[0]
+  assert int(b_adam.count) == 1
+  assert int(model.layers[0].mlp.up_proj.rso_subproblem[...]) == 1
+
+
+def test_proximal_term_adds_b_over_eta_to_the_gradient():
+  layer = osnn.RsoLinear(_linear(), RANK)
+  layer.rso_b.value = jnp.ones_like(layer.rso_b[...])
+  tx = osnn.rso_optimizer(0.0, inner_steps=5, proximal=0.5, inner=optax.sgd(1.0))
+  params = nnx.state(layer, nnx.Param)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  np.testing.assert_array_equal(updates["rso_b"][...], -2.0 * np.ones((RANK, 6)))
+
+
+def test_jitted_train_loop_matches_eager():
+  batches = [_tokens(s) for s in range(5)]
+  results = []
+  for jit in (False, True):
+    model = _llama()
+    osnn.rso_layers(model, RANK)
+    _train_model_level(model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0),
+                       batches, 2, jit=jit)
+    assert int(model.layers[1].attention.o_proj.rso_subproblem[...]) == 2
+    results.append(_effective_kernels(model))
+  for path in results[0]:
+    np.testing.assert_allclose(results[1][path], results[0][path], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS="
+                    "--xla_force_host_platform_device_count=8")
+def test_sharded_train_loop_matches_one_device_and_keeps_shardings():
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+  batches = [_tokens(s) for s in range(5)]
+  cfg = ModelConfig(hidden=16, ffn=32, heads=2, layers=2, vocab_size=32,
+                    compute_dtype="float32")
+  reference = _llama(cfg=cfg)
+  osnn.rso_layers(reference, RANK)
+  _train_model_level(reference, osnn.rso_optimizer(0.01, inner_steps=2), batches, 2, True)
+
+  model = _llama(cfg=cfg)
+  state = nnx.state(model)
+  # Every 2-D parameter sharded on its output axis, the rest replicated.
+  shardings = jax.tree.map(
+      lambda x: NamedSharding(mesh, P(None, "model") if x.ndim == 2 else P()), state)
+  nnx.update(model, jax.device_put(state, shardings))
+  osnn.rso_layers(model, RANK)
+  down = model.layers[0].mlp.down_proj
+  assert down.rso_b[...].sharding.spec == P(None, "model")
+  assert down.rso_basis[...].sharding.spec == P(None, None)
+  before = {k: v.sharding for k, v in _flat_arrays(model).items()}
+  _train_model_level(model, osnn.rso_optimizer(0.01, inner_steps=2), batches, 2, True)
+  after = _flat_arrays(model)
+  for name in ("kernel", "rso_b"):
+    for key in after:
+      if key.endswith(name) and after[key].ndim == 2:
+        assert after[key].sharding.is_equivalent_to(before[key], 2), key
+  # Sharded reductions sum in another order; Adam passes the rounding on
+  # (1e-5 of the 0.05 the weights move in 5 steps at lr 0.01).
+  expected = _effective_kernels(reference)
+  for path, w in _effective_kernels(model).items():
+    np.testing.assert_allclose(w, expected[path], rtol=1e-5, atol=1e-5)
+
+
+def _flat_arrays(model):
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
+  return {"/".join(str(k.key) for k in kp if hasattr(k, "key")): x for kp, x in flat}
