@@ -1,0 +1,311 @@
+"""Train-step memory and time of model-level RSO vs AdamW and GaLore on a stack of LLaMA blocks.
+
+For each method, in its own subprocess (so the device's peak-memory counter belongs to that
+method alone): build a stack of the LLaMA example's `Block`s (default: the 350M shapes, d 1024,
+ffn 2736, 16 heads, 24 blocks; bf16 compute, fp32 parameters), compile one jitted train step
+(forward, backward, optimizer update, parameters and optimizer state donated) on random input
+activations, and record `compiled.memory_analysis()`; then, on a GPU, run warm-up and timed steps
+and read `memory_stats()["peak_bytes_in_use"]`. Methods:
+
+- adamw: `optax.adamw` on every parameter (full gradients).
+- galore: `optax_subspace.galore` (rank r, refresh every 200 steps) on the attention and MLP
+  kernels, full Adam elsewhere (full gradients; the saving is optimizer state only).
+- rso: `optax_subspace.nn.rso_layers(model, r)` + `rso_optimizer` (Adam, K = 200): the layers
+  compute x·W + (x·P)·B, the backward keeps x·P and forms only B's gradient. The merge
+  (`merge_and_redraw`, once every K steps) is compiled and timed separately.
+
+"Activation+gradient memory" is the compiled step's temp bytes (`temp_size_in_bytes`): what the
+step allocates besides its arguments and outputs: the activations kept for the backward pass,
+the gradients and the update's temporaries. Arguments are the parameters (RSO: W and P too,
+held constant), the optimizer state and the input; outputs alias the donated arguments.
+Targets (issue 4): RSO's temp bytes ≤ 0.8× AdamW's, its step time ≤ 1.1× AdamW's.
+
+Attention: the example's model calls `jax.nn.dot_product_attention` without an implementation,
+which is XLA's: it materialises the b×heads×s×s probabilities, 1 GiB per block at 8×2048 with
+16 heads in bf16, the same for every optimizer and more than the rest of a block's activations.
+`--attention cudnn` (the default on GPU) makes the benchmark process call the cuDNN flash
+attention instead (a partial of `jax.nn.dot_product_attention` with implementation="cudnn");
+`--attention xla` keeps the example's. At the defaults (cuDNN attention, no remat) AdamW's step
+needs about 25 GB of an 80 GB H100 by our estimate; with `--attention xla`, use `--layers 8`
+or `--remat`.
+
+    python benchmarks/rso_memory.py --out benchmarks/results/rso_memory_h100.json    # GPU
+    python benchmarks/rso_memory.py --layers 1 --batch 1 --seq 64 --hidden 64 --ffn 176 \\
+        --heads 4 --rank 16 --out /tmp/rso_memory.json                               # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("adamw", "galore", "rso")
+PROJECTED = r"(attention|mlp)/.*kernel"
+RSO_LAYERS = r"(attention|mlp)/"
+UPDATE_EVERY = 200  # GaLore's T and RSO's K: neither refresh nor merge is in the timed steps
+MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                 "alias_size_in_bytes", "generated_code_size_in_bytes")
+
+
+def _parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
+  ap.add_argument("--layers", type=int, default=24, help="LLaMA blocks in the stack")
+  ap.add_argument("--hidden", type=int, default=1024)
+  ap.add_argument("--ffn", type=int, default=2736)
+  ap.add_argument("--heads", type=int, default=16)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=2048)
+  ap.add_argument("--rank", type=int, default=256, help="rank of GaLore and RSO")
+  ap.add_argument("--lr", type=float, default=1e-3)
+  ap.add_argument("--remat", action="store_true", help="recompute each block in the backward")
+  ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                  help="auto: cudnn on GPU, xla elsewhere")
+  ap.add_argument("--steps", type=int, default=10, help="timed steps (GPU only)")
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+  return ap
+
+
+def _build(args):
+  """(model, input activations) on the default device."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from examples.llama.config import ModelConfig
+  from examples.llama.model import Block
+
+  cfg = ModelConfig(hidden=args.hidden, ffn=args.ffn, heads=args.heads, layers=args.layers,
+                    vocab_size=1, compute_dtype="bfloat16", param_dtype="float32",
+                    remat=args.remat)
+
+  class BlockStack(nnx.Module):
+    """The LLaMA example's blocks, applied in sequence (as `Llama.__call__` does)."""
+
+    def __init__(self, rngs):
+      layer_list = getattr(nnx, "List", list)  # as examples/llama/model.py
+      self.layers = layer_list([Block(cfg, rngs) for _ in range(cfg.layers)])
+
+    def __call__(self, x):
+      run = nnx.remat(lambda block, x: block(x)) if cfg.remat else (lambda block, x: block(x))
+      for block in self.layers:
+        x = run(block, x)
+      return x
+
+  model = BlockStack(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.seq, args.hidden), jnp.bfloat16)
+  return model, x
+
+
+def _nbytes(tree) -> int:
+  import jax
+  return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _worker(args) -> dict:
+  """One method's numbers; runs in its own process."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  import optax_subspace as osub
+  from optax_subspace import nn as osnn
+
+  if args.attention == "cudnn":
+    jax.nn.dot_product_attention = functools.partial(
+        jax.nn.dot_product_attention, implementation="cudnn")
+  model, x = _build(args)
+  if args.worker == "rso":
+    osnn.rso_layers(model, args.rank, mask=RSO_LAYERS)
+    tx = osnn.rso_optimizer(args.lr, inner_steps=UPDATE_EVERY)
+  elif args.worker == "galore":
+    tx = osub.galore(args.lr, args.rank, UPDATE_EVERY, mask=PROJECTED)
+  else:
+    tx = optax.adamw(args.lr)
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  opt_state = tx.init(params)
+
+  def loss_fn(params, frozen, x):
+    y = nnx.merge(graphdef, params, frozen)(x)
+    return jnp.mean(jnp.square(y.astype(jnp.float32)))
+
+  def train_step(params, opt_state, frozen, x):
+    loss, grads = jax.value_and_grad(loss_fn)(params, frozen, x)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  step = jax.jit(train_step, donate_argnums=(0, 1))
+  t0 = time.perf_counter()
+  compiled = step.lower(params, opt_state, frozen, x).compile()
+  compile_s = time.perf_counter() - t0
+  analysis = compiled.memory_analysis()
+  out = {
+      "compile_s": round(compile_s, 2),
+      "memory_analysis": {f: int(getattr(analysis, f)) for f in MEMORY_FIELDS},
+      "trainable_param_bytes": _nbytes(params),
+      "frozen_bytes": _nbytes(frozen),
+      "opt_state_bytes": _nbytes(opt_state),
+  }
+  dev = jax.devices()[0]
+  if dev.platform != "gpu":
+    return out
+  times = []
+  for i in range(args.warmup + args.steps):
+    t0 = time.perf_counter()
+    params, opt_state, loss = compiled(params, opt_state, frozen, x)
+    loss.block_until_ready()
+    if i >= args.warmup:
+      times.append(time.perf_counter() - t0)
+  out["step_ms"] = round(1e3 * statistics.median(times), 3)
+  out["peak_bytes_in_use"] = int(dev.memory_stats()["peak_bytes_in_use"])
+  out["loss_after"] = float(loss)
+  if args.worker == "rso":
+    nnx.update(model, params)
+    merge = nnx.jit(osnn.merge_and_redraw)
+    merge(model)
+    jax.block_until_ready(nnx.state(model))
+    t0 = time.perf_counter()
+    merge(model)
+    jax.block_until_ready(nnx.state(model))
+    out["merge_ms"] = round(1e3 * (time.perf_counter() - t0), 3)
+    out["merge_ms_per_step"] = round(out["merge_ms"] / UPDATE_EVERY, 4)
+  return out
+
+
+def _run_method(method: str, argv: list[str]) -> dict:
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.rso_memory", *argv, "--worker", method],
+      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parent.parent)
+  if proc.returncode != 0:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
+    return {"error": "\n".join(tail)}
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratios(methods: dict) -> dict:
+  base = methods.get("adamw", {})
+  if "memory_analysis" not in base:
+    return {}
+  ratios = {}
+  for name, m in methods.items():
+    if name == "adamw" or "memory_analysis" not in m:
+      continue
+    r = {"temp_bytes": m["memory_analysis"]["temp_size_in_bytes"]
+         / base["memory_analysis"]["temp_size_in_bytes"]}
+    if "peak_bytes_in_use" in m and "peak_bytes_in_use" in base:
+      r["peak_bytes"] = m["peak_bytes_in_use"] / base["peak_bytes_in_use"]
+      r["step_time"] = m["step_ms"] / base["step_ms"]
+    ratios[name] = {k: round(v, 4) for k, v in r.items()}
+  return ratios
+
+
+def _plot(result: dict, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = [n for n, m in result["methods"].items() if "memory_analysis" in m]
+  panels = [("temp (activations + gradients)", lambda m: m["memory_analysis"]["temp_size_in_bytes"]),
+            ("arguments", lambda m: m["memory_analysis"]["argument_size_in_bytes"]),
+            ("measured peak", lambda m: m.get("peak_bytes_in_use", 0))]
+  timed = all("step_ms" in result["methods"][n] for n in names)
+  fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4), squeeze=False)
+  ax = axes[0][0]
+  width = 0.8 / len(panels)
+  for j, (label, get) in enumerate(panels):
+    values = [get(result["methods"][n]) / 2**30 for n in names]
+    ax.bar([i + j * width for i in range(len(names))], values, width, label=label)
+  ax.set_xticks([i + width for i in range(len(names))], names)
+  ax.set_ylabel("GiB")
+  ax.legend(fontsize=8)
+  ax.set_title(f"train step memory, {result['device']}", fontsize=9)
+  if timed:
+    ax = axes[0][1]
+    ax.bar(names, [result["methods"][n]["step_ms"] for n in names], color="gray")
+    ax.set_ylabel("ms (median)")
+    ax.set_title("train step time", fontsize=9)
+  c = result["config"]
+  fig.suptitle(f"{c['layers']} LLaMA blocks, d {c['hidden']}, ffn {c['ffn']}, "
+               f"{c['batch']}×{c['seq']} tokens, rank {c['rank']}, attention {c['attention']}"
+               f"{', remat' if c['remat'] else ''}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> dict:
+  """Runs every method in a subprocess and writes the JSON and the plot; returns the JSON."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = _parser().parse_args(argv)
+  if args.worker:
+    print(json.dumps(_worker(args)))
+    return {}
+  import flax
+  import jax
+  import optax
+
+  dev = jax.devices()[0]
+  if args.attention == "auto":
+    args.attention = "cudnn" if dev.platform == "gpu" else "xla"
+    argv += ["--attention", args.attention]
+  methods = [m for m in args.methods.split(",") if m]
+  unknown = set(methods) - set(METHODS)
+  if unknown:
+    raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {METHODS}")
+  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=pathlib.Path(__file__).resolve().parent).stdout.strip()
+  result = {
+      "benchmark": "rso_memory",
+      "command": " ".join(["python", "benchmarks/rso_memory.py"] + argv),
+      "commit": commit,
+      "device": dev.device_kind, "platform": dev.platform,
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "flax": flax.__version__, "optax": optax.__version__},
+      "config": {k: getattr(args, k) for k in (
+          "layers", "hidden", "ffn", "heads", "batch", "seq", "rank", "lr", "remat",
+          "attention", "steps", "warmup")} | {"update_every": UPDATE_EVERY,
+                                              "compute_dtype": "bfloat16",
+                                              "param_dtype": "float32"},
+      "definitions": {
+          "temp_size_in_bytes": "activation+gradient memory: what the compiled train step"
+          " allocates besides its arguments and outputs (activations kept for the backward,"
+          " gradients, update temporaries)",
+          "argument_size_in_bytes": "parameters (RSO: also the constant W and P), optimizer"
+          " state and input",
+          "peak_bytes_in_use": "device allocator's peak over compile-free warm-up + timed steps"
+          " (the process holds only this method)",
+          "step_ms": f"median of {args.steps} synced steps after {args.warmup} warm-up steps",
+      },
+      "methods": {m: _run_method(m, argv) for m in methods},
+  }
+  result["ratios_vs_adamw"] = _ratios(result["methods"])
+  rso = result["ratios_vs_adamw"].get("rso", {})
+  result["targets"] = {
+      "temp_bytes_ratio_max": 0.8, "step_time_ratio_max": 1.1,
+      "temp_bytes_met": rso["temp_bytes"] <= 0.8 if "temp_bytes" in rso else None,
+      "step_time_met": rso["step_time"] <= 1.1 if "step_time" in rso else None,
+  }
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=1) + "\n")
+  _plot(result, out.with_suffix(".png"))
+  print(json.dumps({"methods": {m: {k: v for k, v in r.items() if k != "memory_analysis"}
+                                | r.get("memory_analysis", {})
+                                for m, r in result["methods"].items()},
+                    "ratios_vs_adamw": result["ratios_vs_adamw"]}, indent=1))
+  print("wrote", out, "and", out.with_suffix(".png"))
+  return result
+
+
+if __name__ == "__main__":
+  main()
