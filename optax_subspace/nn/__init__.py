@@ -3,6 +3,13 @@
 They plug into an unmodified model by module surgery (`rso_layers`).
 """
 
+from optax_subspace.nn.grass import GrassKernel
+from optax_subspace.nn.grass import GrassLinear
+from optax_subspace.nn.grass import GrassProbe
+from optax_subspace.nn.grass import GrassSelection
+from optax_subspace.nn.grass import grass_layers
+from optax_subspace.nn.grass import grass_optimizer
+from optax_subspace.nn.grass import grass_refresh
 from optax_subspace.nn.rso import FrozenKernel
 from optax_subspace.nn.rso import RsoBasis
 from optax_subspace.nn.rso import RsoLinear
@@ -13,8 +20,15 @@ from optax_subspace.nn.rso import rso_optimizer
 
 __all__ = [
     "FrozenKernel",
+    "GrassKernel",
+    "GrassLinear",
+    "GrassProbe",
+    "GrassSelection",
     "RsoBasis",
     "RsoLinear",
+    "grass_layers",
+    "grass_optimizer",
+    "grass_refresh",
     "merge_and_redraw",
     "merge_if_due",
     "rso_layers",

@@ -73,6 +73,28 @@ def _select(selection, replacement, norms, r, key):
   return indices, scales
 
 
+def reselect(selection, replacement, indices, scales, norms, finite, key):
+  """One matrix's refresh from its row norms: (σ, ρ, moved).
+
+  σ and ρ are chosen from `norms` (s,) by `selection`; they stay the old
+  `indices` and `scales` when the gradient was not finite (`finite` False)
+  or, for "topk", all zero (every choice ties). `moved` says whether they
+  changed. `key` is the refresh's key (None for "topk"). Shared by
+  `sparse_rows` and the model level (`optax_subspace.nn.grass`), which
+  computes the norms inside the backward pass.
+  """
+  sampled = selection != "topk"
+  r = indices.shape[-1]
+  new_indices, new_scales = _select(selection, replacement, norms, r, key)
+  new_indices = new_indices.astype(jnp.int32)
+  new_scales = new_scales.astype(scales.dtype)
+  ok = finite if sampled else finite & jnp.any(norms > 0)
+  moved = ok & (jnp.any(new_indices != indices)
+                | jnp.any(new_scales != scales))
+  keep = lambda new, old: jnp.where(moved, new, old)
+  return keep(new_indices, indices), keep(new_scales, scales), moved
+
+
 def sparse_rows(
     rank: int,
     update_every: int = 200,
@@ -158,19 +180,11 @@ def sparse_rows(
     g = g.astype(jnp.float32)
     finite = jnp.all(jnp.isfinite(g))
     norms = _row_norms(jnp.where(finite, g, 0.0))
-    r = state.indices.shape[-1]
     key = jax.random.fold_in(state.key, count) if sampled else None
-    indices, scales = _select(selection, replacement, norms, r, key)
-    indices = indices.astype(jnp.int32)
-    scales = scales.astype(state.scales.dtype)
-    ok = finite if sampled else finite & jnp.any(norms > 0)
-    moved = ok & (jnp.any(indices != state.indices)
-                  | jnp.any(scales != state.scales))
+    indices, scales, moved = reselect(selection, replacement, state.indices,
+                                      state.scales, norms, finite, key)
     counts = jnp.zeros_like(state.counts).at[indices].add(1)
-    keep = lambda new, old: jnp.where(moved, new, old)
-    return SparseRowsState(keep(indices, state.indices),
-                           keep(scales, state.scales),
-                           keep(counts, state.counts), state.key), moved
+    return SparseRowsState(indices, scales, counts, state.key), moved
 
   def project(state, g):  # R = ρ ⊙ G[σ]: a gather, r × l
     rows = jnp.take(g, state.indices, axis=0).astype(jnp.float32)

@@ -1,0 +1,340 @@
+"""GRASS at the model level: `optax_subspace.nn.grass`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_subspace as osub
+from examples.llama.config import ModelConfig
+from examples.llama.model import Llama
+from optax_subspace.nn import grass as nng
+
+TINY = ModelConfig(16, 24, 2, 2, 32, compute_dtype="float32")
+GRASS_MASK = r"(attention|mlp)/"
+
+
+@pytest.fixture(autouse=True)
+def _highest_precision():
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
+class Net(nnx.Module):
+
+  def __init__(self, n_in, n_out, rngs, use_bias=False):
+    self.proj = nnx.Linear(n_in, n_out, use_bias=use_bias, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.tanh(self.proj(x))
+
+
+def _loss(model, x):
+  return jnp.sum(jnp.sin(model(x)))
+
+
+def _llama_loss(model, tokens):
+  logits = model(tokens[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits, tokens[:, 1:]).mean()
+
+
+def _tokens(seed, batch=2, seq=9):
+  return jax.random.randint(jax.random.PRNGKey(seed), (batch, seq), 0,
+                            TINY.vocab_size)
+
+
+def _set_selection(layer, indices, scales):
+  layer.grass_indices[...] = jnp.asarray(indices, jnp.int32)
+  layer.grass_scales[...] = jnp.asarray(scales, jnp.float32)
+
+
+def test_compressed_gradient_is_the_scaled_selected_columns_of_the_dense_one():
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 6))
+  dense = Net(6, 8, nnx.Rngs(1))
+  g = nnx.grad(_loss)(dense, x)["proj"]["kernel"][...]
+  model = Net(6, 8, nnx.Rngs(1))
+  nng.grass_layers(model, 4, mask="proj")
+  sigma, rho = [1, 3, 3, 6], [0.5, 2.0, 1.5, 3.0]  # a duplicate column
+  _set_selection(model.proj, sigma, rho)
+  grads = nnx.grad(_loss)(model, x)
+  assert set(grads["proj"].keys()) == {nng.D_NAME}  # no gradient of W
+  d = np.asarray(grads["proj"][nng.D_NAME][...])
+  expected = np.asarray(rho, np.float32) * np.asarray(g)[:, sigma]
+  np.testing.assert_array_equal(d, expected)
+
+
+def test_surgery_keeps_the_outputs_identical():
+  model = Llama(TINY, nnx.Rngs(0))
+  tokens = _tokens(1)
+  before = model(tokens)
+  replaced = nng.grass_layers(model, 4)
+  assert len(replaced) == 7 * TINY.layers
+  assert all(isinstance(m, nng.GrassLinear) for p, m in nnx.iter_graph(model)
+             if isinstance(m, (nnx.Linear, nng.GrassLinear)) and "layers" in p)
+  np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(before))
+  # With a non-zero D, the layer applies the effective kernel.
+  layer = model.layers[0].mlp.up_proj
+  _set_selection(layer, [0, 2, 2, 9], [1.0, 0.5, 2.0, 3.0])
+  layer.grass_d[...] = jax.random.normal(jax.random.PRNGKey(2), (16, 4))
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 16))
+  np.testing.assert_allclose(np.asarray(layer(x)),
+                             np.asarray(x @ layer.effective_kernel()),
+                             rtol=1e-5, atol=1e-6)
+  w = np.asarray(layer.kernel[...]).copy()
+  w[:, 0] += np.asarray(layer.grass_d[...])[:, 0]
+  w[:, 2] += (0.5 * np.asarray(layer.grass_d[...])[:, 1]
+              + 2.0 * np.asarray(layer.grass_d[...])[:, 2])
+  w[:, 9] += 3.0 * np.asarray(layer.grass_d[...])[:, 3]
+  np.testing.assert_allclose(np.asarray(layer.effective_kernel()), w,
+                             rtol=1e-6)
+
+
+def test_only_d_is_a_param_and_its_shape_is_in_by_r():
+  model = Net(6, 8, nnx.Rngs(1), use_bias=True)
+  nng.grass_layers(model, 3, mask="proj")
+  params = nnx.state(model, nnx.Param)
+  shapes = {k: v[...].shape for k, v in params["proj"].items()}
+  assert shapes == {nng.D_NAME: (6, 3), "bias": (8,)}
+
+
+def _dots(jaxpr):
+  """Output shapes of every dot_general in a jaxpr, nested ones included."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(tuple(eqn.outvars[0].aval.shape))
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      out.extend(_dots(sub))
+  return out
+
+
+def test_steady_backward_forms_no_weight_gradient():
+  x = jax.random.normal(jax.random.PRNGKey(0), (64, 32))
+  dense = Net(32, 48, nnx.Rngs(1))
+  model = Net(32, 48, nnx.Rngs(1))
+  nng.grass_layers(model, 4, mask="proj")
+
+  def grad_fn(m):
+    graphdef, state = nnx.split(m)
+    f = lambda state, x: nnx.grad(_loss)(nnx.merge(graphdef, state), x)
+    return f, state
+
+  def dots(m):
+    f, state = grad_fn(m)
+    return _dots(jax.make_jaxpr(f)(state, x).jaxpr)
+
+  def flops(m):
+    f, state = grad_fn(m)
+    return jax.jit(f).lower(state, x).compile().cost_analysis()["flops"]
+
+  dense_dots, grass_dots = dots(dense), dots(model)
+  weight_shaped = lambda shapes, a, b: {(a, b), (b, a)} & set(shapes)
+  assert weight_shaped(dense_dots, 32, 48)  # dW, in either orientation
+  assert not weight_shaped(grass_dots, 32, 48)
+  assert weight_shaped(grass_dots, 32, 4)  # ∂L/∂D
+  dense_flops, grass_flops = flops(dense), flops(model)
+  # dW (2·64·32·48) replaced by dD (2·64·32·4), plus x·D and dX through D.
+  assert grass_flops < dense_flops - 2 * 64 * 32 * (48 - 3 * 4)
+
+
+def test_refresh_norms_are_the_dense_gradients_column_norms():
+  model = Llama(TINY, nnx.Rngs(0))
+  tokens = _tokens(1)
+  dense = nnx.grad(_llama_loss)(model, tokens)
+  nng.grass_layers(model, 4)
+  layers = nng._grass_modules(model)  # pylint: disable=protected-access
+  norms = nng._probe_norms(model, layers, _llama_loss, (tokens,), {})  # pylint: disable=protected-access
+  flat = {tuple(p): v[...] for p, v in nnx.to_flat_state(dense)}
+  for (path, layer), n in zip(layers, norms):
+    g = np.asarray(flat[path + ("kernel",)], np.float64)
+    col = np.linalg.norm(g, axis=0)
+    # _row_norms's scale by max|G|: the norms of G / max|G|.
+    np.testing.assert_allclose(np.asarray(n), col / np.abs(g).max(),
+                               rtol=1e-5, atol=1e-7)
+    assert not layer.probing
+
+
+def _train_model_level(selection, steps, every, rank, lr, mask):
+  model = Llama(TINY, nnx.Rngs(0))
+  nng.grass_layers(model, rank, update_every=every, selection=selection,
+                   seed=3, mask=mask)
+  opt = nnx.Optimizer(model, nng.grass_optimizer(lr), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, tokens):
+    changed = nng.grass_refresh(model, opt, _llama_loss, tokens)
+    loss, grads = nnx.value_and_grad(_llama_loss)(model, tokens)
+    opt.update(model, grads)
+    return loss, changed
+
+  losses, changes = [], []
+  for t in range(steps):
+    loss, changed = step(model, opt, _tokens(100 + t))
+    losses.append(float(loss))
+    changes.append(changed)
+  return model, losses, changes
+
+
+def _train_optimizer_level(selection, steps, every, rank, lr, mask, **kw):
+  model = Llama(TINY, nnx.Rngs(0))
+  tx = osub.grass(lr, rank, every, selection, seed=3, mask=mask + ".*kernel",
+                  **kw)
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, opt, tokens):
+    loss, grads = nnx.value_and_grad(_llama_loss)(model, tokens)
+    opt.update(model, grads)
+    return loss
+
+  losses = [float(step(model, opt, _tokens(100 + t))) for t in range(steps)]
+  return model, losses
+
+
+@pytest.mark.parametrize("selection", ["topk", "multinomial", "uniform"])
+def test_model_level_follows_the_optimizer_level_trajectory(selection):
+  # down_proj (24 → 16): its output side is the smaller one, which the
+  # optimizer level projects by default.
+  steps, every, rank, lr = 7, 3, 4, 1e-2  # refreshes at steps 0, 3 and 6
+  mask = "mlp/down_proj"
+  grass_model, grass_losses, changes = _train_model_level(
+      selection, steps, every, rank, lr, mask)
+  plain_model, plain_losses = _train_optimizer_level(
+      selection, steps, every, rank, lr, mask)
+  np.testing.assert_allclose(grass_losses, plain_losses, rtol=1e-5)
+  # The selection moved at refresh steps only, and did at some.
+  assert all(not any(bool(v) for v in c.values())
+             for t, c in enumerate(changes) if t % every)
+  assert any(bool(v) for c in changes[every:] for v in c.values())
+  plain = {tuple(p): v[...] for p, v in
+           nnx.to_flat_state(nnx.state(plain_model, nnx.Param))}
+  initial = Llama(TINY, nnx.Rngs(0)).layers[0].mlp.down_proj.kernel[...]
+  trained = grass_model.layers[0].mlp.down_proj.effective_kernel()
+  assert float(jnp.abs(trained - initial).max()) > 1e-3
+  for path, layer in nnx.iter_graph(grass_model):
+    if isinstance(layer, nng.GrassLinear):
+      w = np.asarray(plain[tuple(path) + ("kernel",)])
+      np.testing.assert_allclose(np.asarray(layer.effective_kernel()), w,
+                                 rtol=1e-5, atol=1e-6)
+  for path in [("embed", "embedding"), ("lm_head", "kernel"),
+               ("layers", 1, "mlp_norm", "scale")]:
+    mine = nnx.state(grass_model, nnx.Param)
+    for p in path:
+      mine = mine[p]
+    np.testing.assert_allclose(np.asarray(mine[...]),
+                               np.asarray(plain[path]), rtol=1e-5, atol=1e-6)
+
+
+class TwoNet(nnx.Module):
+
+  def __init__(self, rngs):
+    self.a = nnx.Linear(6, 8, use_bias=False, rngs=rngs)
+    self.b = nnx.Linear(6, 8, use_bias=False, rngs=rngs)
+
+  def __call__(self, x):
+    return jnp.tanh(self.a(x)) + jnp.tanh(self.b(x))
+
+
+# Output columns 0, 1, 2 carry 1000× the gradient of the others: top-3 picks
+# them whatever the weights.
+_COLUMN_WEIGHTS = jnp.array([10.0, 10.0, 10.0] + [0.01] * 5)
+
+
+def _weighted_loss(model, x):
+  return jnp.sum(_COLUMN_WEIGHTS * model(x))
+
+
+def test_refresh_merges_d_and_resets_the_moments_of_moved_layers_only():
+  model = TwoNet(nnx.Rngs(1))
+  nng.grass_layers(model, 3, update_every=2, mask="a|b")
+  opt = nnx.Optimizer(model, nng.grass_optimizer(1e-2), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 6))
+  for _ in range(2):  # steps 0 (refresh) and 1
+    changed = nng.grass_refresh(model, opt, _weighted_loss, x)
+    opt.update(model, nnx.grad(_weighted_loss)(model, x))
+  assert not any(bool(v) for v in changed.values())  # step 1: no refresh
+  for layer in (model.a, model.b):
+    np.testing.assert_array_equal(np.asarray(layer.grass_indices[...]),
+                                  [0, 1, 2])
+  model.a.grass_indices[...] = jnp.array([3, 4, 5], jnp.int32)
+  before = {n: getattr(model, n).effective_kernel() for n in "ab"}
+  changed = nng.grass_refresh(model, opt, _weighted_loss, x)  # step 2
+  assert bool(changed["a"]) and not bool(changed["b"])
+  adam = opt.opt_state[0]
+  for n in "ab":
+    layer = getattr(model, n)
+    np.testing.assert_allclose(np.asarray(layer.effective_kernel()),
+                               np.asarray(before[n]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(layer.grass_d[...]), 0.0)
+    for moment in (adam.mu, adam.nu):
+      buf = np.asarray(moment[n][nng.D_NAME][...])
+      assert (np.abs(buf).max() == 0) == (n == "a"), (n, buf)
+
+
+def test_all_zero_gradients_sample_uniformly_and_keep_topk():
+  zero_loss = lambda m, x: 0.0 * jnp.sum(m(x))
+  x = jnp.ones((4, 6))
+  for selection in ("topk", "multinomial", "uniform"):
+    model = Net(6, 8, nnx.Rngs(1))
+    nng.grass_layers(model, 3, update_every=1, mask="proj",
+                     selection=selection)
+    opt = nnx.Optimizer(model, nng.grass_optimizer(1e-2), wrt=nnx.Param)
+    changed = nng.grass_refresh(model, opt, zero_loss, x)
+    scales = np.asarray(model.proj.grass_scales[...])
+    assert np.all(np.isfinite(scales))
+    if selection == "topk":
+      assert not bool(changed["proj"])
+      np.testing.assert_array_equal(
+          np.asarray(model.proj.grass_indices[...]), [0, 1, 2])
+    else:  # uniform q = 1/8: ρ = 1/√(r·q) = √(8/3)
+      np.testing.assert_allclose(scales, np.sqrt(8 / 3), rtol=1e-6)
+
+
+def test_non_finite_gradients_keep_the_selection():
+  nan_loss = lambda m, x: jnp.nan * jnp.sum(m(x))
+  model = Net(6, 8, nnx.Rngs(1))
+  nng.grass_layers(model, 3, update_every=1, mask="proj",
+                   selection="multinomial")
+  opt = nnx.Optimizer(model, nng.grass_optimizer(1e-2), wrt=nnx.Param)
+  changed = nng.grass_refresh(model, opt, nan_loss, jnp.ones((4, 6)))
+  assert not bool(changed["proj"])
+  np.testing.assert_array_equal(np.asarray(model.proj.grass_indices[...]),
+                                [0, 1, 2])
+  np.testing.assert_array_equal(np.asarray(model.proj.grass_scales[...]), 1.0)
+
+
+def test_bad_arguments_raise_clear_errors():
+  make = lambda: Net(6, 8, nnx.Rngs(1))
+  with pytest.raises(ValueError, match="rank must be positive"):
+    nng.grass_layers(make(), 0, mask="proj")
+  with pytest.raises(ValueError, match="at most the output side"):
+    nng.grass_layers(make(), 9, mask="proj")
+  with pytest.raises(TypeError, match="rank must be a Python int"):
+    nng.grass_layers(make(), 2.0, mask="proj")
+  with pytest.raises(ValueError, match="selection must be one of"):
+    nng.grass_layers(make(), 2, mask="proj", selection="random")
+  with pytest.raises(ValueError, match="replacement=True"):
+    nng.grass_layers(make(), 2, mask="proj", replacement=True)
+  with pytest.raises(ValueError, match="update_every must be positive"):
+    nng.grass_layers(make(), 2, mask="proj", update_every=0)
+  with pytest.raises(ValueError, match="selects no layer"):
+    nng.grass_layers(make(), 2, mask="attention")
+  model = make()
+  opt = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+  with pytest.raises(ValueError, match="no GrassLinear"):
+    nng.grass_refresh(model, opt, _loss, jnp.ones((2, 6)))
+  with pytest.raises(TypeError, match="replaces an nnx.Linear"):
+    nng.GrassLinear(nnx.LinearGeneral(6, (2, 4), rngs=nnx.Rngs(0)), 2)
+
+
+def test_rank_equal_to_out_features_trains_every_column():
+  model = Net(6, 8, nnx.Rngs(1))
+  nng.grass_layers(model, 8, update_every=5, mask="proj")
+  opt = nnx.Optimizer(model, nng.grass_optimizer(1e-2), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.PRNGKey(0), (4, 6))
+  nng.grass_refresh(model, opt, _loss, x)
+  np.testing.assert_array_equal(np.asarray(model.proj.grass_indices[...]),
+                                np.arange(8))
