@@ -21,6 +21,8 @@ from optax_subspace._presets import galore
 from optax_subspace._presets import online_subspace_descent
 from optax_subspace._restart import RestartEveryState
 from optax_subspace._restart import restart_every
+from optax_subspace._rso import RsoSubproblemState
+from optax_subspace._rso import rso
 from optax_subspace.checkpoint import CheckpointMismatchError
 from optax_subspace.checkpoint import restore_checkpoint
 from optax_subspace.checkpoint import save_checkpoint
@@ -42,8 +44,10 @@ __all__ = [
     "project_subspace",
     "projectors",
     "RestartEveryState",
+    "RsoSubproblemState",
     "restart_every",
     "restore_checkpoint",
+    "rso",
     "save_checkpoint",
     "scale_by_hf_adam",
     "state_shardings",

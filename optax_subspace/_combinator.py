@@ -175,12 +175,13 @@ def project_subspace(
     dims: _leaves.DimsSpec = None,
     on_change: str = "keep",
     projection_dtype=None,
+    side: str = "smaller",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` on low-rank projections of the selected gradients.
 
   For each leaf selected by `mask`, seen as a batch of matrices G (s×l after
-  orienting the smaller side s first; `dims` says which axes are which), the
-  update is
+  orienting the projected side s first, by default the smaller side; `dims`
+  says which axes are which), the update is
 
       R = Pᵀ G,   N = inner(R),   ΔW = scale · P N,
 
@@ -230,6 +231,11 @@ def project_subspace(
       precision). ``jnp.bfloat16`` runs them on the bf16 tensor cores, as the
       authors' code does for bf16 models (P cast to the gradient's dtype);
       refreshes and the online-PCA step stay float32.
+    side: which side of each matrix P spans: "smaller" (GaLore, OSD; ties
+      go to the rows), "rows" (always the rows, the input side of a Flax
+      ``(in, out)`` kernel: RSO, whose P must act on the layer's input) or
+      "cols" (always the columns, the output side). The rank is clamped to
+      the projected side's length, with a warning.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -243,13 +249,15 @@ def project_subspace(
   """
   if on_change not in ON_CHANGE:
     raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}.")
+  if side not in _leaves.SIDES:
+    raise ValueError(f"side must be one of {_leaves.SIDES}, got {side!r}.")
   rank = projector.rank
 
   def plan(tree, quiet):
     with warnings.catch_warnings():
       if quiet:
         warnings.simplefilter("ignore")
-      plans, treedef = _leaves.plan_leaves(tree, rank, mask, dims)
+      plans, treedef = _leaves.plan_leaves(tree, rank, mask, dims, side)
     key_paths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
     return plans, treedef, key_paths
 

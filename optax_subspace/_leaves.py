@@ -26,9 +26,11 @@ class MatrixDims(NamedTuple):
   flattened together in the order given (an attention kernel of shape
   ``(embed, heads, head_dim)`` is ``MatrixDims(rows=0, cols=(1, 2))``).
 
-  For a Flax kernel, stored ``(in, out)``, rows are the input side. The
-  projector spans the smaller side, and the rows when both are equal, which
-  is the input side of a square layer, as in the GaLore authors' code.
+  For a Flax kernel, stored ``(in, out)``, rows are the input side. By
+  default the projector spans the smaller side, and the rows when both are
+  equal, which is the input side of a square layer, as in the GaLore
+  authors' code; `project_subspace`'s `side` can fix it to the rows or the
+  columns instead.
 
   Attributes:
     rows: axis or axes forming the matrix rows (the input side of a kernel).
@@ -43,6 +45,10 @@ DimsSpec = Union[
     None, MatrixDims, Callable[[str, Any], Optional[MatrixDims]], Any
 ]
 MaskSpec = Union[None, str, Callable[[str, Any], bool], Any]
+# Which side of each matrix the projector spans: the smaller one (GaLore;
+# ties go to the rows), always the rows (the input side of a Flax kernel:
+# RSO's P acts on the layer input), or always the columns.
+SIDES = ("smaller", "rows", "cols")
 
 
 class LeafPlan(NamedTuple):
@@ -56,7 +62,7 @@ class LeafPlan(NamedTuple):
   rows: int = 0
   cols: int = 0
   axis: int = 0  # 0: the projector spans the rows; 1: the columns
-  rank: int = 0  # effective rank, min(rank, smaller side)
+  rank: int = 0  # effective rank, min(rank, projected side)
 
   @property
   def side(self) -> int:
@@ -156,14 +162,19 @@ def _leaf_dims(dims: DimsSpec, paths, leaves, treedef) -> list:
 
 
 def plan_leaves(
-    params, rank: int, mask: MaskSpec = None, dims: DimsSpec = None
+    params, rank: int, mask: MaskSpec = None, dims: DimsSpec = None,
+    side: str = "smaller",
 ) -> tuple[list[LeafPlan], Any]:
   """Decides, for each leaf of `params`, whether and how it is projected.
 
-  Returns the plans in `jax.tree_util.tree_flatten` order and the treedef.
-  Raises `ValueError` on a mask or dims that does not fit the parameters, and
-  `TypeError` on a selected leaf that is not floating point.
+  `side` is one of `SIDES`; the rank of each matrix is clamped to the length
+  of its projected side, with a warning. Returns the plans in
+  `jax.tree_util.tree_flatten` order and the treedef. Raises `ValueError` on
+  a mask, dims or side that does not fit the parameters, and `TypeError` on
+  a selected leaf that is not floating point.
   """
+  if side not in SIDES:
+    raise ValueError(f"side must be one of {SIDES}, got {side!r}.")
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [path_str(p) for p, _ in flat]
   leaves = [x for _, x in flat]
@@ -198,8 +209,11 @@ def plan_leaves(
     batch = tuple(a for a in range(ndim) if a not in rows + cols)
     m = math.prod(shape[a] for a in rows)
     n = math.prod(shape[a] for a in cols)
-    axis = 0 if m <= n else 1  # ties: the input side, as the authors' code
-    s = min(m, n)
+    if side == "smaller":
+      axis = 0 if m <= n else 1  # ties: the input side, as the authors' code
+    else:
+      axis = 0 if side == "rows" else 1
+    s = m if axis == 0 else n
     if rank >= s:
       clamped.append(path)
     plans.append(
@@ -216,11 +230,14 @@ def plan_leaves(
         )
     )
   if clamped:
+    what = {"smaller": "smaller side", "rows": "row (input) side",
+            "cols": "column (output) side"}[side]
     warnings.warn(
-        f"rank {rank} is not below the smaller side of {len(clamped)} leaves"
+        f"rank {rank} is not below the {what} of {len(clamped)} leaves"
         f" ({', '.join(clamped[:4])}{', ...' if len(clamped) > 4 else ''}):"
-        " they are projected on their full smaller side (an exact rotation,"
-        " which saves no memory). Lower the rank or exclude them with `mask`.",
+        f" they are projected on their full {what} (an exact rotation for an"
+        " orthonormal basis, which saves no memory). Lower the rank or"
+        " exclude them with `mask`.",
         stacklevel=4,
     )
   return plans, treedef

@@ -11,6 +11,8 @@ from optax_subspace.projectors.online_pca import online_pca
 from optax_subspace.projectors.online_pca import online_pca_gradient
 from optax_subspace.projectors.sparse_rows import SparseRowsState
 from optax_subspace.projectors.sparse_rows import sparse_rows
+from optax_subspace.projectors.random import RandomState
+from optax_subspace.projectors.random import random
 from optax_subspace.projectors.random import random_basis
 from optax_subspace.projectors.svd import RandomizedSvdState
 from optax_subspace.projectors.svd import SvdState
@@ -20,11 +22,13 @@ from optax_subspace.projectors.svd import svd
 __all__ = [
     "OnlinePcaState",
     "Projector",
+    "RandomState",
     "RandomizedSvdState",
     "SparseRowsState",
     "SvdState",
     "online_pca",
     "online_pca_gradient",
+    "random",
     "random_basis",
     "randomized_svd",
     "sparse_rows",

@@ -7,6 +7,9 @@ needed, identical on every device without communication.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -52,3 +55,96 @@ def random_basis(key: jax.Array, s: int, r: int,
   if distribution == "gaussian":
     return g / jnp.sqrt(jnp.float32(r))
   return _base.orthonormalize(g)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("key", "subproblem"),
+                   meta_fields=("basis_shape",))
+@dataclasses.dataclass(frozen=True)
+class RandomState:
+  """State of one matrix under `random`: a key and the subproblem index.
+
+  P is not stored: `basis` regenerates it as
+  ``random_basis(fold_in(key, subproblem), s, r, distribution)``.
+
+  Attributes:
+    key: uint32[2], the matrix's key from `project_subspace` folded with the
+      projector's seed.
+    subproblem: int32, k of the current subproblem (count // K).
+    basis_shape: (s, r), static (part of the tree structure, not an array):
+      the shape of the P it regenerates, which the `Projector` interface
+      does not pass to `basis`.
+  """
+
+  key: jax.Array
+  subproblem: jax.Array
+  basis_shape: tuple[int, int]
+
+
+def random(rank: int, update_every: int = 200, *,
+           distribution: str = "haar", seed: int = 0) -> _base.Projector:
+  """RSO's random subspace: a new random P every `update_every` steps.
+
+  At steps 0, K, 2K, … (K = `update_every`) the matrix enters subproblem
+  k = step // K, whose basis is
+  ``P_k = random_basis(fold_in(key, k), s, r, distribution)`` with `key`
+  the matrix's key (from `project_subspace`) folded with `seed`. Only the
+  key and k are stored; P is regenerated where it is used, identical on
+  every device without communication (DESIGN.md). The refresh does not look
+  at the gradient.
+
+  The key derivation is a contract with `optax_subspace.nn`'s model-level
+  RSO: the matrix of leaf i (flatten order) draws
+  ``random_basis(fold_in(fold_in(matrix_keys(i, 1)[0], seed), k), s, r,
+  distribution)``, so both levels see the same P_k.
+
+  References:
+    Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
+    Optimization Method for Training Large Language Models", ICML 2025,
+    arXiv:2502.07222.
+
+  Args:
+    rank: r, the subspace dimension (clamped per matrix to its projected
+      side).
+    update_every: K, steps per subproblem.
+    distribution: "haar" (orthonormal columns, PᵀP = I, the paper's theory)
+      or "gaussian" (i.i.d. N(0, 1/r), E[PPᵀ] = I); see `random_basis`.
+    seed: folded into every matrix's key.
+
+  Returns:
+    A `Projector` for `project_subspace`.
+
+  Example:
+    >>> import optax, optax_subspace as osub
+    >>> proj = osub.projectors.random(4, 100, distribution="gaussian")
+    >>> tx = osub.project_subspace(optax.adam(1e-3), proj, side="rows")
+  """
+  rank = _base.check_rank(rank)
+  update_every = _base.check_every(update_every)
+  if distribution not in DISTRIBUTIONS:
+    raise ValueError(
+        f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+
+  def init(s, l, r, key):
+    del l
+    return RandomState(jax.random.fold_in(key, seed),
+                       jnp.zeros([], jnp.int32), (s, r))
+
+  def refresh(state, g, count):
+    del g
+    subproblem = (count // update_every).astype(jnp.int32)
+    return (RandomState(state.key, subproblem, state.basis_shape),
+            jnp.array(True))
+
+  def basis(state):
+    s, r = state.basis_shape
+    return random_basis(jax.random.fold_in(state.key, state.subproblem), s, r,
+                        distribution)
+
+  return _base.Projector(
+      rank=rank,
+      init=init,
+      basis=basis,
+      needs_refresh=lambda count: count % update_every == 0,
+      refresh=refresh,
+  )

@@ -1,0 +1,402 @@
+"""RSO (issue 4, optimizer level): the `side` option, `projectors.random`, `rso`."""
+
+import math
+import warnings
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+import optax_subspace as osub
+from optax_subspace import projectors
+from optax_subspace._leaves import path_str
+from optax_subspace.projectors import _base
+
+
+def _grads(params, seed):
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return treedef.unflatten(
+      [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+def _basis(leaf_index, seed, subproblem, s, r, distribution="haar"):
+  """P_k of the matrix of leaf `leaf_index`, as the model level draws it."""
+  key = jax.random.fold_in(_base.matrix_keys(leaf_index, 1)[0], seed)
+  return np.asarray(projectors.random_basis(
+      jax.random.fold_in(key, subproblem), s, r, distribution), np.float64)
+
+
+# --- project_subspace(side=...) -------------------------------------------
+
+
+@pytest.mark.parametrize("side,shape,low_rank", [
+    ("smaller", (16, 8), (16, 3)),  # the 8 columns: the smaller side
+    ("rows", (16, 8), (3, 8)),      # the 16 rows although they are larger
+    ("cols", (8, 16), (8, 3)),      # the 16 columns although they are larger
+    ("rows", (8, 8), (3, 8)),
+    ("cols", (8, 8), (8, 3)),
+])
+def test_side_chooses_which_side_of_each_matrix_is_projected(side, shape,
+                                                             low_rank):
+  params = {"w": jnp.ones(shape)}
+  tx = osub.project_subspace(optax.adam(1e-2), projectors.svd(3, 5),
+                             side=side)
+  state = jax.eval_shape(tx.init, params)
+  assert state.inner[0].mu["w"].shape == low_rank
+  s = shape[0] if low_rank[0] == 3 else shape[1]
+  assert state.projectors["w"].basis.shape == (s, 3)
+
+
+@pytest.mark.parametrize("side", ["rows", "cols"])
+def test_side_projected_update_is_the_basis_times_the_inner_update(side):
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (6, 10))}
+  g = _grads(params, 1)
+  tx = osub.project_subspace(optax.sgd(1.0), projectors.random(3, 4),
+                             side=side)
+  updates, state = tx.update(g, tx.init(params), params)
+  p = np.asarray(projectors.random(3, 4).basis(state.projectors["w"]))
+  assert p.shape == ((6, 3) if side == "rows" else (10, 3))
+  gw = np.asarray(g["w"])
+  want = -p @ p.T @ gw if side == "rows" else -gw @ p @ p.T
+  np.testing.assert_allclose(updates["w"], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("side,what", [("rows", "row \\(input\\) side"),
+                                       ("cols", "column \\(output\\) side")])
+def test_rank_not_below_the_chosen_side_warns_and_clamps_to_it(side, what):
+  params = {"w": jnp.ones((4, 9)) if side == "rows" else jnp.ones((9, 4))}
+  tx = osub.project_subspace(optax.adam(1e-3), projectors.svd(6, 5),
+                             side=side)
+  with pytest.warns(UserWarning, match=f"not below the {what}"):
+    state = tx.init(params)
+  assert state.projectors["w"].basis.shape == (4, 4)
+
+
+def test_an_unknown_side_is_rejected():
+  with pytest.raises(ValueError, match="side must be one of"):
+    osub.project_subspace(optax.sgd(0.1), projectors.svd(2), side="left")
+
+
+# --- projectors.random -----------------------------------------------------
+
+
+def _states(proj, s, r, subproblems):
+  """One matrix's state at each subproblem index, batched."""
+  state = proj.init(s, 1, r, jax.random.PRNGKey(3))
+  return jax.vmap(lambda k: osub.projectors.RandomState(
+      state.key, k, state.basis_shape))(jnp.arange(subproblems, dtype=jnp.int32))
+
+
+def test_haar_basis_has_orthonormal_columns():
+  proj = projectors.random(5, 10)
+  p = jax.vmap(proj.basis)(_states(proj, 12, 5, 20))
+  gram = jnp.einsum("ksr,ksq->krq", p, p)
+  np.testing.assert_allclose(gram, np.broadcast_to(np.eye(5), gram.shape),
+                             atol=2e-6)
+
+
+def test_gaussian_basis_has_identity_expected_ppt():
+  # Entries N(0, 1/r): an entry of PPᵀ has variance at most 2/r, so the
+  # mean of N draws deviates by σ ≤ √(2/(rN)) = 0.005 (r = 4, N = 20000);
+  # asserted at 5σ.
+  s, r, n = 8, 4, 20000
+  proj = projectors.random(r, 1, distribution="gaussian")
+  p = jax.vmap(proj.basis)(_states(proj, s, r, n))
+  mean = np.asarray(jnp.einsum("ksr,ktr->st", p, p)) / n
+  np.testing.assert_allclose(mean, np.eye(s), atol=5 * math.sqrt(2 / (r * n)))
+
+
+def test_random_basis_is_fixed_within_a_subproblem_and_new_at_each():
+  proj = projectors.random(2, 3, seed=7)
+  state = proj.init(6, 4, 2, jax.random.PRNGKey(0))
+  g = jnp.ones((6, 4))
+  bases = []
+  for count in range(7):
+    if proj.needs_refresh(jnp.int32(count)):
+      state, changed = proj.refresh(state, g, jnp.int32(count))
+      assert bool(changed)
+    assert int(state.subproblem) == count // 3
+    bases.append(np.asarray(proj.basis(state)))
+  np.testing.assert_array_equal(bases[0], bases[2])
+  np.testing.assert_array_equal(bases[3], bases[5])
+  assert np.abs(bases[0] - bases[3]).max() > 0.1
+  assert np.abs(bases[3] - bases[6]).max() > 0.1
+
+
+def test_random_projector_bases_follow_the_model_level_key_contract():
+  # Leaf i (flatten order) draws P_k from fold_in(fold_in(matrix_keys(i, 1)
+  # [0], seed), k): `optax_subspace.nn` relies on it.
+  params = {"a": jnp.zeros((6, 5)), "b": jnp.zeros((8, 3))}
+  tx = osub.project_subspace(optax.sgd(1.0),
+                             projectors.random(2, 2, seed=11), side="rows")
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for t in range(5):
+    g = _grads(params, t)
+    updates, state = update(g, state, params)
+    for i, name in enumerate(("a", "b")):
+      p = _basis(i, 11, t // 2, params[name].shape[0], 2)
+      np.testing.assert_allclose(updates[name], -p @ p.T @ np.asarray(g[name]),
+                                 rtol=1e-5, atol=1e-6)
+
+
+# --- rso: the method --------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
+def test_full_rank_orthogonal_single_step_subproblems_with_sgd_are_sgd(shape):
+  # RSO with r = m, Haar P (orthogonal), K = 1 and no proximal term: each
+  # step solves its subproblem by one SGD step from B = 0, W + P(−lr PᵀG) =
+  # W − lr G. `rso` refuses r = m (no memory saved); this is the same
+  # method through `project_subspace` at r = m.
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), shape),
+            "b": jnp.zeros(shape[1])}
+  tx = osub.project_subspace(
+      osub.restart_every(optax.sgd(0.1), 1),
+      projectors.random(shape[0], 1), mask=r"^w$", side="rows")
+  sgd = optax.sgd(0.1)
+  ours, plain = params, params
+  with pytest.warns(UserWarning, match="not below the row \\(input\\) side"):
+    state = tx.init(params)
+  sgd_state = sgd.init(params)
+  for t in range(4):
+    u, state = jax.jit(tx.update)(_grads(ours, t), state, ours)
+    ours = optax.apply_updates(ours, u)
+    v, sgd_state = sgd.update(_grads(plain, t), sgd_state, plain)
+    plain = optax.apply_updates(plain, v)
+  chex.assert_trees_all_close(ours, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("distribution", ["haar", "gaussian"])
+def test_one_rso_step_with_sgd_moves_the_weights_by_p_times_the_sgd_step_on_b(
+    distribution):
+  params = {"b": jnp.zeros(5), "w": jax.random.normal(jax.random.PRNGKey(0),
+                                                      (12, 5))}
+  g = _grads(params, 1)
+  tx = osub.rso(0.1, rank=3, inner_steps=4, inner=optax.identity(),
+                distribution=distribution, seed=2)
+  updates, _ = tx.update(g, tx.init(params), params)
+  p = _basis(1, 2, 0, 12, 3, distribution)
+  np.testing.assert_allclose(updates["w"], -0.1 * p @ p.T @ np.asarray(g["w"]),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(updates["b"], -0.1 * np.asarray(g["b"]),
+                             rtol=1e-6)
+
+
+def _regression():
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(4), 3)
+  x = np.asarray(jax.random.normal(k1, (32, 10)), np.float64)
+  y = np.asarray(jax.random.normal(k2, (32, 4)), np.float64)
+  w0 = 0.3 * np.asarray(jax.random.normal(k3, (10, 4)), np.float64)
+  return x, y, w0
+
+
+def test_proximal_subproblems_match_a_numpy_restatement():
+  # SGD inner: B_{t+1} = B_t − lr(P_kᵀG_t + B_t/η), W = W_k + P_k B; at
+  # t = K, 2K, … W_k ← W, B ← 0 and P_k is redrawn. Seven steps, K = 3:
+  # two subproblem boundaries. The bias is not projected: plain SGD.
+  x, y, w0 = _regression()
+  lr, eta, r, k_steps = 0.05, 0.5, 3, 3
+
+  def grad(w, b):
+    res = (x @ w + b - y) / len(x)
+    return x.T @ res, res.sum(0)
+
+  tx = osub.rso(lr, rank=r, inner_steps=k_steps, proximal=eta,
+                inner=optax.identity(), seed=1)
+  params = {"b": jnp.zeros(4, jnp.float32), "w": jnp.asarray(w0, jnp.float32)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  w, b = w0.copy(), np.zeros(4)
+  for t in range(7):
+    if t % k_steps == 0:
+      w_k, disp = w.copy(), np.zeros((r, 4))
+      p = _basis(1, 1, t // k_steps, 10, r)
+    gw, gb = grad(w, b)
+    disp = disp - lr * (p.T @ gw + disp / eta)
+    w, b = w_k + p @ disp, b - lr * gb
+    gw, gb = grad(np.asarray(params["w"], np.float64),
+                  np.asarray(params["b"], np.float64))
+    g = {"b": jnp.asarray(gb, jnp.float32), "w": jnp.asarray(gw, jnp.float32)}
+    u, state = update(g, state, params)
+    params = optax.apply_updates(params, u)
+    np.testing.assert_allclose(params["w"], w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(params["b"], b, rtol=1e-5, atol=1e-6)
+
+
+def test_proximal_term_pulls_the_subproblem_towards_b_zero():
+  # The same constant gradient at every step: without the proximal term B
+  # grows linearly; with it, B_t → −η PᵀG (the subproblem's minimiser).
+  params = {"w": jnp.zeros((10, 4))}
+  g = _grads(params, 0)
+  moves = {}
+  for eta in (None, 0.5):
+    tx = osub.rso(0.2, rank=3, inner_steps=200, proximal=eta,
+                  inner=optax.identity())
+    state, total = tx.init(params), jnp.zeros((10, 4))
+    update = jax.jit(tx.update)
+    for _ in range(100):
+      u, state = update(g, state, params)
+      total = total + u["w"]
+    moves[eta] = total
+  p = _basis(0, 0, 0, 10, 3)
+  np.testing.assert_allclose(moves[None], -0.2 * 100 * p @ p.T @ g["w"],
+                             rtol=1e-4)
+  np.testing.assert_allclose(moves[0.5], -0.5 * p @ p.T @ g["w"], rtol=1e-4,
+                             atol=1e-6)
+
+
+def test_a_schedule_follows_the_global_step_not_the_subproblem_step():
+  # Adam's direction does not depend on the learning rate, so with the
+  # default inner every update under lr(t) is lr(t)/c times the update
+  # under the constant c, at every step t, across subproblems, for
+  # projected and unprojected leaves alike.
+  schedule = lambda t: 0.01 * (1.0 + t)
+  params = {"b": jnp.zeros(4), "w": jax.random.normal(jax.random.PRNGKey(0),
+                                                      (8, 4))}
+  runs = {}
+  for name, lr in (("schedule", schedule), ("constant", 0.01)):
+    tx = osub.rso(lr, rank=2, inner_steps=2)
+    state, out = tx.init(params), []
+    for t in range(5):
+      u, state = jax.jit(tx.update)(_grads(params, t), state, params)
+      out.append(u)
+    runs[name] = out
+  for t in range(5):
+    want = jax.tree_util.tree_map(lambda u: (1.0 + t) * u, runs["constant"][t])
+    chex.assert_trees_all_close(runs["schedule"][t], want, rtol=1e-5,
+                                atol=1e-8)
+
+
+def test_resume_across_a_subproblem_boundary_equals_an_uninterrupted_run(
+    tmp_path):
+  tx = osub.rso(0.01, rank=3, inner_steps=3, proximal=2.0, weight_decay=0.1,
+                mask=r"kernel")
+  params = {"dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0),
+                                                  (10, 6)),
+                      "bias": jnp.zeros(6)}}
+
+  @jax.jit
+  def step(params, state, t):
+    grads = jax.tree_util.tree_map(
+        lambda p: jnp.sin(p + t.astype(p.dtype)) + 0.1, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  def run(params, state, steps):
+    for t in steps:
+      params, state = step(params, state, jnp.int32(t))
+    return params, state
+
+  want = run(params, tx.init(params), range(7))
+  half = run(params, tx.init(params), range(2))  # stops inside subproblem 0
+  manager = ocp.CheckpointManager(tmp_path)
+  osub.save_checkpoint(manager, 2, *half)
+  manager.wait_until_finished()
+  abstract = (jax.eval_shape(lambda p: p, params),
+              jax.eval_shape(tx.init, params))
+  restored_step, *restored = osub.restore_checkpoint(
+      ocp.CheckpointManager(tmp_path), *abstract)
+  assert restored_step == 2
+  got = run(*restored, range(2, 7))  # crosses the boundaries at 3 and 6
+  chex.assert_trees_all_equal(got, want)
+
+
+def test_runs_are_deterministic_and_the_seed_changes_the_subspaces():
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), (9, 7))}
+
+  def run(seed, jit):
+    tx = osub.rso(0.01, rank=2, inner_steps=2, proximal=1.0, seed=seed)
+    state, p = tx.init(params), params
+    update = jax.jit(tx.update) if jit else tx.update
+    for t in range(5):
+      u, state = update(_grads(p, t), state, p)
+      p = optax.apply_updates(p, u)
+    return p
+
+  chex.assert_trees_all_equal(run(0, True), run(0, True))
+  chex.assert_trees_all_close(run(0, False), run(0, True), rtol=1e-5,
+                              atol=1e-6)
+  assert float(jnp.abs(run(1, True)["w"] - run(0, True)["w"]).max()) > 1e-3
+
+
+# --- rso: state -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("proximal", [None, 0.5])
+def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
+  m, n, r = 64, 24, 4
+  params = {"w": jnp.zeros((m, n)), "b": jnp.zeros(n)}
+  state = jax.eval_shape(osub.rso(1e-3, rank=r, proximal=proximal).init,
+                         params)[0]
+  projector = state.projectors["w"]
+  assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(projector)] \
+      == [((2,), jnp.uint32), ((), jnp.int32)]
+  shapes = {path_str(p): x.shape
+            for p, x in jax.tree_util.tree_flatten_with_path(state.inner)[0]}
+  low_rank = sorted(k for k, v in shapes.items() if k.endswith("/w"))
+  expected = ["inner_states/subspace/inner_state/inner/inner/mu/w",
+              "inner_states/subspace/inner_state/inner/inner/nu/w"]
+  if proximal is not None:
+    expected.insert(0, "inner_states/subspace/inner_state/displacement/w")
+  assert low_rank == expected
+  assert all(shapes[k] == (r, n) for k in low_rank)
+  # Nothing of the matrix's size, nor of P's (m × r), anywhere.
+  leaves = jax.tree_util.tree_leaves(state)
+  assert max(math.prod(x.shape) for x in leaves) == r * n
+  floats = sum(math.prod(x.shape) for x in leaves
+               if jnp.issubdtype(x.dtype, jnp.floating))
+  # Adam's m, v (and B) on r × n, Adam's m, v on the bias (n).
+  assert floats == (2 + (proximal is not None)) * r * n + 2 * n
+
+
+# --- rso: bad input ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(inner_steps=0), ValueError, "inner_steps must be positive"),
+    (dict(inner_steps=-3), ValueError, "inner_steps must be positive"),
+    (dict(rank=0), ValueError, "rank must be positive"),
+    (dict(rank=-1), ValueError, "rank must be positive"),
+    (dict(proximal=0.0), ValueError, "proximal must be None"),
+    (dict(proximal=-1.0), ValueError, "proximal must be None"),
+    (dict(proximal=float("inf")), ValueError, "proximal must be None"),
+    (dict(distribution="uniform"), ValueError, "distribution must be one of"),
+    (dict(inner_steps=2.5), TypeError, "inner_steps must be a Python int"),
+])
+def test_bad_arguments_are_rejected_when_the_optimizer_is_built(kwargs, error,
+                                                                 match):
+  args = dict(rank=2, inner_steps=4) | kwargs
+  with pytest.raises(error, match=match):
+    osub.rso(1e-3, **args)
+
+
+@pytest.mark.parametrize("rank", [8, 9])
+def test_rank_not_below_the_input_side_is_an_error_at_init(rank):
+  params = {"w": jnp.zeros((8, 32))}  # rank ≥ m = 8 (the input side)
+  with pytest.raises(ValueError, match=r"rank \d is not below the input side"
+                     r" \(rows\) of 'w' \(8\)"):
+    osub.rso(1e-3, rank=rank).init(params)
+
+
+def test_the_input_side_is_checked_even_when_it_is_the_larger_side():
+  params = {"w": jnp.zeros((6, 4))}  # m = 6 > n = 4: rank 5 is fine
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    state = osub.rso(1e-3, rank=5).init(params)
+  assert state[0].inner.inner_states["subspace"].inner_state.inner.inner.mu[
+      "w"].shape == (5, 4)
+
+
+def test_a_layer_that_is_not_a_2d_linear_map_needs_dims():
+  params = {"conv": jnp.zeros((3, 3, 8, 16))}
+  with pytest.raises(ValueError, match="not 2-D.*dims=MatrixDims"):
+    osub.rso(1e-3, rank=2).init(params)
+  dims = osub.MatrixDims(rows=(0, 1, 2), cols=3)  # 72 inputs, 16 outputs
+  state = jax.eval_shape(osub.rso(1e-3, rank=2, dims=dims).init, params)
+  assert state[0].projectors["conv"].basis_shape == (72, 2)
