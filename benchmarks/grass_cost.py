@@ -1,0 +1,399 @@
+"""GRASS's costs: the model-level backward vs the dense one, and its optimizer update vs AdamW, GaLore, OSD.
+
+Part 1, a stack of the LLaMA example's `Block`s (default: the 1B shapes, d 2048, ffn 5461,
+32 heads; 8 of its 24 blocks; batch 4 × 2048 tokens; bf16 compute, fp32 parameters), built
+twice from the same seed: dense (`nnx.Linear`) and GRASS (`optax_subspace.nn.grass_layers` on
+the attention and MLP projections, rank r = 512). Loss: mean square of the output. For each:
+
+- FLOPs of the compiled forward, forward+backward (`value_and_grad` w.r.t. the Params: the
+  training backward), and of the gradient w.r.t. (Params, input) minus the gradient w.r.t. the
+  input alone: the weight-gradient FLOPs (dW dense, ∂L/∂D = ρ·G[σ] for GRASS), from
+  `compiled.cost_analysis()`; the analytic dW FLOPs 2·T·Σ in·out and GRASS's 2·T·Σ in·r
+  (T tokens), and the measured cut against the target 1 − Σ in·r / Σ in·out (per layer 1 − r/m,
+  m its output features);
+- gradient bytes (sum of the gradient leaves: the kernels dense, D (in × r) for GRASS, the norm
+  scales in both) and the compiled step's temp bytes (`memory_analysis`);
+- median times (on any device; the GPU's are the ones to quote): forward+backward; a training
+  step (AdamW on the dense stack, `grass_optimizer` on the GRASS one; parameters and state
+  donated); GRASS's refresh (`grass_refresh` at a refresh step: merge, the norms pass, the
+  selection), and the step time with the refresh amortised over K = 200 steps.
+
+Part 2, the optimizer update alone on the LLaMA-1B parameter tree (`benchmarks/optimizer_step.py`'s
+tree, synthetic gradients, its `bench_update`): AdamW, GaLore (steady step), OSD (steady),
+optimizer-level `grass` (steady and refresh step, full gradients in), and the model level's
+`grass_optimizer` on the tree the model level trains (each projected kernel replaced by its
+D, in × r; the W it leaves alone is not touched by the update).
+
+Attention: `--attention auto` (default) calls cuDNN flash attention on GPU (as
+`benchmarks/rso_memory.py`: XLA's attention materialises b×heads×s×s probabilities), XLA's
+elsewhere. cuDNN's attention is a custom call that `cost_analysis` counts as 0 FLOPs; it is the
+same in both stacks, and the weight-gradient FLOPs (a difference) do not contain it. 8 blocks at
+4×2048 tokens fit an 80 GB H100 with either attention.
+
+    python benchmarks/grass_cost.py --out benchmarks/results/grass_cost_h100.json        # GPU
+    python benchmarks/grass_cost.py --hidden 64 --ffn 176 --heads 4 --layers 1 --batch 1 \\
+        --seq 32 --rank 16 --tree-size tiny --reps 2 --out /tmp/grass_cost.json       # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+import optax_subspace as osub
+from benchmarks import optimizer_step
+from optax_subspace import nn as osnn
+from optax_subspace.nn import _surgery
+
+GRASS_LAYERS = r"(attention|mlp)/"
+UPDATE_EVERY = 200  # K: the refresh is timed apart and amortised over K steps
+TREE_METHODS = ("adamw", "galore_steady", "osd_steady", "grass_steady", "grass_refresh_topk",
+                "grass_model_level")
+
+
+def _parser() -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
+  ap.add_argument("--layers", type=int, default=8, help="LLaMA blocks in the stack")
+  ap.add_argument("--hidden", type=int, default=2048)
+  ap.add_argument("--ffn", type=int, default=5461)
+  ap.add_argument("--heads", type=int, default=32)
+  ap.add_argument("--batch", type=int, default=4)
+  ap.add_argument("--seq", type=int, default=2048)
+  ap.add_argument("--rank", type=int, default=512, help="GRASS's r (and GaLore's, OSD's)")
+  ap.add_argument("--selection", default="topk", choices=("topk", "multinomial", "uniform"))
+  ap.add_argument("--lr", type=float, default=1e-3)
+  ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
+                  help="auto: cudnn on GPU, xla elsewhere")
+  ap.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
+  ap.add_argument("--tree-size", default="1b", choices=sorted(optimizer_step.SIZES),
+                  help="parameter tree of part 2")
+  ap.add_argument("--skip-tree", action="store_true", help="part 1 only")
+  ap.add_argument("--tree-methods", default=",".join(TREE_METHODS),
+                  help="comma-separated subset of part 2's methods")
+  return ap
+
+
+def _stack(args, rngs_seed=0):
+  """The LLaMA example's blocks applied in sequence (as `Llama.__call__` does)."""
+  from examples.llama.config import ModelConfig
+  from examples.llama.model import Block
+
+  cfg = ModelConfig(hidden=args.hidden, ffn=args.ffn, heads=args.heads, layers=args.layers,
+                    vocab_size=1, compute_dtype="bfloat16", param_dtype="float32")
+
+  class BlockStack(nnx.Module):
+
+    def __init__(self, rngs):
+      layer_list = getattr(nnx, "List", list)  # as examples/llama/model.py
+      self.layers = layer_list([Block(cfg, rngs) for _ in range(cfg.layers)])
+
+    def __call__(self, x):
+      for block in self.layers:
+        x = block(x)
+      return x
+
+  return BlockStack(nnx.Rngs(rngs_seed))
+
+
+def _loss(model, x):
+  return jnp.mean(jnp.square(model(x).astype(jnp.float32)))
+
+
+def _flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
+    cost = cost[0]
+  return float(cost.get("flops", float("nan")))
+
+
+def _temp_bytes(compiled) -> int | None:
+  analysis = compiled.memory_analysis()
+  return None if analysis is None else int(analysis.temp_size_in_bytes)
+
+
+def _nbytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+                 for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _median_ms(compiled, carry, const, reps):
+  """Median ms of `compiled`, through optimizer_step.time_calls (each call synced).
+
+  With a `carry`, compiled(*carry, *const) returns the next carry (donated
+  buffers); without, compiled(*const) is called and its outputs are synced.
+  """
+  if carry:
+    def run(*c):
+      out = compiled(*c, *const)
+      return out if isinstance(out, tuple) else (out,)
+    median, _ = optimizer_step.time_calls(run, lambda: carry, reps)
+  else:
+    median, _ = optimizer_step.time_calls(lambda _: (compiled(*const),), lambda: (None,), reps)
+  return median
+
+
+def _layer_shapes(model):
+  """(in, out) of every GRASS layer (or of the layers GRASS would replace)."""
+  found = _surgery.find_linears(model, GRASS_LAYERS)
+  return [tuple(layer.kernel.shape) for _, layer in found]
+
+
+def _compile_grads(model, x):
+  """Compiled forward, value_and_grad (Params), grad (Params, input), grad (input)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  loss = lambda p, r, x: _loss(nnx.merge(graphdef, p, r), x)
+  fns = {
+      "forward": loss,
+      "value_and_grad": jax.value_and_grad(loss),
+      "grad_params_and_input": jax.grad(loss, argnums=(0, 2)),
+      "grad_input": jax.grad(loss, argnums=2),
+  }
+  compiled = {}
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    compiled[name] = jax.jit(fn).lower(params, rest, x).compile()
+    print(f"    compiled {name} in {time.perf_counter() - t0:.1f} s", flush=True)
+  grad_shapes = jax.eval_shape(jax.grad(loss), params, rest, x)
+  return compiled, (params, rest, x), _nbytes(grad_shapes)
+
+
+def _train_step(model, tx, x):
+  """Compiled train step (params, opt_state, rest, x) -> (params, opt_state), state donated."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  params = jax.tree_util.tree_map(jnp.copy, params)  # donated: the model keeps its own
+  opt_state = tx.init(params)
+
+  def step(params, opt_state, rest, x):
+    grads = jax.grad(lambda p: _loss(nnx.merge(graphdef, p, rest), x))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, rest, x).compile()
+  return compiled, (params, opt_state), (rest, x)
+
+
+def _refresh(model, x):
+  """Compiled `grass_refresh` at a refresh step (optimizer step 0), state donated."""
+  optimizer = nnx.Optimizer(model, osnn.grass_optimizer(1e-3), wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  state = jax.tree_util.tree_map(jnp.copy, state)  # donated: the model keeps its own
+
+  def refresh(state, x):
+    model, optimizer = nnx.merge(graphdef, state)
+    osnn.grass_refresh(model, optimizer, _loss, x)
+    return nnx.state((model, optimizer))
+
+  compiled = jax.jit(refresh, donate_argnums=0).lower(state, x).compile()
+  return compiled, (state,), (x,)
+
+
+def bench_blocks(args) -> dict:
+  x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.seq, args.hidden),
+                        jnp.bfloat16)
+  tokens = args.batch * args.seq
+  out = {"tokens": tokens}
+  shapes = _layer_shapes(_stack(args))
+  sum_in_out = sum(m * n for m, n in shapes)
+  sum_in_r = sum(m * min(args.rank, n) for m, n in shapes)
+  out["analytic"] = {
+      "dense_dw_flops": 2 * tokens * sum_in_out,
+      "grass_dd_flops": 2 * tokens * sum_in_r,
+      # x·D in the forward and dY[:, σ]·(Dρ)ᵀ in ∂L/∂x: GRASS's extra products.
+      "grass_extra_forward_flops": 2 * tokens * sum_in_r,
+      "grass_extra_input_grad_flops": 2 * tokens * sum_in_r,
+      "target_weight_grad_cut": 1 - sum_in_r / sum_in_out,
+      "target_cut_per_layer": {f"{m}x{n}": 1 - min(args.rank, n) / n
+                               for m, n in sorted(set(shapes))},
+  }
+  for name in ("dense", "grass"):
+    print(f"  {name} stack:", flush=True)
+    model = _stack(args)
+    if name == "grass":
+      osnn.grass_layers(model, args.rank, update_every=UPDATE_EVERY, mask=GRASS_LAYERS,
+                        selection=args.selection)
+    compiled, call_args, grad_bytes = _compile_grads(model, x)
+    row = {f"{k}_flops": _flops(c) for k, c in compiled.items()}
+    row["backward_flops"] = row["value_and_grad_flops"] - row["forward_flops"]
+    row["weight_grad_flops"] = (row["grad_params_and_input_flops"]
+                                - row["grad_input_flops"])
+    row["gradient_bytes"] = grad_bytes
+    row["value_and_grad_temp_bytes"] = _temp_bytes(compiled["value_and_grad"])
+    row["value_and_grad_ms"] = _median_ms(compiled["value_and_grad"], (), call_args, args.reps)
+    del compiled, call_args
+    tx = optax.adamw(args.lr) if name == "dense" else osnn.grass_optimizer(args.lr)
+    step, carry, const = _train_step(model, tx, x)
+    row["train_step_temp_bytes"] = _temp_bytes(step)
+    row["train_step_ms"] = _median_ms(step, carry, const, args.reps)
+    del step, carry, const
+    if name == "grass":
+      refresh, carry, const = _refresh(model, x)
+      row["refresh_flops"] = _flops(refresh)
+      row["refresh_temp_bytes"] = _temp_bytes(refresh)
+      row["refresh_ms"] = _median_ms(refresh, carry, const, max(3, args.reps // 4))
+      row["train_step_with_amortised_refresh_ms"] = (
+          row["train_step_ms"] + row["refresh_ms"] / UPDATE_EVERY)
+      del refresh, carry, const
+    out[name] = row
+    print("   ", {k: v for k, v in row.items() if k.endswith(("_ms", "bytes"))}, flush=True)
+    del model
+    gc.collect()
+  d, g = out["dense"], out["grass"]
+  out["measured"] = {
+      "weight_grad_cut": 1 - g["weight_grad_flops"] / d["weight_grad_flops"],
+      "backward_flops_ratio": g["backward_flops"] / d["backward_flops"],
+      "forward_flops_ratio": g["forward_flops"] / d["forward_flops"],
+      "gradient_bytes_ratio": g["gradient_bytes"] / d["gradient_bytes"],
+      "value_and_grad_time_ratio": g["value_and_grad_ms"] / d["value_and_grad_ms"],
+      "train_step_time_ratio": g["train_step_ms"] / d["train_step_ms"],
+      "train_step_with_amortised_refresh_ratio": (
+          g["train_step_with_amortised_refresh_ms"] / d["train_step_ms"]),
+  }
+  # dD's products are exactly 2·T·Σ in·r; what the measured weight-gradient FLOPs add to them
+  # is elementwise (ρ's scaling, the norm scales' gradients), of relative size ~1/T.
+  out["measured"]["weight_grad_cut_minus_target"] = (
+      out["measured"]["weight_grad_cut"] - out["analytic"]["target_weight_grad_cut"])
+  return out
+
+
+def _model_level_shapes(shapes, rank):
+  """optimizer_step's tree with every projected kernel (in, out) replaced by D (in, r)."""
+  def convert(path, shape):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if ("attention" in names or "mlp" in names) and names[-1] == "kernel":
+      return {osnn.grass.D_NAME: (shape[0], min(rank, shape[1]))}
+    return shape
+  return jax.tree_util.tree_map_with_path(convert, shapes,
+                                          is_leaf=lambda x: isinstance(x, tuple))
+
+
+def bench_tree(args) -> dict:
+  cfg = optimizer_step.SIZES[args.tree_size]
+  rank, lr, big = cfg["rank"], args.lr, 10**9
+  projected = optimizer_step.PROJECTED
+  shapes = optimizer_step.llama_shapes(**cfg)
+  init = lambda k, s: 0.02 * jax.random.normal(k, s)
+  params = optimizer_step.make_tree(shapes, 0, init)
+  grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
+  methods = [
+      ("adamw", optax.adamw(lr), None),
+      ("galore_steady", osub.galore(lr, rank, big, mask=projected), 1),
+      ("osd_steady", osub.online_subspace_descent(lr, rank, mask=projected), 1),
+      ("grass_steady", osub.grass(lr, rank, big, mask=projected), 1),
+      ("grass_refresh_topk", osub.grass(lr, rank, 1, mask=projected), None),
+  ]
+  wanted = set(args.tree_methods.split(",")) | {"adamw"}
+  rows = []
+  for name, tx, count in methods:
+    if name in wanted:
+      reps = max(3, args.reps // 10) if "refresh" in name else args.reps
+      rows.append(optimizer_step.bench_update(name, tx, params, grads, reps, count))
+  del params, grads
+  gc.collect()
+  if "grass_model_level" in wanted:
+    d_shapes = _model_level_shapes(shapes, rank)
+    d_params = optimizer_step.make_tree(d_shapes, 0, lambda k, s: jnp.zeros(s))
+    d_grads = optimizer_step.make_tree(d_shapes, 1, optimizer_step.synthetic_gradient)
+    rows.append(optimizer_step.bench_update(
+        "grass_model_level", osnn.grass_optimizer(lr), d_params, d_grads, args.reps, None))
+  adamw = rows[0]
+  for r in rows:
+    r["ratio_to_adamw"] = r["median_ms"] / adamw["median_ms"]
+    r["state_ratio_to_adamw"] = r["state_bytes"] / adamw["state_bytes"]
+  return {"size": args.tree_size, "config": cfg, "projected": projected, "rows": rows,
+          "grass_model_level_tree": "projected kernels (in, out) replaced by D (in, r)"}
+
+
+def _plot(result: dict, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  blocks = result["blocks"]
+  d, g = blocks["dense"], blocks["grass"]
+  panels = [
+      ("weight-gradient GFLOPs", [d["weight_grad_flops"] / 1e9, g["weight_grad_flops"] / 1e9]),
+      ("backward GFLOPs", [d["backward_flops"] / 1e9, g["backward_flops"] / 1e9]),
+      ("gradient MiB", [d["gradient_bytes"] / 2**20, g["gradient_bytes"] / 2**20]),
+      ("train step ms (GRASS: + refresh / K)",
+       [d["train_step_ms"], g["train_step_with_amortised_refresh_ms"]]),
+  ]
+  n = len(panels) + ("tree" in result)
+  fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.4))
+  for ax, (title, values) in zip(axes, panels):
+    ax.bar(["dense", "GRASS"], values, color=["tab:gray", "tab:blue"])
+    ax.set_title(title, fontsize=9)
+  if "tree" in result:
+    rows = result["tree"]["rows"]
+    ax = axes[-1]
+    ax.barh([r["method"] for r in rows], [r["ratio_to_adamw"] for r in rows])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_title(f"optimizer update / AdamW ({result['tree']['size']} tree)", fontsize=9)
+    ax.tick_params(axis="y", labelsize=7)
+  fig.suptitle(f"GRASS r={result['config']['rank']}, {result['device']}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _commit() -> str | None:
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=pathlib.Path(__file__).resolve().parent, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+
+
+def main(argv=None) -> dict:
+  args = _parser().parse_args(argv)
+  dev = jax.devices()[0]
+  attention = args.attention
+  if attention == "auto":
+    attention = "cudnn" if dev.platform == "gpu" else "xla"
+  if attention == "cudnn":
+    jax.nn.dot_product_attention = functools.partial(
+        jax.nn.dot_product_attention, implementation="cudnn")
+  result = {
+      "benchmark": "grass_cost",
+      "command": " ".join(["python", "benchmarks/grass_cost.py"]
+                          + list(sys.argv[1:] if argv is None else argv)),
+      "commit": _commit(),
+      "device": dev.device_kind, "platform": dev.platform,
+      "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                   "optax": optax.__version__, "optax_subspace": osub.__version__},
+      "config": {k: v for k, v in vars(args).items() if k != "out"} | {
+          "attention": attention, "update_every": UPDATE_EVERY,
+          "compute_dtype": "bfloat16", "param_dtype": "float32"},
+      "timing": "median of --reps calls after 2 warm-up calls, each synced; train steps and"
+                " refreshes donate their state",
+  }
+  out = pathlib.Path(args.out)
+  print(f"block stack: {args.layers} blocks, d {args.hidden}, ffn {args.ffn}, {args.heads} heads,"
+        f" {args.batch}x{args.seq} tokens, rank {args.rank}, {attention} attention", flush=True)
+  result["blocks"] = bench_blocks(args)
+  print("  measured:", result["blocks"]["measured"], flush=True)
+  out.write_text(json.dumps(result, indent=1))
+  if not args.skip_tree:
+    print(f"optimizer update, {args.tree_size} tree:", flush=True)
+    result["tree"] = bench_tree(args)
+    out.write_text(json.dumps(result, indent=1))
+  _plot(result, out.with_suffix(".png"))
+  print("wrote", out, "and", out.with_suffix(".png"))
+  return result
+
+
+if __name__ == "__main__":
+  main()
