@@ -33,11 +33,13 @@ def grass(
     dims: _leaves.DimsSpec = None,
     seed: int = 0,
     projection_dtype=None,
+    side: str = "smaller",
 ) -> optax.GradientTransformation:
   r"""GRASS: AdamW whose moments live on r selected rows of each matrix.
 
-  Each selected matrix's gradient G (oriented s × l, s the smaller side) is
-  compressed to R = ρ ⊙ G[σ] (r × l) with the rows σ and scales ρ of
+  Each selected matrix's gradient G (oriented s × l, s the side rows are
+  selected from: the smaller one by default, see `side`) is compressed to
+  R = ρ ⊙ G[σ] (r × l) with the rows σ and scales ρ of
   `projectors.sparse_rows`, chosen at steps 0, T, 2T, … by `selection`
   ("topk": largest ‖G_i‖, ρ = 1; "multinomial": q_i ∝ ‖G_i‖,
   ρ_j = 1/√(r·q_σj); "uniform": ρ = √(s/r)). Adam runs on R; the update
@@ -58,8 +60,10 @@ def grass(
   constants follow `galore` (HF eps placement, eps 1e-6): GRASS has no
   public code, and this way the two presets differ only in the projector.
 
-  This is the optimizer level only: the full gradient is still formed by
-  the backward pass (the model-level compressed backward is not done yet).
+  This is the optimizer level: the full gradient is still formed by the
+  backward pass. The model level, `optax_subspace.nn.grass_layers`, forms
+  only the selected part of it; it selects output features, which is this
+  preset with ``side="cols"`` (the same trajectory, tested).
 
   References:
     Muhamed, Li, Woodruff, Diab, Smith, "Grass: Compute Efficient Low-Memory
@@ -81,6 +85,9 @@ def grass(
     seed: seed of the sampled selections.
     projection_dtype: operand dtype of the gathered rows; see
       `project_subspace`.
+    side: which side of each matrix is selected from: "smaller" (default),
+      "rows" (a Flax kernel's input features) or "cols" (its output
+      features: the rows of the torch weight, GRASS's rows for y = xWᵀ).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -100,4 +107,5 @@ def grass(
       seed=seed)
   return _presets._subspace_adamw(  # pylint: disable=protected-access
       learning_rate, projector, scale, b1, b2, eps, eps_placement,
-      weight_decay, mask, dims, ON_CHANGE[on_change], projection_dtype)
+      weight_decay, mask, dims, ON_CHANGE[on_change], projection_dtype,
+      side)

@@ -87,7 +87,7 @@ def _hf_or_optax_adam(b1, b2, eps, eps_placement):
 
 def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                     eps_placement, weight_decay, mask, dims, on_change,
-                    projection_dtype):
+                    projection_dtype, side="smaller"):
   parts = [
       _combinator.project_subspace(
           _hf_or_optax_adam(b1, b2, eps, eps_placement),
@@ -97,6 +97,7 @@ def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
           dims=dims,
           on_change=on_change,
           projection_dtype=projection_dtype,
+          side=side,
       ),
       optax.scale_by_learning_rate(learning_rate),
   ]
