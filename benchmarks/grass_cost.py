@@ -47,16 +47,20 @@ import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
+# Run as a script (python benchmarks/grass_cost.py): the repository root holds
+# benchmarks/ and examples/.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import optax_subspace as osub
-from benchmarks import optimizer_step
-from optax_subspace import nn as osnn
-from optax_subspace.nn import _surgery
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import optax_subspace as osub  # noqa: E402
+from benchmarks import optimizer_step  # noqa: E402
+from optax_subspace import nn as osnn  # noqa: E402
+from optax_subspace.nn import _surgery  # noqa: E402
 
 GRASS_LAYERS = r"(attention|mlp)/"
 UPDATE_EVERY = 200  # K: the refresh is timed apart and amortised over K steps

@@ -354,3 +354,20 @@ def test_rank_equal_to_out_features_trains_every_column():
   nng.grass_refresh(model, opt, _loss, x)
   np.testing.assert_array_equal(np.asarray(model.proj.grass_indices[...]),
                                 np.arange(8))
+
+
+def test_grass_optimizer_scales_d_and_decays_only_the_dense_params():
+  params = {"proj": {nng.D_NAME: jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+  grads = {"proj": {nng.D_NAME: jnp.full((3, 2), 0.5),
+                    "bias": jnp.full(2, 0.5)}}
+  plain = nng.grass_optimizer(0.1)
+  scaled = nng.grass_optimizer(0.1, scale=0.25, weight_decay=0.5)
+  u_plain, _ = plain.update(grads, plain.init(params), params)
+  u_scaled, _ = scaled.update(grads, scaled.init(params), params)
+  np.testing.assert_allclose(np.asarray(u_scaled["proj"][nng.D_NAME]),
+                             0.25 * np.asarray(u_plain["proj"][nng.D_NAME]),
+                             rtol=1e-6)
+  # bias: W ← (W + u)(1 − lr·wd), i.e. u − lr·wd·(W + u)
+  u = np.asarray(u_plain["proj"]["bias"])
+  np.testing.assert_allclose(np.asarray(u_scaled["proj"]["bias"]),
+                             u - 0.1 * 0.5 * (1.0 + u), rtol=1e-6)
