@@ -33,7 +33,7 @@ inner state, as the paper's Algorithm 1 does.
 
 from __future__ import annotations
 
-import re
+import math
 from typing import Optional
 
 import jax
@@ -43,6 +43,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from optax_subspace import _presets
 from optax_subspace._restart import restart_every
 from optax_subspace.nn import _surgery
 from optax_subspace.projectors import _base
@@ -386,20 +387,28 @@ def _is_rso_b(path) -> bool:
 
 def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
                   proximal: Optional[float] = None,
-                  inner: Optional[optax.GradientTransformation] = None
-                  ) -> optax.GradientTransformation:
+                  inner: Optional[optax.GradientTransformation] = None,
+                  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+                  eps_placement: str = "hf") -> optax.GradientTransformation:
   r"""The optimizer of a model with `RsoLinear` layers, for ``nnx.Optimizer(..., wrt=nnx.Param)``.
 
-  Every B (the ``rso_b`` parameters) runs
-  ``restart_every(chain(add_decayed_weights(1/η), inner), K)``: within
-  subproblem k the inner optimizer minimises f(W_k + P_k·B) + ‖B‖²/(2η)
-  from B = 0 with a fresh state, whose proximal gradient B/η is added to
-  ∂f/∂B (B is exactly the displacement W − W_k of the current subproblem);
-  without `proximal` the subproblem is min_B f(W_k + P_k·B). Every other
-  parameter (embeddings, norms, head, biases) runs `inner` in full, never
-  restarted. The train loop merges after every K-th update (`merge_if_due`),
-  so the restarts at updates 0, K, 2K, … meet a freshly zeroed B
-  (arXiv:2502.07222, Algorithm 1 and eq. (5)).
+  Within subproblem k every B (the ``rso_b`` parameters) runs the inner
+  optimizer on min_B f(W_k + P_k·B) + ‖B‖²/(2η) from B = 0:
+
+      G_B = ∂f/∂B + B/η,   B ← B − lr(t)·direction(G_B)
+
+  with the direction's state restarted at updates 0, K, 2K, …
+  (`restart_every`) and the learning rate following the global update count
+  t. B is exactly the displacement W − W_k of the current subproblem, so
+  B/η is the proximal gradient (arXiv:2502.07222, Algorithm 1 and eq. (5)).
+  Every other parameter (embeddings, norms, head, biases) runs the same
+  direction at full size, never restarted. The train loop merges after every
+  K-th update (`merge_if_due`), so each restart meets a freshly zeroed B.
+  These are the steps of the optimizer-level ``optax_subspace.rso`` (same
+  arguments) on the unmodified model.
+
+  Decoupled weight decay is not offered here: it would change the frozen W
+  at every step.
 
   References:
     Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
@@ -407,12 +416,14 @@ def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
     arXiv:2502.07222.
 
   Args:
-    learning_rate: the learning rate (or schedule) of the default inner
-      optimizer, ``optax.adam(learning_rate)``; unused when `inner` is given.
+    learning_rate: float or optax schedule (of the global update count).
     inner_steps: K, optimizer updates per subproblem, a Python int ≥ 1.
     proximal: η > 0 of the proximal term ‖B‖²/(2η); None: no proximal term.
-    inner: the optax transformation run on every parameter (with its learning
-      rate); default ``optax.adam(learning_rate)``.
+    inner: the update direction without the learning rate (an optax
+      ``scale_by_*`` transformation; `optax.identity()` is SGD); default
+      Adam with `b1`, `b2`, `eps`, `eps_placement` ("hf": eps on the
+      un-bias-corrected √v, as `galore`; "optax": `optax.scale_by_adam`).
+    b1, b2, eps, eps_placement: the default direction's constants.
 
   Returns:
     An `optax.GradientTransformation` (an `optax.multi_transform`).
@@ -425,18 +436,25 @@ def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
     >>> opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   """
   inner_steps = _base.check_every(inner_steps, "inner_steps")
-  if proximal is not None and not proximal > 0:
-    raise ValueError(f"proximal (η) must be positive or None, got {proximal}.")
-  if inner is None:
-    inner = optax.adam(learning_rate)
-  subproblem = inner
+  if proximal is not None and (isinstance(proximal, bool) or not proximal > 0
+                               or not math.isfinite(proximal)):
+    raise ValueError(
+        f"proximal (η) must be None or a positive finite number, got {proximal!r}.")
+  direction = inner if inner is not None else _presets._hf_or_optax_adam(  # pylint: disable=protected-access
+      b1, b2, eps, eps_placement)
+  subproblem = direction
   if proximal is not None:
-    # ∂/∂B of ‖B‖²/(2η) is B/η (arXiv:2502.07222, eq. (5)).
-    subproblem = optax.chain(optax.add_decayed_weights(1.0 / proximal), inner)
+    # ∇_B ‖B‖²/(2η) = B/η (arXiv:2502.07222, eq. (5)).
+    add_proximal = optax.stateless(
+        lambda g, b: jax.tree_util.tree_map(
+            lambda g, b: (g + b / proximal).astype(jnp.result_type(g)), g, b))
+    subproblem = optax.chain(add_proximal, direction)
+  step = optax.scale_by_learning_rate(learning_rate)
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "rso" if _is_rso_b(path) else "full", params)
 
   return optax.multi_transform(
-      {"rso": restart_every(subproblem, inner_steps), "full": inner}, labels)
+      {"rso": optax.chain(restart_every(subproblem, inner_steps), step),
+       "full": optax.chain(direction, step)}, labels)
