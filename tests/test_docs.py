@@ -6,12 +6,13 @@ import pathlib
 import pytest
 
 import optax_subspace as osub
+from optax_subspace import nn
 from optax_subspace import projectors
 
 API_PAGE = (pathlib.Path(__file__).parent.parent / "docs" / "api.md").read_text()
 PUBLIC = [(n, getattr(osub, n)) for n in osub.__all__ if n != "projectors"] + [
     (n, getattr(projectors, n)) for n in projectors.__all__
-]
+] + [(n, getattr(nn, n)) for n in nn.__all__]
 FUNCTIONS = [(n, obj) for n, obj in PUBLIC if inspect.isfunction(obj)]
 
 
