@@ -21,13 +21,15 @@ held constant), the optimizer state and the input; outputs alias the donated arg
 Targets (issue 4): RSO's temp bytes ≤ 0.8× AdamW's, its step time ≤ 1.1× AdamW's.
 
 Attention: the example's model calls `jax.nn.dot_product_attention` without an implementation,
-which is XLA's: it materialises the b×heads×s×s probabilities, 1 GiB per block at 8×2048 with
-16 heads in bf16, the same for every optimizer and more than the rest of a block's activations.
+which is XLA's: it keeps b×heads×s×s tensors for the backward (float32 logits and their exp, bf16
+probabilities, the mask): 5.5 GiB per block at 8×2048 with 16 heads, the same for every optimizer
+and five times the rest of a block's activations (1.1 GiB).
 `--attention cudnn` (the default on GPU) makes the benchmark process call the cuDNN flash
 attention instead (a partial of `jax.nn.dot_product_attention` with implementation="cudnn");
 `--attention xla` keeps the example's. At the defaults (cuDNN attention, no remat) AdamW's step
-needs about 25 GB of an 80 GB H100 by our estimate; with `--attention xla`, use `--layers 8`
-or `--remat`.
+needs about 32 GB of an 80 GB H100 by our estimate (24 × 1.2 GiB of activations, 1.2 GB each of
+parameters and gradients, 2.4 GB of Adam state); with `--attention xla`, use `--layers 8` or
+`--remat`.
 
     python benchmarks/rso_memory.py --out benchmarks/results/rso_memory_h100.json    # GPU
     python benchmarks/rso_memory.py --layers 1 --batch 1 --seq 64 --hidden 64 --ffn 176 \\
@@ -111,6 +113,39 @@ def _nbytes(tree) -> int:
   return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
 
 
+def _block_residual_bytes(block, x) -> dict:
+  """Bytes one block keeps for its backward (jax's saved residuals, arguments excluded).
+
+  Platform-independent (read from the traced VJP, before XLA): "activations" are the residuals
+  with a batch and a sequence axis (attention's included), "weights" the 2-D ones (the kernels
+  cast to the compute dtype, P, B).
+  """
+  import contextlib
+  import io
+  import math
+  import re
+
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.ad_checkpoint import print_saved_residuals
+
+  graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+  f = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x).astype(jnp.float32))
+  text = io.StringIO()
+  with contextlib.redirect_stdout(text):
+    print_saved_residuals(f, params, x)
+  out = {"activations": 0, "weights": 0}
+  for line in text.getvalue().splitlines():
+    m = re.match(r"(\w+)\[([0-9,]*)\] (.*)", line)
+    if m is None or "from the argument" in m.group(3):
+      continue
+    shape = [int(d) for d in m.group(2).split(",") if d]
+    itemsize = jnp.dtype({"bf16": "bfloat16", "f32": "float32", "f16": "float16",
+                          "i32": "int32"}.get(m.group(1), m.group(1))).itemsize
+    out["activations" if len(shape) >= 3 else "weights"] += itemsize * math.prod(shape)
+  return out
+
+
 def _worker(args) -> dict:
   """One method's numbers; runs in its own process."""
   import jax
@@ -155,6 +190,7 @@ def _worker(args) -> dict:
       "trainable_param_bytes": _nbytes(params),
       "frozen_bytes": _nbytes(frozen),
       "opt_state_bytes": _nbytes(opt_state),
+      "block_residual_bytes": _block_residual_bytes(model.layers[0], x),
   }
   dev = jax.devices()[0]
   if dev.platform != "gpu":
@@ -284,6 +320,8 @@ def main(argv=None) -> dict:
           " state and input",
           "peak_bytes_in_use": "device allocator's peak over compile-free warm-up + timed steps"
           " (the process holds only this method)",
+          "block_residual_bytes": "what one block keeps for its backward, from jax's saved"
+          " residuals (traced, before XLA): activations (batch × seq × …) and 2-D weights",
           "step_ms": f"median of {args.steps} synced steps after {args.warmup} warm-up steps",
       },
       "methods": {m: _run_method(m, argv) for m in methods},

@@ -21,5 +21,8 @@ def test_rso_memory_writes_json_and_plot_for_every_method(tmp_path):
   rso, adamw = result["methods"]["rso"], result["methods"]["adamw"]
   assert rso["trainable_param_bytes"] < adamw["trainable_param_bytes"]
   assert rso["frozen_bytes"] > 0
+  # A block keeps x·P (b×r) for its linear layers' backward instead of their inputs.
+  assert (rso["block_residual_bytes"]["activations"]
+          < adamw["block_residual_bytes"]["activations"])
   assert set(result["ratios_vs_adamw"]) == {"galore", "rso"}
   assert result["config"]["attention"] == "xla"
