@@ -42,10 +42,15 @@ class RsoSubproblemState(NamedTuple):
 
 
 def _check_proximal(proximal) -> Optional[float]:
+  """η as a float, or None; raises on anything else."""
   if proximal is None:
     return None
-  if (isinstance(proximal, bool) or not isinstance(proximal, (int, float))
-      or not math.isfinite(proximal) or proximal <= 0):
+  if isinstance(proximal, bool) or not isinstance(proximal, (int, float)):
+    raise TypeError(
+        "proximal must be None or a Python number, got"
+        f" {type(proximal).__name__}. Under optax.inject_hyperparams, list"
+        " 'proximal' in static_args.")
+  if not math.isfinite(proximal) or proximal <= 0:
     raise ValueError(
         "proximal must be None (no proximal term) or η, a positive finite"
         f" number (the subproblem adds ‖B‖²/(2η)), got {proximal!r}.")

@@ -13,6 +13,7 @@ midway is never listed as a step, and the latest complete one is restored.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Optional
 
@@ -73,8 +74,12 @@ def _subspaces(params, opt_state) -> dict:
       arrays = jax.tree_util.tree_leaves(p)
       leaves[path] = {
           "projector": type(p).__name__,
-          "fields": list(getattr(p, "_fields", ())),
-          "rank": int(np.shape(arrays[0])[-1]) if arrays else 0,
+          "fields": list(getattr(p, "_fields", ()) or (
+              [f.name for f in dataclasses.fields(p)]
+              if dataclasses.is_dataclass(p) else ())),
+          # A state that stores no basis (RandomState) declares its shape.
+          "rank": (p.basis_shape[1] if hasattr(p, "basis_shape")
+                   else int(np.shape(arrays[0])[-1]) if arrays else 0),
       }
     out[_leaves.path_str(kp)] = leaves
   return out

@@ -22,9 +22,10 @@ smaller side; see `optax_subspace.MatrixDims`):
   an unmatched buffer as large as a sharded parameter gets a warning.
 
 Which axes are rows, columns and batch is recomputed with
-`_leaves.plan_leaves` from the projector state that `tx.init` makes (which
-leaves are projected, at what rank), so only `dims` has to be repeated for
-leaves with more than two axes.
+`_leaves.plan_leaves` from the state that `tx.init` makes (which leaves are
+projected, at what rank, on which side: `project_subspace`'s `side` is read
+off the shapes of each leaf's buffers), so only `dims` has to be repeated
+for leaves with more than two axes.
 """
 
 from __future__ import annotations
@@ -147,26 +148,69 @@ def _match(path, by_path):
   return None
 
 
+def _oriented(plan: _leaves.LeafPlan, rank: int, projector_shapes,
+              inner_shapes) -> _leaves.LeafPlan:
+  """The plan of a projected leaf, its side and rank read off its state.
+
+  Of the two orientations (P spanning the rows or the columns, at `rank`
+  clamped to that side), the one more of the leaf's buffers have the shape
+  of: inner buffers the low-rank shape, projector buffers P's (s × r) shape.
+  A tie (no such buffer, or a square matrix at full rank) keeps the smaller
+  side, the combinator's default.
+  """
+  nb = len(plan.batch_shape)
+
+  def score(axis):
+    s = plan.rows if axis == 0 else plan.cols
+    p = plan._replace(axis=axis, rank=min(rank, s))
+    return (sum(tuple(x[nb:]) == p.low_rank_shape[nb:] for x in inner_shapes)
+            + sum(tuple(x[nb:]) == (s, p.rank) for x in projector_shapes))
+
+  scores = (score(0), score(1))
+  axis = plan.axis if scores[0] == scores[1] else int(scores[1] > scores[0])
+  return plan._replace(
+      axis=axis, rank=min(rank, plan.rows if axis == 0 else plan.cols))
+
+
 def _project_state_plans(node, params, dims):
-  """Recomputes the leaf plans a `project_subspace` state was made with."""
+  """Recomputes the leaf plans a `project_subspace` state was made with.
+
+  Which leaves are projected comes from the projector states; each one's
+  rank from its projector state (the static `basis_shape` of a state that
+  stores no basis, else the last axis of its first array), and its side
+  from the shapes of its buffers (`_oriented`).
+  """
   treedef = jax.tree_util.tree_structure(params)
   pstates = treedef.flatten_up_to(node.projectors)
   projected = [not isinstance(p, optax.MaskedNode) for p in pstates]
   ranks = [
-      int(np.shape(jax.tree_util.tree_leaves(p)[0])[-1]) if sel else 0
+      (p.basis_shape[1] if hasattr(p, "basis_shape")
+       else int(np.shape(jax.tree_util.tree_leaves(p)[0])[-1])) if sel else 0
       for p, sel in zip(pstates, projected)
   ]
-  rank = max(ranks) if any(projected) else 1
   mask = treedef.unflatten(projected)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      plans, _ = _leaves.plan_leaves(params, rank, mask, dims)
+      plans, _ = _leaves.plan_leaves(params, max(ranks, default=1) or 1, mask,
+                                     dims)
   except ValueError as e:
     raise ValueError(
         f"{e}\nstate_shardings needs the same `dims` as the optimizer."
     ) from e
-  return plans
+  by_path = {
+      tuple(kp): i for i, (kp, _) in enumerate(
+          jax.tree_util.tree_flatten_with_path(params)[0])}
+  inner_shapes = [[] for _ in plans]
+  for path, x in jax.tree_util.tree_flatten_with_path(node.inner)[0]:
+    i = _match(tuple(path), by_path)
+    if i is not None:
+      inner_shapes[i].append(tuple(np.shape(x)))
+  return [
+      _oriented(plan, rank, [np.shape(x) for x in jax.tree_util.tree_leaves(
+          pstate)], inner_shapes[i]) if plan.projected else plan
+      for i, (plan, pstate, rank) in enumerate(zip(plans, pstates, ranks))
+  ]
 
 
 def state_shardings(

@@ -39,6 +39,8 @@ PRESETS = {
     "grass_topk": lambda: osub.grass(0.01, RANK, EVERY),
     "grass_multinomial": lambda: osub.grass(
         0.01, RANK, EVERY, "multinomial", on_change="remap"),
+    "rso": lambda: osub.rso(0.01, RANK, EVERY, proximal=1.0,
+                            weight_decay=0.1),
 }
 NAMES = sorted(PRESETS)
 SPECS = {"w1": P("fsdp", None), "w2": P("fsdp", None), "b": P()}

@@ -368,6 +368,7 @@ def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
     (dict(proximal=float("inf")), ValueError, "proximal must be None"),
     (dict(distribution="uniform"), ValueError, "distribution must be one of"),
     (dict(inner_steps=2.5), TypeError, "inner_steps must be a Python int"),
+    (dict(proximal=jnp.float32(1.0)), TypeError, "'proximal' in static_args"),
 ])
 def test_bad_arguments_are_rejected_when_the_optimizer_is_built(kwargs, error,
                                                                  match):
@@ -400,3 +401,55 @@ def test_a_layer_that_is_not_a_2d_linear_map_needs_dims():
   dims = osub.MatrixDims(rows=(0, 1, 2), cols=3)  # 72 inputs, 16 outputs
   state = jax.eval_shape(osub.rso(1e-3, rank=2, dims=dims).init, params)
   assert state[0].projectors["conv"].basis_shape == (72, 2)
+
+
+# --- sharding ---------------------------------------------------------------
+
+
+@pytest.mark.skipif(
+    jax.device_count() < 8,
+    reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_state_shardings_read_the_projected_side_off_the_state():
+  mesh = jax.make_mesh((8,), ("fsdp",), (jax.sharding.AxisType.Auto,))
+  spec = jax.sharding.PartitionSpec
+  params = {"a": jnp.zeros((16, 32)), "c": jnp.zeros((64, 16))}
+  shardings = {n: jax.sharding.NamedSharding(mesh, spec("fsdp", None))
+               for n in params}
+  got = osub.state_shardings(osub.rso(1e-3, rank=4, proximal=1.0), params,
+                             shardings)[0]
+  # P on the rows (16 and 64), moments and B at r × n: the rows' sharding
+  # moves to n (ZeRO); keys and indices are replicated.
+  for leaf in jax.tree_util.tree_leaves(got.projectors):
+    assert all(e is None for e in leaf.spec)
+  subspace = got.inner.inner_states["subspace"].inner_state
+  for buffers in (subspace.displacement, subspace.inner.inner.mu,
+                  subspace.inner.inner.nu):
+    assert buffers["a"].spec == spec(None, "fsdp")  # (4, 32)
+    assert buffers["c"].spec == spec(None, "fsdp")  # (4, 16)
+  # A wide matrix projected on its (larger) columns: P (32 × 4) keeps the
+  # columns' sharding, the moments (16 × 4) take it on their rows.
+  wide = {"a": params["a"]}
+  tx = osub.project_subspace(optax.adam(1e-3), projectors.svd(4), side="cols")
+  got = osub.state_shardings(
+      tx, wide, {"a": jax.sharding.NamedSharding(mesh, spec(None, "fsdp"))})
+  assert got.projectors["a"].basis.spec == spec("fsdp", None)
+  assert got.inner[0].mu["a"].spec == spec("fsdp", None)
+
+
+def test_a_checkpoint_at_another_rank_fails_naming_the_rank(tmp_path):
+  params = {"w": jnp.zeros((10, 6))}
+  tx = osub.rso(1e-3, rank=3)
+  manager = ocp.CheckpointManager(tmp_path)
+  osub.save_checkpoint(manager, 0, params, tx.init(params))
+  manager.wait_until_finished()
+  other = osub.rso(1e-3, rank=2)
+  with pytest.raises(osub.CheckpointMismatchError,
+                     match=r"rank differs.*'w': checkpoint 3, target 2"):
+    osub.restore_checkpoint(manager, jax.eval_shape(lambda p: p, params),
+                            jax.eval_shape(other.init, params))
+  galore = osub.galore(1e-3, rank=3)
+  with pytest.raises(osub.CheckpointMismatchError,
+                     match=r"checkpoint RandomState\('key', 'subproblem',"
+                     r" 'basis_shape'\), target SvdState\('basis',\)"):
+    osub.restore_checkpoint(manager, jax.eval_shape(lambda p: p, params),
+                            jax.eval_shape(galore.init, params))

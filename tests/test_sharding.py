@@ -43,6 +43,7 @@ PRESETS = {
     "grass_topk": lambda: osub.grass(0.01, RANK, EVERY, dims=DIMS),
     "grass_multinomial": lambda: osub.grass(
         0.01, RANK, EVERY, "multinomial", on_change="remap", dims=DIMS),
+    "rso": lambda: osub.rso(0.01, RANK, EVERY, proximal=1.0, dims=DIMS),
 }
 NAMES = sorted(PRESETS)
 # Every case of a matrix under FSDP: sharded on its projected (smaller) side
