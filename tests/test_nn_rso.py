@@ -443,3 +443,26 @@ def test_model_and_optimizer_level_take_the_same_steps(direction, proximal):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=atol, err_msg=name)
     moved = max(moved, float(np.max(np.abs(want[name] - initial[name]))))
   assert moved > 1e-3  # the comparison is not between untrained models
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS="
+                    "--xla_force_host_platform_device_count=8")
+def test_partitioning_metadata_carries_over_to_b_and_p_and_through_a_jitted_merge():
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.Linear(16, 32, rngs=rngs, kernel_init=nnx.with_partitioning(
+          nnx.initializers.lecun_normal(), (None, "model")))
+
+  with jax.set_mesh(mesh):
+    model = Mlp(nnx.Rngs(0))
+    osnn.rso_layers(model, RANK, mask="up")
+    specs = nnx.get_partition_spec(nnx.state(model))["up"]
+    assert specs["rso_b"].get_value() == P(None, "model")
+    assert specs["rso_basis"].get_value() == P(None, None)
+    assert specs["kernel"].get_value() == P(None, "model")
+    nnx.jit(osnn.merge_and_redraw)(model)
+  assert model.up.kernel[...].sharding.spec == P(None, "model")
+  assert model.up.rso_b[...].sharding.spec == P(None, "model")
+  assert int(model.up.rso_subproblem[...]) == 1

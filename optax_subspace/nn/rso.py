@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
@@ -280,12 +281,25 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
   return [_surgery.path_str(path) for path, _ in new]
 
 
-def _like(new: jax.Array, old: jax.Array) -> jax.Array:
-  """`new` on `old`'s NamedSharding when `old` is a concrete array that has one."""
-  sharding = getattr(old, "sharding", None)
-  if isinstance(old, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
+def _kept(new: jax.Array, variable: nnx.Variable) -> jax.Array:
+  """`new` with `variable`'s sharding, where it is known.
+
+  Eagerly: the current array's NamedSharding. Under a trace: the variable's
+  `out_sharding` metadata (`nnx.with_partitioning`), given a mesh (in the
+  metadata or `jax.set_mesh`), as Flax shards a new variable; without
+  metadata the compiler's propagation decides.
+  """
+  old = variable[...]
+  if not isinstance(old, jax.core.Tracer):
+    sharding = getattr(old, "sharding", None)
+    return jax.device_put(new, sharding) if isinstance(sharding, NamedSharding) else new
+  metadata = variable.get_metadata()
+  names = metadata.get("out_sharding")
+  if not names or (metadata.get("mesh") is None
+                   and jax.sharding.get_abstract_mesh().empty):
     return new
-  return jax.device_put(new, sharding)
+  return flax_spmd.shard_value(new, names, metadata.get("sharding_rules"),
+                               metadata.get("mesh"))
 
 
 def merge_and_redraw(model: nnx.Module) -> None:
@@ -295,9 +309,11 @@ def merge_and_redraw(model: nnx.Module) -> None:
   dtype), B ← 0, k ← k + 1 and P ← P_{k+1}, the layer's next draw
   (arXiv:2502.07222, Algorithm 1). The draws of all layers with the same
   (in_features, rank, distribution) are one vmapped computation. Call it
-  after every K-th optimizer update (`merge_if_due` does the bookkeeping);
-  eagerly it keeps the arrays' shardings, and under `nnx.jit` the outputs
-  follow the inputs' shardings.
+  after every K-th optimizer update (`merge_if_due` does the bookkeeping).
+  Shardings: eagerly the arrays keep theirs; under `nnx.jit`, variables with
+  `out_sharding` metadata (`nnx.with_partitioning`, as `rso_layers` derives
+  for B and P) are constrained to it, and the others follow the compiler's
+  propagation (inside a jitted train step, from the update: tested).
 
   References:
     Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
@@ -334,9 +350,9 @@ def merge_and_redraw(model: nnx.Module) -> None:
       w, p, b = layer.kernel[...], layer.rso_basis[...], layer.rso_b[...]
       merged = w.astype(jnp.float32) + jnp.matmul(
           p, b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-      layer.kernel.value = _like(merged.astype(w.dtype), w)
-      layer.rso_b.value = _like(jnp.zeros_like(b), b)
-      layer.rso_basis.value = _like(basis, p)
+      layer.kernel.value = _kept(merged.astype(w.dtype), layer.kernel)
+      layer.rso_b.value = _kept(jnp.zeros_like(b), layer.rso_b)
+      layer.rso_basis.value = _kept(basis, layer.rso_basis)
       layer.rso_subproblem.value = layer.rso_subproblem[...] + 1
 
 
