@@ -6,7 +6,7 @@ min_B f(W_k + P_k·B) + ‖B‖²/(2η) from B = 0 with a fresh inner optimizer,
 merges W_{k+1} = W_k + P_k·B and draws a new P_{k+1}. With W frozen inside a
 subproblem, a layer z = x·(W + P·B) = x·W + (x·P)·B has ∂L/∂B = (x·P)ᵀ·∂L/∂z,
 so its backward pass keeps x·P (b×r) instead of x (b×m) and never forms the
-m×n weight gradient (paper, Sec. 3: the activation-memory argument).
+m×n weight gradient (the paper's activation-memory argument; METHODS.md, Seed 001).
 
 How it plugs into an unmodified Flax NNX model: module surgery
 (`optax_subspace.nn._surgery`). `rso_layers` swaps each selected `nnx.Linear`
@@ -22,13 +22,13 @@ The training protocol, one subproblem per K = `inner_steps` updates:
     rso_layers(model, rank)                       # P_0 drawn, B = 0
     opt = nnx.Optimizer(model, rso_optimizer(lr, inner_steps=K), wrt=nnx.Param)
     for t in range(steps):
-      grads = nnx.grad(loss_fn)(model, batch)      # gradients of B only
+      grads = nnx.grad(loss_fn)(model, batch)      # of B and the dense Params
       opt.update(model, grads)                     # update t (0-based)
       merge_if_due(model, opt.step[...], K)        # after updates K, 2K, …
 
 The optimizer restarts its state for B at its updates 0, K, 2K, …, which is
 right after each merge, so every subproblem starts from B = 0 with a fresh
-inner state, as the paper's Algorithm 1 does.
+inner state, as the paper's outer loop does.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class RsoLinear(nnx.Module):
   layer's `nnx.Param`, zero at the start of each subproblem. So
   ∂L/∂B = (x·P)ᵀ·∂L/∂y = Pᵀ·∂L/∂W, and the backward pass saves x·P (b×r),
   not x (b×in); ∂L/∂x = ∂L/∂y·Wᵀ + (∂L/∂y·Bᵀ)·Pᵀ needs only W, P and B
-  (arXiv:2502.07222, Sec. 3). The bias, if the layer has one, stays an
+  (arXiv:2502.07222). The bias, if the layer has one, stays an
   `nnx.Param` trained in full. Dtype promotion, `precision`, `dot_general`
   and `preferred_element_type` are the replaced layer's; P and B are cast to
   the compute dtype for the products.
@@ -307,7 +307,7 @@ def merge_and_redraw(model: nnx.Module) -> None:
 
   W_{k+1} = W_k + P_k·B (float32 arithmetic at full precision, stored in W's
   dtype), B ← 0, k ← k + 1 and P ← P_{k+1}, the layer's next draw
-  (arXiv:2502.07222, Algorithm 1). The draws of all layers with the same
+  (arXiv:2502.07222, the outer loop). The draws of all layers with the same
   (in_features, rank, distribution) are one vmapped computation. Call it
   after every K-th optimizer update (`merge_if_due` does the bookkeeping).
   Shardings: eagerly the arrays keep theirs; under `nnx.jit`, variables with
@@ -362,7 +362,7 @@ def merge_if_due(model: nnx.Module, step, inner_steps: int) -> None:
   Call it right after each optimizer update with the number of updates done
   so far (``nnx.Optimizer.step`` after `update`): the merges then fall after
   updates K, 2K, …, and `rso_optimizer` restarts B's inner state at the very
-  next update (arXiv:2502.07222, Algorithm 1). `step` may be a Python int
+  next update (arXiv:2502.07222, the outer loop). `step` may be a Python int
   (checked on the host) or a traced array inside `nnx.jit` (then an
   `nnx.cond`, so one compiled train step serves every step).
 
@@ -416,7 +416,7 @@ def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
   with the direction's state restarted at updates 0, K, 2K, …
   (`restart_every`) and the learning rate following the global update count
   t. B is exactly the displacement W − W_k of the current subproblem, so
-  B/η is the proximal gradient (arXiv:2502.07222, Algorithm 1 and eq. (5)).
+  B/η is the proximal gradient (arXiv:2502.07222, the subproblem).
   Every other parameter (embeddings, norms, head, biases) runs the same
   direction at full size, never restarted. The train loop merges after every
   K-th update (`merge_if_due`), so each restart meets a freshly zeroed B.
@@ -460,7 +460,7 @@ def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
       b1, b2, eps, eps_placement)
   subproblem = direction
   if proximal is not None:
-    # ∇_B ‖B‖²/(2η) = B/η (arXiv:2502.07222, eq. (5)).
+    # ∇_B ‖B‖²/(2η) = B/η, the proximal term of RSO's subproblem (arXiv:2502.07222).
     add_proximal = optax.stateless(
         lambda g, b: jax.tree_util.tree_map(
             lambda g, b: (g + b / proximal).astype(jnp.result_type(g)), g, b))
