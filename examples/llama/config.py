@@ -99,6 +99,9 @@ class TrainConfig:
   rank: int = _flag(0, "projection rank of the subspace methods; 0: hidden size / 4")
   update_every: int = _flag(200, "steps between subspace refreshes (GaLore's T)")
   galore_scale: float = _flag(0.25, "scale alpha of the back-projected update")
+  # devices
+  data_parallel: int = _flag(1, "devices on the mesh's data axis (batch split, weights replicated)")
+  fsdp: int = _flag(1, "devices on the mesh's fsdp axis (batch and every matrix split: FSDP)")
   # run
   seed: int = _flag(0, "seeds the initialisation and the data order")
   run_dir: str = _flag(
@@ -153,13 +156,22 @@ class TrainConfig:
           f"--rank {self.rank} does not fit model {self.model_size} (hidden size {hidden}); "
           f"pick 1..{hidden}, or 0 for {hidden // 4}"
       )
-    positive = ("seq_len", "batch_size", "grad_accum", "steps", "eval_windows", "update_every")
+    positive = (
+        "seq_len", "batch_size", "grad_accum", "steps", "eval_windows", "update_every",
+        "data_parallel", "fsdp",
+    )  # fmt: skip
     for name in positive:
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name.replace('_', '-')} must be positive")
     if self.batch_size % self.grad_accum:
       raise ConfigError(
           f"--grad-accum {self.grad_accum} must divide --batch-size {self.batch_size}"
+      )
+    devices = self.data_parallel * self.fsdp
+    if self.micro_batch_size % devices:
+      raise ConfigError(
+          f"the micro-batch of {self.micro_batch_size} windows does not split over "
+          f"--data-parallel {self.data_parallel} × --fsdp {self.fsdp} = {devices} devices"
       )
     if self.warmup_steps >= self.steps:
       raise ConfigError(f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}")

@@ -107,6 +107,21 @@ def _run_block(block: Block, x: jax.Array) -> jax.Array:
   return block(x)
 
 
+# The mesh axes the batch is split over when the model runs under `jax.set_mesh` (the example's
+# ("data", "fsdp") mesh). Activations are pinned there, so XLA's partitioner does not carry the
+# parameters' FSDP sharding of the hidden axis into them (MaxText constrains them the same way).
+BATCH_AXES = ("data", "fsdp")
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """x (batch, ...) split over BATCH_AXES of the current mesh; x itself outside a mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return x
+  spec = jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
 class Llama(nnx.Module):
   """Token ids (batch, seq) -> next-token logits (batch, seq, vocab) in float32."""
 
@@ -127,10 +142,10 @@ class Llama(nnx.Module):
     self.lm_head = _linear(cfg, cfg.hidden, cfg.vocab_size, rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    x = self.embed(tokens)
+    x = constrain_batch(self.embed(tokens))
     run_block = nnx.remat(_run_block) if self.cfg.remat else _run_block
     for block in self.layers:
-      x = run_block(block, x)
+      x = constrain_batch(run_block(block, x))
     return self.lm_head(self.norm(x)).astype(jnp.float32)
 
 

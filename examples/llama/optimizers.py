@@ -107,9 +107,19 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         mask=PROJECTED,
     )
   if cfg.optimizer == "rso":
-    raise ConfigError("--optimizer rso is not available yet (issue 4); use galore, osd or grass")
+    # One RSO subproblem per --update-every steps: a fresh random (Haar) P on the input side of
+    # every projected kernel, Adam restarted on B; no proximal term and no α (docs/rso.md).
+    return _subspace_method("rso", "rso")(
+        lr,
+        rank=cfg.effective_rank(),
+        inner_steps=cfg.update_every,
+        weight_decay=cfg.weight_decay,
+        mask=PROJECTED,
+        seed=cfg.seed,
+    )
   raise ConfigError(
-      f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, grass, optax_galore"
+      f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, rso, grass,"
+      " optax_galore"
   )
 
 

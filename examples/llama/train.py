@@ -21,13 +21,13 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from examples.llama import data, metrics, model, optimizers
+from examples.llama import data, mesh, metrics, model, optimizers
 from examples.llama.config import ConfigError, TrainConfig, model_config
 
 # Flags that may differ from the saved config.json when resuming: none changes the trajectory.
 RESUMABLE_FLAGS = (
     "resume", "run_dir", "data_dir", "c4_path", "tokenizer_path",
-    "log_every", "eval_every", "checkpoint_every", "stop_at_step",
+    "log_every", "eval_every", "checkpoint_every", "stop_at_step", "data_parallel", "fsdp",
 )  # fmt: skip
 EXIT_INTERRUPTED = 130
 
@@ -121,15 +121,33 @@ def _loss(params, graphdef, batch):
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def make_train_step(graphdef, tx):
-  """(params, opt_state, batch) -> (params, opt_state, loss), jitted with donated state."""
+def make_train_step(graphdef, tx, shardings=(None, None, None)):
+  """(params, opt_state, batch) -> (params, opt_state, loss), jitted with donated state.
+
+  `shardings` (params, opt_state, batch) place the step on a mesh; Nones: one device.
+  """
 
   def train_step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(_loss)(params, graphdef, batch)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  return jax.jit(train_step, donate_argnums=(0, 1))
+  psh, ssh, bsh = shardings
+  if psh is None:
+    return jax.jit(train_step, donate_argnums=(0, 1))
+  step = jax.jit(
+      train_step,
+      in_shardings=(psh, ssh, bsh),
+      out_shardings=(psh, ssh, None),
+      donate_argnums=(0, 1),
+  )
+
+  def on_mesh(params, opt_state, batch):
+    # Traced under the mesh, so the model can pin its activations to the batch axes.
+    with jax.set_mesh(bsh.mesh):
+      return step(params, opt_state, batch)
+
+  return on_mesh
 
 
 def make_eval(graphdef, windows: np.ndarray, batch_size: int):
@@ -262,6 +280,7 @@ def _print_config(cfg, mcfg, dataset, n_params, sizes, run_dir) -> None:
       f"optimizer: {cfg.optimizer}, peak lr {cfg.effective_lr():g}, "
       f"warm-up {cfg.effective_warmup()} steps, "
       f"state {sizes['opt_state_bytes']:,} bytes; device {jax.devices()[0].device_kind}"
+      f" × {cfg.data_parallel * cfg.fsdp} (data {cfg.data_parallel}, fsdp {cfg.fsdp})"
   )
 
 
@@ -291,9 +310,15 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   graphdef, state = nnx.split(model.Llama(mcfg, nnx.Rngs(cfg.seed)))
   params = nnx.to_pure_dict(state)
   try:
+    device_mesh = mesh.make_mesh(cfg.data_parallel, cfg.fsdp)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  try:
     opt_state = tx.init(params)
+    shardings = mesh.shardings(device_mesh, params, tx, mcfg.hidden)
   except ValueError as error:  # an optimizer's own check of its settings against the shapes
     raise ConfigError(f"--optimizer {cfg.optimizer}: {error}") from None
+  params, opt_state = mesh.place(params, shardings[0]), mesh.place(opt_state, shardings[1])
   n_params = model.count_params(params)
   sizes = optimizers.state_bytes(opt_state)
 
@@ -322,7 +347,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     step, position, tokens = meta["step"], meta["data_position"], meta["tokens"]
     print(f"resumed from step {step} (data position {position})")
 
-  train_step = make_train_step(graphdef, tx)
+  train_step = make_train_step(graphdef, tx, shardings)
   evaluate = make_eval(graphdef, dataset.eval_windows, cfg.micro_batch_size)
   batches = dataset.train_batches(cfg.micro_batch_size, position)
   lr_at = optimizers.schedule(cfg)

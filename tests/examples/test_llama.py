@@ -329,7 +329,7 @@ def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, 
   assert json.loads((tmp_path / "whole" / "config.json").read_text())["flags"]["grad_accum"] == 2
 
 
-@pytest.mark.parametrize("optimizer", ["optax_galore", "galore", "osd", "grass"])
+@pytest.mark.parametrize("optimizer", ["optax_galore", "galore", "osd", "rso", "grass"])
 def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, optimizer):
   _c4_corpus(tmp_path / "c4")
   assert (
@@ -354,6 +354,22 @@ def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, opti
   _, params = _params()
   adamw = optimizers.state_bytes(optimizers.build(TrainConfig(model_size="tiny")).init(params))
   assert summary["opt_state_bytes"] < adamw["opt_state_bytes"]
+
+
+@pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS in .ci/run)")
+@pytest.mark.parametrize("optimizer", ["adamw", "galore", "rso", "grass"])
+def test_data_and_fsdp_mesh_trains_like_one_device(tmp_path, optimizer):
+  _c4_corpus(tmp_path / "c4")
+  losses = {}
+  for name, devices in [("one", []), ("mesh", ["--data-parallel", "2", "--fsdp", "2"])]:
+    run = f"{optimizer}-{name}"
+    flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "2", "--steps", "4"]
+    assert train.main(_flags(tmp_path, run, *flags, "--compute-dtype", "float32", *devices)) == 0
+    records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+    losses[name] = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(losses["one"]) == 4
+  # Same global batch, same trajectory: sharded reductions only change float32 rounding.
+  np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=2e-4)
 
 
 def test_compare_prints_a_table_and_draws_one_png(tmp_path, capsys):
@@ -398,10 +414,12 @@ def _bad_input_cases(tmp_path):
           ["--corpus", "c4", "--c4-path", str(empty), "--tokenizer", "byte"],
           "no c4-train",
       ),
-      "future optimizer": (
+      "more devices than visible": (
           [
-              "--optimizer",
-              "rso",
+              "--fsdp",
+              "64",
+              "--batch-size",
+              "64",
               "--corpus",
               "c4",
               "--c4-path",
@@ -411,7 +429,11 @@ def _bad_input_cases(tmp_path):
               "--model-size",
               "tiny",
           ],
-          "not available yet (issue 4)",
+          "needs 64 devices",
+      ),
+      "batch not split over devices": (
+          ["--data-parallel", "2", "--fsdp", "3", "--batch-size", "16"],
+          "does not split over",
       ),
       "bad flag value": (["--steps", "many"], "invalid int value"),
   }
@@ -424,7 +446,8 @@ def _bad_input_cases(tmp_path):
         "unknown size",
         "rank above hidden",
         "missing data",
-        "future optimizer",
+        "more devices than visible",
+        "batch not split over devices",
         "bad flag value",
     ],
 )
