@@ -1,0 +1,161 @@
+"""Multi-GPU scaling of the LLaMA example: every method on 1 GPU and on all GPUs of the host.
+
+For each method, runs ``python -m examples.llama train`` twice at the same global batch: on one
+device (``CUDA_VISIBLE_DEVICES`` = the first GPU) and on a mesh over all of them
+(``--data-parallel`` / ``--fsdp`` as given). Reads each run's metrics.jsonl and summary.json
+(tokens/s counts training steps only: compilation, evaluation and checkpoints are left out) and
+writes one JSON, rewritten after every run so a cut run keeps what finished, with the per-step
+training losses of both runs, their largest relative difference, the final evaluation losses, and
+the tokens/s ratio (mesh / one device); plus a PNG of both loss curves per method.
+
+    python benchmarks/multi_gpu.py --out benchmarks/results/multi_gpu_h100x2.json \\
+        --data-dir .data --model-size 350m --batch-size 128 --steps 30 --fsdp 2
+
+On the CPU (a smoke test): XLA_FLAGS=--xla_force_host_platform_device_count=4 and
+``--model-size tiny --tokenizer byte --fsdp 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+METHODS = ("adamw", "galore", "osd", "rso", "grass")
+
+
+def _versions() -> dict:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "flax": flax.__version__, "optax": optax.__version__}
+
+
+def _devices() -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  return {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
+          "count": jax.device_count()}
+
+
+def _run(args, method: str, layout: str, mesh_flags: list[str], run_dir: pathlib.Path) -> dict:
+  env = dict(os.environ)
+  if layout == "one" and _devices()["platform"] == "gpu":
+    env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+  flags = [
+      "--model-size", args.model_size, "--batch-size", str(args.batch_size),
+      "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--optimizer", method,
+      "--log-every", "1", "--eval-every", "0", "--eval-windows", str(args.eval_windows),
+      "--checkpoint-every", str(args.steps), "--run-dir", str(run_dir),
+      "--tokenizer", args.tokenizer, *mesh_flags,
+  ]  # fmt: skip
+  if args.data_dir:
+    flags += ["--data-dir", args.data_dir]
+  if args.rank:
+    flags += ["--rank", str(args.rank)]
+  if args.update_every:
+    flags += ["--update-every", str(args.update_every)]
+  started = time.perf_counter()
+  proc = subprocess.run(
+      [sys.executable, "-m", "examples.llama", "train", *flags], cwd=ROOT, env=env,
+      capture_output=True, text=True, check=False,
+  )
+  wall = time.perf_counter() - started
+  if proc.returncode != 0:
+    return {"error": (proc.stdout + proc.stderr)[-2000:], "wall_s": wall}
+  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+  summary = json.loads((run_dir / "summary.json").read_text())
+  return {
+      "losses": [r["loss"] for r in records if r["kind"] == "train"],
+      "final_eval_loss": summary.get("final_eval_loss"),
+      "tokens_per_s": summary["tokens_per_s"],
+      "opt_state_bytes": summary["opt_state_bytes"],
+      "wall_s": wall,
+  }
+
+
+def _plot(result: dict, path: pathlib.Path) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  methods = [m for m in result["methods"] if "one" in result["methods"][m]]
+  fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 3))
+  axes = [axes] if len(methods) <= 1 else list(axes)
+  for ax, method in zip(axes, methods):
+    for layout, style in (("one", "-"), ("mesh", "--")):
+      run = result["methods"][method].get(layout, {})
+      if "losses" in run:
+        label = f"{layout} ({run['tokens_per_s'] / 1e3:.0f}K tok/s)"
+        ax.plot(range(1, len(run["losses"]) + 1), run["losses"], style, label=label)
+    ax.set_title(method)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+  axes[0].set_ylabel("training loss")
+  fig.suptitle(f"{result['config']['model_size']}, {result['devices']['kind']}: one device vs "
+               f"{result['config']['mesh']}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", required=True)
+  p.add_argument("--data-dir", default="")
+  p.add_argument("--model-size", default="350m")
+  p.add_argument("--tokenizer", default="mistral")
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--seq-len", type=int, default=256)
+  p.add_argument("--steps", type=int, default=30)
+  p.add_argument("--eval-windows", type=int, default=64)
+  p.add_argument("--rank", type=int, default=0)
+  p.add_argument("--update-every", type=int, default=0)
+  p.add_argument("--data-parallel", type=int, default=1)
+  p.add_argument("--fsdp", type=int, default=2)
+  p.add_argument("--methods", default=",".join(METHODS))
+  args = p.parse_args(argv)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  runs = out.parent / (out.stem + "_runs")
+  mesh_flags = ["--data-parallel", str(args.data_parallel), "--fsdp", str(args.fsdp)]
+  result = {
+      "benchmark": "multi_gpu",
+      "devices": _devices(),
+      "versions": _versions(),
+      "config": {
+          "model_size": args.model_size, "global_batch": args.batch_size,
+          "seq_len": args.seq_len, "steps": args.steps, "tokenizer": args.tokenizer,
+          "rank": args.rank or "hidden/4", "update_every": args.update_every or 200,
+          "mesh": f"data {args.data_parallel} x fsdp {args.fsdp}",
+          "compute": "bfloat16, float32 parameters and states (the example's default)",
+      },
+      "methods": {},
+  }
+  for method in args.methods.split(","):
+    entry = result["methods"].setdefault(method, {})
+    for layout, flags in (("one", []), ("mesh", mesh_flags)):
+      entry[layout] = _run(args, method, layout, flags, runs / f"{method}-{layout}")
+      one, mesh = entry.get("one", {}), entry.get("mesh", {})
+      if "losses" in one and "losses" in mesh:
+        entry["max_rel_loss_diff"] = max(
+            abs(a - b) / abs(a) for a, b in zip(one["losses"], mesh["losses"]))
+        entry["speedup"] = mesh["tokens_per_s"] / one["tokens_per_s"]
+      out.write_text(json.dumps(result, indent=1) + "\n")
+      print(method, layout, {k: v for k, v in entry[layout].items() if k != "losses"},
+            flush=True)
+  _plot(result, out.with_suffix(".png"))
+  return result
+
+
+if __name__ == "__main__":
+  main()
