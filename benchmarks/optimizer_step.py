@@ -27,9 +27,14 @@ import optax
 
 import optax_subspace as osub
 
-# hidden, ffn, layers, vocab, rank: LLaMA-1B as in the GaLore experiments.
+# hidden, ffn, layers, vocab, rank (hidden/4): the LLaMA models of the GaLore
+# experiments (arXiv 2403.03507), as examples/llama/config.py.
 SIZES = {
+    "60m": dict(d=512, ffn=1376, layers=8, vocab=32000, rank=128),
+    "130m": dict(d=768, ffn=2048, layers=12, vocab=32000, rank=192),
+    "350m": dict(d=1024, ffn=2736, layers=24, vocab=32000, rank=256),
     "1b": dict(d=2048, ffn=5461, layers=24, vocab=32000, rank=512),
+    "7b": dict(d=4096, ffn=11008, layers=32, vocab=32000, rank=1024),
     "tiny": dict(d=64, ffn=176, layers=2, vocab=512, rank=16),
 }
 PROJECTED = r"(attention|mlp)/.*kernel"
@@ -224,36 +229,47 @@ def refresh_accuracy(grads, rank):
   return out
 
 
+def projector_thunks(s, l, r, g):
+  """(name, thunk) per projector step on one s×l matrix g (s = smaller side).
+
+  Each thunk runs one jitted call; g is an argument of the jitted function,
+  never a closed-over constant (XLA would fold it).
+  """
+  svd_exact = jax.jit(lambda g: jnp.linalg.svd(g, full_matrices=False))
+  ours_svd = osub.projectors.svd(r, 1)
+  ours_rand = osub.projectors.randomized_svd(r, 1)
+  osd = osub.projectors.online_pca(r)
+  st_svd = ours_svd.init(s, l, r, None)
+  st_rand = ours_rand.init(s, l, r, jax.random.PRNGKey(0))
+  st_osd, _ = osd.refresh(osd.init(s, l, r, None), g, 0)
+  refresh_svd = jax.jit(lambda st, g: ours_svd.refresh(st, g, 0)[0])
+  refresh_rand = jax.jit(lambda st, g: ours_rand.refresh(st, g, 0)[0])
+
+  def osd_step(st, g):  # the P step as the combinator runs it: PᵀG reused
+    projected = osd.basis(st).T @ g
+    return osd.advance(st, g, projected, 1)[0]
+
+  osd_step = jax.jit(osd_step)
+  return [("exact_svd", lambda: svd_exact(g)),
+          ("svd_refresh_eigh", lambda: refresh_svd(st_svd, g)),
+          ("randomized_svd_refresh", lambda: refresh_rand(st_rand, g)),
+          ("online_pca_step", lambda: osd_step(st_osd, g))]
+
+
+def time_thunk(thunk, reps):
+  """Median wall time (ms) of thunk(), each call synced."""
+  return time_calls(lambda *_: (thunk(),), lambda: (), reps)[0]
+
+
 def bench_projectors(shapes, reps):
   """The projector step alone on one s×l matrix (s = smaller side)."""
   rows = []
   for s, l in shapes:
     r = s // 4
     g = synthetic_gradient(jax.random.PRNGKey(2), (s, l))
-    svd_exact = jax.jit(lambda g: jnp.linalg.svd(g, full_matrices=False))
-    ours_svd = osub.projectors.svd(r, 1)
-    ours_rand = osub.projectors.randomized_svd(r, 1)
-    osd = osub.projectors.online_pca(r)
-    st_svd = ours_svd.init(s, l, r, None)
-    st_rand = ours_rand.init(s, l, r, jax.random.PRNGKey(0))
-    st_osd, _ = osd.refresh(osd.init(s, l, r, None), g, 0)
-    # g is an argument, never a closed-over constant (XLA would fold it).
-    refresh_svd = jax.jit(lambda st, g: ours_svd.refresh(st, g, 0)[0])
-    refresh_rand = jax.jit(lambda st, g: ours_rand.refresh(st, g, 0)[0])
-
-    def osd_step(st, g):  # the P step as the combinator runs it: PᵀG reused
-      projected = osd.basis(st).T @ g
-      return osd.advance(st, g, projected, 1)[0]
-
-    osd_step = jax.jit(osd_step)
     row = {"shape": [s, l], "rank": r}
-    for name, thunk in [("exact_svd", lambda: svd_exact(g)),
-                        ("svd_refresh_eigh", lambda: refresh_svd(st_svd, g)),
-                        ("randomized_svd_refresh",
-                         lambda: refresh_rand(st_rand, g)),
-                        ("online_pca_step", lambda: osd_step(st_osd, g))]:
-      median, _ = time_calls(lambda *_: (thunk(),), lambda: (), reps)
-      row[f"{name}_ms"] = median
+    for name, thunk in projector_thunks(s, l, r, g):
+      row[f"{name}_ms"] = time_thunk(thunk, reps)
     row["exact_svd_over_online_pca"] = row["exact_svd_ms"] / row[
         "online_pca_step_ms"]
     print(f"  {s}x{l} r={r}: exact SVD {row['exact_svd_ms']:.2f} ms,"

@@ -1,0 +1,302 @@
+"""Suite `optimizer_update`: update time and state bytes of every method on LLaMA trees.
+
+On the parameter tree of a non-scanned Flax LLaMA (`optimizer_step.llama_shapes`, sizes of
+`optimizer_step.SIZES`; rank hidden/4; the attention and MLP kernels projected, embedding, head
+and norms at full size), one jitted ``update + apply_updates`` per method, parameters and state
+donated, gradients fixed and synthetic (`optimizer_step.make_tree`, `synthetic_gradient`), the
+median of synced calls after 2 warm-up calls (`optimizer_step.time_calls`):
+
+- ``adamw``: `optax.adamw`;
+- ``optax_contrib_galore``: `optax.contrib.galore` (when installed), the same kernels projected
+  (its `weight_dimension_numbers`), a step without its SVD;
+- ``galore`` / ``galore_refresh``: `optax_subspace.galore`, a step without / with the refresh
+  (eigh of every Gram matrix), both from one compiled program: the refresh step is timed with
+  the step count set back to 0 before each call (its host cost, a flatten of the state, is
+  inside the time);
+- ``osd``: `online_subspace_descent` (every step the same);
+- ``rso``: `rso` (a random Haar P per matrix per step, Adam on B);
+- ``grass`` / ``grass_refresh``: `grass` (top-r rows), a step without / with the selection
+  (timed as GaLore's).
+
+State bytes are measured (the arrays `init` returns) and compared with the analytic formula of
+each method (`analytic_state_bytes`; target: within 2%). The refresh rows are also amortised over
+a refresh period T = 200: (refresh + (T − 1)·steady) / T.
+
+Sizes whose parameters, gradients and analytic state do not fit the device's memory
+(`memory_stats()['bytes_limit']`, when the backend reports it) are skipped per method, and a
+method that runs out of memory is recorded with its error; the other methods still run.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_subspace as osub
+from benchmarks import optimizer_step
+
+DEFAULT_SIZES = ("60m", "350m", "1b")
+UPDATE_EVERY = 200  # T of the amortised rows
+NEVER = 10**9  # an update_every that never comes again: steady steps
+METHODS = ("adamw", "optax_contrib_galore", "galore", "galore_refresh", "osd", "rso", "grass",
+           "grass_refresh")
+# Words (4 bytes each: float32 moments and bases, int32 indices and keys) of the state of one
+# projected matrix, (s, l) its smaller and larger side, (m, n) its rows (input side) and
+# columns, r the rank; every other leaf holds Adam's 2·size. Scalar step counters not counted.
+PROJECTED_WORDS = {
+    "adamw": lambda s, l, m, n, r: 2 * s * l,
+    # P on the larger side (l × r), moments r × s.
+    "optax_contrib_galore": lambda s, l, m, n, r: r * l + 2 * r * s,
+    # P (s × r), moments r × l.
+    "galore": lambda s, l, m, n, r: r * s + 2 * r * l,
+    # P (s × r) and AdamW's moments on P (2·s × r), moments r × l.
+    "osd": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
+    # P regenerated from a key (2 words) and a subproblem index; moments of B (r × n).
+    "rso": lambda s, l, m, n, r: 2 * r * n + 3,
+    # σ (r), ρ (r), the row counts (s), moments r × l.
+    "grass": lambda s, l, m, n, r: 2 * r + s + 2 * r * l,
+}
+
+
+def _path(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _leaves(shapes):
+  return jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]
+
+
+def _projected(path: str, shape) -> bool:
+  return len(shape) == 2 and re.search(optimizer_step.PROJECTED, path) is not None
+
+
+def analytic_state_bytes(method: str, shapes, rank: int) -> int:
+  """The state bytes `method` should hold on the tree `shapes` at `rank` (float32)."""
+  words = PROJECTED_WORDS[method.removesuffix("_refresh")]
+  total = 0
+  for path, shape in _leaves(shapes):
+    if _projected(_path(path), shape):
+      m, n = shape
+      s, l = min(shape), max(shape)
+      total += words(s, l, m, n, min(rank, s))
+    else:
+      total += 2 * int(np.prod(shape))
+  return 4 * total
+
+
+def _optax_galore_dims(params):
+  """optax.contrib.galore's dimension numbers: the kernels we project, nothing else."""
+  dims = optax.contrib.GaLoreDimensionNumbers(0, 1)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, p: dims if _projected(_path(path), p.shape) else None, params)
+
+
+def transformations(rank: int, lr: float = 1e-3) -> dict:
+  """name -> (transformation, count the timed steps start from or None, refresh row or None).
+
+  A method with a refresh row is compiled once: its steady steps run from count 1, its refresh
+  steps with the count set back to 0 before each call (the refresh branch of the same program,
+  as in training at steps 0, T, 2T, ...).
+  """
+  mask = optimizer_step.PROJECTED
+  txs = {"adamw": (optax.adamw(lr), None, None)}
+  if hasattr(optax, "contrib") and hasattr(optax.contrib, "galore"):
+    # Its step 0 (a warm-up call) refreshes; the timed calls do not.
+    txs["optax_contrib_galore"] = (optax.contrib.galore(
+        lr, rank=rank, update_proj_gap=NEVER, weight_dimension_numbers=_optax_galore_dims),
+                                   None, None)
+  txs.update({
+      "galore": (osub.galore(lr, rank, UPDATE_EVERY, mask=mask), 1, "galore_refresh"),
+      "osd": (osub.online_subspace_descent(lr, rank, mask=mask), 1, None),
+      "rso": (osub.rso(lr, rank, UPDATE_EVERY, mask=mask), 1, None),
+      "grass": (osub.grass(lr, rank, UPDATE_EVERY, mask=mask), 1, "grass_refresh"),
+  })
+  return txs
+
+
+def _at_refresh_step(state):
+  """A function that sets every `ProjectSubspaceState` count of `state`'s structure to 0.
+
+  Flat positions found once, so each call costs a flatten and an unflatten; the zero is a new
+  array each call (the state is donated).
+  """
+  is_ps = lambda x: isinstance(x, osub.ProjectSubspaceState)
+  marker = object()
+  marked = jax.tree_util.tree_map(lambda x: x._replace(count=marker) if is_ps(x) else x,
+                                  state, is_leaf=is_ps)
+  positions = [i for i, leaf in enumerate(jax.tree_util.tree_leaves(marked)) if leaf is marker]
+
+  def reset(state):
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    for i in positions:
+      leaves[i] = jnp.zeros((), jnp.int32)
+    return treedef.unflatten(leaves)
+
+  return reset
+
+
+def bench_method(name, tx, params, grads, reps, steady_count, refresh_name, log=print):
+  """Compile time, state bytes, median steady step (and refresh step) of one transformation.
+
+  `params` is donated to the timed calls (consumed). Timing: `optimizer_step.time_calls`.
+  """
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.jit(tx.init)(params)
+  state_bytes = optimizer_step.nbytes(state)
+  t0 = time.perf_counter()
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+  compile_s = time.perf_counter() - t0
+  if steady_count is not None:  # start past the step-0 refresh
+    state = optimizer_step._set_count(state, steady_count)  # pylint: disable=protected-access
+  steady = lambda p, s: (*compiled(p, s, grads),)
+  median, (params, state) = optimizer_step.time_calls(steady, lambda: (params, state), reps)
+  rows = [{"method": name, "median_ms": median, "compile_s": compile_s,
+           "state_bytes": state_bytes}]
+  if refresh_name is not None:
+    reset = _at_refresh_step(state)
+    refresh = lambda p, s: (*compiled(p, reset(s), grads),)
+    median, (params, state) = optimizer_step.time_calls(
+        refresh, lambda: (params, state), max(3, reps // 10))
+    rows.append({"method": refresh_name, "median_ms": median, "compile_s": compile_s,
+                 "state_bytes": state_bytes, "program": f"{name}'s, count set to 0"})
+  del params, state
+  for r in rows:
+    log(f"  {r['method']:<22} {r['median_ms']:10.3f} ms   compile {compile_s:6.1f} s"
+        f"   state {state_bytes / 2**20:10.2f} MiB")
+  return rows
+
+
+def _memory_limit():
+  stats = jax.devices()[0].memory_stats()
+  return None if not stats else stats.get("bytes_limit")
+
+
+def _shape_counts(shapes) -> dict:
+  counts = {}
+  for path, shape in _leaves(shapes):
+    if _projected(_path(path), shape):
+      key = f"{shape[0]}x{shape[1]}"
+      counts[key] = counts.get(key, 0) + 1
+  return counts
+
+
+def bench_size(size: str, reps: int, methods, log=print) -> dict:
+  """Every method of `methods` on the tree of `size`: one row each, ratios, amortised rows."""
+  cfg = optimizer_step.SIZES[size]
+  rank = cfg["rank"]
+  shapes = optimizer_step.llama_shapes(**cfg)
+  n_params = sum(int(np.prod(s)) for _, s in _leaves(shapes))
+  grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
+  init = lambda k, s: 0.02 * jax.random.normal(k, s)
+  limit = _memory_limit()
+  log(f"tree {size}: {n_params / 1e9:.3f}e9 params, {len(_leaves(shapes))} leaves, rank {rank}"
+      + (f", device limit {limit / 2**30:.1f} GiB" if limit else ""))
+  rows = []
+  for name, (tx, count, refresh_name) in transformations(rank).items():
+    wanted = [n for n in (name, refresh_name) if n in methods]
+    if not wanted:
+      continue
+    analytic = analytic_state_bytes(name, shapes, rank)
+    needed = 2 * 4 * n_params + analytic  # parameters, gradients, state: no temporaries
+    if limit is not None and needed > limit:
+      skipped = f"needs at least {needed / 2**30:.1f} GiB, device has {limit / 2**30:.1f}"
+      rows += [{"method": n, "skipped": skipped} for n in wanted]
+      log(f"  {name:<22} skipped: {skipped}")
+      continue
+    params = optimizer_step.make_tree(shapes, 0, init)  # consumed by the timed calls
+    steady_reps = min(reps, UPDATE_EVERY - 3) if count is not None else reps
+    try:
+      measured = bench_method(name, tx, params, grads, steady_reps, count,
+                              refresh_name if refresh_name in methods else None, log)
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      error = "out of memory: " + str(e).splitlines()[0][:300]
+      measured = [{"method": n, "error": error} for n in wanted]
+      log(f"  {name:<22} {error}")
+    del params
+    gc.collect()
+    for row in measured:
+      if row["method"] not in methods:
+        continue
+      row["analytic_state_bytes"] = analytic
+      if "state_bytes" in row:
+        row["state_over_analytic"] = row["state_bytes"] / analytic
+      rows.append(row)
+  del grads
+  gc.collect()
+  by = {r["method"]: r for r in rows if "median_ms" in r}
+  if "adamw" in by:
+    base = by["adamw"]
+    for r in by.values():
+      r["ratio_to_adamw"] = r["median_ms"] / base["median_ms"]
+      r["state_ratio_to_adamw"] = r["state_bytes"] / base["state_bytes"]
+  amortised = {}
+  for method in ("galore", "grass"):
+    if method in by and f"{method}_refresh" in by:
+      ms = (by[f"{method}_refresh"]["median_ms"]
+            + (UPDATE_EVERY - 1) * by[method]["median_ms"]) / UPDATE_EVERY
+      amortised[method] = {"median_ms": ms}
+      if "adamw" in by:
+        amortised[method]["ratio_to_adamw"] = ms / by["adamw"]["median_ms"]
+  return {"size": size, "config": cfg, "n_params": n_params, "n_leaves": len(_leaves(shapes)),
+          "projected_matrices": _shape_counts(shapes), "rows": rows,
+          f"amortised_over_{UPDATE_EVERY}_steps": amortised}
+
+
+def run(sizes, reps, methods=METHODS, log=print, checkpoint=None) -> dict:
+  """`bench_size` for every size; `checkpoint(results)` after each (a cut run keeps them).
+
+  AdamW always runs: the ratios are to it.
+  """
+  unknown = set(methods) - set(METHODS)
+  if unknown:
+    raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+  methods = set(methods) | {"adamw"}
+  results = {"sizes": []}
+  for size in sizes:
+    results["sizes"].append(bench_size(size, reps, methods, log))
+    if checkpoint is not None:
+      checkpoint(results)
+  return results
+
+
+def figure(result):
+  """Step time and state bytes over AdamW's, per method, one bar per tree size."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  sizes = result["results"]["sizes"]
+  methods = [m for m in METHODS if any(r["method"] == m for s in sizes for r in s["rows"])]
+  fig = Figure(figsize=(12, 4.5))
+  axes = fig.subplots(1, 2)
+  width = 0.8 / max(1, len(sizes))
+  for ax, key, title in [(axes[0], "ratio_to_adamw", "update time / AdamW's"),
+                         (axes[1], "state_ratio_to_adamw", "state bytes / AdamW's")]:
+    for j, size in enumerate(sizes):
+      by = {r["method"]: r for r in size["rows"]}
+      values = [by.get(m, {}).get(key, 0.0) for m in methods]
+      ax.bar([i + j * width for i in range(len(methods))], values, width, label=size["size"])
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods,
+                  rotation=30, ha="right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, title="LLaMA tree", title_fontsize=8)
+  axes[0].set_yscale("log")
+  fig.suptitle(f"optimizer update, {result['device']}, float32, rank hidden/4", fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def plot(result, path) -> None:
+  """`figure(result)` as a PNG at `path`."""
+  figure(result).savefig(path, dpi=120)
