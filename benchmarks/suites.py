@@ -3,7 +3,7 @@
     python -m benchmarks run --suite projector_cost                      # all five shapes
     python -m benchmarks run --suite optimizer_update --size 60m,350m,1b
     python -m benchmarks run --suite optimizer_update --size 7b          # where memory allows
-    python -m benchmarks run --suite projector_cost --quick --out /tmp/p.json   # CPU, seconds
+    python -m benchmarks run --suite projector_cost --quick --out /tmp/p.json   # CPU smoke run
 
 Each JSON holds the device, the versions, the commit, the configuration (sizes, shapes,
 repetitions, dtype), the medians and the ratios to AdamW; the plot goes next to it (.png).
@@ -107,7 +107,7 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
     size: a size of `optimizer_step.SIZES` ("60m", "130m", "350m", "1b", "7b", "tiny"), a
       comma-separated string or a list of them; None: the suite's `DEFAULT_SIZES`.
     out: JSON path; None: benchmarks/results/<suite>_<device>.json.
-    quick: the "tiny" size and 3 repetitions (a CPU smoke run of seconds).
+    quick: the "tiny" size and 3 repetitions (a CPU smoke run, under a minute).
     reps: timed calls per measurement (refresh steps: a tenth, at least 3); default 20.
     methods: optimizer_update only: a subset of `optimizer_update.METHODS`.
     argv: the command line, recorded in the JSON.
@@ -168,7 +168,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="JSON path, the PNG goes next to it; default"
                    " benchmarks/results/<suite>_<device>.json")
   run.add_argument("--quick", action="store_true",
-                   help="the tiny size and 3 repetitions: seconds on a CPU")
+                   help="the tiny size and 3 repetitions: a CPU smoke run (under a minute)")
   run.add_argument("--reps", type=int, default=None,
                    help=f"timed calls per measurement (default {DEFAULT_REPS}, --quick"
                    f" {QUICK_REPS})")
