@@ -171,7 +171,10 @@ def _worker(args) -> dict:
   opt_state = tx.init(params)
 
   def loss_fn(params, frozen, x):
-    y = nnx.merge(graphdef, params, frozen)(x)
+    # copy=True: fresh Variables at this trace level. Without it the merged model holds the
+    # jit-level Variables of `frozen` (RSO's W and P), and nnx.remat, which writes every
+    # Variable back after the block, refuses to update them under value_and_grad's trace.
+    y = nnx.merge(graphdef, params, frozen, copy=True)(x)
     return jnp.mean(jnp.square(y.astype(jnp.float32)))
 
   def train_step(params, opt_state, frozen, x):

@@ -26,3 +26,14 @@ def test_rso_memory_writes_json_and_plot_for_every_method(tmp_path):
           < adamw["block_residual_bytes"]["activations"])
   assert set(result["ratios_vs_adamw"]) == {"galore", "rso"}
   assert result["config"]["attention"] == "xla"
+
+
+def test_rso_step_compiles_under_remat(tmp_path):
+  # nnx.remat per block writes W and P back after each block: the step must merge them as
+  # Variables of its own trace (regression: TraceContextError on FrozenKernel).
+  args = rso_memory._parser().parse_args(  # pylint: disable=protected-access
+      TINY + ["--out", str(tmp_path / "x.json"), "--remat", "--attention", "xla",
+              "--worker", "rso"])
+  numbers = rso_memory._worker(args)  # pylint: disable=protected-access
+  assert numbers["memory_analysis"]["temp_size_in_bytes"] > 0
+  assert numbers["frozen_bytes"] > 0

@@ -1,5 +1,7 @@
 """GRASS at the model level: `optax_subspace.nn.grass`."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,8 +159,8 @@ def test_refresh_norms_are_the_dense_gradients_column_norms():
     assert not layer.probing
 
 
-def _train_model_level(selection, steps, every, rank, lr, mask):
-  model = Llama(TINY, nnx.Rngs(0))
+def _train_model_level(selection, steps, every, rank, lr, mask, cfg=TINY):
+  model = Llama(cfg, nnx.Rngs(0))
   nng.grass_layers(model, rank, update_every=every, selection=selection,
                    seed=3, mask=mask)
   opt = nnx.Optimizer(model, nng.grass_optimizer(lr), wrt=nnx.Param)
@@ -242,6 +244,82 @@ def test_model_level_follows_the_optimizer_level_trajectory(selection):
       mine = mine[p]
     np.testing.assert_allclose(np.asarray(mine[...]),
                                np.asarray(plain[path]), rtol=1e-5, atol=1e-6)
+
+
+# --- activation checkpointing (nnx.remat per block) ---------------------------
+
+REMAT = dataclasses.replace(TINY, remat=True)
+
+
+def _grass_llama(cfg):
+  """The tiny LLaMA after `grass_layers` (rank 4), each D drawn non-zero, σ not 0…r−1."""
+  model = Llama(cfg, nnx.Rngs(0))
+  nng.grass_layers(model, 4)
+  layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, nng.GrassLinear)]
+  for i, layer in enumerate(layers):
+    _set_selection(layer, [1, 5, 5, 9], [0.5, 2.0, 1.5, 3.0])
+    layer.grass_d[...] = 0.1 * jax.random.normal(jax.random.PRNGKey(i),
+                                                 layer.grass_d.shape)
+  return model
+
+
+def _functional_grads(model, tokens):
+  """∂L/∂Params through split, jax.jit, jax.grad and merge (copy=True, see nn.grass)."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def grads(params, rest, tokens):
+    return jax.grad(lambda p: _llama_loss(
+        nnx.merge(graphdef, p, rest, copy=True), tokens))(params)
+
+  return grads(params, rest, tokens)
+
+
+@pytest.mark.parametrize("how", ["nnx", "functional"])
+def test_remat_gradients_equal_the_no_remat_gradients(how):
+  tokens = _tokens(4)
+  take = {"nnx": nnx.jit(nnx.grad(_llama_loss)), "functional": _functional_grads}[how]
+  plain, remat = (take(_grass_llama(cfg), tokens) for cfg in (TINY, REMAT))
+  flat_plain, flat_remat = nnx.to_flat_state(plain), nnx.to_flat_state(remat)
+  assert [p for p, _ in flat_remat] == [p for p, _ in flat_plain]
+  assert any(p[-1] == nng.D_NAME for p, _ in flat_remat)
+  for (path, a), (_, b) in zip(flat_plain, flat_remat):
+    np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]),
+                               rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_remat_refresh_and_train_loop_match_no_remat():
+  # grass_refresh's norms pass (the probe's custom VJP) runs inside every
+  # rematerialized block; selections, losses and weights must not change.
+  runs = [_train_model_level("multinomial", 5, 2, 4, 1e-2, GRASS_MASK, cfg=cfg)
+          for cfg in (TINY, REMAT)]
+  (plain, plain_losses, plain_changes), (remat, remat_losses, remat_changes) = runs
+  np.testing.assert_allclose(remat_losses, plain_losses, rtol=1e-6)
+  for a, b in zip(plain_changes, remat_changes):
+    assert {k: bool(v) for k, v in a.items()} == {k: bool(v) for k, v in b.items()}
+  layers = lambda m: [(p, l) for p, l in nnx.iter_graph(m) if isinstance(l, nng.GrassLinear)]
+  for (path, a), (_, b) in zip(layers(plain), layers(remat)):
+    np.testing.assert_array_equal(np.asarray(b.grass_indices[...]),
+                                  np.asarray(a.grass_indices[...]), err_msg=str(path))
+    np.testing.assert_allclose(np.asarray(b.effective_kernel()),
+                               np.asarray(a.effective_kernel()), rtol=1e-5, atol=1e-6)
+
+
+def test_remat_backward_still_forms_no_weight_gradient_per_block():
+  tokens = _tokens(5)
+  model = _grass_llama(REMAT)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  f = lambda p: jax.grad(lambda p: _llama_loss(
+      nnx.merge(graphdef, p, rest, copy=True), tokens))(p)
+  jaxpr = jax.make_jaxpr(f)(params).jaxpr
+  remats = [e for e in jaxpr.eqns if e.primitive.name.startswith("remat")]
+  assert len(remats) >= TINY.layers  # jax.checkpoint's primitive, once per block at least
+  shapes = set(_dots(jaxpr))  # the recomputed blocks' backward included
+  h, ffn = TINY.hidden, TINY.ffn
+  either = lambda a, b: {(a, b), (b, a)}  # a weight-shaped product, in either orientation
+  assert not (either(h, h) | either(h, ffn)) & shapes, shapes  # no dW of a GRASS layer
+  assert either(h, 4) & shapes and either(ffn, 4) & shapes  # ∂L/∂D
+  assert either(h, TINY.vocab_size) & shapes  # the dense head's dW, for contrast
 
 
 class TwoNet(nnx.Module):

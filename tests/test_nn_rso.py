@@ -5,6 +5,7 @@ The sharded test needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_cou
 """
 
 import contextlib
+import dataclasses
 import io
 import re
 
@@ -327,6 +328,85 @@ def test_jitted_train_loop_matches_eager():
     results.append(_effective_kernels(model))
   for path in results[0]:
     np.testing.assert_allclose(results[1][path], results[0][path], rtol=1e-5, atol=1e-6)
+
+
+# --- activation checkpointing (nnx.remat per block) -------------------------------
+
+
+def _rso_llama(remat):
+  """The tiny LLaMA after `rso_layers`, every B drawn non-zero (the same for both `remat`)."""
+  model = _llama(cfg=dataclasses.replace(TINY, remat=remat))
+  osnn.rso_layers(model, RANK)
+  layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, osnn.RsoLinear)]
+  for i, layer in enumerate(layers):
+    layer.rso_b.value = 0.1 * jax.random.normal(jax.random.PRNGKey(i), layer.rso_b.shape)
+  return model
+
+
+def _functional_grads(model, tokens):
+  """∂L/∂Params as benchmarks/rso_memory.py takes them: split, jax.jit, jax.grad, merge."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def grads(params, rest, tokens):
+    return jax.grad(
+        lambda p: _loss(nnx.merge(graphdef, p, rest, copy=True), tokens))(params)
+
+  return grads(params, rest, tokens)
+
+
+@pytest.mark.parametrize("how", ["nnx", "functional"])
+def test_remat_gradients_equal_the_no_remat_gradients(how):
+  tokens = _tokens(4)
+  take = {"nnx": nnx.jit(nnx.grad(_loss)), "functional": _functional_grads}[how]
+  plain, remat = (take(_rso_llama(r), tokens) for r in (False, True))
+  flat_plain, flat_remat = nnx.to_flat_state(plain), nnx.to_flat_state(remat)
+  assert [p for p, _ in flat_remat] == [p for p, _ in flat_plain]
+  assert any(p[-1] == "rso_b" for p, _ in flat_remat)
+  assert not any(p[-1] == "kernel" and "layers" in p for p, _ in flat_remat)  # no dW
+  for (path, a), (_, b) in zip(flat_plain, flat_remat):
+    np.testing.assert_allclose(b[...], a[...], rtol=1e-5, atol=1e-7, err_msg=str(path))
+
+
+def test_remat_train_loop_with_merges_matches_no_remat():
+  batches = [_tokens(s) for s in range(5)]
+  results = []
+  for remat in (False, True):
+    model = _rso_llama(remat)
+    _train_model_level(model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0),
+                       batches, 2, jit=True)
+    assert int(model.layers[0].mlp.down_proj.rso_subproblem[...]) == 2
+    results.append(_effective_kernels(model))
+  for path in results[0]:
+    np.testing.assert_allclose(results[1][path], results[0][path], rtol=1e-5, atol=1e-6)
+
+
+def test_remat_keeps_block_inputs_and_each_block_recomputes_keeping_xp():
+  model = _rso_llama(remat=True)
+  tokens = _tokens(5)
+  batch, seq = tokens.shape[0], tokens.shape[1] - 1
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  shapes = _residual_shapes(
+      lambda p: _loss(nnx.merge(graphdef, p, rest, copy=True), tokens), params)
+  # Across blocks only their inputs (batch, seq, hidden) are kept: no x·P, no FFN-wide tensor.
+  assert (batch, seq, RANK) not in shapes, shapes
+  assert (batch, seq, TINY.ffn) not in shapes, shapes
+  assert shapes.count((batch, seq, TINY.hidden)) >= TINY.layers
+  # In the backward each block reruns its forward, whose residuals are x·P for every
+  # RsoLinear (7 per block) and fewer activation bytes than the plain block keeps.
+  x = jax.random.normal(jax.random.PRNGKey(6), (batch, seq, TINY.hidden))
+
+  def block_residuals(block):
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    return _residual_shapes(
+        lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x)), params, x)
+
+  rso_block = block_residuals(model.layers[0])
+  plain_block = block_residuals(_llama(cfg=dataclasses.replace(TINY, remat=True)).layers[0])
+  activation_size = lambda shapes: sum(int(np.prod(s)) for s in shapes if len(s) >= 3)
+  assert rso_block.count((batch, seq, RANK)) == 7, rso_block
+  assert (batch, seq, RANK) not in plain_block
+  assert activation_size(rso_block) < activation_size(plain_block)
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS="

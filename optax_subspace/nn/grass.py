@@ -40,6 +40,10 @@ The training protocol:
       loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
       opt.update(model, grads)
       return loss
+
+Under `nnx.remat` per block the same holds as for `optax_subspace.nn.rso`:
+with the functional API inside `jax.grad`, merge the non-Param state (W, σ,
+ρ, the probe) with ``nnx.merge(..., copy=True)``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,14 @@ The training protocol, one subproblem per K = `inner_steps` updates:
 The optimizer restarts its state for B at its updates 0, K, 2K, …, which is
 right after each merge, so every subproblem starts from B = 0 with a fresh
 inner state, as the paper's outer loop does.
+
+Activation checkpointing (`nnx.remat` per block, the LLaMA example's
+``remat``) works as is under `nnx.grad` and `nnx.jit`. With the functional
+API inside `jax.grad`, merge with ``nnx.merge(graphdef, params, rest,
+copy=True)``: `nnx.remat` writes every Variable of the block back after it,
+and without the copy W and P are the Variables of `rest` from the enclosing
+`jax.jit`, which NNX refuses to update from the gradient's trace (a
+TraceContextError, the same for any non-Param Variable).
 """
 
 from __future__ import annotations
