@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, NamedTuple
 
@@ -82,39 +83,51 @@ def _restore_structure(pstate, template):
   return jax.tree_util.tree_unflatten(treedef, [got[n] for n in names])
 
 
-def _refresh_by_shape(projector, plans, pstates, grads, count):
-  """Refreshes every projected matrix, one vmapped call per matrix shape.
+def _by_shape(fn, plans, leaves, group, *trees):
+  """Applies a one-matrix function to the matrices of many leaves, batched.
 
-  Leaves whose matrices share (s, l, r) are concatenated along the batch axis
-  so that a tree of 170 matrices compiles to a few batched refreshes, not 170.
+  `trees` are dicts {leaf: pytree with the leaf's batch axes leading}; the
+  leaves whose `group(plan)` agree are concatenated along one batch axis and
+  go through one vmapped `fn`, so a tree of 170 matrices compiles to a few
+  batched calls, not 170. Returns {leaf: output, batch axes restored}.
   """
-  groups: dict[tuple[int, int, int], list[int]] = {}
-  for i, plan in enumerate(plans):
-    if plan.projected:
-      groups.setdefault((plan.side, plan.other, plan.rank), []).append(i)
-  new_states, changed = dict(pstates), {}
+  groups: dict[Any, list[int]] = {}
+  for i in leaves:
+    groups.setdefault(group(plans[i]), []).append(i)
+  results = {}
   for members in groups.values():
     flat = lambda x, i: x.reshape((plans[i].num_matrices,) + x.shape[
         len(plans[i].batch_shape):])
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
-    stacked_states = jax.tree_util.tree_map(
-        lambda *xs: cat([flat(x, i) for x, i in zip(xs, members)]),
-        *[pstates[i] for i in members],
-    )
-    stacked_grads = cat([flat(grads[i], i) for i in members])
-    out_states, out_changed = jax.vmap(
-        projector.refresh, in_axes=(0, 0, None)
-    )(stacked_states, stacked_grads, count)
+    stacked = [
+        jax.tree_util.tree_map(
+            lambda *xs: cat([flat(x, i) for x, i in zip(xs, members)]),
+            *[tree[i] for i in members])
+        for tree in trees
+    ]
+    out = jax.vmap(fn)(*stacked)
     start = 0
     for i in members:
       plan, stop = plans[i], start + plans[i].num_matrices
-      new_states[i] = jax.tree_util.tree_map(
-          lambda x: x[start:stop].reshape(plan.batch_shape + x.shape[1:]),
-          out_states,
-      )
-      changed[i] = out_changed[start:stop].reshape(plan.batch_shape)
+      results[i] = jax.tree_util.tree_map(
+          lambda x: x[start:stop].reshape(plan.batch_shape + x.shape[1:]), out)
       start = stop
-  return new_states, changed
+  return results
+
+
+def _refresh_by_shape(projector, plans, pstates, grads, count):
+  """Refreshes every projected matrix, one vmapped call per (s, l, r)."""
+  out = _by_shape(lambda state, g: projector.refresh(state, g, count), plans,
+                  list(pstates), lambda p: (p.side, p.other, p.rank), pstates,
+                  grads)
+  return ({i: state for i, (state, _) in out.items()},
+          {i: changed for i, (_, changed) in out.items()})
+
+
+def _bases_by_shape(projector, plans, pstates):
+  """P of every projected matrix, one vmapped `basis` call per (s, r)."""
+  return _by_shape(projector.basis, plans, list(pstates),
+                   lambda p: (p.side, p.rank), pstates)
 
 
 def _low_rank_buffers(state_tree, plans, key_paths):
@@ -303,14 +316,14 @@ def project_subspace(
         for i in projected
     }
 
-    def bases(states):
-      return {
-          i: _over_batch(projector.basis, plans[i], states[i], in_axes=(0,))
-          for i in projected
-      }
+    def bases():
+      """P of every projected matrix in its current state."""
+      return _bases_by_shape(projector, plans,
+                             {i: pstates[i] for i in projected})
 
     # 1. Refresh (GaLore: steps 0, T, 2T, ...; OSD: step 0), under one cond.
-    old = bases(pstates) if on_change == "transport" else None
+    transport = on_change == "transport"
+    old = bases() if transport else None
     if projected:
       sub = {i: pstates[i] for i in projected}
       no_change = {i: jnp.zeros(plans[i].batch_shape, bool) for i in projected}
@@ -321,17 +334,27 @@ def project_subspace(
           sub,
       )
       pstates.update(sub)
-      inner_state = _on_change(
-          on_change, inner_state, plans, key_paths, old,
-          bases(pstates) if on_change == "transport" else None, changed)
-      old = bases(pstates) if on_change == "transport" else None
+    # This step's basis, evaluated once and shared by every product below
+    # and by "transport" (a random projector regenerates P, a QR, at each
+    # `basis` call). Projectors with their own `project` and `back` (row
+    # selections) never form it unless "transport" needs it.
+    dense = projector.project is None or projector.back is None
+    current = bases() if dense or transport else None
+    if projected:
+      inner_state = _on_change(on_change, inner_state, plans, key_paths, old,
+                               current, changed)
+
+    def product(own, dense_product, i, x):
+      """own(state, x) where the projector has it, else dense_product(P, x)."""
+      if own is not None:
+        return _over_batch(own, plans[i], pstates[i], x, in_axes=(0, 0))
+      return _over_batch(dense_product, plans[i], current[i], x, in_axes=(0, 0))
+
+    project = functools.partial(product, projector.project, _base.dense_project)
+    back = functools.partial(product, projector.back, _base.dense_back)
 
     # 2. Project, run the inner transformation on the mixed tree.
-    project, back = projector.project_fn(), projector.back_fn()
-    low = {
-        i: _over_batch(project, plans[i], pstates[i], grads[i], in_axes=(0, 0))
-        for i in projected
-    }
+    low = {i: project(i, grads[i]) for i in projected}
     inner_grads = list(g_leaves)
     inner_params = None if p_leaves is None else list(p_leaves)
     for i in projected:
@@ -340,8 +363,7 @@ def project_subspace(
       if inner_params is not None:
         w = _leaves.to_oriented(p_leaves[i], plans[i]).astype(compute_dtype)
         inner_params[i] = _leaves.low_rank_layout(
-            _over_batch(project, plans[i], pstates[i], w, in_axes=(0, 0)),
-            plans[i]).astype(jnp.result_type(p_leaves[i]))
+            project(i, w), plans[i]).astype(jnp.result_type(p_leaves[i]))
     inner_updates, inner_state = optax.with_extra_args_support(inner).update(
         treedef.unflatten(inner_grads),
         inner_state,
@@ -353,8 +375,7 @@ def project_subspace(
     out = treedef.flatten_up_to(inner_updates)
     for i in projected:
       n = _leaves.low_rank_layout(out[i], plans[i]).astype(compute_dtype)
-      full = _over_batch(back, plans[i], pstates[i], n, in_axes=(0, 0)) * scale
-      out[i] = _leaves.from_oriented(full, plans[i]).astype(
+      out[i] = _leaves.from_oriented(back(i, n) * scale, plans[i]).astype(
           jnp.result_type(g_leaves[i]))
 
     # 4. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
@@ -365,9 +386,9 @@ def project_subspace(
             lambda st, g, r: projector.advance(st, g, r, count),
             plans[i], pstates[i], grads[i], low[i], in_axes=(0, 0, 0),
         )
-      inner_state = _on_change(
-          on_change, inner_state, plans, key_paths, old,
-          bases(pstates) if on_change == "transport" else None, changed)
+      inner_state = _on_change(on_change, inner_state, plans, key_paths,
+                               current, bases() if transport else None,
+                               changed)
 
     new_state = ProjectSubspaceState(
         count=optax.safe_increment(count),

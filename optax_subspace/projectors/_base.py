@@ -55,17 +55,23 @@ class Projector(NamedTuple):
     """`project`, or the dense product with the basis."""
     if self.project is not None:
       return self.project
-    return lambda state, g: jnp.matmul(
-        self.basis(state).T.astype(g.dtype), g,
-        preferred_element_type=jnp.float32)
+    return lambda state, g: dense_project(self.basis(state), g)
 
   def back_fn(self):
     """`back`, or the dense product with the basis."""
     if self.back is not None:
       return self.back
-    return lambda state, n: jnp.matmul(
-        self.basis(state).astype(n.dtype), n,
-        preferred_element_type=jnp.float32)
+    return lambda state, n: dense_back(self.basis(state), n)
+
+
+def dense_project(p: jax.Array, g: jax.Array) -> jax.Array:
+  """R = Pᵀ g (r, l), in g's dtype, accumulated in float32."""
+  return jnp.matmul(p.T.astype(g.dtype), g, preferred_element_type=jnp.float32)
+
+
+def dense_back(p: jax.Array, n: jax.Array) -> jax.Array:
+  """P n (s, l), in n's dtype, accumulated in float32."""
+  return jnp.matmul(p.astype(n.dtype), n, preferred_element_type=jnp.float32)
 
 
 def check_rank(rank) -> int:
