@@ -115,8 +115,9 @@ BATCH_AXES = ("data", "fsdp")
 
 def constrain_batch(x: jax.Array) -> jax.Array:
   """x (batch, ...) split over BATCH_AXES of the current mesh; x itself outside a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+  get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)  # JAX >= 0.6
+  mesh = get_mesh() if get_mesh is not None else None
+  if mesh is None or mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
     return x
   spec = jax.sharding.PartitionSpec(BATCH_AXES, *([None] * (x.ndim - 1)))
   return jax.lax.with_sharding_constraint(x, spec)
