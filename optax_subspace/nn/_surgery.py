@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Union
 
+import jax
 from flax import nnx
 
 LayerMask = Union[str, Callable[[str, nnx.Module], bool]]
@@ -60,3 +61,18 @@ def replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
     parent[last] = new
   else:
     setattr(parent, last, new)
+
+
+def param_leaf_indices(model: nnx.Module) -> dict[tuple, int]:
+  """Graph path of every `nnx.Param` -> its position in the flattened Param state.
+
+  A layer at module path ``path`` has its kernel at ``path + ("kernel",)``;
+  that position is the leaf index the optimizer level gives the same kernel
+  (`projectors._base.matrix_keys`), so both levels draw the same keys. Read
+  it before any surgery: replacing layers changes the Param state.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+  return {
+      tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)): i
+      for i, (key_path, _) in enumerate(flat)
+  }

@@ -308,17 +308,14 @@ def grass_layers(model: nnx.Module, rank: int, *, update_every: int = 200,
   _base.check_every(update_every)
   sparse_rows(rank, update_every, selection=selection,
                               replacement=replacement)
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
-  leaf_paths = [_leaves.path_str(p) for p, _ in
-                jax.tree_util.tree_flatten_with_path(params)[0]]
+  index = _surgery.param_leaf_indices(model)
   replaced = []
   for path, layer in _surgery.find_linears(model, mask):
-    name = _surgery.path_str(path)
     _surgery.replace(model, path, GrassLinear(
         layer, rank, update_every=update_every,
-        leaf_index=leaf_paths.index(f"{name}/kernel"), selection=selection,
+        leaf_index=index[tuple(path) + ("kernel",)], selection=selection,
         replacement=replacement, seed=seed))
-    replaced.append(name)
+    replaced.append(_surgery.path_str(path))
   return replaced
 
 

@@ -218,16 +218,6 @@ def _rso_linears(model: nnx.Module) -> list[RsoLinear]:
   return [node for _, node in nnx.iter_graph(model) if isinstance(node, RsoLinear)]
 
 
-def _param_leaf_indices(model: nnx.Module) -> dict[tuple, int]:
-  """Module path + ("kernel",) -> position in the flattened `nnx.Param` state."""
-  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-  index = {}
-  for i, (key_path, _) in enumerate(flat):
-    names = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
-    index[names] = i
-  return index
-
-
 def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(attention|mlp)/",
                distribution: str = "haar", seed: int = 0) -> list[str]:
   r"""Turns the selected `nnx.Linear` layers of `model` into `RsoLinear`, in place.
@@ -280,7 +270,7 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
       raise ValueError(
           f"{_surgery.path_str(path)} is an nnx.{type(layer).__name__}, not a"
           " 2-D linear map (nnx.Linear); narrow `mask` to leave it out.")
-  index = _param_leaf_indices(model)
+  index = _surgery.param_leaf_indices(model)
   new = [(path, RsoLinear(layer, rank, leaf_index=index[path + ("kernel",)],
                           distribution=distribution, seed=seed))
          for path, layer in found]
