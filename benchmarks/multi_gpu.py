@@ -8,6 +8,13 @@ writes one JSON, rewritten after every run so a cut run keeps what finished, wit
 training losses of both runs, their largest relative difference, the final evaluation losses, and
 the tokens/s ratio (mesh / one device); plus a PNG of both loss curves per method.
 
+Two speed-ups are reported, because they answer different questions:
+- ``speedup`` (strong scaling): the same global batch on n devices as on one, so each device
+  gets 1/n of it. This is the run whose losses must match the one-device run.
+- ``weak_speedup`` (with ``--weak``, a third run "mesh_weak"): the one-device batch on EACH
+  device (global batch × n), the usual data-parallel throughput measure: each device works at
+  the batch size it was sized for, so the ratio shows what the mesh itself costs.
+
     python benchmarks/multi_gpu.py --out benchmarks/results/multi_gpu_h100x2.json \\
         --data-dir .data --model-size 350m --batch-size 128 --steps 30 --fsdp 2
 
@@ -46,12 +53,19 @@ def _devices() -> dict:
           "count": jax.device_count()}
 
 
-def _run(args, method: str, layout: str, mesh_flags: list[str], run_dir: pathlib.Path) -> dict:
+def _commit() -> str:
+  proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=ROOT, check=False)
+  return proc.stdout.strip() or "unknown"
+
+
+def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
+         run_dir: pathlib.Path) -> dict:
   env = dict(os.environ)
   if layout == "one" and _devices()["platform"] == "gpu":
     env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
   flags = [
-      "--model-size", args.model_size, "--batch-size", str(args.batch_size),
+      "--model-size", args.model_size, "--batch-size", str(batch),
       "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--optimizer", method,
       "--log-every", "1", "--eval-every", "0", "--eval-windows", str(args.eval_windows),
       "--checkpoint-every", str(args.steps), "--run-dir", str(run_dir),
@@ -92,7 +106,7 @@ def _plot(result: dict, path: pathlib.Path) -> None:
   fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 3))
   axes = [axes] if len(methods) <= 1 else list(axes)
   for ax, method in zip(axes, methods):
-    for layout, style in (("one", "-"), ("mesh", "--")):
+    for layout, style in (("one", "-"), ("mesh", "--"), ("mesh_weak", ":")):
       run = result["methods"][method].get(layout, {})
       if "losses" in run:
         label = f"{layout} ({run['tokens_per_s'] / 1e3:.0f}K tok/s)"
@@ -123,13 +137,20 @@ def main(argv=None) -> dict:
   p.add_argument("--data-parallel", type=int, default=1)
   p.add_argument("--fsdp", type=int, default=2)
   p.add_argument("--methods", default=",".join(METHODS))
+  p.add_argument("--weak", action="store_true",
+                 help="also run the mesh at batch-size × device count (weak scaling)")
+  p.add_argument("--commit", default="",
+                 help="the commit to record (default: git rev-parse of this tree)")
   args = p.parse_args(argv)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   runs = out.parent / (out.stem + "_runs")
   mesh_flags = ["--data-parallel", str(args.data_parallel), "--fsdp", str(args.fsdp)]
+  n_devices = _devices()["count"]
   result = {
       "benchmark": "multi_gpu",
+      "command": " ".join(["python", "benchmarks/multi_gpu.py", *(argv or sys.argv[1:])]),
+      "commit": args.commit or _commit(),
       "devices": _devices(),
       "versions": _versions(),
       "config": {
@@ -137,19 +158,25 @@ def main(argv=None) -> dict:
           "seq_len": args.seq_len, "steps": args.steps, "tokenizer": args.tokenizer,
           "rank": args.rank or "hidden/4", "update_every": args.update_every or 200,
           "mesh": f"data {args.data_parallel} x fsdp {args.fsdp}",
+          "weak_global_batch": args.batch_size * n_devices if args.weak else None,
           "compute": "bfloat16, float32 parameters and states (the example's default)",
       },
       "methods": {},
   }
   for method in args.methods.split(","):
     entry = result["methods"].setdefault(method, {})
-    for layout, flags in (("one", []), ("mesh", mesh_flags)):
-      entry[layout] = _run(args, method, layout, flags, runs / f"{method}-{layout}")
-      one, mesh = entry.get("one", {}), entry.get("mesh", {})
+    layouts = [("one", [], args.batch_size), ("mesh", mesh_flags, args.batch_size)]
+    if args.weak:
+      layouts.append(("mesh_weak", mesh_flags, args.batch_size * n_devices))
+    for layout, flags, batch in layouts:
+      entry[layout] = _run(args, method, layout, flags, batch, runs / f"{method}-{layout}")
+      one, mesh, weak = (entry.get(k, {}) for k in ("one", "mesh", "mesh_weak"))
       if "losses" in one and "losses" in mesh:
         entry["max_rel_loss_diff"] = max(
             abs(a - b) / abs(a) for a, b in zip(one["losses"], mesh["losses"]))
         entry["speedup"] = mesh["tokens_per_s"] / one["tokens_per_s"]
+      if "tokens_per_s" in one and "tokens_per_s" in weak:
+        entry["weak_speedup"] = weak["tokens_per_s"] / one["tokens_per_s"]
       out.write_text(json.dumps(result, indent=1) + "\n")
       print(method, layout, {k: v for k, v in entry[layout].items() if k != "losses"},
             flush=True)

@@ -1,0 +1,32 @@
+"""Smoke test of benchmarks/multi_gpu.py at a tiny size on 2 simulated CPU devices."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = ["--model-size", "tiny", "--tokenizer", "byte", "--batch-size", "4", "--seq-len", "32",
+        "--steps", "3", "--eval-windows", "4", "--data-parallel", "2", "--fsdp", "1",
+        "--methods", "adamw", "--weak", "--commit", "abc1234"]
+
+
+def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_path):
+  # A subprocess, so the simulated devices exist whatever this process's jax already started.
+  out = tmp_path / "multi_gpu.json"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", *TINY, "--out", str(out)],
+                 cwd=ROOT, env=env, check=True, capture_output=True)
+  result = json.loads(out.read_text())
+  assert result["commit"] == "abc1234"
+  assert result["config"]["weak_global_batch"] == 8
+  adamw = result["methods"]["adamw"]
+  for layout in ("one", "mesh", "mesh_weak"):
+    assert "error" not in adamw[layout], adamw[layout].get("error")
+    assert len(adamw[layout]["losses"]) == 3
+  # Same global batch, same data: the 2-device run follows the one-device run (bf16 compute).
+  assert adamw["max_rel_loss_diff"] < 1e-3
+  assert adamw["speedup"] == adamw["mesh"]["tokens_per_s"] / adamw["one"]["tokens_per_s"]
+  assert adamw["weak_speedup"] == adamw["mesh_weak"]["tokens_per_s"] / adamw["one"]["tokens_per_s"]
+  assert out.with_suffix(".png").exists()
