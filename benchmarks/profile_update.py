@@ -1,0 +1,176 @@
+"""Where the time of one optimizer update goes: device kernels, grouped, per method.
+
+Builds the LLaMA-shaped tree of `optimizer_step.py` (default 1B: d 2048, ffn 5461, 24 layers,
+rank 512, attention and MLP kernels projected), compiles one update + apply per method (params
+and state donated, steady steps: no refresh), runs it under `jax.profiler.trace` with a Perfetto
+trace and sums the device kernels' durations by kind: matrix products (cuBLAS/cuBLASLt/cutlass
+GEMMs), XLA fusions, copies/transposes, reductions, other. Kernel time per step is the sum over
+the traced calls divided by their number; "wall" is the median synced wall time of the same
+calls outside the trace. The top kernels by time come with their share, so the step that costs
+most is named, not guessed. Writes JSON.
+
+    python benchmarks/profile_update.py --out /tmp/profile_update.json            # GPU
+    python benchmarks/profile_update.py --size tiny --out /tmp/p.json             # CPU smoke
+
+On the CPU the trace holds no device kernels (the totals are 0); the smoke run checks the
+plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import pathlib
+import re
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_subspace as osub
+from benchmarks import optimizer_step
+
+KINDS = (
+    ("gemm", re.compile(r"gemm|cutlass|xmma|cublas|sm\d+_.*(tn|nt|nn|tt)|triton_gemm|matmul",
+                        re.I)),
+    ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
+    ("reduction", re.compile(r"reduc", re.I)),
+    ("fusion", re.compile(r"fusion|loop_|input_|wrapped_", re.I)),
+)
+
+
+def methods(rank: int, big: int = 10**9) -> dict:
+  """name -> (transformation, count to start at: past the step-0 refresh)."""
+  mask = optimizer_step.PROJECTED
+  return {
+      "adamw": (optax.adamw(1e-3), None),
+      "galore_steady": (osub.galore(1e-3, rank, big, mask=mask), 1),
+      "galore_steady_bf16_products": (
+          osub.galore(1e-3, rank, big, mask=mask, projection_dtype=jnp.bfloat16), 1),
+      "osd_steady": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
+      "osd_steady_bf16_products": (
+          osub.online_subspace_descent(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
+  }
+
+
+def kind_of(name: str) -> str:
+  for kind, pattern in KINDS:
+    if pattern.search(name):
+      return kind
+  return "other"
+
+
+def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
+  """(name, duration µs) of every event on a device ("/device:GPU:…") track of the trace."""
+  files = sorted(trace_dir.rglob("perfetto_trace.json.gz"))
+  if not files:
+    return []
+  with gzip.open(files[-1], "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  device_pids = {
+      e["pid"] for e in events
+      if e.get("ph") == "M" and e.get("name") == "process_name"
+      and "/device:" in str(e.get("args", {}).get("name", ""))
+  }
+  # Kernels sit on the device tracks' stream threads; XLA op and module rows on the same pid are
+  # spans over them (named like the HLO op or "XLA Modules"), so keep the stream rows only.
+  stream_tids = {
+      (e["pid"], e["tid"]) for e in events
+      if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device_pids
+      and re.search(r"stream", str(e.get("args", {}).get("name", "")), re.I)
+  }
+  if not stream_tids:  # another trace layout: every device row but the HLO op/module spans
+    stream_tids = {
+        (e["pid"], e["tid"]) for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device_pids
+        and not re.search(r"XLA (Ops|Modules)|TraceMe|Steps", str(e["args"].get("name", "")))
+    }
+  return [(e["name"], float(e.get("dur", 0.0))) for e in events
+          if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in stream_tids]
+
+
+def profile(name, tx, count, params, grads, reps: int, top: int) -> dict:
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.jit(tx.init)(params)
+  if count is not None:
+    state = optimizer_step._set_count(state, count)  # pylint: disable=protected-access
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+  p = jax.tree_util.tree_map(jnp.copy, params)
+  run = lambda p, s: (*compiled(p, s, grads),)
+  wall, (p, state) = optimizer_step.time_calls(run, lambda: (p, state), reps)
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(reps):
+        p, state = run(p, state)
+      jax.block_until_ready((p, state))
+    kernels = device_kernels(pathlib.Path(tmp))
+  del p, state
+  by_kind = collections.Counter()
+  by_name = collections.Counter()
+  calls = collections.Counter()
+  for kernel, dur in kernels:
+    by_kind[kind_of(kernel)] += dur / reps
+    by_name[kernel] += dur / reps
+    calls[kernel] += 1
+  total = sum(by_kind.values())
+  row = {
+      "method": name, "wall_ms": wall, "kernel_ms": total / 1e3,
+      "kernels_per_step": len(kernels) / reps,
+      "by_kind_ms": {k: v / 1e3 for k, v in by_kind.most_common()},
+      "top": [{"kernel": k[:160], "ms": v / 1e3, "share": v / total if total else None,
+               "calls_per_step": calls[k] / reps, "kind": kind_of(k)}
+              for k, v in by_name.most_common(top)],
+  }
+  print(f"{name:<30} wall {wall:8.2f} ms  kernels {total / 1e3:8.2f} ms"
+        f"  ({row['kernels_per_step']:.0f} per step)  "
+        + ", ".join(f"{k} {v:.2f}" for k, v in row["by_kind_ms"].items()), flush=True)
+  return row
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--size", default="1b", choices=sorted(optimizer_step.SIZES))
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--top", type=int, default=25)
+  ap.add_argument("--methods", default="")
+  ap.add_argument("--commit", default="")
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args(argv)
+  cfg = optimizer_step.SIZES[args.size]
+  shapes = optimizer_step.llama_shapes(**cfg)
+  params = optimizer_step.make_tree(shapes, 0, lambda k, s: 0.02 * jax.random.normal(k, s))
+  grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
+  chosen = methods(cfg["rank"])
+  if args.methods:
+    chosen = {k: v for k, v in chosen.items() if k in args.methods.split(",")}
+  dev = jax.devices()[0]
+  result = {
+      "benchmark": "profile_update", "commit": args.commit or None,
+      "device": dev.device_kind, "platform": dev.platform,
+      "versions": {"jax": jax.__version__, "optax": optax.__version__},
+      "size": args.size, "config": cfg, "reps": args.reps,
+      "timing": "kernel_ms: device kernel durations from a jax.profiler Perfetto trace, summed"
+                " and divided by the traced calls; wall_ms: median synced wall time",
+      "rows": [],
+  }
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  started = time.perf_counter()
+  for name, (tx, count) in chosen.items():
+    result["rows"].append(profile(name, tx, count, params, grads, args.reps, args.top))
+    result["elapsed_s"] = time.perf_counter() - started
+    out.write_text(json.dumps(result, indent=1) + "\n")
+  return result
+
+
+if __name__ == "__main__":
+  main()
