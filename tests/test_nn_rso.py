@@ -118,12 +118,16 @@ def test_grad_of_b_at_zero_is_projected_weight_gradient_in_llama():
   assert "kernel" not in low["layers"][1]["mlp"]["down_proj"]
 
 
-def _residual_shapes(f, *args):
+def _residuals_text(f, *args):
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     print_saved_residuals(f, *args)
+  return out.getvalue()
+
+
+def _residual_shapes(f, *args):
   return [tuple(int(d) for d in m.group(1).split(",") if d)
-          for m in re.finditer(r"\[([0-9,]*)\]", out.getvalue())]
+          for m in re.finditer(r"\[([0-9,]*)\]", _residuals_text(f, *args))]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -138,7 +142,9 @@ def test_backward_saves_xp_not_x(dtype):
     return jnp.sum(jnp.sin(y.astype(jnp.float32)))
 
   shapes = _residual_shapes(f, params, x)
-  assert (batch, 8) in shapes, shapes  # x·P
+  assert (batch, 8) in shapes, shapes  # x·P, in the compute dtype
+  assert re.search(rf"{jnp.dtype(dtype).name.replace('bfloat16', 'bf16').replace('float32', 'f32')}"
+                   rf"\[{batch},8\]", _residuals_text(f, params, x))
   assert (batch, m) not in shapes, shapes  # not x
   assert (m, n) in shapes  # W, for ∂L/∂x: a parameter, not an activation
   # The plain layer, for contrast, keeps x.
@@ -148,6 +154,106 @@ def test_backward_saves_xp_not_x(dtype):
       lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef2, p)(x).astype(jnp.float32))),
       params2, x)
   assert (batch, m) in shapes2
+
+
+def _product_case(dtype, batch=(3, 5), m=12, n=10, r=4, seed=0):
+  """x, W, P, B of one RsoLinear product, B away from zero."""
+  kx, kw, kp, kb = jax.random.split(jax.random.PRNGKey(seed), 4)
+  x = jax.random.normal(kx, batch + (m,)).astype(dtype)
+  w = 0.1 * jax.random.normal(kw, (m, n))
+  p = random_basis(kp, m, r, "haar")
+  b = 0.1 * jax.random.normal(kb, (r, n))
+  return x, w, p, b
+
+
+def _layer_with(w, p, b, dtype):
+  layer = osnn.RsoLinear(nnx.Linear(*w.shape, use_bias=False, dtype=dtype,
+                                    rngs=nnx.Rngs(0)), p.shape[1])
+  layer.kernel.value, layer.rso_basis.value, layer.rso_b.value = w, p, b
+  return layer
+
+
+def test_custom_vjp_equals_autodiff_of_the_plain_formula_in_float32():
+  x, w, p, b = _product_case(jnp.float32)
+  cot = jax.random.normal(jax.random.PRNGKey(9), x.shape[:-1] + (w.shape[1],))
+  layer = _layer_with(w, p, b, jnp.float32)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def layer_loss(params, x):
+    return jnp.sum(nnx.merge(graphdef, params, rest)(x) * cot)
+
+  def plain_loss(b, x, w, p):  # y = x·W + (x·P)·B, differentiated by JAX
+    return jnp.sum((x @ w + (x @ p) @ b) * cot)
+
+  y = layer(x)
+  np.testing.assert_allclose(y, x @ w + (x @ p) @ b, rtol=1e-5, atol=1e-6)
+  got_b, got_x = jax.grad(layer_loss, argnums=(0, 1))(params, x)
+  want_b, want_x, want_w, want_p = jax.grad(plain_loss, argnums=(0, 1, 2, 3))(b, x, w, p)
+  np.testing.assert_allclose(got_b["rso_b"][...], want_b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-6)
+  # W and P are constants of the subproblem: zero cotangent even when differentiated.
+  graphdef, params, frozen, rest = nnx.split(layer, nnx.Param, osnn.FrozenKernel, ...)
+  grad_w = jax.grad(
+      lambda frozen: jnp.sum(nnx.merge(graphdef, params, frozen, rest)(x) * cot))(frozen)
+  assert float(jnp.abs(grad_w["kernel"][...]).max()) == 0.0
+  assert float(jnp.abs(want_w).max()) > 0 and float(jnp.abs(want_p).max()) > 0
+
+
+def test_custom_vjp_in_bfloat16_rounds_the_effective_kernel_once_and_accumulates_db_in_f32():
+  x, w, p, b = _product_case(jnp.bfloat16)
+  cot = jax.random.normal(jax.random.PRNGKey(9), x.shape[:-1] + (w.shape[1],), jnp.bfloat16)
+  layer = _layer_with(w, p, b, jnp.bfloat16)
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  # Forward: x·bf16(W + P·B), P·B from bf16 P and B summed with W in float32, as the
+  # full-weight layer computes x·bf16(W).
+  kernel = (w + jnp.matmul(p.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                           preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
+  y = layer(x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(y, x @ kernel)
+  got_b, got_x = jax.grad(
+      lambda params, x: jnp.sum((nnx.merge(graphdef, params, rest)(x) * cot).astype(
+          jnp.float32)), argnums=(0, 1))(params, x)
+  got_b = got_b["rso_b"][...]
+  assert got_b.dtype == jnp.float32 and got_x.dtype == jnp.bfloat16
+  # ∂L/∂B = (x·P)ᵀ·∂L/∂y from the bf16 x·P, accumulated and returned in float32.
+  xp = (x @ p.astype(jnp.bfloat16)).astype(jnp.float32).reshape(-1, p.shape[1])
+  want_b = xp.T @ cot.astype(jnp.float32).reshape(-1, w.shape[1])
+  np.testing.assert_allclose(got_b, want_b, rtol=1e-5, atol=1e-5)
+  # ∂L/∂x = ∂L/∂y·bf16(W + P·B)ᵀ: the float32 reference up to bf16 rounding.
+  want_x = cot.astype(jnp.float32) @ (w + p @ b).T
+  np.testing.assert_allclose(got_x.astype(jnp.float32), want_x, rtol=0.05, atol=0.05)
+
+
+def _weight_sized_products(layer, x):
+  """What each dot_general of ∂(Σ layer(x))/∂(Params, x) with an in×out result contracts."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+  jaxpr = jax.make_jaxpr(jax.grad(
+      lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x)), argnums=(0, 1)))(
+          params, x)
+  shape = (layer.in_features, layer.out_features)
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if (eqn.primitive.name == "dot_general"
+          and eqn.outvars[0].aval.shape in (shape, shape[::-1])):
+        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+        found.append([eqn.invars[0].aval.shape[a] for a in lhs_contract])
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jaxpr.jaxpr)
+  return found
+
+
+def test_backward_forms_no_weight_gradient_product():
+  # A weight gradient xᵀ·∂L/∂y is an in×out product over the batch axes; the only
+  # in×out product RsoLinear may form is P·B, over r (for W + P·B).
+  x, w, p, b = _product_case(jnp.float32, batch=(6, 7))
+  rank = p.shape[1]
+  assert all(c == [rank] for c in _weight_sized_products(_layer_with(w, p, b, jnp.float32), x))
+  assert [6, 7] in _weight_sized_products(_linear(*w.shape), x)  # the plain layer's dW
 
 
 def test_layer_keeps_dtype_bias_and_precision_semantics():

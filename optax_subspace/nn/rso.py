@@ -30,6 +30,37 @@ The optimizer restarts its state for B at its updates 0, K, 2K, …, which is
 right after each merge, so every subproblem starts from B = 0 with a fresh
 inner state, as the paper's outer loop does.
 
+The layer's product is one `jax.custom_vjp` (`_rso_product`), not JAX's autodiff of
+x·W + (x·P)·B, because what the compiled step keeps and computes is then fixed by the
+library, not left to the compiler:
+
+- Forward: y = x·(W + P·B), one product with the effective kernel, formed in the step from W
+  (float32), P and B: P·B (r-deep, from P and B in the compute dtype) summed with W in float32
+  and rounded once to the compute dtype, as the full-weight layer rounds its W (and as the
+  optimizer-level RSO's model computes with W_k + P_k·B). Plus x·P, in the compute dtype
+  (bf16 when the model computes in bf16): the only activation kept for the backward.
+- Backward: ∂L/∂x = ∂L/∂y·(W + P·B)ᵀ, one product, and ∂L/∂B = (x·P)ᵀ·∂L/∂y, accumulated
+  and returned in float32. W and P get no cotangent, so no m×n weight gradient is formed.
+  W + P·B is formed again (2·m·n·r flops, r/b of a b-row product) instead of being kept.
+
+Why: per layer and b tokens, autodiff of the split form runs x·W, x·P, (x·P)·B forward and
+∂L/∂y·Wᵀ, ∂L/∂y·Bᵀ, its product with Pᵀ, and (x·P)ᵀ·∂L/∂y backward:
+2·b·m·n + b·r·(2m + 3n) multiply-adds, five of the seven products thin and bandwidth-bound;
+at r = 256 that is more than the full layer's 3·b·m·n for a 1024×1024 layer. The
+effective-kernel form needs 2·b·m·n + b·r·(m + n) + 2·m·n·r: fewer than the split form once
+b > 2·m·n/(m + 2n) (700–1200 tokens for the LLaMA example's layers) and than the full layer
+once b > 2·m·n·r/(m·n − r·(m + n)) (about 800–1000 at r = 256); at 16K tokens 2.53·b·m·n
+for a 1024×1024 layer against the full layer's 3 and the split form's 3.25. Its two large
+products are the full layer's. Memory: autodiff kept the bf16 copy of W next to x·P for
+∂L/∂x (as the full layer keeps its own); here W, P and B are arguments of the step, and nothing
+of size m×n lives from the forward to the backward. Two `optimization_barrier`s hold the
+compiler to this: x·P is materialised on its own (a compiler that merges x·(W + P·B) and x·P
+into one product must not keep the b×(n + r) result alive for its b×r slice), and the
+backward's W + P·B depends on ∂L/∂y (so it is neither merged with the forward's by CSE nor
+scheduled early). XLA's GPU compiler removes barriers only after scheduling; its CPU compiler
+removes them before its later CSE and its scheduling, so a CPU compile keeps the forward's
+W + P·B (one m×n array per layer; measured with `benchmarks/rso_memory.py`).
+
 Activation checkpointing (`nnx.remat` per block, the LLaMA example's
 ``remat``) works as is under `nnx.grad` and `nnx.jit`. With the functional
 API inside `jax.grad`, merge with ``nnx.merge(graphdef, params, rest,
@@ -41,8 +72,9 @@ TraceContextError, the same for any non-Param Variable).
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -112,16 +144,20 @@ def _placed(value: jax.Array, kernel: jax.Array, keep_axis: int) -> jax.Array:
 class RsoLinear(nnx.Module):
   r"""An `nnx.Linear` that trains only B: y = x·W + (x·P)·B (+ bias).
 
-  W (in, out) is held constant (a `FrozenKernel`, under `stop_gradient`
-  too), P (in, r) is a random basis on the input side (float32, an
-  `RsoBasis`, redrawn only by `merge_and_redraw`) and B (r, out) is the
-  layer's `nnx.Param`, zero at the start of each subproblem. So
+  W (in, out) is held constant (a `FrozenKernel`, with no cotangent),
+  P (in, r) is a random basis on the input side (float32, an `RsoBasis`,
+  redrawn only by `merge_and_redraw`) and B (r, out) is the layer's
+  `nnx.Param`, zero at the start of each subproblem. So
   ∂L/∂B = (x·P)ᵀ·∂L/∂y = Pᵀ·∂L/∂W, and the backward pass saves x·P (b×r),
-  not x (b×in); ∂L/∂x = ∂L/∂y·Wᵀ + (∂L/∂y·Bᵀ)·Pᵀ needs only W, P and B
-  (arXiv:2502.07222). The bias, if the layer has one, stays an
-  `nnx.Param` trained in full. Dtype promotion, `precision`, `dot_general`
-  and `preferred_element_type` are the replaced layer's; P and B are cast to
-  the compute dtype for the products.
+  not x (b×in); ∂L/∂x = ∂L/∂y·(W + P·B)ᵀ needs only W, P and B
+  (arXiv:2502.07222). The product is a custom VJP (the module docstring
+  says what it computes and keeps, and why): y = x·(W + P·B) with W + P·B
+  rounded once to the compute dtype, x·P kept in the compute dtype, ∂L/∂B
+  accumulated in float32, and no m×n gradient. The bias, if the layer has
+  one, stays an `nnx.Param` trained in full. Dtype promotion, `precision`,
+  `dot_general` and `preferred_element_type` are the replaced layer's (its
+  `dot_general` runs the forward products; the backward's are
+  `jax.lax.dot_general` with its `precision`).
 
   References:
     Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
@@ -190,28 +226,97 @@ class RsoLinear(nnx.Module):
     self.rso_subproblem = RsoBasis(jnp.zeros([], jnp.int32))
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    """y = x·W + (x·P)·B (+ bias), W and P under `stop_gradient`."""
-    kernel = jax.lax.stop_gradient(self.kernel[...])
+    """y = x·(W + P·B) (+ bias), differentiable in x and B only (`_rso_product`)."""
+    # W and P need no stop_gradient: `_rso_product` gives them no cotangent.
+    kernel, basis = self.kernel[...], self.rso_basis[...]
     bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    basis = jax.lax.stop_gradient(self.rso_basis[...]).astype(inputs.dtype)
-    b = self.rso_b[...].astype(inputs.dtype)
-    extra = {}
-    if self.preferred_element_type is not None:
-      extra["preferred_element_type"] = self.preferred_element_type
-    last = ((inputs.ndim - 1,), (0,))
-    dims = (last, ((), ()))
-    y = self.dot_general(inputs, kernel, dims, precision=self.precision,
-                         out_sharding=out_sharding, **extra)
-    # x·P (b×r) is the only activation the backward pass keeps for this layer.
-    xp = self.dot_general(inputs, basis, dims, precision=self.precision, **extra)
-    xp = xp.astype(inputs.dtype)
-    y = y + self.dot_general(xp, b, (((xp.ndim - 1,), (0,)), ((), ())),
-                             precision=self.precision, out_sharding=out_sharding,
-                             **extra)
+    # The compute dtype is the replaced layer's (its promote_dtype). W, P and B enter the product
+    # in their stored dtypes, so that W + P·B is summed before it is rounded to the compute dtype
+    # (the promoted W is unused; the compiler drops it).
+    inputs, _, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+    spec = _ProductSpec(dtype=inputs.dtype, precision=self.precision,
+                        dot_general=self.dot_general,
+                        preferred_element_type=self.preferred_element_type,
+                        out_sharding=out_sharding)
+    y = _rso_product(inputs, kernel, basis, self.rso_b[...], spec)
     if bias is not None:
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y
+
+
+class _ProductSpec(NamedTuple):
+  """The static part of `_rso_product`: the replaced layer's compute dtype and products."""
+  dtype: jnp.dtype
+  precision: Any
+  dot_general: Callable
+  preferred_element_type: Any
+  out_sharding: Any
+
+
+def _accumulation_dtype(w: jax.Array) -> jnp.dtype:
+  return jnp.promote_types(w.dtype, jnp.float32)
+
+
+def _effective_kernel(w: jax.Array, p: jax.Array, b: jax.Array, spec: _ProductSpec) -> jax.Array:
+  """W + P·B in the compute dtype: P·B from P and B in the compute dtype, summed with W in (at
+  least) float32, rounded once, as the full-weight layer rounds its W."""
+  acc = _accumulation_dtype(w)
+  pb = jnp.matmul(p.astype(spec.dtype), b.astype(spec.dtype), precision=spec.precision,
+                  preferred_element_type=acc)
+  return (w.astype(acc) + pb).astype(spec.dtype)
+
+
+def _last_axis_product(x: jax.Array, k: jax.Array, spec: _ProductSpec, **kwargs) -> jax.Array:
+  """x (…, in) · k (in, out) with the layer's dot_general, precision and preferred type."""
+  if spec.preferred_element_type is not None:
+    kwargs["preferred_element_type"] = spec.preferred_element_type
+  return spec.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=spec.precision,
+                          **kwargs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _rso_product(x: jax.Array, w: jax.Array, p: jax.Array, b: jax.Array,
+                 spec: _ProductSpec) -> jax.Array:
+  r"""y = x·(W + P·B), whose backward keeps x·P and forms no weight gradient but ∂L/∂B.
+
+  Forward: one product with the effective kernel W + P·B (in the compute dtype) and the thin
+  x·P (b×r, the compute dtype), the only activation kept. Backward, from ∂L/∂y:
+  ∂L/∂x = ∂L/∂y·(W + P·B)ᵀ and ∂L/∂B = (x·P)ᵀ·∂L/∂y (accumulated and returned in B's dtype);
+  W and P get no cotangent (they are constants of the subproblem), so no m×n gradient is formed.
+  W + P·B is formed again in the backward rather than kept (W, P and B are arguments of the
+  step, so nothing of size m×n stays alive between the two passes).
+  Chen, Zhang, Liu, Yuan, Wen, arXiv:2502.07222: the model-level memory argument.
+  """
+  return _last_axis_product(x, _effective_kernel(w, p, b, spec), spec,
+                            out_sharding=spec.out_sharding)
+
+
+def _rso_product_fwd(x, w, p, b, spec):
+  y = _last_axis_product(x, _effective_kernel(w, p, b, spec), spec,
+                         out_sharding=spec.out_sharding)
+  xp = _last_axis_product(x, p.astype(spec.dtype), spec).astype(spec.dtype)
+  # A materialised x·P: the compiler may compute x·P inside one product with x·(W + P·B)
+  # (dot merging); the barrier keeps the saved b×r slice from pinning that b×(out + r) output.
+  xp = jax.lax.optimization_barrier(xp)
+  return y, (xp, w, p, b)
+
+
+def _rso_product_bwd(spec, residuals, dy):
+  # The barrier ties the recomputation of W + P·B to the backward (its inputs include ∂L/∂y):
+  # without it the compiler may reuse, or schedule early, the forward's, and keep an m×n array
+  # per layer alive between the passes.
+  (xp, w, p, b), dy = jax.lax.optimization_barrier((residuals, dy))
+  dy = dy.astype(spec.dtype)
+  kernel = _effective_kernel(w, p, b, spec)
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())),
+                           precision=spec.precision)
+  batch_axes = tuple(range(dy.ndim - 1))
+  db = jax.lax.dot_general(xp, dy, ((batch_axes, batch_axes), ((), ())),
+                           precision=spec.precision, preferred_element_type=_accumulation_dtype(b))
+  return dx.astype(spec.dtype), None, None, db.astype(b.dtype)
+
+
+_rso_product.defvjp(_rso_product_fwd, _rso_product_bwd)
 
 
 def _rso_linears(model: nnx.Module) -> list[RsoLinear]:
