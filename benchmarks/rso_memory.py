@@ -11,8 +11,8 @@ and read `memory_stats()["peak_bytes_in_use"]`. Methods:
 - galore: `optax_subspace.galore` (rank r, refresh every 200 steps) on the attention and MLP
   kernels, full Adam elsewhere (full gradients; the saving is optimizer state only).
 - rso: `optax_subspace.nn.rso_layers(model, r)` + `rso_optimizer` (Adam, K = 200): the layers
-  compute x·W + (x·P)·B, the backward keeps x·P and forms only B's gradient. The merge
-  (`merge_and_redraw`, once every K steps) is compiled and timed separately.
+  compute x·(W + P·B) (a custom VJP), the backward keeps x·P and forms only B's gradient. The
+  merge (`merge_and_redraw`, once every K steps) is compiled and timed separately.
 
 "Activation+gradient memory" is the compiled step's temp bytes (`temp_size_in_bytes`): what the
 step allocates besides its arguments and outputs: the activations kept for the backward pass,
@@ -26,7 +26,11 @@ probabilities, the mask): 5.5 GiB per block at 8×2048 with 16 heads, the same f
 and five times the rest of a block's activations (1.1 GiB).
 `--attention cudnn` (the default on GPU) makes the benchmark process call the cuDNN flash
 attention instead (a partial of `jax.nn.dot_product_attention` with implementation="cudnn");
-`--attention xla` keeps the example's. At the defaults (cuDNN attention, no remat) AdamW's step
+`--attention xla` keeps the example's. `--attention recompute` (for the CPU) is softmax attention
+whose backward keeps what cuDNN's keeps (q, k, v, the output and the log-sum-exp) and recomputes
+the probabilities block by block, so that a CPU compile's activation memory has the GPU's
+proportions (with XLA's attention, the b×heads×s×s tensors dominate a CPU compile at any
+useful sequence length). At the defaults (cuDNN attention, no remat) AdamW's step
 needs about 32 GB of an 80 GB H100 by our estimate (24 × 1.2 GiB of activations, 1.2 GB each of
 parameters and gradients, 2.4 GB of Adam state); with `--attention xla`, use `--layers 8` or
 `--remat`.
@@ -34,6 +38,13 @@ parameters and gradients, 2.4 GB of Adam state); with `--attention xla`, use `--
     python benchmarks/rso_memory.py --out benchmarks/results/rso_memory_h100.json    # GPU
     python benchmarks/rso_memory.py --layers 1 --batch 1 --seq 64 --hidden 64 --ffn 176 \\
         --heads 4 --rank 16 --out /tmp/rso_memory.json                               # CPU smoke test
+    python benchmarks/rso_memory.py --layers 4 --batch 4 --seq 512 --attention recompute \\
+        --methods adamw,rso --out /tmp/rso_memory_cpu.json         # CPU, real widths (compile only)
+
+On the CPU the ratio is a guide, not the GPU's figure: XLA's CPU compiler computes bf16 products
+in float32 (so each block also holds float32-rounded copies of its weights, in every method) and
+removes optimisation barriers before its scheduling (so RSO's forward W + P·B is kept for the
+backward, see `optax_subspace.nn.rso`).
 """
 
 from __future__ import annotations
@@ -41,6 +52,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import pathlib
 import platform
 import statistics
@@ -68,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--rank", type=int, default=256, help="rank of GaLore and RSO")
   ap.add_argument("--lr", type=float, default=1e-3)
   ap.add_argument("--remat", action="store_true", help="recompute each block in the backward")
-  ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
-                  help="auto: cudnn on GPU, xla elsewhere")
+  ap.add_argument("--attention", choices=("auto", "xla", "cudnn", "recompute"), default="auto",
+                  help="auto: cudnn on GPU, xla elsewhere; recompute: keeps what cuDNN keeps")
   ap.add_argument("--steps", type=int, default=10, help="timed steps (GPU only)")
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--methods", default=",".join(METHODS))
@@ -118,7 +130,8 @@ def _block_residual_bytes(block, x) -> dict:
 
   Platform-independent (read from the traced VJP, before XLA): "activations" are the residuals
   with a batch and a sequence axis (attention's included), "weights" the 2-D ones (the kernels
-  cast to the compute dtype, P, B).
+  cast to the compute dtype). Arguments and constants (the parameters, RSO's W, P and B) are
+  left out: the step holds them anyway.
   """
   import contextlib
   import io
@@ -137,7 +150,7 @@ def _block_residual_bytes(block, x) -> dict:
   out = {"activations": 0, "weights": 0}
   for line in text.getvalue().splitlines():
     m = re.match(r"(\w+)\[([0-9,]*)\] (.*)", line)
-    if m is None or "from the argument" in m.group(3):
+    if m is None or "from the argument" in m.group(3) or "from a constant" in m.group(3):
       continue
     shape = [int(d) for d in m.group(2).split(",") if d]
     itemsize = jnp.dtype({"bf16": "bfloat16", "f32": "float32", "f16": "float16",
@@ -146,8 +159,104 @@ def _block_residual_bytes(block, x) -> dict:
   return out
 
 
+def _recomputing_attention(query, key, value, bias=None, mask=None, *, scale=None,
+                           is_causal=False, **unused):
+  """Softmax attention that keeps q, k, v, the output and the log-sum-exp for its backward.
+
+  What a flash-attention kernel (cuDNN's) keeps, so that a CPU compile's activation memory
+  resembles the GPU's: the backward recomputes the probabilities P = exp(S − lse) and applies
+  FlashAttention's backward (Dao et al., "FlashAttention", arXiv 2205.14135, Algorithm 4):
+  dV = Pᵀ·dO, dP = dO·Vᵀ, dS = P∘(dP − rowsum(dO∘O)), dQ = dS·K·scale, dK = dSᵀ·Q·scale.
+  The forward still forms the b×heads×s×s scores, but only for one layer at a time.
+  q, k, v: (batch, seq, heads, head_dim), as `jax.nn.dot_product_attention` takes them.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  if bias is not None or mask is not None or unused:
+    raise NotImplementedError("--attention recompute takes q, k, v, scale and is_causal only")
+  scale = query.shape[-1] ** -0.5 if scale is None else scale
+
+  def causal(s_qk):
+    return jnp.where(jnp.tril(jnp.ones(s_qk.shape[-2:], bool)), s_qk, -jnp.inf)
+
+  def forward(q, k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = causal(s) if is_causal else s
+    lse = jax.nn.logsumexp(s, axis=-1)
+    p = jnp.exp(s - lse[..., None])
+    return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v).astype(q.dtype), lse
+
+  @jax.custom_vjp
+  def attention(q, k, v):
+    return forward(q, k, v)[0]
+
+  def attention_fwd(q, k, v):
+    o, lse = forward(q, k, v)
+    return o, (q, k, v, o, lse)
+
+  def attention_bwd(res, do):
+    # FlashAttention's backward over blocks of queries, in a scan: each block's probabilities
+    # are recomputed inside the loop body, from that block's q and dO, so XLA can neither merge
+    # them with the forward's nor schedule them into the forward (it did both to a plain
+    # recomputation on the CPU, keeping b×heads×s×s per layer until the backward).
+    q, k, v, o, lse = res
+    batch, seq, heads, dim = q.shape
+    block = math.gcd(seq, 128)
+    delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
+
+    def blocks(x, axis):  # (…, seq, …) -> (seq/block, …, block, …)
+      shape = x.shape[:axis] + (seq // block, block) + x.shape[axis + 1:]
+      return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+    def body(carry, xs):
+      dk, dv = carry
+      start, q_b, do_b, lse_b, delta_b = xs
+      s_b = jnp.einsum("bqhd,bkhd->bhqk", q_b, k, preferred_element_type=jnp.float32) * scale
+      if is_causal:
+        rows = start + jnp.arange(block)[:, None]
+        s_b = jnp.where(rows >= jnp.arange(seq)[None, :], s_b, -jnp.inf)
+      p_b = jnp.exp(s_b - lse_b[..., None])
+      dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p_b.astype(do.dtype), do_b,
+                           preferred_element_type=jnp.float32)
+      dp_b = jnp.einsum("bqhd,bkhd->bhqk", do_b, v, preferred_element_type=jnp.float32)
+      ds_b = (p_b * (dp_b - delta_b[..., None])).astype(q.dtype)
+      dq_b = jnp.einsum("bhqk,bkhd->bqhd", ds_b, k, preferred_element_type=jnp.float32)
+      dk = dk + jnp.einsum("bhqk,bqhd->bkhd", ds_b, q_b, preferred_element_type=jnp.float32)
+      return (dk, dv), dq_b * scale
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    (dk, dv), dq = jax.lax.scan(
+        body, (zeros, zeros),
+        (jnp.arange(0, seq, block), blocks(q, 1), blocks(do, 1), blocks(lse, 2),
+         blocks(delta, 2)))
+    dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape)
+    return dq.astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype)
+
+  attention.defvjp(attention_fwd, attention_bwd)
+  return attention(query, key, value)
+
+
 def _worker(args) -> dict:
-  """One method's numbers; runs in its own process."""
+  """One method's numbers; runs in its own process.
+
+  The example's model calls `jax.nn.dot_product_attention`: for --attention cudnn or recompute
+  that name is rebound while the worker runs, and restored after (tests call it in-process).
+  """
+  import jax
+
+  xla_attention = jax.nn.dot_product_attention
+  if args.attention == "cudnn":
+    jax.nn.dot_product_attention = functools.partial(xla_attention, implementation="cudnn")
+  elif args.attention == "recompute":
+    jax.nn.dot_product_attention = _recomputing_attention
+  try:
+    return _measure(args)
+  finally:
+    jax.nn.dot_product_attention = xla_attention
+
+
+def _measure(args) -> dict:
   import jax
   import jax.numpy as jnp
   import optax
@@ -156,9 +265,6 @@ def _worker(args) -> dict:
   import optax_subspace as osub
   from optax_subspace import nn as osnn
 
-  if args.attention == "cudnn":
-    jax.nn.dot_product_attention = functools.partial(
-        jax.nn.dot_product_attention, implementation="cudnn")
   model, x = _build(args)
   if args.worker == "rso":
     osnn.rso_layers(model, args.rank, mask=RSO_LAYERS)
