@@ -41,6 +41,10 @@ parameters and gradients, 2.4 GB of Adam state); with `--attention xla`, use `--
     python benchmarks/rso_memory.py --layers 4 --batch 4 --seq 512 --attention recompute \\
         --methods adamw,rso --out /tmp/rso_memory_cpu.json         # CPU, real widths (compile only)
 
+`--xla-dump DIR` dumps each method's compiled step (XLA_FLAGS, in its subprocess) and adds
+`temp_at_peak` to its JSON: the temp buffer's values live at its peak and when the backward
+starts, by shape and largest first, each with the JAX operation that produced it (op_name).
+
 On the CPU the ratio is a guide, not the GPU's figure: XLA's CPU compiler computes bf16 products
 in float32 (so each block also holds float32-rounded copies of its weights, in every method) and
 removes optimisation barriers before its scheduling (so RSO's forward W + P·B is kept for the
@@ -50,15 +54,19 @@ backward, see `optax_subspace.nn.rso`).
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import math
+import os
 import pathlib
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import time
+from typing import Optional
 
 METHODS = ("adamw", "galore", "rso")
 PROJECTED = r"(attention|mlp)/.*kernel"
@@ -85,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--steps", type=int, default=10, help="timed steps (GPU only)")
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--methods", default=",".join(METHODS))
+  ap.add_argument("--xla-dump", metavar="DIR",
+                  help="dump each method's compiled step to DIR/<method> and add the temp"
+                  " buffer's largest values live at its peak to the JSON (temp_at_peak)")
   ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
   return ap
 
@@ -135,8 +146,6 @@ def _block_residual_bytes(block, x) -> dict:
   """
   import contextlib
   import io
-  import math
-  import re
 
   import jax.numpy as jnp
   from flax import nnx
@@ -237,6 +246,86 @@ def _recomputing_attention(query, key, value, bias=None, mask=None, *, scale=Non
   return attention(query, key, value)
 
 
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def temp_at_peak(dump_dir, top: int = 30) -> dict:
+  """The values of the compiled train step's temp buffer live at its peak, from an XLA dump.
+
+  Reads the optimised module's `*buffer-assignment.txt` (the values placed in the
+  preallocated temp allocations, with their sizes), `*live-range.txt` (each value's first and
+  last position in the schedule) and the optimised HLO (each instruction's op_name, which names
+  the JAX operation that produced it). Returns the position of the peak of the summed live
+  sizes, the bytes live there grouped by shape, and the `top` largest live values. What is live
+  when the backward starts (the activations kept for it) is usually the peak; a
+  `first_backward` entry gives the same figures at the first product of the backward.
+  """
+  dump_dir = pathlib.Path(dump_dir)
+
+  def newest(pattern):
+    found = sorted(dump_dir.glob(pattern), key=lambda f: f.stat().st_mtime)
+    if not found:
+      raise FileNotFoundError(f"no {pattern} in {dump_dir}")
+    return found[-1].read_text()
+
+  assignment = newest("*train_step*after_optimizations-buffer-assignment.txt")
+  live = newest("*train_step*after_optimizations-live-range.txt")
+  hlo = newest("*train_step*after_optimizations.txt")
+  op_name = {m.group(1): m.group(2) for m in re.finditer(
+      r'^\s+%?(\S+) = .*?op_name="([^"]*)"', hlo, re.M)}
+  # A fusion has no op_name of its own: take its fused computation's root's, or any of its ops'.
+  computations = {m.group(1): m.group(2) for m in re.finditer(
+      r"^%?(\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S)}
+  for m in re.finditer(r"^\s+%?(\S+) = [^\n]*calls=%?([\w.\-]+)", hlo, re.M):
+    body = computations.get(m.group(2), "")
+    names = re.findall(r'ROOT [^\n]*op_name="([^"]*)"', body) or re.findall(
+        r'op_name="([^"]*)"', body)
+    if names and not op_name.get(m.group(1)):
+      op_name[m.group(1)] = names[-1]
+  values = []
+  for block in re.split(r"\n(?=allocation \d+:)", assignment):
+    if "preallocated-temp" in block.split("\n", 1)[0]:
+      values += [(m.group(1), m.group(2) or "", int(m.group(3)), m.group(4)) for m in re.finditer(
+          r"value: <\d+ (\S+?)(?:\{([0-9,]*)\})? @0> \(size=(\d+),offset=\d+\): (\S+)",
+          block)]
+  ranges = {(m.group(1), m.group(2)): (int(m.group(3)), int(m.group(4))) for m in re.finditer(
+      r"^\s+(\S+?)\{([0-9,]*)\}:(\d+)-(\d+)$", live, re.M)}
+  sequence = dict((int(i), name) for i, name in re.findall(
+      r"^\s+(\d+):(\S+)$", live.split("BufferLiveRange")[0], re.M))
+  spans = [(name, size, shape) + ranges[(name, index)] for name, index, size, shape in values
+           if (name, index) in ranges]
+  if not spans:
+    return {"error": "no temp values with live ranges in the dump"}
+  length = max(end for *_, end in spans) + 1
+  usage = [0] * (length + 1)
+  for _, size, _, start, end in spans:
+    usage[start] += size
+    usage[end + 1] -= size
+  for t in range(1, length + 1):
+    usage[t] += usage[t - 1]
+
+  def live_at(t):
+    here = sorted((v for v in spans if v[3] <= t <= v[4]), key=lambda v: -v[1])
+    by_shape = collections.Counter()
+    for _, size, shape, _, _ in here:
+      by_shape[re.sub(r"\{.*", "", shape)] += size
+    return {
+        "position": t, "of": length, "live_bytes": usage[t],
+        "instruction": sequence.get(t), "op_name": op_name.get(sequence.get(t), ""),
+        "bytes_by_shape": dict(by_shape.most_common(top)),
+        "largest": [{"value": name, "shape": shape, "bytes": size, "live": [start, end],
+                     "op_name": op_name.get(name, "")}
+                    for name, size, shape, start, end in here[:top]],
+    }
+
+  peak = max(range(length), key=usage.__getitem__)
+  backward = [t for t, name in sequence.items()
+              if "transpose(" in op_name.get(name, "") and "dot_general" in op_name.get(name, "")]
+  return {"peak": live_at(peak),
+          "first_backward": live_at(min(backward)) if backward else None}
+
+
 def _worker(args) -> dict:
   """One method's numbers; runs in its own process.
 
@@ -301,6 +390,8 @@ def _measure(args) -> dict:
       "opt_state_bytes": _nbytes(opt_state),
       "block_residual_bytes": _block_residual_bytes(model.layers[0], x),
   }
+  if args.xla_dump:
+    out["temp_at_peak"] = temp_at_peak(pathlib.Path(args.xla_dump) / args.worker)
   dev = jax.devices()[0]
   if dev.platform != "gpu":
     return out
@@ -327,10 +418,20 @@ def _measure(args) -> dict:
   return out
 
 
-def _run_method(method: str, argv: list[str]) -> dict:
+def _dump_flags(dump_dir: str, method: str) -> str:
+  """XLA_FLAGS that dump the train step's optimised HLO, buffer assignment and live ranges."""
+  return (f"--xla_dump_to={pathlib.Path(dump_dir).resolve() / method} --xla_dump_hlo_as_text"
+          " --xla_dump_hlo_module_re=train_step")
+
+
+def _run_method(method: str, argv: list[str], dump_dir: Optional[str] = None) -> dict:
+  env = dict(os.environ)
+  if dump_dir:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _dump_flags(dump_dir, method)).strip()
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.rso_memory", *argv, "--worker", method],
-      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parent.parent)
+      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parent.parent,
+      env=env)
   if proc.returncode != 0:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
     return {"error": "\n".join(tail)}
@@ -433,7 +534,7 @@ def main(argv=None) -> dict:
           " residuals (traced, before XLA): activations (batch × seq × …) and 2-D weights",
           "step_ms": f"median of {args.steps} synced steps after {args.warmup} warm-up steps",
       },
-      "methods": {m: _run_method(m, argv) for m in methods},
+      "methods": {m: _run_method(m, argv, args.xla_dump) for m in methods},
   }
   result["ratios_vs_adamw"] = _ratios(result["methods"])
   rso = result["ratios_vs_adamw"].get("rso", {})
