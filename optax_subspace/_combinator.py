@@ -311,17 +311,22 @@ def project_subspace(
     count = state.count
     inner_state = state.inner
     compute_dtype = projection_dtype or jnp.float32
-    grads = {
-        i: _leaves.to_oriented(g_leaves[i], plans[i]).astype(compute_dtype)
-        for i in projected
-    }
+    orient = lambda i, g: _leaves.to_oriented(g, plans[i]).astype(compute_dtype)
+    grads = {i: orient(i, g_leaves[i]) for i in projected}
 
     def bases():
       """P of every projected matrix in its current state."""
-      return _bases_by_shape(projector, plans,
-                             {i: pstates[i] for i in projected})
+      if projector.batch_basis:
+        return _bases_by_shape(projector, plans,
+                               {i: pstates[i] for i in projected})
+      return {i: _over_batch(projector.basis, plans[i], pstates[i], in_axes=(0,))
+              for i in projected}
 
     # 1. Refresh (GaLore: steps 0, T, 2T, ...; OSD: step 0), under one cond.
+    # The cond takes the gradients as they come and orients them inside the
+    # refresh branch: an oriented (transposed, cast) gradient passed in as an
+    # operand would be materialised every step, refresh or not, where outside
+    # the cond XLA folds the transpose into the products that read it.
     transport = on_change == "transport"
     old = bases() if transport else None
     if projected:
@@ -329,9 +334,12 @@ def project_subspace(
       no_change = {i: jnp.zeros(plans[i].batch_shape, bool) for i in projected}
       sub, changed = jax.lax.cond(
           projector.needs_refresh(count),
-          lambda s: _refresh_by_shape(projector, plans, s, grads, count),
-          lambda s: (s, no_change),
+          lambda s, raw: _refresh_by_shape(
+              projector, plans, s, {i: orient(i, g) for i, g in raw.items()},
+              count),
+          lambda s, raw: (s, no_change),
           sub,
+          {i: g_leaves[i] for i in projected},
       )
       pstates.update(sub)
     # This step's basis, evaluated once and shared by every product below
@@ -381,11 +389,23 @@ def project_subspace(
     # 4. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
     if projector.advance is not None and projected:
       changed = {}
-      for i in projected:
-        pstates[i], changed[i] = _over_batch(
-            lambda st, g, r: projector.advance(st, g, r, count),
-            plans[i], pstates[i], grads[i], low[i], in_axes=(0, 0, 0),
-        )
+      if projector.advance_inputs is not None:
+        # What reads G, per matrix; the rest stacked by (s, r), one call.
+        inputs = {i: _over_batch(projector.advance_inputs, plans[i],
+                                 pstates[i], grads[i], low[i],
+                                 in_axes=(0, 0, 0)) for i in projected}
+        advanced = _by_shape(
+            lambda st, x: projector.advance_update(st, x, count), plans,
+            projected, lambda p: (p.side, p.rank),
+            {i: pstates[i] for i in projected}, inputs)
+        for i in projected:
+          pstates[i], changed[i] = advanced[i]
+      else:
+        for i in projected:
+          pstates[i], changed[i] = _over_batch(
+              lambda st, g, r: projector.advance(st, g, r, count),
+              plans[i], pstates[i], grads[i], low[i], in_axes=(0, 0, 0),
+          )
       inner_state = _on_change(on_change, inner_state, plans, key_paths,
                                current, bases() if transport else None,
                                changed)

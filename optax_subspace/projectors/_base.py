@@ -40,6 +40,19 @@ class Projector(NamedTuple):
     back: optional ``(state, n) -> ΔG`` (s, l); default basis(state) n.
     Both run in their input's dtype (the combinator's `projection_dtype`)
     and return float32; `refresh` and `advance` do their own math in float32.
+    advance_inputs, advance_update: optional, together: `advance` split in
+    two, ``advance(state, g, r, count) == advance_update(state,
+    advance_inputs(state, g, r), count)``. `advance_inputs` is the part that
+    reads g and r (products with them, their norms) and returns small arrays
+    (no l-sized axis); the combinator runs it per matrix, then
+    `advance_update` once for all matrices of one (s, r), stacked: OSD's step
+    on P is a few r×r and s×r products and an Adam step per matrix, which run
+    far below a GPU's throughput one matrix at a time (each product's output
+    is a few tiles) and launch ~10 kernels each, 170 times per step.
+    batch_basis: whether `basis` computes (a random draw and its
+    orthonormalisation), so the combinator evaluates it once per step for all
+    matrices of one shape in one vmapped call; False (a stored P, read per
+    matrix) avoids stacking and unstacking every P each step.
   """
 
   rank: int
@@ -50,6 +63,9 @@ class Projector(NamedTuple):
   advance: Optional[Callable[..., tuple[ProjectorState, jax.Array]]] = None
   project: Optional[Callable[[ProjectorState, jax.Array], jax.Array]] = None
   back: Optional[Callable[[ProjectorState, jax.Array], jax.Array]] = None
+  advance_inputs: Optional[Callable[..., Any]] = None
+  advance_update: Optional[Callable[..., tuple[ProjectorState, jax.Array]]] = None
+  batch_basis: bool = False
 
   def project_fn(self):
     """`project`, or the dense product with the basis."""

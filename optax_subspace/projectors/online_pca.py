@@ -28,12 +28,28 @@ def online_pca_gradient(p, g, gtp, orthogonality_weight=0.0):
   The normalisation is applied to the small products (G̃A = G·gtp/‖G‖²), so
   G is read once, never scaled in place. Cost O(s·l·r); no s×s or l×l matrix.
   """
-  inv_sq = 1.0 / jnp.sum(jnp.square(g.astype(jnp.float32)))
-  ptp = p.T @ p
+  return _gradient_from_products(p, _products(g, gtp), orthogonality_weight)
+
+
+def _products(g, gtp):
+  """What the online-PCA gradient needs from G (s, l) and gtp = GᵀP (l, r).
+
+  (‖G‖², G·gtp (s, r), gtpᵀ·gtp (r, r)): the only products with an l-sized
+  axis, so what is left runs on s×r and r×r arrays.
+  """
+  sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
   # The one product with G runs in G's dtype (`projection_dtype`).
-  ga = jnp.matmul(g, gtp.astype(g.dtype),
-                  preferred_element_type=jnp.float32) * inv_sq
-  grad = 2.0 * (p @ ((gtp.T @ gtp) * inv_sq) + ga @ ptp - 2.0 * ga)
+  ga = jnp.matmul(g, gtp.astype(g.dtype), preferred_element_type=jnp.float32)
+  gtp = gtp.astype(jnp.float32)
+  return sq, ga, gtp.T @ gtp
+
+
+def _gradient_from_products(p, products, orthogonality_weight):
+  sq, ga, gram = products
+  inv_sq = 1.0 / sq
+  ptp = p.T @ p
+  ga = ga * inv_sq
+  grad = 2.0 * (p @ (gram * inv_sq) + ga @ ptp - 2.0 * ga)
   if orthogonality_weight:
     grad = grad + 4.0 * orthogonality_weight * (p @ ptp - p)
   return grad
@@ -102,15 +118,18 @@ def online_pca(
     basis = jnp.where(ok, svd_basis.astype(state.basis.dtype), state.basis)
     return OnlinePcaState(basis, state.opt_state), ok
 
-  def advance(state, g, projected, count):
+  def advance_inputs(state, g, projected):
+    # GᵀP = (PᵀG)ᵀ: the projection already computed it.
+    return _products(g, projected.T)
+
+  def advance_update(state, products, count):
     # P gets no step at step 0, only the SVD (the authors' code). Values
     # computed from an unusable g are discarded by the selects at the end,
     # so g itself is never masked (that would cost a pass over it).
-    sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
+    sq = products[0]
     ok = jnp.isfinite(sq) & (sq > 0) & (count > 0)
     p = state.basis.astype(jnp.float32)
-    # GᵀP = (PᵀG)ᵀ: the projection already computed it.
-    grad = online_pca_gradient(p, g, projected.T, orthogonality_weight)
+    grad = _gradient_from_products(p, products, orthogonality_weight)
     updates, opt_state = optimizer.update(
         grad.astype(state.basis.dtype), state.opt_state, state.basis
     )
@@ -122,6 +141,9 @@ def online_pca(
     )
     return new_state, ok
 
+  def advance(state, g, projected, count):
+    return advance_update(state, advance_inputs(state, g, projected), count)
+
   if not step_before_projection:
     return _base.Projector(
         rank=rank,
@@ -130,6 +152,8 @@ def online_pca(
         needs_refresh=lambda count: count == 0,
         refresh=lambda state, g, count: svd_start(state, g),
         advance=advance,
+        advance_inputs=advance_inputs,
+        advance_update=advance_update,
     )
 
   def step_first(state, g, count):

@@ -175,4 +175,5 @@ def random(rank: int, update_every: int = 200, *,
       basis=basis,
       needs_refresh=lambda count: count % update_every == 0,
       refresh=refresh,
+      batch_basis=True,  # each basis is a draw and a QR: batched by shape
   )
