@@ -21,6 +21,15 @@ SECOND_MOMENT_FIELDS = frozenset(
     {"nu", "nu_max", "sum_of_squares", "v", "exp_avg_sq"}
 )
 ON_CHANGE = ("keep", "reset", "transport")
+# The dense products with G run on rows padded with zeros to a multiple of
+# this many elements. GPU tensor-core GEMMs need 16-byte-aligned rows: an
+# (s, l) float32 gradient with l % 4 != 0 (bf16: l % 8) gets an align-1
+# kernel; at LLaMA-1B's ffn 5461 those ran at ~80 TFLOP/s against ~120-300
+# for aligned shapes on an H200 (benchmarks/results/profile_update_h200.json).
+# Zero columns project to zero columns and are cut off after the
+# back-projection, so no value changes; the cost is one copy of such a
+# gradient. 1 turns the padding off.
+PRODUCT_ALIGNMENT = 8
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -361,8 +370,38 @@ def project_subspace(
     project = functools.partial(product, projector.project, _base.dense_project)
     back = functools.partial(product, projector.back, _base.dense_back)
 
-    # 2. Project, run the inner transformation on the mixed tree.
-    low = {i: project(i, grads[i]) for i in projected}
+    def padding(i, own):
+      """Columns to add to leaf i's (…, l) operands of the dense products.
+
+      Only where the kept side is the leaf's last axis (rows projected, no
+      axis permutation), the axis whose length is the GEMM's row stride; a
+      leaf projected on its columns is read in its own layout, rows of s.
+      """
+      plan = plans[i]
+      if own is not None or plan.axis != 0 or plan.perm != tuple(
+          range(len(plan.shape))):
+        return 0
+      return -plan.other % PRODUCT_ALIGNMENT
+
+    def pad(x, extra):
+      return x if not extra else jnp.pad(
+          x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+    def cut(x, extra):
+      return x if not extra else x[..., :x.shape[-1] - extra]
+
+    # 2. Project, run the inner transformation on the mixed tree. A split
+    # `advance` (OSD) takes what it needs from G now, while the (padded) G is
+    # at hand, so no copy of it stays alive across the inner update.
+    low, inputs = {}, {}
+    for i in projected:
+      extra = padding(i, projector.project)
+      g = pad(grads[i], extra)
+      r = project(i, g)
+      low[i] = cut(r, extra)
+      if projector.advance is not None and projector.advance_inputs is not None:
+        inputs[i] = _over_batch(projector.advance_inputs, plans[i], pstates[i],
+                                g, r, in_axes=(0, 0, 0))
     inner_grads = list(g_leaves)
     inner_params = None if p_leaves is None else list(p_leaves)
     for i in projected:
@@ -370,8 +409,10 @@ def project_subspace(
       inner_grads[i] = _leaves.low_rank_layout(low[i], plans[i]).astype(dtype)
       if inner_params is not None:
         w = _leaves.to_oriented(p_leaves[i], plans[i]).astype(compute_dtype)
+        extra = padding(i, projector.project)
         inner_params[i] = _leaves.low_rank_layout(
-            project(i, w), plans[i]).astype(jnp.result_type(p_leaves[i]))
+            cut(project(i, pad(w, extra)), extra), plans[i]).astype(
+                jnp.result_type(p_leaves[i]))
     inner_updates, inner_state = optax.with_extra_args_support(inner).update(
         treedef.unflatten(inner_grads),
         inner_state,
@@ -382,18 +423,29 @@ def project_subspace(
     # 3. Back-project with the same basis, scale.
     out = treedef.flatten_up_to(inner_updates)
     for i in projected:
-      n = _leaves.low_rank_layout(out[i], plans[i]).astype(compute_dtype)
-      out[i] = _leaves.from_oriented(back(i, n) * scale, plans[i]).astype(
+      if projector.back is None and plans[i].axis == 1:
+        # (P N)ᵀ = Nᵀ Pᵀ, and Nᵀ is the inner layout (l, r) of a leaf
+        # projected on its columns: the product lands in the leaf's layout,
+        # with no transpose of an s×l result.
+        n_t = out[i].astype(compute_dtype)
+        flipped = _over_batch(
+            lambda p, x: jnp.matmul(x, p.T.astype(x.dtype),
+                                    preferred_element_type=jnp.float32),
+            plans[i], current[i], n_t, in_axes=(0, 0))
+        oriented = jnp.swapaxes(flipped, -1, -2)
+      else:
+        n = _leaves.low_rank_layout(out[i], plans[i]).astype(compute_dtype)
+        extra = padding(i, projector.back)
+        oriented = cut(back(i, pad(n, extra)), extra)
+      out[i] = _leaves.from_oriented(oriented * scale, plans[i]).astype(
           jnp.result_type(g_leaves[i]))
 
     # 4. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
     if projector.advance is not None and projected:
       changed = {}
       if projector.advance_inputs is not None:
-        # What reads G, per matrix; the rest stacked by (s, r), one call.
-        inputs = {i: _over_batch(projector.advance_inputs, plans[i],
-                                 pstates[i], grads[i], low[i],
-                                 in_axes=(0, 0, 0)) for i in projected}
+        # What read G was taken in step 2; the rest stacked by (s, r), one
+        # call for all matrices.
         advanced = _by_shape(
             lambda st, x: projector.advance_update(st, x, count), plans,
             projected, lambda p: (p.side, p.rank),

@@ -278,3 +278,37 @@ def test_bf16_projection_products_stay_close_to_float32(make):
   err = np.linalg.norm(delta(fast) - delta(exact)) / np.linalg.norm(
       delta(exact))
   assert err < 3e-2  # bf16 operands: 8 mantissa bits
+
+
+@pytest.mark.parametrize("make", [
+    lambda: osub.galore(1e-2, 4, 2),
+    lambda: osub.online_subspace_descent(1e-2, 4),
+    lambda: osub.rso(1e-2, 4, 2),
+], ids=["galore", "osd", "rso"])
+def test_zero_padded_products_change_no_value(make, monkeypatch):
+  # Kept sides of 37 and 45 are not multiples of PRODUCT_ALIGNMENT: the dense
+  # products run on zero-padded copies, which must give the unpadded result
+  # (to float32 rounding of the reordered sums), refreshes and OSD's P steps
+  # included, and add a pad to the compiled update.
+  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
+
+  params = {"a": jnp.ones((24, 37)), "b": jnp.ones((45, 16)),
+            "c": jnp.ones((16, 16))}
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  grads = [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params)
+           for k in keys]
+
+  def run(alignment):
+    monkeypatch.setattr(_combinator, "PRODUCT_ALIGNMENT", alignment)
+    tx = make()
+    state, p = tx.init(params), params
+    update = jax.jit(tx.update)
+    hlo = update.lower(grads[0], state, p).as_text()
+    for g in grads:
+      u, state = update(g, state, p)
+      p = optax.apply_updates(p, u)
+    return (p, state), hlo
+
+  (padded, hlo_padded), (plain, hlo_plain) = run(8), run(1)
+  chex.assert_trees_all_close(padded, plain, atol=1e-6, rtol=1e-6)
+  assert "stablehlo.pad" in hlo_padded and "stablehlo.pad" not in hlo_plain

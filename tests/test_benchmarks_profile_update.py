@@ -1,0 +1,29 @@
+"""Smoke test of benchmarks/profile_update.py on the tiny tree (CPU: no device kernels)."""
+
+import json
+
+from benchmarks import profile_update
+
+
+def test_profile_rows_carry_wall_time_and_kernel_breakdown(tmp_path):
+  out = tmp_path / "profile_update.json"
+  result = profile_update.main(["--size", "tiny", "--reps", "2", "--methods",
+                                "adamw,galore_steady_unpadded", "--out", str(out)])
+  assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+  rows = {r["method"]: r for r in result["rows"]}
+  assert set(rows) == {"adamw", "galore_steady_unpadded"}
+  for row in rows.values():
+    assert row["wall_ms"] > 0
+    # The CPU trace has host threads only: nothing is counted as a device kernel.
+    assert row["kernel_ms"] == sum(row["by_kind_ms"].values())
+  # The padding switch is restored after the unpadded variant's compile.
+  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
+  assert _combinator.PRODUCT_ALIGNMENT == 8
+
+
+def test_kernel_names_sort_into_kinds():
+  assert profile_update.kind_of("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n") == "gemm"
+  assert profile_update.kind_of("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm>") == "gemm"
+  assert profile_update.kind_of("input_transpose_fusion_192") == "copy/transpose"
+  assert profile_update.kind_of("loop_add_fusion_27") == "fusion"
+  assert profile_update.kind_of("input_convert_reduce_fusion") == "reduction"
