@@ -3,10 +3,20 @@
     python -m benchmarks run --suite projector_cost                      # all five shapes
     python -m benchmarks run --suite optimizer_update --size 60m,350m,1b
     python -m benchmarks run --suite optimizer_update --size 7b          # where memory allows
+    python -m benchmarks run --suite train_step --size 1b                # whole step, tokens/s
+    python -m benchmarks run --suite largest_model                       # 1b..30b per method
     python -m benchmarks run --suite projector_cost --quick --out /tmp/p.json   # CPU smoke run
 
+Suites: `projector_cost` (one projector step per LLaMA matrix shape), `optimizer_update` (the
+update alone on LLaMA parameter trees), `train_step` (forward + backward + update of the LLaMA
+example's model: tokens/s and peak memory per method, benchmarks/train_step.py) and
+`largest_model` (the largest LLaMA whose train step fits the device, per method, and the peak
+of 7B and 13B, benchmarks/largest_model.py). The last two run every method in its own process
+(`benchmarks.train_setups.Workers`), so a peak-memory counter or an out-of-memory error belongs
+to one method.
+
 Each JSON holds the device, the versions, the commit, the configuration (sizes, shapes,
-repetitions, dtype), the medians and the ratios to AdamW; the plot goes next to it (.png).
+repetitions, dtypes), the medians and the ratios to AdamW; the plot goes next to it (.png).
 `run_suite` is the same as a Python function (the notebook calls it).
 """
 
@@ -21,7 +31,9 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SUITES = ("projector_cost", "optimizer_update")
+SUITES = ("projector_cost", "optimizer_update", "train_step", "largest_model")
+# Suites whose methods run in worker processes (benchmarks/train_setups.py).
+WORKER_SUITES = ("train_step", "largest_model")
 QUICK_REPS = 3
 DEFAULT_REPS = 20
 
@@ -31,22 +43,27 @@ def _suite_module(name: str):
     raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
   if name == "projector_cost":
     from benchmarks import projector_cost as module  # pylint: disable=g-import-not-at-top
-  else:
+  elif name == "optimizer_update":
     from benchmarks import optimizer_update as module  # pylint: disable=g-import-not-at-top
+  elif name == "train_step":
+    from benchmarks import train_step as module  # pylint: disable=g-import-not-at-top
+  else:
+    from benchmarks import largest_model as module  # pylint: disable=g-import-not-at-top
   return module
 
 
 def _sizes(size, quick: bool, module) -> list[str]:
   from benchmarks import optimizer_step  # pylint: disable=g-import-not-at-top
 
+  known = getattr(module, "SIZES", optimizer_step.SIZES)
   if quick:
-    return ["tiny"]
+    return list(getattr(module, "QUICK_SIZES", ["tiny"]))
   if size is None:
     return list(module.DEFAULT_SIZES)
   sizes = [s for s in (size.split(",") if isinstance(size, str) else size) if s]
-  unknown = [s for s in sizes if s not in optimizer_step.SIZES]
+  unknown = [s for s in sizes if s not in known]
   if unknown:
-    raise ValueError(f"unknown size {unknown}; choose from {', '.join(optimizer_step.SIZES)}")
+    raise ValueError(f"unknown size {unknown}; choose from {', '.join(known)}")
   return sizes
 
 
@@ -99,28 +116,37 @@ def _metadata(suite: str, argv) -> dict:
 
 
 def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | None = None,
-              methods=None, argv=None, log=print) -> dict:
+              methods=None, argv=None, log=print, options=None) -> dict:
   """Runs one suite, writes its JSON (and the PNG next to it), returns the JSON's content.
 
   Args:
-    suite: "projector_cost" or "optimizer_update".
-    size: a size of `optimizer_step.SIZES` ("60m", "130m", "350m", "1b", "7b", "tiny"), a
+    suite: one of `SUITES`.
+    size: a size of the suite's `SIZES` (projector_cost, optimizer_update:
+      `optimizer_step.SIZES`, "60m", "130m", "350m", "1b", "7b", "tiny"; train_step: the LLaMA
+      example's `MODEL_SIZES`; largest_model: its ladder "1b", "3b", "7b", "13b", "30b"), a
       comma-separated string or a list of them; None: the suite's `DEFAULT_SIZES`.
     out: JSON path; None: benchmarks/results/<suite>_<device>.json.
-    quick: the "tiny" size and 3 repetitions (a CPU smoke run, under a minute).
-    reps: timed calls per measurement (refresh steps: a tenth, at least 3); default 20.
-    methods: optimizer_update only: a subset of `optimizer_update.METHODS`.
+    quick: the suite's tiny size(s) and 3 repetitions (a CPU smoke run, under a minute).
+    reps: timed calls per measurement (optimizer_update's refresh steps: a tenth, at least 3);
+      default 20 (train_step: 10; largest_model: the steps run per fitting size, 3).
+    methods: optimizer_update, train_step, largest_model: a subset of the suite's methods
+      (AdamW always runs).
     argv: the command line, recorded in the JSON.
     log: where progress lines go.
+    options: train_step and largest_model only: a dict of their `run`'s options (batch, seq,
+      rank, remat, param_dtype, state_dtype, attention, budget_gb, compilation_cache, ...).
 
   Returns:
     The dict written to `out`; `result["png"]` is the plot's path.
   """
+  if suite in WORKER_SUITES:
+    from benchmarks import train_setups  # pylint: disable=g-import-not-at-top
+    train_setups.prepare_parent()  # before JAX starts: the GPU is the workers'
   import jax  # pylint: disable=g-import-not-at-top
 
   module = _suite_module(suite)
   sizes = _sizes(size, quick, module)
-  reps = reps or (QUICK_REPS if quick else DEFAULT_REPS)
+  reps = reps or (QUICK_REPS if quick else getattr(module, "DEFAULT_REPS", DEFAULT_REPS))
   dev = jax.devices()[0]
   out = pathlib.Path(out) if out is not None else output_path(suite)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +169,17 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
       write()
 
     result["results"] = module.run(sizes, reps, chosen, log=log, checkpoint=checkpoint)
+  elif suite in WORKER_SUITES:
+    description = module.describe(options or {}, quick)
+    result["config"].update(description.pop("config"))
+    result.update(description)
+
+    def checkpoint(results):  # rewritten after each method: a cut run keeps what finished
+      result["results"] = results
+      write()
+
+    result["results"] = module.run(sizes, reps, methods, options, quick=quick, log=log,
+                                   checkpoint=checkpoint)
   else:
     result["config"]["shapes"] = {s: sorted(module.SHAPES[s]) for s in sizes}
     result["config"]["rank"] = "smaller side / 4"
@@ -162,27 +199,67 @@ def _parser() -> argparse.ArgumentParser:
   run = commands.add_parser("run", help="run one suite, write its JSON and PNG")
   run.add_argument("--suite", required=True, choices=SUITES)
   run.add_argument("--size", default=None,
-                   help="comma-separated LLaMA sizes (60m,130m,350m,1b,7b,tiny); default: the"
-                   " suite's (projector_cost: 60m..7b; optimizer_update: 60m,350m,1b)")
+                   help="comma-separated LLaMA sizes (60m,130m,350m,1b,7b,tiny; train_step: the"
+                   " example's sizes; largest_model: its ladder 1b,3b,7b,13b,30b); default: the"
+                   " suite's (projector_cost: 60m..7b; optimizer_update: 60m,350m,1b;"
+                   " train_step: 350m,1b; largest_model: 1b,3b,7b,13b,30b)")
   run.add_argument("--out", default=None,
                    help="JSON path, the PNG goes next to it; default"
                    " benchmarks/results/<suite>_<device>.json")
   run.add_argument("--quick", action="store_true",
-                   help="the tiny size and 3 repetitions: a CPU smoke run (under a minute)")
+                   help="the tiny size(s) and 3 repetitions: a CPU smoke run (under a minute)")
   run.add_argument("--reps", type=int, default=None,
-                   help=f"timed calls per measurement (default {DEFAULT_REPS}, --quick"
-                   f" {QUICK_REPS})")
+                   help=f"timed calls per measurement (default {DEFAULT_REPS}, train_step 10,"
+                   f" --quick {QUICK_REPS}); largest_model: steps run per fitting size (3)")
   run.add_argument("--methods", default=None,
-                   help="optimizer_update: comma-separated subset of adamw,"
-                   "optax_contrib_galore,galore,galore_refresh,osd,rso,grass,grass_refresh")
+                   help="comma-separated subset; optimizer_update: adamw,optax_contrib_galore,"
+                   "galore,galore_refresh,osd,rso,grass,grass_refresh; train_step and"
+                   " largest_model: adamw,optax_contrib_galore,galore,osd,rso,grass,rso_model,"
+                   "grass_model (AdamW always runs)")
+  step = run.add_argument_group("train_step and largest_model")
+  step.add_argument("--batch", type=int, default=None,
+                    help="sequences per step (train_step default: 350m 128, 1b 64;"
+                    " largest_model: 1)")
+  step.add_argument("--seq", type=int, default=None,
+                    help="tokens per sequence (train_step 256, largest_model 2048)")
+  step.add_argument("--rank", type=int, default=None, help="subspace rank (default hidden/4)")
+  step.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                    help="recompute each block in the backward (train_step: off,"
+                    " largest_model: on)")
+  step.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="parameter dtype (train_step float32, largest_model bfloat16)")
+  step.add_argument("--state-dtype", choices=("float32", "bfloat16", "native"), default=None,
+                    help="optimizer-state dtype; native: the method's own (train_step default"
+                    " native, i.e. float32 with float32 parameters; largest_model float32)")
+  step.add_argument("--attention", choices=("auto", "xla", "cudnn"), default=None,
+                    help="auto (default): cuDNN flash attention on a GPU where the head size"
+                    " allows, XLA's elsewhere")
+  step.add_argument("--budget-gb", type=float, default=None,
+                    help="largest_model: the memory a train step may need, in GB (1e9 bytes);"
+                    " default the GPU's memory_stats()['bytes_limit'] (needed on the CPU)")
+  step.add_argument("--compilation-cache", default=None,
+                    help="a directory for JAX's persistent compilation cache (reruns compile"
+                    " faster; compile times then measure the cache)")
+  step.add_argument("--job-timeout-s", type=float, default=None,
+                    help="kill and record a method (largest_model: a method at one size) that"
+                    " runs longer than this (default: no limit; --quick 120 s)")
   return ap
+
+
+_OPTION_FLAGS = ("batch", "seq", "rank", "remat", "param_dtype", "state_dtype", "attention",
+                 "budget_gb", "compilation_cache", "job_timeout_s")
 
 
 def main(argv=None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = _parser().parse_args(argv)
   methods = args.methods.split(",") if args.methods else None
+  options = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
+  if options and args.suite not in WORKER_SUITES:
+    flags = ", ".join("--" + k.replace("_", "-") for k in options)
+    raise SystemExit(f"python -m benchmarks: {flags} apply to {' and '.join(WORKER_SUITES)} only")
   try:
-    return run_suite(args.suite, args.size, args.out, args.quick, args.reps, methods, argv)
+    return run_suite(args.suite, args.size, args.out, args.quick, args.reps, methods, argv,
+                     options=options)
   except ValueError as e:
     raise SystemExit(f"python -m benchmarks: {e}") from None

@@ -1,0 +1,535 @@
+"""The LLaMA train step of every method, built in one place, and the worker processes that run them.
+
+`build(method, model_config, batch=..., seq=...)` returns a `TrainSetup`: a jitted train step
+(forward, backward, optimizer update; parameters and optimizer state donated; next-token
+cross-entropy on a random token batch), its jitted initialisation, the abstract shapes of its
+arguments (so a step can be compiled and its memory read before anything is allocated) and,
+for the methods that have one, the periodic refresh. Methods:
+
+- ``adamw``, ``optax_contrib_galore``, ``galore``, ``osd``, ``rso``, ``grass``: optimizer level,
+  built by the LLaMA example (`examples.llama.optimizers.method`, i.e. ``--optimizer adamw``,
+  ``optax_galore``, ``galore``, ``osd``, ``rso``, ``grass``): the attention and MLP kernels
+  projected at rank r, the embedding, head and norms on full Adam; the whole model's
+  gradient is formed.
+- ``rso_model``, ``grass_model``: model level (`optax_subspace.nn`): the attention and MLP
+  `nnx.Linear`s become `RsoLinear` (y = x·W + (x·P)·B, trains B) or `GrassLinear` (trains D, r
+  output columns), trained by `rso_optimizer` / `grass_optimizer`; W (and P, σ, ρ) are frozen
+  arguments of the step, not differentiated.
+
+The arguments of every step are ``(params, opt_state, frozen, tokens)`` and it returns
+``(params, opt_state, loss)``; ``frozen`` is empty at the optimizer level. At the model level the
+frozen state is merged with ``nnx.merge(..., copy=True)`` inside the differentiated loss (with
+`nnx.remat` per block, the copy gives W and P Variables of the gradient's own trace, see
+`optax_subspace.nn.rso`), and the optimizer state is an `nnx.Optimizer`'s (its step count is what
+`grass_refresh` reads).
+
+Refreshes (T = `update_every`, default 200), amortised by the suites over T steps:
+
+- kind "count" (``galore``, ``grass``): the refresh is the step itself at count 0 mod T, a branch
+  of the same compiled program; it is run with the step count set back to 0
+  (`benchmarks.optimizer_update._count_setter`), and it replaces one steady step in T.
+- kind "program" (``rso_model``: `merge_and_redraw`, W ← W + P·B and a new P;
+  ``grass_model``: `grass_refresh` at a due step, its step count set to 0): a jitted program of
+  its own, ``(params, opt_state, frozen, tokens) -> (params, opt_state, frozen)``, all donated,
+  run between steps; it adds to one step in T.
+- ``osd``, ``rso`` (their per-step projector work is in every step), ``adamw``: none;
+  ``optax_contrib_galore``: its refresh (an SVD of every projected matrix: 63 s on the 1B tree,
+  shared/TARGETS.md) is not timed: its steps run from count 1 with P zero, which costs the same
+  products.
+
+Numerics: the model's compute dtype (bfloat16 by default), parameters in ``param_dtype``, and the
+optimizer state in ``state_dtype``: `with_state_dtype` runs the method on gradients and
+parameters cast to that dtype (so state that follows the gradient's dtype is kept in it) and
+casts the updates back to the parameters' dtype. None: the method's own choice (state in the
+parameters' dtype for Adam's moments; the library keeps its projector state in float32).
+
+Worker processes: `Workers` runs job dicts (``{"module": "benchmarks.train_step", ...}``) by
+calling that module's ``run_job(job)`` in ``python -m benchmarks.train_setups --worker``. With
+``isolate=True`` (GPU) every job gets a fresh process, so `memory_stats()["peak_bytes_in_use"]`
+belongs to that job alone and an out-of-memory crash takes only that job down; with
+``isolate=False`` (the CPU, which has no peak-memory counter) one process serves every job and
+saves the start-ups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import os
+import pathlib
+import select
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from benchmarks.optimizer_update import _count_setter
+from examples.llama import optimizers as llama_optimizers
+from examples.llama.config import ModelConfig, TrainConfig
+from examples.llama.model import Llama
+from optax_subspace import nn as osnn
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+HAS_OPTAX_GALORE = hasattr(getattr(optax, "contrib", None), "galore")
+METHODS = tuple(m for m in ("adamw", "optax_contrib_galore", "galore", "osd", "rso", "grass",
+                            "rso_model", "grass_model")
+                if m != "optax_contrib_galore" or HAS_OPTAX_GALORE)
+MODEL_LEVEL = ("rso_model", "grass_model")
+# The LLaMA example's --optimizer name of each optimizer-level method.
+EXAMPLE_OPTIMIZER = {"adamw": "adamw", "optax_contrib_galore": "optax_galore",
+                     "galore": "galore", "osd": "osd", "rso": "rso", "grass": "grass"}
+REFRESH_KIND = {"galore": "count", "grass": "count", "rso_model": "program",
+                "grass_model": "program"}
+UPDATE_EVERY = 200
+# The layers the model level replaces: those whose kernels the optimizer level projects
+# (examples/llama/optimizers.py's PROJECTED, r"(attention|mlp)/.*kernel").
+MODEL_LEVEL_LAYERS = r"(attention|mlp)/"
+# Steps of the example's schedule (warm-up 10%, then cosine): long enough that a benchmark's
+# few steps stay in the warm-up, where the learning rate is small.
+SCHEDULE_STEPS = 10_000
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                 "temp_size_in_bytes", "generated_code_size_in_bytes")
+_XLA_ATTENTION = jax.nn.dot_product_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+  """One method's train step on one model, ready to compile; see the module docstring.
+
+  Attributes:
+    method, level ("optimizer" or "model"), model (its `ModelConfig`), batch, seq, rank,
+      update_every, state_dtype: what was built.
+    step: ``jax.jit``-ed ``(params, opt_state, frozen, tokens) -> (params, opt_state, loss)``,
+      params and opt_state donated.
+    init: ``jax.jit``-ed ``() -> (params, opt_state, frozen)``: built on the device, in the
+      parameters' dtype (nothing is made in float32 first).
+    abstract: ``(params, opt_state, frozen, tokens)`` as `jax.ShapeDtypeStruct`s.
+    tokens: ``seed -> int32 (batch, seq + 1)`` random token ids (inputs and shifted targets).
+    refresh_kind: "count", "program" or None.
+    refresh: kind "program": ``jax.jit``-ed ``(params, opt_state, frozen, tokens) -> (params,
+      opt_state, frozen)``, all donated; otherwise None.
+    set_count: ``(opt_state, count) -> opt_state``, the step count the refresh is due at (kind
+      "count": the method's; ``grass_model``: its `nnx.Optimizer`'s); None elsewhere.
+    steady_count: the count the timed steady steps start from (past the step-0 refresh), or
+      None to start from init's.
+  """
+
+  method: str
+  level: str
+  model: ModelConfig
+  batch: int
+  seq: int
+  rank: int
+  update_every: int
+  state_dtype: Optional[str]
+  step: Callable
+  init: Callable
+  abstract: tuple
+  tokens: Callable[[int], jax.Array]
+  refresh_kind: Optional[str]
+  refresh: Optional[Callable]
+  set_count: Optional[Callable]
+  steady_count: Optional[int]
+
+
+def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`tx` run on gradients and parameters cast to `dtype`; updates cast back to the params'.
+
+  The state of `tx` is its own (no wrapper state), so paths into it (`grass_refresh`'s reset of
+  D's moments) are unchanged. With bfloat16 parameters and ``dtype=float32`` Adam's moments are
+  float32 (mixed precision; the update is rounded to bfloat16 when applied).
+  """
+  dtype = jnp.dtype(dtype)
+  cast = lambda tree: jax.tree.map(
+      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+  def init(params):
+    return tx.init(cast(params))
+
+  def update(updates, state, params=None):
+    new, state = tx.update(cast(updates), state, None if params is None else cast(params))
+    return jax.tree.map(lambda n, u: n.astype(u.dtype), new, updates), state
+
+  return optax.GradientTransformation(init, update)
+
+
+def _train_config(method: str, rank: int, update_every: int) -> TrainConfig:
+  optimizer = EXAMPLE_OPTIMIZER.get(method, method.removesuffix("_model"))
+  return TrainConfig(optimizer=optimizer, rank=rank, update_every=update_every,
+                     steps=SCHEDULE_STEPS)
+
+
+def optimizer(method: str, rank: int, update_every: int = UPDATE_EVERY,
+              state_dtype=None) -> optax.GradientTransformation:
+  """The update rule of `method`: the example's for the optimizer level, `optax_subspace.nn`'s
+  for the model level; both with the example's warm-up + cosine schedule, no clipping."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+  cfg = _train_config(method, rank, update_every)
+  if method == "rso_model":
+    tx = osnn.rso_optimizer(llama_optimizers.schedule(cfg), inner_steps=update_every)
+  elif method == "grass_model":
+    tx = osnn.grass_optimizer(llama_optimizers.schedule(cfg))
+  else:
+    tx = llama_optimizers.method(cfg)
+  return tx if state_dtype is None else with_state_dtype(tx, state_dtype)
+
+
+def _cross_entropy(model, tokens):
+  """Next-token cross-entropy, as examples/llama/train.py's `_loss`."""
+  logits = model(tokens[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+
+def _set_nnx_step(opt_state, count):
+  """An `nnx.Optimizer` state with its step count set to `count` (a new array: it is donated)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
+  leaves = [jnp.asarray(count, leaf.dtype)
+            if path[0] == jax.tree_util.DictKey("step") else leaf for path, leaf in flat]
+  return treedef.unflatten(leaves)
+
+
+def _abstract(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _optimizer_level(method, cfg, tx, seed):
+  """(step, init, abstract params/opt_state/frozen) of the example's train step."""
+
+  def build_params():
+    return nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(seed))))
+
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(seed))))
+
+  def init():
+    params = build_params()
+    return params, tx.init(params), {}
+
+  def train_step(params, opt_state, frozen, tokens):
+    del frozen  # the optimizer level trains every parameter
+    loss, grads = jax.value_and_grad(
+        lambda p: _cross_entropy(nnx.merge(graphdef, p), tokens))(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return train_step, init, jax.eval_shape(init), None
+
+
+def _model_level(method, cfg, tx, rank, update_every, seed):
+  """(step, init, abstract params/opt_state/frozen, refresh) of a model-level train step."""
+
+  def build():
+    model = Llama(cfg, nnx.Rngs(seed))
+    if method == "rso_model":
+      osnn.rso_layers(model, rank, mask=MODEL_LEVEL_LAYERS)
+    else:
+      osnn.grass_layers(model, rank, update_every=update_every, mask=MODEL_LEVEL_LAYERS)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  model, opt = nnx.eval_shape(build)
+  graphdef = nnx.graphdef(model)
+  opt_graphdef = nnx.graphdef(opt)
+
+  def init():
+    model, opt = build()
+    _, params, frozen = nnx.split(model, nnx.Param, ...)
+    return params, nnx.state(opt), frozen
+
+  def loss_fn(params, frozen, tokens):
+    # copy=True: Variables of this trace (nnx.remat writes every Variable of a block back).
+    return _cross_entropy(nnx.merge(graphdef, params, frozen, copy=True), tokens)
+
+  def train_step(params, opt_state, frozen, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(params, frozen, tokens)
+    model = nnx.merge(graphdef, params, frozen)
+    opt = nnx.merge(opt_graphdef, opt_state)
+    opt.update(model, grads)
+    return nnx.state(model, nnx.Param), nnx.state(opt), loss
+
+  def refresh(params, opt_state, frozen, tokens):
+    model = nnx.merge(graphdef, params, frozen)
+    opt = nnx.merge(opt_graphdef, opt_state)
+    if method == "rso_model":
+      osnn.merge_and_redraw(model)  # W ← W + P·B, B ← 0, the next P
+    else:
+      osnn.grass_refresh(model, opt, _cross_entropy, tokens)  # acts at a step count 0 mod K
+    _, params, frozen = nnx.split(model, nnx.Param, ...)
+    return params, nnx.state(opt), frozen
+
+  return train_step, init, jax.eval_shape(init), refresh
+
+
+def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Optional[int] = None,
+          update_every: int = UPDATE_EVERY, state_dtype=None, seed: int = 0) -> TrainSetup:
+  """The `TrainSetup` of `method` on the LLaMA `model` (remat and dtypes: the config's).
+
+  Args:
+    method: one of `METHODS`.
+    model: the model's `ModelConfig` (`remat` per block, `param_dtype`, `compute_dtype`).
+    batch, seq: token ids per step are (batch, seq + 1): seq inputs, seq targets.
+    rank: the subspace rank; None: hidden / 4.
+    update_every: T (GaLore's, GRASS's refresh period; RSO's K).
+    state_dtype: the optimizer state's dtype (`with_state_dtype`); None: the method's own.
+    seed: the model's initialisation.
+  """
+  rank = rank or model.hidden // 4
+  tx = optimizer(method, rank, update_every, state_dtype)
+  if method in MODEL_LEVEL:
+    train_step, init, carry, refresh = _model_level(method, model, tx, rank, update_every, seed)
+  else:
+    train_step, init, carry, refresh = _optimizer_level(method, model, tx, seed)
+  tokens_shape = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+  kind = REFRESH_KIND.get(method)
+  set_count, steady_count = None, None
+  if method == "grass_model":
+    set_count = _set_nnx_step
+  elif method in ("galore", "grass", "optax_contrib_galore"):
+    set_count, steady_count = _count_setter(carry[1]), 1
+  return TrainSetup(
+      method=method, level="model" if method in MODEL_LEVEL else "optimizer", model=model,
+      batch=batch, seq=seq, rank=rank, update_every=update_every,
+      state_dtype=None if state_dtype is None else jnp.dtype(state_dtype).name,
+      step=jax.jit(train_step, donate_argnums=(0, 1)), init=jax.jit(init),
+      abstract=(*_abstract(carry), tokens_shape),
+      tokens=lambda s: jax.random.randint(jax.random.PRNGKey(s), tokens_shape.shape, 0,
+                                          model.vocab_size, jnp.int32),
+      refresh_kind=kind,
+      refresh=jax.jit(refresh, donate_argnums=(0, 1, 2)) if kind == "program" else None,
+      set_count=set_count, steady_count=steady_count)
+
+
+# ------------------------------------------------------------------ compiling and running
+
+
+@dataclasses.dataclass
+class Compiled:
+  """The compiled programs of a `TrainSetup` and what compiling them took."""
+
+  step: Any
+  refresh: Any
+  compile_s: dict
+
+
+def compile_setup(setup: TrainSetup) -> Compiled:
+  """Compiles the step (and a "program" refresh) from the abstract arguments: nothing is
+  allocated on the device."""
+  times = {}
+  t0 = time.perf_counter()
+  step = setup.step.lower(*setup.abstract).compile()
+  times["step"] = time.perf_counter() - t0
+  refresh = None
+  if setup.refresh is not None:
+    t0 = time.perf_counter()
+    refresh = setup.refresh.lower(*setup.abstract).compile()
+    times["refresh"] = time.perf_counter() - t0
+  return Compiled(step, refresh, times)
+
+
+def memory_analysis(compiled) -> Optional[dict]:
+  """`compiled.memory_analysis()` as a dict, with ``need_bytes`` = arguments + outputs −
+  aliased outputs + temporaries: what running the program needs at once."""
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  fields = {f: int(getattr(analysis, f)) for f in MEMORY_FIELDS if hasattr(analysis, f)}
+  fields["need_bytes"] = (fields["argument_size_in_bytes"] + fields["output_size_in_bytes"]
+                          - fields["alias_size_in_bytes"] + fields["temp_size_in_bytes"])
+  return fields
+
+
+def run_step(compiled: Compiled, carry, tokens, set_count=None):
+  """One step: ``(params, opt_state, frozen) -> ((params, opt_state, frozen), loss)``."""
+  params, opt_state, frozen = carry
+  if set_count is not None:
+    opt_state = set_count(opt_state)
+  params, opt_state, loss = compiled.step(params, opt_state, frozen, tokens)
+  return (params, opt_state, frozen), loss
+
+
+def run_refresh(setup: TrainSetup, compiled: Compiled, carry, tokens):
+  """One refresh as it runs at a due step (the count set to 0); returns the new carry."""
+  if setup.refresh_kind == "count":
+    return run_step(compiled, carry, tokens, lambda s: setup.set_count(s, 0))[0]
+  params, opt_state, frozen = carry
+  if setup.set_count is not None:
+    opt_state = setup.set_count(opt_state, 0)
+  return compiled.refresh(params, opt_state, frozen, tokens)
+
+
+def nbytes(tree) -> int:
+  return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def bytes_by_dtype(tree) -> dict:
+  """{dtype name: bytes} of the leaves of `tree` (arrays or ShapeDtypeStructs)."""
+  out = {}
+  for x in jax.tree.leaves(tree):
+    name = jnp.dtype(x.dtype).name
+    out[name] = out.get(name, 0) + int(x.size * jnp.dtype(x.dtype).itemsize)
+  return out
+
+
+def attention_for(requested: str, platform: str, head_dim: int) -> str:
+  """"cudnn" or "xla": auto picks cuDNN's flash attention on a GPU where it takes the head size.
+
+  XLA's attention keeps b×heads×s×s tensors for the backward (benchmarks/rso_memory.py);
+  cuDNN's does not, but needs a head dimension that is a multiple of 8 and at most 128 (the 3B
+  ladder model's is 100).
+  """
+  if requested != "auto":
+    return requested
+  cudnn_ok = head_dim % 8 == 0 and head_dim <= 128
+  return "cudnn" if platform == "gpu" and cudnn_ok else "xla"
+
+
+def use_attention(implementation: str) -> None:
+  """Makes the model's `jax.nn.dot_product_attention` calls use `implementation` (this process)."""
+  if implementation == "cudnn":
+    jax.nn.dot_product_attention = functools.partial(_XLA_ATTENTION, implementation="cudnn")
+  else:
+    jax.nn.dot_product_attention = _XLA_ATTENTION
+
+
+def device_memory() -> dict:
+  """{"bytes_limit", "peak_bytes_in_use"} of the default device; Nones where not reported."""
+  stats = jax.devices()[0].memory_stats() or {}
+  return {"bytes_limit": stats.get("bytes_limit"),
+          "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+# ------------------------------------------------------------------ worker processes
+
+_RESULT = "@@train_setups result "
+
+
+def worker_env() -> dict:
+  """The environment of a worker: the caller's, as the user set it before `prepare_parent`, and
+  XLA_PYTHON_CLIENT_MEM_FRACTION 0.95 unless the user set one (JAX's default 0.75 would hide a
+  quarter of the GPU from the step)."""
+  env = dict(os.environ)
+  original = env.pop("_TRAIN_SETUPS_PREALLOCATE", None)
+  if original is not None:
+    env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+    if original != "<unset>":
+      env["XLA_PYTHON_CLIENT_PREALLOCATE"] = original
+  env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  return env
+
+
+def prepare_parent() -> None:
+  """Keeps the calling (parent) process from preallocating GPU memory: call before JAX starts
+  its backend. Workers get the user's setting back (`worker_env`)."""
+  if "_TRAIN_SETUPS_PREALLOCATE" not in os.environ:
+    os.environ["_TRAIN_SETUPS_PREALLOCATE"] = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE",
+                                                             "<unset>")
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+
+class Workers:
+  """Runs jobs in ``python -m benchmarks.train_setups --worker`` processes; see the module doc.
+
+  A job is a JSON-able dict with a "module" whose ``run_job(job) -> dict`` does the work; an
+  exception inside it comes back as {"error": ..., "out_of_memory": bool}, a dead process as
+  {"error": ..., "returncode": ...}, and a job that takes longer than `timeout_s` as
+  {"error": "timed out ...", "timed_out": True} (its process is killed; the next job gets a
+  fresh one).
+  """
+
+  def __init__(self, isolate: bool, timeout_s: Optional[float] = None):
+    self.isolate = isolate
+    self.timeout_s = timeout_s
+    self._proc = None
+    self._cmd = [sys.executable, "-m", "benchmarks.train_setups", "--worker"]
+
+  def run(self, job: dict) -> dict:
+    line = (json.dumps(job) + "\n").encode()
+    if self.isolate:
+      try:
+        proc = subprocess.run(self._cmd, input=line, capture_output=True, cwd=ROOT,
+                              env=worker_env(), timeout=self.timeout_s, check=False)
+      except subprocess.TimeoutExpired:
+        return self._timed_out()
+      return self._result(proc.stdout.decode(errors="replace"), proc.returncode,
+                          proc.stderr.decode(errors="replace"))
+    if self._proc is None or self._proc.poll() is not None:
+      self._proc = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    cwd=ROOT, env=worker_env())
+    self._proc.stdin.write(line)
+    self._proc.stdin.flush()
+    return self._read_result()
+
+  def _read_result(self) -> dict:
+    """The persistent worker's next result line, or an error when it dies or times out."""
+    fd = self._proc.stdout.fileno()
+    deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
+    buffer = b""
+    while _RESULT.encode() not in buffer or not buffer.endswith(b"\n"):
+      wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+      if not select.select([fd], [], [], wait)[0]:
+        self._proc.kill()
+        self._proc.wait()
+        return self._timed_out()
+      chunk = os.read(fd, 1 << 16)
+      if not chunk:
+        break
+      buffer += chunk
+    return self._result(buffer.decode(errors="replace"), self._proc.poll(), "")
+
+  def _timed_out(self) -> dict:
+    return {"error": f"timed out after {self.timeout_s} s (worker killed)", "timed_out": True}
+
+  @staticmethod
+  def _result(stdout: str, returncode, stderr: str) -> dict:
+    for out in stdout.splitlines():
+      if out.startswith(_RESULT):
+        return json.loads(out[len(_RESULT):])
+    tail = "\n".join((stderr or stdout).strip().splitlines()[-12:])
+    return {"error": f"worker exited with status {returncode}: {tail}",
+            "returncode": returncode, "out_of_memory": "RESOURCE_EXHAUSTED" in tail}
+
+  def close(self) -> None:
+    if self._proc is not None and self._proc.poll() is None:
+      self._proc.stdin.close()
+      self._proc.wait()
+    self._proc = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _worker_main() -> None:
+  """Reads one job per stdin line, answers one result line each (prefixed) on stdout."""
+  for line in sys.stdin:
+    if not line.strip():
+      continue
+    job = json.loads(line)
+    try:
+      result = importlib.import_module(job["module"]).run_job(job)
+    except Exception as e:  # pylint: disable=broad-except
+      result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}",
+                "out_of_memory": is_out_of_memory(e),
+                "traceback": traceback.format_exc()[-3000:]}
+    jax.clear_caches()
+    print(_RESULT + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  if sys.argv[1:] != ["--worker"]:
+    raise SystemExit("usage: python -m benchmarks.train_setups --worker  (jobs on stdin)")
+  _worker_main()

@@ -1,0 +1,315 @@
+"""Suite `train_step`: tokens/s and peak device memory of the whole LLaMA train step, every method.
+
+One train step = forward, backward and optimizer update of the LLaMA example's model
+(examples/llama/model.py; bf16 compute, float32 parameters by default, cuDNN attention on a GPU),
+next-token cross-entropy on a random token batch, parameters and optimizer state donated; each
+method built by `benchmarks.train_setups` (the example's optimizers; the model-level RSO and GRASS
+of `optax_subspace.nn`), rank hidden/4 on the attention and MLP kernels. Defaults: LLaMA 350M at
+batch 128 and 1B at batch 64, 256 tokens per sequence (shared/TARGETS.md's whole-step anchors).
+
+Each method runs in its own process (on a GPU; on the CPU, which has no peak counter, the
+methods share one), which records:
+
+- compile time of the step (and of a refresh program) and `compiled.memory_analysis()`
+  (arguments, outputs, aliases, temporaries; ``need_bytes`` = their sum less the aliases);
+- the median step time of `reps` synced steps after `warmup` steps, and tokens/s
+  (batch × seq / step time);
+- the refresh: GaLore's and GRASS's optimizer-level step at count 0 (mod T), RSO's model-level
+  merge (`merge_and_redraw`), GRASS's model-level `grass_refresh`, timed as they run at a due
+  step; and the step time amortised over T = 200 steps: (refresh step + (T − 1)·step) / T for
+  a refresh that is a step, step + refresh / T for one that runs between steps;
+- `memory_stats()["peak_bytes_in_use"]` after all of it (None on the CPU), the bytes of the
+  trainable parameters, of the frozen state and of the optimizer state (by dtype).
+
+Ratios to AdamW's tokens/s (plain and amortised) and peak bytes are taken within one run.
+Target (issue 7): OSD's and GRASS's amortised tokens/s ≥ 0.97× AdamW's at LLaMA-1B.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+from benchmarks import train_setups
+from examples.llama.config import MODEL_SIZES as SIZES
+
+DEFAULT_SIZES = ("350m", "1b")
+QUICK_SIZES = ("tiny",)
+DEFAULT_BATCH = {"tiny": 8, "9m": 64, "20m": 64, "60m": 256, "130m": 256, "350m": 128, "1b": 64,
+                 "7b": 8}
+SEQ = 256
+VOCAB = 32000
+# A job of the quick run that takes this long is killed and recorded (XLA's CPU runtime has been
+# seen to stall, at random, in the optimizer-level rso update on a loaded 2-core machine).
+QUICK_JOB_TIMEOUT_S = 120
+QUICK = {"batch": 2, "seq": 16, "vocab": 512, "warmup": 1}
+DEFAULT_REPS = 10
+WARMUP = 2
+TARGET_RATIO = 0.97  # issue 7: amortised tokens/s over AdamW's, LLaMA-1B
+TARGET_METHODS = ("osd", "grass", "grass_model")
+AMORTISED = f"amortised_over_{train_setups.UPDATE_EVERY}"
+
+
+def model_fields(size: str, vocab: int, remat: bool, param_dtype: str) -> dict:
+  hidden, ffn, heads, layers = SIZES[size]
+  return {"hidden": hidden, "ffn": ffn, "heads": heads, "layers": layers, "vocab_size": vocab,
+          "remat": remat, "param_dtype": param_dtype, "compute_dtype": "bfloat16"}
+
+
+def _compilation_cache(path) -> None:
+  if path:
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
+def _timed(fn, carry, calls: int, warmup: int):
+  """(median ms over `calls` after `warmup`, carry, losses): fn(carry) -> (carry, loss or None),
+  each call synced."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  times, losses = [], []
+  for i in range(warmup + calls):
+    t0 = time.perf_counter()
+    carry, loss = fn(carry)
+    jax.block_until_ready((carry, loss))
+    if i >= warmup:
+      times.append((time.perf_counter() - t0) * 1e3)
+    if loss is not None:
+      losses.append(float(loss))
+  return statistics.median(times), carry, losses
+
+
+def run_job(job: dict) -> dict:
+  """One method at one size, in a worker process (see the module docstring)."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from examples.llama.config import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  _compilation_cache(job.get("compilation_cache"))
+  cfg = ModelConfig(**job["model"])
+  attention = train_setups.attention_for(job["attention"], jax.devices()[0].platform,
+                                         cfg.head_dim)
+  train_setups.use_attention(attention)
+  setup = train_setups.build(job["method"], cfg, batch=job["batch"], seq=job["seq"],
+                             rank=job["rank"], update_every=job["update_every"],
+                             state_dtype=job["state_dtype"])
+  compiled = train_setups.compile_setup(setup)
+  row = {"method": setup.method, "level": setup.level, "attention": attention,
+         "rank": setup.rank, "compile_s": {k: round(v, 2) for k, v in compiled.compile_s.items()},
+         "memory_analysis": {"step": train_setups.memory_analysis(compiled.step)}}
+  if compiled.refresh is not None:
+    row["memory_analysis"]["refresh"] = train_setups.memory_analysis(compiled.refresh)
+  carry = setup.init()
+  tokens = setup.tokens(0)
+  params, opt_state, frozen = carry
+  row.update(trainable_param_bytes=train_setups.nbytes(params),
+             frozen_bytes=train_setups.nbytes(frozen),
+             opt_state_bytes=train_setups.nbytes(opt_state),
+             opt_state_bytes_by_dtype=train_setups.bytes_by_dtype(opt_state))
+  del params, opt_state, frozen
+  if setup.steady_count is not None:  # past the step-0 refresh
+    carry = (carry[0], setup.set_count(carry[1], setup.steady_count), carry[2])
+  step_ms, carry, losses = _timed(lambda c: train_setups.run_step(compiled, c, tokens), carry,
+                                  job["reps"], job["warmup"])
+  tokens_per_step = setup.batch * setup.seq
+  row.update(step_ms=step_ms, tokens_per_s=tokens_per_step / (step_ms / 1e3),
+             loss_first=losses[0], loss_last=losses[-1],
+             losses_finite=all(math.isfinite(x) for x in losses))
+  if setup.refresh_kind is not None:
+    refresh_ms, carry, _ = _timed(
+        lambda c: (train_setups.run_refresh(setup, compiled, c, tokens), None), carry,
+        job["refresh_reps"], 1)
+    t = setup.update_every
+    if setup.refresh_kind == "count":  # the refresh step replaces one step in T
+      amortised = (refresh_ms + (t - 1) * step_ms) / t
+    else:  # the refresh program runs between steps, once in T
+      amortised = step_ms + refresh_ms / t
+    row.update(refresh_kind=setup.refresh_kind, refresh_ms=refresh_ms)
+  else:
+    amortised = step_ms
+  row[f"step_ms_{AMORTISED}"] = amortised
+  row[f"tokens_per_s_{AMORTISED}"] = tokens_per_step / (amortised / 1e3)
+  del carry
+  row.update(train_setups.device_memory())
+  return row
+
+
+def _ratios(rows) -> None:
+  """Adds each row's ratios to AdamW's (tokens/s plain and amortised, peak and needed bytes)."""
+  base = next((r for r in rows if r["method"] == "adamw" and "step_ms" in r), None)
+  if base is None:
+    return
+  for r in rows:
+    if "step_ms" not in r:
+      continue
+    r["tokens_per_s_ratio_to_adamw"] = r["tokens_per_s"] / base["tokens_per_s"]
+    r[f"tokens_per_s_{AMORTISED}_ratio_to_adamw"] = (r[f"tokens_per_s_{AMORTISED}"]
+                                                   / base[f"tokens_per_s_{AMORTISED}"])
+    if r.get("peak_bytes_in_use") and base.get("peak_bytes_in_use"):
+      r["peak_ratio_to_adamw"] = r["peak_bytes_in_use"] / base["peak_bytes_in_use"]
+    r["need_bytes_ratio_to_adamw"] = (r["memory_analysis"]["step"]["need_bytes"]
+                                      / base["memory_analysis"]["step"]["need_bytes"])
+
+
+def _targets(rows) -> dict:
+  by = {r["method"]: r for r in rows}
+  key = f"tokens_per_s_{AMORTISED}_ratio_to_adamw"
+  out = {"amortised_tokens_per_s_ratio_min": TARGET_RATIO, "applies_at": "1b"}
+  for m in TARGET_METHODS:
+    if key in by.get(m, {}):
+      out[m] = {"ratio": by[m][key], "met": by[m][key] >= TARGET_RATIO}
+  return out
+
+
+def state_dtype(options) -> str | None:
+  """The optimizer-state dtype of `options` (None: the method's own, "native" on the CLI)."""
+  value = options.get("state_dtype")
+  return None if value in (None, "native") else value
+
+
+def describe(options, quick) -> dict:
+  """The JSON's dtype, timing and config entries for these options."""
+  options = dict(options or {})
+  param = options.get("param_dtype") or "float32"
+  state = state_dtype(options)
+  return {
+      "dtype": f"compute bfloat16; parameters {param}; optimizer state "
+               + (state or "the method's own (Adam's moments in the parameters' dtype, the"
+                  " library's projector state float32)"),
+      "matmul_precision": "JAX default (TF32 on H100/H200 for float32 products) except the"
+                          " refreshes, which use HIGHEST",
+      "timing": f"median of --reps synced steps after {options.get('warmup', WARMUP)} warm-up"
+                " steps (refreshes: after 1), random tokens, parameters and state donated; no"
+                " gradient clipping; learning rate: the example's warm-up + cosine schedule",
+      "config": {
+          "seq": options.get("seq") or (QUICK["seq"] if quick else SEQ),
+          "batch": options.get("batch") or ("quick" if quick else DEFAULT_BATCH),
+          "vocab": QUICK["vocab"] if quick else VOCAB,
+          "remat": bool(options.get("remat")), "param_dtype": param,
+          "state_dtype": state or "native", "attention": options.get("attention") or "auto",
+          "rank": options.get("rank") or "hidden / 4",
+          "projected": "attention and MLP kernels (optimizer level: examples/llama/"
+                       "optimizers.py PROJECTED; model level: those nnx.Linear layers)",
+          "update_every_amortised": options.get("update_every") or train_setups.UPDATE_EVERY,
+          "memory_fraction": train_setups.worker_env()["XLA_PYTHON_CLIENT_MEM_FRACTION"],
+          "compilation_cache": options.get("compilation_cache"),
+      },
+  }
+
+
+def _n_params(fields) -> int:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from examples.llama.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from examples.llama.model import Llama, count_params  # pylint: disable=g-import-not-at-top
+
+  model = nnx.eval_shape(lambda: Llama(ModelConfig(**fields), nnx.Rngs(0)))
+  return count_params(nnx.state(model))
+
+
+def run(sizes, reps, methods=None, options=None, quick=False, log=print,
+        checkpoint=None) -> dict:
+  """Every method of `methods` (default all; AdamW always) at every size; see the module doc.
+
+  Options (all optional): batch (else `DEFAULT_BATCH` per size), seq (256), rank (hidden/4),
+  remat (False), param_dtype ("float32"), state_dtype (None: the method's own), attention
+  ("auto": cuDNN on a GPU), update_every (200), warmup (2), compilation_cache (a directory),
+  job_timeout_s (None; quick 120): a method that takes longer is killed and recorded.
+  `checkpoint(results)` is called after every method (a cut run keeps what finished).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  options = dict(options or {})
+  methods = list(methods or train_setups.METHODS)
+  unknown = set(methods) - set(train_setups.METHODS)
+  if unknown:
+    raise ValueError(f"unknown methods {sorted(unknown)}; choose from {train_setups.METHODS}")
+  methods = [m for m in train_setups.METHODS if m in methods or m == "adamw"]
+  seq = options.get("seq") or (QUICK["seq"] if quick else SEQ)
+  vocab = QUICK["vocab"] if quick else VOCAB
+  warmup = options.get("warmup", QUICK["warmup"] if quick else WARMUP)
+  isolate = jax.devices()[0].platform != "cpu"
+  results = {"methods": methods, "sizes": []}
+  timeout = options.get("job_timeout_s") or (QUICK_JOB_TIMEOUT_S if quick else None)
+  with train_setups.Workers(isolate, timeout) as workers:
+    for size in sizes:
+      batch = options.get("batch") or (QUICK["batch"] if quick else DEFAULT_BATCH.get(size, 64))
+      fields = model_fields(size, vocab, bool(options.get("remat")),
+                            options.get("param_dtype") or "float32")
+      entry = {"size": size, "model": fields, "n_params": _n_params(fields), "batch": batch,
+               "seq": seq, "tokens_per_step": batch * seq,
+               "rank": options.get("rank") or fields["hidden"] // 4, "rows": []}
+      results["sizes"].append(entry)
+      log(f"LLaMA {size}: {entry['n_params'] / 1e6:.1f}M params, batch {batch} x {seq},"
+          f" rank {entry['rank']}")
+      for method in methods:
+        job = {"module": __name__, "method": method, "size": size, "model": fields,
+               "batch": batch, "seq": seq, "rank": entry["rank"],
+               "state_dtype": state_dtype(options),
+               "attention": options.get("attention") or "auto",
+               "update_every": options.get("update_every") or train_setups.UPDATE_EVERY,
+               "reps": reps, "warmup": warmup, "refresh_reps": max(2, reps // 5),
+               "compilation_cache": options.get("compilation_cache")}
+        row = {"method": method, **workers.run(job)}
+        entry["rows"].append(row)
+        _log_row(row, log)
+        _ratios(entry["rows"])
+        entry["targets"] = _targets(entry["rows"])
+        if checkpoint is not None:
+          checkpoint(results)
+  return results
+
+
+def _log_row(row, log) -> None:
+  if "error" in row:
+    log(f"  {row['method']:<22} error: {row['error'][:300]}")
+    return
+  peak = row.get("peak_bytes_in_use")
+  refresh = f"   refresh {row['refresh_ms']:9.1f} ms" if "refresh_ms" in row else ""
+  log(f"  {row['method']:<22} {row['step_ms']:9.2f} ms  {row['tokens_per_s']:12.0f} tok/s"
+      f"   amortised {row[f'tokens_per_s_{AMORTISED}']:12.0f} tok/s{refresh}"
+      f"   peak {'-' if peak is None else f'{peak / 2**30:.2f} GiB'}"
+      f"   compile {sum(row['compile_s'].values()):.1f} s")
+
+
+def figure(result):
+  """Amortised tokens/s and peak memory (predicted need where no peak is measured) per method."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  sizes = result["results"]["sizes"]
+  methods = [m for m in train_setups.METHODS
+             if any(r["method"] == m and "step_ms" in r for s in sizes for r in s["rows"])]
+  measured = all(r.get("peak_bytes_in_use") for s in sizes for r in s["rows"] if "step_ms" in r)
+  memory_key = "peak_bytes_in_use" if measured else None
+  fig = Figure(figsize=(12, 4.5))
+  axes = fig.subplots(1, 2)
+  width = 0.8 / max(1, len(sizes))
+  for j, size in enumerate(sizes):
+    by = {r["method"]: r for r in size["rows"] if "step_ms" in r}
+    xs = [i + j * width for i in range(len(methods))]
+    label = f"{size['size']} ({size['batch']}×{size['seq']})"
+    axes[0].bar(xs, [by[m][f"tokens_per_s_{AMORTISED}"] / 1e3 if m in by else 0
+                     for m in methods], width, label=label)
+    memory = [(by[m][memory_key] if memory_key else by[m]["memory_analysis"]["step"]["need_bytes"])
+              / 2**30 if m in by else 0 for m in methods]
+    axes[1].bar(xs, memory, width, label=label)
+  axes[0].set_ylabel(f"thousand tokens/s (refresh amortised over {train_setups.UPDATE_EVERY})")
+  axes[1].set_ylabel("GiB")
+  axes[0].set_title("whole train step throughput", fontsize=9)
+  axes[1].set_title("peak device memory (memory_stats)" if measured
+                    else "predicted need (memory_analysis: args + outputs − aliases + temp)",
+                    fontsize=9)
+  for ax in axes:
+    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods,
+                  rotation=30, ha="right", fontsize=8)
+    ax.legend(fontsize=8, title="LLaMA", title_fontsize=8)
+  fig.suptitle(f"train step, {result['device']}, bf16 compute, parameters "
+               f"{sizes[0]['model']['param_dtype'] if sizes else ''}", fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def plot(result, path) -> None:
+  """`figure(result)` as a PNG at `path`."""
+  figure(result).savefig(path, dpi=120)
