@@ -43,7 +43,6 @@ import gc
 import json
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
@@ -58,6 +57,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import optax_subspace as osub  # noqa: E402
+from benchmarks import _provenance  # noqa: E402
 from benchmarks import optimizer_step  # noqa: E402
 from optax_subspace import nn as osnn  # noqa: E402
 from optax_subspace.nn import _surgery  # noqa: E402
@@ -353,14 +353,6 @@ def _plot(result: dict, path: pathlib.Path) -> None:
   plt.close(fig)
 
 
-def _commit() -> str | None:
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                          cwd=pathlib.Path(__file__).resolve().parent, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
-
-
 def main(argv=None) -> dict:
   args = _parser().parse_args(argv)
   dev = jax.devices()[0]
@@ -374,7 +366,7 @@ def main(argv=None) -> dict:
       "benchmark": "grass_cost",
       "command": " ".join(["python", "benchmarks/grass_cost.py"]
                           + list(sys.argv[1:] if argv is None else argv)),
-      "commit": _commit(),
+      "commit": _provenance.commit(),
       "device": dev.device_kind, "platform": dev.platform,
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "optax": optax.__version__, "optax_subspace": osub.__version__},

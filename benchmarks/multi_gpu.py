@@ -34,6 +34,8 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: `benchmarks` importable
+from benchmarks import _provenance  # noqa: E402  pylint: disable=g-import-not-at-top
 METHODS = ("adamw", "galore", "osd", "rso", "grass")
 
 
@@ -51,12 +53,6 @@ def _devices() -> dict:
 
   return {"platform": jax.devices()[0].platform, "kind": jax.devices()[0].device_kind,
           "count": jax.device_count()}
-
-
-def _commit() -> str:
-  proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                        cwd=ROOT, check=False)
-  return proc.stdout.strip() or "unknown"
 
 
 def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
@@ -150,7 +146,7 @@ def main(argv=None) -> dict:
   result = {
       "benchmark": "multi_gpu",
       "command": " ".join(["python", "benchmarks/multi_gpu.py", *(argv or sys.argv[1:])]),
-      "commit": args.commit or _commit(),
+      "commit": args.commit or _provenance.commit(),
       "devices": _devices(),
       "versions": _versions(),
       "config": {

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_subspace as osub
+from benchmarks import _provenance
 from benchmarks import optimizer_step
 from optax_subspace import _combinator
 
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--top", type=int, default=25)
   ap.add_argument("--methods", default="")
-  ap.add_argument("--commit", default="")
+  ap.add_argument("--commit", default="", help="default: $OPTAX_SUBSPACE_COMMIT or git")
   ap.add_argument("--out", required=True)
   args = ap.parse_args(argv)
   cfg = optimizer_step.SIZES[args.size]
@@ -168,7 +169,7 @@ def main(argv=None) -> dict:
     chosen = {k: v for k, v in chosen.items() if k in args.methods.split(",")}
   dev = jax.devices()[0]
   result = {
-      "benchmark": "profile_update", "commit": args.commit or None,
+      "benchmark": "profile_update", "commit": args.commit or _provenance.commit(),
       "device": dev.device_kind, "platform": dev.platform,
       "versions": {"jax": jax.__version__, "optax": optax.__version__},
       "size": args.size, "config": cfg, "reps": args.reps,

@@ -68,6 +68,9 @@ import sys
 import time
 from typing import Optional
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run as a script
+from benchmarks import _provenance  # noqa: E402  pylint: disable=g-import-not-at-top
+
 METHODS = ("adamw", "galore", "rso")
 PROJECTED = r"(attention|mlp)/.*kernel"
 RSO_LAYERS = r"(attention|mlp)/"
@@ -511,8 +514,7 @@ def main(argv=None) -> dict:
   unknown = set(methods) - set(METHODS)
   if unknown:
     raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {METHODS}")
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=pathlib.Path(__file__).resolve().parent).stdout.strip()
+  commit = _provenance.commit()
   result = {
       "benchmark": "rso_memory",
       "command": " ".join(["python", "benchmarks/rso_memory.py"] + argv),

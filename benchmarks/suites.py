@@ -27,8 +27,9 @@ import json
 import pathlib
 import platform
 import re
-import subprocess
 import sys
+
+from benchmarks import _provenance
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUITES = ("projector_cost", "optimizer_update", "train_step", "largest_model")
@@ -84,12 +85,6 @@ def output_path(suite: str, out_dir=None) -> pathlib.Path:
   return out_dir / f"{suite}_{_device_slug(dev.device_kind, dev.platform)}.json"
 
 
-def _commit() -> str:
-  proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                        cwd=ROOT, check=False)
-  return proc.stdout.strip() or "unknown"
-
-
 def _metadata(suite: str, argv) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jaxlib  # pylint: disable=g-import-not-at-top
@@ -102,7 +97,7 @@ def _metadata(suite: str, argv) -> dict:
   return {
       "benchmark": suite,
       "command": " ".join(["python", "-m", "benchmarks", *argv]) if argv is not None else None,
-      "commit": _commit(),
+      "commit": _provenance.commit(),
       "device": dev.device_kind, "platform": dev.platform, "device_count": jax.device_count(),
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "jaxlib": jaxlib.__version__, "optax": optax.__version__,
