@@ -20,7 +20,8 @@ MODEL_SIZES = {
     "7b": (4096, 11008, 32, 32),
 }
 
-OPTIMIZERS = ("adamw", "galore", "osd", "rso", "grass", "optax_galore")
+# rso_model and grass_model are the model-level RSO and GRASS (optax_subspace.nn).
+OPTIMIZERS = ("adamw", "galore", "osd", "rso", "grass", "rso_model", "grass_model", "optax_galore")
 CORPORA = ("sotu", "offline-large", "c4")
 TOKENIZERS = ("auto", "mistral", "byte", "t5")
 DTYPES = ("bfloat16", "float32")
@@ -97,7 +98,9 @@ class TrainConfig:
   eps: float = _flag(1e-8, "Adam epsilon of adamw and optax_galore")
   clip_norm: float = _flag(1.0, "clip the gradient to this global norm; 0 disables")
   rank: int = _flag(0, "projection rank of the subspace methods; 0: hidden size / 4")
-  update_every: int = _flag(200, "steps between subspace refreshes (GaLore's T)")
+  update_every: int = _flag(
+      200, "steps between subspace refreshes (GaLore's T; RSO's subproblem length K)"
+  )
   galore_scale: float = _flag(0.25, "scale alpha of the back-projected update")
   # devices
   data_parallel: int = _flag(1, "devices on the mesh's data axis (batch split, weights replicated)")

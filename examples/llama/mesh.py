@@ -5,6 +5,12 @@ FSDP, as MaxText and Levanter default to: every weight matrix is split along its
 the batch is split over both axes ("data" × "fsdp" devices). Under jit, XLA all-gathers each
 weight where it is used and reduce-scatters its gradient. The optimizer state follows the
 parameters through `optax_subspace.state_shardings`.
+
+The model-level methods (`rso_model`, `grass_model`) split the model's state in two: the
+trainable Params and the frozen rest (each replaced layer's kernel W, RSO's P and subproblem
+index, GRASS's selection). A frozen W is split like the kernel it was; each factor shares one
+axis with that kernel and takes that axis' split (`factor_spec`), as `optax_subspace.nn.rso_layers`
+derives B's and P's shardings from a sharded kernel.
 """
 
 import jax
@@ -39,17 +45,75 @@ def param_spec(leaf, hidden: int, fsdp: int) -> PartitionSpec:
   return PartitionSpec()
 
 
-def shardings(mesh, params, tx, hidden: int):
-  """(param, optimizer-state, batch) shardings for `jax.jit`, or Nones without a mesh."""
+def factor_spec(leaf, kernel_spec: PartitionSpec, kernel_shape) -> PartitionSpec:
+  """The split of a factor of a replaced layer whose kernel (in, out) is split by `kernel_spec`.
+
+  A factor shares one axis with the kernel: RSO's P and GRASS's D are (in, r) and keep the
+  kernel's split of in; RSO's B is (r, out) and keeps its split of out (B cannot be (in, out):
+  RSO needs r < in). Anything else of the layer (vectors, scalars, keys) is replicated.
+  """
+  shape = np.shape(leaf)
+  if len(shape) != 2:
+    return PartitionSpec()
+  spec = tuple(kernel_spec) + (None,) * (2 - len(kernel_spec))
+  if shape[0] == kernel_shape[0]:
+    return PartitionSpec(spec[0], None)
+  if shape[1] == kernel_shape[1]:
+    return PartitionSpec(None, spec[1])
+  return PartitionSpec()
+
+
+def _path(key_path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in key_path)
+
+
+def model_level_specs(params, frozen, hidden: int, fsdp: int):
+  """(params, frozen) trees of PartitionSpecs for a model with RsoLinear or GrassLinear layers.
+
+  A layer is replaced where `frozen` holds a "kernel" (its W): W gets `param_spec`, the layer's
+  other leaves in either tree `factor_spec` of W's; every other leaf (embedding, head, norm
+  scales) gets `param_spec`, as on the unmodified model.
+  """
+  kernels = {}
+  for key_path, leaf in jax.tree_util.tree_leaves_with_path(frozen):
+    path = _path(key_path)
+    if path[-1] == "kernel":
+      kernels[path[:-1]] = (param_spec(leaf, hidden, fsdp), np.shape(leaf))
+
+  def spec(key_path, leaf):
+    path = _path(key_path)
+    if path[-1] == "kernel" or path[:-1] not in kernels:
+      return param_spec(leaf, hidden, fsdp)
+    return factor_spec(leaf, *kernels[path[:-1]])
+
+  return (
+      jax.tree_util.tree_map_with_path(spec, params),
+      jax.tree_util.tree_map_with_path(spec, frozen),
+  )
+
+
+def shardings(mesh, params, tx, hidden: int, frozen=None):
+  """(param, optimizer-state, batch) shardings for `jax.jit`, or Nones without a mesh.
+
+  With `frozen` (the model-level methods' non-Param state), a fourth: the frozen state's
+  shardings, and the parameters' follow `model_level_specs`.
+  """
   if mesh is None:
-    return None, None, None
+    return (None,) * (3 if frozen is None else 4)
   fsdp = mesh.shape["fsdp"]
-  psh = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x, hidden, fsdp)), params)
+  named = lambda specs: jax.tree.map(
+      lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
+  if frozen is None:
+    psh = named(jax.tree.map(lambda x: param_spec(x, hidden, fsdp), params))
+  else:
+    pspecs, fspecs = model_level_specs(params, frozen, hidden, fsdp)
+    psh, fsh = named(pspecs), named(fspecs)
   import optax_subspace  # the state rules cover any optax chain, subspace or not
 
   ssh = optax_subspace.state_shardings(tx, params, psh, mesh=mesh)
   bsh = NamedSharding(mesh, PartitionSpec(AXES))
-  return psh, ssh, bsh
+  return (psh, ssh, bsh) if frozen is None else (psh, ssh, bsh, fsh)
 
 
 def place(tree, sharding_tree):

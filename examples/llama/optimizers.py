@@ -2,6 +2,11 @@
 
 Projected leaves are the attention and MLP kernels; embeddings, the head and the norms run
 full-rank Adam, as in the GaLore and Online Subspace Descent experiments.
+
+Two methods also change the model: `rso_model` and `grass_model` (`MODEL_LEVEL`) swap the same
+kernels' layers for `optax_subspace.nn`'s `RsoLinear` / `GrassLinear` (`apply_layers`), whose only
+trainable Param is a small factor (RSO's B, r × out; GRASS's D, in × r) beside the frozen kernel,
+so the backward pass never forms a full weight gradient and the optimizer sees only the factors.
 """
 
 import importlib
@@ -15,6 +20,10 @@ from examples.llama.config import ConfigError, TrainConfig
 
 # Parameter paths ("layers/0/attention/q_proj/kernel") of the leaves the subspace methods project.
 PROJECTED = r"(attention|mlp)/.*kernel"
+# The module paths ("layers/0/attention/q_proj") of the layers that hold those kernels: what the
+# model-level methods replace.
+LAYERS = r"(attention|mlp)/"
+MODEL_LEVEL = ("rso_model", "grass_model")
 
 
 def schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -49,10 +58,10 @@ def _optax_galore_dims(params):
   return jax.tree_util.tree_map_with_path(dims, params)
 
 
-def _subspace_method(flag: str, function: str):
-  """optax_subspace.<function>, imported only when asked for, so adamw runs without the library."""
+def _subspace_method(flag: str, function: str, module: str = "optax_subspace"):
+  """<module>.<function>, imported only when asked for, so adamw runs without the library."""
   try:
-    library = importlib.import_module("optax_subspace")
+    library = importlib.import_module(module)
   except ImportError:
     raise ConfigError(
         f"--optimizer {flag} needs the optax_subspace library: pip install -e ."
@@ -60,6 +69,42 @@ def _subspace_method(flag: str, function: str):
   if not hasattr(library, function):
     raise ConfigError(f"--optimizer {flag}: this optax_subspace has no {function}(); update it")
   return getattr(library, function)
+
+
+def model_level_function(flag: str, function: str):
+  """optax_subspace.nn.<function>, for the model-level methods' steps in the train loop."""
+  return _subspace_method(flag, function, "optax_subspace.nn")
+
+
+def _not_factors(factor_name: str):
+  """A mask callable: True for every Param but the model-level factors named `factor_name`."""
+
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: path_string(path).rpartition("/")[2] != factor_name, params
+    )
+
+  return mask
+
+
+def apply_layers(cfg: TrainConfig, llama) -> list[str]:
+  """Module surgery of `rso_model` / `grass_model` on the unmodified `llama`, in place.
+
+  rso_model: `optax_subspace.nn.rso_layers` (rank r, a Haar P_0 per layer on its input side,
+  seeded by --seed; Chen et al., arXiv:2502.07222). grass_model: `nn.grass_layers` (r output
+  columns per layer, top-r by gradient norm every --update-every steps; Muhamed et al.,
+  arXiv:2406.17660). Both select the layers of the kernels the optimizer-level presets project.
+  Returns the replaced layers' paths; raises ValueError for a rank the layers cannot take.
+  """
+  if cfg.optimizer == "rso_model":
+    rso_layers = model_level_function(cfg.optimizer, "rso_layers")
+    return rso_layers(llama, cfg.effective_rank(), mask=LAYERS, seed=cfg.seed)
+  if cfg.optimizer == "grass_model":
+    grass_layers = model_level_function(cfg.optimizer, "grass_layers")
+    return grass_layers(
+        llama, cfg.effective_rank(), update_every=cfg.update_every, mask=LAYERS, seed=cfg.seed
+    )
+  raise ConfigError(f"--optimizer {cfg.optimizer} changes no layer; it is not model-level")
 
 
 def method(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -117,9 +162,26 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         mask=PROJECTED,
         seed=cfg.seed,
     )
+  if cfg.optimizer == "rso_model":
+    # The optimizer of the RsoLinear layers: Adam on B restarted with every subproblem (the merge
+    # after every --update-every updates runs in the train loop), Adam on the dense Params. Its
+    # decoupled weight decay would move the frozen W every step, so it decays the dense Params.
+    tx = model_level_function("rso_model", "rso_optimizer")(
+        lr, inner_steps=cfg.update_every
+    )
+    if not cfg.weight_decay:
+      return tx
+    decay = _subspace_method("rso_model", "add_decayed_weights_after_update")
+    return optax.chain(tx, decay(lr, cfg.weight_decay, mask=_not_factors("rso_b")))
+  if cfg.optimizer == "grass_model":
+    # Adam on D (its gradient is already GRASS's compressed one) and the dense Params; weight
+    # decay on the dense Params only; the refresh every --update-every steps runs in the loop.
+    return model_level_function("grass_model", "grass_optimizer")(
+        lr, weight_decay=cfg.weight_decay
+    )
   raise ConfigError(
       f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, rso, grass,"
-      " optax_galore"
+      " rso_model, grass_model, optax_galore"
   )
 
 
@@ -134,6 +196,14 @@ def build(cfg: TrainConfig) -> optax.GradientTransformation:
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
   return tx
+
+
+def frozen_weight_count(frozen) -> int:
+  """Entries of the frozen kernels W ("kernel" leaves) of a model-level method's non-Param state."""
+  if frozen is None:
+    return 0
+  leaves = jax.tree_util.tree_leaves_with_path(frozen)
+  return sum(leaf.size for path, leaf in leaves if path_string(path).rpartition("/")[2] == "kernel")
 
 
 def state_bytes(opt_state) -> dict[str, int]:

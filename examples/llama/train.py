@@ -20,6 +20,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from examples.llama import data, mesh, metrics, model, optimizers
 from examples.llama.config import ConfigError, TrainConfig, model_config
@@ -116,56 +117,158 @@ class _Clock:
     return lap
 
 
-def _loss(params, graphdef, batch):
-  logits = nnx.merge(graphdef, params)(batch[:, :-1])
+def _model_loss(llama, batch):
+  """Mean next-token cross-entropy of `llama` on windows (batch, seq + 1)."""
+  logits = llama(batch[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
 
-def make_train_step(graphdef, tx, shardings=(None, None, None)):
-  """(params, opt_state, batch) -> (params, opt_state, loss), jitted with donated state.
+def _merged(graphdef, params, frozen=None):
+  if frozen is None:
+    return nnx.merge(graphdef, params)
+  # copy=True: under nnx.remat the blocks write their Variables back, and without a copy the
+  # frozen ones would be the enclosing jit's, which NNX refuses to update from the gradient's
+  # trace (optax_subspace.nn.rso's docstring).
+  return nnx.merge(graphdef, params, frozen, copy=True)
 
-  `shardings` (params, opt_state, batch) place the step on a mesh; Nones: one device.
+
+def _loss(params, graphdef, batch, frozen=None):
+  return _model_loss(_merged(graphdef, params, frozen), batch)
+
+
+def _on_mesh(jitted, mesh):
+  """`jitted`, traced under `mesh` so the model can pin its activations to the batch axes."""
+  if mesh is None:
+    return jitted
+
+  def call(*args):
+    with jax.set_mesh(mesh):
+      return jitted(*args)
+
+  return call
+
+
+def make_train_step(graphdef, tx, shardings=(None, None, None), frozen_shardings=None):
+  """(params, opt_state, batch[, frozen]) -> (params, opt_state, loss), jitted with donated state.
+
+  `shardings` (params, opt_state, batch) place the step on a mesh; Nones: one device. `frozen`,
+  the model-level methods' non-Param state (`frozen_shardings` on a mesh), is an input only: the
+  step differentiates the Params alone, so no weight gradient of a replaced layer exists.
   """
 
-  def train_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(_loss)(params, graphdef, batch)
+  def train_step(params, opt_state, batch, frozen):
+    loss, grads = jax.value_and_grad(_loss)(params, graphdef, batch, frozen)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   psh, ssh, bsh = shardings
   if psh is None:
-    return jax.jit(train_step, donate_argnums=(0, 1))
-  step = jax.jit(
-      train_step,
-      in_shardings=(psh, ssh, bsh),
-      out_shardings=(psh, ssh, None),
-      donate_argnums=(0, 1),
+    step = jax.jit(train_step, donate_argnums=(0, 1))
+  else:
+    step = jax.jit(
+        train_step,
+        in_shardings=(psh, ssh, bsh, frozen_shardings),
+        out_shardings=(psh, ssh, None),
+        donate_argnums=(0, 1),
+    )
+  step = _on_mesh(step, None if bsh is None else bsh.mesh)
+  return lambda params, opt_state, batch, frozen=None: step(params, opt_state, batch, frozen)
+
+
+def _compiled(function, mesh, donate, in_shardings, out_shardings, *args):
+  """`function` jitted and compiled for `args` ahead of the loop (traced under `mesh`).
+
+  The merge and the refresh run every K steps between train steps, and the loop times them
+  with the steps; compiling them here keeps their first compilation out of that time.
+  """
+  if mesh is None:
+    return jax.jit(function, donate_argnums=donate).lower(*args).compile()
+  jitted = jax.jit(
+      function, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate
   )
+  with jax.set_mesh(mesh):
+    return jitted.lower(*args).compile()
 
-  def on_mesh(params, opt_state, batch):
-    # Traced under the mesh, so the model can pin its activations to the batch axes.
-    with jax.set_mesh(bsh.mesh):
-      return step(params, opt_state, batch)
 
-  return on_mesh
+def make_rso_merge(graphdef, params, frozen, shardings=(None, None, None, None)):
+  """(params, frozen) -> (params, frozen) after `optax_subspace.nn.merge_and_redraw`, compiled.
+
+  Every RsoLinear ends its subproblem: W <- W + P·B, B <- 0, k <- k + 1 and P <- P_{k+1} (Chen
+  et al., arXiv:2502.07222, the outer loop). The loop calls it after updates K, 2K, … (as
+  `nn.merge_if_due` does), and `nn.rso_optimizer` restarts B's Adam at the very next update.
+  """
+  merge_and_redraw = optimizers.model_level_function("rso_model", "merge_and_redraw")
+  psh, _, bsh, fsh = shardings
+
+  def merge(params, frozen):
+    llama = _merged(graphdef, params, frozen)
+    merge_and_redraw(llama)
+    _, params, frozen = nnx.split(llama, nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+
+  mesh = None if bsh is None else bsh.mesh
+  return _compiled(merge, mesh, (0, 1), (psh, fsh), (psh, fsh), params, frozen)
+
+
+def make_grass_refresh(graphdef, tx, params, opt_state, frozen, batch_shape,
+                       shardings=(None, None, None, None)):
+  """(params, opt_state, frozen, step, batch) -> (params, opt_state, frozen), compiled.
+
+  `optax_subspace.nn.grass_refresh` for an optimizer step that is a multiple of K, before that
+  step's update and on its batch (Muhamed et al., arXiv:2406.17660): D folded into W, one forward
+  and backward pass that keeps only each layer's column norms of dW, the new top-r selection,
+  and D's Adam moments zeroed where it moved. grass_refresh works on an `nnx.Optimizer`: one is
+  built around the model here and given this run's optax state and step count.
+  """
+  grass_refresh = optimizers.model_level_function("grass_model", "grass_refresh")
+  psh, ssh, bsh, fsh = shardings
+  treedef = jax.tree.structure(opt_state)
+
+  def refresh(params, opt_state, frozen, step, batch):
+    llama = _merged(graphdef, params, frozen)
+    optimizer = nnx.Optimizer(llama, tx, wrt=nnx.Param)
+    nnx.update(optimizer.opt_state, nnx.state(opt_state))
+    optimizer.step[...] = step
+    grass_refresh(llama, optimizer, _model_loss, batch)
+    _, params, frozen = nnx.split(llama, nnx.Param, ...)
+    # The optimizer keeps the state in NNX containers; the loop's is plain optax, same leaves.
+    opt_state = treedef.unflatten(jax.tree.leaves(nnx.as_pure(optimizer.opt_state)))
+    return nnx.to_pure_dict(params), opt_state, nnx.to_pure_dict(frozen)
+
+  mesh = None if bsh is None else bsh.mesh
+  step = jax.ShapeDtypeStruct((), jnp.uint32)
+  batch = jax.ShapeDtypeStruct(batch_shape, jnp.int32)
+  replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+  compiled = _compiled(
+      refresh, mesh, (0, 1, 2), (psh, ssh, fsh, replicated, bsh), (psh, ssh, fsh),
+      params, opt_state, frozen, step, batch,
+  )  # fmt: skip
+
+  def call(params, opt_state, frozen, step, batch):
+    batch = np.asarray(batch, np.int32)
+    if mesh is not None:
+      batch = jax.device_put(batch, bsh)
+    return compiled(params, opt_state, frozen, jnp.asarray(step, jnp.uint32), batch)
+
+  return call
 
 
 def make_eval(graphdef, windows: np.ndarray, batch_size: int):
-  """params -> mean next-token loss over the held-out windows (padded to whole batches)."""
+  """(params[, frozen]) -> mean next-token loss over the held-out windows (padded to batches)."""
   n = windows.shape[0]
   padded = -(-n // batch_size) * batch_size
   rows = np.concatenate([windows, np.zeros((padded - n, windows.shape[1]), windows.dtype)])
   weights = (np.arange(padded) < n).astype(np.float32)
 
   @jax.jit
-  def summed_loss(params, batch, weight):
-    logits = nnx.merge(graphdef, params)(batch[:, :-1])
+  def summed_loss(params, frozen, batch, weight):
+    logits = _merged(graphdef, params, frozen)(batch[:, :-1])
     per_row = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean(axis=1)
     return jnp.sum(per_row * weight)
 
-  def evaluate(params) -> float:
+  def evaluate(params, frozen=None) -> float:
     total = sum(
-        summed_loss(params, rows[i : i + batch_size], weights[i : i + batch_size])
+        summed_loss(params, frozen, rows[i : i + batch_size], weights[i : i + batch_size])
         for i in range(0, padded, batch_size)
     )
     return float(total) / n
@@ -211,30 +314,36 @@ def _with_empty(template, restored):
   return treedef.unflatten([t if s is None else s for t, s in zip(leaves, stored)])
 
 
-def _save(manager, step, params, opt_state, meta) -> None:
-  manager.save(
-      step,
-      args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params),
-          opt_state=ocp.args.StandardSave(_without_empty(opt_state)),
-          meta=ocp.args.JsonSave(meta),
-      ),
-      force=True,
+def _save(manager, step, params, opt_state, meta, frozen=None) -> None:
+  """Saves the run's state; `frozen` is the model-level methods' non-Param state (frozen W,
+  RSO's P and subproblem index, GRASS's selection and key), which a resume needs as well."""
+  items = dict(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(_without_empty(opt_state)),
+      meta=ocp.args.JsonSave(meta),
   )
+  if frozen is not None:
+    items["frozen"] = ocp.args.StandardSave(frozen)
+  manager.save(step, args=ocp.args.Composite(**items), force=True)
   manager.wait_until_finished()
 
 
-def _restore(manager, params, opt_state):
-  """(params, opt_state, meta) of the latest checkpoint, in the structure of the given templates."""
-  restored = manager.restore(
-      manager.latest_step(),
-      args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(params),
-          opt_state=ocp.args.StandardRestore(_without_empty(opt_state)),
-          meta=ocp.args.JsonRestore(),
-      ),
+def _restore(manager, params, opt_state, frozen=None):
+  """(params, opt_state, meta, frozen) of the latest checkpoint, in the templates' structure."""
+  items = dict(
+      params=ocp.args.StandardRestore(params),
+      opt_state=ocp.args.StandardRestore(_without_empty(opt_state)),
+      meta=ocp.args.JsonRestore(),
   )
-  return (restored.params, _with_empty(opt_state, restored.opt_state), restored.meta)
+  if frozen is not None:
+    items["frozen"] = ocp.args.StandardRestore(frozen)
+  restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
+  return (
+      restored.params,
+      _with_empty(opt_state, restored.opt_state),
+      restored.meta,
+      None if frozen is None else restored.frozen,
+  )
 
 
 def _tokenizer_record(tokenizer) -> dict:
@@ -266,14 +375,15 @@ def _check_run_dir(cfg: TrainConfig, saved: dict | None, tokenizer) -> None:
     )
 
 
-def _print_config(cfg, mcfg, dataset, n_params, sizes, run_dir) -> None:
+def _print_config(cfg, mcfg, dataset, n_params, n_trainable, sizes, run_dir) -> None:
   flags = " ".join(f"{key}={value}" for key, value in cfg.flags().items())
   print(f"config ({run_dir / 'config.json'}):")
   print(textwrap.fill(flags, width=100, initial_indent="  ", subsequent_indent="  "))
   print(f"data: {dataset.description}")
   print(
       f"model: {cfg.model_size} ({mcfg.hidden}/{mcfg.ffn}/{mcfg.heads}/{mcfg.layers}), "
-      f"{n_params:,} parameters, "
+      f"{n_params:,} parameters"
+      f"{f' ({n_trainable:,} trainable)' if n_trainable != n_params else ''}, "
       f"compute {mcfg.compute_dtype}, parameters {mcfg.param_dtype}, remat {mcfg.remat}"
   )
   print(
@@ -306,20 +416,37 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       param_dtype="bfloat16" if cfg.pure_bf16 else "float32",
       remat=cfg.remat,
   )
-  tx = optimizers.build(cfg)  # raises ConfigError for rso/grass or a missing library
-  graphdef, state = nnx.split(model.Llama(mcfg, nnx.Rngs(cfg.seed)))
-  params = nnx.to_pure_dict(state)
+  tx = optimizers.build(cfg)  # raises ConfigError for a missing library
+  model_level = cfg.optimizer in optimizers.MODEL_LEVEL
+  llama = model.Llama(mcfg, nnx.Rngs(cfg.seed))
+  # The unmodified model's size: what the FLOPs per token are counted from, for every method.
+  model_params = model.count_params(nnx.state(llama, nnx.Param))
+  frozen = None
   try:
     device_mesh = mesh.make_mesh(cfg.data_parallel, cfg.fsdp)
   except ValueError as error:
     raise ConfigError(str(error)) from None
   try:
+    if model_level:
+      # Module surgery: the selected layers now train a small factor beside a frozen kernel.
+      optimizers.apply_layers(cfg, llama)
+      graphdef, state, rest = nnx.split(llama, nnx.Param, ...)
+      frozen = nnx.to_pure_dict(rest)
+    else:
+      graphdef, state = nnx.split(llama)
+    params = nnx.to_pure_dict(state)
     opt_state = tx.init(params)
-    shardings = mesh.shardings(device_mesh, params, tx, mcfg.hidden)
+    shardings = mesh.shardings(device_mesh, params, tx, mcfg.hidden, frozen)
   except ValueError as error:  # an optimizer's own check of its settings against the shapes
     raise ConfigError(f"--optimizer {cfg.optimizer}: {error}") from None
+  del llama
   params, opt_state = mesh.place(params, shardings[0]), mesh.place(opt_state, shardings[1])
-  n_params = model.count_params(params)
+  if model_level:
+    frozen = mesh.place(frozen, shardings[3])
+  # Every weight once: the trainable Params (for the model-level methods: the factors B or D and
+  # the dense Params) and each replaced layer's frozen kernel W; not P, σ, ρ or keys.
+  n_trainable = model.count_params(params)
+  n_params = n_trainable + optimizers.frozen_weight_count(frozen)
   sizes = optimizers.state_bytes(opt_state)
 
   # Every input has been checked: from here on the run directory is written.
@@ -332,26 +459,33 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
         "tokenizer": _tokenizer_record(tokenizer),
         "data": dataset.description,
         "params": n_params,
+        "trainable_params": n_trainable,
         "rank": cfg.effective_rank(),
         "lr": cfg.effective_lr(),
         "warmup_steps": cfg.effective_warmup(),
         **sizes,
     }
     (run_dir / "config.json").write_text(json.dumps(record, indent=1) + "\n")
-  _print_config(cfg, mcfg, dataset, n_params, sizes, run_dir)
+  _print_config(cfg, mcfg, dataset, n_params, n_trainable, sizes, run_dir)
 
   manager = _checkpoint_manager(run_dir)
   step, position, tokens = 0, 0, 0
   if saved is not None:
-    params, opt_state, meta = _restore(manager, params, opt_state)
+    params, opt_state, meta, frozen = _restore(manager, params, opt_state, frozen)
     step, position, tokens = meta["step"], meta["data_position"], meta["tokens"]
     print(f"resumed from step {step} (data position {position})")
 
-  train_step = make_train_step(graphdef, tx, shardings)
+  train_step = make_train_step(graphdef, tx, shardings[:3], shardings[3] if model_level else None)
+  merge = refresh = None
+  if cfg.optimizer == "rso_model":
+    merge = make_rso_merge(graphdef, params, frozen, shardings)
+  if cfg.optimizer == "grass_model":
+    batch_shape = (cfg.micro_batch_size, cfg.seq_len + 1)
+    refresh = make_grass_refresh(graphdef, tx, params, opt_state, frozen, batch_shape, shardings)
   evaluate = make_eval(graphdef, dataset.eval_windows, cfg.micro_batch_size)
   batches = dataset.train_batches(cfg.micro_batch_size, position)
   lr_at = optimizers.schedule(cfg)
-  flops_per_token = model_flops_per_token(mcfg, cfg.seq_len, n_params)
+  flops_per_token = model_flops_per_token(mcfg, cfg.seq_len, model_params)
   log = metrics.MetricsLog(run_dir, step if saved is not None else None)
   progress = metrics.Progress(cfg.steps, step)
   clock = _Clock()
@@ -359,7 +493,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   last_eval = None
 
   def run_eval():
-    eval_loss = evaluate(params)
+    eval_loss = evaluate(params, frozen)
     entry = {
         "kind": "eval",
         "step": step,
@@ -375,10 +509,17 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   with _Interrupts() as interrupts:
     while step < cfg.steps:
       losses = []
-      for _ in range(cfg.grad_accum):
-        params, opt_state, loss = train_step(params, opt_state, next(batches))
+      for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        if refresh is not None and micro == 0 and step % cfg.update_every == 0:
+          # GRASS selects before updates 0, K, 2K, … from that step's (first) batch.
+          params, opt_state, frozen = refresh(params, opt_state, frozen, step, batch)
+        params, opt_state, loss = train_step(params, opt_state, batch, frozen)
         losses.append(loss)
       step += 1
+      if merge is not None and step % cfg.update_every == 0:
+        # RSO's subproblem ends after updates K, 2K, …: merge and draw the next P.
+        params, frozen = merge(params, frozen)
       tokens += cfg.tokens_per_step
       pending.append((step, tokens, float(lr_at(step - 1)), losses))
       if clock.since is None:  # this process's first step compiled: time from its end
@@ -405,7 +546,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
           last_eval = run_eval()
         if wants_checkpoint or stop:
           meta = {"step": step, "data_position": batches.position, "tokens": tokens}
-          _save(manager, step, params, opt_state, meta)
+          _save(manager, step, params, opt_state, meta, frozen)
         clock.start()
       if stop:
         why = "interrupted" if interrupts.requested else f"stopped at --stop-at-step {step}"
@@ -427,6 +568,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       "steps": step,
       "tokens": tokens,
       "params": n_params,
+      "trainable_params": n_trainable,
       "tokens_per_s": timed / clock.total_seconds if clock.total_seconds else None,
       **sizes,
       "exit_code": exit_code,

@@ -356,8 +356,94 @@ def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, opti
   assert summary["opt_state_bytes"] < adamw["opt_state_bytes"]
 
 
+def _checkpointed_frozen(run_dir, step):
+  """The non-Param state (frozen W, RSO's P and k, GRASS's σ, ρ) in the checkpoint of `step`."""
+  import orbax.checkpoint as ocp
+
+  with ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "checkpoints") as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(frozen=ocp.args.StandardRestore()))
+  leaves = jax.tree_util.tree_leaves_with_path(restored.frozen)
+  return {optimizers.path_string(p): np.asarray(x) for p, x in leaves}
+
+
+def _library_protocol_losses(run_dir, steps):
+  """Training losses of `optax_subspace.nn`'s own protocol on a run's config and batches.
+
+  One `nnx.Optimizer` over the model after the example's surgery, in an `nnx.jit` step:
+  GRASS's `grass_refresh` before the update, RSO's `merge_if_due` after it (their docstrings).
+  """
+  from optax_subspace import nn as osnn
+
+  cfg, _ = train.resolve_config({"resume": True, "run_dir": str(run_dir)})
+  dataset = data.load_dataset(cfg)
+  mcfg = model_config(cfg.model_size, dataset.tokenizer.vocab_size, compute_dtype=cfg.compute_dtype)
+  llama = model.Llama(mcfg, nnx.Rngs(cfg.seed))
+  optimizers.apply_layers(cfg, llama)
+  optimizer = nnx.Optimizer(llama, optimizers.build(cfg), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(llama, optimizer, batch):
+    if cfg.optimizer == "grass_model":
+      osnn.grass_refresh(llama, optimizer, train._model_loss, batch)
+    loss, grads = nnx.value_and_grad(train._model_loss)(llama, batch)
+    optimizer.update(llama, grads)
+    if cfg.optimizer == "rso_model":
+      osnn.merge_if_due(llama, optimizer.step[...], cfg.update_every)
+    return loss
+
+  batches = dataset.train_batches(cfg.micro_batch_size, 0)
+  return [float(step(llama, optimizer, next(batches))) for _ in range(steps)]
+
+
+@pytest.mark.parametrize("optimizer", ["rso_model", "grass_model"])
+def test_model_level_methods_train_and_resume_bit_exact_across_a_merge_or_refresh(
+    tmp_path, optimizer
+):
+  # K = 3: RSO merges after updates 3 and 6, GRASS selects before updates 1, 4 (steps 0, 3). The
+  # cut run stops at step 3, so the resumed run starts on the boundary: RSO's checkpoint already
+  # holds the merged W and P_1, GRASS's resumed run must select from the restored state.
+  _c4_corpus(tmp_path / "c4")
+  flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "3", "--log-every", "1"]
+  flags += ["--compute-dtype", "float32"]
+  assert train.main(_flags(tmp_path, "whole", *flags)) == 0
+  assert train.main(_flags(tmp_path, "cut", *flags, "--stop-at-step", "3")) == 0
+  resume = ["--resume", "--run-dir", str(tmp_path / "cut"), "--c4-path", str(tmp_path / "c4")]
+  assert train.main(resume) == 0
+  assert _train_records(tmp_path / "cut") == _train_records(tmp_path / "whole")
+
+  records = [json.loads(line) for line in _train_records(tmp_path / "whole").splitlines()]
+  losses = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(losses) == 6 and losses[-1] < losses[0] - 1.0, losses
+  # The loop's split state, separately jitted merges / refreshes and plain optax state take the
+  # library protocol's steps (to float32 rounding: the two jit the same arithmetic differently).
+  np.testing.assert_allclose(losses, _library_protocol_losses(tmp_path / "whole", 6), rtol=1e-5)
+  summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+  _, params = _params()
+  adamw = optimizers.state_bytes(optimizers.build(TrainConfig(model_size="tiny")).init(params))
+  assert summary["opt_state_bytes"] < adamw["opt_state_bytes"] / 2
+  # Every weight counted once: the unmodified model's (frozen W included) plus the factors, r
+  # rows of out per layer for RSO's B, r columns of in for GRASS's D; trained: all but W.
+  d, f = TINY.hidden, TINY.ffn
+  side = 4 * d + 2 * f + d if optimizer == "rso_model" else 6 * d + f  # q k v o gate up down
+  assert summary["params"] == model.count_params(params) + TINY.layers * 8 * side
+  frozen_w = TINY.layers * (4 * d * d + 3 * d * f)
+  assert summary["trainable_params"] == summary["params"] - frozen_w
+
+  cut = _checkpointed_frozen(tmp_path / "cut", 3)
+  whole = _checkpointed_frozen(tmp_path / "whole", 6)
+  if optimizer == "rso_model":  # every layer's subproblem k: merged after updates 3 and 6
+    assert {x.item() for p, x in cut.items() if p.endswith("rso_subproblem")} == {1}
+    assert {x.item() for p, x in whole.items() if p.endswith("rso_subproblem")} == {2}
+  else:  # selected by gradient norm at steps 0 and 3, off the initial 0..r-1
+    indices = [x for p, x in whole.items() if p.endswith("grass_indices")]
+    assert len(indices) == 7 * TINY.layers
+    assert any((x != np.arange(8)).any() for x in indices)
+
+
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS in .ci/run)")
-@pytest.mark.parametrize("optimizer", ["adamw", "galore", "rso", "grass"])
+@pytest.mark.parametrize(
+    "optimizer", ["adamw", "galore", "rso", "grass", "rso_model", "grass_model"]
+)
 def test_data_and_fsdp_mesh_trains_like_one_device(tmp_path, optimizer):
   _c4_corpus(tmp_path / "c4")
   losses = {}
