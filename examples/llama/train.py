@@ -439,7 +439,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     shardings = mesh.shardings(device_mesh, params, tx, mcfg.hidden, frozen)
   except ValueError as error:  # an optimizer's own check of its settings against the shapes
     raise ConfigError(f"--optimizer {cfg.optimizer}: {error}") from None
-  del llama
+  del llama  # its arrays live on in params and frozen until `place` moves them
   params, opt_state = mesh.place(params, shardings[0]), mesh.place(opt_state, shardings[1])
   if model_level:
     frozen = mesh.place(frozen, shardings[3])
