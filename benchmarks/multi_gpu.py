@@ -67,6 +67,7 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
       "--checkpoint-every", str(args.steps), "--run-dir", str(run_dir),
       "--tokenizer", args.tokenizer, *mesh_flags,
   ]  # fmt: skip
+  flags += args.train_args.split()
   if args.data_dir:
     flags += ["--data-dir", args.data_dir]
   if args.rank:
@@ -135,13 +136,18 @@ def main(argv=None) -> dict:
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--weak", action="store_true",
                  help="also run the mesh at batch-size × device count (weak scaling)")
+  p.add_argument("--train-args", default="",
+                 help="more `examples.llama train` flags for every run, one string")
+  p.add_argument("--mesh-args", default="",
+                 help="more flags for the mesh runs only (e.g. \"--shard-optimizer\")")
   p.add_argument("--commit", default="",
                  help="the commit to record (default: git rev-parse of this tree)")
   args = p.parse_args(argv)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   runs = out.parent / (out.stem + "_runs")
-  mesh_flags = ["--data-parallel", str(args.data_parallel), "--fsdp", str(args.fsdp)]
+  mesh_flags = ["--data-parallel", str(args.data_parallel), "--fsdp", str(args.fsdp),
+                *args.mesh_args.split()]
   n_devices = _devices()["count"]
   result = {
       "benchmark": "multi_gpu",
@@ -154,6 +160,7 @@ def main(argv=None) -> dict:
           "seq_len": args.seq_len, "steps": args.steps, "tokenizer": args.tokenizer,
           "rank": args.rank or "hidden/4", "update_every": args.update_every or 200,
           "mesh": f"data {args.data_parallel} x fsdp {args.fsdp}",
+          "train_args": args.train_args, "mesh_args": args.mesh_args,
           "weak_global_batch": args.batch_size * n_devices if args.weak else None,
           "compute": "bfloat16, float32 parameters and states (the example's default)",
       },
