@@ -105,6 +105,11 @@ class TrainConfig:
   # devices
   data_parallel: int = _flag(1, "devices on the mesh's data axis (batch split, weights replicated)")
   fsdp: int = _flag(1, "devices on the mesh's fsdp axis (batch and every matrix split: FSDP)")
+  shard_optimizer: bool = _flag(
+      False,
+      "ZeRO-1 with --data-parallel > 1: weights replicated, optimizer state and update split "
+      "over the data axis (not with --fsdp > 1, which splits them already)",
+  )
   # run
   seed: int = _flag(0, "seeds the initialisation and the data order")
   run_dir: str = _flag(
@@ -175,6 +180,10 @@ class TrainConfig:
       raise ConfigError(
           f"the micro-batch of {self.micro_batch_size} windows does not split over "
           f"--data-parallel {self.data_parallel} × --fsdp {self.fsdp} = {devices} devices"
+      )
+    if self.shard_optimizer and self.fsdp > 1:
+      raise ConfigError(
+          f"--shard-optimizer needs --fsdp 1: --fsdp {self.fsdp} already shards the optimizer state"
       )
     if self.warmup_steps >= self.steps:
       raise ConfigError(f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}")

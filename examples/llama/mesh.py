@@ -11,6 +11,13 @@ trainable Params and the frozen rest (each replaced layer's kernel W, RSO's P an
 index, GRASS's selection). A frozen W is split like the kernel it was; each factor shares one
 axis with that kernel and takes that axis' split (`factor_spec`), as `optax_subspace.nn.rso_layers`
 derives B's and P's shardings from a sharded kernel.
+
+ZeRO-1 (`--shard-optimizer`, Rajbhandari et al., arXiv:1910.02054) on a mesh with fsdp 1: the
+weights stay replicated for the forward and backward passes, but the optimizer state is placed as
+if every matrix were split over "data" on its hidden axis (the same rule, `param_spec` with
+axis "data"), and the gradients are split that way before the update (`update_shardings`). XLA
+then reduce-scatters the gradient instead of all-reducing it, each device updates its share,
+and the new weights are all-gathered: the bytes of one all-reduce, 1/D of the state per device.
 """
 
 import jax
@@ -34,14 +41,15 @@ def make_mesh(data: int, fsdp: int) -> jax.sharding.Mesh | None:
   return jax.sharding.Mesh(devices, AXES, axis_types=(AxisType.Auto,) * 2)
 
 
-def param_spec(leaf, hidden: int, fsdp: int) -> PartitionSpec:
-  """Splits the hidden-size axis of a matrix over "fsdp"; vectors (norm scales) are replicated."""
+def param_spec(leaf, hidden: int, fsdp: int, mesh_axis: str = "fsdp") -> PartitionSpec:
+  """Splits the hidden-size axis of a matrix over `mesh_axis` (`fsdp` devices); vectors (norm
+  scales) are replicated."""
   shape = np.shape(leaf)
   if len(shape) < 2:
     return PartitionSpec()
   for axis, size in enumerate(shape):
     if size == hidden and size % fsdp == 0:
-      return PartitionSpec(*([None] * axis + ["fsdp"]))
+      return PartitionSpec(*([None] * axis + [mesh_axis]))
   return PartitionSpec()
 
 
@@ -67,7 +75,7 @@ def _path(key_path) -> tuple:
   return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in key_path)
 
 
-def model_level_specs(params, frozen, hidden: int, fsdp: int):
+def model_level_specs(params, frozen, hidden: int, fsdp: int, mesh_axis: str = "fsdp"):
   """(params, frozen) trees of PartitionSpecs for a model with RsoLinear or GrassLinear layers.
 
   A layer is replaced where `frozen` holds a "kernel" (its W): W gets `param_spec`, the layer's
@@ -78,12 +86,12 @@ def model_level_specs(params, frozen, hidden: int, fsdp: int):
   for key_path, leaf in jax.tree_util.tree_leaves_with_path(frozen):
     path = _path(key_path)
     if path[-1] == "kernel":
-      kernels[path[:-1]] = (param_spec(leaf, hidden, fsdp), np.shape(leaf))
+      kernels[path[:-1]] = (param_spec(leaf, hidden, fsdp, mesh_axis), np.shape(leaf))
 
   def spec(key_path, leaf):
     path = _path(key_path)
     if path[-1] == "kernel" or path[:-1] not in kernels:
-      return param_spec(leaf, hidden, fsdp)
+      return param_spec(leaf, hidden, fsdp, mesh_axis)
     return factor_spec(leaf, *kernels[path[:-1]])
 
   return (
@@ -92,26 +100,45 @@ def model_level_specs(params, frozen, hidden: int, fsdp: int):
   )
 
 
-def shardings(mesh, params, tx, hidden: int, frozen=None):
+def _named(mesh, specs):
+  return jax.tree.map(
+      lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
+
+
+def _split_on(mesh, mesh_axis: str, params, hidden: int, frozen=None):
+  """(params, frozen) shardings with every matrix split over `mesh_axis` (frozen: None if None)."""
+  size = mesh.shape[mesh_axis]
+  if frozen is None:
+    specs = jax.tree.map(lambda x: param_spec(x, hidden, size, mesh_axis), params)
+    return _named(mesh, specs), None
+  pspecs, fspecs = model_level_specs(params, frozen, hidden, size, mesh_axis)
+  return _named(mesh, pspecs), _named(mesh, fspecs)
+
+
+def update_shardings(mesh, params, hidden: int, frozen=None):
+  """ZeRO-1: the parameters' shardings as if every matrix were split over "data" on its hidden
+  axis. The optimizer state is placed from them, and the gradient split by them before the
+  update, so that each device updates only its share."""
+  if mesh.shape["fsdp"] > 1:
+    raise ValueError("ZeRO-1 needs fsdp 1: the fsdp axis already splits the optimizer state")
+  return _split_on(mesh, "data", params, hidden, frozen)[0]
+
+
+def shardings(mesh, params, tx, hidden: int, frozen=None, shard_optimizer: bool = False):
   """(param, optimizer-state, batch) shardings for `jax.jit`, or Nones without a mesh.
 
   With `frozen` (the model-level methods' non-Param state), a fourth: the frozen state's
-  shardings, and the parameters' follow `model_level_specs`.
+  shardings, and the parameters' follow `model_level_specs`. With `shard_optimizer` (ZeRO-1),
+  the state is placed from `update_shardings` rather than from the parameters' shardings.
   """
   if mesh is None:
     return (None,) * (3 if frozen is None else 4)
-  fsdp = mesh.shape["fsdp"]
-  named = lambda specs: jax.tree.map(
-      lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
-  )
-  if frozen is None:
-    psh = named(jax.tree.map(lambda x: param_spec(x, hidden, fsdp), params))
-  else:
-    pspecs, fspecs = model_level_specs(params, frozen, hidden, fsdp)
-    psh, fsh = named(pspecs), named(fspecs)
+  psh, fsh = _split_on(mesh, "fsdp", params, hidden, frozen)
+  state_from = update_shardings(mesh, params, hidden, frozen) if shard_optimizer else psh
   import optax_subspace  # the state rules cover any optax chain, subspace or not
 
-  ssh = optax_subspace.state_shardings(tx, params, psh, mesh=mesh)
+  ssh = optax_subspace.state_shardings(tx, params, state_from, mesh=mesh)
   bsh = NamedSharding(mesh, PartitionSpec(AXES))
   return (psh, ssh, bsh) if frozen is None else (psh, ssh, bsh, fsh)
 

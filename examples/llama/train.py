@@ -29,6 +29,7 @@ from examples.llama.config import ConfigError, TrainConfig, model_config
 RESUMABLE_FLAGS = (
     "resume", "run_dir", "data_dir", "c4_path", "tokenizer_path",
     "log_every", "eval_every", "checkpoint_every", "stop_at_step", "data_parallel", "fsdp",
+    "shard_optimizer",
 )  # fmt: skip
 EXIT_INTERRUPTED = 130
 
@@ -148,30 +149,47 @@ def _on_mesh(jitted, mesh):
   return call
 
 
-def make_train_step(graphdef, tx, shardings=(None, None, None), frozen_shardings=None):
-  """(params, opt_state, batch[, frozen]) -> (params, opt_state, loss), jitted with donated state.
+def jit_train_step(
+    graphdef, tx, shardings=(None, None, None), frozen_shardings=None, update_shardings=None
+):
+  """The jitted step of `make_train_step`, to call or `.lower` under `jax.set_mesh(mesh)`.
 
-  `shardings` (params, opt_state, batch) place the step on a mesh; Nones: one device. `frozen`,
-  the model-level methods' non-Param state (`frozen_shardings` on a mesh), is an input only: the
-  step differentiates the Params alone, so no weight gradient of a replaced layer exists.
+  `update_shardings` (ZeRO-1, `mesh.update_shardings`): the gradient is split by them before the
+  update, so XLA reduce-scatters it (rather than all-reducing it whole) and each device runs the
+  update on its share of the state; the new weights leave the step replicated (`shardings`' own),
+  which all-gathers them.
   """
 
   def train_step(params, opt_state, batch, frozen):
     loss, grads = jax.value_and_grad(_loss)(params, graphdef, batch, frozen)
+    if update_shardings is not None:
+      grads = jax.lax.with_sharding_constraint(grads, update_shardings)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
   psh, ssh, bsh = shardings
   if psh is None:
-    step = jax.jit(train_step, donate_argnums=(0, 1))
-  else:
-    step = jax.jit(
-        train_step,
-        in_shardings=(psh, ssh, bsh, frozen_shardings),
-        out_shardings=(psh, ssh, None),
-        donate_argnums=(0, 1),
-    )
-  step = _on_mesh(step, None if bsh is None else bsh.mesh)
+    return jax.jit(train_step, donate_argnums=(0, 1))
+  return jax.jit(
+      train_step,
+      in_shardings=(psh, ssh, bsh, frozen_shardings),
+      out_shardings=(psh, ssh, None),
+      donate_argnums=(0, 1),
+  )
+
+
+def make_train_step(
+    graphdef, tx, shardings=(None, None, None), frozen_shardings=None, update_shardings=None
+):
+  """(params, opt_state, batch[, frozen]) -> (params, opt_state, loss), jitted with donated state.
+
+  `shardings` (params, opt_state, batch) place the step on a mesh; Nones: one device. `frozen`,
+  the model-level methods' non-Param state (`frozen_shardings` on a mesh), is an input only: the
+  step differentiates the Params alone, so no weight gradient of a replaced layer exists.
+  `update_shardings`: ZeRO-1 (`jit_train_step`).
+  """
+  step = jit_train_step(graphdef, tx, shardings, frozen_shardings, update_shardings)
+  step = _on_mesh(step, None if shardings[2] is None else shardings[2].mesh)
   return lambda params, opt_state, batch, frozen=None: step(params, opt_state, batch, frozen)
 
 
@@ -390,7 +408,8 @@ def _print_config(cfg, mcfg, dataset, n_params, n_trainable, sizes, run_dir) -> 
       f"optimizer: {cfg.optimizer}, peak lr {cfg.effective_lr():g}, "
       f"warm-up {cfg.effective_warmup()} steps, "
       f"state {sizes['opt_state_bytes']:,} bytes; device {jax.devices()[0].device_kind}"
-      f" × {cfg.data_parallel * cfg.fsdp} (data {cfg.data_parallel}, fsdp {cfg.fsdp})"
+      f" × {cfg.data_parallel * cfg.fsdp} (data {cfg.data_parallel}, fsdp {cfg.fsdp}"
+      f"{', optimizer state split over data' if cfg.shard_optimizer else ''})"
   )
 
 
@@ -436,7 +455,11 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       graphdef, state = nnx.split(llama)
     params = nnx.to_pure_dict(state)
     opt_state = tx.init(params)
-    shardings = mesh.shardings(device_mesh, params, tx, mcfg.hidden, frozen)
+    shard_optimizer = cfg.shard_optimizer and device_mesh is not None
+    shardings = mesh.shardings(device_mesh, params, tx, mcfg.hidden, frozen, shard_optimizer)
+    update_shardings = (
+        mesh.update_shardings(device_mesh, params, mcfg.hidden, frozen) if shard_optimizer else None
+    )
   except ValueError as error:  # an optimizer's own check of its settings against the shapes
     raise ConfigError(f"--optimizer {cfg.optimizer}: {error}") from None
   del llama  # its arrays live on in params and frozen until `place` moves them
@@ -475,7 +498,9 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     step, position, tokens = meta["step"], meta["data_position"], meta["tokens"]
     print(f"resumed from step {step} (data position {position})")
 
-  train_step = make_train_step(graphdef, tx, shardings[:3], shardings[3] if model_level else None)
+  train_step = make_train_step(
+      graphdef, tx, shardings[:3], shardings[3] if model_level else None, update_shardings
+  )
   merge = refresh = None
   if cfg.optimizer == "rso_model":
     merge = make_rso_merge(graphdef, params, frozen, shardings)

@@ -20,7 +20,7 @@ import optax  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from examples.llama import compare, data, model, optimizers, train  # noqa: E402
+from examples.llama import compare, data, mesh, model, optimizers, train  # noqa: E402
 from examples.llama.config import ConfigError, TrainConfig, model_config  # noqa: E402
 
 
@@ -619,3 +619,94 @@ def test_default_path_in_miniature_prints_final_eval_perplexity(tmp_path):
   assert "tokenizer mistral (vocab 32000)" in out and "final eval perplexity" in out
   config = json.loads((tmp_path / "run" / "config.json").read_text())
   assert config["flags"]["corpus"] == "sotu" and config["tokenizer"]["name"] == "mistral"
+
+
+# --------------------------------------------------------------------------------------------
+# ZeRO-1: --shard-optimizer
+
+ALL_OPTIMIZERS = (
+    "adamw", "galore", "osd", "rso", "grass", "optax_galore", "rso_model", "grass_model",
+)  # fmt: skip
+needs_two_devices = pytest.mark.skipif(
+    jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS in .ci/run)"
+)
+
+
+@needs_two_devices
+@pytest.mark.parametrize("optimizer", ALL_OPTIMIZERS)
+def test_shard_optimizer_trains_like_one_device_and_resumes_on_the_mesh(tmp_path, optimizer):
+  _c4_corpus(tmp_path / "c4")
+  flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "2", "--steps", "4"]
+  flags += ["--compute-dtype", "float32", "--log-every", "1"]
+  zero = ["--data-parallel", "2", "--shard-optimizer"]
+  assert train.main(_flags(tmp_path, "one", *flags)) == 0
+  # Cut after step 2 (a refresh / merge boundary) and resumed: the sharded state round-trips.
+  assert train.main(_flags(tmp_path, "zero", *flags, *zero, "--stop-at-step", "2")) == 0
+  resume = ["--resume", "--run-dir", str(tmp_path / "zero"), "--c4-path", str(tmp_path / "c4")]
+  assert train.main(resume) == 0
+  losses = {}
+  for run in ("one", "zero"):
+    records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+    losses[run] = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(losses["zero"]) == 4
+  np.testing.assert_allclose(losses["zero"], losses["one"], rtol=2e-4)
+
+
+def _zero_setup(optimizer, shard_optimizer):
+  """(step jitted for a data-2 mesh, its args, the mesh) of the tiny model and `optimizer`."""
+  graphdef, params = _params()
+  tx = optimizers.build(TrainConfig(model_size="tiny", optimizer=optimizer, rank=8))
+  device_mesh = mesh.make_mesh(2, 1)
+  shardings = mesh.shardings(device_mesh, params, tx, TINY.hidden, None, shard_optimizer)
+  update = mesh.update_shardings(device_mesh, params, TINY.hidden) if shard_optimizer else None
+  opt_state = mesh.place(tx.init(params), shardings[1])
+  params = mesh.place(params, shardings[0])
+  batch = jax.device_put(np.zeros((4, 33), np.int32), shardings[2])
+  step = train.jit_train_step(graphdef, tx, shardings, None, update)
+  return step, (params, opt_state, batch, None), device_mesh
+
+
+@needs_two_devices
+@pytest.mark.parametrize("optimizer", ["adamw", "galore"])
+def test_shard_optimizer_halves_the_state_per_device(optimizer):
+  per_device = {}
+  for zero in (False, True):
+    _, (_, opt_state, _, _), _ = _zero_setup(optimizer, zero)
+    per_device[zero] = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(opt_state))
+  assert per_device[True] < 0.6 * per_device[False], per_device
+
+
+def _collective_shapes(hlo: str, op: str) -> set:
+  """The f32 matrix shapes (a, b) among the results of every `op` instruction of `hlo`."""
+  shapes = set()
+  for line in hlo.splitlines():
+    match = re.search(rf"= (.*?) {op}(-start)?\(", line)
+    if match:
+      shapes |= {(int(a), int(b)) for a, b in re.findall(r"f32\[(\d+),(\d+)\]", match.group(1))}
+  return shapes
+
+
+@needs_two_devices
+def test_shard_optimizer_step_reduces_gradients_to_shards_and_gathers_the_new_weights():
+  _, params = _params()
+  weights = {leaf.shape for leaf in jax.tree.leaves(params) if leaf.ndim == 2}
+  # Each device's share of a weight: its hidden axis (the first of size hidden) halved.
+  shares = {
+      tuple(n // 2 if i == s.index(TINY.hidden) else n for i, n in enumerate(s)) for s in weights
+  }
+  hlo = {}
+  for zero in (False, True):
+    step, args, device_mesh = _zero_setup("adamw", zero)
+    with jax.set_mesh(device_mesh):
+      hlo[zero] = step.lower(*args).compile().as_text()
+  # Replicated update: the weights are never gathered. ZeRO-1: every weight is.
+  assert not _collective_shapes(hlo[False], "all-gather") & weights
+  assert weights <= _collective_shapes(hlo[True], "all-gather")
+  # The gradient reaches the update in shares: reduce-scattered, or (XLA's CPU pipeline has no
+  # reduce-scatter pass) all-reduced whole and sliced to the shares. (The head's gradient is
+  # computed in shares outright, after an all-to-all of the activations: no all-reduce.)
+  scattered = _collective_shapes(hlo[True], "reduce-scatter")
+  reduced = _collective_shapes(hlo[True], "all-reduce")
+  sliced = _collective_shapes(hlo[True], "dynamic-slice")
+  assert scattered & shares or (reduced & weights and shares <= sliced)
+  assert not _collective_shapes(hlo[False], "dynamic-slice") & shares  # the update is whole
