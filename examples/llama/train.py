@@ -327,8 +327,11 @@ def _without_empty(tree):
 
 
 def _with_empty(template, restored):
-  leaves, treedef = jax.tree.flatten(template)
-  stored = jax.tree.flatten(restored, is_leaf=lambda leaf: leaf is None)[0]
+  # None nodes of the template (RSO's and GRASS's states hold some) count as leaves on both
+  # sides, or every leaf after one would take its neighbour's place.
+  is_none = lambda leaf: leaf is None
+  leaves, treedef = jax.tree.flatten(template, is_leaf=is_none)
+  stored = jax.tree.flatten(restored, is_leaf=is_none)[0]
   return treedef.unflatten([t if s is None else s for t, s in zip(leaves, stored)])
 
 

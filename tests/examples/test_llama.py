@@ -522,6 +522,10 @@ def _bad_input_cases(tmp_path):
           "does not split over",
       ),
       "bad flag value": (["--steps", "many"], "invalid int value"),
+      "shard optimizer with fsdp": (
+          ["--data-parallel", "2", "--fsdp", "2", "--shard-optimizer"],
+          "--shard-optimizer needs --fsdp 1",
+      ),
   }
 
 
@@ -535,6 +539,7 @@ def _bad_input_cases(tmp_path):
         "more devices than visible",
         "batch not split over devices",
         "bad flag value",
+        "shard optimizer with fsdp",
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, capsys, case):
