@@ -629,16 +629,20 @@ def test_default_path_in_miniature_prints_final_eval_perplexity(tmp_path):
 # --------------------------------------------------------------------------------------------
 # ZeRO-1: --shard-optimizer
 
-ALL_OPTIMIZERS = (
-    "adamw", "galore", "osd", "rso", "grass", "optax_galore", "rso_model", "grass_model",
-)  # fmt: skip
 needs_two_devices = pytest.mark.skipif(
     jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS in .ci/run)"
 )
 
 
+# One of each kind of state, to keep CI's time: full-size moments (adamw), a projected low-rank
+# state with a refresh (galore), a state with None nodes that once broke the restore (rso), and
+# the model level's trainable factors with a frozen part (grass_model). The other four run the
+# same code path (their placement is `state_shardings`'); each ran and passed when written.
+ZERO_RESUME_OPTIMIZERS = ("adamw", "galore", "rso", "grass_model")
+
+
 @needs_two_devices
-@pytest.mark.parametrize("optimizer", ALL_OPTIMIZERS)
+@pytest.mark.parametrize("optimizer", ZERO_RESUME_OPTIMIZERS)
 def test_shard_optimizer_trains_like_one_device_and_resumes_on_the_mesh(tmp_path, optimizer):
   _c4_corpus(tmp_path / "c4")
   flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "2", "--steps", "4"]
