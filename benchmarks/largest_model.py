@@ -54,6 +54,9 @@ DEFAULTS = {"batch": 1, "seq": 2048, "remat": True, "param_dtype": "bfloat16",
             "state_dtype": "float32"}
 QUICK = {"seq": 32, "vocab": 512, "budget_gb": 1.0}
 TARGETS_GB = {"7b": 24.0, "13b": 40.0}
+# A (method, size) job's limit unless given: twice the train_step suite's, since the 13B and 30B
+# steps take minutes to compile.
+JOB_TIMEOUT_S = 2 * train_setups.JOB_TIMEOUT_S
 
 
 def _state_dtype(options) -> str | None:
@@ -73,7 +76,7 @@ def _settings(options, quick) -> dict:
           "budget_gb": options.get("budget_gb") or (QUICK["budget_gb"] if quick else None),
           "compilation_cache": options.get("compilation_cache"),
           "job_timeout_s": options.get("job_timeout_s")
-                           or (train_step.QUICK_JOB_TIMEOUT_S if quick else None)}
+                           or (train_step.QUICK_JOB_TIMEOUT_S if quick else JOB_TIMEOUT_S)}
 
 
 def model_fields(size: str, settings: dict) -> dict:
@@ -103,8 +106,11 @@ def run_job(job: dict) -> dict:
          "frozen_bytes": train_setups.nbytes(frozen),
          "opt_state_bytes": train_setups.nbytes(opt_state),
          "opt_state_bytes_by_dtype": train_setups.bytes_by_dtype(opt_state)}
+  train_setups.progress(f"built ({attention} attention), compiling")
   compiled = train_setups.compile_setup(setup)
   row["compile_s"] = {k: round(v, 2) for k, v in compiled.compile_s.items()}
+  train_setups.progress("compiled (" + ", ".join(f"{k} {v:.1f} s"
+                                                 for k, v in row["compile_s"].items()) + ")")
   analyses = {"step": train_setups.memory_analysis(compiled.step)}
   if compiled.refresh is not None:
     analyses["refresh"] = train_setups.memory_analysis(compiled.refresh)
@@ -121,14 +127,16 @@ def run_job(job: dict) -> dict:
   if not (row["fits"] and job["run"]):
     return row
   try:
-    carry = setup.init()
+    carry = jax.block_until_ready(setup.init())
     tokens = setup.tokens(0)
+    train_setups.progress("initialised")
     times, losses = [], []
     for _ in range(job["steps"]):
       t0 = time.perf_counter()
       carry, loss = train_setups.run_step(compiled, carry, tokens)
       losses.append(float(loss))
       times.append((time.perf_counter() - t0) * 1e3)
+    train_setups.progress(f"ran {job['steps']} steps")
     if setup.refresh_kind == "program":
       t0 = time.perf_counter()
       carry = train_setups.run_refresh(setup, compiled, carry, tokens)
@@ -198,8 +206,9 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   Options (all optional): batch (1), seq (2048), rank (hidden/4), remat (True), param_dtype
   ("bfloat16"), state_dtype ("float32"; "native": the method's own), attention ("auto"),
   budget_gb (default: the GPU's bytes_limit; required where the device reports none, except
-  with `quick`: 1 GB), compilation_cache, job_timeout_s (None; quick 120: a (method, size)
-  that takes longer is killed and recorded). `checkpoint(results)` after every (method, size).
+  with `quick`: 1 GB), compilation_cache, job_timeout_s (`JOB_TIMEOUT_S`, 600; quick 120: a
+  (method, size) that takes longer is killed and recorded with its last progress line).
+  `checkpoint(results)` before the first job and after every (method, size).
   """
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -221,8 +230,10 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   for s in sizes:
     log(f"LLaMA {s}: {results['models'][s]['n_params'] / 1e9:.2f}e9 params")
   budget = None if settings["budget_gb"] is None else int(settings["budget_gb"] * 1e9)
-  timeout = settings["job_timeout_s"]
-  with train_setups.Workers(platform != "cpu", timeout) as workers:
+  timeout = results["job_timeout_s"] = settings["job_timeout_s"]
+  if checkpoint is not None:  # the configuration, before any job can hang
+    checkpoint(results)
+  with train_setups.Workers(platform != "cpu", timeout, log=log) as workers:
     for method in methods:
       rows = results["rows"][method] = []
       stopped = False

@@ -53,6 +53,7 @@ saves the start-ups.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import importlib
@@ -62,6 +63,7 @@ import pathlib
 import select
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -413,6 +415,30 @@ def is_out_of_memory(error: BaseException) -> bool:
 # ------------------------------------------------------------------ worker processes
 
 _RESULT = "@@train_setups result "
+_PROGRESS = "@@train_setups progress "
+# A job's limit unless the caller gives one, on every platform: a 1B train step compiles and
+# runs in about a minute on an H100/H200, so a worker past this is stuck (or on the wrong
+# device) and is killed and recorded rather than holding the run and every job after it.
+JOB_TIMEOUT_S = 300
+# Lines of a worker's own output (stderr) kept for the record of a job that fails.
+TAIL_LINES = 20
+# After its last job a worker gets this long to exit (and the parent to drain its pipes).
+EXIT_GRACE_S = 60
+# Within a worker: the pipe its protocol lines go to (`_worker_main`); None elsewhere.
+_channel = None
+
+
+def progress(message: str) -> None:
+  """Reports a phase of the running job ("compiled the step in 31.2 s").
+
+  In a worker it goes to the parent at once, which echoes it (with the job's elapsed time) to
+  its stderr and keeps the last one for a job that times out; elsewhere, to stderr.
+  """
+  if _channel is None:
+    print(message, file=sys.stderr, flush=True)
+    return
+  _channel.write(_PROGRESS + " ".join(message.splitlines()) + "\n")
+  _channel.flush()
 
 
 def worker_env() -> dict:
@@ -444,67 +470,145 @@ class Workers:
   A job is a JSON-able dict with a "module" whose ``run_job(job) -> dict`` does the work; an
   exception inside it comes back as {"error": ..., "out_of_memory": bool}, a dead process as
   {"error": ..., "returncode": ...}, and a job that takes longer than `timeout_s` as
-  {"error": "timed out ...", "timed_out": True} (its process is killed; the next job gets a
-  fresh one).
+  {"error": "timed out ...", "timed_out": True, "last_progress": ...} (its process is killed;
+  the next job gets a fresh one). Failed jobs carry ``output_tail``, the worker's last stderr
+  lines; every result carries ``elapsed_s``.
+
+  Nothing a worker writes waits in a pipe: its stdout carries only result and `progress` lines,
+  everything else it prints (XLA's logging included) goes to its stderr, and the parent drains
+  both as they come, echoing progress and stderr to its own stderr. `log` gets one line as each
+  job starts and one as it ends. A worker runs on the parent's platform or not at all: JAX
+  falls back to the CPU, with only a warning, where the GPU backend fails to start, and a 1B
+  step compiled for the CPU would look like a hang.
   """
 
-  def __init__(self, isolate: bool, timeout_s: Optional[float] = None):
+  def __init__(self, isolate: bool, timeout_s: Optional[float] = JOB_TIMEOUT_S, log=print,
+               platform: Optional[str] = None):
     self.isolate = isolate
     self.timeout_s = timeout_s
-    self._proc = None
+    self.log = log
+    self.platform = platform or jax.devices()[0].platform
     self._cmd = [sys.executable, "-m", "benchmarks.train_setups", "--worker"]
+    self._proc = None
+    self._proc_returncode = None
+    self._buffers = {}  # the worker's open pipes (fd) and their unfinished lines
+    # The running job's: name, start, progress callback, last progress line, last stderr lines.
+    self._label = ""
+    self._start = 0.0
+    self._on_progress = None
+    self._last_progress = None
+    self._tail = collections.deque(maxlen=TAIL_LINES)
 
-  def run(self, job: dict) -> dict:
-    line = (json.dumps(job) + "\n").encode()
-    if self.isolate:
-      try:
-        proc = subprocess.run(self._cmd, input=line, capture_output=True, cwd=ROOT,
-                              env=worker_env(), timeout=self.timeout_s, check=False)
-      except subprocess.TimeoutExpired:
-        return self._timed_out()
-      return self._result(proc.stdout.decode(errors="replace"), proc.returncode,
-                          proc.stderr.decode(errors="replace"))
+  def run(self, job: dict, on_progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Runs `job` in a worker; `on_progress(message)` for each of its `progress` lines."""
+    self._label = " ".join(str(job[k]) for k in ("method", "size") if k in job) or job["module"]
+    self._on_progress = on_progress
+    self._last_progress = None
+    self._tail = collections.deque(maxlen=TAIL_LINES)
+    self._start = time.monotonic()
+    self._say(f"  [{self._label}] started")
     if self._proc is None or self._proc.poll() is not None:
-      self._proc = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    cwd=ROOT, env=worker_env())
-    self._proc.stdin.write(line)
+      self._spawn()
+    self._proc.stdin.write((json.dumps({**job, "platform": self.platform}) + "\n").encode())
     self._proc.stdin.flush()
-    return self._read_result()
+    if self.isolate:
+      self._proc.stdin.close()  # one job per process: it exits after this one
+    deadline = None if self.timeout_s is None else self._start + self.timeout_s
+    result = self._read(deadline)
+    if result is None:  # the deadline
+      self._proc.kill()
+      self._finish()
+      result = {"error": f"timed out after {self.timeout_s} s (worker killed); last progress:"
+                         f" {self._last_progress or 'none'}",
+                "timed_out": True, "last_progress": self._last_progress}
+    elif self.isolate or "returncode" in result:
+      self._finish()
+    if "error" in result:
+      result.setdefault("output_tail", list(self._tail))
+    elapsed = time.monotonic() - self._start
+    result["elapsed_s"] = round(elapsed, 1)
+    status = ("timed out" if result.get("timed_out") else "failed" if "error" in result
+              else "done")
+    self._say(f"  [{self._label}] {status} after {elapsed:.1f} s")
+    return result
 
-  def _read_result(self) -> dict:
-    """The persistent worker's next result line, or an error when it dies or times out."""
-    fd = self._proc.stdout.fileno()
-    deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-    buffer = b""
-    while _RESULT.encode() not in buffer or not buffer.endswith(b"\n"):
+  def _say(self, line: str) -> None:
+    self.log(line)
+    sys.stdout.flush()
+
+  def _spawn(self) -> None:
+    self._proc = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, cwd=ROOT, env=worker_env())
+    self._buffers = {self._proc.stdout.fileno(): b"", self._proc.stderr.fileno(): b""}
+
+  def _read(self, deadline) -> Optional[dict]:
+    """Drains the worker's pipes until its result (returned), its exit (an error result) or
+    the deadline (None)."""
+    out = self._proc.stdout.fileno()
+    while out in self._buffers:
       wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-      if not select.select([fd], [], [], wait)[0]:
-        self._proc.kill()
-        self._proc.wait()
-        return self._timed_out()
-      chunk = os.read(fd, 1 << 16)
-      if not chunk:
+      ready = select.select(list(self._buffers), [], [], wait)[0]
+      if not ready:
+        return None
+      for fd in ready:
+        result = self._take(fd)
+        if result is not None:
+          return result
+    self._finish()  # stdout closed: the worker died; its stderr says why
+    tail = "\n".join(list(self._tail)[-12:])
+    return {"error": f"worker exited with status {self._proc_returncode}: {tail}",
+            "returncode": self._proc_returncode, "out_of_memory": "RESOURCE_EXHAUSTED" in tail}
+
+  def _take(self, fd) -> Optional[dict]:
+    """Reads what `fd` has, handles its complete lines; the result, if one came."""
+    chunk = os.read(fd, 1 << 16)
+    if not chunk:  # closed: the rest of its buffer is a last, unterminated line
+      lines, rest = [self._buffers.pop(fd)], None
+    else:
+      *lines, rest = (self._buffers[fd] + chunk).split(b"\n")
+      self._buffers[fd] = rest
+    result = None
+    is_stdout = self._proc is not None and fd == self._proc.stdout.fileno()
+    for raw in filter(None, lines):
+      text = raw.decode(errors="replace")
+      if is_stdout and text.startswith(_RESULT):
+        result = json.loads(text[len(_RESULT):])
+      elif is_stdout and text.startswith(_PROGRESS):
+        self._last_progress = text[len(_PROGRESS):]
+        print(f"    [{self._label}] {self._last_progress}"
+              f"  ({time.monotonic() - self._start:.1f} s)", file=sys.stderr, flush=True)
+        if self._on_progress is not None:
+          self._on_progress(self._last_progress)
+      else:
+        self._tail.append(text)
+        print(f"    [{self._label}] {text}", file=sys.stderr, flush=True)
+    return result
+
+  def _finish(self) -> None:
+    """Lets the worker exit (killing it after `EXIT_GRACE_S`), draining its pipes meanwhile."""
+    proc = self._proc
+    try:
+      proc.stdin.close()
+    except OSError:
+      pass
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while self._buffers:
+      ready = select.select(list(self._buffers), [], [], max(0.0, deadline - time.monotonic()))
+      if not ready[0]:
         break
-      buffer += chunk
-    return self._result(buffer.decode(errors="replace"), self._proc.poll(), "")
-
-  def _timed_out(self) -> dict:
-    return {"error": f"timed out after {self.timeout_s} s (worker killed)", "timed_out": True}
-
-  @staticmethod
-  def _result(stdout: str, returncode, stderr: str) -> dict:
-    for out in stdout.splitlines():
-      if out.startswith(_RESULT):
-        return json.loads(out[len(_RESULT):])
-    tail = "\n".join((stderr or stdout).strip().splitlines()[-12:])
-    return {"error": f"worker exited with status {returncode}: {tail}",
-            "returncode": returncode, "out_of_memory": "RESOURCE_EXHAUSTED" in tail}
+      for fd in ready[0]:
+        self._take(fd)
+    if proc.poll() is None:
+      proc.kill()
+    self._proc_returncode = proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    self._buffers = {}
+    self._proc = None
 
   def close(self) -> None:
-    if self._proc is not None and self._proc.poll() is None:
-      self._proc.stdin.close()
-      self._proc.wait()
-    self._proc = None
+    if self._proc is not None:
+      self._finish()
 
   def __enter__(self):
     return self
@@ -513,23 +617,54 @@ class Workers:
     self.close()
 
 
+def _exit_with_parent(parent: int) -> None:
+  """Ends this worker when its parent is gone (a worker left behind would hold the GPU)."""
+  while os.getppid() == parent:
+    time.sleep(2)
+  os._exit(1)  # pylint: disable=protected-access
+
+
+def _check_platform(expected: Optional[str]) -> None:
+  """Raises unless this process runs on `expected`; reports the device it runs on."""
+  device = jax.devices()[0]
+  if expected and device.platform != expected:
+    raise RuntimeError(
+        f"the worker runs on {device.platform}, the parent on {expected}: JAX fell back after"
+        f" its {expected} backend failed to start (the worker's stderr says why; a memory"
+        f" fraction too large for what is free on the device is one cause)")
+  limit = device_memory()["bytes_limit"]
+  progress(f"worker on {device.device_kind} ({device.platform})"
+           + ("" if limit is None else f", bytes_limit {limit / 2**30:.1f} GiB"))
+
+
 def _worker_main() -> None:
   """Reads one job per stdin line, answers one result line each (prefixed) on stdout."""
+  global _channel
+  # Only protocol lines go to the pipe the parent parses for them; whatever else is written to
+  # fd 1 (print, C++ logging) joins stderr, which the parent echoes.
+  _channel = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)
+  sys.stdout.reconfigure(line_buffering=True)
+  threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
   for line in sys.stdin:
     if not line.strip():
       continue
     job = json.loads(line)
     try:
+      _check_platform(job.get("platform"))
       result = importlib.import_module(job["module"]).run_job(job)
     except Exception as e:  # pylint: disable=broad-except
       result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}",
                 "out_of_memory": is_out_of_memory(e),
                 "traceback": traceback.format_exc()[-3000:]}
     jax.clear_caches()
-    print(_RESULT + json.dumps(result), flush=True)
+    _channel.write(_RESULT + json.dumps(result) + "\n")
+    _channel.flush()
 
 
 if __name__ == "__main__":
   if sys.argv[1:] != ["--worker"]:
     raise SystemExit("usage: python -m benchmarks.train_setups --worker  (jobs on stdin)")
-  _worker_main()
+  # Run as the importable module, not as __main__: the jobs' `progress` calls reach the
+  # `_channel` of `benchmarks.train_setups`, the module they import.
+  importlib.import_module("benchmarks.train_setups")._worker_main()

@@ -8,7 +8,10 @@ of `optax_subspace.nn`), rank hidden/4 on the attention and MLP kernels. Default
 batch 128 and 1B at batch 64, 256 tokens per sequence (shared/TARGETS.md's whole-step anchors).
 
 Each method runs in its own process (on a GPU; on the CPU, which has no peak counter, the
-methods share one), which records:
+methods share one) and is killed and recorded after `--job-timeout-s` (default 300 s); the log
+shows each method's start and end and the worker's phases as they happen (worker device,
+compiled, initialised, warm-up done, timed), and the JSON is rewritten before the first method
+and at each of these points. The worker records:
 
 - compile time of the step (and of a refresh program) and `compiled.memory_analysis()`
   (arguments, outputs, aliases, temporaries; ``need_bytes`` = their sum less the aliases);
@@ -41,7 +44,8 @@ DEFAULT_BATCH = {"tiny": 8, "9m": 64, "20m": 64, "60m": 256, "130m": 256, "350m"
 SEQ = 256
 VOCAB = 32000
 # A job of the quick run that takes this long is killed and recorded (XLA's CPU runtime has been
-# seen to stall, at random, in the optimizer-level rso update on a loaded 2-core machine).
+# seen to stall, at random, in the optimizer-level rso update on a loaded 2-core machine); other
+# runs: `train_setups.JOB_TIMEOUT_S`.
 QUICK_JOB_TIMEOUT_S = 120
 QUICK = {"batch": 2, "seq": 16, "vocab": 512, "warmup": 1}
 DEFAULT_REPS = 10
@@ -63,9 +67,9 @@ def _compilation_cache(path) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
 
 
-def _timed(fn, carry, calls: int, warmup: int):
+def _timed(fn, carry, calls: int, warmup: int, what: str = "steps"):
   """(median ms over `calls` after `warmup`, carry, losses): fn(carry) -> (carry, loss or None),
-  each call synced."""
+  each call synced; the end of the warm-up and of the timed calls reported as progress."""
   import jax  # pylint: disable=g-import-not-at-top
 
   times, losses = [], []
@@ -77,7 +81,11 @@ def _timed(fn, carry, calls: int, warmup: int):
       times.append((time.perf_counter() - t0) * 1e3)
     if loss is not None:
       losses.append(float(loss))
-  return statistics.median(times), carry, losses
+    if i + 1 == warmup:
+      train_setups.progress(f"warm-up done ({warmup} {what})")
+  median = statistics.median(times)
+  train_setups.progress(f"timed {calls} {what}: median {median:.2f} ms")
+  return median, carry, losses
 
 
 def run_job(job: dict) -> dict:
@@ -94,14 +102,18 @@ def run_job(job: dict) -> dict:
   setup = train_setups.build(job["method"], cfg, batch=job["batch"], seq=job["seq"],
                              rank=job["rank"], update_every=job["update_every"],
                              state_dtype=job["state_dtype"])
+  train_setups.progress(f"built ({attention} attention), compiling")
   compiled = train_setups.compile_setup(setup)
+  train_setups.progress("compiled (" + ", ".join(f"{k} {v:.1f} s"
+                                                 for k, v in compiled.compile_s.items()) + ")")
   row = {"method": setup.method, "level": setup.level, "attention": attention,
          "rank": setup.rank, "compile_s": {k: round(v, 2) for k, v in compiled.compile_s.items()},
          "memory_analysis": {"step": train_setups.memory_analysis(compiled.step)}}
   if compiled.refresh is not None:
     row["memory_analysis"]["refresh"] = train_setups.memory_analysis(compiled.refresh)
-  carry = setup.init()
+  carry = jax.block_until_ready(setup.init())
   tokens = setup.tokens(0)
+  train_setups.progress("initialised")
   params, opt_state, frozen = carry
   row.update(trainable_param_bytes=train_setups.nbytes(params),
              frozen_bytes=train_setups.nbytes(frozen),
@@ -119,7 +131,7 @@ def run_job(job: dict) -> dict:
   if setup.refresh_kind is not None:
     refresh_ms, carry, _ = _timed(
         lambda c: (train_setups.run_refresh(setup, compiled, c, tokens), None), carry,
-        job["refresh_reps"], 1)
+        job["refresh_reps"], 1, "refreshes")
     t = setup.update_every
     if setup.refresh_kind == "count":  # the refresh step replaces one step in T
       amortised = (refresh_ms + (t - 1) * step_ms) / t
@@ -215,8 +227,10 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   Options (all optional): batch (else `DEFAULT_BATCH` per size), seq (256), rank (hidden/4),
   remat (False), param_dtype ("float32"), state_dtype (None: the method's own), attention
   ("auto": cuDNN on a GPU), update_every (200), warmup (2), compilation_cache (a directory),
-  job_timeout_s (None; quick 120): a method that takes longer is killed and recorded.
-  `checkpoint(results)` is called after every method (a cut run keeps what finished).
+  job_timeout_s (`train_setups.JOB_TIMEOUT_S`, 300; quick 120): a method that takes longer is
+  killed and recorded with its last progress line. `checkpoint(results)` is called before the
+  first method, as each method starts (its row then says "running"), on each of its progress
+  lines and after it: a cut run keeps what finished and says where it was.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -231,8 +245,11 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   warmup = options.get("warmup", QUICK["warmup"] if quick else WARMUP)
   isolate = jax.devices()[0].platform != "cpu"
   results = {"methods": methods, "sizes": []}
-  timeout = options.get("job_timeout_s") or (QUICK_JOB_TIMEOUT_S if quick else None)
-  with train_setups.Workers(isolate, timeout) as workers:
+  timeout = options.get("job_timeout_s") or (QUICK_JOB_TIMEOUT_S if quick
+                                             else train_setups.JOB_TIMEOUT_S)
+  results["job_timeout_s"] = timeout
+  save = checkpoint or (lambda results: None)
+  with train_setups.Workers(isolate, timeout, log=log) as workers:
     for size in sizes:
       batch = options.get("batch") or (QUICK["batch"] if quick else DEFAULT_BATCH.get(size, 64))
       fields = model_fields(size, vocab, bool(options.get("remat")),
@@ -243,6 +260,7 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
       results["sizes"].append(entry)
       log(f"LLaMA {size}: {entry['n_params'] / 1e6:.1f}M params, batch {batch} x {seq},"
           f" rank {entry['rank']}")
+      save(results)
       for method in methods:
         job = {"module": __name__, "method": method, "size": size, "model": fields,
                "batch": batch, "seq": seq, "rank": entry["rank"],
@@ -251,13 +269,21 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
                "update_every": options.get("update_every") or train_setups.UPDATE_EVERY,
                "reps": reps, "warmup": warmup, "refresh_reps": max(2, reps // 5),
                "compilation_cache": options.get("compilation_cache")}
-        row = {"method": method, **workers.run(job)}
+        row = {"method": method, "status": "running"}
         entry["rows"].append(row)
+        save(results)
+
+        def on_progress(message, row=row):
+          row["last_progress"] = message
+          save(results)
+
+        result = workers.run(job, on_progress)
+        row.clear()
+        row.update({"method": method, **result})
         _log_row(row, log)
         _ratios(entry["rows"])
         entry["targets"] = _targets(entry["rows"])
-        if checkpoint is not None:
-          checkpoint(results)
+        save(results)
   return results
 
 

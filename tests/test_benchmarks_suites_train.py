@@ -7,14 +7,29 @@ tests/test_notebooks.py): these runs check what the suites record, not how fast 
 import json
 import math
 import os
+import sys
+import time
 
 import pytest
 
 from benchmarks import largest_model
 from benchmarks import suites
 from benchmarks import train_setups
+from benchmarks import train_step
 
 PNG = b"\x89PNG\r\n\x1a\n"
+# The worker imports this file by this name to run `run_job` below.
+THIS_MODULE = "tests.test_benchmarks_suites_train"
+
+
+def run_job(job: dict) -> dict:
+  """A worker job for the tests below: reports progress, floods both pipes, sleeps."""
+  train_setups.progress("about to flood")
+  print("x" * 1000 * job.get("flood_kb", 0))  # stdout: must not reach the protocol pipe
+  sys.stderr.write("y" * 1000 * job.get("flood_kb", 0) + "\n")
+  train_setups.progress(f"sleeping {job['sleep_s']} s")
+  time.sleep(job["sleep_s"])
+  return {"slept": job["sleep_s"]}
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +100,50 @@ def test_a_small_budget_makes_a_smaller_model_the_answer():
   assert rows["d64"]["need_bytes"] > rows["d64"]["limit_bytes"] == 1_200_000
   assert "skipped" in rows["d128"]
   assert result["summary"]["methods"]["adamw"]["largest_that_ran"] == "d32"
+
+
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_job_past_its_timeout_is_killed_and_recorded_with_its_last_progress(isolate, capsys):
+  logs = []
+  with train_setups.Workers(isolate, timeout_s=8, log=logs.append) as workers:
+    slow = workers.run({"module": THIS_MODULE, "method": "slow", "sleep_s": 60})
+    fast = workers.run({"module": THIS_MODULE, "method": "fast", "sleep_s": 0})
+  assert slow["timed_out"] and slow["last_progress"] == "sleeping 60 s"
+  assert "sleeping 60 s" in slow["error"] and 8 <= slow["elapsed_s"] < 8 + 30
+  assert fast == {"slept": 0, "elapsed_s": fast["elapsed_s"]}  # a fresh worker took it
+  assert logs[0] == "  [slow] started" and logs[1].startswith("  [slow] timed out after ")
+  assert logs[2] == "  [fast] started" and logs[3].startswith("  [fast] done after ")
+  # The worker's progress reached the parent's stderr as it came, with the job's name.
+  assert "    [slow] sleeping 60 s  (" in capsys.readouterr().err
+
+
+def test_a_worker_that_floods_stdout_and_stderr_still_answers():
+  # 1 MB on each pipe, 16 times a pipe's buffer: the parent drains both as they come.
+  with train_setups.Workers(True, timeout_s=60, log=lambda line: None) as workers:
+    result = workers.run({"module": THIS_MODULE, "method": "flood", "sleep_s": 0,
+                          "flood_kb": 1000})
+  assert result["slept"] == 0, result
+
+
+def test_a_worker_on_another_platform_than_the_parent_refuses_the_job():
+  # JAX falls back to the CPU where the GPU backend fails to start; the job must not run there.
+  with train_setups.Workers(True, timeout_s=60, log=lambda line: None,
+                            platform="gpu") as workers:
+    result = workers.run({"module": THIS_MODULE, "method": "any", "sleep_s": 0})
+  assert "slept" not in result and "runs on cpu, the parent on gpu" in result["error"]
+
+
+def test_train_step_writes_its_json_before_the_first_job_and_records_a_timeout():
+  snapshots, logs = [], []
+  result = train_step.run(["tiny"], 1, ["adamw"], {"job_timeout_s": 0.5}, quick=True,
+                          log=logs.append,
+                          checkpoint=lambda r: snapshots.append(json.loads(json.dumps(r))))
+  # Written before any job ran (its config), then as adamw started ("running")...
+  assert snapshots[0]["sizes"][0]["rows"] == [] and snapshots[0]["job_timeout_s"] == 0.5
+  assert snapshots[1]["sizes"][0]["rows"] == [{"method": "adamw", "status": "running"}]
+  # ... and after it: killed at its limit (a worker needs more than 0.5 s to import JAX).
+  (row,) = result["sizes"][0]["rows"]
+  assert row["method"] == "adamw" and row["timed_out"] and "status" not in row
+  assert snapshots[-1]["sizes"][0]["rows"] == [row]
+  assert "  [adamw tiny] started" in logs
+  assert any(line.startswith("  [adamw tiny] timed out after ") for line in logs)
