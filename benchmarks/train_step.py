@@ -43,9 +43,9 @@ DEFAULT_BATCH = {"tiny": 8, "9m": 64, "20m": 64, "60m": 256, "130m": 256, "350m"
                  "7b": 8}
 SEQ = 256
 VOCAB = 32000
-# A job of the quick run that takes this long is killed and recorded (XLA's CPU runtime has been
-# seen to stall, at random, in the optimizer-level rso update on a loaded 2-core machine); other
-# runs: `train_setups.JOB_TIMEOUT_S`.
+# A job of the quick run that takes this long is killed and recorded (jaxlib 0.10's batched CPU
+# LAPACK kernels can deadlock XLA's thread pool, see optax_subspace/projectors/random.py's
+# `_one_matrix_per_call_on_cpu`; GaLore's eigh still can); other runs: `train_setups.JOB_TIMEOUT_S`.
 QUICK_JOB_TIMEOUT_S = 120
 QUICK = {"batch": 2, "seq": 16, "vocab": 512, "warmup": 1}
 DEFAULT_REPS = 10
