@@ -95,8 +95,8 @@ def _one_matrix_per_call_on_cpu(fn):
   hidden-256 LLaMA hung in about 1 run in 4). A call on one matrix runs in
   place. It is the same LAPACK routine on the same matrix as one iteration of
   the batched kernel's loop, so the result is bit for bit the same. Other
-  platforms keep the batched call: `platform_dependent` lowers only the
-  branch of the platform compiled for.
+  platforms keep the batched call: compiled for one platform,
+  `platform_dependent` is a conditional on a constant, which XLA folds away.
   """
   one_at_a_time = jax.custom_batching.custom_vmap(fn)
 
