@@ -155,6 +155,54 @@ def canonical_signs(p: jax.Array) -> jax.Array:
   return p * jnp.where(pivot < 0, -1.0, 1.0).astype(p.dtype)
 
 
+def one_matrix_per_call_on_cpu(fn):
+  """`fn` (arrays of one matrix in, arrays out) whose vmap calls it one matrix at a time on CPU.
+
+  For the LAPACK-backed factorizations (eigh, Cholesky, triangular solve).
+  jaxlib 0.10's CPU LAPACK kernels split a batch of two or more matrices over
+  XLA's intra-op thread pool and block their own pool thread until the pieces
+  are done. Independent batched calls (the refreshes or draws of different
+  matrix shapes) run side by side; once as many are running as the pool has
+  threads, every thread waits for pieces that no thread is free to run, and
+  the program never returns (seen with gdb: the optimizer-level rso update of
+  a hidden-256 LLaMA on 2 cores hung in about 1 run in 4, in spotrf/strsm;
+  the LLaMA example's galore step on 8 simulated devices in ssyevd, every
+  time). A call on one matrix runs in place. It is the same LAPACK routine on
+  the same matrix as one iteration of the batched kernel's loop, so results
+  are bit for bit the same. Other platforms keep the batched call: compiled
+  for one platform, `platform_dependent` is a conditional on a constant, which
+  XLA folds away.
+  """
+  one_at_a_time = jax.custom_batching.custom_vmap(fn)
+
+  @one_at_a_time.def_vmap
+  def _vmap_rule(axis_size, in_batched, *args):
+    if not any(in_batched):
+      out = fn(*args)
+      return out, jax.tree_util.tree_map(lambda _: False, out)
+    args = tuple(a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+                 for a, batched in zip(args, in_batched))
+    # lax.map calls `one_at_a_time` unbatched; an outer vmap comes back here.
+    out = jax.lax.platform_dependent(
+        *args, cpu=lambda *xs: jax.lax.map(lambda x: one_at_a_time(*x), xs),
+        default=jax.vmap(fn))
+    return out, jax.tree_util.tree_map(lambda _: True, out)
+
+  return one_at_a_time
+
+
+@one_matrix_per_call_on_cpu
+def _eigenvectors(symmetric: jax.Array) -> jax.Array:
+  """Eigenvectors of a symmetric matrix, columns by ascending eigenvalue."""
+  return jnp.linalg.eigh(symmetric)[1]
+
+
+@one_matrix_per_call_on_cpu
+def _cholesky_solve(gram: jax.Array, y_t: jax.Array) -> jax.Array:
+  """L⁻¹ yᵀ for gram = LLᵀ (L lower triangular): a Cholesky and a triangular solve."""
+  return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(gram), y_t, lower=True)
+
+
 def top_left_singular_vectors(g: jax.Array, r: int) -> jax.Array:
   """Top-r left singular vectors of g (s, l), s ≤ l, sign-canonical.
 
@@ -165,7 +213,7 @@ def top_left_singular_vectors(g: jax.Array, r: int) -> jax.Array:
   """
   g = g.astype(jnp.float32)
   gram = jnp.matmul(g, g.T, precision=jax.lax.Precision.HIGHEST)
-  _, vecs = jnp.linalg.eigh(gram)  # ascending eigenvalues
+  vecs = _eigenvectors(gram)  # ascending eigenvalues
   return canonical_signs(vecs[:, ::-1][:, :r])
 
 
@@ -194,8 +242,7 @@ def orthonormalize(y: jax.Array) -> jax.Array:
   def one_pass(y, relative_shift):
     gram = jnp.matmul(y.T, y, precision=hi)
     shift = relative_shift * jnp.trace(gram) + jnp.finfo(y.dtype).tiny
-    chol = jnp.linalg.cholesky(gram + shift * jnp.eye(k, dtype=y.dtype))
-    return jax.scipy.linalg.solve_triangular(chol, y.T, lower=True).T, None
+    return _cholesky_solve(gram + shift * jnp.eye(k, dtype=y.dtype), y.T).T, None
 
   # A scan, not an unrolled loop: the pass is compiled once.
   shifts = jnp.array([1e-5, 1e-7, 0.0], y.dtype)

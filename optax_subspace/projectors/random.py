@@ -83,41 +83,15 @@ def _cholesky_qr2(y: jax.Array) -> jax.Array:
   return y
 
 
-def _one_matrix_per_call_on_cpu(fn):
-  """`fn` (one r×r matrix in, one out) whose vmap, on the CPU, calls it one matrix at a time.
-
-  jaxlib 0.10's CPU LAPACK kernels split a batch of two or more matrices over
-  XLA's intra-op thread pool and block their own pool thread until the pieces
-  are done. The draws of different shapes are independent, so XLA runs their
-  batched calls side by side; once as many are running as the pool has
-  threads, every thread waits for pieces that no thread is free to run, and
-  the program never returns (on 2 cores the optimizer-level rso update of a
-  hidden-256 LLaMA hung in about 1 run in 4). A call on one matrix runs in
-  place. It is the same LAPACK routine on the same matrix as one iteration of
-  the batched kernel's loop, so the result is bit for bit the same. Other
-  platforms keep the batched call: compiled for one platform,
-  `platform_dependent` is a conditional on a constant, which XLA folds away.
-  """
-  one_at_a_time = jax.custom_batching.custom_vmap(fn)
-
-  @one_at_a_time.def_vmap
-  def _vmap_rule(axis_size, in_batched, x):
-    del axis_size
-    if not in_batched[0]:
-      return fn(x), False
-    # lax.map calls `one_at_a_time` unbatched; an outer vmap comes back here.
-    return jax.lax.platform_dependent(
-        x, cpu=lambda x: jax.lax.map(one_at_a_time, x), default=jax.vmap(fn)), True
-
-  return one_at_a_time
-
-
-@_one_matrix_per_call_on_cpu
 def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
-  """L⁻¹ for gram = LLᵀ (L lower triangular): a Cholesky and a triangular solve."""
-  chol = jnp.linalg.cholesky(gram)
+  """L⁻¹ for gram = LLᵀ (L lower triangular): a Cholesky and a triangular solve.
+
+  One LAPACK call per matrix on the CPU, batched elsewhere
+  (`_base.one_matrix_per_call_on_cpu`: jaxlib 0.10's batched CPU kernels can
+  deadlock XLA's thread pool when independent draws run side by side).
+  """
   eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
-  return jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+  return _base._cholesky_solve(gram, eye)  # pylint: disable=protected-access
 
 
 @functools.partial(jax.tree_util.register_dataclass,

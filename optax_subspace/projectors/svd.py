@@ -102,7 +102,7 @@ def _randomized_range(g, r, key, oversample, power_iters):
 
   q = jax.lax.fori_loop(0, power_iters, power_iteration, q)
   b = jnp.matmul(q.T, g, precision=hi)  # (k, l): g ≈ q b
-  _, vecs = jnp.linalg.eigh(jnp.matmul(b, b.T, precision=hi))
+  vecs = _base._eigenvectors(jnp.matmul(b, b.T, precision=hi))  # pylint: disable=protected-access
   top = vecs[:, ::-1][:, :r]
   return _base.canonical_signs(jnp.matmul(q, top, precision=hi))
 
