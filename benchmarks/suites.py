@@ -237,7 +237,8 @@ def _parser() -> argparse.ArgumentParser:
                     " faster; compile times then measure the cache)")
   step.add_argument("--job-timeout-s", type=float, default=None,
                     help="kill and record a method (largest_model: a method at one size) that"
-                    " runs longer than this (default: no limit; --quick 120 s)")
+                    " runs longer than this (default: train_step 300 s, largest_model 600 s;"
+                    " --quick 120 s)")
   return ap
 
 
