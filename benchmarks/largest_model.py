@@ -127,6 +127,7 @@ def run_job(job: dict) -> dict:
   if not (row["fits"] and job["run"]):
     return row
   try:
+    train_setups.progress("initialising (eagerly)")
     carry = jax.block_until_ready(setup.init())
     tokens = setup.tokens(0)
     train_setups.progress("initialised")

@@ -111,8 +111,10 @@ class TrainSetup:
       update_every, state_dtype: what was built.
     step: ``jax.jit``-ed ``(params, opt_state, frozen, tokens) -> (params, opt_state, loss)``,
       params and opt_state donated.
-    init: ``jax.jit``-ed ``() -> (params, opt_state, frozen)``: built on the device, in the
-      parameters' dtype (nothing is made in float32 first).
+    init: ``() -> (params, opt_state, frozen)``, run eagerly: each parameter is drawn on the
+      device in its own dtype by its own small program (nothing is made in float32 first).
+      Not jitted: on an H200 XLA took over two minutes to compile the whole-model init of the
+      1B and 7B models (a "Very slow compile" alarm for ``jit_init``), longer than the step.
     abstract: ``(params, opt_state, frozen, tokens)`` as `jax.ShapeDtypeStruct`s.
     tokens: ``seed -> int32 (batch, seq + 1)`` random token ids (inputs and shifted targets).
     refresh_kind: "count", "program" or None.
@@ -299,7 +301,7 @@ def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Option
       method=method, level="model" if method in MODEL_LEVEL else "optimizer", model=model,
       batch=batch, seq=seq, rank=rank, update_every=update_every,
       state_dtype=None if state_dtype is None else jnp.dtype(state_dtype).name,
-      step=jax.jit(train_step, donate_argnums=(0, 1)), init=jax.jit(init),
+      step=jax.jit(train_step, donate_argnums=(0, 1)), init=init,
       abstract=(*_abstract(carry), tokens_shape),
       tokens=lambda s: jax.random.randint(jax.random.PRNGKey(s), tokens_shape.shape, 0,
                                           model.vocab_size, jnp.int32),

@@ -111,6 +111,7 @@ def run_job(job: dict) -> dict:
          "memory_analysis": {"step": train_setups.memory_analysis(compiled.step)}}
   if compiled.refresh is not None:
     row["memory_analysis"]["refresh"] = train_setups.memory_analysis(compiled.refresh)
+  train_setups.progress("initialising (eagerly)")
   carry = jax.block_until_ready(setup.init())
   tokens = setup.tokens(0)
   train_setups.progress("initialised")

@@ -30,6 +30,11 @@ ON_CHANGE = ("keep", "reset", "transport")
 # back-projection, so no value changes; the cost is one copy of such a
 # gradient. 1 turns the padding off.
 PRODUCT_ALIGNMENT = 8
+# The float32 gradient bytes one batched refresh call stacks (`_refresh_by_shape`):
+# a LLaMA-1B refresh is a few batched calls per shape, and the refresh's extra
+# memory is about this much (plus the projector's working set), not a float32
+# copy of every projected gradient.
+REFRESH_CHUNK_BYTES = 1 << 28
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -124,13 +129,65 @@ def _by_shape(fn, plans, leaves, group, *trees):
   return results
 
 
-def _refresh_by_shape(projector, plans, pstates, grads, count):
-  """Refreshes every projected matrix, one vmapped call per (s, l, r)."""
-  out = _by_shape(lambda state, g: projector.refresh(state, g, count), plans,
-                  list(pstates), lambda p: (p.side, p.other, p.rank), pstates,
-                  grads)
-  return ({i: state for i, (state, _) in out.items()},
-          {i: changed for i, (_, changed) in out.items()})
+def _refresh_chunks(plans, leaves, chunk_bytes):
+  """The leaves of each (s, l, r) group, in chunks of at most `chunk_bytes`.
+
+  Bytes count a chunk's float32 gradients; a leaf larger than the cap is a
+  chunk of its own (its matrices are never split).
+  """
+  groups: dict[Any, list[int]] = {}
+  for i in leaves:
+    p = plans[i]
+    groups.setdefault((p.side, p.other, p.rank), []).append(i)
+  chunks = []
+  for members in groups.values():
+    chunk, size = [], 0
+    for i in members:
+      nbytes = 4 * plans[i].num_matrices * plans[i].side * plans[i].other
+      if chunk and size + nbytes > chunk_bytes:
+        chunks.append(chunk)
+        chunk, size = [], 0
+      chunk.append(i)
+      size += nbytes
+    chunks.append(chunk)
+  return chunks
+
+
+def _refresh_by_shape(projector, plans, pstates, grads, count, prepare):
+  """Refreshes every projected matrix when due: by (s, l, r), chunk by chunk.
+
+  `grads` are the gradients as they come; `prepare(i, g)` orients and casts
+  one inside its chunk's refresh. Each chunk (`REFRESH_CHUNK_BYTES` of
+  float32 gradients at most) is one `lax.cond` on `needs_refresh(count)`
+  whose refresh branch is one vmapped call on the chunk's stacked gradients;
+  an optimization barrier orders the chunks, so chunk k + 1's gradients are
+  read only once chunk k's bases exist. A cond's operands must all exist
+  before it runs: one cond over every gradient kept every gradient (and any
+  elementwise producer of it, a cast, a clipping scale) materialised at once,
+  and its stacked float32 copies made GaLore's 7B step need more memory than
+  AdamW's. Returns ({leaf: state}, {leaf: changed}).
+  """
+  states, changed, previous = {}, {}, None
+  due = projector.needs_refresh(count)
+  for chunk in _refresh_chunks(plans, list(pstates), REFRESH_CHUNK_BYTES):
+    sub = {i: pstates[i] for i in chunk}
+    raw = {i: grads[i] for i in chunk}
+    if previous is not None:
+      previous, sub, raw = jax.lax.optimization_barrier((previous, sub, raw))
+    no_change = {i: jnp.zeros(plans[i].batch_shape, bool) for i in chunk}
+    refreshed = lambda s, raw, chunk=chunk: _by_shape(
+        lambda state, g: projector.refresh(state, g, count), plans, chunk,
+        lambda p: (p.side, p.other, p.rank), s,
+        {i: prepare(i, g) for i, g in raw.items()})
+    out = jax.lax.cond(
+        due,
+        lambda s, raw, f=refreshed: {i: (st, ok) for i, (st, ok) in f(s, raw).items()},
+        lambda s, raw, nc=no_change: {i: (s[i], nc[i]) for i in s},
+        sub, raw)
+    for i, (state, ok) in out.items():
+      states[i], changed[i] = state, ok
+    previous = out
+  return states, changed
 
 
 def _bases_by_shape(projector, plans, pstates):
@@ -331,25 +388,18 @@ def project_subspace(
       return {i: _over_batch(projector.basis, plans[i], pstates[i], in_axes=(0,))
               for i in projected}
 
-    # 1. Refresh (GaLore: steps 0, T, 2T, ...; OSD: step 0), under one cond.
-    # The cond takes the gradients as they come and orients them inside the
-    # refresh branch: an oriented (transposed, cast) gradient passed in as an
-    # operand would be materialised every step, refresh or not, where outside
-    # the cond XLA folds the transpose into the products that read it.
+    # 1. Refresh (GaLore: steps 0, T, 2T, ...; OSD: step 0), under a cond
+    # per chunk of matrices. The conds take the gradients as they come and
+    # orient them inside the refresh branch: an oriented (transposed, cast)
+    # gradient passed in as an operand would be materialised every step,
+    # refresh or not, where outside the cond XLA folds the transpose into the
+    # products that read it.
     transport = on_change == "transport"
     old = bases() if transport else None
     if projected:
-      sub = {i: pstates[i] for i in projected}
-      no_change = {i: jnp.zeros(plans[i].batch_shape, bool) for i in projected}
-      sub, changed = jax.lax.cond(
-          projector.needs_refresh(count),
-          lambda s, raw: _refresh_by_shape(
-              projector, plans, s, {i: orient(i, g) for i, g in raw.items()},
-              count),
-          lambda s, raw: (s, no_change),
-          sub,
-          {i: g_leaves[i] for i in projected},
-      )
+      sub, changed = _refresh_by_shape(
+          projector, plans, {i: pstates[i] for i in projected},
+          {i: g_leaves[i] for i in projected}, count, orient)
       pstates.update(sub)
     # This step's basis, evaluated once and shared by every product below
     # and by "transport" (a random projector regenerates P, a QR, at each

@@ -312,3 +312,38 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
   (padded, hlo_padded), (plain, hlo_plain) = run(8), run(1)
   chex.assert_trees_all_close(padded, plain, atol=1e-6, rtol=1e-6)
   assert "stablehlo.pad" in hlo_padded and "stablehlo.pad" not in hlo_plain
+
+
+@pytest.mark.parametrize("make", [
+    lambda: osub.galore(1e-2, 4, update_every=2),
+    lambda: osub.online_subspace_descent(1e-2, 4),
+], ids=["galore", "osd"])
+def test_refresh_in_chunks_changes_no_value(make, monkeypatch):
+  # REFRESH_CHUNK_BYTES bounds the gradients one batched refresh stacks: with
+  # a cap below one matrix every leaf is refreshed under its own cond, in
+  # order; the trajectory (refreshes at steps 0 and 2 for GaLore, step 0 and
+  # the P steps for OSD) must be the one-call-per-shape result, to float32
+  # rounding (a batch of one takes another eigensolver path than a batch of
+  # four: bases differ by ~2e-6 here).
+  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
+
+  params = {f"w{i}": jnp.ones((12, 20)) for i in range(4)}
+  params["v"] = jnp.ones((20, 12))
+  keys = jax.random.split(jax.random.PRNGKey(3), 4)
+  grads = [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params)
+           for k in keys]
+
+  def run(chunk_bytes):
+    monkeypatch.setattr(_combinator, "REFRESH_CHUNK_BYTES", chunk_bytes)
+    tx = make()
+    state, p = tx.init(params), params
+    update = jax.jit(tx.update)
+    hlo = update.lower(grads[0], state, p).as_text()
+    for g in grads:
+      u, state = update(g, state, p)
+      p = optax.apply_updates(p, u)
+    return (p, state), hlo.count("stablehlo.case")
+
+  (whole, conds_whole), (chunked, conds_chunked) = run(1 << 28), run(1)
+  chex.assert_trees_all_close(whole, chunked, atol=1e-5, rtol=1e-5)
+  assert conds_chunked == 5 * conds_whole  # one refresh cond per leaf, not one
