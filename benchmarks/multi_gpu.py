@@ -139,7 +139,12 @@ def main(argv=None) -> dict:
   p.add_argument("--train-args", default="",
                  help="more `examples.llama train` flags for every run, one string")
   p.add_argument("--mesh-args", default="",
-                 help="more flags for the mesh runs only (e.g. \"--shard-optimizer\")")
+                 help="more flags for the mesh runs only, one string; write it with '=' when"
+                 " it starts with a dash (--mesh-args=\"--flag value\"): argparse reads a"
+                 " separate \"--flag\" as an option of its own")
+  p.add_argument("--shard-optimizer", action="store_true",
+                 help="the mesh runs shard the optimizer state over the data axis (ZeRO-1,"
+                 " the example's --shard-optimizer)")
   p.add_argument("--commit", default="",
                  help="the commit to record (default: git rev-parse of this tree)")
   args = p.parse_args(argv)
@@ -147,6 +152,7 @@ def main(argv=None) -> dict:
   out.parent.mkdir(parents=True, exist_ok=True)
   runs = out.parent / (out.stem + "_runs")
   mesh_flags = ["--data-parallel", str(args.data_parallel), "--fsdp", str(args.fsdp),
+                *(["--shard-optimizer"] if args.shard_optimizer else []),
                 *args.mesh_args.split()]
   n_devices = _devices()["count"]
   result = {
@@ -161,6 +167,7 @@ def main(argv=None) -> dict:
           "rank": args.rank or "hidden/4", "update_every": args.update_every or 200,
           "mesh": f"data {args.data_parallel} x fsdp {args.fsdp}",
           "train_args": args.train_args, "mesh_args": args.mesh_args,
+          "shard_optimizer": args.shard_optimizer,
           "weak_global_batch": args.batch_size * n_devices if args.weak else None,
           "compute": "bfloat16, float32 parameters and states (the example's default)",
       },

@@ -9,7 +9,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--model-size", "tiny", "--tokenizer", "byte", "--batch-size", "4", "--seq-len", "32",
         "--steps", "3", "--eval-windows", "4", "--data-parallel", "2", "--fsdp", "1",
-        "--methods", "adamw", "--weak", "--commit", "abc1234",
+        "--methods", "adamw", "--weak", "--commit", "abc1234", "--shard-optimizer",
         "--train-args", "--seed 0"]
 
 
@@ -23,6 +23,7 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   assert result["commit"] == "abc1234"
   assert result["config"]["weak_global_batch"] == 8
   assert result["config"]["train_args"] == "--seed 0"
+  assert result["config"]["shard_optimizer"]  # the mesh runs: ZeRO-1 over the data axis
   adamw = result["methods"]["adamw"]
   for layout in ("one", "mesh", "mesh_weak"):
     assert "error" not in adamw[layout], adamw[layout].get("error")
