@@ -48,7 +48,7 @@ starts, by shape and largest first, each with the JAX operation that produced it
 On the CPU the ratio is a guide, not the GPU's figure: XLA's CPU compiler computes bf16 products
 in float32 (so each block also holds float32-rounded copies of its weights, in every method) and
 removes optimisation barriers before its copy insertion and scheduling (so RSO's forward W + P·B
-is kept for the backward, and every B is copied, see `optax_subspace.nn.rso`);
+is kept for the backward, see `optax_subspace.nn.rso`);
 `XLA_FLAGS=--xla_disable_hlo_passes=cse,cse_barrier_expander` keeps them, as the GPU compiler
 does until after scheduling.
 """

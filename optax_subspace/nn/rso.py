@@ -57,14 +57,13 @@ of size m×n lives from the forward to the backward. Two `optimization_barrier`s
 compiler to this: x·P is materialised on its own (a compiler that merges x·(W + P·B) and x·P
 into one product must not keep the b×(n + r) result alive for its b×r slice), and the
 backward's W + P·B depends on ∂L/∂y (so it is neither merged with the forward's by CSE nor
-scheduled early). A third ties ∂L/∂B to ∂L/∂x: the backward reads B (for W + P·B) while the
-optimizer's update, which needs only ∂L/∂B, writes B's donated buffer; left unordered, XLA's copy
-insertion keeps a float32 copy of every B from the forward to the update (r·out per layer,
-10 MiB per block of the LLaMA example at r = 256). XLA's GPU compiler removes barriers only
-after scheduling; its CPU compiler removes them before its copy insertion, later CSE and
-scheduling, so a CPU compile keeps the forward's W + P·B (one m×n array per layer) and the
-copies of B (measured with `benchmarks/rso_memory.py`; ``XLA_FLAGS=--xla_disable_hlo_passes=
-cse_barrier_expander`` keeps the barriers on the CPU too).
+scheduled early). XLA's GPU compiler removes barriers only after scheduling; its CPU compiler
+removes them before its copy insertion, later CSE and scheduling, so a CPU compile keeps the
+forward's W + P·B (one m×n array per layer; measured with `benchmarks/rso_memory.py`). A third
+barrier, tying ∂L/∂B to ∂L/∂x so that the backward's read of B comes before the update writes
+B's donated buffer (a CPU compile copies every B otherwise), was tried and taken out: on an H200
+it raised the step's temp memory by 90 MB at 12 blocks (`benchmarks/results/rso_memory_h200.json`,
+972ca93: 0.835× AdamW's against 0.822× without it, d4397cd).
 
 Activation checkpointing (`nnx.remat` per block, the LLaMA example's
 ``remat``) works as is under `nnx.grad` and `nnx.jit`. With the functional
@@ -289,8 +288,7 @@ def _rso_product(x: jax.Array, w: jax.Array, p: jax.Array, b: jax.Array,
   ∂L/∂x = ∂L/∂y·(W + P·B)ᵀ and ∂L/∂B = (x·P)ᵀ·∂L/∂y (accumulated and returned in B's dtype);
   W and P get no cotangent (they are constants of the subproblem), so no m×n gradient is formed.
   W + P·B is formed again in the backward rather than kept (W, P and B are arguments of the
-  step, so nothing of size m×n stays alive between the two passes), and read before ∂L/∂B is
-  released, so that the update can write B's donated buffer in place.
+  step, so nothing of size m×n stays alive between the two passes).
   Chen, Zhang, Liu, Yuan, Wen, arXiv:2502.07222: the model-level memory argument.
   """
   return _last_axis_product(x, _effective_kernel(w, p, b, spec), spec,
@@ -319,10 +317,6 @@ def _rso_product_bwd(spec, residuals, dy):
   batch_axes = tuple(range(dy.ndim - 1))
   db = jax.lax.dot_general(xp, dy, ((batch_axes, batch_axes), ((), ())),
                            precision=spec.precision, preferred_element_type=_accumulation_dtype(b))
-  # B is read above (W + P·B) and its donated buffer is written by the optimizer's update, which
-  # needs only ∂L/∂B: unordered, XLA's copy insertion keeps a copy of every B from the forward
-  # to the update. Tying ∂L/∂B to ∂L/∂x orders the read first, so B is updated in place.
-  dx, db = jax.lax.optimization_barrier((dx, db))
   return dx.astype(spec.dtype), None, None, db.astype(b.dtype)
 
 
