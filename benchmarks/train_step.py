@@ -120,6 +120,13 @@ def run_job(job: dict) -> dict:
              frozen_bytes=train_setups.nbytes(frozen),
              opt_state_bytes=train_setups.nbytes(opt_state),
              opt_state_bytes_by_dtype=train_setups.bytes_by_dtype(opt_state))
+  if setup.level == "optimizer" and setup.state_dtype is None:
+    # Issue 7's check: state bytes within 2% of the method's formula (float32 state).
+    from benchmarks import optimizer_update  # pylint: disable=g-import-not-at-top
+    shapes = jax.tree.map(lambda x: tuple(x.shape), params)
+    analytic = optimizer_update.analytic_state_bytes(setup.method, shapes, setup.rank)
+    row.update(analytic_state_bytes=analytic,
+               state_over_analytic=row["opt_state_bytes"] / analytic)
   del params, opt_state, frozen
   if setup.steady_count is not None:  # past the step-0 refresh
     carry = (carry[0], setup.set_count(carry[1], setup.steady_count), carry[2])
