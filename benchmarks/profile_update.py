@@ -52,6 +52,10 @@ def methods(rank: int, big: int = 10**9) -> dict:
   "*_unpadded" compile with the combinator's PRODUCT_ALIGNMENT at 1: the
   products with gradients whose kept side is not a multiple of 8 (1B's ffn
   5461) run on the gradient as it is, to measure what the zero padding buys.
+  "galore_refresh*" refresh at every call (T = 1): the SVD refresh of every
+  projected matrix plus the step; "*_unchunked" compile with the
+  combinator's REFRESH_CHUNK_BYTES unbounded (one batched refresh per shape,
+  as before 972ca93), to measure what chunking the refresh costs in time.
   """
   mask = optimizer_step.PROJECTED
   return {
@@ -64,7 +68,14 @@ def methods(rank: int, big: int = 10**9) -> dict:
       "osd_steady_unpadded": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
       "osd_steady_bf16_products": (
           osub.online_subspace_descent(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
+      "galore_refresh": (osub.galore(1e-3, rank, 1, mask=mask), None),
+      "galore_refresh_unchunked": (osub.galore(1e-3, rank, 1, mask=mask), None),
   }
+
+
+# Combinator settings a method's name changes while it compiles (they are read while tracing).
+_COMPILE_SETTINGS = {"_unpadded": ("PRODUCT_ALIGNMENT", 1),
+                     "_unchunked": ("REFRESH_CHUNK_BYTES", 1 << 62)}
 
 
 def kind_of(name: str) -> str:
@@ -112,13 +123,15 @@ def profile(name, tx, count, params, grads, reps: int, top: int) -> dict:
   state = jax.jit(tx.init)(params)
   if count is not None:
     state = optimizer_step._set_count(state, count)  # pylint: disable=protected-access
-  alignment = _combinator.PRODUCT_ALIGNMENT
-  if name.endswith("_unpadded"):  # read while tracing: set around the compile only
-    _combinator.PRODUCT_ALIGNMENT = 1
+  changed = [setting for suffix, setting in _COMPILE_SETTINGS.items() if name.endswith(suffix)]
+  saved = {attr: getattr(_combinator, attr) for attr, _ in changed}
+  for attr, value in changed:  # set around the compile only
+    setattr(_combinator, attr, value)
   try:
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
   finally:
-    _combinator.PRODUCT_ALIGNMENT = alignment
+    for attr, value in saved.items():
+      setattr(_combinator, attr, value)
   p = jax.tree_util.tree_map(jnp.copy, params)
   run = lambda p, s: (*compiled(p, s, grads),)
   wall, (p, state) = optimizer_step.time_calls(run, lambda: (p, state), reps)

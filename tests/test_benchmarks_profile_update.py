@@ -8,17 +8,19 @@ from benchmarks import profile_update
 def test_profile_rows_carry_wall_time_and_kernel_breakdown(tmp_path):
   out = tmp_path / "profile_update.json"
   result = profile_update.main(["--size", "tiny", "--reps", "2", "--methods",
-                                "adamw,galore_steady_unpadded", "--out", str(out)])
+                                "adamw,galore_steady_unpadded,galore_refresh_unchunked",
+                                "--out", str(out)])
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
   rows = {r["method"]: r for r in result["rows"]}
-  assert set(rows) == {"adamw", "galore_steady_unpadded"}
+  assert set(rows) == {"adamw", "galore_steady_unpadded", "galore_refresh_unchunked"}
   for row in rows.values():
     assert row["wall_ms"] > 0
     # The CPU trace has host threads only: nothing is counted as a device kernel.
     assert row["kernel_ms"] == sum(row["by_kind_ms"].values())
-  # The padding switch is restored after the unpadded variant's compile.
+  # The padding and chunking switches are restored after the variants' compiles.
   from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
   assert _combinator.PRODUCT_ALIGNMENT == 8
+  assert _combinator.REFRESH_CHUNK_BYTES == 1 << 28
 
 
 def test_kernel_names_sort_into_kinds():
