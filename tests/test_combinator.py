@@ -280,6 +280,25 @@ def test_bf16_projection_products_stay_close_to_float32(make):
   assert err < 3e-2  # bf16 operands: 8 mantissa bits
 
 
+def _with_setting(monkeypatch, name, value, make, params, seed):
+  """(params and state after 4 jitted steps, the update's lowered text) with
+  the combinator's module constant `name` set to `value` while tracing."""
+  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(_combinator, name, value)
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  grads = [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params)
+           for k in keys]
+  tx = make()
+  state, p = tx.init(params), params
+  update = jax.jit(tx.update)
+  hlo = update.lower(grads[0], state, p).as_text()
+  for g in grads:
+    u, state = update(g, state, p)
+    p = optax.apply_updates(p, u)
+  return (p, state), hlo
+
+
 @pytest.mark.parametrize("make", [
     lambda: osub.galore(1e-2, 4, 2),
     lambda: osub.online_subspace_descent(1e-2, 4),
@@ -290,25 +309,10 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
   # products run on zero-padded copies, which must give the unpadded result
   # (to float32 rounding of the reordered sums), refreshes and OSD's P steps
   # included, and add a pad to the compiled update.
-  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
-
   params = {"a": jnp.ones((24, 37)), "b": jnp.ones((45, 16)),
             "c": jnp.ones((16, 16))}
-  keys = jax.random.split(jax.random.PRNGKey(0), 4)
-  grads = [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params)
-           for k in keys]
-
-  def run(alignment):
-    monkeypatch.setattr(_combinator, "PRODUCT_ALIGNMENT", alignment)
-    tx = make()
-    state, p = tx.init(params), params
-    update = jax.jit(tx.update)
-    hlo = update.lower(grads[0], state, p).as_text()
-    for g in grads:
-      u, state = update(g, state, p)
-      p = optax.apply_updates(p, u)
-    return (p, state), hlo
-
+  run = lambda alignment: _with_setting(
+      monkeypatch, "PRODUCT_ALIGNMENT", alignment, make, params, 0)
   (padded, hlo_padded), (plain, hlo_plain) = run(8), run(1)
   chex.assert_trees_all_close(padded, plain, atol=1e-6, rtol=1e-6)
   assert "stablehlo.pad" in hlo_padded and "stablehlo.pad" not in hlo_plain
@@ -325,25 +329,11 @@ def test_refresh_in_chunks_changes_no_value(make, monkeypatch):
   # the P steps for OSD) must be the one-call-per-shape result, to float32
   # rounding (a batch of one takes another eigensolver path than a batch of
   # four: bases differ by ~2e-6 here).
-  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
-
   params = {f"w{i}": jnp.ones((12, 20)) for i in range(4)}
   params["v"] = jnp.ones((20, 12))
-  keys = jax.random.split(jax.random.PRNGKey(3), 4)
-  grads = [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params)
-           for k in keys]
-
-  def run(chunk_bytes):
-    monkeypatch.setattr(_combinator, "REFRESH_CHUNK_BYTES", chunk_bytes)
-    tx = make()
-    state, p = tx.init(params), params
-    update = jax.jit(tx.update)
-    hlo = update.lower(grads[0], state, p).as_text()
-    for g in grads:
-      u, state = update(g, state, p)
-      p = optax.apply_updates(p, u)
-    return (p, state), hlo.count("stablehlo.case")
-
-  (whole, conds_whole), (chunked, conds_chunked) = run(1 << 28), run(1)
+  run = lambda chunk_bytes: _with_setting(
+      monkeypatch, "REFRESH_CHUNK_BYTES", chunk_bytes, make, params, 3)
+  (whole, hlo_whole), (chunked, hlo_chunked) = run(1 << 28), run(1)
   chex.assert_trees_all_close(whole, chunked, atol=1e-5, rtol=1e-5)
-  assert conds_chunked == 5 * conds_whole  # one refresh cond per leaf, not one
+  # One refresh cond per leaf, not one.
+  assert hlo_chunked.count("stablehlo.case") == 5 * hlo_whole.count("stablehlo.case")
