@@ -15,9 +15,9 @@ For each method, sizes ascending, each (method, size) in its own process:
    predicted need is arguments + outputs − aliased outputs + temporaries, the larger of the
    step's and the refresh's;
 2. if the need fits the budget (`memory_stats()["bytes_limit"]` on a GPU, --budget-gb
-   otherwise), initialise the parameters on the device in bfloat16 (a jitted init) and run
-   `reps` (3) steps and the refresh program once; record the device's peak bytes in use. An
-   out-of-memory error is recorded, not raised.
+   otherwise), initialise the parameters on the device in bfloat16 (eagerly, one small program
+   per parameter) and run `reps` (3) steps and the refresh program once; record the device's
+   peak bytes in use. An out-of-memory error is recorded, not raised.
 
 A method's answer is the largest size that ran. After its first size that does not fit (or
 fails), larger sizes are not run; 7B and 13B are still compiled so every method has their

@@ -2,7 +2,7 @@
 
 `build(method, model_config, batch=..., seq=...)` returns a `TrainSetup`: a jitted train step
 (forward, backward, optimizer update; parameters and optimizer state donated; next-token
-cross-entropy on a random token batch), its jitted initialisation, the abstract shapes of its
+cross-entropy on a random token batch), its initialisation (eager), the abstract shapes of its
 arguments (so a step can be compiled and its memory read before anything is allocated) and,
 for the methods that have one, the periodic refresh. Methods:
 
