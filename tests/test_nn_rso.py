@@ -23,6 +23,7 @@ from examples.llama.config import ModelConfig
 from examples.llama.model import Llama
 import optax_subspace as osub
 from optax_subspace import nn as osnn
+from optax_subspace.nn import _chunks
 from optax_subspace.projectors import _base
 from optax_subspace.projectors import random_basis
 
@@ -313,6 +314,64 @@ def test_merge_if_due_merges_after_updates_k_2k():
     assert int(layer.rso_subproblem[...]) == step // 3
   osnn.merge_if_due(layer, 0, 3)
   assert int(layer.rso_subproblem[...]) == 2
+
+
+def _arrays(tree):
+  """Path -> array of every leaf of an NNX state (or pytree), for exact comparisons."""
+  return {jax.tree_util.keystr(path): np.asarray(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_refresh_chunks_split_each_group_at_the_byte_budget(monkeypatch):
+  monkeypatch.setattr(_chunks, "REFRESH_CHUNK_BYTES", 10)
+  items = [("a", 4), ("b", 4), ("a", 4), ("a", 4), ("a", 30), ("b", 4), ("a", 1)]
+  got = _chunks.chunks(range(len(items)), lambda i: items[i][0], lambda i: items[i][1])
+  # Runs of one group in their order, at most 10 bytes; a 30-byte item is a chunk alone.
+  assert got == [("a", [0, 2]), ("a", [3]), ("a", [4]), ("a", [6]), ("b", [1, 5])]
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "haar"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_merge_layer_by_layer_equals_one_chunk_and_so_does_the_next_step(
+    monkeypatch, jit, distribution):
+  # A budget below every layer's bytes makes each layer a chunk of its own (ordered by optimization
+  # barriers under jit); a budget above all of them is one chunk per (in, r, distribution), one
+  # vmapped draw each. Same W, P, B and k afterwards, bit for bit, and so the same next update;
+  # but jitted on the CPU, XLA computes a batch of one matrix with other kernels than a batch of
+  # 12, so the Haar draw's CholeskyQR2 products (and the update, through P) differ in float32
+  # rounding. The Gaussian draw has no products.
+  tokens = _tokens(3)
+
+  def step(model, opt, tokens):
+    opt.update(model, nnx.grad(_loss)(model, tokens))
+
+  runs = []
+  for budget in (1 << 40, 1):
+    monkeypatch.setattr(_chunks, "REFRESH_CHUNK_BYTES", budget)
+    model = _llama()
+    osnn.rso_layers(model, RANK, distribution=distribution)
+    layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, osnn.RsoLinear)]
+    for i, layer in enumerate(layers):
+      layer.rso_b.value = 0.1 * jax.random.normal(jax.random.PRNGKey(i), layer.rso_b.shape)
+    opt = nnx.Optimizer(model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0),
+                        wrt=nnx.Param)
+    # A fresh function per budget: the chunks are fixed when the merge is traced.
+    merge = lambda model: osnn.merge_and_redraw(model)  # pylint: disable=unnecessary-lambda
+    merge, update = (nnx.jit(merge), nnx.jit(step)) if jit else (merge, step)
+    merge(model)
+    merged = _arrays(nnx.state(model))
+    update(model, opt, tokens)
+    runs.append((merged, _arrays(nnx.state((model, opt)))))
+  (one_merged, one_stepped), (each_merged, each_stepped) = runs
+  assert int(model.layers[0].mlp.down_proj.rso_subproblem[...]) == 1
+  rounded = jit and distribution == "haar"
+  for stage, want, got in (("merge", one_merged, each_merged), ("step", one_stepped, each_stepped)):
+    assert got.keys() == want.keys()
+    for path in want:
+      if rounded and (stage == "step" or "rso_basis" in path):
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-6, atol=1e-7, err_msg=path)
+      else:
+        np.testing.assert_array_equal(got[path], want[path], err_msg=path)
 
 
 # --- errors ------------------------------------------------------------------------

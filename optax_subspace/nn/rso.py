@@ -90,6 +90,7 @@ from jax.sharding import PartitionSpec
 
 from optax_subspace import _presets
 from optax_subspace._restart import restart_every
+from optax_subspace.nn import _chunks
 from optax_subspace.nn import _surgery
 from optax_subspace.projectors import _base
 from optax_subspace.projectors.random import DISTRIBUTIONS
@@ -414,8 +415,15 @@ def merge_and_redraw(model: nnx.Module) -> None:
 
   W_{k+1} = W_k + P_k·B (float32 arithmetic at full precision, stored in W's
   dtype), B ← 0, k ← k + 1 and P ← P_{k+1}, the layer's next draw
-  (arXiv:2502.07222, the outer loop). The draws of all layers with the same
-  (in_features, rank, distribution) are one vmapped computation. Call it
+  (arXiv:2502.07222, the outer loop). The layers go in chunks of at most
+  `nn._chunks.REFRESH_CHUNK_BYTES` (256 MiB) of float32 temporaries (W + P·B
+  and the draw), a chunk's draws of one (in_features, rank, distribution) one
+  vmapped computation, chunk after chunk under optimization barriers: so a
+  jitted merge holds one chunk's temporaries, not every layer's (LLaMA-7B's
+  all-at-once merge needed 11.3 GB of them, its step 8.3, on an H200). The
+  values are those of one chunk per shape, but for float32 rounding of the
+  Haar draw's products where XLA picks other kernels for another batch size
+  (jitted on the CPU: a batch of one). Call it
   after every K-th optimizer update (`merge_if_due` does the bookkeeping).
   Shardings: eagerly the arrays keep theirs; under `nnx.jit`, variables with
   `out_sharding` metadata (`nnx.with_partitioning`, as `rso_layers` derives
@@ -444,23 +452,33 @@ def merge_and_redraw(model: nnx.Module) -> None:
   layers = _rso_linears(model)
   if not layers:
     raise ValueError("model has no RsoLinear layers; call rso_layers first.")
-  groups: dict[tuple, list[RsoLinear]] = {}
-  for layer in layers:
-    groups.setdefault((layer.in_features, layer.rank, layer.distribution), []).append(layer)
-  for (m, r, distribution), group in groups.items():
-    keys = jnp.stack([
-        _layer_key(layer.leaf_index, layer.seed, layer.rso_subproblem[...] + 1)
-        for layer in group])
-    bases = jax.vmap(
-        lambda key: random_basis(key, m, r, distribution))(keys)
-    for layer, basis in zip(group, bases):
-      w, p, b = layer.kernel[...], layer.rso_basis[...], layer.rso_b[...]
+  # A layer's float32 temporaries: its W + P·B (m×n) and its Gaussian draw (m×r).
+  previous = None
+  for (m, r, distribution), chunk in _chunks.chunks(
+      layers, lambda layer: (layer.in_features, layer.rank, layer.distribution),
+      lambda layer: 4 * layer.in_features * (layer.out_features + layer.rank)):
+    inputs = _chunks.after(previous, [
+        (layer.rso_subproblem[...], layer.kernel[...], layer.rso_basis[...], layer.rso_b[...])
+        for layer in chunk])
+    kernels = []
+    for layer, (_, w, p, b) in zip(chunk, inputs):
       merged = w.astype(jnp.float32) + jnp.matmul(
           p, b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-      layer.kernel.value = _kept(merged.astype(w.dtype), layer.kernel)
-      layer.rso_b.value = _kept(jnp.zeros_like(b), layer.rso_b)
+      kernels.append(_kept(merged.astype(w.dtype), layer.kernel))
+    # The new P and B = 0 go where the old ones were (donated under jit): made after the merges
+    # read the old ones, or the compiler copies every P and B first to keep them.
+    keys, zeros = _chunks.after(kernels, (
+        jnp.stack([_layer_key(layer.leaf_index, layer.seed, k + 1)
+                   for layer, (k, _, _, _) in zip(chunk, inputs)]),
+        [jnp.zeros_like(b) for _, _, _, b in inputs]))
+    bases = jax.vmap(lambda key: random_basis(key, m, r, distribution))(keys)
+    previous = []
+    for layer, (k, _, _, _), kernel, basis, zero in zip(chunk, inputs, kernels, bases, zeros):
+      layer.kernel.value = kernel
+      layer.rso_b.value = _kept(zero, layer.rso_b)
       layer.rso_basis.value = _kept(basis, layer.rso_basis)
-      layer.rso_subproblem.value = layer.rso_subproblem[...] + 1
+      layer.rso_subproblem.value = k + 1
+      previous.append((kernel, layer.rso_basis[...]))
 
 
 def merge_if_due(model: nnx.Module, step, inner_steps: int) -> None:
