@@ -12,6 +12,7 @@ from flax import nnx
 import optax_subspace as osub
 from examples.llama.config import ModelConfig
 from examples.llama.model import Llama
+from optax_subspace.nn import _chunks
 from optax_subspace.nn import grass as nng
 
 TINY = ModelConfig(16, 24, 2, 2, 32, compute_dtype="float32")
@@ -320,6 +321,49 @@ def test_remat_backward_still_forms_no_weight_gradient_per_block():
   assert not (either(h, h) | either(h, ffn)) & shapes, shapes  # no dW of a GRASS layer
   assert either(h, 4) & shapes and either(ffn, 4) & shapes  # ∂L/∂D
   assert either(h, TINY.vocab_size) & shapes  # the dense head's dW, for contrast
+
+
+def _arrays(tree):
+  """Path -> array of every leaf of an NNX state (or pytree), for exact comparisons."""
+  return {jax.tree_util.keystr(path): np.asarray(x)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_refresh_merging_layer_by_layer_equals_one_chunk_and_so_do_the_steps(monkeypatch, jit):
+  # A budget below every layer's bytes makes each layer's merge a chunk of its own (ordered by
+  # optimization barriers); a budget above all of them is one chunk. Refreshes at every step
+  # (K = 1, sampled selections) after a first update, so D and its moments are non-zero when
+  # merged and reset: the same model and optimizer state after each refresh and step, bit for bit.
+  def refresh(model, opt, tokens):
+    return nng.grass_refresh(model, opt, _llama_loss, tokens)
+
+  def step(model, opt, tokens):
+    opt.update(model, nnx.grad(_llama_loss)(model, tokens))
+
+  runs = []
+  for budget in (1 << 40, 1):
+    monkeypatch.setattr(_chunks, "REFRESH_CHUNK_BYTES", budget)
+    model = Llama(REMAT, nnx.Rngs(0))
+    nng.grass_layers(model, 4, update_every=1, selection="multinomial", seed=3)
+    opt = nnx.Optimizer(model, nng.grass_optimizer(1e-2), wrt=nnx.Param)
+    # A fresh jit per budget: the chunks are fixed when the refresh is traced.
+    run_refresh, run_step = (nnx.jit(refresh), nnx.jit(step)) if jit else (refresh, step)
+    states = []
+    run_step(model, opt, _tokens(0))
+    for t in range(1, 3):
+      changed = run_refresh(model, opt, _tokens(t))
+      states.append((_arrays(changed), _arrays(nnx.state((model, opt)))))
+      run_step(model, opt, _tokens(t))
+      states.append(({}, _arrays(nnx.state((model, opt)))))
+    runs.append(states)
+  assert any(np.any(x) for x in runs[0][0][0].values())  # some selection moved
+  for (want_changed, want), (got_changed, got) in zip(*runs):
+    assert got_changed.keys() == want_changed.keys() and got.keys() == want.keys()
+    for path in want_changed:
+      np.testing.assert_array_equal(got_changed[path], want_changed[path], err_msg=path)
+    for path in want:
+      np.testing.assert_array_equal(got[path], want[path], err_msg=path)
 
 
 class TwoNet(nnx.Module):

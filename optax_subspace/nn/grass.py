@@ -57,6 +57,7 @@ from flax import nnx
 
 from optax_subspace import _leaves
 from optax_subspace import _presets
+from optax_subspace.nn import _chunks
 from optax_subspace.nn import _surgery
 from optax_subspace.projectors import _base
 from optax_subspace.projectors.sparse_rows import _row_norms
@@ -115,8 +116,12 @@ def _probed_matmul(dot: Callable[[jax.Array, jax.Array], jax.Array]):
     dw = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     finite = jnp.all(jnp.isfinite(dw))
-    norms = _row_norms(jnp.where(finite, dw, 0.0).T)
-    return dx, None, jnp.where(finite, norms, jnp.nan)
+    norms = jnp.where(finite, _row_norms(jnp.where(finite, dw, 0.0).T), jnp.nan)
+    # ∂L/∂x, which the backward of the layers before needs, is released only once this layer's
+    # dW is reduced: the compiler kept every dW of a block alive at once otherwise (CPU compile of
+    # the LLaMA-7B block with barriers kept: three 4096×11008 float32 dW, each with two copies).
+    dx, norms = jax.lax.optimization_barrier((dx, norms))
+    return dx, None, norms
 
   matmul.defvjp(fwd, bwd)
   return matmul
@@ -379,6 +384,30 @@ def grass_optimizer(
   return optax.chain(*parts)
 
 
+def _merge_in_chunks(layers: list[GrassLinear]) -> None:
+  """`GrassLinear.merge` of every layer, in chunks of at most `_chunks.REFRESH_CHUNK_BYTES`.
+
+  A chunk's merges start once the previous chunk's merged kernels exist, so
+  the temporaries of a chunk's scatters (a float32 copy of each W on the CPU)
+  are all that is alive at once, not every layer's (`_chunks`). D ← 0 comes
+  after the chunk's merges have read D: the zeros then take D's own (donated)
+  buffer, where zeros made earlier were a copy of every D kept to the end.
+  """
+  previous = None
+  for _, chunk in _chunks.chunks(layers, lambda layer: None,
+                                 lambda layer: 4 * layer.in_features * layer.out_features):
+    inputs = _chunks.after(previous, [(layer.kernel[...], getattr(layer, D_NAME)[...])
+                                      for layer in chunk])
+    for layer, (w, d) in zip(chunk, inputs):  # the merge reads W and D as the barrier gives them
+      layer.kernel[...] = w
+      getattr(layer, D_NAME)[...] = d
+      layer.kernel[...] = layer.effective_kernel()
+    previous = [layer.kernel[...] for layer in chunk]
+    zeros = _chunks.after(previous, [jnp.zeros_like(d) for _, d in inputs])
+    for layer, zero in zip(chunk, zeros):
+      getattr(layer, D_NAME)[...] = zero
+
+
 def _probe_norms(model, layers, loss_fn, args, kwargs):
   """‖dW[:, j]‖ of every GRASS layer on this batch, from one backward pass."""
   for _, layer in layers:
@@ -451,11 +480,17 @@ def grass_refresh(model: nnx.Module, optimizer: nnx.Optimizer,
   the step on the same batch):
 
   1. merge: W ← W + scatter_cols(D·diag ρ, σ), D ← 0 (effective weights
-     unchanged);
+     unchanged), in chunks of layers of at most
+     `nn._chunks.REFRESH_CHUNK_BYTES` (256 MiB) of float32 W, chunk after
+     chunk under optimization barriers, so that one chunk's temporaries are
+     alive at once, not every layer's (the LLaMA-7B refresh needed 11.1 GB of
+     temporaries against the step's 2.8 on an H200); the same values;
   2. one forward and backward pass of ``loss_fn(model, *args, **kwargs)`` in
      which each layer's backward forms its dW = Xᵀ·dY, reduces it to the
-     column norms ‖dW[:, j]‖ and drops it: only one layer's dW at a time,
-     no weight gradient kept;
+     column norms ‖dW[:, j]‖ and drops it, no weight gradient kept; its
+     ∂L/∂x is released only once the norms exist (an optimization barrier),
+     so the layers before it wait: the dW of layers in sequence are never
+     alive together (side by side ones, q, k, v or gate, up, may be);
   3. σ, ρ from those norms by the layer's rule ("topk": r largest, ρ = 1;
      "multinomial": q ∝ ‖·‖, ρ = 1/√(r·q); "uniform": ρ = √(out/r)), with
      the key folded with the step: `projectors.sparse_rows`'s rule and
@@ -510,8 +545,7 @@ def grass_refresh(model: nnx.Module, optimizer: nnx.Optimizer,
   def refresh(state):
     model, optimizer = nnx.merge(graphdef, state)
     layers = _grass_modules(model)
-    for _, layer in layers:
-      layer.merge()
+    _merge_in_chunks([layer for _, layer in layers])
     norms = _probe_norms(model, layers, loss_fn, args, kwargs)
     moved = _reselect_all(layers, norms, step)
     _reset_moments(optimizer, layers, moved)
