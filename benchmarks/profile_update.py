@@ -35,6 +35,7 @@ import optax
 import optax_subspace as osub
 from benchmarks import _provenance
 from benchmarks import optimizer_step
+from optax_subspace import _chunks
 from optax_subspace import _combinator
 
 KINDS = (
@@ -53,9 +54,9 @@ def methods(rank: int, big: int = 10**9) -> dict:
   products with gradients whose kept side is not a multiple of 8 (1B's ffn
   5461) run on the gradient as it is, to measure what the zero padding buys.
   "galore_refresh*" refresh at every call (T = 1): the SVD refresh of every
-  projected matrix plus the step; "*_unchunked" compile with the
-  combinator's REFRESH_CHUNK_BYTES unbounded (one batched refresh per shape,
-  as before 972ca93), to measure what chunking the refresh costs in time.
+  projected matrix plus the step; "*_unchunked" compile with
+  `optax_subspace._chunks.REFRESH_CHUNK_BYTES` unbounded (one batched refresh
+  per shape, as before 972ca93), to measure what chunking costs in time.
   """
   mask = optimizer_step.PROJECTED
   return {
@@ -73,9 +74,9 @@ def methods(rank: int, big: int = 10**9) -> dict:
   }
 
 
-# Combinator settings a method's name changes while it compiles (they are read while tracing).
-_COMPILE_SETTINGS = {"_unpadded": ("PRODUCT_ALIGNMENT", 1),
-                     "_unchunked": ("REFRESH_CHUNK_BYTES", 1 << 62)}
+# Library settings a method's name changes while it compiles (they are read while tracing).
+_COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
+                     "_unchunked": (_chunks, "REFRESH_CHUNK_BYTES", 1 << 62)}
 
 
 def kind_of(name: str) -> str:
@@ -124,14 +125,14 @@ def profile(name, tx, count, params, grads, reps: int, top: int) -> dict:
   if count is not None:
     state = optimizer_step._set_count(state, count)  # pylint: disable=protected-access
   changed = [setting for suffix, setting in _COMPILE_SETTINGS.items() if name.endswith(suffix)]
-  saved = {attr: getattr(_combinator, attr) for attr, _ in changed}
-  for attr, value in changed:  # set around the compile only
-    setattr(_combinator, attr, value)
+  saved = [(module, attr, getattr(module, attr)) for module, attr, _ in changed]
+  for module, attr, value in changed:  # set around the compile only
+    setattr(module, attr, value)
   try:
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
   finally:
-    for attr, value in saved.items():
-      setattr(_combinator, attr, value)
+    for module, attr, value in saved:
+      setattr(module, attr, value)
   p = jax.tree_util.tree_map(jnp.copy, params)
   run = lambda p, s: (*compiled(p, s, grads),)
   wall, (p, state) = optimizer_step.time_calls(run, lambda: (p, state), reps)

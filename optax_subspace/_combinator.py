@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_subspace import _chunks
 from optax_subspace import _leaves
 from optax_subspace.projectors import _base
 
@@ -30,11 +31,6 @@ ON_CHANGE = ("keep", "reset", "transport")
 # back-projection, so no value changes; the cost is one copy of such a
 # gradient. 1 turns the padding off.
 PRODUCT_ALIGNMENT = 8
-# The float32 gradient bytes one batched refresh call stacks (`_refresh_by_shape`):
-# a LLaMA-1B refresh is a few batched calls per shape, and the refresh's extra
-# memory is about this much (plus the projector's working set), not a float32
-# copy of every projected gradient.
-REFRESH_CHUNK_BYTES = 1 << 28
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -129,37 +125,14 @@ def _by_shape(fn, plans, leaves, group, *trees):
   return results
 
 
-def _refresh_chunks(plans, leaves, chunk_bytes):
-  """The leaves of each (s, l, r) group, in chunks of at most `chunk_bytes`.
-
-  Bytes count a chunk's float32 gradients; a leaf larger than the cap is a
-  chunk of its own (its matrices are never split).
-  """
-  groups: dict[Any, list[int]] = {}
-  for i in leaves:
-    p = plans[i]
-    groups.setdefault((p.side, p.other, p.rank), []).append(i)
-  chunks = []
-  for members in groups.values():
-    chunk, size = [], 0
-    for i in members:
-      nbytes = 4 * plans[i].num_matrices * plans[i].side * plans[i].other
-      if chunk and size + nbytes > chunk_bytes:
-        chunks.append(chunk)
-        chunk, size = [], 0
-      chunk.append(i)
-      size += nbytes
-    chunks.append(chunk)
-  return chunks
-
-
 def _refresh_by_shape(projector, plans, pstates, grads, count, prepare):
   """Refreshes every projected matrix when due: by (s, l, r), chunk by chunk.
 
   `grads` are the gradients as they come; `prepare(i, g)` orients and casts
-  one inside its chunk's refresh. Each chunk (`REFRESH_CHUNK_BYTES` of
-  float32 gradients at most) is one `lax.cond` on `needs_refresh(count)`
-  whose refresh branch is one vmapped call on the chunk's stacked gradients;
+  one inside its chunk's refresh. Each chunk (`_chunks.REFRESH_CHUNK_BYTES`
+  of float32 gradients at most; a leaf is never split) is one `lax.cond` on
+  `needs_refresh(count)` whose refresh branch is one vmapped call on the
+  chunk's stacked gradients;
   an optimization barrier orders the chunks, so chunk k + 1's gradients are
   read only once chunk k's bases exist. A cond's operands must all exist
   before it runs: one cond over every gradient kept every gradient (and any
@@ -169,11 +142,11 @@ def _refresh_by_shape(projector, plans, pstates, grads, count, prepare):
   """
   states, changed, previous = {}, {}, None
   due = projector.needs_refresh(count)
-  for chunk in _refresh_chunks(plans, list(pstates), REFRESH_CHUNK_BYTES):
-    sub = {i: pstates[i] for i in chunk}
-    raw = {i: grads[i] for i in chunk}
-    if previous is not None:
-      previous, sub, raw = jax.lax.optimization_barrier((previous, sub, raw))
+  shape = lambda i: (plans[i].side, plans[i].other, plans[i].rank)
+  size = lambda i: 4 * plans[i].num_matrices * plans[i].side * plans[i].other
+  for _, chunk in _chunks.chunks(list(pstates), shape, size):
+    sub, raw = _chunks.after(previous, ({i: pstates[i] for i in chunk},
+                                        {i: grads[i] for i in chunk}))
     no_change = {i: jnp.zeros(plans[i].batch_shape, bool) for i in chunk}
     refreshed = lambda s, raw, chunk=chunk: _by_shape(
         lambda state, g: projector.refresh(state, g, count), plans, chunk,

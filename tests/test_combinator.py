@@ -280,12 +280,10 @@ def test_bf16_projection_products_stay_close_to_float32(make):
   assert err < 3e-2  # bf16 operands: 8 mantissa bits
 
 
-def _with_setting(monkeypatch, name, value, make, params, seed):
+def _with_setting(monkeypatch, module, name, value, make, params, seed):
   """(params and state after 4 jitted steps, the update's lowered text) with
-  the combinator's module constant `name` set to `value` while tracing."""
-  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
-
-  monkeypatch.setattr(_combinator, name, value)
+  the constant `name` of `module` set to `value` while tracing."""
+  monkeypatch.setattr(module, name, value)
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
   grads = [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params)
            for k in keys]
@@ -311,8 +309,10 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
   # included, and add a pad to the compiled update.
   params = {"a": jnp.ones((24, 37)), "b": jnp.ones((45, 16)),
             "c": jnp.ones((16, 16))}
+  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
+
   run = lambda alignment: _with_setting(
-      monkeypatch, "PRODUCT_ALIGNMENT", alignment, make, params, 0)
+      monkeypatch, _combinator, "PRODUCT_ALIGNMENT", alignment, make, params, 0)
   (padded, hlo_padded), (plain, hlo_plain) = run(8), run(1)
   chex.assert_trees_all_close(padded, plain, atol=1e-6, rtol=1e-6)
   assert "stablehlo.pad" in hlo_padded and "stablehlo.pad" not in hlo_plain
@@ -331,8 +331,10 @@ def test_refresh_in_chunks_changes_no_value(make, monkeypatch):
   # four: bases differ by ~2e-6 here).
   params = {f"w{i}": jnp.ones((12, 20)) for i in range(4)}
   params["v"] = jnp.ones((20, 12))
+  from optax_subspace import _chunks  # pylint: disable=g-import-not-at-top
+
   run = lambda chunk_bytes: _with_setting(
-      monkeypatch, "REFRESH_CHUNK_BYTES", chunk_bytes, make, params, 3)
+      monkeypatch, _chunks, "REFRESH_CHUNK_BYTES", chunk_bytes, make, params, 3)
   (whole, hlo_whole), (chunked, hlo_chunked) = run(1 << 28), run(1)
   chex.assert_trees_all_close(whole, chunked, atol=1e-5, rtol=1e-5)
   # One refresh cond per leaf, not one.

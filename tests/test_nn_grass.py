@@ -12,7 +12,7 @@ from flax import nnx
 import optax_subspace as osub
 from examples.llama.config import ModelConfig
 from examples.llama.model import Llama
-from optax_subspace.nn import _chunks
+from optax_subspace import _chunks
 from optax_subspace.nn import grass as nng
 
 TINY = ModelConfig(16, 24, 2, 2, 32, compute_dtype="float32")

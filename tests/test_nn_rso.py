@@ -23,7 +23,7 @@ from examples.llama.config import ModelConfig
 from examples.llama.model import Llama
 import optax_subspace as osub
 from optax_subspace import nn as osnn
-from optax_subspace.nn import _chunks
+from optax_subspace import _chunks
 from optax_subspace.projectors import _base
 from optax_subspace.projectors import random_basis
 

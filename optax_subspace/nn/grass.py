@@ -57,7 +57,7 @@ from flax import nnx
 
 from optax_subspace import _leaves
 from optax_subspace import _presets
-from optax_subspace.nn import _chunks
+from optax_subspace import _chunks
 from optax_subspace.nn import _surgery
 from optax_subspace.projectors import _base
 from optax_subspace.projectors.sparse_rows import _row_norms
@@ -481,7 +481,7 @@ def grass_refresh(model: nnx.Module, optimizer: nnx.Optimizer,
 
   1. merge: W ← W + scatter_cols(D·diag ρ, σ), D ← 0 (effective weights
      unchanged), in chunks of layers of at most
-     `nn._chunks.REFRESH_CHUNK_BYTES` (256 MiB) of float32 W, chunk after
+     `optax_subspace._chunks.REFRESH_CHUNK_BYTES` (256 MiB) of float32 W, chunk after
      chunk under optimization barriers, so that one chunk's temporaries are
      alive at once, not every layer's (the LLaMA-7B refresh needed 11.1 GB of
      temporaries against the step's 2.8 on an H200); the same values;

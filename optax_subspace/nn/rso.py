@@ -90,7 +90,7 @@ from jax.sharding import PartitionSpec
 
 from optax_subspace import _presets
 from optax_subspace._restart import restart_every
-from optax_subspace.nn import _chunks
+from optax_subspace import _chunks
 from optax_subspace.nn import _surgery
 from optax_subspace.projectors import _base
 from optax_subspace.projectors.random import DISTRIBUTIONS
@@ -416,7 +416,7 @@ def merge_and_redraw(model: nnx.Module) -> None:
   W_{k+1} = W_k + P_k·B (float32 arithmetic at full precision, stored in W's
   dtype), B ← 0, k ← k + 1 and P ← P_{k+1}, the layer's next draw
   (arXiv:2502.07222, the outer loop). The layers go in chunks of at most
-  `nn._chunks.REFRESH_CHUNK_BYTES` (256 MiB) of float32 temporaries (W + P·B
+  `optax_subspace._chunks.REFRESH_CHUNK_BYTES` (256 MiB) of float32 temporaries (W + P·B
   and the draw), a chunk's draws of one (in_features, rank, distribution) one
   vmapped computation, chunk after chunk under optimization barriers: so a
   jitted merge holds one chunk's temporaries, not every layer's (LLaMA-7B's

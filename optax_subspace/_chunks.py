@@ -7,7 +7,8 @@ GRASS refresh programs needed 11 GB of temporaries against their steps' 8.3 and
 2.8 GB (H200, compile-only). Split into chunks of at most `REFRESH_CHUNK_BYTES`
 and ordered by optimization barriers, a chunk's work starts only once the last
 chunk's results exist, so the temporaries alive at once are one chunk's. The
-optimizer-level combinator's refresh does the same (`_combinator._refresh_by_shape`).
+optimizer-level combinator's refresh (`_combinator._refresh_by_shape`) runs
+its chunks the same way, each under its own `lax.cond`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import jax
 
 T = TypeVar("T")
 
-# The float32 bytes of the layers one chunk of a refresh handles; a layer
-# larger than this is a chunk of its own (a layer is never split). At LLaMA-7B
-# a chunk holds one MLP projection or three attention projections.
+# The float32 bytes one chunk of a refresh handles: the stacked gradients of
+# the combinator's refresh (LLaMA-1B: 5 MLP or 16 attention matrices), the
+# layers of the model-level refreshes (LLaMA-7B: one MLP projection or three
+# attention projections). A leaf or layer larger than this is a chunk of its
+# own (never split).
 REFRESH_CHUNK_BYTES = 1 << 28
 
 
