@@ -55,9 +55,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from optax_subspace import _chunks
 from optax_subspace import _leaves
 from optax_subspace import _presets
-from optax_subspace import _chunks
 from optax_subspace.nn import _surgery
 from optax_subspace.projectors import _base
 from optax_subspace.projectors.sparse_rows import _row_norms

@@ -88,9 +88,9 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from optax_subspace import _chunks
 from optax_subspace import _presets
 from optax_subspace._restart import restart_every
-from optax_subspace import _chunks
 from optax_subspace.nn import _surgery
 from optax_subspace.projectors import _base
 from optax_subspace.projectors.random import DISTRIBUTIONS
