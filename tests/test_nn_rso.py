@@ -374,6 +374,121 @@ def test_merge_layer_by_layer_equals_one_chunk_and_so_does_the_next_step(
         np.testing.assert_array_equal(got[path], want[path], err_msg=path)
 
 
+# --- a basis shared by layers reading one input (share_basis) ----------------------
+
+
+def _members(model, block=0):
+  attention, mlp = model.layers[block].attention, model.layers[block].mlp
+  return attention, mlp
+
+
+def test_share_basis_gives_siblings_one_basis_drawn_for_the_first_and_redraws_it_once():
+  model = _llama()
+  flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
+  leaf_of = {"/".join(str(k.key) for k in kp[:-2]): i
+             for i, (kp, _) in enumerate(flat) if kp[-2].key == "kernel"}
+  osnn.rso_layers(model, RANK, distribution="gaussian", seed=7,
+                  share_basis=osnn.SHARE_QKV_GATE_UP)
+  layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, osnn.RsoLinear)]
+  for i, layer in enumerate(layers):
+    layer.rso_b.value = 0.1 * jax.random.normal(jax.random.PRNGKey(i), layer.rso_b.shape)
+  # Per block one basis for q/k/v, one for gate/up, and o_proj's and down_proj's own: 4, not 7.
+  assert len(jax.tree_util.tree_leaves(nnx.state(model, osnn.RsoBasis))) == 2 * 4 * TINY.layers
+  effective = _effective_kernels(model)
+  for k in range(2):
+    for block in range(TINY.layers):
+      attention, mlp = _members(model, block)
+      assert attention.q_proj.rso_basis is attention.k_proj.rso_basis is attention.v_proj.rso_basis
+      assert mlp.gate_proj.rso_basis is mlp.up_proj.rso_basis
+      assert attention.o_proj.rso_basis is not attention.q_proj.rso_basis
+      # The group's first leaf draws: Params flatten by sorted names, so k_proj for q/k/v.
+      for owner in (attention.k_proj, attention.o_proj, mlp.gate_proj, mlp.down_proj):
+        path = next("/".join(map(str, p)) for p, n in nnx.iter_graph(model) if n is owner)
+        key = jax.random.fold_in(jax.random.fold_in(_base.matrix_keys(leaf_of[path], 1)[0], 7), k)
+        np.testing.assert_array_equal(
+            owner.rso_basis[...], random_basis(key, owner.in_features, RANK, "gaussian"))
+        assert int(owner.rso_subproblem[...]) == k
+    if k == 0:
+      osnn.merge_and_redraw(model)
+      # Every member merged W + P_0·B with the basis it trained in, before P was redrawn.
+      for path, w in _effective_kernels(model).items():
+        np.testing.assert_allclose(w, effective[path], rtol=1e-6, atol=1e-7, err_msg=path)
+      assert not any(np.any(np.asarray(layer.rso_b[...])) for layer in layers)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_shared_basis_gradients_are_the_projected_weight_gradients(jit):
+  # Each member's ∂L/∂B at B = 0 is Pᵀ·∂L/∂W with the group's one P (and stays so under jit, where
+  # the members' x·P products are one).
+  model = _llama()
+  full = nnx.grad(_loss)(model, _tokens(1))
+  osnn.rso_layers(model, RANK, share_basis=osnn.SHARE_QKV_GATE_UP)
+  grad = nnx.jit(nnx.grad(_loss)) if jit else nnx.grad(_loss)
+  grads = grad(model, _tokens(1))
+  for block in range(TINY.layers):
+    for part, names in (("attention", ("q_proj", "k_proj", "v_proj")),
+                        ("mlp", ("gate_proj", "up_proj"))):
+      module = getattr(model.layers[block], part)
+      for name in names:
+        p = getattr(module, name).rso_basis[...]
+        np.testing.assert_allclose(
+            grads["layers"][block][part][name]["rso_b"][...],
+            p.T @ full["layers"][block][part][name]["kernel"][...], rtol=1e-5, atol=1e-6)
+
+
+def _input_products(model, tokens):
+  """Instructions of a compiled gradient that make a (tokens, RANK) array from a basis: x·P.
+
+  Counted on the optimised HLO (any opcode: the CPU compiler turns these dots into fusions,
+  its batch axes flattened or not), so products merged by the compiler count once."""
+  graphdef, state = nnx.split(model)  # shared Variables are one leaf here (jax.jit of the
+  # module as a pytree would pass each sharer's copy as an argument of its own)
+  grad = lambda state, tokens: nnx.grad(_loss)(nnx.merge(graphdef, state), tokens)
+  hlo = jax.jit(grad).lower(state, tokens).compile().as_text()
+  b, s = tokens.shape[0], tokens.shape[1] - 1
+  shape = rf"f32\[(?:{b * s}|{b},{s}),{RANK}\]"
+  return len(re.findall(rf"= {shape}\S* (?!parameter)[\w-]+\([^\n]*rso_basis", hlo))
+
+
+def test_shared_basis_keeps_one_input_product_per_input():
+  tokens = _tokens(0, seq=7)  # 2 × 6 tokens: no basis (16 × RANK) has the products' shape
+  counts = []
+  for share in (None, osnn.SHARE_QKV_GATE_UP):
+    model = _llama()
+    osnn.rso_layers(model, RANK, share_basis=share)
+    counts.append(_input_products(model, tokens))
+  # Unshared: x·P of each of the 7 layers of a block; shared: one per input (q/k/v, o, gate/up,
+  # down), so one b×r activation per input lives until the backward.
+  assert counts == [7 * TINY.layers, 4 * TINY.layers]
+
+
+def test_shared_basis_train_loop_jit_matches_eager():
+  batches = [_tokens(s) for s in range(5)]
+  results = []
+  for jit in (False, True):
+    model = _llama()
+    osnn.rso_layers(model, RANK, share_basis=osnn.SHARE_QKV_GATE_UP)
+    _train_model_level(model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0),
+                       batches, 2, jit=jit)
+    attention, mlp = _members(model, 1)
+    assert int(attention.k_proj.rso_subproblem[...]) == 2
+    assert attention.q_proj.rso_basis is attention.v_proj.rso_basis
+    assert mlp.gate_proj.rso_basis is mlp.up_proj.rso_basis
+    results.append(_effective_kernels(model))
+  for path in results[0]:
+    np.testing.assert_allclose(results[1][path], results[0][path], rtol=1e-5, atol=1e-6)
+
+
+def test_shared_basis_needs_layers_of_one_input_width():
+  with pytest.raises(ValueError, match="in_features"):
+    osnn.rso_layers(_llama(), RANK, share_basis=r"gate_proj|up_proj|down_proj")
+  a = osnn.RsoLinear(_linear(8, 6), RANK)
+  with pytest.raises(ValueError, match="equal"):
+    osnn.RsoLinear(_linear(8, 5), RANK - 1, share_basis_of=a)
+  with pytest.raises(TypeError, match="RsoLinear"):
+    osnn.RsoLinear(_linear(8, 5), RANK, share_basis_of=_linear(8, 5))
+
+
 # --- errors ------------------------------------------------------------------------
 
 

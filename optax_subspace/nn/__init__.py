@@ -10,6 +10,7 @@ from optax_subspace.nn.grass import GrassSelection
 from optax_subspace.nn.grass import grass_layers
 from optax_subspace.nn.grass import grass_optimizer
 from optax_subspace.nn.grass import grass_refresh
+from optax_subspace.nn.rso import SHARE_QKV_GATE_UP
 from optax_subspace.nn.rso import FrozenKernel
 from optax_subspace.nn.rso import RsoBasis
 from optax_subspace.nn.rso import RsoLinear

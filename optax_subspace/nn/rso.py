@@ -78,6 +78,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -98,6 +99,9 @@ from optax_subspace.projectors.random import random_basis
 
 # The attribute name of B in an RsoLinear: `rso_optimizer` selects by it.
 B_NAME = "rso_b"
+# `rso_layers(share_basis=...)` for the LLaMA example's layer names: q/k/v share one P, gate/up
+# another (each group reads one input).
+SHARE_QKV_GATE_UP = r"[qkv]_proj|gate_proj|up_proj"
 _NOT_2D_LINEAR = (nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)
 
 
@@ -179,6 +183,10 @@ class RsoLinear(nnx.Module):
       `optax_subspace.rso` draws the same P_k for that leaf).
     distribution: "haar" (orthonormal columns) or "gaussian" (N(0, 1/r)).
     seed: folded into the layer's key.
+    share_basis_of: another `RsoLinear` with the same in_features, rank,
+      distribution and seed whose P (and subproblem index) this layer uses:
+      the two hold one `RsoBasis` variable, drawn from that layer's key
+      (`rso_layers`'s ``share_basis``). None: the layer draws its own.
 
   Example:
     >>> import jax.numpy as jnp
@@ -190,7 +198,8 @@ class RsoLinear(nnx.Module):
   """
 
   def __init__(self, linear: nnx.Linear, rank: int, *, leaf_index: int = 0,
-               distribution: str = "haar", seed: int = 0):
+               distribution: str = "haar", seed: int = 0,
+               share_basis_of: Optional["RsoLinear"] = None):
     if not isinstance(linear, nnx.Linear):
       raise TypeError(
           f"RsoLinear replaces an nnx.Linear, got {type(linear).__name__}.")
@@ -225,6 +234,24 @@ class RsoLinear(nnx.Module):
     self.bias = linear.bias
     self.rso_b = nnx.Param(
         _placed(jnp.zeros((rank, n), w.dtype), w, 1), **_split_metadata(kernel, 1))
+    if share_basis_of is not None:
+      other = share_basis_of
+      if not isinstance(other, RsoLinear):
+        raise TypeError(
+            f"share_basis_of must be an RsoLinear, got {type(other).__name__}.")
+      theirs = (other.in_features, other.rank, other.distribution, other.seed)
+      if theirs != (m, rank, distribution, seed):
+        raise ValueError(
+            "a shared basis needs equal (in_features, rank, distribution, seed):"
+            f" this layer has {(m, rank, distribution, seed)}, the other {theirs}.")
+      # One Variable in both modules: NNX keeps it one leaf of the state, so the layers read the
+      # same array, and a merge redraws it once.
+      self.basis_index = other.basis_index
+      self.rso_basis = other.rso_basis
+      self.rso_subproblem = other.rso_subproblem
+      return
+    # The leaf whose key draws this layer's P_k (its own unless shared).
+    self.basis_index = leaf_index
     basis = random_basis(
         _layer_key(leaf_index, seed, 0), m, rank, distribution)
     self.rso_basis = RsoBasis(_placed(basis, w, 0), **_split_metadata(kernel, 0))
@@ -329,7 +356,8 @@ def _rso_linears(model: nnx.Module) -> list[RsoLinear]:
 
 
 def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(attention|mlp)/",
-               distribution: str = "haar", seed: int = 0) -> list[str]:
+               distribution: str = "haar", seed: int = 0,
+               share_basis: Optional[str] = None) -> list[str]:
   r"""Turns the selected `nnx.Linear` layers of `model` into `RsoLinear`, in place.
 
   Each selected layer computes y = x·W + (x·P_k)·B afterwards, with B = 0,
@@ -340,6 +368,20 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
   matrix_keys(i, 1)[0], seed), k), in_features, rank, distribution)``: the
   basis the optimizer-level ``optax_subspace.rso`` (same rank, seed and
   distribution) draws for that leaf, so both levels take the same steps.
+
+  ``share_basis`` (off by default) lets sibling layers that read the same
+  input use one P: the selected layers whose name (last path element) the
+  regex matches in full and that have the same parent module share the P of
+  the first of them (by leaf index). The LLaMA example's q/k/v and gate/up
+  projections each read one input, so with ``share_basis=SHARE_QKV_GATE_UP``
+  the backward keeps x·P once per input instead of once per layer (at rank
+  256 and 1024-wide inputs, 256 values per token instead of 768 for
+  q/k/v, and 256 instead of 512 for gate/up), and stores P once. Each
+  layer's P is still a draw of the chosen distribution, so E[P·Pᵀ] per layer is
+  unchanged; what departs from the paper's per-weight draws is that the
+  layers of a group move in the same random subspace of their common input.
+  The optimizer-level ``optax_subspace.rso`` draws per leaf and has no such
+  option, so the two levels take the same steps only without it.
 
   References:
     Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace
@@ -355,6 +397,8 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
       ``(path, layer) -> bool``.
     distribution: "haar" or "gaussian" (`projectors.random_basis`).
     seed: folded into every layer's key.
+    share_basis: None (one P per layer, the paper's) or a regex for the
+      layer names whose same-parent siblings share one P (above).
 
   Returns:
     The "/"-joined paths of the replaced layers.
@@ -381,9 +425,24 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
           f"{_surgery.path_str(path)} is an nnx.{type(layer).__name__}, not a"
           " 2-D linear map (nnx.Linear); narrow `mask` to leave it out.")
   index = _surgery.param_leaf_indices(model)
-  new = [(path, RsoLinear(layer, rank, leaf_index=index[path + ("kernel",)],
-                          distribution=distribution, seed=seed))
-         for path, layer in found]
+  sharing = None if share_basis is None else re.compile(share_basis)
+  owners: dict[tuple, RsoLinear] = {}
+  new = []
+  for path, layer in sorted(found, key=lambda item: index[item[0] + ("kernel",)]):
+    parent = path[:-1] if sharing and sharing.fullmatch(str(path[-1])) else None
+    owner = owners.get(parent) if parent is not None else None
+    if owner is not None and owner.in_features != layer.in_features:
+      raise ValueError(
+          f"share_basis {share_basis!r} groups {_surgery.path_str(path)} (in_features"
+          f" {layer.in_features}) with a sibling of in_features {owner.in_features};"
+          " only layers reading the same input can share P.")
+    replacement = RsoLinear(layer, rank, leaf_index=index[path + ("kernel",)],
+                            distribution=distribution, seed=seed, share_basis_of=owner)
+    if parent is not None and owner is None:
+      owners[parent] = replacement
+    new.append((path, replacement))
+  replaced = dict(new)
+  new = [(path, replaced[path]) for path, _ in found]
   for path, layer in new:
     _surgery.replace(model, path, layer)
   return [_surgery.path_str(path) for path, _ in new]
@@ -452,33 +511,45 @@ def merge_and_redraw(model: nnx.Module) -> None:
   layers = _rso_linears(model)
   if not layers:
     raise ValueError("model has no RsoLinear layers; call rso_layers first.")
-  # A layer's float32 temporaries: its W + P·B (m×n) and its Gaussian draw (m×r).
+  # Layers holding one RsoBasis (`rso_layers(share_basis=...)`) are one unit: all merge with the
+  # old P, then P is redrawn once, from the key of the leaf it was first drawn for.
+  units: dict[int, list[RsoLinear]] = {}
+  for layer in layers:
+    units.setdefault(id(layer.rso_basis), []).append(layer)
+  # A unit's float32 temporaries: each member's W + P·B (m×n) and the Gaussian draw (m×r).
   previous = None
   for (m, r, distribution), chunk in _chunks.chunks(
-      layers, lambda layer: (layer.in_features, layer.rank, layer.distribution),
-      lambda layer: 4 * layer.in_features * (layer.out_features + layer.rank)):
+      list(units.values()),
+      lambda unit: (unit[0].in_features, unit[0].rank, unit[0].distribution),
+      lambda unit: 4 * unit[0].in_features * (
+          sum(layer.out_features for layer in unit) + unit[0].rank)):
     inputs = _chunks.after(previous, [
-        (layer.rso_subproblem[...], layer.kernel[...], layer.rso_basis[...], layer.rso_b[...])
-        for layer in chunk])
+        (unit[0].rso_subproblem[...], unit[0].rso_basis[...],
+         [(layer.kernel[...], layer.rso_b[...]) for layer in unit])
+        for unit in chunk])
     kernels = []
-    for layer, (_, w, p, b) in zip(chunk, inputs):
-      merged = w.astype(jnp.float32) + jnp.matmul(
-          p, b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-      kernels.append(_kept(merged.astype(w.dtype), layer.kernel))
+    for unit, (_, p, members) in zip(chunk, inputs):
+      for layer, (w, b) in zip(unit, members):
+        merged = w.astype(jnp.float32) + jnp.matmul(
+            p, b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        kernels.append(_kept(merged.astype(w.dtype), layer.kernel))
     # The new P and B = 0 go where the old ones were (donated under jit): made after the merges
     # read the old ones, or the compiler copies every P and B first to keep them.
     keys, zeros = _chunks.after(kernels, (
-        jnp.stack([_layer_key(layer.leaf_index, layer.seed, k + 1)
-                   for layer, (k, _, _, _) in zip(chunk, inputs)]),
-        [jnp.zeros_like(b) for _, _, _, b in inputs]))
+        jnp.stack([_layer_key(unit[0].basis_index, unit[0].seed, k + 1)
+                   for unit, (k, _, _) in zip(chunk, inputs)]),
+        [jnp.zeros_like(b) for _, _, members in inputs for _, b in members]))
     bases = jax.vmap(lambda key: random_basis(key, m, r, distribution))(keys)
     previous = []
-    for layer, (k, _, _, _), kernel, basis, zero in zip(chunk, inputs, kernels, bases, zeros):
-      layer.kernel.value = kernel
-      layer.rso_b.value = _kept(zero, layer.rso_b)
-      layer.rso_basis.value = _kept(basis, layer.rso_basis)
-      layer.rso_subproblem.value = k + 1
-      previous.append((kernel, layer.rso_basis[...]))
+    merged_kernels, new_zeros = iter(kernels), iter(zeros)
+    for unit, (k, _, _), basis in zip(chunk, inputs, bases):
+      for layer in unit:
+        layer.kernel.value = next(merged_kernels)
+        layer.rso_b.value = _kept(next(new_zeros), layer.rso_b)
+        previous.append(layer.kernel[...])
+      unit[0].rso_basis.value = _kept(basis, unit[0].rso_basis)
+      unit[0].rso_subproblem.value = k + 1
+      previous.append(unit[0].rso_basis[...])
 
 
 def merge_if_due(model: nnx.Module, step, inner_steps: int) -> None:
