@@ -37,7 +37,6 @@ from benchmarks import _provenance
 from benchmarks import optimizer_step
 from optax_subspace import _chunks
 from optax_subspace import _combinator
-from optax_subspace.projectors import _base
 
 KINDS = (
     ("gemm", re.compile(r"gemm|cutlass|xmma|cublas|sm\d+_.*(tn|nt|nn|tt)|triton_gemm|matmul",
@@ -58,9 +57,6 @@ def methods(rank: int, big: int = 10**9) -> dict:
   projected matrix plus the step; "*_unchunked" compile with
   `optax_subspace._chunks.REFRESH_CHUNK_BYTES` unbounded (one batched refresh
   per shape, as before 972ca93), to measure what chunking costs in time.
-  "*_unsplit" compile with `projectors._base.SPLIT_K_TILES` at 0: the thin
-  products (PᵀG, OSD's G·GᵀP) as one product each, not split along their
-  contraction.
   """
   mask = optimizer_step.PROJECTED
   return {
@@ -73,8 +69,6 @@ def methods(rank: int, big: int = 10**9) -> dict:
       "osd_steady_unpadded": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
       "osd_steady_bf16_products": (
           osub.online_subspace_descent(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
-      "galore_steady_unsplit": (osub.galore(1e-3, rank, big, mask=mask), 1),
-      "osd_steady_unsplit": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
       "galore_refresh": (osub.galore(1e-3, rank, 1, mask=mask), None),
       "galore_refresh_unchunked": (osub.galore(1e-3, rank, 1, mask=mask), None),
   }
@@ -82,8 +76,7 @@ def methods(rank: int, big: int = 10**9) -> dict:
 
 # Library settings a method's name changes while it compiles (they are read while tracing).
 _COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
-                     "_unchunked": (_chunks, "REFRESH_CHUNK_BYTES", 1 << 62),
-                     "_unsplit": (_base, "SPLIT_K_TILES", 0)}
+                     "_unchunked": (_chunks, "REFRESH_CHUNK_BYTES", 1 << 62)}
 
 
 def kind_of(name: str) -> str:

@@ -12,7 +12,6 @@ import pytest
 
 import optax_subspace as osub
 from optax_subspace import projectors
-from optax_subspace.projectors import _base
 
 
 def _grads(params, seed):
@@ -340,34 +339,3 @@ def test_refresh_in_chunks_changes_no_value(make, monkeypatch):
   chex.assert_trees_all_close(whole, chunked, atol=1e-5, rtol=1e-5)
   # One refresh cond per leaf, not one.
   assert hlo_chunked.count("stablehlo.case") == 5 * hlo_whole.count("stablehlo.case")
-
-
-@pytest.mark.parametrize("make", [
-    lambda: osub.galore(1e-2, 4, update_every=2),
-    lambda: osub.online_subspace_descent(1e-2, 4),
-], ids=["galore", "osd"])
-def test_split_k_products_change_no_value(make, monkeypatch):
-  # With a low minimum depth, the thin products PᵀG (contraction over the kept side, 32) and
-  # OSD's G·(GᵀP) (over the other side, 48 padded) run as batched products over slices of the
-  # contraction, summed: the trajectory is the unsplit one, to float32 rounding of the sums.
-  params = {"w": jnp.ones((32, 45)), "v": jnp.ones((48, 32)), "u": jnp.ones((32, 32))}
-  monkeypatch.setattr(_base, "SPLIT_K_MIN_DEPTH", 8)
-  assert _base.split_k_parts(4, 48, 32) == 4 and _base.split_k_parts(32, 4, 48) == 4
-  with jax.default_matmul_precision("highest"):
-    run = lambda tiles: _with_setting(monkeypatch, _base, "SPLIT_K_TILES", tiles, make, params, 5)
-    (split, hlo_split), (plain, hlo_plain) = run(264), run(0)
-  chex.assert_trees_all_close(split, plain, atol=1e-5, rtol=1e-5)
-  # The split products are batched dot_generals whose batch axis is the slice index.
-  assert "batching_dims = [1] x [0]" in hlo_split
-  assert "batching_dims = [1] x [0]" not in hlo_plain
-
-
-def test_thin_matmul_equals_the_plain_product():
-  a = jax.random.normal(jax.random.PRNGKey(0), (64, 4096))
-  b = jax.random.normal(jax.random.PRNGKey(1), (4096, 96))
-  assert _base.split_k_parts(64, 96, 4096) == 8
-  with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(_base.thin_matmul(a, b), a @ b, rtol=1e-4, atol=1e-3)
-  # A deep contraction that does not divide, or a wide output, is not split.
-  assert _base.split_k_parts(64, 96, 4097) == 1
-  assert _base.split_k_parts(2048, 2048, 4096) == 1

@@ -80,48 +80,9 @@ class Projector(NamedTuple):
     return lambda state, n: dense_back(self.basis(state), n)
 
 
-# Split-K for the thin products (R = PᵀG, OSD's G·(GᵀP)): their outputs are r×l or s×r, a few
-# dozen 128×128 tiles on a GPU with ~132 multiprocessors, each tile looping over the whole long
-# contraction (2048-5464 deep at LLaMA-1B): one partial wave (a cuBLAS kernel per matrix, ~46 µs
-# for a 2048×2048 gradient at r 512 on an H200, 93 TFLOP/s). Cut the contraction into `parts`
-# slices (a free reshape), run them as one batched product with `parts` times the tiles, and sum
-# the partial products in float32. SPLIT_K_TILES is the number of output tiles to aim for
-# (about two waves); 0 turns the split off. The sum changes only float32 rounding order.
-SPLIT_K_TILES = 264
-SPLIT_K_MIN_DEPTH = 512  # no slice shallower than this
-SPLIT_K_MAX_PARTS = 8
-
-
-def split_k_parts(rows: int, cols: int, depth: int) -> int:
-  """How many slices `thin_matmul` cuts a (rows, depth)·(depth, cols) contraction into."""
-  if not SPLIT_K_TILES:
-    return 1
-  tiles = -(-rows // 128) * -(-cols // 128)
-  parts = 1
-  while (parts * 2 <= SPLIT_K_MAX_PARTS and tiles * parts * 2 <= SPLIT_K_TILES
-         and depth % (parts * 2) == 0 and depth // (parts * 2) >= SPLIT_K_MIN_DEPTH):
-    parts *= 2
-  return parts
-
-
-def thin_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a (m, k) · b (k, n) in the operands' dtype, accumulated and returned in float32.
-
-  For a small output and a deep contraction, as one batched product over slices of k whose
-  partial products are summed (`SPLIT_K_TILES`).
-  """
-  (m, k), n = a.shape, b.shape[-1]
-  parts = split_k_parts(m, n, k)
-  if parts == 1:
-    return jnp.matmul(a, b, preferred_element_type=jnp.float32)
-  slices = jnp.einsum("mpk,pkn->pmn", a.reshape(m, parts, k // parts),
-                      b.reshape(parts, k // parts, n), preferred_element_type=jnp.float32)
-  return jnp.sum(slices, axis=0)
-
-
 def dense_project(p: jax.Array, g: jax.Array) -> jax.Array:
-  """R = Pᵀ g (r, l), in g's dtype, accumulated in float32 (split-K: `thin_matmul`)."""
-  return thin_matmul(p.T.astype(g.dtype), g)
+  """R = Pᵀ g (r, l), in g's dtype, accumulated in float32."""
+  return jnp.matmul(p.T.astype(g.dtype), g, preferred_element_type=jnp.float32)
 
 
 def dense_back(p: jax.Array, n: jax.Array) -> jax.Array:

@@ -39,7 +39,7 @@ def _products(g, gtp):
   """
   sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
   # The one product with G runs in G's dtype (`projection_dtype`).
-  ga = _base.thin_matmul(g, gtp.astype(g.dtype))
+  ga = jnp.matmul(g, gtp.astype(g.dtype), preferred_element_type=jnp.float32)
   gtp = gtp.astype(jnp.float32)
   return sq, ga, gtp.T @ gtp
 
@@ -157,7 +157,8 @@ def online_pca(
     )
 
   def step_first(state, g, count):
-    projected = _base.dense_project(state.basis, g)
+    projected = jnp.matmul(state.basis.T.astype(g.dtype), g,
+                           preferred_element_type=jnp.float32)
     return advance(state, g, projected, count)
 
   return _base.Projector(
