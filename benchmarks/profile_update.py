@@ -55,7 +55,7 @@ def methods(rank: int, big: int = 10**9) -> dict:
   5461) run on the gradient as it is, to measure what the zero padding buys.
   "galore_refresh*" refresh at every call (T = 1): the SVD refresh of every
   projected matrix plus the step; "*_unchunked" compile with
-  `optax_subspace._chunks.REFRESH_CHUNK_BYTES` unbounded (one batched refresh
+  `optax_subspace._chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh
   per shape, as before 972ca93), to measure what chunking costs in time.
   """
   mask = optimizer_step.PROJECTED
@@ -71,12 +71,14 @@ def methods(rank: int, big: int = 10**9) -> dict:
           osub.online_subspace_descent(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
       "galore_refresh": (osub.galore(1e-3, rank, 1, mask=mask), None),
       "galore_refresh_unchunked": (osub.galore(1e-3, rank, 1, mask=mask), None),
+      "galore_refresh_chunked_256mib": (osub.galore(1e-3, rank, 1, mask=mask), None),
   }
 
 
 # Library settings a method's name changes while it compiles (they are read while tracing).
 _COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
-                     "_unchunked": (_chunks, "REFRESH_CHUNK_BYTES", 1 << 62)}
+                     "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
+                     "_chunked_256mib": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 28)}
 
 
 def kind_of(name: str) -> str:

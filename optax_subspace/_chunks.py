@@ -19,21 +19,30 @@ import jax
 
 T = TypeVar("T")
 
-# The float32 bytes one chunk of a refresh handles: the stacked gradients of
-# the combinator's refresh (LLaMA-1B: 5 MLP or 16 attention matrices), the
-# layers of the model-level refreshes (LLaMA-7B: one MLP projection or three
-# attention projections). A leaf or layer larger than this is a chunk of its
-# own (never split).
+# The float32 bytes one chunk of a model-level refresh handles (LLaMA-7B: one
+# MLP projection or three attention projections). A layer larger than this is
+# a chunk of its own (never split).
 REFRESH_CHUNK_BYTES = 1 << 28
+# The same for the optimizer-level refresh (`_combinator._refresh_by_shape`):
+# its stacked float32 gradients. Larger, because each chunk is one batched
+# eigh of the chunk's Gram matrices, and cuSOLVER's batched eigh costs about
+# the same ~2,000 kernel launches whatever the batch: LLaMA-1B's refresh of
+# 168 matrices took 1.48 s as 2 batched calls and 4.19 s as 19 chunks of 256
+# MiB (H200, benchmarks/results/profile_update_h200_d2be5c0.json). 4 GiB is
+# one chunk per shape at 1B (1.6 and 3.2 GB) and 3 + 5 chunks at 7B.
+OPTIMIZER_REFRESH_CHUNK_BYTES = 1 << 32
 
 
 def chunks(items: Iterable[T], group: Callable[[T], Hashable],
-           nbytes: Callable[[T], int]) -> list[tuple[Hashable, list[T]]]:
-  """(group key, items) for runs of `items` of one group, each at most `REFRESH_CHUNK_BYTES`.
+           nbytes: Callable[[T], int],
+           budget: int | None = None) -> list[tuple[Hashable, list[T]]]:
+  """(group key, items) for runs of `items` of one group, each at most `budget` bytes.
 
   Items keep their order within a group; groups come in the order of their
   first item. A chunk's items can be one vmapped computation (same group).
+  `budget` defaults to `REFRESH_CHUNK_BYTES` (read at the call).
   """
+  budget = REFRESH_CHUNK_BYTES if budget is None else budget
   groups: dict[Hashable, list[T]] = {}
   for item in items:
     groups.setdefault(group(item), []).append(item)
@@ -41,7 +50,7 @@ def chunks(items: Iterable[T], group: Callable[[T], Hashable],
   for key, members in groups.items():
     chunk, size = [], 0
     for item in members:
-      if chunk and size + nbytes(item) > REFRESH_CHUNK_BYTES:
+      if chunk and size + nbytes(item) > budget:
         out.append((key, chunk))
         chunk, size = [], 0
       chunk.append(item)

@@ -129,8 +129,9 @@ def _refresh_by_shape(projector, plans, pstates, grads, count, prepare):
   """Refreshes every projected matrix when due: by (s, l, r), chunk by chunk.
 
   `grads` are the gradients as they come; `prepare(i, g)` orients and casts
-  one inside its chunk's refresh. Each chunk (`_chunks.REFRESH_CHUNK_BYTES`
-  of float32 gradients at most; a leaf is never split) is one `lax.cond` on
+  one inside its chunk's refresh. Each chunk
+  (`_chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` of float32 gradients at most; a
+  leaf is never split) is one `lax.cond` on
   `needs_refresh(count)` whose refresh branch is one vmapped call on the
   chunk's stacked gradients;
   an optimization barrier orders the chunks, so chunk k + 1's gradients are
@@ -144,7 +145,8 @@ def _refresh_by_shape(projector, plans, pstates, grads, count, prepare):
   due = projector.needs_refresh(count)
   shape = lambda i: (plans[i].side, plans[i].other, plans[i].rank)
   size = lambda i: 4 * plans[i].num_matrices * plans[i].side * plans[i].other
-  for _, chunk in _chunks.chunks(list(pstates), shape, size):
+  for _, chunk in _chunks.chunks(list(pstates), shape, size,
+                                 _chunks.OPTIMIZER_REFRESH_CHUNK_BYTES):
     sub, raw = _chunks.after(previous, ({i: pstates[i] for i in chunk},
                                         {i: grads[i] for i in chunk}))
     no_change = {i: jnp.zeros(plans[i].batch_shape, bool) for i in chunk}

@@ -20,7 +20,7 @@ def test_profile_rows_carry_wall_time_and_kernel_breakdown(tmp_path):
   # The padding and chunking switches are restored after the variants' compiles.
   from optax_subspace import _chunks, _combinator  # pylint: disable=g-import-not-at-top
   assert _combinator.PRODUCT_ALIGNMENT == 8
-  assert _chunks.REFRESH_CHUNK_BYTES == 1 << 28
+  assert _chunks.OPTIMIZER_REFRESH_CHUNK_BYTES == 1 << 32
 
 
 def test_kernel_names_sort_into_kinds():

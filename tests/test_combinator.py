@@ -323,7 +323,7 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
     lambda: osub.online_subspace_descent(1e-2, 4),
 ], ids=["galore", "osd"])
 def test_refresh_in_chunks_changes_no_value(make, monkeypatch):
-  # REFRESH_CHUNK_BYTES bounds the gradients one batched refresh stacks: with
+  # OPTIMIZER_REFRESH_CHUNK_BYTES bounds the gradients one batched refresh stacks: with
   # a cap below one matrix every leaf is refreshed under its own cond, in
   # order; the trajectory (refreshes at steps 0 and 2 for GaLore, step 0 and
   # the P steps for OSD) must be the one-call-per-shape result, to float32
@@ -334,7 +334,7 @@ def test_refresh_in_chunks_changes_no_value(make, monkeypatch):
   from optax_subspace import _chunks  # pylint: disable=g-import-not-at-top
 
   run = lambda chunk_bytes: _with_setting(
-      monkeypatch, _chunks, "REFRESH_CHUNK_BYTES", chunk_bytes, make, params, 3)
+      monkeypatch, _chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", chunk_bytes, make, params, 3)
   (whole, hlo_whole), (chunked, hlo_chunked) = run(1 << 28), run(1)
   chex.assert_trees_all_close(whole, chunked, atol=1e-5, rtol=1e-5)
   # One refresh cond per leaf, not one.
