@@ -57,6 +57,9 @@ def methods(rank: int, big: int = 10**9) -> dict:
   projected matrix plus the step; "*_unchunked" compile with
   `optax_subspace._chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh
   per shape, as before 972ca93), to measure what chunking costs in time.
+  "*_stacked_state" compile with `_combinator.STEP_PROJECTOR_PER_LEAF` off:
+  OSD's whole projector state (P and its optimizer's moments) stacked by
+  shape for its step, as before the per-leaf step on P.
   """
   mask = optimizer_step.PROJECTED
   return {
@@ -67,6 +70,7 @@ def methods(rank: int, big: int = 10**9) -> dict:
           osub.galore(1e-3, rank, big, mask=mask, projection_dtype=jnp.bfloat16), 1),
       "osd_steady": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
       "osd_steady_unpadded": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
+      "osd_steady_stacked_state": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
       "osd_steady_bf16_products": (
           osub.online_subspace_descent(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
       "galore_refresh": (osub.galore(1e-3, rank, 1, mask=mask), None),
@@ -78,7 +82,8 @@ def methods(rank: int, big: int = 10**9) -> dict:
 # Library settings a method's name changes while it compiles (they are read while tracing).
 _COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
                      "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
-                     "_chunked_256mib": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 28)}
+                     "_chunked_256mib": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 28),
+                     "_stacked_state": (_combinator, "STEP_PROJECTOR_PER_LEAF", False)}
 
 
 def kind_of(name: str) -> str:

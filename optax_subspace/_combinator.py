@@ -31,6 +31,10 @@ ON_CHANGE = ("keep", "reset", "transport")
 # back-projection, so no value changes; the cost is one copy of such a
 # gradient. 1 turns the padding off.
 PRODUCT_ALIGNMENT = 8
+# Projectors with `advance_direction`/`advance_apply` (OSD) step P per leaf
+# after a stacked direction; False stacks their whole state instead (the
+# layout before 2026-11, kept to measure the difference).
+STEP_PROJECTOR_PER_LEAF = True
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -468,7 +472,19 @@ def project_subspace(
     # 4. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
     if projector.advance is not None and projected:
       changed = {}
-      if projector.advance_inputs is not None:
+      if projector.advance_direction is not None and STEP_PROJECTOR_PER_LEAF:
+        # What read G was taken in step 2; the direction (OSD: ∇P, a few
+        # small products) stacked by (s, r) from P and those inputs only, one
+        # call for all matrices; the step on P per leaf, so the projector's
+        # optimizer state is read and written in place, never stacked.
+        directions = _by_shape(projector.advance_direction, plans, projected,
+                               lambda p: (p.side, p.rank), current, inputs)
+        for i in projected:
+          pstates[i], changed[i] = _over_batch(
+              lambda st, x, d: projector.advance_apply(st, x, d, count),
+              plans[i], pstates[i], inputs[i], directions[i],
+              in_axes=(0, 0, 0))
+      elif projector.advance_inputs is not None:
         # What read G was taken in step 2; the rest stacked by (s, r), one
         # call for all matrices.
         advanced = _by_shape(

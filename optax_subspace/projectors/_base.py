@@ -49,6 +49,14 @@ class Projector(NamedTuple):
     on P is a few r×r and s×r products and an Adam step per matrix, which run
     far below a GPU's throughput one matrix at a time (each product's output
     is a few tiles) and launch ~10 kernels each, 170 times per step.
+    advance_direction, advance_apply: optional, together with the two above:
+    `advance_update` split again, ``advance_update(state, x, count) ==
+    advance_apply(state, x, advance_direction(basis(state), x), count)``.
+    `advance_direction` reads only P (s, r) and the inputs, and the combinator
+    runs it stacked by (s, r); `advance_apply` (OSD: the optimizer step on P,
+    elementwise) runs per leaf, so the projector's own optimizer state is
+    never stacked and unstacked (LLaMA-1B: P's two Adam moments, 1.4 GB, copied
+    in and out every step).
     batch_basis: whether `basis` computes (a random draw and its
     orthonormalisation), so the combinator evaluates it once per step for all
     matrices of one shape in one vmapped call; False (a stored P, read per
@@ -65,6 +73,8 @@ class Projector(NamedTuple):
   back: Optional[Callable[[ProjectorState, jax.Array], jax.Array]] = None
   advance_inputs: Optional[Callable[..., Any]] = None
   advance_update: Optional[Callable[..., tuple[ProjectorState, jax.Array]]] = None
+  advance_direction: Optional[Callable[..., jax.Array]] = None
+  advance_apply: Optional[Callable[..., tuple[ProjectorState, jax.Array]]] = None
   batch_basis: bool = False
 
   def project_fn(self):

@@ -122,14 +122,21 @@ def online_pca(
     # GᵀP = (PᵀG)ᵀ: the projection already computed it.
     return _products(g, projected.T)
 
+  def advance_direction(basis, products):
+    # ∇P of the online-PCA loss from P (float32) and the products with G.
+    return _gradient_from_products(basis, products, orthogonality_weight)
+
   def advance_update(state, products, count):
+    return advance_apply(
+        state, products,
+        advance_direction(state.basis.astype(jnp.float32), products), count)
+
+  def advance_apply(state, products, grad, count):
     # P gets no step at step 0, only the SVD (the authors' code). Values
     # computed from an unusable g are discarded by the selects at the end,
     # so g itself is never masked (that would cost a pass over it).
     sq = products[0]
     ok = jnp.isfinite(sq) & (sq > 0) & (count > 0)
-    p = state.basis.astype(jnp.float32)
-    grad = _gradient_from_products(p, products, orthogonality_weight)
     updates, opt_state = optimizer.update(
         grad.astype(state.basis.dtype), state.opt_state, state.basis
     )
@@ -154,6 +161,8 @@ def online_pca(
         advance=advance,
         advance_inputs=advance_inputs,
         advance_update=advance_update,
+        advance_direction=advance_direction,
+        advance_apply=advance_apply,
     )
 
   def step_first(state, g, count):
