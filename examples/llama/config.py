@@ -102,6 +102,11 @@ class TrainConfig:
       200, "steps between subspace refreshes (GaLore's T; RSO's subproblem length K)"
   )
   galore_scale: float = _flag(0.25, "scale alpha of the back-projected update")
+  rso_share_basis: bool = _flag(
+      False,
+      "rso_model: q/k/v share one random basis and gate/up another, so x·P is kept once per "
+      "input (less activation memory; the paper draws one basis per weight)",
+  )
   # devices
   data_parallel: int = _flag(1, "devices on the mesh's data axis (batch split, weights replicated)")
   fsdp: int = _flag(1, "devices on the mesh's fsdp axis (batch and every matrix split: FSDP)")
@@ -180,6 +185,10 @@ class TrainConfig:
       raise ConfigError(
           f"the micro-batch of {self.micro_batch_size} windows does not split over "
           f"--data-parallel {self.data_parallel} × --fsdp {self.fsdp} = {devices} devices"
+      )
+    if self.rso_share_basis and self.optimizer != "rso_model":
+      raise ConfigError(
+          f"--rso-share-basis is an option of --optimizer rso_model, not {self.optimizer}"
       )
     if self.shard_optimizer and self.fsdp > 1:
       raise ConfigError(

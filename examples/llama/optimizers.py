@@ -94,11 +94,15 @@ def apply_layers(cfg: TrainConfig, llama) -> list[str]:
   seeded by --seed; Chen et al., arXiv:2502.07222). grass_model: `nn.grass_layers` (r output
   columns per layer, top-r by gradient norm every --update-every steps; Muhamed et al.,
   arXiv:2406.17660). Both select the layers of the kernels the optimizer-level presets project.
+  --rso-share-basis gives q/k/v one P and gate/up another (`rso_layers(share_basis=...)`).
   Returns the replaced layers' paths; raises ValueError for a rank the layers cannot take.
   """
   if cfg.optimizer == "rso_model":
     rso_layers = model_level_function(cfg.optimizer, "rso_layers")
-    return rso_layers(llama, cfg.effective_rank(), mask=LAYERS, seed=cfg.seed)
+    share = (
+        model_level_function(cfg.optimizer, "SHARE_QKV_GATE_UP") if cfg.rso_share_basis else None
+    )
+    return rso_layers(llama, cfg.effective_rank(), mask=LAYERS, seed=cfg.seed, share_basis=share)
   if cfg.optimizer == "grass_model":
     grass_layers = model_level_function(cfg.optimizer, "grass_layers")
     return grass_layers(

@@ -440,6 +440,25 @@ def test_model_level_methods_train_and_resume_bit_exact_across_a_merge_or_refres
     assert any((x != np.arange(8)).any() for x in indices)
 
 
+def test_rso_share_basis_trains_resumes_bit_exact_and_shares_p(tmp_path):
+  # --rso-share-basis: q/k/v one P, gate/up another (one RsoBasis variable each), through a merge
+  # at step 3 and a resume from the checkpoint written there.
+  _c4_corpus(tmp_path / "c4")
+  flags = ["--optimizer", "rso_model", "--rso-share-basis", "--rank", "8", "--update-every", "3"]
+  flags += ["--log-every", "1", "--compute-dtype", "float32"]
+  assert train.main(_flags(tmp_path, "whole", *flags)) == 0
+  assert train.main(_flags(tmp_path, "cut", *flags, "--stop-at-step", "3")) == 0
+  resume = ["--resume", "--run-dir", str(tmp_path / "cut"), "--c4-path", str(tmp_path / "c4")]
+  assert train.main(resume) == 0
+  assert _train_records(tmp_path / "cut") == _train_records(tmp_path / "whole")
+  whole = _checkpointed_frozen(tmp_path / "whole", 6)
+  bases = [p for p in whole if p.endswith("rso_basis")]
+  assert len(bases) == 4 * TINY.layers  # q/k/v, o, gate/up, down: 4 bases per block, not 7
+  assert {x.item() for p, x in whole.items() if p.endswith("rso_subproblem")} == {2}
+  with pytest.raises(ConfigError, match="rso_model"):
+    TrainConfig(model_size="tiny", optimizer="rso", rso_share_basis=True).validate()
+
+
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS in .ci/run)")
 @pytest.mark.parametrize(
     "optimizer", ["adamw", "galore", "rso", "grass", "rso_model", "grass_model"]
