@@ -29,7 +29,12 @@ def test_rso_memory_writes_json_and_plot_for_every_method(tmp_path):
   # A block keeps x·P (b×r) for its linear layers' backward instead of their inputs.
   assert (rso["block_residual_bytes"]["activations"]
           < adamw["block_residual_bytes"]["activations"])
-  assert set(result["ratios_vs_adamw"]) == {"galore", "rso"}
+  assert set(result["ratios_vs_adamw"]) == {"galore", "rso", "rso_shared"}
+  # Sharing P among q/k/v and gate/up keeps fewer x·P and stores fewer P.
+  shared = result["methods"]["rso_shared"]
+  assert shared["frozen_bytes"] < rso["frozen_bytes"]
+  assert (shared["memory_analysis"]["temp_size_in_bytes"]
+          < rso["memory_analysis"]["temp_size_in_bytes"])
   assert result["config"]["attention"] == "xla"
 
 
