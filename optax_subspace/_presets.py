@@ -87,7 +87,7 @@ def _hf_or_optax_adam(b1, b2, eps, eps_placement):
 
 def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                     eps_placement, weight_decay, mask, dims, on_change,
-                    projection_dtype, side="smaller"):
+                    projection_dtype, side="smaller", refresh_chunk_bytes=None):
   parts = [
       _combinator.project_subspace(
           _hf_or_optax_adam(b1, b2, eps, eps_placement),
@@ -98,6 +98,7 @@ def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
           on_change=on_change,
           projection_dtype=projection_dtype,
           side=side,
+          refresh_chunk_bytes=refresh_chunk_bytes,
       ),
       optax.scale_by_learning_rate(learning_rate),
   ]
@@ -123,6 +124,7 @@ def galore(
     on_change: str = "keep",
     seed: int = 0,
     projection_dtype=None,
+    refresh_chunk_bytes: Optional[int] = None,
 ) -> optax.GradientTransformation:
   r"""GaLore: AdamW whose moments live in a periodically refreshed SVD subspace.
 
@@ -154,6 +156,9 @@ def galore(
     seed: seed of the "randomized_svd" projector.
     projection_dtype: operand dtype of the products with G (default float32;
       ``jnp.bfloat16`` for speed); see `project_subspace`.
+    refresh_chunk_bytes: gradient bytes per batched refresh (default 4 GiB):
+      fewer, larger chunks refresh faster, smaller ones need less memory;
+      see `project_subspace`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -176,7 +181,8 @@ def galore(
       )
   return _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                          eps_placement, weight_decay, mask, dims, on_change,
-                         projection_dtype)
+                         projection_dtype,
+                         refresh_chunk_bytes=refresh_chunk_bytes)
 
 
 def _projector_learning_rate(learning_rate, peak_learning_rate, update_every):
@@ -217,6 +223,7 @@ def online_subspace_descent(
     dims: _leaves.DimsSpec = None,
     on_change: str = "keep",
     projection_dtype=None,
+    refresh_chunk_bytes: Optional[int] = None,
 ) -> optax.GradientTransformation:
   r"""Online Subspace Descent: GaLore's subspace Adam with an online-PCA P.
 
@@ -247,7 +254,8 @@ def online_subspace_descent(
       stored copy of the authors' code does (see `projectors.online_pca`);
       default False, METHODS.md's order.
     b1, b2, eps, eps_placement, weight_decay, mask, dims, on_change,
-      projection_dtype: as in `galore`.
+      projection_dtype, refresh_chunk_bytes: as in `galore` (OSD refreshes
+      at step 0 only).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -269,4 +277,5 @@ def online_subspace_descent(
   )
   return _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                          eps_placement, weight_decay, mask, dims, on_change,
-                         projection_dtype)
+                         projection_dtype,
+                         refresh_chunk_bytes=refresh_chunk_bytes)

@@ -362,3 +362,18 @@ def test_osd_step_on_p_per_leaf_equals_the_stacked_step():
       p = optax.apply_updates(p, u)
     runs.append((p, state))
   chex.assert_trees_all_close(runs[0], runs[1], atol=1e-6, rtol=1e-6)
+
+
+def test_refresh_chunk_bytes_argument_sets_the_chunks_and_rejects_bad_values():
+  # The argument does what the module default does: 1 byte is one chunk (one cond) per leaf.
+  params = {f"w{i}": jnp.ones((12, 20)) for i in range(4)}
+  g = _grads(params, 0)
+  conds = lambda **kw: jax.jit(osub.galore(1e-2, 4, 2, **kw).update).lower(
+      g, osub.galore(1e-2, 4, 2, **kw).init(params), params).as_text().count("stablehlo.case")
+  assert conds(refresh_chunk_bytes=1) == 4 * conds()
+  (p1, s1), (p2, s2) = [_run(osub.galore(1e-2, 4, 2, refresh_chunk_bytes=b), params, 3)
+                        for b in (1, None)]
+  chex.assert_trees_all_close((p1, s1), (p2, s2), atol=1e-5, rtol=1e-5)
+  for bad in (0, -1, 1.5, True, "4GiB"):
+    with pytest.raises(ValueError, match="refresh_chunk_bytes"):
+      osub.project_subspace(optax.adam(1e-2), projectors.svd(4, 2), refresh_chunk_bytes=bad)
