@@ -27,6 +27,7 @@ from optax_subspace.checkpoint import CheckpointMismatchError
 from optax_subspace.checkpoint import restore_checkpoint
 from optax_subspace.checkpoint import save_checkpoint
 from optax_subspace.sharding import state_shardings
+from optax_subspace.sharding import update_shardings
 
 __version__ = "0.1.0"
 
@@ -51,5 +52,6 @@ __all__ = [
     "save_checkpoint",
     "scale_by_hf_adam",
     "state_shardings",
+    "update_shardings",
     "torch_adamw",
 ]

@@ -342,3 +342,95 @@ def state_shardings(
     )
   state_def = jax.tree_util.tree_structure(abstract)
   return jax.tree_util.tree_unflatten(state_def, out)
+
+
+def _kept_side_spec(plan: _leaves.LeafPlan, sharding: NamedSharding) -> tuple:
+  """`sharding`'s spec with a split of the projected side moved to the kept side.
+
+  Only when the projected side is split and the kept side is not, and the
+  most major kept axis longer than 1 divides evenly; otherwise unchanged.
+  """
+  full = list(_padded(sharding.spec, len(plan.shape)))
+  _, rows, cols = _split_groups(plan)
+  side, kept = (rows, cols) if plan.axis == 0 else (cols, rows)
+  split = [a for a in side if full[a] is not None]
+  if len(split) != 1 or any(full[a] is not None for a in kept):
+    return tuple(full)
+  target = next((a for a in kept if plan.shape[a] > 1), None)
+  entry = full[split[0]]
+  if target is None or plan.shape[target] % _mesh_size(sharding.mesh, entry):
+    return tuple(full)
+  full[split[0]], full[target] = None, entry
+  return tuple(full)
+
+
+def update_shardings(
+    tx: optax.GradientTransformation,
+    params: Any,
+    param_shardings: Any,
+    *,
+    dims: _leaves.DimsSpec = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
+) -> Any:
+  r"""Where a sharded update (ZeRO-1) should split each gradient: projected ones on their kept side.
+
+  ZeRO-1 keeps the weights replicated and splits the optimizer state and
+  the update over the data axis: the gradient is reduce-scattered to these
+  shardings, each device updates its share, the new weights are gathered.
+  For a projected matrix seen as s × l (s the projected side), a split of s
+  cuts the contraction of R = PᵀG: every step then moves partial sums of R
+  and gathers of the update's low-rank factors (r × l each, a quarter of the
+  matrix at r = s/4) besides the weights. Split along l, the projection, the
+  inner update on R (r × l, split the same way by `state_shardings`) and the
+  back-projection P·N are all local, with P (s × r) whole on every device;
+  Online Subspace Descent's step on P then needs one all-reduce of
+  G·(GᵀP) (s × r) and of two scalars per matrix, and a refresh (every T
+  steps) one of the Gram matrix G·Gᵀ. So this returns `param_shardings` with
+  every projected matrix's split moved from its projected side to its kept
+  side (where that side is unsplit and divides evenly), other leaves as
+  given. Place the state with ``state_shardings(tx, params, <this>)``.
+
+  References:
+    Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
+    Parameter Models", SC 2020, arXiv:1910.02054.
+    Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection", ICML 2024, arXiv:2403.03507.
+
+  Args:
+    tx: the optimizer (any chain containing `project_subspace` presets).
+    params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
+    param_shardings: a tree like `params` of `NamedSharding`s (or
+      `PartitionSpec`s with `mesh`): the split to start from, e.g. every
+      matrix on its hidden axis over "data".
+    dims: the `dims` given to the optimizer; only needed when a projected
+      leaf has more than two axes.
+    mesh: the mesh, when `param_shardings` holds `PartitionSpec`s.
+
+  Returns:
+    A tree like `params` of `NamedSharding`s.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_subspace as osub
+    >>> from jax.sharding import PartitionSpec as P
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    >>> params = {"w": jnp.ones((16, 32))}
+    >>> tx = osub.galore(1e-3, rank=4)
+    >>> split = osub.update_shardings(tx, params, {"w": P("data")}, mesh=mesh)
+    >>> split["w"].spec  # P spans the 16 rows: the update splits the 32 columns
+    PartitionSpec(None, 'data')
+  """
+  treedef = jax.tree_util.tree_structure(params)
+  named = [_as_named(s, mesh) for s in treedef.flatten_up_to(param_shardings)]
+  abstract = jax.eval_shape(tx.init, params)
+  plans = {}
+  for node in jax.tree_util.tree_leaves(abstract, is_leaf=_is_state):
+    if _is_state(node):
+      for i, plan in enumerate(_project_state_plans(node, params, dims)):
+        if plan.projected:
+          plans.setdefault(i, plan)
+  out = [
+      NamedSharding(s.mesh, PartitionSpec(*_kept_side_spec(plans[i], s)))
+      if i in plans else s
+      for i, s in enumerate(named)
+  ]
+  return treedef.unflatten(out)

@@ -340,3 +340,50 @@ def test_partition_specs_need_a_mesh():
   shardings = osub.state_shardings(tx, _params(), SPECS, dims=DIMS,
                                    mesh=_mesh("8"))
   assert shardings[0].projectors["a"].basis.spec == P("fsdp", None)
+
+
+# ZeRO-1 over a "data" axis: the split each matrix would get on its first axis, and the one
+# `update_shardings` moves to the kept side (a, b, stack project their rows; c its columns).
+ZERO_BASE = {"a": P("data", None), "b": P("data", None), "c": P(None, "data"),
+             "stack": P(None, "data", None), "bias": P("data")}
+ZERO_KEPT = {"a": P(None, "data"), "b": P(None, "data"), "c": P("data", None),
+             "stack": P(None, None, "data"), "bias": P("data")}
+
+
+def _zero_run(name, specs):
+  """STEPS steps of preset `name` with gradients, parameters and state split as ZeRO-1 would
+  split the update (`specs` for the parameters); (updates, HLO of the step)."""
+  tx = PRESETS[name]()
+  params = _params()
+  mesh = _auto_mesh((8,), ("data",))
+  psh = {n: NamedSharding(mesh, s) for n, s in specs.items()}
+  ssh = osub.state_shardings(tx, params, psh, dims=DIMS)
+  step = jax.jit(_step_fn(tx), in_shardings=(psh, ssh, psh),
+                 out_shardings=(psh, ssh, psh)).lower(
+                     params, jax.eval_shape(tx.init, params), params).compile()
+  state = jax.jit(tx.init, out_shardings=ssh)(jax.device_put(params, psh))
+  params, updates = jax.device_put(params, psh), []
+  for t in range(STEPS):
+    params, state, u = step(jax.device_put(_grads(t), psh), state, params)
+    updates.append(u)
+  return updates, step.as_text()
+
+
+@pytest.mark.parametrize("name", ["galore", "online_subspace_descent"])
+def test_update_shardings_split_projected_matrices_on_their_kept_side(name):
+  tx = PRESETS[name]()
+  mesh = _auto_mesh((8,), ("data",))
+  split = osub.update_shardings(tx, _params(), ZERO_BASE, dims=DIMS, mesh=mesh)
+  assert {n: s.spec for n, s in split.items()} == ZERO_KEPT
+  # Same updates as one device; and outside the refresh no all-gather of a low-rank factor
+  # (r × l) or more, where the split of the projected side gathers them every step.
+  want = _run(name)[0]
+  for specs, gathers_expected in ((ZERO_KEPT, False), (ZERO_BASE, True)):
+    updates, hlo = _zero_run(name, specs)
+    for got, ref in zip(updates, want):
+      chex.assert_trees_all_close(got, ref, atol=UPDATE_ATOL, rtol=RTOL)
+    gathers, in_refresh = _all_gathers_by_computation(hlo)
+    low_rank = RANK * 32  # r × l of matrix "a"
+    every_step = [n for c, g in gathers.items() if c not in in_refresh for n in g
+                  if n >= low_rank]
+    assert bool(every_step) == gathers_expected, (specs, every_step)

@@ -461,7 +461,9 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     shard_optimizer = cfg.shard_optimizer and device_mesh is not None
     shardings = mesh.shardings(device_mesh, params, tx, mcfg.hidden, frozen, shard_optimizer)
     update_shardings = (
-        mesh.update_shardings(device_mesh, params, mcfg.hidden, frozen) if shard_optimizer else None
+        mesh.update_shardings(device_mesh, params, mcfg.hidden, frozen, tx)
+        if shard_optimizer
+        else None
     )
   except ValueError as error:  # an optimizer's own check of its settings against the shapes
     raise ConfigError(f"--optimizer {cfg.optimizer}: {error}") from None

@@ -686,7 +686,9 @@ def _zero_setup(optimizer, shard_optimizer):
   tx = optimizers.build(TrainConfig(model_size="tiny", optimizer=optimizer, rank=8))
   device_mesh = mesh.make_mesh(2, 1)
   shardings = mesh.shardings(device_mesh, params, tx, TINY.hidden, None, shard_optimizer)
-  update = mesh.update_shardings(device_mesh, params, TINY.hidden) if shard_optimizer else None
+  update = (
+      mesh.update_shardings(device_mesh, params, TINY.hidden, None, tx) if shard_optimizer else None
+  )
   opt_state = mesh.place(tx.init(params), shardings[1])
   params = mesh.place(params, shardings[0])
   batch = jax.device_put(np.zeros((4, 33), np.int32), shardings[2])
