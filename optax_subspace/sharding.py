@@ -62,6 +62,18 @@ def _as_named(s, mesh):
   )
 
 
+def _named_per_leaf(params, param_shardings, mesh):
+  """(params' treedef, a NamedSharding per parameter, their one mesh)."""
+  treedef = jax.tree_util.tree_structure(params)
+  named = [_as_named(s, mesh) for s in treedef.flatten_up_to(param_shardings)]
+  meshes = {s.mesh for s in named}
+  if not named and mesh is None:
+    raise ValueError("params has no leaves: pass `mesh=`.")
+  if len(meshes) > 1:
+    raise ValueError("param_shardings use more than one mesh.")
+  return treedef, named, next(iter(meshes)) if named else mesh
+
+
 def _padded(spec: PartitionSpec, ndim: int) -> tuple:
   entries = tuple(spec)
   return entries + (None,) * (ndim - len(entries))
@@ -267,14 +279,7 @@ def state_shardings(
     ...                                  mesh=mesh)
     >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
   """
-  treedef = jax.tree_util.tree_structure(params)
-  named = [_as_named(s, mesh) for s in treedef.flatten_up_to(param_shardings)]
-  meshes = {s.mesh for s in named}
-  if not named and mesh is None:
-    raise ValueError("params has no leaves: pass `mesh=`.")
-  if len(meshes) > 1:
-    raise ValueError("param_shardings use more than one mesh.")
-  mesh = next(iter(meshes)) if named else mesh
+  treedef, named, mesh = _named_per_leaf(params, param_shardings, mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
   key_paths = [tuple(kp) for kp, _ in flat_params]
@@ -419,8 +424,7 @@ def update_shardings(
     >>> split["w"].spec  # P spans the 16 rows: the update splits the 32 columns
     PartitionSpec(None, 'data')
   """
-  treedef = jax.tree_util.tree_structure(params)
-  named = [_as_named(s, mesh) for s in treedef.flatten_up_to(param_shardings)]
+  treedef, named, _ = _named_per_leaf(params, param_shardings, mesh)
   abstract = jax.eval_shape(tx.init, params)
   plans = {}
   for node in jax.tree_util.tree_leaves(abstract, is_leaf=_is_state):
