@@ -59,7 +59,10 @@ def methods(rank: int, big: int = 10**9) -> dict:
   per shape, as before 972ca93), to measure what chunking costs in time.
   "*_stacked_state" compile with `_combinator.STEP_PROJECTOR_PER_LEAF` off:
   OSD's whole projector state (P and its optimizer's moments) stacked by
-  shape for its step, as before the per-leaf step on P.
+  shape for its step, as before the per-leaf step on P. "*_swapped_updates"
+  compile with `_combinator.COLUMN_UPDATES_IN_LEAF_LAYOUT` off: the updates
+  of column-projected leaves (LLaMA's down projections) swapped to (s, l) and
+  back, as before.
   """
   mask = optimizer_step.PROJECTED
   return {
@@ -71,6 +74,7 @@ def methods(rank: int, big: int = 10**9) -> dict:
       "osd_steady": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
       "osd_steady_unpadded": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
       "osd_steady_stacked_state": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
+      "galore_steady_swapped_updates": (osub.galore(1e-3, rank, big, mask=mask), 1),
       "osd_steady_bf16_products": (
           osub.online_subspace_descent(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
       "galore_refresh": (osub.galore(1e-3, rank, 1, mask=mask), None),
@@ -83,7 +87,8 @@ def methods(rank: int, big: int = 10**9) -> dict:
 _COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
                      "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
                      "_chunked_256mib": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 28),
-                     "_stacked_state": (_combinator, "STEP_PROJECTOR_PER_LEAF", False)}
+                     "_stacked_state": (_combinator, "STEP_PROJECTOR_PER_LEAF", False),
+                     "_swapped_updates": (_combinator, "COLUMN_UPDATES_IN_LEAF_LAYOUT", False)}
 
 
 def kind_of(name: str) -> str:

@@ -35,6 +35,10 @@ PRODUCT_ALIGNMENT = 8
 # after a stacked direction; False stacks their whole state instead (the
 # layout before 2026-11, kept to measure the difference).
 STEP_PROJECTOR_PER_LEAF = True
+# A leaf projected on its columns gets its update (P·N)ᵀ = Nᵀ·Pᵀ in its own
+# layout, with no swap to (s, l) and back; False keeps the swaps (the code
+# before 2026-11-27, kept to measure the difference on a GPU).
+COLUMN_UPDATES_IN_LEAF_LAYOUT = True
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -478,6 +482,14 @@ def project_subspace(
             lambda p, x: jnp.matmul(x, p.T.astype(x.dtype),
                                     preferred_element_type=jnp.float32),
             plans[i], current[i], n_t, in_axes=(0, 0))
+        if COLUMN_UPDATES_IN_LEAF_LAYOUT and plans[i].perm == tuple(
+            range(len(plans[i].shape))):
+          # Already the leaf's layout: returned as it is. Swapped to (s, l) and
+          # back, XLA folds the outer transpose into the product (computing
+          # P·N again) and copies the s×l result into the leaf's layout.
+          out[i] = (flipped * scale).reshape(plans[i].shape).astype(
+              jnp.result_type(g_leaves[i]))
+          continue
         oriented = jnp.swapaxes(flipped, -1, -2)
       else:
         n = _leaves.low_rank_layout(out[i], plans[i]).astype(compute_dtype)

@@ -1,6 +1,7 @@
 """`project_subspace`: selection, shapes, N-D leaves, subspace changes, bad input."""
 
 import math
+import re
 import warnings
 
 import chex
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 import optax_subspace as osub
+from optax_subspace import _combinator
 from optax_subspace import projectors
 
 
@@ -309,7 +311,6 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
   # included, and add a pad to the compiled update.
   params = {"a": jnp.ones((24, 37)), "b": jnp.ones((45, 16)),
             "c": jnp.ones((16, 16))}
-  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
 
   run = lambda alignment: _with_setting(
       monkeypatch, _combinator, "PRODUCT_ALIGNMENT", alignment, make, params, 0)
@@ -377,3 +378,22 @@ def test_refresh_chunk_bytes_argument_sets_the_chunks_and_rejects_bad_values():
   for bad in (0, -1, 1.5, True, "4GiB"):
     with pytest.raises(ValueError, match="refresh_chunk_bytes"):
       osub.project_subspace(optax.adam(1e-2), projectors.svd(4, 2), refresh_chunk_bytes=bad)
+
+
+def test_column_projected_updates_come_in_the_leaf_layout_with_the_same_values(monkeypatch):
+  # A leaf projected on its columns (more rows than columns) gets Nᵀ·Pᵀ in its own layout; the
+  # old path swapped it to (s, l) and back. Same values; and the compiled steady update has no
+  # transpose of the leaf's full size left (the swap pair was folded into a copy).
+  params = {"down": jnp.ones((48, 16)), "up": jnp.ones((16, 48))}
+
+  def steady(layout):
+    monkeypatch.setattr(_combinator, "COLUMN_UPDATES_IN_LEAF_LAYOUT", layout)
+    tx = osub.galore(1e-2, 4, 10**6)
+    result = _run(tx, params, 3)
+    hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+    cond = hlo.split("ENTRY")[1]  # the entry computation: the steady path
+    return result, len(re.findall(r"= f32\[48,16\]\{0,1\}", cond))
+
+  (new, new_t), (old, old_t) = steady(True), steady(False)
+  chex.assert_trees_all_close(new, old, atol=1e-6, rtol=1e-6)
+  assert new_t == 0 and old_t > 0
