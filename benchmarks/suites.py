@@ -210,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="comma-separated subset; optimizer_update: adamw,optax_contrib_galore,"
                    "galore,galore_refresh,osd,rso,grass,grass_refresh; train_step and"
                    " largest_model: adamw,optax_contrib_galore,galore,osd,rso,grass,rso_model,"
-                   "grass_model (AdamW always runs)")
+                   "rso_model_shared,grass_model (AdamW always runs)")
   step = run.add_argument_group("train_step and largest_model")
   step.add_argument("--batch", type=int, default=None,
                     help="sequences per step (train_step default: 350m 128, 1b 64;"

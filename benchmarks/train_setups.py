@@ -14,7 +14,8 @@ for the methods that have one, the periodic refresh. Methods:
 - ``rso_model``, ``grass_model``: model level (`optax_subspace.nn`): the attention and MLP
   `nnx.Linear`s become `RsoLinear` (y = x·W + (x·P)·B, trains B) or `GrassLinear` (trains D, r
   output columns), trained by `rso_optimizer` / `grass_optimizer`; W (and P, σ, ρ) are frozen
-  arguments of the step, not differentiated.
+  arguments of the step, not differentiated. ``rso_model_shared``: rso_model with
+  ``rso_layers(share_basis=SHARE_QKV_GATE_UP)`` (q/k/v one P, gate/up another).
 
 The arguments of every step are ``(params, opt_state, frozen, tokens)`` and it returns
 ``(params, opt_state, loss)``; ``frozen`` is empty at the optimizer level. At the model level the
@@ -82,13 +83,15 @@ from optax_subspace import nn as osnn
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAS_OPTAX_GALORE = hasattr(getattr(optax, "contrib", None), "galore")
 METHODS = tuple(m for m in ("adamw", "optax_contrib_galore", "galore", "osd", "rso", "grass",
-                            "rso_model", "grass_model")
+                            "rso_model", "rso_model_shared", "grass_model")
                 if m != "optax_contrib_galore" or HAS_OPTAX_GALORE)
-MODEL_LEVEL = ("rso_model", "grass_model")
+MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
+RSO_MODEL = ("rso_model", "rso_model_shared")
 # The LLaMA example's --optimizer name of each optimizer-level method.
 EXAMPLE_OPTIMIZER = {"adamw": "adamw", "optax_contrib_galore": "optax_galore",
                      "galore": "galore", "osd": "osd", "rso": "rso", "grass": "grass"}
 REFRESH_KIND = {"galore": "count", "grass": "count", "rso_model": "program",
+                "rso_model_shared": "program",
                 "grass_model": "program"}
 UPDATE_EVERY = 200
 # The layers the model level replaces: those whose kernels the optimizer level projects
@@ -179,7 +182,7 @@ def optimizer(method: str, rank: int, update_every: int = UPDATE_EVERY,
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
   cfg = _train_config(method, rank, update_every)
-  if method == "rso_model":
+  if method in RSO_MODEL:
     tx = osnn.rso_optimizer(llama_optimizers.schedule(cfg), inner_steps=update_every)
   elif method == "grass_model":
     tx = osnn.grass_optimizer(llama_optimizers.schedule(cfg))
@@ -233,8 +236,9 @@ def _model_level(method, cfg, tx, rank, update_every, seed):
 
   def build():
     model = Llama(cfg, nnx.Rngs(seed))
-    if method == "rso_model":
-      osnn.rso_layers(model, rank, mask=MODEL_LEVEL_LAYERS)
+    if method in RSO_MODEL:
+      share = osnn.SHARE_QKV_GATE_UP if method == "rso_model_shared" else None
+      osnn.rso_layers(model, rank, mask=MODEL_LEVEL_LAYERS, share_basis=share)
     else:
       osnn.grass_layers(model, rank, update_every=update_every, mask=MODEL_LEVEL_LAYERS)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -262,7 +266,7 @@ def _model_level(method, cfg, tx, rank, update_every, seed):
   def refresh(params, opt_state, frozen, tokens):
     model = nnx.merge(graphdef, params, frozen)
     opt = nnx.merge(opt_graphdef, opt_state)
-    if method == "rso_model":
+    if method in RSO_MODEL:
       osnn.merge_and_redraw(model)  # W ← W + P·B, B ← 0, the next P
     else:
       osnn.grass_refresh(model, opt, _cross_entropy, tokens)  # acts at a step count 0 mod K

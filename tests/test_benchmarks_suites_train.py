@@ -66,6 +66,8 @@ def test_train_step_quick_times_every_method_and_writes_json_and_png(tmp_path):
   for name in train_setups.MODEL_LEVEL:
     assert rows[name]["frozen_bytes"] > 0
     assert rows[name]["trainable_param_bytes"] < rows["adamw"]["trainable_param_bytes"]
+  # One P for q/k/v and one for gate/up: fewer frozen bytes than a P per layer.
+  assert rows["rso_model_shared"]["frozen_bytes"] < rows["rso_model"]["frozen_bytes"]
   assert set(size["targets"]) >= {"osd", "grass"}
 
 
