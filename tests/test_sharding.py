@@ -387,3 +387,15 @@ def test_update_shardings_split_projected_matrices_on_their_kept_side(name):
     every_step = [n for c, g in gathers.items() if c not in in_refresh for n in g
                   if n >= low_rank]
     assert bool(every_step) == gathers_expected, (specs, every_step)
+
+
+@pytest.mark.parametrize("name", ["grass_topk", "rso"])
+def test_update_shardings_on_the_kept_side_keep_grass_and_rso_exact(name):
+  # GRASS selects rows by their norms over the (now split) kept side; RSO projects the rows
+  # (input side) whatever the shape: both still take the one-device steps.
+  tx = PRESETS[name]()
+  mesh = _auto_mesh((8,), ("data",))
+  split = osub.update_shardings(tx, _params(), ZERO_BASE, dims=DIMS, mesh=mesh)
+  updates, _ = _zero_run(name, {n: s.spec for n, s in split.items()})
+  for got, ref in zip(updates, _run(name)[0]):
+    chex.assert_trees_all_close(got, ref, atol=UPDATE_ATOL, rtol=RTOL)
