@@ -28,7 +28,7 @@ REFRESH_CHUNK_BYTES = 1 << 28
 # eigh of the chunk's Gram matrices, and cuSOLVER's batched eigh costs about
 # the same ~2,000 kernel launches whatever the batch: LLaMA-1B's refresh of
 # 168 matrices took 1.48 s as 2 batched calls and 4.19 s as 19 chunks of 256
-# MiB (H200, benchmarks/results/profile_update_h200_d2be5c0.json). 4 GiB is
+# MiB (H200, benchmarks/results/profile_update_h200_d2be5c0_refresh.json). 4 GiB is
 # one chunk per shape at 1B (1.6 and 3.2 GB) and 3 + 5 chunks at 7B.
 OPTIMIZER_REFRESH_CHUNK_BYTES = 1 << 32
 
