@@ -29,6 +29,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,10 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
     return {"error": (proc.stdout + proc.stderr)[-2000:], "wall_s": wall}
   records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
   summary = json.loads((run_dir / "summary.json").read_text())
+  if not args.keep_checkpoints:
+    # The final checkpoint (weights and optimizer state: ~5 GB at 350M) is not read here; a
+    # device call's copy-back of the output folder choked on six of them.
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
   return {
       "losses": [r["loss"] for r in records if r["kind"] == "train"],
       "final_eval_loss": summary.get("final_eval_loss"),
@@ -145,6 +150,9 @@ def main(argv=None) -> dict:
   p.add_argument("--shard-optimizer", action="store_true",
                  help="the mesh runs shard the optimizer state over the data axis (ZeRO-1,"
                  " the example's --shard-optimizer)")
+  p.add_argument("--keep-checkpoints", action="store_true",
+                 help="keep each run's final checkpoint under <out>_runs (deleted by default;"
+                 " the metrics and summary stay)")
   p.add_argument("--commit", default="",
                  help="the commit to record (default: git rev-parse of this tree)")
   args = p.parse_args(argv)

@@ -33,3 +33,8 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   assert adamw["speedup"] == adamw["mesh"]["tokens_per_s"] / adamw["one"]["tokens_per_s"]
   assert adamw["weak_speedup"] == adamw["mesh_weak"]["tokens_per_s"] / adamw["one"]["tokens_per_s"]
   assert out.with_suffix(".png").exists()
+  # Each run's metrics stay; its final checkpoint is deleted (no --keep-checkpoints).
+  runs = tmp_path / "multi_gpu_runs"
+  assert sorted(p.name for p in runs.iterdir()) == ["adamw-mesh", "adamw-mesh_weak", "adamw-one"]
+  for run in runs.iterdir():
+    assert (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
