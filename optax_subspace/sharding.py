@@ -402,14 +402,10 @@ def update_shardings(
     Projection", ICML 2024, arXiv:2403.03507.
 
   Args:
-    tx: the optimizer (any chain containing `project_subspace` presets).
-    params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
+    tx, params, dims, mesh: as in `state_shardings`.
     param_shardings: a tree like `params` of `NamedSharding`s (or
       `PartitionSpec`s with `mesh`): the split to start from, e.g. every
       matrix on its hidden axis over "data".
-    dims: the `dims` given to the optimizer; only needed when a projected
-      leaf has more than two axes.
-    mesh: the mesh, when `param_shardings` holds `PartitionSpec`s.
 
   Returns:
     A tree like `params` of `NamedSharding`s.
