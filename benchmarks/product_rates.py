@@ -1,0 +1,147 @@
+"""The rate (TFLOP/s) of the dense products a subspace step runs, one by one and batched.
+
+A GaLore step on the LLaMA-1B tree (rank 512) is two products per projected matrix, an Online
+Subspace Descent step three (METHODS.md), plus OSD's r×r Gram products. This times each product
+kind on its real shapes, alone (one matrix per call, as `project_subspace` runs them on
+separate leaves) and batched (every matrix of that shape in the tree in one call, as a scanned
+model's stacked kernels would run), in float32 at JAX's default precision (TF32 on recent NVIDIA
+GPUs) and in bfloat16 with float32 accumulation. From the rates it adds up the products' floor
+for one step of each method over the whole tree: what the steady-step target (≤ 1.5× AdamW's
+update) leaves for everything else. Writes JSON and a PNG.
+
+    python benchmarks/product_rates.py --out /tmp/product_rates.json              # GPU
+    python benchmarks/product_rates.py --size tiny --reps 2 --out /tmp/p.json     # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import _provenance
+from benchmarks import optimizer_step
+
+# (name, A as stored, B, A read transposed, count in the tree) for s = d_model, l = the kept
+# side, r = rank, in the layouts `project_subspace` runs them: rows projected (q, k, v, o, gate,
+# up; l padded to a multiple of 8): R = PᵀG, back P·N, OSD's G·Rᵀ and R·Rᵀ; columns projected
+# (down, an (l, s) kernel) in the leaf's own layout: R = G·P, back N·Pᵀ, OSD's Gᵀ·R. Then OSD's
+# per-matrix r×r work: PᵀP and two products of an s×r matrix with an r×r one.
+def product_kinds(d, ffn, layers, rank, **_):
+  s, r, lf = d, rank, ffn + (-ffn % 8)
+  square, wide, every = 4 * layers, 2 * layers, 7 * layers
+  return [
+      ("project PᵀG, square", (s, r), (s, s), True, square),
+      ("back P·N, square", (s, r), (r, s), False, square),
+      ("osd G·Rᵀ, square", (s, s), (s, r), False, square),
+      ("osd R·Rᵀ, square", (r, s), (s, r), False, square),
+      ("project PᵀG, gate/up", (s, r), (s, lf), True, wide),
+      ("back P·N, gate/up", (s, r), (r, lf), False, wide),
+      ("osd G·Rᵀ, gate/up", (s, lf), (lf, r), False, wide),
+      ("osd R·Rᵀ, gate/up", (r, lf), (lf, r), False, wide),
+      ("project G·P, down", (ffn, s), (s, r), False, layers),
+      ("back N·Pᵀ, down", (ffn, r), (r, s), False, layers),
+      ("osd Gᵀ·R, down", (ffn, s), (ffn, r), True, layers),
+      ("osd R·Rᵀ, down", (r, ffn), (ffn, r), False, layers),
+      ("osd PᵀP", (s, r), (s, r), True, every),
+      ("osd P·(r×r), twice", (s, r), (r, r), False, 2 * every),
+  ]
+
+
+def _median_call_ms(fn, args, reps, rounds=3):
+  fn(*args).block_until_ready()
+  best = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    out.block_until_ready()
+    best.append((time.perf_counter() - t0) * 1e3 / reps)
+  return sorted(best)[len(best) // 2]
+
+
+def time_product(a_shape, b_shape, transpose_a, batch, dtype, reps):
+  """ms per call and TFLOP/s of a (batch of) matmul(s) A·B (Aᵀ·B), float32 accumulation."""
+  key = jax.random.PRNGKey(0)
+  lead = (batch,) if batch > 1 else ()
+  a = jax.random.normal(key, lead + a_shape, jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.fold_in(key, 1), lead + b_shape, jnp.float32).astype(dtype)
+  fn = jax.jit(lambda a, b: jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, b,
+                                       preferred_element_type=jnp.float32))
+  ms = _median_call_ms(fn, (a, b), reps)
+  flop = 2 * batch * a_shape[0] * a_shape[1] * b_shape[1]
+  del a, b
+  return ms, flop / (ms * 1e-3) / 1e12
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--size", default="1b", choices=sorted(optimizer_step.SIZES))
+  ap.add_argument("--reps", type=int, default=20)
+  ap.add_argument("--dtypes", default="float32,bfloat16")
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args(argv)
+  cfg = optimizer_step.SIZES[args.size]
+  dev = jax.devices()[0]
+  result = {"benchmark": "product_rates", "commit": _provenance.commit(),
+            "device": dev.device_kind, "platform": dev.platform,
+            "versions": {"jax": jax.__version__}, "size": args.size, "config": cfg,
+            "reps": args.reps,
+            "timing": "ms per call of `reps` calls in a row with one sync, median of 3 rounds;"
+                      " float32 at JAX's default matmul precision",
+            "rows": [], "floor_ms": {}}
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  for dtype_name in args.dtypes.split(","):
+    dtype = jnp.dtype(dtype_name)
+    for name, a_shape, b_shape, transpose_a, count in product_kinds(**cfg):
+      row = {"product": name, "a": list(a_shape), "b": list(b_shape),
+             "transpose_a": transpose_a, "count": count, "dtype": dtype_name}
+      row["one_ms"], row["one_tflops"] = time_product(
+          a_shape, b_shape, transpose_a, 1, dtype, args.reps)
+      row["batched_ms"], row["batched_tflops"] = time_product(
+          a_shape, b_shape, transpose_a, count, dtype, max(2, args.reps // 4))
+      row["tree_ms_one_by_one"] = count * row["one_ms"]
+      result["rows"].append(row)
+      print(f"{dtype_name:<9} {name:<24} one {row['one_ms']:8.4f} ms {row['one_tflops']:6.1f}"
+            f" TFLOP/s   batched {row['batched_ms']:8.3f} ms {row['batched_tflops']:6.1f}"
+            f" TFLOP/s", flush=True)
+      out.write_text(json.dumps(result, indent=1) + "\n")
+    rows = [r for r in result["rows"] if r["dtype"] == dtype_name]
+    galore = [r for r in rows if r["product"].startswith(("project", "back"))]
+    for layout, key in (("one_by_one", "tree_ms_one_by_one"), ("batched", "batched_ms")):
+      result["floor_ms"][f"galore_{dtype_name}_{layout}"] = sum(r[key] for r in galore)
+      result["floor_ms"][f"osd_{dtype_name}_{layout}"] = sum(r[key] for r in rows)
+  out.write_text(json.dumps(result, indent=1) + "\n")
+  _plot(result, out.with_suffix(".png"))
+  return result
+
+
+def _plot(result, path):
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  fig = Figure(figsize=(11, 5))
+  ax = fig.subplots()
+  dtypes = sorted({r["dtype"] for r in result["rows"]})
+  names = [r["product"] for r in result["rows"] if r["dtype"] == dtypes[0]]
+  width = 0.8 / (2 * len(dtypes))
+  for j, dtype in enumerate(dtypes):
+    rows = [r for r in result["rows"] if r["dtype"] == dtype]
+    for k, layout in enumerate(("one", "batched")):
+      xs = [i + (2 * j + k) * width for i in range(len(rows))]
+      ax.bar(xs, [r[f"{layout}_tflops"] for r in rows], width, label=f"{dtype}, {layout}")
+  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
+  ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+  ax.set_ylabel("TFLOP/s")
+  ax.set_title(f"Subspace-step products, LLaMA-{result['size']} shapes ({result['device']})")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+  main()
