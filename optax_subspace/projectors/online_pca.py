@@ -34,22 +34,24 @@ def online_pca_gradient(p, g, gtp, orthogonality_weight=0.0):
 def _products(g, gtp):
   """What the online-PCA gradient needs from G (s, l) and gtp = GᵀP (l, r).
 
-  (‖G‖², G·gtp (s, r), gtpᵀ·gtp (r, r)): the only products with an l-sized
-  axis, so what is left runs on s×r and r×r arrays.
+  (‖G‖², G·gtp (s, r)): the only work that reads G, so what is left runs on
+  s×r and r×r arrays.
   """
   sq = jnp.sum(jnp.square(g.astype(jnp.float32)))
   # The one product with G runs in G's dtype (`projection_dtype`).
   ga = jnp.matmul(g, gtp.astype(g.dtype), preferred_element_type=jnp.float32)
-  gtp = gtp.astype(jnp.float32)
-  return sq, ga, gtp.T @ gtp
+  return sq, ga
 
 
 def _gradient_from_products(p, products, orthogonality_weight):
-  sq, ga, gram = products
+  sq, ga = products
   inv_sq = 1.0 / sq
   ptp = p.T @ p
-  ga = ga * inv_sq
-  grad = 2.0 * (p @ (gram * inv_sq) + ga @ ptp - 2.0 * ga)
+  # ‖G‖²·AᵀA = PᵀG·GᵀP = Pᵀ·(G·GᵀP): an r×r product over s from the s×r
+  # arrays at hand, rather than gtpᵀ·gtp over l (l ≥ s where P spans the
+  # smaller side) on each matrix's own l×r array.
+  gram = p.T @ ga
+  grad = (2.0 * inv_sq) * (p @ gram + ga @ ptp - 2.0 * ga)
   if orthogonality_weight:
     grad = grad + 4.0 * orthogonality_weight * (p @ ptp - p)
   return grad
