@@ -1,13 +1,14 @@
-"""The rate (TFLOP/s) of the dense products a subspace step runs, one by one and batched.
+"""The rate (TFLOP/s) of the dense products a subspace step runs, separate and batched.
 
 A GaLore step on the LLaMA-1B tree (rank 512) is two products per projected matrix, an Online
-Subspace Descent step three (METHODS.md), plus OSD's r×r Gram products. This times each product
-kind on its real shapes, alone (one matrix per call, as `project_subspace` runs them on
-separate leaves) and batched (every matrix of that shape in the tree in one call, as a scanned
-model's stacked kernels would run), in float32 at JAX's default precision (TF32 on recent NVIDIA
-GPUs) and in bfloat16 with float32 accumulation. From the rates it adds up the products' floor
-for one step of each method over the whole tree: what the steady-step target (≤ 1.5× AdamW's
-update) leaves for everything else. Writes JSON and a PNG.
+Subspace Descent step three (METHODS.md), plus OSD's r×r products. This times each product
+kind on its real shapes, for every matrix of that kind in the tree in one jitted call: as
+separate products on separate arrays (as `project_subspace` runs them on separate leaves) and
+as one batched product (as a scanned model's stacked kernels would run), in float32 at JAX's
+default precision (TF32 on recent NVIDIA GPUs) and in bfloat16 with float32 accumulation. Summed
+over the kinds of each method, that is the products' floor for one step over the whole tree:
+what the steady-step target (≤ 1.5× AdamW's update) leaves for everything else. Writes JSON and
+a PNG.
 
     python benchmarks/product_rates.py --out /tmp/product_rates.json              # GPU
     python benchmarks/product_rates.py --size tiny --reps 2 --out /tmp/p.json     # CPU smoke
@@ -28,9 +29,10 @@ from benchmarks import optimizer_step
 
 # (name, A as stored, B, A read transposed, count in the tree) for s = d_model, l = the kept
 # side, r = rank, in the layouts `project_subspace` runs them: rows projected (q, k, v, o, gate,
-# up; l padded to a multiple of 8): R = PᵀG, back P·N, OSD's G·Rᵀ and R·Rᵀ; columns projected
+# up; l padded to a multiple of 8): R = PᵀG, back P·N, OSD's G·Rᵀ; columns projected
 # (down, an (l, s) kernel) in the leaf's own layout: R = G·P, back N·Pᵀ, OSD's Gᵀ·R. Then OSD's
-# per-matrix r×r work: PᵀP and two products of an s×r matrix with an r×r one.
+# per-matrix r×r work (`online_pca_gradient`, A = G·Rᵀ): PᵀP, Pᵀ·A and two products of an s×r
+# matrix with an r×r one.
 def product_kinds(d, ffn, layers, rank, **_):
   s, r, lf = d, rank, ffn + (-ffn % 8)
   square, wide, every = 4 * layers, 2 * layers, 7 * layers
@@ -38,42 +40,50 @@ def product_kinds(d, ffn, layers, rank, **_):
       ("project PᵀG, square", (s, r), (s, s), True, square),
       ("back P·N, square", (s, r), (r, s), False, square),
       ("osd G·Rᵀ, square", (s, s), (s, r), False, square),
-      ("osd R·Rᵀ, square", (r, s), (s, r), False, square),
       ("project PᵀG, gate/up", (s, r), (s, lf), True, wide),
       ("back P·N, gate/up", (s, r), (r, lf), False, wide),
       ("osd G·Rᵀ, gate/up", (s, lf), (lf, r), False, wide),
-      ("osd R·Rᵀ, gate/up", (r, lf), (lf, r), False, wide),
       ("project G·P, down", (ffn, s), (s, r), False, layers),
       ("back N·Pᵀ, down", (ffn, r), (r, s), False, layers),
       ("osd Gᵀ·R, down", (ffn, s), (ffn, r), True, layers),
-      ("osd R·Rᵀ, down", (r, ffn), (ffn, r), False, layers),
-      ("osd PᵀP", (s, r), (s, r), True, every),
+      ("osd PᵀP and Pᵀ·A", (s, r), (s, r), True, 2 * every),
       ("osd P·(r×r), twice", (s, r), (r, r), False, 2 * every),
   ]
 
 
 def _median_call_ms(fn, args, reps, rounds=3):
-  fn(*args).block_until_ready()
+  jax.block_until_ready(fn(*args))
   best = []
   for _ in range(rounds):
     t0 = time.perf_counter()
     for _ in range(reps):
       out = fn(*args)
-    out.block_until_ready()
+    jax.block_until_ready(out)
     best.append((time.perf_counter() - t0) * 1e3 / reps)
   return sorted(best)[len(best) // 2]
 
 
-def time_product(a_shape, b_shape, transpose_a, batch, dtype, reps):
-  """ms per call and TFLOP/s of a (batch of) matmul(s) A·B (Aᵀ·B), float32 accumulation."""
+def time_product(a_shape, b_shape, transpose_a, count, batched, dtype, reps):
+  """ms per call and TFLOP/s of `count` matmuls A·B (Aᵀ·B), float32 accumulation.
+
+  `batched`: one batched matmul on (count, …) operands; else `count` separate
+  matmuls on separate arrays, in one jitted call (so the products run back to
+  back on the device as an update runs them, not one host dispatch each).
+  """
   key = jax.random.PRNGKey(0)
-  lead = (batch,) if batch > 1 else ()
-  a = jax.random.normal(key, lead + a_shape, jnp.float32).astype(dtype)
-  b = jax.random.normal(jax.random.fold_in(key, 1), lead + b_shape, jnp.float32).astype(dtype)
-  fn = jax.jit(lambda a, b: jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, b,
-                                       preferred_element_type=jnp.float32))
+  draw = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
+  dot = lambda a, b: jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, b,
+                                preferred_element_type=jnp.float32)
+  if batched:
+    a = draw(key, (count,) + a_shape)
+    b = draw(jax.random.fold_in(key, 1), (count,) + b_shape)
+    fn = jax.jit(dot)
+  else:
+    a = [draw(jax.random.fold_in(key, 2 * i), a_shape) for i in range(count)]
+    b = [draw(jax.random.fold_in(key, 2 * i + 1), b_shape) for i in range(count)]
+    fn = jax.jit(lambda a, b: [dot(x, y) for x, y in zip(a, b)])
   ms = _median_call_ms(fn, (a, b), reps)
-  flop = 2 * batch * a_shape[0] * a_shape[1] * b_shape[1]
+  flop = 2 * count * a_shape[0] * a_shape[1] * b_shape[1]
   del a, b
   return ms, flop / (ms * 1e-3) / 1e12
 
@@ -101,19 +111,19 @@ def main(argv=None) -> dict:
     for name, a_shape, b_shape, transpose_a, count in product_kinds(**cfg):
       row = {"product": name, "a": list(a_shape), "b": list(b_shape),
              "transpose_a": transpose_a, "count": count, "dtype": dtype_name}
-      row["one_ms"], row["one_tflops"] = time_product(
-          a_shape, b_shape, transpose_a, 1, dtype, args.reps)
+      row["separate_ms"], row["separate_tflops"] = time_product(
+          a_shape, b_shape, transpose_a, count, False, dtype, max(2, args.reps // 4))
       row["batched_ms"], row["batched_tflops"] = time_product(
-          a_shape, b_shape, transpose_a, count, dtype, max(2, args.reps // 4))
-      row["tree_ms_one_by_one"] = count * row["one_ms"]
+          a_shape, b_shape, transpose_a, count, True, dtype, max(2, args.reps // 4))
       result["rows"].append(row)
-      print(f"{dtype_name:<9} {name:<24} one {row['one_ms']:8.4f} ms {row['one_tflops']:6.1f}"
+      print(f"{dtype_name:<9} {name:<24} separate {row['separate_ms']:8.3f} ms"
+            f" {row['separate_tflops']:6.1f}"
             f" TFLOP/s   batched {row['batched_ms']:8.3f} ms {row['batched_tflops']:6.1f}"
             f" TFLOP/s", flush=True)
       out.write_text(json.dumps(result, indent=1) + "\n")
     rows = [r for r in result["rows"] if r["dtype"] == dtype_name]
     galore = [r for r in rows if r["product"].startswith(("project", "back"))]
-    for layout, key in (("one_by_one", "tree_ms_one_by_one"), ("batched", "batched_ms")):
+    for layout, key in (("separate", "separate_ms"), ("batched", "batched_ms")):
       result["floor_ms"][f"galore_{dtype_name}_{layout}"] = sum(r[key] for r in galore)
       result["floor_ms"][f"osd_{dtype_name}_{layout}"] = sum(r[key] for r in rows)
   out.write_text(json.dumps(result, indent=1) + "\n")
@@ -131,7 +141,7 @@ def _plot(result, path):
   width = 0.8 / (2 * len(dtypes))
   for j, dtype in enumerate(dtypes):
     rows = [r for r in result["rows"] if r["dtype"] == dtype]
-    for k, layout in enumerate(("one", "batched")):
+    for k, layout in enumerate(("separate", "batched")):
       xs = [i + (2 * j + k) * width for i in range(len(rows))]
       ax.bar(xs, [r[f"{layout}_tflops"] for r in rows], width, label=f"{dtype}, {layout}")
   ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])

@@ -130,7 +130,7 @@ def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
           if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in stream_tids]
 
 
-def profile(name, tx, count, params, grads, reps: int, top: int) -> dict:
+def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -> dict:
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
@@ -144,6 +144,9 @@ def profile(name, tx, count, params, grads, reps: int, top: int) -> dict:
     setattr(module, attr, value)
   try:
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+    if hlo_dir is not None:  # the kernel names of `top` are the fusions' names in this text
+      with gzip.open(pathlib.Path(hlo_dir) / f"{name}.hlo.txt.gz", "wt") as f:
+        f.write(compiled.as_text())
   finally:
     for module, attr, value in saved:
       setattr(module, attr, value)
@@ -185,6 +188,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--size", default="1b", choices=sorted(optimizer_step.SIZES))
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--top", type=int, default=25)
+  ap.add_argument("--hlo-dir", default=None,
+                  help="write each method's compiled HLO there (<method>.hlo.txt.gz)")
   ap.add_argument("--methods", default="")
   ap.add_argument("--commit", default="", help="default: $OPTAX_SUBSPACE_COMMIT or git")
   ap.add_argument("--out", required=True)
@@ -213,7 +218,10 @@ def main(argv=None) -> dict:
   out.parent.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
   for name, (tx, count) in chosen.items():
-    result["rows"].append(profile(name, tx, count, params, grads, args.reps, args.top))
+    if args.hlo_dir:
+      pathlib.Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
+    result["rows"].append(profile(name, tx, count, params, grads, args.reps, args.top,
+                                  args.hlo_dir))
     result["elapsed_s"] = time.perf_counter() - started
     out.write_text(json.dumps(result, indent=1) + "\n")
   return result

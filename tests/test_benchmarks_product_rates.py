@@ -28,7 +28,7 @@ def test_rows_and_floors_are_written(tmp_path):
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
   assert len(result["rows"]) == len(product_rates.product_kinds(**optimizer_step.SIZES["tiny"]))
   for row in result["rows"]:
-    assert row["one_ms"] > 0 and row["batched_ms"] > 0
-  assert set(result["floor_ms"]) == {"galore_float32_one_by_one", "galore_float32_batched",
-                                     "osd_float32_one_by_one", "osd_float32_batched"}
+    assert row["separate_ms"] > 0 and row["batched_ms"] > 0
+  assert set(result["floor_ms"]) == {"galore_float32_separate", "galore_float32_batched",
+                                     "osd_float32_separate", "osd_float32_batched"}
   assert out.with_suffix(".png").exists()

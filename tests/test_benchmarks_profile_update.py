@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/profile_update.py on the tiny tree (CPU: no device kernels)."""
 
+import gzip
 import json
 
 from benchmarks import profile_update
@@ -9,10 +10,12 @@ def test_profile_rows_carry_wall_time_and_kernel_breakdown(tmp_path):
   out = tmp_path / "profile_update.json"
   result = profile_update.main(["--size", "tiny", "--reps", "2", "--methods",
                                 "adamw,galore_steady_unpadded,galore_refresh_unchunked",
-                                "--out", str(out)])
+                                "--hlo-dir", str(tmp_path / "hlo"), "--out", str(out)])
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
   rows = {r["method"]: r for r in result["rows"]}
   assert set(rows) == {"adamw", "galore_steady_unpadded", "galore_refresh_unchunked"}
+  with gzip.open(tmp_path / "hlo" / "adamw.hlo.txt.gz", "rt") as f:
+    assert "ENTRY" in f.read()
   for row in rows.values():
     assert row["wall_ms"] > 0 and row["pipelined_ms"] > 0
     # The CPU trace has host threads only: nothing is counted as a device kernel.
