@@ -3,7 +3,8 @@
 For each method, runs ``python -m examples.llama train`` twice at the same global batch: on one
 device (``CUDA_VISIBLE_DEVICES`` = the first GPU) and on a mesh over all of them
 (``--data-parallel`` / ``--fsdp`` as given). Reads each run's metrics.jsonl and summary.json
-(tokens/s counts training steps only: compilation, evaluation and checkpoints are left out) and
+(tokens/s counts training steps only: compilation, evaluation and checkpoints are left out; the
+host syncs to fetch losses every ``--log-every`` steps, 10 by default, as a training run does) and
 writes one JSON, rewritten after every run so a cut run keeps what finished, with the per-step
 training losses of both runs, their largest relative difference, the final evaluation losses, and
 the tokens/s ratio (mesh / one device); plus a PNG of both loss curves per method.
@@ -64,7 +65,8 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
   flags = [
       "--model-size", args.model_size, "--batch-size", str(batch),
       "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--optimizer", method,
-      "--log-every", "1", "--eval-every", "0", "--eval-windows", str(args.eval_windows),
+      "--log-every", str(args.log_every), "--eval-every", "0",
+      "--eval-windows", str(args.eval_windows),
       "--checkpoint-every", str(args.steps), "--run-dir", str(run_dir),
       "--tokenizer", args.tokenizer, *mesh_flags,
   ]  # fmt: skip
@@ -134,6 +136,10 @@ def main(argv=None) -> dict:
   p.add_argument("--seq-len", type=int, default=256)
   p.add_argument("--steps", type=int, default=30)
   p.add_argument("--eval-windows", type=int, default=64)
+  p.add_argument("--log-every", type=int, default=10,
+                 help="the example's --log-every: the host fetches the losses (a device sync)"
+                 " every this many steps; every step's loss is recorded either way. 1 syncs"
+                 " every step, so each step's dispatch of the whole state is timed too")
   p.add_argument("--rank", type=int, default=0)
   p.add_argument("--update-every", type=int, default=0)
   p.add_argument("--data-parallel", type=int, default=1)
@@ -171,7 +177,8 @@ def main(argv=None) -> dict:
       "versions": _versions(),
       "config": {
           "model_size": args.model_size, "global_batch": args.batch_size,
-          "seq_len": args.seq_len, "steps": args.steps, "tokenizer": args.tokenizer,
+          "seq_len": args.seq_len, "steps": args.steps, "log_every": args.log_every,
+          "tokenizer": args.tokenizer,
           "rank": args.rank or "hidden/4", "update_every": args.update_every or 200,
           "mesh": f"data {args.data_parallel} x fsdp {args.fsdp}",
           "train_args": args.train_args, "mesh_args": args.mesh_args,
