@@ -42,10 +42,22 @@ PROJECTOR_SHAPES = [(512, 1376), (1024, 2736), (2048, 5461), (4096, 11008)]
 TINY_PROJECTOR_SHAPES = [(64, 176)]
 
 
-def llama_shapes(d, ffn, layers, vocab, **_):
-  """The parameter tree of a non-scanned Flax LLaMA, kernels (in, out)."""
+def llama_shapes(d, ffn, layers, vocab, scanned=False, **_):
+  """The parameter tree of a non-scanned Flax LLaMA, kernels (in, out).
+
+  `scanned`: the tree of a scanned model instead, each block's parameter stacked over the
+  layers (a kernel (layers, in, out): projected with ``MatrixDims(rows=1, cols=2)``).
+  """
   tree = {"embed": {"embedding": (vocab, d)}, "final_norm": {"scale": (d,)},
           "lm_head": {"kernel": (d, vocab)}}
+  if scanned:
+    tree["layers"] = {
+        "attention": {n: {"kernel": (layers, d, d)} for n in ("q", "k", "v", "o")},
+        "mlp": {"gate": {"kernel": (layers, d, ffn)}, "up": {"kernel": (layers, d, ffn)},
+                "down": {"kernel": (layers, ffn, d)}},
+        "attention_norm": {"scale": (layers, d)}, "mlp_norm": {"scale": (layers, d)},
+    }
+    return tree
   for i in range(layers):
     tree[f"layers_{i}"] = {
         "attention": {n: {"kernel": (d, d)} for n in ("q", "k", "v", "o")},
@@ -57,9 +69,15 @@ def llama_shapes(d, ffn, layers, vocab, **_):
 
 
 def synthetic_gradient(key, shape):
-  """Gaussian with power-law column scales: a decaying spectrum (σ ~ 1/i)."""
+  """Gaussian with power-law column scales: a decaying spectrum (σ ~ 1/i).
+
+  A stacked (scanned) leaf, more than 2 axes, gets one such matrix per leading index.
+  """
   if len(shape) < 2:
     return jax.random.normal(key, shape)
+  if len(shape) > 2:
+    keys = jax.random.split(key, shape[0])
+    return jax.vmap(lambda k: synthetic_gradient(k, shape[1:]))(keys)
   s = min(shape)
   k1, k2 = jax.random.split(key)
   left = jax.random.normal(k1, (shape[0], s)) / jnp.arange(1, s + 1)

@@ -49,7 +49,7 @@ KINDS = (
 )
 
 
-def methods(rank: int, big: int = 10**9) -> dict:
+def methods(rank: int, big: int = 10**9, dims=None) -> dict:
   """name -> (transformation, count to start at: past the step-0 refresh).
 
   "*_unpadded" compile with the combinator's PRODUCT_ALIGNMENT at 1: the
@@ -67,21 +67,23 @@ def methods(rank: int, big: int = 10**9) -> dict:
   back, as before.
   """
   mask = optimizer_step.PROJECTED
+  galore = lambda *a, **k: osub.galore(*a, dims=dims, **k)
+  osd = lambda *a, **k: osub.online_subspace_descent(*a, dims=dims, **k)
   return {
       "adamw": (optax.adamw(1e-3), None),
-      "galore_steady": (osub.galore(1e-3, rank, big, mask=mask), 1),
-      "galore_steady_unpadded": (osub.galore(1e-3, rank, big, mask=mask), 1),
+      "galore_steady": (galore(1e-3, rank, big, mask=mask), 1),
+      "galore_steady_unpadded": (galore(1e-3, rank, big, mask=mask), 1),
       "galore_steady_bf16_products": (
-          osub.galore(1e-3, rank, big, mask=mask, projection_dtype=jnp.bfloat16), 1),
-      "osd_steady": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
-      "osd_steady_unpadded": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
-      "osd_steady_stacked_state": (osub.online_subspace_descent(1e-3, rank, mask=mask), 1),
-      "galore_steady_swapped_updates": (osub.galore(1e-3, rank, big, mask=mask), 1),
+          galore(1e-3, rank, big, mask=mask, projection_dtype=jnp.bfloat16), 1),
+      "osd_steady": (osd(1e-3, rank, mask=mask), 1),
+      "osd_steady_unpadded": (osd(1e-3, rank, mask=mask), 1),
+      "osd_steady_stacked_state": (osd(1e-3, rank, mask=mask), 1),
+      "galore_steady_swapped_updates": (galore(1e-3, rank, big, mask=mask), 1),
       "osd_steady_bf16_products": (
-          osub.online_subspace_descent(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
-      "galore_refresh": (osub.galore(1e-3, rank, 1, mask=mask), None),
-      "galore_refresh_unchunked": (osub.galore(1e-3, rank, 1, mask=mask), None),
-      "galore_refresh_chunked_256mib": (osub.galore(1e-3, rank, 1, mask=mask), None),
+          osd(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
+      "galore_refresh": (galore(1e-3, rank, 1, mask=mask), None),
+      "galore_refresh_unchunked": (galore(1e-3, rank, 1, mask=mask), None),
+      "galore_refresh_chunked_256mib": (galore(1e-3, rank, 1, mask=mask), None),
   }
 
 
@@ -191,14 +193,17 @@ def main(argv=None) -> dict:
   ap.add_argument("--hlo-dir", default=None,
                   help="write each method's compiled HLO there (<method>.hlo.txt.gz)")
   ap.add_argument("--methods", default="")
+  ap.add_argument("--scanned", action="store_true",
+                  help="the tree of a scanned model: each block's kernels stacked over the"
+                  " layers, (layers, in, out), so each leaf's products run batched")
   ap.add_argument("--commit", default="", help="default: $OPTAX_SUBSPACE_COMMIT or git")
   ap.add_argument("--out", required=True)
   args = ap.parse_args(argv)
   cfg = optimizer_step.SIZES[args.size]
-  shapes = optimizer_step.llama_shapes(**cfg)
+  shapes = optimizer_step.llama_shapes(**cfg, scanned=args.scanned)
   params = optimizer_step.make_tree(shapes, 0, lambda k, s: 0.02 * jax.random.normal(k, s))
   grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
-  chosen = methods(cfg["rank"])
+  chosen = methods(cfg["rank"], dims=osub.MatrixDims(rows=1, cols=2) if args.scanned else None)
   if args.methods:
     chosen = {k: v for k, v in chosen.items() if k in args.methods.split(",")}
   dev = jax.devices()[0]
@@ -206,7 +211,7 @@ def main(argv=None) -> dict:
       "benchmark": "profile_update", "commit": args.commit or _provenance.commit(),
       "device": dev.device_kind, "platform": dev.platform,
       "versions": {"jax": jax.__version__, "optax": optax.__version__},
-      "size": args.size, "config": cfg, "reps": args.reps,
+      "size": args.size, "scanned": args.scanned, "config": cfg, "reps": args.reps,
       "timing": "kernel_ms: device kernel durations from a jax.profiler Perfetto trace, summed"
                 " and divided by the traced calls; wall_ms: median synced wall time;"
                 " pipelined_ms: wall time per call of `reps` calls in a row with one sync"

@@ -32,3 +32,28 @@ def test_kernel_names_sort_into_kinds():
   assert profile_update.kind_of("input_transpose_fusion_192") == "copy/transpose"
   assert profile_update.kind_of("loop_add_fusion_27") == "fusion"
   assert profile_update.kind_of("input_convert_reduce_fusion") == "reduction"
+
+
+def test_scanned_tree_profiles_and_holds_the_same_state(tmp_path):
+  """--scanned stacks each block's kernels over the layers; the subspace state is the same size."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax_subspace as osub  # pylint: disable=g-import-not-at-top
+  from benchmarks import optimizer_step  # pylint: disable=g-import-not-at-top
+
+  result = profile_update.main(["--size", "tiny", "--reps", "2", "--scanned", "--methods",
+                                "adamw,osd_steady", "--out", str(tmp_path / "p.json")])
+  assert result["scanned"] and {r["method"] for r in result["rows"]} == {"adamw", "osd_steady"}
+  cfg = optimizer_step.SIZES["tiny"]
+  sizes = []
+  for scanned in (False, True):
+    shapes = optimizer_step.llama_shapes(**cfg, scanned=scanned)
+    params = optimizer_step.make_tree(shapes, 0, lambda k, s: jax.numpy.zeros(s))
+    grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
+    assert all(jax.tree_util.tree_leaves(
+        jax.tree_util.tree_map(lambda g, p: g.shape == p.shape, grads, params)))
+    tx = osub.online_subspace_descent(
+        1e-3, cfg["rank"], mask=optimizer_step.PROJECTED,
+        dims=osub.MatrixDims(rows=1, cols=2) if scanned else None)
+    state = jax.eval_shape(tx.init, params)
+    sizes.append(sum(x.size for x in jax.tree_util.tree_leaves(state)))
+  assert sizes[0] == sizes[1]
