@@ -54,6 +54,8 @@ def test_train_step_quick_times_every_method_and_writes_json_and_png(tmp_path):
     assert math.isfinite(r["step_ms"]) and r["step_ms"] > 0, name
     assert r["losses_finite"], name
     assert r["tokens_per_s_amortised_over_200_ratio_to_adamw"] > 0, name
+    assert r["step_ms_pipelined"] > 0, name  # steps back to back, one sync
+    assert r["tokens_per_s_amortised_over_200_pipelined_ratio_to_adamw"] > 0, name
     assert r["memory_analysis"]["step"]["need_bytes"] > 0, name
     assert r["peak_bytes_in_use"] is None  # the CPU has no peak counter
     if r["level"] == "optimizer":  # issue 7: state bytes within 2% of the method's formula
@@ -69,6 +71,7 @@ def test_train_step_quick_times_every_method_and_writes_json_and_png(tmp_path):
   # One P for q/k/v and one for gate/up: fewer frozen bytes than a P per layer.
   assert rows["rso_model_shared"]["frozen_bytes"] < rows["rso_model"]["frozen_bytes"]
   assert set(size["targets"]) >= {"osd", "grass"}
+  assert "ratio_pipelined" in size["targets"]["osd"]
 
 
 def test_largest_model_quick_runs_the_ladder_and_writes_json_and_png(tmp_path):
