@@ -26,6 +26,7 @@ On the CPU (a smoke test): XLA_FLAGS=--xla_force_host_platform_device_count=4 an
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import pathlib
@@ -77,12 +78,19 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
     flags += ["--rank", str(args.rank)]
   if args.update_every:
     flags += ["--update-every", str(args.update_every)]
+  dump = run_dir / "xla_dump"
+  if args.hlo_dir:  # the compiled train step, to read its collectives' schedule
+    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), f"--xla_dump_to={dump}",
+                                 "--xla_dump_hlo_as_text",
+                                 "--xla_dump_hlo_module_re=jit_train_step"]).strip()
   started = time.perf_counter()
   proc = subprocess.run(
       [sys.executable, "-m", "examples.llama", "train", *flags], cwd=ROOT, env=env,
       capture_output=True, text=True, check=False,
   )
   wall = time.perf_counter() - started
+  if args.hlo_dir:
+    _keep_hlo(dump, pathlib.Path(args.hlo_dir) / f"{run_dir.name}.hlo.txt.gz")
   if proc.returncode != 0:
     return {"error": (proc.stdout + proc.stderr)[-2000:], "wall_s": wall}
   records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
@@ -98,6 +106,17 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
       "opt_state_bytes": summary["opt_state_bytes"],
       "wall_s": wall,
   }
+
+
+def _keep_hlo(dump: pathlib.Path, path: pathlib.Path) -> None:
+  """Gzips the train step's optimized HLO from an XLA dump folder to `path`, drops the folder."""
+  found = sorted(dump.glob("*jit_train_step*after_optimizations.txt"),
+                 key=lambda f: f.stat().st_size)
+  if found:  # the largest: the step itself, not a small helper of the same name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt") as f:
+      f.write(found[-1].read_text())
+  shutil.rmtree(dump, ignore_errors=True)
 
 
 def _plot(result: dict, path: pathlib.Path) -> None:
@@ -156,6 +175,9 @@ def main(argv=None) -> dict:
   p.add_argument("--shard-optimizer", action="store_true",
                  help="the mesh runs shard the optimizer state over the data axis (ZeRO-1,"
                  " the example's --shard-optimizer)")
+  p.add_argument("--hlo-dir", default="",
+                 help="write each run's compiled train step there (<method>-<layout>.hlo.txt.gz,"
+                 " from an XLA dump) to compare the layouts' collectives and their schedule")
   p.add_argument("--keep-checkpoints", action="store_true",
                  help="keep each run's final checkpoint under <out>_runs (deleted by default;"
                  " the metrics and summary stay)")

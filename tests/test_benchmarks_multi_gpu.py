@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/multi_gpu.py at a tiny size on 2 simulated CPU devices."""
 
+import gzip
 import json
 import os
 import pathlib
@@ -17,7 +18,8 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   # A subprocess, so the simulated devices exist whatever this process's jax already started.
   out = tmp_path / "multi_gpu.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", *TINY, "--out", str(out)],
+  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", *TINY, "--out", str(out),
+                  "--hlo-dir", str(tmp_path / "hlo")],
                  cwd=ROOT, env=env, check=True, capture_output=True)
   result = json.loads(out.read_text())
   assert result["commit"] == "abc1234"
@@ -33,6 +35,13 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   assert adamw["speedup"] == adamw["mesh"]["tokens_per_s"] / adamw["one"]["tokens_per_s"]
   assert adamw["weak_speedup"] == adamw["mesh_weak"]["tokens_per_s"] / adamw["one"]["tokens_per_s"]
   assert out.with_suffix(".png").exists()
+  # --hlo-dir: each run's compiled step; only the mesh runs communicate.
+  collectives = ("all-reduce(", "reduce-scatter(", "all-gather(")
+  for layout in ("one", "mesh", "mesh_weak"):
+    with gzip.open(tmp_path / "hlo" / f"adamw-{layout}.hlo.txt.gz", "rt") as f:
+      text = f.read()
+    assert "ENTRY" in text
+    assert any(c in text for c in collectives) == (layout != "one"), layout
   # Each run's metrics stay; its final checkpoint is deleted (no --keep-checkpoints).
   runs = tmp_path / "multi_gpu_runs"
   assert sorted(p.name for p in runs.iterdir()) == ["adamw-mesh", "adamw-mesh_weak", "adamw-one"]
