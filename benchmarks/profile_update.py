@@ -59,12 +59,8 @@ def methods(rank: int, big: int = 10**9, dims=None) -> dict:
   projected matrix plus the step; "*_unchunked" compile with
   `optax_subspace._chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh
   per shape, as before 972ca93), to measure what chunking costs in time.
-  "*_stacked_state" compile with `_combinator.STEP_PROJECTOR_PER_LEAF` off:
-  OSD's whole projector state (P and its optimizer's moments) stacked by
-  shape for its step, as before the per-leaf step on P. "*_swapped_updates"
-  compile with `_combinator.COLUMN_UPDATES_IN_LEAF_LAYOUT` off: the updates
-  of column-projected leaves (LLaMA's down projections) swapped to (s, l) and
-  back, as before.
+  (The "*_stacked_state" and "*_swapped_updates" variants of earlier runs
+  measured layouts that were then taken out of the combinator.)
   """
   mask = optimizer_step.PROJECTED
   galore = lambda *a, **k: osub.galore(*a, dims=dims, **k)
@@ -77,8 +73,6 @@ def methods(rank: int, big: int = 10**9, dims=None) -> dict:
           galore(1e-3, rank, big, mask=mask, projection_dtype=jnp.bfloat16), 1),
       "osd_steady": (osd(1e-3, rank, mask=mask), 1),
       "osd_steady_unpadded": (osd(1e-3, rank, mask=mask), 1),
-      "osd_steady_stacked_state": (osd(1e-3, rank, mask=mask), 1),
-      "galore_steady_swapped_updates": (galore(1e-3, rank, big, mask=mask), 1),
       "osd_steady_bf16_products": (
           osd(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
       "galore_refresh": (galore(1e-3, rank, 1, mask=mask), None),
@@ -90,9 +84,7 @@ def methods(rank: int, big: int = 10**9, dims=None) -> dict:
 # Library settings a method's name changes while it compiles (they are read while tracing).
 _COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
                      "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
-                     "_chunked_256mib": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 28),
-                     "_stacked_state": (_combinator, "STEP_PROJECTOR_PER_LEAF", False),
-                     "_swapped_updates": (_combinator, "COLUMN_UPDATES_IN_LEAF_LAYOUT", False)}
+                     "_chunked_256mib": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 28)}
 
 
 def kind_of(name: str) -> str:

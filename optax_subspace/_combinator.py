@@ -31,14 +31,6 @@ ON_CHANGE = ("keep", "reset", "transport")
 # back-projection, so no value changes; the cost is one copy of such a
 # gradient. 1 turns the padding off.
 PRODUCT_ALIGNMENT = 8
-# Projectors with `advance_direction`/`advance_apply` (OSD) step P per leaf
-# after a stacked direction; False stacks their whole state instead (the
-# layout before 2026-11, kept to measure the difference).
-STEP_PROJECTOR_PER_LEAF = True
-# A leaf projected on its columns gets its update (P·N)ᵀ = Nᵀ·Pᵀ in its own
-# layout, with no swap to (s, l) and back; False keeps the swaps (the code
-# before 2026-11-27, kept to measure the difference on a GPU).
-COLUMN_UPDATES_IN_LEAF_LAYOUT = True
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -482,11 +474,11 @@ def project_subspace(
             lambda p, x: jnp.matmul(x, p.T.astype(x.dtype),
                                     preferred_element_type=jnp.float32),
             plans[i], current[i], n_t, in_axes=(0, 0))
-        if COLUMN_UPDATES_IN_LEAF_LAYOUT and plans[i].perm == tuple(
-            range(len(plans[i].shape))):
+        if plans[i].perm == tuple(range(len(plans[i].shape))):
           # Already the leaf's layout: returned as it is. Swapped to (s, l) and
-          # back, XLA folds the outer transpose into the product (computing
-          # P·N again) and copies the s×l result into the leaf's layout.
+          # back, XLA folded the outer transpose into the product (computing
+          # P·N again) and copied the s×l result into the leaf's layout: 1.3 ms
+          # of LLaMA-1B's GaLore step (H200, profile_update_h200_b210501.json).
           out[i] = (flipped * scale).reshape(plans[i].shape).astype(
               jnp.result_type(g_leaves[i]))
           continue
@@ -501,11 +493,12 @@ def project_subspace(
     # 4. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
     if projector.advance is not None and projected:
       changed = {}
-      if projector.advance_direction is not None and STEP_PROJECTOR_PER_LEAF:
+      if projector.advance_direction is not None:
         # What read G was taken in step 2; the direction (OSD: ∇P, a few
         # small products) stacked by (s, r) from P and those inputs only, one
         # call for all matrices; the step on P per leaf, so the projector's
-        # optimizer state is read and written in place, never stacked.
+        # optimizer state is read and written in place, never stacked (2 ms
+        # less than stacking it too: profile_update_h200_f125423.json).
         directions = _by_shape(projector.advance_direction, plans, projected,
                                lambda p: (p.side, p.rank), current, inputs)
         for i in projected:
