@@ -221,6 +221,10 @@ def _parser() -> argparse.ArgumentParser:
   step.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
                     help="recompute each block in the backward (train_step: off,"
                     " largest_model: on)")
+  step.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
+                    help="train_step: the example's --scan-layers (blocks stacked over the"
+                    " layers, run by nnx.scan); the methods that need one module per layer"
+                    " (model level, optax.contrib.galore) are left out")
   step.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
                     help="parameter dtype (train_step float32, largest_model bfloat16)")
   step.add_argument("--state-dtype", choices=("float32", "bfloat16", "native"), default=None,
@@ -242,8 +246,8 @@ def _parser() -> argparse.ArgumentParser:
   return ap
 
 
-_OPTION_FLAGS = ("batch", "seq", "rank", "remat", "param_dtype", "state_dtype", "attention",
-                 "budget_gb", "compilation_cache", "job_timeout_s")
+_OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "param_dtype", "state_dtype",
+                 "attention", "budget_gb", "compilation_cache", "job_timeout_s")
 
 
 def main(argv=None) -> dict:
@@ -254,6 +258,8 @@ def main(argv=None) -> dict:
   if options and args.suite not in WORKER_SUITES:
     flags = ", ".join("--" + k.replace("_", "-") for k in options)
     raise SystemExit(f"python -m benchmarks: {flags} apply to {' and '.join(WORKER_SUITES)} only")
+  if options.get("scan_layers") and args.suite != "train_step":
+    raise SystemExit("python -m benchmarks: --scan-layers applies to train_step only")
   try:
     return run_suite(args.suite, args.size, args.out, args.quick, args.reps, methods, argv,
                      options=options)

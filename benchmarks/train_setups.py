@@ -86,6 +86,8 @@ METHODS = tuple(m for m in ("adamw", "optax_contrib_galore", "galore", "osd", "r
                             "rso_model", "rso_model_shared", "grass_model")
                 if m != "optax_contrib_galore" or HAS_OPTAX_GALORE)
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
+# What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.
+NEEDS_LAYER_MODULES = MODEL_LEVEL + ("optax_contrib_galore",)
 RSO_MODEL = ("rso_model", "rso_model_shared")
 # The LLaMA example's --optimizer name of each optimizer-level method.
 EXAMPLE_OPTIMIZER = {"adamw": "adamw", "optax_contrib_galore": "optax_galore",
@@ -169,19 +171,23 @@ def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientT
   return optax.GradientTransformation(init, update)
 
 
-def _train_config(method: str, rank: int, update_every: int) -> TrainConfig:
+def _train_config(method: str, rank: int, update_every: int,
+                  scan_layers: bool = False) -> TrainConfig:
   optimizer = EXAMPLE_OPTIMIZER.get(method, method.removesuffix("_model"))
   return TrainConfig(optimizer=optimizer, rank=rank, update_every=update_every,
-                     steps=SCHEDULE_STEPS)
+                     steps=SCHEDULE_STEPS, scan_layers=scan_layers)
 
 
 def optimizer(method: str, rank: int, update_every: int = UPDATE_EVERY,
-              state_dtype=None) -> optax.GradientTransformation:
+              state_dtype=None, scan_layers: bool = False) -> optax.GradientTransformation:
   """The update rule of `method`: the example's for the optimizer level, `optax_subspace.nn`'s
-  for the model level; both with the example's warm-up + cosine schedule, no clipping."""
+  for the model level; both with the example's warm-up + cosine schedule, no clipping.
+  `scan_layers`: for a scanned model's stacked kernels (the example's `matrix_dims`)."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-  cfg = _train_config(method, rank, update_every)
+  if scan_layers and method in NEEDS_LAYER_MODULES:
+    raise ValueError(f"{method} needs one module per layer: no scanned model")
+  cfg = _train_config(method, rank, update_every, scan_layers)
   if method in RSO_MODEL:
     tx = osnn.rso_optimizer(llama_optimizers.schedule(cfg), inner_steps=update_every)
   elif method == "grass_model":
@@ -290,7 +296,7 @@ def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Option
     seed: the model's initialisation.
   """
   rank = rank or model.hidden // 4
-  tx = optimizer(method, rank, update_every, state_dtype)
+  tx = optimizer(method, rank, update_every, state_dtype, model.scan_layers)
   if method in MODEL_LEVEL:
     train_step, init, carry, refresh = _model_level(method, model, tx, rank, update_every, seed)
   else:

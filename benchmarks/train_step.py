@@ -58,10 +58,12 @@ TARGET_METHODS = ("osd", "grass", "grass_model")
 AMORTISED = f"amortised_over_{train_setups.UPDATE_EVERY}"
 
 
-def model_fields(size: str, vocab: int, remat: bool, param_dtype: str) -> dict:
+def model_fields(size: str, vocab: int, remat: bool, param_dtype: str,
+                 scan_layers: bool = False) -> dict:
   hidden, ffn, heads, layers = SIZES[size]
   return {"hidden": hidden, "ffn": ffn, "heads": heads, "layers": layers, "vocab_size": vocab,
-          "remat": remat, "param_dtype": param_dtype, "compute_dtype": "bfloat16"}
+          "remat": remat, "param_dtype": param_dtype, "compute_dtype": "bfloat16",
+          "scan_layers": scan_layers}
 
 
 def _compilation_cache(path) -> None:
@@ -242,7 +244,8 @@ def describe(options, quick) -> dict:
           "seq": options.get("seq") or (QUICK["seq"] if quick else SEQ),
           "batch": options.get("batch") or ("quick" if quick else DEFAULT_BATCH),
           "vocab": QUICK["vocab"] if quick else VOCAB,
-          "remat": bool(options.get("remat")), "param_dtype": param,
+          "remat": bool(options.get("remat")),
+          "scan_layers": bool(options.get("scan_layers")), "param_dtype": param,
           "state_dtype": state or "native", "attention": options.get("attention") or "auto",
           "rank": options.get("rank") or "hidden / 4",
           "projected": "attention and MLP kernels (optimizer level: examples/llama/"
@@ -269,7 +272,8 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   """Every method of `methods` (default all; AdamW always) at every size; see the module doc.
 
   Options (all optional): batch (else `DEFAULT_BATCH` per size), seq (256), rank (hidden/4),
-  remat (False), param_dtype ("float32"), state_dtype (None: the method's own), attention
+  remat (False), scan_layers (False: the example's --scan-layers; the methods of
+  `train_setups.NEEDS_LAYER_MODULES` are then left out), param_dtype ("float32"), state_dtype (None: the method's own), attention
   ("auto": cuDNN on a GPU), update_every (200), warmup (2), compilation_cache (a directory),
   job_timeout_s (`train_setups.JOB_TIMEOUT_S`, 300; quick 120): a method that takes longer is
   killed and recorded with its last progress line. `checkpoint(results)` is called before the
@@ -284,6 +288,11 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   if unknown:
     raise ValueError(f"unknown methods {sorted(unknown)}; choose from {train_setups.METHODS}")
   methods = [m for m in train_setups.METHODS if m in methods or m == "adamw"]
+  if options.get("scan_layers"):
+    left_out = [m for m in methods if m in train_setups.NEEDS_LAYER_MODULES]
+    if left_out:
+      log(f"--scan-layers: leaving out {', '.join(left_out)} (one module per layer needed)")
+    methods = [m for m in methods if m not in train_setups.NEEDS_LAYER_MODULES]
   seq = options.get("seq") or (QUICK["seq"] if quick else SEQ)
   vocab = QUICK["vocab"] if quick else VOCAB
   warmup = options.get("warmup", QUICK["warmup"] if quick else WARMUP)
@@ -297,7 +306,8 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
     for size in sizes:
       batch = options.get("batch") or (QUICK["batch"] if quick else DEFAULT_BATCH.get(size, 64))
       fields = model_fields(size, vocab, bool(options.get("remat")),
-                            options.get("param_dtype") or "float32")
+                            options.get("param_dtype") or "float32",
+                            bool(options.get("scan_layers")))
       entry = {"size": size, "model": fields, "n_params": _n_params(fields), "batch": batch,
                "seq": seq, "tokens_per_step": batch * seq,
                "rank": options.get("rank") or fields["hidden"] // 4, "rows": []}

@@ -74,6 +74,21 @@ def test_train_step_quick_times_every_method_and_writes_json_and_png(tmp_path):
   assert "ratio_pipelined" in size["targets"]["osd"]
 
 
+def test_train_step_scan_layers_runs_the_optimizer_level_on_a_scanned_model(tmp_path):
+  out = tmp_path / "train_step_scan.json"
+  result = suites.main(["run", "--suite", "train_step", "--quick", "--scan-layers", "--methods",
+                        "osd,rso_model", "--out", str(out)])
+  assert result["config"]["scan_layers"]
+  (size,) = result["results"]["sizes"]
+  assert size["model"]["scan_layers"]
+  rows = {r["method"]: r for r in size["rows"]}
+  assert set(rows) == {"adamw", "osd"}  # rso_model needs one module per layer: left out
+  for name, r in rows.items():
+    assert "error" not in r and r["losses_finite"], (name, r.get("error"))
+  with pytest.raises(SystemExit, match="train_step only"):
+    suites.main(["run", "--suite", "largest_model", "--quick", "--scan-layers"])
+
+
 def test_largest_model_quick_runs_the_ladder_and_writes_json_and_png(tmp_path):
   out = tmp_path / "largest_model.json"
   result = suites.main(["run", "--suite", "largest_model", "--quick", "--out", str(out),

@@ -22,6 +22,9 @@ MODEL_SIZES = {
 
 # rso_model and grass_model are the model-level RSO and GRASS (optax_subspace.nn).
 OPTIMIZERS = ("adamw", "galore", "osd", "rso", "grass", "rso_model", "grass_model", "optax_galore")
+# Methods that need one module per layer: the model-level ones replace each layer's nnx.Linear,
+# and optax.contrib.galore's dimension numbers name no batch axis.
+SCAN_UNSUPPORTED = ("rso_model", "grass_model", "optax_galore")
 CORPORA = ("sotu", "offline-large", "c4")
 TOKENIZERS = ("auto", "mistral", "byte", "t5")
 DTYPES = ("bfloat16", "float32")
@@ -45,6 +48,7 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False
+  scan_layers: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -72,6 +76,12 @@ class TrainConfig:
   compute_dtype: str = _flag("bfloat16", "dtype of activations and matmuls: bfloat16 or float32")
   pure_bf16: bool = _flag(False, "keep the parameters (and so the optimizer state) in bfloat16")
   remat: bool = _flag(False, "activation checkpointing: recompute each block in the backward pass")
+  scan_layers: bool = _flag(
+      False,
+      "stack the blocks' parameters over the layers and run them with nnx.scan: one block to "
+      "compile, and each kernel a (layers, in, out) batch of matrices whose subspace products "
+      "run batched (optimizer-level methods other than optax_galore)",
+  )
   # data
   corpus: str = _flag("sotu", f"one of {', '.join(CORPORA)}")
   tokenizer: str = _flag(
@@ -189,6 +199,11 @@ class TrainConfig:
     if self.rso_share_basis and self.optimizer != "rso_model":
       raise ConfigError(
           f"--rso-share-basis is an option of --optimizer rso_model, not {self.optimizer}"
+      )
+    if self.scan_layers and self.optimizer in SCAN_UNSUPPORTED:
+      raise ConfigError(
+          f"--scan-layers works with the optimizer-level methods; --optimizer {self.optimizer}"
+          " needs the unstacked layers (drop --scan-layers)"
       )
     if self.shard_optimizer and self.fsdp > 1:
       raise ConfigError(

@@ -116,13 +116,14 @@ def _split_on(mesh, mesh_axis: str, params, hidden: int, frozen=None):
   return _named(mesh, pspecs), _named(mesh, fspecs)
 
 
-def update_shardings(mesh, params, hidden: int, frozen=None, tx=None):
+def update_shardings(mesh, params, hidden: int, frozen=None, tx=None, dims=None):
   """ZeRO-1: the parameters' shardings as if every matrix were split over "data" on its hidden
   axis. The optimizer state is placed from them, and the gradient split by them before the
   update, so that each device updates only its share. With `tx` (an optimizer-level subspace
   method), each projected matrix is split on its kept side instead
   (`optax_subspace.update_shardings`): its projection, low-rank update and back-projection are
-  then local to each device, with no partial sums of R nor gathers of the low-rank factors."""
+  then local to each device, with no partial sums of R nor gathers of the low-rank factors.
+  `dims`: the method's dimension numbers, where kernels have more than two axes (scanned)."""
   if mesh.shape["fsdp"] > 1:
     raise ValueError("ZeRO-1 needs fsdp 1: the fsdp axis already splits the optimizer state")
   split = _split_on(mesh, "data", params, hidden, frozen)[0]
@@ -130,23 +131,26 @@ def update_shardings(mesh, params, hidden: int, frozen=None, tx=None):
     return split
   import optax_subspace  # the rule covers any optax chain, subspace or not
 
-  return optax_subspace.update_shardings(tx, params, split)
+  return optax_subspace.update_shardings(tx, params, split, dims=dims)
 
 
-def shardings(mesh, params, tx, hidden: int, frozen=None, shard_optimizer: bool = False):
+def shardings(mesh, params, tx, hidden: int, frozen=None, shard_optimizer: bool = False,
+              dims=None):
   """(param, optimizer-state, batch) shardings for `jax.jit`, or Nones without a mesh.
 
   With `frozen` (the model-level methods' non-Param state), a fourth: the frozen state's
   shardings, and the parameters' follow `model_level_specs`. With `shard_optimizer` (ZeRO-1),
   the state is placed from `update_shardings` rather than from the parameters' shardings.
+  `dims`: the method's dimension numbers, where kernels have more than two axes (scanned).
   """
   if mesh is None:
     return (None,) * (3 if frozen is None else 4)
   psh, fsh = _split_on(mesh, "fsdp", params, hidden, frozen)
-  state_from = update_shardings(mesh, params, hidden, frozen, tx) if shard_optimizer else psh
+  state_from = (update_shardings(mesh, params, hidden, frozen, tx, dims) if shard_optimizer
+                else psh)
   import optax_subspace  # the state rules cover any optax chain, subspace or not
 
-  ssh = optax_subspace.state_shardings(tx, params, state_from, mesh=mesh)
+  ssh = optax_subspace.state_shardings(tx, params, state_from, mesh=mesh, dims=dims)
   bsh = NamedSharding(mesh, PartitionSpec(AXES))
   return (psh, ssh, bsh) if frozen is None else (psh, ssh, bsh, fsh)
 

@@ -3,6 +3,9 @@
 Kernels are `nnx.Linear` kernels in Flax's (in, out) layout, and the attention kernels stay 2-D
 (hidden, hidden), so parameter paths read ``layers/0/attention/q_proj/kernel``,
 ``layers/0/mlp/gate_proj/kernel``, ``embed/embedding``, ``lm_head/kernel`` and ``.../scale``.
+With ``scan_layers`` the blocks are one module whose parameters are stacked over the layers
+(``layers/attention/q_proj/kernel`` of shape (layers, in, out)), run by `nnx.scan`: the compiler
+sees one block, and an optimizer sees each kernel as a batch of matrices.
 Follows Touvron et al., "LLaMA: Open and Efficient Foundation Language Models" (arXiv 2302.13971).
 """
 
@@ -107,6 +110,17 @@ def _run_block(block: Block, x: jax.Array) -> jax.Array:
   return block(x)
 
 
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
+  """`cfg.layers` blocks as one Block whose every parameter has a leading layer axis."""
+
+  @nnx.split_rngs(splits=cfg.layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs: nnx.Rngs) -> Block:
+    return Block(cfg, rngs)
+
+  return make(rngs)
+
+
 # The mesh axes the batch is split over when the model runs under `jax.set_mesh` (the example's
 # ("data", "fsdp") mesh). Activations are pinned there, so XLA's partitioner does not carry the
 # parameters' FSDP sharding of the hidden axis into them (MaxText constrains them the same way).
@@ -136,17 +150,28 @@ class Llama(nnx.Module):
         param_dtype=cfg.param_dtype,
         rngs=rngs,
     )
-    # nnx.List (Flax >= 0.12) registers the blocks as children; a list did before.
-    layer_list = getattr(nnx, "List", list)
-    self.layers = layer_list([Block(cfg, rngs) for _ in range(cfg.layers)])
+    if cfg.scan_layers:
+      self.layers = _stacked_blocks(cfg, rngs)
+    else:
+      # nnx.List (Flax >= 0.12) registers the blocks as children; a list did before.
+      layer_list = getattr(nnx, "List", list)
+      self.layers = layer_list([Block(cfg, rngs) for _ in range(cfg.layers)])
     self.norm = _rms_norm(cfg, rngs)
     self.lm_head = _linear(cfg, cfg.hidden, cfg.vocab_size, rngs)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     x = constrain_batch(self.embed(tokens))
     run_block = nnx.remat(_run_block) if self.cfg.remat else _run_block
-    for block in self.layers:
-      x = constrain_batch(run_block(block, x))
+    if self.cfg.scan_layers:
+
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+      def run_layers(x, block):
+        return constrain_batch(run_block(block, x))
+
+      x = run_layers(x, self.layers)
+    else:
+      for block in self.layers:
+        x = constrain_batch(run_block(block, x))
     return self.lm_head(self.norm(x)).astype(jnp.float32)
 
 

@@ -76,6 +76,15 @@ def model_level_function(flag: str, function: str):
   return _subspace_method(flag, function, "optax_subspace.nn")
 
 
+def matrix_dims(cfg: TrainConfig):
+  """The presets' `dims`: None (2-D kernels), or with --scan-layers a callable giving each
+  stacked kernel (layers, in, out) `MatrixDims(rows=1, cols=2)`, a batch of matrices."""
+  if not cfg.scan_layers or cfg.optimizer == "adamw":
+    return None
+  matrix = _subspace_method(cfg.optimizer, "MatrixDims")
+  return lambda path, leaf: matrix(rows=1, cols=2) if len(leaf.shape) == 3 else None
+
+
 def _not_factors(factor_name: str):
   """A mask callable: True for every Param but the model-level factors named `factor_name`."""
 
@@ -134,6 +143,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         scale=cfg.galore_scale,
         weight_decay=cfg.weight_decay,
         mask=PROJECTED,
+        dims=matrix_dims(cfg),
     )
   if cfg.optimizer == "osd":
     return _subspace_method("osd", "online_subspace_descent")(
@@ -144,6 +154,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         peak_learning_rate=cfg.effective_lr(),
         weight_decay=cfg.weight_decay,
         mask=PROJECTED,
+        dims=matrix_dims(cfg),
     )
   if cfg.optimizer == "grass":
     # Top-r rows by norm, moments reset at a new selection (as reported for
@@ -154,6 +165,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         update_every=cfg.update_every,
         weight_decay=cfg.weight_decay,
         mask=PROJECTED,
+        dims=matrix_dims(cfg),
     )
   if cfg.optimizer == "rso":
     # One RSO subproblem per --update-every steps: a fresh random (Haar) P on the input side of
@@ -164,6 +176,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         inner_steps=cfg.update_every,
         weight_decay=cfg.weight_decay,
         mask=PROJECTED,
+        dims=matrix_dims(cfg),
         seed=cfg.seed,
     )
   if cfg.optimizer == "rso_model":

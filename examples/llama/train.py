@@ -437,6 +437,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       compute_dtype=cfg.compute_dtype,
       param_dtype="bfloat16" if cfg.pure_bf16 else "float32",
       remat=cfg.remat,
+      scan_layers=cfg.scan_layers,
   )
   tx = optimizers.build(cfg)  # raises ConfigError for a missing library
   model_level = cfg.optimizer in optimizers.MODEL_LEVEL
@@ -459,9 +460,12 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     params = nnx.to_pure_dict(state)
     opt_state = tx.init(params)
     shard_optimizer = cfg.shard_optimizer and device_mesh is not None
-    shardings = mesh.shardings(device_mesh, params, tx, mcfg.hidden, frozen, shard_optimizer)
+    dims = optimizers.matrix_dims(cfg)
+    shardings = mesh.shardings(
+        device_mesh, params, tx, mcfg.hidden, frozen, shard_optimizer, dims
+    )
     update_shardings = (
-        mesh.update_shardings(device_mesh, params, mcfg.hidden, frozen, tx)
+        mesh.update_shardings(device_mesh, params, mcfg.hidden, frozen, tx, dims)
         if shard_optimizer
         else None
     )

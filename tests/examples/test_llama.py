@@ -109,6 +109,63 @@ def test_activation_checkpointing_gives_the_same_gradients():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
 
 
+def _stacked(params):
+  """The layered model's parameters in the scanned model's layout: blocks stacked on axis 0."""
+  blocks = [params["layers"][i] for i in sorted(params["layers"])]
+  return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+
+
+def test_scanned_layers_compute_what_the_layered_model_does():
+  # Same weights, stacked: same logits and the same gradients, stacked.
+  scanned_cfg = model_config("tiny", 257, compute_dtype="float32", scan_layers=True)
+  graphdef, params = _params()
+  scanned_graphdef, scanned = _params(scanned_cfg)
+  assert jax.tree.map(np.shape, scanned) == jax.tree.map(np.shape, _stacked(params))
+  assert _paths(scanned)["layers/attention/q_proj/kernel"].shape == (
+      TINY.layers, TINY.hidden, TINY.hidden)
+  tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, 257)
+  loss = lambda g, p: train._loss(p, g, tokens)
+  np.testing.assert_allclose(loss(scanned_graphdef, _stacked(params)), loss(graphdef, params),
+                             rtol=1e-6)
+  grads = jax.grad(train._loss)(params, graphdef, tokens)
+  scanned_grads = jax.grad(train._loss)(_stacked(params), scanned_graphdef, tokens)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               scanned_grads, _stacked(grads))
+
+
+@pytest.mark.parametrize("optimizer", ["galore", "osd", "grass"])
+def test_scanned_kernels_get_the_layered_kernels_updates(optimizer):
+  # --scan-layers gives each stacked kernel (layers, in, out) MatrixDims(rows=1, cols=2): a batch
+  # of matrices, each with its own projector, so the updates are the layered model's, stacked.
+  _, params = _params()
+  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+  updates = []
+  for scan, p, g in [(False, params, grads), (True, _stacked(params), _stacked(grads))]:
+    cfg = TrainConfig(model_size="tiny", optimizer=optimizer, rank=8, update_every=2,
+                      scan_layers=scan)
+    tx = optimizers.build(cfg)
+    state = tx.init(p)
+    for _ in range(3):  # a refresh, a step, a refresh
+      u, state = jax.jit(tx.update)(g, state, p)
+    updates.append(u)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+               updates[1], _stacked(updates[0]))
+
+
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS in .ci/run)")
+def test_scanned_layers_train_on_a_zero1_mesh_like_one_device(tmp_path):
+  _c4_corpus(tmp_path / "c4")
+  losses = {}
+  for name, devices in [("one", []), ("mesh", ["--data-parallel", "2", "--shard-optimizer"])]:
+    run = f"osd-scan-{name}"
+    flags = ["--optimizer", "osd", "--rank", "8", "--steps", "4", "--scan-layers"]
+    assert train.main(_flags(tmp_path, run, *flags, "--compute-dtype", "float32", *devices)) == 0
+    records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+    losses[name] = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(losses["one"]) == 4 and np.all(np.isfinite(losses["one"]))
+  np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=2e-4)
+
+
 @pytest.mark.parametrize(
     "size, hidden, layers", [("60m", 512, 8), ("1b", 2048, 24), ("7b", 4096, 32)]
 )
@@ -545,6 +602,10 @@ def _bad_input_cases(tmp_path):
           ["--data-parallel", "2", "--fsdp", "2", "--shard-optimizer"],
           "--shard-optimizer needs --fsdp 1",
       ),
+      "scanned layers with a model-level method": (
+          ["--optimizer", "rso_model", "--scan-layers"],
+          "--scan-layers works with the optimizer-level methods",
+      ),
   }
 
 
@@ -559,6 +620,7 @@ def _bad_input_cases(tmp_path):
         "batch not split over devices",
         "bad flag value",
         "shard optimizer with fsdp",
+        "scanned layers with a model-level method",
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, capsys, case):
