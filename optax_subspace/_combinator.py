@@ -31,6 +31,12 @@ ON_CHANGE = ("keep", "reset", "transport")
 # back-projection, so no value changes; the cost is one copy of such a
 # gradient. 1 turns the padding off.
 PRODUCT_ALIGNMENT = 8
+# The per-step r×r work of a stepped projector (OSD's ∇P) runs stacked over the
+# leaves of one (s, r), so that 168 separate LLaMA-1B matrices make one batch
+# and not 168 calls of a few tiles each. A leaf that is already a batch of at
+# least this many matrices (a scanned model's stacked kernel) runs its own:
+# stacking it would only copy its P and inputs.
+OWN_BATCH_MATRICES = 8
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -162,6 +168,14 @@ def _refresh_by_shape(projector, plans, pstates, grads, count, prepare,
       states[i], changed[i] = state, ok
     previous = out
   return states, changed
+
+
+def _step_group(plan: _leaves.LeafPlan):
+  """The stacking key of a leaf's per-step projector work: (s, r), or the leaf
+  alone when it is a batch of `OWN_BATCH_MATRICES` matrices or more."""
+  if plan.num_matrices >= OWN_BATCH_MATRICES:
+    return (plan.side, plan.rank, plan)
+  return (plan.side, plan.rank)
 
 
 def _bases_by_shape(projector, plans, pstates):
@@ -500,7 +514,7 @@ def project_subspace(
         # optimizer state is read and written in place, never stacked (2 ms
         # less than stacking it too: profile_update_h200_f125423.json).
         directions = _by_shape(projector.advance_direction, plans, projected,
-                               lambda p: (p.side, p.rank), current, inputs)
+                               _step_group, current, inputs)
         for i in projected:
           pstates[i], changed[i] = _over_batch(
               lambda st, x, d: projector.advance_apply(st, x, d, count),
@@ -511,7 +525,7 @@ def project_subspace(
         # call for all matrices.
         advanced = _by_shape(
             lambda st, x: projector.advance_update(st, x, count), plans,
-            projected, lambda p: (p.side, p.rank),
+            projected, _step_group,
             {i: pstates[i] for i in projected}, inputs)
         for i in projected:
           pstates[i], changed[i] = advanced[i]

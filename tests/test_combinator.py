@@ -402,3 +402,19 @@ def test_column_projected_updates_come_in_the_leaf_layout_with_the_same_values()
     chex.assert_trees_all_close(a, b.T, atol=1e-6, rtol=1e-6)
   hlo = jax.jit(tx.update).lower(down, tx.init(down), down).compile().as_text()
   assert not re.findall(r"= f32\[48,16\]\{0,1\}", hlo.split("ENTRY")[1])
+
+def test_stacked_leaves_run_their_projector_step_without_stacking_copies(monkeypatch):
+  # OSD's ∇P runs stacked over the leaves of one (s, r); a leaf that is already a batch of
+  # OWN_BATCH_MATRICES matrices or more (a scanned model's kernel) runs its own. Same values;
+  # and the step stacks neither P nor G·Rᵀ (P-shaped) nor ‖G‖² (the refresh branch's stacks of
+  # the states, 3 P-shaped, are there either way).
+  params = {"q": jnp.ones((8, 12, 20)), "k": jnp.ones((8, 12, 20)), "w": jnp.ones((12, 20))}
+  dims = lambda path, x: osub.MatrixDims(rows=1, cols=2) if x.ndim == 3 else None
+  make = lambda: osub.online_subspace_descent(1e-2, 4, dims=dims)
+  (own, hlo_own), (stacked, hlo_stacked) = [
+      _with_setting(monkeypatch, _combinator, "OWN_BATCH_MATRICES", n, make, params, 0)
+      for n in (8, 10**6)]
+  chex.assert_trees_all_close(own, stacked, atol=1e-5, rtol=1e-5)
+  stacks = lambda hlo, shape: len(re.findall(rf"concatenate.*-> tensor<{shape}xf32>", hlo))
+  assert stacks(hlo_stacked, "17x12x4") == stacks(hlo_own, "17x12x4") + 2
+  assert stacks(hlo_stacked, "17") == 1 and stacks(hlo_own, "17") == 0
