@@ -124,6 +124,37 @@ def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
           if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in stream_tids]
 
 
+def traced_kernels(run, carry, reps: int, top: int):
+  """(carry, summary): `reps` calls ``carry = run(carry)`` under `jax.profiler.trace`.
+
+  The summary holds the device kernels' time per call (`kernel_ms`), their number per call, the
+  time by kind (`KINDS`) and the `top` kernels by time with their share and calls per call. On
+  the CPU the trace holds no device kernels: every figure is 0.
+  """
+  with tempfile.TemporaryDirectory() as tmp:
+    with jax.profiler.trace(tmp, create_perfetto_trace=True):
+      for _ in range(reps):
+        carry = run(carry)
+      jax.block_until_ready(carry)
+    kernels = device_kernels(pathlib.Path(tmp))
+  by_kind = collections.Counter()
+  by_name = collections.Counter()
+  calls = collections.Counter()
+  for kernel, dur in kernels:
+    by_kind[kind_of(kernel)] += dur / reps
+    by_name[kernel] += dur / reps
+    calls[kernel] += 1
+  total = sum(by_kind.values())
+  return carry, {
+      "kernel_ms": total / 1e3,
+      "kernels_per_step": len(kernels) / reps,
+      "by_kind_ms": {k: v / 1e3 for k, v in by_kind.most_common()},
+      "top": [{"kernel": k[:160], "ms": v / 1e3, "share": v / total if total else None,
+               "calls_per_step": calls[k] / reps, "kind": kind_of(k)}
+              for k, v in by_name.most_common(top)],
+  }
+
+
 def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -> dict:
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
@@ -148,30 +179,11 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
   run = lambda p, s: (*compiled(p, s, grads),)
   wall, (p, state) = optimizer_step.time_calls(run, lambda: (p, state), reps)
   pipelined, (p, state) = optimizer_step.time_pipelined(run, (p, state), reps)
-  with tempfile.TemporaryDirectory() as tmp:
-    with jax.profiler.trace(tmp, create_perfetto_trace=True):
-      for _ in range(reps):
-        p, state = run(p, state)
-      jax.block_until_ready((p, state))
-    kernels = device_kernels(pathlib.Path(tmp))
+  (p, state), summary = traced_kernels(lambda c: run(*c), (p, state), reps, top)
   del p, state
-  by_kind = collections.Counter()
-  by_name = collections.Counter()
-  calls = collections.Counter()
-  for kernel, dur in kernels:
-    by_kind[kind_of(kernel)] += dur / reps
-    by_name[kernel] += dur / reps
-    calls[kernel] += 1
-  total = sum(by_kind.values())
-  row = {
-      "method": name, "wall_ms": wall, "pipelined_ms": pipelined, "kernel_ms": total / 1e3,
-      "kernels_per_step": len(kernels) / reps,
-      "by_kind_ms": {k: v / 1e3 for k, v in by_kind.most_common()},
-      "top": [{"kernel": k[:160], "ms": v / 1e3, "share": v / total if total else None,
-               "calls_per_step": calls[k] / reps, "kind": kind_of(k)}
-              for k, v in by_name.most_common(top)],
-  }
-  print(f"{name:<30} wall {wall:8.2f} ms  pipelined {pipelined:8.2f} ms  kernels {total / 1e3:8.2f} ms"
+  row = {"method": name, "wall_ms": wall, "pipelined_ms": pipelined, **summary}
+  print(f"{name:<30} wall {wall:8.2f} ms  pipelined {pipelined:8.2f} ms"
+        f"  kernels {row['kernel_ms']:8.2f} ms"
         f"  ({row['kernels_per_step']:.0f} per step)  "
         + ", ".join(f"{k} {v:.2f}" for k, v in row["by_kind_ms"].items()), flush=True)
   return row

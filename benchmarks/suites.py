@@ -225,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="train_step: the example's --scan-layers (blocks stacked over the"
                     " layers, run by nnx.scan); the methods that need one module per layer"
                     " (model level, optax.contrib.galore) are left out")
+  step.add_argument("--profile-top", type=int, default=None,
+                    help="train_step: also trace --reps steps per method with jax.profiler and"
+                    " record the device kernels' time by kind and the top N kernels")
   step.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
                     help="parameter dtype (train_step float32, largest_model bfloat16)")
   step.add_argument("--state-dtype", choices=("float32", "bfloat16", "native"), default=None,
@@ -246,8 +249,8 @@ def _parser() -> argparse.ArgumentParser:
   return ap
 
 
-_OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "param_dtype", "state_dtype",
-                 "attention", "budget_gb", "compilation_cache", "job_timeout_s")
+_OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "profile_top", "param_dtype",
+                 "state_dtype", "attention", "budget_gb", "compilation_cache", "job_timeout_s")
 
 
 def main(argv=None) -> dict:
@@ -258,8 +261,10 @@ def main(argv=None) -> dict:
   if options and args.suite not in WORKER_SUITES:
     flags = ", ".join("--" + k.replace("_", "-") for k in options)
     raise SystemExit(f"python -m benchmarks: {flags} apply to {' and '.join(WORKER_SUITES)} only")
-  if options.get("scan_layers") and args.suite != "train_step":
-    raise SystemExit("python -m benchmarks: --scan-layers applies to train_step only")
+  for flag in ("scan_layers", "profile_top"):
+    if options.get(flag) and args.suite != "train_step":
+      raise SystemExit(f"python -m benchmarks: --{flag.replace('_', '-')} applies to train_step"
+                       " only")
   try:
     return run_suite(args.suite, args.size, args.out, args.quick, args.reps, methods, argv,
                      options=options)

@@ -160,6 +160,12 @@ def run_job(job: dict) -> dict:
                                   job["reps"], job["warmup"])
   pipelined_ms, carry = _pipelined(lambda c: train_setups.run_step(compiled, c, tokens), carry,
                                    job["reps"])
+  if job.get("profile_top"):  # where the step's device time goes, kernel by kernel
+    from benchmarks import profile_update  # pylint: disable=g-import-not-at-top
+    carry, row["kernels"] = profile_update.traced_kernels(
+        lambda c: train_setups.run_step(compiled, c, tokens)[0], carry, job["reps"],
+        job["profile_top"])
+    train_setups.progress(f"profiled: kernels {row['kernels']['kernel_ms']:.2f} ms per step")
   tokens_per_step = setup.batch * setup.seq
   row.update(step_ms=step_ms, tokens_per_s=tokens_per_step / (step_ms / 1e3),
              step_ms_pipelined=pipelined_ms,
@@ -273,7 +279,9 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
 
   Options (all optional): batch (else `DEFAULT_BATCH` per size), seq (256), rank (hidden/4),
   remat (False), scan_layers (False: the example's --scan-layers; the methods of
-  `train_setups.NEEDS_LAYER_MODULES` are then left out), param_dtype ("float32"), state_dtype (None: the method's own), attention
+  `train_setups.NEEDS_LAYER_MODULES` are then left out), profile_top (None: with N, `reps` more
+  steps are traced and each row gets "kernels", `profile_update.traced_kernels`' summary with
+  the top N kernels), param_dtype ("float32"), state_dtype (None: the method's own), attention
   ("auto": cuDNN on a GPU), update_every (200), warmup (2), compilation_cache (a directory),
   job_timeout_s (`train_setups.JOB_TIMEOUT_S`, 300; quick 120): a method that takes longer is
   killed and recorded with its last progress line. `checkpoint(results)` is called before the
@@ -322,6 +330,7 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
                "attention": options.get("attention") or "auto",
                "update_every": options.get("update_every") or train_setups.UPDATE_EVERY,
                "reps": reps, "warmup": warmup, "refresh_reps": max(2, reps // 5),
+               "profile_top": options.get("profile_top"),
                "compilation_cache": options.get("compilation_cache")}
         row = {"method": method, "status": "running"}
         entry["rows"].append(row)

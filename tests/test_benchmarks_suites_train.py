@@ -77,7 +77,7 @@ def test_train_step_quick_times_every_method_and_writes_json_and_png(tmp_path):
 def test_train_step_scan_layers_runs_the_optimizer_level_on_a_scanned_model(tmp_path):
   out = tmp_path / "train_step_scan.json"
   result = suites.main(["run", "--suite", "train_step", "--quick", "--scan-layers", "--methods",
-                        "osd,rso_model", "--out", str(out)])
+                        "osd,rso_model", "--profile-top", "5", "--out", str(out)])
   assert result["config"]["scan_layers"]
   (size,) = result["results"]["sizes"]
   assert size["model"]["scan_layers"]
@@ -85,8 +85,11 @@ def test_train_step_scan_layers_runs_the_optimizer_level_on_a_scanned_model(tmp_
   assert set(rows) == {"adamw", "osd"}  # rso_model needs one module per layer: left out
   for name, r in rows.items():
     assert "error" not in r and r["losses_finite"], (name, r.get("error"))
-  with pytest.raises(SystemExit, match="train_step only"):
-    suites.main(["run", "--suite", "largest_model", "--quick", "--scan-layers"])
+    # --profile-top: a kernel summary per row (the CPU trace has no device kernels: zeros).
+    assert r["kernels"]["kernel_ms"] == sum(r["kernels"]["by_kind_ms"].values()), name
+  for flag in ("--scan-layers", "--profile-top=3"):
+    with pytest.raises(SystemExit, match="train_step only"):
+      suites.main(["run", "--suite", "largest_model", "--quick", flag])
 
 
 def test_largest_model_quick_runs_the_ladder_and_writes_json_and_png(tmp_path):
