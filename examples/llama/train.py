@@ -417,11 +417,12 @@ def _print_config(cfg, mcfg, dataset, n_params, n_trainable, sizes, run_dir) -> 
 
 
 def _write_steps(log, pending) -> float:
-  """Writes the per-step records of `pending` (fetching their losses); returns the last loss."""
+  """Writes the records of `pending` (fetching their losses and learning rates); the last loss."""
   loss = float("nan")
   for step, tokens, lr, losses in pending:
-    loss = float(np.mean(jax.device_get(losses)))
-    log.write({"kind": "train", "step": step, "tokens": tokens, "loss": loss, "lr": lr})
+    losses, lr = jax.device_get((losses, lr))
+    loss = float(np.mean(losses))
+    log.write({"kind": "train", "step": step, "tokens": tokens, "loss": loss, "lr": float(lr)})
   pending.clear()
   return loss
 
@@ -518,7 +519,10 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     refresh = make_grass_refresh(graphdef, tx, params, opt_state, frozen, batch_shape, shardings)
   evaluate = make_eval(graphdef, dataset.eval_windows, cfg.micro_batch_size)
   batches = dataset.train_batches(cfg.micro_batch_size, position)
-  lr_at = optimizers.schedule(cfg)
+  # Jitted, and its value fetched with the step's loss at the next log: a float() of it here
+  # would wait for the step queued before it on the device, a sync per step that leaves the
+  # host's dispatch of the next step (its ~1,000 state arrays, per device) out of the overlap.
+  lr_at = jax.jit(optimizers.schedule(cfg))
   flops_per_token = model_flops_per_token(mcfg, cfg.seq_len, model_params)
   log = metrics.MetricsLog(run_dir, step if saved is not None else None)
   progress = metrics.Progress(cfg.steps, step)
@@ -555,7 +559,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
         # RSO's subproblem ends after updates K, 2K, …: merge and draw the next P.
         params, frozen = merge(params, frozen)
       tokens += cfg.tokens_per_step
-      pending.append((step, tokens, float(lr_at(step - 1)), losses))
+      pending.append((step, tokens, lr_at(step - 1), losses))
       if clock.since is None:  # this process's first step compiled: time from its end
         _write_steps(log, pending)
         clock.start()

@@ -383,7 +383,12 @@ def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, 
   summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
   assert np.isfinite(summary["final_eval_ppl"]) and summary["opt_state_bytes"] > 0
   assert (tmp_path / "whole" / "checkpoints" / "6").is_dir()
-  assert json.loads((tmp_path / "whole" / "config.json").read_text())["flags"]["grad_accum"] == 2
+  flags = json.loads((tmp_path / "whole" / "config.json").read_text())["flags"]
+  assert flags["grad_accum"] == 2
+  # Each step's record holds the learning rate that step used (fetched with its loss).
+  lr_at = optimizers.schedule(TrainConfig(**flags))
+  np.testing.assert_allclose([r["lr"] for r in records if r["kind"] == "train"],
+                             [float(lr_at(s)) for s in range(6)], rtol=1e-6)
 
 
 @pytest.mark.parametrize("optimizer", ["optax_galore", "galore", "osd", "rso", "grass"])
