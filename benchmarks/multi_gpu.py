@@ -78,6 +78,8 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
     flags += ["--rank", str(args.rank)]
   if args.update_every:
     flags += ["--update-every", str(args.update_every)]
+  if args.profile_steps:
+    flags += ["--profile-steps", str(args.profile_steps)]
   dump = run_dir / "xla_dump"
   if args.hlo_dir:  # the compiled train step, to read its collectives' schedule
     env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), f"--xla_dump_to={dump}",
@@ -99,7 +101,15 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
     # The final checkpoint (weights and optimizer state: ~5 GB at 350M) is not read here; a
     # device call's copy-back of the output folder choked on six of them.
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+  profile = None
+  if args.profile_steps:
+    from benchmarks import traces  # pylint: disable=g-import-not-at-top
+
+    traced = min(args.profile_steps, args.steps - 1)  # from the step after the first
+    profile = {device: traces.timeline(kernels, traced)
+               for device, kernels in sorted(traces.device_events(run_dir / "profile").items())}
   return {
+      "profile": profile,
       "losses": [r["loss"] for r in records if r["kind"] == "train"],
       "final_eval_loss": summary.get("final_eval_loss"),
       "tokens_per_s": summary["tokens_per_s"],
@@ -175,6 +185,13 @@ def main(argv=None) -> dict:
   p.add_argument("--shard-optimizer", action="store_true",
                  help="the mesh runs shard the optimizer state over the data axis (ZeRO-1,"
                  " the example's --shard-optimizer)")
+  p.add_argument("--layouts", default="one,mesh",
+                 help="which runs of each method: one (1 device), mesh; --weak adds mesh_weak")
+  p.add_argument("--profile-steps", type=int, default=0,
+                 help="trace this many steps of each run (the example's --profile-steps) and"
+                 " record per device what a step's time is made of (benchmarks/traces.py:"
+                 " compute, exposed collectives, idle, top kernels); the traced steps count in"
+                 " tokens/s")
   p.add_argument("--hlo-dir", default="",
                  help="write each run's compiled train step there (<method>-<layout>.hlo.txt.gz,"
                  " from an XLA dump) to compare the layouts' collectives and their schedule")
@@ -205,6 +222,7 @@ def main(argv=None) -> dict:
           "mesh": f"data {args.data_parallel} x fsdp {args.fsdp}",
           "train_args": args.train_args, "mesh_args": args.mesh_args,
           "shard_optimizer": args.shard_optimizer,
+          "profile_steps": args.profile_steps,
           "weak_global_batch": args.batch_size * n_devices if args.weak else None,
           "compute": "bfloat16, float32 parameters and states (the example's default)",
       },
@@ -212,7 +230,9 @@ def main(argv=None) -> dict:
   }
   for method in args.methods.split(","):
     entry = result["methods"].setdefault(method, {})
-    layouts = [("one", [], args.batch_size), ("mesh", mesh_flags, args.batch_size)]
+    layouts = [(name, flags, args.batch_size)
+               for name, flags in (("one", []), ("mesh", mesh_flags))
+               if name in args.layouts.split(",")]
     if args.weak:
       layouts.append(("mesh_weak", mesh_flags, args.batch_size * n_devices))
     for layout, flags, batch in layouts:
@@ -225,8 +245,13 @@ def main(argv=None) -> dict:
       if "tokens_per_s" in one and "tokens_per_s" in weak:
         entry["weak_speedup"] = weak["tokens_per_s"] / one["tokens_per_s"]
       out.write_text(json.dumps(result, indent=1) + "\n")
-      print(method, layout, {k: v for k, v in entry[layout].items() if k != "losses"},
+      print(method, layout,
+            {k: v for k, v in entry[layout].items() if k not in ("losses", "profile")},
             flush=True)
+      for device, t in (entry[layout].get("profile") or {}).items():
+        print(f"  {device}: ms per step: span {t['span_ms']:.1f} compute {t['compute_ms']:.1f}"
+              f" exposed collectives {t['exposed_collective_ms']:.1f} idle {t['idle_ms']:.1f}",
+              flush=True)
   _plot(result, out.with_suffix(".png"))
   return result
 

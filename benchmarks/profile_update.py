@@ -25,8 +25,6 @@ import gzip
 import json
 import os
 import pathlib
-import re
-import statistics
 import tempfile
 import time
 
@@ -37,17 +35,10 @@ import optax
 import optax_subspace as osub
 from benchmarks import _provenance
 from benchmarks import optimizer_step
+from benchmarks import traces
+from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profile rows' kinds)
 from optax_subspace import _chunks
 from optax_subspace import _combinator
-
-KINDS = (
-    ("gemm", re.compile(r"gemm|cutlass|xmma|cublas|sm\d+_.*(tn|nt|nn|tt)|triton_gemm|matmul",
-                        re.I)),
-    ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
-    ("reduction", re.compile(r"reduc", re.I)),
-    ("fusion", re.compile(r"fusion|loop_|input_|wrapped_", re.I)),
-)
-
 
 def methods(rank: int, big: int = 10**9, dims=None) -> dict:
   """name -> (transformation, count to start at: past the step-0 refresh).
@@ -87,41 +78,10 @@ _COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
                      "_chunked_256mib": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 28)}
 
 
-def kind_of(name: str) -> str:
-  for kind, pattern in KINDS:
-    if pattern.search(name):
-      return kind
-  return "other"
-
-
 def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
-  """(name, duration µs) of every event on a device ("/device:GPU:…") track of the trace."""
-  files = sorted(trace_dir.rglob("perfetto_trace.json.gz"))
-  if not files:
-    return []
-  with gzip.open(files[-1], "rt") as f:
-    trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  device_pids = {
-      e["pid"] for e in events
-      if e.get("ph") == "M" and e.get("name") == "process_name"
-      and "/device:" in str(e.get("args", {}).get("name", ""))
-  }
-  # Kernels sit on the device tracks' stream threads; XLA op and module rows on the same pid are
-  # spans over them (named like the HLO op or "XLA Modules"), so keep the stream rows only.
-  stream_tids = {
-      (e["pid"], e["tid"]) for e in events
-      if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device_pids
-      and re.search(r"stream", str(e.get("args", {}).get("name", "")), re.I)
-  }
-  if not stream_tids:  # another trace layout: every device row but the HLO op/module spans
-    stream_tids = {
-        (e["pid"], e["tid"]) for e in events
-        if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in device_pids
-        and not re.search(r"XLA (Ops|Modules)|TraceMe|Steps", str(e["args"].get("name", "")))
-    }
-  return [(e["name"], float(e.get("dur", 0.0))) for e in events
-          if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in stream_tids]
+  """(name, duration µs) of every kernel on a device's streams in the trace (all devices)."""
+  return [(name, dur) for kernels in traces.device_events(trace_dir).values()
+          for name, _, dur in kernels]
 
 
 def traced_kernels(run, carry, reps: int, top: int):

@@ -47,3 +47,19 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   assert sorted(p.name for p in runs.iterdir()) == ["adamw-mesh", "adamw-mesh_weak", "adamw-one"]
   for run in runs.iterdir():
     assert (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+
+
+def test_profiled_mesh_only_run_keeps_its_trace(tmp_path):
+  out = tmp_path / "profiled.json"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  flags = [f for f in TINY if f != "--weak"]
+  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", *flags, "--out", str(out),
+                  "--layouts", "mesh", "--profile-steps", "1"],
+                 cwd=ROOT, env=env, check=True, capture_output=True)
+  result = json.loads(out.read_text())
+  adamw = result["methods"]["adamw"]
+  assert set(adamw) == {"mesh"} and result["config"]["profile_steps"] == 1
+  assert len(adamw["mesh"]["losses"]) == 3
+  # The trace of step 2 is written; a CPU trace has no device tracks, so no timeline rows.
+  traced = list((tmp_path / "profiled_runs" / "adamw-mesh" / "profile").rglob("*.json.gz"))
+  assert traced and adamw["mesh"]["profile"] == {}

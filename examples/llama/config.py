@@ -139,6 +139,11 @@ class TrainConfig:
   stop_at_step: int = _flag(
       0, "save a checkpoint and exit at this step, as a preemption would; 0: never"
   )
+  profile_steps: int = _flag(
+      0,
+      "trace this many training steps, from the one after this process's first (which compiles),"
+      " with jax.profiler into <run-dir>/profile (TensorBoard, Perfetto); 0: none",
+  )
 
   @property
   def micro_batch_size(self) -> int:
@@ -186,6 +191,8 @@ class TrainConfig:
     for name in positive:
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    if self.profile_steps < 0:
+      raise ConfigError("--profile-steps must be 0 (no trace) or positive")
     if self.batch_size % self.grad_accum:
       raise ConfigError(
           f"--grad-accum {self.grad_accum} must divide --batch-size {self.batch_size}"

@@ -29,7 +29,7 @@ from examples.llama.config import ConfigError, TrainConfig, model_config
 RESUMABLE_FLAGS = (
     "resume", "run_dir", "data_dir", "c4_path", "tokenizer_path",
     "log_every", "eval_every", "checkpoint_every", "stop_at_step", "data_parallel", "fsdp",
-    "shard_optimizer",
+    "shard_optimizer", "profile_steps",
 )  # fmt: skip
 EXIT_INTERRUPTED = 130
 
@@ -75,7 +75,8 @@ def resolve_config(given: dict) -> tuple[TrainConfig, dict | None]:
           f"{flag} {value} differs from {saved['flags'].get(name)} in {config_file}; "
           f"drop {flag} to resume, or start a new --run-dir"
       )
-  inherited = {k: v for k, v in saved["flags"].items() if k != "stop_at_step"}
+  once = ("stop_at_step", "profile_steps")  # what one process asked for, not the run
+  inherited = {k: v for k, v in saved["flags"].items() if k not in once}
   cfg = TrainConfig(**{**inherited, **given})
   cfg.validate()
   return cfg, saved
@@ -529,6 +530,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   clock = _Clock()
   pending = []
   last_eval = None
+  profile_until = 0  # the step after which the trace of --profile-steps stops (0: none running)
 
   def run_eval():
     eval_loss = evaluate(params, frozen)
@@ -562,6 +564,9 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       pending.append((step, tokens, lr_at(step - 1), losses))
       if clock.since is None:  # this process's first step compiled: time from its end
         _write_steps(log, pending)
+        if cfg.profile_steps:
+          jax.profiler.start_trace(str(run_dir / "profile"), create_perfetto_trace=True)
+          profile_until = step + cfg.profile_steps
         clock.start()
       else:
         clock.tick()
@@ -573,6 +578,10 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
           tps = counted * cfg.tokens_per_step / seconds
           progress.log(step, loss, tps, tps * flops_per_token / 1e12, seconds / counted)
       stop = interrupts.requested or step == cfg.stop_at_step
+      if profile_until and (step >= profile_until or step == cfg.steps or stop):
+        jax.block_until_ready((params, opt_state))  # the traced steps' kernels, whole
+        jax.profiler.stop_trace()
+        profile_until = 0
       wants_eval = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps
       wants_checkpoint = (
           cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or step == cfg.steps
