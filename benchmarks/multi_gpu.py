@@ -105,14 +105,16 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
   if args.profile_steps:
     from benchmarks import traces  # pylint: disable=g-import-not-at-top
 
-    traced = min(args.profile_steps, args.steps - 1)  # from the step after the first
-    profile = {device: traces.timeline(kernels, traced)
+    first, last = summary.get("profiled_steps") or (1, 0)
+    profile = {device: traces.timeline(kernels, max(last - first + 1, 1))
                for device, kernels in sorted(traces.device_events(run_dir / "profile").items())}
   return {
       "profile": profile,
       "losses": [r["loss"] for r in records if r["kind"] == "train"],
       "final_eval_loss": summary.get("final_eval_loss"),
       "tokens_per_s": summary["tokens_per_s"],
+      "timed_steps": summary.get("timed_steps"),
+      "profiled_steps": summary.get("profiled_steps"),
       "opt_state_bytes": summary["opt_state_bytes"],
       "wall_s": wall,
   }

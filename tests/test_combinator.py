@@ -1,5 +1,6 @@
 """`project_subspace`: selection, shapes, N-D leaves, subspace changes, bad input."""
 
+import functools
 import math
 import re
 import warnings
@@ -418,3 +419,51 @@ def test_stacked_leaves_run_their_projector_step_without_stacking_copies(monkeyp
   stacks = lambda hlo, shape: len(re.findall(rf"concatenate.*-> tensor<{shape}xf32>", hlo))
   assert stacks(hlo_stacked, "17x12x4") == stacks(hlo_own, "17x12x4") + 2
   assert stacks(hlo_stacked, "17") == 1 and stacks(hlo_own, "17") == 0
+
+
+STATIC_REFRESH_METHODS = {
+    # (transformation, is step t a refresh step): the rule a caller applies on the host.
+    "galore": (lambda: osub.galore(1e-2, 4, update_every=2), lambda t: t % 2 == 0),
+    "osd": (lambda: osub.online_subspace_descent(1e-2, 4), lambda t: t == 0),
+    "rso": (lambda: osub.rso(1e-2, 4, 2), lambda t: t % 2 == 0),
+    "grass": (lambda: osub.grass(1e-2, 4, update_every=2), lambda t: t % 2 == 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATIC_REFRESH_METHODS))
+def test_static_subspace_refresh_gives_the_same_steps_with_no_cond(name):
+  # The host's answer to "does step t refresh?" replaces the refresh conds:
+  # the same updates over refreshes and steady steps (the same computations,
+  # minus the conditionals; XLA may fuse them otherwise: float32 rounding),
+  # and a steady step's program has no conditional left (on a GPU, each one
+  # is a host sync).
+  make, due = STATIC_REFRESH_METHODS[name]
+  params = {"w": jnp.ones((12, 20)), "v": jnp.ones((20, 12)), "b": jnp.zeros(20)}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), make())  # passed through a chain
+  runs = {}
+  for static in (False, True):
+    state, updates = tx.init(params), []
+    for t in range(5):
+      kwargs = {"subspace_refresh": due(t)} if static else {}
+      step = jax.jit(functools.partial(tx.update, **kwargs))
+      u, state = step(_grads(params, t), state, params)
+      updates.append(u)
+    runs[static] = (updates, state)
+  chex.assert_trees_all_close(runs[True], runs[False], rtol=1e-5, atol=1e-6)
+  g = _grads(params, 0)
+  compiled = lambda f: jax.jit(f).lower(g, runs[True][1], params).compile().as_text()
+  steady = compiled(functools.partial(tx.update, subspace_refresh=False))
+  assert " conditional(" in compiled(tx.update) and " conditional(" not in steady
+
+
+def test_a_wrong_static_refresh_poisons_the_projected_updates_and_a_traced_one_is_refused():
+  params = {"w": jnp.ones((12, 20)), "b": jnp.zeros(20)}
+  tx = osub.galore(1e-2, 4, update_every=2)
+  state = tx.init(params)
+  g = _grads(params, 0)
+  # Step 0 refreshes; claiming it does not trains no other method: w's update is NaN.
+  updates, _ = jax.jit(functools.partial(tx.update, subspace_refresh=False))(g, state, params)
+  assert np.all(np.isnan(updates["w"])) and np.all(np.isfinite(updates["b"]))
+  with pytest.raises(TypeError, match="subspace_refresh must be None, True or False"):
+    jax.jit(lambda g, s, p, r: tx.update(g, s, p, subspace_refresh=r))(
+        g, state, params, jnp.array(True))

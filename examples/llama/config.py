@@ -141,8 +141,8 @@ class TrainConfig:
   )
   profile_steps: int = _flag(
       0,
-      "trace this many training steps, from the one after this process's first (which compiles),"
-      " with jax.profiler into <run-dir>/profile (TensorBoard, Perfetto); 0: none",
+      "trace this many training steps with jax.profiler into <run-dir>/profile (TensorBoard,"
+      " Perfetto), from the first whose program this process has compiled already; 0: none",
   )
 
   @property

@@ -202,6 +202,28 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
   )
 
 
+# The methods built on optax_subspace.project_subspace, and the optimizer steps on which each
+# refreshes its subspace (the projector's `needs_refresh`): GaLore's SVD and GRASS's selection every
+# --update-every steps from 0, RSO's new random subspace with each subproblem, OSD's SVD start.
+REFRESHES = {
+    "galore": lambda cfg, step: step % cfg.update_every == 0,
+    "grass": lambda cfg, step: step % cfg.update_every == 0,
+    "rso": lambda cfg, step: step % cfg.update_every == 0,
+    "osd": lambda cfg, step: step == 0,
+}
+
+
+def refresh_due(cfg: TrainConfig, step: int) -> bool | None:
+  """Whether optimizer step `step` (0, 1, …) refreshes the subspace; None for other methods.
+
+  Passed to the update as `subspace_refresh`, it replaces the refresh's `lax.cond`, which XLA's
+  GPU runtime evaluates on the host (a sync in every step); a wrong answer makes the projected
+  updates NaN, so a mistake here cannot train silently.
+  """
+  rule = REFRESHES.get(cfg.optimizer)
+  return None if rule is None else bool(rule(cfg, step))
+
+
 def build(cfg: TrainConfig) -> optax.GradientTransformation:
   """clip_by_global_norm -> method, wrapped in MultiSteps when --grad-accum > 1.
 

@@ -161,37 +161,44 @@ def jit_train_step(
   which all-gathers them.
   """
 
-  def train_step(params, opt_state, batch, frozen):
+  def train_step(params, opt_state, batch, frozen, refresh=None):
     loss, grads = jax.value_and_grad(_loss)(params, graphdef, batch, frozen)
     if update_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, update_shardings)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    extra = {} if refresh is None else {"subspace_refresh": refresh}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
   psh, ssh, bsh = shardings
   if psh is None:
-    return jax.jit(train_step, donate_argnums=(0, 1))
+    return jax.jit(train_step, donate_argnums=(0, 1), static_argnums=4)
   return jax.jit(
       train_step,
       in_shardings=(psh, ssh, bsh, frozen_shardings),
       out_shardings=(psh, ssh, None),
       donate_argnums=(0, 1),
+      static_argnums=4,
   )
 
 
 def make_train_step(
     graphdef, tx, shardings=(None, None, None), frozen_shardings=None, update_shardings=None
 ):
-  """(params, opt_state, batch[, frozen]) -> (params, opt_state, loss), jitted with donated state.
+  """(params, opt_state, batch[, frozen, refresh]) -> (params, opt_state, loss), jitted, state
+  donated.
 
   `shardings` (params, opt_state, batch) place the step on a mesh; Nones: one device. `frozen`,
   the model-level methods' non-Param state (`frozen_shardings` on a mesh), is an input only: the
   step differentiates the Params alone, so no weight gradient of a replaced layer exists.
-  `update_shardings`: ZeRO-1 (`jit_train_step`).
+  `update_shardings`: ZeRO-1 (`jit_train_step`). `refresh` (static: one program per value):
+  `optimizers.refresh_due` of the step, the subspace methods' `subspace_refresh`; None: decided
+  on the device.
   """
   step = jit_train_step(graphdef, tx, shardings, frozen_shardings, update_shardings)
   step = _on_mesh(step, None if shardings[2] is None else shardings[2].mesh)
-  return lambda params, opt_state, batch, frozen=None: step(params, opt_state, batch, frozen)
+  return lambda params, opt_state, batch, frozen=None, refresh=None: step(
+      params, opt_state, batch, frozen, refresh
+  )
 
 
 def _compiled(function, mesh, donate, in_shardings, out_shardings, *args):
@@ -531,6 +538,8 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   pending = []
   last_eval = None
   profile_until = 0  # the step after which the trace of --profile-steps stops (0: none running)
+  profiled = None  # (first, last) step the trace holds
+  compiled = set()  # the train-step programs (`refresh` values) this process has run
 
   def run_eval():
     eval_loss = evaluate(params, frozen)
@@ -548,25 +557,34 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   exit_code = 0
   with _Interrupts() as interrupts:
     while step < cfg.steps:
+      # Refresh steps and steady steps are two programs (`make_train_step`'s `refresh`); the first
+      # call of each in this process compiles, so it is left out of the timed steps.
+      due = optimizers.refresh_due(cfg, step)
+      compiles = due not in compiled
+      if compiles and clock.since is not None:
+        _write_steps(log, pending)  # the device has caught up: the steps before it are timed
+        clock.stop()
+      if cfg.profile_steps and not (compiles or profiled or profile_until):
+        jax.block_until_ready((params, opt_state))  # the trace holds the traced steps' kernels
+        jax.profiler.start_trace(str(run_dir / "profile"), create_perfetto_trace=True)
+        profile_until, profiled = step + cfg.profile_steps, (step + 1, step + cfg.profile_steps)
       losses = []
       for micro in range(cfg.grad_accum):
         batch = next(batches)
         if refresh is not None and micro == 0 and step % cfg.update_every == 0:
           # GRASS selects before updates 0, K, 2K, … from that step's (first) batch.
           params, opt_state, frozen = refresh(params, opt_state, frozen, step, batch)
-        params, opt_state, loss = train_step(params, opt_state, batch, frozen)
+        params, opt_state, loss = train_step(params, opt_state, batch, frozen, due)
         losses.append(loss)
+      compiled.add(due)
       step += 1
       if merge is not None and step % cfg.update_every == 0:
         # RSO's subproblem ends after updates K, 2K, …: merge and draw the next P.
         params, frozen = merge(params, frozen)
       tokens += cfg.tokens_per_step
       pending.append((step, tokens, lr_at(step - 1), losses))
-      if clock.since is None:  # this process's first step compiled: time from its end
+      if compiles:  # time from its end
         _write_steps(log, pending)
-        if cfg.profile_steps:
-          jax.profiler.start_trace(str(run_dir / "profile"), create_perfetto_trace=True)
-          profile_until = step + cfg.profile_steps
         clock.start()
       else:
         clock.tick()
@@ -581,7 +599,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       if profile_until and (step >= profile_until or step == cfg.steps or stop):
         jax.block_until_ready((params, opt_state))  # the traced steps' kernels, whole
         jax.profiler.stop_trace()
-        profile_until = 0
+        profile_until, profiled = 0, (profiled[0], step)
       wants_eval = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps
       wants_checkpoint = (
           cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or step == cfg.steps
@@ -617,6 +635,8 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       "params": n_params,
       "trainable_params": n_trainable,
       "tokens_per_s": timed / clock.total_seconds if clock.total_seconds else None,
+      "timed_steps": clock.total_steps,
+      "profiled_steps": profiled,
       **sizes,
       "exit_code": exit_code,
   }

@@ -418,6 +418,34 @@ def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, opti
   assert summary["opt_state_bytes"] < adamw["opt_state_bytes"]
 
 
+@pytest.mark.parametrize("optimizer", ["galore", "osd"])
+def test_host_decided_refreshes_train_like_the_device_cond_and_time_no_compile(
+    tmp_path, monkeypatch, optimizer
+):
+  # The loop passes `optimizers.refresh_due(step)` as the update's static `subspace_refresh`:
+  # the same losses as the cond on the device (through MultiSteps too), each program's
+  # compiling step left out of the timed steps, and --profile-steps traces compiled steps only.
+  _c4_corpus(tmp_path / "c4")
+  flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "2", "--grad-accum", "2",
+           "--compute-dtype", "float32"]
+  assert train.main(_flags(tmp_path, "host", *flags, "--profile-steps", "2")) == 0
+  monkeypatch.setattr(optimizers, "refresh_due", lambda cfg, step: None)
+  assert train.main(_flags(tmp_path, "device", *flags)) == 0
+  losses = {}
+  for run in ("host", "device"):
+    records = [json.loads(line) for line in _train_records(tmp_path / run).splitlines()]
+    losses[run] = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(losses["host"]) == 6
+  np.testing.assert_allclose(losses["host"], losses["device"], rtol=1e-5)
+  host = json.loads((tmp_path / "host" / "summary.json").read_text())
+  device = json.loads((tmp_path / "device" / "summary.json").read_text())
+  # galore: step 1 compiles the refresh program, step 2 the steady one; osd refreshes at step 1
+  # only. On the device: one program, compiled by step 1.
+  assert host["timed_steps"] == 4 and device["timed_steps"] == 5
+  assert host["profiled_steps"] == [3, 4] and device["profiled_steps"] is None
+  assert list((tmp_path / "host" / "profile").rglob("*.json.gz"))
+
+
 def _checkpointed_frozen(run_dir, step):
   """The non-Param state (frozen W, RSO's P and k, GRASS's σ, ρ) in the checkpoint of `step`."""
   import orbax.checkpoint as ocp
