@@ -50,6 +50,10 @@ def methods(rank: int, big: int = 10**9, dims=None) -> dict:
   projected matrix plus the step; "*_unchunked" compile with
   `optax_subspace._chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh
   per shape, as before 972ca93), to measure what chunking costs in time.
+  "*_host_refresh": the update told on the host that the step does not
+  refresh (``subspace_refresh=False``): no refresh cond in the program, so
+  no host sync at it (XLA's GPU runtime reads a conditional's predicate on
+  the host); the same values as the plain steady step.
   (The "*_stacked_state" and "*_swapped_updates" variants of earlier runs
   measured layouts that were then taken out of the combinator.)
   """
@@ -63,6 +67,10 @@ def methods(rank: int, big: int = 10**9, dims=None) -> dict:
       "galore_steady_bf16_products": (
           galore(1e-3, rank, big, mask=mask, projection_dtype=jnp.bfloat16), 1),
       "osd_steady": (osd(1e-3, rank, mask=mask), 1),
+      "galore_steady_host_refresh": (galore(1e-3, rank, big, mask=mask), 1),
+      "osd_steady_host_refresh": (osd(1e-3, rank, mask=mask), 1),
+      "osd_steady_bf16_products_host_refresh": (
+          osd(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
       "osd_steady_unpadded": (osd(1e-3, rank, mask=mask), 1),
       "osd_steady_bf16_products": (
           osd(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
@@ -116,8 +124,10 @@ def traced_kernels(run, carry, reps: int, top: int):
 
 
 def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -> dict:
+  extra = {"subspace_refresh": False} if name.endswith("_host_refresh") else {}
+
   def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
+    updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
   state = jax.jit(tx.init)(params)

@@ -225,6 +225,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="train_step: the example's --scan-layers (blocks stacked over the"
                     " layers, run by nnx.scan); the methods that need one module per layer"
                     " (model level, optax.contrib.galore) are left out")
+  step.add_argument("--host-refresh", action=argparse.BooleanOptionalAction, default=None,
+                    help="train_step: refreshes decided on the host, as the LLaMA example does"
+                    " (two programs: steady and refresh step, no refresh cond: no host sync)")
   step.add_argument("--profile-top", type=int, default=None,
                     help="train_step: also trace --reps steps per method with jax.profiler and"
                     " record the device kernels' time by kind and the top N kernels")
@@ -249,8 +252,9 @@ def _parser() -> argparse.ArgumentParser:
   return ap
 
 
-_OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "profile_top", "param_dtype",
-                 "state_dtype", "attention", "budget_gb", "compilation_cache", "job_timeout_s")
+_OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "profile_top", "host_refresh",
+                 "param_dtype", "state_dtype", "attention", "budget_gb", "compilation_cache",
+                 "job_timeout_s")
 
 
 def main(argv=None) -> dict:
@@ -261,7 +265,7 @@ def main(argv=None) -> dict:
   if options and args.suite not in WORKER_SUITES:
     flags = ", ".join("--" + k.replace("_", "-") for k in options)
     raise SystemExit(f"python -m benchmarks: {flags} apply to {' and '.join(WORKER_SUITES)} only")
-  for flag in ("scan_layers", "profile_top"):
+  for flag in ("scan_layers", "profile_top", "host_refresh"):
     if options.get(flag) and args.suite != "train_step":
       raise SystemExit(f"python -m benchmarks: --{flag.replace('_', '-')} applies to train_step"
                        " only")

@@ -96,6 +96,8 @@ REFRESH_KIND = {"galore": "count", "grass": "count", "rso_model": "program",
                 "rso_model_shared": "program",
                 "grass_model": "program"}
 UPDATE_EVERY = 200
+# The methods whose refreshes the LLaMA example decides on the host (`subspace_refresh`).
+HOST_REFRESH = tuple(llama_optimizers.REFRESHES)
 # The layers the model level replaces: those whose kernels the optimizer level projects
 # (examples/llama/optimizers.py's PROJECTED, r"(attention|mlp)/.*kernel").
 MODEL_LEVEL_LAYERS = r"(attention|mlp)/"
@@ -124,7 +126,8 @@ class TrainSetup:
     tokens: ``seed -> int32 (batch, seq + 1)`` random token ids (inputs and shifted targets).
     refresh_kind: "count", "program" or None.
     refresh: kind "program": ``jax.jit``-ed ``(params, opt_state, frozen, tokens) -> (params,
-      opt_state, frozen)``, all donated; otherwise None.
+      opt_state, frozen)``, all donated; kind "count" with `build`'s ``host_refresh``: the
+      refresh step, jitted like `step`; otherwise None.
     set_count: ``(opt_state, count) -> opt_state``, the step count the refresh is due at (kind
       "count": the method's; ``grass_model``: its `nnx.Optimizer`'s); None elsewhere.
     steady_count: the count the timed steady steps start from (past the step-0 refresh), or
@@ -215,8 +218,10 @@ def _abstract(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def _optimizer_level(method, cfg, tx, seed):
-  """(step, init, abstract params/opt_state/frozen) of the example's train step."""
+def _optimizer_level(method, cfg, tx, seed, refresh=None):
+  """(step, init, abstract params/opt_state/frozen) of the example's train step; `refresh`:
+  its static `subspace_refresh` (None: decided on the device)."""
+  extra = {} if refresh is None else {"subspace_refresh": refresh}
 
   def build_params():
     return nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(seed))))
@@ -231,7 +236,7 @@ def _optimizer_level(method, cfg, tx, seed):
     del frozen  # the optimizer level trains every parameter
     loss, grads = jax.value_and_grad(
         lambda p: _cross_entropy(nnx.merge(graphdef, p), tokens))(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
   return train_step, init, jax.eval_shape(init), None
@@ -283,7 +288,8 @@ def _model_level(method, cfg, tx, rank, update_every, seed):
 
 
 def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Optional[int] = None,
-          update_every: int = UPDATE_EVERY, state_dtype=None, seed: int = 0) -> TrainSetup:
+          update_every: int = UPDATE_EVERY, state_dtype=None, seed: int = 0,
+          host_refresh: bool = False) -> TrainSetup:
   """The `TrainSetup` of `method` on the LLaMA `model` (remat and dtypes: the config's).
 
   Args:
@@ -294,20 +300,30 @@ def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Option
     update_every: T (GaLore's, GRASS's refresh period; RSO's K).
     state_dtype: the optimizer state's dtype (`with_state_dtype`); None: the method's own.
     seed: the model's initialisation.
+    host_refresh: the LLaMA example's loop (`examples/llama/optimizers.refresh_due`): the
+      methods of `HOST_REFRESH` get two programs, the steady step (``subspace_refresh=False``,
+      no refresh cond: no host sync at it on a GPU) and the refresh step (True, kind "count";
+      OSD's refresh is its step-0 SVD only, not amortised). False: one program, the refresh
+      decided on the device by a `lax.cond`.
   """
   rank = rank or model.hidden // 4
   tx = optimizer(method, rank, update_every, state_dtype, model.scan_layers)
+  host = host_refresh and method in HOST_REFRESH
   if method in MODEL_LEVEL:
     train_step, init, carry, refresh = _model_level(method, model, tx, rank, update_every, seed)
   else:
-    train_step, init, carry, refresh = _optimizer_level(method, model, tx, seed)
+    train_step, init, carry, refresh = _optimizer_level(
+        method, model, tx, seed, False if host else None)
   tokens_shape = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
   kind = REFRESH_KIND.get(method)
   set_count, steady_count = None, None
   if method == "grass_model":
     set_count = _set_nnx_step
-  elif method in ("galore", "grass", "optax_contrib_galore"):
+  elif method in ("galore", "grass", "optax_contrib_galore") or host:
     set_count, steady_count = _count_setter(carry[1]), 1
+  if host:
+    kind = None if method == "osd" else "count"
+    refresh = None if kind is None else _optimizer_level(method, model, tx, seed, True)[0]
   return TrainSetup(
       method=method, level="model" if method in MODEL_LEVEL else "optimizer", model=model,
       batch=batch, seq=seq, rank=rank, update_every=update_every,
@@ -317,7 +333,8 @@ def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Option
       tokens=lambda s: jax.random.randint(jax.random.PRNGKey(s), tokens_shape.shape, 0,
                                           model.vocab_size, jnp.int32),
       refresh_kind=kind,
-      refresh=jax.jit(refresh, donate_argnums=(0, 1, 2)) if kind == "program" else None,
+      refresh=(jax.jit(refresh, donate_argnums=(0, 1, 2)) if kind == "program"
+               else jax.jit(refresh, donate_argnums=(0, 1)) if refresh is not None else None),
       set_count=set_count, steady_count=steady_count)
 
 
@@ -371,8 +388,9 @@ def run_step(compiled: Compiled, carry, tokens, set_count=None):
 
 def run_refresh(setup: TrainSetup, compiled: Compiled, carry, tokens):
   """One refresh as it runs at a due step (the count set to 0); returns the new carry."""
-  if setup.refresh_kind == "count":
-    return run_step(compiled, carry, tokens, lambda s: setup.set_count(s, 0))[0]
+  if setup.refresh_kind == "count":  # with host refreshes, the refresh step's own program
+    program = compiled if compiled.refresh is None else Compiled(compiled.refresh, None, {})
+    return run_step(program, carry, tokens, lambda s: setup.set_count(s, 0))[0]
   params, opt_state, frozen = carry
   if setup.set_count is not None:
     opt_state = setup.set_count(opt_state, 0)

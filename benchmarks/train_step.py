@@ -127,12 +127,14 @@ def run_job(job: dict) -> dict:
   train_setups.use_attention(attention)
   setup = train_setups.build(job["method"], cfg, batch=job["batch"], seq=job["seq"],
                              rank=job["rank"], update_every=job["update_every"],
-                             state_dtype=job["state_dtype"])
+                             state_dtype=job["state_dtype"],
+                             host_refresh=bool(job.get("host_refresh")))
   train_setups.progress(f"built ({attention} attention), compiling")
   compiled = train_setups.compile_setup(setup)
   train_setups.progress("compiled (" + ", ".join(f"{k} {v:.1f} s"
                                                  for k, v in compiled.compile_s.items()) + ")")
   row = {"method": setup.method, "level": setup.level, "attention": attention,
+         "host_refresh": bool(job.get("host_refresh")) and setup.method in train_setups.HOST_REFRESH,
          "rank": setup.rank, "compile_s": {k: round(v, 2) for k, v in compiled.compile_s.items()},
          "memory_analysis": {"step": train_setups.memory_analysis(compiled.step)}}
   if compiled.refresh is not None:
@@ -252,6 +254,7 @@ def describe(options, quick) -> dict:
           "vocab": QUICK["vocab"] if quick else VOCAB,
           "remat": bool(options.get("remat")),
           "scan_layers": bool(options.get("scan_layers")), "param_dtype": param,
+          "host_refresh": bool(options.get("host_refresh")),
           "state_dtype": state or "native", "attention": options.get("attention") or "auto",
           "rank": options.get("rank") or "hidden / 4",
           "projected": "attention and MLP kernels (optimizer level: examples/llama/"
@@ -278,7 +281,9 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   """Every method of `methods` (default all; AdamW always) at every size; see the module doc.
 
   Options (all optional): batch (else `DEFAULT_BATCH` per size), seq (256), rank (hidden/4),
-  remat (False), scan_layers (False: the example's --scan-layers; the methods of
+  remat (False), host_refresh (False: each step's refresh cond decided on the device; True:
+  the example's host-decided refreshes, `train_setups.build`), scan_layers (False: the
+  example's --scan-layers; the methods of
   `train_setups.NEEDS_LAYER_MODULES` are then left out), profile_top (None: with N, `reps` more
   steps are traced and each row gets "kernels", `profile_update.traced_kernels`' summary with
   the top N kernels), param_dtype ("float32"), state_dtype (None: the method's own), attention
@@ -331,6 +336,7 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
                "update_every": options.get("update_every") or train_setups.UPDATE_EVERY,
                "reps": reps, "warmup": warmup, "refresh_reps": max(2, reps // 5),
                "profile_top": options.get("profile_top"),
+               "host_refresh": bool(options.get("host_refresh")),
                "compilation_cache": options.get("compilation_cache")}
         row = {"method": method, "status": "running"}
         entry["rows"].append(row)

@@ -57,3 +57,17 @@ def test_scanned_tree_profiles_and_holds_the_same_state(tmp_path):
     state = jax.eval_shape(tx.init, params)
     sizes.append(sum(x.size for x in jax.tree_util.tree_leaves(state)))
   assert sizes[0] == sizes[1]
+
+
+def test_host_refresh_variants_compile_without_the_refresh_cond(tmp_path):
+  result = profile_update.main(["--size", "tiny", "--reps", "2", "--methods",
+                                "galore_steady,galore_steady_host_refresh,osd_steady_host_refresh",
+                                "--hlo-dir", str(tmp_path), "--out", str(tmp_path / "p.json")])
+  assert len(result["rows"]) == 3
+  texts = {}
+  for name in ("galore_steady", "galore_steady_host_refresh", "osd_steady_host_refresh"):
+    with gzip.open(tmp_path / f"{name}.hlo.txt.gz", "rt") as f:
+      texts[name] = f.read()
+  assert " conditional(" in texts["galore_steady"]
+  assert " conditional(" not in texts["galore_steady_host_refresh"]
+  assert " conditional(" not in texts["osd_steady_host_refresh"]

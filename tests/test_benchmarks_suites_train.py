@@ -74,6 +74,22 @@ def test_train_step_quick_times_every_method_and_writes_json_and_png(tmp_path):
   assert "ratio_pipelined" in size["targets"]["osd"]
 
 
+def test_train_step_host_refresh_times_steady_and_refresh_programs(tmp_path):
+  # --host-refresh: the example's loop; GaLore's refresh step is a program of its own (kind
+  # "count", amortised), OSD's steady step starts past its step-0 SVD; finite losses (a step
+  # told the wrong refresh would have NaN updates).
+  result = suites.main(["run", "--suite", "train_step", "--quick", "--host-refresh",
+                        "--methods", "galore,osd", "--out", str(tmp_path / "t.json")])
+  assert result["config"]["host_refresh"]
+  rows = {r["method"]: r for r in result["results"]["sizes"][0]["rows"]}
+  assert set(rows) == {"adamw", "galore", "osd"}
+  for name, r in rows.items():
+    assert "error" not in r and r["losses_finite"], (name, r.get("error"))
+    assert r["host_refresh"] == (name != "adamw")
+  assert rows["galore"]["refresh_kind"] == "count" and rows["galore"]["refresh_ms"] > 0
+  assert "refresh" in rows["galore"]["memory_analysis"] and "refresh_kind" not in rows["osd"]
+
+
 def test_train_step_scan_layers_runs_the_optimizer_level_on_a_scanned_model(tmp_path):
   out = tmp_path / "train_step_scan.json"
   result = suites.main(["run", "--suite", "train_step", "--quick", "--scan-layers", "--methods",
