@@ -90,7 +90,8 @@ def grass(
       features: the rows of the torch weight, GRASS's rows for y = xWᵀ).
 
   Returns:
-    An `optax.GradientTransformation`.
+    An `optax.GradientTransformationExtraArgs` (its `update` takes
+    ``subspace_refresh=step % update_every == 0``; see `project_subspace`).
 
   Example:
     >>> import optax, optax_subspace as osub

@@ -161,7 +161,10 @@ def galore(
       see `project_subspace`.
 
   Returns:
-    An `optax.GradientTransformation`.
+    An `optax.GradientTransformationExtraArgs`. A loop that counts steps
+    passes ``update(..., subspace_refresh=step % update_every == 0)`` (step
+    0, 1, …; static under jit): no refresh `lax.cond`, so no host sync at it
+    on a GPU (`project_subspace`).
 
   Example:
     >>> import optax, optax_subspace as osub
@@ -258,7 +261,9 @@ def online_subspace_descent(
       at step 0 only).
 
   Returns:
-    An `optax.GradientTransformation`.
+    An `optax.GradientTransformationExtraArgs`; its refresh is the SVD of
+    step 0, so a loop that counts steps passes
+    ``update(..., subspace_refresh=step == 0)`` (`project_subspace`).
 
   Example:
     >>> import optax_subspace as osub

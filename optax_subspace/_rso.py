@@ -167,7 +167,9 @@ def rso(
       `project_subspace`.
 
   Returns:
-    An `optax.GradientTransformation`. `init` raises `ValueError` if a
+    An `optax.GradientTransformationExtraArgs` (its `update` takes
+    ``subspace_refresh=step % inner_steps == 0``, a new subspace with each
+    subproblem; see `project_subspace`). `init` raises `ValueError` if a
     selected matrix has rank ≥ its input side, and on selected leaves that
     are not 2-D without `dims`.
 
