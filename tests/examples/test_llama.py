@@ -605,6 +605,7 @@ def _bad_input_cases(tmp_path):
       "unknown optimizer": (["--optimizer", "sgd"], "unknown optimizer"),
       "unknown size": (["--model-size", "3b"], "unknown model size"),
       "rank above hidden": (["--model-size", "tiny", "--rank", "65"], "--rank 65"),
+      "negative profile steps": (["--profile-steps", "-1"], "--profile-steps must be"),
       "missing data": (
           ["--corpus", "c4", "--c4-path", str(empty), "--tokenizer", "byte"],
           "no c4-train",
