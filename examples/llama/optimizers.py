@@ -1,4 +1,4 @@
-"""The `--optimizer` factory: clip -> method (warm-up + cosine schedule) -> MultiSteps.
+"""The `--optimizer` factory: clip -> method (warm-up + cosine schedule).
 
 Projected leaves are the attention and MLP kernels; embeddings, the head and the norms run
 full-rank Adam, as in the GaLore and Online Subspace Descent experiments.
@@ -225,16 +225,11 @@ def refresh_due(cfg: TrainConfig, step: int) -> bool | None:
 
 
 def build(cfg: TrainConfig) -> optax.GradientTransformation:
-  """clip_by_global_norm -> method, wrapped in MultiSteps when --grad-accum > 1.
-
-  MultiSteps averages `grad_accum` micro-batch gradients and steps the inner chain once per
-  global batch, so the clip, the schedule and the method all count optimizer steps.
-  """
+  """clip_by_global_norm -> method. It steps once per global batch: with --grad-accum the train
+  loop averages the micro-batches' gradients first (`train.make_accumulate`), so the clip, the
+  schedule and the method all count optimizer steps."""
   parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-  tx = optax.chain(*parts, method(cfg))
-  if cfg.grad_accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
-  return tx
+  return optax.chain(*parts, method(cfg))
 
 
 def frozen_weight_count(frozen) -> int:
@@ -246,11 +241,5 @@ def frozen_weight_count(frozen) -> int:
 
 
 def state_bytes(opt_state) -> dict[str, int]:
-  """Bytes of the optimizer state: the method's own, and MultiSteps' gradient accumulator apart."""
-  if isinstance(opt_state, optax.MultiStepsState):
-    method_state = opt_state.inner_opt_state
-    accumulator = opt_state.acc_grads
-  else:
-    method_state, accumulator = opt_state, ()
-  size = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
-  return {"opt_state_bytes": size(method_state), "grad_accum_bytes": size(accumulator)}
+  """Bytes of the optimizer state."""
+  return {"opt_state_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(opt_state))}

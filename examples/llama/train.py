@@ -151,18 +151,31 @@ def _on_mesh(jitted, mesh):
 
 
 def jit_train_step(
-    graphdef, tx, shardings=(None, None, None), frozen_shardings=None, update_shardings=None
+    graphdef,
+    tx,
+    shardings=(None, None, None),
+    frozen_shardings=None,
+    update_shardings=None,
+    grad_accum=1,
 ):
   """The jitted step of `make_train_step`, to call or `.lower` under `jax.set_mesh(mesh)`.
 
+  ``(params, opt_state, batch, frozen, refresh[, accumulated])``; `refresh` is static.
   `update_shardings` (ZeRO-1, `mesh.update_shardings`): the gradient is split by them before the
   update, so XLA reduce-scatters it (rather than all-reducing it whole) and each device runs the
   update on its share of the state; the new weights leave the step replicated (`shardings`' own),
-  which all-gathers them.
+  which all-gathers them. `grad_accum` > 1: the step takes `accumulated`, the float32 sum of the
+  other micro-batches' gradients (`make_accumulate`), and updates with the mean of all of them.
   """
 
-  def train_step(params, opt_state, batch, frozen, refresh=None):
+  def train_step(params, opt_state, batch, frozen, refresh=None, accumulated=None):
     loss, grads = jax.value_and_grad(_loss)(params, graphdef, batch, frozen)
+    if accumulated is not None:
+      grads = jax.tree.map(
+          lambda a, g: ((a + g.astype(jnp.float32)) / grad_accum).astype(g.dtype),
+          accumulated,
+          grads,
+      )
     if update_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, update_shardings)
     extra = {} if refresh is None else {"subspace_refresh": refresh}
@@ -172,33 +185,86 @@ def jit_train_step(
   psh, ssh, bsh = shardings
   if psh is None:
     return jax.jit(train_step, donate_argnums=(0, 1), static_argnums=4)
+  in_shardings = (psh, ssh, bsh, frozen_shardings)
+  if grad_accum > 1:
+    in_shardings += (update_shardings or psh,)
   return jax.jit(
       train_step,
-      in_shardings=(psh, ssh, bsh, frozen_shardings),
+      in_shardings=in_shardings,
       out_shardings=(psh, ssh, None),
-      donate_argnums=(0, 1),
+      donate_argnums=(0, 1),  # not `accumulated`: no output has its shapes and dtypes left
       static_argnums=4,
   )
 
 
 def make_train_step(
-    graphdef, tx, shardings=(None, None, None), frozen_shardings=None, update_shardings=None
+    graphdef,
+    tx,
+    shardings=(None, None, None),
+    frozen_shardings=None,
+    update_shardings=None,
+    grad_accum=1,
 ):
-  """(params, opt_state, batch[, frozen, refresh]) -> (params, opt_state, loss), jitted, state
-  donated.
+  """(params, opt_state, batch[, frozen, refresh, accumulated]) -> (params, opt_state, loss),
+  jitted, state donated: one optimizer step.
 
   `shardings` (params, opt_state, batch) place the step on a mesh; Nones: one device. `frozen`,
   the model-level methods' non-Param state (`frozen_shardings` on a mesh), is an input only: the
   step differentiates the Params alone, so no weight gradient of a replaced layer exists.
   `update_shardings`: ZeRO-1 (`jit_train_step`). `refresh` (static: one program per value):
   `optimizers.refresh_due` of the step, the subspace methods' `subspace_refresh`; None: decided
-  on the device.
+  on the device. `grad_accum` > 1: `accumulated` is `make_accumulate`'s sum over the step's
+  other micro-batches, and `batch` its last micro-batch.
   """
-  step = jit_train_step(graphdef, tx, shardings, frozen_shardings, update_shardings)
+  step = jit_train_step(graphdef, tx, shardings, frozen_shardings, update_shardings, grad_accum)
   step = _on_mesh(step, None if shardings[2] is None else shardings[2].mesh)
+  if grad_accum > 1:
+    return lambda params, opt_state, batch, frozen=None, refresh=None, accumulated=None: step(
+        params, opt_state, batch, frozen, refresh, accumulated
+    )
   return lambda params, opt_state, batch, frozen=None, refresh=None: step(
       params, opt_state, batch, frozen, refresh
   )
+
+
+def make_accumulate(graphdef, shardings=(None, None, None), frozen_shardings=None,
+                    update_shardings=None):
+  """(params, accumulated, batch[, frozen]) -> (accumulated + this batch's gradient, loss).
+
+  The micro-batches of a step but its last (`--grad-accum`): their gradients summed in float32,
+  `accumulated` None for the first (its own program), donated after. The optimizer runs once per
+  step, in the train step of the last micro-batch; `optax.MultiSteps`, used before, runs the
+  whole update on every micro-batch and keeps the last one's result (a `jnp.where`, optax
+  0.2.8). On a mesh the sum is kept as ZeRO-1 splits the gradient (`update_shardings`), else
+  like the parameters.
+  """
+
+  def accumulate(params, accumulated, batch, frozen):
+    loss, grads = jax.value_and_grad(_loss)(params, graphdef, batch, frozen)
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    if accumulated is not None:
+      grads = jax.tree.map(jnp.add, accumulated, grads)
+    return grads, loss
+
+  psh, _, bsh = shardings
+  if psh is None:
+    first = jax.jit(lambda params, batch, frozen: accumulate(params, None, batch, frozen))
+    more = jax.jit(accumulate, donate_argnums=1)
+  else:
+    ash = update_shardings or psh
+    first = jax.jit(lambda params, batch, frozen: accumulate(params, None, batch, frozen),
+                    in_shardings=(psh, bsh, frozen_shardings), out_shardings=(ash, None))
+    more = jax.jit(accumulate, in_shardings=(psh, ash, bsh, frozen_shardings),
+                   out_shardings=(ash, None), donate_argnums=1)
+  mesh = None if shardings[2] is None else shardings[2].mesh
+  first, more = _on_mesh(first, mesh), _on_mesh(more, mesh)
+
+  def call(params, accumulated, batch, frozen=None):
+    if accumulated is None:
+      return first(params, batch, frozen)
+    return more(params, accumulated, batch, frozen)
+
+  return call
 
 
 def _compiled(function, mesh, donate, in_shardings, out_shardings, *args):
@@ -488,7 +554,9 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   # the dense Params) and each replaced layer's frozen kernel W; not P, σ, ρ or keys.
   n_trainable = model.count_params(params)
   n_params = n_trainable + optimizers.frozen_weight_count(frozen)
-  sizes = optimizers.state_bytes(opt_state)
+  # The gradient accumulator of --grad-accum (float32, like the Params) lives within a step.
+  sizes = {**optimizers.state_bytes(opt_state),
+           "grad_accum_bytes": 4 * n_trainable if cfg.grad_accum > 1 else 0}
 
   # Every input has been checked: from here on the run directory is written.
   run_dir = pathlib.Path(cfg.resolved_run_dir())
@@ -516,8 +584,14 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     step, position, tokens = meta["step"], meta["data_position"], meta["tokens"]
     print(f"resumed from step {step} (data position {position})")
 
+  frozen_shardings = shardings[3] if model_level else None
   train_step = make_train_step(
-      graphdef, tx, shardings[:3], shardings[3] if model_level else None, update_shardings
+      graphdef, tx, shardings[:3], frozen_shardings, update_shardings, cfg.grad_accum
+  )
+  accumulate = (
+      make_accumulate(graphdef, shardings[:3], frozen_shardings, update_shardings)
+      if cfg.grad_accum > 1
+      else None
   )
   merge = refresh = None
   if cfg.optimizer == "rso_model":
@@ -568,13 +642,18 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
         jax.block_until_ready((params, opt_state))  # the trace holds the traced steps' kernels
         jax.profiler.start_trace(str(run_dir / "profile"), create_perfetto_trace=True)
         profile_until, profiled = step + cfg.profile_steps, (step + 1, step + cfg.profile_steps)
-      losses = []
+      losses, accumulated = [], None
       for micro in range(cfg.grad_accum):
         batch = next(batches)
         if refresh is not None and micro == 0 and step % cfg.update_every == 0:
           # GRASS selects before updates 0, K, 2K, … from that step's (first) batch.
           params, opt_state, frozen = refresh(params, opt_state, frozen, step, batch)
-        params, opt_state, loss = train_step(params, opt_state, batch, frozen, due)
+        if micro < cfg.grad_accum - 1:
+          accumulated, loss = accumulate(params, accumulated, batch, frozen)
+        elif accumulated is None:
+          params, opt_state, loss = train_step(params, opt_state, batch, frozen, due)
+        else:
+          params, opt_state, loss = train_step(params, opt_state, batch, frozen, due, accumulated)
         losses.append(loss)
       compiled.add(due)
       step += 1

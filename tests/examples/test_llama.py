@@ -311,18 +311,21 @@ def test_optax_galore_projects_only_attention_and_mlp_kernels():
 
 
 def test_grad_accumulation_steps_once_per_global_batch():
-  graphdef, params = _params()
-  cfg = TrainConfig(model_size="tiny", grad_accum=2, batch_size=4, steps=10, warmup_steps=0)
-  tx = optimizers.build(cfg)
-  step = train.make_train_step(graphdef, tx)
-  opt_state = tx.init(params)
-  batch = np.asarray(jax.random.randint(jax.random.key(0), (2, 17), 0, 257))
-  start = jax.tree.map(np.asarray, params)
-  params, opt_state, _ = step(params, opt_state, batch)
-  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start), jax.tree.leaves(params)))
-  params, opt_state, _ = step(params, opt_state, batch)
-  assert not np.array_equal(start["lm_head"]["kernel"], params["lm_head"]["kernel"])
-  assert optimizers.state_bytes(opt_state)["grad_accum_bytes"] == 4 * model.count_params(params)
+  # Two micro-batches of 2: the first's gradient summed (make_accumulate), one optimizer step
+  # with the mean of both in the train step of the second; the same step as one batch of 4.
+  graphdef, params = _params()  # float32 compute
+  tx = optax.sgd(1.0)  # the update is the gradient itself, so the gradients are compared
+  batch = np.asarray(jax.random.randint(jax.random.key(0), (4, 17), 0, 257))
+  whole, state, _ = train.make_train_step(graphdef, tx)(params, tx.init(params), batch)
+  _, params = _params()  # the same weights again: the first step donated them
+  accumulate = train.make_accumulate(graphdef)
+  step = train.make_train_step(graphdef, tx, grad_accum=2)
+  accumulated, _ = accumulate(params, None, batch[:2])
+  assert {leaf.dtype for leaf in jax.tree.leaves(accumulated)} == {jnp.dtype(jnp.float32)}
+  split, _, _ = step(params, tx.init(params), batch[2:], None, None, accumulated)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), split, whole)
+  cfg = TrainConfig(model_size="tiny", grad_accum=2, batch_size=4)
+  assert not isinstance(optimizers.build(cfg).init(params), optax.MultiStepsState)
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,7 +426,7 @@ def test_host_decided_refreshes_train_like_the_device_cond_and_time_no_compile(
     tmp_path, monkeypatch, optimizer
 ):
   # The loop passes `optimizers.refresh_due(step)` as the update's static `subspace_refresh`:
-  # the same losses as the cond on the device (through MultiSteps too), each program's
+  # the same losses as the cond on the device (with gradient accumulation too), each program's
   # compiling step left out of the timed steps, and --profile-steps traces compiled steps only.
   _c4_corpus(tmp_path / "c4")
   flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "2", "--grad-accum", "2",
@@ -754,6 +757,23 @@ needs_two_devices = pytest.mark.skipif(
 # the model level's trainable factors with a frozen part (grass_model). The other four run the
 # same code path (their placement is `state_shardings`'); each ran and passed when written.
 ZERO_RESUME_OPTIMIZERS = ("adamw", "galore", "rso", "grass_model")
+
+
+@needs_two_devices
+@pytest.mark.parametrize("optimizer", ["osd", "grass_model"])
+def test_grad_accumulation_on_a_zero1_mesh_trains_like_one_device(tmp_path, optimizer):
+  # The micro-batches' gradient sum is kept split like ZeRO-1's gradient (its update
+  # shardings), the last micro-batch's step adds its own and updates once.
+  _c4_corpus(tmp_path / "c4")
+  flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "2", "--steps", "4",
+           "--grad-accum", "2", "--compute-dtype", "float32", "--log-every", "1"]
+  losses = {}
+  for run, devices in [("one", []), ("zero", ["--data-parallel", "2", "--shard-optimizer"])]:
+    assert train.main(_flags(tmp_path, run, *flags, *devices)) == 0
+    records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+    losses[run] = [r["loss"] for r in records if r["kind"] == "train"]
+  assert len(losses["zero"]) == 4
+  np.testing.assert_allclose(losses["zero"], losses["one"], rtol=2e-4)
 
 
 @needs_two_devices
