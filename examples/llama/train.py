@@ -150,14 +150,8 @@ def _on_mesh(jitted, mesh):
   return call
 
 
-def jit_train_step(
-    graphdef,
-    tx,
-    shardings=(None, None, None),
-    frozen_shardings=None,
-    update_shardings=None,
-    grad_accum=1,
-):
+def jit_train_step(graphdef, tx, shardings=(None, None, None), frozen_shardings=None,
+                   update_shardings=None, grad_accum=1):
   """The jitted step of `make_train_step`, to call or `.lower` under `jax.set_mesh(mesh)`.
 
   ``(params, opt_state, batch, frozen, refresh[, accumulated])``; `refresh` is static.
@@ -197,14 +191,8 @@ def jit_train_step(
   )
 
 
-def make_train_step(
-    graphdef,
-    tx,
-    shardings=(None, None, None),
-    frozen_shardings=None,
-    update_shardings=None,
-    grad_accum=1,
-):
+def make_train_step(graphdef, tx, shardings=(None, None, None), frozen_shardings=None,
+                    update_shardings=None, grad_accum=1):
   """(params, opt_state, batch[, frozen, refresh, accumulated]) -> (params, opt_state, loss),
   jitted, state donated: one optimizer step.
 
