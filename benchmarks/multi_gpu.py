@@ -202,8 +202,15 @@ def main(argv=None) -> dict:
                  " the metrics and summary stay)")
   p.add_argument("--commit", default="",
                  help="the commit to record (default: git rev-parse of this tree)")
+  p.add_argument("--replot", action="store_true",
+                 help="run nothing: redraw <out>.png from the JSON at --out (a run cut before"
+                 " its end keeps its JSON, rewritten after every run, but not its PNG)")
   args = p.parse_args(argv)
   out = pathlib.Path(args.out)
+  if args.replot:
+    result = json.loads(out.read_text())
+    _plot(result, out.with_suffix(".png"))
+    return result
   out.parent.mkdir(parents=True, exist_ok=True)
   runs = out.parent / (out.stem + "_runs")
   mesh_flags = ["--data-parallel", str(args.data_parallel), "--fsdp", str(args.fsdp),

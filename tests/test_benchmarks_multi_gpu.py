@@ -35,6 +35,12 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   assert adamw["speedup"] == adamw["mesh"]["tokens_per_s"] / adamw["one"]["tokens_per_s"]
   assert adamw["weak_speedup"] == adamw["mesh_weak"]["tokens_per_s"] / adamw["one"]["tokens_per_s"]
   assert out.with_suffix(".png").exists()
+  # --replot redraws the PNG from the JSON alone (what a run cut by a time limit leaves).
+  out.with_suffix(".png").unlink()
+  written = out.read_text()
+  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", "--out", str(out), "--replot"],
+                 cwd=ROOT, env=env, check=True, capture_output=True)
+  assert out.with_suffix(".png").exists() and out.read_text() == written
   # --hlo-dir: each run's compiled step; only the mesh runs communicate.
   collectives = ("all-reduce(", "reduce-scatter(", "all-gather(")
   for layout in ("one", "mesh", "mesh_weak"):
