@@ -6,7 +6,7 @@ reduction, the optimizer update and applying it, and, for the model-level method
 and GRASS's selection pass, which sit in a `lax.cond` inside the step. Each step is lowered and
 compiled for simulated CPU devices from abstract arguments (nothing is allocated or executed,
 nothing is timed); every collective of the compiled HLO text is counted per device with
-`communication.collective_bytes`: the steady path (every step) apart from the branches of the
+`hlo_collectives.collective_bytes`: the steady path (every step) apart from the branches of the
 conditionals (the projector refresh, RSO's merge, GRASS's reselection).
 
 Methods (rank r, refresh / subproblem length 200, mask r"(attention|mlp)/.*kernel"):
@@ -48,7 +48,6 @@ import math
 import os
 import pathlib
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -65,8 +64,9 @@ from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-t
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import optax_subspace as osub  # pylint: disable=g-import-not-at-top
-from benchmarks.communication import KINDS  # pylint: disable=g-import-not-at-top
-from benchmarks.communication import collective_bytes  # pylint: disable=g-import-not-at-top
+from benchmarks.hlo_collectives import by_shape  # pylint: disable=g-import-not-at-top
+from benchmarks.hlo_collectives import collective_bytes  # pylint: disable=g-import-not-at-top
+from benchmarks.hlo_collectives import summarize  # pylint: disable=g-import-not-at-top
 from examples.llama import mesh as llama_mesh  # pylint: disable=g-import-not-at-top
 from examples.llama.config import ModelConfig  # pylint: disable=g-import-not-at-top
 from examples.llama.model import Llama  # pylint: disable=g-import-not-at-top
@@ -314,39 +314,6 @@ def analytic(cfg, rank, method, mesh_name):
 
 
 # ------------------------------------------------------------------ measured totals
-
-
-def summarize(counted) -> dict:
-  """Steady-path bytes by role: gathered (all-gather results), reduced (all-reduce and
-  reduce-scatter operands), moved (all-to-all and collective-permute operands), and the largest
-  conditional branch's total."""
-  steady = counted["steady"]
-  get = lambda kind, key: steady.get(kind, {}).get(key, 0)
-  out = {"gather": get("all-gather", "result_bytes"),
-         "reduce": get("all-reduce", "operand_bytes") + get("reduce-scatter", "operand_bytes"),
-         "moved": get("all-to-all", "operand_bytes") + get("collective-permute", "operand_bytes")}
-  out["total"] = out["gather"] + out["reduce"] + out["moved"]
-  branch_totals = [0]
-  for cond in counted["conditional_branches"]:
-    for branch in cond["branches"]:
-      branch_totals.append(sum(
-          v["result_bytes"] if k == "all-gather" else v["operand_bytes"]
-          for k, v in branch["collectives"].items()))
-  out["largest_branch_total"] = max(branch_totals)
-  return out
-
-
-def by_shape(hlo) -> list:
-  """[kind, result type, count] of every collective in the module (steady path and branches):
-  tells weight-sized arrays from activation-sized ones (batch × seq × …)."""
-  op = re.compile(r"= (\(.*?\)|\S+) (" + "|".join(KINDS) + r")(?:-start)?\(")
-  counts = {}
-  for line in hlo.splitlines():
-    m = op.search(line)
-    if m:
-      key = (m.group(2), re.sub(r"\{[\d,]*\}|/\*index=\d+\*/", "", m.group(1)))
-      counts[key] = counts.get(key, 0) + 1
-  return [[kind, shape, n] for (kind, shape), n in sorted(counts.items())]
 
 
 def _difference(a, b):

@@ -7,7 +7,9 @@ device (``CUDA_VISIBLE_DEVICES`` = the first GPU) and on a mesh over all of them
 host syncs to fetch losses every ``--log-every`` steps, 10 by default, as a training run does) and
 writes one JSON, rewritten after every run so a cut run keeps what finished, with the per-step
 training losses of both runs, their largest relative difference, the final evaluation losses, and
-the tokens/s ratio (mesh / one device); plus a PNG of both loss curves per method.
+the tokens/s ratio (mesh / one device); plus a PNG of both loss curves per method. With
+``--hlo-dir``, also each run's compiled train steps (steady and refresh programs) and the bytes
+their collectives move per device, counted from that HLO (``benchmarks/hlo_collectives.py``).
 
 Two speed-ups are reported, because they answer different questions:
 - ``speedup`` (strong scaling): the same global batch on n devices as on one, so each device
@@ -91,8 +93,7 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
       capture_output=True, text=True, check=False,
   )
   wall = time.perf_counter() - started
-  if args.hlo_dir:
-    _keep_hlo(dump, pathlib.Path(args.hlo_dir) / f"{run_dir.name}.hlo.txt.gz")
+  collectives = _keep_hlo(dump, pathlib.Path(args.hlo_dir), run_dir.name) if args.hlo_dir else None
   if proc.returncode != 0:
     return {"error": (proc.stdout + proc.stderr)[-2000:], "wall_s": wall}
   records = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
@@ -116,19 +117,37 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
       "timed_steps": summary.get("timed_steps"),
       "profiled_steps": summary.get("profiled_steps"),
       "opt_state_bytes": summary["opt_state_bytes"],
+      "collectives": collectives,
       "wall_s": wall,
   }
 
 
-def _keep_hlo(dump: pathlib.Path, path: pathlib.Path) -> None:
-  """Gzips the train step's optimized HLO from an XLA dump folder to `path`, drops the folder."""
-  found = sorted(dump.glob("*jit_train_step*after_optimizations.txt"),
-                 key=lambda f: f.stat().st_size)
-  if found:  # the largest: the step itself, not a small helper of the same name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(path, "wt") as f:
-      f.write(found[-1].read_text())
+def _keep_hlo(dump: pathlib.Path, hlo_dir: pathlib.Path, name: str) -> dict:
+  """Gzips the train step's optimized HLO from an XLA dump folder into `hlo_dir`, drops the folder.
+
+  The example compiles a train step per refresh decision (`optimizers.refresh_due`): the
+  refresh program at step 0, then the steady one that the other steps run (one program for
+  AdamW). In compile order, the last is kept as `<name>.hlo.txt.gz` and, where there are two,
+  the first as `<name>.refresh.hlo.txt.gz`. Returns each kept program's collectives per device
+  (`hlo_collectives.summarize`: bytes gathered, reduced, moved, total) by program.
+  """
+  from benchmarks import hlo_collectives  # pylint: disable=g-import-not-at-top
+
+  found = sorted(dump.glob("module_*.jit_train_step.*after_optimizations.txt"),
+                 key=lambda f: int(f.name.split(".")[0].removeprefix("module_")))
+  programs = {"steady": found[-1]} if found else {}
+  if len(found) > 1:
+    programs["refresh"] = found[0]
+  counted = {}
+  for program, source in programs.items():
+    text = source.read_text()
+    suffix = "" if program == "steady" else ".refresh"
+    hlo_dir.mkdir(parents=True, exist_ok=True)
+    with gzip.open(hlo_dir / f"{name}{suffix}.hlo.txt.gz", "wt") as f:
+      f.write(text)
+    counted[program] = hlo_collectives.summarize(hlo_collectives.collective_bytes(text))
   shutil.rmtree(dump, ignore_errors=True)
+  return counted
 
 
 def _plot(result: dict, path: pathlib.Path) -> None:
@@ -195,8 +214,9 @@ def main(argv=None) -> dict:
                  " compute, exposed collectives, idle, top kernels); the traced steps count in"
                  " tokens/s")
   p.add_argument("--hlo-dir", default="",
-                 help="write each run's compiled train step there (<method>-<layout>.hlo.txt.gz,"
-                 " from an XLA dump) to compare the layouts' collectives and their schedule")
+                 help="write each run's compiled train steps there (<method>-<layout>.hlo.txt.gz,"
+                 " the steady program; .refresh.hlo.txt.gz, the refresh program; from an XLA"
+                 " dump) and count their collectives' bytes per device into the JSON")
   p.add_argument("--keep-checkpoints", action="store_true",
                  help="keep each run's final checkpoint under <out>_runs (deleted by default;"
                  " the metrics and summary stay)")
@@ -255,7 +275,8 @@ def main(argv=None) -> dict:
         entry["weak_speedup"] = weak["tokens_per_s"] / one["tokens_per_s"]
       out.write_text(json.dumps(result, indent=1) + "\n")
       print(method, layout,
-            {k: v for k, v in entry[layout].items() if k not in ("losses", "profile")},
+            {k: v for k, v in entry[layout].items()
+             if k not in ("losses", "profile", "collectives")},
             flush=True)
       for device, t in (entry[layout].get("profile") or {}).items():
         print(f"  {device}: ms per step: span {t['span_ms']:.1f} compute {t['compute_ms']:.1f}"

@@ -48,6 +48,10 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
       text = f.read()
     assert "ENTRY" in text
     assert any(c in text for c in collectives) == (layout != "one"), layout
+    # ... and their bytes are counted from it into the JSON (AdamW: one program, no refresh).
+    counted = adamw[layout]["collectives"]
+    assert set(counted) == {"steady"}
+    assert (counted["steady"]["total"] > 0) == (layout != "one"), layout
   # Each run's metrics stay; its final checkpoint is deleted (no --keep-checkpoints).
   runs = tmp_path / "multi_gpu_runs"
   assert sorted(p.name for p in runs.iterdir()) == ["adamw-mesh", "adamw-mesh_weak", "adamw-one"]
@@ -69,3 +73,23 @@ def test_profiled_mesh_only_run_keeps_its_trace(tmp_path):
   # The trace of step 2 is written; a CPU trace has no device tracks, so no timeline rows.
   traced = list((tmp_path / "profiled_runs" / "adamw-mesh" / "profile").rglob("*.json.gz"))
   assert traced and adamw["mesh"]["profile"] == {}
+
+
+def test_hlo_dir_keeps_the_steady_and_the_refresh_program_and_counts_their_bytes(tmp_path):
+  out = tmp_path / "hlo.json"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  flags = [f for f in TINY if f != "--weak"]
+  flags[flags.index("adamw")] = "adamw,galore"
+  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", *flags, "--out", str(out),
+                  "--layouts", "mesh", "--update-every", "2", "--hlo-dir", str(tmp_path / "hlo")],
+                 cwd=ROOT, env=env, check=True, capture_output=True)
+  methods = json.loads(out.read_text())["methods"]
+  assert sorted(p.name for p in (tmp_path / "hlo").iterdir()) == [
+      "adamw-mesh.hlo.txt.gz", "galore-mesh.hlo.txt.gz", "galore-mesh.refresh.hlo.txt.gz"]
+  adamw, galore = methods["adamw"]["mesh"]["collectives"], methods["galore"]["mesh"]["collectives"]
+  # ZeRO-1 over the data axis: GaLore projects each device's share of the reduce-scattered
+  # gradient locally, so its steady step moves AdamW's bytes; its refresh program also sums
+  # the refresh's partial products over the shares, so it reduces more.
+  assert galore["steady"] == adamw["steady"]
+  assert galore["refresh"]["reduce"] > galore["steady"]["reduce"]
+  assert galore["refresh"]["gather"] == galore["steady"]["gather"]
