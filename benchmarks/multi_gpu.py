@@ -87,6 +87,8 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
     env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), f"--xla_dump_to={dump}",
                                  "--xla_dump_hlo_as_text",
                                  "--xla_dump_hlo_module_re=jit_train_step"]).strip()
+    # A persistent-cache hit loads the executable without compiling it: nothing is dumped.
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   started = time.perf_counter()
   proc = subprocess.run(
       [sys.executable, "-m", "examples.llama", "train", *flags], cwd=ROOT, env=env,

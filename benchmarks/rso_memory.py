@@ -440,6 +440,8 @@ def _run_method(method: str, argv: list[str], dump_dir: Optional[str] = None) ->
   env = dict(os.environ)
   if dump_dir:
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _dump_flags(dump_dir, method)).strip()
+    # A persistent-cache hit loads the executable without compiling it: nothing is dumped.
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.rso_memory", *argv, "--worker", method],
       capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parent.parent,

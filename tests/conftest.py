@@ -1,0 +1,21 @@
+"""Session set-up: one persistent XLA compilation cache for the tests and the processes they start.
+
+Many tests run the same small programs again: a resumed run in a fresh process, the same step
+on one device and on a mesh, each preset through the same checks. JAX's persistent cache
+(keyed by the program, the compile options, the backend and the jax/jaxlib versions) lets the
+second compile of a program load the first one's executable; on the 2-core CI machine that is
+minutes of the suite. The cache lives in `.pytest_cache/` (git-ignored); a clean clone starts
+it empty. Set `JAX_COMPILATION_CACHE_DIR` yourself to put it elsewhere, or
+`JAX_ENABLE_COMPILATION_CACHE=false` to compile everything afresh. Code that reads XLA's dump
+folder turns the cache off for its own process (a cache hit compiles nothing, so dumps nothing).
+"""
+
+import os
+import pathlib
+
+_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation_cache"
+# Environment, not jax.config: the example and benchmark subprocesses inherit it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
+# Small programs too: most of the suite's compiles take well under the default 1 s.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
