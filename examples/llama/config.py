@@ -139,6 +139,11 @@ class TrainConfig:
   stop_at_step: int = _flag(
       0, "save a checkpoint and exit at this step, as a preemption would; 0: never"
   )
+  compilation_cache: str = _flag(
+      "",
+      "a folder for JAX's persistent compilation cache: a resumed or repeated run loads the"
+      " programs compiled before from it instead of compiling them again; empty: no cache",
+  )
   profile_steps: int = _flag(
       0,
       "trace this many training steps with jax.profiler into <run-dir>/profile (TensorBoard,"

