@@ -119,6 +119,7 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
       "timed_steps": summary.get("timed_steps"),
       "profiled_steps": summary.get("profiled_steps"),
       "opt_state_bytes": summary["opt_state_bytes"],
+      "seconds": summary.get("seconds"),  # the run's wall time by part: where device time goes
       "collectives": collectives,
       "wall_s": wall,
   }

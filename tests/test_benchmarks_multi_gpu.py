@@ -30,6 +30,7 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   for layout in ("one", "mesh", "mesh_weak"):
     assert "error" not in adamw[layout], adamw[layout].get("error")
     assert len(adamw[layout]["losses"]) == 3
+    assert adamw[layout]["seconds"]["compiling_steps"] > 0  # the example's summary, carried over
   # Same global batch, same data: the 2-device run follows the one-device run (bf16 compute).
   assert adamw["max_rel_loss_diff"] < 1e-3
   assert adamw["speedup"] == adamw["mesh"]["tokens_per_s"] / adamw["one"]["tokens_per_s"]

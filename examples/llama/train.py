@@ -491,6 +491,7 @@ def _write_steps(log, pending) -> float:
 
 def train(cfg: TrainConfig, saved: dict | None) -> dict:
   """Runs (or resumes) the training run of `cfg`; returns its summary."""
+  started = time.perf_counter()
   if cfg.compilation_cache:
     # Read when JAX first compiles with the cache, so before anything here compiles; programs
     # compiling in under a second are not worth a file (JAX's default threshold).
@@ -606,6 +607,10 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   profile_until = 0  # the step after which the trace of --profile-steps stops (0: none running)
   profiled = None  # (first, last) step the trace holds
   compiled = set()  # the train-step programs (`refresh` values) this process has run
+  # Where this process's wall time goes (summary.json "seconds"): the training steps that
+  # tokens/s counts are the clock's; the rest is set-up, compiling steps, evaluations, saves.
+  spent = {"setup": time.perf_counter() - started, "compiling_steps": 0.0, "eval": 0.0,
+           "checkpoint": 0.0}
 
   def run_eval():
     eval_loss = evaluate(params, frozen)
@@ -630,6 +635,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       if compiles and clock.since is not None:
         _write_steps(log, pending)  # the device has caught up: the steps before it are timed
         clock.stop()
+      step_started = time.perf_counter()
       if cfg.profile_steps and not (compiles or profiled or profile_until):
         jax.block_until_ready((params, opt_state))  # the trace holds the traced steps' kernels
         jax.profiler.start_trace(str(run_dir / "profile"), create_perfetto_trace=True)
@@ -656,6 +662,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       pending.append((step, tokens, lr_at(step - 1), losses))
       if compiles:  # time from its end
         _write_steps(log, pending)
+        spent["compiling_steps"] += time.perf_counter() - step_started
         clock.start()
       else:
         clock.tick()
@@ -679,10 +686,14 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
         _write_steps(log, pending)
         clock.stop()
         if wants_eval:
+          eval_started = time.perf_counter()
           last_eval = run_eval()
+          spent["eval"] += time.perf_counter() - eval_started
         if wants_checkpoint or stop:
           meta = {"step": step, "data_position": batches.position, "tokens": tokens}
+          save_started = time.perf_counter()
           _save(manager, step, params, opt_state, meta, frozen)
+          spent["checkpoint"] += time.perf_counter() - save_started
         clock.start()
       if stop:
         why = "interrupted" if interrupts.requested else f"stopped at --stop-at-step {step}"
@@ -710,6 +721,9 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       "profiled_steps": profiled,
       **sizes,
       "exit_code": exit_code,
+      "seconds": {**{k: round(v, 6) for k, v in spent.items()},
+                  "timed_steps": round(clock.total_seconds, 6),
+                  "total": round(time.perf_counter() - started, 6)},
   }
   if step == cfg.steps:
     if last_eval is None or last_eval["step"] != step:

@@ -385,6 +385,15 @@ def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, 
   assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
   summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
   assert np.isfinite(summary["final_eval_ppl"]) and summary["opt_state_bytes"] > 0
+  # Where the wall time went: set-up, the compiling step, the timed steps (tokens/s's), two
+  # evaluations (steps 3, 6) and the save at the end; the parts are disjoint, so they add up to
+  # no more than the whole.
+  seconds = summary["seconds"]
+  parts = ("setup", "compiling_steps", "timed_steps", "eval", "checkpoint")
+  assert set(seconds) == {*parts, "total"} and all(seconds[k] > 0 for k in parts)
+  assert sum(seconds[k] for k in parts) <= seconds["total"]
+  assert summary["tokens_per_s"] == pytest.approx(
+      summary["timed_steps"] * 4 * 32 / seconds["timed_steps"], rel=1e-3)
   assert (tmp_path / "whole" / "checkpoints" / "6").is_dir()
   flags = json.loads((tmp_path / "whole" / "config.json").read_text())["flags"]
   assert flags["grad_accum"] == 2
