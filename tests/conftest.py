@@ -5,7 +5,9 @@ on one device and on a mesh, each preset through the same checks. JAX's persiste
 (keyed by the program, the compile options, the backend and the jax/jaxlib versions) lets the
 second compile of a program load the first one's executable; on the 2-core CI machine that is
 minutes of the suite. The cache lives in `.pytest_cache/` (git-ignored); a clean clone starts
-it empty. Set `JAX_COMPILATION_CACHE_DIR` yourself to put it elsewhere, or
+it empty, and one run of the suite writes ~80 MB. It is not size-bounded (JAX's bound,
+`jax_compilation_cache_max_size`, needs the `filelock` package, which nothing here installs):
+delete the folder when it has grown. Set `JAX_COMPILATION_CACHE_DIR` yourself to put it elsewhere, or
 `JAX_ENABLE_COMPILATION_CACHE=false` to compile everything afresh. Code that reads XLA's dump
 folder turns the cache off for its own process (a cache hit compiles nothing, so dumps nothing).
 """
