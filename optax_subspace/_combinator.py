@@ -21,6 +21,9 @@ from optax_subspace.projectors import _base
 SECOND_MOMENT_FIELDS = frozenset(
     {"nu", "nu_max", "sum_of_squares", "v", "exp_avg_sq"}
 )
+# Per-matrix step counts of the inner state (shape: the leaf's batch shape),
+# restarted by on_change="reset" with the matrix's moments.
+MATRIX_COUNT_FIELDS = frozenset({"count"})
 ON_CHANGE = ("keep", "reset", "transport")
 # The dense products with G run on rows padded with zeros to a multiple of
 # this many elements. GPU tensor-core GEMMs need 16-byte-aligned rows: an
@@ -193,7 +196,9 @@ def _low_rank_buffers(state_tree, plans, key_paths):
 
   A buffer mirrors leaf i when its key path ends with the leaf's key path and
   it has the leaf's low-rank shape (so `mu` of `scale_by_adam`, inside any
-  chain or `inject_hyperparams`, is found; factored statistics are not).
+  chain or `inject_hyperparams`, is found; factored statistics are not), or
+  it is a per-matrix step count (a field in `MATRIX_COUNT_FIELDS` with the
+  leaf's batch shape: `scale_by_hf_adam(per_matrix_count=True)`).
   Returns {state leaf index: (param leaf index, field name)}.
   """
   by_path = {
@@ -205,9 +210,13 @@ def _low_rank_buffers(state_tree, plans, key_paths):
   for j, (path, x) in enumerate(flat):
     for cut in range(len(path) + 1):
       i = by_path.get(tuple(path[cut:]))
-      if i is not None and np.shape(x) == plans[i].low_rank_shape:
-        field = path[cut - 1] if cut > 0 else None
-        name = getattr(field, "name", getattr(field, "key", None))
+      if i is None:
+        continue
+      field = path[cut - 1] if cut > 0 else None
+      name = getattr(field, "name", getattr(field, "key", None))
+      if np.shape(x) == plans[i].low_rank_shape or (
+          name in MATRIX_COUNT_FIELDS
+          and np.shape(x) == plans[i].batch_shape):
         found[j] = (i, name)
         break
   return found
@@ -223,6 +232,10 @@ def _on_change(mode, inner_state, plans, key_paths, old_bases, new_bases,
     if i not in changed:
       continue
     plan, buf = plans[i], flat[j]
+    if name in MATRIX_COUNT_FIELDS and np.shape(buf) == plan.batch_shape:
+      if mode == "reset":  # restart the matrix's bias correction with it
+        flat[j] = jnp.where(changed[i], jnp.zeros_like(buf), buf)
+      continue
     moved = changed[i][..., None, None]
     oriented = _leaves.low_rank_layout(buf, plan).astype(jnp.float32)
     if mode == "reset":
@@ -272,8 +285,9 @@ def project_subspace(
   When a matrix's basis changes, `on_change` says what happens to the inner
   state's buffers of that matrix (those with the low-rank shape, found by key
   path, in any chain): "keep" (GaLore and OSD: moments stay, untouched);
-  "reset" (set to zero; counts such as Adam's bias correction run on, since
-  they are shared with the other leaves); "transport" (re-expressed in the new
+  "reset" (set to zero; a shared step count such as Adam's runs on, but a
+  per-matrix one, `scale_by_hf_adam(per_matrix_count=True)`, restarts with
+  the moments, so the bias correction restarts too); "transport" (re-expressed in the new
   basis through M = P_newᵀ P_old: first moments as M·m, second-moment
   statistics in `SECOND_MOMENT_FIELDS` as (M⊙M)·v, the variance of M·x for
   uncorrelated coordinates, which keeps them non-negative).

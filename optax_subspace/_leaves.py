@@ -145,6 +145,14 @@ def _leaf_mask(mask: MaskSpec, paths, leaves, treedef) -> list[bool]:
   return [bool(m) for m in mask_leaves]
 
 
+def selected(params, mask: MaskSpec = None):
+  """The tree of bools `mask` selects in `params` (see `plan_leaves`)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [x for _, x in flat]
+  chosen = _leaf_mask(mask, [path_str(p) for p, _ in flat], leaves, treedef)
+  return treedef.unflatten(chosen)
+
+
 def _leaf_dims(dims: DimsSpec, paths, leaves, treedef) -> list:
   if dims is None or isinstance(dims, MatrixDims):
     return [dims] * len(leaves)

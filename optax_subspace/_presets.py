@@ -75,9 +75,12 @@ def _is_zero(x) -> bool:
   return isinstance(x, (int, float)) and x == 0
 
 
-def _hf_or_optax_adam(b1, b2, eps, eps_placement):
+def _hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count=False):
   if eps_placement == "hf":
-    return _adam.scale_by_hf_adam(b1, b2, eps)
+    return _adam.scale_by_hf_adam(b1, b2, eps,
+                                  per_matrix_count=per_matrix_count)
+  if eps_placement == "optax" and per_matrix_count:
+    return _adam._scale_by_adam(b1, b2, eps, None, False, True)  # pylint: disable=protected-access
   if eps_placement == "optax":
     return optax.scale_by_adam(b1, b2, eps)
   raise ValueError(
@@ -85,12 +88,46 @@ def _hf_or_optax_adam(b1, b2, eps, eps_placement):
   )
 
 
+PROJECTED, UNPROJECTED = "projected", "unprojected"
+
+
+def by_group(make, learning_rate, unprojected_learning_rate, mask):
+  """``make(lr)`` for every leaf, or per group with its own learning rate.
+
+  With `unprojected_learning_rate` None, ``make(learning_rate)``; otherwise
+  ``make(learning_rate)`` on the leaves `mask` selects (the projected ones)
+  and ``make(unprojected_learning_rate)`` on the others, through
+  `optax.partition`.
+  """
+  if unprojected_learning_rate is None:
+    return make(learning_rate)
+
+  def labels(tree):
+    return jax.tree_util.tree_map(
+        lambda chosen: PROJECTED if chosen else UNPROJECTED,
+        _leaves.selected(tree, mask))
+
+  return optax.partition({PROJECTED: make(learning_rate),
+                          UNPROJECTED: make(unprojected_learning_rate)},
+                         labels)
+
+
+def check_learning_rate(value, name: str):
+  """Raises ValueError for a float learning rate that is not > 0."""
+  if isinstance(value, (int, float)) and not value > 0:
+    raise ValueError(f"{name} must be positive (or a schedule), got {value!r}.")
+  return value
+
+
 def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                     eps_placement, weight_decay, mask, dims, on_change,
-                    projection_dtype, side="smaller", refresh_chunk_bytes=None):
+                    projection_dtype, side="smaller", refresh_chunk_bytes=None,
+                    unprojected_learning_rate=None, per_matrix_count=False):
+  if unprojected_learning_rate is not None:
+    check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
   parts = [
       _combinator.project_subspace(
-          _hf_or_optax_adam(b1, b2, eps, eps_placement),
+          _hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count),
           projector,
           scale=scale,
           mask=mask,
@@ -100,10 +137,13 @@ def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
           side=side,
           refresh_chunk_bytes=refresh_chunk_bytes,
       ),
-      optax.scale_by_learning_rate(learning_rate),
+      by_group(optax.scale_by_learning_rate, learning_rate,
+               unprojected_learning_rate, mask),
   ]
   if not _is_zero(weight_decay):
-    parts.append(add_decayed_weights_after_update(learning_rate, weight_decay))
+    parts.append(by_group(
+        lambda lr: add_decayed_weights_after_update(lr, weight_decay),
+        learning_rate, unprojected_learning_rate, mask))
   return optax.chain(*parts)
 
 
@@ -125,6 +165,7 @@ def galore(
     seed: int = 0,
     projection_dtype=None,
     refresh_chunk_bytes: Optional[int] = None,
+    unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""GaLore: AdamW whose moments live in a periodically refreshed SVD subspace.
 
@@ -159,6 +200,10 @@ def galore(
     refresh_chunk_bytes: gradient bytes per batched refresh (default 4 GiB):
       fewer, larger chunks refresh faster, smaller ones need less memory;
       see `project_subspace`.
+    unprojected_learning_rate: learning rate (float or schedule) of the
+      leaves `mask` leaves out (embeddings, head, norms), which run full-size
+      Adam without α; default None: `learning_rate`, as the authors run them.
+      The projected kernels keep `learning_rate` (times α).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`. A loop that counts steps
@@ -185,7 +230,8 @@ def galore(
   return _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                          eps_placement, weight_decay, mask, dims, on_change,
                          projection_dtype,
-                         refresh_chunk_bytes=refresh_chunk_bytes)
+                         refresh_chunk_bytes=refresh_chunk_bytes,
+                         unprojected_learning_rate=unprojected_learning_rate)
 
 
 def _projector_learning_rate(learning_rate, peak_learning_rate, update_every):
@@ -227,6 +273,7 @@ def online_subspace_descent(
     on_change: str = "keep",
     projection_dtype=None,
     refresh_chunk_bytes: Optional[int] = None,
+    unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""Online Subspace Descent: GaLore's subspace Adam with an online-PCA P.
 
@@ -257,7 +304,8 @@ def online_subspace_descent(
       stored copy of the authors' code does (see `projectors.online_pca`);
       default False, METHODS.md's order.
     b1, b2, eps, eps_placement, weight_decay, mask, dims, on_change,
-      projection_dtype, refresh_chunk_bytes: as in `galore` (OSD refreshes
+      projection_dtype, refresh_chunk_bytes, unprojected_learning_rate: as
+      in `galore` (OSD refreshes
       at step 0 only).
 
   Returns:
@@ -283,4 +331,5 @@ def online_subspace_descent(
   return _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                          eps_placement, weight_decay, mask, dims, on_change,
                          projection_dtype,
-                         refresh_chunk_bytes=refresh_chunk_bytes)
+                         refresh_chunk_bytes=refresh_chunk_bytes,
+                         unprojected_learning_rate=unprojected_learning_rate)

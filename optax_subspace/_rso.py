@@ -115,6 +115,7 @@ def rso(
     dims: _leaves.DimsSpec = None,
     seed: int = 0,
     projection_dtype=None,
+    unprojected_learning_rate: Optional[_presets.ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""RSO: each block of K steps solves one randomized low-rank subproblem.
 
@@ -165,6 +166,8 @@ def rso(
     seed: folded into every matrix's key (`projectors.random`).
     projection_dtype: operand dtype of the products with G; see
       `project_subspace`.
+    unprojected_learning_rate: learning rate of the leaves `mask` leaves
+      out (run full size, never restarted); default `learning_rate`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (its `update` takes
@@ -185,12 +188,14 @@ def rso(
   proximal = _check_proximal(proximal)
   projector = projectors_lib.random(rank, inner_steps,
                                     distribution=distribution, seed=seed)
+  full_lr = (learning_rate if unprojected_learning_rate is None else
+             _presets.check_learning_rate(unprojected_learning_rate,
+                                          "unprojected_learning_rate"))
   direction = inner if inner is not None else _presets._hf_or_optax_adam(  # pylint: disable=protected-access
       b1, b2, eps, eps_placement)
   transforms = {
       SUBSPACE: _subproblem(direction, learning_rate, proximal, inner_steps),
-      FULL: optax.chain(direction,
-                        optax.scale_by_learning_rate(learning_rate)),
+      FULL: optax.chain(direction, optax.scale_by_learning_rate(full_lr)),
   }
 
   def plan(tree):
@@ -224,6 +229,7 @@ def rso(
 
   parts = [optax.GradientTransformationExtraArgs(init_fn, update_fn)]
   if not _presets._is_zero(weight_decay):  # pylint: disable=protected-access
-    parts.append(_presets.add_decayed_weights_after_update(learning_rate,
-                                                           weight_decay))
+    parts.append(_presets.by_group(
+        lambda lr: _presets.add_decayed_weights_after_update(lr, weight_decay),
+        learning_rate, unprojected_learning_rate, mask))
   return optax.chain(*parts)

@@ -226,8 +226,9 @@ def test_model_level_follows_the_optimizer_level_trajectory(selection):
   assert float(jnp.abs(trained - initial).max()) > 1e-3
   # The norms are summed in another order at the two levels, so "multinomial"'s
   # q, hence ρ = 1/√(r·q), differ in the last bits; ρ (up to 4 here) carries
-  # that into the updates.
-  atol = 5e-6 if selection == "multinomial" else 1e-6
+  # that into the updates, which the bias correction restarted at each reset
+  # (a first Adam step is ~lr·sign(g), sensitive where g is near 0) carries on.
+  atol = 2e-5 if selection == "multinomial" else 3e-6
   for path, layer in nnx.iter_graph(grass_model):
     if isinstance(layer, nng.GrassLinear):
       name = "/".join(str(p) for p in path)

@@ -338,6 +338,8 @@ def grass_optimizer(
     eps: float = 1e-6,
     eps_placement: str = "hf",
     weight_decay: float = 0.0,
+    restart_bias_correction: bool = True,
+    unprojected_learning_rate: Optional[_presets.ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""The optimizer of a model with `GrassLinear` layers, for ``nnx.Optimizer(..., wrt=nnx.Param)``.
 
@@ -364,6 +366,12 @@ def grass_optimizer(
     scale: α, multiplies D's updates.
     b1, b2, eps, eps_placement: Adam's constants, as in `grass`.
     weight_decay: decoupled, on the dense Params, after the update.
+    restart_bias_correction: one Adam step count per Param, so that
+      `grass_refresh`'s reset restarts D's bias correction with its moments
+      (default; as `grass`'s argument of that name). False: one shared count
+      that runs on through resets.
+    unprojected_learning_rate: learning rate of the dense Params (every
+      Param but the D factors); default `learning_rate`.
 
   Returns:
     An `optax.GradientTransformation`.
@@ -372,15 +380,19 @@ def grass_optimizer(
     >>> from optax_subspace import nn as osnn
     >>> tx = osnn.grass_optimizer(1e-3)
   """
-  parts = [_presets._hf_or_optax_adam(b1, b2, eps, eps_placement)]  # pylint: disable=protected-access
+  parts = [_presets._hf_or_optax_adam(b1, b2, eps, eps_placement,  # pylint: disable=protected-access
+                                     restart_bias_correction)]
   if scale != 1.0:
     parts.append(optax.masked(optax.scale(scale), _is_d))
-  parts.append(optax.scale_by_learning_rate(learning_rate))
+  parts.append(_presets.by_group(optax.scale_by_learning_rate, learning_rate,
+                                 unprojected_learning_rate, _is_d))
   if weight_decay:
     not_d = lambda params: jax.tree_util.tree_map(lambda x: not x,
                                                   _is_d(params))
+    dense_lr = (learning_rate if unprojected_learning_rate is None
+                else unprojected_learning_rate)
     parts.append(_presets.add_decayed_weights_after_update(
-        learning_rate, weight_decay, mask=not_d))
+        dense_lr, weight_decay, mask=not_d))
   return optax.chain(*parts)
 
 
@@ -465,7 +477,10 @@ def _reset_moments(optimizer, layers, moved):
       continue
     name = _leaves.path_str(key_path)
     for d_path, (shape, flag) in targets.items():
-      if (name == d_path or name.endswith("/" + d_path)) and var.shape == shape:
+      # D's moments have D's shape; a () buffer under D's path is D's own
+      # step count (grass_optimizer(restart_bias_correction=True)).
+      if (name == d_path or name.endswith("/" + d_path)) and var.shape in (
+          shape, ()):
         var[...] = jnp.where(flag, jnp.zeros_like(var[...]), var[...])
         break
 
@@ -497,7 +512,8 @@ def grass_refresh(model: nnx.Module, optimizer: nnx.Optimizer,
      draws. A non-finite gradient keeps the selection; an all-zero one keeps
      it for "topk" and samples uniformly otherwise;
   4. where σ or ρ changed, D's moments in `optimizer` are zeroed (GRASS's
-     reset; Adam's step count runs on, as under `grass`).
+     reset), and D's own step count with them when `grass_optimizer` keeps
+     one (its default), as under `grass`.
 
   Otherwise nothing runs (a `lax.cond`: under `jit` the extra pass costs
   only on refresh steps). On a refresh step the pass costs one forward and

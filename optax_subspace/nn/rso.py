@@ -601,7 +601,9 @@ def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
                   proximal: Optional[float] = None,
                   inner: Optional[optax.GradientTransformation] = None,
                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-                  eps_placement: str = "hf") -> optax.GradientTransformation:
+                  eps_placement: str = "hf",
+                  unprojected_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+                  ) -> optax.GradientTransformation:
   r"""The optimizer of a model with `RsoLinear` layers, for ``nnx.Optimizer(..., wrt=nnx.Param)``.
 
   Within subproblem k every B (the ``rso_b`` parameters) runs the inner
@@ -636,6 +638,8 @@ def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
       Adam with `b1`, `b2`, `eps`, `eps_placement` ("hf": eps on the
       un-bias-corrected √v, as `galore`; "optax": `optax.scale_by_adam`).
     b1, b2, eps, eps_placement: the default direction's constants.
+    unprojected_learning_rate: learning rate of every Param but the B
+      factors (embeddings, norms, head); default `learning_rate`.
 
   Returns:
     An `optax.GradientTransformation` (an `optax.multi_transform`).
@@ -661,12 +665,16 @@ def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
         lambda g, b: jax.tree_util.tree_map(
             lambda g, b: (g + b / proximal).astype(jnp.result_type(g)), g, b))
     subproblem = optax.chain(add_proximal, direction)
-  step = optax.scale_by_learning_rate(learning_rate)
+  full_lr = (learning_rate if unprojected_learning_rate is None else
+             _presets.check_learning_rate(unprojected_learning_rate,
+                                          "unprojected_learning_rate"))
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(
         lambda path, _: "rso" if _is_rso_b(path) else "full", params)
 
   return optax.multi_transform(
-      {"rso": optax.chain(restart_every(subproblem, inner_steps), step),
-       "full": optax.chain(direction, step)}, labels)
+      {"rso": optax.chain(restart_every(subproblem, inner_steps),
+                          optax.scale_by_learning_rate(learning_rate)),
+       "full": optax.chain(direction,
+                           optax.scale_by_learning_rate(full_lr))}, labels)
