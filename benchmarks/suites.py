@@ -32,7 +32,7 @@ import sys
 from benchmarks import _provenance
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-SUITES = ("projector_cost", "optimizer_update", "train_step", "largest_model")
+SUITES = ("projector_cost", "optimizer_update", "train_step", "largest_model", "quality")
 # Suites whose methods run in worker processes (benchmarks/train_setups.py).
 WORKER_SUITES = ("train_step", "largest_model")
 QUICK_REPS = 3
@@ -48,6 +48,8 @@ def _suite_module(name: str):
     from benchmarks import optimizer_update as module  # pylint: disable=g-import-not-at-top
   elif name == "train_step":
     from benchmarks import train_step as module  # pylint: disable=g-import-not-at-top
+  elif name == "quality":
+    from benchmarks import quality as module  # pylint: disable=g-import-not-at-top
   else:
     from benchmarks import largest_model as module  # pylint: disable=g-import-not-at-top
   return module
@@ -134,7 +136,7 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
   Returns:
     The dict written to `out`; `result["png"]` is the plot's path.
   """
-  if suite in WORKER_SUITES:
+  if suite in WORKER_SUITES or suite == "quality":
     from benchmarks import train_setups  # pylint: disable=g-import-not-at-top
     train_setups.prepare_parent()  # before JAX starts: the GPU is the workers'
   import jax  # pylint: disable=g-import-not-at-top
@@ -143,6 +145,10 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
   sizes = _sizes(size, quick, module)
   reps = reps or (QUICK_REPS if quick else getattr(module, "DEFAULT_REPS", DEFAULT_REPS))
   dev = jax.devices()[0]
+  if out is None and suite == "quality":
+    out = output_path(suite).with_name(
+        f"{output_path(suite).stem.replace('quality_', f'quality_{sizes[-1]}_')}"
+        f"_{_provenance.commit()}.json")
   out = pathlib.Path(out) if out is not None else output_path(suite)
   out.parent.mkdir(parents=True, exist_ok=True)
   result = _metadata(suite, argv)
@@ -164,6 +170,19 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
       write()
 
     result["results"] = module.run(sizes, reps, chosen, log=log, checkpoint=checkpoint)
+  elif suite == "quality":
+    opts = dict(options or {})
+    result["config"].update(module.describe(quick, opts))
+
+    def checkpoint(runs):  # rewritten after each run: a cut call keeps what finished
+      result["runs"] = runs
+      result["best"] = module.best_of_sweeps(runs)
+      write()
+
+    result["runs"] = module.run(sizes, methods, quick=quick, log=log, checkpoint=checkpoint,
+                                **opts)
+    result["best"] = module.best_of_sweeps(result["runs"])
+    log(module.markdown_table(result))
   elif suite in WORKER_SUITES:
     description = module.describe(options or {}, quick)
     result["config"].update(description.pop("config"))
@@ -211,6 +230,24 @@ def _parser() -> argparse.ArgumentParser:
                    "galore,galore_refresh,osd,rso,grass,grass_refresh; train_step and"
                    " largest_model: adamw,optax_contrib_galore,galore,osd,rso,grass,rso_model,"
                    "rso_model_shared,grass_model (AdamW always runs)")
+  quality = run.add_argument_group("quality")
+  quality.add_argument("--lrs", default=None,
+                       help="comma-separated peak learning rates of the kernels, replacing each"
+                       " method's sweep (default: the suite's, benchmarks/quality.py)")
+  quality.add_argument("--lr-unprojected", type=float, default=None,
+                       help="peak learning rate of the unprojected leaves for every run"
+                       " (default: each sweep entry's)")
+  quality.add_argument("--ablations", action="store_true",
+                       help="also the runs that change one choice of a method (quality.ABLATIONS)")
+  quality.add_argument("--parallel", type=int, default=None,
+                       help="runs at once, each in its own process sharing the GPU (default 1:"
+                       " in this process)")
+  quality.add_argument("--data-dir", default=None,
+                       help="the example's token cache (--data-dir): offline-large must be"
+                       " tokenized there or its Debian packages installed")
+  quality.add_argument("--steps", type=int, default=None, help="optimizer steps per run (1000)")
+  quality.add_argument("--work-dir", default=None,
+                       help="where the run directories go (default: a temporary folder)")
   step = run.add_argument_group("train_step and largest_model")
   step.add_argument("--batch", type=int, default=None,
                     help="sequences per step (train_step default: 350m 128, 1b 64;"
@@ -252,6 +289,8 @@ def _parser() -> argparse.ArgumentParser:
   return ap
 
 
+_QUALITY_FLAGS = ("lrs", "lr_unprojected", "ablations", "parallel", "data_dir", "steps",
+                  "work_dir")
 _OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "profile_top", "host_refresh",
                  "param_dtype", "state_dtype", "attention", "budget_gb", "compilation_cache",
                  "job_timeout_s")
@@ -262,7 +301,24 @@ def main(argv=None) -> dict:
   args = _parser().parse_args(argv)
   methods = args.methods.split(",") if args.methods else None
   options = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
-  if options and args.suite not in WORKER_SUITES:
+  quality = {k: getattr(args, k) for k in _QUALITY_FLAGS if getattr(args, k) not in (None, False)}
+  if quality and args.suite != "quality":
+    raise SystemExit(f"python -m benchmarks: --{next(iter(quality)).replace('_', '-')} applies to"
+                     " quality only")
+  if args.suite == "quality":
+    if options:
+      raise SystemExit("python -m benchmarks: quality takes --size, --methods, --out, --quick and"
+                       " its own flags only")
+    try:
+      if "lrs" in quality:
+        quality["lrs"] = [float(x) for x in quality["lrs"].split(",") if x]
+    except ValueError:
+      raise SystemExit(f"python -m benchmarks: --lrs {args.lrs!r} is not a comma-separated list"
+                       " of numbers") from None
+    if quality.get("parallel", 1) < 1 or quality.get("steps", 1) < 1:
+      raise SystemExit("python -m benchmarks: --parallel and --steps must be positive")
+    options = quality
+  if options and args.suite not in WORKER_SUITES and args.suite != "quality":
     flags = ", ".join("--" + k.replace("_", "-") for k in options)
     raise SystemExit(f"python -m benchmarks: {flags} apply to {' and '.join(WORKER_SUITES)} only")
   for flag in ("scan_layers", "profile_top", "host_refresh"):

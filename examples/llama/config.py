@@ -28,6 +28,7 @@ SCAN_UNSUPPORTED = ("rso_model", "grass_model", "optax_galore")
 CORPORA = ("sotu", "offline-large", "c4")
 TOKENIZERS = ("auto", "mistral", "byte", "t5")
 DTYPES = ("bfloat16", "float32")
+GRASS_SELECTIONS = ("topk", "multinomial", "uniform")
 
 
 class ConfigError(ValueError):
@@ -101,6 +102,11 @@ class TrainConfig:
   optimizer: str = _flag("adamw", f"one of {', '.join(OPTIMIZERS)}")
   steps: int = _flag(250, "optimizer steps")
   lr: float = _flag(0.0, "peak learning rate; 0: 3e-3 for adamw, 1e-2 for the subspace methods")
+  lr_unprojected: float = _flag(
+      0.0,
+      "peak learning rate of the leaves the subspace methods do not project (embeddings, head,"
+      " norms); the kernels keep --lr. adamw takes the same split. 0: --lr",
+  )
   warmup_steps: int = _flag(-1, "linear warm-up steps before the cosine decay; -1: 10% of --steps")
   weight_decay: float = _flag(0.0, "decoupled weight decay")
   b1: float = _flag(0.9, "Adam beta1 of adamw and optax_galore")
@@ -112,6 +118,14 @@ class TrainConfig:
       200, "steps between subspace refreshes (GaLore's T; RSO's subproblem length K)"
   )
   galore_scale: float = _flag(0.25, "scale alpha of the back-projected update")
+  grass_selection: str = _flag(
+      "topk", "grass: how rows are chosen at each refresh: topk, multinomial or uniform"
+  )
+  grass_shared_count: bool = _flag(
+      False,
+      "grass, grass_model: one Adam step count for all leaves, so a reset keeps the old bias"
+      " correction (the behaviour before per-matrix counts; for comparisons)",
+  )
   rso_share_basis: bool = _flag(
       False,
       "rso_model: q/k/v share one random basis and gate/up another, so x·P is kept once per "
@@ -196,6 +210,16 @@ class TrainConfig:
     for name in positive:
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    for name in ("lr", "lr_unprojected"):
+      if getattr(self, name) < 0:
+        raise ConfigError(
+            f"--{name.replace('_', '-')} {getattr(self, name)} must be positive (or 0: the default)"
+        )
+    if self.grass_selection not in GRASS_SELECTIONS:
+      raise ConfigError(
+          f"unknown --grass-selection {self.grass_selection!r}; choose one of"
+          f" {', '.join(GRASS_SELECTIONS)}"
+      )
     if self.profile_steps < 0:
       raise ConfigError("--profile-steps must be 0 (no trace) or positive")
     if self.batch_size % self.grad_accum:
@@ -235,6 +259,9 @@ class TrainConfig:
     if self.lr:
       return self.lr
     return 3e-3 if self.optimizer == "adamw" else 1e-2
+
+  def effective_lr_unprojected(self) -> float:
+    return self.lr_unprojected or self.effective_lr()
 
   def effective_warmup(self) -> int:
     return self.warmup_steps if self.warmup_steps >= 0 else self.steps // 10

@@ -26,9 +26,10 @@ LAYERS = r"(attention|mlp)/"
 MODEL_LEVEL = ("rso_model", "grass_model")
 
 
-def schedule(cfg: TrainConfig) -> optax.Schedule:
-  """Linear warm-up from 0 to the peak, then cosine decay to 10% of it (the GaLore setting)."""
-  peak = cfg.effective_lr()
+def schedule(cfg: TrainConfig, peak: float | None = None) -> optax.Schedule:
+  """Linear warm-up from 0 to the peak (default --lr), then cosine decay to 10% of it (the
+  GaLore setting)."""
+  peak = cfg.effective_lr() if peak is None else peak
   return optax.warmup_cosine_decay_schedule(
       0.0, peak, cfg.effective_warmup(), cfg.steps, end_value=0.1 * peak
   )
@@ -115,16 +116,46 @@ def apply_layers(cfg: TrainConfig, llama) -> list[str]:
   if cfg.optimizer == "grass_model":
     grass_layers = model_level_function(cfg.optimizer, "grass_layers")
     return grass_layers(
-        llama, cfg.effective_rank(), update_every=cfg.update_every, mask=LAYERS, seed=cfg.seed
+        llama,
+        cfg.effective_rank(),
+        update_every=cfg.update_every,
+        mask=LAYERS,
+        selection=cfg.grass_selection,
+        seed=cfg.seed,
     )
   raise ConfigError(f"--optimizer {cfg.optimizer} changes no layer; it is not model-level")
+
+
+def unprojected_schedule(cfg: TrainConfig) -> optax.Schedule | None:
+  """The schedule of the unprojected leaves with --lr-unprojected; None without it."""
+  return schedule(cfg, cfg.lr_unprojected) if cfg.lr_unprojected else None
+
+
+def _adamw_by_group(cfg: TrainConfig) -> optax.GradientTransformation:
+  """AdamW, with --lr-unprojected on the leaves the subspace methods leave full-size."""
+
+  def adamw(lr):
+    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+  if not cfg.lr_unprojected:
+    return adamw(schedule(cfg))
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "kernels" if re.search(PROJECTED, path_string(path)) else "rest", params
+    )
+
+  return optax.partition(
+      {"kernels": adamw(schedule(cfg)), "rest": adamw(unprojected_schedule(cfg))}, labels
+  )
 
 
 def method(cfg: TrainConfig) -> optax.GradientTransformation:
   """The update rule of `cfg.optimizer` with the learning-rate schedule, unclipped."""
   lr = schedule(cfg)
+  lr_rest = unprojected_schedule(cfg)
   if cfg.optimizer == "adamw":
-    return optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return _adamw_by_group(cfg)
   if cfg.optimizer == "optax_galore":
     return optax.contrib.galore(
         lr,
@@ -144,6 +175,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         weight_decay=cfg.weight_decay,
         mask=PROJECTED,
         dims=matrix_dims(cfg),
+        unprojected_learning_rate=lr_rest,
     )
   if cfg.optimizer == "osd":
     return _subspace_method("osd", "online_subspace_descent")(
@@ -155,6 +187,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         weight_decay=cfg.weight_decay,
         mask=PROJECTED,
         dims=matrix_dims(cfg),
+        unprojected_learning_rate=lr_rest,
     )
   if cfg.optimizer == "grass":
     # Top-r rows by norm, moments reset at a new selection (as reported for
@@ -162,10 +195,13 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
     return _subspace_method("grass", "grass")(
         lr,
         rank=cfg.effective_rank(),
+        selection=cfg.grass_selection,
+        restart_bias_correction=not cfg.grass_shared_count,
         update_every=cfg.update_every,
         weight_decay=cfg.weight_decay,
         mask=PROJECTED,
         dims=matrix_dims(cfg),
+        unprojected_learning_rate=lr_rest,
     )
   if cfg.optimizer == "rso":
     # One RSO subproblem per --update-every steps: a fresh random (Haar) P on the input side of
@@ -177,6 +213,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         weight_decay=cfg.weight_decay,
         mask=PROJECTED,
         dims=matrix_dims(cfg),
+        unprojected_learning_rate=lr_rest,
         seed=cfg.seed,
     )
   if cfg.optimizer == "rso_model":
@@ -184,17 +221,20 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
     # after every --update-every updates runs in the train loop), Adam on the dense Params. Its
     # decoupled weight decay would move the frozen W every step, so it decays the dense Params.
     tx = model_level_function("rso_model", "rso_optimizer")(
-        lr, inner_steps=cfg.update_every
+        lr, inner_steps=cfg.update_every, unprojected_learning_rate=lr_rest
     )
     if not cfg.weight_decay:
       return tx
     decay = _subspace_method("rso_model", "add_decayed_weights_after_update")
-    return optax.chain(tx, decay(lr, cfg.weight_decay, mask=_not_factors("rso_b")))
+    return optax.chain(tx, decay(lr_rest or lr, cfg.weight_decay, mask=_not_factors("rso_b")))
   if cfg.optimizer == "grass_model":
     # Adam on D (its gradient is already GRASS's compressed one) and the dense Params; weight
     # decay on the dense Params only; the refresh every --update-every steps runs in the loop.
     return model_level_function("grass_model", "grass_optimizer")(
-        lr, weight_decay=cfg.weight_decay
+        lr,
+        weight_decay=cfg.weight_decay,
+        restart_bias_correction=not cfg.grass_shared_count,
+        unprojected_learning_rate=lr_rest,
     )
   raise ConfigError(
       f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, rso, grass,"

@@ -1,0 +1,313 @@
+"""The `quality` suite: held-out perplexity at equal tokens, each method at the best of its sweep.
+
+    python -m benchmarks run --suite quality --size 60m --data-dir .data --parallel 4
+    python -m benchmarks run --suite quality --size 60m --methods adamw,grass --lrs 1e-3,3e-3,1e-2
+    python -m benchmarks run --suite quality --quick          # CPU smoke run (tiny, sotu, 8 steps)
+
+Every run is the LLaMA example (`python -m examples.llama train`) with the same seed, so the same
+initial weights and the same batches, the same steps and tokens: 1000 steps of 64 × 256 tokens on
+`offline-large` (sotu + Debian's dict-gcide + python3-doc, ~19M training tokens: less than one
+pass), rank hidden/4, refreshes every 200 steps, the example's clipping (1.0) and warm-up + cosine
+schedule. Each entry of a sweep is (label, optimizer, lr, lr_unprojected, extra flags): `lr` is
+the peak learning rate of the projected kernels (AdamW: of the same kernels), `lr_unprojected`
+that of the embeddings, head and norms (0: the same as lr). A label groups the runs one best is
+taken over; labels other than the example's optimizer names are ablations (the same method with
+one choice changed, named in `flags`).
+
+Runs go in parallel worker processes on one GPU (`--parallel N`, each allowed 0.9/N of its
+memory): tokens/s are then shared-GPU figures, not speed measurements. The JSON is rewritten
+after every run, so a cut call keeps what finished.
+
+Writes `quality_<size>_<device>_<commit>.json`:
+{"runs": [{"method", "optimizer", "size", "lr", "lr_unprojected", "rank", "steps", "tokens",
+"flags", "best_eval_perplexity", "final_eval_perplexity", "tokens_per_s", "opt_state_bytes",
+"curve": [[step, tokens, eval_perplexity], ...], "train_curve": [[step, loss], ...]}],
+"best": {label: {... the best run's figures, "ratio_to_adamw"}}} and a plot of each label's best
+run's held-out perplexity against tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SIZES = ("tiny", "9m", "20m", "60m", "130m", "350m")
+DEFAULT_SIZES = ("60m",)
+QUICK_SIZES = ("tiny",)
+STEPS = 1000
+BATCH = 64
+EVAL_EVERY = 100
+EVAL_WINDOWS = 512
+QUICK = {"steps": 8, "batch": 4, "seq": 32, "eval_every": 4, "eval_windows": 4,
+         "corpus": "sotu"}
+
+# The sweeps. lr_unprojected 1e-2 is the rate GaLore's recipe gives the unprojected leaves
+# (its peak lr, while the kernels get α·lr = 2.5e-3); AdamW gets the same option.
+_PEAKS_SUBSPACE = (5e-3, 1e-2, 2e-2)
+_PEAKS_SELECTED = (1e-3, 3e-3, 1e-2)  # α = 1: the kernels' own rate
+SWEEP = (
+    [("adamw", "adamw", lr, 0.0, ()) for lr in (1e-3, 2e-3, 4e-3)]
+    + [("adamw", "adamw", lr, 1e-2, ()) for lr in (2e-3, 4e-3)]
+    + [("galore", "galore", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+    + [("osd", "osd", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+    + [("grass", "grass", lr, 1e-2, ()) for lr in _PEAKS_SELECTED]
+    + [("rso", "rso", lr, 1e-2, ()) for lr in (5e-3, 1e-2, 2e-2)]
+    + [("grass_model", "grass_model", lr, 1e-2, ()) for lr in _PEAKS_SELECTED]
+    + [("rso_model", "rso_model", lr, 1e-2, ()) for lr in (5e-3, 1e-2, 2e-2)]
+    + [("optax_galore", "optax_galore", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+)
+# One choice changed at a time, at each method's usual best; labels say which.
+ABLATIONS = (
+    [("grass_shared_count", "grass", lr, 1e-2, ("--grass-shared-count",)) for lr in (1e-3, 3e-3)]
+    + [("grass_one_lr", "grass", lr, 0.0, ()) for lr in (1e-3, 3e-3)]
+    + [("grass_multinomial", "grass", 3e-3, 1e-2, ("--grass-selection", "multinomial"))]
+    + [("grass_every50", "grass", 3e-3, 1e-2, ("--update-every", "50"))]
+    + [("rso_one_lr", "rso", 1e-2, 0.0, ())]
+    + [("rso_every50", "rso", 1e-2, 1e-2, ("--update-every", "50"))]
+    # Full rank: rank = the smaller side of every kernel (hidden): the projection costs nothing.
+    + [(f"{m}_full_rank", m, lr, lu, ("--rank", "FULL"))
+       for m, lr, lu in (("galore", 1e-2, 0.0), ("osd", 1e-2, 0.0), ("grass", 3e-3, 1e-2))]
+)
+
+
+def sweep(methods=None, lrs=None, lr_unprojected=None, ablations: bool = False) -> list[tuple]:
+  """The runs of the suite: `SWEEP` (+ `ABLATIONS`), filtered by label, lrs overridden."""
+  specs = list(SWEEP) + (list(ABLATIONS) if ablations else [])
+  labels = {s[0] for s in specs}
+  if methods:
+    unknown = sorted(set(methods) - labels)
+    if unknown:
+      raise ValueError(f"unknown methods {unknown}; choose from {', '.join(sorted(labels))}")
+    specs = [s for s in specs if s[0] in methods]
+  for value in list(lrs or ()) + ([lr_unprojected] if lr_unprojected is not None else []):
+    if not value > 0:
+      raise ValueError(f"learning rates must be positive, got {value}")
+  if lrs:
+    firsts = {}
+    for label, optimizer, _, lu, flags in specs:
+      firsts.setdefault((label, optimizer, flags), lu)
+    specs = [(label, optimizer, lr, lu, flags)
+             for (label, optimizer, flags), lu in firsts.items() for lr in lrs]
+  if lr_unprojected is not None:
+    specs = [(label, optimizer, lr, lr_unprojected, flags)
+             for label, optimizer, lr, _, flags in specs]
+  return specs
+
+
+def _run_name(size: str, spec: tuple) -> str:
+  label, _, lr, lu, _ = spec
+  return f"{size}-{label}-lr{lr:g}" + (f"-u{lu:g}" if lu else "")
+
+
+def train_argv(size: str, spec: tuple, run_dir: pathlib.Path, settings: dict) -> list[str]:
+  """The example's command line of one run."""
+  from examples.llama.config import MODEL_SIZES  # pylint: disable=g-import-not-at-top
+
+  _, optimizer, lr, lu, flags = spec
+  flags = [str(MODEL_SIZES[size][0]) if f == "FULL" else f for f in flags]
+  argv = ["--model-size", size, "--optimizer", optimizer, "--lr", f"{lr:g}",
+          "--corpus", settings["corpus"], "--batch-size", str(settings["batch"]),
+          "--seq-len", str(settings["seq"]), "--steps", str(settings["steps"]),
+          "--eval-every", str(settings["eval_every"]),
+          "--eval-windows", str(settings["eval_windows"]), "--checkpoint-every", "0",
+          "--log-every", str(max(1, settings["steps"] // 40)), "--seed", "0",
+          "--run-dir", str(run_dir), *flags]
+  if lu:
+    argv += ["--lr-unprojected", f"{lu:g}"]
+  if settings.get("data_dir"):
+    argv += ["--data-dir", settings["data_dir"]]
+  return argv
+
+
+def run_record(size: str, spec: tuple, run_dir: pathlib.Path) -> dict:
+  """One run's figures from its config.json, metrics.jsonl and summary.json."""
+  label, optimizer, lr, lu, flags = spec
+  config = json.loads((run_dir / "config.json").read_text())
+  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if line.strip()]
+  summary_file = run_dir / "summary.json"
+  summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+  evals = [r for r in records if r["kind"] == "eval"]
+  trains = [r for r in records if r["kind"] == "train"]
+  finite = [r["eval_ppl"] for r in evals if math.isfinite(r["eval_ppl"])]
+  return {
+      "method": label, "optimizer": optimizer, "size": size, "lr": lr,
+      "lr_unprojected": lu or lr, "flags": list(flags),
+      "rank": None if optimizer == "adamw" else config.get("rank"),
+      "steps": summary.get("steps", evals[-1]["step"] if evals else 0),
+      "tokens": summary.get("tokens", evals[-1]["tokens"] if evals else 0),
+      "finished": "final_eval_ppl" in summary,
+      "best_eval_perplexity": min(finite) if finite else None,
+      "final_eval_perplexity": summary.get("final_eval_ppl"),
+      "tokens_per_s": summary.get("tokens_per_s"),
+      "opt_state_bytes": config.get("opt_state_bytes"),
+      "curve": [[r["step"], r["tokens"], r["eval_ppl"]] for r in evals],
+      "train_curve": [[r["step"], r["loss"]] for r in trains],
+  }
+
+
+def best_of_sweeps(runs: list[dict]) -> dict:
+  """{label: its best run's figures and its ratio to AdamW's best} (lower perplexity is better)."""
+  best = {}
+  for run in runs:
+    ppl = run["best_eval_perplexity"]
+    if ppl is None or not run["finished"]:
+      continue
+    key = (run["size"], run["method"])
+    if key not in best or ppl < best[key]["best_eval_perplexity"]:
+      best[key] = run
+  out = {}
+  for (size, label), run in sorted(best.items()):
+    adamw = best.get((size, "adamw"))
+    ratio = (run["best_eval_perplexity"] / adamw["best_eval_perplexity"]) if adamw else None
+    tried = sorted({(r["lr"], r["lr_unprojected"]) for r in runs
+                    if (r["size"], r["method"]) == (size, label)})
+    out[f"{size}/{label}"] = {
+        "best_eval_perplexity": run["best_eval_perplexity"],
+        "final_eval_perplexity": run["final_eval_perplexity"],
+        "lr": run["lr"], "lr_unprojected": run["lr_unprojected"], "flags": run["flags"],
+        "opt_state_bytes": run["opt_state_bytes"], "ratio_to_adamw": ratio, "swept": tried,
+    }
+  return out
+
+
+def describe(quick: bool, options: dict) -> dict:
+  """The suite's settings, for the JSON's "config"."""
+  settings = dict(QUICK) if quick else {
+      "steps": STEPS, "batch": BATCH, "seq": 256, "eval_every": EVAL_EVERY,
+      "eval_windows": EVAL_WINDOWS, "corpus": "offline-large"}
+  if options.get("steps"):
+    settings["steps"] = options["steps"]
+  return {**settings, "rank": "hidden / 4", "update_every": 200, "clip_norm": 1.0, "seed": 0,
+          "parallel": options.get("parallel", 1),
+          "lr_schedule": "linear warm-up over 10% of the steps, cosine decay to 10% of the peak",
+          "metric": "held-out perplexity (eval windows spread over the held-out documents);"
+                    " best of the run and final"}
+
+
+def _worker_env(parallel: int) -> dict:
+  env = dict(os.environ)
+  if parallel > 1:  # share one GPU: no process may take the usual 75% up front
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
+  env["PYTHONUNBUFFERED"] = "1"
+  return env
+
+
+def _train_in_processes(jobs, parallel: int, log, done) -> None:
+  """Runs `jobs` [(argv, on_finish)] `parallel` at a time, each in its own process."""
+  waiting, running = list(jobs), []
+  env = _worker_env(parallel)
+  while waiting or running:
+    while waiting and len(running) < parallel:
+      argv, finish = waiting.pop(0)
+      log_file = open(pathlib.Path(argv[argv.index("--run-dir") + 1]).with_suffix(".log"), "w")
+      proc = subprocess.Popen([sys.executable, "-m", "examples.llama", "train", *argv],
+                              cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+      running.append((proc, finish, log_file, time.perf_counter()))
+    for item in list(running):
+      proc, finish, log_file, started = item
+      if proc.poll() is None:
+        continue
+      log_file.close()
+      running.remove(item)
+      done(finish, proc.returncode, time.perf_counter() - started, log_file.name)
+    time.sleep(0.5)
+
+
+def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, ablations=False,
+        parallel=1, data_dir="", steps=None, work_dir=None, log=print, checkpoint=None) -> list:
+  """Trains every run of the sweep at each size; returns the run records (see the module doc)."""
+  from examples.llama import train  # pylint: disable=g-import-not-at-top
+
+  settings = dict(QUICK) if quick else {
+      "steps": STEPS, "batch": BATCH, "seq": 256, "eval_every": EVAL_EVERY,
+      "eval_windows": EVAL_WINDOWS, "corpus": "offline-large"}
+  if steps:
+    settings["steps"] = steps
+  settings["data_dir"] = data_dir
+  specs = sweep(methods, lrs, lr_unprojected, ablations)
+  work = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="quality_"))
+  runs = []
+
+  def finished(spec_size, code, seconds, log_name):
+    size, spec = spec_size
+    run_dir = work / _run_name(size, spec)
+    if (run_dir / "metrics.jsonl").exists():
+      record = run_record(size, spec, run_dir)
+    else:
+      record = {"method": spec[0], "size": size, "lr": spec[2], "finished": False,
+                "best_eval_perplexity": None, "error": pathlib.Path(log_name).read_text()[-600:]
+                if log_name else f"exit code {code}"}
+    record["exit_code"], record["wall_s"] = code, round(seconds, 1)
+    runs.append(record)
+    ppl = record["best_eval_perplexity"]
+    log(f"{_run_name(size, spec)}: best held-out perplexity "
+        f"{'-' if ppl is None else f'{ppl:.2f}'} ({seconds:.0f} s, exit {code})")
+    if checkpoint:
+      checkpoint(runs)
+
+  jobs = [(train_argv(size, spec, work / _run_name(size, spec), settings), (size, spec))
+          for size in sizes for spec in specs]
+  log(f"quality: {len(jobs)} runs, {settings['steps']} steps of {settings['batch']} x "
+      f"{settings['seq']} tokens on {settings['corpus']}, {parallel} at a time")
+  if parallel <= 1:  # in this process: no start-up per run
+    for argv, key in jobs:
+      started = time.perf_counter()
+      code = train.main(argv)
+      finished(key, code, time.perf_counter() - started, None)
+  else:
+    _train_in_processes(jobs, parallel, log, finished)
+  return runs
+
+
+def plot(result: dict, png: pathlib.Path) -> bool:
+  """Held-out perplexity against tokens of each label's best run; False without matplotlib."""
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  best = result.get("best", {})
+  sizes = sorted({key.split("/")[0] for key in best})
+  fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(7 * max(1, len(sizes)), 5),
+                           squeeze=False)
+  for ax, size in zip(axes[0], sizes):
+    for key, figures in best.items():
+      if not key.startswith(size + "/"):
+        continue
+      label = key.split("/", 1)[1]
+      run = next(r for r in result["runs"] if r["size"] == size and r["method"] == label
+                 and r["lr"] == figures["lr"] and r["lr_unprojected"] == figures["lr_unprojected"])
+      tokens = [c[1] for c in run["curve"]]
+      ppl = [c[2] for c in run["curve"]]
+      ax.plot(tokens, ppl, marker=".", label=f"{label} (lr {figures['lr']:g}) "
+              f"{figures['best_eval_perplexity']:.2f}")
+    ax.set(title=f"LLaMA-{size}: best of each sweep", xlabel="tokens",
+           ylabel="held-out perplexity", yscale="log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(png, dpi=110)
+  plt.close(fig)
+  return True
+
+
+def markdown_table(result: dict) -> str:
+  """One row per label: best perplexity, its ratio to AdamW's, the lrs that gave it."""
+  lines = ["| size | method | best held-out ppl | / AdamW's best | lr (kernels / rest) | swept |",
+           "|---|---|---|---|---|---|"]
+  for key, b in result.get("best", {}).items():
+    size, label = key.split("/", 1)
+    ratio = "-" if b["ratio_to_adamw"] is None else f"{b['ratio_to_adamw']:.3f}"
+    swept = ", ".join(f"{lr:g}/{lu:g}" for lr, lu in b["swept"])
+    lines.append(f"| {size} | {label} | {b['best_eval_perplexity']:.2f} | {ratio} | "
+                 f"{b['lr']:g} / {b['lr_unprojected']:g} | {swept} |")
+  return "\n".join(lines)
