@@ -207,7 +207,8 @@ def _train_in_processes(jobs, parallel: int, log, done) -> None:
   while waiting or running:
     while waiting and len(running) < parallel:
       argv, finish = waiting.pop(0)
-      log_file = open(pathlib.Path(argv[argv.index("--run-dir") + 1]).with_suffix(".log"), "w")
+      run_dir = pathlib.Path(argv[argv.index("--run-dir") + 1])
+      log_file = open(run_dir.parent / (run_dir.name + ".log"), "w")
       proc = subprocess.Popen([sys.executable, "-m", "examples.llama", "train", *argv],
                               cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
       running.append((proc, finish, log_file, time.perf_counter()))
@@ -234,6 +235,7 @@ def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, abla
   settings["data_dir"] = data_dir
   specs = sweep(methods, lrs, lr_unprojected, ablations)
   work = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="quality_"))
+  work.mkdir(parents=True, exist_ok=True)
   runs = []
 
   def finished(spec_size, code, seconds, log_name):
