@@ -101,6 +101,26 @@ def sweep(methods=None, lrs=None, lr_unprojected=None, ablations: bool = False) 
   return specs
 
 
+def parse_runs(text: str) -> list[tuple]:
+  """"label:lr[:lr_unprojected],..." -> sweep entries, each label's optimizer and flags from the
+  suite's tables (`SWEEP`, `ABLATIONS`)."""
+  known = {s[0]: s for s in list(SWEEP) + list(ABLATIONS)}
+  specs = []
+  for item in filter(None, text.split(",")):
+    label, *rates = item.split(":")
+    if label not in known or not 1 <= len(rates) <= 2:
+      raise ValueError(f"--runs entry {item!r}: want label:lr[:lr_unprojected] with a label of"
+                       f" {', '.join(sorted(known))}")
+    try:
+      lr, lu = float(rates[0]), float(rates[1]) if len(rates) == 2 else 0.0
+    except ValueError:
+      raise ValueError(f"--runs entry {item!r}: the learning rates are not numbers") from None
+    if not lr > 0 or lu < 0:
+      raise ValueError(f"--runs entry {item!r}: learning rates must be positive")
+    specs.append((label, known[label][1], lr, lu, known[label][4]))
+  return specs
+
+
 def _run_name(size: str, spec: tuple) -> str:
   label, _, lr, lu, _ = spec
   return f"{size}-{label}-lr{lr:g}" + (f"-u{lu:g}" if lu else "")
@@ -223,7 +243,8 @@ def _train_in_processes(jobs, parallel: int, log, done) -> None:
 
 
 def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, ablations=False,
-        parallel=1, data_dir="", steps=None, work_dir=None, log=print, checkpoint=None) -> list:
+        parallel=1, data_dir="", steps=None, work_dir=None, runs=None, log=print,
+        checkpoint=None) -> list:
   """Trains every run of the sweep at each size; returns the run records (see the module doc)."""
   from examples.llama import train  # pylint: disable=g-import-not-at-top
 
@@ -233,10 +254,10 @@ def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, abla
   if steps:
     settings["steps"] = steps
   settings["data_dir"] = data_dir
-  specs = sweep(methods, lrs, lr_unprojected, ablations)
+  specs = parse_runs(runs) if runs else sweep(methods, lrs, lr_unprojected, ablations)
   work = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="quality_"))
   work.mkdir(parents=True, exist_ok=True)
-  runs = []
+  records = []
 
   def finished(spec_size, code, seconds, log_name):
     size, spec = spec_size
@@ -248,12 +269,12 @@ def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, abla
                 "best_eval_perplexity": None, "error": pathlib.Path(log_name).read_text()[-600:]
                 if log_name else f"exit code {code}"}
     record["exit_code"], record["wall_s"] = code, round(seconds, 1)
-    runs.append(record)
+    records.append(record)
     ppl = record["best_eval_perplexity"]
     log(f"{_run_name(size, spec)}: best held-out perplexity "
         f"{'-' if ppl is None else f'{ppl:.2f}'} ({seconds:.0f} s, exit {code})")
     if checkpoint:
-      checkpoint(runs)
+      checkpoint(records)
 
   jobs = [(train_argv(size, spec, work / _run_name(size, spec), settings), (size, spec))
           for size in sizes for spec in specs]
@@ -266,7 +287,7 @@ def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, abla
       finished(key, code, time.perf_counter() - started, None)
   else:
     _train_in_processes(jobs, parallel, log, finished)
-  return runs
+  return records
 
 
 def plot(result: dict, png: pathlib.Path) -> bool:

@@ -246,6 +246,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="the example's token cache (--data-dir): offline-large must be"
                        " tokenized there or its Debian packages installed")
   quality.add_argument("--steps", type=int, default=None, help="optimizer steps per run (1000)")
+  quality.add_argument("--runs", default=None,
+                       help="explicit runs instead of the sweep: label:lr[:lr_unprojected],..."
+                       " (labels of quality.SWEEP and quality.ABLATIONS)")
   quality.add_argument("--work-dir", default=None,
                        help="where the run directories go (default: a temporary folder)")
   step = run.add_argument_group("train_step and largest_model")
@@ -290,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 _QUALITY_FLAGS = ("lrs", "lr_unprojected", "ablations", "parallel", "data_dir", "steps",
-                  "work_dir")
+                  "work_dir", "runs")
 _OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "profile_top", "host_refresh",
                  "param_dtype", "state_dtype", "attention", "budget_gb", "compilation_cache",
                  "job_timeout_s")
