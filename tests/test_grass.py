@@ -330,3 +330,38 @@ def test_grass_trains_a_small_model_jitted_or_not(selection, on_change):
   for _ in range(194):
     p, s = jax.jit(step)(p, s)
   assert float(loss(p)) < 0.2 * float(loss(params))
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_reset_restarts_the_bias_correction_of_the_moved_matrix_only(restart):
+  # "w" selects rows {0, 1, 2} at step 0 and {1, 2, 5} at step 2 (a reset);
+  # "v" keeps rows {0, 1} throughout. With restart_bias_correction, the
+  # step-2 update of "w" is a fresh Adam's first step on its new rows, while
+  # "v" goes on with its third; without it, both use the shared count t = 3.
+  params = {"w": jnp.zeros((6, 10)), "v": jnp.zeros((4, 10))}
+  row = lambda *norms: jnp.array(norms)[:, None] * jnp.ones((len(norms), 10))
+  g0 = {"w": row(3.0, 2.5, 2.0, 0.5, 0.1, 0.2), "v": row(2.0, 1.0, 0.1, 0.2)}
+  g2 = {"w": row(0.1, 2.0, 3.0, 0.5, 0.2, 4.0), "v": g0["v"]}
+  lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-6
+  tx = osub.grass(lr, rank=3, update_every=2, b1=b1, b2=b2, eps=eps,
+                  restart_bias_correction=restart)
+  state = tx.init(params)
+  for g in (g0, g0):
+    _, state = tx.update(g, state, params)
+  updates, state = tx.update(g2, state, params)
+
+  def adam_step(m, v, t):  # HF placement: m/(√v + eps)·√(1 − β2ᵗ)/(1 − β1ᵗ)
+    return m / (np.sqrt(v) + eps) * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+
+  r = np.asarray(g2["w"])[[1, 2, 5]]
+  fresh_m, fresh_v = (1 - b1) * r, (1 - b2) * r ** 2
+  expected_w = np.zeros((6, 10))
+  expected_w[[1, 2, 5]] = -lr * adam_step(fresh_m, fresh_v, 1 if restart else 3)
+  np.testing.assert_allclose(np.asarray(updates["w"]), expected_w, rtol=1e-5)
+  # "v" (rows {0, 1, 2} of 4: rank 3) saw the same gradient three times.
+  rv = np.asarray(g0["v"])[np.asarray(state[0].projectors["v"].indices)]
+  m = (1 - b1 ** 3) * rv
+  v = (1 - b2 ** 3) * rv ** 2
+  expected_v = np.zeros((4, 10))
+  expected_v[np.asarray(state[0].projectors["v"].indices)] = -lr * adam_step(m, v, 3)
+  np.testing.assert_allclose(np.asarray(updates["v"]), expected_v, rtol=1e-5)
