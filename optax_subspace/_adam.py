@@ -115,7 +115,7 @@ def scale_by_hf_adam(
       `project_subspace(..., on_change="reset")`, which zeros the moments of
       a matrix whose basis changed, also restarts that matrix's bias
       correction, as a fresh torch optimizer state does. Without it the
-      shared t runs on and the first steps after a reset are 2-5x too long
+      shared t runs on and the first steps after a reset are 1.4-5x too long
       (m/√v of fresh moments, corrected for an old t).
 
   Returns:

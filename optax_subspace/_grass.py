@@ -94,8 +94,8 @@ def grass(
     restart_bias_correction: with ``on_change="reset"``, each matrix keeps
       its own Adam step count, zeroed with its moments, so Adam's bias
       correction restarts at a new selection (default). False shares one
-      count with every leaf, as before 0.2: the first ~hundreds of steps
-      after each reset are then 2-5x longer than Adam's (zeroed moments
+      count with every leaf (this library's earlier reset): the first steps
+      after each reset are then 1.4-5x longer than Adam's (zeroed moments
       corrected for a late t), which docs/grass.md measures.
     unprojected_learning_rate: learning rate of the leaves `mask` leaves
       out; default `learning_rate` (see `galore`).
