@@ -63,6 +63,7 @@ class Process:
   """How one process ended: `returncode` (negative: killed by that signal), its output."""
 
   process_id: int
+  pid: int  # also its process group's id
   returncode: int | None
   stdout: str
   stderr: str
@@ -81,11 +82,13 @@ def _kill_group(popen) -> None:
 
 
 def run(argv, num_processes: int = 2, local_devices: int = 4, timeout_s: float = 300,
-        env: dict | None = None, cwd=None, check: bool = True) -> list[Process]:
+        env: dict | None = None, cwd=None, check: bool = True,
+        grace_s: float = GRACE_S) -> list[Process]:
   """Runs `argv` (a list; placeholders filled per process) as `num_processes` JAX processes.
 
   Returns each process's `Process`; with `check`, raises `ProcessesFailed` (with every
-  process's last output) unless all of them exited 0 within `timeout_s`.
+  process's last output) unless all of them exited 0 within `timeout_s`. Once one has failed,
+  the others get `grace_s` more seconds.
   """
   coordinator = f"localhost:{free_port()}"
   base = dict(os.environ, **(env or {}))
@@ -111,7 +114,7 @@ def run(argv, num_processes: int = 2, local_devices: int = 4, timeout_s: float =
           break
         now = time.monotonic()
         if any(c not in (None, 0) for c in codes):
-          deadline = min(deadline, now + GRACE_S)
+          deadline = min(deadline, now + grace_s)
         if now >= deadline:
           for i, (p, _, _) in enumerate(started):
             if p.poll() is None:
@@ -122,15 +125,16 @@ def run(argv, num_processes: int = 2, local_devices: int = 4, timeout_s: float =
           break
         time.sleep(0.05)
     finally:
-      for p, _, _ in started:  # an exception here (e.g. KeyboardInterrupt): leave nothing behind
-        if p.poll() is None:
-          _kill_group(p)
-          p.wait()
+      # Leave nothing behind: what the processes started, and (after an exception here,
+      # e.g. KeyboardInterrupt) the processes themselves.
+      for p, _, _ in started:
+        _kill_group(p)
+        p.wait()
     results = []
     for i, (p, out, err) in enumerate(started):
       out.seek(0)
       err.seek(0)
-      results.append(Process(i, p.returncode, out.read(), err.read(), i in killed))
+      results.append(Process(i, p.pid, p.returncode, out.read(), err.read(), i in killed))
       out.close()
       err.close()
   if check and any(r.returncode != 0 for r in results):

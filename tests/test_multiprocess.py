@@ -13,7 +13,10 @@ import functools
 import json
 import pathlib
 import re
+import signal
+import subprocess
 import sys
+import time
 
 import chex
 import jax
@@ -289,6 +292,36 @@ def test_a_checkpoint_saved_by_one_process_restores_exactly_on_two(run):
     assert sorted(got) == sorted(want)
     for k, v in want.items():
       np.testing.assert_array_equal(got[k], v, err_msg=f"{name} {k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness itself: a hung or failed process never holds up the suite
+
+HANG = ("import subprocess, sys, time; subprocess.Popen(['sleep', '120']);"
+        "sys.exit(int(sys.argv[1])) if sys.argv[2] == '0' else time.sleep(120)")
+
+
+def test_the_harness_kills_hung_processes_and_their_children_at_the_deadline():
+  start = time.monotonic()
+  results = _multiprocess.run(_multiprocess.python("-c", HANG, "0", "{process_id}"),
+                              timeout_s=3, check=False)
+  assert time.monotonic() - start < 10
+  assert [r.returncode for r in results] == [0, -signal.SIGKILL]
+  assert [r.killed for r in results] == [False, True]
+  with pytest.raises(_multiprocess.ProcessesFailed, match="process 1: killed by the harness"):
+    _multiprocess.run(_multiprocess.python("-c", HANG, "0", "{process_id}"), timeout_s=1)
+
+
+def test_the_harness_ends_the_others_soon_after_one_process_fails():
+  start = time.monotonic()
+  results = _multiprocess.run(_multiprocess.python("-c", HANG, "3", "{process_id}"),
+                              timeout_s=100, check=False, grace_s=1)
+  assert time.monotonic() - start < 10
+  assert [r.returncode for r in results] == [3, -signal.SIGKILL]
+  # The processes' groups are gone: no `sleep 120` of theirs is left.
+  left = subprocess.run(["pgrep", "-f", "sleep 120", "-g", ",".join(str(r.pid) for r in results)],
+                        capture_output=True, text=True)
+  assert left.stdout == ""
 
 
 if __name__ == "__main__":
