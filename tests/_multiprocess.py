@@ -84,7 +84,8 @@ def _kill_group(popen) -> None:
 def run(argv, num_processes: int = 2, local_devices: int = 4, timeout_s: float = 300,
         env: dict | None = None, cwd=None, check: bool = True,
         grace_s: float = GRACE_S) -> list[Process]:
-  """Runs `argv` (a list; placeholders filled per process) as `num_processes` JAX processes.
+  """Runs `argv` (a list, or a function of the process id giving one; placeholders filled per
+  process) as `num_processes` JAX processes.
 
   Returns each process's `Process`; with `check`, raises `ProcessesFailed` (with every
   process's last output) unless all of them exited 0 within `timeout_s`. Once one has failed,
@@ -99,8 +100,8 @@ def run(argv, num_processes: int = 2, local_devices: int = 4, timeout_s: float =
     started = []
     try:
       for i in range(num_processes):
-        args = [str(a).format(coordinator=coordinator, num_processes=num_processes,
-                              process_id=i) for a in argv]
+        fill = dict(coordinator=coordinator, num_processes=num_processes, process_id=i)
+        args = [str(a).format(**fill) for a in (argv(i) if callable(argv) else argv)]
         out = open(os.path.join(logs, f"{i}.out"), "w+")
         err = open(os.path.join(logs, f"{i}.err"), "w+")
         popen = subprocess.Popen(args, env=base, cwd=cwd, stdout=out, stderr=err,
