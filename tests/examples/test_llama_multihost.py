@@ -4,6 +4,7 @@ one-line errors for processes that cannot meet."""
 
 import json
 import pathlib
+import shutil
 import sys
 import time
 
@@ -57,9 +58,15 @@ def test_two_processes_train_like_one_device_each_on_its_rows_and_resume_exactly
   # Stopped after step 1 (both processes save their shards), resumed on 2 processes: the
   # records of the uninterrupted run, bit for bit.
   _two_processes(tmp_path, "cut", "--stop-at-step", "1")
+  shutil.copytree(tmp_path / "cut", tmp_path / "cut-on-one")
   resumed = _two_processes(tmp_path, "cut", "--resume")
   assert all("resumed from step 1" in p.stdout for p in resumed)
   assert _train_records(tmp_path / "cut") == _train_records(tmp_path / "whole")
+  # The same checkpoint resumed by one process on one device: its trajectory again.
+  assert train.main(["--resume", "--run-dir", str(tmp_path / "cut-on-one"), "--num-processes",
+                     "1", "--data-parallel", "1", "--fsdp", "1"]) == 0
+  np.testing.assert_allclose(_losses(tmp_path / "cut-on-one"), _losses(tmp_path / "one"),
+                             rtol=2e-4)
 
 
 def test_each_process_reads_only_its_rows_of_a_batch(tmp_path):
