@@ -20,9 +20,9 @@ from test_llama import _c4_corpus, _flags, _train_records  # noqa: E402
 
 MULTIHOST = ("--num-processes", "{num_processes}", "--process-id", "{process_id}",
              "--coordinator-address", "{coordinator}", "--distributed-timeout", "60")
-# GaLore refreshes at step 0 only: the cut run compiles the refresh step, the resumed one the
-# other; 2 × 2 devices, batch 4: each process holds 2 rows.
-RUN = ("--optimizer", "galore", "--rank", "8", "--update-every", "100", "--steps", "3",
+# GaLore refreshes at step 0 only (the resumed run compiles the other step program);
+# 2 processes × 2 devices, batch 4: each process holds 2 rows of every batch.
+RUN = ("--optimizer", "galore", "--rank", "8", "--update-every", "100", "--steps", "2",
        "--compute-dtype", "float32", "--eval-every", "0", "--data-parallel", "2", "--fsdp", "2")
 
 
@@ -37,9 +37,16 @@ def _losses(run_dir):
           if json.loads(line)["kind"] == "train"]
 
 
+def _cut_after_step_1(run_dir, to):
+  """A copy of `run_dir` as a run preempted after its checkpoint of step 1 would leave it."""
+  shutil.copytree(run_dir, to)
+  shutil.rmtree(to / "checkpoints" / "2")
+  (to / "summary.json").unlink()
+
+
 def test_two_processes_train_like_one_device_each_on_its_rows_and_resume_exactly(tmp_path):
   _c4_corpus(tmp_path / "c4")
-  whole = _two_processes(tmp_path, "whole")
+  whole = _two_processes(tmp_path, "whole", "--checkpoint-every", "1")
   # Each process loaded its own rows of every global batch of 4: together all of them, once.
   rows = []
   for process in whole:
@@ -47,22 +54,22 @@ def test_two_processes_train_like_one_device_each_on_its_rows_and_resume_exactly
     first, last = (int(x) for x in line.split(" loads rows ")[1].split(" of ")[0].split(".."))
     rows.append(range(first, last + 1))
   assert sorted(r for rs in rows for r in rs) == [0, 1, 2, 3] and all(len(r) == 2 for r in rows)
-  # Process 0 alone writes the run's files.
+  # Process 0 alone writes the run's files; both saved their shards of steps 1 and 2.
   assert "final eval perplexity" in whole[0].stdout
   summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
-  assert summary["steps"] == 3 and np.isfinite(summary["final_eval_loss"])
+  assert summary["steps"] == 2 and np.isfinite(summary["final_eval_loss"])
+  assert sorted(p.name for p in (tmp_path / "whole" / "checkpoints").iterdir()) == ["1", "2"]
   # The same global batches, so the one-device trajectory up to float32 rounding: a process
   # that loaded another's rows (or none) would train on another batch.
   assert train.main(_flags(tmp_path, "one", *RUN[:-4])) == 0
   np.testing.assert_allclose(_losses(tmp_path / "whole"), _losses(tmp_path / "one"), rtol=2e-4)
-  # Stopped after step 1 (both processes save their shards), resumed on 2 processes: the
-  # records of the uninterrupted run, bit for bit.
-  _two_processes(tmp_path, "cut", "--stop-at-step", "1")
-  shutil.copytree(tmp_path / "cut", tmp_path / "cut-on-one")
+  # Resumed from step 1 on 2 processes: the records of the uninterrupted run, bit for bit.
+  _cut_after_step_1(tmp_path / "whole", tmp_path / "cut")
   resumed = _two_processes(tmp_path, "cut", "--resume")
   assert all("resumed from step 1" in p.stdout for p in resumed)
   assert _train_records(tmp_path / "cut") == _train_records(tmp_path / "whole")
   # The same checkpoint resumed by one process on one device: its trajectory again.
+  _cut_after_step_1(tmp_path / "whole", tmp_path / "cut-on-one")
   assert train.main(["--resume", "--run-dir", str(tmp_path / "cut-on-one"), "--num-processes",
                      "1", "--data-parallel", "1", "--fsdp", "1"]) == 0
   np.testing.assert_allclose(_losses(tmp_path / "cut-on-one"), _losses(tmp_path / "one"),
