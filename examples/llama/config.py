@@ -235,6 +235,9 @@ class TrainConfig:
       )
     if self.num_processes < 0:
       raise ConfigError("--num-processes must be positive, or 0 to read it from the launcher")
+    if self.num_processes == 1 and (self.process_id or self.coordinator_address):
+      flag = "--process-id" if self.process_id else "--coordinator-address"
+      raise ConfigError(f"{flag} is for a run of several processes: give --num-processes too")
     if self.num_processes > 1 and not 0 <= self.process_id < self.num_processes:
       raise ConfigError(
           f"--process-id {self.process_id} must be 0 .. {self.num_processes - 1} "

@@ -158,8 +158,8 @@ def initialize(cfg: TrainConfig) -> None:
   """
   if cfg.num_processes == 1:
     return
-  _use_gloo()
   if cfg.num_processes == 0:  # the launcher's environment says everything
+    _use_gloo()
     jax.distributed.initialize(initialization_timeout=cfg.distributed_timeout)
     return
   host, port = _host_port(cfg)
@@ -168,6 +168,7 @@ def initialize(cfg: TrainConfig) -> None:
     _coordinate(cfg, port, deadline)
   else:
     _join(cfg, host, port, deadline)
+  _use_gloo()
   jax.distributed.initialize(
       coordinator_address(cfg),
       cfg.num_processes,

@@ -76,7 +76,9 @@ def resolve_config(given: dict) -> tuple[TrainConfig, dict | None]:
           f"{flag} {value} differs from {saved['flags'].get(name)} in {config_file}; "
           f"drop {flag} to resume, or start a new --run-dir"
       )
-  once = ("stop_at_step", "profile_steps")  # what one process asked for, not the run
+  # What one process (or one launch of the processes) asked for, not the run.
+  once = ("stop_at_step", "profile_steps", "num_processes", "process_id", "coordinator_address",
+          "distributed_timeout")
   inherited = {k: v for k, v in saved["flags"].items() if k not in once}
   cfg = TrainConfig(**{**inherited, **given})
   cfg.validate()

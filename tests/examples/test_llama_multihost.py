@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))  # the examples are run from the repository root
 sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 import _multiprocess  # noqa: E402
 from examples.llama import data, train  # noqa: E402
@@ -68,10 +69,11 @@ def test_two_processes_train_like_one_device_each_on_its_rows_and_resume_exactly
   resumed = _two_processes(tmp_path, "cut", "--resume")
   assert all("resumed from step 1" in p.stdout for p in resumed)
   assert _train_records(tmp_path / "cut") == _train_records(tmp_path / "whole")
-  # The same checkpoint resumed by one process on one device: its trajectory again.
+  # The same checkpoint resumed by one process on one device (the multi-host flags are not
+  # inherited from the run's config.json, the mesh flags are given anew): its trajectory again.
   _cut_after_step_1(tmp_path / "whole", tmp_path / "cut-on-one")
-  assert train.main(["--resume", "--run-dir", str(tmp_path / "cut-on-one"), "--num-processes",
-                     "1", "--data-parallel", "1", "--fsdp", "1"]) == 0
+  assert train.main(["--resume", "--run-dir", str(tmp_path / "cut-on-one"), "--data-parallel",
+                     "1", "--fsdp", "1"]) == 0
   np.testing.assert_allclose(_losses(tmp_path / "cut-on-one"), _losses(tmp_path / "one"),
                              rtol=2e-4)
 
@@ -121,4 +123,19 @@ def test_processes_that_cannot_meet_end_with_one_line_naming_the_flag(tmp_path):
   assert [p.returncode for p in results] == [2, 2], _multiprocess.describe(results)
   assert _errors(results) == [
       "error: --num-processes differs between processes: 2 on process 0, 3 on process 1"] * 2
+  assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-processes", "2", "--process-id", "2"], "--process-id 2 must be 0 .. 1"),
+    (["--num-processes", "-1"], "--num-processes must be positive"),
+    (["--process-id", "1"], "--process-id is for a run of several processes"),
+    (["--coordinator-address", "h:1"], "--coordinator-address is for a run of several"),
+    (["--num-processes", "2", "--coordinator-address", "h"], "'h' is not HOST:PORT"),
+    (["--num-processes", "2", "--distributed-timeout", "0"], "--distributed-timeout must be"),
+], ids=["id", "count", "id alone", "address alone", "address", "timeout"])
+def test_bad_multihost_flags_end_with_one_line(tmp_path, capsys, flags, message):
+  assert train.main(_flags(tmp_path, "bad", *flags)) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and message in err, err
   assert not (tmp_path / "bad").exists()
