@@ -44,6 +44,11 @@ def _use_gloo() -> None:
 
 def _host_port(cfg: TrainConfig) -> tuple[str, int]:
   address = coordinator_address(cfg)
+  if not address:
+    raise ConfigError(
+        f"--num-processes {cfg.num_processes} needs --coordinator-address HOST:PORT (process 0's"
+        f" host, a free port), or ${ADDRESS_VARIABLE}"
+    )
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit():
     raise ConfigError(

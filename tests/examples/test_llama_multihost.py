@@ -132,9 +132,11 @@ def test_processes_that_cannot_meet_end_with_one_line_naming_the_flag(tmp_path):
     (["--process-id", "1"], "--process-id is for a run of several processes"),
     (["--coordinator-address", "h:1"], "--coordinator-address is for a run of several"),
     (["--num-processes", "2", "--coordinator-address", "h"], "'h' is not HOST:PORT"),
+    (["--num-processes", "2"], "--num-processes 2 needs --coordinator-address HOST:PORT"),
     (["--num-processes", "2", "--distributed-timeout", "0"], "--distributed-timeout must be"),
-], ids=["id", "count", "id alone", "address alone", "address", "timeout"])
-def test_bad_multihost_flags_end_with_one_line(tmp_path, capsys, flags, message):
+], ids=["id", "count", "id alone", "address alone", "address", "no address", "timeout"])
+def test_bad_multihost_flags_end_with_one_line(tmp_path, capsys, monkeypatch, flags, message):
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   assert train.main(_flags(tmp_path, "bad", *flags)) == 2
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and message in err, err
