@@ -1,15 +1,14 @@
 """The library across processes: 2 JAX processes × 4 CPU devices, one mesh over both.
 
 One program (`_worker`, this file run as a script) runs in both processes (`_multiprocess`):
-every preset of tests/test_sharding.py for its STEPS steps on a ("fsdp",) mesh of the 8
+five presets of tests/test_sharding.py (`NAMES`) for its STEPS steps on a ("fsdp",) mesh of the 8
 devices of both processes, with the state placed by `state_shardings`; each saves its state
 from both processes (Orbax), restores it onto a (4, 2) mesh, and restores checkpoints this
-(one) process wrote. The tests compare what the processes wrote with one-process runs:
+(one) process wrote. The test compares what the processes wrote with one-process runs:
 updates and states with the sharding tests' tolerances, selections and keys bit for bit
 between the processes, checkpoints bit for bit in both directions.
 """
 
-import functools
 import json
 import os
 import pathlib
@@ -248,7 +247,7 @@ def _check_an_update_on_a_mesh_over_two_processes_equals_one_device(run, name):
 
 def _check_state_shardings_on_a_two_process_mesh_are_the_one_process_ones(run):
   ts = _sharding_tests()
-  abstract = AbstractMesh((8,), ("fsdp",), (AxisType.Auto,))
+  abstract = AbstractMesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
   for name in NAMES:
     info = run["info"][name]
     want = osub.state_shardings(ts.PRESETS[name](), ts._params(),
