@@ -365,6 +365,36 @@ def test_the_harness_ends_the_others_soon_after_one_process_fails():
   assert left == ""
 
 
+# Process 1 dies after joining the job; process 0 (the coordinator, which notices a missing
+# process only after JAX's heartbeat timeout, 100 s) waits for it in a collective.
+COLLECTIVE_WITHOUT_PEER = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import _multiprocess
+_multiprocess.initialize(*sys.argv[2:5])
+import jax, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+if jax.process_index() == 1:
+  os._exit(1)
+mesh = jax.make_mesh((jax.device_count(),), ("x",))
+x = jax.make_array_from_callback((8,), NamedSharding(mesh, P("x")), lambda i: np.ones(8)[i])
+print("entering the collective", flush=True)
+print(jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))(x))
+"""
+
+
+def test_a_process_stuck_in_a_collective_is_ended_soon_after_its_peer_fails():
+  start = time.monotonic()
+  results = _multiprocess.run(
+      _multiprocess.python("-c", COLLECTIVE_WITHOUT_PEER, pathlib.Path(__file__).parent,
+                           "{coordinator}", "{num_processes}", "{process_id}"),
+      timeout_s=120, check=False, grace_s=5)
+  assert time.monotonic() - start < 60, _multiprocess.describe(results)
+  assert [(r.returncode, r.killed) for r in results] == [(-signal.SIGKILL, True), (1, False)], (
+      _multiprocess.describe(results))
+  assert "entering the collective" in results[0].stdout
+
+
 if __name__ == "__main__":
   try:
     _worker(*sys.argv[4:])
