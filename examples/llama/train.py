@@ -328,9 +328,10 @@ def make_grass_refresh(graphdef, tx, params, opt_state, frozen, batch_shape,
   )  # fmt: skip
 
   def call(params, opt_state, frozen, step, batch):
-    batch = np.asarray(batch, np.int32)
-    if mesh is not None:
-      batch = jax.device_put(batch, bsh)
+    if not isinstance(batch, jax.Array):  # with several processes, already the global batch
+      batch = np.asarray(batch, np.int32)
+      if mesh is not None:
+        batch = jax.device_put(batch, bsh)
     return compiled(params, opt_state, frozen, jnp.asarray(step, jnp.uint32), batch)
 
   return call
