@@ -92,6 +92,7 @@ def _errors(results):
 
 
 def test_processes_that_cannot_meet_end_with_one_line_naming_the_flag(tmp_path):
+  # None of these processes gets as far as JAX's own initialization.
   _c4_corpus(tmp_path / "c4")
   base = _flags(tmp_path, "bad", *RUN)
   # Process 1 looks for process 0 at a port where nothing listens: process 1 cannot reach it,
@@ -123,6 +124,15 @@ def test_processes_that_cannot_meet_end_with_one_line_naming_the_flag(tmp_path):
   assert [p.returncode for p in results] == [2, 2], _multiprocess.describe(results)
   assert _errors(results) == [
       "error: --num-processes differs between processes: 2 on process 0, 3 on process 1"] * 2
+  # Two processes given the same id.
+  results = _multiprocess.run(
+      lambda i: _multiprocess.python(
+          "-m", "examples.llama", "train", *base, "--num-processes", "3",
+          "--process-id", str(min(i, 1)), "--coordinator-address", "{coordinator}",
+          "--distributed-timeout", "60"),
+      num_processes=3, timeout_s=120, cwd=ROOT, check=False)
+  assert [p.returncode for p in results] == [2, 2, 2], _multiprocess.describe(results)
+  assert _errors(results) == ["error: --process-id 1 is given to two processes"] * 3
   assert not (tmp_path / "bad").exists()
 
 
