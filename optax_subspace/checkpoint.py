@@ -155,7 +155,8 @@ def _differences(saved: dict, target: dict) -> list[str]:
 
 def _abstract(tree):
   """ShapeDtypeStructs with shardings, as Orbax restores onto."""
-  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # This process's first device: jax.devices()[0] is another process's on all but process 0.
+  default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
   def one(x):
     sharding = getattr(x, "sharding", None) or default
@@ -231,7 +232,8 @@ def restore_checkpoint(
 
   `params` and `opt_state` are targets: arrays, or `jax.ShapeDtypeStruct`s
   with a `sharding` (e.g. from `jax.eval_shape` and `state_shardings`);
-  leaves without one go to the first device. The checkpoint's signature is
+  leaves without one go to this process's first device (with several
+  processes, each gets a copy). The checkpoint's signature is
   compared with theirs first: a checkpoint of another method (projector
   state type), rank, mask or parameter tree raises `CheckpointMismatchError`
   naming every difference, before any array is read (a checkpoint without

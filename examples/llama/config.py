@@ -139,6 +139,19 @@ class TrainConfig:
       "ZeRO-1 with --data-parallel > 1: weights replicated, optimizer state and update split "
       "over the data axis (not with --fsdp > 1, which splits them already)",
   )
+  # several hosts: examples/llama/distributed.py, docs/scaling.md
+  num_processes: int = _flag(
+      1,
+      "processes in the run, one per host (or per GPU), each running this command with its own "
+      "--process-id; 0: all three from the launcher's environment (SLURM, Open MPI, TPU pods)",
+  )
+  process_id: int = _flag(0, "this process's index, 0 .. --num-processes - 1 (0 coordinates)")
+  coordinator_address: str = _flag(
+      "", "HOST:PORT of process 0, reachable from every process; default $JAX_COORDINATOR_ADDRESS"
+  )
+  distributed_timeout: int = _flag(
+      300, "seconds for all processes to join the run; past them each one ends with an error"
+  )
   # run
   seed: int = _flag(0, "seeds the initialisation and the data order")
   run_dir: str = _flag(
@@ -205,7 +218,7 @@ class TrainConfig:
       )
     positive = (
         "seq_len", "batch_size", "grad_accum", "steps", "eval_windows", "update_every",
-        "data_parallel", "fsdp",
+        "data_parallel", "fsdp", "distributed_timeout",
     )  # fmt: skip
     for name in positive:
       if getattr(self, name) <= 0:
@@ -219,6 +232,16 @@ class TrainConfig:
       raise ConfigError(
           f"unknown --grass-selection {self.grass_selection!r}; choose one of"
           f" {', '.join(GRASS_SELECTIONS)}"
+      )
+    if self.num_processes < 0:
+      raise ConfigError("--num-processes must be positive, or 0 to read it from the launcher")
+    if self.num_processes == 1 and (self.process_id or self.coordinator_address):
+      flag = "--process-id" if self.process_id else "--coordinator-address"
+      raise ConfigError(f"{flag} is for a run of several processes: give --num-processes too")
+    if self.num_processes > 1 and not 0 <= self.process_id < self.num_processes:
+      raise ConfigError(
+          f"--process-id {self.process_id} must be 0 .. {self.num_processes - 1} "
+          f"(--num-processes {self.num_processes})"
       )
     if self.profile_steps < 0:
       raise ConfigError("--profile-steps must be 0 (no trace) or positive")

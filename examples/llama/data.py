@@ -267,13 +267,16 @@ class WindowBatches:
 
   The order of epoch e is a permutation drawn from (seed, e); `position` counts windows handed
   out so far, so `WindowBatches(..., position=k)` continues exactly where one stopped at k.
+  `rows`: only these rows of each batch are read (one process's share of the global batch).
   """
 
   def __init__(
-      self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, position: int = 0
+      self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, position: int = 0,
+      rows: range | None = None,
   ):
     self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
     self.position = position
+    self.rows = range(batch_size) if rows is None else rows
     self.windows = num_windows(tokens.size, seq_len)
     if self.windows == 0:
       raise ConfigError(f"corpus has {tokens.size} tokens, fewer than one window; lower --seq-len")
@@ -292,7 +295,7 @@ class WindowBatches:
   def __next__(self) -> np.ndarray:
     rows = [
         window(self.tokens, self._window_at(self.position + j), self.seq_len)
-        for j in range(self.batch_size)
+        for j in self.rows
     ]
     self.position += self.batch_size
     return np.stack(rows).astype(np.int32)
@@ -384,13 +387,16 @@ class StreamBatches:
 
   Each batch is packed from fresh documents, and what is left of the last one is dropped, so a
   batch depends only on where it starts: skipping `position` documents resumes exactly, without
-  re-tokenizing them.
+  re-tokenizing them. `rows`: only these rows of each batch are kept (every process packs the
+  batch's documents: where its rows start depends on all of them).
   """
 
   def __init__(
-      self, texts: Iterator[str], tokenizer, seq_len: int, batch_size: int, position: int = 0
+      self, texts: Iterator[str], tokenizer, seq_len: int, batch_size: int, position: int = 0,
+      rows: range | None = None,
   ):
     self.tokenizer, self.seq_len, self.batch_size = tokenizer, seq_len, batch_size
+    self.rows = range(batch_size) if rows is None else rows
     self.position = position
     self._texts = itertools.islice(texts, position, None)
 
@@ -403,7 +409,7 @@ class StreamBatches:
     if stream.size < needed:
       raise StopIteration
     self.position += consumed
-    return np.stack([window(stream, i, self.seq_len) for i in range(self.batch_size)])
+    return np.stack([window(stream, i, self.seq_len) for i in self.rows])
 
 
 @dataclasses.dataclass
@@ -413,11 +419,12 @@ class Dataset:
   tokenizer: TokenizerInfo
   description: str
   eval_windows: np.ndarray
-  make_batches: Callable[[int, int], Iterator[np.ndarray]]
+  make_batches: Callable[..., Iterator[np.ndarray]]
 
-  def train_batches(self, batch_size: int, position: int) -> Iterator[np.ndarray]:
-    """An iterator of (batch_size, seq_len + 1) int32 windows whose `position` can be stored."""
-    return self.make_batches(batch_size, position)
+  def train_batches(self, batch_size: int, position: int, rows: range | None = None):
+    """An iterator of (batch_size, seq_len + 1) int32 windows whose `position` can be stored;
+    with `rows`, only those rows of each batch (`position` still counts whole batches)."""
+    return self.make_batches(batch_size, position, rows)
 
 
 def _info(tokenizer) -> TokenizerInfo:
@@ -440,9 +447,9 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
     count = min(cfg.eval_windows, num_windows(stream.size, cfg.seq_len))
     eval_rows = np.stack([window(stream, i, cfg.seq_len) for i in range(count)])
 
-    def batches(batch_size, position):
+    def batches(batch_size, position, rows=None):
       texts = c4_texts(cfg.c4_path, "train", cfg.seed)
-      return StreamBatches(texts, tokenizer, cfg.seq_len, batch_size, position)
+      return StreamBatches(texts, tokenizer, cfg.seq_len, batch_size, position, rows)
 
     description = (
         f"c4 ({cfg.c4_path or 'streamed'}), tokenizer {tokenizer.name} "
@@ -457,8 +464,8 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
       info["tokenizer"], info["vocab_size"], info["eos_id"], info["tokenizer_fingerprint"]
   )
 
-  def batches(batch_size, position):
-    return WindowBatches(train, cfg.seq_len, batch_size, cfg.seed, position)
+  def batches(batch_size, position, rows=None):
+    return WindowBatches(train, cfg.seq_len, batch_size, cfg.seed, position, rows)
 
   description = (
       f"{cfg.corpus}: {info['train_documents']} train / {info['eval_documents']} held-out "

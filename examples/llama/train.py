@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from examples.llama import data, mesh, metrics, model, optimizers
+from examples.llama import data, distributed, mesh, metrics, model, optimizers
 from examples.llama.config import ConfigError, TrainConfig, model_config
 
 # Flags that may differ from the saved config.json when resuming: none changes the trajectory.
@@ -30,6 +30,7 @@ RESUMABLE_FLAGS = (
     "resume", "run_dir", "data_dir", "c4_path", "tokenizer_path",
     "log_every", "eval_every", "checkpoint_every", "stop_at_step", "data_parallel", "fsdp",
     "shard_optimizer", "profile_steps", "compilation_cache",
+    "num_processes", "process_id", "coordinator_address", "distributed_timeout",
 )  # fmt: skip
 EXIT_INTERRUPTED = 130
 
@@ -75,7 +76,9 @@ def resolve_config(given: dict) -> tuple[TrainConfig, dict | None]:
           f"{flag} {value} differs from {saved['flags'].get(name)} in {config_file}; "
           f"drop {flag} to resume, or start a new --run-dir"
       )
-  once = ("stop_at_step", "profile_steps")  # what one process asked for, not the run
+  # What one process (or one launch of the processes) asked for, not the run.
+  once = ("stop_at_step", "profile_steps", "num_processes", "process_id", "coordinator_address",
+          "distributed_timeout")
   inherited = {k: v for k, v in saved["flags"].items() if k not in once}
   cfg = TrainConfig(**{**inherited, **given})
   cfg.validate()
@@ -325,9 +328,10 @@ def make_grass_refresh(graphdef, tx, params, opt_state, frozen, batch_shape,
   )  # fmt: skip
 
   def call(params, opt_state, frozen, step, batch):
-    batch = np.asarray(batch, np.int32)
-    if mesh is not None:
-      batch = jax.device_put(batch, bsh)
+    if not isinstance(batch, jax.Array):  # with several processes, already the global batch
+      batch = np.asarray(batch, np.int32)
+      if mesh is not None:
+        batch = jax.device_put(batch, bsh)
     return compiled(params, opt_state, frozen, jnp.asarray(step, jnp.uint32), batch)
 
   return call
@@ -478,6 +482,16 @@ def _print_config(cfg, mcfg, dataset, n_params, n_trainable, sizes, run_dir) -> 
   )
 
 
+class _NoLog:
+  """The metrics log of a process other than 0: process 0 writes the run's records."""
+
+  def write(self, record):
+    pass
+
+  def close(self):
+    pass
+
+
 def _write_steps(log, pending) -> float:
   """Writes the records of `pending` (fetching their losses and learning rates); the last loss."""
   loss = float("nan")
@@ -513,6 +527,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   # The unmodified model's size: what the FLOPs per token are counted from, for every method.
   model_params = model.count_params(nnx.state(llama, nnx.Param))
   frozen = None
+  distributed.check_mesh(cfg)
   try:
     device_mesh = mesh.make_mesh(cfg.data_parallel, cfg.fsdp)
   except ValueError as error:
@@ -554,7 +569,8 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   # Every input has been checked: from here on the run directory is written.
   run_dir = pathlib.Path(cfg.resolved_run_dir())
   run_dir.mkdir(parents=True, exist_ok=True)
-  if saved is None:
+  primary = jax.process_index() == 0  # the one process that writes the run's files
+  if saved is None and primary:
     record = {
         "flags": cfg.flags(),
         "model": dataclasses.asdict(mcfg),
@@ -593,13 +609,19 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     batch_shape = (cfg.micro_batch_size, cfg.seq_len + 1)
     refresh = make_grass_refresh(graphdef, tx, params, opt_state, frozen, batch_shape, shardings)
   evaluate = make_eval(graphdef, dataset.eval_windows, cfg.micro_batch_size)
-  batches = dataset.train_batches(cfg.micro_batch_size, position)
+  rows = None  # several processes: each loads only its devices' rows of every batch
+  if jax.process_count() > 1:
+    batch_shape = (cfg.micro_batch_size, cfg.seq_len + 1)
+    rows = distributed.local_rows(shardings[2], batch_shape)
+    print(f"data: process {jax.process_index()} of {jax.process_count()} loads rows "
+          f"{rows.start}..{rows.stop - 1} of each batch of {cfg.micro_batch_size}")
+  batches = dataset.train_batches(cfg.micro_batch_size, position, rows)
   # Jitted, and its value fetched with the step's loss at the next log: a float() of it here
   # would wait for the step queued before it on the device, a sync per step that leaves the
   # host's dispatch of the next step (its ~1,000 state arrays, per device) out of the overlap.
   lr_at = jax.jit(optimizers.schedule(cfg))
   flops_per_token = model_flops_per_token(mcfg, cfg.seq_len, model_params)
-  log = metrics.MetricsLog(run_dir, step if saved is not None else None)
+  log = metrics.MetricsLog(run_dir, step if saved is not None else None) if primary else _NoLog()
   progress = metrics.Progress(cfg.steps, step)
   clock = _Clock()
   pending = []
@@ -643,6 +665,8 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       losses, accumulated = [], None
       for micro in range(cfg.grad_accum):
         batch = next(batches)
+        if rows is not None:  # this process's rows, as a part of the global batch
+          batch = jax.make_array_from_process_local_data(shardings[2], batch, batch_shape)
         if refresh is not None and micro == 0 and step % cfg.update_every == 0:
           # GRASS selects before updates 0, K, 2K, … from that step's (first) batch.
           params, opt_state, frozen = refresh(params, opt_state, frozen, step, batch)
@@ -729,7 +753,8 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     if last_eval is None or last_eval["step"] != step:
       last_eval = run_eval()
     summary.update(final_eval_loss=last_eval["eval_loss"], final_eval_ppl=last_eval["eval_ppl"])
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if primary:
+      (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(
         f"final eval perplexity: {last_eval['eval_ppl']:.2f} (loss {last_eval['eval_loss']:.4f}) "
         f"after {step} steps, {tokens:,} tokens"
@@ -742,6 +767,7 @@ def main(argv=None) -> int:
   given = vars(parser().parse_args(argv))
   try:
     cfg, saved = resolve_config(given)
+    distributed.initialize(cfg)  # before anything asks JAX for devices
     summary = train(cfg, saved)
   except ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
