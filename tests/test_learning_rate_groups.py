@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import optax_subspace as osub
+from optax_subspace import nn as osnn
 
 MASK = r"kernel"
 PRESETS = {
@@ -62,3 +63,21 @@ def test_no_unprojected_rate_is_the_single_rate(name):
 def test_a_rate_that_is_not_positive_is_rejected(name, bad):
   with pytest.raises(ValueError, match="unprojected_learning_rate must be positive"):
     PRESETS[name](1e-2, unprojected_learning_rate=bad)
+
+
+@pytest.mark.parametrize("factor, make", [
+    ("grass_d", lambda lr, **kw: osnn.grass_optimizer(lr, **kw)),
+    ("rso_b", lambda lr, **kw: osnn.rso_optimizer(lr, inner_steps=2, **kw)),
+])
+def test_model_level_optimizers_give_the_dense_params_their_own_rate(factor, make):
+  # The factors (GRASS's D, RSO's B) keep `learning_rate`; every other Param takes the other.
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(5), 3)
+  params = {"q_proj": {factor: jax.random.normal(k1, (6, 2))},
+            "embed": {"embedding": jax.random.normal(k2, (5, 4))}}
+  grads = [jax.tree.map(lambda x, i=i: jnp.cos(x + i), params) for i in range(3)]
+  split = _updates(make(1e-2, unprojected_learning_rate=3e-2), params, grads)
+  low = _updates(make(1e-2), params, grads)
+  high = _updates(make(3e-2), params, grads)
+  for mine, a, b in zip(split, low, high):
+    np.testing.assert_allclose(mine["q_proj"][factor], a["q_proj"][factor], rtol=1e-6)
+    np.testing.assert_allclose(mine["embed"]["embedding"], b["embed"]["embedding"], rtol=1e-6)

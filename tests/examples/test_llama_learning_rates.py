@@ -1,0 +1,51 @@
+"""The example's --lr-unprojected: the kernels keep --lr, every other leaf takes its own peak."""
+
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # the examples are run from the repository root
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from examples.llama import optimizers  # noqa: E402
+from examples.llama.config import ConfigError, TrainConfig  # noqa: E402
+
+PARAMS = {"layers": {"0": {"attention": {"q_proj": {"kernel": jnp.ones((64, 64))}}}},
+          "embed": {"embedding": jnp.ones((32, 64))}, "norm": {"scale": jnp.ones((64,))}}
+
+
+def _first_updates(cfg):
+  tx = optimizers.method(cfg)
+  grads = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape),
+                       PARAMS)
+  state = tx.init(PARAMS)
+  for _ in range(3):  # past the first warm-up step, whose rate is 0
+    updates, state = tx.update(grads, state, PARAMS)
+  return updates
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "galore", "grass", "rso", "osd"])
+def test_lr_unprojected_moves_the_rest_and_leaves_the_kernels(optimizer):
+  base = dict(model_size="tiny", optimizer=optimizer, steps=20, rank=16, update_every=2)
+  split = _first_updates(TrainConfig(**base, lr=1e-3, lr_unprojected=4e-3))
+  low = _first_updates(TrainConfig(**base, lr=1e-3))
+  high = _first_updates(TrainConfig(**base, lr=4e-3))
+  kernel = lambda u: u["layers"]["0"]["attention"]["q_proj"]["kernel"]
+  np.testing.assert_allclose(kernel(split), kernel(low), rtol=1e-6)
+  for leaf in (lambda u: u["embed"]["embedding"], lambda u: u["norm"]["scale"]):
+    np.testing.assert_allclose(leaf(split), leaf(high), rtol=1e-6)
+    assert not np.allclose(leaf(split), leaf(low))
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"lr_unprojected": -1e-3}, "--lr-unprojected"),
+    ({"lr": -1.0}, "--lr"),
+    ({"grass_selection": "best"}, "--grass-selection"),
+])
+def test_bad_learning_rate_flags_are_one_line_errors(flags, message):
+  with pytest.raises(ConfigError, match=message):
+    TrainConfig(**flags).validate()
