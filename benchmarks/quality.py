@@ -172,6 +172,7 @@ def run_record(size: str, spec: tuple, run_dir: pathlib.Path) -> dict:
       "final_eval_perplexity": summary.get("final_eval_ppl"),
       "tokens_per_s": summary.get("tokens_per_s"),
       "opt_state_bytes": config.get("opt_state_bytes"),
+      "grass_rows_ever_selected": summary.get("grass_rows_ever_selected"),
       "curve": [[r["step"], r["tokens"], r["eval_ppl"]] for r in evals],
       "train_curve": [[r["step"], r["loss"]] for r in trains],
   }

@@ -13,6 +13,7 @@ import importlib
 import re
 
 import jax
+import numpy as np
 import optax
 from optax.contrib import GaLoreDimensionNumbers
 
@@ -283,3 +284,27 @@ def frozen_weight_count(frozen) -> int:
 def state_bytes(opt_state) -> dict[str, int]:
   """Bytes of the optimizer state."""
   return {"opt_state_bytes": sum(leaf.nbytes for leaf in jax.tree.leaves(opt_state))}
+
+
+def mark_selected_rows(opt_state, seen: dict) -> None:
+  """ORs into `seen` the rows each GRASS selection in `opt_state` trains (`SparseRowsState`
+  counts > 0), per matrix: {leaf number: bool array (matrices, s)}. A host read: call it on
+  refresh steps only."""
+  sparse_rows = _subspace_method("grass", "projectors").SparseRowsState
+  states = jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, sparse_rows))
+  for i, state in enumerate(s for s in states if isinstance(s, sparse_rows)):
+    counts = np.asarray(jax.device_get(state.counts))
+    chosen = (counts > 0).reshape(-1, counts.shape[-1])
+    seen[i] = chosen if i not in seen else seen[i] | chosen
+
+
+def selected_rows_summary(seen: dict) -> dict:
+  """{"grass_rows_ever_selected": the fraction of each matrix's rows that any selection trained
+  (mean, min, max over the matrices)}; {} when nothing was recorded."""
+  if not seen:
+    return {}
+  fractions = np.concatenate([rows.mean(axis=-1) for rows in seen.values()])
+  return {"grass_rows_ever_selected": {"mean": float(fractions.mean()),
+                                       "min": float(fractions.min()),
+                                       "max": float(fractions.max()),
+                                       "matrices": int(fractions.size)}}

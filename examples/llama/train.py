@@ -647,6 +647,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     progress.say(f"eval step {step} | loss {eval_loss:.4f} | perplexity {entry['eval_ppl']:.2f}")
     return entry
 
+  selected_rows = {}  # grass: per projected leaf, the rows any selection of this process trained
   exit_code = 0
   with _Interrupts() as interrupts:
     while step < cfg.steps:
@@ -678,6 +679,8 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
           params, opt_state, loss = train_step(params, opt_state, batch, frozen, due, accumulated)
         losses.append(loss)
       compiled.add(due)
+      if due and cfg.optimizer == "grass":  # a new selection: which rows it trains (host read)
+        optimizers.mark_selected_rows(opt_state, selected_rows)
       step += 1
       if merge is not None and step % cfg.update_every == 0:
         # RSO's subproblem ends after updates K, 2K, …: merge and draw the next P.
@@ -743,6 +746,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       "tokens_per_s": timed / clock.total_seconds if clock.total_seconds else None,
       "timed_steps": clock.total_steps,
       "profiled_steps": profiled,
+      **optimizers.selected_rows_summary(selected_rows),
       **sizes,
       "exit_code": exit_code,
       "seconds": {**{k: round(v, 6) for k, v in spent.items()},
