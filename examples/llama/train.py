@@ -474,7 +474,9 @@ def _print_config(cfg, mcfg, dataset, n_params, n_trainable, sizes, run_dir) -> 
       f"compute {mcfg.compute_dtype}, parameters {mcfg.param_dtype}, remat {mcfg.remat}"
   )
   print(
-      f"optimizer: {cfg.optimizer}, peak lr {cfg.effective_lr():g}, "
+      f"optimizer: {cfg.optimizer}, peak lr {cfg.effective_lr():g}"
+      + (f" (unprojected leaves {cfg.lr_unprojected:g})" if cfg.lr_unprojected else "")
+      + ", "
       f"warm-up {cfg.effective_warmup()} steps, "
       f"state {sizes['opt_state_bytes']:,} bytes; device {jax.devices()[0].device_kind}"
       f" × {cfg.data_parallel * cfg.fsdp} (data {cfg.data_parallel}, fsdp {cfg.fsdp}"
