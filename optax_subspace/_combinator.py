@@ -84,9 +84,10 @@ def _over_batch(fn, plan: _leaves.LeafPlan, *args, in_axes):
 def _restore_structure(pstate, template):
   """Gives a projector state back the container types `init` made.
 
-  Frameworks may rebuild the state's containers on the way back in (Flax's
-  `nnx.Optimizer` turns a NamedTuple at a parameter's position into an
-  `nnx.State` keyed by field name): leaves are matched by key-path names.
+  A state whose containers were rebuilt on the way back in (a NamedTuple as
+  a dict keyed by field name, as a restore without a target or
+  `nnx.state` makes it) is matched by key-path names. Under `nnx.Optimizer`
+  this no longer happens (`projector_treedef`), so no step traces twice.
   """
   want, treedef = jax.tree_util.tree_flatten_with_path(template)
   if jax.tree_util.tree_structure(pstate) == treedef:
@@ -100,6 +101,21 @@ def _restore_structure(pstate, template):
         " was the state made by another projector?"
     )
   return jax.tree_util.tree_unflatten(treedef, [got[n] for n in names])
+
+
+def projector_treedef(tree):
+  """The structure `ProjectSubspaceState.projectors` follows: `tree`'s, with
+  no Flax NNX `Variable` around a leaf.
+
+  A projector state placed inside the parameter's `nnx.Param` would be a
+  container inside a Variable, which `nnx.Optimizer` hands back as an
+  `nnx.State` after the first update (it rebuilds every container inside a
+  Variable): the state's structure would change once, and a jitted train
+  step would compile twice. Outside any Variable, only its arrays are
+  wrapped (`nnx.Optimizer` gives each its own `OptArray`) and every
+  container keeps its type.
+  """
+  return jax.tree_util.tree_structure(_leaves.unwrap_variables(tree))
 
 
 def _by_shape(fn, plans, leaves, group, *trees):
@@ -317,7 +333,11 @@ def project_subspace(
     scale: α, multiplies the back-projected update of projected leaves.
     mask: which leaves are projected: a regex matched (`re.search`) against
       the key path joined by "/" (e.g. ``r"(attention|mlp)/.*kernel"``), a
-      callable ``(path, leaf) -> bool``, or a pytree of bools like the params.
+      callable ``(path, leaf) -> bool``, or a pytree of bools like the params
+      (or a prefix of them). Flax NNX Variables are looked through: the
+      kernel of ``nnx.state(model, nnx.Param)`` has the path
+      "layers/0/kernel", not "layers/0/kernel/value", as in the plain arrays
+      `nnx.Optimizer` passes to `update`.
       Default: every floating-point leaf with 2 or more axes (those with
       more need `dims`). Unselected leaves go through `inner` at full size.
     dims: `MatrixDims` for every selected leaf, a callable
@@ -396,7 +416,7 @@ def project_subspace(
       low_rank.append(jnp.zeros(p.low_rank_shape, jnp.result_type(x)))
     return ProjectSubspaceState(
         count=jnp.zeros([], jnp.int32),
-        projectors=treedef.unflatten(pstates),
+        projectors=projector_treedef(params).unflatten(pstates),
         inner=inner.init(treedef.unflatten(low_rank)),
     )
 
@@ -411,7 +431,8 @@ def project_subspace(
     plans, treedef, key_paths = plan(updates, quiet=True)
     g_leaves = treedef.flatten_up_to(updates)
     p_leaves = None if params is None else treedef.flatten_up_to(params)
-    pstates = dict(enumerate(treedef.flatten_up_to(state.projectors)))
+    pstates = dict(enumerate(
+        projector_treedef(updates).flatten_up_to(state.projectors)))
     projected = [i for i, p in enumerate(plans) if p.projected]
     for i in projected:
       template = jax.eval_shape(lambda i=i: init_projector(i, plans[i]))
@@ -588,7 +609,8 @@ def project_subspace(
 
     new_state = ProjectSubspaceState(
         count=optax.safe_increment(count),
-        projectors=treedef.unflatten([pstates[i] for i in range(len(plans))]),
+        projectors=projector_treedef(updates).unflatten(
+            [pstates[i] for i in range(len(plans))]),
         inner=inner_state,
     )
     return treedef.unflatten(out), new_state

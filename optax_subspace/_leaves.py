@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
@@ -103,6 +104,61 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
+def _variable_type():
+  """Flax NNX's `Variable` class if Flax NNX is loaded, else None.
+
+  Read from `sys.modules`, never imported: when `flax.nnx` is not loaded no
+  Variable can exist, and the library does not depend on Flax.
+  """
+  return getattr(sys.modules.get("flax.nnx"), "Variable", None)
+
+
+def is_variable(x) -> bool:
+  """Whether `x` is a Flax NNX `Variable` (an `nnx.Param`, an `OptState`, ...)."""
+  variable = _variable_type()
+  return variable is not None and isinstance(x, variable)
+
+
+def unwrap_variables(tree):
+  """`tree` with every Flax NNX `Variable` replaced by its value.
+
+  What `nnx.as_pure` does, without importing Flax: `nnx.Optimizer` hands
+  `update` the parameters this way, while `init` gets them wrapped
+  (``nnx.state(model, nnx.Param)``). Trees without Variables come back as
+  they are.
+  """
+  if _variable_type() is None:
+    return tree
+
+  def value(x):
+    if not is_variable(x):
+      return x
+    return x.get_value() if hasattr(x, "get_value") else x.value
+
+  return jax.tree_util.tree_map(value, tree, is_leaf=is_variable)
+
+
+def leaf_paths(tree) -> list[str]:
+  """The `path_str` of every leaf of `tree`, in flatten order.
+
+  A Flax NNX `Variable` adds no name of its own: the kernel of
+  ``nnx.state(model, nnx.Param)`` is ``"layers/0/kernel"``, not
+  ``"layers/0/kernel/value"``, the path the same leaf has in the plain arrays
+  `nnx.Optimizer` passes to `update`. So `mask` and `dims` see one path per
+  leaf whichever form the tree comes in.
+  """
+  paths = []
+  for path, x in jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=is_variable)[0]:
+    if is_variable(x):
+      paths.extend(path_str(tuple(path) + tuple(sub)) for sub, _ in
+                   jax.tree_util.tree_flatten_with_path(
+                       unwrap_variables(x))[0])
+    else:
+      paths.append(path_str(path))
+  return paths
+
+
 def _as_axes(spec, ndim: int, what: str, path: str) -> tuple[int, ...]:
   axes = (spec,) if isinstance(spec, (int, np.integer)) else tuple(spec)
   if not axes:
@@ -117,7 +173,26 @@ def _as_axes(spec, ndim: int, what: str, path: str) -> tuple[int, ...]:
   return tuple(out)
 
 
-def _leaf_mask(mask: MaskSpec, paths, leaves, treedef) -> list[bool]:
+def _spread(mask_tree, params, what: str) -> list[bool]:
+  """One bool per leaf of `params` from a tree of bools with `params`'
+  structure or a prefix of it (a bool for a whole subtree), as
+  `optax.masked` takes it. Flax NNX Variables are looked through on both."""
+  mask_tree, pure = unwrap_variables(mask_tree), unwrap_variables(params)
+  try:
+    spread = jax.tree_util.tree_map(
+        lambda m, sub: [bool(m)] * len(jax.tree_util.tree_leaves(sub)),
+        mask_tree, pure)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(
+        f"{what} is a pytree whose structure does not match the parameters"
+        " (it must be their structure or a prefix of it):"
+        f"\n  mask:   {jax.tree_util.tree_structure(mask_tree)}"
+        f"\n  params: {jax.tree_util.tree_structure(pure)}"
+    ) from e
+  return jax.tree_util.tree_leaves(spread)
+
+
+def _leaf_mask(mask: MaskSpec, paths, leaves, params) -> list[bool]:
   """Resolves `mask` to one bool per leaf."""
   if mask is None:  # every floating-point matrix or batch of matrices
     return [
@@ -136,20 +211,13 @@ def _leaf_mask(mask: MaskSpec, paths, leaves, treedef) -> list[bool]:
     return selected
   if callable(mask):
     return [bool(mask(p, x)) for p, x in zip(paths, leaves)]
-  mask_leaves, mask_def = jax.tree_util.tree_flatten(mask)
-  if mask_def != treedef:
-    raise ValueError(
-        "mask is a pytree whose structure does not match the parameters:"
-        f"\n  mask:   {mask_def}\n  params: {treedef}"
-    )
-  return [bool(m) for m in mask_leaves]
+  return _spread(mask, params, "mask")
 
 
 def selected(params, mask: MaskSpec = None):
   """The tree of bools `mask` selects in `params` (see `plan_leaves`)."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  leaves = [x for _, x in flat]
-  chosen = _leaf_mask(mask, [path_str(p) for p, _ in flat], leaves, treedef)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  chosen = _leaf_mask(mask, leaf_paths(params), leaves, params)
   return treedef.unflatten(chosen)
 
 
@@ -183,10 +251,9 @@ def plan_leaves(
   """
   if side not in SIDES:
     raise ValueError(f"side must be one of {SIDES}, got {side!r}.")
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  paths = [path_str(p) for p, _ in flat]
-  leaves = [x for _, x in flat]
-  selected = _leaf_mask(mask, paths, leaves, treedef)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  paths = leaf_paths(params)
+  selected = _leaf_mask(mask, paths, leaves, params)
   leaf_dims = _leaf_dims(dims, paths, leaves, treedef)
   plans, clamped = [], []
   for path, x, sel, d in zip(paths, leaves, selected, leaf_dims):

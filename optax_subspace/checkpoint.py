@@ -53,9 +53,8 @@ def _leaf_table(tree) -> dict:
 
 def _subspaces(params, opt_state) -> dict:
   """{state path: {param path: projector type and rank}} per subspace state."""
-  treedef = jax.tree_util.tree_structure(params)
-  paths = [_leaves.path_str(kp)
-           for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  treedef = _combinator.projector_treedef(params)
+  paths = _leaves.leaf_paths(params)
   nodes = jax.tree_util.tree_flatten_with_path(
       opt_state,
       is_leaf=lambda x: isinstance(x, _combinator.ProjectSubspaceState))[0]

@@ -192,7 +192,7 @@ def _project_state_plans(node, params, dims):
   stores no basis, else the last axis of its first array), and its side
   from the shapes of its buffers (`_oriented`).
   """
-  treedef = jax.tree_util.tree_structure(params)
+  treedef = _combinator.projector_treedef(params)
   pstates = treedef.flatten_up_to(node.projectors)
   projected = [not isinstance(p, optax.MaskedNode) for p in pstates]
   ranks = [
@@ -321,7 +321,8 @@ def state_shardings(
         out.append(full_or_replicated(path + tuple(sub), x))
 
   def visit_projectors(tree, specs):
-    for i, sub in enumerate(treedef.flatten_up_to(tree)):
+    pdef = _combinator.projector_treedef(params)
+    for i, sub in enumerate(pdef.flatten_up_to(tree)):
       for _, x in jax.tree_util.tree_flatten_with_path(sub)[0]:
         spec = specs[i].projector_leaf(x.shape)
         out.append(NamedSharding(mesh, PartitionSpec(*spec)))

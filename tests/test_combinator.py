@@ -148,6 +148,30 @@ def test_mask_selects_by_path_regex_callable_or_pytree(mask):
   assert state.inner[0].mu["embed"].shape == (30, 8)
 
 
+def test_flax_nnx_paths_have_no_value_suffix_at_init_or_update():
+  # init gets nnx.Params ("up/kernel/value" in jax's key paths), update the
+  # plain arrays nnx.Optimizer passes ("up/kernel"): a mask sees "up/kernel"
+  # both times, so a regex anchored on the kernel name selects it.
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)),
+                         nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+  seen = set()
+  def leaf(path, x):
+    seen.add(path)
+    return path.endswith("kernel")
+  tx = osub.galore(1e-2, 2, mask=leaf)
+  anchored = osub.galore(1e-2, 2, mask=r"kernel$")
+  opts = [nnx.Optimizer(model, t, wrt=nnx.Param) for t in (tx, anchored)]
+  grads = nnx.grad(lambda m: jnp.mean(m(jnp.ones((2, 8))) ** 2))(model)
+  for opt in opts:
+    opt.update(model, grads)
+  assert seen == {"layers/0/kernel", "layers/0/bias", "layers/1/kernel",
+                  "layers/1/bias"}
+  for opt in opts:
+    assert opt.opt_state[0].projectors["layers"][0]["kernel"].basis.shape == (
+        8, 2)
+
+
 def test_bad_input_is_rejected_at_init_with_a_clear_message():
   params = {"w": jnp.ones((8, 16)), "ids": jnp.ones((8, 16), jnp.int32),
             "k3": jnp.ones((4, 8, 16))}

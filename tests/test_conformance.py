@@ -188,6 +188,32 @@ def test_trains_a_flax_nnx_model_through_nnx_optimizer(name):
   assert first_moments == [(2, 16)]
 
 
+@pytest.mark.parametrize("name", NAMES + ["adamw"])
+def test_nnx_optimizer_compiles_the_train_step_once(name):
+  # nnx.Optimizer wraps every array of the state in a Variable and rebuilds
+  # the containers inside Variables after each update: a projector state
+  # held inside the parameter's nnx.Param came back as an nnx.State at
+  # step 2, which traced (and compiled) the step a second time.
+  model = _Mlp(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (32, 8))
+  make = (lambda lr: optax.adamw(lr)) if name == "adamw" else PRESETS[name]
+  optimizer = nnx.Optimizer(model, make(0.02), wrt=nnx.Param)
+  traces = []
+
+  @nnx.jit
+  def step(model, optimizer):
+    traces.append(1)
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  structure = jax.tree_util.tree_structure(nnx.state(optimizer))
+  for _ in range(3):
+    step(model, optimizer)
+  assert len(traces) == 1
+  assert jax.tree_util.tree_structure(nnx.state(optimizer)) == structure
+
+
 def test_presets_under_inject_hyperparams_need_static_ints():
   params, _ = _problem()
   with pytest.raises(TypeError, match="static_args"):

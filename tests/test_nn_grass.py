@@ -198,9 +198,9 @@ def _train_optimizer_level(selection, steps, every, rank, lr, mask, **kw):
   for path, x in jax.tree_util.tree_flatten_with_path(
       opt.opt_state[0].projectors)[0]:
     name = osub._leaves.path_str(path)  # pylint: disable=protected-access
-    layer, _, field = name.partition("/kernel/")  # field: [value/]indices
-    selections[(layer, field.split("/")[-1])] = np.asarray(
-        getattr(x, "value", x))
+    layer, _, field = name.partition("/kernel/")  # field: indices[/value]
+    field = [f for f in field.split("/") if f != "value"][0]
+    selections[(layer, field)] = np.asarray(getattr(x, "value", x))
   return model, losses, selections
 
 

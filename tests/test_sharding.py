@@ -318,9 +318,10 @@ def test_takes_a_flax_nnx_param_state():
   got = {path_str(p): s.spec for p, s in
          jax.tree_util.tree_flatten_with_path(shardings)[0]}
   # (16, 32) by rows: P sharded; (32, 16) by columns, sharded on its rows
-  # (the kept side): P replicated; both moments on the 32 side.
-  assert got["0/projectors/layers/0/kernel/value/basis"] == P("fsdp", None)
-  assert got["0/projectors/layers/1/kernel/value/basis"] == P(None, None)
+  # (the kept side): P replicated; both moments on the 32 side. Projector
+  # states sit outside the nnx.Param (no "value" in their paths).
+  assert got["0/projectors/layers/0/kernel/basis"] == P("fsdp", None)
+  assert got["0/projectors/layers/1/kernel/basis"] == P(None, None)
   assert got["0/inner/mu/layers/0/kernel/value"] == P(None, "fsdp")
   assert got["0/inner/nu/layers/1/kernel/value"] == P("fsdp", None)
   assert got["0/inner/mu/layers/0/bias/value"] == P()
