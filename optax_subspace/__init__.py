@@ -14,7 +14,9 @@ from optax_subspace._combinator import ProjectSubspaceState
 from optax_subspace._combinator import SECOND_MOMENT_FIELDS
 from optax_subspace._combinator import project_subspace
 from optax_subspace._grass import grass
+from optax_subspace._leaves import LeafPredicate
 from optax_subspace._leaves import MatrixDims
+from optax_subspace._leaves import leaf_predicate
 from optax_subspace._presets import DecayAfterUpdateState
 from optax_subspace._presets import add_decayed_weights_after_update
 from optax_subspace._presets import galore
@@ -34,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointMismatchError",
     "DecayAfterUpdateState",
+    "LeafPredicate",
     "MatrixDims",
     "ProjectSubspaceState",
     "SECOND_MOMENT_FIELDS",
@@ -41,6 +44,7 @@ __all__ = [
     "add_decayed_weights_after_update",
     "galore",
     "grass",
+    "leaf_predicate",
     "online_subspace_descent",
     "project_subspace",
     "projectors",

@@ -331,13 +331,17 @@ def project_subspace(
       receives the projected parameters Pᵀ W.
     projector: a `Projector`, e.g. `projectors.svd(rank, update_every)`.
     scale: α, multiplies the back-projected update of projected leaves.
-    mask: which leaves are projected: a regex matched (`re.search`) against
-      the key path joined by "/" (e.g. ``r"(attention|mlp)/.*kernel"``), a
-      callable ``(path, leaf) -> bool``, or a pytree of bools like the params
-      (or a prefix of them). Flax NNX Variables are looked through: the
-      kernel of ``nnx.state(model, nnx.Param)`` has the path
-      "layers/0/kernel", not "layers/0/kernel/value", as in the plain arrays
-      `nnx.Optimizer` passes to `update`.
+    mask: which leaves are projected, one of: a regex matched (`re.search`)
+      against the key path joined by "/" (e.g. ``r"(attention|mlp)/.*kernel"``);
+      a pytree of bools with the params' structure or a prefix of it; a
+      callable ``mask(params) -> pytree of bools`` (optax's convention, as
+      `optax.masked` and `optax.contrib.galore` take it); or a per-leaf
+      predicate ``leaf_predicate(lambda path, leaf: ...)``. (A bare callable
+      that needs two arguments is still read as a per-leaf predicate, with a
+      DeprecationWarning.) Flax NNX Variables are looked through: the kernel
+      of ``nnx.state(model, nnx.Param)`` has the path "layers/0/kernel", not
+      "layers/0/kernel/value", as in the plain arrays `nnx.Optimizer` passes
+      to `update`, and a callable mask receives the params without Variables.
       Default: every floating-point leaf with 2 or more axes (those with
       more need `dims`). Unselected leaves go through `inner` at full size.
     dims: `MatrixDims` for every selected leaf, a callable

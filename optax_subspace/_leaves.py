@@ -6,6 +6,7 @@ while tracing `update`, and never touches array values.
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import sys
@@ -45,7 +46,9 @@ class MatrixDims(NamedTuple):
 DimsSpec = Union[
     None, MatrixDims, Callable[[str, Any], Optional[MatrixDims]], Any
 ]
-MaskSpec = Union[None, str, Callable[[str, Any], bool], Any]
+# A regex on leaf paths, `leaf_predicate(fn)`, a callable of the params tree
+# returning a tree of bools (optax's convention), or such a tree.
+MaskSpec = Union[None, str, "LeafPredicate", Callable[[Any], Any], Any]
 # Which side of each matrix the projector spans: the smaller one (GaLore;
 # ties go to the rows), always the rows (the input side of a Flax kernel:
 # RSO's P acts on the layer input), or always the columns.
@@ -173,6 +176,66 @@ def _as_axes(spec, ndim: int, what: str, path: str) -> tuple[int, ...]:
   return tuple(out)
 
 
+class LeafPredicate:
+  """A per-leaf `mask`: ``fn(path, leaf) -> bool``; made by `leaf_predicate`."""
+
+  def __init__(self, fn: Callable[[str, Any], bool]):
+    if not callable(fn):
+      raise TypeError(f"leaf_predicate takes a callable, got {fn!r}.")
+    self.fn = fn
+
+  def __repr__(self):
+    return f"leaf_predicate({self.fn!r})"
+
+
+def leaf_predicate(fn: Callable[[str, Any], bool]) -> LeafPredicate:
+  """Marks `fn` as a per-leaf `mask`: ``fn(path, leaf) -> bool``.
+
+  `path` is the leaf's key path as a string (``"layers/0/attention/kernel"``;
+  a Flax NNX Variable adds no "/value"), `leaf` the array (or
+  `jax.ShapeDtypeStruct`). A bare callable given as `mask` is optax's
+  convention instead: ``mask(params)`` returns a tree of bools, as
+  `optax.masked` takes it.
+
+  References:
+    Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection", ICML 2024, arXiv:2403.03507 (projects the attention and MLP
+    matrices: the leaves a mask selects).
+
+  Args:
+    fn: ``(path: str, leaf) -> bool``, True for a leaf to project.
+
+  Returns:
+    A `LeafPredicate`, for the `mask` of `project_subspace` and the presets.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, optax_subspace as osub
+    >>> mask = osub.leaf_predicate(lambda path, x: "kernel" in path)
+    >>> tx = osub.galore(1e-3, rank=2, mask=mask)
+    >>> state = tx.init({"kernel": jnp.ones((4, 8)), "bias": jnp.ones(8)})
+  """
+  return LeafPredicate(fn)
+
+
+def _takes_path_and_leaf(fn) -> bool:
+  """Whether `fn` needs two positional arguments (the per-leaf predicates
+  `mask` took before it followed optax's convention)."""
+  try:
+    signature = inspect.signature(fn)
+  except (TypeError, ValueError):  # no signature: taken as optax's form
+    return False
+  try:
+    signature.bind(None)
+    return False
+  except TypeError:
+    pass
+  try:
+    signature.bind(None, None)
+    return True
+  except TypeError:
+    return False
+
+
 def _spread(mask_tree, params, what: str) -> list[bool]:
   """One bool per leaf of `params` from a tree of bools with `params`'
   structure or a prefix of it (a bool for a whole subtree), as
@@ -209,8 +272,18 @@ def _leaf_mask(mask: MaskSpec, paths, leaves, params) -> list[bool]:
           f" re.search against: {paths[:8]}{' ...' if len(paths) > 8 else ''}"
       )
     return selected
+  if isinstance(mask, LeafPredicate):
+    return [bool(mask.fn(p, x)) for p, x in zip(paths, leaves)]
   if callable(mask):
-    return [bool(mask(p, x)) for p, x in zip(paths, leaves)]
+    if _takes_path_and_leaf(mask):
+      warnings.warn(
+          "mask: a callable of (path, leaf) is read as a per-leaf predicate;"
+          " wrap it as optax_subspace.leaf_predicate(fn). A bare callable mask"
+          " follows optax's convention, mask(params) -> tree of bools.",
+          DeprecationWarning, stacklevel=5)
+      return [bool(mask(p, x)) for p, x in zip(paths, leaves)]
+    return _spread(mask(unwrap_variables(params)), params,
+                   "mask(params) returned a tree that")
   return _spread(mask, params, "mask")
 
 

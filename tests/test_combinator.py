@@ -138,7 +138,13 @@ def test_out_projection_with_rows_after_cols_is_transposed_consistently():
     r"attn/.*kernel",
     lambda path, leaf: path.startswith("attn") and leaf.ndim == 2,
     {"attn": {"kernel": True, "bias": False}, "embed": False},
-])
+    osub.leaf_predicate(lambda path, leaf: path.startswith("attn")
+                        and leaf.ndim == 2),
+    lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, x: path[0].key == "attn" and x.ndim == 2, params),
+    lambda params: {"attn": {"kernel": True, "bias": False}, "embed": False},
+], ids=["regex", "two_argument_callable", "tree", "leaf_predicate",
+        "optax_callable", "optax_callable_tree"])
 def test_mask_selects_by_path_regex_callable_or_pytree(mask):
   params = {"attn": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)},
             "embed": jnp.ones((30, 8))}
@@ -146,6 +152,34 @@ def test_mask_selects_by_path_regex_callable_or_pytree(mask):
                                 mask=mask).init(params)
   assert state.inner[0].mu["attn"]["kernel"].shape == (2, 16)
   assert state.inner[0].mu["embed"].shape == (30, 8)
+
+
+def test_a_callable_mask_follows_optax_and_a_per_leaf_one_is_explicit():
+  # optax's convention (optax.masked, optax.contrib.galore): mask(params) is
+  # a tree of bools, or a prefix of the params' structure. A per-leaf
+  # predicate is leaf_predicate(fn); a bare callable of (path, leaf) still
+  # works, with a DeprecationWarning naming leaf_predicate.
+  params = {"attn": {"q": jnp.ones((8, 16)), "k": jnp.ones((8, 16))},
+            "embed": jnp.ones((30, 8))}
+  def low_rank(tx):
+    state = tx.init(params)
+    return {k: v.shape for k, v in state[0].inner.mu["attn"].items()}, (
+        state[0].inner.mu["embed"].shape)
+  prefix = lambda p: {"attn": True, "embed": False}  # True for a whole subtree
+  assert low_rank(osub.galore(1e-3, 2, mask=prefix)) == (
+      {"q": (2, 16), "k": (2, 16)}, (30, 8))
+  by_leaf = osub.leaf_predicate(lambda path, x: path == "attn/q")
+  assert low_rank(osub.galore(1e-3, 2, mask=by_leaf)) == (
+      {"q": (2, 16), "k": (8, 16)}, (30, 8))
+  with pytest.warns(DeprecationWarning, match="leaf_predicate"):
+    osub.galore(1e-3, 2, mask=lambda path, x: path == "attn/q").init(params)
+  # The same callable selects the same leaves as it masks in optax.masked.
+  chosen = lambda p: jax.tree_util.tree_map(lambda x: x.shape == (8, 16), p)
+  state = optax.masked(optax.adam(1e-3), chosen).init(params)
+  assert isinstance(state.inner_state[0].mu["embed"], optax.MaskedNode)
+  assert low_rank(osub.galore(1e-3, 2, mask=chosen))[1] == (30, 8)
+  with pytest.raises(ValueError, match="mask.*does not match the parameters"):
+    osub.galore(1e-3, 2, mask=lambda p: {"attn": True}).init(params)
 
 
 def test_flax_nnx_paths_have_no_value_suffix_at_init_or_update():
@@ -159,7 +193,7 @@ def test_flax_nnx_paths_have_no_value_suffix_at_init_or_update():
   def leaf(path, x):
     seen.add(path)
     return path.endswith("kernel")
-  tx = osub.galore(1e-2, 2, mask=leaf)
+  tx = osub.galore(1e-2, 2, mask=osub.leaf_predicate(leaf))
   anchored = osub.galore(1e-2, 2, mask=r"kernel$")
   opts = [nnx.Optimizer(model, t, wrt=nnx.Param) for t in (tx, anchored)]
   grads = nnx.grad(lambda m: jnp.mean(m(jnp.ones((2, 8))) ** 2))(model)
