@@ -78,6 +78,7 @@ from benchmarks.optimizer_update import _count_setter
 from examples.llama import optimizers as llama_optimizers
 from examples.llama.config import ModelConfig, TrainConfig
 from examples.llama.model import Llama
+import optax_subspace as osub
 from optax_subspace import nn as osnn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -96,8 +97,6 @@ REFRESH_KIND = {"galore": "count", "grass": "count", "rso_model": "program",
                 "rso_model_shared": "program",
                 "grass_model": "program"}
 UPDATE_EVERY = 200
-# The methods whose refreshes the LLaMA example decides on the host (`subspace_refresh`).
-HOST_REFRESH = tuple(llama_optimizers.REFRESHES)
 # The layers the model level replaces: those whose kernels the optimizer level projects
 # (examples/llama/optimizers.py's PROJECTED, r"(attention|mlp)/.*kernel").
 MODEL_LEVEL_LAYERS = r"(attention|mlp)/"
@@ -132,6 +131,7 @@ class TrainSetup:
       "count": the method's; ``grass_model``: its `nnx.Optimizer`'s); None elsewhere.
     steady_count: the count the timed steady steps start from (past the step-0 refresh), or
       None to start from init's.
+    host_refresh: whether the steps are the example's host-decided ones (`build`).
   """
 
   method: str
@@ -150,6 +150,7 @@ class TrainSetup:
   refresh: Optional[Callable]
   set_count: Optional[Callable]
   steady_count: Optional[int]
+  host_refresh: bool = False
 
 
 def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
@@ -301,19 +302,24 @@ def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Option
     state_dtype: the optimizer state's dtype (`with_state_dtype`); None: the method's own.
     seed: the model's initialisation.
     host_refresh: the LLaMA example's loop (`examples/llama/optimizers.refresh_due`): the
-      methods of `HOST_REFRESH` get two programs, the steady step (``subspace_refresh=False``,
-      no refresh cond: no host sync at it on a GPU) and the refresh step (True, kind "count";
-      OSD's refresh is its step-0 SVD only, not amortised). False: one program, the refresh
-      decided on the device by a `lax.cond`.
+      methods whose state holds a projector's refresh schedule (`osub.refresh_schedule`) get
+      two programs, the steady step (``subspace_refresh=False``, no refresh cond: no host sync
+      at it on a GPU) and the refresh step (True, kind "count"; a refresh at step 0 only, OSD's
+      SVD start, is not amortised). False: one program, the refresh decided on the device by a
+      `lax.cond`.
   """
   rank = rank or model.hidden // 4
   tx = optimizer(method, rank, update_every, state_dtype, model.scan_layers)
-  host = host_refresh and method in HOST_REFRESH
+  schedule = None
   if method in MODEL_LEVEL:
     train_step, init, carry, refresh = _model_level(method, model, tx, rank, update_every, seed)
   else:
-    train_step, init, carry, refresh = _optimizer_level(
-        method, model, tx, seed, False if host else None)
+    train_step, init, carry, refresh = _optimizer_level(method, model, tx, seed)
+    # The projector's schedule, read from the (abstract) state as the example's loop reads it.
+    schedule = osub.refresh_schedule(carry[1]) if host_refresh else None
+  host = schedule is not None
+  if host:
+    train_step = _optimizer_level(method, model, tx, seed, False)[0]
   tokens_shape = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
   kind = REFRESH_KIND.get(method)
   set_count, steady_count = None, None
@@ -322,7 +328,7 @@ def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Option
   elif method in ("galore", "grass", "optax_contrib_galore") or host:
     set_count, steady_count = _count_setter(carry[1]), 1
   if host:
-    kind = None if method == "osd" else "count"
+    kind = None if schedule.every is None else "count"
     refresh = None if kind is None else _optimizer_level(method, model, tx, seed, True)[0]
   return TrainSetup(
       method=method, level="model" if method in MODEL_LEVEL else "optimizer", model=model,
@@ -335,7 +341,7 @@ def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Option
       refresh_kind=kind,
       refresh=(jax.jit(refresh, donate_argnums=(0, 1, 2)) if kind == "program"
                else jax.jit(refresh, donate_argnums=(0, 1)) if refresh is not None else None),
-      set_count=set_count, steady_count=steady_count)
+      set_count=set_count, steady_count=steady_count, host_refresh=host)
 
 
 # ------------------------------------------------------------------ compiling and running

@@ -134,7 +134,7 @@ def run_job(job: dict) -> dict:
   train_setups.progress("compiled (" + ", ".join(f"{k} {v:.1f} s"
                                                  for k, v in compiled.compile_s.items()) + ")")
   row = {"method": setup.method, "level": setup.level, "attention": attention,
-         "host_refresh": bool(job.get("host_refresh")) and setup.method in train_setups.HOST_REFRESH,
+         "host_refresh": setup.host_refresh,
          "rank": setup.rank, "compile_s": {k: round(v, 2) for k, v in compiled.compile_s.items()},
          "memory_analysis": {"step": train_setups.memory_analysis(compiled.step)}}
   if compiled.refresh is not None:

@@ -21,6 +21,9 @@ from optax_subspace._presets import DecayAfterUpdateState
 from optax_subspace._presets import add_decayed_weights_after_update
 from optax_subspace._presets import galore
 from optax_subspace._presets import online_subspace_descent
+from optax_subspace._refresh import RefreshScheduleError
+from optax_subspace._refresh import refresh_due
+from optax_subspace._refresh import refresh_schedule
 from optax_subspace._restart import RestartEveryState
 from optax_subspace._restart import restart_every
 from optax_subspace._rso import RsoSubproblemState
@@ -39,6 +42,7 @@ __all__ = [
     "LeafPredicate",
     "MatrixDims",
     "ProjectSubspaceState",
+    "RefreshScheduleError",
     "SECOND_MOMENT_FIELDS",
     "ScaleByHfAdamState",
     "add_decayed_weights_after_update",
@@ -48,6 +52,8 @@ __all__ = [
     "online_subspace_descent",
     "project_subspace",
     "projectors",
+    "refresh_due",
+    "refresh_schedule",
     "RestartEveryState",
     "RsoSubproblemState",
     "restart_every",

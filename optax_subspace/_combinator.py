@@ -52,11 +52,19 @@ class ProjectSubspaceState(NamedTuple):
       `optax.MaskedNode()`.
     inner: the inner transformation's state, allocated on the low-rank
       shapes of the projected leaves and the full shapes of the others.
+    schedule: the projector's `projectors.RefreshSchedule` (a static pytree:
+      no leaves), or None for a projector that declares none; what
+      `refresh_due` answers from.
+    refresh_mismatch: int32, -1, or the first step at which a
+      ``subspace_refresh`` passed to `update` disagreed with the projector's
+      schedule (`refresh_due` raises on it).
   """
 
   count: jax.Array
   projectors: Any
   inner: optax.OptState
+  schedule: Any = None
+  refresh_mismatch: Any = None
 
 
 def _over_batch(fn, plan: _leaves.LeafPlan, *args, in_axes):
@@ -317,9 +325,15 @@ def project_subspace(
   ``tx.update(g, state, params, subspace_refresh=step % T == 0)`` (GaLore,
   GRASS, RSO: every `update_every` steps from 0; OSD: step 0 only), a Python
   bool, static under jit (two compiled programs); the conds are then not
-  traced. A value that disagrees with the projector's schedule makes the
-  projected updates NaN rather than train another method. `optax.chain`,
-  `optax.masked` and `optax.MultiSteps` pass it through as an extra argument.
+  traced. The schedule belongs to the projector (`projectors.RefreshSchedule`)
+  and is kept in the state: ``osub.refresh_due(opt_state, step)`` gives the
+  flag, so no caller writes a method's schedule again. A value that
+  disagrees with the schedule makes that step's projected updates NaN, not
+  another method's, and is recorded in the state: the next `refresh_due`
+  call that finds the state computed raises `RefreshScheduleError` naming
+  the step (no host sync: it never waits for the device). `optax.chain`,
+  `optax.masked` and `optax.MultiSteps` pass the flag through as an extra
+  argument.
 
   References:
     Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
@@ -390,6 +404,8 @@ def project_subspace(
         "refresh_chunk_bytes must be None or a positive int (bytes),"
         f" got {refresh_chunk_bytes!r}.")
   rank = projector.rank
+  schedule = (projector.needs_refresh if isinstance(
+      projector.needs_refresh, _base.RefreshSchedule) else None)
 
   def plan(tree, quiet):
     with warnings.catch_warnings():
@@ -422,6 +438,8 @@ def project_subspace(
         count=jnp.zeros([], jnp.int32),
         projectors=projector_treedef(params).unflatten(pstates),
         inner=inner.init(treedef.unflatten(low_rank)),
+        schedule=schedule,
+        refresh_mismatch=jnp.full([], -1, jnp.int32),
     )
 
   def _update(updates, state, params=None, *, subspace_refresh=None,
@@ -542,13 +560,17 @@ def project_subspace(
 
     # 3. Back-project with the same basis, scale. A static `subspace_refresh`
     # that disagrees with the projector's schedule makes every projected
-    # update NaN: the run fails where it went wrong rather than silently
-    # training with stale (or extra) refreshes; the check is a scalar compare
-    # on the device, read by the multiply by α (no host sync).
+    # update NaN (the run stops where it went wrong rather than training
+    # with stale or extra refreshes) and records the step in the state,
+    # where `refresh_due` finds it and raises. Both are a scalar compare on
+    # the device, read by the multiply by α: no host sync.
     alpha = scale
+    mismatch = state.refresh_mismatch
     if subspace_refresh is not None and projected:
       agrees = projector.needs_refresh(count) == bool(subspace_refresh)
       alpha = jnp.where(agrees, scale, jnp.nan).astype(jnp.float32)
+      if mismatch is not None:
+        mismatch = jnp.where((mismatch < 0) & ~agrees, count, mismatch)
     out = treedef.flatten_up_to(inner_updates)
     for i in projected:
       if projector.back is None and plans[i].axis == 1:
@@ -616,6 +638,8 @@ def project_subspace(
         projectors=projector_treedef(updates).unflatten(
             [pstates[i] for i in range(len(plans))]),
         inner=inner_state,
+        schedule=state.schedule,
+        refresh_mismatch=mismatch,
     )
     return treedef.unflatten(out), new_state
 

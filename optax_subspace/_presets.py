@@ -207,9 +207,9 @@ def galore(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`. A loop that counts steps
-    passes ``update(..., subspace_refresh=step % update_every == 0)`` (step
-    0, 1, …; static under jit): no refresh `lax.cond`, so no host sync at it
-    on a GPU (`project_subspace`).
+    passes ``update(..., subspace_refresh=osub.refresh_due(state, step))``
+    (step 0, 1, …: here ``step % update_every == 0``; static under jit): no
+    refresh `lax.cond`, so no host sync at it on a GPU (`project_subspace`).
 
   Example:
     >>> import optax, optax_subspace as osub
@@ -311,7 +311,8 @@ def online_subspace_descent(
   Returns:
     An `optax.GradientTransformationExtraArgs`; its refresh is the SVD of
     step 0, so a loop that counts steps passes
-    ``update(..., subspace_refresh=step == 0)`` (`project_subspace`).
+    ``update(..., subspace_refresh=osub.refresh_due(state, step))``, here
+    ``step == 0`` (`project_subspace`).
 
   Example:
     >>> import optax_subspace as osub

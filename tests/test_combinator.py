@@ -514,6 +514,90 @@ def test_static_subspace_refresh_gives_the_same_steps_with_no_cond(name):
   assert " conditional(" in compiled(tx.update) and " conditional(" not in steady
 
 
+WRAPPERS = {
+    "chain": lambda tx: optax.chain(optax.clip_by_global_norm(1.0), tx),
+    # rebuilds the transformation at every update
+    "inject_hyperparams": lambda tx: optax.inject_hyperparams(
+        lambda scale: optax.chain(tx, optax.scale(scale)))(scale=1.0),
+    "multisteps": lambda tx: optax.MultiSteps(tx, every_k_schedule=1),
+    "masked": lambda tx: optax.masked(tx, lambda p: jax.tree_util.tree_map(
+        lambda _: True, p)),
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+@pytest.mark.parametrize("name", sorted(STATIC_REFRESH_METHODS))
+def test_refresh_due_reads_the_projectors_schedule_through_any_wrapper(name,
+                                                                      wrapper):
+  # The schedule belongs to the projector and travels in the state: the host
+  # reads it there, so no caller writes a method's schedule again.
+  make, due = STATIC_REFRESH_METHODS[name]
+  params = {"w": jnp.ones((12, 20)), "b": jnp.zeros(20)}
+  tx = WRAPPERS[wrapper](make())
+  state = tx.init(params)
+  step = jax.jit(tx.update, static_argnames="subspace_refresh")
+  answers = []
+  for t in range(5):
+    answers.append(osub.refresh_due(state, t))
+    updates, state = step(_grads(params, t), state, params,
+                          subspace_refresh=answers[-1])
+    jax.block_until_ready(state)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree_util.tree_leaves(updates))
+  assert answers == [due(t) for t in range(5)]
+
+
+def test_refresh_due_reads_an_nnx_optimizer_state():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  model = nnx.Linear(12, 20, rngs=nnx.Rngs(0))
+  opt = nnx.Optimizer(model, osub.galore(1e-2, 4, update_every=2,
+                                         mask="kernel"), wrt=nnx.Param)
+  grads = nnx.grad(lambda m: jnp.mean(m(jnp.ones((2, 12))) ** 2))(model)
+  answers = []
+  for t in range(3):
+    answers.append(osub.refresh_due(opt.opt_state, t))
+    opt.update(model, grads, subspace_refresh=answers[-1])
+  assert answers == [True, False, True]
+
+
+def test_a_wrong_static_refresh_is_an_error_at_the_next_refresh_due():
+  params = {"w": jnp.ones((12, 20)), "b": jnp.zeros(20)}
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   osub.galore(1e-2, 4, update_every=2))
+  step = jax.jit(tx.update, static_argnames="subspace_refresh")
+  state = tx.init(params)
+  _, state = step(_grads(params, 0), state, params, subspace_refresh=True)
+  _, state = step(_grads(params, 1), state, params, subspace_refresh=True)
+  jax.block_until_ready(state)  # what a logged loss does: the step is computed
+  # Step 1 does not refresh (T = 2): recorded in the state, raised on the host.
+  with pytest.raises(osub.RefreshScheduleError,
+                     match=r"step 1 got subspace_refresh=True.*says False"):
+    osub.refresh_due(state, 2)
+  # The state's count is what the schedule reads: another step is an error.
+  with pytest.raises(osub.RefreshScheduleError, match="has taken 0 steps"):
+    osub.refresh_due(tx.init(params), 3)
+  # An abstract state has no count to check: the schedule alone answers.
+  assert osub.refresh_due(jax.eval_shape(tx.init, params), 3) is False
+  with pytest.raises(TypeError, match="on the host"):
+    jax.jit(lambda s: osub.refresh_due(s, 0))(tx.init(params))
+
+
+def test_refresh_due_without_one_schedule():
+  params = {"w": jnp.ones((12, 20))}
+  assert osub.refresh_due(optax.adam(1e-3).init(params), 0) is None
+  custom = projectors.svd(4, 2)._replace(needs_refresh=lambda c: c % 2 == 0)
+  with pytest.raises(ValueError, match="declares no RefreshSchedule"):
+    osub.refresh_due(
+        osub.project_subspace(optax.adam(1e-3), custom).init(params), 0)
+  both = optax.chain(
+      osub.project_subspace(optax.adam(1e-3), projectors.svd(4, 2)),
+      osub.project_subspace(optax.sgd(1e-3), projectors.svd(4, 3)))
+  with pytest.raises(ValueError, match="different schedules"):
+    osub.refresh_due(both.init(params), 0)
+  assert osub.refresh_schedule(
+      osub.online_subspace_descent(1e-2, 4).init(params)) == (
+          projectors.RefreshSchedule(None))
+
+
 def test_a_wrong_static_refresh_poisons_the_projected_updates_and_a_traced_one_is_refused():
   params = {"w": jnp.ones((12, 20)), "b": jnp.zeros(20)}
   tx = osub.galore(1e-2, 4, update_every=2)

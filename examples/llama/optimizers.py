@@ -243,26 +243,23 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
   )
 
 
-# The methods built on optax_subspace.project_subspace, and the optimizer steps on which each
-# refreshes its subspace (the projector's `needs_refresh`): GaLore's SVD and GRASS's selection every
-# --update-every steps from 0, RSO's new random subspace with each subproblem, OSD's SVD start.
-REFRESHES = {
-    "galore": lambda cfg, step: step % cfg.update_every == 0,
-    "grass": lambda cfg, step: step % cfg.update_every == 0,
-    "rso": lambda cfg, step: step % cfg.update_every == 0,
-    "osd": lambda cfg, step: step == 0,
-}
+def refresh_due(cfg: TrainConfig, opt_state, step: int) -> bool | None:
+  """Whether optimizer step `step` (0, 1, …) refreshes the subspace; None for methods without a
+  `project_subspace` state (adamw, optax_galore, the model-level methods).
 
-
-def refresh_due(cfg: TrainConfig, step: int) -> bool | None:
-  """Whether optimizer step `step` (0, 1, …) refreshes the subspace; None for other methods.
-
-  Passed to the update as `subspace_refresh`, it replaces the refresh's `lax.cond`, which XLA's
-  GPU runtime evaluates on the host (a sync in every step); a wrong answer makes the projected
-  updates NaN, so a mistake here cannot train silently.
+  The projector's own schedule, read from the optimizer state (`optax_subspace.refresh_due`):
+  GaLore's SVD and GRASS's selection every --update-every steps from 0, RSO's new subspace with
+  each subproblem, OSD's SVD start. Passed to the update as `subspace_refresh`, it replaces the
+  refresh's `lax.cond`, which XLA's GPU runtime evaluates on the host (a sync in every step).
+  `optax_subspace.refresh_due` also raises if the state's count is not `step` or an earlier
+  step's flag disagreed with the schedule (checked on arrays already computed: no sync).
   """
-  rule = REFRESHES.get(cfg.optimizer)
-  return None if rule is None else bool(rule(cfg, step))
+  del cfg  # the state says which method it is
+  try:
+    library = importlib.import_module("optax_subspace")
+  except ImportError:
+    return None  # adamw and optax_galore run without the library: no subspace state
+  return library.refresh_due(opt_state, step)
 
 
 def build(cfg: TrainConfig) -> optax.GradientTransformation:

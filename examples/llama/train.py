@@ -655,7 +655,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     while step < cfg.steps:
       # Refresh steps and steady steps are two programs (`make_train_step`'s `refresh`); the first
       # call of each in this process compiles, so it is left out of the timed steps.
-      due = optimizers.refresh_due(cfg, step)
+      due = optimizers.refresh_due(cfg, opt_state, step)
       compiles = due not in compiled
       if compiles and clock.since is not None:
         _write_steps(log, pending)  # the device has caught up: the steps before it are timed

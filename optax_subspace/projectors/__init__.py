@@ -6,6 +6,7 @@ Each projector is a `Projector`: pure functions on the state of one matrix
 """
 
 from optax_subspace.projectors._base import Projector
+from optax_subspace.projectors._base import RefreshSchedule
 from optax_subspace.projectors.online_pca import OnlinePcaState
 from optax_subspace.projectors.online_pca import online_pca
 from optax_subspace.projectors.online_pca import online_pca_gradient
@@ -24,6 +25,7 @@ __all__ = [
     "Projector",
     "RandomState",
     "RandomizedSvdState",
+    "RefreshSchedule",
     "SparseRowsState",
     "SvdState",
     "online_pca",

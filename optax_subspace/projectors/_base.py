@@ -13,12 +13,37 @@ over the leaves of one shape; projectors never see more than one matrix.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
 ProjectorState = Any
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class RefreshSchedule:
+  """The steps at which a projector refreshes: 0, T, 2T, … (T = `every`).
+
+  ``every=None``: step 0 only (Online Subspace Descent's SVD start). Calling
+  it on a step count gives the answer in the count's kind: a Python bool
+  for a Python int (on the host: what a caller passes as
+  `project_subspace`'s ``subspace_refresh``), a bool array for a traced
+  count (on the device: the refresh `lax.cond`'s predicate). So one
+  definition serves both, and `optax_subspace.refresh_due` reads it from
+  the optimizer state. A static pytree (no leaves; compared by value), so
+  it can sit in a state that jit, `optax.inject_hyperparams` (which
+  rebuilds the transformation every step) and `nnx.Optimizer` carry.
+  """
+
+  every: Optional[int] = None
+
+  def __call__(self, count):
+    if self.every is None:
+      return count == 0
+    return count % self.every == 0
 
 
 class Projector(NamedTuple):
@@ -29,7 +54,9 @@ class Projector(NamedTuple):
     init: ``(s, l, r, key) -> state`` for one oriented s×l matrix.
     basis: ``state -> P`` of shape (s, r), float32.
     needs_refresh: ``count -> bool scalar``: whether `refresh` runs at this
-      step (evaluated once per step, for all matrices).
+      step (evaluated once per step, for all matrices). A `RefreshSchedule`
+      (as every projector here gives) is also readable on the host:
+      `optax_subspace.refresh_due` answers from it.
     refresh: ``(state, g, count) -> (state, changed)``, run before the
       gradient g (s, l, float32) is projected, only on steps where
       `needs_refresh` holds. `changed` is a bool scalar: the basis moved.

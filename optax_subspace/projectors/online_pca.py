@@ -158,7 +158,7 @@ def online_pca(
         rank=rank,
         init=init,
         basis=lambda state: state.basis.astype(jnp.float32),
-        needs_refresh=lambda count: count == 0,
+        needs_refresh=_base.RefreshSchedule(None),  # step 0
         refresh=lambda state, g, count: svd_start(state, g),
         advance=advance,
         advance_inputs=advance_inputs,
@@ -176,7 +176,7 @@ def online_pca(
       rank=rank,
       init=init,
       basis=lambda state: state.basis.astype(jnp.float32),
-      needs_refresh=lambda count: count >= 0,  # every step
+      needs_refresh=_base.RefreshSchedule(1),  # every step
       refresh=lambda state, g, count: jax.lax.cond(
           count == 0, lambda: svd_start(state, g),
           lambda: step_first(state, g, count)),

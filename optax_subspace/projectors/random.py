@@ -187,7 +187,7 @@ def random(rank: int, update_every: int = 200, *,
       rank=rank,
       init=init,
       basis=basis,
-      needs_refresh=lambda count: count % update_every == 0,
+      needs_refresh=_base.RefreshSchedule(update_every),
       refresh=refresh,
       batch_basis=True,  # each basis is a draw and a QR: batched by shape
   )

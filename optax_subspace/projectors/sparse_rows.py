@@ -204,7 +204,7 @@ def sparse_rows(
       rank=rank,
       init=init,
       basis=basis,
-      needs_refresh=lambda count: count % update_every == 0,
+      needs_refresh=_base.RefreshSchedule(update_every),
       refresh=refresh,
       project=project,
       back=back,

@@ -83,7 +83,7 @@ def svd(rank: int, update_every: int = 200, *, dtype=jnp.float32):
       rank=rank,
       init=init,
       basis=lambda state: state.basis.astype(jnp.float32),
-      needs_refresh=lambda count: count % update_every == 0,
+      needs_refresh=_base.RefreshSchedule(update_every),
       refresh=refresh,
   )
 
@@ -172,6 +172,6 @@ def randomized_svd(
       rank=rank,
       init=init,
       basis=lambda state: state.basis.astype(jnp.float32),
-      needs_refresh=lambda count: count % update_every == 0,
+      needs_refresh=_base.RefreshSchedule(update_every),
       refresh=refresh,
   )

@@ -434,14 +434,15 @@ def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, opti
 def test_host_decided_refreshes_train_like_the_device_cond_and_time_no_compile(
     tmp_path, monkeypatch, optimizer
 ):
-  # The loop passes `optimizers.refresh_due(step)` as the update's static `subspace_refresh`:
-  # the same losses as the cond on the device (with gradient accumulation too), each program's
-  # compiling step left out of the timed steps, and --profile-steps traces compiled steps only.
+  # The loop passes `optimizers.refresh_due(cfg, opt_state, step)` as the update's static
+  # `subspace_refresh`: the same losses as the cond on the device (with gradient accumulation
+  # too), each program's compiling step left out of the timed steps, and --profile-steps traces
+  # compiled steps only.
   _c4_corpus(tmp_path / "c4")
   flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "2", "--grad-accum", "2",
            "--compute-dtype", "float32"]
   assert train.main(_flags(tmp_path, "host", *flags, "--profile-steps", "2")) == 0
-  monkeypatch.setattr(optimizers, "refresh_due", lambda cfg, step: None)
+  monkeypatch.setattr(optimizers, "refresh_due", lambda cfg, opt_state, step: None)
   assert train.main(_flags(tmp_path, "device", *flags)) == 0
   losses = {}
   for run in ("host", "device"):
