@@ -10,6 +10,7 @@ from optax_subspace import projectors
 from optax_subspace._adam import ScaleByHfAdamState
 from optax_subspace._adam import scale_by_hf_adam
 from optax_subspace._adam import torch_adamw
+from optax_subspace._combinator import FIRST_MOMENT_FIELDS
 from optax_subspace._combinator import ProjectSubspaceState
 from optax_subspace._combinator import SECOND_MOMENT_FIELDS
 from optax_subspace._combinator import project_subspace
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointMismatchError",
     "DecayAfterUpdateState",
+    "FIRST_MOMENT_FIELDS",
     "LeafPredicate",
     "MatrixDims",
     "ProjectSubspaceState",

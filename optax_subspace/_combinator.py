@@ -16,11 +16,29 @@ from optax_subspace import _leaves
 from optax_subspace.projectors import _base
 
 # Inner-state buffers holding non-negative statistics of squared gradients
-# (optax's Adam/AdaBelief/AMSGrad `nu`, RMSProp `nu`, Adagrad
-# `sum_of_squares`): "transport" moves them with M⊙M instead of M.
+# (optax's Adam/AdaBelief/AMSGrad/Yogi `nu`, RMSProp `nu`, Adagrad
+# `sum_of_squares`, Adafactor's unfactored `v`, Adadelta's `e_g` and `e_x`):
+# "transport" moves them with M⊙M instead of M.
 SECOND_MOMENT_FIELDS = frozenset(
-    {"nu", "nu_max", "sum_of_squares", "v", "exp_avg_sq"}
+    {"nu", "nu_max", "sum_of_squares", "v", "exp_avg_sq", "e_g", "e_x"}
 )
+# Inner-state buffers linear in the gradient (Adam's and Lion's `mu`, SGD
+# momentum's `trace`, `m`, `exp_avg`): "transport" moves them with M. A
+# low-rank buffer in neither set (a step size, Rprop's `step_sizes`) has no
+# known way into a new basis, and "transport" refuses it at `init`.
+FIRST_MOMENT_FIELDS = frozenset({"mu", "trace", "m", "exp_avg"})
+# State types whose field names would mislead the two sets above, with their
+# own (first, second) moment fields: optax.adan's `v` averages gradient
+# differences (linear), `n` is its second moment, `g` the last gradient.
+STATE_MOMENT_FIELDS = {
+    "ScaleByAdanState": (frozenset({"m", "v", "g"}), frozenset({"n"})),
+}
+# State types "transport" refuses whatever their fields, and why.
+TRANSPORT_REFUSED = {
+    "ScaleByRStdDevState": (
+        "centered RMSProp takes √(nu − mu²), and nu moved with M⊙M and mu"
+        " with M separately need not keep nu ≥ mu² (NaN)"),
+}
 # Per-matrix step counts of the inner state (shape: the leaf's batch shape),
 # restarted by on_change="reset" with the matrix's moments.
 MATRIX_COUNT_FIELDS = frozenset({"count"})
@@ -215,6 +233,32 @@ def _bases_by_shape(projector, plans, pstates):
                    lambda p: (p.side, p.rank), pstates)
 
 
+def _namedtuple_types(tree) -> dict:
+  """{key path: type name} of every NamedTuple node of `tree` (the states)."""
+  found = {}
+
+  def walk(node, path):
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+      found[path] = type(node).__name__
+    for sub, child in jax.tree_util.tree_flatten_with_path(
+        node, is_leaf=lambda x: x is not node)[0]:
+      if sub:
+        walk(child, path + tuple(sub))
+
+  walk(tree, ())
+  return found
+
+
+def _moment_kind(owner, name):
+  """"first", "second" or None (unknown) for inner-state field `name` of a
+  state of type `owner`."""
+  first, second = STATE_MOMENT_FIELDS.get(
+      owner, (FIRST_MOMENT_FIELDS, SECOND_MOMENT_FIELDS))
+  if name in second:
+    return "second"
+  return "first" if name in first else None
+
+
 def _low_rank_buffers(state_tree, plans, key_paths):
   """Finds the inner-state buffers that mirror a projected leaf.
 
@@ -223,13 +267,15 @@ def _low_rank_buffers(state_tree, plans, key_paths):
   chain or `inject_hyperparams`, is found; factored statistics are not), or
   it is a per-matrix step count (a field in `MATRIX_COUNT_FIELDS` with the
   leaf's batch shape: `scale_by_hf_adam(per_matrix_count=True)`).
-  Returns {state leaf index: (param leaf index, field name)}.
+  Returns {state leaf index: (param leaf index, field name, moment kind)},
+  the kind from `_moment_kind` ("first", "second" or None).
   """
   by_path = {
       tuple(kp): i for i, (kp, p) in enumerate(zip(key_paths, plans))
       if p.projected
   }
   flat, _ = jax.tree_util.tree_flatten_with_path(state_tree)
+  owners = None
   found = {}
   for j, (path, x) in enumerate(flat):
     for cut in range(len(path) + 1):
@@ -241,9 +287,63 @@ def _low_rank_buffers(state_tree, plans, key_paths):
       if np.shape(x) == plans[i].low_rank_shape or (
           name in MATRIX_COUNT_FIELDS
           and np.shape(x) == plans[i].batch_shape):
-        found[j] = (i, name)
+        if owners is None:
+          owners = _namedtuple_types(state_tree)
+        owner = owners.get(tuple(path[:max(cut - 1, 0)]))
+        found[j] = (i, name, _moment_kind(owner, name))
         break
   return found
+
+
+def _check_transport(state_tree, plans, key_paths):
+  """Raises ValueError, naming the buffer, for inner state that "transport"
+  cannot carry into a new basis.
+
+  Carried: buffers of a projected leaf's low-rank shape whose field is a
+  known first or second moment (`FIRST_MOMENT_FIELDS`,
+  `SECOND_MOMENT_FIELDS`, `STATE_MOMENT_FIELDS`), per-matrix counts, and a
+  leaf's scalars (Novograd's per-layer ‖R‖² average, kept: a change of
+  basis within the subspace preserves it). Refused: a low-rank buffer of
+  another field (Rprop's step sizes), and a buffer of a projected leaf with
+  another shape (factored or per-axis statistics: Adafactor's v_row and
+  v_col, SM3's accumulators), found by the leaf's key path anywhere in its
+  key path.
+  """
+  known = _low_rank_buffers(state_tree, plans, key_paths)
+  by_path = {tuple(kp): i for i, (kp, p) in enumerate(zip(key_paths, plans))
+             if p.projected and len(kp)}
+  flat, _ = jax.tree_util.tree_flatten_with_path(state_tree)
+  owners = _namedtuple_types(state_tree)
+  for j, (path, x) in enumerate(flat):
+    where = f"inner-state buffer '{_leaves.path_str(path)}'"
+    if j in known:
+      i, name, kind = known[j]
+      owner = next((owners[tuple(path[:k])] for k in range(len(path), -1, -1)
+                    if owners.get(tuple(path[:k])) in TRANSPORT_REFUSED), None)
+      if owner is not None:
+        raise ValueError(
+            f"on_change='transport' cannot move {where} ({owner}):"
+            f" {TRANSPORT_REFUSED[owner]}. Use on_change='keep' or 'reset'.")
+      if kind is None and name not in MATRIX_COUNT_FIELDS:
+        raise ValueError(
+            f"on_change='transport' cannot move {where} (field {name!r},"
+            f" the low-rank shape of leaf '{plans[i].path}'): it is neither a"
+            " first moment (FIRST_MOMENT_FIELDS) nor a second moment"
+            " (SECOND_MOMENT_FIELDS), so there is no known way to express it"
+            " in a new basis. Use on_change='keep' or 'reset'.")
+      continue
+    owner = next((by_path[tuple(path[cut:end])]
+                  for end in range(len(path), 0, -1) for cut in range(end)
+                  if tuple(path[cut:end]) in by_path), None)
+    if owner is not None and np.size(x) > 1 and np.shape(x) != (
+        plans[owner].batch_shape):
+      raise ValueError(
+          f"on_change='transport' cannot move {where} of shape"
+          f" {np.shape(x)}: it belongs to leaf '{plans[owner].path}' but is"
+          f" not of its low-rank shape {plans[owner].low_rank_shape} (a"
+          " factored or per-axis statistic, such as Adafactor's v_row and"
+          " v_col or SM3's accumulators, has no image in a new basis). Use"
+          " on_change='keep' or 'reset'.")
 
 
 def _on_change(mode, inner_state, plans, key_paths, old_bases, new_bases,
@@ -252,7 +352,8 @@ def _on_change(mode, inner_state, plans, key_paths, old_bases, new_bases,
   if mode == "keep" or not changed:
     return inner_state
   flat, treedef = jax.tree_util.tree_flatten(inner_state)
-  for j, (i, name) in _low_rank_buffers(inner_state, plans, key_paths).items():
+  for j, (i, name, kind) in _low_rank_buffers(inner_state, plans,
+                                              key_paths).items():
     if i not in changed:
       continue
     plan, buf = plans[i], flat[j]
@@ -266,7 +367,7 @@ def _on_change(mode, inner_state, plans, key_paths, old_bases, new_bases,
       new = jnp.where(moved, 0.0, oriented)
     else:  # transport: express the buffer in the new basis, M = P_newᵀ P_old
       m = jnp.einsum("...sr,...sq->...rq", new_bases[i], old_bases[i])
-      if name in SECOND_MOMENT_FIELDS:
+      if kind == "second":
         m = m * m  # variances of uncorrelated coordinates: Σ_q M_rq² v_q
       new = jnp.where(moved, jnp.einsum("...rq,...ql->...rl", m, oriented),
                       oriented)
@@ -312,9 +413,14 @@ def project_subspace(
   "reset" (set to zero; a shared step count such as Adam's runs on, but a
   per-matrix one, `scale_by_hf_adam(per_matrix_count=True)`, restarts with
   the moments, so the bias correction restarts too); "transport" (re-expressed in the new
-  basis through M = P_newᵀ P_old: first moments as M·m, second-moment
-  statistics in `SECOND_MOMENT_FIELDS` as (M⊙M)·v, the variance of M·x for
-  uncorrelated coordinates, which keeps them non-negative).
+  basis through M = P_newᵀ P_old: first moments, `FIRST_MOMENT_FIELDS`, as
+  M·m, second-moment statistics in `SECOND_MOMENT_FIELDS` as (M⊙M)·v, the
+  variance of M·x for uncorrelated coordinates, which keeps them
+  non-negative; `STATE_MOMENT_FIELDS` names the fields of states whose
+  names mislead, optax.adan's). "transport" raises at `init` on inner state
+  it cannot move: a low-rank buffer of another field, or a factored or
+  per-axis statistic of a projected leaf (Adafactor's factored v_row/v_col,
+  SM3).
 
   Steps without a refresh, without a host sync: by default the refresh is a
   `lax.cond` on the step count, and XLA's GPU runtime reads a conditional's
@@ -424,7 +530,7 @@ def project_subspace(
     )
 
   def init_fn(params):
-    plans, treedef, _ = plan(params, quiet=False)
+    plans, treedef, key_paths = plan(params, quiet=False)
     leaves = treedef.flatten_up_to(params)
     pstates, low_rank = [], []
     for i, (p, x) in enumerate(zip(plans, leaves)):
@@ -434,10 +540,13 @@ def project_subspace(
         continue
       pstates.append(init_projector(i, p))
       low_rank.append(jnp.zeros(p.low_rank_shape, jnp.result_type(x)))
+    inner_state = inner.init(treedef.unflatten(low_rank))
+    if on_change == "transport":
+      _check_transport(inner_state, plans, key_paths)
     return ProjectSubspaceState(
         count=jnp.zeros([], jnp.int32),
         projectors=projector_treedef(params).unflatten(pstates),
-        inner=inner.init(treedef.unflatten(low_rank)),
+        inner=inner_state,
         schedule=schedule,
         refresh_mismatch=jnp.full([], -1, jnp.int32),
     )

@@ -296,6 +296,27 @@ def test_transport_carries_moments_into_the_new_basis():
   np.testing.assert_array_equal(after[2].nu["w"], 0.0)
 
 
+def test_transport_reads_moments_by_field_name_and_state_type():
+  # A field's name says how it moves (mu: M·m; nu: (M⊙M)·v), except in a
+  # state whose names mislead: optax.adan's v averages gradient differences
+  # (linear) and its n is the second moment.
+  from optax_subspace import _leaves  # pylint: disable=g-import-not-at-top
+  params = {"w": jnp.zeros((4, 6))}
+  key_paths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  plans, _ = _leaves.plan_leaves(params, 2)
+  def kinds(opt):
+    tx = osub.project_subspace(opt, projectors.svd(2, 2), on_change="transport")
+    found = _combinator._low_rank_buffers(tx.init(params).inner, plans,
+                                          key_paths)
+    return sorted((name, kind) for _, name, kind in found.values())
+  assert kinds(optax.adam(1e-3)) == [("mu", "first"), ("nu", "second")]
+  assert kinds(optax.adan(1e-3)) == [
+      ("g", "first"), ("m", "first"), ("n", "second"), ("v", "first")]
+  with pytest.raises(ValueError, match="'step_sizes'.*neither a first"):
+    osub.project_subspace(optax.rprop(1e-3), projectors.svd(2, 2),
+                          on_change="transport").init(params)
+
+
 def test_transported_second_moment_stays_non_negative():
   params = {"w": jnp.zeros((10, 20))}
   tx = osub.project_subspace(optax.scale_by_adam(), projectors.svd(3, 2),

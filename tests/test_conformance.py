@@ -214,6 +214,87 @@ def test_nnx_optimizer_compiles_the_train_step_once(name):
   assert jax.tree_util.tree_structure(nnx.state(optimizer)) == structure
 
 
+# Any optax optimizer inside project_subspace (as optax/_src/alias_test.py
+# sweeps its aliases): (factory, learning rate, what on_change="transport"
+# does with its state: "moves" it into the new basis, or "raises" at init).
+# Adafactor factors its second moment (v_row, v_col) only on matrices whose
+# two largest sides reach min_dim_size_to_factor: at 2 here, as at 128 on
+# a real model's low-rank R.
+OPTAX_OPTIMIZERS = {
+    "adam": (optax.adam, 0.05, "moves"),
+    "adamw": (lambda lr: optax.adamw(lr, weight_decay=1e-4), 0.05, "moves"),
+    "lion": (optax.lion, 0.005, "moves"),
+    "sgd_momentum": (lambda lr: optax.sgd(lr, momentum=0.9), 0.02, "moves"),
+    "sgd_nesterov": (lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
+                     0.02, "moves"),
+    "rmsprop": (optax.rmsprop, 0.01, "moves"),
+    "rmsprop_centered": (lambda lr: optax.rmsprop(lr, centered=True), 0.01,
+                         "raises"),
+    "adagrad": (optax.adagrad, 0.3, "moves"),
+    "adafactor": (optax.adafactor, 0.05, "moves"),
+    "adafactor_factored": (lambda lr: optax.adafactor(
+        lr, min_dim_size_to_factor=2), 0.05, "raises"),
+    "adabelief": (optax.adabelief, 0.05, "moves"),
+    "lamb": (optax.lamb, 0.05, "moves"),
+    "yogi": (optax.yogi, 0.05, "moves"),
+    "novograd": (optax.novograd, 0.05, "moves"),
+    "adan": (optax.adan, 0.05, "moves"),
+    "amsgrad": (optax.amsgrad, 0.05, "moves"),
+    "radam": (optax.radam, 0.05, "moves"),
+    "nadam": (optax.nadam, 0.05, "moves"),
+    "adamax": (optax.adamax, 0.05, "moves"),
+    "adadelta": (optax.adadelta, 5.0, "moves"),
+    "sm3": (optax.sm3, 0.3, "raises"),
+    "rprop": (optax.rprop, 0.01, "raises"),
+}
+SWEEP = sorted(OPTAX_OPTIMIZERS)
+
+
+def _train_fused(tx, steps):
+  """`_train` with the steps in one compiled loop (one compile per run)."""
+  params, loss = _problem()
+
+  @jax.jit
+  def run(params, state):
+    def step(_, carry):
+      params, state = carry
+      updates, state = tx.update(jax.grad(loss)(params), state, params)
+      return optax.apply_updates(params, updates), state
+    return jax.lax.fori_loop(0, steps, step, (params, state))
+
+  params, state = run(params, tx.init(params))
+  return params, state, float(loss(params))
+
+
+@pytest.mark.parametrize("name", SWEEP)
+def test_any_optax_optimizer_trains_in_the_subspace_with_low_rank_state(name):
+  make, lr, transport = OPTAX_OPTIMIZERS[name]
+  params, loss = _problem()
+  sub = lambda on_change: osub.project_subspace(
+      make(lr), osub.projectors.svd(2, 3), on_change=on_change)
+  # Every inner-state buffer of a projected leaf (found by its key path) is
+  # at most r × l: none is full size.
+  low_rank = {"w1": 2 * 16, "w2": 16 * 2}  # (8, 16) -> (2, 16); (16, 4) -> (16, 2)
+  for path, x in jax.tree_util.tree_flatten_with_path(
+      jax.eval_shape(sub("keep").init, params).inner)[0]:
+    leaf = next((k.key for k in reversed(path)
+                 if getattr(k, "key", None) in low_rank), None)
+    if leaf is not None:
+      assert x.size <= low_rank[leaf], (path_str(path), x.shape)
+  # on_change="transport" moves the inner state into each new basis (a
+  # refresh every 3 steps), or refuses it with a clear error at init.
+  if transport == "raises":
+    with pytest.raises(ValueError, match="on_change='transport' cannot move"):
+      sub("transport").init(params)
+    tx = sub("keep")
+  else:
+    tx = sub("transport")
+  trained, state, final = _train_fused(tx, 120)
+  assert all(bool(jnp.all(jnp.isfinite(x)))
+             for x in jax.tree_util.tree_leaves((trained, state)))
+  assert final < 0.5 * float(loss(params)), final
+
+
 def test_presets_under_inject_hyperparams_need_static_ints():
   params, _ = _problem()
   with pytest.raises(TypeError, match="static_args"):
