@@ -38,8 +38,8 @@ def _against(c, x):
   return jnp.reshape(c, jnp.shape(c) + (1,) * (jnp.ndim(x) - jnp.ndim(c)))
 
 
-def _scale_by_adam(b1, b2, eps, mu_dtype, eps_before_correction,
-                   per_matrix_count=False):
+def scale_by_precise_adam(b1, b2, eps, mu_dtype, eps_before_correction,
+                          per_matrix_count=False):
   """Adam with bias corrections as precise as torch's (see `_log`)."""
 
   def init_fn(params):
@@ -125,7 +125,7 @@ def scale_by_hf_adam(
     >>> import optax, optax_subspace as osub
     >>> tx = optax.chain(osub.scale_by_hf_adam(), optax.scale(-1e-3))
   """
-  return _scale_by_adam(b1, b2, eps, mu_dtype, eps_before_correction=True,
+  return scale_by_precise_adam(b1, b2, eps, mu_dtype, eps_before_correction=True,
                         per_matrix_count=per_matrix_count)
 
 
@@ -152,7 +152,7 @@ def torch_adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01):
     >>> tx = osub.torch_adamw(1e-3)
   """
   return optax.chain(
-      _scale_by_adam(b1, b2, eps, None, eps_before_correction=False),
+      scale_by_precise_adam(b1, b2, eps, None, eps_before_correction=False),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )

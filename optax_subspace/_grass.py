@@ -117,7 +117,7 @@ def grass(
   projector = projectors_lib.sparse_rows(
       rank, update_every, selection=selection, replacement=replacement,
       seed=seed)
-  return _presets._subspace_adamw(  # pylint: disable=protected-access
+  return _presets.subspace_adamw(
       learning_rate, projector, scale, b1, b2, eps, eps_placement,
       weight_decay, mask, dims, ON_CHANGE[on_change], projection_dtype,
       side, unprojected_learning_rate=unprojected_learning_rate,

@@ -71,16 +71,18 @@ def add_decayed_weights_after_update(
   return tx if mask is None else optax.masked(tx, mask)
 
 
-def _is_zero(x) -> bool:
+def is_zero(x) -> bool:
+  """Whether `x` is a Python number equal to 0 (a weight decay left out)."""
   return isinstance(x, (int, float)) and x == 0
 
 
-def _hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count=False):
+def hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count=False):
+  """The presets' Adam direction: HF eps placement ("hf") or optax's ("optax")."""
   if eps_placement == "hf":
     return _adam.scale_by_hf_adam(b1, b2, eps,
                                   per_matrix_count=per_matrix_count)
   if eps_placement == "optax" and per_matrix_count:
-    return _adam._scale_by_adam(b1, b2, eps, None, False, True)  # pylint: disable=protected-access
+    return _adam.scale_by_precise_adam(b1, b2, eps, None, False, True)
   if eps_placement == "optax":
     return optax.scale_by_adam(b1, b2, eps)
   raise ValueError(
@@ -119,7 +121,7 @@ def check_learning_rate(value, name: str):
   return value
 
 
-def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
+def subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                     eps_placement, weight_decay, mask, dims, on_change,
                     projection_dtype, side="smaller", refresh_chunk_bytes=None,
                     unprojected_learning_rate=None, per_matrix_count=False):
@@ -127,7 +129,7 @@ def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
     check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
   parts = [
       _combinator.project_subspace(
-          _hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count),
+          hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count),
           projector,
           scale=scale,
           mask=mask,
@@ -140,7 +142,7 @@ def _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
       by_group(optax.scale_by_learning_rate, learning_rate,
                unprojected_learning_rate, mask),
   ]
-  if not _is_zero(weight_decay):
+  if not is_zero(weight_decay):
     parts.append(by_group(
         lambda lr: add_decayed_weights_after_update(lr, weight_decay),
         learning_rate, unprojected_learning_rate, mask))
@@ -227,7 +229,7 @@ def galore(
           "projector must be 'svd', 'randomized_svd' or a Projector, got"
           f" {projector!r}."
       )
-  return _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
+  return subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                          eps_placement, weight_decay, mask, dims, on_change,
                          projection_dtype,
                          refresh_chunk_bytes=refresh_chunk_bytes,
@@ -329,7 +331,7 @@ def online_subspace_descent(
       rank, projector_optimizer, orthogonality_weight=orthogonality_weight,
       step_before_projection=step_before_projection,
   )
-  return _subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
+  return subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                          eps_placement, weight_decay, mask, dims, on_change,
                          projection_dtype,
                          refresh_chunk_bytes=refresh_chunk_bytes,

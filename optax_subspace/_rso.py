@@ -191,7 +191,7 @@ def rso(
   full_lr = (learning_rate if unprojected_learning_rate is None else
              _presets.check_learning_rate(unprojected_learning_rate,
                                           "unprojected_learning_rate"))
-  direction = inner if inner is not None else _presets._hf_or_optax_adam(  # pylint: disable=protected-access
+  direction = inner if inner is not None else _presets.hf_or_optax_adam(
       b1, b2, eps, eps_placement)
   transforms = {
       SUBSPACE: _subproblem(direction, learning_rate, proximal, inner_steps),
@@ -228,7 +228,7 @@ def rso(
     return subspace_tx(updates).update(updates, state, params, **extra_args)
 
   parts = [optax.GradientTransformationExtraArgs(init_fn, update_fn)]
-  if not _presets._is_zero(weight_decay):  # pylint: disable=protected-access
+  if not _presets.is_zero(weight_decay):
     parts.append(_presets.by_group(
         lambda lr: _presets.add_decayed_weights_after_update(lr, weight_decay),
         learning_rate, unprojected_learning_rate, mask))

@@ -494,3 +494,25 @@ def test_grass_optimizer_scales_d_and_decays_only_the_dense_params():
   u = np.asarray(u_plain["proj"]["bias"])
   np.testing.assert_allclose(np.asarray(u_scaled["proj"]["bias"]),
                              u - 0.1 * 0.5 * (1.0 + u), rtol=1e-6)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS="
+                    "--xla_force_host_platform_device_count=8")
+def test_partitioning_metadata_carries_over_to_d():
+  # D (in, r) shares the kernel's input axis: its split and its out_sharding
+  # metadata, as RsoLinear's B shares the output axis (one builder for both).
+  mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+  P = jax.sharding.PartitionSpec
+
+  class Mlp(nnx.Module):
+    def __init__(self, rngs):
+      self.up = nnx.Linear(16, 32, rngs=rngs, kernel_init=nnx.with_partitioning(
+          nnx.initializers.lecun_normal(), ("model", None)))
+
+  with jax.set_mesh(mesh):
+    model = Mlp(nnx.Rngs(0))
+    nng.grass_layers(model, 4, mask="up")
+    specs = nnx.get_partition_spec(nnx.state(model))["up"]
+    assert specs[nng.D_NAME].get_value() == P("model", None)
+    assert specs["kernel"].get_value() == P("model", None)
+  assert getattr(model.up, nng.D_NAME)[...].sharding.spec == P("model", None)

@@ -60,7 +60,7 @@ from optax_subspace import _leaves
 from optax_subspace import _presets
 from optax_subspace.nn import _surgery
 from optax_subspace.projectors import _base
-from optax_subspace.projectors.sparse_rows import _row_norms
+from optax_subspace.projectors.sparse_rows import row_norms
 from optax_subspace.projectors.sparse_rows import reselect
 from optax_subspace.projectors.sparse_rows import sparse_rows
 
@@ -116,7 +116,7 @@ def _probed_matmul(dot: Callable[[jax.Array, jax.Array], jax.Array]):
     dw = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())),
                              preferred_element_type=jnp.float32)
     finite = jnp.all(jnp.isfinite(dw))
-    norms = jnp.where(finite, _row_norms(jnp.where(finite, dw, 0.0).T), jnp.nan)
+    norms = jnp.where(finite, row_norms(jnp.where(finite, dw, 0.0).T), jnp.nan)
     # ∂L/∂x, which the backward of the layers before needs, is released only once this layer's
     # dW is reduced: the compiler kept every dW of a block alive at once otherwise (CPU compile of
     # the LLaMA-7B block with barriers kept: three 4096×11008 float32 dW, each with two copies).
@@ -177,13 +177,7 @@ class GrassLinear(nnx.Module):
                update_every: int = 200, leaf_index: int = 0,
                selection: str = "topk", replacement: Optional[bool] = None,
                seed: int = 0):
-    if not isinstance(linear, nnx.Linear):
-      raise TypeError(
-          f"GrassLinear replaces an nnx.Linear, got {type(linear).__name__}.")
-    kernel = linear.kernel
-    if kernel.ndim != 2:
-      raise ValueError(
-          f"GrassLinear needs a 2-D kernel (in, out), got shape {kernel.shape}.")
+    kernel = _surgery.adopt_linear(self, linear, "GrassLinear")
     m, n = kernel.shape
     _base.check_rank(rank)
     if rank > n:
@@ -196,23 +190,16 @@ class GrassLinear(nnx.Module):
                                 replacement=replacement)
     if replacement is None:
       replacement = selection == "multinomial"
-    self.in_features, self.out_features = m, n
     self.rank = rank
     self.selection = selection
     self.replacement = replacement
     self.leaf_index = leaf_index
     self.seed = seed
-    self.use_bias = linear.use_bias
-    self.dtype = linear.dtype
-    self.param_dtype = linear.param_dtype
-    self.precision = linear.precision
-    self.dot_general = linear.dot_general
-    self.promote_dtype = linear.promote_dtype
-    self.preferred_element_type = linear.preferred_element_type
     w = kernel[...]
-    self.kernel = GrassKernel(w, **kernel.get_metadata())
-    self.bias = linear.bias
-    setattr(self, D_NAME, nnx.Param(jnp.zeros((m, rank), w.dtype)))
+    self.kernel = _surgery.frozen(GrassKernel, kernel)
+    # D (in, r) shares the kernel's input axis: its split and metadata.
+    setattr(self, D_NAME,
+            _surgery.factor_param(jnp.zeros((m, rank), w.dtype), kernel, 0))
     self.grass_indices = GrassSelection(jnp.arange(rank, dtype=jnp.int32))
     self.grass_scales = GrassSelection(jnp.ones((rank,), jnp.float32))
     self.grass_key = GrassSelection(_layer_key(leaf_index, seed))
@@ -320,7 +307,7 @@ def grass_layers(model: nnx.Module, rank: int, *, update_every: int = 200,
         layer, rank, update_every=update_every,
         leaf_index=index[tuple(path) + ("kernel",)], selection=selection,
         replacement=replacement, seed=seed))
-    replaced.append(_surgery.path_str(path))
+    replaced.append(_leaves.path_str(path))
   return replaced
 
 
@@ -380,7 +367,7 @@ def grass_optimizer(
     >>> from optax_subspace import nn as osnn
     >>> tx = osnn.grass_optimizer(1e-3)
   """
-  parts = [_presets._hf_or_optax_adam(b1, b2, eps, eps_placement,  # pylint: disable=protected-access
+  parts = [_presets.hf_or_optax_adam(b1, b2, eps, eps_placement,
                                      restart_bias_correction)]
   if scale != 1.0:
     parts.append(optax.masked(optax.scale(scale), _is_d))
@@ -468,7 +455,7 @@ def _reselect_all(layers, norms, step):
 
 def _reset_moments(optimizer, layers, moved):
   """Zeros the optimizer buffers of D (by path and shape) where σ or ρ moved."""
-  targets = {_surgery.path_str(path + (D_NAME,)): (getattr(layer, D_NAME).shape,
+  targets = {_leaves.path_str(path + (D_NAME,)): (getattr(layer, D_NAME).shape,
                                                     flag)
              for (path, layer), flag in zip(layers, moved)}
   leaves = jax.tree_util.tree_flatten_with_path(
@@ -557,7 +544,7 @@ def grass_refresh(model: nnx.Module, optimizer: nnx.Optimizer,
   every = every.pop()
   step = optimizer.step[...]
   graphdef, state = nnx.split((model, optimizer))
-  paths = [_surgery.path_str(p) for p, _ in layers]
+  paths = [_leaves.path_str(p) for p, _ in layers]
 
   def refresh(state):
     model, optimizer = nnx.merge(graphdef, state)

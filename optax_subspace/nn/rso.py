@@ -87,9 +87,9 @@ import optax
 from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec
 
 from optax_subspace import _chunks
+from optax_subspace import _leaves
 from optax_subspace import _presets
 from optax_subspace._restart import restart_every
 from optax_subspace.nn import _surgery
@@ -121,33 +121,6 @@ def _layer_key(leaf_index: int, seed: int, subproblem) -> jax.Array:
   """
   key = jax.random.fold_in(_base.matrix_keys(leaf_index, 1)[0], seed)
   return jax.random.fold_in(key, subproblem)
-
-
-def _split_sharding(kernel: jax.Array, keep_axis: int) -> Optional[NamedSharding]:
-  """A NamedSharding for an array that shares axis `keep_axis` with the kernel, if it has one."""
-  sharding = getattr(kernel, "sharding", None)
-  if not isinstance(sharding, NamedSharding):
-    return None
-  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
-  kept = [None, None]
-  kept[keep_axis] = spec[keep_axis]
-  return NamedSharding(sharding.mesh, PartitionSpec(*kept))
-
-
-def _split_metadata(kernel: nnx.Variable, keep_axis: int) -> dict:
-  """Sharding metadata (`out_sharding`) for B or P, derived from the kernel's."""
-  names = kernel.get_metadata().get("out_sharding")
-  if not names:
-    return {}
-  names = tuple(names) + (None,) * (2 - len(names))
-  kept = [None, None]
-  kept[keep_axis] = names[keep_axis]
-  return {"out_sharding": tuple(kept), "eager_sharding": False}
-
-
-def _placed(value: jax.Array, kernel: jax.Array, keep_axis: int) -> jax.Array:
-  sharding = _split_sharding(kernel, keep_axis)
-  return value if sharding is None else jax.device_put(value, sharding)
 
 
 class RsoLinear(nnx.Module):
@@ -200,13 +173,7 @@ class RsoLinear(nnx.Module):
   def __init__(self, linear: nnx.Linear, rank: int, *, leaf_index: int = 0,
                distribution: str = "haar", seed: int = 0,
                share_basis_of: Optional["RsoLinear"] = None):
-    if not isinstance(linear, nnx.Linear):
-      raise TypeError(
-          f"RsoLinear replaces an nnx.Linear, got {type(linear).__name__}.")
-    kernel = linear.kernel
-    if kernel.ndim != 2:
-      raise ValueError(
-          f"RsoLinear needs a 2-D kernel (in, out), got shape {kernel.shape}.")
+    kernel = _surgery.adopt_linear(self, linear, "RsoLinear")
     m, n = kernel.shape
     _base.check_rank(rank)
     if rank >= m:
@@ -217,23 +184,13 @@ class RsoLinear(nnx.Module):
       raise ValueError(
           f"distribution must be one of {DISTRIBUTIONS},"
           f" got {distribution!r}.")
-    self.in_features, self.out_features = m, n
-    self.use_bias = linear.use_bias
-    self.dtype = linear.dtype
-    self.param_dtype = linear.param_dtype
-    self.precision = linear.precision
-    self.dot_general = linear.dot_general
-    self.promote_dtype = linear.promote_dtype
-    self.preferred_element_type = linear.preferred_element_type
     self.rank = rank
     self.leaf_index = leaf_index
     self.distribution = distribution
     self.seed = seed
     w = kernel[...]
-    self.kernel = FrozenKernel(w, **{**kernel.get_metadata(), "eager_sharding": False})
-    self.bias = linear.bias
-    self.rso_b = nnx.Param(
-        _placed(jnp.zeros((rank, n), w.dtype), w, 1), **_split_metadata(kernel, 1))
+    self.kernel = _surgery.frozen(FrozenKernel, kernel)
+    self.rso_b = _surgery.factor_param(jnp.zeros((rank, n), w.dtype), kernel, 1)
     if share_basis_of is not None:
       other = share_basis_of
       if not isinstance(other, RsoLinear):
@@ -254,7 +211,8 @@ class RsoLinear(nnx.Module):
     self.basis_index = leaf_index
     basis = random_basis(
         _layer_key(leaf_index, seed, 0), m, rank, distribution)
-    self.rso_basis = RsoBasis(_placed(basis, w, 0), **_split_metadata(kernel, 0))
+    self.rso_basis = RsoBasis(_surgery.placed(basis, w, 0),
+                              **_surgery.split_metadata(kernel, 0))
     self.rso_subproblem = RsoBasis(jnp.zeros([], jnp.int32))
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
@@ -422,7 +380,7 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
   for path, layer in found:
     if not isinstance(layer, nnx.Linear):
       raise ValueError(
-          f"{_surgery.path_str(path)} is an nnx.{type(layer).__name__}, not a"
+          f"{_leaves.path_str(path)} is an nnx.{type(layer).__name__}, not a"
           " 2-D linear map (nnx.Linear); narrow `mask` to leave it out.")
   index = _surgery.param_leaf_indices(model)
   sharing = None if share_basis is None else re.compile(share_basis)
@@ -433,7 +391,7 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
     owner = owners.get(parent) if parent is not None else None
     if owner is not None and owner.in_features != layer.in_features:
       raise ValueError(
-          f"share_basis {share_basis!r} groups {_surgery.path_str(path)} (in_features"
+          f"share_basis {share_basis!r} groups {_leaves.path_str(path)} (in_features"
           f" {layer.in_features}) with a sibling of in_features {owner.in_features};"
           " only layers reading the same input can share P.")
     replacement = RsoLinear(layer, rank, leaf_index=index[path + ("kernel",)],
@@ -445,7 +403,7 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
   new = [(path, replaced[path]) for path, _ in found]
   for path, layer in new:
     _surgery.replace(model, path, layer)
-  return [_surgery.path_str(path) for path, _ in new]
+  return [_leaves.path_str(path) for path, _ in new]
 
 
 def _kept(new: jax.Array, variable: nnx.Variable) -> jax.Array:
@@ -656,7 +614,7 @@ def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
                                or not math.isfinite(proximal)):
     raise ValueError(
         f"proximal (η) must be None or a positive finite number, got {proximal!r}.")
-  direction = inner if inner is not None else _presets._hf_or_optax_adam(  # pylint: disable=protected-access
+  direction = inner if inner is not None else _presets.hf_or_optax_adam(
       b1, b2, eps, eps_placement)
   subproblem = direction
   if proximal is not None:

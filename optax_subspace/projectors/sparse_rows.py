@@ -38,7 +38,7 @@ class SparseRowsState(NamedTuple):
   key: Optional[jax.Array]
 
 
-def _row_norms(g):
+def row_norms(g):
   """‖G_i‖ for every row, computed on G/max|G| so squares cannot overflow."""
   amax = jnp.max(jnp.abs(g))
   return jnp.linalg.norm(g / jnp.maximum(amax, jnp.finfo(g.dtype).tiny),
@@ -179,7 +179,7 @@ def sparse_rows(
   def refresh(state, g, count):
     g = g.astype(jnp.float32)
     finite = jnp.all(jnp.isfinite(g))
-    norms = _row_norms(jnp.where(finite, g, 0.0))
+    norms = row_norms(jnp.where(finite, g, 0.0))
     key = jax.random.fold_in(state.key, count) if sampled else None
     indices, scales, moved = reselect(selection, replacement, state.indices,
                                       state.scales, norms, finite, key)
