@@ -371,9 +371,8 @@ def grass_optimizer(
                                      restart_bias_correction)]
   if scale != 1.0:
     parts.append(optax.masked(optax.scale(scale), _is_d))
-  is_d_path = lambda path, _: path.removesuffix("/value").split("/")[-1] == D_NAME
   parts.append(_presets.by_group(optax.scale_by_learning_rate, learning_rate,
-                                 unprojected_learning_rate, is_d_path))
+                                 unprojected_learning_rate, _is_d))
   if weight_decay:
     not_d = lambda params: jax.tree_util.tree_map(lambda x: not x,
                                                   _is_d(params))
