@@ -25,3 +25,8 @@ def commit() -> str:
   except OSError:
     return "unknown"
   return proc.stdout.strip() or "unknown"
+
+
+def command(suite: str, argv) -> str:
+  """The harness command that runs script suite `suite` with its flags `argv` (see suites.py)."""
+  return " ".join(["python -m benchmarks run --suite", suite, "--", *(argv or [])])

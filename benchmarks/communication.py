@@ -15,7 +15,7 @@ conditional that holds the projector refresh. Nothing is timed: these are
 the sizes XLA's CPU partitioner chose; a GPU compile may choose differently.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-      python benchmarks/communication.py --out benchmarks/results/communication_cpu_hlo.json
+      python -m benchmarks run --suite communication -- --out benchmarks/results/communication_cpu_hlo.json
     # smaller: --layers 2, or --size tiny for a smoke test
 """
 
@@ -39,8 +39,8 @@ from jax.sharding import AxisType  # pylint: disable=g-import-not-at-top
 from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
 from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import optax_subspace as osub  # pylint: disable=g-import-not-at-top
+from benchmarks import _provenance  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import KINDS  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import collective_bytes  # pylint: disable=g-import-not-at-top
 from benchmarks.optimizer_step import PROJECTED  # pylint: disable=g-import-not-at-top
@@ -117,7 +117,7 @@ def compile_step(tx, params, psh, ssh):
   return compiled.as_text(), t1 - t0, t2 - t1
 
 
-def main():
+def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", required=True)
   parser.add_argument("--size", default="1b", choices=sorted(SIZES))
@@ -128,7 +128,7 @@ def main():
                       help="comma-separated subset of the methods")
   parser.add_argument("--hlo_dir", default=None,
                       help="also write each compiled HLO text here")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   if jax.device_count() < 8:
     sys.exit("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
 
@@ -160,7 +160,7 @@ def main():
           shapes, is_leaf=is_shape)),
       "jax": jax.__version__, "optax": optax.__version__,
       "backend": jax.default_backend(), "devices": jax.device_count(),
-      "host": platform.platform(), "command": " ".join(sys.argv),
+      "host": platform.platform(), "command": _provenance.command("communication", argv),
       "runs": [],
   }
   for mesh_name in args.meshes.split(","):
@@ -188,7 +188,3 @@ def main():
       pathlib.Path(args.out).parent.mkdir(parents=True, exist_ok=True)
       pathlib.Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
   print(markdown_table(results))
-
-
-if __name__ == "__main__":
-  main()

@@ -35,8 +35,8 @@ sharded kernel); GRASS's D (in, r) that of the kernel's in axis; optimizer momen
 Per layer: with `--layers L` (≥ 2) the step is also compiled with L − 1 layers; the difference is
 one block's bytes, and L-layer bytes + (24 − L) × that difference extrapolates to 24 layers.
 
-    python benchmarks/communication_train_step.py                       # 350M shapes, 2 layers
-    python benchmarks/communication_train_step.py --hidden 64 --ffn 176 --heads 4 --vocab 256 \\
+    python -m benchmarks run --suite communication_train_step --                       # 350M shapes, 2 layers
+    python -m benchmarks run --suite communication_train_step -- --hidden 64 --ffn 176 --heads 4 --vocab 256 \\
         --rank 8 --seq 16 --layers 1 --methods adamw,rso_model --out /tmp/c.json   # smoke test
 """
 
@@ -48,8 +48,6 @@ import math
 import os
 import pathlib
 import platform
-import subprocess
-import sys
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -62,8 +60,8 @@ from flax import nnx  # pylint: disable=g-import-not-at-top
 from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
 from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import optax_subspace as osub  # pylint: disable=g-import-not-at-top
+from benchmarks import _provenance  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import by_shape  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import collective_bytes  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import summarize  # pylint: disable=g-import-not-at-top
@@ -339,8 +337,7 @@ def main(argv=None) -> dict:
   if jax.device_count() < 2:
     raise SystemExit("needs 2 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
   cfg = ModelConfig(args.hidden, args.ffn, args.heads, args.layers, args.vocab)
-  commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=pathlib.Path(__file__).resolve().parent).stdout.strip()
+  commit = _provenance.commit()
   result = {
       "benchmark": "communication_train_step",
       "what": "CPU HLO: sizes of the collectives in the compiled HLO of one whole train step"
@@ -348,8 +345,7 @@ def main(argv=None) -> dict:
               " executed or timed; per device; array sizes (all-gather: the gathered result;"
               " all-reduce, reduce-scatter, all-to-all, collective-permute: the operand), not"
               " wire traffic. A GPU compile may choose other collectives.",
-      "command": " ".join(["python", "benchmarks/communication_train_step.py"]
-                          + (sys.argv[1:] if argv is None else list(argv))),
+      "command": _provenance.command("communication_train_step", argv),
       "commit": commit,
       "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), simulated,"
                 f" {jax.device_count()} visible, 2 used per mesh",
@@ -429,7 +425,3 @@ def markdown_table(result) -> str:
           f" | {mb(a['gather'])} | {mb(a['reduce'] + a.get('update', 0))}"
           f" | {mb(run['per_layer']['total']) if 'per_layer' in run else ''} |")
   return "\n".join(lines)
-
-
-if __name__ == "__main__":
-  main()

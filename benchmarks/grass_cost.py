@@ -30,8 +30,8 @@ elsewhere. cuDNN's attention is a custom call that `cost_analysis` counts as 0 F
 same in both stacks, and the weight-gradient FLOPs (a difference) do not contain it. 8 blocks at
 4×2048 tokens fit an 80 GB H100 with either attention.
 
-    python benchmarks/grass_cost.py --out benchmarks/results/grass_cost_h100.json        # GPU
-    python benchmarks/grass_cost.py --hidden 64 --ffn 176 --heads 4 --layers 1 --batch 1 \\
+    python -m benchmarks run --suite grass_cost -- --out benchmarks/results/grass_cost_h100.json        # GPU
+    python -m benchmarks run --suite grass_cost -- --hidden 64 --ffn 176 --heads 4 --layers 1 --batch 1 \\
         --seq 32 --rank 16 --tree-size tiny --reps 2 --out /tmp/grass_cost.json       # CPU smoke
 """
 
@@ -43,12 +43,7 @@ import gc
 import json
 import pathlib
 import platform
-import sys
 import time
-
-# Run as a script (python benchmarks/grass_cost.py): the repository root holds
-# benchmarks/ and examples/.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -364,8 +359,7 @@ def main(argv=None) -> dict:
         jax.nn.dot_product_attention, implementation="cudnn")
   result = {
       "benchmark": "grass_cost",
-      "command": " ".join(["python", "benchmarks/grass_cost.py"]
-                          + list(sys.argv[1:] if argv is None else argv)),
+      "command": _provenance.command("grass_cost", argv),
       "commit": _provenance.commit(),
       "device": dev.device_kind, "platform": dev.platform,
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
@@ -389,7 +383,3 @@ def main(argv=None) -> dict:
   _plot(result, out.with_suffix(".png"))
   print("wrote", out, "and", out.with_suffix(".png"))
   return result
-
-
-if __name__ == "__main__":
-  main()

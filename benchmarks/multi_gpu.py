@@ -18,7 +18,7 @@ Two speed-ups are reported, because they answer different questions:
   device (global batch × n), the usual data-parallel throughput measure: each device works at
   the batch size it was sized for, so the ratio shows what the mesh itself costs.
 
-    python benchmarks/multi_gpu.py --out benchmarks/results/multi_gpu_h100x2.json \\
+    python -m benchmarks run --suite multi_gpu -- --out benchmarks/results/multi_gpu_h100x2.json \\
         --data-dir .data --model-size 350m --batch-size 128 --steps 30 --fsdp 2
 
 On the CPU (a smoke test): XLA_FLAGS=--xla_force_host_platform_device_count=4 and
@@ -39,7 +39,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script: `benchmarks` importable
 from benchmarks import _provenance  # noqa: E402  pylint: disable=g-import-not-at-top
 METHODS = ("adamw", "galore", "osd", "rso", "grass")
 
@@ -242,7 +241,7 @@ def main(argv=None) -> dict:
   n_devices = _devices()["count"]
   result = {
       "benchmark": "multi_gpu",
-      "command": " ".join(["python", "benchmarks/multi_gpu.py", *(argv or sys.argv[1:])]),
+      "command": _provenance.command("multi_gpu", argv),
       "commit": args.commit or _provenance.commit(),
       "devices": _devices(),
       "versions": _versions(),
@@ -287,7 +286,3 @@ def main(argv=None) -> dict:
               flush=True)
   _plot(result, out.with_suffix(".png"))
   return result
-
-
-if __name__ == "__main__":
-  main()

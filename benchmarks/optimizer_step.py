@@ -7,8 +7,8 @@ online_subspace_descent, side by side in one process; then the projector
 step alone (exact SVD, our eigh-based SVD refresh, randomized SVD, one
 online-PCA step + AdamW on P) on the OSD paper's shapes. Writes JSON.
 
-    python benchmarks/optimizer_step.py --out benchmarks/results/optimizer_step_h100.json
-    python benchmarks/optimizer_step.py --size tiny --out /tmp/x.json   # CPU smoke test
+    python -m benchmarks run --suite optimizer_step -- --out benchmarks/results/optimizer_step_h100.json
+    python -m benchmarks run --suite optimizer_step -- --size tiny --out /tmp/x.json   # CPU smoke test
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 import optax
 
 import optax_subspace as osub
+from benchmarks import _provenance
 
 # hidden, ffn, layers, vocab, rank (hidden/4): the LLaMA models of the GaLore
 # experiments (arXiv 2403.03507), as examples/llama/config.py.
@@ -326,7 +326,7 @@ def main(argv=None):
   dev = jax.devices()[0]
   result = {
       "benchmark": "optimizer_step",
-      "command": " ".join(["python"] + sys.argv),
+      "command": _provenance.command("optimizer_step", argv),
       "device": dev.device_kind, "platform": dev.platform,
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "optax": optax.__version__, "optax_subspace": osub.__version__},
@@ -344,7 +344,3 @@ def main(argv=None):
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print("wrote", args.out)
-
-
-if __name__ == "__main__":
-  main()

@@ -10,8 +10,8 @@ over the kinds of each method, that is the products' floor for one step over the
 what the steady-step target (≤ 1.5× AdamW's update) leaves for everything else. Writes JSON and
 a PNG.
 
-    python benchmarks/product_rates.py --out /tmp/product_rates.json              # GPU
-    python benchmarks/product_rates.py --size tiny --reps 2 --out /tmp/p.json     # CPU smoke
+    python -m benchmarks run --suite product_rates -- --out /tmp/product_rates.json              # GPU
+    python -m benchmarks run --suite product_rates -- --size tiny --reps 2 --out /tmp/p.json     # CPU smoke
 """
 
 from __future__ import annotations
@@ -151,7 +151,3 @@ def _plot(result, path):
   ax.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-
-
-if __name__ == "__main__":
-  main()

@@ -10,8 +10,8 @@ calls outside the trace, "pipelined" the wall time per call of calls run back to
 sync (as a training loop runs them: the host's dispatch hides behind the device). The top kernels by time come with their share, so the step that costs
 most is named, not guessed. Writes JSON.
 
-    python benchmarks/profile_update.py --out /tmp/profile_update.json            # GPU
-    python benchmarks/profile_update.py --size tiny --out /tmp/p.json             # CPU smoke
+    python -m benchmarks run --suite profile_update -- --out /tmp/profile_update.json            # GPU
+    python -m benchmarks run --suite profile_update -- --size tiny --out /tmp/p.json             # CPU smoke
 
 On the CPU the trace holds no device kernels (the totals are 0); the smoke run checks the
 plumbing.
@@ -204,7 +204,3 @@ def main(argv=None) -> dict:
     result["elapsed_s"] = time.perf_counter() - started
     out.write_text(json.dumps(result, indent=1) + "\n")
   return result
-
-
-if __name__ == "__main__":
-  main()

@@ -9,7 +9,7 @@ how `project_subspace` should batch its per-step work:
   stack_then_batch      per-matrix leaves concatenated by shape each step
   per_matrix_with_cond  per_matrix plus a never-taken lax.cond refresh
 
-    python benchmarks/projection_layouts.py --out benchmarks/results/projection_layouts_h100.json
+    python -m benchmarks run --suite projection_layouts -- --out benchmarks/results/projection_layouts_h100.json
 """
 
 from __future__ import annotations
@@ -105,7 +105,3 @@ def main(argv=None):
   results["tflops_per_round_trip"] = flops / 1e12
   with open(args.out, "w") as f:
     json.dump(results, f, indent=1)
-
-
-if __name__ == "__main__":
-  main()

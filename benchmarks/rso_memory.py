@@ -38,10 +38,10 @@ needs about 32 GB of an 80 GB H100 by our estimate (24 × 1.2 GiB of activations
 parameters and gradients, 2.4 GB of Adam state); with `--attention xla`, use `--layers 8` or
 `--remat`.
 
-    python benchmarks/rso_memory.py --out benchmarks/results/rso_memory_h100.json    # GPU
-    python benchmarks/rso_memory.py --layers 1 --batch 1 --seq 64 --hidden 64 --ffn 176 \\
+    python -m benchmarks run --suite rso_memory -- --out benchmarks/results/rso_memory_h100.json    # GPU
+    python -m benchmarks run --suite rso_memory -- --layers 1 --batch 1 --seq 64 --hidden 64 --ffn 176 \\
         --heads 4 --rank 16 --out /tmp/rso_memory.json                               # CPU smoke test
-    python benchmarks/rso_memory.py --layers 4 --batch 4 --seq 512 --attention recompute \\
+    python -m benchmarks run --suite rso_memory -- --layers 4 --batch 4 --seq 512 --attention recompute \\
         --methods adamw,rso --out /tmp/rso_memory_cpu.json         # CPU, real widths (compile only)
 
 `--xla-dump DIR` dumps each method's compiled step (XLA_FLAGS, in its subprocess) and adds
@@ -73,7 +73,6 @@ import sys
 import time
 from typing import Optional
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # run as a script
 from benchmarks import _provenance  # noqa: E402  pylint: disable=g-import-not-at-top
 
 METHODS = ("adamw", "galore", "rso", "rso_shared")
@@ -525,7 +524,7 @@ def main(argv=None) -> dict:
   commit = _provenance.commit()
   result = {
       "benchmark": "rso_memory",
-      "command": " ".join(["python", "benchmarks/rso_memory.py"] + argv),
+      "command": _provenance.command("rso_memory", argv),
       "commit": commit,
       "device": dev.device_kind, "platform": dev.platform,
       "versions": {"python": platform.python_version(), "jax": jax.__version__,

@@ -8,7 +8,7 @@ the speed-up, with the target as a line), a JSON of the same figures with the fi
 from, and prints a markdown table. Nothing is measured here: every figure is read from the
 files.
 
-    python benchmarks/scaling_plot.py --out benchmarks/results/multi_gpu_h200x2_dp2_b256_zero1_8e955e3_scaling.png \\
+    python -m benchmarks run --suite scaling_plot -- --out benchmarks/results/multi_gpu_h200x2_dp2_b256_zero1_8e955e3_scaling.png \\
         benchmarks/results/multi_gpu_h200x2_dp2_b256_zero1_*_8e955e3.json
 """
 
@@ -111,7 +111,3 @@ def main(argv=None) -> dict:
   args.out.with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
   print(markdown(summary))
   return summary
-
-
-if __name__ == "__main__":
-  main()

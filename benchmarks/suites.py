@@ -33,6 +33,11 @@ from benchmarks import _provenance
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUITES = ("projector_cost", "optimizer_update", "train_step", "largest_model", "quality")
+# Suites that are one module's `main(argv)`: `python -m benchmarks run --suite NAME -- FLAGS`
+# passes FLAGS to it (`-- --help` lists them). Each writes the JSON its --out names.
+SCRIPT_SUITES = ("multi_gpu", "profile_update", "product_rates", "projection_layouts",
+                 "grass_cost", "rso_memory", "communication", "communication_train_step",
+                 "optimizer_step", "scaling_plot")
 # Suites whose methods run in worker processes (benchmarks/train_setups.py).
 WORKER_SUITES = ("train_step", "largest_model")
 QUICK_REPS = 3
@@ -212,7 +217,9 @@ def _parser() -> argparse.ArgumentParser:
                                description=__doc__.splitlines()[0])
   commands = ap.add_subparsers(dest="command", required=True)
   run = commands.add_parser("run", help="run one suite, write its JSON and PNG")
-  run.add_argument("--suite", required=True, choices=SUITES)
+  run.add_argument("--suite", required=True, choices=SUITES + SCRIPT_SUITES,
+                   help="the suites below, or one of the script suites, whose flags follow"
+                   " `--`: " + ", ".join(SCRIPT_SUITES))
   run.add_argument("--size", default=None,
                    help="comma-separated LLaMA sizes (60m,130m,350m,1b,7b,tiny; train_step: the"
                    " example's sizes; largest_model: its ladder 1b,3b,7b,13b,30b); default: the"
@@ -300,8 +307,35 @@ _OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "profile_top", 
                  "job_timeout_s")
 
 
+def run_script(suite: str, argv=()):
+  """Runs one of `SCRIPT_SUITES` with its own flags `argv`; returns what its `main` returns."""
+  if suite not in SCRIPT_SUITES:
+    raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SCRIPT_SUITES)}")
+  import importlib  # pylint: disable=g-import-not-at-top
+
+  return importlib.import_module(f"benchmarks.{suite}").main(list(argv))
+
+
+def _script_argv(argv):
+  """(suite, its flags) when `argv` is `run --suite NAME [--] FLAGS` of a script suite, else None."""
+  if not argv or argv[0] != "run":
+    return None
+  for i, arg in enumerate(argv[1:], 1):
+    name, rest = (arg.split("=", 1)[1], i + 1) if arg.startswith("--suite=") else (
+        (argv[i + 1], i + 2) if arg == "--suite" and i + 1 < len(argv) else (None, None))
+    if name is not None:
+      if name not in SCRIPT_SUITES:
+        return None
+      flags = argv[1:i] + argv[rest:]
+      return name, [f for j, f in enumerate(flags) if not (f == "--" and j == flags.index("--"))]
+  return None
+
+
 def main(argv=None) -> dict:
   argv = list(sys.argv[1:] if argv is None else argv)
+  script = _script_argv(argv)
+  if script is not None:
+    return run_script(*script)
   args = _parser().parse_args(argv)
   methods = args.methods.split(",") if args.methods else None
   options = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/communication_train_step.py at a tiny size (compile only, 2 CPU devices)."""
+"""Smoke test of the communication_train_step suite at a tiny size (compile only, 2 CPU devices)."""
 
 import json
 import os
@@ -16,8 +16,8 @@ def test_model_level_rso_all_reduces_less_than_adamw_whose_all_reduce_is_the_ful
   # A subprocess, so the simulated devices exist whatever this process's jax already started.
   out = tmp_path / "communication_train_step.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  subprocess.run([sys.executable, "benchmarks/communication_train_step.py", *TINY,
-                  "--out", str(out)], cwd=ROOT, env=env, check=True, capture_output=True)
+  subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite",
+                  "communication_train_step", "--", *TINY, "--out", str(out)], cwd=ROOT, env=env, check=True, capture_output=True)
   runs = json.loads(out.read_text())["runs"]["data"]
   adamw, rso = runs["adamw"], runs["rso_model"]
   assert "error" not in rso, rso.get("error")

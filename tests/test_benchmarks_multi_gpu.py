@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/multi_gpu.py at a tiny size on 2 simulated CPU devices."""
+"""Smoke test of the multi_gpu suite at a tiny size on 2 simulated CPU devices."""
 
 import gzip
 import json
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+SUITE = [sys.executable, "-m", "benchmarks", "run", "--suite", "multi_gpu", "--"]
 TINY = ["--model-size", "tiny", "--tokenizer", "byte", "--batch-size", "4", "--seq-len", "32",
         "--steps", "3", "--eval-windows", "4", "--data-parallel", "2", "--fsdp", "1",
         "--methods", "adamw", "--weak", "--commit", "abc1234", "--shard-optimizer",
@@ -18,7 +19,7 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   # A subprocess, so the simulated devices exist whatever this process's jax already started.
   out = tmp_path / "multi_gpu.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", *TINY, "--out", str(out),
+  subprocess.run([*SUITE, *TINY, "--out", str(out),
                   "--hlo-dir", str(tmp_path / "hlo")],
                  cwd=ROOT, env=env, check=True, capture_output=True)
   result = json.loads(out.read_text())
@@ -39,7 +40,7 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   # --replot redraws the PNG from the JSON alone (what a run cut by a time limit leaves).
   out.with_suffix(".png").unlink()
   written = out.read_text()
-  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", "--out", str(out), "--replot"],
+  subprocess.run([*SUITE, "--out", str(out), "--replot"],
                  cwd=ROOT, env=env, check=True, capture_output=True)
   assert out.with_suffix(".png").exists() and out.read_text() == written
   # --hlo-dir: each run's compiled step; only the mesh runs communicate.
@@ -64,7 +65,7 @@ def test_profiled_mesh_only_run_keeps_its_trace(tmp_path):
   out = tmp_path / "profiled.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   flags = [f for f in TINY if f != "--weak"]
-  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", *flags, "--out", str(out),
+  subprocess.run([*SUITE, *flags, "--out", str(out),
                   "--layouts", "mesh", "--profile-steps", "1"],
                  cwd=ROOT, env=env, check=True, capture_output=True)
   result = json.loads(out.read_text())
@@ -81,7 +82,7 @@ def test_hlo_dir_keeps_the_steady_and_the_refresh_program_and_counts_their_bytes
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   flags = [f for f in TINY if f != "--weak"]
   flags[flags.index("adamw")] = "adamw,galore"
-  subprocess.run([sys.executable, "benchmarks/multi_gpu.py", *flags, "--out", str(out),
+  subprocess.run([*SUITE, *flags, "--out", str(out),
                   "--layouts", "mesh", "--update-every", "2", "--hlo-dir", str(tmp_path / "hlo")],
                  cwd=ROOT, env=env, check=True, capture_output=True)
   methods = json.loads(out.read_text())["methods"]
