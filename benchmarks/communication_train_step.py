@@ -62,6 +62,7 @@ from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-t
 
 import optax_subspace as osub  # pylint: disable=g-import-not-at-top
 from benchmarks import _provenance  # pylint: disable=g-import-not-at-top
+from benchmarks import methods as registry  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import by_shape  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import collective_bytes  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import summarize  # pylint: disable=g-import-not-at-top
@@ -72,8 +73,8 @@ from optax_subspace import nn as osnn  # pylint: disable=g-import-not-at-top
 from optax_subspace.nn.grass import D_NAME  # pylint: disable=g-import-not-at-top
 from optax_subspace.nn.rso import B_NAME  # pylint: disable=g-import-not-at-top
 
-METHODS = ("adamw", "galore", "osd", "rso", "grass", "rso_model", "grass_model")
-MODEL_LEVEL = ("rso_model", "grass_model")
+METHODS = registry.OPTIMIZER_LEVEL + registry.MODEL_LEVEL
+MODEL_LEVEL = registry.MODEL_LEVEL
 MESHES = {"data": (2, 1), "fsdp": (1, 2)}  # ("data", "fsdp") sizes
 PROJECTED = r"(attention|mlp)/.*kernel"  # as examples/llama/optimizers.py
 LAYERS = r"(attention|mlp)/"  # the same kernels, as module paths for the surgery

@@ -40,7 +40,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 from benchmarks import _provenance  # noqa: E402  pylint: disable=g-import-not-at-top
-METHODS = ("adamw", "galore", "osd", "rso", "grass")
+from benchmarks import methods as registry  # noqa: E402  pylint: disable=g-import-not-at-top
+
+METHODS = registry.OPTIMIZER_LEVEL
 
 
 def _versions() -> dict:

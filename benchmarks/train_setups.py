@@ -74,6 +74,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from benchmarks import methods as registry
 from benchmarks.optimizer_update import _count_setter
 from examples.llama import optimizers as llama_optimizers
 from examples.llama.config import ModelConfig, TrainConfig
@@ -83,7 +84,7 @@ from optax_subspace import nn as osnn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAS_OPTAX_GALORE = hasattr(getattr(optax, "contrib", None), "galore")
-METHODS = tuple(m for m in ("adamw", "optax_contrib_galore", "galore", "osd", "rso", "grass",
+METHODS = tuple(m for m in ("adamw", "optax_contrib_galore", *registry.OPTIMIZER_LEVEL[1:],
                             "rso_model", "rso_model_shared", "grass_model")
                 if m != "optax_contrib_galore" or HAS_OPTAX_GALORE)
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
@@ -91,8 +92,7 @@ MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 NEEDS_LAYER_MODULES = MODEL_LEVEL + ("optax_contrib_galore",)
 RSO_MODEL = ("rso_model", "rso_model_shared")
 # The LLaMA example's --optimizer name of each optimizer-level method.
-EXAMPLE_OPTIMIZER = {"adamw": "adamw", "optax_contrib_galore": "optax_galore",
-                     "galore": "galore", "osd": "osd", "rso": "rso", "grass": "grass"}
+EXAMPLE_OPTIMIZER = {m: n for m, n in registry.EXAMPLE_NAME.items() if n not in registry.MODEL_LEVEL}
 REFRESH_KIND = {"galore": "count", "grass": "count", "rso_model": "program",
                 "rso_model_shared": "program",
                 "grass_model": "program"}
