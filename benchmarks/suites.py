@@ -6,6 +6,7 @@
     python -m benchmarks run --suite train_step --size 1b                # whole step, tokens/s
     python -m benchmarks run --suite largest_model                       # 1b..30b per method
     python -m benchmarks run --suite projector_cost --quick --out /tmp/p.json   # CPU smoke run
+    python -m benchmarks run --suite multi_gpu -- --help   # a script suite: its own flags
 
 Suites: `projector_cost` (one projector step per LLaMA matrix shape), `optimizer_update` (the
 update alone on LLaMA parameter trees), `train_step` (forward + backward + update of the LLaMA
@@ -18,11 +19,16 @@ to one method.
 Each JSON holds the device, the versions, the commit, the configuration (sizes, shapes,
 repetitions, dtypes), the medians and the ratios to AdamW; the plot goes next to it (.png).
 `run_suite` is the same as a Python function (the notebook calls it).
+
+The script suites (`SCRIPT_SUITES`: multi_gpu, profile_update, product_rates, ...) are each one
+module's `main(argv)`, run by `run_script` with the flags after `--`; docs/benchmarks.md lists
+every suite with its command.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import pathlib
 import platform
@@ -47,17 +53,7 @@ DEFAULT_REPS = 20
 def _suite_module(name: str):
   if name not in SUITES:
     raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
-  if name == "projector_cost":
-    from benchmarks import projector_cost as module  # pylint: disable=g-import-not-at-top
-  elif name == "optimizer_update":
-    from benchmarks import optimizer_update as module  # pylint: disable=g-import-not-at-top
-  elif name == "train_step":
-    from benchmarks import train_step as module  # pylint: disable=g-import-not-at-top
-  elif name == "quality":
-    from benchmarks import quality as module  # pylint: disable=g-import-not-at-top
-  else:
-    from benchmarks import largest_model as module  # pylint: disable=g-import-not-at-top
-  return module
+  return importlib.import_module(f"benchmarks.{name}")
 
 
 def _sizes(size, quick: bool, module) -> list[str]:
@@ -311,8 +307,6 @@ def run_script(suite: str, argv=()):
   """Runs one of `SCRIPT_SUITES` with its own flags `argv`; returns what its `main` returns."""
   if suite not in SCRIPT_SUITES:
     raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SCRIPT_SUITES)}")
-  import importlib  # pylint: disable=g-import-not-at-top
-
   return importlib.import_module(f"benchmarks.{suite}").main(list(argv))
 
 
