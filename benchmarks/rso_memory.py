@@ -253,10 +253,6 @@ def _recomputing_attention(query, key, value, bias=None, mask=None, *, scale=Non
   return attention(query, key, value)
 
 
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-          "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
-
-
 def temp_at_peak(dump_dir, top: int = 30) -> dict:
   """The values of the compiled train step's temp buffer live at its peak, from an XLA dump.
 

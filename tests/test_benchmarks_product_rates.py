@@ -1,9 +1,10 @@
-"""Smoke test of benchmarks/product_rates.py on the tiny shapes (CPU)."""
+"""Smoke test of the product_rates suite (benchmarks/product_rates.py) on the tiny shapes (CPU)."""
 
 import json
 
 from benchmarks import optimizer_step
 from benchmarks import product_rates
+from benchmarks import suites
 
 
 def test_product_kinds_cover_the_steps_flops():
@@ -23,8 +24,9 @@ def test_product_kinds_cover_the_steps_flops():
 
 def test_rows_and_floors_are_written(tmp_path):
   out = tmp_path / "rates.json"
-  result = product_rates.main(["--size", "tiny", "--reps", "2", "--dtypes", "float32",
-                               "--out", str(out)])
+  # Through the harness: the flags after "--" are the script suite's own.
+  result = suites.main(["run", "--suite", "product_rates", "--", "--size", "tiny", "--reps", "2",
+                        "--dtypes", "float32", "--out", str(out)])
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
   assert len(result["rows"]) == len(product_rates.product_kinds(**optimizer_step.SIZES["tiny"]))
   for row in result["rows"]:
