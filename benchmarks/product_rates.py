@@ -1,7 +1,7 @@
 """The rate (TFLOP/s) of the dense products a subspace step runs, separate and batched.
 
 A GaLore step on the LLaMA-1B tree (rank 512) is two products per projected matrix, an Online
-Subspace Descent step three (METHODS.md), plus OSD's r×r products. This times each product
+Subspace Descent step three (docs/methods.md), plus OSD's r×r products. This times each product
 kind on its real shapes, for every matrix of that kind in the tree in one jitted call: as
 separate products on separate arrays (as `project_subspace` runs them on separate leaves) and
 as one batched product (as a scanned model's stacked kernels would run), in float32 at JAX's

@@ -35,7 +35,7 @@ Refreshes (T = `update_every`, default 200), amortised by the suites over T step
   run between steps; it adds to one step in T.
 - ``osd``, ``rso`` (their per-step projector work is in every step), ``adamw``: none;
   ``optax_contrib_galore``: its refresh (an SVD of every projected matrix: 63 s on the 1B tree,
-  shared/TARGETS.md) is not timed: its steps run from count 1 with P zero, which costs the same
+  docs/benchmarks.md) is not timed: its steps run from count 1 with P zero, which costs the same
   products.
 
 Numerics: the model's compute dtype (bfloat16 by default), parameters in ``param_dtype``, and the

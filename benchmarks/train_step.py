@@ -5,7 +5,7 @@ One train step = forward, backward and optimizer update of the LLaMA example's m
 next-token cross-entropy on a random token batch, parameters and optimizer state donated; each
 method built by `benchmarks.train_setups` (the example's optimizers; the model-level RSO and GRASS
 of `optax_subspace.nn`), rank hidden/4 on the attention and MLP kernels. Defaults: LLaMA 350M at
-batch 128 and 1B at batch 64, 256 tokens per sequence (shared/TARGETS.md's whole-step anchors).
+batch 128 and 1B at batch 64, 256 tokens per sequence (docs/benchmarks.md's whole-step anchors).
 
 Each method runs in its own process (on a GPU; on the CPU, which has no peak counter, the
 methods share one) and is killed and recorded after `--job-timeout-s` (default 300 s); the log

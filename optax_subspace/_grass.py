@@ -56,7 +56,7 @@ def grass(
   a newly selected row starts at zero; exact for "topk" and "uniform", see
   docs/grass.md for "multinomial").
 
-  `scale` α defaults to 1.0: METHODS.md gives GRASS no α (GaLore's 0.25 is
+  `scale` α defaults to 1.0: docs/methods.md gives GRASS no α (GaLore's 0.25 is
   a GaLore hyperparameter), and at 1.0 a selected row moves as far as it
   would under full Adam, times its ρ (Adam is invariant to the scale of its
   input, so ρ enters the update once, through the back-projection). Adam's

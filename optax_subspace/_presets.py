@@ -304,7 +304,7 @@ def online_subspace_descent(
     orthogonality_weight: λ of the online-PCA loss (paper 0.1, code 0).
     step_before_projection: step P with G_t before projecting G_t, as the
       stored copy of the authors' code does (see `projectors.online_pca`);
-      default False, METHODS.md's order.
+      default False, docs/methods.md's order.
     b1, b2, eps, eps_placement, weight_decay, mask, dims, on_change,
       projection_dtype, refresh_chunk_bytes, unprojected_learning_rate: as
       in `galore` (OSD refreshes

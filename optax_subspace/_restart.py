@@ -26,7 +26,7 @@ def restart_every(inner: optax.GradientTransformation,
   (``inner.init(updates)`` when no params are passed) before the update: its
   moments are zero and its step count, hence Adam's bias correction, starts
   again. This is how each block of K steps becomes one RSO subproblem solved
-  "from B = 0 with a fresh inner optimizer" (METHODS.md, Seed 001).
+  "from B = 0 with a fresh inner optimizer" (docs/methods.md, RSO).
 
   References:
     Chen, Zhang, Liu, Yuan, Wen, "A Memory Efficient Randomized Subspace

@@ -75,7 +75,7 @@ def _subproblem(direction, learning_rate, proximal, inner_steps):
   def update_fn(updates, state, params=None, **extra_args):
     displacement = state.displacement
     if proximal is not None:
-      # Each subproblem starts from B = 0 (METHODS.md, Seed 001).
+      # Each subproblem starts from B = 0 (docs/methods.md, RSO).
       starts = state.count % inner_steps == 0
       displacement = jax.tree_util.tree_map(
           lambda b: jnp.where(starts, 0.0, b), displacement)

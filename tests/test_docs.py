@@ -2,6 +2,7 @@
 
 import inspect
 import pathlib
+import re
 
 import pytest
 
@@ -27,8 +28,45 @@ def test_public_name_is_in_the_api_page_and_documented(name, obj):
 def test_public_function_docstring_has_references_args_and_example(name, obj):
   doc = obj.__doc__
   if name == "online_pca_gradient":  # a formula, referenced by online_pca
-    assert "METHODS.md" in doc
+    assert "docs/methods.md" in doc
     return
   for section in ("References:", "Args:", "Returns:", "Example:"):
     assert section in doc, f"{name}: no '{section}' section"
   assert "arXiv" in doc, f"{name}: no paper reference"
+
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+# Background notes that live outside the repository: nothing here may send a reader to them.
+OUTSIDE = re.compile(r"shared/|\b(METHODS|DESIGN|TARGETS)\.md|/root/|/home/|/work/")
+TEXT_FILES = sorted(
+    p
+    for pattern in ("*.md", "docs/**/*.md", "examples/**/*.md", "examples/**/*.py",
+                    "optax_subspace/**/*.py", "benchmarks/*.py", "tests/**/*.py")
+    for p in REPO.glob(pattern)
+    if p.resolve() != pathlib.Path(__file__).resolve()
+)
+# A repository file named in a doc: `docs/x.md`, [text](path), `examples/llama/README.md`.
+DOC_PATH = re.compile(r"`((?:docs|examples|benchmarks|tests|optax_subspace)/[\w./-]+\.\w+)`")
+LINK = re.compile(r"\]\(([^)#\s]+)\)")
+
+
+@pytest.mark.parametrize("path", TEXT_FILES, ids=[str(p.relative_to(REPO)) for p in TEXT_FILES])
+def test_text_points_only_inside_the_repository(path):
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    assert not OUTSIDE.search(line), f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+
+
+DOCS = sorted([*REPO.glob("*.md"), *REPO.glob("docs/*.md"), *REPO.glob("examples/**/*.md")])
+
+
+@pytest.mark.parametrize("path", DOCS, ids=[str(p.relative_to(REPO)) for p in DOCS])
+def test_files_a_doc_names_exist(path):
+  text = path.read_text()
+  for name in DOC_PATH.findall(text):
+    assert (REPO / name).exists(), f"{path.relative_to(REPO)} names {name}, which does not exist"
+  for target in LINK.findall(text):
+    if "://" in target or target.startswith("mailto:"):
+      continue
+    assert (path.parent / target).resolve().exists(), (
+        f"{path.relative_to(REPO)} links {target}, which does not exist"
+    )

@@ -1,6 +1,6 @@
 """`galore` and `online_subspace_descent` against a NumPy restatement of the authors' update.
 
-The reference is written from METHODS.md in the authors' PyTorch layout (a
+The reference is written from docs/methods.md in the authors' PyTorch layout (a
 weight is (out, in) = m×n; "left" P is m×r when m < n, else "right" P is
 r×n, so a square weight projects its input side), in float64, independently
 of the library's oriented code. Our parameters are Flax kernels (in, out),
@@ -25,7 +25,7 @@ def _canonical_rows(p):
 
 
 def _svd_basis(g, r):
-  """The authors' get_orthogonal_matrix, with METHODS.md's sign rule."""
+  """The authors' get_orthogonal_matrix, with docs/methods.md's sign rule."""
   u, _, vh = np.linalg.svd(g, full_matrices=False)
   m, n = g.shape
   if m >= n:  # right: P is r×n
@@ -44,7 +44,7 @@ def _back(p, n_low, shape):
 
 
 def _osd_grad(p, g):
-  """METHODS.md's closed forms of ∇‖PPᵀG̃ − G̃‖² (λ = 0, as the code)."""
+  """docs/methods.md's closed forms of ∇‖PPᵀG̃ − G̃‖² (λ = 0, as the code)."""
   gn = g / np.linalg.norm(g)
   m, n = g.shape
   if m >= n:  # right, P r×n, B = G̃Pᵀ
@@ -88,7 +88,7 @@ def _reference(grads_torch, r, method, gap):
     step = LR * np.sqrt(1 - B2 ** (t + 1)) / (1 - B1 ** (t + 1))
     n_low = mu / (np.sqrt(nu) + EPS)
     updates.append(-step * SCALE * _back(p, n_low, shape))
-    if method == "osd" and t > 0:  # METHODS.md: W with P_t, then P_{t+1}
+    if method == "osd" and t > 0:  # docs/methods.md: W with P_t, then P_{t+1}
       p, p_m, p_v = step_p(p, p_m, p_v, g, t)
   return updates
 

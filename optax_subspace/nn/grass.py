@@ -3,8 +3,8 @@
 GRASS (Muhamed, Li, Woodruff, Diab, Smith, EMNLP 2024, arXiv:2406.17660)
 trains r selected rows σ of each weight (torch layout, out × in) with scales
 ρ. For y = x·Wᵀ those rows of the gradient are ρ·dY[:, σ]ᵀ·X, a b×r×n product
-in place of the b×m×n one, so the full gradient is never formed (METHODS.md,
-Seed 002). In Flax's (in, out) kernel layout the rows of the torch weight are
+in place of the b×m×n one, so the full gradient is never formed (docs/methods.md,
+GRASS). In Flax's (in, out) kernel layout the rows of the torch weight are
 the kernel's output columns: GRASS selects output features.
 
 How it plugs into an unmodified Flax NNX model: module surgery
@@ -139,7 +139,7 @@ class GrassLinear(nnx.Module):
       ∂L/∂D = ρ ⊙ (Xᵀ·dY[:, σ])      (in × r, a b×in×r product)
 
   the selected rows ρ·dY[:, σ]ᵀ·X of GRASS's gradient, transposed
-  (arXiv:2406.17660; METHODS.md, Seed 002); ∂L/∂W is never formed. The
+  (arXiv:2406.17660; docs/methods.md, GRASS); ∂L/∂W is never formed. The
   price is one b×in×r product more in the forward (x·D) and one in the
   backward (∂L/∂x gains dY[:, σ]·(Dρ)ᵀ). The bias, if any, stays an
   `nnx.Param` trained in full. Dtype promotion, `precision`, `dot_general` and

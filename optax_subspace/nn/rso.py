@@ -6,7 +6,7 @@ min_B f(W_k + P_k·B) + ‖B‖²/(2η) from B = 0 with a fresh inner optimizer,
 merges W_{k+1} = W_k + P_k·B and draws a new P_{k+1}. With W frozen inside a
 subproblem, a layer z = x·(W + P·B) = x·W + (x·P)·B has ∂L/∂B = (x·P)ᵀ·∂L/∂z,
 so its backward pass keeps x·P (b×r) instead of x (b×m) and never forms the
-m×n weight gradient (the paper's activation-memory argument; METHODS.md, Seed 001).
+m×n weight gradient (the paper's activation-memory argument; docs/methods.md, RSO).
 
 How it plugs into an unmodified Flax NNX model: module surgery
 (`optax_subspace.nn._surgery`). `rso_layers` swaps each selected `nnx.Linear`

@@ -185,7 +185,7 @@ def canonical_signs(p: jax.Array) -> jax.Array:
 
   Singular vectors are defined up to sign and backends disagree; since the
   moments carry over a refresh, the sign changes the trajectory. This fixes
-  it the same way on every backend (METHODS.md, "SVD sign").
+  it the same way on every backend (docs/methods.md, "SVD sign").
   """
   idx = jnp.argmax(jnp.abs(p), axis=0)
   pivot = jnp.take_along_axis(p, idx[None, :], axis=0)[0]
@@ -244,7 +244,7 @@ def top_left_singular_vectors(g: jax.Array, r: int) -> jax.Array:
   """Top-r left singular vectors of g (s, l), s ≤ l, sign-canonical.
 
   Computed from the eigenvectors of the s×s Gram matrix g gᵀ (the smaller
-  side: DESIGN.md allows it, and on our GPU eigh of the Gram matrix is 13–17×
+  side: docs/design.md allows it, and on our GPU eigh of the Gram matrix is 13–17×
   faster than an SVD). The Gram product runs at full float32 precision: the
   refresh is rare and TF32 would perturb the eigenvectors.
   """

@@ -23,7 +23,7 @@ def online_pca_gradient(p, g, gtp, orthogonality_weight=0.0):
   """Gradient of L(P) = ‖P Pᵀ G̃ − G̃‖²_F + λ‖PᵀP − I‖²_F, G̃ = G/‖G‖_F.
 
   For P (s, r), G (s, l) and gtp = GᵀP (l, r), OSD's left-case closed form
-  (METHODS.md) with A = G̃ᵀP = gtp/‖G‖:
+  (docs/methods.md) with A = G̃ᵀP = gtp/‖G‖:
   ∇P = 2[P(AᵀA) + G̃A(PᵀP) − 2 G̃A] + 4λ P(PᵀP − I).
   The normalisation is applied to the small products (G̃A = G·gtp/‖G‖²), so
   G is read once, never scaled in place. Cost O(s·l·r); no s×s or l×l matrix.
@@ -86,7 +86,7 @@ def online_pca(
       at learning rate 1/200 (the `online_subspace_descent` preset makes it
       follow the weights' schedule).
     orthogonality_weight: λ; 0 in the authors' code, 0.1 in the paper.
-    step_before_projection: False (the paper's order and METHODS.md's: W
+    step_before_projection: False (the paper's order and docs/methods.md's: W
       moves through P_t, then P_{t+1} is stored). True reproduces the stored
       copy of the authors' code (`proj_type="continuous"`): at step t > 0, P
       is first stepped with G_t and G_t is then projected on the new P. It

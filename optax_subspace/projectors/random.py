@@ -132,7 +132,7 @@ def random(rank: int, update_every: int = 200, *,
   ``P_k = random_basis(fold_in(key, k), s, r, distribution)`` with `key`
   the matrix's key (from `project_subspace`) folded with `seed`. Only the
   key and k are stored; P is regenerated where it is used, identical on
-  every device without communication (DESIGN.md). The refresh does not look
+  every device without communication (docs/design.md). The refresh does not look
   at the gradient.
 
   The key derivation is a contract with `optax_subspace.nn`'s model-level

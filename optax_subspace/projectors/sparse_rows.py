@@ -3,7 +3,7 @@
 B (r × s) has one 1 per row, at the selected row σ_j of the oriented matrix;
 ρ is diagonal. The projection is a gather, ρ_j·G[σ_j] (r × l), and the
 back-projection a scatter-add of ρ_j·N_j into row σ_j (s × l): P is never
-formed. The state stores the r indices and r scales (METHODS.md, Seed 002).
+formed. The state stores the r indices and r scales (docs/methods.md, GRASS).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def row_norms(g):
 def _select(selection, replacement, norms, r, key):
   """σ (sorted) and ρ for one matrix, from its row norms (s,)."""
   s = norms.shape[0]
-  if selection == "topk":  # METHODS.md: minimises ‖G − BᵀBG‖² over r rows
+  if selection == "topk":  # docs/methods.md: minimises ‖G − BᵀBG‖² over r rows
     indices = jnp.sort(jax.lax.top_k(norms, r)[1])
     return indices, jnp.ones((r,), jnp.float32)
   if selection == "uniform":  # q_i = 1/s, ρ = √(s/r)

@@ -305,7 +305,7 @@ def test_optax_galore_projects_only_attention_and_mlp_kernels():
   projectors = _paths(state[1][0].projector)  # chain(clip, chain(GaLore, decay, lr))
   shapes = {path: leaf.shape for path, leaf in _paths(params).items()}
   for path, projector in projectors.items():
-    # optax puts its projector on the larger side of the matrix (METHODS.md).
+    # optax puts its projector on the larger side of the matrix (docs/methods.md).
     expected = (max(shapes[path]), 8) if re.search(optimizers.PROJECTED, path) else (0, 0)
     assert projector.shape == expected, path
 
