@@ -70,3 +70,14 @@ def test_files_a_doc_names_exist(path):
     assert (path.parent / target).resolve().exists(), (
         f"{path.relative_to(REPO)} links {target}, which does not exist"
     )
+
+
+INSTALL = re.compile(r"pip install -e \S+ && pip install --no-deps [\w.=\- ]+?(?= &&|\n)")
+
+
+def test_both_readmes_give_the_same_install_command():
+  commands = [
+      INSTALL.findall((REPO / name).read_text())
+      for name in ("README.md", "examples/llama/README.md")
+  ]
+  assert commands[0] and commands[0] == commands[1], commands

@@ -102,17 +102,21 @@ def main(argv=None) -> int:
   )
   p.add_argument("runs", nargs="+", type=pathlib.Path, help="run directories")
   p.add_argument(
-      "--out", type=pathlib.Path, default=pathlib.Path("compare.png"), help="the PNG to write"
+      "--out",
+      type=pathlib.Path,
+      default=None,
+      help="the PNG to write (default: compare.png beside the first run directory)",
   )
   args = p.parse_args(argv)
+  out = args.out or args.runs[0].parent / "compare.png"
   try:
     runs = [load_run(run_dir) for run_dir in args.runs]
   except FileNotFoundError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
   print(markdown_table([table_row(run) for run in runs]))
-  if plot(runs, args.out):
-    print(f"plot: {args.out}")
+  if plot(runs, out):
+    print(f"plot: {out}")
   else:
     print("no plot: matplotlib is not installed (pip install matplotlib)")
   return 0

@@ -5,6 +5,7 @@ each field's ``help`` metadata is its flag's help text.
 """
 
 import dataclasses
+import math
 import typing
 
 # hidden / ffn / heads / layers of the LLaMA models in the GaLore (arXiv 2403.03507, Table 5)
@@ -155,9 +156,14 @@ class TrainConfig:
   # run
   seed: int = _flag(0, "seeds the initialisation and the data order")
   run_dir: str = _flag(
-      "", "where config, metrics and checkpoints go; default runs/<size>-<optimizer>"
+      "",
+      "where config, metrics, checkpoints and loss.png go; default runs/<size>-<optimizer>, or"
+      " runs/<size>-<optimizer>-2, -3, ... (the first free one) when that folder holds a run",
   )
-  resume: bool = _flag(False, "continue the run in --run-dir from its latest checkpoint")
+  resume: bool = _flag(
+      False,
+      "continue the run in --run-dir (default runs/<size>-<optimizer>) from its latest checkpoint",
+  )
   log_every: int = _flag(10, "steps between metric lines")
   eval_every: int = _flag(50, "steps between evaluations (and one at the end); 0: only at the end")
   checkpoint_every: int = _flag(
@@ -190,8 +196,11 @@ class TrainConfig:
       return self.tokenizer
     return "t5" if self.corpus == "c4" else "mistral"
 
+  def default_run_dir(self) -> str:
+    return f"runs/{self.model_size}-{self.optimizer}"
+
   def resolved_run_dir(self) -> str:
-    return self.run_dir or f"runs/{self.model_size}-{self.optimizer}"
+    return self.run_dir or self.default_run_dir()
 
   def validate(self) -> None:
     """Raises `ConfigError` for any flag value that cannot run."""
@@ -223,11 +232,12 @@ class TrainConfig:
     for name in positive:
       if getattr(self, name) <= 0:
         raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+    # 0 is "the default learning rate"; a negative one trains uphill (perplexity 5e21).
     for name in ("lr", "lr_unprojected"):
-      if getattr(self, name) < 0:
-        raise ConfigError(
-            f"--{name.replace('_', '-')} {getattr(self, name)} must be positive (or 0: the default)"
-        )
+      value = getattr(self, name)
+      if not (math.isfinite(value) and value >= 0):
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} {value:g} must be positive (or 0: the default)")
     if self.grass_selection not in GRASS_SELECTIONS:
       raise ConfigError(
           f"unknown --grass-selection {self.grass_selection!r}; choose one of"

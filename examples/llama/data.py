@@ -316,6 +316,19 @@ def c4_files(path: str, split: str) -> list[str]:
   return sorted(glob.glob(os.path.join(path, "**", f"c4-{split}.*.json.gz"), recursive=True))
 
 
+def check_c4_path(path: str) -> None:
+  """Raises ConfigError naming what --c4-path lacks: the folder, or its train/validation files."""
+  if not pathlib.Path(path).is_dir():
+    raise ConfigError(f"--c4-path {path} is not a folder (no such directory)")
+  missing = [
+      f"c4-{split}.*.json.gz" for split in ("train", "validation") if not c4_files(path, split)
+  ]
+  if missing:
+    raise ConfigError(
+        f"no {' and no '.join(missing)} files under --c4-path {path} (searched its subfolders too)"
+    )
+
+
 def _local_c4_texts(path: str, split: str) -> Iterator[str]:
   for file in c4_files(path, split):
     with gzip.open(file, "rt", encoding="utf-8") as lines:
@@ -437,9 +450,9 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
   """The corpus and tokenizer of `cfg`; raises ConfigError if either is missing."""
   tokenizer_name = cfg.resolved_tokenizer()
   if cfg.corpus == "c4":
+    if cfg.c4_path:  # checked before the tokenizer, whose own errors would hide a wrong path
+      check_c4_path(cfg.c4_path)
     tokenizer = load_tokenizer(tokenizer_name, cfg.tokenizer_path)
-    if cfg.c4_path and not c4_files(cfg.c4_path, "train"):
-      raise ConfigError(f"no c4-train.*.json.gz files under --c4-path {cfg.c4_path}")
     needed = cfg.eval_windows * cfg.seq_len + 1
     stream, _ = _pack_documents(c4_texts(cfg.c4_path, "validation", None), tokenizer, needed)
     if num_windows(stream.size, cfg.seq_len) == 0:

@@ -1,7 +1,9 @@
 """`python -m examples.llama train`: the training loop, evaluation, metrics and checkpoints.
 
 Every flag is a `TrainConfig` field. A run directory holds config.json, metrics.jsonl,
-tensorboard/ (when tensorboardX or tensorboard is installed), checkpoints/ (Orbax) and summary.json.
+tensorboard/ (when tensorboardX or tensorboard is installed), checkpoints/ (Orbax), loss.png
+(when matplotlib is installed) and summary.json. Without --run-dir a new run goes to
+runs/<size>-<optimizer>, or to the first of runs/<size>-<optimizer>-2, -3, ... that is free.
 """
 
 import argparse
@@ -22,7 +24,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from examples.llama import data, distributed, mesh, metrics, model, optimizers
+from examples.llama import compare, data, distributed, mesh, metrics, model, optimizers
 from examples.llama.config import ConfigError, TrainConfig, model_config
 
 # Flags that may differ from the saved config.json when resuming: none changes the trajectory.
@@ -59,11 +61,26 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def free_run_dir(base: str) -> str:
+  """`base`, or the first of base-2, base-3, ... that does not exist or is an empty folder."""
+  candidate, number = pathlib.Path(base), 1
+  while candidate.exists() and (not candidate.is_dir() or any(candidate.iterdir())):
+    number += 1
+    candidate = pathlib.Path(f"{base}-{number}")
+  return str(candidate)
+
+
 def resolve_config(given: dict) -> tuple[TrainConfig, dict | None]:
-  """The run's config, and the saved config.json when resuming (its flags fill the rest)."""
+  """The run's config, and the saved config.json when resuming (its flags fill the rest).
+
+  A new run without --run-dir gets a free folder (`free_run_dir`), so the default command can
+  run again and again; an explicit --run-dir that holds a run is refused without --resume.
+  """
   cfg = TrainConfig(**given)
   if not cfg.resume:
     cfg.validate()
+    if not cfg.run_dir:
+      cfg = dataclasses.replace(cfg, run_dir=free_run_dir(cfg.default_run_dir()))
     return cfg, None
   config_file = pathlib.Path(cfg.resolved_run_dir()) / "config.json"
   if not config_file.exists():
@@ -732,6 +749,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
         exit_code = EXIT_INTERRUPTED if interrupts.requested else 0
         break
   progress.close()
+  has_tensorboard = getattr(log, "tensorboard", None) is not None
   log.close()
   manager.close()
 
@@ -765,7 +783,25 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
         f"final eval perplexity: {last_eval['eval_ppl']:.2f} (loss {last_eval['eval_loss']:.4f}) "
         f"after {step} steps, {tokens:,} tokens"
     )
+  if primary:
+    _report_outputs(run_dir, step, has_tensorboard, finished=step == cfg.steps)
   return summary
+
+
+def _report_outputs(run_dir: pathlib.Path, step: int, has_tensorboard: bool, finished: bool):
+  """Draws run_dir/loss.png and prints where the run's files are."""
+  plot = run_dir / "loss.png"
+  drew = compare.plot([compare.load_run(run_dir)], plot)
+  print(f"run directory: {run_dir}")
+  tensorboard = f" (TensorBoard: {run_dir / 'tensorboard'})" if has_tensorboard else ""
+  print(f"  metrics: {run_dir / 'metrics.jsonl'}{tensorboard}")
+  print(f"  checkpoints: {run_dir / 'checkpoints'} (latest: step {step})")
+  if drew:
+    print(f"  loss plot: {plot}")
+  else:
+    print("  loss plot: none, matplotlib is not installed (pip install matplotlib)")
+  if finished:
+    print(f"  summary: {run_dir / 'summary.json'}")
 
 
 def main(argv=None) -> int:
@@ -773,6 +809,8 @@ def main(argv=None) -> int:
   given = vars(parser().parse_args(argv))
   try:
     cfg, saved = resolve_config(given)
+    if cfg.run_dir != cfg.default_run_dir() and "run_dir" not in given:
+      print(f"{cfg.default_run_dir()} holds a run: this run goes to {cfg.run_dir}")
     distributed.initialize(cfg)  # before anything asks JAX for devices
     summary = train(cfg, saved)
   except ConfigError as error:

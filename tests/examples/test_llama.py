@@ -598,6 +598,49 @@ def test_compare_prints_a_table_and_draws_one_png(tmp_path, capsys):
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_default_command_runs_again_in_a_new_folder_and_says_where_its_files_are(
+    tmp_path, monkeypatch, capsys
+):
+  # README's command 1 without --run-dir, twice: the second run takes runs/<size>-<opt>-2.
+  _c4_corpus(tmp_path / "c4")
+  monkeypatch.chdir(tmp_path)
+  flags = _flags(tmp_path, "unused", "--steps", "2")
+  at = flags.index("--run-dir")
+  del flags[at : at + 2]  # README's command gives no --run-dir
+  assert train.main(flags) == 0
+  first = capsys.readouterr().out
+  # The second run draws no plot: matplotlib missing is one line, not an error.
+  with monkeypatch.context() as without_matplotlib:
+    without_matplotlib.setitem(sys.modules, "matplotlib", None)
+    assert train.main(flags) == 0
+  second = capsys.readouterr().out
+  runs = tmp_path / "runs"
+  assert sorted(p.name for p in runs.iterdir()) == ["tiny-adamw", "tiny-adamw-2"]
+  for run in ("tiny-adamw", "tiny-adamw-2"):
+    assert (runs / run / "summary.json").exists() and (runs / run / "checkpoints" / "2").is_dir()
+  assert "holds a run" not in first
+  assert "runs/tiny-adamw holds a run: this run goes to runs/tiny-adamw-2" in second
+  for out, run in ((first, "runs/tiny-adamw"), (second, "runs/tiny-adamw-2")):
+    assert f"run directory: {run}\n" in out
+    assert f"  metrics: {run}/metrics.jsonl" in out
+    assert f"  checkpoints: {run}/checkpoints (latest: step 2)" in out
+    assert f"  summary: {run}/summary.json" in out
+  assert "  loss plot: none, matplotlib is not installed" in second
+  assert not (runs / "tiny-adamw-2" / "loss.png").exists()
+  if _installed("matplotlib"):
+    assert "  loss plot: runs/tiny-adamw/loss.png" in first
+    assert (runs / "tiny-adamw" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+  # An explicit --run-dir that holds a run still needs --resume.
+  assert train.main([*flags, "--run-dir", "runs/tiny-adamw"]) == 2
+  assert "runs/tiny-adamw already holds a run; pass --resume" in capsys.readouterr().err
+  # compare without --out writes beside the first run, not into the working directory.
+  assert compare.main(["runs/tiny-adamw", "runs/tiny-adamw-2"]) == 0
+  if _installed("matplotlib"):
+    assert "plot: runs/compare.png" in capsys.readouterr().out
+    assert (runs / "compare.png").read_bytes()[:4] == b"\x89PNG"
+  assert not (tmp_path / "compare.png").exists()
+
+
 def test_metrics_skip_tensorboard_silently_when_it_is_not_installed(tmp_path, monkeypatch):
   from examples.llama import metrics
 
@@ -611,6 +654,11 @@ def test_help_lists_every_flag_with_its_default():
   assert "--model-size" in text and "10% of --steps" in text and "(default: adamw)" in text
 
 
+def _c4_train_only(root: pathlib.Path) -> pathlib.Path:
+  _write_c4(root, "train", 0, ["a document"])
+  return root
+
+
 def _bad_input_cases(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
@@ -619,6 +667,18 @@ def _bad_input_cases(tmp_path):
       "unknown size": (["--model-size", "3b"], "unknown model size"),
       "rank above hidden": (["--model-size", "tiny", "--rank", "65"], "--rank 65"),
       "negative profile steps": (["--profile-steps", "-1"], "--profile-steps must be"),
+      "negative learning rate": (["--lr", "-1"], "--lr -1 must be positive (or 0: the default)"),
+      "unprojected learning rate not a number": (
+          ["--lr-unprojected", "nan"], "--lr-unprojected nan must be positive"
+      ),
+      "c4 path that does not exist": (
+          ["--corpus", "c4", "--c4-path", str(tmp_path / "nowhere")],
+          f"--c4-path {tmp_path / 'nowhere'} is not a folder",
+      ),
+      "c4 path without validation files": (
+          ["--corpus", "c4", "--c4-path", str(_c4_train_only(tmp_path / "c4-train-only"))],
+          "no c4-validation.*.json.gz files under --c4-path",
+      ),
       "missing data": (
           ["--corpus", "c4", "--c4-path", str(empty), "--tokenizer", "byte"],
           "no c4-train",
@@ -663,6 +723,10 @@ def _bad_input_cases(tmp_path):
         "unknown size",
         "rank above hidden",
         "missing data",
+        "negative learning rate",
+        "unprojected learning rate not a number",
+        "c4 path that does not exist",
+        "c4 path without validation files",
         "more devices than visible",
         "batch not split over devices",
         "bad flag value",
