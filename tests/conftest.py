@@ -1,4 +1,12 @@
-"""Session set-up: one persistent XLA compilation cache for the tests and the processes they start.
+"""Session set-up: 8 simulated CPU devices, and one persistent XLA compilation cache for the tests
+and the processes they start.
+
+The sharding, mesh and ZeRO-1 tests need 8 devices. On a machine without them (a CPU), XLA
+simulates them when XLA_FLAGS holds --xla_force_host_platform_device_count=8; that flag is read
+when JAX starts its backend, so it is set here, before any test module imports JAX, and
+appended to XLA_FLAGS the caller set (a count the caller chose is kept). The processes the tests
+start inherit it. So `python -m pytest tests` runs every test, with none skipped for want of
+devices.
 
 Many tests run the same small programs again: a resumed run in a fresh process, the same step
 on one device and on a mesh, each preset through the same checks. JAX's persistent cache
@@ -7,13 +15,20 @@ second compile of a program load the first one's executable; on the 2-core CI ma
 minutes of the suite. The cache lives in `.pytest_cache/` (git-ignored); a clean clone starts
 it empty, and one run of the suite writes ~80 MB. It is not size-bounded (JAX's bound,
 `jax_compilation_cache_max_size`, needs the `filelock` package, which nothing here installs):
-delete the folder when it has grown. Set `JAX_COMPILATION_CACHE_DIR` yourself to put it elsewhere, or
-`JAX_ENABLE_COMPILATION_CACHE=false` to compile everything afresh. Code that reads XLA's dump
-folder turns the cache off for its own process (a cache hit compiles nothing, so dumps nothing).
+delete the folder when it has grown. Set `JAX_COMPILATION_CACHE_DIR` yourself to put it
+elsewhere, or `JAX_ENABLE_COMPILATION_CACHE=false` to compile everything afresh. Code that reads
+XLA's dump folder turns the cache off for its own process (a cache hit compiles nothing, so dumps
+nothing).
 """
 
 import os
 import pathlib
+
+# Read when JAX first creates its CPU backend (not at `import jax`), which no test has done yet.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+      filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=8"])
+  )
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation_cache"
 # Environment, not jax.config: the example and benchmark subprocesses inherit it.

@@ -22,9 +22,9 @@ def _uneven_rows(key, s, l):
   return row_scale[:, None] * jax.random.normal(key, (s, l))
 
 
-def _refreshed(proj, g, count=0, key=jax.random.PRNGKey(0)):
+def _refreshed(proj, g, count=0, key=None):
   s, l = g.shape
-  state = proj.init(s, l, proj.rank, key)
+  state = proj.init(s, l, proj.rank, jax.random.PRNGKey(0) if key is None else key)
   return proj.refresh(state, g, jnp.int32(count))[0]
 
 
