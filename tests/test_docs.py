@@ -1,5 +1,7 @@
 """Every public name is documented with its paper and listed in docs/api.md."""
 
+import importlib
+import importlib.util
 import inspect
 import pathlib
 import re
@@ -81,3 +83,14 @@ def test_both_readmes_give_the_same_install_command():
       for name in ("README.md", "examples/llama/README.md")
   ]
   assert commands[0] and commands[0] == commands[1], commands
+
+
+def test_the_generated_reference_page_lists_every_public_name_from_its_module():
+  spec = importlib.util.spec_from_file_location("_reference_hook", REPO / "docs/_reference_hook.py")
+  hook = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(hook)
+  for package in (osub, projectors, nn):
+    listed = hook.public_names(package.__name__)
+    assert [name for name, _ in listed] == list(package.__all__)
+    for name, module in listed:
+      assert getattr(importlib.import_module(module), name) is getattr(package, name), name
