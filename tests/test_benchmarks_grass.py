@@ -4,12 +4,15 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ and examples/ are run from the repository root
 
 from benchmarks import grass_cost  # noqa: E402
 
 
+@pytest.mark.slow
 def test_grass_cost_runs_at_a_tiny_size_and_writes_json_and_plot(tmp_path):
   out = tmp_path / "grass_cost.json"
   grass_cost.main([

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUITE = [sys.executable, "-m", "benchmarks", "run", "--suite", "multi_gpu", "--"]
 TINY = ["--model-size", "tiny", "--tokenizer", "byte", "--batch-size", "4", "--seq-len", "32",
@@ -15,6 +17,7 @@ TINY = ["--model-size", "tiny", "--tokenizer", "byte", "--batch-size", "4", "--s
         "--train-args", "--seed 0"]
 
 
+@pytest.mark.slow
 def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_path):
   # A subprocess, so the simulated devices exist whatever this process's jax already started.
   out = tmp_path / "multi_gpu.json"
@@ -61,6 +64,7 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
     assert (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_profiled_mesh_only_run_keeps_its_trace(tmp_path):
   out = tmp_path / "profiled.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
@@ -77,6 +81,7 @@ def test_profiled_mesh_only_run_keeps_its_trace(tmp_path):
   assert traced and adamw["mesh"]["profile"] == {}
 
 
+@pytest.mark.slow
 def test_hlo_dir_keeps_the_steady_and_the_refresh_program_and_counts_their_bytes(tmp_path):
   out = tmp_path / "hlo.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from benchmarks import optimizer_step
 from benchmarks import product_rates
 from benchmarks import suites
@@ -22,6 +24,7 @@ def test_product_kinds_cover_the_steps_flops():
   assert osd_big == layers * per_layer
 
 
+@pytest.mark.slow
 def test_rows_and_floors_are_written(tmp_path):
   out = tmp_path / "rates.json"
   # Through the harness: the flags after "--" are the script suite's own.

@@ -3,9 +3,12 @@
 import gzip
 import json
 
+import pytest
+
 from benchmarks import profile_update
 
 
+@pytest.mark.slow
 def test_profile_rows_carry_wall_time_and_kernel_breakdown(tmp_path):
   out = tmp_path / "profile_update.json"
   result = profile_update.main(["--size", "tiny", "--reps", "2", "--methods",
@@ -34,6 +37,7 @@ def test_kernel_names_sort_into_kinds():
   assert profile_update.kind_of("input_convert_reduce_fusion") == "reduction"
 
 
+@pytest.mark.slow
 def test_scanned_tree_profiles_and_holds_the_same_state(tmp_path):
   """--scanned stacks each block's kernels over the layers; the subspace state is the same size."""
   import jax  # pylint: disable=g-import-not-at-top

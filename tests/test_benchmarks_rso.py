@@ -13,6 +13,7 @@ TINY = ["--layers", "1", "--batch", "1", "--seq", "32", "--hidden", "32", "--ffn
         "--heads", "2", "--rank", "8"]
 
 
+@pytest.mark.slow
 def test_rso_memory_writes_json_and_plot_for_every_method(tmp_path):
   out = tmp_path / "rso_memory.json"
   result = rso_memory.main(TINY + ["--out", str(out)])
@@ -49,6 +50,7 @@ def test_rso_step_compiles_under_remat(tmp_path):
   assert numbers["frozen_bytes"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seq", [12, 384])  # one block of queries; three blocks of 128
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_recomputing_attention_equals_xla_attention_and_its_gradients(seq, is_causal):
@@ -82,6 +84,7 @@ def test_recomputing_attention_keeps_no_scores_for_the_backward(tmp_path):
           < xla["block_residual_bytes"]["activations"])
 
 
+@pytest.mark.slow
 def test_xla_dump_reports_the_temp_values_live_at_the_peak(tmp_path):
   result = rso_memory.main(TINY + ["--methods", "rso", "--xla-dump", str(tmp_path / "dump"),
                                    "--out", str(tmp_path / "rso_memory.json")])

@@ -38,6 +38,7 @@ def _fast_cpu_compiles(monkeypatch):
       [*filter(None, [os.environ.get("XLA_FLAGS")]), "--xla_backend_optimization_level=0"]))
 
 
+@pytest.mark.slow
 def test_train_step_quick_times_every_method_and_writes_json_and_png(tmp_path):
   out = tmp_path / "train_step.json"
   result = suites.main(["run", "--suite", "train_step", "--quick", "--out", str(out)])
@@ -74,6 +75,7 @@ def test_train_step_quick_times_every_method_and_writes_json_and_png(tmp_path):
   assert "ratio_pipelined" in size["targets"]["osd"]
 
 
+@pytest.mark.slow
 def test_train_step_host_refresh_times_steady_and_refresh_programs(tmp_path):
   # --host-refresh: the example's loop; GaLore's refresh step is a program of its own (kind
   # "count", amortised), OSD's steady step starts past its step-0 SVD; finite losses (a step
@@ -90,6 +92,7 @@ def test_train_step_host_refresh_times_steady_and_refresh_programs(tmp_path):
   assert "refresh" in rows["galore"]["memory_analysis"] and "refresh_kind" not in rows["osd"]
 
 
+@pytest.mark.slow
 def test_train_step_scan_layers_runs_the_optimizer_level_on_a_scanned_model(tmp_path):
   out = tmp_path / "train_step_scan.json"
   result = suites.main(["run", "--suite", "train_step", "--quick", "--scan-layers", "--methods",
@@ -108,6 +111,7 @@ def test_train_step_scan_layers_runs_the_optimizer_level_on_a_scanned_model(tmp_
       suites.main(["run", "--suite", "largest_model", "--quick", flag])
 
 
+@pytest.mark.slow
 def test_largest_model_quick_runs_the_ladder_and_writes_json_and_png(tmp_path):
   out = tmp_path / "largest_model.json"
   result = suites.main(["run", "--suite", "largest_model", "--quick", "--out", str(out),
@@ -129,6 +133,7 @@ def test_largest_model_quick_runs_the_ladder_and_writes_json_and_png(tmp_path):
     assert res["summary"]["methods"][method]["d64_basis"] == "predicted"  # no CPU peak
 
 
+@pytest.mark.slow
 def test_a_small_budget_makes_a_smaller_model_the_answer():
   # d32's step needs about 0.9 MB, d64's about 2 MB: a 1.2 MB budget runs d32 only; d64, the
   # reported size, is still compiled; d128 past it is skipped.
@@ -143,6 +148,7 @@ def test_a_small_budget_makes_a_smaller_model_the_answer():
   assert result["summary"]["methods"]["adamw"]["largest_that_ran"] == "d32"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isolate", [False, True])
 def test_a_job_past_its_timeout_is_killed_and_recorded_with_its_last_progress(isolate, capsys):
   logs = []
@@ -158,6 +164,7 @@ def test_a_job_past_its_timeout_is_killed_and_recorded_with_its_last_progress(is
   assert "    [slow] sleeping 60 s  (" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_worker_that_floods_stdout_and_stderr_still_answers():
   # 1 MB on each pipe, 16 times a pipe's buffer: the parent drains both as they come.
   with train_setups.Workers(True, timeout_s=60, log=lambda line: None) as workers:

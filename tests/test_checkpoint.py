@@ -121,6 +121,7 @@ def _run_worker(*args):
       capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_resume_in_a_fresh_process_is_bit_exact_for_every_preset(tmp_path):
   expected = {}
   for name in NAMES:

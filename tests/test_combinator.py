@@ -509,6 +509,7 @@ STATIC_REFRESH_METHODS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(STATIC_REFRESH_METHODS))
 def test_static_subspace_refresh_gives_the_same_steps_with_no_cond(name):
   # The host's answer to "does step t refresh?" replaces the refresh conds:

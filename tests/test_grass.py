@@ -305,6 +305,7 @@ def test_remap_matrix_is_a_row_match_without_scales():
   np.testing.assert_array_equal(m, [[1, 1, 0], [0, 0, 0], [0, 0, 1]])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ALL)
 @pytest.mark.parametrize("on_change", ["reset", "remap"])
 def test_grass_trains_a_small_model_jitted_or_not(selection, on_change):

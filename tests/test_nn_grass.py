@@ -204,6 +204,7 @@ def _train_optimizer_level(selection, steps, every, rank, lr, mask, **kw):
   return model, losses, selections
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selection", ["topk", "multinomial", "uniform"])
 def test_model_level_follows_the_optimizer_level_trajectory(selection):
   # The optimizer level on the plain model, selecting output features
@@ -290,6 +291,7 @@ def test_remat_gradients_equal_the_no_remat_gradients(how):
                                rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_remat_refresh_and_train_loop_match_no_remat():
   # grass_refresh's norms pass (the probe's custom VJP) runs inside every
   # rematerialized block; selections, losses and weights must not change.
@@ -330,6 +332,7 @@ def _arrays(tree):
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_refresh_merging_layer_by_layer_equals_one_chunk_and_so_do_the_steps(monkeypatch, jit):
   # A budget below every layer's bytes makes each layer's merge a chunk of its own (ordered by

@@ -330,6 +330,7 @@ def test_refresh_chunks_split_each_group_at_the_byte_budget(monkeypatch):
   assert got == [("a", [0, 2]), ("a", [3]), ("a", [4]), ("a", [6]), ("b", [1, 5])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("distribution", ["gaussian", "haar"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_merge_layer_by_layer_equals_one_chunk_and_so_does_the_next_step(
@@ -689,6 +690,7 @@ def test_remat_keeps_block_inputs_and_each_block_recomputes_keeping_xp():
   assert activation_size(rso_block) < activation_size(plain_block)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS="
                     "--xla_force_host_platform_device_count=8")
 def test_sharded_train_loop_matches_one_device_and_keeps_shardings():
@@ -774,6 +776,7 @@ DIRECTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction,proximal", [
     ("sgd", 2.0), ("adam_eps_1e-3", None), ("adam_eps_1e-3", 0.5),
     ("default_adam", 0.5)])

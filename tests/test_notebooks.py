@@ -6,6 +6,7 @@ import pathlib
 import time
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -27,6 +28,7 @@ def _executed(tmp_path, monkeypatch, params):
   return notebook, time.perf_counter() - start
 
 
+@pytest.mark.slow
 def test_notebook_runs_both_suites_and_plots_what_they_wrote(tmp_path, monkeypatch):
   notebook, seconds = _executed(tmp_path, monkeypatch,
                                 {"size": "tiny", "reps": 1, "out_dir": str(tmp_path)})

