@@ -93,9 +93,10 @@ def resolve_config(given: dict) -> tuple[TrainConfig, dict | None]:
           f"{flag} {value} differs from {saved['flags'].get(name)} in {config_file}; "
           f"drop {flag} to resume, or start a new --run-dir"
       )
-  # What one process (or one launch of the processes) asked for, not the run.
+  # What one process (or one launch of the processes) asked for, not the run; and where the run
+  # is: the folder resumed from.
   once = ("stop_at_step", "profile_steps", "num_processes", "process_id", "coordinator_address",
-          "distributed_timeout")
+          "distributed_timeout", "run_dir")
   inherited = {k: v for k, v in saved["flags"].items() if k not in once}
   cfg = TrainConfig(**{**inherited, **given})
   cfg.validate()
@@ -809,7 +810,7 @@ def main(argv=None) -> int:
   given = vars(parser().parse_args(argv))
   try:
     cfg, saved = resolve_config(given)
-    if cfg.run_dir != cfg.default_run_dir() and "run_dir" not in given:
+    if not cfg.resume and "run_dir" not in given and cfg.run_dir != cfg.default_run_dir():
       print(f"{cfg.default_run_dir()} holds a run: this run goes to {cfg.run_dir}")
     distributed.initialize(cfg)  # before anything asks JAX for devices
     summary = train(cfg, saved)

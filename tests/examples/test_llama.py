@@ -648,6 +648,12 @@ def test_default_command_runs_again_in_a_new_folder_and_says_where_its_files_are
     assert "plot: runs/compare.png" in capsys.readouterr().out
     assert (runs / "compare.png").read_bytes()[:4] == b"\x89PNG"
   assert not (tmp_path / "compare.png").exists()
+  # --resume without --run-dir continues runs/<size>-<opt>, wherever its config says it began.
+  (runs / "tiny-adamw").rename(runs / "tiny-adamw-first")
+  (runs / "tiny-adamw-2").rename(runs / "tiny-adamw")
+  cfg, saved = train.resolve_config(vars(train.parser().parse_args([*flags, "--resume"])))
+  assert saved["flags"]["run_dir"] == "runs/tiny-adamw-2"
+  assert cfg.resolved_run_dir() == "runs/tiny-adamw"
 
 
 def test_metrics_skip_tensorboard_silently_when_it_is_not_installed(tmp_path, monkeypatch):
