@@ -6,11 +6,14 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = ["--hidden", "64", "--ffn", "176", "--heads", "4", "--vocab", "256", "--rank", "8",
         "--seq", "16", "--layers", "1", "--methods", "adamw,rso_model", "--meshes", "data"]
 
 
+@pytest.mark.slow
 def test_model_level_rso_all_reduces_less_than_adamw_whose_all_reduce_is_the_full_gradient(
     tmp_path):
   # A subprocess, so the simulated devices exist whatever this process's jax already started.

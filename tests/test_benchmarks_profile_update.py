@@ -63,6 +63,7 @@ def test_scanned_tree_profiles_and_holds_the_same_state(tmp_path):
   assert sizes[0] == sizes[1]
 
 
+@pytest.mark.slow
 def test_host_refresh_variants_compile_without_the_refresh_cond(tmp_path):
   result = profile_update.main(["--size", "tiny", "--reps", "2", "--methods",
                                 "galore_steady,galore_steady_host_refresh,osd_steady_host_refresh",

@@ -39,6 +39,7 @@ def test_rso_memory_writes_json_and_plot_for_every_method(tmp_path):
   assert result["config"]["attention"] == "xla"
 
 
+@pytest.mark.slow
 def test_rso_step_compiles_under_remat(tmp_path):
   # nnx.remat per block writes W and P back after each block: the step must merge them as
   # Variables of its own trace (regression: TraceContextError on FrozenKernel).
@@ -72,6 +73,7 @@ def test_recomputing_attention_equals_xla_attention_and_its_gradients(seq, is_ca
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_recomputing_attention_keeps_no_scores_for_the_backward(tmp_path):
   # Its residuals are q, k, v, the output (batch, seq, heads, dim) and the log-sum-exp; XLA's
   # attention keeps batch × heads × seq × seq tensors.

@@ -69,6 +69,7 @@ def test_compressed_gradient_is_the_scaled_selected_columns_of_the_dense_one():
   np.testing.assert_array_equal(d, expected)
 
 
+@pytest.mark.slow
 def test_surgery_keeps_the_outputs_identical():
   model = Llama(TINY, nnx.Rngs(0))
   tokens = _tokens(1)
@@ -143,6 +144,7 @@ def test_steady_backward_forms_no_weight_gradient():
   assert grass_flops < dense_flops - 2 * 64 * 32 * (48 - 3 * 4)
 
 
+@pytest.mark.slow
 def test_refresh_norms_are_the_dense_gradients_column_norms():
   model = Llama(TINY, nnx.Rngs(0))
   tokens = _tokens(1)
@@ -278,6 +280,7 @@ def _functional_grads(model, tokens):
   return grads(params, rest, tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["nnx", "functional"])
 def test_remat_gradients_equal_the_no_remat_gradients(how):
   tokens = _tokens(4)

@@ -463,6 +463,7 @@ def test_shared_basis_keeps_one_input_product_per_input():
   assert counts == [7 * TINY.layers, 4 * TINY.layers]
 
 
+@pytest.mark.slow
 def test_shared_basis_train_loop_jit_matches_eager():
   batches = [_tokens(s) for s in range(5)]
   results = []
@@ -597,6 +598,7 @@ def test_proximal_term_adds_b_over_eta_to_the_gradient():
   np.testing.assert_array_equal(updates["rso_b"][...], -2.0 * np.ones((RANK, 6)))
 
 
+@pytest.mark.slow
 def test_jitted_train_loop_matches_eager():
   batches = [_tokens(s) for s in range(5)]
   results = []
@@ -636,6 +638,7 @@ def _functional_grads(model, tokens):
   return grads(params, rest, tokens)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["nnx", "functional"])
 def test_remat_gradients_equal_the_no_remat_gradients(how):
   tokens = _tokens(4)
@@ -649,6 +652,7 @@ def test_remat_gradients_equal_the_no_remat_gradients(how):
     np.testing.assert_allclose(b[...], a[...], rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_remat_train_loop_with_merges_matches_no_remat():
   batches = [_tokens(s) for s in range(5)]
   results = []

@@ -186,6 +186,7 @@ def test_canonical_signs_is_idempotent():
                                 np.asarray(once))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decay", [0.5, 0.97])
 def test_randomized_svd_handles_steep_spectra_and_rank_deficiency(decay):
   steep = _decaying(jax.random.PRNGKey(12), 64, 200, decay)

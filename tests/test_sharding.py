@@ -208,6 +208,7 @@ def test_sharded_updates_equal_one_device_across_a_refresh(name, mesh_name,
     assert x.sharding.is_equivalent_to(s, x.ndim)
 
 
+@pytest.mark.slow
 def test_an_update_on_an_explicit_mesh_also_runs_without_jit():
   mesh = _mesh("4x2", AxisType.Explicit)
   tx = PRESETS["galore"]()
@@ -276,7 +277,8 @@ def _all_gathers_by_computation(hlo: str):
   return gathers, reach
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n == "galore_randomized_svd" else n for n in NAMES])
 def test_compiled_update_gathers_no_full_parameter_outside_the_refresh(name):
   hlo = _run(name, "4x2")[3]
   gathers, in_refresh = _all_gathers_by_computation(hlo)
