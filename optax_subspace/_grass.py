@@ -52,9 +52,9 @@ def grass(
   When the rows change, `on_change` says what the moments do: "reset" (the
   default, as reported for GRASS: the moments of a matrix whose rows changed
   are zeroed and, with `restart_bias_correction`, its Adam step count too,
-  as a fresh optimizer state would be) or "remap" (a row selected before and after keeps its moments,
-  a newly selected row starts at zero; exact for "topk" and "uniform", see
-  docs/grass.md for "multinomial").
+  as a fresh optimizer state would be) or "remap" (a row selected before and
+  after keeps its moments, a newly selected row starts at zero; exact for
+  "topk" and "uniform", see docs/grass.md for "multinomial").
 
   `scale` α defaults to 1.0: docs/methods.md gives GRASS no α (GaLore's 0.25 is
   a GaLore hyperparameter), and at 1.0 a selected row moves as far as it

