@@ -19,6 +19,7 @@ RUN_KEYS = {"method", "size", "lr", "lr_unprojected", "rank", "steps", "tokens",
             "curve"}
 
 
+@pytest.mark.slow
 def test_quick_suite_writes_runs_best_of_sweep_and_plot(tmp_path):
   out = tmp_path / "quality.json"
   result = suites.run_suite(
