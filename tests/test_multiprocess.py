@@ -278,7 +278,7 @@ def _check_random_and_sparse_selections_are_identical_on_both_processes(run):
 
 
 def _check_a_checkpoint_saved_by_two_processes_restores_exactly_on_another_mesh(run):
-  ts = _sharding_tests()
+  _sharding_tests()
   arrays = run["global"]
   for name in NAMES:
     params = _prefixed(arrays, f"{name}/params/")
