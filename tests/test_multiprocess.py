@@ -186,6 +186,7 @@ def _worker(out, from_one):
 # cores of CI, cost most of a minute: paid once), checked part by part
 
 
+@pytest.mark.slow
 def test_the_library_on_two_processes_matches_one_process(tmp_path):
   run = _two_process_run(tmp_path)
   for name in NAMES:

@@ -4,12 +4,15 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # the examples are run from the repository root
 
 from examples.llama import train  # noqa: E402
 
 
+@pytest.mark.slow
 def test_summary_holds_the_fraction_of_rows_ever_selected(tmp_path):
   # tiny: 2 blocks of 7 kernels, the smaller side 64; rank 16 = 1/4; selections at steps 0, 2, 4.
   code = train.main(["--model-size", "tiny", "--optimizer", "grass", "--rank", "16",

@@ -45,6 +45,7 @@ def _cut_after_step_1(run_dir, to):
   (to / "summary.json").unlink()
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_device_each_on_its_rows_and_resume_exactly(tmp_path):
   _c4_corpus(tmp_path / "c4")
   whole = _two_processes(tmp_path, "whole", "--checkpoint-every", "1")
