@@ -20,7 +20,8 @@ def test_model_level_rso_all_reduces_less_than_adamw_whose_all_reduce_is_the_ful
   out = tmp_path / "communication_train_step.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite",
-                  "communication_train_step", "--", *TINY, "--out", str(out)], cwd=ROOT, env=env, check=True, capture_output=True)
+                  "communication_train_step", "--", *TINY, "--out", str(out)],
+                 cwd=ROOT, env=env, check=True, capture_output=True)
   runs = json.loads(out.read_text())["runs"]["data"]
   adamw, rso = runs["adamw"], runs["rso_model"]
   assert "error" not in rso, rso.get("error")
