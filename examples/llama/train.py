@@ -749,6 +749,8 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
         )
         exit_code = EXIT_INTERRUPTED if interrupts.requested else 0
         break
+  if step == cfg.steps and (last_eval is None or last_eval["step"] != step):
+    last_eval = run_eval()  # before the log closes: a resumed, finished run evaluates here
   progress.close()
   has_tensorboard = getattr(log, "tensorboard", None) is not None
   log.close()
@@ -775,8 +777,6 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
                   "total": round(time.perf_counter() - started, 6)},
   }
   if step == cfg.steps:
-    if last_eval is None or last_eval["step"] != step:
-      last_eval = run_eval()
     summary.update(final_eval_loss=last_eval["eval_loss"], final_eval_ppl=last_eval["eval_ppl"])
     if primary:
       (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
