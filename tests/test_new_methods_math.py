@@ -358,3 +358,27 @@ def test_state_shapes_follow_the_analytic_formulas(s, l):
                                       projectors.svd(512).init(s, l, 512, key)))
   assert _floats(svd_state) == _frugal.state_floats(s, l, 512) == s * 512 + 2 * 512 * l
   assert _floats((svd_state, limiter)) == _fira.state_floats(s, l, 512)
+
+
+def test_the_functions_jit_and_vmap_over_a_batch_of_matrices_as_one_by_one():
+  """The combinator will vmap them over a leaf's batch axes (stacked layers) and buckets."""
+  rng = np.random.default_rng(0)
+  g = jnp.asarray(rng.standard_normal((3, 6, 9)), jnp.float32)
+  p = jnp.asarray(np.stack([np.linalg.qr(rng.standard_normal((6, 2)))[0] for _ in range(3)]),
+                  jnp.float32)
+  r = jnp.einsum("bsr,bsl->brl", p, g, precision=HI)
+  n = jnp.tanh(r)  # any inner direction
+  back_r = jnp.einsum("bsr,brl->bsl", p, r, precision=HI)
+  limit = _fira.NormGrowthState(jnp.asarray([0.0, 1.0, 50.0], jnp.float32))
+
+  def all_three(g, back_r, r, n, limit):
+    fira = _fira.fira_residual(g, back_r, r, n, limit)
+    frugal = _frugal.frugal_residual(g, back_r, r)
+    apollo = _apollo.apollo_output(g, r, n, limit, granularity="tensor")
+    return fira, frugal, apollo
+
+  batched = jax.jit(jax.vmap(all_three))(g, back_r, r, n, limit)
+  for i in range(3):
+    one = all_three(g[i], back_r[i], r[i], n[i], jax.tree_util.tree_map(lambda x: x[i], limit))
+    for a, b in zip(jax.tree_util.tree_leaves(batched), jax.tree_util.tree_leaves(one)):
+      np.testing.assert_allclose(np.asarray(a[i]), np.asarray(b), rtol=1e-6, atol=1e-7)
