@@ -15,7 +15,7 @@ conditional that holds the projector refresh. Nothing is timed: these are
 the sizes XLA's CPU partitioner chose; a GPU compile may choose differently.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
-      python -m benchmarks run --suite communication -- --out benchmarks/results/communication_cpu_hlo.json
+      python -m benchmarks run --suite communication -- --out $OUT/communication_cpu_hlo.json
     # smaller: --layers 2, or --size tiny for a smoke test
 """
 

@@ -1,4 +1,4 @@
-"""Bytes each method communicates per LLaMA train step, read from the compiled HLO of the whole step.
+"""Bytes each method communicates per LLaMA train step, from the compiled HLO of the whole step.
 
 `communication.py` counts the optimizer update alone; this counts everything a train step of the
 LLaMA example (`examples.llama.model.Llama`) runs on a mesh: forward, backward, the gradients'
@@ -28,16 +28,18 @@ both axes, 2 sequences per device, and the activations are pinned to it (`constr
 `jax.set_mesh`). The sizes of the weights' collectives do not depend on the batch or the sequence
 length, but which of them XLA replaces by moving activations does: with fewer tokens per device
 than the hidden size it reshards activations instead of reducing some weight gradients (compare
-`--seq 2048`); `by_shape` in the JSON lists every collective's shapes. Model-level layers: B (r, out) keeps the kernel's
-sharding of its out axis and P (in, r) that of its in axis (what `rso_layers` derives from a
-sharded kernel); GRASS's D (in, r) that of the kernel's in axis; optimizer moments their Param's.
+`--seq 2048`); `by_shape` in the JSON lists every collective's shapes. Model-level layers:
+B (r, out) keeps the kernel's sharding of its out axis and P (in, r) that of its in axis (what
+`rso_layers` derives from a sharded kernel); GRASS's D (in, r) that of the kernel's in axis;
+optimizer moments their Param's.
 
 Per layer: with `--layers L` (≥ 2) the step is also compiled with L − 1 layers; the difference is
 one block's bytes, and L-layer bytes + (24 − L) × that difference extrapolates to 24 layers.
 
-    python -m benchmarks run --suite communication_train_step --                       # 350M shapes, 2 layers
-    python -m benchmarks run --suite communication_train_step -- --hidden 64 --ffn 176 --heads 4 --vocab 256 \\
-        --rank 8 --seq 16 --layers 1 --methods adamw,rso_model --out /tmp/c.json   # smoke test
+    python -m benchmarks run --suite communication_train_step --      # 350M shapes, 2 layers
+    python -m benchmarks run --suite communication_train_step -- --hidden 64 --ffn 176 \\
+        --heads 4 --vocab 256 --rank 8 --seq 16 --layers 1 --methods adamw,rso_model \\
+        --out /tmp/c.json                                                # smoke test
 """
 
 from __future__ import annotations
@@ -396,7 +398,7 @@ def main(argv=None) -> dict:
                         "per_layer_total": run.get("per_layer", {}).get("total"),
                         "lower_s": lower_s, "compile_s": compile_s}), flush=True)
     base = runs.get("adamw", {}).get("totals")
-    for method, run in runs.items():
+    for run in runs.values():
       if base and "totals" in run:
         run["ratio_vs_adamw"] = {
             k: round(run["totals"][k] / base[k], 4) if base[k] else None

@@ -1,4 +1,4 @@
-"""GRASS's costs: the model-level backward vs the dense one, and its optimizer update vs AdamW, GaLore, OSD.
+"""GRASS's costs: its model-level backward vs the dense one, its update vs AdamW, GaLore, OSD.
 
 Part 1, a stack of the LLaMA example's `Block`s (default: the 1B shapes, d 2048, ffn 5461,
 32 heads; 8 of its 24 blocks; batch 4 × 2048 tokens; bf16 compute, fp32 parameters), built
@@ -30,9 +30,9 @@ elsewhere. cuDNN's attention is a custom call that `cost_analysis` counts as 0 F
 same in both stacks, and the weight-gradient FLOPs (a difference) do not contain it. 8 blocks at
 4×2048 tokens fit an 80 GB H100 with either attention.
 
-    python -m benchmarks run --suite grass_cost -- --out benchmarks/results/grass_cost_h100.json        # GPU
-    python -m benchmarks run --suite grass_cost -- --hidden 64 --ffn 176 --heads 4 --layers 1 --batch 1 \\
-        --seq 32 --rank 16 --tree-size tiny --reps 2 --out /tmp/grass_cost.json       # CPU smoke
+    python -m benchmarks run --suite grass_cost -- --out $OUT/grass_cost.json             # GPU
+    python -m benchmarks run --suite grass_cost -- --hidden 64 --ffn 176 --heads 4 --layers 1 \\
+        --batch 1 --seq 32 --rank 16 --tree-size tiny --reps 2 --out /tmp/g.json     # CPU smoke
 """
 
 from __future__ import annotations
@@ -139,9 +139,9 @@ def _median_ms(compiled, carry, const, reps):
     def run(*c):
       out = compiled(*c, *const)
       return out if isinstance(out, tuple) else (out,)
-    median, _ = optimizer_step.time_calls(run, lambda: carry, reps)
+    median, _ = optimizer_step.time_calls(run, carry, reps)
   else:
-    median, _ = optimizer_step.time_calls(lambda _: (compiled(*const),), lambda: (None,), reps)
+    median, _ = optimizer_step.time_calls(lambda _: (compiled(*const),), (None,), reps)
   return median
 
 

@@ -1,4 +1,4 @@
-"""The method registry the benchmarks share with the LLaMA example (`OPTIMIZERS`, examples/llama/config.py).
+"""The method registry the benchmarks share with the LLaMA example (examples/llama/config.py).
 
 The benchmarks name optax.contrib.galore `optax_contrib_galore` (the example: `optax_galore`);
 variants that only a suite measures (`rso_model_shared`, `galore_refresh`, ...) are that suite's.

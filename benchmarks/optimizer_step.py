@@ -7,8 +7,8 @@ online_subspace_descent, side by side in one process; then the projector
 step alone (exact SVD, our eigh-based SVD refresh, randomized SVD, one
 online-PCA step + AdamW on P) on the OSD paper's shapes. Writes JSON.
 
-    python -m benchmarks run --suite optimizer_step -- --out benchmarks/results/optimizer_step_h100.json
-    python -m benchmarks run --suite optimizer_step -- --size tiny --out /tmp/x.json   # CPU smoke test
+    python -m benchmarks run --suite optimizer_step -- --out $OUT/optimizer_step.json
+    python -m benchmarks run --suite optimizer_step -- --size tiny --out /tmp/x.json  # CPU smoke
 """
 
 from __future__ import annotations
@@ -96,10 +96,9 @@ def nbytes(tree):
   return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
 
 
-def time_calls(fn, args_fn, reps, warmup=2):
-  """Median wall time (ms) of fn(*args_fn()) with a device sync per call."""
+def time_calls(fn, args, reps, warmup=2):
+  """(median wall time (ms), last args) of `args = fn(*args)`, a device sync per call."""
   times = []
-  args = args_fn()
   for i in range(warmup + reps):
     t0 = time.perf_counter()
     args = fn(*args)
@@ -144,7 +143,7 @@ def bench_update(name, tx, params, grads, reps, first_step_count):
   compile_s = time.perf_counter() - t0
   p = jax.tree_util.tree_map(jnp.copy, params)
   run = lambda p, s: (*compiled(p, s, grads),)
-  median, (p, state) = time_calls(run, lambda: (p, state), reps)
+  median, (p, state) = time_calls(run, (p, state), reps)
   del p, state
   print(f"  {name:<34} {median:9.2f} ms   compile {compile_s:6.1f} s"
         f"   state {state_bytes / 2**30:6.2f} GiB", flush=True)
@@ -294,7 +293,7 @@ def projector_thunks(s, l, r, g):
 
 def time_thunk(thunk, reps):
   """Median wall time (ms) of thunk(), each call synced."""
-  return time_calls(lambda *_: (thunk(),), lambda: (), reps)[0]
+  return time_calls(lambda *_: (thunk(),), (), reps)[0]
 
 
 def bench_projectors(shapes, reps):

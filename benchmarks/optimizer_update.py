@@ -164,13 +164,13 @@ def bench_method(name, tx, params, grads, reps, steady_count, refresh_name, log=
   if steady_count is not None:  # start past the step-0 refresh
     state = set_count(state, steady_count)
   steady = lambda p, s: (*compiled(p, s, grads),)
-  median, (params, state) = optimizer_step.time_calls(steady, lambda: (params, state), reps)
+  median, (params, state) = optimizer_step.time_calls(steady, (params, state), reps)
   rows = [{"method": name, "median_ms": median, "compile_s": compile_s,
            "state_bytes": state_bytes}]
   if refresh_name is not None:
     refresh = lambda p, s: (*compiled(p, set_count(s, 0), grads),)
     median, (params, state) = optimizer_step.time_calls(
-        refresh, lambda: (params, state), max(3, reps // 10))
+        refresh, (params, state), max(3, reps // 10))
     rows.append({"method": refresh_name, "median_ms": median, "compile_s": compile_s,
                  "state_bytes": state_bytes, "program": f"{name}'s, count set to 0"})
   del params, state

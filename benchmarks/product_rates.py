@@ -10,8 +10,8 @@ over the kinds of each method, that is the products' floor for one step over the
 what the steady-step target (≤ 1.5× AdamW's update) leaves for everything else. Writes JSON and
 a PNG.
 
-    python -m benchmarks run --suite product_rates -- --out /tmp/product_rates.json              # GPU
-    python -m benchmarks run --suite product_rates -- --size tiny --reps 2 --out /tmp/p.json     # CPU smoke
+    python -m benchmarks run --suite product_rates -- --out /tmp/product_rates.json       # GPU
+    python -m benchmarks run --suite product_rates -- --size tiny --reps 2 --out /tmp/p.json  # CPU
 """
 
 from __future__ import annotations

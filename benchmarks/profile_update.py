@@ -7,11 +7,11 @@ trace and sums the device kernels' durations by kind: matrix products (cuBLAS/cu
 GEMMs), XLA fusions, copies/transposes, reductions, other. Kernel time per step is the sum over
 the traced calls divided by their number; "wall" is the median synced wall time of the same
 calls outside the trace, "pipelined" the wall time per call of calls run back to back with one
-sync (as a training loop runs them: the host's dispatch hides behind the device). The top kernels by time come with their share, so the step that costs
-most is named, not guessed. Writes JSON.
+sync (as a training loop runs them: the host's dispatch hides behind the device). The top
+kernels by time come with their share, so the step that costs most is named, not guessed.
 
-    python -m benchmarks run --suite profile_update -- --out /tmp/profile_update.json            # GPU
-    python -m benchmarks run --suite profile_update -- --size tiny --out /tmp/p.json             # CPU smoke
+    python -m benchmarks run --suite profile_update -- --out /tmp/profile_update.json  # GPU
+    python -m benchmarks run --suite profile_update -- --size tiny --out /tmp/p.json   # CPU smoke
 
 On the CPU the trace holds no device kernels (the totals are 0); the smoke run checks the
 plumbing.
@@ -147,7 +147,7 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
       setattr(module, attr, value)
   p = jax.tree_util.tree_map(jnp.copy, params)
   run = lambda p, s: (*compiled(p, s, grads),)
-  wall, (p, state) = optimizer_step.time_calls(run, lambda: (p, state), reps)
+  wall, (p, state) = optimizer_step.time_calls(run, (p, state), reps)
   pipelined, (p, state) = optimizer_step.time_pipelined(run, (p, state), reps)
   (p, state), summary = traced_kernels(lambda c: run(*c), (p, state), reps, top)
   del p, state

@@ -9,7 +9,7 @@ how `project_subspace` should batch its per-step work:
   stack_then_batch      per-matrix leaves concatenated by shape each step
   per_matrix_with_cond  per_matrix plus a never-taken lax.cond refresh
 
-    python -m benchmarks run --suite projection_layouts -- --out benchmarks/results/projection_layouts_h100.json
+    python -m benchmarks run --suite projection_layouts -- --out $OUT/projection_layouts.json
 """
 
 from __future__ import annotations

@@ -38,11 +38,11 @@ needs about 32 GB of an 80 GB H100 by our estimate (24 × 1.2 GiB of activations
 parameters and gradients, 2.4 GB of Adam state); with `--attention xla`, use `--layers 8` or
 `--remat`.
 
-    python -m benchmarks run --suite rso_memory -- --out benchmarks/results/rso_memory_h100.json    # GPU
-    python -m benchmarks run --suite rso_memory -- --layers 1 --batch 1 --seq 64 --hidden 64 --ffn 176 \\
-        --heads 4 --rank 16 --out /tmp/rso_memory.json                               # CPU smoke test
-    python -m benchmarks run --suite rso_memory -- --layers 4 --batch 4 --seq 512 --attention recompute \\
-        --methods adamw,rso --out /tmp/rso_memory_cpu.json         # CPU, real widths (compile only)
+    python -m benchmarks run --suite rso_memory -- --out $OUT/rso_memory.json          # GPU
+    python -m benchmarks run --suite rso_memory -- --layers 1 --batch 1 --seq 64 --hidden 64 \\
+        --ffn 176 --heads 4 --rank 16 --out /tmp/rso_memory.json                   # CPU smoke
+    python -m benchmarks run --suite rso_memory -- --layers 4 --batch 4 --seq 512 \\
+        --attention recompute --methods adamw,rso --out /tmp/r.json   # CPU, compile only
 
 `--xla-dump DIR` dumps each method's compiled step (XLA_FLAGS, in its subprocess) and adds
 `temp_at_peak` to its JSON: the temp buffer's values live at its peak and when the backward
@@ -470,7 +470,8 @@ def _plot(result: dict, path: pathlib.Path) -> None:
   import matplotlib.pyplot as plt
 
   names = [n for n, m in result["methods"].items() if "memory_analysis" in m]
-  panels = [("temp (activations + gradients)", lambda m: m["memory_analysis"]["temp_size_in_bytes"]),
+  panels = [("temp (activations + gradients)",
+             lambda m: m["memory_analysis"]["temp_size_in_bytes"]),
             ("arguments", lambda m: m["memory_analysis"]["argument_size_in_bytes"]),
             ("measured peak", lambda m: m.get("peak_bytes_in_use", 0))]
   timed = all("step_ms" in result["methods"][n] for n in names)

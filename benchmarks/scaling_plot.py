@@ -1,4 +1,4 @@
-"""One figure of a session's multi-GPU runs: tokens/s on 1 and n devices, and the speed-up, per method.
+"""One figure of several multi_gpu runs: tokens/s on 1 and n devices and the speed-up, per method.
 
 `multi_gpu.py` writes one JSON per call, and a call's time limit often splits the methods over
 several calls. This reads those JSONs (they must share the model, global batch, sequence
@@ -8,7 +8,7 @@ the speed-up, with the target as a line), a JSON of the same figures with the fi
 from, and prints a markdown table. Nothing is measured here: every figure is read from the
 files.
 
-    python -m benchmarks run --suite scaling_plot -- --out benchmarks/results/multi_gpu_h200x2_dp2_b256_zero1_8e955e3_scaling.png \\
+    python -m benchmarks run --suite scaling_plot -- --out $OUT/NAME_scaling.png \\
         benchmarks/results/multi_gpu_h200x2_dp2_b256_zero1_*_8e955e3.json
 """
 

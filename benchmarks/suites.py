@@ -311,7 +311,7 @@ def run_script(suite: str, argv=()):
 
 
 def _script_argv(argv):
-  """(suite, its flags) when `argv` is `run --suite NAME [--] FLAGS` of a script suite, else None."""
+  """(suite, its flags) if `argv` is `run --suite NAME [--] FLAGS` of a script suite, else None."""
   if not argv or argv[0] != "run":
     return None
   for i, arg in enumerate(argv[1:], 1):

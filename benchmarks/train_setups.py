@@ -92,7 +92,8 @@ MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 NEEDS_LAYER_MODULES = MODEL_LEVEL + ("optax_contrib_galore",)
 RSO_MODEL = ("rso_model", "rso_model_shared")
 # The LLaMA example's --optimizer name of each optimizer-level method.
-EXAMPLE_OPTIMIZER = {m: n for m, n in registry.EXAMPLE_NAME.items() if n not in registry.MODEL_LEVEL}
+EXAMPLE_OPTIMIZER = {m: n for m, n in registry.EXAMPLE_NAME.items()
+                     if n not in registry.MODEL_LEVEL}
 REFRESH_KIND = {"galore": "count", "grass": "count", "rso_model": "program",
                 "rso_model_shared": "program",
                 "grass_model": "program"}
