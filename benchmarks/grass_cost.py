@@ -38,24 +38,22 @@ same in both stacks, and the weight-gradient FLOPs (a difference) do not contain
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
-import json
 import pathlib
-import platform
 import time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
 
-import optax_subspace as osub  # noqa: E402
-from benchmarks import _provenance  # noqa: E402
-from benchmarks import optimizer_step  # noqa: E402
-from optax_subspace import nn as osnn  # noqa: E402
-from optax_subspace.nn import _surgery  # noqa: E402
+import optax_subspace as osub
+from benchmarks import optimizer_step
+from benchmarks import optimizer_update
+from benchmarks import record
+from benchmarks import train_setups
+from optax_subspace import nn as osnn
+from optax_subspace.nn import _surgery
 
 GRASS_LAYERS = r"(attention|mlp)/"
 UPDATE_EVERY = 200  # K: the refresh is timed apart and amortised over K steps
@@ -86,26 +84,8 @@ def _parser() -> argparse.ArgumentParser:
   return ap
 
 
-def _stack(args, rngs_seed=0):
-  """The LLaMA example's blocks applied in sequence (as `Llama.__call__` does)."""
-  from examples.llama.config import ModelConfig
-  from examples.llama.model import Block
-
-  cfg = ModelConfig(hidden=args.hidden, ffn=args.ffn, heads=args.heads, layers=args.layers,
-                    vocab_size=1, compute_dtype="bfloat16", param_dtype="float32")
-
-  class BlockStack(nnx.Module):
-
-    def __init__(self, rngs):
-      layer_list = getattr(nnx, "List", list)  # as examples/llama/model.py
-      self.layers = layer_list([Block(cfg, rngs) for _ in range(cfg.layers)])
-
-    def __call__(self, x):
-      for block in self.layers:
-        x = block(x)
-      return x
-
-  return BlockStack(nnx.Rngs(rngs_seed))
+def _stack(args):
+  return train_setups.block_stack(args.hidden, args.ffn, args.heads, args.layers)
 
 
 def _loss(model, x):
@@ -122,11 +102,6 @@ def _flops(compiled) -> float:
 def _temp_bytes(compiled) -> int | None:
   analysis = compiled.memory_analysis()
   return None if analysis is None else int(analysis.temp_size_in_bytes)
-
-
-def _nbytes(tree) -> int:
-  return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize
-                 for x in jax.tree_util.tree_leaves(tree)))
 
 
 def _median_ms(compiled, carry, const, reps):
@@ -167,7 +142,7 @@ def _compile_grads(model, x):
     compiled[name] = jax.jit(fn).lower(params, rest, x).compile()
     print(f"    compiled {name} in {time.perf_counter() - t0:.1f} s", flush=True)
   grad_shapes = jax.eval_shape(jax.grad(loss), params, rest, x)
-  return compiled, (params, rest, x), _nbytes(grad_shapes)
+  return compiled, (params, rest, x), train_setups.nbytes(grad_shapes)
 
 
 def _train_step(model, tx, x):
@@ -295,32 +270,23 @@ def bench_tree(args) -> dict:
       ("grass_refresh_topk", osub.grass(lr, rank, 1, mask=projected), None),
   ]
   wanted = set(args.tree_methods.split(",")) | {"adamw"}
-  rows = []
-  for name, tx, count in methods:
-    if name in wanted:
-      reps = max(3, args.reps // 10) if "refresh" in name else args.reps
-      rows.append(optimizer_step.bench_update(name, tx, params, grads, reps, count))
+  rows = optimizer_step.update_rows([m for m in methods if m[0] in wanted], params, grads,
+                                    args.reps)
   del params, grads
   gc.collect()
   if "grass_model_level" in wanted:
     d_shapes = _model_level_shapes(shapes, rank)
     d_params = optimizer_step.make_tree(d_shapes, 0, lambda k, s: jnp.zeros(s))
     d_grads = optimizer_step.make_tree(d_shapes, 1, optimizer_step.synthetic_gradient)
-    rows.append(optimizer_step.bench_update(
-        "grass_model_level", osnn.grass_optimizer(lr), d_params, d_grads, args.reps, None))
-  adamw = rows[0]
-  for r in rows:
-    r["ratio_to_adamw"] = r["median_ms"] / adamw["median_ms"]
-    r["state_ratio_to_adamw"] = r["state_bytes"] / adamw["state_bytes"]
+    (row,) = optimizer_update.bench_method("grass_model_level", osnn.grass_optimizer(lr),
+                                           d_params, d_grads, args.reps, None, None)
+    rows.append({**row, "ratio_to_adamw": row["median_ms"] / rows[0]["median_ms"],
+                 "state_ratio_to_adamw": row["state_bytes"] / rows[0]["state_bytes"]})
   return {"size": args.tree_size, "config": cfg, "projected": projected, "rows": rows,
           "grass_model_level_tree": "projected kernels (in, out) replaced by D (in, r)"}
 
 
 def _plot(result: dict, path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   blocks = result["blocks"]
   d, g = blocks["dense"], blocks["grass"]
   panels = [
@@ -331,7 +297,7 @@ def _plot(result: dict, path: pathlib.Path) -> None:
        [d["train_step_ms"], g["train_step_with_amortised_refresh_ms"]]),
   ]
   n = len(panels) + ("tree" in result)
-  fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.4))
+  fig, axes = record.subplots(1, n, figsize=(3.4 * n, 3.4))
   for ax, (title, values) in zip(axes, panels):
     ax.bar(["dense", "GRASS"], values, color=["tab:gray", "tab:blue"])
     ax.set_title(title, fontsize=9)
@@ -343,27 +309,16 @@ def _plot(result: dict, path: pathlib.Path) -> None:
     ax.set_title(f"optimizer update / AdamW ({result['tree']['size']} tree)", fontsize=9)
     ax.tick_params(axis="y", labelsize=7)
   fig.suptitle(f"GRASS r={result['config']['rank']}, {result['device']}", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  record.save(fig, path)
 
 
 def main(argv=None) -> dict:
   args = _parser().parse_args(argv)
-  dev = jax.devices()[0]
-  attention = args.attention
-  if attention == "auto":
-    attention = "cudnn" if dev.platform == "gpu" else "xla"
-  if attention == "cudnn":
-    jax.nn.dot_product_attention = functools.partial(
-        jax.nn.dot_product_attention, implementation="cudnn")
+  attention = train_setups.attention_for(args.attention, jax.devices()[0].platform,
+                                         args.hidden // args.heads)
+  train_setups.use_attention(attention)
   result = {
-      "benchmark": "grass_cost",
-      "command": _provenance.command("grass_cost", argv),
-      "commit": _provenance.commit(),
-      "device": dev.device_kind, "platform": dev.platform,
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "optax": optax.__version__, "optax_subspace": osub.__version__},
+      **record.provenance("grass_cost", argv),
       "config": {k: v for k, v in vars(args).items() if k != "out"} | {
           "attention": attention, "update_every": UPDATE_EVERY,
           "compute_dtype": "bfloat16", "param_dtype": "float32"},
@@ -375,11 +330,11 @@ def main(argv=None) -> dict:
         f" {args.batch}x{args.seq} tokens, rank {args.rank}, {attention} attention", flush=True)
   result["blocks"] = bench_blocks(args)
   print("  measured:", result["blocks"]["measured"], flush=True)
-  out.write_text(json.dumps(result, indent=1))
+  record.write_json(out, result)
   if not args.skip_tree:
     print(f"optimizer update, {args.tree_size} tree:", flush=True)
     result["tree"] = bench_tree(args)
-    out.write_text(json.dumps(result, indent=1))
+    record.write_json(out, result)
   _plot(result, out.with_suffix(".png"))
   print("wrote", out, "and", out.with_suffix(".png"))
   return result

@@ -31,6 +31,7 @@ from __future__ import annotations
 import statistics
 import time
 
+from benchmarks import record
 from benchmarks import train_setups
 from benchmarks import train_step
 from examples.llama.config import MODEL_SIZES
@@ -308,14 +309,11 @@ def describe(options, quick) -> dict:
 
 def figure(result):
   """Left: each method's largest model that ran. Right: the reported sizes' memory per method."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
   res = result["results"]
   summary = res["summary"]
   methods = list(summary["methods"])
   models = res["models"]
-  fig = Figure(figsize=(12, 4.5))
-  axes = fig.subplots(1, 2)
+  fig, axes = record.subplots(1, 2, figsize=(12, 4.5))
   largest = [summary["methods"][m]["largest_that_ran"] for m in methods]
   axes[0].bar(methods, [models[s]["n_params"] / 1e9 if s else 0 for s in largest])
   for i, s in enumerate(largest):
@@ -350,10 +348,4 @@ def figure(result):
   fig.suptitle(f"largest model per method, {result['device']}, parameters {c['param_dtype']},"
                f" state {c['state_dtype']}, batch {c['batch']}×{c['seq']},"
                f" remat {c['remat']}", fontsize=10)
-  fig.tight_layout()
   return fig
-
-
-def plot(result, path) -> None:
-  """`figure(result)` as a PNG at `path`."""
-  figure(result).savefig(path, dpi=120)

@@ -14,8 +14,6 @@ online-PCA step + AdamW on P) on the OSD paper's shapes. Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 
@@ -25,7 +23,7 @@ import numpy as np
 import optax
 
 import optax_subspace as osub
-from benchmarks import _provenance
+from benchmarks import record
 
 # hidden, ffn, layers, vocab, rank (hidden/4): the LLaMA models of the GaLore
 # experiments (arXiv 2403.03507), as examples/llama/config.py.
@@ -126,63 +124,30 @@ def time_pipelined(fn, args, reps, rounds=3):
   return statistics.median(per_call), args
 
 
-def bench_update(name, tx, params, grads, reps, first_step_count):
-  """Compile time, state bytes and median step time of one transformation."""
+def update_rows(methods, params, grads, reps: int) -> list[dict]:
+  """`optimizer_update.bench_method`'s row of each (name, transformation, count to start from)
+  on a copy of `params`, refresh rows at a tenth of `reps` (at least 3); ratios to the first's."""
+  from benchmarks import optimizer_update  # pylint: disable=g-import-not-at-top  (imports this)
 
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  state = jax.jit(tx.init)(params)
-  state_bytes = nbytes(state)
-  if first_step_count is not None:  # start past the step-0 refresh
-    state = _set_count(state, first_step_count)
-  jitted = jax.jit(step, donate_argnums=(0, 1))
-  t0 = time.perf_counter()
-  compiled = jitted.lower(params, state, grads).compile()
-  compile_s = time.perf_counter() - t0
-  p = jax.tree_util.tree_map(jnp.copy, params)
-  run = lambda p, s: (*compiled(p, s, grads),)
-  median, (p, state) = time_calls(run, (p, state), reps)
-  del p, state
-  print(f"  {name:<34} {median:9.2f} ms   compile {compile_s:6.1f} s"
-        f"   state {state_bytes / 2**30:6.2f} GiB", flush=True)
-  return {"method": name, "median_ms": median, "compile_s": compile_s,
-          "state_bytes": state_bytes}
-
-
-def _set_count(state, count):
-  """Sets every ProjectSubspaceState count (to time steady steps)."""
-  is_ps = lambda x: isinstance(x, osub.ProjectSubspaceState)
-  return jax.tree_util.tree_map(
-      lambda x: x._replace(count=jnp.asarray(count, jnp.int32))
-      if is_ps(x) else x, state, is_leaf=is_ps)
-
-
-def galore_state_formula(shapes, rank):
-  """Analytic bytes (float32): r·s + 2·r·l per projected matrix, 2·n else."""
-  total = 0
-  for path, shape in jax.tree_util.tree_flatten_with_path(
-      shapes, is_leaf=lambda x: isinstance(x, tuple))[0]:
-    names = "/".join(str(getattr(k, "key", k)) for k in path)
-    projected = ("attention" in names or "mlp" in names) and len(shape) == 2
-    if projected:
-      s, l = min(shape), max(shape)
-      r = min(rank, s)
-      total += r * s + 2 * r * l
-    else:
-      total += 2 * int(np.prod(shape))
-  return 4 * total
+  rows = [optimizer_update.bench_method(
+      name, tx, jax.tree.map(jnp.copy, params), grads,
+      max(3, reps // 10) if "refresh" in name else reps, count, None)[0]
+          for name, tx, count in methods]
+  for r in rows:
+    r["ratio_to_adamw"] = r["median_ms"] / rows[0]["median_ms"]
+    r["state_ratio_to_adamw"] = r["state_bytes"] / rows[0]["state_bytes"]
+  return rows
 
 
 def bench_tree(size, reps):
+  from benchmarks import optimizer_update  # pylint: disable=g-import-not-at-top  (imports this)
+
   cfg = SIZES[size]
   shapes = llama_shapes(**cfg)
   rank = cfg["rank"]
   params = make_tree(shapes, 0, lambda k, s: 0.02 * jax.random.normal(k, s))
   grads = make_tree(shapes, 1, synthetic_gradient)
-  n_params = sum(int(np.prod(x.shape)) for x in
-                 jax.tree_util.tree_leaves(params))
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
   print(f"tree {size}: {n_params / 1e9:.3f}e9 params,"
         f" {len(jax.tree_util.tree_leaves(params))} leaves, rank {rank}")
   lr = 1e-3
@@ -192,53 +157,38 @@ def bench_tree(size, reps):
       ("galore_steady", osub.galore(lr, rank, big, mask=PROJECTED), 1),
       ("galore_refresh_svd", osub.galore(lr, rank, 1, mask=PROJECTED), None),
       ("galore_refresh_randomized_svd",
-       osub.galore(lr, rank, 1, mask=PROJECTED, projector="randomized_svd"),
-       None),
-      ("osd_steady",
-       osub.online_subspace_descent(lr, rank, mask=PROJECTED), 1),
+       osub.galore(lr, rank, 1, mask=PROJECTED, projector="randomized_svd"), None),
+      ("osd_steady", osub.online_subspace_descent(lr, rank, mask=PROJECTED), 1),
       ("grass_steady", osub.grass(lr, rank, big, mask=PROJECTED), 1),
       ("grass_refresh_topk", osub.grass(lr, rank, 1, mask=PROJECTED), None),
       # bf16 operands for the products with G (float32 accumulation).
       ("galore_steady_bf16_products",
-       osub.galore(lr, rank, big, mask=PROJECTED,
-                   projection_dtype=jnp.bfloat16), 1),
-      ("osd_steady_bf16_products",
-       osub.online_subspace_descent(lr, rank, mask=PROJECTED,
-                                    projection_dtype=jnp.bfloat16), 1),
+       osub.galore(lr, rank, big, mask=PROJECTED, projection_dtype=jnp.bfloat16), 1),
+      ("osd_steady_bf16_products", osub.online_subspace_descent(
+          lr, rank, mask=PROJECTED, projection_dtype=jnp.bfloat16), 1),
   ]
   if hasattr(optax, "contrib") and hasattr(optax.contrib, "galore"):
     methods.insert(1, ("optax_contrib_galore_steady",
-                       optax.contrib.galore(lr, rank=rank,
-                                            update_proj_gap=big), None))
-  rows = []
-  for name, tx, count in methods:
-    refresh = "refresh" in name
-    r = bench_update(name, tx, params, grads, max(3, reps // 10) if refresh
-                     else reps, count)
-    rows.append(r)
+                       optax.contrib.galore(lr, rank=rank, update_proj_gap=big), None))
+  rows = update_rows(methods, params, grads, reps)
   by = {r["method"]: r for r in rows}
   adamw = by["adamw"]["median_ms"]
-  for r in rows:
-    r["ratio_to_adamw"] = r["median_ms"] / adamw
-    r["state_ratio_to_adamw"] = r["state_bytes"] / by["adamw"]["state_bytes"]
   gap = 200
   summary = {
       "galore_avg_over_200_step_gap_ms": {
           k: (by[f"galore_refresh_{k}"]["median_ms"]
               + (gap - 1) * by["galore_steady"]["median_ms"]) / gap
           for k in ("svd", "randomized_svd")},
-      "galore_state_formula_bytes": galore_state_formula(shapes, rank),
+      "galore_state_formula_bytes": optimizer_update.analytic_state_bytes("galore", shapes, rank),
   }
   summary["galore_state_vs_formula"] = (
       by["galore_steady"]["state_bytes"] / summary["galore_state_formula_bytes"])
   summary["galore_avg_ratio_to_adamw"] = {
-      k: v / adamw for k, v in
-      summary["galore_avg_over_200_step_gap_ms"].items()}
-  refresh_energy = refresh_accuracy(grads, rank)
+      k: v / adamw for k, v in summary["galore_avg_over_200_step_gap_ms"].items()}
   return {"size": size, "config": cfg, "n_params": n_params,
           "n_leaves": len(jax.tree_util.tree_leaves(params)),
           "projected": PROJECTED, "rows": rows, "summary": summary,
-          "randomized_svd_energy": refresh_energy}
+          "randomized_svd_energy": refresh_accuracy(grads, rank)}
 
 
 def refresh_accuracy(grads, rank):
@@ -322,24 +272,18 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=50)
   ap.add_argument("--out", required=True)
   args = ap.parse_args(argv)
-  dev = jax.devices()[0]
   result = {
-      "benchmark": "optimizer_step",
-      "command": _provenance.command("optimizer_step", argv),
-      "device": dev.device_kind, "platform": dev.platform,
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "optax": optax.__version__, "optax_subspace": osub.__version__},
+      **record.provenance("optimizer_step", argv),
       "dtype": "float32", "matmul_precision": "default (TF32 on H100) except"
       " refreshes, which use HIGHEST",
       "timing": "median of --reps calls after 2 warm-up calls, each synced;"
       " params and state donated; gradients synthetic (power-law spectrum)",
   }
   result["tree"] = bench_tree(args.size, args.reps)
-  with open(args.out, "w") as f:  # in case the projector part is cut short
-    json.dump(result, f, indent=1)
+  record.write_json(args.out, result)  # in case the projector part is cut short
   shapes = TINY_PROJECTOR_SHAPES if args.size == "tiny" else PROJECTOR_SHAPES
   print("projector step alone:")
   result["projectors"] = bench_projectors(shapes, max(5, args.reps // 5))
-  with open(args.out, "w") as f:
-    json.dump(result, f, indent=1)
+  record.write_json(args.out, result)
   print("wrote", args.out)
+  return result

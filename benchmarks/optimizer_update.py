@@ -41,6 +41,7 @@ import optax
 
 import optax_subspace as osub
 from benchmarks import optimizer_step
+from benchmarks import record
 
 DEFAULT_SIZES = ("60m", "350m", "1b")
 UPDATE_EVERY = 200  # T of the amortised rows
@@ -277,12 +278,9 @@ def run(sizes, reps, methods=METHODS, log=print, checkpoint=None) -> dict:
 
 def figure(result):
   """Step time and state bytes over AdamW's, per method, one bar per tree size."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
   sizes = result["results"]["sizes"]
   methods = [m for m in METHODS if any(r["method"] == m for s in sizes for r in s["rows"])]
-  fig = Figure(figsize=(12, 4.5))
-  axes = fig.subplots(1, 2)
+  fig, axes = record.subplots(1, 2, figsize=(12, 4.5))
   width = 0.8 / max(1, len(sizes))
   for ax, key, title in [(axes[0], "ratio_to_adamw", "update time / AdamW's"),
                          (axes[1], "state_ratio_to_adamw", "state bytes / AdamW's")]:
@@ -297,10 +295,4 @@ def figure(result):
     ax.legend(fontsize=8, title="LLaMA tree", title_fontsize=8)
   axes[0].set_yscale("log")
   fig.suptitle(f"optimizer update, {result['device']}, float32, rank hidden/4", fontsize=10)
-  fig.tight_layout()
   return fig
-
-
-def plot(result, path) -> None:
-  """`figure(result)` as a PNG at `path`."""
-  figure(result).savefig(path, dpi=120)

@@ -24,6 +24,7 @@ import optax
 
 import optax_subspace as osub
 from benchmarks import optimizer_step
+from benchmarks import record
 
 # The attention/MLP matrix (d × ffn) of each LLaMA size of optimizer_step.SIZES.
 SHAPES = {name: (cfg["d"], cfg["ffn"]) for name, cfg in optimizer_step.SIZES.items()}
@@ -72,12 +73,9 @@ def run(sizes, reps, log=print) -> dict:
 
 def figure(result):
   """Median ms per step against the matrix shape, log scale (as the OSD paper's Figure 2)."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
   rows = result["results"]["rows"]
   labels = [f"{r['shape'][0]}×{r['shape'][1]}\n({r['size']})" for r in rows]
-  fig = Figure(figsize=(8, 4.5))
-  ax = fig.subplots()
+  fig, ax = record.subplots(figsize=(8, 4.5))
   for name in STEPS:
     ax.plot(range(len(rows)), [r["median_ms"][name] for r in rows], marker="o", label=name,
             linestyle="--" if name == "adamw_step" else "-")
@@ -87,10 +85,4 @@ def figure(result):
   ax.set_xlabel("matrix (rank s/4)")
   ax.legend(fontsize=7)
   ax.set_title(f"projector step alone, {result['device']}, float32", fontsize=9)
-  fig.tight_layout()
   return fig
-
-
-def plot(result, path) -> None:
-  """`figure(result)` as a PNG at `path`."""
-  figure(result).savefig(path, dpi=120)

@@ -39,6 +39,8 @@ import sys
 import tempfile
 import time
 
+from benchmarks import record
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZES = ("tiny", "9m", "20m", "60m", "130m", "350m")
 DEFAULT_SIZES = ("60m",)
@@ -297,18 +299,12 @@ def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, abla
   return records
 
 
-def plot(result: dict, png: pathlib.Path) -> bool:
-  """Held-out perplexity against tokens of each label's best run; False without matplotlib."""
-  try:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
+def figure(result: dict):
+  """Held-out perplexity against tokens of each label's best run, one panel per size."""
   best = result.get("best", {})
   sizes = sorted({key.split("/")[0] for key in best})
-  fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(7 * max(1, len(sizes)), 5),
-                           squeeze=False)
+  fig, axes = record.subplots(1, max(1, len(sizes)), figsize=(7 * max(1, len(sizes)), 5),
+                              squeeze=False)
   for ax, size in zip(axes[0], sizes):
     for key, figures in best.items():
       if not key.startswith(size + "/"):
@@ -324,10 +320,7 @@ def plot(result: dict, png: pathlib.Path) -> bool:
            ylabel="held-out perplexity", yscale="log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(png, dpi=110)
-  plt.close(fig)
-  return True
+  return fig
 
 
 def markdown_table(result: dict) -> str:
@@ -378,11 +371,10 @@ def main(argv=None) -> None:
     result = combine([json.loads(pathlib.Path(p).read_text()) for p in args.parts])
   except (ValueError, OSError, KeyError) as e:
     raise SystemExit(f"python -m benchmarks.quality: {e}") from None
-  out = pathlib.Path(args.out)
-  png = out.with_suffix(".png")
-  if plot(result, png):
-    result["png"] = png.name
-  out.write_text(json.dumps(result, indent=1) + "\n")
+  png = pathlib.Path(args.out).with_suffix(".png")
+  record.save(figure(result), png, dpi=110)
+  result["png"] = png.name
+  record.write_json(args.out, result)
   print(markdown_table(result))
 
 

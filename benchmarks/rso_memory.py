@@ -60,12 +60,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
+import contextlib
+import io
 import json
 import math
 import os
 import pathlib
-import platform
 import re
 import statistics
 import subprocess
@@ -73,7 +73,16 @@ import sys
 import time
 from typing import Optional
 
-from benchmarks import _provenance  # noqa: E402  pylint: disable=g-import-not-at-top
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
+
+import optax_subspace as osub
+from benchmarks import record
+from benchmarks import train_setups
+from optax_subspace import nn as osnn
 
 METHODS = ("adamw", "galore", "rso", "rso_shared")
 PROJECTED = r"(attention|mlp)/.*kernel"
@@ -107,42 +116,6 @@ def _parser() -> argparse.ArgumentParser:
   return ap
 
 
-def _build(args):
-  """(model, input activations) on the default device."""
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from examples.llama.config import ModelConfig
-  from examples.llama.model import Block
-
-  cfg = ModelConfig(hidden=args.hidden, ffn=args.ffn, heads=args.heads, layers=args.layers,
-                    vocab_size=1, compute_dtype="bfloat16", param_dtype="float32",
-                    remat=args.remat)
-
-  class BlockStack(nnx.Module):
-    """The LLaMA example's blocks, applied in sequence (as `Llama.__call__` does)."""
-
-    def __init__(self, rngs):
-      layer_list = getattr(nnx, "List", list)  # as examples/llama/model.py
-      self.layers = layer_list([Block(cfg, rngs) for _ in range(cfg.layers)])
-
-    def __call__(self, x):
-      run = nnx.remat(lambda block, x: block(x)) if cfg.remat else (lambda block, x: block(x))
-      for block in self.layers:
-        x = run(block, x)
-      return x
-
-  model = BlockStack(nnx.Rngs(0))
-  x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.seq, args.hidden), jnp.bfloat16)
-  return model, x
-
-
-def _nbytes(tree) -> int:
-  import jax
-  return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree)))
-
-
 def _block_residual_bytes(block, x) -> dict:
   """Bytes one block keeps for its backward (jax's saved residuals, arguments excluded).
 
@@ -151,13 +124,6 @@ def _block_residual_bytes(block, x) -> dict:
   cast to the compute dtype). Arguments and constants (the parameters, RSO's W, P and B) are
   left out: the step holds them anyway.
   """
-  import contextlib
-  import io
-
-  import jax.numpy as jnp
-  from flax import nnx
-  from jax.ad_checkpoint import print_saved_residuals
-
   graphdef, params, rest = nnx.split(block, nnx.Param, ...)
   f = lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x).astype(jnp.float32))
   text = io.StringIO()
@@ -186,9 +152,6 @@ def _recomputing_attention(query, key, value, bias=None, mask=None, *, scale=Non
   The forward still forms the b×heads×s×s scores, but only for one layer at a time.
   q, k, v: (batch, seq, heads, head_dim), as `jax.nn.dot_product_attention` takes them.
   """
-  import jax
-  import jax.numpy as jnp
-
   if bias is not None or mask is not None or unused:
     raise NotImplementedError("--attention recompute takes q, k, v, scale and is_causal only")
   scale = query.shape[-1] ** -0.5 if scale is None else scale
@@ -335,29 +298,17 @@ def _worker(args) -> dict:
   The example's model calls `jax.nn.dot_product_attention`: for --attention cudnn or recompute
   that name is rebound while the worker runs, and restored after (tests call it in-process).
   """
-  import jax
-
-  xla_attention = jax.nn.dot_product_attention
-  if args.attention == "cudnn":
-    jax.nn.dot_product_attention = functools.partial(xla_attention, implementation="cudnn")
-  elif args.attention == "recompute":
-    jax.nn.dot_product_attention = _recomputing_attention
+  train_setups.use_attention(
+      _recomputing_attention if args.attention == "recompute" else args.attention)
   try:
     return _measure(args)
   finally:
-    jax.nn.dot_product_attention = xla_attention
+    train_setups.use_attention("xla")
 
 
 def _measure(args) -> dict:
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
-
-  import optax_subspace as osub
-  from optax_subspace import nn as osnn
-
-  model, x = _build(args)
+  model = train_setups.block_stack(args.hidden, args.ffn, args.heads, args.layers, args.remat)
+  x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.seq, args.hidden), jnp.bfloat16)
   if args.worker in ("rso", "rso_shared"):
     share = osnn.SHARE_QKV_GATE_UP if args.worker == "rso_shared" else None
     osnn.rso_layers(model, args.rank, mask=RSO_LAYERS, share_basis=share)
@@ -389,9 +340,9 @@ def _measure(args) -> dict:
   out = {
       "compile_s": round(compile_s, 2),
       "memory_analysis": {f: int(getattr(analysis, f)) for f in MEMORY_FIELDS},
-      "trainable_param_bytes": _nbytes(params),
-      "frozen_bytes": _nbytes(frozen),
-      "opt_state_bytes": _nbytes(opt_state),
+      "trainable_param_bytes": train_setups.nbytes(params),
+      "frozen_bytes": train_setups.nbytes(frozen),
+      "opt_state_bytes": train_setups.nbytes(opt_state),
       "block_residual_bytes": _block_residual_bytes(model.layers[0], x),
   }
   if args.xla_dump:
@@ -465,17 +416,14 @@ def _ratios(methods: dict) -> dict:
 
 
 def _plot(result: dict, path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
   names = [n for n, m in result["methods"].items() if "memory_analysis" in m]
   panels = [("temp (activations + gradients)",
              lambda m: m["memory_analysis"]["temp_size_in_bytes"]),
             ("arguments", lambda m: m["memory_analysis"]["argument_size_in_bytes"]),
             ("measured peak", lambda m: m.get("peak_bytes_in_use", 0))]
   timed = all("step_ms" in result["methods"][n] for n in names)
-  fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4), squeeze=False)
+  fig, axes = record.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4),
+                              squeeze=False)
   ax = axes[0][0]
   width = 0.8 / len(panels)
   for j, (label, get) in enumerate(panels):
@@ -494,9 +442,7 @@ def _plot(result: dict, path: pathlib.Path) -> None:
   fig.suptitle(f"{c['layers']} LLaMA blocks, d {c['hidden']}, ffn {c['ffn']}, "
                f"{c['batch']}×{c['seq']} tokens, rank {c['rank']}, attention {c['attention']}"
                f"{', remat' if c['remat'] else ''}", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  record.save(fig, path)
 
 
 def main(argv=None) -> dict:
@@ -506,26 +452,15 @@ def main(argv=None) -> dict:
   if args.worker:
     print(json.dumps(_worker(args)))
     return {}
-  import flax
-  import jax
-  import optax
-
-  dev = jax.devices()[0]
   if args.attention == "auto":
-    args.attention = "cudnn" if dev.platform == "gpu" else "xla"
+    args.attention = "cudnn" if jax.devices()[0].platform == "gpu" else "xla"
     argv += ["--attention", args.attention]
   methods = [m for m in args.methods.split(",") if m]
   unknown = set(methods) - set(METHODS)
   if unknown:
     raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {METHODS}")
-  commit = _provenance.commit()
   result = {
-      "benchmark": "rso_memory",
-      "command": _provenance.command("rso_memory", argv),
-      "commit": commit,
-      "device": dev.device_kind, "platform": dev.platform,
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "flax": flax.__version__, "optax": optax.__version__},
+      **record.provenance("rso_memory", argv),
       "config": {k: getattr(args, k) for k in (
           "layers", "hidden", "ffn", "heads", "batch", "seq", "rank", "lr", "remat",
           "attention", "steps", "warmup")} | {"update_every": UPDATE_EVERY,
@@ -554,9 +489,7 @@ def main(argv=None) -> dict:
         ratios["temp_bytes"] <= 0.8 if "temp_bytes" in ratios else None)
     result["targets"]["step_time_met" + suffix] = (
         ratios["step_time"] <= 1.1 if "step_time" in ratios else None)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
+  out = record.write_json(args.out, result)
   _plot(result, out.with_suffix(".png"))
   print(json.dumps({"methods": {m: {k: v for k, v in r.items() if k != "memory_analysis"}
                                 | r.get("memory_analysis", {})

@@ -29,13 +29,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import pathlib
-import platform
 import re
 import sys
 
-from benchmarks import _provenance
+from benchmarks import record
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUITES = ("projector_cost", "optimizer_update", "train_step", "largest_model", "quality")
@@ -90,21 +88,10 @@ def output_path(suite: str, out_dir=None) -> pathlib.Path:
 
 def _metadata(suite: str, argv) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  import jaxlib  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
 
-  import optax_subspace  # pylint: disable=g-import-not-at-top
-
-  dev = jax.devices()[0]
+  command = " ".join(["python", "-m", "benchmarks", *argv]) if argv is not None else None
   return {
-      "benchmark": suite,
-      "command": " ".join(["python", "-m", "benchmarks", *argv]) if argv is not None else None,
-      "commit": _provenance.commit(),
-      "device": dev.device_kind, "platform": dev.platform, "device_count": jax.device_count(),
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "jaxlib": jaxlib.__version__, "optax": optax.__version__,
-                   "numpy": np.__version__, "optax_subspace": optax_subspace.__version__},
+      **record.provenance(suite, command_line=command), "device_count": jax.device_count(),
       "dtype": "float32",
       "matmul_precision": "JAX default (TF32 on H100/H200) except the refreshes, which use"
                           " HIGHEST",
@@ -149,12 +136,11 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
   if out is None and suite == "quality":
     out = output_path(suite).with_name(
         f"{output_path(suite).stem.replace('quality_', f'quality_{sizes[-1]}_')}"
-        f"_{_provenance.commit()}.json")
+        f"_{record.commit()}.json")
   out = pathlib.Path(out) if out is not None else output_path(suite)
-  out.parent.mkdir(parents=True, exist_ok=True)
   result = _metadata(suite, argv)
   result["config"] = {"sizes": sizes, "reps": reps, "quick": quick}
-  write = lambda: out.write_text(json.dumps(result, indent=1) + "\n")
+  write = lambda: record.write_json(out, result)
   log(f"{suite} on {dev.device_kind} ({dev.platform}), sizes {', '.join(sizes)}, {reps} reps")
   if suite == "optimizer_update":
     chosen = [m for m in module.METHODS if not methods or m in methods or m == "adamw"]
@@ -201,7 +187,7 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
     result["config"]["rank"] = "smaller side / 4"
     result["results"] = module.run(sizes, reps, log=log)
   png = out.with_suffix(".png")
-  module.plot(result, png)
+  record.save(module.figure(result), png)
   result["png"] = str(png)
   write()
   log(f"wrote {out} and {png}")

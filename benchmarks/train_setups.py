@@ -78,7 +78,7 @@ from benchmarks import methods as registry
 from benchmarks.optimizer_update import _count_setter
 from examples.llama import optimizers as llama_optimizers
 from examples.llama.config import ModelConfig, TrainConfig
-from examples.llama.model import Llama
+from examples.llama.model import Block, Llama
 import optax_subspace as osub
 from optax_subspace import nn as osnn
 
@@ -430,12 +430,35 @@ def attention_for(requested: str, platform: str, head_dim: int) -> str:
   return "cudnn" if platform == "gpu" and cudnn_ok else "xla"
 
 
-def use_attention(implementation: str) -> None:
-  """Makes the model's `jax.nn.dot_product_attention` calls use `implementation` (this process)."""
-  if implementation == "cudnn":
-    jax.nn.dot_product_attention = functools.partial(_XLA_ATTENTION, implementation="cudnn")
-  else:
-    jax.nn.dot_product_attention = _XLA_ATTENTION
+def use_attention(implementation) -> None:
+  """Makes the model's `jax.nn.dot_product_attention` calls use `implementation` (this
+  process): "xla", "cudnn", or a function taking that function's arguments."""
+  jax.nn.dot_product_attention = (
+      implementation if callable(implementation)
+      else functools.partial(_XLA_ATTENTION, implementation="cudnn") if implementation == "cudnn"
+      else _XLA_ATTENTION)
+
+
+def block_stack(hidden: int, ffn: int, heads: int, layers: int, remat: bool = False,
+                seed: int = 0) -> nnx.Module:
+  """`layers` of the LLaMA example's `Block`s applied in sequence, as `Llama.__call__` does
+  (bf16 compute, float32 parameters; `remat`: each block recomputed in the backward)."""
+  cfg = ModelConfig(hidden=hidden, ffn=ffn, heads=heads, layers=layers, vocab_size=1,
+                    compute_dtype="bfloat16", param_dtype="float32", remat=remat)
+
+  class BlockStack(nnx.Module):
+
+    def __init__(self, rngs):
+      layer_list = getattr(nnx, "List", list)  # as examples/llama/model.py
+      self.layers = layer_list([Block(cfg, rngs) for _ in range(layers)])
+
+    def __call__(self, x):
+      run = nnx.remat(lambda block, x: block(x)) if remat else (lambda block, x: block(x))
+      for block in self.layers:
+        x = run(block, x)
+      return x
+
+  return BlockStack(nnx.Rngs(seed))
 
 
 def device_memory() -> dict:

@@ -37,6 +37,7 @@ import math
 import statistics
 import time
 
+from benchmarks import record
 from benchmarks import train_setups
 from examples.llama.config import MODEL_SIZES as SIZES
 
@@ -371,15 +372,12 @@ def _log_row(row, log) -> None:
 
 def figure(result):
   """Amortised tokens/s and peak memory (predicted need where no peak is measured) per method."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
   sizes = result["results"]["sizes"]
   methods = [m for m in train_setups.METHODS
              if any(r["method"] == m and "step_ms" in r for s in sizes for r in s["rows"])]
   measured = all(r.get("peak_bytes_in_use") for s in sizes for r in s["rows"] if "step_ms" in r)
   memory_key = "peak_bytes_in_use" if measured else None
-  fig = Figure(figsize=(12, 4.5))
-  axes = fig.subplots(1, 2)
+  fig, axes = record.subplots(1, 2, figsize=(12, 4.5))
   width = 0.8 / max(1, len(sizes))
   for j, size in enumerate(sizes):
     by = {r["method"]: r for r in size["rows"] if "step_ms" in r}
@@ -402,10 +400,4 @@ def figure(result):
     ax.legend(fontsize=8, title="LLaMA", title_fontsize=8)
   fig.suptitle(f"train step, {result['device']}, bf16 compute, parameters "
                f"{sizes[0]['model']['param_dtype'] if sizes else ''}", fontsize=10)
-  fig.tight_layout()
   return fig
-
-
-def plot(result, path) -> None:
-  """`figure(result)` as a PNG at `path`."""
-  figure(result).savefig(path, dpi=120)

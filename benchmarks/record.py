@@ -1,0 +1,80 @@
+"""What every benchmark result records (provenance), and how its JSON and PNG are written."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import subprocess
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ENV = "OPTAX_SUBSPACE_COMMIT"
+
+
+def commit() -> str:
+  """$OPTAX_SUBSPACE_COMMIT if set, else `git rev-parse --short HEAD`, else "unknown".
+
+  The variable is for trees copied without their git metadata (or with stale metadata, as on
+  the GPU machines' copies of a working tree): the command that runs the benchmark names the
+  commit it was copied from.
+  """
+  if os.environ.get(ENV):
+    return os.environ[ENV]
+  try:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=ROOT, check=False)
+  except OSError:
+    return "unknown"
+  return proc.stdout.strip() or "unknown"
+
+
+def command(suite: str, argv) -> str:
+  """The harness command that runs script suite `suite` with its flags `argv` (see suites.py)."""
+  return " ".join(["python -m benchmarks run --suite", suite, "--", *(argv or [])])
+
+
+def provenance(benchmark: str, argv=None, command_line: str | None = None) -> dict:
+  """The head of a result's JSON: benchmark, command, commit, device, platform, versions.
+
+  The command is `command_line`, else the harness command of script suite `benchmark` with
+  its flags `argv`.
+  """
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  import optax_subspace  # pylint: disable=g-import-not-at-top
+
+  dev = jax.devices()[0]
+  return {"benchmark": benchmark,
+          "command": command(benchmark, argv) if command_line is None else command_line,
+          "commit": commit(), "device": dev.device_kind, "platform": dev.platform,
+          "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                       "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+                       "optax": optax.__version__, "numpy": np.__version__,
+                       "optax_subspace": optax_subspace.__version__}}
+
+
+def write_json(path, result: dict) -> pathlib.Path:
+  """Writes `result` to `path` (making its folder), one space per indent level."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=1) + "\n")
+  return path
+
+
+def subplots(*grid, figsize, **kwargs):
+  """(figure, axes) of a `matplotlib.figure.Figure` (no pyplot, so no GUI backend)."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(*grid, **kwargs)
+
+
+def save(fig, path, dpi: int = 120) -> None:
+  """Lays `fig` out and writes it as a PNG at `path`."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
