@@ -1,60 +1,31 @@
 """Bytes each method communicates per LLaMA train step, from the compiled HLO of the whole step.
 
-`communication.py` counts the optimizer update alone; this counts everything a train step of the
-LLaMA example (`examples.llama.model.Llama`) runs on a mesh: forward, backward, the gradients'
-reduction, the optimizer update and applying it, and, for the model-level methods, RSO's merge
-and GRASS's selection pass, which sit in a `lax.cond` inside the step. Each step is lowered and
-compiled for simulated CPU devices from abstract arguments (nothing is allocated or executed,
-nothing is timed); every collective of the compiled HLO text is counted per device with
-`hlo_collectives.collective_bytes`: the steady path (every step) apart from the branches of the
-conditionals (the projector refresh, RSO's merge, GRASS's reselection).
-
-Methods (rank r, refresh / subproblem length 200, mask r"(attention|mlp)/.*kernel"):
-
-- adamw: `optax.adamw`; galore: `optax_subspace.galore`; osd:
-  `optax_subspace.online_subspace_descent`; rso: `optax_subspace.rso`; grass:
-  `optax_subspace.grass` (optimizer level: full gradients, the example's functional train step,
-  state shardings from `optax_subspace.state_shardings`, as `examples/llama/mesh.py` does);
-- rso_model: `nn.rso_layers` + `nn.rso_optimizer` (gradients only for B, r × out, and the dense
-  Params), `nn.merge_if_due` after the update;
-- grass_model: `nn.grass_layers` + `nn.grass_optimizer` (gradients only for D, in × r, and the
-  dense Params), `nn.grass_refresh` before the gradient.
-
-Meshes (of the example, `examples/llama/mesh.py`): "data" = ("data" 2, "fsdp" 1), weights
-replicated, so the gradients' all-reduce is what differs between methods; "fsdp" = ("data" 1,
-"fsdp" 2), every matrix split along its hidden-size axis (`mesh.param_spec`), so weights are
-all-gathered for the forward and backward and gradients reduce-scattered. The batch is split over
-both axes, 2 sequences per device, and the activations are pinned to it (`constrain_batch` under
-`jax.set_mesh`). The sizes of the weights' collectives do not depend on the batch or the sequence
-length, but which of them XLA replaces by moving activations does: with fewer tokens per device
-than the hidden size it reshards activations instead of reducing some weight gradients (compare
-`--seq 2048`); `by_shape` in the JSON lists every collective's shapes. Model-level layers:
-B (r, out) keeps the kernel's sharding of its out axis and P (in, r) that of its in axis (what
-`rso_layers` derives from a sharded kernel); GRASS's D (in, r) that of the kernel's in axis;
-optimizer moments their Param's.
-
-Per layer: with `--layers L` (≥ 2) the step is also compiled with L − 1 layers; the difference is
-one block's bytes, and L-layer bytes + (24 − L) × that difference extrapolates to 24 layers.
-
-    python -m benchmarks run --suite communication_train_step --      # 350M shapes, 2 layers
-    python -m benchmarks run --suite communication_train_step -- --hidden 64 --ffn 176 \\
-        --heads 4 --vocab 256 --rank 8 --seq 16 --layers 1 --methods adamw,rso_model \\
-        --out /tmp/c.json                                                # smoke test
+What `communication.py` counts for the update alone, for everything a train step of the LLaMA
+example runs on a mesh: forward, backward, the gradients' reduction, update and apply, and, at
+the model level, RSO's merge and GRASS's selection pass (`lax.cond`s in the step). Each step is
+compiled for simulated CPU devices from abstract arguments (nothing executed or timed) and its
+collectives counted per device (`hlo_collectives`), the steady path apart from the conditionals'
+branches. Methods: the optimizer level (the example's functional step, `state_shardings`) and
+rso_model, grass_model (`nn` layers and optimizers). Meshes: "data" (2 × 1: weights replicated,
+the gradients' all-reduce differs) and "fsdp" (1 × 2: matrices split on the hidden axis, weights
+gathered, gradients reduce-scattered); the batch split over both axes, activations pinned to it.
+B (r, out) keeps the kernel's out-axis sharding, P and D (in, r) its in-axis one. Fewer tokens per
+device than the hidden size make XLA move activations instead of some weight gradients (compare
+`--seq 2048`; `by_shape` lists every collective's shapes). With `--layers L` ≥ 2 the step is also
+compiled with L − 1 layers: the difference is one block's bytes, extrapolated to 24 layers.
+docs/scaling.md, "Bytes per train step, measured", has the command and results.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import pathlib
 import platform
 import time
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import flax  # pylint: disable=g-import-not-at-top
 import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
@@ -63,7 +34,8 @@ from jax.sharding import NamedSharding  # pylint: disable=g-import-not-at-top
 from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
 import optax_subspace as osub  # pylint: disable=g-import-not-at-top
-from benchmarks import _provenance  # pylint: disable=g-import-not-at-top
+from benchmarks import record  # pylint: disable=g-import-not-at-top
+from benchmarks import suites  # pylint: disable=g-import-not-at-top
 from benchmarks import methods as registry  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import by_shape  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import collective_bytes  # pylint: disable=g-import-not-at-top
@@ -85,21 +57,11 @@ LR = 1e-3
 FULL_LAYERS = 24  # the 350M model's depth, for the extrapolation
 
 
-def _parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", default="benchmarks/results/communication_train_step_cpu_hlo.json")
-  ap.add_argument("--hidden", type=int, default=1024)
-  ap.add_argument("--ffn", type=int, default=2736)
-  ap.add_argument("--heads", type=int, default=16)
-  ap.add_argument("--vocab", type=int, default=32000)
-  ap.add_argument("--layers", type=int, default=2)
-  ap.add_argument("--rank", type=int, default=256)
-  ap.add_argument("--batch_per_device", type=int, default=2)
-  ap.add_argument("--seq", type=int, default=128)
-  ap.add_argument("--methods", default=",".join(METHODS))
-  ap.add_argument("--meshes", default=",".join(MESHES))
-  ap.add_argument("--hlo_dir", default=None, help="also write each compiled HLO text here")
-  return ap
+def _parser():
+  return suites.script_parser(
+      __doc__, "benchmarks/results/communication_train_step_cpu_hlo.json", hidden=1024,
+      ffn=2736, heads=16, vocab=32000, layers=2, rank=256, batch_per_device=2, seq=128,
+      methods=",".join(METHODS), meshes=",".join(MESHES))
 
 
 def _path(key_path) -> str:
@@ -321,11 +283,8 @@ def _difference(a, b):
   return {k: a[k] - b[k] for k in a}
 
 
-def _measure(cfg, method, rank, mesh, tokens, hlo_name, hlo_dir):
+def _measure(cfg, method, rank, mesh, tokens):
   hlo, lower_s, compile_s = compile_train_step(cfg, method, rank, mesh, tokens)
-  if hlo_dir:
-    pathlib.Path(hlo_dir).mkdir(parents=True, exist_ok=True)
-    pathlib.Path(hlo_dir, hlo_name + ".hlo.txt").write_text(hlo)
   counted = collective_bytes(hlo)
   counted["by_shape"] = by_shape(hlo)
   return counted, summarize(counted), round(lower_s, 1), round(compile_s, 1)
@@ -333,28 +292,20 @@ def _measure(cfg, method, rank, mesh, tokens, hlo_name, hlo_dir):
 
 def main(argv=None) -> dict:
   args = _parser().parse_args(argv)
-  methods = [m for m in args.methods.split(",") if m]
-  unknown = set(methods) - set(METHODS)
-  if unknown:
-    raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {METHODS}")
+  methods = suites.chosen(args.methods, METHODS)
   if jax.device_count() < 2:
     raise SystemExit("needs 2 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
   cfg = ModelConfig(args.hidden, args.ffn, args.heads, args.layers, args.vocab)
-  commit = _provenance.commit()
   result = {
-      "benchmark": "communication_train_step",
+      **record.provenance("communication_train_step", argv),
       "what": "CPU HLO: sizes of the collectives in the compiled HLO of one whole train step"
               " (forward, backward, update, apply), compiled for simulated CPU devices, never"
               " executed or timed; per device; array sizes (all-gather: the gathered result;"
               " all-reduce, reduce-scatter, all-to-all, collective-permute: the operand), not"
               " wire traffic. A GPU compile may choose other collectives.",
-      "command": _provenance.command("communication_train_step", argv),
-      "commit": commit,
       "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), simulated,"
                 f" {jax.device_count()} visible, 2 used per mesh",
       "host": platform.platform(),
-      "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                   "flax": flax.__version__, "optax": optax.__version__},
       "config": {k: getattr(args, k) for k in (
           "hidden", "ffn", "heads", "vocab", "layers", "rank", "batch_per_device", "seq")}
                 | {"update_every": UPDATE_EVERY, "projected": PROJECTED,
@@ -376,8 +327,7 @@ def main(argv=None) -> dict:
     runs = result["runs"].setdefault(mesh_name, {})
     for method in methods:
       try:
-        counted, totals, lower_s, compile_s = _measure(
-            cfg, method, args.rank, mesh, tokens, f"{method}_{mesh_name}", args.hlo_dir)
+        counted, totals, lower_s, compile_s = _measure(cfg, method, args.rank, mesh, tokens)
       except Exception as e:  # pylint: disable=broad-except
         runs[method] = {"error": f"{type(e).__name__}: {e}"[:2000]}
         print(json.dumps({"mesh": mesh_name, "method": method, "error": runs[method]["error"]}),
@@ -387,8 +337,7 @@ def main(argv=None) -> dict:
              "analytic": analytic(cfg, args.rank, method, mesh_name)}
       if args.layers >= 2:
         fewer = ModelConfig(args.hidden, args.ffn, args.heads, args.layers - 1, args.vocab)
-        _, totals_fewer, _, _ = _measure(fewer, method, args.rank, mesh, tokens,
-                                         f"{method}_{mesh_name}_fewer", args.hlo_dir)
+        _, totals_fewer, _, _ = _measure(fewer, method, args.rank, mesh, tokens)
         per_layer = _difference(totals, totals_fewer)
         run["per_layer"] = per_layer
         run["extrapolated_to_24_layers"] = {
@@ -403,9 +352,7 @@ def main(argv=None) -> dict:
         run["ratio_vs_adamw"] = {
             k: round(run["totals"][k] / base[k], 4) if base[k] else None
             for k in ("total", "reduce", "gather")}
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps(result, indent=1) + "\n")
+  record.write_json(args.out, result)
   print(markdown_table(result))
   return result
 

@@ -1,43 +1,21 @@
 """GRASS's costs: its model-level backward vs the dense one, its update vs AdamW, GaLore, OSD.
 
-Part 1, a stack of the LLaMA example's `Block`s (default: the 1B shapes, d 2048, ffn 5461,
-32 heads; 8 of its 24 blocks; batch 4 × 2048 tokens; bf16 compute, fp32 parameters), built
-twice from the same seed: dense (`nnx.Linear`) and GRASS (`optax_subspace.nn.grass_layers` on
-the attention and MLP projections, rank r = 512). Loss: mean square of the output. For each:
+Part 1, a stack of the LLaMA example's blocks (default: the 1B shapes, 8 of the 24 blocks, batch
+4 × 2048 tokens, bf16 compute, fp32 parameters), dense and with `nn.grass_layers` (rank 512) on
+the attention and MLP projections, loss the output's mean square: FLOPs of the compiled forward,
+forward+backward and weight gradient (`cost_analysis` of the gradient w.r.t. Params and input
+minus that w.r.t. the input alone) against the analytic 2·T·Σ in·r; gradient and temp bytes;
+median times of forward+backward, of a train step (AdamW dense, `grass_optimizer` for GRASS) and
+of GRASS's refresh, amortised over K = 200 steps. cuDNN's attention (--attention auto on a GPU)
+counts 0 FLOPs in both stacks; the weight-gradient FLOPs, a difference, hold none of it.
 
-- FLOPs of the compiled forward, forward+backward (`value_and_grad` w.r.t. the Params: the
-  training backward), and of the gradient w.r.t. (Params, input) minus the gradient w.r.t. the
-  input alone: the weight-gradient FLOPs (dW dense, ∂L/∂D = ρ·G[σ] for GRASS), from
-  `compiled.cost_analysis()`; the analytic dW FLOPs 2·T·Σ in·out and GRASS's 2·T·Σ in·r
-  (T tokens), and the measured cut against the target 1 − Σ in·r / Σ in·out (per layer 1 − r/m,
-  m its output features);
-- gradient bytes (sum of the gradient leaves: the kernels dense, D (in × r) for GRASS, the norm
-  scales in both) and the compiled step's temp bytes (`memory_analysis`);
-- median times (on any device; the GPU's are the ones to quote): forward+backward; a training
-  step (AdamW on the dense stack, `grass_optimizer` on the GRASS one; parameters and state
-  donated); GRASS's refresh (`grass_refresh` at a refresh step: merge, the norms pass, the
-  selection), and the step time with the refresh amortised over K = 200 steps.
-
-Part 2, the optimizer update alone on the LLaMA-1B parameter tree (`benchmarks/optimizer_step.py`'s
-tree, synthetic gradients, its `bench_update`): AdamW, GaLore (steady step), OSD (steady),
-optimizer-level `grass` (steady and refresh step, full gradients in), and the model level's
-`grass_optimizer` on the tree the model level trains (each projected kernel replaced by its
-D, in × r; the W it leaves alone is not touched by the update).
-
-Attention: `--attention auto` (default) calls cuDNN flash attention on GPU (as
-`benchmarks/rso_memory.py`: XLA's attention materialises b×heads×s×s probabilities), XLA's
-elsewhere. cuDNN's attention is a custom call that `cost_analysis` counts as 0 FLOPs; it is the
-same in both stacks, and the weight-gradient FLOPs (a difference) do not contain it. 8 blocks at
-4×2048 tokens fit an 80 GB H100 with either attention.
-
-    python -m benchmarks run --suite grass_cost -- --out $OUT/grass_cost.json             # GPU
-    python -m benchmarks run --suite grass_cost -- --hidden 64 --ffn 176 --heads 4 --layers 1 \\
-        --batch 1 --seq 32 --rank 16 --tree-size tiny --reps 2 --out /tmp/g.json     # CPU smoke
+Part 2, the update alone on a LLaMA tree (`optimizer_step.update_rows`): AdamW, GaLore, OSD and
+`grass` (steady and refresh), and `grass_optimizer` on the tree the model level trains (each
+projected kernel replaced by D, in × r). Commands and results: docs/grass.md, "Measured costs".
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import pathlib
 import time
@@ -51,6 +29,7 @@ import optax_subspace as osub
 from benchmarks import optimizer_step
 from benchmarks import optimizer_update
 from benchmarks import record
+from benchmarks import suites
 from benchmarks import train_setups
 from optax_subspace import nn as osnn
 from optax_subspace.nn import _surgery
@@ -61,27 +40,14 @@ TREE_METHODS = ("adamw", "galore_steady", "osd_steady", "grass_steady", "grass_r
                 "grass_model_level")
 
 
-def _parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
-  ap.add_argument("--layers", type=int, default=8, help="LLaMA blocks in the stack")
-  ap.add_argument("--hidden", type=int, default=2048)
-  ap.add_argument("--ffn", type=int, default=5461)
-  ap.add_argument("--heads", type=int, default=32)
-  ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--seq", type=int, default=2048)
-  ap.add_argument("--rank", type=int, default=512, help="GRASS's r (and GaLore's, OSD's)")
-  ap.add_argument("--selection", default="topk", choices=("topk", "multinomial", "uniform"))
-  ap.add_argument("--lr", type=float, default=1e-3)
-  ap.add_argument("--attention", choices=("auto", "xla", "cudnn"), default="auto",
-                  help="auto: cudnn on GPU, xla elsewhere")
-  ap.add_argument("--reps", type=int, default=20, help="timed calls per measurement")
-  ap.add_argument("--tree-size", default="1b", choices=sorted(optimizer_step.SIZES),
-                  help="parameter tree of part 2")
-  ap.add_argument("--skip-tree", action="store_true", help="part 1 only")
-  ap.add_argument("--tree-methods", default=",".join(TREE_METHODS),
-                  help="comma-separated subset of part 2's methods")
-  return ap
+def _parser():
+  # --layers: blocks in the stack; --rank: GRASS's r (and GaLore's, OSD's); --reps: timed calls
+  # per measurement; --tree-size, --skip-tree, --tree-methods: part 2's tree, none, its methods.
+  return suites.script_parser(
+      __doc__, layers=8, hidden=2048, ffn=5461, heads=32, batch=4, seq=2048, rank=512,
+      selection=["topk", "multinomial", "uniform"], lr=1e-3, attention=["auto", "xla", "cudnn"],
+      reps=20, tree_size=["1b", *optimizer_step.SIZES], skip_tree=False,
+      tree_methods=",".join(TREE_METHODS))
 
 
 def _stack(args):

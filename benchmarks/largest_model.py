@@ -1,29 +1,13 @@
 """Suite `largest_model`: the largest LLaMA whose train step fits one device, per method.
 
-A ladder of LLaMA sizes, 1B, 3B, 7B, 13B, 30B (hidden / ffn / heads / layers: 1B and 7B from the
-example's `MODEL_SIZES`; 3B 3200/8640/32/26 as OpenLLaMA-3B; 13B 5120/13824/40/40 and 30B
-6656/17920/52/60 as LLaMA's; vocabulary 32000), each trained by the train step of
-`benchmarks.train_setups` (forward, backward, update; every method of `train_setups.METHODS`)
-with bfloat16 weights, float32 optimizer state (`train_setups.with_state_dtype`; --state-dtype
-changes it), bf16 compute, activation checkpointing per block, batch 1 × 2048 tokens, rank
-hidden/4, cuDNN attention on a GPU where the head size allows (3B's head of 100 does not: XLA's).
-
-For each method, sizes ascending, each (method, size) in its own process:
-
-1. build the step from abstract shapes (`jax.eval_shape`: nothing is allocated), compile it (and
-   the method's refresh program, if it has one) and read `compiled.memory_analysis()`: the
-   predicted need is arguments + outputs − aliased outputs + temporaries, the larger of the
-   step's and the refresh's;
-2. if the need fits the budget (`memory_stats()["bytes_limit"]` on a GPU, --budget-gb
-   otherwise), initialise the parameters on the device in bfloat16 (eagerly, one small program
-   per parameter) and run `reps` (3) steps and the refresh program once; record the device's
-   peak bytes in use. An out-of-memory error is recorded, not raised.
-
-A method's answer is the largest size that ran. After its first size that does not fit (or
-fails), larger sizes are not run; 7B and 13B are still compiled so every method has their
-predicted need (and, where they ran, their measured peak).
-Targets (issue 7): a 7B train step under 24 GB of peak memory with the best method, 13B under
-40 GB (GB = 10⁹ bytes).
+The ladder 1B, 3B, 7B, 13B, 30B (`LADDER`), bf16 weights, float32 optimizer state, remat per
+block, batch 1 × 2048 tokens, rank hidden/4. Per method, sizes ascending, each (method, size) in a
+worker process: compile the step (and refresh) from abstract shapes and read their need from
+`memory_analysis()`; where it fits the budget (`bytes_limit`, or --budget-gb), initialise, run
+`reps` steps and the refresh and record the peak bytes. A method's answer is the largest size
+that ran; past its first failure only the reported sizes (7B, 13B) are still compiled. Targets
+(issue 7): 7B under 24 GB with the best method, 13B under 40 GB. docs/benchmarks.md, "Largest
+model per GPU", has the commands and results.
 """
 
 from __future__ import annotations
@@ -32,6 +16,7 @@ import statistics
 import time
 
 from benchmarks import record
+from benchmarks import suites
 from benchmarks import train_setups
 from benchmarks import train_step
 from examples.llama.config import MODEL_SIZES
@@ -80,43 +65,13 @@ def _settings(options, quick) -> dict:
                            or (train_step.QUICK_JOB_TIMEOUT_S if quick else JOB_TIMEOUT_S)}
 
 
-def model_fields(size: str, settings: dict) -> dict:
-  hidden, ffn, heads, layers = SIZES[size]
-  return {"hidden": hidden, "ffn": ffn, "heads": heads, "layers": layers,
-          "vocab_size": settings["vocab"], "remat": settings["remat"],
-          "param_dtype": settings["param_dtype"], "compute_dtype": "bfloat16"}
-
-
 def run_job(job: dict) -> dict:
   """One (method, size) in a worker process: compile, check the need, run if it fits."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from examples.llama.config import ModelConfig  # pylint: disable=g-import-not-at-top
-
-  if job.get("compilation_cache"):
-    jax.config.update("jax_compilation_cache_dir", job["compilation_cache"])
-  cfg = ModelConfig(**job["model"])
-  attention = train_setups.attention_for(job["attention"], jax.devices()[0].platform,
-                                         cfg.head_dim)
-  train_setups.use_attention(attention)
-  setup = train_setups.build(job["method"], cfg, batch=job["batch"], seq=job["seq"],
-                             rank=job["rank"], state_dtype=job["state_dtype"])
-  params, opt_state, frozen, _ = setup.abstract
-  row = {"attention": attention, "rank": setup.rank,
-         "trainable_param_bytes": train_setups.nbytes(params),
-         "frozen_bytes": train_setups.nbytes(frozen),
-         "opt_state_bytes": train_setups.nbytes(opt_state),
-         "opt_state_bytes_by_dtype": train_setups.bytes_by_dtype(opt_state)}
-  train_setups.progress(f"built ({attention} attention), compiling")
-  compiled = train_setups.compile_setup(setup)
-  row["compile_s"] = {k: round(v, 2) for k, v in compiled.compile_s.items()}
-  train_setups.progress("compiled (" + ", ".join(f"{k} {v:.1f} s"
-                                                 for k, v in row["compile_s"].items()) + ")")
-  analyses = {"step": train_setups.memory_analysis(compiled.step)}
-  if compiled.refresh is not None:
-    analyses["refresh"] = train_setups.memory_analysis(compiled.refresh)
-  row["memory_analysis"] = analyses
-  row["need_bytes"] = max(a["need_bytes"] for a in analyses.values())
+  setup, compiled, row = train_setups.start_job(job)
+  row.update(train_setups.state_bytes(*setup.abstract[:3]))
+  row["need_bytes"] = max(a["need_bytes"] for a in row["memory_analysis"].values())
   memory = train_setups.device_memory()
   budget = job.get("budget_bytes")
   row["limit_bytes"] = budget if budget else memory["bytes_limit"]
@@ -153,16 +108,6 @@ def run_job(job: dict) -> dict:
   row.update(ran=True, step_ms=times, step_ms_median=statistics.median(times), losses=losses,
              peak_bytes_in_use=train_setups.device_memory()["peak_bytes_in_use"])
   return row
-
-
-def _n_params(fields) -> int:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from examples.llama.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from examples.llama.model import Llama, count_params  # pylint: disable=g-import-not-at-top
-
-  return count_params(nnx.state(nnx.eval_shape(lambda: Llama(ModelConfig(**fields),
-                                                             nnx.Rngs(0)))))
 
 
 def _memory(row):
@@ -215,19 +160,17 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   import jax  # pylint: disable=g-import-not-at-top
 
   settings = _settings(options, quick)
-  methods = list(methods or train_setups.METHODS)
-  unknown = set(methods) - set(train_setups.METHODS)
-  if unknown:
-    raise ValueError(f"unknown methods {sorted(unknown)}; choose from {train_setups.METHODS}")
+  methods = suites.chosen(methods or train_setups.METHODS, train_setups.METHODS)
   methods = [m for m in train_setups.METHODS if m in methods or m == "adamw"]
   platform = jax.devices()[0].platform
   if settings["budget_gb"] is None and platform == "cpu":
     raise ValueError("the CPU reports no memory limit: pass --budget-gb")
   sizes = sorted(sizes, key=lambda s: list(SIZES).index(s))
   reported = QUICK_REPORTED if quick else REPORTED
-  models = {s: model_fields(s, settings) for s in sizes}
+  models = {s: train_setups.model_fields(SIZES[s], settings["vocab"], settings["remat"],
+                                         settings["param_dtype"]) for s in sizes}
   results = {"methods": methods,
-             "models": {s: {**f, "n_params": _n_params(f)} for s, f in models.items()},
+             "models": {s: {**f, "n_params": train_setups.n_params(f)} for s, f in models.items()},
              "rows": {}}
   for s in sizes:
     log(f"LLaMA {s}: {results['models'][s]['n_params'] / 1e9:.2f}e9 params")

@@ -27,31 +27,20 @@ On the CPU (a smoke test): XLA_FLAGS=--xla_force_host_platform_device_count=4 an
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-from benchmarks import _provenance  # noqa: E402  pylint: disable=g-import-not-at-top
-from benchmarks import methods as registry  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import methods as registry
+from benchmarks import record
+from benchmarks import suites
 
 METHODS = registry.OPTIMIZER_LEVEL
-
-
-def _versions() -> dict:
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
-  return {"python": platform.python_version(), "jax": jax.__version__,
-          "flax": flax.__version__, "optax": optax.__version__}
 
 
 def _devices() -> dict:
@@ -92,7 +81,7 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
   started = time.perf_counter()
   proc = subprocess.run(
-      [sys.executable, "-m", "examples.llama", "train", *flags], cwd=ROOT, env=env,
+      [sys.executable, "-m", "examples.llama", "train", *flags], cwd=record.ROOT, env=env,
       capture_output=True, text=True, check=False,
   )
   wall = time.perf_counter() - started
@@ -155,14 +144,10 @@ def _keep_hlo(dump: pathlib.Path, hlo_dir: pathlib.Path, name: str) -> dict:
 
 
 def _plot(result: dict, path: pathlib.Path) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   methods = [m for m in result["methods"] if "one" in result["methods"][m]]
-  fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 3))
-  axes = [axes] if len(methods) <= 1 else list(axes)
+  fig, axes = record.subplots(1, max(len(methods), 1), figsize=(3.2 * max(len(methods), 1), 3),
+                              squeeze=False)
+  axes = axes[0]
   for ax, method in zip(axes, methods):
     for layout, style in (("one", "-"), ("mesh", "--"), ("mesh_weak", ":")):
       run = result["methods"][method].get(layout, {})
@@ -175,30 +160,19 @@ def _plot(result: dict, path: pathlib.Path) -> None:
   axes[0].set_ylabel("training loss")
   fig.suptitle(f"{result['config']['model_size']}, {result['devices']['kind']}: one device vs "
                f"{result['config']['mesh']}", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  record.save(fig, path)
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", required=True)
-  p.add_argument("--data-dir", default="")
-  p.add_argument("--model-size", default="350m")
-  p.add_argument("--tokenizer", default="mistral")
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--seq-len", type=int, default=256)
-  p.add_argument("--steps", type=int, default=30)
-  p.add_argument("--eval-windows", type=int, default=64)
+  # --rank, --update-every: 0 is the example's default.
+  p = suites.script_parser(
+      __doc__, data_dir="", model_size="350m", tokenizer="mistral", batch_size=128, seq_len=256,
+      steps=30, eval_windows=64, rank=0, update_every=0, data_parallel=1, fsdp=2,
+      methods=",".join(METHODS))
   p.add_argument("--log-every", type=int, default=10,
                  help="the example's --log-every: the host fetches the losses (a device sync)"
                  " every this many steps; every step's loss is recorded either way. 1 syncs"
                  " every step, so each step's dispatch of the whole state is timed too")
-  p.add_argument("--rank", type=int, default=0)
-  p.add_argument("--update-every", type=int, default=0)
-  p.add_argument("--data-parallel", type=int, default=1)
-  p.add_argument("--fsdp", type=int, default=2)
-  p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--weak", action="store_true",
                  help="also run the mesh at batch-size × device count (weak scaling)")
   p.add_argument("--train-args", default="",
@@ -242,11 +216,8 @@ def main(argv=None) -> dict:
                 *args.mesh_args.split()]
   n_devices = _devices()["count"]
   result = {
-      "benchmark": "multi_gpu",
-      "command": _provenance.command("multi_gpu", argv),
-      "commit": args.commit or _provenance.commit(),
+      **record.provenance("multi_gpu", argv),
       "devices": _devices(),
-      "versions": _versions(),
       "config": {
           "model_size": args.model_size, "global_batch": args.batch_size,
           "seq_len": args.seq_len, "steps": args.steps, "log_every": args.log_every,
@@ -261,6 +232,7 @@ def main(argv=None) -> dict:
       },
       "methods": {},
   }
+  result["commit"] = args.commit or result["commit"]
   for method in args.methods.split(","):
     entry = result["methods"].setdefault(method, {})
     layouts = [(name, flags, args.batch_size)
@@ -277,7 +249,7 @@ def main(argv=None) -> dict:
         entry["speedup"] = mesh["tokens_per_s"] / one["tokens_per_s"]
       if "tokens_per_s" in one and "tokens_per_s" in weak:
         entry["weak_speedup"] = weak["tokens_per_s"] / one["tokens_per_s"]
-      out.write_text(json.dumps(result, indent=1) + "\n")
+      record.write_json(out, result)
       print(method, layout,
             {k: v for k, v in entry[layout].items()
              if k not in ("losses", "profile", "collectives")},

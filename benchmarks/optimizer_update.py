@@ -1,31 +1,15 @@
 """Suite `optimizer_update`: update time and state bytes of every method on LLaMA trees.
 
-On the parameter tree of a non-scanned Flax LLaMA (`optimizer_step.llama_shapes`, sizes of
-`optimizer_step.SIZES`; rank hidden/4; the attention and MLP kernels projected, embedding, head
-and norms at full size), one jitted ``update + apply_updates`` per method, parameters and state
-donated, gradients fixed and synthetic (`optimizer_step.make_tree`, `synthetic_gradient`), the
-median of synced calls after 2 warm-up calls (`optimizer_step.time_calls`):
-
-- ``adamw``: `optax.adamw`;
-- ``optax_contrib_galore``: `optax.contrib.galore` (when installed), the same kernels projected
-  (its `weight_dimension_numbers`), a step without its SVD (started at count 1, so its P stays
-  zero: the products cost the same);
-- ``galore`` / ``galore_refresh``: `optax_subspace.galore`, a step without / with the refresh
-  (eigh of every Gram matrix), both from one compiled program: the refresh step is timed with
-  the step count set back to 0 before each call (its host cost, a flatten of the state, is
-  inside the time);
-- ``osd``: `online_subspace_descent` (every step the same);
-- ``rso``: `rso` (a random Haar P per matrix per step, Adam on B);
-- ``grass`` / ``grass_refresh``: `grass` (top-r rows), a step without / with the selection
-  (timed as GaLore's).
-
-State bytes are measured (the arrays `init` returns) and compared with the analytic formula of
-each method (`analytic_state_bytes`; target: within 2%). The refresh rows are also amortised over
-a refresh period T = 200: (refresh + (T − 1)·steady) / T.
-
-Sizes whose parameters, gradients and analytic state do not fit the device's memory
-(`memory_stats()['bytes_limit']`, when the backend reports it) are skipped per method, and a
-method that runs out of memory is recorded with its error; the other methods still run.
+On the tree of a non-scanned Flax LLaMA (`optimizer_step.llama_shapes`; rank hidden/4; the
+attention and MLP kernels projected), one jitted ``update + apply_updates`` per method, parameters
+and state donated, gradients synthetic, the median of synced calls after 2 warm-up calls.
+Methods: adamw; optax_contrib_galore (where installed; started at count 1, so its P stays zero:
+the products cost the same); galore / galore_refresh and grass / grass_refresh (a steady step and
+the refresh step, one compiled program: the refresh is timed with the count set back to 0 before
+each call); osd; rso. State bytes are measured and compared with each method's analytic formula
+(`analytic_state_bytes`; target: within 2%); refreshes are also amortised over T = 200. A method
+whose parameters, gradients and analytic state exceed the device's `bytes_limit` is skipped, one
+that runs out of memory recorded with its error.
 """
 
 from __future__ import annotations
@@ -42,6 +26,7 @@ import optax
 import optax_subspace as osub
 from benchmarks import optimizer_step
 from benchmarks import record
+from benchmarks import suites
 
 DEFAULT_SIZES = ("60m", "350m", "1b")
 UPDATE_EVERY = 200  # T of the amortised rows
@@ -264,10 +249,7 @@ def run(sizes, reps, methods=METHODS, log=print, checkpoint=None) -> dict:
 
   AdamW always runs: the ratios are to it.
   """
-  unknown = set(methods) - set(METHODS)
-  if unknown:
-    raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
-  methods = set(methods) | {"adamw"}
+  methods = set(suites.chosen(methods, METHODS)) | {"adamw"}
   results = {"sizes": []}
   for size in sizes:
     results["sizes"].append(bench_size(size, reps, methods, log))

@@ -16,16 +16,14 @@ a PNG.
 
 from __future__ import annotations
 
-import argparse
-import json
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
 
-from benchmarks import _provenance
 from benchmarks import optimizer_step
+from benchmarks import record
+from benchmarks import suites
 
 # (name, A as stored, B, A read transposed, count in the tree) for s = d_model, l = the kept
 # side, r = rank, in the layouts `project_subspace` runs them: rows projected (q, k, v, o, gate,
@@ -51,18 +49,6 @@ def product_kinds(d, ffn, layers, rank, **_):
   ]
 
 
-def _median_call_ms(fn, args, reps, rounds=3):
-  jax.block_until_ready(fn(*args))
-  best = []
-  for _ in range(rounds):
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best.append((time.perf_counter() - t0) * 1e3 / reps)
-  return sorted(best)[len(best) // 2]
-
-
 def time_product(a_shape, b_shape, transpose_a, count, batched, dtype, reps):
   """ms per call and TFLOP/s of `count` matmuls A·B (Aᵀ·B), float32 accumulation.
 
@@ -82,30 +68,23 @@ def time_product(a_shape, b_shape, transpose_a, count, batched, dtype, reps):
     a = [draw(jax.random.fold_in(key, 2 * i), a_shape) for i in range(count)]
     b = [draw(jax.random.fold_in(key, 2 * i + 1), b_shape) for i in range(count)]
     fn = jax.jit(lambda a, b: [dot(x, y) for x, y in zip(a, b)])
-  ms = _median_call_ms(fn, (a, b), reps)
+  jax.block_until_ready(fn(a, b))  # compiled and warm
+  ms = optimizer_step.time_pipelined(lambda a, b, _: (a, b, fn(a, b)), (a, b, None), reps)[0]
   flop = 2 * count * a_shape[0] * a_shape[1] * b_shape[1]
   del a, b
   return ms, flop / (ms * 1e-3) / 1e12
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--size", default="1b", choices=sorted(optimizer_step.SIZES))
-  ap.add_argument("--reps", type=int, default=20)
-  ap.add_argument("--dtypes", default="float32,bfloat16")
-  ap.add_argument("--out", required=True)
-  args = ap.parse_args(argv)
+  args = suites.script_parser(__doc__, size=["1b", *optimizer_step.SIZES], reps=20,
+                              dtypes="float32,bfloat16").parse_args(argv)
   cfg = optimizer_step.SIZES[args.size]
-  dev = jax.devices()[0]
-  result = {"benchmark": "product_rates", "commit": _provenance.commit(),
-            "device": dev.device_kind, "platform": dev.platform,
-            "versions": {"jax": jax.__version__}, "size": args.size, "config": cfg,
+  result = {**record.provenance("product_rates", argv), "size": args.size, "config": cfg,
             "reps": args.reps,
             "timing": "ms per call of `reps` calls in a row with one sync, median of 3 rounds;"
                       " float32 at JAX's default matmul precision",
             "rows": [], "floor_ms": {}}
   out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
   for dtype_name in args.dtypes.split(","):
     dtype = jnp.dtype(dtype_name)
     for name, a_shape, b_shape, transpose_a, count in product_kinds(**cfg):
@@ -120,22 +99,19 @@ def main(argv=None) -> dict:
             f" {row['separate_tflops']:6.1f}"
             f" TFLOP/s   batched {row['batched_ms']:8.3f} ms {row['batched_tflops']:6.1f}"
             f" TFLOP/s", flush=True)
-      out.write_text(json.dumps(result, indent=1) + "\n")
+      record.write_json(out, result)
     rows = [r for r in result["rows"] if r["dtype"] == dtype_name]
     galore = [r for r in rows if r["product"].startswith(("project", "back"))]
     for layout, key in (("separate", "separate_ms"), ("batched", "batched_ms")):
       result["floor_ms"][f"galore_{dtype_name}_{layout}"] = sum(r[key] for r in galore)
       result["floor_ms"][f"osd_{dtype_name}_{layout}"] = sum(r[key] for r in rows)
-  out.write_text(json.dumps(result, indent=1) + "\n")
+  record.write_json(out, result)
   _plot(result, out.with_suffix(".png"))
   return result
 
 
 def _plot(result, path):
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
-  fig = Figure(figsize=(11, 5))
-  ax = fig.subplots()
+  fig, ax = record.subplots(figsize=(11, 5))
   dtypes = sorted({r["dtype"] for r in result["rows"]})
   names = [r["product"] for r in result["rows"] if r["dtype"] == dtypes[0]]
   width = 0.8 / (2 * len(dtypes))
@@ -149,5 +125,4 @@ def _plot(result, path):
   ax.set_ylabel("TFLOP/s")
   ax.set_title(f"Subspace-step products, LLaMA-{result['size']} shapes ({result['device']})")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  record.save(fig, path, dpi=110)

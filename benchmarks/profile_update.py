@@ -19,10 +19,8 @@ plumbing.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import gzip
-import json
 import os
 import pathlib
 import tempfile
@@ -33,8 +31,10 @@ import jax.numpy as jnp
 import optax
 
 import optax_subspace as osub
-from benchmarks import _provenance
 from benchmarks import optimizer_step
+from benchmarks import optimizer_update
+from benchmarks import record
+from benchmarks import suites
 from benchmarks import traces
 from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profile rows' kinds)
 from optax_subspace import _chunks
@@ -76,14 +76,12 @@ def methods(rank: int, big: int = 10**9, dims=None) -> dict:
           osd(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
       "galore_refresh": (galore(1e-3, rank, 1, mask=mask), None),
       "galore_refresh_unchunked": (galore(1e-3, rank, 1, mask=mask), None),
-      "galore_refresh_chunked_256mib": (galore(1e-3, rank, 1, mask=mask), None),
   }
 
 
 # Library settings a method's name changes while it compiles (they are read while tracing).
 _COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
-                     "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
-                     "_chunked_256mib": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 28)}
+                     "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62)}
 
 
 def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
@@ -132,14 +130,14 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
 
   state = jax.jit(tx.init)(params)
   if count is not None:
-    state = optimizer_step._set_count(state, count)  # pylint: disable=protected-access
+    state = optimizer_update._count_setter(state)(state, count)  # past the step-0 refresh
   changed = [setting for suffix, setting in _COMPILE_SETTINGS.items() if name.endswith(suffix)]
   saved = [(module, attr, getattr(module, attr)) for module, attr, _ in changed]
   for module, attr, value in changed:  # set around the compile only
     setattr(module, attr, value)
   try:
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
-    if hlo_dir is not None:  # the kernel names of `top` are the fusions' names in this text
+    if hlo_dir:  # the kernel names of `top` are the fusions' names in this text
       with gzip.open(pathlib.Path(hlo_dir) / f"{name}.hlo.txt.gz", "wt") as f:
         f.write(compiled.as_text())
   finally:
@@ -160,31 +158,21 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
 
 
 def main(argv=None) -> dict:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--size", default="1b", choices=sorted(optimizer_step.SIZES))
-  ap.add_argument("--reps", type=int, default=10)
-  ap.add_argument("--top", type=int, default=25)
-  ap.add_argument("--hlo-dir", default=None,
-                  help="write each method's compiled HLO there (<method>.hlo.txt.gz)")
-  ap.add_argument("--methods", default="")
-  ap.add_argument("--scanned", action="store_true",
-                  help="the tree of a scanned model: each block's kernels stacked over the"
-                  " layers, (layers, in, out), so each leaf's products run batched")
-  ap.add_argument("--commit", default="", help="default: $OPTAX_SUBSPACE_COMMIT or git")
-  ap.add_argument("--out", required=True)
-  args = ap.parse_args(argv)
+  # --hlo-dir: each method's compiled HLO goes there (<method>.hlo.txt.gz); --scanned: the tree
+  # of a scanned model (kernels stacked over the layers, so each leaf's products run batched);
+  # --commit: the one to record (default: $OPTAX_SUBSPACE_COMMIT or git).
+  args = suites.script_parser(
+      __doc__, size=["1b", *optimizer_step.SIZES], reps=10, top=25, hlo_dir="", methods="",
+      scanned=False, commit="").parse_args(argv)
   cfg = optimizer_step.SIZES[args.size]
   shapes = optimizer_step.llama_shapes(**cfg, scanned=args.scanned)
   params = optimizer_step.make_tree(shapes, 0, lambda k, s: 0.02 * jax.random.normal(k, s))
   grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
   chosen = methods(cfg["rank"], dims=osub.MatrixDims(rows=1, cols=2) if args.scanned else None)
   if args.methods:
-    chosen = {k: v for k, v in chosen.items() if k in args.methods.split(",")}
-  dev = jax.devices()[0]
+    chosen = {k: chosen[k] for k in suites.chosen(args.methods, chosen)}
   result = {
-      "benchmark": "profile_update", "commit": args.commit or _provenance.commit(),
-      "device": dev.device_kind, "platform": dev.platform,
-      "versions": {"jax": jax.__version__, "optax": optax.__version__},
+      **record.provenance("profile_update", argv),
       "size": args.size, "scanned": args.scanned, "config": cfg, "reps": args.reps,
       "timing": "kernel_ms: device kernel durations from a jax.profiler Perfetto trace, summed"
                 " and divided by the traced calls; wall_ms: median synced wall time;"
@@ -193,14 +181,13 @@ def main(argv=None) -> dict:
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "rows": [],
   }
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
+  result["commit"] = args.commit or result["commit"]
   started = time.perf_counter()
+  if args.hlo_dir:
+    pathlib.Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
   for name, (tx, count) in chosen.items():
-    if args.hlo_dir:
-      pathlib.Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
     result["rows"].append(profile(name, tx, count, params, grads, args.reps, args.top,
                                   args.hlo_dir))
     result["elapsed_s"] = time.perf_counter() - started
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    record.write_json(args.out, result)
   return result

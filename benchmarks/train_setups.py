@@ -1,55 +1,29 @@
 """The LLaMA train step of every method, built in one place, and the worker processes that run them.
 
 `build(method, model_config, batch=..., seq=...)` returns a `TrainSetup`: a jitted train step
-(forward, backward, optimizer update; parameters and optimizer state donated; next-token
-cross-entropy on a random token batch), its initialisation (eager), the abstract shapes of its
-arguments (so a step can be compiled and its memory read before anything is allocated) and,
-for the methods that have one, the periodic refresh. Methods:
+``(params, opt_state, frozen, tokens) -> (params, opt_state, loss)`` (next-token cross-entropy on
+random tokens, params and state donated), its eager initialisation, its arguments' abstract
+shapes (a step compiles, and its memory is read, before anything is allocated) and the periodic
+refresh where a method has one. Methods (`METHODS`):
 
-- ``adamw``, ``optax_contrib_galore``, ``galore``, ``osd``, ``rso``, ``grass``: optimizer level,
-  built by the LLaMA example (`examples.llama.optimizers.method`, i.e. ``--optimizer adamw``,
-  ``optax_galore``, ``galore``, ``osd``, ``rso``, ``grass``): the attention and MLP kernels
-  projected at rank r, the embedding, head and norms on full Adam; the whole model's
-  gradient is formed.
-- ``rso_model``, ``grass_model``: model level (`optax_subspace.nn`): the attention and MLP
-  `nnx.Linear`s become `RsoLinear` (y = x·W + (x·P)·B, trains B) or `GrassLinear` (trains D, r
-  output columns), trained by `rso_optimizer` / `grass_optimizer`; W (and P, σ, ρ) are frozen
-  arguments of the step, not differentiated. ``rso_model_shared``: rso_model with
-  ``rso_layers(share_basis=SHARE_QKV_GATE_UP)`` (q/k/v one P, gate/up another).
+- optimizer level, the LLaMA example's `--optimizer` builds (`examples.llama.optimizers.method`):
+  adamw, optax_contrib_galore, galore, osd, rso, grass; ``frozen`` is empty;
+- model level (`optax_subspace.nn`): rso_model, rso_model_shared (one P for q/k/v, one for
+  gate/up) and grass_model: the attention and MLP layers become `RsoLinear` / `GrassLinear`, W
+  (and P, σ, ρ) are frozen arguments, merged into the differentiated loss with ``copy=True``
+  (with `nnx.remat` per block, Variables of the gradient's own trace), and the optimizer state is
+  an `nnx.Optimizer`'s.
 
-The arguments of every step are ``(params, opt_state, frozen, tokens)`` and it returns
-``(params, opt_state, loss)``; ``frozen`` is empty at the optimizer level. At the model level the
-frozen state is merged with ``nnx.merge(..., copy=True)`` inside the differentiated loss (with
-`nnx.remat` per block, the copy gives W and P Variables of the gradient's own trace, see
-`optax_subspace.nn.rso`), and the optimizer state is an `nnx.Optimizer`'s (its step count is what
-`grass_refresh` reads).
+Refreshes (T = `update_every`), amortised by the suites over T steps: kind "count" (galore, grass)
+is the step itself at count 0 mod T, run with the count set back to 0; kind "program" (rso_model:
+`merge_and_redraw`; grass_model: `grass_refresh`) is a jitted program of its own run between
+steps. optax_contrib_galore's SVD refresh is not timed: its steps run from count 1 with P zero.
+`state_dtype` runs the method on gradients and parameters cast to that dtype (`with_state_dtype`).
 
-Refreshes (T = `update_every`, default 200), amortised by the suites over T steps:
-
-- kind "count" (``galore``, ``grass``): the refresh is the step itself at count 0 mod T, a branch
-  of the same compiled program; it is run with the step count set back to 0
-  (`benchmarks.optimizer_update._count_setter`), and it replaces one steady step in T.
-- kind "program" (``rso_model``: `merge_and_redraw`, W ← W + P·B and a new P;
-  ``grass_model``: `grass_refresh` at a due step, its step count set to 0): a jitted program of
-  its own, ``(params, opt_state, frozen, tokens) -> (params, opt_state, frozen)``, all donated,
-  run between steps; it adds to one step in T.
-- ``osd``, ``rso`` (their per-step projector work is in every step), ``adamw``: none;
-  ``optax_contrib_galore``: its refresh (an SVD of every projected matrix: 63 s on the 1B tree,
-  docs/benchmarks.md) is not timed: its steps run from count 1 with P zero, which costs the same
-  products.
-
-Numerics: the model's compute dtype (bfloat16 by default), parameters in ``param_dtype``, and the
-optimizer state in ``state_dtype``: `with_state_dtype` runs the method on gradients and
-parameters cast to that dtype (so state that follows the gradient's dtype is kept in it) and
-casts the updates back to the parameters' dtype. None: the method's own choice (state in the
-parameters' dtype for Adam's moments; the library keeps its projector state in float32).
-
-Worker processes: `Workers` runs job dicts (``{"module": "benchmarks.train_step", ...}``) by
-calling that module's ``run_job(job)`` in ``python -m benchmarks.train_setups --worker``. With
-``isolate=True`` (GPU) every job gets a fresh process, so `memory_stats()["peak_bytes_in_use"]`
-belongs to that job alone and an out-of-memory crash takes only that job down; with
-``isolate=False`` (the CPU, which has no peak-memory counter) one process serves every job and
-saves the start-ups.
+`Workers` runs job dicts (``{"module": ..., ...}``: that module's ``run_job(job)``) in
+``python -m benchmarks.train_setups --worker`` processes: with ``isolate=True`` (a GPU) one per
+job, so `peak_bytes_in_use` is that job's and an out-of-memory crash takes only it down; with
+``isolate=False`` (the CPU, no peak counter) one for all, saving the start-ups.
 """
 
 from __future__ import annotations
@@ -415,6 +389,56 @@ def bytes_by_dtype(tree) -> dict:
     name = jnp.dtype(x.dtype).name
     out[name] = out.get(name, 0) + int(x.size * jnp.dtype(x.dtype).itemsize)
   return out
+
+
+def model_fields(shape, vocab: int, remat: bool, param_dtype: str,
+                 scan_layers: bool = False) -> dict:
+  """A `ModelConfig`'s fields (as a JSON-able dict) of the LLaMA `shape` (hidden, ffn, heads,
+  layers) with bf16 compute."""
+  hidden, ffn, heads, layers = shape
+  return {"hidden": hidden, "ffn": ffn, "heads": heads, "layers": layers, "vocab_size": vocab,
+          "remat": remat, "param_dtype": param_dtype, "compute_dtype": "bfloat16",
+          "scan_layers": scan_layers}
+
+
+def n_params(fields: dict) -> int:
+  """The parameter count of the LLaMA of `model_fields` (from abstract shapes)."""
+  from examples.llama.model import count_params  # pylint: disable=g-import-not-at-top
+
+  return count_params(nnx.state(nnx.eval_shape(lambda: Llama(ModelConfig(**fields),
+                                                             nnx.Rngs(0)))))
+
+
+def start_job(job: dict):
+  """A worker's first part of a train-step job: (setup, compiled, row).
+
+  Sets the job's compilation cache and attention, builds and compiles the `TrainSetup` (its
+  progress reported); the row holds the attention, rank, compile times and memory analyses.
+  """
+  if job.get("compilation_cache"):
+    jax.config.update("jax_compilation_cache_dir", job["compilation_cache"])
+  cfg = ModelConfig(**job["model"])
+  attention = attention_for(job["attention"], jax.devices()[0].platform, cfg.head_dim)
+  use_attention(attention)
+  setup = build(job["method"], cfg, batch=job["batch"], seq=job["seq"], rank=job["rank"],
+                update_every=job.get("update_every", UPDATE_EVERY),
+                state_dtype=job["state_dtype"], host_refresh=bool(job.get("host_refresh")))
+  progress(f"built ({attention} attention), compiling")
+  compiled = compile_setup(setup)
+  compile_s = {k: round(v, 2) for k, v in compiled.compile_s.items()}
+  progress("compiled (" + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()) + ")")
+  analyses = {"step": memory_analysis(compiled.step)}
+  if compiled.refresh is not None:
+    analyses["refresh"] = memory_analysis(compiled.refresh)
+  return setup, compiled, {"attention": attention, "rank": setup.rank, "compile_s": compile_s,
+                           "memory_analysis": analyses}
+
+
+def state_bytes(params, opt_state, frozen) -> dict:
+  """The bytes of the trainable parameters, the frozen state and the optimizer state."""
+  return {"trainable_param_bytes": nbytes(params), "frozen_bytes": nbytes(frozen),
+          "opt_state_bytes": nbytes(opt_state),
+          "opt_state_bytes_by_dtype": bytes_by_dtype(opt_state)}
 
 
 def attention_for(requested: str, platform: str, head_dim: int) -> str:

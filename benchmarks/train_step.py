@@ -1,34 +1,14 @@
 """Suite `train_step`: tokens/s and peak device memory of the whole LLaMA train step, every method.
 
-One train step = forward, backward and optimizer update of the LLaMA example's model
-(examples/llama/model.py; bf16 compute, float32 parameters by default, cuDNN attention on a GPU),
-next-token cross-entropy on a random token batch, parameters and optimizer state donated; each
-method built by `benchmarks.train_setups` (the example's optimizers; the model-level RSO and GRASS
-of `optax_subspace.nn`), rank hidden/4 on the attention and MLP kernels. Defaults: LLaMA 350M at
-batch 128 and 1B at batch 64, 256 tokens per sequence (docs/benchmarks.md's whole-step anchors).
-
-Each method runs in its own process (on a GPU; on the CPU, which has no peak counter, the
-methods share one) and is killed and recorded after `--job-timeout-s` (default 300 s); the log
-shows each method's start and end and the worker's phases as they happen (worker device,
-compiled, initialised, warm-up done, timed), and the JSON is rewritten before the first method
-and at each of these points. The worker records:
-
-- compile time of the step (and of a refresh program) and `compiled.memory_analysis()`
-  (arguments, outputs, aliases, temporaries; ``need_bytes`` = their sum less the aliases);
-- the median step time of `reps` synced steps after `warmup` steps, and tokens/s
-  (batch × seq / step time); then `reps` more steps back to back with one sync
-  (``step_ms_pipelined``, ``tokens_per_s_pipelined``): a synced step also counts the host's
-  dispatch of the parameters and state, which a training loop that fetches its losses every few
-  steps overlaps with the device's work;
-- the refresh: GaLore's and GRASS's optimizer-level step at count 0 (mod T), RSO's model-level
-  merge (`merge_and_redraw`), GRASS's model-level `grass_refresh`, timed as they run at a due
-  step; and the step time amortised over T = 200 steps: (refresh step + (T − 1)·step) / T for
-  a refresh that is a step, step + refresh / T for one that runs between steps;
-- `memory_stats()["peak_bytes_in_use"]` after all of it (None on the CPU), the bytes of the
-  trainable parameters, of the frozen state and of the optimizer state (by dtype).
-
-Ratios to AdamW's tokens/s (plain and amortised) and peak bytes are taken within one run.
-Target (issue 7): OSD's and GRASS's amortised tokens/s ≥ 0.97× AdamW's at LLaMA-1B.
+Each method's step is built by `benchmarks.train_setups` and run in a worker process (on a GPU one
+per method; on the CPU, which has no peak counter, one for all), killed and recorded after
+`--job-timeout-s`; the JSON is rewritten at each of a worker's progress lines. Per method: the
+compile time and `memory_analysis()` (``need_bytes``: arguments + outputs − aliases + temps); the
+median of `reps` synced steps after `warmup` and tokens/s; `reps` more steps back to back with one
+sync (``*_pipelined``: a loop that fetches its losses every few steps overlaps the host's dispatch
+with the device's work); the refresh (a step at count 0 for GaLore and GRASS, a program between
+steps for the model level) and the step amortised over T = 200; the peak bytes; ratios to AdamW
+within the run. docs/benchmarks.md, "Whole train step", has the defaults, commands and results.
 """
 
 from __future__ import annotations
@@ -38,6 +18,7 @@ import statistics
 import time
 
 from benchmarks import record
+from benchmarks import suites
 from benchmarks import train_setups
 from examples.llama.config import MODEL_SIZES as SIZES
 
@@ -57,20 +38,6 @@ WARMUP = 2
 TARGET_RATIO = 0.97  # issue 7: amortised tokens/s over AdamW's, LLaMA-1B
 TARGET_METHODS = ("osd", "grass", "grass_model")
 AMORTISED = f"amortised_over_{train_setups.UPDATE_EVERY}"
-
-
-def model_fields(size: str, vocab: int, remat: bool, param_dtype: str,
-                 scan_layers: bool = False) -> dict:
-  hidden, ffn, heads, layers = SIZES[size]
-  return {"hidden": hidden, "ffn": ffn, "heads": heads, "layers": layers, "vocab_size": vocab,
-          "remat": remat, "param_dtype": param_dtype, "compute_dtype": "bfloat16",
-          "scan_layers": scan_layers}
-
-
-def _compilation_cache(path) -> None:
-  if path:
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_compilation_cache_dir", path)
 
 
 def _timed(fn, carry, calls: int, warmup: int, what: str = "steps"):
@@ -119,36 +86,14 @@ def run_job(job: dict) -> dict:
   """One method at one size, in a worker process (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from examples.llama.config import ModelConfig  # pylint: disable=g-import-not-at-top
-
-  _compilation_cache(job.get("compilation_cache"))
-  cfg = ModelConfig(**job["model"])
-  attention = train_setups.attention_for(job["attention"], jax.devices()[0].platform,
-                                         cfg.head_dim)
-  train_setups.use_attention(attention)
-  setup = train_setups.build(job["method"], cfg, batch=job["batch"], seq=job["seq"],
-                             rank=job["rank"], update_every=job["update_every"],
-                             state_dtype=job["state_dtype"],
-                             host_refresh=bool(job.get("host_refresh")))
-  train_setups.progress(f"built ({attention} attention), compiling")
-  compiled = train_setups.compile_setup(setup)
-  train_setups.progress("compiled (" + ", ".join(f"{k} {v:.1f} s"
-                                                 for k, v in compiled.compile_s.items()) + ")")
-  row = {"method": setup.method, "level": setup.level, "attention": attention,
-         "host_refresh": setup.host_refresh,
-         "rank": setup.rank, "compile_s": {k: round(v, 2) for k, v in compiled.compile_s.items()},
-         "memory_analysis": {"step": train_setups.memory_analysis(compiled.step)}}
-  if compiled.refresh is not None:
-    row["memory_analysis"]["refresh"] = train_setups.memory_analysis(compiled.refresh)
+  setup, compiled, row = train_setups.start_job(job)
+  row = {"method": setup.method, "level": setup.level, "host_refresh": setup.host_refresh, **row}
   train_setups.progress("initialising (eagerly)")
   carry = jax.block_until_ready(setup.init())
   tokens = setup.tokens(0)
   train_setups.progress("initialised")
   params, opt_state, frozen = carry
-  row.update(trainable_param_bytes=train_setups.nbytes(params),
-             frozen_bytes=train_setups.nbytes(frozen),
-             opt_state_bytes=train_setups.nbytes(opt_state),
-             opt_state_bytes_by_dtype=train_setups.bytes_by_dtype(opt_state))
+  row.update(train_setups.state_bytes(params, opt_state, frozen))
   if setup.level == "optimizer" and setup.state_dtype is None:
     # Issue 7's check: state bytes within 2% of the method's formula (float32 state).
     from benchmarks import optimizer_update  # pylint: disable=g-import-not-at-top
@@ -267,16 +212,6 @@ def describe(options, quick) -> dict:
   }
 
 
-def _n_params(fields) -> int:
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-
-  from examples.llama.config import ModelConfig  # pylint: disable=g-import-not-at-top
-  from examples.llama.model import Llama, count_params  # pylint: disable=g-import-not-at-top
-
-  model = nnx.eval_shape(lambda: Llama(ModelConfig(**fields), nnx.Rngs(0)))
-  return count_params(nnx.state(model))
-
-
 def run(sizes, reps, methods=None, options=None, quick=False, log=print,
         checkpoint=None) -> dict:
   """Every method of `methods` (default all; AdamW always) at every size; see the module doc.
@@ -297,10 +232,7 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   import jax  # pylint: disable=g-import-not-at-top
 
   options = dict(options or {})
-  methods = list(methods or train_setups.METHODS)
-  unknown = set(methods) - set(train_setups.METHODS)
-  if unknown:
-    raise ValueError(f"unknown methods {sorted(unknown)}; choose from {train_setups.METHODS}")
+  methods = suites.chosen(methods or train_setups.METHODS, train_setups.METHODS)
   methods = [m for m in train_setups.METHODS if m in methods or m == "adamw"]
   if options.get("scan_layers"):
     left_out = [m for m in methods if m in train_setups.NEEDS_LAYER_MODULES]
@@ -319,10 +251,11 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   with train_setups.Workers(isolate, timeout, log=log) as workers:
     for size in sizes:
       batch = options.get("batch") or (QUICK["batch"] if quick else DEFAULT_BATCH.get(size, 64))
-      fields = model_fields(size, vocab, bool(options.get("remat")),
-                            options.get("param_dtype") or "float32",
-                            bool(options.get("scan_layers")))
-      entry = {"size": size, "model": fields, "n_params": _n_params(fields), "batch": batch,
+      fields = train_setups.model_fields(SIZES[size], vocab, bool(options.get("remat")),
+                                         options.get("param_dtype") or "float32",
+                                         bool(options.get("scan_layers")))
+      entry = {"size": size, "model": fields, "n_params": train_setups.n_params(fields),
+               "batch": batch,
                "seq": seq, "tokens_per_step": batch * seq,
                "rank": options.get("rank") or fields["hidden"] // 4, "rows": []}
       results["sizes"].append(entry)

@@ -85,16 +85,3 @@ def test_recomputing_attention_keeps_no_scores_for_the_backward(tmp_path):
   assert (numbers["block_residual_bytes"]["activations"]
           < xla["block_residual_bytes"]["activations"])
 
-
-@pytest.mark.slow
-def test_xla_dump_reports_the_temp_values_live_at_the_peak(tmp_path):
-  result = rso_memory.main(TINY + ["--methods", "rso", "--xla-dump", str(tmp_path / "dump"),
-                                   "--out", str(tmp_path / "rso_memory.json")])
-  numbers = result["methods"]["rso"]
-  assert "error" not in numbers, numbers.get("error")
-  peak = numbers["temp_at_peak"]["peak"]
-  assert 0 < peak["live_bytes"] <= numbers["memory_analysis"]["temp_size_in_bytes"]
-  assert sum(peak["bytes_by_shape"].values()) <= peak["live_bytes"]
-  sizes = [v["bytes"] for v in peak["largest"]]
-  assert sizes == sorted(sizes, reverse=True) and sizes[0] > 0
-  assert all(v["live"][0] <= peak["position"] <= v["live"][1] for v in peak["largest"])
