@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import optax_subspace as osub
 from benchmarks import optimizer_step
 from benchmarks import optimizer_update
 from benchmarks import record
@@ -222,22 +221,16 @@ def _model_level_shapes(shapes, rank):
 
 def bench_tree(args) -> dict:
   cfg = optimizer_step.SIZES[args.tree_size]
-  rank, lr, big = cfg["rank"], args.lr, 10**9
+  rank, lr = cfg["rank"], args.lr
   projected = optimizer_step.PROJECTED
   shapes = optimizer_step.llama_shapes(**cfg)
   init = lambda k, s: 0.02 * jax.random.normal(k, s)
   params = optimizer_step.make_tree(shapes, 0, init)
   grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
-  methods = [
-      ("adamw", optax.adamw(lr), None),
-      ("galore_steady", osub.galore(lr, rank, big, mask=projected), 1),
-      ("osd_steady", osub.online_subspace_descent(lr, rank, mask=projected), 1),
-      ("grass_steady", osub.grass(lr, rank, big, mask=projected), 1),
-      ("grass_refresh_topk", osub.grass(lr, rank, 1, mask=projected), None),
-  ]
+  table = optimizer_step.variants(rank, lr=lr)
   wanted = set(args.tree_methods.split(",")) | {"adamw"}
-  rows = optimizer_step.update_rows([m for m in methods if m[0] in wanted], params, grads,
-                                    args.reps)
+  rows = optimizer_step.update_rows([(m, *table[m]) for m in TREE_METHODS[:-1] if m in wanted],
+                                    params, grads, args.reps)
   del params, grads
   gc.collect()
   if "grass_model_level" in wanted:

@@ -124,6 +124,30 @@ def time_pipelined(fn, args, reps, rounds=3):
   return statistics.median(per_call), args
 
 
+NEVER = 10**9  # an update_every that never comes again: steady steps
+
+
+def variants(rank: int, dims=None, lr: float = 1e-3) -> dict:
+  """name -> (transformation, count its timed steps start from) of the update variants the
+  scripts time: AdamW; GaLore's (exact and randomized SVD), OSD's and GRASS's steady steps (from
+  count 1, past the step-0 refresh; T never comes) and refresh steps (T = 1); bf16 operands for
+  the products with G (float32 accumulation)."""
+  galore = lambda every, **k: osub.galore(lr, rank, every, mask=PROJECTED, dims=dims, **k)
+  osd = lambda **k: osub.online_subspace_descent(lr, rank, mask=PROJECTED, dims=dims, **k)
+  grass = lambda every: osub.grass(lr, rank, every, mask=PROJECTED, dims=dims)
+  return {
+      "adamw": (optax.adamw(lr), None),
+      "galore_steady": (galore(NEVER), 1),
+      "galore_refresh_svd": (galore(1), None),
+      "galore_refresh_randomized_svd": (galore(1, projector="randomized_svd"), None),
+      "osd_steady": (osd(), 1),
+      "grass_steady": (grass(NEVER), 1),
+      "grass_refresh_topk": (grass(1), None),
+      "galore_steady_bf16_products": (galore(NEVER, projection_dtype=jnp.bfloat16), 1),
+      "osd_steady_bf16_products": (osd(projection_dtype=jnp.bfloat16), 1),
+  }
+
+
 def update_rows(methods, params, grads, reps: int) -> list[dict]:
   """`optimizer_update.bench_method`'s row of each (name, transformation, count to start from)
   on a copy of `params`, refresh rows at a tenth of `reps` (at least 3); ratios to the first's."""
@@ -150,26 +174,10 @@ def bench_tree(size, reps):
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
   print(f"tree {size}: {n_params / 1e9:.3f}e9 params,"
         f" {len(jax.tree_util.tree_leaves(params))} leaves, rank {rank}")
-  lr = 1e-3
-  big = 10**9  # update_every that never comes again: steady steps
-  methods = [
-      ("adamw", optax.adamw(lr), None),
-      ("galore_steady", osub.galore(lr, rank, big, mask=PROJECTED), 1),
-      ("galore_refresh_svd", osub.galore(lr, rank, 1, mask=PROJECTED), None),
-      ("galore_refresh_randomized_svd",
-       osub.galore(lr, rank, 1, mask=PROJECTED, projector="randomized_svd"), None),
-      ("osd_steady", osub.online_subspace_descent(lr, rank, mask=PROJECTED), 1),
-      ("grass_steady", osub.grass(lr, rank, big, mask=PROJECTED), 1),
-      ("grass_refresh_topk", osub.grass(lr, rank, 1, mask=PROJECTED), None),
-      # bf16 operands for the products with G (float32 accumulation).
-      ("galore_steady_bf16_products",
-       osub.galore(lr, rank, big, mask=PROJECTED, projection_dtype=jnp.bfloat16), 1),
-      ("osd_steady_bf16_products", osub.online_subspace_descent(
-          lr, rank, mask=PROJECTED, projection_dtype=jnp.bfloat16), 1),
-  ]
+  methods = [(name, tx, count) for name, (tx, count) in variants(rank).items()]
   if hasattr(optax, "contrib") and hasattr(optax.contrib, "galore"):
     methods.insert(1, ("optax_contrib_galore_steady",
-                       optax.contrib.galore(lr, rank=rank, update_proj_gap=big), None))
+                       optax.contrib.galore(1e-3, rank=rank, update_proj_gap=NEVER), None))
   rows = update_rows(methods, params, grads, reps)
   by = {r["method"]: r for r in rows}
   adamw = by["adamw"]["median_ms"]
@@ -214,49 +222,17 @@ def refresh_accuracy(grads, rank):
   return out
 
 
-def projector_thunks(s, l, r, g):
-  """(name, thunk) per projector step on one s×l matrix g (s = smaller side).
-
-  Each thunk runs one jitted call; g is an argument of the jitted function,
-  never a closed-over constant (XLA would fold it).
-  """
-  svd_exact = jax.jit(lambda g: jnp.linalg.svd(g, full_matrices=False))
-  ours_svd = osub.projectors.svd(r, 1)
-  ours_rand = osub.projectors.randomized_svd(r, 1)
-  osd = osub.projectors.online_pca(r)
-  st_svd = ours_svd.init(s, l, r, None)
-  st_rand = ours_rand.init(s, l, r, jax.random.PRNGKey(0))
-  st_osd, _ = osd.refresh(osd.init(s, l, r, None), g, 0)
-  refresh_svd = jax.jit(lambda st, g: ours_svd.refresh(st, g, 0)[0])
-  refresh_rand = jax.jit(lambda st, g: ours_rand.refresh(st, g, 0)[0])
-
-  def osd_step(st, g):  # the P step as the combinator runs it: PᵀG reused
-    projected = osd.basis(st).T @ g
-    return osd.advance(st, g, projected, 1)[0]
-
-  osd_step = jax.jit(osd_step)
-  return [("exact_svd", lambda: svd_exact(g)),
-          ("svd_refresh_eigh", lambda: refresh_svd(st_svd, g)),
-          ("randomized_svd_refresh", lambda: refresh_rand(st_rand, g)),
-          ("online_pca_step", lambda: osd_step(st_osd, g))]
-
-
-def time_thunk(thunk, reps):
-  """Median wall time (ms) of thunk(), each call synced."""
-  return time_calls(lambda *_: (thunk(),), (), reps)[0]
-
-
 def bench_projectors(shapes, reps):
-  """The projector step alone on one s×l matrix (s = smaller side)."""
+  """The first four projector steps of `projector_cost.STEPS` alone on s×l matrices."""
+  from benchmarks import projector_cost  # pylint: disable=g-import-not-at-top  (imports this)
+
   rows = []
   for s, l in shapes:
     r = s // 4
-    g = synthetic_gradient(jax.random.PRNGKey(2), (s, l))
-    row = {"shape": [s, l], "rank": r}
-    for name, thunk in projector_thunks(s, l, r, g):
-      row[f"{name}_ms"] = time_thunk(thunk, reps)
-    row["exact_svd_over_online_pca"] = row["exact_svd_ms"] / row[
-        "online_pca_step_ms"]
+    thunks = projector_cost.thunks(s, l, r, synthetic_gradient(jax.random.PRNGKey(2), (s, l)))
+    row = {"shape": [s, l], "rank": r, **{f"{name}_ms": projector_cost.median_ms(thunks[name], reps)
+                                          for name in projector_cost.STEPS[:4]}}
+    row["exact_svd_over_online_pca"] = row["exact_svd_ms"] / row["online_pca_step_ms"]
     print(f"  {s}x{l} r={r}: exact SVD {row['exact_svd_ms']:.2f} ms,"
           f" eigh refresh {row['svd_refresh_eigh_ms']:.2f} ms,"
           f" randomized {row['randomized_svd_refresh_ms']:.2f} ms,"

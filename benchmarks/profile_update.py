@@ -23,6 +23,7 @@ import collections
 import gzip
 import os
 import pathlib
+import re
 import tempfile
 import time
 
@@ -40,8 +41,15 @@ from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profil
 from optax_subspace import _chunks
 from optax_subspace import _combinator
 
-def methods(rank: int, big: int = 10**9, dims=None) -> dict:
-  """name -> (transformation, count to start at: past the step-0 refresh).
+PROFILED = ("adamw", "galore_steady", "galore_steady_unpadded", "galore_steady_bf16_products",
+            "osd_steady", "galore_steady_host_refresh", "osd_steady_host_refresh",
+            "osd_steady_bf16_products_host_refresh", "osd_steady_unpadded",
+            "osd_steady_bf16_products", "galore_refresh", "galore_refresh_unchunked")
+
+
+def methods(rank: int, dims=None) -> dict:
+  """name -> (transformation, count to start at) of each of `PROFILED`: `optimizer_step.variants`
+  by name ("galore_refresh": its galore_refresh_svd) with these suffixes.
 
   "*_unpadded" compile with the combinator's PRODUCT_ALIGNMENT at 1: the
   products with gradients whose kept side is not a multiple of 8 (1B's ffn
@@ -57,26 +65,9 @@ def methods(rank: int, big: int = 10**9, dims=None) -> dict:
   (The "*_stacked_state" and "*_swapped_updates" variants of earlier runs
   measured layouts that were then taken out of the combinator.)
   """
-  mask = optimizer_step.PROJECTED
-  galore = lambda *a, **k: osub.galore(*a, dims=dims, **k)
-  osd = lambda *a, **k: osub.online_subspace_descent(*a, dims=dims, **k)
-  return {
-      "adamw": (optax.adamw(1e-3), None),
-      "galore_steady": (galore(1e-3, rank, big, mask=mask), 1),
-      "galore_steady_unpadded": (galore(1e-3, rank, big, mask=mask), 1),
-      "galore_steady_bf16_products": (
-          galore(1e-3, rank, big, mask=mask, projection_dtype=jnp.bfloat16), 1),
-      "osd_steady": (osd(1e-3, rank, mask=mask), 1),
-      "galore_steady_host_refresh": (galore(1e-3, rank, big, mask=mask), 1),
-      "osd_steady_host_refresh": (osd(1e-3, rank, mask=mask), 1),
-      "osd_steady_bf16_products_host_refresh": (
-          osd(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
-      "osd_steady_unpadded": (osd(1e-3, rank, mask=mask), 1),
-      "osd_steady_bf16_products": (
-          osd(1e-3, rank, mask=mask, projection_dtype=jnp.bfloat16), 1),
-      "galore_refresh": (galore(1e-3, rank, 1, mask=mask), None),
-      "galore_refresh_unchunked": (galore(1e-3, rank, 1, mask=mask), None),
-  }
+  table = optimizer_step.variants(rank, dims=dims)
+  table["galore_refresh"] = table["galore_refresh_svd"]
+  return {n: table[re.sub(r"_(unpadded|host_refresh|unchunked)$", "", n)] for n in PROFILED}
 
 
 # Library settings a method's name changes while it compiles (they are read while tracing).

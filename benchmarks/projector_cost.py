@@ -12,8 +12,7 @@ gradient synthetic with a power-law spectrum, `optimizer_step.synthetic_gradient
 - ``random_basis_haar``: one Haar draw of P (`projectors.random_basis`), RSO's per-step cost;
 - ``adamw_step``: `optax.adamw` update + apply on the same matrix: the reference the ratios use.
 
-The first four are `optimizer_step.projector_thunks`, the timing `optimizer_step.time_thunk`
-(median of synced calls after 2 warm-up calls).
+Each is timed by the median of synced calls after 2 warm-up calls (`median_ms`).
 """
 
 from __future__ import annotations
@@ -33,13 +32,20 @@ STEPS = ("exact_svd", "svd_refresh_eigh", "randomized_svd_refresh", "online_pca_
          "sparse_rows_topk_refresh", "random_basis_haar", "adamw_step")
 
 
-def _extra_thunks(s, l, r, g):
-  """The steps `optimizer_step.projector_thunks` does not time, same conventions."""
-  rows = osub.projectors.sparse_rows(r, 1)
-  rows_state = rows.init(s, l, r, None)
-  refresh_rows = jax.jit(lambda st, g: rows.refresh(st, g, 0)[0])
+def thunks(s, l, r, g) -> dict:
+  """name -> a thunk running one jitted call of that step of `STEPS` on the s×l matrix g (s the
+  smaller side), g an argument of the jitted function, never a constant XLA would fold."""
+  svd, randomized = osub.projectors.svd(r, 1), osub.projectors.randomized_svd(r, 1)
+  online, rows = osub.projectors.online_pca(r), osub.projectors.sparse_rows(r, 1)
+  st_svd, st_rows = svd.init(s, l, r, None), rows.init(s, l, r, None)
+  st_rand = randomized.init(s, l, r, jax.random.PRNGKey(0))
+  st_online = online.refresh(online.init(s, l, r, None), g, 0)[0]
+  refresh = lambda projector: jax.jit(lambda st, g: projector.refresh(st, g, 0)[0])
+  refresh_svd, refresh_rand, refresh_rows = refresh(svd), refresh(randomized), refresh(rows)
+  # The P step as the combinator runs it: PᵀG reused.
+  online_step = jax.jit(lambda st, g: online.advance(st, g, online.basis(st).T @ g, 1)[0])
+  exact = jax.jit(lambda g: jnp.linalg.svd(g, full_matrices=False))
   draw = jax.jit(lambda key: osub.projectors.random_basis(key, s, r))
-  key = jax.random.PRNGKey(3)
   adamw = optax.adamw(1e-3)
   w = jnp.zeros((s, l), jnp.float32)
   adamw_state = adamw.init(w)
@@ -49,9 +55,18 @@ def _extra_thunks(s, l, r, g):
     return optax.apply_updates(w, updates), st
 
   adamw_step = jax.jit(adamw_step)
-  return [("sparse_rows_topk_refresh", lambda: refresh_rows(rows_state, g)),
-          ("random_basis_haar", lambda: draw(key)),
-          ("adamw_step", lambda: adamw_step(w, adamw_state, g))]
+  return {"exact_svd": lambda: exact(g),
+          "svd_refresh_eigh": lambda: refresh_svd(st_svd, g),
+          "randomized_svd_refresh": lambda: refresh_rand(st_rand, g),
+          "online_pca_step": lambda: online_step(st_online, g),
+          "sparse_rows_topk_refresh": lambda: refresh_rows(st_rows, g),
+          "random_basis_haar": lambda: draw(jax.random.PRNGKey(3)),
+          "adamw_step": lambda: adamw_step(w, adamw_state, g)}
+
+
+def median_ms(thunk, reps: int) -> float:
+  """Median wall time (ms) of thunk() over `reps` synced calls after 2 warm-up calls."""
+  return optimizer_step.time_calls(lambda *_: (thunk(),), (), reps)[0]
 
 
 def run(sizes, reps, log=print) -> dict:
@@ -60,9 +75,8 @@ def run(sizes, reps, log=print) -> dict:
   for size in sizes:
     s, l = sorted(SHAPES[size])
     r = max(1, s // 4)
-    g = optimizer_step.synthetic_gradient(jax.random.PRNGKey(2), (s, l))
-    thunks = optimizer_step.projector_thunks(s, l, r, g) + _extra_thunks(s, l, r, g)
-    medians = {name: optimizer_step.time_thunk(thunk, reps) for name, thunk in thunks}
+    steps = thunks(s, l, r, optimizer_step.synthetic_gradient(jax.random.PRNGKey(2), (s, l)))
+    medians = {name: median_ms(steps[name], reps) for name in STEPS}
     row = {"size": size, "shape": [s, l], "rank": r, "median_ms": medians,
            "ratio_to_adamw_step": {k: v / medians["adamw_step"] for k, v in medians.items()},
            "exact_svd_over": {k: medians["exact_svd"] / v for k, v in medians.items()}}

@@ -190,32 +190,28 @@ def best_of_sweeps(runs: list[dict]) -> dict:
   return out
 
 
-def describe(quick: bool, options: dict) -> dict:
-  """The suite's settings, for the JSON's "config"."""
+def _settings(quick: bool, steps=None) -> dict:
   settings = dict(QUICK) if quick else {
       "steps": STEPS, "batch": BATCH, "seq": 256, "eval_every": EVAL_EVERY,
       "eval_windows": EVAL_WINDOWS, "corpus": "offline-large"}
-  if options.get("steps"):
-    settings["steps"] = options["steps"]
-  return {**settings, "rank": "hidden / 4", "update_every": 200, "clip_norm": 1.0, "seed": 0,
-          "parallel": options.get("parallel", 1),
+  return {**settings, "steps": steps or settings["steps"]}
+
+
+def describe(quick: bool, options: dict) -> dict:
+  """The suite's settings, for the JSON's "config"."""
+  return {**_settings(quick, options.get("steps")), "rank": "hidden / 4", "update_every": 200,
+          "clip_norm": 1.0, "seed": 0, "parallel": options.get("parallel", 1),
           "lr_schedule": "linear warm-up over 10% of the steps, cosine decay to 10% of the peak",
           "metric": "held-out perplexity (eval windows spread over the held-out documents);"
                     " best of the run and final"}
 
 
-def _worker_env(parallel: int) -> dict:
-  env = dict(os.environ)
-  if parallel > 1:  # share one GPU: no process may take the usual 75% up front
-    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{0.9 / parallel:.3f}"
-  env["PYTHONUNBUFFERED"] = "1"
-  return env
-
-
-def _train_in_processes(jobs, parallel: int, log, done) -> None:
-  """Runs `jobs` [(argv, on_finish)] `parallel` at a time, each in its own process."""
+def _train_in_processes(jobs, parallel: int, done) -> None:
+  """Runs `jobs` [(argv, on_finish)] `parallel` (> 1) at a time, each in its own process
+  sharing the GPU (none may take the usual 75% of its memory up front)."""
   waiting, running = list(jobs), []
-  env = _worker_env(parallel)
+  env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / parallel:.3f}",
+         "PYTHONUNBUFFERED": "1"}
   while waiting or running:
     while waiting and len(running) < parallel:
       argv, finish = waiting.pop(0)
@@ -240,12 +236,7 @@ def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, abla
   """Trains every run of the sweep at each size; returns the run records (see the module doc)."""
   from examples.llama import train  # pylint: disable=g-import-not-at-top
 
-  settings = dict(QUICK) if quick else {
-      "steps": STEPS, "batch": BATCH, "seq": 256, "eval_every": EVAL_EVERY,
-      "eval_windows": EVAL_WINDOWS, "corpus": "offline-large"}
-  if steps:
-    settings["steps"] = steps
-  settings["data_dir"] = data_dir
+  settings = {**_settings(quick, steps), "data_dir": data_dir}
   if quick and not (runs or methods or lrs or ablations):
     runs = QUICK_RUNS
   specs = parse_runs(runs) if runs else sweep(methods, lrs, lr_unprojected, ablations)
@@ -280,7 +271,7 @@ def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, abla
       code = train.main(argv)
       finished(key, code, time.perf_counter() - started, None)
   else:
-    _train_in_processes(jobs, parallel, log, finished)
+    _train_in_processes(jobs, parallel, finished)
   return records
 
 

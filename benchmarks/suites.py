@@ -164,99 +164,75 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
   return result
 
 
+_BOOL = argparse.BooleanOptionalAction
+# The flags of `SUITES` beyond --suite, by the suites they apply to: (flag, type, default, help).
+_FLAGS = {
+    "all": [
+        ("--size", str, None, "comma-separated sizes of the suite (default: its DEFAULT_SIZES;"
+         " projector_cost, optimizer_update: 60m,130m,350m,1b,7b,tiny; train_step: the example's"
+         " sizes; largest_model: 1b,3b,7b,13b,30b)"),
+        ("--out", str, None, "JSON path, the PNG goes next to it (default"
+         " benchmarks/results/<suite>_<device>.json)"),
+        ("--quick", "store_true", False, "the tiny size(s), 3 repetitions: a CPU smoke run"),
+        ("--reps", int, None, f"timed calls per measurement (default {DEFAULT_REPS}, train_step"
+         f" 10, --quick {QUICK_REPS}); largest_model: steps per fitting size (3)"),
+        ("--methods", str, None, "comma-separated subset of the suite's methods (AdamW always"
+         " runs)")],
+    "quality": [
+        ("--lrs", str, None, "comma-separated peak learning rates of the kernels, replacing"
+         " each method's sweep"),
+        ("--lr-unprojected", float, None, "peak learning rate of the unprojected leaves"),
+        ("--ablations", "store_true", False, "also quality.ABLATIONS"),
+        ("--parallel", int, None, "runs at once, each a process sharing the GPU (default 1)"),
+        ("--data-dir", str, None, "the example's token cache (offline-large tokenized there)"),
+        ("--steps", int, None, "optimizer steps per run (1000)"),
+        ("--runs", str, None, "explicit runs label:lr[:lr_unprojected],... instead of the sweep"),
+        ("--work-dir", str, None, "where the run directories go (default: a temporary one)")],
+    "train_step and largest_model": [
+        ("--batch", int, None, "sequences per step (train_step: 350m 128, 1b 64; largest: 1)"),
+        ("--seq", int, None, "tokens per sequence (train_step 256, largest_model 2048)"),
+        ("--rank", int, None, "subspace rank (default hidden/4)"),
+        ("--remat", _BOOL, None, "recompute each block in the backward (largest_model: on)"),
+        ("--scan-layers", _BOOL, None, "train_step: the example's --scan-layers (the methods"
+         " that need one module per layer are left out)"),
+        ("--host-refresh", _BOOL, None, "train_step: refreshes decided on the host, as the"
+         " example's loop does (a steady and a refresh program, no refresh cond)"),
+        ("--profile-top", int, None, "train_step: also trace --reps steps per method and record"
+         " the device kernels' time by kind and the top N kernels"),
+        ("--param-dtype", ("float32", "bfloat16"), None,
+         "parameter dtype (train_step float32, largest_model bfloat16)"),
+        ("--state-dtype", ("float32", "bfloat16", "native"), None,
+         "optimizer-state dtype; native: the method's own (train_step's default)"),
+        ("--attention", ("auto", "xla", "cudnn"), None,
+         "auto (default): cuDNN's flash attention on a GPU where the head size allows"),
+        ("--budget-gb", float, None, "largest_model: the memory a step may need, in GB (default"
+         " the GPU's bytes_limit; needed on the CPU)"),
+        ("--compilation-cache", str, None, "a directory for JAX's persistent compilation cache"),
+        ("--job-timeout-s", float, None, "kill and record a job that runs longer (train_step"
+         " 300 s, largest_model 600 s, --quick 120 s)")],
+}
+_QUALITY_FLAGS, _OPTION_FLAGS = ([f[0][2:].replace("-", "_") for f in _FLAGS[group]]
+                                 for group in ("quality", "train_step and largest_model"))
+
+
 def _parser() -> argparse.ArgumentParser:
   ap = argparse.ArgumentParser(prog="python -m benchmarks",
                                description=__doc__.splitlines()[0])
   commands = ap.add_subparsers(dest="command", required=True)
   run = commands.add_parser("run", help="run one suite, write its JSON and PNG")
   run.add_argument("--suite", required=True, choices=SUITES + SCRIPT_SUITES,
-                   help="the suites below, or one of the script suites, whose flags follow"
-                   " `--`: " + ", ".join(SCRIPT_SUITES))
-  run.add_argument("--size", default=None,
-                   help="comma-separated LLaMA sizes (60m,130m,350m,1b,7b,tiny; train_step: the"
-                   " example's sizes; largest_model: its ladder 1b,3b,7b,13b,30b); default: the"
-                   " suite's (projector_cost: 60m..7b; optimizer_update: 60m,350m,1b;"
-                   " train_step: 350m,1b; largest_model: 1b,3b,7b,13b,30b)")
-  run.add_argument("--out", default=None,
-                   help="JSON path, the PNG goes next to it; default"
-                   " benchmarks/results/<suite>_<device>.json")
-  run.add_argument("--quick", action="store_true",
-                   help="the tiny size(s) and 3 repetitions: a CPU smoke run (under a minute)")
-  run.add_argument("--reps", type=int, default=None,
-                   help=f"timed calls per measurement (default {DEFAULT_REPS}, train_step 10,"
-                   f" --quick {QUICK_REPS}); largest_model: steps run per fitting size (3)")
-  run.add_argument("--methods", default=None,
-                   help="comma-separated subset; optimizer_update: adamw,optax_contrib_galore,"
-                   "galore,galore_refresh,osd,rso,grass,grass_refresh; train_step and"
-                   " largest_model: adamw,optax_contrib_galore,galore,osd,rso,grass,rso_model,"
-                   "rso_model_shared,grass_model (AdamW always runs)")
-  quality = run.add_argument_group("quality")
-  quality.add_argument("--lrs", default=None,
-                       help="comma-separated peak learning rates of the kernels, replacing each"
-                       " method's sweep (default: the suite's, benchmarks/quality.py)")
-  quality.add_argument("--lr-unprojected", type=float, default=None,
-                       help="peak learning rate of the unprojected leaves for every run"
-                       " (default: each sweep entry's)")
-  quality.add_argument("--ablations", action="store_true",
-                       help="also the runs that change one choice of a method (quality.ABLATIONS)")
-  quality.add_argument("--parallel", type=int, default=None,
-                       help="runs at once, each in its own process sharing the GPU (default 1:"
-                       " in this process)")
-  quality.add_argument("--data-dir", default=None,
-                       help="the example's token cache (--data-dir): offline-large must be"
-                       " tokenized there or its Debian packages installed")
-  quality.add_argument("--steps", type=int, default=None, help="optimizer steps per run (1000)")
-  quality.add_argument("--runs", default=None,
-                       help="explicit runs instead of the sweep: label:lr[:lr_unprojected],..."
-                       " (labels of quality.SWEEP and quality.ABLATIONS)")
-  quality.add_argument("--work-dir", default=None,
-                       help="where the run directories go (default: a temporary folder)")
-  step = run.add_argument_group("train_step and largest_model")
-  step.add_argument("--batch", type=int, default=None,
-                    help="sequences per step (train_step default: 350m 128, 1b 64;"
-                    " largest_model: 1)")
-  step.add_argument("--seq", type=int, default=None,
-                    help="tokens per sequence (train_step 256, largest_model 2048)")
-  step.add_argument("--rank", type=int, default=None, help="subspace rank (default hidden/4)")
-  step.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
-                    help="recompute each block in the backward (train_step: off,"
-                    " largest_model: on)")
-  step.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=None,
-                    help="train_step: the example's --scan-layers (blocks stacked over the"
-                    " layers, run by nnx.scan); the methods that need one module per layer"
-                    " (model level, optax.contrib.galore) are left out")
-  step.add_argument("--host-refresh", action=argparse.BooleanOptionalAction, default=None,
-                    help="train_step: refreshes decided on the host, as the LLaMA example does"
-                    " (two programs: steady and refresh step, no refresh cond: no host sync)")
-  step.add_argument("--profile-top", type=int, default=None,
-                    help="train_step: also trace --reps steps per method with jax.profiler and"
-                    " record the device kernels' time by kind and the top N kernels")
-  step.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
-                    help="parameter dtype (train_step float32, largest_model bfloat16)")
-  step.add_argument("--state-dtype", choices=("float32", "bfloat16", "native"), default=None,
-                    help="optimizer-state dtype; native: the method's own (train_step default"
-                    " native, i.e. float32 with float32 parameters; largest_model float32)")
-  step.add_argument("--attention", choices=("auto", "xla", "cudnn"), default=None,
-                    help="auto (default): cuDNN flash attention on a GPU where the head size"
-                    " allows, XLA's elsewhere")
-  step.add_argument("--budget-gb", type=float, default=None,
-                    help="largest_model: the memory a train step may need, in GB (1e9 bytes);"
-                    " default the GPU's memory_stats()['bytes_limit'] (needed on the CPU)")
-  step.add_argument("--compilation-cache", default=None,
-                    help="a directory for JAX's persistent compilation cache (reruns compile"
-                    " faster; compile times then measure the cache)")
-  step.add_argument("--job-timeout-s", type=float, default=None,
-                    help="kill and record a method (largest_model: a method at one size) that"
-                    " runs longer than this (default: train_step 300 s, largest_model 600 s;"
-                    " --quick 120 s)")
+                   help="a suite; the flags of a script suite (" + ", ".join(SCRIPT_SUITES)
+                   + ") follow `--`")
+  for group, flags in _FLAGS.items():
+    arguments = run if group == "all" else run.add_argument_group(group)
+    for flag, kind, default, text in flags:
+      if kind in ("store_true", _BOOL):
+        arguments.add_argument(flag, action=kind, default=default, help=text)
+      elif isinstance(kind, tuple):
+        arguments.add_argument(flag, choices=kind, default=default, help=text)
+      else:
+        arguments.add_argument(flag, type=kind, default=default, help=text)
   return ap
-
-
-_QUALITY_FLAGS = ("lrs", "lr_unprojected", "ablations", "parallel", "data_dir", "steps",
-                  "work_dir", "runs")
-_OPTION_FLAGS = ("batch", "seq", "rank", "remat", "scan_layers", "profile_top", "host_refresh",
-                 "param_dtype", "state_dtype", "attention", "budget_gb", "compilation_cache",
-                 "job_timeout_s")
 
 
 def script_parser(doc: str, out: str | None = None, **flags) -> argparse.ArgumentParser:
