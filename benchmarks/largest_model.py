@@ -265,28 +265,22 @@ def figure(result):
   axes[0].set_ylabel("parameters (1e9)")
   axes[0].set_title("largest LLaMA whose train step ran", fontsize=9)
   reported = [s for s in result["config"]["reported_sizes"] if s in models]
-  width = 0.8 / max(1, len(reported))
-  for j, size in enumerate(reported):
-    values = [summary["methods"][m].get(f"{size}_bytes") or 0 for m in methods]
-    bases = [summary["methods"][m].get(f"{size}_basis") for m in methods]
-    bars = axes[1].bar([i + j * width for i in range(len(methods))],
-                       [v / 1e9 for v in values], width, label=f"{size}")
-    for bar, basis in zip(bars, bases):
-      if basis == "predicted":
-        bar.set_hatch("//")
-    if size in TARGETS_GB:
-      axes[1].axhline(TARGETS_GB[size], color=bars[0].get_facecolor(), linestyle="--",
-                      linewidth=0.8)
   limits = [r["limit_bytes"] for rows in res["rows"].values() for r in rows
             if r.get("limit_bytes")]
   if limits:
     axes[1].axhline(limits[0] / 1e9, color="gray", linewidth=0.8, label="limit")
-  axes[1].set_ylabel("GB (1e9 bytes)")
-  axes[1].set_title("peak bytes in use (hatched: predicted need, not run); dashed: targets",
-                    fontsize=9)
-  axes[1].legend(fontsize=8)
-  for ax in axes:
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
+  entry = lambda m, size, key: summary["methods"][m].get(f"{size}_{key}")
+  drawn = record.bars(axes[1], methods, {size: [(entry(m, size, "bytes") or 0) / 1e9
+                                                for m in methods] for size in reported},
+                      "peak bytes in use (hatched: predicted need, not run); dashed: targets",
+                      "GB (1e9 bytes)")
+  for size, group in zip(reported, drawn):
+    for bar, m in zip(group, methods):
+      bar.set_hatch("//" if entry(m, size, "basis") == "predicted" else None)
+    if size in TARGETS_GB:
+      axes[1].axhline(TARGETS_GB[size], color=group[0].get_facecolor(), linestyle="--",
+                      linewidth=0.8)
+  axes[0].set_xticks(range(len(methods)), methods, rotation=30, ha="right", fontsize=8)
   c = result["config"]
   fig.suptitle(f"largest model per method, {result['device']}, parameters {c['param_dtype']},"
                f" state {c['state_dtype']}, batch {c['batch']}×{c['seq']},"

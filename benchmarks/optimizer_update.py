@@ -263,18 +263,11 @@ def figure(result):
   sizes = result["results"]["sizes"]
   methods = [m for m in METHODS if any(r["method"] == m for s in sizes for r in s["rows"])]
   fig, axes = record.subplots(1, 2, figsize=(12, 4.5))
-  width = 0.8 / max(1, len(sizes))
   for ax, key, title in [(axes[0], "ratio_to_adamw", "update time / AdamW's"),
                          (axes[1], "state_ratio_to_adamw", "state bytes / AdamW's")]:
-    for j, size in enumerate(sizes):
-      by = {r["method"]: r for r in size["rows"]}
-      values = [by.get(m, {}).get(key, 0.0) for m in methods]
-      ax.bar([i + j * width for i in range(len(methods))], values, width, label=size["size"])
+    record.bars(ax, methods, {s["size"]: [{r["method"]: r for r in s["rows"]}.get(m, {}).get(
+        key, 0.0) for m in methods] for s in sizes}, title, legend_title="LLaMA tree")
     ax.axhline(1.0, color="gray", linewidth=0.8)
-    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods,
-                  rotation=30, ha="right", fontsize=8)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, title="LLaMA tree", title_fontsize=8)
   axes[0].set_yscale("log")
   fig.suptitle(f"optimizer update, {result['device']}, float32, rank hidden/4", fontsize=10)
   return fig

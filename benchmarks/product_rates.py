@@ -114,15 +114,9 @@ def _plot(result, path):
   fig, ax = record.subplots(figsize=(11, 5))
   dtypes = sorted({r["dtype"] for r in result["rows"]})
   names = [r["product"] for r in result["rows"] if r["dtype"] == dtypes[0]]
-  width = 0.8 / (2 * len(dtypes))
-  for j, dtype in enumerate(dtypes):
-    rows = [r for r in result["rows"] if r["dtype"] == dtype]
-    for k, layout in enumerate(("separate", "batched")):
-      xs = [i + (2 * j + k) * width for i in range(len(rows))]
-      ax.bar(xs, [r[f"{layout}_tflops"] for r in rows], width, label=f"{dtype}, {layout}")
-  ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))])
-  ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
-  ax.set_ylabel("TFLOP/s")
-  ax.set_title(f"Subspace-step products, LLaMA-{result['size']} shapes ({result['device']})")
-  ax.legend(fontsize=8)
+  record.bars(ax, names, {f"{dtype}, {layout}": [r[f"{layout}_tflops"] for r in result["rows"]
+                                                 if r["dtype"] == dtype]
+                          for dtype in dtypes for layout in ("separate", "batched")},
+              f"Subspace-step products, LLaMA-{result['size']} shapes ({result['device']})",
+              "TFLOP/s")
   record.save(fig, path, dpi=110)

@@ -19,7 +19,6 @@ plumbing.
 
 from __future__ import annotations
 
-import collections
 import gzip
 import os
 import pathlib
@@ -75,17 +74,10 @@ _COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
                      "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62)}
 
 
-def device_kernels(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
-  """(name, duration µs) of every kernel on a device's streams in the trace (all devices)."""
-  return [(name, dur) for kernels in traces.device_events(trace_dir).values()
-          for name, _, dur in kernels]
-
-
 def traced_kernels(run, carry, reps: int, top: int):
   """(carry, summary): `reps` calls ``carry = run(carry)`` under `jax.profiler.trace`.
 
-  The summary holds the device kernels' time per call (`kernel_ms`), their number per call, the
-  time by kind (`KINDS`) and the `top` kernels by time with their share and calls per call. On
+  The summary (`traces.summary`, per call) adds the device kernels' total time (`kernel_ms`). On
   the CPU the trace holds no device kernels: every figure is 0.
   """
   with tempfile.TemporaryDirectory() as tmp:
@@ -93,23 +85,9 @@ def traced_kernels(run, carry, reps: int, top: int):
       for _ in range(reps):
         carry = run(carry)
       jax.block_until_ready(carry)
-    kernels = device_kernels(pathlib.Path(tmp))
-  by_kind = collections.Counter()
-  by_name = collections.Counter()
-  calls = collections.Counter()
-  for kernel, dur in kernels:
-    by_kind[kind_of(kernel)] += dur / reps
-    by_name[kernel] += dur / reps
-    calls[kernel] += 1
-  total = sum(by_kind.values())
-  return carry, {
-      "kernel_ms": total / 1e3,
-      "kernels_per_step": len(kernels) / reps,
-      "by_kind_ms": {k: v / 1e3 for k, v in by_kind.most_common()},
-      "top": [{"kernel": k[:160], "ms": v / 1e3, "share": v / total if total else None,
-               "calls_per_step": calls[k] / reps, "kind": kind_of(k)}
-              for k, v in by_name.most_common(top)],
-  }
+    kernels = [k for found in traces.device_events(pathlib.Path(tmp)).values() for k in found]
+  summary = traces.summary(kernels, reps, top)
+  return carry, {"kernel_ms": sum(summary["by_kind_ms"].values()), **summary}
 
 
 def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -> dict:

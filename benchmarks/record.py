@@ -74,6 +74,20 @@ def subplots(*grid, figsize, **kwargs):
   return fig, fig.subplots(*grid, **kwargs)
 
 
+def bars(ax, names, groups: dict, heading: str, ylabel: str = "", legend_title=None) -> list:
+  """Grouped bars on `ax`: for each label -> values (one per name) of `groups`, one bar per name;
+  the names under the groups' middle. Returns each group's bars."""
+  width = 0.8 / max(1, len(groups))
+  drawn = [ax.bar([i + j * width for i in range(len(names))], values, width, label=label)
+           for j, (label, values) in enumerate(groups.items())]
+  ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(names))], names,
+                rotation=30, ha="right", fontsize=8)
+  ax.set(title=heading, ylabel=ylabel)
+  ax.title.set_fontsize(9)
+  ax.legend(fontsize=8, title=legend_title, title_fontsize=8)
+  return drawn
+
+
 def save(fig, path, dpi: int = 120) -> None:
   """Lays `fig` out and writes it as a PNG at `path`."""
   fig.tight_layout()

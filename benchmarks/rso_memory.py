@@ -287,15 +287,9 @@ def _plot(result: dict, path: pathlib.Path) -> None:
   timed = all("step_ms" in result["methods"][n] for n in names)
   fig, axes = record.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4),
                               squeeze=False)
-  ax = axes[0][0]
-  width = 0.8 / len(panels)
-  for j, (label, get) in enumerate(panels):
-    values = [get(result["methods"][n]) / 2**30 for n in names]
-    ax.bar([i + j * width for i in range(len(names))], values, width, label=label)
-  ax.set_xticks([i + width for i in range(len(names))], names)
-  ax.set_ylabel("GiB")
-  ax.legend(fontsize=8)
-  ax.set_title(f"train step memory, {result['device']}", fontsize=9)
+  record.bars(axes[0][0], names, {label: [get(result["methods"][n]) / 2**30 for n in names]
+                                  for label, get in panels},
+              f"train step memory, {result['device']}", "GiB")
   if timed:
     ax = axes[0][1]
     ax.bar(names, [result["methods"][n]["step_ms"] for n in names], color="gray")

@@ -85,15 +85,27 @@ def timeline(kernels: list[tuple[str, float, float]], steps: int, top: int = 10)
   collective = [(t, t + d) for n, t, d in kernels if kind_of(n) == "collective"]
   span = (max(t + d for _, t, d in kernels) - min(t for _, t, _ in kernels)) if kernels else 0.0
   busy = _union(compute + collective)
-  by_kind, by_name = collections.Counter(), collections.Counter()
-  for name, _, dur in kernels:
-    by_kind[kind_of(name)] += dur
-    by_name[name] += dur
   return {
       "span_ms": span / per, "busy_ms": busy / per, "compute_ms": _union(compute) / per,
       "exposed_collective_ms": (busy - _union(compute)) / per, "idle_ms": (span - busy) / per,
+      **summary(kernels, steps, top),
+  }
+
+
+def summary(kernels: list[tuple[str, float, float]], steps: int, top: int = 10) -> dict:
+  """Kernels [(name, start µs, dur µs)] of `steps` steps, per step: their number, their time
+  by kind (`KINDS`, ms) and the `top` kernels by time (ms, share of all, calls, kind)."""
+  per = 1e3 * steps
+  by_kind, by_name, calls = (collections.Counter() for _ in range(3))
+  for name, _, dur in kernels:
+    by_kind[kind_of(name)] += dur
+    by_name[name] += dur
+    calls[name] += 1
+  total = sum(by_kind.values())
+  return {
       "kernels_per_step": len(kernels) / steps,
       "by_kind_ms": {k: v / per for k, v in by_kind.most_common()},
-      "top": [{"kernel": k[:160], "ms": v / per, "kind": kind_of(k)}
+      "top": [{"kernel": k[:160], "ms": v / per, "share": v / total if total else None,
+               "calls_per_step": calls[k] / steps, "kind": kind_of(k)}
               for k, v in by_name.most_common(top)],
   }

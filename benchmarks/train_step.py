@@ -309,28 +309,18 @@ def figure(result):
   methods = [m for m in train_setups.METHODS
              if any(r["method"] == m and "step_ms" in r for s in sizes for r in s["rows"])]
   measured = all(r.get("peak_bytes_in_use") for s in sizes for r in s["rows"] if "step_ms" in r)
-  memory_key = "peak_bytes_in_use" if measured else None
+  memory = ((lambda r: r["peak_bytes_in_use"]) if measured
+            else (lambda r: r["memory_analysis"]["step"]["need_bytes"]))
+  by_size = {f"{s['size']} ({s['batch']}×{s['seq']})":
+             {r["method"]: r for r in s["rows"] if "step_ms" in r} for s in sizes}
   fig, axes = record.subplots(1, 2, figsize=(12, 4.5))
-  width = 0.8 / max(1, len(sizes))
-  for j, size in enumerate(sizes):
-    by = {r["method"]: r for r in size["rows"] if "step_ms" in r}
-    xs = [i + j * width for i in range(len(methods))]
-    label = f"{size['size']} ({size['batch']}×{size['seq']})"
-    axes[0].bar(xs, [by[m][f"tokens_per_s_{AMORTISED}"] / 1e3 if m in by else 0
-                     for m in methods], width, label=label)
-    memory = [(by[m][memory_key] if memory_key else by[m]["memory_analysis"]["step"]["need_bytes"])
-              / 2**30 if m in by else 0 for m in methods]
-    axes[1].bar(xs, memory, width, label=label)
-  axes[0].set_ylabel(f"thousand tokens/s (refresh amortised over {train_setups.UPDATE_EVERY})")
-  axes[1].set_ylabel("GiB")
-  axes[0].set_title("whole train step throughput", fontsize=9)
-  axes[1].set_title("peak device memory (memory_stats)" if measured
-                    else "predicted need (memory_analysis: args + outputs − aliases + temp)",
-                    fontsize=9)
-  for ax in axes:
-    ax.set_xticks([i + width * (len(sizes) - 1) / 2 for i in range(len(methods))], methods,
-                  rotation=30, ha="right", fontsize=8)
-    ax.legend(fontsize=8, title="LLaMA", title_fontsize=8)
+  for ax, value, title, ylabel in [
+      (axes[0], lambda r: r[f"tokens_per_s_{AMORTISED}"] / 1e3, "whole train step throughput",
+       f"thousand tokens/s (refresh amortised over {train_setups.UPDATE_EVERY})"),
+      (axes[1], lambda r: memory(r) / 2**30, "peak device memory (memory_stats)" if measured
+       else "predicted need (memory_analysis: args + outputs − aliases + temp)", "GiB")]:
+    record.bars(ax, methods, {label: [value(by[m]) if m in by else 0 for m in methods]
+                              for label, by in by_size.items()}, title, ylabel, "LLaMA")
   fig.suptitle(f"train step, {result['device']}, bf16 compute, parameters "
                f"{sizes[0]['model']['param_dtype'] if sizes else ''}", fontsize=10)
   return fig
