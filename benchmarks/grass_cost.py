@@ -40,13 +40,13 @@ TREE_METHODS = ("adamw", "galore_steady", "osd_steady", "grass_steady", "grass_r
 
 
 def _parser():
-  # --layers: blocks in the stack; --rank: GRASS's r (and GaLore's, OSD's); --reps: timed calls
-  # per measurement; --tree-size, --skip-tree, --tree-methods: part 2's tree, none, its methods.
   return suites.script_parser(
-      __doc__, layers=8, hidden=2048, ffn=5461, heads=32, batch=4, seq=2048, rank=512,
+      __doc__, layers=(8, "blocks in the stack"), hidden=2048, ffn=5461, heads=32, batch=4,
+      seq=2048, rank=(512, "GRASS's r (and GaLore's, OSD's)"),
       selection=["topk", "multinomial", "uniform"], lr=1e-3, attention=["auto", "xla", "cudnn"],
-      reps=20, tree_size=["1b", *optimizer_step.SIZES], skip_tree=False,
-      tree_methods=",".join(TREE_METHODS))
+      reps=(20, "timed calls per measurement"), tree_size=(["1b", *optimizer_step.SIZES],
+                                                          "part 2's tree"),
+      skip_tree=(False, "part 1 only"), tree_methods=",".join(TREE_METHODS))
 
 
 def _stack(args):

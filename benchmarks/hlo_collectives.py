@@ -12,21 +12,16 @@ from __future__ import annotations
 import math
 import re
 
-KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
-         "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
-               "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
-               "f64": 8, "c64": 8, "c128": 16}
+KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 
 
 def _shape_bytes(text):
   """Total bytes of every array type (e.g. f32[512,2048]{1,0}) in `text`."""
-  total = 0
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
-    if dtype in DTYPE_BYTES:
-      total += DTYPE_BYTES[dtype] * math.prod(
-          int(d) for d in dims.split(",") if d)
-  return total
+  return sum(DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+             for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text)
+             if dtype in DTYPE_BYTES)
 
 
 def _group_size(line):
@@ -34,8 +29,7 @@ def _group_size(line):
   m = re.search(r"replica_groups=mesh\[([^\]]*)\].*?\{('[^}]*)\}", line)
   if m:  # mesh['axis_0'=4,'axis_1'=2] {'axis_1'}
     sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
-    return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'",
-                                                        m.group(2)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", m.group(2)))
   m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)  # [4,2]<=[8]
   if m:
     return int(m.group(2))
@@ -59,11 +53,9 @@ def _operands(line, op):
 def parse_collectives(hlo):
   """Collectives of a compiled HLO module, by computation.
 
-  Returns (collectives, calls, conditionals, entry): collectives maps a
-  computation to [(kind, operand bytes, result bytes, group size)];
-  calls maps it to [(callee, trip count)], the trip count being a while
-  loop's known trip count (1 otherwise); conditionals lists
-  (computation, [branch computations]).
+  Returns (collectives, calls, conditionals, entry): collectives maps a computation to [(kind,
+  operand bytes, result bytes, group size)]; calls maps it to [(callee, trip count)] (a while
+  loop's known trip count, 1 otherwise); conditionals lists (computation, [branches]).
   """
   collectives, calls, conditionals, entry, current = {}, {}, [], None, None
   op_re = re.compile(r"\s(" + "|".join(KINDS) + r")(-start)?\(")
@@ -71,8 +63,8 @@ def parse_collectives(hlo):
   for line in hlo.splitlines():
     m = re.match(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", line)
     if m:
-      types[m.group(1)] = m.group(2).split(" ")[0] if not m.group(2).startswith(
-          "(") else m.group(2)[:m.group(2).index(")") + 1]
+      rhs = m.group(2)
+      types[m.group(1)] = rhs[:rhs.index(")") + 1] if rhs.startswith("(") else rhs.split(" ")[0]
   for line in hlo.splitlines():
     head = re.match(r"^(ENTRY )?%(\S+) .*\{$", line)
     if head:
@@ -86,13 +78,11 @@ def parse_collectives(hlo):
     m = op_re.search(rhs)
     if m:
       kind, op = m.group(1), m.group(1) + (m.group(2) or "")
-      operand_bytes = sum(_shape_bytes(types.get(o, ""))
-                          for o in _operands(rhs, op))
+      operand_bytes = sum(_shape_bytes(types.get(o, "")) for o in _operands(rhs, op))
       result_bytes = _shape_bytes(types[name.strip().split("%")[-1]])
       if m.group(2):  # async start: its result tuple holds operands, outputs
         result_bytes -= operand_bytes
-      collectives[current].append(
-          (kind, operand_bytes, result_bytes, _group_size(rhs)))
+      collectives[current].append((kind, operand_bytes, result_bytes, _group_size(rhs)))
     trips = 1
     if " while(" in rhs:
       t = re.search(r'"known_trip_count":\{"n":"(\d+)"', rhs)
@@ -112,10 +102,10 @@ def parse_collectives(hlo):
 
 
 def _totals(collectives, calls, root):
-  """Per-kind bytes of everything `root` runs (loops times their trips),
-  not entering conditional branches; whether any loop had no known count."""
-  out = {k: {"count": 0, "operand_bytes": 0, "result_bytes": 0,
-             "group_sizes": []} for k in KINDS}
+  """Per-kind bytes of everything `root` runs (loops times their trips), not entering
+  conditional branches; whether any loop had no known count."""
+  out = {k: {"count": 0, "operand_bytes": 0, "result_bytes": 0, "group_sizes": []}
+         for k in KINDS}
   unknown = False
   todo = [(root, 1)]
   while todo:
@@ -137,8 +127,7 @@ def _totals(collectives, calls, root):
 
 
 def collective_bytes(hlo):
-  """Steady-path totals, and totals per branch of each conditional that
-  contains collectives."""
+  """Steady-path totals, and totals per branch of each conditional that has collectives."""
   collectives, calls, conditionals, entry = parse_collectives(hlo)
   steady, unknown = _totals(collectives, calls, entry)
   branches = []

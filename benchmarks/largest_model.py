@@ -150,11 +150,8 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
         checkpoint=None) -> dict:
   """The ladder `sizes` for every method of `methods` (default all); see the module doc.
 
-  Options (all optional): batch (1), seq (2048), rank (hidden/4), remat (True), param_dtype
-  ("bfloat16"), state_dtype ("float32"; "native": the method's own), attention ("auto"),
-  budget_gb (default: the GPU's bytes_limit; required where the device reports none, except
-  with `quick`: 1 GB), compilation_cache, job_timeout_s (`JOB_TIMEOUT_S`, 600; quick 120: a
-  (method, size) that takes longer is killed and recorded with its last progress line).
+  `options`: the harness's largest_model flags (suites._FLAGS) as keywords (defaults `DEFAULTS`;
+  budget_gb: needed where the device reports no limit, except with `quick`: 1 GB).
   `checkpoint(results)` before the first job and after every (method, size).
   """
   import jax  # pylint: disable=g-import-not-at-top

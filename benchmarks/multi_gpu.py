@@ -63,15 +63,11 @@ def _run(args, method: str, layout: str, mesh_flags: list[str], batch: int,
       "--checkpoint-every", str(args.steps), "--run-dir", str(run_dir),
       "--tokenizer", args.tokenizer, *mesh_flags,
   ]  # fmt: skip
-  flags += args.train_args.split()
-  if args.data_dir:
-    flags += ["--data-dir", args.data_dir]
-  if args.rank:
-    flags += ["--rank", str(args.rank)]
-  if args.update_every:
-    flags += ["--update-every", str(args.update_every)]
-  if args.profile_steps:
-    flags += ["--profile-steps", str(args.profile_steps)]
+  flags += args.train_args.split() + [
+      word for flag, value in (("--data-dir", args.data_dir), ("--rank", args.rank),
+                               ("--update-every", args.update_every),
+                               ("--profile-steps", args.profile_steps))
+      if value for word in (flag, str(value))]
   dump = run_dir / "xla_dump"
   if args.hlo_dir:  # the compiled train step, to read its collectives' schedule
     env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), f"--xla_dump_to={dump}",
@@ -164,46 +160,23 @@ def _plot(result: dict, path: pathlib.Path) -> None:
 
 
 def main(argv=None) -> dict:
-  # --rank, --update-every: 0 is the example's default.
-  p = suites.script_parser(
+  args = suites.script_parser(
       __doc__, data_dir="", model_size="350m", tokenizer="mistral", batch_size=128, seq_len=256,
-      steps=30, eval_windows=64, rank=0, update_every=0, data_parallel=1, fsdp=2,
-      methods=",".join(METHODS))
-  p.add_argument("--log-every", type=int, default=10,
-                 help="the example's --log-every: the host fetches the losses (a device sync)"
-                 " every this many steps; every step's loss is recorded either way. 1 syncs"
-                 " every step, so each step's dispatch of the whole state is timed too")
-  p.add_argument("--weak", action="store_true",
-                 help="also run the mesh at batch-size × device count (weak scaling)")
-  p.add_argument("--train-args", default="",
-                 help="more `examples.llama train` flags for every run, one string")
-  p.add_argument("--mesh-args", default="",
-                 help="more flags for the mesh runs only, one string; write it with '=' when"
-                 " it starts with a dash (--mesh-args=\"--flag value\"): argparse reads a"
-                 " separate \"--flag\" as an option of its own")
-  p.add_argument("--shard-optimizer", action="store_true",
-                 help="the mesh runs shard the optimizer state over the data axis (ZeRO-1,"
-                 " the example's --shard-optimizer)")
-  p.add_argument("--layouts", default="one,mesh",
-                 help="which runs of each method: one (1 device), mesh; --weak adds mesh_weak")
-  p.add_argument("--profile-steps", type=int, default=0,
-                 help="trace this many steps of each run (the example's --profile-steps) and"
-                 " record per device what a step's time is made of (benchmarks/traces.py:"
-                 " compute, exposed collectives, idle, top kernels); the traced steps count in"
-                 " tokens/s")
-  p.add_argument("--hlo-dir", default="",
-                 help="write each run's compiled train steps there (<method>-<layout>.hlo.txt.gz,"
-                 " the steady program; .refresh.hlo.txt.gz, the refresh program; from an XLA"
-                 " dump) and count their collectives' bytes per device into the JSON")
-  p.add_argument("--keep-checkpoints", action="store_true",
-                 help="keep each run's final checkpoint under <out>_runs (deleted by default;"
-                 " the metrics and summary stay)")
-  p.add_argument("--commit", default="",
-                 help="the commit to record (default: git rev-parse of this tree)")
-  p.add_argument("--replot", action="store_true",
-                 help="run nothing: redraw <out>.png from the JSON at --out (a run cut before"
-                 " its end keeps its JSON, rewritten after every run, but not its PNG)")
-  args = p.parse_args(argv)
+      steps=30, eval_windows=64, rank=(0, "0: the example's"), update_every=(0, "0: the example's"),
+      data_parallel=1, fsdp=2, methods=",".join(METHODS),
+      log_every=(10, "the example's: the host fetches the losses (a sync) every N steps"),
+      weak=(False, "also run the mesh at batch-size × device count (weak scaling)"),
+      train_args=("", "more `examples.llama train` flags for every run, one string"),
+      mesh_args=("", "more flags for the mesh runs only (write --mesh-args=\"--flag value\")"),
+      shard_optimizer=(False, "the mesh runs shard the optimizer state (ZeRO-1)"),
+      layouts=("one,mesh", "which runs of each method: one (1 device), mesh"),
+      profile_steps=(0, "trace N steps of each run and record per device what a step's time is"
+                     " made of (benchmarks/traces.py)"),
+      hlo_dir=("", "keep each run's compiled train steps there (<method>-<layout>[.refresh]"
+               ".hlo.txt.gz) and count their collectives' bytes"),
+      keep_checkpoints=(False, "keep each run's final checkpoint under <out>_runs"),
+      commit=("", "the commit to record (default: git rev-parse of this tree)"),
+      replot=(False, "run nothing: redraw <out>.png from the JSON at --out")).parse_args(argv)
   out = pathlib.Path(args.out)
   if args.replot:
     result = json.loads(out.read_text())

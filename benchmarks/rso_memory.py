@@ -40,6 +40,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 import optax_subspace as osub
 from benchmarks import record
+from benchmarks import suites
 from benchmarks import train_setups
 from optax_subspace import nn as osnn
 
@@ -52,22 +53,13 @@ MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in
 
 
 def _parser() -> argparse.ArgumentParser:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
-  ap.add_argument("--layers", type=int, default=24, help="LLaMA blocks in the stack")
-  ap.add_argument("--hidden", type=int, default=1024)
-  ap.add_argument("--ffn", type=int, default=2736)
-  ap.add_argument("--heads", type=int, default=16)
-  ap.add_argument("--batch", type=int, default=8)
-  ap.add_argument("--seq", type=int, default=2048)
-  ap.add_argument("--rank", type=int, default=256, help="rank of GaLore and RSO")
-  ap.add_argument("--lr", type=float, default=1e-3)
-  ap.add_argument("--remat", action="store_true", help="recompute each block in the backward")
-  ap.add_argument("--attention", choices=("auto", "xla", "cudnn", "recompute"), default="auto",
-                  help="auto: cudnn on GPU, xla elsewhere; recompute: keeps what cuDNN keeps")
-  ap.add_argument("--steps", type=int, default=10, help="timed steps (GPU only)")
-  ap.add_argument("--warmup", type=int, default=3)
-  ap.add_argument("--methods", default=",".join(METHODS))
+  ap = suites.script_parser(
+      __doc__, layers=(24, "blocks in the stack"), hidden=1024, ffn=2736, heads=16, batch=8,
+      seq=2048, rank=(256, "rank of GaLore and RSO"), lr=1e-3,
+      remat=(False, "recompute each block in the backward"),
+      attention=(["auto", "xla", "cudnn", "recompute"], "auto: cudnn on GPU, xla elsewhere;"
+                 " recompute: keeps what cuDNN keeps"),
+      steps=(10, "timed steps (GPU only)"), warmup=3, methods=",".join(METHODS))
   ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
   return ap
 
@@ -312,10 +304,7 @@ def main(argv=None) -> dict:
   if args.attention == "auto":
     args.attention = "cudnn" if jax.devices()[0].platform == "gpu" else "xla"
     argv += ["--attention", args.attention]
-  methods = [m for m in args.methods.split(",") if m]
-  unknown = set(methods) - set(METHODS)
-  if unknown:
-    raise SystemExit(f"unknown --methods {sorted(unknown)}; choose from {METHODS}")
+  methods = suites.chosen(args.methods, METHODS)
   result = {
       **record.provenance("rso_memory", argv),
       "config": {k: getattr(args, k) for k in (

@@ -86,27 +86,12 @@ def _metadata(suite: str, argv) -> dict:
 
 def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | None = None,
               methods=None, argv=None, log=print, options=None) -> dict:
-  """Runs one suite, writes its JSON (and the PNG next to it), returns the JSON's content.
+  """Runs one of `SUITES`, writes its JSON (and the PNG next to it), returns the JSON's content.
 
-  Args:
-    suite: one of `SUITES`.
-    size: a size of the suite's `SIZES` (projector_cost, optimizer_update:
-      `optimizer_step.SIZES`, "60m", "130m", "350m", "1b", "7b", "tiny"; train_step: the LLaMA
-      example's `MODEL_SIZES`; largest_model: its ladder "1b", "3b", "7b", "13b", "30b"), a
-      comma-separated string or a list of them; None: the suite's `DEFAULT_SIZES`.
-    out: JSON path; None: benchmarks/results/<suite>_<device>.json.
-    quick: the suite's tiny size(s) and 3 repetitions (a CPU smoke run, under a minute).
-    reps: timed calls per measurement (optimizer_update's refresh steps: a tenth, at least 3);
-      default 20 (train_step: 10; largest_model: the steps run per fitting size, 3).
-    methods: optimizer_update, train_step, largest_model: a subset of the suite's methods
-      (AdamW always runs).
-    argv: the command line, recorded in the JSON.
-    log: where progress lines go.
-    options: train_step and largest_model only: a dict of their `run`'s options (batch, seq,
-      rank, remat, param_dtype, state_dtype, attention, budget_gb, compilation_cache, ...).
-
-  Returns:
-    The dict written to `out`; `result["png"]` is the plot's path.
+  The arguments are the command line's (`_FLAGS`): `size` a list or a comma-separated string of
+  the suite's sizes (None: its `DEFAULT_SIZES`), `methods` a subset of its methods, `argv` the
+  command line to record, `options` the quality, train_step or largest_model flags as a dict of
+  their `run`'s keywords. `result["png"]` is the plot's path.
   """
   if suite in WORKER_SUITES or suite == "quality":
     from benchmarks import train_setups  # pylint: disable=g-import-not-at-top
@@ -237,19 +222,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def script_parser(doc: str, out: str | None = None, **flags) -> argparse.ArgumentParser:
   """A script suite's flags: --out (required unless `out` is its default), then one --NAME per
-  keyword (underscores written as dashes) of its default's type; False makes a switch, a list
-  the choices (its first the default)."""
+  keyword (underscores written as dashes) of its default's type, or (default, help); False
+  makes a switch, a list the choices (its first the default)."""
   ap = argparse.ArgumentParser(description=doc.splitlines()[0])
   ap.add_argument("--out", required=out is None, default=out,
                   help="the JSON path (a suite's PNG goes next to it)")
   for name, default in flags.items():
+    default, text = default if isinstance(default, tuple) else (default, None)
     flag = "--" + name.replace("_", "-")
     if default is False:
-      ap.add_argument(flag, action="store_true")
+      ap.add_argument(flag, action="store_true", help=text)
     elif isinstance(default, list):
-      ap.add_argument(flag, choices=default, default=default[0])
+      ap.add_argument(flag, choices=default, default=default[0], help=text)
     else:
-      ap.add_argument(flag, type=type(default), default=default)
+      ap.add_argument(flag, type=type(default), default=default, help=text)
   return ap
 
 

@@ -87,26 +87,13 @@ _XLA_ATTENTION = jax.nn.dot_product_attention
 class TrainSetup:
   """One method's train step on one model, ready to compile; see the module docstring.
 
-  Attributes:
-    method, level ("optimizer" or "model"), model (its `ModelConfig`), batch, seq, rank,
-      update_every, state_dtype: what was built.
-    step: ``jax.jit``-ed ``(params, opt_state, frozen, tokens) -> (params, opt_state, loss)``,
-      params and opt_state donated.
-    init: ``() -> (params, opt_state, frozen)``, run eagerly: each parameter is drawn on the
-      device in its own dtype by its own small program (nothing is made in float32 first).
-      Not jitted: on an H200 XLA took over two minutes to compile the whole-model init of the
-      1B and 7B models (a "Very slow compile" alarm for ``jit_init``), longer than the step.
-    abstract: ``(params, opt_state, frozen, tokens)`` as `jax.ShapeDtypeStruct`s.
-    tokens: ``seed -> int32 (batch, seq + 1)`` random token ids (inputs and shifted targets).
-    refresh_kind: "count", "program" or None.
-    refresh: kind "program": ``jax.jit``-ed ``(params, opt_state, frozen, tokens) -> (params,
-      opt_state, frozen)``, all donated; kind "count" with `build`'s ``host_refresh``: the
-      refresh step, jitted like `step`; otherwise None.
-    set_count: ``(opt_state, count) -> opt_state``, the step count the refresh is due at (kind
-      "count": the method's; ``grass_model``: its `nnx.Optimizer`'s); None elsewhere.
-    steady_count: the count the timed steady steps start from (past the step-0 refresh), or
-      None to start from init's.
-    host_refresh: whether the steps are the example's host-decided ones (`build`).
+  `step` and `abstract` as there; `init` runs eagerly, each parameter drawn on the device in its
+  own dtype (a jitted whole-model init took XLA over two minutes to compile at 1B and 7B);
+  `tokens(seed)`: int32 (batch, seq + 1) ids. `refresh`: kind "program", the jitted
+  ``(params, opt_state, frozen, tokens) -> (params, opt_state, frozen)``, all donated; kind
+  "count" with `build`'s ``host_refresh``, the refresh step's own program. `set_count(opt_state,
+  count)` sets the count a refresh is due at; `steady_count`: the count the timed steps start
+  from (past the step-0 refresh), None for init's.
   """
 
   method: str
@@ -266,22 +253,14 @@ def _model_level(method, cfg, tx, rank, update_every, seed):
 def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Optional[int] = None,
           update_every: int = UPDATE_EVERY, state_dtype=None, seed: int = 0,
           host_refresh: bool = False) -> TrainSetup:
-  """The `TrainSetup` of `method` on the LLaMA `model` (remat and dtypes: the config's).
+  """The `TrainSetup` of `method` on the LLaMA `model` (remat and dtypes: the config's), rank
+  None: hidden / 4, `update_every` T (RSO's K), `state_dtype` None: the method's own.
 
-  Args:
-    method: one of `METHODS`.
-    model: the model's `ModelConfig` (`remat` per block, `param_dtype`, `compute_dtype`).
-    batch, seq: token ids per step are (batch, seq + 1): seq inputs, seq targets.
-    rank: the subspace rank; None: hidden / 4.
-    update_every: T (GaLore's, GRASS's refresh period; RSO's K).
-    state_dtype: the optimizer state's dtype (`with_state_dtype`); None: the method's own.
-    seed: the model's initialisation.
-    host_refresh: the LLaMA example's loop (`examples/llama/optimizers.refresh_due`): the
-      methods whose state holds a projector's refresh schedule (`osub.refresh_schedule`) get
-      two programs, the steady step (``subspace_refresh=False``, no refresh cond: no host sync
-      at it on a GPU) and the refresh step (True, kind "count"; a refresh at step 0 only, OSD's
-      SVD start, is not amortised). False: one program, the refresh decided on the device by a
-      `lax.cond`.
+  `host_refresh`: as the example's loop (`optimizers.refresh_due`), methods whose state holds a
+  refresh schedule (`osub.refresh_schedule`) get two programs, the steady step
+  (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU) and the refresh
+  step (kind "count"; OSD's step-0-only refresh is not amortised). Else one program, the refresh
+  decided on the device by a `lax.cond`.
   """
   rank = rank or model.hidden // 4
   tx = optimizer(method, rank, update_every, state_dtype, model.scan_layers)
@@ -552,19 +531,14 @@ def prepare_parent() -> None:
 class Workers:
   """Runs jobs in ``python -m benchmarks.train_setups --worker`` processes; see the module doc.
 
-  A job is a JSON-able dict with a "module" whose ``run_job(job) -> dict`` does the work; an
-  exception inside it comes back as {"error": ..., "out_of_memory": bool}, a dead process as
-  {"error": ..., "returncode": ...}, and a job that takes longer than `timeout_s` as
-  {"error": "timed out ...", "timed_out": True, "last_progress": ...} (its process is killed;
-  the next job gets a fresh one). Failed jobs carry ``output_tail``, the worker's last stderr
-  lines; every result carries ``elapsed_s``.
-
-  Nothing a worker writes waits in a pipe: its stdout carries only result and `progress` lines,
-  everything else it prints (XLA's logging included) goes to its stderr, and the parent drains
-  both as they come, echoing progress and stderr to its own stderr. `log` gets one line as each
-  job starts and one as it ends. A worker runs on the parent's platform or not at all: JAX
-  falls back to the CPU, with only a warning, where the GPU backend fails to start, and a 1B
-  step compiled for the CPU would look like a hang.
+  A job's ``run_job`` exception comes back as {"error", "out_of_memory"}, a dead worker as
+  {"error", "returncode"}, a job past `timeout_s` as {"error", "timed_out", "last_progress"}
+  (its worker killed, the next job gets a fresh one); failures carry ``output_tail`` (the last
+  stderr lines), every result ``elapsed_s``. A worker's stdout carries only result and
+  `progress` lines, the rest goes to its stderr; the parent drains both as they come (nothing
+  waits in a pipe) and echoes them to its stderr; `log` gets a line as each job starts and ends.
+  A worker runs on the parent's platform or not at all (JAX falls back to the CPU, with only a
+  warning, where the GPU backend fails to start).
   """
 
   def __init__(self, isolate: bool, timeout_s: Optional[float] = JOB_TIMEOUT_S, log=print,

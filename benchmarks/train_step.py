@@ -61,27 +61,6 @@ def _timed(fn, carry, calls: int, warmup: int, what: str = "steps"):
   return median, carry, losses
 
 
-def _pipelined(fn, carry, calls: int):
-  """(ms per step, carry): `calls` steps in a row, synced once at the end.
-
-  As a training loop that fetches its losses every few steps runs them: the host dispatches
-  step k + 1 (its ~1,000 state arrays) while the device runs step k, where `_timed` syncs
-  every step and so counts the dispatch as well.
-  """
-  import jax  # pylint: disable=g-import-not-at-top
-
-  jax.block_until_ready(carry)
-  t0 = time.perf_counter()
-  losses = []
-  for _ in range(calls):
-    carry, loss = fn(carry)
-    losses.append(loss)
-  jax.block_until_ready((carry, losses))
-  ms = (time.perf_counter() - t0) * 1e3 / calls
-  train_setups.progress(f"{calls} steps back to back: {ms:.2f} ms per step")
-  return ms, carry
-
-
 def run_job(job: dict) -> dict:
   """One method at one size, in a worker process (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -106,8 +85,11 @@ def run_job(job: dict) -> dict:
     carry = (carry[0], setup.set_count(carry[1], setup.steady_count), carry[2])
   step_ms, carry, losses = _timed(lambda c: train_setups.run_step(compiled, c, tokens), carry,
                                   job["reps"], job["warmup"])
-  pipelined_ms, carry = _pipelined(lambda c: train_setups.run_step(compiled, c, tokens), carry,
-                                   job["reps"])
+  # Steps back to back, one sync (`optimizer_step.time_pipelined`, one round).
+  from benchmarks import optimizer_step  # pylint: disable=g-import-not-at-top
+  pipelined_ms, (carry,) = optimizer_step.time_pipelined(
+      lambda c: (train_setups.run_step(compiled, c, tokens)[0],), (carry,), job["reps"], rounds=1)
+  train_setups.progress(f"{job['reps']} steps back to back: {pipelined_ms:.2f} ms per step")
   if job.get("profile_top"):  # where the step's device time goes, kernel by kernel
     from benchmarks import profile_update  # pylint: disable=g-import-not-at-top
     carry, row["kernels"] = profile_update.traced_kernels(
@@ -216,18 +198,9 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
         checkpoint=None) -> dict:
   """Every method of `methods` (default all; AdamW always) at every size; see the module doc.
 
-  Options (all optional): batch (else `DEFAULT_BATCH` per size), seq (256), rank (hidden/4),
-  remat (False), host_refresh (False: each step's refresh cond decided on the device; True:
-  the example's host-decided refreshes, `train_setups.build`), scan_layers (False: the
-  example's --scan-layers; the methods of
-  `train_setups.NEEDS_LAYER_MODULES` are then left out), profile_top (None: with N, `reps` more
-  steps are traced and each row gets "kernels", `profile_update.traced_kernels`' summary with
-  the top N kernels), param_dtype ("float32"), state_dtype (None: the method's own), attention
-  ("auto": cuDNN on a GPU), update_every (200), warmup (2), compilation_cache (a directory),
-  job_timeout_s (`train_setups.JOB_TIMEOUT_S`, 300; quick 120): a method that takes longer is
-  killed and recorded with its last progress line. `checkpoint(results)` is called before the
-  first method, as each method starts (its row then says "running"), on each of its progress
-  lines and after it: a cut run keeps what finished and says where it was.
+  `options`: the harness's train_step flags (suites._FLAGS) as keywords, and update_every, warmup.
+  `checkpoint(results)` is called before the first method, as each starts (its row "running"),
+  on each of its progress lines and after it: a cut run keeps what finished and where it was.
   """
   import jax  # pylint: disable=g-import-not-at-top
 
