@@ -92,6 +92,22 @@ def sweep(methods=None, lrs=None, lr_unprojected=None, ablations: bool = False) 
   return specs
 
 
+def checked(options: dict, methods=None) -> dict:
+  """The harness's quality flags (`options`), --lrs made numbers; a ValueError if one is wrong."""
+  options, lrs = dict(options), options.get("lrs")
+  try:
+    options["lrs"] = lrs and [float(x) for x in lrs.split(",") if x]
+  except ValueError:
+    raise ValueError(f"--lrs {lrs!r} is not a comma-separated list of numbers") from None
+  if options.get("parallel", 1) < 1 or options.get("steps", 1) < 1:
+    raise ValueError("--parallel and --steps must be positive")
+  if "runs" in options:
+    parse_runs(options["runs"])
+  else:
+    sweep(methods, options["lrs"], options.get("lr_unprojected"), options.get("ablations", False))
+  return options
+
+
 def parse_runs(text: str) -> list[tuple]:
   """"label:lr[:lr_unprojected],..." -> sweep entries, each label's optimizer and flags from the
   suite's tables (`SWEEP`, `ABLATIONS`)."""

@@ -167,7 +167,7 @@ _FLAGS = {
         ("--lrs", str, None, "comma-separated peak learning rates of the kernels, replacing"
          " each method's sweep"),
         ("--lr-unprojected", float, None, "peak learning rate of the unprojected leaves"),
-        ("--ablations", "store_true", False, "also quality.ABLATIONS"),
+        ("--ablations", "store_true", None, "also quality.ABLATIONS"),
         ("--parallel", int, None, "runs at once, each a process sharing the GPU (default 1)"),
         ("--data-dir", str, None, "the example's token cache (offline-large tokenized there)"),
         ("--steps", int, None, "optimizer steps per run (1000)"),
@@ -196,8 +196,9 @@ _FLAGS = {
         ("--job-timeout-s", float, None, "kill and record a job that runs longer (train_step"
          " 300 s, largest_model 600 s, --quick 120 s)")],
 }
-_QUALITY_FLAGS, _OPTION_FLAGS = ([f[0][2:].replace("-", "_") for f in _FLAGS[group]]
-                                 for group in ("quality", "train_step and largest_model"))
+# The suites each group applies to (and the flags that apply to train_step alone).
+_APPLIES = {"quality": ("quality",), "train_step and largest_model": WORKER_SUITES}
+_TRAIN_STEP_ONLY = ("scan_layers", "profile_top", "host_refresh")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -280,40 +281,22 @@ def main(argv=None) -> dict:
     return run_script(*script)
   args = _parser().parse_args(argv)
   methods = args.methods.split(",") if args.methods else None
-  options = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
-  quality = {k: getattr(args, k) for k in _QUALITY_FLAGS if getattr(args, k) not in (None, False)}
-  if quality and args.suite != "quality":
-    raise SystemExit(f"python -m benchmarks: --{next(iter(quality)).replace('_', '-')} applies to"
-                     " quality only")
+  options = {}
+  for group, suites in _APPLIES.items():
+    for flag, *_ in _FLAGS[group]:
+      name = flag[2:].replace("-", "_")
+      if getattr(args, name) is None:
+        continue
+      only = "train_step" if name in _TRAIN_STEP_ONLY else " and ".join(suites)
+      if args.suite not in only.split(" and "):
+        raise SystemExit(f"python -m benchmarks: {flag} applies to {only} only")
+      options[name] = getattr(args, name)
   if args.suite == "quality":
-    if options:
-      raise SystemExit("python -m benchmarks: quality takes --size, --methods, --out, --quick and"
-                       " its own flags only")
-    try:
-      if "lrs" in quality:
-        quality["lrs"] = [float(x) for x in quality["lrs"].split(",") if x]
-    except ValueError:
-      raise SystemExit(f"python -m benchmarks: --lrs {args.lrs!r} is not a comma-separated list"
-                       " of numbers") from None
-    if quality.get("parallel", 1) < 1 or quality.get("steps", 1) < 1:
-      raise SystemExit("python -m benchmarks: --parallel and --steps must be positive")
-    from benchmarks import quality as quality_suite  # pylint: disable=g-import-not-at-top
+    from benchmarks import quality  # pylint: disable=g-import-not-at-top
     try:  # before anything runs or is written
-      if "runs" in quality:
-        quality_suite.parse_runs(quality["runs"])
-      else:
-        quality_suite.sweep(methods, quality.get("lrs"), quality.get("lr_unprojected"),
-                            quality.get("ablations", False))
+      options = quality.checked(options, methods)
     except ValueError as e:
       raise SystemExit(f"python -m benchmarks: {e}") from None
-    options = quality
-  if options and args.suite not in WORKER_SUITES and args.suite != "quality":
-    flags = ", ".join("--" + k.replace("_", "-") for k in options)
-    raise SystemExit(f"python -m benchmarks: {flags} apply to {' and '.join(WORKER_SUITES)} only")
-  for flag in ("scan_layers", "profile_top", "host_refresh"):
-    if options.get(flag) and args.suite != "train_step":
-      raise SystemExit(f"python -m benchmarks: --{flag.replace('_', '-')} applies to train_step"
-                       " only")
   try:
     return run_suite(args.suite, args.size, args.out, args.quick, args.reps, methods, argv,
                      options=options)
