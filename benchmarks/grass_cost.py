@@ -70,19 +70,11 @@ def _temp_bytes(compiled) -> int | None:
 
 
 def _median_ms(compiled, carry, const, reps):
-  """Median ms of `compiled`, through optimizer_step.time_calls (each call synced).
-
-  With a `carry`, compiled(*carry, *const) returns the next carry (donated
-  buffers); without, compiled(*const) is called and its outputs are synced.
-  """
-  if carry:
-    def run(*c):
-      out = compiled(*c, *const)
-      return out if isinstance(out, tuple) else (out,)
-    median, _ = optimizer_step.time_calls(run, carry, reps)
-  else:
-    median, _ = optimizer_step.time_calls(lambda _: (compiled(*const),), (None,), reps)
-  return median
+  """Median ms of synced calls (`optimizer_step.time_calls`) of compiled(*carry, *const), which
+  returns the next carry (donated buffers), or without a `carry` of compiled(*const)."""
+  wrap = lambda out: out if isinstance(out, tuple) else (out,)
+  run = (lambda *c: wrap(compiled(*c, *const))) if carry else (lambda _: (compiled(*const),))
+  return optimizer_step.time_calls(run, carry or (None,), reps)[0]
 
 
 def _layer_shapes(model):

@@ -45,11 +45,6 @@ TARGETS_GB = {"7b": 24.0, "13b": 40.0}
 JOB_TIMEOUT_S = 2 * train_setups.JOB_TIMEOUT_S
 
 
-def _state_dtype(options) -> str | None:
-  value = options.get("state_dtype") or DEFAULTS["state_dtype"]
-  return None if value == "native" else value
-
-
 def _settings(options, quick) -> dict:
   options = dict(options or {})
   get = lambda k: options[k] if options.get(k) is not None else DEFAULTS[k]
@@ -57,7 +52,8 @@ def _settings(options, quick) -> dict:
           "seq": options.get("seq") or (QUICK["seq"] if quick else DEFAULTS["seq"]),
           "vocab": QUICK["vocab"] if quick else VOCAB,
           "remat": get("remat"), "param_dtype": get("param_dtype"),
-          "state_dtype": _state_dtype(options), "rank": options.get("rank"),
+          "state_dtype": None if get("state_dtype") == "native" else get("state_dtype"),
+          "rank": options.get("rank"),
           "attention": options.get("attention") or "auto",
           "budget_gb": options.get("budget_gb") or (QUICK["budget_gb"] if quick else None),
           "compilation_cache": options.get("compilation_cache"),
@@ -157,8 +153,7 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   import jax  # pylint: disable=g-import-not-at-top
 
   settings = _settings(options, quick)
-  methods = suites.chosen(methods or train_setups.METHODS, train_setups.METHODS)
-  methods = [m for m in train_setups.METHODS if m in methods or m == "adamw"]
+  methods = suites.chosen(methods or train_setups.METHODS, train_setups.METHODS, adamw=True)
   platform = jax.devices()[0].platform
   if settings["budget_gb"] is None and platform == "cpu":
     raise ValueError("the CPU reports no memory limit: pass --budget-gb")

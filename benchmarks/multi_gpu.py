@@ -1,28 +1,15 @@
 """Multi-GPU scaling of the LLaMA example: every method on 1 GPU and on all GPUs of the host.
 
-For each method, runs ``python -m examples.llama train`` twice at the same global batch: on one
-device (``CUDA_VISIBLE_DEVICES`` = the first GPU) and on a mesh over all of them
-(``--data-parallel`` / ``--fsdp`` as given). Reads each run's metrics.jsonl and summary.json
-(tokens/s counts training steps only: compilation, evaluation and checkpoints are left out; the
-host syncs to fetch losses every ``--log-every`` steps, 10 by default, as a training run does) and
-writes one JSON, rewritten after every run so a cut run keeps what finished, with the per-step
-training losses of both runs, their largest relative difference, the final evaluation losses, and
-the tokens/s ratio (mesh / one device); plus a PNG of both loss curves per method. With
-``--hlo-dir``, also each run's compiled train steps (steady and refresh programs) and the bytes
-their collectives move per device, counted from that HLO (``benchmarks/hlo_collectives.py``).
-
-Two speed-ups are reported, because they answer different questions:
-- ``speedup`` (strong scaling): the same global batch on n devices as on one, so each device
-  gets 1/n of it. This is the run whose losses must match the one-device run.
-- ``weak_speedup`` (with ``--weak``, a third run "mesh_weak"): the one-device batch on EACH
-  device (global batch × n), the usual data-parallel throughput measure: each device works at
-  the batch size it was sized for, so the ratio shows what the mesh itself costs.
-
-    python -m benchmarks run --suite multi_gpu -- --out benchmarks/results/multi_gpu_h100x2.json \\
-        --data-dir .data --model-size 350m --batch-size 128 --steps 30 --fsdp 2
-
-On the CPU (a smoke test): XLA_FLAGS=--xla_force_host_platform_device_count=4 and
-``--model-size tiny --tokenizer byte --fsdp 2``.
+Per method, ``python -m examples.llama train`` at one global batch on one device (the first GPU)
+and on a mesh of all (``--data-parallel`` / ``--fsdp``); from each run's metrics.jsonl and
+summary.json (tokens/s of the training steps alone; the host fetches the losses every
+``--log-every`` steps) one JSON, rewritten after every run: both runs' losses, their largest
+relative difference, the final evaluation losses and ``speedup`` (mesh / one device tokens/s,
+strong scaling); with ``--weak`` also ``weak_speedup`` (a "mesh_weak" run at the one-device batch
+on each device); with ``--hlo-dir`` each run's compiled train steps and their collectives' bytes
+(`hlo_collectives`); with ``--profile-steps`` per-device timelines (`traces`). A PNG draws both
+runs' losses per method. docs/benchmarks.md has the commands ("Several GPUs"); a CPU smoke run:
+XLA_FLAGS=--xla_force_host_platform_device_count=4, ``--model-size tiny --tokenizer byte``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""Optimizer-update time, compile time and state bytes on a LLaMA-shaped tree.
-
-Times one jitted update + apply (params and optimizer state donated, the
-gradients fixed) of optax.adamw, optax.contrib.galore (when installed), our
-galore (steady step and refresh step, exact and randomized SVD) and our
-online_subspace_descent, side by side in one process; then the projector
-step alone (exact SVD, our eigh-based SVD refresh, randomized SVD, one
-online-PCA step + AdamW on P) on the OSD paper's shapes. Writes JSON.
-
-    python -m benchmarks run --suite optimizer_step -- --out $OUT/optimizer_step.json
-    python -m benchmarks run --suite optimizer_step -- --size tiny --out /tmp/x.json  # CPU smoke
+"""The LLaMA trees, synthetic gradients and timing loops of the update suites, and suite
+`optimizer_step`, the first update benchmark (docs/benchmarks.md's H100 and H200 anchors): the
+update time, compile time and state bytes of AdamW, optax.contrib.galore, GaLore (steady and
+refresh steps, exact and randomized SVD), OSD and GRASS on one tree in one process, then the
+projector steps alone (`projector_cost`) on the OSD paper's shapes.
 """
 
 from __future__ import annotations

@@ -30,7 +30,6 @@ from benchmarks import suites
 
 DEFAULT_SIZES = ("60m", "350m", "1b")
 UPDATE_EVERY = 200  # T of the amortised rows
-NEVER = 10**9  # an update_every that never comes again: steady steps
 # optax.contrib.galore's state, where this optax has it (its count is set like ours).
 _OPTAX_GALORE_STATE = getattr(getattr(optax, "contrib", None), "GaLoreState", None)
 METHODS = ("adamw", "optax_contrib_galore", "galore", "galore_refresh", "osd", "rso", "grass",
@@ -97,8 +96,8 @@ def transformations(rank: int, lr: float = 1e-3) -> dict:
   txs = {"adamw": (optax.adamw(lr), None, None)}
   if _OPTAX_GALORE_STATE is not None:
     txs["optax_contrib_galore"] = (optax.contrib.galore(
-        lr, rank=rank, update_proj_gap=NEVER, weight_dimension_numbers=_optax_galore_dims),
-                                   1, None)
+        lr, rank=rank, update_proj_gap=optimizer_step.NEVER,
+        weight_dimension_numbers=_optax_galore_dims), 1, None)
   txs.update({
       "galore": (osub.galore(lr, rank, UPDATE_EVERY, mask=mask), 1, "galore_refresh"),
       "osd": (osub.online_subspace_descent(lr, rank, mask=mask), 1, None),
@@ -249,7 +248,7 @@ def run(sizes, reps, methods=METHODS, log=print, checkpoint=None) -> dict:
 
   AdamW always runs: the ratios are to it.
   """
-  methods = set(suites.chosen(methods, METHODS)) | {"adamw"}
+  methods = suites.chosen(methods, METHODS, adamw=True)
   results = {"sizes": []}
   for size in sizes:
     results["sizes"].append(bench_size(size, reps, methods, log))

@@ -1,17 +1,11 @@
 """The rate (TFLOP/s) of the dense products a subspace step runs, separate and batched.
 
-A GaLore step on the LLaMA-1B tree (rank 512) is two products per projected matrix, an Online
-Subspace Descent step three (docs/methods.md), plus OSD's r×r products. This times each product
-kind on its real shapes, for every matrix of that kind in the tree in one jitted call: as
-separate products on separate arrays (as `project_subspace` runs them on separate leaves) and
-as one batched product (as a scanned model's stacked kernels would run), in float32 at JAX's
-default precision (TF32 on recent NVIDIA GPUs) and in bfloat16 with float32 accumulation. Summed
-over the kinds of each method, that is the products' floor for one step over the whole tree:
-what the steady-step target (≤ 1.5× AdamW's update) leaves for everything else. Writes JSON and
-a PNG.
-
-    python -m benchmarks run --suite product_rates -- --out /tmp/product_rates.json       # GPU
-    python -m benchmarks run --suite product_rates -- --size tiny --reps 2 --out /tmp/p.json  # CPU
+Each product kind of a GaLore step (two per projected matrix) and an OSD step (three, and its
+r×r products) on its real shapes, for every matrix of that kind in the tree in one jitted call:
+as separate products on separate arrays (as `project_subspace` runs separate leaves) and as one
+batched product (a scanned model's stacked kernels), in float32 at JAX's default precision and in
+bfloat16 with float32 accumulation. Summed per method: the products' floor of one step over the
+tree, what the steady-step target (≤ 1.5× AdamW's update) leaves for the rest. JSON and a PNG.
 """
 
 from __future__ import annotations

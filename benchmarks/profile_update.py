@@ -1,20 +1,11 @@
 """Where the time of one optimizer update goes: device kernels, grouped, per method.
 
-Builds the LLaMA-shaped tree of `optimizer_step.py` (default 1B: d 2048, ffn 5461, 24 layers,
-rank 512, attention and MLP kernels projected), compiles one update + apply per method (params
-and state donated, steady steps: no refresh), runs it under `jax.profiler.trace` with a Perfetto
-trace and sums the device kernels' durations by kind: matrix products (cuBLAS/cuBLASLt/cutlass
-GEMMs), XLA fusions, copies/transposes, reductions, other. Kernel time per step is the sum over
-the traced calls divided by their number; "wall" is the median synced wall time of the same
-calls outside the trace, "pipelined" the wall time per call of calls run back to back with one
-sync (as a training loop runs them: the host's dispatch hides behind the device). The top
-kernels by time come with their share, so the step that costs most is named, not guessed.
-
-    python -m benchmarks run --suite profile_update -- --out /tmp/profile_update.json  # GPU
-    python -m benchmarks run --suite profile_update -- --size tiny --out /tmp/p.json   # CPU smoke
-
-On the CPU the trace holds no device kernels (the totals are 0); the smoke run checks the
-plumbing.
+On the LLaMA tree of `optimizer_step.py` (default 1B, rank 512), one update + apply per method
+(params and state donated, steady steps) run under `jax.profiler.trace`; the device kernels'
+time per call by kind (`traces.KINDS`: GEMMs, fusions, copies/transposes, reductions, other) and
+the top kernels with their share, next to the median synced wall time of the same calls ("wall")
+and the time per call of calls back to back with one sync ("pipelined"). On the CPU the trace
+holds no device kernels (every figure 0): a smoke run (--size tiny) checks the plumbing.
 """
 
 from __future__ import annotations

@@ -1,15 +1,10 @@
 """Where the time of a subspace step goes: projection layouts on the 1B tree.
 
-Times, on the 168 attention/MLP matrices of LLaMA-1B (rank 512, float32),
-the bare subspace round trip W ← W + P·(PᵀG) in several layouts, to choose
-how `project_subspace` should batch its per-step work:
-  per_matrix            one product pair per matrix (168 × 2 dots)
-  per_matrix_highest    the same at Precision.HIGHEST (is TF32 in use?)
-  stacked_inputs        matrices of one shape already stacked (scanned model)
-  stack_then_batch      per-matrix leaves concatenated by shape each step
-  per_matrix_with_cond  per_matrix plus a never-taken lax.cond refresh
-
-    python -m benchmarks run --suite projection_layouts -- --out $OUT/projection_layouts.json
+The bare round trip W ← W + P·(PᵀG) on the 168 attention/MLP matrices of LLaMA-1B (rank 512,
+float32) in the layouts `project_subspace` could batch its work in: per_matrix (a product pair
+each), per_matrix_highest (at Precision.HIGHEST: is TF32 in use?), stacked_inputs (one shape's
+matrices already stacked: a scanned model), stack_then_batch (concatenated by shape each step),
+per_matrix_with_cond (plus a never-taken lax.cond refresh).
 """
 
 from __future__ import annotations

@@ -48,8 +48,6 @@ METHODS = ("adamw", "galore", "rso", "rso_shared")
 PROJECTED = r"(attention|mlp)/.*kernel"
 RSO_LAYERS = r"(attention|mlp)/"
 UPDATE_EVERY = 200  # GaLore's T and RSO's K: neither refresh nor merge is in the timed steps
-MEMORY_FIELDS = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                 "alias_size_in_bytes", "generated_code_size_in_bytes")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -208,10 +206,9 @@ def _measure(args) -> dict:
   t0 = time.perf_counter()
   compiled = step.lower(params, opt_state, frozen, x).compile()
   compile_s = time.perf_counter() - t0
-  analysis = compiled.memory_analysis()
   out = {
       "compile_s": round(compile_s, 2),
-      "memory_analysis": {f: int(getattr(analysis, f)) for f in MEMORY_FIELDS},
+      "memory_analysis": train_setups.memory_analysis(compiled),
       "trainable_param_bytes": train_setups.nbytes(params),
       "frozen_bytes": train_setups.nbytes(frozen),
       "opt_state_bytes": train_setups.nbytes(opt_state),

@@ -1,15 +1,10 @@
 """One figure of several multi_gpu runs: tokens/s on 1 and n devices and the speed-up, per method.
 
-`multi_gpu.py` writes one JSON per call, and a call's time limit often splits the methods over
-several calls. This reads those JSONs (they must share the model, global batch, sequence
-length, steps, mesh and device kind and count), takes each method from the last file that has
-both of its runs, and writes a PNG (left: tokens/s of the one-device and the mesh run; right:
-the speed-up, with the target as a line), a JSON of the same figures with the file each came
-from, and prints a markdown table. Nothing is measured here: every figure is read from the
-files.
-
-    python -m benchmarks run --suite scaling_plot -- --out $OUT/NAME_scaling.png \\
-        benchmarks/results/multi_gpu_h200x2_dp2_b256_zero1_*_8e955e3.json
+`multi_gpu` writes one JSON per call, and a call's time limit often splits the methods over
+several. This reads those JSONs (the same model, batch, sequence length, steps, mesh and
+devices), takes each method from the last file with both its runs, and writes a PNG (tokens/s
+of both runs; the speed-up against the target), a JSON of the same figures with their files,
+and a markdown table. Nothing is measured here.
 """
 
 from __future__ import annotations

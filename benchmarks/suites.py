@@ -118,8 +118,7 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
     record.write_json(out, result)
 
   if suite == "optimizer_update":
-    named = chosen(methods or module.METHODS, module.METHODS)
-    chosen_methods = [m for m in module.METHODS if m in named or m == "adamw"]
+    chosen_methods = chosen(methods or module.METHODS, module.METHODS, adamw=True)
     result["config"]["trees"] = {s: module.optimizer_step.SIZES[s] for s in sizes}
     result["config"]["projected"] = module.optimizer_step.PROJECTED
     result["config"]["methods"] = chosen_methods
@@ -240,13 +239,14 @@ def script_parser(doc: str, out: str | None = None, **flags) -> argparse.Argumen
   return ap
 
 
-def chosen(names, known) -> list[str]:
-  """`names` (a list or a comma-separated string) if all are `known`, else a ValueError."""
+def chosen(names, known, adamw: bool = False) -> list[str]:
+  """The `known` methods in `names` (a list or a comma-separated string), and AdamW with
+  `adamw`, in `known`'s order; a ValueError if a name is not known."""
   names = [n for n in (names.split(",") if isinstance(names, str) else names) if n]
   unknown = sorted(set(names) - set(known))
   if unknown:
     raise ValueError(f"unknown methods {unknown}; choose from {', '.join(known)}")
-  return names
+  return [m for m in known if m in names or adamw and m == "adamw"]
 
 
 def run_script(suite: str, argv=()):

@@ -313,16 +313,13 @@ class Compiled:
 def compile_setup(setup: TrainSetup) -> Compiled:
   """Compiles the step (and a "program" refresh) from the abstract arguments: nothing is
   allocated on the device."""
-  times = {}
-  t0 = time.perf_counter()
-  step = setup.step.lower(*setup.abstract).compile()
-  times["step"] = time.perf_counter() - t0
-  refresh = None
-  if setup.refresh is not None:
-    t0 = time.perf_counter()
-    refresh = setup.refresh.lower(*setup.abstract).compile()
-    times["refresh"] = time.perf_counter() - t0
-  return Compiled(step, refresh, times)
+  programs, times = {}, {}
+  for name, jitted in (("step", setup.step), ("refresh", setup.refresh)):
+    if jitted is not None:
+      t0 = time.perf_counter()
+      programs[name] = jitted.lower(*setup.abstract).compile()
+      times[name] = time.perf_counter() - t0
+  return Compiled(programs["step"], programs.get("refresh"), times)
 
 
 def memory_analysis(compiled) -> Optional[dict]:
@@ -357,17 +354,16 @@ def run_refresh(setup: TrainSetup, compiled: Compiled, carry, tokens):
   return compiled.refresh(params, opt_state, frozen, tokens)
 
 
-def nbytes(tree) -> int:
-  return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
 def bytes_by_dtype(tree) -> dict:
   """{dtype name: bytes} of the leaves of `tree` (arrays or ShapeDtypeStructs)."""
-  out = {}
+  out = collections.Counter()
   for x in jax.tree.leaves(tree):
-    name = jnp.dtype(x.dtype).name
-    out[name] = out.get(name, 0) + int(x.size * jnp.dtype(x.dtype).itemsize)
-  return out
+    out[jnp.dtype(x.dtype).name] += int(x.size * jnp.dtype(x.dtype).itemsize)
+  return dict(out)
+
+
+def nbytes(tree) -> int:
+  return sum(bytes_by_dtype(tree).values())
 
 
 def model_fields(shape, vocab: int, remat: bool, param_dtype: str,

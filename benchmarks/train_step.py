@@ -205,8 +205,7 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   import jax  # pylint: disable=g-import-not-at-top
 
   options = dict(options or {})
-  methods = suites.chosen(methods or train_setups.METHODS, train_setups.METHODS)
-  methods = [m for m in train_setups.METHODS if m in methods or m == "adamw"]
+  methods = suites.chosen(methods or train_setups.METHODS, train_setups.METHODS, adamw=True)
   if options.get("scan_layers"):
     left_out = [m for m in methods if m in train_setups.NEEDS_LAYER_MODULES]
     if left_out:
