@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-t
 import optax_subspace as osub  # pylint: disable=g-import-not-at-top
 from benchmarks import record  # pylint: disable=g-import-not-at-top
 from benchmarks import suites  # pylint: disable=g-import-not-at-top
+from benchmarks.train_setups import cross_entropy  # pylint: disable=g-import-not-at-top
 from benchmarks import methods as registry  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import by_shape  # pylint: disable=g-import-not-at-top
 from benchmarks.hlo_collectives import collective_bytes  # pylint: disable=g-import-not-at-top
@@ -66,21 +67,8 @@ def _parser():
 
 def _path(key_path) -> str:
   """A state path as "layers/0/attention/q_proj/kernel" (Variables' ".value" dropped)."""
-  names = []
-  for k in key_path:
-    if isinstance(k, jax.tree_util.DictKey):
-      names.append(str(k.key))
-    elif isinstance(k, jax.tree_util.SequenceKey):
-      names.append(str(k.idx))
-    elif isinstance(k, jax.tree_util.GetAttrKey) and k.name != "value":
-      names.append(k.name)
-  return "/".join(names)
-
-
-def _loss(model, tokens):
-  """Next-token cross-entropy, as examples/llama/train.py's `_loss`."""
-  logits = model(tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  names = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", None))) for k in key_path]
+  return "/".join(str(n) for n in names if n is not None and n != "value")
 
 
 def _optimizer(method: str, rank: int) -> optax.GradientTransformation:
@@ -110,7 +98,7 @@ def _optimizer_level_step(cfg, tx, mesh, tokens):
   opt_state = jax.eval_shape(tx.init, params)
 
   def train_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(lambda p: _loss(nnx.merge(graphdef, p), batch))(params)
+    loss, grads = jax.value_and_grad(lambda p: cross_entropy(nnx.merge(graphdef, p), batch))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -174,8 +162,8 @@ def _model_level_step(cfg, method, rank, mesh, tokens):
   def train_step(state, batch):
     model, opt = nnx.merge(graphdef, state)
     if method == "grass_model":
-      osnn.grass_refresh(model, opt, _loss, batch)  # a lax.cond: acts at steps 0, K, 2K, …
-    loss, grads = nnx.value_and_grad(_loss)(model, batch)
+      osnn.grass_refresh(model, opt, cross_entropy, batch)  # a lax.cond: acts at steps 0, K, 2K, …
+    loss, grads = nnx.value_and_grad(cross_entropy)(model, batch)
     opt.update(model, grads)
     if method == "rso_model":
       osnn.merge_if_due(model, opt.step[...], UPDATE_EVERY)  # a lax.cond: after K, 2K, …

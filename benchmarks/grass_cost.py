@@ -77,12 +77,6 @@ def _median_ms(compiled, carry, const, reps):
   return optimizer_step.time_calls(run, carry or (None,), reps)[0]
 
 
-def _layer_shapes(model):
-  """(in, out) of every GRASS layer (or of the layers GRASS would replace)."""
-  found = _surgery.find_linears(model, GRASS_LAYERS)
-  return [tuple(layer.kernel.shape) for _, layer in found]
-
-
 def _compile_grads(model, x):
   """Compiled forward, value_and_grad (Params), grad (Params, input), grad (input)."""
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -137,7 +131,9 @@ def bench_blocks(args) -> dict:
                         jnp.bfloat16)
   tokens = args.batch * args.seq
   out = {"tokens": tokens}
-  shapes = _layer_shapes(_stack(args))
+  # (in, out) of every layer GRASS replaces.
+  shapes = [tuple(layer.kernel.shape)
+            for _, layer in _surgery.find_linears(_stack(args), GRASS_LAYERS)]
   sum_in_out = sum(m * n for m, n in shapes)
   sum_in_r = sum(m * min(args.rank, n) for m, n in shapes)
   out["analytic"] = {

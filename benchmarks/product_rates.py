@@ -46,9 +46,8 @@ def product_kinds(d, ffn, layers, rank, **_):
 def time_product(a_shape, b_shape, transpose_a, count, batched, dtype, reps):
   """ms per call and TFLOP/s of `count` matmuls A·B (Aᵀ·B), float32 accumulation.
 
-  `batched`: one batched matmul on (count, …) operands; else `count` separate
-  matmuls on separate arrays, in one jitted call (so the products run back to
-  back on the device as an update runs them, not one host dispatch each).
+  `batched`: one batched matmul on (count, …) operands; else `count` separate matmuls on
+  separate arrays in one jitted call (back to back on the device, as an update runs them).
   """
   key = jax.random.PRNGKey(0)
   draw = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)

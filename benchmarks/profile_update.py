@@ -41,19 +41,13 @@ def methods(rank: int, dims=None) -> dict:
   """name -> (transformation, count to start at) of each of `PROFILED`: `optimizer_step.variants`
   by name ("galore_refresh": its galore_refresh_svd) with these suffixes.
 
-  "*_unpadded" compile with the combinator's PRODUCT_ALIGNMENT at 1: the
-  products with gradients whose kept side is not a multiple of 8 (1B's ffn
-  5461) run on the gradient as it is, to measure what the zero padding buys.
-  "galore_refresh*" refresh at every call (T = 1): the SVD refresh of every
-  projected matrix plus the step; "*_unchunked" compile with
-  `optax_subspace._chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh
-  per shape, as before 972ca93), to measure what chunking costs in time.
-  "*_host_refresh": the update told on the host that the step does not
-  refresh (``subspace_refresh=False``): no refresh cond in the program, so
-  no host sync at it (XLA's GPU runtime reads a conditional's predicate on
-  the host); the same values as the plain steady step.
-  (The "*_stacked_state" and "*_swapped_updates" variants of earlier runs
-  measured layouts that were then taken out of the combinator.)
+  "*_unpadded" compile with the combinator's PRODUCT_ALIGNMENT at 1: products with gradients
+  whose kept side is not a multiple of 8 (1B's ffn 5461) run on the gradient as it is.
+  "galore_refresh*" refresh at every call (T = 1); "*_unchunked" compile with
+  `_chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh per shape, as before
+  972ca93). "*_host_refresh": the update told on the host that the step does not refresh
+  (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU). (Earlier
+  runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
   table["galore_refresh"] = table["galore_refresh_svd"]

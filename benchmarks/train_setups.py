@@ -163,10 +163,10 @@ def optimizer(method: str, rank: int, update_every: int = UPDATE_EVERY,
   return tx if state_dtype is None else with_state_dtype(tx, state_dtype)
 
 
-def _cross_entropy(model, tokens):
+def cross_entropy(model, tokens):
   """Next-token cross-entropy, as examples/llama/train.py's `_loss`."""
   logits = model(tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  return optax.softmaxcross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
 def _set_nnx_step(opt_state, count):
@@ -198,7 +198,7 @@ def _optimizer_level(method, cfg, tx, seed, refresh=None):
   def train_step(params, opt_state, frozen, tokens):
     del frozen  # the optimizer level trains every parameter
     loss, grads = jax.value_and_grad(
-        lambda p: _cross_entropy(nnx.merge(graphdef, p), tokens))(params)
+        lambda p: cross_entropy(nnx.merge(graphdef, p), tokens))(params)
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -228,7 +228,7 @@ def _model_level(method, cfg, tx, rank, update_every, seed):
 
   def loss_fn(params, frozen, tokens):
     # copy=True: Variables of this trace (nnx.remat writes every Variable of a block back).
-    return _cross_entropy(nnx.merge(graphdef, params, frozen, copy=True), tokens)
+    return cross_entropy(nnx.merge(graphdef, params, frozen, copy=True), tokens)
 
   def train_step(params, opt_state, frozen, tokens):
     loss, grads = jax.value_and_grad(loss_fn)(params, frozen, tokens)
@@ -243,7 +243,7 @@ def _model_level(method, cfg, tx, rank, update_every, seed):
     if method in RSO_MODEL:
       osnn.merge_and_redraw(model)  # W ← W + P·B, B ← 0, the next P
     else:
-      osnn.grass_refresh(model, opt, _cross_entropy, tokens)  # acts at a step count 0 mod K
+      osnn.grass_refresh(model, opt, cross_entropy, tokens)  # acts at a step count 0 mod K
     _, params, frozen = nnx.split(model, nnx.Param, ...)
     return params, nnx.state(opt), frozen
 
