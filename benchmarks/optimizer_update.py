@@ -14,6 +14,7 @@ that runs out of memory recorded with its error.
 
 from __future__ import annotations
 
+import collections
 import gc
 import re
 import time
@@ -165,20 +166,6 @@ def bench_method(name, tx, params, grads, reps, steady_count, refresh_name, log=
   return rows
 
 
-def _memory_limit():
-  stats = jax.devices()[0].memory_stats()
-  return None if not stats else stats.get("bytes_limit")
-
-
-def _shape_counts(shapes) -> dict:
-  counts = {}
-  for path, shape in _leaves(shapes):
-    if _projected(_path(path), shape):
-      key = f"{shape[0]}x{shape[1]}"
-      counts[key] = counts.get(key, 0) + 1
-  return counts
-
-
 def bench_size(size: str, reps: int, methods, log=print) -> dict:
   """Every method of `methods` on the tree of `size`: one row each, ratios, amortised rows."""
   cfg = optimizer_step.SIZES[size]
@@ -187,7 +174,7 @@ def bench_size(size: str, reps: int, methods, log=print) -> dict:
   n_params = sum(int(np.prod(s)) for _, s in _leaves(shapes))
   grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
   init = lambda k, s: 0.02 * jax.random.normal(k, s)
-  limit = _memory_limit()
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
   log(f"tree {size}: {n_params / 1e9:.3f}e9 params, {len(_leaves(shapes))} leaves, rank {rank}"
       + (f", device limit {limit / 2**30:.1f} GiB" if limit else ""))
   rows = []
@@ -239,7 +226,9 @@ def bench_size(size: str, reps: int, methods, log=print) -> dict:
       if "adamw" in by:
         amortised[method]["ratio_to_adamw"] = ms / by["adamw"]["median_ms"]
   return {"size": size, "config": cfg, "n_params": n_params, "n_leaves": len(_leaves(shapes)),
-          "projected_matrices": _shape_counts(shapes), "rows": rows,
+          "projected_matrices": dict(collections.Counter(
+              f"{s[0]}x{s[1]}" for p, s in _leaves(shapes) if _projected(_path(p), s))),
+          "rows": rows,
           f"amortised_over_{UPDATE_EVERY}_steps": amortised}
 
 

@@ -166,7 +166,7 @@ def optimizer(method: str, rank: int, update_every: int = UPDATE_EVERY,
 def cross_entropy(model, tokens):
   """Next-token cross-entropy, as examples/llama/train.py's `_loss`."""
   logits = model(tokens[:, :-1])
-  return optax.softmaxcross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
 def _set_nnx_step(opt_state, count):
@@ -186,13 +186,10 @@ def _optimizer_level(method, cfg, tx, seed, refresh=None):
   its static `subspace_refresh` (None: decided on the device)."""
   extra = {} if refresh is None else {"subspace_refresh": refresh}
 
-  def build_params():
-    return nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(seed))))
-
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(seed))))
 
   def init():
-    params = build_params()
+    params = nnx.to_pure_dict(nnx.state(Llama(cfg, nnx.Rngs(seed))))
     return params, tx.init(params), {}
 
   def train_step(params, opt_state, frozen, tokens):
