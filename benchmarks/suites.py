@@ -19,7 +19,6 @@ import sys
 
 from benchmarks import record
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUITES = ("projector_cost", "optimizer_update", "train_step", "largest_model", "quality")
 # Suites that are one module's `main(argv)`: `python -m benchmarks run --suite NAME -- FLAGS`
 # passes FLAGS to it (`-- --help` lists them). Each writes the JSON its --out names.
@@ -30,12 +29,6 @@ SCRIPT_SUITES = ("multi_gpu", "profile_update", "product_rates", "projection_lay
 WORKER_SUITES = ("train_step", "largest_model")
 QUICK_REPS = 3
 DEFAULT_REPS = 20
-
-
-def _suite_module(name: str):
-  if name not in SUITES:
-    raise ValueError(f"unknown suite {name!r}; choose one of {', '.join(SUITES)}")
-  return importlib.import_module(f"benchmarks.{name}")
 
 
 def _sizes(size, quick: bool, module) -> list[str]:
@@ -66,7 +59,7 @@ def output_path(suite: str, out_dir=None) -> pathlib.Path:
   import jax  # pylint: disable=g-import-not-at-top
 
   dev = jax.devices()[0]
-  out_dir = pathlib.Path(out_dir) if out_dir is not None else ROOT / "benchmarks" / "results"
+  out_dir = pathlib.Path(out_dir) if out_dir is not None else record.ROOT / "benchmarks" / "results"
   return out_dir / f"{suite}_{_device_slug(dev.device_kind, dev.platform)}.json"
 
 
@@ -98,7 +91,9 @@ def run_suite(suite: str, size=None, out=None, quick: bool = False, reps: int | 
     train_setups.prepare_parent()  # before JAX starts: the GPU is the workers'
   import jax  # pylint: disable=g-import-not-at-top
 
-  module = _suite_module(suite)
+  if suite not in SUITES:
+    raise ValueError(f"unknown suite {suite!r}; choose one of {', '.join(SUITES)}")
+  module = importlib.import_module(f"benchmarks.{suite}")
   sizes = _sizes(size, quick, module)
   reps = reps or (QUICK_REPS if quick else getattr(module, "DEFAULT_REPS", DEFAULT_REPS))
   dev = jax.devices()[0]

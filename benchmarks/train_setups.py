@@ -137,13 +137,6 @@ def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientT
   return optax.GradientTransformation(init, update)
 
 
-def _train_config(method: str, rank: int, update_every: int,
-                  scan_layers: bool = False) -> TrainConfig:
-  optimizer = EXAMPLE_OPTIMIZER.get(method, method.removesuffix("_model"))
-  return TrainConfig(optimizer=optimizer, rank=rank, update_every=update_every,
-                     steps=SCHEDULE_STEPS, scan_layers=scan_layers)
-
-
 def optimizer(method: str, rank: int, update_every: int = UPDATE_EVERY,
               state_dtype=None, scan_layers: bool = False) -> optax.GradientTransformation:
   """The update rule of `method`: the example's for the optimizer level, `optax_subspace.nn`'s
@@ -153,7 +146,9 @@ def optimizer(method: str, rank: int, update_every: int = UPDATE_EVERY,
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
   if scan_layers and method in NEEDS_LAYER_MODULES:
     raise ValueError(f"{method} needs one module per layer: no scanned model")
-  cfg = _train_config(method, rank, update_every, scan_layers)
+  cfg = TrainConfig(optimizer=EXAMPLE_OPTIMIZER.get(method, method.removesuffix("_model")),
+                    rank=rank, update_every=update_every, steps=SCHEDULE_STEPS,
+                    scan_layers=scan_layers)
   if method in RSO_MODEL:
     tx = osnn.rso_optimizer(llama_optimizers.schedule(cfg), inner_steps=update_every)
   elif method == "grass_model":
@@ -175,10 +170,6 @@ def _set_nnx_step(opt_state, count):
   leaves = [jnp.asarray(count, leaf.dtype)
             if path[0] == jax.tree_util.DictKey("step") else leaf for path, leaf in flat]
   return treedef.unflatten(leaves)
-
-
-def _abstract(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _optimizer_level(method, cfg, tx, seed, refresh=None):
@@ -286,7 +277,8 @@ def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Option
       batch=batch, seq=seq, rank=rank, update_every=update_every,
       state_dtype=None if state_dtype is None else jnp.dtype(state_dtype).name,
       step=jax.jit(train_step, donate_argnums=(0, 1)), init=init,
-      abstract=(*_abstract(carry), tokens_shape),
+      abstract=(*jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), carry),
+                tokens_shape),
       tokens=lambda s: jax.random.randint(jax.random.PRNGKey(s), tokens_shape.shape, 0,
                                           model.vocab_size, jnp.int32),
       refresh_kind=kind,
