@@ -10,12 +10,14 @@ holds no device kernels (every figure 0): a smoke run (--size tiny) checks the p
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import pathlib
 import re
 import tempfile
 import time
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -85,18 +87,14 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
   state = jax.jit(tx.init)(params)
   if count is not None:
     state = optimizer_update._count_setter(state)(state, count)  # past the step-0 refresh
-  changed = [setting for suffix, setting in _COMPILE_SETTINGS.items() if name.endswith(suffix)]
-  saved = [(module, attr, getattr(module, attr)) for module, attr, _ in changed]
-  for module, attr, value in changed:  # set around the compile only
-    setattr(module, attr, value)
-  try:
+  with contextlib.ExitStack() as settings:  # changed around the compile only
+    for suffix, (module, attr, value) in _COMPILE_SETTINGS.items():
+      if name.endswith(suffix):
+        settings.enter_context(mock.patch.object(module, attr, value))
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
-    if hlo_dir:  # the kernel names of `top` are the fusions' names in this text
-      with gzip.open(pathlib.Path(hlo_dir) / f"{name}.hlo.txt.gz", "wt") as f:
-        f.write(compiled.as_text())
-  finally:
-    for module, attr, value in saved:
-      setattr(module, attr, value)
+  if hlo_dir:  # the kernel names of `top` are the fusions' names in this text
+    with gzip.open(pathlib.Path(hlo_dir) / f"{name}.hlo.txt.gz", "wt") as f:
+      f.write(compiled.as_text())
   p = jax.tree_util.tree_map(jnp.copy, params)
   run = lambda p, s: (*compiled(p, s, grads),)
   wall, (p, state) = optimizer_step.time_calls(run, (p, state), reps)

@@ -4,21 +4,13 @@
 ``(params, opt_state, frozen, tokens) -> (params, opt_state, loss)`` (next-token cross-entropy on
 random tokens, params and state donated), its eager initialisation, its arguments' abstract
 shapes (a step compiles, and its memory is read, before anything is allocated) and the periodic
-refresh where a method has one. Methods (`METHODS`):
-
-- optimizer level, the LLaMA example's `--optimizer` builds (`examples.llama.optimizers.method`):
-  adamw, optax_contrib_galore, galore, osd, rso, grass; ``frozen`` is empty;
-- model level (`optax_subspace.nn`): rso_model, rso_model_shared (one P for q/k/v, one for
-  gate/up) and grass_model: the attention and MLP layers become `RsoLinear` / `GrassLinear`, W
-  (and P, σ, ρ) are frozen arguments, merged into the differentiated loss with ``copy=True``
-  (with `nnx.remat` per block, Variables of the gradient's own trace), and the optimizer state is
-  an `nnx.Optimizer`'s.
-
-Refreshes (T = `update_every`), amortised by the suites over T steps: kind "count" (galore, grass)
-is the step itself at count 0 mod T, run with the count set back to 0; kind "program" (rso_model:
-`merge_and_redraw`; grass_model: `grass_refresh`) is a jitted program of its own run between
-steps. optax_contrib_galore's SVD refresh is not timed: its steps run from count 1 with P zero.
-`state_dtype` runs the method on gradients and parameters cast to that dtype (`with_state_dtype`).
+refresh where a method has one: kind "count" (galore, grass), the step itself at count 0 mod T;
+kind "program" (rso_model: `merge_and_redraw`; grass_model: `grass_refresh`), a program run
+between steps. Methods (`METHODS`): the optimizer level, the LLaMA example's `--optimizer`
+builds (``frozen`` empty; optax_contrib_galore's SVD refresh is not timed: its steps run from
+count 1 with P zero), and the model level of `optax_subspace.nn`: rso_model, rso_model_shared
+(one P for q/k/v, one for gate/up) and grass_model, whose W (and P, σ, ρ) are frozen arguments
+and whose optimizer state is an `nnx.Optimizer`'s.
 
 `Workers` runs job dicts (``{"module": ..., ...}``: that module's ``run_job(job)``) in
 ``python -m benchmarks.train_setups --worker`` processes: with ``isolate=True`` (a GPU) one per

@@ -14,8 +14,6 @@ within the run. docs/benchmarks.md, "Whole train step", has the defaults, comman
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 from benchmarks import record
 from benchmarks import suites
@@ -41,24 +39,13 @@ AMORTISED = f"amortised_over_{train_setups.UPDATE_EVERY}"
 
 
 def _timed(fn, carry, calls: int, warmup: int, what: str = "steps"):
-  """(median ms over `calls` after `warmup`, carry, losses): fn(carry) -> (carry, loss or None),
-  each call synced; the end of the warm-up and of the timed calls reported as progress."""
-  import jax  # pylint: disable=g-import-not-at-top
+  """(median ms over `calls` synced calls after `warmup`, carry): ``carry = fn(carry)``
+  (`optimizer_step.time_calls`), reported as progress."""
+  from benchmarks import optimizer_step  # pylint: disable=g-import-not-at-top
 
-  times, losses = [], []
-  for i in range(warmup + calls):
-    t0 = time.perf_counter()
-    carry, loss = fn(carry)
-    jax.block_until_ready((carry, loss))
-    if i >= warmup:
-      times.append((time.perf_counter() - t0) * 1e3)
-    if loss is not None:
-      losses.append(float(loss))
-    if i + 1 == warmup:
-      train_setups.progress(f"warm-up done ({warmup} {what})")
-  median = statistics.median(times)
-  train_setups.progress(f"timed {calls} {what}: median {median:.2f} ms")
-  return median, carry, losses
+  median, (carry,) = optimizer_step.time_calls(lambda c: (fn(c),), (carry,), calls, warmup)
+  train_setups.progress(f"timed {calls} {what} after {warmup}: median {median:.2f} ms")
+  return median, carry
 
 
 def run_job(job: dict) -> dict:
@@ -83,8 +70,15 @@ def run_job(job: dict) -> dict:
   del params, opt_state, frozen
   if setup.steady_count is not None:  # past the step-0 refresh
     carry = (carry[0], setup.set_count(carry[1], setup.steady_count), carry[2])
-  step_ms, carry, losses = _timed(lambda c: train_setups.run_step(compiled, c, tokens), carry,
-                                  job["reps"], job["warmup"])
+  losses = []
+
+  def step(carry):
+    carry, loss = train_setups.run_step(compiled, carry, tokens)
+    losses.append(loss)
+    return carry
+
+  step_ms, carry = _timed(step, carry, job["reps"], job["warmup"])
+  losses = [float(x) for x in losses]
   # Steps back to back, one sync (`optimizer_step.time_pipelined`, one round).
   from benchmarks import optimizer_step  # pylint: disable=g-import-not-at-top
   pipelined_ms, (carry,) = optimizer_step.time_pipelined(
@@ -103,9 +97,8 @@ def run_job(job: dict) -> dict:
              loss_first=losses[0], loss_last=losses[-1],
              losses_finite=all(math.isfinite(x) for x in losses))
   if setup.refresh_kind is not None:
-    refresh_ms, carry, _ = _timed(
-        lambda c: (train_setups.run_refresh(setup, compiled, c, tokens), None), carry,
-        job["refresh_reps"], 1, "refreshes")
+    refresh_ms, carry = _timed(lambda c: train_setups.run_refresh(setup, compiled, c, tokens),
+                               carry, job["refresh_reps"], 1, "refreshes")
     t = setup.update_every
     if setup.refresh_kind == "count":  # the refresh step replaces one step in T
       amortise = lambda step: (refresh_ms + (t - 1) * step) / t
