@@ -267,10 +267,6 @@ def analytic(cfg, rank, method, mesh_name):
 # ------------------------------------------------------------------ measured totals
 
 
-def _difference(a, b):
-  return {k: a[k] - b[k] for k in a}
-
-
 def _measure(cfg, method, rank, mesh, tokens):
   hlo, lower_s, compile_s = compile_train_step(cfg, method, rank, mesh, tokens)
   counted = collective_bytes(hlo)
@@ -326,7 +322,7 @@ def main(argv=None) -> dict:
       if args.layers >= 2:
         fewer = ModelConfig(args.hidden, args.ffn, args.heads, args.layers - 1, args.vocab)
         _, totals_fewer, _, _ = _measure(fewer, method, args.rank, mesh, tokens)
-        per_layer = _difference(totals, totals_fewer)
+        per_layer = {k: totals[k] - totals_fewer[k] for k in totals}
         run["per_layer"] = per_layer
         run["extrapolated_to_24_layers"] = {
             k: totals[k] + (FULL_LAYERS - args.layers) * per_layer[k] for k in totals}

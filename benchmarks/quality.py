@@ -25,15 +25,13 @@ import tempfile
 import time
 
 from benchmarks import record
+from benchmarks import suites
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZES = ("tiny", "9m", "20m", "60m", "130m", "350m")
 DEFAULT_SIZES = ("60m",)
 QUICK_SIZES = ("tiny",)
-STEPS = 1000
-BATCH = 64
-EVAL_EVERY = 100
-EVAL_WINDOWS = 512
+FULL = {"steps": 1000, "batch": 64, "seq": 256, "eval_every": 100, "eval_windows": 512,
+        "corpus": "offline-large"}
 QUICK = {"steps": 8, "batch": 4, "seq": 32, "eval_every": 4, "eval_windows": 4,
          "corpus": "sotu"}
 # --quick without --runs, --methods or --lrs: two methods, a sweep of two (~1 min on 2 cores).
@@ -71,11 +69,8 @@ ABLATIONS = (
 def sweep(methods=None, lrs=None, lr_unprojected=None, ablations: bool = False) -> list[tuple]:
   """The runs of the suite: `SWEEP` (+ `ABLATIONS`), filtered by label, lrs overridden."""
   specs = list(SWEEP) + (list(ABLATIONS) if ablations else [])
-  labels = {s[0] for s in specs}
   if methods:
-    unknown = sorted(set(methods) - labels)
-    if unknown:
-      raise ValueError(f"unknown methods {unknown}; choose from {', '.join(sorted(labels))}")
+    methods = suites.chosen(methods, sorted({s[0] for s in specs}))
     specs = [s for s in specs if s[0] in methods]
   for value in list(lrs or ()) + ([lr_unprojected] if lr_unprojected is not None else []):
     if not value > 0:
@@ -207,9 +202,7 @@ def best_of_sweeps(runs: list[dict]) -> dict:
 
 
 def _settings(quick: bool, steps=None) -> dict:
-  settings = dict(QUICK) if quick else {
-      "steps": STEPS, "batch": BATCH, "seq": 256, "eval_every": EVAL_EVERY,
-      "eval_windows": EVAL_WINDOWS, "corpus": "offline-large"}
+  settings = QUICK if quick else FULL
   return {**settings, "steps": steps or settings["steps"]}
 
 
@@ -234,7 +227,7 @@ def _train_in_processes(jobs, parallel: int, done) -> None:
       run_dir = pathlib.Path(argv[argv.index("--run-dir") + 1])
       log_file = open(run_dir.parent / (run_dir.name + ".log"), "w")
       proc = subprocess.Popen([sys.executable, "-m", "examples.llama", "train", *argv],
-                              cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+                              cwd=record.ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
       running.append((proc, finish, log_file, time.perf_counter()))
     for item in list(running):
       proc, finish, log_file, started = item
