@@ -14,13 +14,16 @@ from optax_subspace._combinator import FIRST_MOMENT_FIELDS
 from optax_subspace._combinator import ProjectSubspaceState
 from optax_subspace._combinator import SECOND_MOMENT_FIELDS
 from optax_subspace._combinator import project_subspace
+from optax_subspace._combinator import subspace_plan
 from optax_subspace._grass import grass
+from optax_subspace._leaves import LeafPlan
 from optax_subspace._leaves import LeafPredicate
 from optax_subspace._leaves import MatrixDims
 from optax_subspace._leaves import leaf_predicate
 from optax_subspace._presets import DecayAfterUpdateState
 from optax_subspace._presets import add_decayed_weights_after_update
 from optax_subspace._presets import galore
+from optax_subspace._plan import SubspacePlan
 from optax_subspace._presets import online_subspace_descent
 from optax_subspace._refresh import RefreshScheduleError
 from optax_subspace._refresh import refresh_due
@@ -41,11 +44,13 @@ __all__ = [
     "CheckpointMismatchError",
     "DecayAfterUpdateState",
     "FIRST_MOMENT_FIELDS",
+    "LeafPlan",
     "LeafPredicate",
     "MatrixDims",
     "ProjectSubspaceState",
     "RefreshScheduleError",
     "SECOND_MOMENT_FIELDS",
+    "SubspacePlan",
     "ScaleByHfAdamState",
     "add_decayed_weights_after_update",
     "galore",
@@ -64,6 +69,7 @@ __all__ = [
     "save_checkpoint",
     "scale_by_hf_adam",
     "state_shardings",
+    "subspace_plan",
     "update_shardings",
     "torch_adamw",
 ]

@@ -1,9 +1,14 @@
-"""`project_subspace`: run any Optax transformation in a low-rank subspace."""
+"""`project_subspace`: run any Optax transformation in a low-rank subspace.
+
+The transformation is a short pipeline (`_pipeline`) over a plan
+(`_plan`): `init` makes the plan and the projector states; each `update`
+runs refresh (when due) → project → inner → back-project → advance, with
+`on_change` (`_transport`) applied to the inner state wherever a basis moved.
+"""
 
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -13,35 +18,13 @@ import optax
 
 from optax_subspace import _chunks
 from optax_subspace import _leaves
+from optax_subspace import _pipeline
+from optax_subspace import _plan
+from optax_subspace import _transport
+from optax_subspace._transport import FIRST_MOMENT_FIELDS  # noqa: F401 (public)
+from optax_subspace._transport import SECOND_MOMENT_FIELDS  # noqa: F401 (public)
 from optax_subspace.projectors import _base
 
-# Inner-state buffers holding non-negative statistics of squared gradients
-# (optax's Adam/AdaBelief/AMSGrad/Yogi `nu`, RMSProp `nu`, Adagrad
-# `sum_of_squares`, Adafactor's unfactored `v`, Adadelta's `e_g` and `e_x`):
-# "transport" moves them with M⊙M instead of M.
-SECOND_MOMENT_FIELDS = frozenset(
-    {"nu", "nu_max", "sum_of_squares", "v", "exp_avg_sq", "e_g", "e_x"}
-)
-# Inner-state buffers linear in the gradient (Adam's and Lion's `mu`, SGD
-# momentum's `trace`, `m`, `exp_avg`): "transport" moves them with M. A
-# low-rank buffer in neither set (a step size, Rprop's `step_sizes`) has no
-# known way into a new basis, and "transport" refuses it at `init`.
-FIRST_MOMENT_FIELDS = frozenset({"mu", "trace", "m", "exp_avg"})
-# State types whose field names would mislead the two sets above, with their
-# own (first, second) moment fields: optax.adan's `v` averages gradient
-# differences (linear), `n` is its second moment, `g` the last gradient.
-STATE_MOMENT_FIELDS = {
-    "ScaleByAdanState": (frozenset({"m", "v", "g"}), frozenset({"n"})),
-}
-# State types "transport" refuses whatever their fields, and why.
-TRANSPORT_REFUSED = {
-    "ScaleByRStdDevState": (
-        "centered RMSProp takes √(nu − mu²), and nu moved with M⊙M and mu"
-        " with M separately need not keep nu ≥ mu² (NaN)"),
-}
-# Per-matrix step counts of the inner state (shape: the leaf's batch shape),
-# restarted by on_change="reset" with the matrix's moments.
-MATRIX_COUNT_FIELDS = frozenset({"count"})
 ON_CHANGE = ("keep", "reset", "transport")
 # The dense products with G run on rows padded with zeros to a multiple of
 # this many elements. GPU tensor-core GEMMs need 16-byte-aligned rows: an
@@ -76,6 +59,11 @@ class ProjectSubspaceState(NamedTuple):
     refresh_mismatch: int32, -1, or the first step at which a
       ``subspace_refresh`` passed to `update` disagreed with the projector's
       schedule (`refresh_due` raises on it).
+    plan: the `SubspacePlan` made at `init`, what the update,
+      `state_shardings`, `update_shardings` and the checkpoint signature
+      read. Static: part of the tree structure, not a child of it, so the
+      state flattens to the five fields above, keyed as before the plan
+      existed, and checkpoints written before it restore.
   """
 
   count: jax.Array
@@ -83,28 +71,17 @@ class ProjectSubspaceState(NamedTuple):
   inner: optax.OptState
   schedule: Any = None
   refresh_mismatch: Any = None
+  plan: Any = None
 
 
-def _over_batch(fn, plan: _leaves.LeafPlan, *args, in_axes):
-  """Applies a one-matrix function to every matrix of a leaf.
-
-  Mapped arguments have the leaf's batch axes leading; they are flattened to
-  one axis, vmapped, and the outputs get the batch axes back. A plain matrix
-  (no batch axes) is passed straight through: no size-1 batch dimension for
-  XLA to carry into every product.
-  """
-  if not plan.batch_shape:
-    return fn(*args)
-  b = plan.num_matrices
-  flat = [
-      jax.tree_util.tree_map(lambda x: x.reshape((b,) + x.shape[
-          len(plan.batch_shape):]), a) if ax == 0 else a
-      for a, ax in zip(args, in_axes)
-  ]
-  out = jax.vmap(fn, in_axes=in_axes)(*flat)
-  return jax.tree_util.tree_map(
-      lambda x: x.reshape(plan.batch_shape + x.shape[1:]), out
-  )
+_STATE_CHILDREN = ProjectSubspaceState._fields[:-1]
+jax.tree_util.register_pytree_with_keys(
+    ProjectSubspaceState,
+    lambda s: (tuple((jax.tree_util.GetAttrKey(f), getattr(s, f))
+                     for f in _STATE_CHILDREN), s.plan),
+    lambda plan, children: ProjectSubspaceState(*children, plan=plan),
+    flatten_func=lambda s: (tuple(s[:-1]), s.plan),
+)
 
 
 def _restore_structure(pstate, template):
@@ -144,235 +121,127 @@ def projector_treedef(tree):
   return jax.tree_util.tree_structure(_leaves.unwrap_variables(tree))
 
 
-def _by_shape(fn, plans, leaves, group, *trees):
-  """Applies a one-matrix function to the matrices of many leaves, batched.
+def _init_projector(projector, i, leaf: _leaves.LeafPlan):
+  """States of leaf i's matrices, batch axes leading; keys from i."""
+  keys = _base.matrix_keys(i, leaf.num_matrices)
+  one = lambda key: projector.init(leaf.side, leaf.other, leaf.rank, key)
+  return jax.tree_util.tree_map(
+      lambda y: y.reshape(leaf.batch_shape + y.shape[1:]), jax.vmap(one)(keys))
 
-  `trees` are dicts {leaf: pytree with the leaf's batch axes leading}; the
-  leaves whose `group(plan)` agree are concatenated along one batch axis and
-  go through one vmapped `fn`, so a tree of 170 matrices compiles to a few
-  batched calls, not 170. Returns {leaf: output, batch axes restored}.
+
+def _projector_states(projector, plan, updates, tree) -> dict:
+  """{leaf: projector state} of the projected leaves, in `init`'s containers."""
+  flat = projector_treedef(updates).flatten_up_to(tree)
+  return {i: _restore_structure(flat[i], jax.eval_shape(
+      functools.partial(_init_projector, projector, i, plan[i])))
+          for i in plan.projected}
+
+
+def _key_paths(tree) -> list:
+  return [kp for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _static_refresh(subspace_refresh):
+  """`update`'s ``subspace_refresh`` as None or a Python bool."""
+  if subspace_refresh is not None and not isinstance(subspace_refresh,
+                                                     (bool, np.bool_)):
+    raise TypeError(
+        "subspace_refresh must be None, True or False (a Python bool the"
+        " caller computes from its step count; under jit a static argument),"
+        f" got {type(subspace_refresh).__name__}.")
+  return None if subspace_refresh is None else bool(subspace_refresh)
+
+
+def _guarded_scale(projector, plan, count, due, scale, mismatch):
+  """(α, the state's refresh_mismatch) for this step.
+
+  A static `subspace_refresh` (`due`) that disagrees with the projector's
+  schedule makes every projected update NaN (the run stops where it went
+  wrong rather than training with stale or extra refreshes) and records the
+  step in the state, where `refresh_due` finds it and raises. Both are a
+  scalar compare on the device, read by the multiply by α: no host sync.
   """
-  groups: dict[Any, list[int]] = {}
-  for i in leaves:
-    groups.setdefault(group(plans[i]), []).append(i)
-  results = {}
-  for members in groups.values():
-    flat = lambda x, i: x.reshape((plans[i].num_matrices,) + x.shape[
-        len(plans[i].batch_shape):])
-    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
-    stacked = [
-        jax.tree_util.tree_map(
-            lambda *xs: cat([flat(x, i) for x, i in zip(xs, members)]),
-            *[tree[i] for i in members])
-        for tree in trees
-    ]
-    out = jax.vmap(fn)(*stacked)
-    start = 0
-    for i in members:
-      plan, stop = plans[i], start + plans[i].num_matrices
-      results[i] = jax.tree_util.tree_map(
-          lambda x: x[start:stop].reshape(plan.batch_shape + x.shape[1:]), out)
-      start = stop
-  return results
+  if due is None or not plan.projected:
+    return scale, mismatch
+  agrees = projector.needs_refresh(count) == due
+  alpha = jnp.where(agrees, scale, jnp.nan).astype(jnp.float32)
+  if mismatch is not None:
+    mismatch = jnp.where((mismatch < 0) & ~agrees, count, mismatch)
+  return alpha, mismatch
 
 
-def _refresh_by_shape(projector, plans, pstates, grads, count, prepare,
-                      chunk_bytes, due=None):
-  """Refreshes every projected matrix when due: by (s, l, r), chunk by chunk.
+def _check_arguments(on_change, side, refresh_chunk_bytes):
+  if on_change not in ON_CHANGE:
+    raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}.")
+  if side not in _leaves.SIDES:
+    raise ValueError(f"side must be one of {_leaves.SIDES}, got {side!r}.")
+  if refresh_chunk_bytes is not None and (
+      isinstance(refresh_chunk_bytes, bool)
+      or not isinstance(refresh_chunk_bytes, (int, np.integer))
+      or refresh_chunk_bytes <= 0):
+    raise ValueError(
+        "refresh_chunk_bytes must be None or a positive int (bytes),"
+        f" got {refresh_chunk_bytes!r}.")
 
-  `grads` are the gradients as they come; `prepare(i, g)` orients and casts
-  one inside its chunk's refresh. Each chunk (`chunk_bytes` of float32
-  gradients at most; a leaf is never split) is one `lax.cond` on
-  `needs_refresh(count)` whose refresh branch is one vmapped call on the
-  chunk's stacked gradients;
-  an optimization barrier orders the chunks, so chunk k + 1's gradients are
-  read only once chunk k's bases exist. A cond's operands must all exist
-  before it runs: one cond over every gradient kept every gradient (and any
-  elementwise producer of it, a cast, a clipping scale) materialised at once,
-  and its stacked float32 copies made GaLore's 7B step need more memory than
-  AdamW's. `due`: the caller's static answer to `needs_refresh(count)` (a
-  Python bool), which replaces the conds: False returns the states as they
-  are, True refreshes every chunk. Returns ({leaf: state}, {leaf: changed}).
+
+def _on_explicit_mesh(update, updates, state, params, extra_args):
+  """`update(updates, state, params, **extra_args)`, run with Explicit mesh
+  axes switched to Auto.
+
+  Under Explicit mesh axes (jax.make_mesh's default in current JAX) every
+  array's type carries its sharding, and the projectors' products (e.g.
+  the Gram matrix G·Gᵀ of a gradient sharded on its rows) raise
+  ShardingTypeError when traced there. So the update runs with those axes
+  switched to Auto, where XLA's partitioner places the products as under
+  jit's in/out shardings, and its outputs are given back the inputs'
+  shardings, so the state's types are the same every step. Inputs on no
+  Explicit axis (Auto meshes, one device, numpy arrays outside a
+  `jax.set_mesh`), and JAX versions without explicit sharding, take the
+  plain path.
   """
-  if due is False:
-    return dict(pstates), {i: jnp.zeros(plans[i].batch_shape, bool) for i in pstates}
-  static = due is True
-  states, changed, previous = {}, {}, None
-  due = projector.needs_refresh(count)
-  shape = lambda i: (plans[i].side, plans[i].other, plans[i].rank)
-  size = lambda i: 4 * plans[i].num_matrices * plans[i].side * plans[i].other
-  for _, chunk in _chunks.chunks(list(pstates), shape, size, chunk_bytes):
-    sub, raw = _chunks.after(previous, ({i: pstates[i] for i in chunk},
-                                        {i: grads[i] for i in chunk}))
-    no_change = {i: jnp.zeros(plans[i].batch_shape, bool) for i in chunk}
-    refreshed = lambda s, raw, chunk=chunk: _by_shape(
-        lambda state, g: projector.refresh(state, g, count), plans, chunk,
-        lambda p: (p.side, p.other, p.rank), s,
-        {i: prepare(i, g) for i, g in raw.items()})
-    branches = (
-        lambda s, raw, f=refreshed: {i: (st, ok) for i, (st, ok) in f(s, raw).items()},
-        lambda s, raw, nc=no_change: {i: (s[i], nc[i]) for i in s})
-    out = branches[0](sub, raw) if static else jax.lax.cond(due, *branches, sub, raw)
-    for i, (state, ok) in out.items():
-      states[i], changed[i] = state, ok
-    previous = out
-  return states, changed
+  sharding = jax.sharding
+  if not hasattr(jax, "typeof") or not all(hasattr(sharding, n) for n in (
+      "AxisType", "auto_axes", "use_abstract_mesh", "get_abstract_mesh")):
+    return update(updates, state, params, **extra_args)
+  typed = lambda x: isinstance(x, jax.Array) and hasattr(
+      getattr(jax.typeof(x), "sharding", None), "mesh")
+  leaves = jax.tree_util.tree_leaves((updates, state, params, extra_args))
+  meshes = [jax.typeof(x).sharding.mesh for x in leaves if typed(x)]
+  mesh = next((m for m in meshes + [sharding.get_abstract_mesh()]
+               if sharding.AxisType.Explicit in tuple(m.axis_types)), None)
+  if mesh is None:
+    return update(updates, state, params, **extra_args)
+  # Outside jit (no tracers), moving arrays onto the mesh needs its devices:
+  # the concrete mesh of an input, when one is on it.
+  concrete = None
+  tracer = getattr(jax.core, "Tracer", None)
+  if hasattr(sharding, "set_mesh") and tracer is not None and not any(
+      isinstance(x, tracer) for x in leaves):
+    concrete = next((
+        x.sharding.mesh for x in leaves
+        if isinstance(getattr(x, "sharding", None), sharding.NamedSharding)
+        and isinstance(x.sharding.mesh, sharding.Mesh)
+        and x.sharding.mesh.abstract_mesh == mesh), None)
+  explicit = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
+                   if t == sharding.AxisType.Explicit)
+  spec = lambda x: (jax.typeof(x).sharding.spec if typed(x)
+                    else sharding.PartitionSpec())
+  out_specs = jax.tree_util.tree_map(spec, (updates, state))
+  # Array-valued extra arguments go through auto_axes with the rest; any
+  # other value is closed over as it is.
+  e_leaves, e_def = jax.tree_util.tree_flatten(extra_args)
+  e_arrays = [i for i, x in enumerate(e_leaves) if isinstance(x, jax.Array)]
 
+  def auto(u, s, p, arrays):
+    leaves = list(e_leaves)
+    for i, x in zip(e_arrays, arrays):
+      leaves[i] = x
+    return update(u, s, p, **e_def.unflatten(leaves))
 
-def _step_group(plan: _leaves.LeafPlan):
-  """The stacking key of a leaf's per-step projector work: (s, r), or the leaf
-  alone when it is a batch of `OWN_BATCH_MATRICES` matrices or more."""
-  if plan.num_matrices >= OWN_BATCH_MATRICES:
-    return (plan.side, plan.rank, plan)
-  return (plan.side, plan.rank)
-
-
-def _bases_by_shape(projector, plans, pstates):
-  """P of every projected matrix, one vmapped `basis` call per (s, r)."""
-  return _by_shape(projector.basis, plans, list(pstates),
-                   lambda p: (p.side, p.rank), pstates)
-
-
-def _namedtuple_types(tree) -> dict:
-  """{key path: type name} of every NamedTuple node of `tree` (the states)."""
-  found = {}
-
-  def walk(node, path):
-    if isinstance(node, tuple) and hasattr(node, "_fields"):
-      found[path] = type(node).__name__
-    for sub, child in jax.tree_util.tree_flatten_with_path(
-        node, is_leaf=lambda x: x is not node)[0]:
-      if sub:
-        walk(child, path + tuple(sub))
-
-  walk(tree, ())
-  return found
-
-
-def _moment_kind(owner, name):
-  """"first", "second" or None (unknown) for inner-state field `name` of a
-  state of type `owner`."""
-  first, second = STATE_MOMENT_FIELDS.get(
-      owner, (FIRST_MOMENT_FIELDS, SECOND_MOMENT_FIELDS))
-  if name in second:
-    return "second"
-  return "first" if name in first else None
-
-
-def _low_rank_buffers(state_tree, plans, key_paths):
-  """Finds the inner-state buffers that mirror a projected leaf.
-
-  A buffer mirrors leaf i when its key path ends with the leaf's key path and
-  it has the leaf's low-rank shape (so `mu` of `scale_by_adam`, inside any
-  chain or `inject_hyperparams`, is found; factored statistics are not), or
-  it is a per-matrix step count (a field in `MATRIX_COUNT_FIELDS` with the
-  leaf's batch shape: `scale_by_hf_adam(per_matrix_count=True)`).
-  Returns {state leaf index: (param leaf index, field name, moment kind)},
-  the kind from `_moment_kind` ("first", "second" or None).
-  """
-  by_path = {
-      tuple(kp): i for i, (kp, p) in enumerate(zip(key_paths, plans))
-      if p.projected
-  }
-  flat, _ = jax.tree_util.tree_flatten_with_path(state_tree)
-  owners = None
-  found = {}
-  for j, (path, x) in enumerate(flat):
-    for cut in range(len(path) + 1):
-      i = by_path.get(tuple(path[cut:]))
-      if i is None:
-        continue
-      field = path[cut - 1] if cut > 0 else None
-      name = getattr(field, "name", getattr(field, "key", None))
-      if np.shape(x) == plans[i].low_rank_shape or (
-          name in MATRIX_COUNT_FIELDS
-          and np.shape(x) == plans[i].batch_shape):
-        if owners is None:
-          owners = _namedtuple_types(state_tree)
-        owner = owners.get(tuple(path[:max(cut - 1, 0)]))
-        found[j] = (i, name, _moment_kind(owner, name))
-        break
-  return found
-
-
-def _check_transport(state_tree, plans, key_paths):
-  """Raises ValueError, naming the buffer, for inner state that "transport"
-  cannot carry into a new basis.
-
-  Carried: buffers of a projected leaf's low-rank shape whose field is a
-  known first or second moment (`FIRST_MOMENT_FIELDS`,
-  `SECOND_MOMENT_FIELDS`, `STATE_MOMENT_FIELDS`), per-matrix counts, and a
-  leaf's scalars (Novograd's per-layer ‖R‖² average, kept: a change of
-  basis within the subspace preserves it). Refused: a low-rank buffer of
-  another field (Rprop's step sizes), and a buffer of a projected leaf with
-  another shape (factored or per-axis statistics: Adafactor's v_row and
-  v_col, SM3's accumulators), found by the leaf's key path anywhere in its
-  key path.
-  """
-  known = _low_rank_buffers(state_tree, plans, key_paths)
-  by_path = {tuple(kp): i for i, (kp, p) in enumerate(zip(key_paths, plans))
-             if p.projected and len(kp)}
-  flat, _ = jax.tree_util.tree_flatten_with_path(state_tree)
-  owners = _namedtuple_types(state_tree)
-  for j, (path, x) in enumerate(flat):
-    where = f"inner-state buffer '{_leaves.path_str(path)}'"
-    if j in known:
-      i, name, kind = known[j]
-      owner = next((owners[tuple(path[:k])] for k in range(len(path), -1, -1)
-                    if owners.get(tuple(path[:k])) in TRANSPORT_REFUSED), None)
-      if owner is not None:
-        raise ValueError(
-            f"on_change='transport' cannot move {where} ({owner}):"
-            f" {TRANSPORT_REFUSED[owner]}. Use on_change='keep' or 'reset'.")
-      if kind is None and name not in MATRIX_COUNT_FIELDS:
-        raise ValueError(
-            f"on_change='transport' cannot move {where} (field {name!r},"
-            f" the low-rank shape of leaf '{plans[i].path}'): it is neither a"
-            " first moment (FIRST_MOMENT_FIELDS) nor a second moment"
-            " (SECOND_MOMENT_FIELDS), so there is no known way to express it"
-            " in a new basis. Use on_change='keep' or 'reset'.")
-      continue
-    owner = next((by_path[tuple(path[cut:end])]
-                  for end in range(len(path), 0, -1) for cut in range(end)
-                  if tuple(path[cut:end]) in by_path), None)
-    if owner is not None and np.size(x) > 1 and np.shape(x) != (
-        plans[owner].batch_shape):
-      raise ValueError(
-          f"on_change='transport' cannot move {where} of shape"
-          f" {np.shape(x)}: it belongs to leaf '{plans[owner].path}' but is"
-          f" not of its low-rank shape {plans[owner].low_rank_shape} (a"
-          " factored or per-axis statistic, such as Adafactor's v_row and"
-          " v_col or SM3's accumulators, has no image in a new basis). Use"
-          " on_change='keep' or 'reset'.")
-
-
-def _on_change(mode, inner_state, plans, key_paths, old_bases, new_bases,
-               changed):
-  """Applies `on_change` to the inner state for matrices whose basis moved."""
-  if mode == "keep" or not changed:
-    return inner_state
-  flat, treedef = jax.tree_util.tree_flatten(inner_state)
-  for j, (i, name, kind) in _low_rank_buffers(inner_state, plans,
-                                              key_paths).items():
-    if i not in changed:
-      continue
-    plan, buf = plans[i], flat[j]
-    if name in MATRIX_COUNT_FIELDS and np.shape(buf) == plan.batch_shape:
-      if mode == "reset":  # restart the matrix's bias correction with it
-        flat[j] = jnp.where(changed[i], jnp.zeros_like(buf), buf)
-      continue
-    moved = changed[i][..., None, None]
-    oriented = _leaves.low_rank_layout(buf, plan).astype(jnp.float32)
-    if mode == "reset":
-      new = jnp.where(moved, 0.0, oriented)
-    else:  # transport: express the buffer in the new basis, M = P_newᵀ P_old
-      m = jnp.einsum("...sr,...sq->...rq", new_bases[i], old_bases[i])
-      if kind == "second":
-        m = m * m  # variances of uncorrelated coordinates: Σ_q M_rq² v_q
-      new = jnp.where(moved, jnp.einsum("...rq,...ql->...rl", m, oriented),
-                      oriented)
-    flat[j] = _leaves.low_rank_layout(new, plan).astype(buf.dtype)
-  return jax.tree_util.tree_unflatten(treedef, flat)
+  with (sharding.use_abstract_mesh(mesh) if concrete is None
+        else sharding.set_mesh(concrete)):
+    return sharding.auto_axes(auto, axes=explicit, out_sharding=out_specs)(
+        updates, state, params, [e_leaves[i] for i in e_arrays])
 
 
 def project_subspace(
@@ -498,313 +367,126 @@ def project_subspace(
     >>> state = tx.init(params)
     >>> updates, state = tx.update(params, state, params)
   """
-  if on_change not in ON_CHANGE:
-    raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}.")
-  if side not in _leaves.SIDES:
-    raise ValueError(f"side must be one of {_leaves.SIDES}, got {side!r}.")
-  if refresh_chunk_bytes is not None and (
-      isinstance(refresh_chunk_bytes, bool)
-      or not isinstance(refresh_chunk_bytes, (int, np.integer))
-      or refresh_chunk_bytes <= 0):
-    raise ValueError(
-        "refresh_chunk_bytes must be None or a positive int (bytes),"
-        f" got {refresh_chunk_bytes!r}.")
-  rank = projector.rank
+  _check_arguments(on_change, side, refresh_chunk_bytes)
   schedule = (projector.needs_refresh if isinstance(
       projector.needs_refresh, _base.RefreshSchedule) else None)
-
-  def plan(tree, quiet):
-    with warnings.catch_warnings():
-      if quiet:
-        warnings.simplefilter("ignore")
-      plans, treedef = _leaves.plan_leaves(tree, rank, mask, dims, side)
-    key_paths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    return plans, treedef, key_paths
-
-  def init_projector(i, p: _leaves.LeafPlan):
-    """States of leaf i's matrices, batch axes leading; keys from i."""
-    keys = _base.matrix_keys(i, p.num_matrices)
-    one = lambda key: projector.init(p.side, p.other, p.rank, key)
-    return jax.tree_util.tree_map(
-        lambda y: y.reshape(p.batch_shape + y.shape[1:]), jax.vmap(one)(keys)
-    )
+  make_plan = functools.partial(_plan.make_plan, rank=projector.rank,
+                                mask=mask, dims=dims, side=side)
 
   def init_fn(params):
-    plans, treedef, key_paths = plan(params, quiet=False)
-    leaves = treedef.flatten_up_to(params)
-    pstates, low_rank = [], []
-    for i, (p, x) in enumerate(zip(plans, leaves)):
-      if not p.projected:
-        pstates.append(optax.MaskedNode())
-        low_rank.append(x)
-        continue
-      pstates.append(init_projector(i, p))
-      low_rank.append(jnp.zeros(p.low_rank_shape, jnp.result_type(x)))
+    plan = make_plan(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    pstates = [_init_projector(projector, i, leaf) if leaf.projected
+               else optax.MaskedNode() for i, leaf in enumerate(plan)]
+    low_rank = [jnp.zeros(leaf.low_rank_shape, jnp.result_type(x))
+                if leaf.projected else x for leaf, x in zip(plan, leaves)]
     inner_state = inner.init(treedef.unflatten(low_rank))
     if on_change == "transport":
-      _check_transport(inner_state, plans, key_paths)
+      _transport.check_transport(inner_state, plan, _key_paths(params))
     return ProjectSubspaceState(
         count=jnp.zeros([], jnp.int32),
         projectors=projector_treedef(params).unflatten(pstates),
         inner=inner_state,
         schedule=schedule,
         refresh_mismatch=jnp.full([], -1, jnp.int32),
+        plan=plan,
     )
 
-  def _update(updates, state, params=None, *, subspace_refresh=None,
-              **extra_args):
-    if subspace_refresh is not None and not isinstance(subspace_refresh,
-                                                       (bool, np.bool_)):
-      raise TypeError(
-          "subspace_refresh must be None, True or False (a Python bool the"
-          " caller computes from its step count; under jit a static argument),"
-          f" got {type(subspace_refresh).__name__}.")
-    plans, treedef, key_paths = plan(updates, quiet=True)
-    g_leaves = treedef.flatten_up_to(updates)
-    p_leaves = None if params is None else treedef.flatten_up_to(params)
-    pstates = dict(enumerate(
-        projector_treedef(updates).flatten_up_to(state.projectors)))
-    projected = [i for i, p in enumerate(plans) if p.projected]
-    for i in projected:
-      template = jax.eval_shape(lambda i=i: init_projector(i, plans[i]))
-      pstates[i] = _restore_structure(pstates[i], template)
-    count = state.count
-    inner_state = state.inner
-    compute_dtype = projection_dtype or jnp.float32
-    orient = lambda i, g: _leaves.to_oriented(g, plans[i]).astype(compute_dtype)
-    grads = {i: orient(i, g_leaves[i]) for i in projected}
+  def update(updates, state, params=None, *, subspace_refresh=None,
+             **extra_args):
+    due = _static_refresh(subspace_refresh)
+    plan = (make_plan(updates, quiet=True) if state.plan is None
+            else state.plan)
+    g, treedef = jax.tree_util.tree_flatten(updates)
+    w = None if params is None else treedef.flatten_up_to(params)
+    count, transport = state.count, on_change == "transport"
+    pipe = _pipeline.Pipeline(projector, plan, projection_dtype or jnp.float32,
+                              PRODUCT_ALIGNMENT, OWN_BATCH_MATRICES)
+    pstates = _projector_states(projector, plan, updates, state.projectors)
+    moved = lambda inner_state, old, new, changed: _transport.on_change(
+        on_change, inner_state, plan, _key_paths(updates), old, new, changed)
 
-    def bases():
-      """P of every projected matrix in its current state."""
-      if projector.batch_basis:
-        return _bases_by_shape(projector, plans,
-                               {i: pstates[i] for i in projected})
-      return {i: _over_batch(projector.basis, plans[i], pstates[i], in_axes=(0,))
-              for i in projected}
+    # 1. Refresh when due (GaLore: steps 0, T, 2T, ...; OSD: step 0). This
+    # step's bases are then evaluated once, shared by every product and by
+    # "transport" (a random projector regenerates P, a QR, at each `basis`
+    # call); projectors with their own `project` and `back` (row
+    # selections) form them only for "transport".
+    old = pipe.bases(pstates) if transport else None
+    pstates, changed = pipe.refresh(
+        pstates, g, count, due, _chunks.OPTIMIZER_REFRESH_CHUNK_BYTES
+        if refresh_chunk_bytes is None else refresh_chunk_bytes)
+    bases = pipe.bases(pstates) if pipe.dense or transport else None
+    inner_state = moved(state.inner, old, bases, changed)
+    # 2. Project: R = PᵀG (and what the projector's advance reads of G).
+    r, x = pipe.project(pstates, bases, g)
+    # 3. Inner: N = inner(R), on the low-rank tree.
+    n, inner_state = _pipeline.inner_update(
+        inner, plan, treedef, g, r,
+        None if w is None else pipe.project_params(pstates, bases, w),
+        inner_state, w, extra_args)
+    # 4. Back-project: ΔW = α·P·N.
+    alpha, mismatch = _guarded_scale(projector, plan, count, due, scale,
+                                     state.refresh_mismatch)
+    u = dict(enumerate(n))
+    u.update(pipe.back_project(pstates, bases, n, alpha, g))
+    # 5. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
+    if projector.advance is not None and plan.projected:
+      pstates, changed = pipe.advance(pstates, bases, x, count)
+      inner_state = moved(inner_state, bases,
+                          pipe.bases(pstates) if transport else None, changed)
 
-    # 1. Refresh (GaLore: steps 0, T, 2T, ...; OSD: step 0), under a cond
-    # per chunk of matrices. The conds take the gradients as they come and
-    # orient them inside the refresh branch: an oriented (transposed, cast)
-    # gradient passed in as an operand would be materialised every step,
-    # refresh or not, where outside the cond XLA folds the transpose into the
-    # products that read it.
-    transport = on_change == "transport"
-    old = bases() if transport else None
-    if projected:
-      sub, changed = _refresh_by_shape(
-          projector, plans, {i: pstates[i] for i in projected},
-          {i: g_leaves[i] for i in projected}, count, orient,
-          _chunks.OPTIMIZER_REFRESH_CHUNK_BYTES if refresh_chunk_bytes is None
-          else refresh_chunk_bytes,
-          None if subspace_refresh is None else bool(subspace_refresh))
-      pstates.update(sub)
-    # This step's basis, evaluated once and shared by every product below
-    # and by "transport" (a random projector regenerates P, a QR, at each
-    # `basis` call). Projectors with their own `project` and `back` (row
-    # selections) never form it unless "transport" needs it.
-    dense = projector.project is None or projector.back is None
-    current = bases() if dense or transport else None
-    if projected:
-      inner_state = _on_change(on_change, inner_state, plans, key_paths, old,
-                               current, changed)
-
-    def product(own, dense_product, i, x):
-      """own(state, x) where the projector has it, else dense_product(P, x)."""
-      if own is not None:
-        return _over_batch(own, plans[i], pstates[i], x, in_axes=(0, 0))
-      return _over_batch(dense_product, plans[i], current[i], x, in_axes=(0, 0))
-
-    project = functools.partial(product, projector.project, _base.dense_project)
-    back = functools.partial(product, projector.back, _base.dense_back)
-
-    def padding(i, own):
-      """Columns to add to leaf i's (…, l) operands of the dense products.
-
-      Only where the kept side is the leaf's last axis (rows projected, no
-      axis permutation), the axis whose length is the GEMM's row stride; a
-      leaf projected on its columns is read in its own layout, rows of s.
-      """
-      plan = plans[i]
-      if own is not None or plan.axis != 0 or plan.perm != tuple(
-          range(len(plan.shape))):
-        return 0
-      return -plan.other % PRODUCT_ALIGNMENT
-
-    def pad(x, extra):
-      return x if not extra else jnp.pad(
-          x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
-
-    def cut(x, extra):
-      return x if not extra else x[..., :x.shape[-1] - extra]
-
-    # 2. Project, run the inner transformation on the mixed tree. A split
-    # `advance` (OSD) takes what it needs from G now, while the (padded) G is
-    # at hand, so no copy of it stays alive across the inner update.
-    low, inputs = {}, {}
-    for i in projected:
-      extra = padding(i, projector.project)
-      g = pad(grads[i], extra)
-      r = project(i, g)
-      low[i] = cut(r, extra)
-      if projector.advance is not None and projector.advance_inputs is not None:
-        inputs[i] = _over_batch(projector.advance_inputs, plans[i], pstates[i],
-                                g, r, in_axes=(0, 0, 0))
-    inner_grads = list(g_leaves)
-    inner_params = None if p_leaves is None else list(p_leaves)
-    for i in projected:
-      dtype = jnp.result_type(g_leaves[i])
-      inner_grads[i] = _leaves.low_rank_layout(low[i], plans[i]).astype(dtype)
-      if inner_params is not None:
-        w = _leaves.to_oriented(p_leaves[i], plans[i]).astype(compute_dtype)
-        extra = padding(i, projector.project)
-        inner_params[i] = _leaves.low_rank_layout(
-            cut(project(i, pad(w, extra)), extra), plans[i]).astype(
-                jnp.result_type(p_leaves[i]))
-    inner_updates, inner_state = optax.with_extra_args_support(inner).update(
-        treedef.unflatten(inner_grads),
-        inner_state,
-        None if inner_params is None else treedef.unflatten(inner_params),
-        **extra_args,
-    )
-
-    # 3. Back-project with the same basis, scale. A static `subspace_refresh`
-    # that disagrees with the projector's schedule makes every projected
-    # update NaN (the run stops where it went wrong rather than training
-    # with stale or extra refreshes) and records the step in the state,
-    # where `refresh_due` finds it and raises. Both are a scalar compare on
-    # the device, read by the multiply by α: no host sync.
-    alpha = scale
-    mismatch = state.refresh_mismatch
-    if subspace_refresh is not None and projected:
-      agrees = projector.needs_refresh(count) == bool(subspace_refresh)
-      alpha = jnp.where(agrees, scale, jnp.nan).astype(jnp.float32)
-      if mismatch is not None:
-        mismatch = jnp.where((mismatch < 0) & ~agrees, count, mismatch)
-    out = treedef.flatten_up_to(inner_updates)
-    for i in projected:
-      if projector.back is None and plans[i].axis == 1:
-        # (P N)ᵀ = Nᵀ Pᵀ, and Nᵀ is the inner layout (l, r) of a leaf
-        # projected on its columns: the product lands in the leaf's layout,
-        # with no transpose of an s×l result.
-        n_t = out[i].astype(compute_dtype)
-        flipped = _over_batch(
-            lambda p, x: jnp.matmul(x, p.T.astype(x.dtype),
-                                    preferred_element_type=jnp.float32),
-            plans[i], current[i], n_t, in_axes=(0, 0))
-        if plans[i].perm == tuple(range(len(plans[i].shape))):
-          # Already the leaf's layout: returned as it is. Swapped to (s, l) and
-          # back, XLA folded the outer transpose into the product (computing
-          # P·N again) and copied the s×l result into the leaf's layout: 1.3 ms
-          # of LLaMA-1B's GaLore step (H200, profile_update_h200_b210501.json).
-          out[i] = (flipped * alpha).reshape(plans[i].shape).astype(
-              jnp.result_type(g_leaves[i]))
-          continue
-        oriented = jnp.swapaxes(flipped, -1, -2)
-      else:
-        n = _leaves.low_rank_layout(out[i], plans[i]).astype(compute_dtype)
-        extra = padding(i, projector.back)
-        oriented = cut(back(i, pad(n, extra)), extra)
-      out[i] = _leaves.from_oriented(oriented * alpha, plans[i]).astype(
-          jnp.result_type(g_leaves[i]))
-
-    # 4. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
-    if projector.advance is not None and projected:
-      changed = {}
-      if projector.advance_direction is not None:
-        # What read G was taken in step 2; the direction (OSD: ∇P, a few
-        # small products) stacked by (s, r) from P and those inputs only, one
-        # call for all matrices; the step on P per leaf, so the projector's
-        # optimizer state is read and written in place, never stacked (2 ms
-        # less than stacking it too: profile_update_h200_f125423.json).
-        directions = _by_shape(projector.advance_direction, plans, projected,
-                               _step_group, current, inputs)
-        for i in projected:
-          pstates[i], changed[i] = _over_batch(
-              lambda st, x, d: projector.advance_apply(st, x, d, count),
-              plans[i], pstates[i], inputs[i], directions[i],
-              in_axes=(0, 0, 0))
-      elif projector.advance_inputs is not None:
-        # What read G was taken in step 2; the rest stacked by (s, r), one
-        # call for all matrices.
-        advanced = _by_shape(
-            lambda st, x: projector.advance_update(st, x, count), plans,
-            projected, _step_group,
-            {i: pstates[i] for i in projected}, inputs)
-        for i in projected:
-          pstates[i], changed[i] = advanced[i]
-      else:
-        for i in projected:
-          pstates[i], changed[i] = _over_batch(
-              lambda st, g, r: projector.advance(st, g, r, count),
-              plans[i], pstates[i], grads[i], low[i], in_axes=(0, 0, 0),
-          )
-      inner_state = _on_change(on_change, inner_state, plans, key_paths,
-                               current, bases() if transport else None,
-                               changed)
-
-    new_state = ProjectSubspaceState(
+    return treedef.unflatten([u[i] for i in range(len(g))]), state._replace(
         count=optax.safe_increment(count),
         projectors=projector_treedef(updates).unflatten(
-            [pstates[i] for i in range(len(plans))]),
+            [pstates.get(i, optax.MaskedNode()) for i in range(len(g))]),
         inner=inner_state,
-        schedule=state.schedule,
         refresh_mismatch=mismatch,
     )
-    return treedef.unflatten(out), new_state
 
   def update_fn(updates, state, params=None, **extra_args):
-    # Under Explicit mesh axes (jax.make_mesh's default in current JAX) every
-    # array's type carries its sharding, and the projectors' products (e.g.
-    # the Gram matrix G·Gᵀ of a gradient sharded on its rows) raise
-    # ShardingTypeError when traced there. So the update runs with those
-    # axes switched to Auto, where XLA's partitioner places the products as
-    # under jit's in/out shardings, and its outputs are given back the
-    # inputs' shardings, so the state's types are the same every step.
-    # Inputs on no Explicit axis (Auto meshes, one device, numpy arrays
-    # outside a `jax.set_mesh`), and JAX versions without explicit sharding,
-    # take the plain path.
-    sharding = jax.sharding
-    if not hasattr(jax, "typeof") or not all(hasattr(sharding, n) for n in (
-        "AxisType", "auto_axes", "use_abstract_mesh", "get_abstract_mesh")):
-      return _update(updates, state, params, **extra_args)
-    typed = lambda x: isinstance(x, jax.Array) and hasattr(
-        getattr(jax.typeof(x), "sharding", None), "mesh")
-    leaves = jax.tree_util.tree_leaves((updates, state, params, extra_args))
-    meshes = [jax.typeof(x).sharding.mesh for x in leaves if typed(x)]
-    mesh = next((m for m in meshes + [sharding.get_abstract_mesh()]
-                 if sharding.AxisType.Explicit in tuple(m.axis_types)), None)
-    if mesh is None:
-      return _update(updates, state, params, **extra_args)
-    # Outside jit (no tracers), moving arrays onto the mesh needs its devices:
-    # the concrete mesh of an input, when one is on it.
-    concrete = None
-    tracer = getattr(jax.core, "Tracer", None)
-    if hasattr(sharding, "set_mesh") and tracer is not None and not any(
-        isinstance(x, tracer) for x in leaves):
-      concrete = next((
-          x.sharding.mesh for x in leaves
-          if isinstance(getattr(x, "sharding", None), sharding.NamedSharding)
-          and isinstance(x.sharding.mesh, sharding.Mesh)
-          and x.sharding.mesh.abstract_mesh == mesh), None)
-    explicit = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
-                     if t == sharding.AxisType.Explicit)
-    spec = lambda x: (jax.typeof(x).sharding.spec if typed(x)
-                      else sharding.PartitionSpec())
-    out_specs = jax.tree_util.tree_map(spec, (updates, state))
-    # Array-valued extra arguments go through auto_axes with the rest; any
-    # other value is closed over as it is.
-    e_leaves, e_def = jax.tree_util.tree_flatten(extra_args)
-    e_arrays = [i for i, x in enumerate(e_leaves) if isinstance(x, jax.Array)]
-
-    def auto(u, s, p, arrays):
-      leaves = list(e_leaves)
-      for i, x in zip(e_arrays, arrays):
-        leaves[i] = x
-      return _update(u, s, p, **e_def.unflatten(leaves))
-
-    with (sharding.use_abstract_mesh(mesh) if concrete is None
-          else sharding.set_mesh(concrete)):
-      return sharding.auto_axes(auto, axes=explicit, out_sharding=out_specs)(
-          updates, state, params, [e_leaves[i] for i in e_arrays])
+    return _on_explicit_mesh(update, updates, state, params, extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def subspace_plan(opt_state: Any) -> _plan.SubspacePlan | None:
+  """The plan of the `project_subspace` state in `opt_state`.
+
+  Per parameter leaf (flatten order): whether it is projected, its matrix
+  and batch axes, the transpose that orients it, the side P spans, the
+  clamped rank and the inner state's low-rank shape; and its bucket of
+  same-shaped matrices (`SubspacePlan.buckets`), refreshed as one batch.
+  Made once at `init` and kept in the state as static metadata (no
+  arrays): the update, `state_shardings`, `update_shardings` and the
+  checkpoint signature all read it. Reads no array, so an abstract state
+  from ``jax.eval_shape(tx.init, params)`` will do.
+
+  References:
+    Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection", ICML 2024, arXiv:2403.03507 (the smaller side, as here).
+
+  Args:
+    opt_state: an optimizer state, or a tree holding one, in any chain or
+      wrapper.
+
+  Returns:
+    The `SubspacePlan`, or None when the state holds no `project_subspace`
+    state. Raises ValueError when it holds several with different plans
+    (read each state's ``plan`` then).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax_subspace as osub
+    >>> tx = osub.galore(1e-3, rank=2)
+    >>> plan = osub.subspace_plan(jax.eval_shape(tx.init, {"w": jnp.ones((4, 8))}))
+    >>> plan.leaves[0].side, plan.leaves[0].rank, plan.leaves[0].low_rank_shape
+    (4, 2, (2, 8))
+  """
+  is_state = lambda x: isinstance(x, ProjectSubspaceState)
+  plans = {x.plan for x in jax.tree_util.tree_leaves(opt_state,
+                                                     is_leaf=is_state)
+           if is_state(x)}
+  if len(plans) > 1:
+    raise ValueError(
+        f"opt_state holds {len(plans)} project_subspace states with different"
+        " plans: read each state's `plan`.")
+  return plans.pop() if plans else None

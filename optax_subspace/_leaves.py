@@ -56,17 +56,39 @@ SIDES = ("smaller", "rows", "cols")
 
 
 class LeafPlan(NamedTuple):
-  """Static description of one parameter leaf (hashable, no arrays)."""
+  """How one parameter leaf is projected: static, hashable, no arrays.
+
+  Attributes:
+    path: the leaf's key path joined by "/" (what `mask` matches).
+    shape: the leaf's shape.
+    projected: whether the leaf is projected; the other fields are only
+      meaningful if so.
+    perm: the transpose to (batch axes, row axes, column axes).
+    batch_shape: lengths of the batch axes (one matrix per index).
+    rows, cols: the matrix's row and column counts (row or column axes
+      flattened together).
+    axis: 0 when P spans the rows, 1 when it spans the columns.
+    rank: r, the requested rank clamped to the projected side.
+    row_axes, col_axes: the leaf's axes that form the rows and the columns
+      (`MatrixDims`); every other axis is a batch axis.
+  """
 
   path: str
   shape: tuple[int, ...]
   projected: bool
-  perm: tuple[int, ...] = ()  # transpose to (batch..., rows..., cols...)
+  perm: tuple[int, ...] = ()
   batch_shape: tuple[int, ...] = ()
   rows: int = 0
   cols: int = 0
-  axis: int = 0  # 0: the projector spans the rows; 1: the columns
-  rank: int = 0  # effective rank, min(rank, projected side)
+  axis: int = 0
+  rank: int = 0
+  row_axes: tuple[int, ...] = ()
+  col_axes: tuple[int, ...] = ()
+
+  @property
+  def batch_axes(self) -> tuple[int, ...]:
+    """The leaf's axes that index its matrices (leading in `perm`)."""
+    return self.perm[:len(self.batch_shape)]
 
   @property
   def side(self) -> int:
@@ -88,6 +110,20 @@ class LeafPlan(NamedTuple):
     if self.axis == 0:
       return self.batch_shape + (self.rank, self.cols)
     return self.batch_shape + (self.rows, self.rank)
+
+  @property
+  def bucket(self) -> tuple[int, int, int]:
+    """(s, l, r): leaves of one bucket are refreshed as one batch."""
+    return (self.side, self.other, self.rank)
+
+  @property
+  def kept_side_is_last(self) -> bool:
+    """Whether the oriented (s, l) matrix is the leaf in its own layout.
+
+    P spans the rows and no axis moves, so l is the leaf's last axis, the
+    row stride of the products with G (what `PRODUCT_ALIGNMENT` pads).
+    """
+    return self.axis == 0 and self.perm == tuple(range(len(self.shape)))
 
 
 def path_str(path) -> str:
@@ -375,6 +411,8 @@ def plan_leaves(
             cols=n,
             axis=axis,
             rank=min(rank, s),
+            row_axes=rows,
+            col_axes=cols,
         )
     )
   if clamped:

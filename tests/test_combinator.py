@@ -300,14 +300,14 @@ def test_transport_reads_moments_by_field_name_and_state_type():
   # A field's name says how it moves (mu: M·m; nu: (M⊙M)·v), except in a
   # state whose names mislead: optax.adan's v averages gradient differences
   # (linear) and its n is the second moment.
-  from optax_subspace import _leaves  # pylint: disable=g-import-not-at-top
+  from optax_subspace import _leaves, _transport  # pylint: disable=g-import-not-at-top
   params = {"w": jnp.zeros((4, 6))}
   key_paths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   plans, _ = _leaves.plan_leaves(params, 2)
   def kinds(opt):
     tx = osub.project_subspace(opt, projectors.svd(2, 2), on_change="transport")
-    found = _combinator._low_rank_buffers(tx.init(params).inner, plans,
-                                          key_paths)
+    found = _transport.low_rank_buffers(tx.init(params).inner, plans,
+                                        key_paths)
     return sorted((name, kind) for _, name, kind in found.values())
   assert kinds(optax.adam(1e-3)) == [("mu", "first"), ("nu", "second")]
   assert kinds(optax.adan(1e-3)) == [
@@ -423,9 +423,9 @@ def test_refresh_in_chunks_changes_no_value(make, monkeypatch):
 
 
 def test_osd_step_on_p_per_leaf_equals_the_stacked_step():
-  # The combinator runs OSD's ∇P stacked by (s, r) and the optimizer step on P per leaf
-  # (`advance_direction` + `advance_apply`); without them it stacks the whole projector state
-  # (`advance_update`). Same trajectory, to float32 rounding of the batched products.
+  # The combinator runs OSD's ∇P stacked by (s, r) (`Advance.direction`) and the optimizer
+  # step on P per leaf (`Advance.apply`); an `Advance` without a direction computes ∇P in
+  # `apply`, per leaf. Same trajectory, to float32 rounding of the batched products.
   params = {"a": jnp.ones((12, 20)), "b": jnp.ones((12, 20)), "c": jnp.ones((20, 12)),
             "d": jnp.ones((3, 12, 20))}
   dims = lambda path, x: osub.MatrixDims(rows=1, cols=2) if x.ndim == 3 else None
@@ -434,12 +434,35 @@ def test_osd_step_on_p_per_leaf_equals_the_stacked_step():
   for split in (True, False):
     projector = projectors.online_pca(4, optax.adamw(1e-2, weight_decay=0.01))
     if not split:
-      projector = projector._replace(advance_direction=None, advance_apply=None)
+      adv = projector.advance
+      projector = projector._replace(advance=projectors.Advance(
+          inputs=adv.inputs, apply=lambda st, x, _, count, adv=adv: adv.apply(
+              st, x, adv.direction(st.basis.astype(jnp.float32), x), count)))
     tx = osub.project_subspace(optax.adam(1e-2), projector, dims=dims)
     state, p = tx.init(params), params
     update = jax.jit(tx.update)
     for g in grads:
       u, state = update(g, state, p)
+      p = optax.apply_updates(p, u)
+    runs.append((p, state))
+  chex.assert_trees_all_close(runs[0], runs[1], atol=1e-6, rtol=1e-6)
+
+
+def test_an_advance_given_as_one_function_takes_the_same_steps():
+  # `Projector.advance` may be one function (state, g, r, count) -> (state, changed), as
+  # before `Advance`: run per matrix on G and R, it takes OSD's steps.
+  params = {"a": jnp.ones((12, 20)), "c": jnp.ones((20, 12))}
+  grads = [_grads(params, seed) for seed in range(3)]
+  runs = []
+  for as_function in (False, True):
+    projector = projectors.online_pca(4, optax.adamw(1e-2, weight_decay=0.01))
+    if as_function:
+      adv = projector.advance
+      projector = projector._replace(advance=lambda st, g, r, count: adv(st, g, r, count))
+    tx = osub.project_subspace(optax.adam(1e-2), projector)
+    state, p = tx.init(params), params
+    for g in grads:
+      u, state = jax.jit(tx.update)(g, state, p)
       p = optax.apply_updates(p, u)
     runs.append((p, state))
   chex.assert_trees_all_close(runs[0], runs[1], atol=1e-6, rtol=1e-6)

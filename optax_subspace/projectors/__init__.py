@@ -5,6 +5,7 @@ Each projector is a `Projector`: pure functions on the state of one matrix
 `optax_subspace/projectors/_base.py` for the contract.
 """
 
+from optax_subspace.projectors._base import Advance
 from optax_subspace.projectors._base import Projector
 from optax_subspace.projectors._base import RefreshSchedule
 from optax_subspace.projectors.online_pca import OnlinePcaState
@@ -21,6 +22,7 @@ from optax_subspace.projectors.svd import randomized_svd
 from optax_subspace.projectors.svd import svd
 
 __all__ = [
+    "Advance",
     "OnlinePcaState",
     "Projector",
     "RandomState",

@@ -46,6 +46,60 @@ class RefreshSchedule:
     return count % self.every == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Advance:
+  """How a stepped projector moves its basis after each update, in three parts.
+
+  One step on one matrix is ``apply(state, x, direction(P, x), count)``
+  with ``x = inputs(state, g, r)`` and P its basis; calling the `Advance`
+  as ``advance(state, g, r, count)`` runs exactly that. The combinator
+  runs the three parts where each is cheapest:
+
+  - `inputs` ``(state, g, r) -> x`` reads the gradient g (s, l') and its
+    projection r = Pᵀg (r, l') while the combinator holds them, so no copy
+    of g outlives the projection; it returns small arrays (no l-sized
+    axis). l' ≥ l: g and r may carry zero columns (`PRODUCT_ALIGNMENT`),
+    which change no product with them and no norm.
+  - `direction` ``(P, x) -> d``, optional, reads only P (s, r, float32)
+    and x; it runs stacked over every matrix of one (s, r), as one batched
+    call, with the P the step's products used. OSD's ∇P is a few r×r and
+    s×r products that run far below a GPU's throughput one matrix at a time
+    (each product is a few tiles). None: `apply` gets d = None and does all
+    the work itself.
+  - `apply` ``(state, x, d, count) -> (state, changed)`` runs per leaf
+    (vmapped over its batch axes), so the projector's own state (OSD: P's
+    optimizer moments) is updated in place, never stacked and unstacked
+    (LLaMA-1B: P's two Adam moments, 1.4 GB, copied in and out every step).
+    `changed` is a bool scalar: the basis moved.
+
+  Attributes:
+    inputs, apply, direction: the parts above.
+    basis: ``state -> P``, the projector's `basis`: what a call on one
+      matrix gives `direction` (the combinator passes the step's P instead).
+  """
+
+  inputs: Callable[[ProjectorState, jax.Array, jax.Array], Any]
+  apply: Callable[..., tuple[ProjectorState, jax.Array]]
+  direction: Optional[Callable[[jax.Array, Any], Any]] = None
+  basis: Optional[Callable[[ProjectorState], jax.Array]] = None
+
+  @classmethod
+  def of(cls, fn) -> Optional["Advance"]:
+    """`fn` as an `Advance`: an `Advance` as it is, or a one-matrix function
+    ``(state, g, r, count) -> (state, changed)`` (g and r kept as inputs)."""
+    if fn is None or isinstance(fn, Advance):
+      return fn
+    return cls(inputs=lambda state, g, r: (g, r),
+               apply=lambda state, x, d, count: fn(state, *x, count))
+
+  def __call__(self, state, g, r, count):
+    """One matrix's step, the three parts composed."""
+    x = self.inputs(state, g, r)
+    d = None if self.direction is None else self.direction(
+        self.basis(state), x)
+    return self.apply(state, x, d, count)
+
+
 class Projector(NamedTuple):
   """The pure functions that define a projector family.
 
@@ -60,34 +114,19 @@ class Projector(NamedTuple):
     refresh: ``(state, g, count) -> (state, changed)``, run before the
       gradient g (s, l, float32) is projected, only on steps where
       `needs_refresh` holds. `changed` is a bool scalar: the basis moved.
-    advance: optional ``(state, g, r, count) -> (state, changed)``, run every
-      step after the projection and the inner update, with r = basis(state)ᵀg
-      (r, l) already computed; the state it returns serves the next step.
+    advance: optional, run every step after the projection and the inner
+      update; the state it returns serves the next step. An `Advance` (its
+      parts run where each is cheapest), or a one-matrix function
+      ``(state, g, r, count) -> (state, changed)`` with r = basis(state)ᵀg.
     project: optional ``(state, g) -> R`` (r, l); default basis(state)ᵀ g.
     back: optional ``(state, n) -> ΔG`` (s, l); default basis(state) n.
-    Both run in their input's dtype (the combinator's `projection_dtype`)
-    and return float32; `refresh` and `advance` do their own math in float32.
-    advance_inputs, advance_update: optional, together: `advance` split in
-    two, ``advance(state, g, r, count) == advance_update(state,
-    advance_inputs(state, g, r), count)``. `advance_inputs` is the part that
-    reads g and r (products with them, their norms) and returns small arrays
-    (no l-sized axis); the combinator runs it per matrix, then
-    `advance_update` once for all matrices of one (s, r), stacked: OSD's step
-    on P is a few r×r and s×r products and an Adam step per matrix, which run
-    far below a GPU's throughput one matrix at a time (each product's output
-    is a few tiles) and launch ~10 kernels each, 170 times per step.
-    advance_direction, advance_apply: optional, together with the two above:
-    `advance_update` split again, ``advance_update(state, x, count) ==
-    advance_apply(state, x, advance_direction(basis(state), x), count)``.
-    `advance_direction` reads only P (s, r) and the inputs, and the combinator
-    runs it stacked by (s, r); `advance_apply` (OSD: the optimizer step on P,
-    elementwise) runs per leaf, so the projector's own optimizer state is
-    never stacked and unstacked (LLaMA-1B: P's two Adam moments, 1.4 GB, copied
-    in and out every step).
+      Both run in their input's dtype (the combinator's `projection_dtype`)
+      and return float32; `refresh` and `advance` do their own math in
+      float32.
     batch_basis: whether `basis` computes (a random draw and its
-    orthonormalisation), so the combinator evaluates it once per step for all
-    matrices of one shape in one vmapped call; False (a stored P, read per
-    matrix) avoids stacking and unstacking every P each step.
+      orthonormalisation), so the combinator evaluates it once per step for
+      all matrices of one shape in one vmapped call; False (a stored P, read
+      per matrix) avoids stacking and unstacking every P each step.
   """
 
   rank: int
@@ -95,13 +134,9 @@ class Projector(NamedTuple):
   basis: Callable[[ProjectorState], jax.Array]
   needs_refresh: Callable[[jax.Array], jax.Array]
   refresh: Callable[..., tuple[ProjectorState, jax.Array]]
-  advance: Optional[Callable[..., tuple[ProjectorState, jax.Array]]] = None
+  advance: Optional[Any] = None
   project: Optional[Callable[[ProjectorState, jax.Array], jax.Array]] = None
   back: Optional[Callable[[ProjectorState, jax.Array], jax.Array]] = None
-  advance_inputs: Optional[Callable[..., Any]] = None
-  advance_update: Optional[Callable[..., tuple[ProjectorState, jax.Array]]] = None
-  advance_direction: Optional[Callable[..., jax.Array]] = None
-  advance_apply: Optional[Callable[..., tuple[ProjectorState, jax.Array]]] = None
   batch_basis: bool = False
 
   def project_fn(self):

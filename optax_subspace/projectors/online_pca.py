@@ -120,20 +120,16 @@ def online_pca(
     basis = jnp.where(ok, svd_basis.astype(state.basis.dtype), state.basis)
     return OnlinePcaState(basis, state.opt_state), ok
 
-  def advance_inputs(state, g, projected):
+  def inputs(state, g, projected):
     # GᵀP = (PᵀG)ᵀ: the projection already computed it.
+    del state
     return _products(g, projected.T)
 
-  def advance_direction(basis, products):
+  def direction(basis, products):
     # ∇P of the online-PCA loss from P (float32) and the products with G.
     return _gradient_from_products(basis, products, orthogonality_weight)
 
-  def advance_update(state, products, count):
-    return advance_apply(
-        state, products,
-        advance_direction(state.basis.astype(jnp.float32), products), count)
-
-  def advance_apply(state, products, grad, count):
+  def apply(state, products, grad, count):
     # P gets no step at step 0, only the SVD (the authors' code). Values
     # computed from an unusable g are discarded by the selects at the end,
     # so g itself is never masked (that would cost a pass over it).
@@ -150,21 +146,18 @@ def online_pca(
     )
     return new_state, ok
 
-  def advance(state, g, projected, count):
-    return advance_update(state, advance_inputs(state, g, projected), count)
+  basis = lambda state: state.basis.astype(jnp.float32)
+  advance = _base.Advance(inputs=inputs, apply=apply, direction=direction,
+                          basis=basis)
 
   if not step_before_projection:
     return _base.Projector(
         rank=rank,
         init=init,
-        basis=lambda state: state.basis.astype(jnp.float32),
+        basis=basis,
         needs_refresh=_base.RefreshSchedule(None),  # step 0
         refresh=lambda state, g, count: svd_start(state, g),
         advance=advance,
-        advance_inputs=advance_inputs,
-        advance_update=advance_update,
-        advance_direction=advance_direction,
-        advance_apply=advance_apply,
     )
 
   def step_first(state, g, count):
@@ -175,7 +168,7 @@ def online_pca(
   return _base.Projector(
       rank=rank,
       init=init,
-      basis=lambda state: state.basis.astype(jnp.float32),
+      basis=basis,
       needs_refresh=_base.RefreshSchedule(1),  # every step
       refresh=lambda state, g, count: jax.lax.cond(
           count == 0, lambda: svd_start(state, g),

@@ -1,0 +1,332 @@
+"""The stages of one `project_subspace` update, each a function of the plan.
+
+    refresh (when due) → project → inner → back-project → advance
+
+The gradient keeps the names of the method through them (docs/design.md):
+`g` is G as it comes (one array per leaf), `r` its projection R = PᵀG,
+`n` the inner transformation's update N of R, `u` the outgoing update
+α·P·N. The products are the generic ones of every projector (R = PᵀG and
+α·P·N with the basis P, or the projector's own `project` and `back`); what
+a basis is (GaLore's singular vectors, OSD's online-PCA step, a random draw,
+a row selection) is the projector's, in `projectors/`.
+
+Issue 23's stages go in at two seams: a residual stage takes g and r after
+`Pipeline.project` (G − P·R, which FRUGAL and Fira update on their own), and
+an output mode that scales the full gradient by factors computed in the
+subspace (APOLLO) replaces `Pipeline.back_project`.
+
+Everything here runs while `update` is traced: Python loops over the plan's
+leaves and buckets build one program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_subspace import _chunks
+from optax_subspace import _leaves
+from optax_subspace import _plan
+from optax_subspace.projectors import _base
+
+
+def over_batch(fn, leaf: _leaves.LeafPlan, *args, in_axes):
+  """Applies a one-matrix function to every matrix of a leaf.
+
+  Mapped arguments have the leaf's batch axes leading; they are flattened to
+  one axis, vmapped, and the outputs get the batch axes back. A plain matrix
+  (no batch axes) is passed straight through: no size-1 batch dimension for
+  XLA to carry into every product.
+  """
+  if not leaf.batch_shape:
+    return fn(*args)
+  b = leaf.num_matrices
+  flat = [
+      jax.tree_util.tree_map(lambda x: x.reshape((b,) + x.shape[
+          len(leaf.batch_shape):]), a) if ax == 0 else a
+      for a, ax in zip(args, in_axes)
+  ]
+  out = jax.vmap(fn, in_axes=in_axes)(*flat)
+  return jax.tree_util.tree_map(
+      lambda x: x.reshape(leaf.batch_shape + x.shape[1:]), out
+  )
+
+
+def stacked(fn, plan: _plan.SubspacePlan, leaves, group, *trees):
+  """Applies a one-matrix function to the matrices of many leaves, batched.
+
+  `trees` are dicts {leaf: pytree with the leaf's batch axes leading}; the
+  leaves whose `group(leaf plan)` agree are concatenated along one batch
+  axis and go through one vmapped `fn`, so a tree of 170 matrices compiles
+  to a few batched calls, not 170. Returns {leaf: output, batch axes
+  restored}.
+  """
+  groups: dict[Any, list[int]] = {}
+  for i in leaves:
+    groups.setdefault(group(plan[i]), []).append(i)
+  results = {}
+  for members in groups.values():
+    flat = lambda x, i: x.reshape((plan[i].num_matrices,) + x.shape[
+        len(plan[i].batch_shape):])
+    cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
+    stacks = [
+        jax.tree_util.tree_map(
+            lambda *xs: cat([flat(x, i) for x, i in zip(xs, members)]),
+            *[tree[i] for i in members])
+        for tree in trees
+    ]
+    out = jax.vmap(fn)(*stacks)
+    start = 0
+    for i in members:
+      leaf, stop = plan[i], start + plan[i].num_matrices
+      results[i] = jax.tree_util.tree_map(
+          lambda x: x[start:stop].reshape(leaf.batch_shape + x.shape[1:]), out)
+      start = stop
+  return results
+
+
+def _pad(x, extra):
+  return x if not extra else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
+
+
+def _cut(x, extra):
+  return x if not extra else x[..., :x.shape[-1] - extra]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """The projector's side of one update: its stages, over the plan's leaves.
+
+  Attributes:
+    projector: the `Projector`.
+    plan: the `SubspacePlan` of the tree being updated.
+    dtype: operand dtype of the products with G (`projection_dtype`).
+    alignment: `PRODUCT_ALIGNMENT`, read while the update is traced.
+    own_batch: `OWN_BATCH_MATRICES`, read while the update is traced.
+  """
+
+  projector: _base.Projector
+  plan: _plan.SubspacePlan
+  dtype: Any
+  alignment: int
+  own_batch: int
+
+  @property
+  def dense(self) -> bool:
+    """Whether a product uses P (no own `project` or `back`)."""
+    return self.projector.project is None or self.projector.back is None
+
+  def orient(self, i, x):
+    """Leaf i's array as its oriented (…, s, l) matrices, in `dtype`."""
+    return _leaves.to_oriented(x, self.plan[i]).astype(self.dtype)
+
+  def refresh(self, pstates, g, count, due, chunk_bytes):
+    """Refreshes every projected matrix when due: by bucket, chunk by chunk.
+
+    `g` are the gradients as they come; each is oriented and cast inside
+    its chunk's refresh. Each chunk (`chunk_bytes` of float32 gradients at
+    most; a leaf is never split) is one `lax.cond` on
+    `needs_refresh(count)` whose refresh branch is one vmapped call on the
+    chunk's stacked gradients; an optimization barrier orders the chunks,
+    so chunk k + 1's gradients are read only once chunk k's bases exist. A
+    cond's operands must all exist before it runs: one cond over every
+    gradient kept every gradient (and any elementwise producer of it, a
+    cast, a clipping scale) materialised at once, and its stacked float32
+    copies made GaLore's 7B step need more memory than AdamW's. And the
+    conds take the gradients as they come: an oriented (transposed, cast)
+    gradient passed in would be materialised every step, refresh or not,
+    where outside the cond XLA folds the transpose into the products that
+    read it. `due`: the caller's static answer to `needs_refresh(count)` (a
+    Python bool, or None), which replaces the conds: False returns the
+    states as they are, True refreshes every chunk. Returns ({leaf: state},
+    {leaf: changed}).
+    """
+    plan, projector = self.plan, self.projector
+    unchanged = lambda i: jnp.zeros(plan[i].batch_shape, bool)
+    if due is False or not plan.projected:
+      return dict(pstates), {i: unchanged(i) for i in plan.projected}
+    states, changed, previous = dict(pstates), {}, None
+    size = lambda i: 4 * plan[i].num_matrices * plan[i].side * plan[i].other
+    for _, chunk in _chunks.chunks(plan.projected, lambda i: plan[i].bucket,
+                                   size, chunk_bytes):
+      sub, raw = _chunks.after(previous, ({i: pstates[i] for i in chunk},
+                                          {i: g[i] for i in chunk}))
+
+      def refreshed(sub, raw, chunk=chunk):
+        out = stacked(lambda state, x: projector.refresh(state, x, count),
+                      plan, chunk, lambda leaf: leaf.bucket, sub,
+                      {i: self.orient(i, x) for i, x in raw.items()})
+        return {i: tuple(out[i]) for i in out}
+
+      def kept(sub, raw, chunk=chunk):
+        del raw
+        return {i: (sub[i], unchanged(i)) for i in chunk}
+
+      out = (refreshed(sub, raw) if due else jax.lax.cond(
+          projector.needs_refresh(count), refreshed, kept, sub, raw))
+      for i, (state, moved) in out.items():
+        states[i], changed[i] = state, moved
+      previous = out
+    return states, changed
+
+  def bases(self, pstates):
+    """{leaf: P} of every projected matrix in its current state.
+
+    A computed basis (`batch_basis`: a random draw and its QR) is one
+    vmapped call per (s, r); a stored one is read per leaf, so no P is
+    stacked and unstacked.
+    """
+    projected = self.plan.projected
+    if self.projector.batch_basis:
+      return stacked(self.projector.basis, self.plan, projected,
+                     lambda leaf: (leaf.side, leaf.rank), pstates)
+    return {i: over_batch(self.projector.basis, self.plan[i], pstates[i],
+                          in_axes=(0,)) for i in projected}
+
+  def _padding(self, i, own):
+    """Zero columns to add to leaf i's (…, l) operands of the dense products.
+
+    Only where l is the leaf's last axis (`kept_side_is_last`), the GEMM's
+    row stride; a leaf projected on its columns is read in its own layout,
+    rows of s.
+    """
+    if own is not None or not self.plan[i].kept_side_is_last:
+      return 0
+    return -self.plan[i].other % self.alignment
+
+  def _product(self, own, dense, i, pstates, bases, x):
+    """own(state, x) where the projector has it, else dense(P, x)."""
+    if own is not None:
+      return over_batch(own, self.plan[i], pstates[i], x, in_axes=(0, 0))
+    return over_batch(dense, self.plan[i], bases[i], x, in_axes=(0, 0))
+
+  def project(self, pstates, bases, g):
+    """R = PᵀG of every projected leaf, oriented (…, r, l), and the advance's
+    inputs.
+
+    A stepped projector's `Advance.inputs` take what they need from G now,
+    while the (padded) G is at hand, so no copy of it stays alive across
+    the inner update. Returns ({leaf: R}, {leaf: inputs}).
+    """
+    advance = _base.Advance.of(self.projector.advance)
+    r, x = {}, {}
+    for i in self.plan.projected:
+      extra = self._padding(i, self.projector.project)
+      padded = _pad(self.orient(i, g[i]), extra)
+      r_padded = self._product(self.projector.project, _base.dense_project,
+                               i, pstates, bases, padded)
+      r[i] = _cut(r_padded, extra)
+      if advance is not None:
+        x[i] = over_batch(advance.inputs, self.plan[i], pstates[i], padded,
+                          r_padded, in_axes=(0, 0, 0))
+    return r, x
+
+  def project_params(self, pstates, bases, w):
+    """PᵀW of every projected leaf (what the inner transformation sees as
+    its `params`), in the inner layout and the parameter's dtype."""
+    out = {}
+    for i in self.plan.projected:
+      extra = self._padding(i, self.projector.project)
+      r = self._product(self.projector.project, _base.dense_project, i,
+                        pstates, bases, _pad(self.orient(i, w[i]), extra))
+      out[i] = _leaves.low_rank_layout(_cut(r, extra), self.plan[i]).astype(
+          jnp.result_type(w[i]))
+    return out
+
+  def back_project(self, pstates, bases, n, alpha, g):
+    """ΔW = α·P·N of every projected leaf, in the leaf's layout and G's dtype.
+
+    `n` holds the inner update N of each projected leaf in the inner
+    layout. GaLore's Algorithm 1: G̃ = α·P·N (Zhao et al. 2024).
+    """
+    out = {}
+    for i in self.plan.projected:
+      leaf, dtype = self.plan[i], jnp.result_type(g[i])
+      if self.projector.back is None and leaf.axis == 1:
+        out[i] = self._back_on_columns(i, bases, n[i], alpha, dtype)
+        continue
+      extra = self._padding(i, self.projector.back)
+      pn = self._product(
+          self.projector.back, _base.dense_back, i, pstates, bases,
+          _pad(_leaves.low_rank_layout(n[i], leaf).astype(self.dtype), extra))
+      out[i] = _leaves.from_oriented(_cut(pn, extra) * alpha, leaf).astype(
+          dtype)
+    return out
+
+  def _back_on_columns(self, i, bases, n, alpha, dtype):
+    """α·P·N of a leaf projected on its columns, as (P N)ᵀ = Nᵀ Pᵀ.
+
+    Nᵀ is the inner layout (l, r) of such a leaf: the product lands in the
+    leaf's layout, with no transpose of an s×l result.
+    """
+    leaf = self.plan[i]
+    flipped = over_batch(
+        lambda p, x: jnp.matmul(x, p.T.astype(x.dtype),
+                                preferred_element_type=jnp.float32),
+        leaf, bases[i], n.astype(self.dtype), in_axes=(0, 0))
+    if leaf.perm == tuple(range(len(leaf.shape))):
+      # Already the leaf's layout: returned as it is. Swapped to (s, l) and
+      # back, XLA folded the outer transpose into the product (computing
+      # P·N again) and copied the s×l result into the leaf's layout: 1.3 ms
+      # of LLaMA-1B's GaLore step (H200, profile_update_h200_b210501.json).
+      return (flipped * alpha).reshape(leaf.shape).astype(dtype)
+    return _leaves.from_oriented(jnp.swapaxes(flipped, -1, -2) * alpha,
+                                 leaf).astype(dtype)
+
+  def _step_group(self, leaf: _leaves.LeafPlan):
+    """The stacking key of a leaf's `Advance.direction`: (s, r), or the leaf
+    alone when it is a batch of `own_batch` matrices or more (a scanned
+    model's kernel), which stacking would only copy."""
+    if leaf.num_matrices >= self.own_batch:
+      return (leaf.side, leaf.rank, leaf)
+    return (leaf.side, leaf.rank)
+
+  def advance(self, pstates, bases, x, count):
+    """The projector's step after the update (OSD: P_{t+1} by online PCA).
+
+    `x` are the `Advance.inputs` taken while projecting. The direction
+    (OSD: ∇P, a few small products) runs stacked by (s, r) from P and those
+    inputs, one call for all matrices; `apply` (the step on P) per leaf, so
+    the projector's optimizer state is read and written in place, never
+    stacked (2 ms less than stacking it too:
+    profile_update_h200_f125423.json). Returns ({leaf: state},
+    {leaf: changed}).
+    """
+    advance = _base.Advance.of(self.projector.advance)
+    projected = self.plan.projected
+    d = ({i: None for i in projected} if advance.direction is None else
+         stacked(advance.direction, self.plan, projected, self._step_group,
+                 bases, x))
+    states, changed = dict(pstates), {}
+    for i in projected:
+      states[i], changed[i] = over_batch(
+          lambda st, xi, di: advance.apply(st, xi, di, count), self.plan[i],
+          pstates[i], x[i], d[i], in_axes=(0, 0, 0))
+    return states, changed
+
+
+def inner_update(inner, plan, treedef, g, r, w_r, inner_state, params,
+                 extra_args):
+  """N = inner(R): `inner` on the mixed tree, low-rank where projected.
+
+  `g` is every leaf's gradient as it comes (unprojected leaves go in as
+  they are), `r` the projected ones' R (oriented), `w_r` their PᵀW (or
+  None without `params`). Returns ({leaf: the inner's update}, its state).
+  """
+  mixed = list(g)
+  for i in plan.projected:
+    mixed[i] = _leaves.low_rank_layout(r[i], plan[i]).astype(
+        jnp.result_type(g[i]))
+  inner_params = None
+  if params is not None:
+    inner_params = list(params)
+    for i in plan.projected:
+      inner_params[i] = w_r[i]
+    inner_params = treedef.unflatten(inner_params)
+  n, inner_state = optax.with_extra_args_support(inner).update(
+      treedef.unflatten(mixed), inner_state, inner_params, **extra_args)
+  return treedef.flatten_up_to(n), inner_state
