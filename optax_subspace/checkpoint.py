@@ -51,6 +51,17 @@ def _leaf_table(tree) -> dict:
   }
 
 
+def _rank(node, i, pstate) -> int:
+  """Leaf i's rank: from the state's plan, or (a state made without one) its
+  projector state's basis shape."""
+  if node.plan is not None:
+    return node.plan[i].rank
+  if hasattr(pstate, "basis_shape"):  # a state that stores no basis
+    return pstate.basis_shape[1]
+  arrays = jax.tree_util.tree_leaves(pstate)
+  return int(np.shape(arrays[0])[-1]) if arrays else 0
+
+
 def _subspaces(params, opt_state) -> dict:
   """{state path: {param path: projector type and rank}} per subspace state."""
   treedef = _combinator.projector_treedef(params)
@@ -67,18 +78,15 @@ def _subspaces(params, opt_state) -> dict:
     except (ValueError, TypeError):
       continue  # another parameter tree: reported from the parameters
     leaves = {}
-    for path, p in zip(paths, pstates):
+    for i, (path, p) in enumerate(zip(paths, pstates)):
       if isinstance(p, optax.MaskedNode):
         continue
-      arrays = jax.tree_util.tree_leaves(p)
       leaves[path] = {
           "projector": type(p).__name__,
           "fields": list(getattr(p, "_fields", ()) or (
               [f.name for f in dataclasses.fields(p)]
               if dataclasses.is_dataclass(p) else ())),
-          # A state that stores no basis (RandomState) declares its shape.
-          "rank": (p.basis_shape[1] if hasattr(p, "basis_shape")
-                   else int(np.shape(arrays[0])[-1]) if arrays else 0),
+          "rank": _rank(node, i, p),
       }
     out[_leaves.path_str(kp)] = leaves
   return out

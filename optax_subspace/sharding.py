@@ -21,11 +21,9 @@ smaller side; see `optax_subspace.MatrixDims`):
 - PRNG keys, counts, hyperparameters and anything unmatched are replicated;
   an unmatched buffer as large as a sharded parameter gets a warning.
 
-Which axes are rows, columns and batch is recomputed with
-`_leaves.plan_leaves` from the state that `tx.init` makes (which leaves are
-projected, at what rank, on which side: `project_subspace`'s `side` is read
-off the shapes of each leaf's buffers), so only `dims` has to be repeated
-for leaves with more than two axes.
+Which leaves are projected, which of their axes are rows, columns and
+batch, on which side and at what rank is read from the plan
+(`optax_subspace.subspace_plan`) that `tx.init` keeps in its state.
 """
 
 from __future__ import annotations
@@ -42,6 +40,7 @@ from jax.sharding import PartitionSpec
 
 from optax_subspace import _combinator
 from optax_subspace import _leaves
+from optax_subspace import _plan
 
 
 def _is_state(x) -> bool:
@@ -102,19 +101,6 @@ def _merged_entry(entries, sizes):
   return None
 
 
-def _split_groups(plan: _leaves.LeafPlan):
-  """The leaf's batch, row and column axes, from its plan's permutation."""
-  nb = len(plan.batch_shape)
-  batch, rest = plan.perm[:nb], plan.perm[nb:]
-  prod, cut = 1, 0
-  while cut < len(rest) and prod != plan.rows:
-    prod *= plan.shape[rest[cut]]
-    cut += 1
-  if prod != plan.rows:  # only size-1 axes left: all of them are rows
-    cut = len(rest) - 1
-  return batch, rest[:cut], rest[cut:]
-
-
 class _LeafSpecs:
   """Partition specs of the state buffers that belong to one parameter."""
 
@@ -124,7 +110,7 @@ class _LeafSpecs:
     self.full = _padded(sharding.spec, len(plan.shape))
     if not plan.projected:
       return
-    batch, rows, cols = _split_groups(plan)
+    batch, rows, cols = plan.batch_axes, plan.row_axes, plan.col_axes
     merged = lambda axes: _merged_entry([self.full[a] for a in axes],
                                         [plan.shape[a] for a in axes])
     self.batch = tuple(self.full[a] for a in batch)
@@ -160,69 +146,33 @@ def _match(path, by_path):
   return None
 
 
-def _oriented(plan: _leaves.LeafPlan, rank: int, projector_shapes,
-              inner_shapes) -> _leaves.LeafPlan:
-  """The plan of a projected leaf, its side and rank read off its state.
+def _state_plan(node, params, dims):
+  """The plan a `project_subspace` state was made with (`node.plan`).
 
-  Of the two orientations (P spanning the rows or the columns, at `rank`
-  clamped to that side), the one more of the leaf's buffers have the shape
-  of: inner buffers the low-rank shape, projector buffers P's (s × r) shape.
-  A tie (no such buffer, or a square matrix at full rank) keeps the smaller
-  side, the combinator's default.
+  `dims`, when given, must be the optimizer's: a leaf whose matrix axes it
+  would choose differently raises ValueError.
   """
-  nb = len(plan.batch_shape)
-
-  def score(axis):
-    s = plan.rows if axis == 0 else plan.cols
-    p = plan._replace(axis=axis, rank=min(rank, s))
-    return (sum(tuple(x[nb:]) == p.low_rank_shape[nb:] for x in inner_shapes)
-            + sum(tuple(x[nb:]) == (s, p.rank) for x in projector_shapes))
-
-  scores = (score(0), score(1))
-  axis = plan.axis if scores[0] == scores[1] else int(scores[1] > scores[0])
-  return plan._replace(
-      axis=axis, rank=min(rank, plan.rows if axis == 0 else plan.cols))
-
-
-def _project_state_plans(node, params, dims):
-  """Recomputes the leaf plans a `project_subspace` state was made with.
-
-  Which leaves are projected comes from the projector states; each one's
-  rank from its projector state (the static `basis_shape` of a state that
-  stores no basis, else the last axis of its first array), and its side
-  from the shapes of its buffers (`_oriented`).
-  """
-  treedef = _combinator.projector_treedef(params)
-  pstates = treedef.flatten_up_to(node.projectors)
-  projected = [not isinstance(p, optax.MaskedNode) for p in pstates]
-  ranks = [
-      (p.basis_shape[1] if hasattr(p, "basis_shape")
-       else int(np.shape(jax.tree_util.tree_leaves(p)[0])[-1])) if sel else 0
-      for p, sel in zip(pstates, projected)
-  ]
-  mask = treedef.unflatten(projected)
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      plans, _ = _leaves.plan_leaves(params, max(ranks, default=1) or 1, mask,
-                                     dims)
-  except ValueError as e:
+  plan = node.plan
+  if plan is None:
     raise ValueError(
-        f"{e}\nstate_shardings needs the same `dims` as the optimizer."
-    ) from e
-  by_path = {
-      tuple(kp): i for i, (kp, _) in enumerate(
-          jax.tree_util.tree_flatten_with_path(params)[0])}
-  inner_shapes = [[] for _ in plans]
-  for path, x in jax.tree_util.tree_flatten_with_path(node.inner)[0]:
-    i = _match(tuple(path), by_path)
-    if i is not None:
-      inner_shapes[i].append(tuple(np.shape(x)))
-  return [
-      _oriented(plan, rank, [np.shape(x) for x in jax.tree_util.tree_leaves(
-          pstate)], inner_shapes[i]) if plan.projected else plan
-      for i, (plan, pstate, rank) in enumerate(zip(plans, pstates, ranks))
-  ]
+        "this project_subspace state has no plan (not made by its `init`):"
+        " take the state from `tx.init` or `jax.eval_shape(tx.init, params)`.")
+  if dims is not None:
+    mask = _combinator.projector_treedef(params).unflatten(
+        [leaf.projected for leaf in plan])
+    try:
+      given = _plan.make_plan(params, plan.rank, mask, dims, plan.side,
+                              quiet=True)
+    except ValueError as e:
+      raise ValueError(
+          f"{e}\nstate_shardings needs the same `dims` as the optimizer.") from e
+    differ = [a.path for a, b in zip(plan, given) if a != b]
+    if differ:
+      raise ValueError(
+          f"dims {dims!r} give leaves {differ[:4]} other matrix axes than the"
+          " optimizer's plan: state_shardings needs the same `dims` as the"
+          " optimizer (or none: the plan has them).")
+  return plan
 
 
 def state_shardings(
@@ -262,8 +212,9 @@ def state_shardings(
     params: the parameters, as arrays or `jax.ShapeDtypeStruct`s.
     param_shardings: a tree like `params` of `NamedSharding`s, or of
       `PartitionSpec`s together with `mesh`.
-    dims: the `dims` given to the optimizer; only needed when a projected
-      leaf has more than two axes.
+    dims: not needed (the state's plan records each leaf's matrix axes);
+      when given, checked against the optimizer's (ValueError if a leaf's
+      axes differ).
     mesh: the mesh, when `param_shardings` holds `PartitionSpec`s.
 
   Returns:
@@ -305,7 +256,7 @@ def state_shardings(
 
   def visit(node, path):
     if _is_state(node):
-      plans = _project_state_plans(node, params, dims)
+      plans = _state_plan(node, params, dims)
       specs = [_LeafSpecs(p, s) for p, s in zip(plans, named)]
       out.append(replicated)  # count
       visit_projectors(node.projectors, specs)
@@ -360,7 +311,7 @@ def _kept_side_spec(plan: _leaves.LeafPlan, sharding: NamedSharding) -> tuple:
   most major kept axis longer than 1 divides evenly; otherwise unchanged.
   """
   full = list(_padded(sharding.spec, len(plan.shape)))
-  _, rows, cols = _split_groups(plan)
+  rows, cols = plan.row_axes, plan.col_axes
   side, kept = (rows, cols) if plan.axis == 0 else (cols, rows)
   split = [a for a in side if full[a] is not None]
   if len(split) != 1 or any(full[a] is not None for a in kept):
@@ -429,7 +380,7 @@ def update_shardings(
   plans = {}
   for node in jax.tree_util.tree_leaves(abstract, is_leaf=_is_state):
     if _is_state(node):
-      for i, plan in enumerate(_project_state_plans(node, params, dims)):
+      for i, plan in enumerate(_state_plan(node, params, dims)):
         if plan.projected:
           plans.setdefault(i, plan)
   out = [

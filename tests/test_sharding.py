@@ -338,11 +338,16 @@ def test_takes_a_flax_nnx_param_state():
   assert got["0/inner/mu/layers/0/bias/value"] == P()
 
 
-def test_a_projected_leaf_with_more_axes_needs_the_optimizer_dims():
+def test_the_state_plan_gives_the_matrix_axes_and_other_dims_are_refused():
+  # The state's plan records each leaf's matrix axes, so `dims` need not be repeated; given,
+  # it must be the optimizer's.
   mesh = _mesh("8")
   tx = PRESETS["galore"]()
+  assert (osub.state_shardings(tx, _params(), _param_shardings(mesh))
+          == osub.state_shardings(tx, _params(), _param_shardings(mesh), dims=DIMS))
+  other = lambda path, x: osub.MatrixDims(0, (1, 2)) if x.ndim == 3 else None
   with pytest.raises(ValueError, match="same `dims` as the optimizer"):
-    osub.state_shardings(tx, _params(), _param_shardings(mesh))
+    osub.state_shardings(tx, _params(), _param_shardings(mesh), dims=other)
 
 
 def test_partition_specs_need_a_mesh():
