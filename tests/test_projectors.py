@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from optax_subspace import projectors
-from optax_subspace.projectors import _base
+from optax_subspace.projectors.svd import canonical_signs
 
 
 def _decaying(key, s, l, decay=0.7):
@@ -181,8 +181,8 @@ def test_bad_update_every_is_rejected():
 
 def test_canonical_signs_is_idempotent():
   p = jax.random.normal(jax.random.PRNGKey(11), (7, 3))
-  once = _base.canonical_signs(p)
-  np.testing.assert_array_equal(np.asarray(_base.canonical_signs(once)),
+  once = canonical_signs(p)
+  np.testing.assert_array_equal(np.asarray(canonical_signs(once)),
                                 np.asarray(once))
 
 

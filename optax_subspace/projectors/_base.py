@@ -215,18 +215,6 @@ def usable(g: jax.Array) -> jax.Array:
   return jnp.all(jnp.isfinite(g)) & jnp.any(g != 0)
 
 
-def canonical_signs(p: jax.Array) -> jax.Array:
-  """Flips each column so that its largest-magnitude entry is positive.
-
-  Singular vectors are defined up to sign and backends disagree; since the
-  moments carry over a refresh, the sign changes the trajectory. This fixes
-  it the same way on every backend (docs/methods.md, "SVD sign").
-  """
-  idx = jnp.argmax(jnp.abs(p), axis=0)
-  pivot = jnp.take_along_axis(p, idx[None, :], axis=0)[0]
-  return p * jnp.where(pivot < 0, -1.0, 1.0).astype(p.dtype)
-
-
 def one_matrix_per_call_on_cpu(fn):
   """`fn` (arrays of one matrix in, arrays out) whose vmap calls it one matrix at a time on CPU.
 
@@ -264,29 +252,9 @@ def one_matrix_per_call_on_cpu(fn):
 
 
 @one_matrix_per_call_on_cpu
-def _eigenvectors(symmetric: jax.Array) -> jax.Array:
-  """Eigenvectors of a symmetric matrix, columns by ascending eigenvalue."""
-  return jnp.linalg.eigh(symmetric)[1]
-
-
-@one_matrix_per_call_on_cpu
 def _cholesky_solve(gram: jax.Array, y_t: jax.Array) -> jax.Array:
   """L⁻¹ yᵀ for gram = LLᵀ (L lower triangular): a Cholesky and a triangular solve."""
   return jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(gram), y_t, lower=True)
-
-
-def top_left_singular_vectors(g: jax.Array, r: int) -> jax.Array:
-  """Top-r left singular vectors of g (s, l), s ≤ l, sign-canonical.
-
-  Computed from the eigenvectors of the s×s Gram matrix g gᵀ (the smaller
-  side: docs/design.md allows it, and on our GPU eigh of the Gram matrix is 13–17×
-  faster than an SVD). The Gram product runs at full float32 precision: the
-  refresh is rare and TF32 would perturb the eigenvectors.
-  """
-  g = g.astype(jnp.float32)
-  gram = jnp.matmul(g, g.T, precision=jax.lax.Precision.HIGHEST)
-  vecs = _eigenvectors(gram)  # ascending eigenvalues
-  return canonical_signs(vecs[:, ::-1][:, :r])
 
 
 def orthonormalize(y: jax.Array) -> jax.Array:

@@ -10,6 +10,7 @@ import optax
 
 from optax_subspace import _adam
 from optax_subspace.projectors import _base
+from optax_subspace.projectors.svd import top_left_singular_vectors
 
 
 class OnlinePcaState(NamedTuple):
@@ -116,7 +117,7 @@ def online_pca(
     r = state.basis.shape[-1]
     g = g.astype(jnp.float32)
     ok = _base.usable(g)
-    svd_basis = _base.top_left_singular_vectors(jnp.where(ok, g, 0.0), r)
+    svd_basis = top_left_singular_vectors(jnp.where(ok, g, 0.0), r)
     basis = jnp.where(ok, svd_basis.astype(state.basis.dtype), state.basis)
     return OnlinePcaState(basis, state.opt_state), ok
 

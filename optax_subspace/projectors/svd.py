@@ -1,8 +1,26 @@
-"""GaLore's projector: the top-r singular vectors of the current gradient.
+"""GaLore's projector and its mathematics, in one place.
 
-`svd` is exact (eigenvectors of the smaller-side Gram matrix); `randomized_svd`
-is a seeded randomized range finder with power iterations (Halko, Martinsson
-and Tropp 2011), the refresh GaLore 2 uses to cut the SVD cost at scale.
+GaLore (Zhao et al., ICML 2024, arXiv:2403.03507; docs/methods.md) trains
+each selected matrix G (oriented s × l, s the smaller side) through
+
+    P  = U[:, :r],  G_t = U Σ Vᵀ         at steps 0, T, 2T, … (`svd` below)
+    R  = Pᵀ G                            (r × l: the projection)
+    N  = Adam(R)                         (m, v of shape r × l; HF placement of ε)
+    ΔW = −lr · α · P N                   (α = 0.25; the back-projection)
+    W  ← W + ΔW, then W ← W − lr · wd · W (decay after the update)
+
+and keeps Adam's moments when P changes. The basis (the top-r left singular
+vectors, from the smaller side's Gram matrix, each sign-canonical) is here;
+R = PᵀG and α·P·N are the generic products every dense projector shares
+(`project_subspace`'s pipeline); the Adam of the authors' code, with ε added
+to the un-corrected √v, is `optax_subspace.scale_by_hf_adam`, and the decay
+after the update `optax_subspace.add_decayed_weights_after_update`;
+`optax_subspace.galore` puts them together with the authors' constants.
+
+`svd` is exact (eigenvectors of the smaller-side Gram matrix);
+`randomized_svd` is a seeded randomized range finder with power iterations
+(Halko, Martinsson and Tropp 2011), the refresh GaLore 2 uses to cut the SVD
+cost at scale.
 """
 
 from __future__ import annotations
@@ -13,6 +31,40 @@ import jax
 import jax.numpy as jnp
 
 from optax_subspace.projectors import _base
+
+
+@_base.one_matrix_per_call_on_cpu
+def eigenvectors(symmetric: jax.Array) -> jax.Array:
+  """Eigenvectors of a symmetric matrix, columns by ascending eigenvalue."""
+  return jnp.linalg.eigh(symmetric)[1]
+
+
+def canonical_signs(p: jax.Array) -> jax.Array:
+  """Flips each column so that its largest-magnitude entry is positive.
+
+  Singular vectors are defined up to sign and backends disagree; since the
+  moments carry over a refresh, the sign changes the trajectory. This fixes
+  it the same way on every backend (docs/methods.md, "SVD sign").
+  """
+  idx = jnp.argmax(jnp.abs(p), axis=0)
+  pivot = jnp.take_along_axis(p, idx[None, :], axis=0)[0]
+  return p * jnp.where(pivot < 0, -1.0, 1.0).astype(p.dtype)
+
+
+def top_left_singular_vectors(g: jax.Array, r: int) -> jax.Array:
+  """Top-r left singular vectors of g (s, l), s ≤ l, sign-canonical.
+
+  GaLore's basis (Zhao et al. 2024, Algorithm 2: U[:, :r] of
+  SVD(G)), computed from the eigenvectors of the s×s Gram matrix g gᵀ
+  (the smaller side: docs/design.md allows it, and on our GPU eigh of the
+  Gram matrix is 13–17× faster than an SVD), since G = UΣVᵀ gives
+  G Gᵀ = U Σ² Uᵀ. The Gram product runs at full float32 precision: the
+  refresh is rare and TF32 would perturb the eigenvectors.
+  """
+  g = g.astype(jnp.float32)
+  gram = jnp.matmul(g, g.T, precision=jax.lax.Precision.HIGHEST)
+  vecs = eigenvectors(gram)  # ascending eigenvalues
+  return canonical_signs(vecs[:, ::-1][:, :r])
 
 
 class SvdState(NamedTuple):
@@ -75,7 +127,7 @@ def svd(rank: int, update_every: int = 200, *, dtype=jnp.float32):
     del count
     r = state.basis.shape[-1]
     basis, ok = _keep_if_unusable(
-        g, lambda x: _base.top_left_singular_vectors(x, r), state.basis
+        g, lambda x: top_left_singular_vectors(x, r), state.basis
     )
     return SvdState(basis), ok
 
@@ -102,9 +154,9 @@ def _randomized_range(g, r, key, oversample, power_iters):
 
   q = jax.lax.fori_loop(0, power_iters, power_iteration, q)
   b = jnp.matmul(q.T, g, precision=hi)  # (k, l): g ≈ q b
-  vecs = _base._eigenvectors(jnp.matmul(b, b.T, precision=hi))  # pylint: disable=protected-access
+  vecs = eigenvectors(jnp.matmul(b, b.T, precision=hi))
   top = vecs[:, ::-1][:, :r]
-  return _base.canonical_signs(jnp.matmul(q, top, precision=hi))
+  return canonical_signs(jnp.matmul(q, top, precision=hi))
 
 
 def randomized_svd(
