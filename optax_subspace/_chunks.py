@@ -7,7 +7,7 @@ GRASS refresh programs needed 11 GB of temporaries against their steps' 8.3 and
 2.8 GB (H200, compile-only). Split into chunks of at most `REFRESH_CHUNK_BYTES`
 and ordered by optimization barriers, a chunk's work starts only once the last
 chunk's results exist, so the temporaries alive at once are one chunk's. The
-optimizer-level combinator's refresh (`_combinator._refresh_by_shape`) runs
+optimizer-level combinator's refresh (`_pipeline.Pipeline.refresh`) runs
 its chunks the same way, each under its own `lax.cond`.
 """
 
@@ -23,7 +23,7 @@ T = TypeVar("T")
 # MLP projection or three attention projections). A layer larger than this is
 # a chunk of its own (never split).
 REFRESH_CHUNK_BYTES = 1 << 28
-# The same for the optimizer-level refresh (`_combinator._refresh_by_shape`):
+# The same for the optimizer-level refresh (`_pipeline.Pipeline.refresh`):
 # its stacked float32 gradients. Larger, because each chunk is one batched
 # eigh of the chunk's Gram matrices, and cuSOLVER's batched eigh costs about
 # the same ~2,000 kernel launches whatever the batch: LLaMA-1B's refresh of

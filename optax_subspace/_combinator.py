@@ -33,7 +33,8 @@ ON_CHANGE = ("keep", "reset", "transport")
 # for aligned shapes on an H200 (benchmarks/results/profile_update_h200.json).
 # Zero columns project to zero columns and are cut off after the
 # back-projection, so no value changes; the cost is one copy of such a
-# gradient. 1 turns the padding off.
+# gradient. 1 turns the padding off. Read (with the one below) each time
+# `update` is traced and handed to its `_pipeline.Pipeline`.
 PRODUCT_ALIGNMENT = 8
 # The per-step r×r work of a stepped projector (OSD's ∇P) runs stacked over the
 # leaves of one (s, r), so that 168 separate LLaMA-1B matrices make one batch
