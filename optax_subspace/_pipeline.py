@@ -150,6 +150,7 @@ class Pipeline:
     if due is False or not plan.projected:
       return dict(pstates), {i: unchanged(i) for i in plan.projected}
     states, changed, previous = dict(pstates), {}, None
+    predicate = None if due else projector.needs_refresh(count)
     size = lambda i: 4 * plan[i].num_matrices * plan[i].side * plan[i].other
     for _, chunk in _chunks.chunks(plan.projected, lambda i: plan[i].bucket,
                                    size, chunk_bytes):
@@ -166,8 +167,8 @@ class Pipeline:
         del raw
         return {i: (sub[i], unchanged(i)) for i in chunk}
 
-      out = (refreshed(sub, raw) if due else jax.lax.cond(
-          projector.needs_refresh(count), refreshed, kept, sub, raw))
+      out = (refreshed(sub, raw) if due else
+             jax.lax.cond(predicate, refreshed, kept, sub, raw))
       for i, (state, moved) in out.items():
         states[i], changed[i] = state, moved
       previous = out
