@@ -24,7 +24,7 @@ SUITES = ("projector_cost", "optimizer_update", "train_step", "largest_model", "
 # passes FLAGS to it (`-- --help` lists them). Each writes the JSON its --out names.
 SCRIPT_SUITES = ("multi_gpu", "profile_update", "product_rates", "projection_layouts",
                  "grass_cost", "rso_memory", "communication", "communication_train_step",
-                 "optimizer_step", "scaling_plot")
+                 "optimizer_step", "scaling_plot", "update_identity")
 # Suites whose methods run in worker processes (benchmarks/train_setups.py).
 WORKER_SUITES = ("train_step", "largest_model")
 QUICK_REPS = 3
