@@ -20,6 +20,7 @@ from optax_subspace import _chunks
 from optax_subspace import _leaves
 from optax_subspace import _pipeline
 from optax_subspace import _plan
+from optax_subspace import _stages
 from optax_subspace import _transport
 from optax_subspace._transport import FIRST_MOMENT_FIELDS  # noqa: F401 (public)
 from optax_subspace._transport import SECOND_MOMENT_FIELDS  # noqa: F401 (public)
@@ -65,6 +66,12 @@ class ProjectSubspaceState(NamedTuple):
       read. Static: part of the tree structure, not a child of it, so the
       state flattens to the five fields above, keyed as before the plan
       existed, and checkpoints written before it restore.
+    limiter: a tree like the parameters: each projected leaf holds the
+      norm-growth limiter's previous norm of each of its matrices (float32,
+      the leaf's batch shape), for a `residual` or `output` that limits
+      (Fira, APOLLO); None otherwise. A None limiter is no child of the
+      tree: such a state flattens to the same five fields as before the
+      limiter existed, so every checkpoint written before it restores.
   """
 
   count: jax.Array
@@ -72,16 +79,23 @@ class ProjectSubspaceState(NamedTuple):
   inner: optax.OptState
   schedule: Any = None
   refresh_mismatch: Any = None
+  limiter: Any = None
   plan: Any = None
 
 
-_STATE_CHILDREN = ProjectSubspaceState._fields[:-1]
+def _state_children(s):
+  """The fields a state flattens to: the limiter only where it has one."""
+  fields = ProjectSubspaceState._fields[:-1]
+  return fields if s.limiter is not None else fields[:-1]
+
+
 jax.tree_util.register_pytree_with_keys(
     ProjectSubspaceState,
     lambda s: (tuple((jax.tree_util.GetAttrKey(f), getattr(s, f))
-                     for f in _STATE_CHILDREN), s.plan),
+                     for f in _state_children(s)), s.plan),
     lambda plan, children: ProjectSubspaceState(*children, plan=plan),
-    flatten_func=lambda s: (tuple(s[:-1]), s.plan),
+    flatten_func=lambda s: (tuple(getattr(s, f) for f in _state_children(s)),
+                            s.plan),
 )
 
 
@@ -136,6 +150,14 @@ def _projector_states(projector, plan, updates, tree) -> dict:
   return {i: _restore_structure(flat[i], jax.eval_shape(
       functools.partial(_init_projector, projector, i, plan[i])))
           for i in plan.projected}
+
+
+def _limiter_states(plan, updates, state) -> dict:
+  """{leaf: the limiter's previous norms} of the projected leaves, or {}."""
+  if state.limiter is None:
+    return {}
+  flat = projector_treedef(updates).flatten_up_to(state.limiter)
+  return {i: flat[i] for i in plan.projected}
 
 
 def _key_paths(tree) -> list:
@@ -256,6 +278,10 @@ def project_subspace(
     projection_dtype=None,
     side: str = "smaller",
     refresh_chunk_bytes: int | None = None,
+    residual: Any = None,
+    residual_scale: float = 1.0,
+    output: str = "back_project",
+    gamma: float = 1.01,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` on low-rank projections of the selected gradients.
 
@@ -357,6 +383,24 @@ def project_subspace(
       of 96: LLaMA-1B 1.48 s in one chunk per shape, 4.19 s in 256 MiB
       chunks, H200), smaller ones need less memory (LLaMA-7B GaLore step:
       60.6 GB at 4 GiB, 48.6 GB at 256 MiB).
+    residual: what happens to the part of each gradient outside the
+      subspace, G − P·R (`_stages`): None drops it (GaLore); "sign_sgd" or
+      "sgd" adds ``residual_scale``·sign(G − P·R) or ``residual_scale``·(G −
+      P·R) (FRUGAL's state-free step), and any state-free optax
+      transformation applied to G − P·R does the same with its direction;
+      "fira" adds (G − P·R)·diag(k), k_j = ‖N_{:,j}‖/‖R_{:,j}‖, limited by
+      the norm-growth limiter ("fira_matrix": one k per matrix). The term
+      joins P·N before α: ΔW = α·(P·N + S) (Fira's Algorithm 1). At full
+      rank (r = s) there is no complement and the term is exactly zero.
+    residual_scale: the state-free term's learning rate relative to the
+      subspace's (FRUGAL's λ; 1.0 in pre-training, 0.1 in fine-tuning).
+    output: "back_project" (ΔW = α·P·N), or, in its place, the full G
+      scaled by factors from R and N, then limited: "scale" (APOLLO,
+      ΔW = α·G·diag(s), s_j = ‖N_{:,j}‖/‖R_{:,j}‖ over the l columns of the
+      oriented G) or "scale_tensor" (APOLLO-Mini, ΔW = α·s·G, s = ‖N‖/‖R‖).
+    gamma: γ of the norm-growth limiter of "fira" and the "scale" outputs
+      (‖S_t‖ ≤ γ·‖S_{t−1}‖; 1.01 in both papers). Its state is one float per
+      matrix, `ProjectSubspaceState.limiter`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -369,6 +413,7 @@ def project_subspace(
     >>> updates, state = tx.update(params, state, params)
   """
   _check_arguments(on_change, side, refresh_chunk_bytes)
+  stages = _stages.Stages(residual, residual_scale, output, gamma)
   schedule = (projector.needs_refresh if isinstance(
       projector.needs_refresh, _base.RefreshSchedule) else None)
   make_plan = functools.partial(_plan.make_plan, rank=projector.rank,
@@ -384,12 +429,18 @@ def project_subspace(
     inner_state = inner.init(treedef.unflatten(low_rank))
     if on_change == "transport":
       _transport.check_transport(inner_state, plan, _key_paths(params))
+    for i in plan.projected:
+      stages.check_state_free((plan[i].side, plan[i].other))
     return ProjectSubspaceState(
         count=jnp.zeros([], jnp.int32),
         projectors=projector_treedef(params).unflatten(pstates),
         inner=inner_state,
         schedule=schedule,
         refresh_mismatch=jnp.full([], -1, jnp.int32),
+        limiter=projector_treedef(params).unflatten([
+            jnp.zeros(leaf.batch_shape, jnp.float32) if leaf.projected
+            else optax.MaskedNode() for leaf in plan]) if stages.limited
+        else None,
         plan=plan,
     )
 
@@ -425,11 +476,19 @@ def project_subspace(
         inner, plan, treedef, g, r,
         None if w is None else pipe.project_params(pstates, bases, w),
         inner_state, w, extra_args)
-    # 4. Back-project: ΔW = α·P·N.
+    # 4. Back-project: ΔW = α·P·N; with a residual stage α·(P·N + S), S
+    # from G − P·R (FRUGAL, Fira); or the output mode's α·G·diag(s) (APOLLO).
     alpha, mismatch = _guarded_scale(projector, plan, count, due, scale,
                                      state.refresh_mismatch)
-    u = dict(enumerate(n))
-    u.update(pipe.back_project(pstates, bases, n, alpha, g))
+    u, norms = dict(enumerate(n)), _limiter_states(plan, updates, state)
+    if stages.scales_output:
+      projected, norms = pipe.scale_output(stages, g, r, n, alpha, norms)
+    else:
+      terms = None
+      if stages.has_residual:
+        terms, norms = pipe.residual(stages, pstates, bases, g, r, n, norms)
+      projected = pipe.back_project(pstates, bases, n, alpha, g, terms)
+    u.update(projected)
     # 5. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
     if projector.advance is not None and plan.projected:
       pstates, changed = pipe.advance(pstates, bases, x, count)
@@ -442,6 +501,9 @@ def project_subspace(
             [pstates.get(i, optax.MaskedNode()) for i in range(len(g))]),
         inner=inner_state,
         refresh_mismatch=mismatch,
+        limiter=None if state.limiter is None else
+        projector_treedef(updates).unflatten(
+            [norms.get(i, optax.MaskedNode()) for i in range(len(g))]),
     )
 
   def update_fn(updates, state, params=None, **extra_args):

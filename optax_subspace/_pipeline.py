@@ -10,10 +10,12 @@ The gradient keeps the names of the method through them (docs/design.md):
 a basis is (GaLore's singular vectors, OSD's online-PCA step, a random draw,
 a row selection) is the projector's, in `projectors/`.
 
-Issue 23's stages go in at two seams: a residual stage takes g and r after
-`Pipeline.project` (G − P·R, which FRUGAL and Fira update on their own), and
+Issue 23's stages go in at two seams: a residual stage (`Pipeline.residual`)
+takes g, r and n after the inner update (G − P·R, which FRUGAL and Fira
+update on their own) and its term joins `Pipeline.back_project` before α;
 an output mode that scales the full gradient by factors computed in the
-subspace (APOLLO) replaces `Pipeline.back_project`.
+subspace (APOLLO, `Pipeline.scale_output`) replaces `Pipeline.back_project`.
+The per-matrix functions of both are `_stages.Stages`'.
 
 Everything here runs while `update` is traced: Python loops over the plan's
 leaves and buckets build one program.
@@ -238,25 +240,73 @@ class Pipeline:
           jnp.result_type(w[i]))
     return out
 
-  def back_project(self, pstates, bases, n, alpha, g):
+  def back_project(self, pstates, bases, n, alpha, g, terms=None):
     """ΔW = α·P·N of every projected leaf, in the leaf's layout and G's dtype.
 
     `n` holds the inner update N of each projected leaf in the inner
-    layout. GaLore's Algorithm 1: G̃ = α·P·N (Zhao et al. 2024).
+    layout. GaLore's Algorithm 1: G̃ = α·P·N (Zhao et al. 2024). With
+    `terms` ({leaf: (…, s, l) float32}, from `residual`), ΔW = α·(P·N + S):
+    the residual term is added before α (Fira's Algorithm 1; FRUGAL's α is 1).
     """
     out = {}
     for i in self.plan.projected:
       leaf, dtype = self.plan[i], jnp.result_type(g[i])
-      if self.projector.back is None and leaf.axis == 1:
+      if (self.projector.back is None and leaf.axis == 1
+          and terms is None):
         out[i] = self._back_on_columns(i, bases, n[i], alpha, dtype)
         continue
       extra = self._padding(i, self.projector.back)
       pn = self._product(
           self.projector.back, _base.dense_back, i, pstates, bases,
           _pad(_leaves.low_rank_layout(n[i], leaf).astype(self.dtype), extra))
-      out[i] = _leaves.from_oriented(_cut(pn, extra) * alpha, leaf).astype(
-          dtype)
+      pn = _cut(pn, extra) if terms is None else _cut(pn, extra) + terms[i]
+      out[i] = _leaves.from_oriented(pn * alpha, leaf).astype(dtype)
     return out
+
+  def _float32_operands(self, i, g, r, n):
+    """Leaf i's oriented G (…, s, l), R and N (…, r, l), in float32."""
+    leaf = self.plan[i]
+    return (_leaves.to_oriented(g[i], leaf).astype(jnp.float32),
+            r[i].astype(jnp.float32),
+            _leaves.low_rank_layout(n[i], leaf).astype(jnp.float32))
+
+  def residual(self, stages, pstates, bases, g, r, n, previous):
+    """The residual stage: a term from G − P·R for every projected matrix.
+
+    P·R is the projector's back-projection of R (`back`, or the dense P·R);
+    `stages.residual_term` (FRUGAL's state-free step, Fira's scaled and
+    limited residual) makes the term from G, P·R, R and N, with the
+    limiter's previous norm of each matrix in `previous` ({leaf: float32
+    array of the leaf's batch shape}). Returns ({leaf: term, (…, s, l)
+    float32}, {leaf: previous norm}), the terms for `back_project`.
+    """
+    terms, norms = {}, {}
+    for i in self.plan.projected:
+      g32, r32, n32 = self._float32_operands(i, g, r, n)
+      back_r = self._product(self.projector.back, _base.dense_back, i,
+                             pstates, bases, r32)
+      terms[i], norms[i] = over_batch(
+          stages.residual_term, self.plan[i], g32, back_r, r32, n32,
+          previous.get(i), in_axes=(0, 0, 0, 0, 0))
+    return terms, norms
+
+  def scale_output(self, stages, g, r, n, alpha, previous):
+    """The "scale" output mode, in place of `back_project`: ΔW = α·G̃.
+
+    G̃ is the full G scaled by factors from R and N, then limited
+    (`stages.scaled_output`: APOLLO's Algorithm 1 with the norm-growth
+    limiter of its Eq. 4). Returns ({leaf: ΔW in the leaf's layout and G's
+    dtype}, {leaf: the limiter's previous norm}).
+    """
+    out, norms = {}, {}
+    for i in self.plan.projected:
+      leaf = self.plan[i]
+      g32, r32, n32 = self._float32_operands(i, g, r, n)
+      scaled, norms[i] = over_batch(stages.scaled_output, leaf, g32, r32, n32,
+                                    previous[i], in_axes=(0, 0, 0, 0))
+      out[i] = _leaves.from_oriented(scaled * alpha, leaf).astype(
+          jnp.result_type(g[i]))
+    return out, norms
 
   def _back_on_columns(self, i, bases, n, alpha, dtype):
     """α·P·N of a leaf projected on its columns, as (P N)ᵀ = Nᵀ Pᵀ.

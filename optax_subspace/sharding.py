@@ -262,9 +262,10 @@ def state_shardings(
       visit_projectors(node.projectors, specs)
       visit_inner(node.inner, plans, specs,
                   path + (jax.tree_util.GetAttrKey("inner"),))
-      # The schedule has no leaves; the mismatch step is a scalar.
+      # The schedule has no leaves; the mismatch step is a scalar; the
+      # limiter (Fira, APOLLO) one float per matrix.
       out.extend(replicated for _ in jax.tree_util.tree_leaves(
-          (node.schedule, node.refresh_mismatch)))
+          (node.schedule, node.refresh_mismatch, node.limiter)))
       return
     children = jax.tree_util.tree_flatten_with_path(
         node, is_leaf=lambda x: x is not node and _is_state(x))[0]

@@ -1,0 +1,124 @@
+"""The residual and output stages of `project_subspace`, on one matrix.
+
+Two seams of the pipeline (`_pipeline`) take a method's own step:
+
+- a residual stage, after the projection: a term computed from the part of
+  the gradient outside the subspace, G − P·R, added to the back-projected
+  inner update before the scale α (FRUGAL: a state-free signSGD or SGD step;
+  Fira: the residual scaled by the subspace's norm ratios, then limited);
+- an output mode, in place of the back-projection: the full gradient G
+  scaled by factors computed in the subspace, then limited (APOLLO,
+  APOLLO-Mini).
+
+`Stages` holds the options as `project_subspace` takes them; its methods
+are the per-matrix functions the pipeline maps over each leaf's matrices,
+oriented (s, l) with the projected side first, in float32. The mathematics
+is in `_fira`, `_frugal` and `_apollo`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_subspace import _apollo
+from optax_subspace import _fira
+from optax_subspace import _frugal
+
+# Residual stages by name: FRUGAL's state-free rules and Fira's two granularities.
+STATE_FREE = {"sign_sgd": "sign_sgd", "sgd": "sgd"}
+FIRA = {"fira": "column", "fira_matrix": "matrix"}
+# Output modes: the back-projection α·P·N, or APOLLO's α·G·diag(s) (channel-wise) and
+# APOLLO-Mini's α·s·G (one factor for the matrix).
+OUTPUTS = {"back_project": None, "scale": "channel", "scale_tensor": "tensor"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Stages:
+  """The residual and output options of one `project_subspace`.
+
+  Attributes:
+    residual: None (drop G − P·R, GaLore), "sign_sgd" or "sgd" (FRUGAL),
+      "fira" or "fira_matrix" (Fira), or a state-free optax transformation
+      applied to G − P·R.
+    residual_scale: the state-free term's learning rate relative to the
+      subspace's (FRUGAL's λ); not read for Fira.
+    output: "back_project", "scale" (APOLLO) or "scale_tensor" (APOLLO-Mini).
+    gamma: γ of the norm-growth limiter (Fira and the "scale" outputs).
+  """
+
+  residual: Any = None
+  residual_scale: float = 1.0
+  output: str = "back_project"
+  gamma: float = _fira.GAMMA
+
+  def __post_init__(self):
+    named = tuple(STATE_FREE) + tuple(FIRA)
+    if not (self.residual is None or self.residual in named
+            or isinstance(self.residual, optax.GradientTransformation)):
+      raise ValueError(
+          f"residual must be None, one of {named} or a state-free optax"
+          f" transformation, got {self.residual!r}.")
+    if self.output not in OUTPUTS:
+      raise ValueError(
+          f"output must be one of {tuple(OUTPUTS)}, got {self.output!r}.")
+    if self.residual is not None and self.output != "back_project":
+      raise ValueError(
+          "a residual term is added to the back-projection: it needs"
+          f" output='back_project', got output={self.output!r}.")
+    if not self.gamma > 1:
+      raise ValueError(f"gamma must be > 1, got {self.gamma!r}.")
+
+  @property
+  def has_residual(self) -> bool:
+    return self.residual is not None
+
+  @property
+  def scales_output(self) -> bool:
+    return OUTPUTS[self.output] is not None
+
+  @property
+  def limited(self) -> bool:
+    """Whether each matrix carries the limiter's previous norm (one float)."""
+    return (isinstance(self.residual, str) and self.residual in FIRA
+            ) or self.scales_output
+
+  def check_state_free(self, shape) -> None:
+    """Raises at `init` for a residual transformation that keeps state."""
+    if not isinstance(self.residual, optax.GradientTransformation):
+      return
+    state = jax.eval_shape(self.residual.init, jax.ShapeDtypeStruct(
+        shape, jnp.float32))
+    if jax.tree_util.tree_leaves(state):
+      raise ValueError(
+          "the residual transformation must be state-free (its state would"
+          " be s×l per matrix and start afresh every step); its init gave"
+          f" {state}.")
+
+  def residual_term(self, g, back_r, r, n, previous):
+    """(the term added to P·N before α, the limiter's new previous norm)."""
+    if isinstance(self.residual, str) and self.residual in FIRA:
+      term, limit = _fira.fira_residual(
+          g, back_r, r, n, _fira.NormGrowthState(previous), gamma=self.gamma,
+          granularity=FIRA[self.residual])
+      return term, limit.previous_norm
+    if isinstance(self.residual, str):
+      return _frugal.frugal_residual(g, back_r, r,
+                                     rule=STATE_FREE[self.residual],
+                                     scale=self.residual_scale), previous
+    if r.shape[0] >= g.shape[0]:  # no complement: exact zero, as FRUGAL's rules
+      return jnp.zeros_like(g), previous
+    free = _frugal.complement(g, back_r)
+    direction, _ = self.residual.update(free, self.residual.init(free))
+    return (self.residual_scale * direction).astype(jnp.float32), previous
+
+  def scaled_output(self, g, r, n, previous):
+    """(APOLLO's G̃ = limited G·diag(s), the limiter's new previous norm)."""
+    out, limit = _apollo.apollo_output(
+        g, r, n, _fira.NormGrowthState(previous),
+        granularity=OUTPUTS[self.output], gamma=self.gamma)
+    return out, limit.previous_norm
