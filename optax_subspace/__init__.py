@@ -15,6 +15,10 @@ from optax_subspace._combinator import ProjectSubspaceState
 from optax_subspace._combinator import SECOND_MOMENT_FIELDS
 from optax_subspace._combinator import project_subspace
 from optax_subspace._combinator import subspace_plan
+from optax_subspace._full_rank_presets import apollo
+from optax_subspace._full_rank_presets import apollo_mini
+from optax_subspace._full_rank_presets import fira
+from optax_subspace._full_rank_presets import frugal
 from optax_subspace._grass import grass
 from optax_subspace._leaves import LeafPlan
 from optax_subspace._leaves import LeafPredicate
@@ -53,6 +57,10 @@ __all__ = [
     "SubspacePlan",
     "ScaleByHfAdamState",
     "add_decayed_weights_after_update",
+    "apollo",
+    "apollo_mini",
+    "fira",
+    "frugal",
     "galore",
     "grass",
     "leaf_predicate",

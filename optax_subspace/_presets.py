@@ -1,4 +1,8 @@
-"""Presets: GaLore and Online Subspace Descent as their authors run them."""
+"""Presets: GaLore and Online Subspace Descent as their authors run them.
+
+Fira, FRUGAL and APOLLO, which add a residual or an output stage, are in
+`_full_rank_presets`.
+"""
 
 from __future__ import annotations
 
@@ -124,7 +128,13 @@ def check_learning_rate(value, name: str):
 def subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
                     eps_placement, weight_decay, mask, dims, on_change,
                     projection_dtype, side="smaller", refresh_chunk_bytes=None,
-                    unprojected_learning_rate=None, per_matrix_count=False):
+                    unprojected_learning_rate=None, per_matrix_count=False,
+                    stages=None):
+  """`project_subspace` of Adam, the learning rate by group, weight decay.
+
+  `stages` ({"residual": ..., "output": ..., ...}) go to `project_subspace`
+  as they are (Fira, FRUGAL, APOLLO); None: GaLore's back-projection.
+  """
   if unprojected_learning_rate is not None:
     check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
   parts = [
@@ -138,6 +148,7 @@ def subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
           projection_dtype=projection_dtype,
           side=side,
           refresh_chunk_bytes=refresh_chunk_bytes,
+          **(stages or {}),
       ),
       by_group(optax.scale_by_learning_rate, learning_rate,
                unprojected_learning_rate, mask),
