@@ -44,6 +44,10 @@ PRESETS = {
     "grass_multinomial": lambda: osub.grass(
         0.01, RANK, EVERY, "multinomial", on_change="remap", dims=DIMS),
     "rso": lambda: osub.rso(0.01, RANK, EVERY, proximal=1.0, dims=DIMS),
+    "fira": lambda: osub.fira(0.01, RANK, EVERY, dims=DIMS),
+    "frugal": lambda: osub.frugal(0.01, RANK, EVERY, dims=DIMS),
+    "apollo": lambda: osub.apollo(0.01, RANK, EVERY, dims=DIMS),
+    "apollo_mini": lambda: osub.apollo_mini(0.01, EVERY, dims=DIMS),
 }
 NAMES = sorted(PRESETS)
 # Every case of a matrix under FSDP: sharded on its projected (smaller) side
