@@ -9,7 +9,7 @@ paper's defaults. The per-matrix mathematics is in `_fira`, `_frugal` and
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import optax
 
@@ -56,7 +56,7 @@ def fira(
     projector: Union[str, _base.Projector] = "svd",
     on_change: str = "keep",
     seed: int = 0,
-    projection_dtype=None,
+    projection_dtype: Any = None,
     refresh_chunk_bytes: Optional[int] = None,
     unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
@@ -89,9 +89,18 @@ def fira(
     gamma: γ of the norm-growth limiter (1.01 in all the paper's runs).
     granularity: "column" (Fira) or "matrix" (one ratio per matrix,
       Fira-matrix, Eqn. 10).
-    b1, b2, eps, eps_placement, weight_decay, mask, dims, on_change, seed,
-      projection_dtype, refresh_chunk_bytes, unprojected_learning_rate: as
-      in `galore`.
+    b1: as in `galore`.
+    b2: as in `galore`.
+    eps: as in `galore`.
+    eps_placement: as in `galore`.
+    weight_decay: as in `galore`.
+    mask: as in `galore`.
+    dims: as in `galore`.
+    on_change: as in `galore`.
+    seed: as in `galore`.
+    projection_dtype: as in `galore`.
+    refresh_chunk_bytes: as in `galore`.
+    unprojected_learning_rate: as in `galore`.
     projector: "svd" (the paper's), "randomized_svd", or any `Projector`
       whose P has orthonormal columns.
 
@@ -148,7 +157,7 @@ def frugal(
     mask: _leaves.MaskSpec = None,
     dims: _leaves.DimsSpec = None,
     seed: int = 0,
-    projection_dtype=None,
+    projection_dtype: Any = None,
     refresh_chunk_bytes: Optional[int] = None,
     unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
@@ -189,9 +198,17 @@ def frugal(
       any `Projector` for which back∘project is an orthogonal projection
       (otherwise G − P·R is not the complement).
     on_change: "reset" (the authors'), "keep" or "transport".
-    b1, b2, eps, eps_placement, weight_decay, mask, dims, seed,
-      projection_dtype, refresh_chunk_bytes, unprojected_learning_rate: as
-      in `galore`.
+    b1: as in `galore`.
+    b2: as in `galore`.
+    eps: as in `galore`.
+    eps_placement: as in `galore`.
+    weight_decay: as in `galore`.
+    mask: as in `galore`.
+    dims: as in `galore`.
+    seed: as in `galore`.
+    projection_dtype: as in `galore`.
+    refresh_chunk_bytes: as in `galore`.
+    unprojected_learning_rate: as in `galore`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; ``subspace_refresh`` as in
@@ -240,7 +257,7 @@ def apollo(
     mask: _leaves.MaskSpec = None,
     dims: _leaves.DimsSpec = None,
     on_change: str = "keep",
-    projection_dtype=None,
+    projection_dtype: Any = None,
     refresh_chunk_bytes: Optional[int] = None,
     unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
@@ -273,9 +290,17 @@ def apollo(
     scale: α (1; 1/2 at 1B).
     gamma: γ of the norm-growth limiter (1.01).
     seed: folded into every matrix's key.
-    b1, b2, eps, eps_placement, weight_decay, mask, dims, on_change,
-      projection_dtype, refresh_chunk_bytes, unprojected_learning_rate: as
-      in `galore`.
+    b1: as in `galore`.
+    b2: as in `galore`.
+    eps: as in `galore`.
+    eps_placement: as in `galore`.
+    weight_decay: as in `galore`.
+    mask: as in `galore`.
+    dims: as in `galore`.
+    on_change: as in `galore`.
+    projection_dtype: as in `galore`.
+    refresh_chunk_bytes: as in `galore`.
+    unprojected_learning_rate: as in `galore`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; ``subspace_refresh`` as in
@@ -304,7 +329,7 @@ def apollo_mini(
     mask: _leaves.MaskSpec = None,
     dims: _leaves.DimsSpec = None,
     on_change: str = "keep",
-    projection_dtype=None,
+    projection_dtype: Any = None,
     refresh_chunk_bytes: Optional[int] = None,
     unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
@@ -327,9 +352,19 @@ def apollo_mini(
       better APOLLO-Mini runs).
     update_every: T (200).
     scale: α (√128).
-    gamma, seed, b1, b2, eps, eps_placement, weight_decay, mask, dims,
-      on_change, projection_dtype, refresh_chunk_bytes,
-      unprojected_learning_rate: as in `apollo`.
+    gamma: as in `apollo`.
+    seed: as in `apollo`.
+    b1: as in `apollo`.
+    b2: as in `apollo`.
+    eps: as in `apollo`.
+    eps_placement: as in `apollo`.
+    weight_decay: as in `apollo`.
+    mask: as in `apollo`.
+    dims: as in `apollo`.
+    on_change: as in `apollo`.
+    projection_dtype: as in `apollo`.
+    refresh_chunk_bytes: as in `apollo`.
+    unprojected_learning_rate: as in `apollo`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
