@@ -51,6 +51,13 @@ SWEEP = (
     + [("grass_model", "grass_model", lr, 1e-2, ()) for lr in _PEAKS_SELECTED]
     + [("rso_model", "rso_model", lr, 1e-2, ()) for lr in (5e-3, 1e-2, 2e-2)]
     + [("optax_galore", "optax_galore", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+    # The papers' pre-training rates in the middle: Fira and APOLLO 1e-2 (GaLore's), APOLLO-Mini
+    # 1e-2 (2e-2 its better runs: the top of the sweep), FRUGAL 1e-3 (its signSGD part moves
+    # every weight of the complement by the full rate).
+    + [("fira", "fira", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+    + [("frugal", "frugal", lr, 0.0, ()) for lr in (3e-4, 1e-3, 3e-3)]
+    + [("apollo", "apollo", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+    + [("apollo_mini", "apollo_mini", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
 )
 # One choice changed at a time, at each method's usual best; labels say which.
 ABLATIONS = (

@@ -53,7 +53,7 @@ def test_sweep_defaults_cover_every_method_with_three_rates():
   for label, _, lr, lu, _ in quality.sweep():
     labels.setdefault(label, set()).add((lr, lu))
   assert set(labels) == {"adamw", "galore", "osd", "grass", "rso", "grass_model", "rso_model",
-                         "optax_galore"}
+                         "optax_galore", "fira", "frugal", "apollo", "apollo_mini"}
   assert all(len(rates) >= 3 for rates in labels.values())
 
 

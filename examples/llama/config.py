@@ -22,7 +22,8 @@ MODEL_SIZES = {
 }
 
 # rso_model and grass_model are the model-level RSO and GRASS (optax_subspace.nn).
-OPTIMIZERS = ("adamw", "galore", "osd", "rso", "grass", "rso_model", "grass_model", "optax_galore")
+OPTIMIZERS = ("adamw", "galore", "osd", "rso", "grass", "rso_model", "grass_model", "optax_galore",
+              "fira", "frugal", "apollo", "apollo_mini")
 # Methods that need one module per layer: the model-level ones replace each layer's nnx.Linear,
 # and optax.contrib.galore's dimension numbers name no batch axis.
 SCAN_UNSUPPORTED = ("rso_model", "grass_model", "optax_galore")

@@ -151,6 +151,29 @@ def _adamw_by_group(cfg: TrainConfig) -> optax.GradientTransformation:
   )
 
 
+def _full_rank_method(cfg: TrainConfig, lr, lr_rest) -> optax.GradientTransformation:
+  """Fira, FRUGAL, APOLLO, APOLLO-Mini: full-rank updates from low-rank state (docs/methods.md).
+
+  Each with its paper's defaults, on the kernels GaLore projects: Fira's α is GaLore's
+  (--galore-scale); FRUGAL has none (signSGD on the rest at the same learning rate); APOLLO's
+  α is 1, APOLLO-Mini's √128 at rank 1 (--rank is not read).
+  """
+  common = dict(
+      weight_decay=cfg.weight_decay, mask=PROJECTED, dims=matrix_dims(cfg),
+      unprojected_learning_rate=lr_rest,
+  )
+  preset = _subspace_method(cfg.optimizer, cfg.optimizer)
+  if cfg.optimizer == "fira":
+    return preset(lr, rank=cfg.effective_rank(), update_every=cfg.update_every,
+                  scale=cfg.galore_scale, **common)
+  if cfg.optimizer == "frugal":
+    return preset(lr, rank=cfg.effective_rank(), update_every=cfg.update_every, **common)
+  if cfg.optimizer == "apollo":
+    return preset(lr, rank=cfg.effective_rank(), update_every=cfg.update_every,
+                  seed=cfg.seed, **common)
+  return preset(lr, update_every=cfg.update_every, seed=cfg.seed, **common)
+
+
 def method(cfg: TrainConfig) -> optax.GradientTransformation:
   """The update rule of `cfg.optimizer` with the learning-rate schedule, unclipped."""
   lr = schedule(cfg)
@@ -217,6 +240,8 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
         unprojected_learning_rate=lr_rest,
         seed=cfg.seed,
     )
+  if cfg.optimizer in ("fira", "frugal", "apollo", "apollo_mini"):
+    return _full_rank_method(cfg, lr, lr_rest)
   if cfg.optimizer == "rso_model":
     # The optimizer of the RsoLinear layers: Adam on B restarted with every subproblem (the merge
     # after every --update-every updates runs in the train loop), Adam on the dense Params. Its
@@ -239,7 +264,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
     )
   raise ConfigError(
       f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, rso, grass,"
-      " rso_model, grass_model, optax_galore"
+      " rso_model, grass_model, optax_galore, fira, frugal, apollo, apollo_mini"
   )
 
 

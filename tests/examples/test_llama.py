@@ -407,7 +407,8 @@ def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["optax_galore", "galore", "osd", "rso", "grass"])
+@pytest.mark.parametrize("optimizer", ["optax_galore", "galore", "osd", "rso", "grass", "fira",
+                                       "frugal", "apollo", "apollo_mini"])
 def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, optimizer):
   _c4_corpus(tmp_path / "c4")
   assert (
