@@ -6,7 +6,8 @@ and state donated, gradients synthetic, the median of synced calls after 2 warm-
 Methods: adamw; optax_contrib_galore (where installed; started at count 1, so its P stays zero:
 the products cost the same); galore / galore_refresh and grass / grass_refresh (a steady step and
 the refresh step, one compiled program: the refresh is timed with the count set back to 0 before
-each call); osd; rso. State bytes are measured and compared with each method's analytic formula
+each call); osd; rso; fira, frugal, apollo, apollo_mini (steady steps). State bytes are
+measured and compared with each method's analytic formula
 (`analytic_state_bytes`; target: within 2%); refreshes are also amortised over T = 200. A method
 whose parameters, gradients and analytic state exceed the device's `bytes_limit` is skipped, one
 that runs out of memory recorded with its error.
@@ -34,7 +35,7 @@ UPDATE_EVERY = 200  # T of the amortised rows
 # optax.contrib.galore's state, where this optax has it (its count is set like ours).
 _OPTAX_GALORE_STATE = getattr(getattr(optax, "contrib", None), "GaLoreState", None)
 METHODS = ("adamw", "optax_contrib_galore", "galore", "galore_refresh", "osd", "rso", "grass",
-           "grass_refresh")
+           "grass_refresh", "fira", "frugal", "apollo", "apollo_mini")
 # Words (4 bytes each: float32 moments and bases, int32 indices and keys) of the state of one
 # projected matrix, (s, l) its smaller and larger side, (m, n) its rows (input side) and
 # columns, r the rank; every other leaf holds Adam's 2·size. Scalar step counters not counted.
@@ -50,6 +51,14 @@ PROJECTED_WORDS = {
     "rso": lambda s, l, m, n, r: 2 * r * n + 3,
     # σ (r), ρ (r), the row counts (s), moments r × l.
     "grass": lambda s, l, m, n, r: 2 * r + s + 2 * r * l,
+    # GaLore's and the limiter's previous norm.
+    "fira": lambda s, l, m, n, r: r * s + 2 * r * l + 1,
+    # GaLore's and Adam's per-matrix step count (its state restarts with the subspace).
+    "frugal": lambda s, l, m, n, r: r * s + 2 * r * l + 1,
+    # Moments r × l, the limiter's norm, P regenerated from a key (2 words) and an index.
+    "apollo": lambda s, l, m, n, r: 2 * r * l + 4,
+    # Rank 1.
+    "apollo_mini": lambda s, l, m, n, r: 2 * l + 4,
 }
 
 
@@ -104,6 +113,10 @@ def transformations(rank: int, lr: float = 1e-3) -> dict:
       "osd": (osub.online_subspace_descent(lr, rank, mask=mask), 1, None),
       "rso": (osub.rso(lr, rank, UPDATE_EVERY, mask=mask), 1, None),
       "grass": (osub.grass(lr, rank, UPDATE_EVERY, mask=mask), 1, "grass_refresh"),
+      "fira": (osub.fira(lr, rank, UPDATE_EVERY, mask=mask), 1, None),
+      "frugal": (osub.frugal(lr, rank, UPDATE_EVERY, mask=mask), 1, None),
+      "apollo": (osub.apollo(lr, rank, UPDATE_EVERY, mask=mask), 1, None),
+      "apollo_mini": (osub.apollo_mini(lr, UPDATE_EVERY, mask=mask), 1, None),
   })
   return txs
 
