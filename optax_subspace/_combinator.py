@@ -393,7 +393,11 @@ def project_subspace(
       joins P·N before α: ΔW = α·(P·N + S) (Fira's Algorithm 1). At full
       rank (r = s) there is no complement and the term is exactly zero.
     residual_scale: the state-free term's learning rate relative to the
-      subspace's (FRUGAL's λ; 1.0 in pre-training, 0.1 in fine-tuning).
+      subspace's (FRUGAL's λ; 1.0 in pre-training, 0.1 in fine-tuning),
+      i.e. to a learning rate applied after this transformation, as the
+      presets chain it. An `inner` with its own learning rate
+      (``optax.adam(lr)``) does not scale this term: pass lr·λ then. (Fira's
+      and APOLLO's factors come from N, so they carry its learning rate.)
     output: "back_project" (ΔW = α·P·N), or, in its place, the full G
       scaled by factors from R and N, then limited: "scale" (APOLLO,
       ΔW = α·G·diag(s), s_j = ‖N_{:,j}‖/‖R_{:,j}‖ over the l columns of the
