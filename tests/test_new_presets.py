@@ -286,3 +286,25 @@ def test_a_state_free_optax_residual_is_frugals_rule():
   a = named.update(g, named.init(g), g)[0]
   b = given.update(g, given.init(g), g)[0]
   np.testing.assert_array_equal(np.asarray(a["w"]), np.asarray(b["w"]))
+
+
+@pytest.mark.parametrize("stages", [dict(residual="fira"), dict(residual="sign_sgd"),
+                                    dict(output="scale"), dict(output="scale_tensor")],
+                         ids=["fira", "sign_sgd", "scale", "scale_tensor"])
+def test_a_batch_of_matrices_is_stepped_matrix_by_matrix_with_its_own_limiter(stages):
+  # A (2, 6, 10) leaf (dims: a batch of two matrices) gives each matrix the update it gets on
+  # its own: the residual, the factors and the limiter's norm are per matrix.
+  rng = np.random.default_rng(4)
+  grads = [rng.standard_normal((2, 6, 10)) * rng.uniform(0.3, 3.0, (2, 1, 1)) for _ in range(4)]
+  make = lambda dims: osub.project_subspace(
+      osub.scale_by_hf_adam(), osub.projectors.svd(RANK, 2), dims=dims, **stages)
+  batched = make(lambda path, x: osub.MatrixDims(1, 2) if x.ndim == 3 else None)
+  single = make(None)
+  b_state = batched.init({"w": jnp.zeros((2, 6, 10))})
+  s_state = single.init({"a": jnp.zeros((6, 10)), "b": jnp.zeros((6, 10))})
+  for g in grads:
+    g = jnp.asarray(g, jnp.float32)
+    u, b_state = batched.update({"w": g}, b_state)
+    v, s_state = single.update({"a": g[0], "b": g[1]}, s_state)
+    np.testing.assert_allclose(np.asarray(u["w"]), np.stack([v["a"], v["b"]]), rtol=1e-5,
+                               atol=1e-6)
