@@ -389,7 +389,9 @@ def project_subspace(
       P·R) (FRUGAL's state-free step), and any state-free optax
       transformation applied to G − P·R does the same with its direction;
       "fira" adds (G − P·R)·diag(k), k_j = ‖N_{:,j}‖/‖R_{:,j}‖, limited by
-      the norm-growth limiter ("fira_matrix": one k per matrix). The term
+      the norm-growth limiter ("fira_matrix": one k per matrix); computed
+      as c·G·D + P·(N − c·R·D), one product with P, which needs PᵀP = I
+      (an SVD basis). The term
       joins P·N before α: ΔW = α·(P·N + S) (Fira's Algorithm 1). At full
       rank (r = s) there is no complement and the term is exactly zero.
     residual_scale: the state-free term's learning rate relative to the
@@ -490,7 +492,8 @@ def project_subspace(
     else:
       terms = None
       if stages.has_residual:
-        terms, norms = pipe.residual(stages, pstates, bases, g, r, n, norms)
+        terms, n, norms = pipe.residual(stages, pstates, bases, g, r, n,
+                                        norms)
       projected = pipe.back_project(pstates, bases, n, alpha, g, terms)
     u.update(projected)
     # 5. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).

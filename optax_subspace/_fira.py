@@ -78,11 +78,52 @@ def norm_growth_limit(x: jax.Array, state: NormGrowthState, gamma: float = GAMMA
   Returns:
     (limited x, new state).
   """
-  norm = jnp.linalg.norm(x)
+  factor, state = limit_factor(jnp.linalg.norm(x), state, gamma)
+  return x * factor, state
+
+
+def limit_factor(norm: jax.Array, state: NormGrowthState, gamma: float = GAMMA
+                 ) -> tuple[jax.Array, NormGrowthState]:
+  """`norm_growth_limit`'s factor γ / max(‖x‖ / (‖x_{t−1}‖ + ε), γ) from ‖x‖, and its new state."""
   previous = state.previous_norm
   ratio = jnp.where(previous > 0, norm / (previous + NORM_EPS), 0.0)
   factor = gamma / jnp.maximum(ratio, gamma)
-  return x * factor, NormGrowthState((norm * factor).astype(jnp.float32))
+  return factor, NormGrowthState((norm * factor).astype(jnp.float32))
+
+
+def fused_fira_terms(g: jax.Array, r: jax.Array, n: jax.Array, state: NormGrowthState, *,
+                     gamma: float = GAMMA, granularity: str = "column"
+                     ) -> tuple[jax.Array, jax.Array, NormGrowthState]:
+  r"""`fira_residual` regrouped so that the update needs one product with P: (c·G·D, N − c·R·D).
+
+      P·N + c·(G − P·R)·D = c·G·D + P·(N − c·R·D)
+
+  with D = diag(k) (or the scalar k of "matrix") and c the limiter's factor, so the
+  back-projection of N − c·R·D replaces both P·N and the product P·R that `fira_residual`
+  needs. The limiter reads ‖S‖ = ‖(G − P·R)·D‖ as √(‖G·D‖² − ‖R·D‖²), exact when PᵀP = I
+  (an SVD basis): (I − PPᵀ) is then an orthogonal projection and R·D = Pᵀ(G·D).
+
+  Args:
+    g: the oriented gradient G (s, l), float32.
+    r: R = PᵀG (r, l).
+    n: N = inner(R) (r, l).
+    state: the limiter's `NormGrowthState` for this matrix.
+    gamma: γ of the limiter.
+    granularity: "column" or "matrix", as `fira_residual`.
+
+  Returns:
+    (c·G·D (s, l), N − c·R·D (r, l), new state); at r = s, (0, N, state).
+  """
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+  if r.shape[0] >= g.shape[0]:
+    return jnp.zeros_like(g), n, state
+  scaling = (column_norm_ratio(r, n)[None, :] if granularity == "column"
+             else matrix_norm_ratio(r, n))
+  g_d, r_d = g * scaling, r * scaling
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(g_d * g_d) - jnp.sum(r_d * r_d), 0.0))
+  factor, state = limit_factor(norm, state, gamma)
+  return factor * g_d, n - factor * r_d, state
 
 
 def column_norm_ratio(r: jax.Array, n: jax.Array) -> jax.Array:

@@ -277,18 +277,28 @@ class Pipeline:
     `stages.residual_term` (FRUGAL's state-free step, Fira's scaled and
     limited residual) makes the term from G, P·R, R and N, with the
     limiter's previous norm of each matrix in `previous` ({leaf: float32
-    array of the leaf's batch shape}). Returns ({leaf: term, (…, s, l)
-    float32}, {leaf: previous norm}), the terms for `back_project`.
+    array of the leaf's batch shape}). Fira's term folds into N instead
+    (`_fira.fused_fira_terms`: c·G·D + P·(N − c·R·D), one product with P,
+    for an orthonormal P). Returns ({leaf: term, (…, s, l) float32}, the
+    inner updates N to back-project (Fira's adjusted), {leaf: previous
+    norm}), for `back_project`.
     """
-    terms, norms = {}, {}
+    terms, norms, n = {}, {}, dict(enumerate(n))
     for i in self.plan.projected:
+      leaf = self.plan[i]
       g32, r32, n32 = self._float32_operands(i, g, r, n)
+      if stages.fused:
+        terms[i], n_i, norms[i] = over_batch(
+            stages.fused_terms, leaf, g32, r32, n32, previous.get(i),
+            in_axes=(0, 0, 0, 0))
+        n[i] = _leaves.low_rank_layout(n_i, leaf).astype(n[i].dtype)
+        continue
       back_r = self._product(self.projector.back, _base.dense_back, i,
                              pstates, bases, r32)
       terms[i], norms[i] = over_batch(
-          stages.residual_term, self.plan[i], g32, back_r, r32, n32,
+          stages.residual_term, leaf, g32, back_r, r32, n32,
           previous.get(i), in_axes=(0, 0, 0, 0, 0))
-    return terms, norms
+    return terms, n, norms
 
   def scale_output(self, stages, g, r, n, alpha, previous):
     """The "scale" output mode, in place of `back_project`: ΔW = α·G̃.

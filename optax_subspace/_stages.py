@@ -99,6 +99,18 @@ class Stages:
           " be s×l per matrix and start afresh every step); its init gave"
           f" {state}.")
 
+  @property
+  def fused(self) -> bool:
+    """Whether the residual folds into the back-projection (Fira: no P·R product)."""
+    return isinstance(self.residual, str) and self.residual in FIRA
+
+  def fused_terms(self, g, r, n, previous):
+    """Fira's (c·G·D, N − c·R·D, the limiter's new previous norm): `_fira.fused_fira_terms`."""
+    term, n, limit = _fira.fused_fira_terms(
+        g, r, n, _fira.NormGrowthState(previous), gamma=self.gamma,
+        granularity=FIRA[self.residual])
+    return term, n, limit.previous_norm
+
   def residual_term(self, g, back_r, r, n, previous):
     """(the term added to P·N before α, the limiter's new previous norm)."""
     if isinstance(self.residual, str) and self.residual in FIRA:

@@ -308,3 +308,19 @@ def test_a_batch_of_matrices_is_stepped_matrix_by_matrix_with_its_own_limiter(st
     v, s_state = single.update({"a": g[0], "b": g[1]}, s_state)
     np.testing.assert_allclose(np.asarray(u["w"]), np.stack([v["a"], v["b"]]), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("granularity", ["column", "matrix"])
+def test_firas_term_folded_into_n_is_the_explicit_residual_for_an_orthonormal_p(granularity):
+  # c·G·D + P·(N − c·R·D) = P·N + limit((G − P·R)·D): one product with P instead of two.
+  from optax_subspace import _fira  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(6)
+  g = jnp.asarray(rng.standard_normal((8, 12)), jnp.float32)
+  p = jnp.asarray(np.linalg.qr(rng.standard_normal((8, 3)))[0], jnp.float32)
+  r = p.T @ g
+  n = jnp.asarray(rng.standard_normal((3, 12)), jnp.float32)
+  state = _fira.NormGrowthState(jnp.asarray(0.5, jnp.float32))  # the limiter acts
+  s, explicit = _fira.fira_residual(g, p @ r, r, n, state, granularity=granularity)
+  term, n_fused, fused = _fira.fused_fira_terms(g, r, n, state, granularity=granularity)
+  np.testing.assert_allclose(term + p @ n_fused, p @ n + s, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(fused.previous_norm, explicit.previous_norm, rtol=1e-5)
