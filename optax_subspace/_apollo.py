@@ -6,8 +6,8 @@ factor for the whole matrix), and estimates the factors from Adam run on a
 random projection R of the gradient: the only optimizer state is R's two
 moments (rank r, or 1 for APOLLO-Mini) and one norm. The update is the full
 gradient G times the factors, not a back-projection. These are the per-matrix
-functions an "output" stage of `project_subspace` (scale G instead of
-back-projecting N) will call; they are not wired into the combinator yet.
+functions of `project_subspace`'s ``output="scale"`` / ``"scale_tensor"``
+mode (`_stages`), which the `apollo` and `apollo_mini` presets run.
 
 Convention (as `optax_subspace.projectors`): one matrix, oriented (s, l) with
 s the projected side; the paper's W is m × n with m ≤ n, its P is r × m and

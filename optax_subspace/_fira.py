@@ -4,8 +4,8 @@ Fira (Chen et al., arXiv:2410.01623) keeps GaLore's subspace Adam and adds
 back the part of the gradient GaLore drops, G − P·PᵀG, scaled column by
 column by how much Adam scaled the projected gradient, then smooths the
 norm of that term from step to step (the norm-growth limiter, which APOLLO
-reuses). These are the per-matrix functions a "residual" stage of
-`project_subspace` will call; they are not wired into the combinator yet.
+reuses). These are the per-matrix functions of `project_subspace`'s
+``residual="fira"`` stage (`_stages`), which the `fira` preset runs.
 
 Convention (as `optax_subspace.projectors`): one matrix, oriented (s, l) with
 s the projected side; P is (s, r) with orthonormal columns, R = PᵀG (r, l),

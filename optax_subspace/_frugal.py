@@ -6,8 +6,8 @@ splits each gradient in two: its projection on a low-dimensional
 "state-free" part, to an optimizer without state (signSGD by default, or
 SGD), with its own learning rate. Nothing is dropped, so the update has full
 rank while the optimizer state stays low-rank. This is the per-matrix
-function a "residual" stage of `project_subspace` will call; it is not wired
-into the combinator yet.
+function of `project_subspace`'s ``residual="sign_sgd"`` / ``"sgd"`` stage
+(`_stages`), which the `frugal` preset runs.
 
 Convention (as `optax_subspace.projectors`): one matrix, oriented (s, l) with
 s the projected side; P (s, r) with orthonormal columns, R = PᵀG (r, l), and
