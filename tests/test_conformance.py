@@ -42,11 +42,16 @@ PRESETS = {
     "apollo_mini": lambda lr: osub.apollo_mini(lr, update_every=3),
 }
 NAMES = sorted(PRESETS)
-# The randomized SVD's refresh (power iterations, QR) compiles slowest by far: its runs of the
-# checks are in the slow set (tests/test_projectors.py checks the projector itself in the fast one).
-PRESET_PARAMS = [
-    pytest.param(n, marks=pytest.mark.slow) if n == "galore_randomized_svd" else n for n in NAMES
-]
+# The fast subset (-m "not slow") puts each method through the checks once, with its default
+# projector and selection; the variants (the randomized SVD, whose refresh compiles slowest by
+# far, transport, multinomial selection, OSD's code order and its paper's projector optimizer)
+# run in the slow set. The fast subset still steps every variant: tests/test_sharding.py's case on
+# the (8,) mesh (three updates across a refresh, against one device), and the projectors,
+# selections and transport in tests/test_projectors.py, tests/test_grass.py and
+# tests/test_combinator.py.
+FAST_PRESETS = ("galore", "grass_topk", "online_subspace_descent", "rso")
+PRESET_PARAMS = [n if n in FAST_PRESETS else pytest.param(n, marks=pytest.mark.slow)
+                 for n in NAMES]
 
 
 def _problem(dtype=jnp.float32):
@@ -200,7 +205,7 @@ def test_trains_a_flax_nnx_model_through_nnx_optimizer(name):
   assert first_moments == [(rank, 16)]
 
 
-@pytest.mark.parametrize("name", NAMES + ["adamw"])
+@pytest.mark.parametrize("name", PRESET_PARAMS + ["adamw"])
 def test_nnx_optimizer_compiles_the_train_step_once(name):
   # nnx.Optimizer wraps every array of the state in a Variable and rebuilds
   # the containers inside Variables after each update: a projector state
@@ -259,7 +264,11 @@ OPTAX_OPTIMIZERS = {
     "sm3": (optax.sm3, 0.3, "raises"),
     "rprop": (optax.rprop, 0.01, "raises"),
 }
-SWEEP = sorted(OPTAX_OPTIMIZERS)
+# In the fast subset: a moment-based and a momentum-based state that move into the new basis,
+# and both kinds that refuse it (a centred second moment, a factored one); the rest are slow.
+FAST_SWEEP = ("adam", "adafactor_factored", "rmsprop_centered", "sgd_momentum")
+SWEEP = [n if n in FAST_SWEEP else pytest.param(n, marks=pytest.mark.slow)
+         for n in sorted(OPTAX_OPTIMIZERS)]
 
 
 def _train_fused(tx, steps):
