@@ -96,7 +96,10 @@ def _reference(grads_torch, r, method, gap):
 @pytest.mark.parametrize("method", ["galore", "osd", "osd_code"])
 @pytest.mark.parametrize("flax_shape", [(12, 20), (20, 12), (16, 16)],
                          ids=["in<out", "in>out", "square"])
-@pytest.mark.parametrize("jit", [False, True])
+# Eager (op by op) costs several times the jitted run; the fast subset runs the jitted cases,
+# and tests/test_conformance.py's test_jit_and_no_jit_agree ties eager to jitted for galore and
+# online_subspace_descent.
+@pytest.mark.parametrize("jit", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_matches_the_authors_update(method, flax_shape, jit):
   # GaLore refreshes at steps 0, 3, 6; OSD's P moves with lr 1/gap = 0.1.
   r, steps = 4, 7

@@ -948,6 +948,7 @@ def _collective_shapes(hlo: str, op: str) -> set:
   return shapes
 
 
+@pytest.mark.slow
 @needs_two_devices
 def test_shard_optimizer_step_reduces_gradients_to_shards_and_gathers_the_new_weights():
   _, params = _params()
