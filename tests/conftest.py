@@ -8,13 +8,6 @@ appended to XLA_FLAGS the caller set (a count the caller chose is kept). The pro
 start inherit it. So `python -m pytest tests` runs every test, with none skipped for want of
 devices.
 
-Most of the suite's time is XLA compiling small programs that then run for microseconds. The
-CPU backend's code generation at optimisation level 0 (`--xla_backend_optimization_level=0`,
-also appended unless the caller set a level) compiles them in about three quarters of the
-CPU time: XLA's HLO passes (what is computed, how it is sharded, what the HLO tests read) are
-the same, only LLVM's optimisation of the machine code is off, so the programs run slower,
-which the tests' tiny arrays do not notice.
-
 Many tests run the same small programs again: a resumed run in a fresh process, the same step
 on one device and on a mesh, each preset through the same checks. JAX's persistent cache
 (keyed by the program, the compile options, the backend and the jax/jaxlib versions) lets the
@@ -32,12 +25,10 @@ import os
 import pathlib
 
 # Read when JAX first creates its CPU backend (not at `import jax`), which no test has done yet.
-# A count or an optimisation level the caller chose is kept.
-for _flag, _default in (("--xla_force_host_platform_device_count", "8"),
-                        ("--xla_backend_optimization_level", "0")):
-  if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
-                                                     f"{_flag}={_default}"]))
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+      filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=8"])
+  )
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation_cache"
 # Environment, not jax.config: the example and benchmark subprocesses inherit it.
