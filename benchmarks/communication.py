@@ -41,12 +41,14 @@ UPDATE_EVERY = 200
 
 def methods(rank):
   return {
-      "adamw": optax.adamw(1e-3),
-      "galore": osub.galore(1e-3, rank, UPDATE_EVERY, mask=PROJECTED),
-      "galore_randomized_svd": osub.galore(1e-3, rank, UPDATE_EVERY, mask=PROJECTED,
-                                           projector="randomized_svd"),
-      "online_subspace_descent": osub.online_subspace_descent(
-          1e-3, rank, update_every=UPDATE_EVERY, mask=PROJECTED),
+    "adamw": optax.adamw(1e-3),
+    "galore": osub.galore(1e-3, rank, UPDATE_EVERY, mask=PROJECTED),
+    "galore_randomized_svd": osub.galore(
+      1e-3, rank, UPDATE_EVERY, mask=PROJECTED, projector="randomized_svd"
+    ),
+    "online_subspace_descent": osub.online_subspace_descent(
+      1e-3, rank, update_every=UPDATE_EVERY, mask=PROJECTED
+    ),
   }
 
 
@@ -63,21 +65,33 @@ def fsdp_spec(path, shape):
 def markdown_table(results):
   """One row per method and mesh: MB (10^6 bytes) per device by kind (all-gathers: the result
   size; the others: the operand size)."""
-  short = {"all-gather": "AG", "all-reduce": "AR", "reduce-scatter": "RS",
-           "all-to-all": "A2A", "collective-permute": "CP"}
+  short = {
+    "all-gather": "AG",
+    "all-reduce": "AR",
+    "reduce-scatter": "RS",
+    "all-to-all": "A2A",
+    "collective-permute": "CP",
+  }
 
   def cell(totals):
     size = lambda k: totals[k]["result_bytes" if k == "all-gather" else "operand_bytes"]
     return ", ".join(f"{short[k]} {size(k) / 1e6:,.1f}" for k in KINDS if k in totals) or "none"
 
-  lines = ["| method | mesh | every step (steady path) | per refresh (conditional branch) |",
-           "|---|---|---|---|"]
+  lines = [
+    "| method | mesh | every step (steady path) | per refresh (conditional branch) |",
+    "|---|---|---|---|",
+  ]
   for run in results["runs"]:
-    branches = [cell(b["collectives"]) for c in run["conditional_branches"]
-                for b in c["branches"] if b["collectives"]]
+    branches = [
+      cell(b["collectives"])
+      for c in run["conditional_branches"]
+      for b in c["branches"]
+      if b["collectives"]
+    ]
     mesh = " × ".join(f"{n} {k}" for n, k in run["mesh"].items())
-    lines.append(f"| {run['method']} | {mesh} | {cell(run['steady'])} |"
-                 f" {'; '.join(branches) or 'none'} |")
+    lines.append(
+      f"| {run['method']} | {mesh} | {cell(run['steady'])} | {'; '.join(branches) or 'none'} |"
+    )
   return "\n".join(lines)
 
 
@@ -94,58 +108,71 @@ def compile_step(tx, params, psh, ssh):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  jitted = jax.jit(step, in_shardings=(psh, psh, ssh), out_shardings=(psh, ssh),
-                   donate_argnums=(0, 2))
+  jitted = jax.jit(
+    step, in_shardings=(psh, psh, ssh), out_shardings=(psh, ssh), donate_argnums=(0, 2)
+  )
   return compiled_text(jitted, params, params, jax.eval_shape(tx.init, params))
 
 
 def main(argv=None):
   # --layers: fewer layers than the size's (0: its own); --methods: a subset (default all).
-  args = suites.script_parser(__doc__, size=["1b", *SIZES], layers=0, meshes="8,4x2",
-                              methods="").parse_args(argv)
+  args = suites.script_parser(
+    __doc__, size=["1b", *SIZES], layers=0, meshes="8,4x2", methods=""
+  ).parse_args(argv)
   if jax.device_count() < 8:
     raise SystemExit("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
   cfg = dict(SIZES[args.size])
   cfg["layers"] = args.layers or cfg["layers"]
   shapes = llama_shapes(**cfg)
   is_shape = lambda x: isinstance(x, tuple)
-  params = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jax.numpy.float32), shapes,
-                        is_leaf=is_shape)
+  params = jax.tree.map(
+    lambda s: jax.ShapeDtypeStruct(s, jax.numpy.float32), shapes, is_leaf=is_shape
+  )
   specs = jax.tree_util.tree_map_with_path(fsdp_spec, shapes, is_leaf=is_shape)
   all_methods = methods(cfg["rank"])
   names = suites.chosen(args.methods or list(all_methods), all_methods)
   results = {
-      "method": "bytes = operand and result sizes of the collectives in the compiled CPU HLO"
-                " (jax.jit(...).lower(abstract args).compile(), nothing executed), per device,"
-                " not timed; steady = outside any conditional (every step), branches = the"
-                " conditional's branch computations (the projector refresh); while-loop bodies"
-                " counted times their known trip count. Parameters FSDP-sharded on 'fsdp'"
-                " (model axis d), gradients with the parameters' shardings, optimizer state"
-                " with osub.state_shardings. A GPU compile may choose other collectives.",
-      "tree": cfg, "projected": PROJECTED, "update_every": UPDATE_EVERY,
-      "param_bytes": sum(4 * math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=is_shape)),
-      "jax": jax.__version__, "optax": optax.__version__,
-      "backend": jax.default_backend(), "devices": jax.device_count(),
-      "host": platform.platform(), **record.provenance("communication", argv),
-      "runs": [],
+    "method": "bytes = operand and result sizes of the collectives in the compiled CPU HLO"
+    " (jax.jit(...).lower(abstract args).compile(), nothing executed), per device,"
+    " not timed; steady = outside any conditional (every step), branches = the"
+    " conditional's branch computations (the projector refresh); while-loop bodies"
+    " counted times their known trip count. Parameters FSDP-sharded on 'fsdp'"
+    " (model axis d), gradients with the parameters' shardings, optimizer state"
+    " with osub.state_shardings. A GPU compile may choose other collectives.",
+    "tree": cfg,
+    "projected": PROJECTED,
+    "update_every": UPDATE_EVERY,
+    "param_bytes": sum(4 * math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=is_shape)),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "devices": jax.device_count(),
+    "host": platform.platform(),
+    **record.provenance("communication", argv),
+    "runs": [],
   }
   for mesh_name in args.meshes.split(","):
     shape, axes = MESHES[mesh_name]
     mesh = jax.make_mesh(shape, axes, (AxisType.Auto,) * len(axes))
-    psh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
-                       is_leaf=lambda x: isinstance(x, P))
+    psh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
     for name in names:
       tx = all_methods[name]
-      hlo, lower_s, compile_s = compile_step(tx, params, psh,
-                                             osub.state_shardings(tx, params, psh))
-      run = {"method": name, "mesh": dict(zip(axes, shape)),
-             "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
-             "peak_rss_gb_so_far": round(
-                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-             **collective_bytes(hlo)}
+      hlo, lower_s, compile_s = compile_step(tx, params, psh, osub.state_shardings(tx, params, psh))
+      run = {
+        "method": name,
+        "mesh": dict(zip(axes, shape)),
+        "lower_s": round(lower_s, 1),
+        "compile_s": round(compile_s, 1),
+        "peak_rss_gb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        **collective_bytes(hlo),
+      }
       results["runs"].append(run)
-      print(json.dumps({k: run[k] for k in (
-          "method", "mesh", "lower_s", "compile_s", "peak_rss_gb_so_far")}), flush=True)
+      print(
+        json.dumps(
+          {k: run[k] for k in ("method", "mesh", "lower_s", "compile_s", "peak_rss_gb_so_far")}
+        ),
+        flush=True,
+      )
       record.write_json(args.out, results)
   print(markdown_table(results))
   return results

@@ -60,9 +60,19 @@ FULL_LAYERS = 24  # the 350M model's depth, for the extrapolation
 
 def _parser():
   return suites.script_parser(
-      __doc__, "benchmarks/results/communication_train_step_cpu_hlo.json", hidden=1024,
-      ffn=2736, heads=16, vocab=32000, layers=2, rank=256, batch_per_device=2, seq=128,
-      methods=",".join(METHODS), meshes=",".join(MESHES))
+    __doc__,
+    "benchmarks/results/communication_train_step_cpu_hlo.json",
+    hidden=1024,
+    ffn=2736,
+    heads=16,
+    vocab=32000,
+    layers=2,
+    rank=256,
+    batch_per_device=2,
+    seq=128,
+    methods=",".join(METHODS),
+    meshes=",".join(MESHES),
+  )
 
 
 def _path(key_path) -> str:
@@ -102,8 +112,9 @@ def _optimizer_level_step(cfg, tx, mesh, tokens):
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  step = jax.jit(train_step, in_shardings=(psh, ssh, bsh), out_shardings=(psh, ssh, None),
-                 donate_argnums=(0, 1))
+  step = jax.jit(
+    train_step, in_shardings=(psh, ssh, bsh), out_shardings=(psh, ssh, None), donate_argnums=(0, 1)
+  )
   return step, (params, opt_state, tokens)
 
 
@@ -118,8 +129,11 @@ def _model_level_shardings(state, mesh, hidden):
   fsdp = mesh.shape["fsdp"]
   flat = jax.tree_util.tree_flatten_with_path(state)[0]
   paths = [_path(p) for p, _ in flat]
-  kernels = {path[: -len("/kernel")]: llama_mesh.param_spec(leaf, hidden, fsdp)
-             for path, (_, leaf) in zip(paths, flat) if path.endswith("/kernel")}
+  kernels = {
+    path[: -len("/kernel")]: llama_mesh.param_spec(leaf, hidden, fsdp)
+    for path, (_, leaf) in zip(paths, flat)
+    if path.endswith("/kernel")
+  }
 
   def model_spec(path, leaf):
     layer, _, name = path.rpartition("/")
@@ -138,8 +152,14 @@ def _model_level_shardings(state, mesh, hidden):
       spec = model_spec(path[2:], leaf)
       model_leaves[path[2:]] = (leaf.shape, spec)
     else:
-      spec = next((s for p, (shape, s) in model_leaves.items()
-                   if path.endswith("/" + p) and leaf.shape == shape), P())
+      spec = next(
+        (
+          s
+          for p, (shape, s) in model_leaves.items()
+          if path.endswith("/" + p) and leaf.shape == shape
+        ),
+        P(),
+      )
     specs.append(NamedSharding(mesh, spec))
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state), specs)
 
@@ -169,8 +189,9 @@ def _model_level_step(cfg, method, rank, mesh, tokens):
       osnn.merge_if_due(model, opt.step[...], UPDATE_EVERY)  # a lax.cond: after K, 2K, …
     return nnx.state((model, opt)), loss
 
-  step = jax.jit(train_step, in_shardings=(ssh, bsh), out_shardings=(ssh, None),
-                 donate_argnums=(0,))
+  step = jax.jit(
+    train_step, in_shardings=(ssh, bsh), out_shardings=(ssh, None), donate_argnums=(0,)
+  )
   return step, (state, tokens)
 
 
@@ -198,18 +219,18 @@ def _sizes(cfg, rank):
   d, f = cfg.hidden, cfg.ffn
   kernels = [(d, d)] * 4 + [(d, f), (d, f), (f, d)]  # q k v o, gate up (in, out), down
   return {
-      "block_params": sum(i * o for i, o in kernels) + 2 * d,
-      "block_kernels": sum(i * o for i, o in kernels),
-      "block_norms": 2 * d,
-      "block_rso_b": sum(rank * o for _, o in kernels),  # B: r × out
-      "block_rso_p_sharded": sum(i * rank for i, _ in kernels if i == d),  # P: in × r
-      "block_grass_d": sum(i * rank for i, _ in kernels),  # D: in × r
-      "block_grass_d_sharded": sum(i * rank for i, _ in kernels if i == d),
-      "block_update_rl": sum(rank * max(i, o) for i, o in kernels),  # r × l, l the larger side
-      "block_update_r2": len(kernels) * rank * rank,
-      "block_refresh_sl_s2": sum(i * o + min(i, o) ** 2 for i, o in kernels),
-      "outside_matrices": 2 * cfg.vocab_size * d,  # embedding and head, both split on d
-      "outside_norm": d,
+    "block_params": sum(i * o for i, o in kernels) + 2 * d,
+    "block_kernels": sum(i * o for i, o in kernels),
+    "block_norms": 2 * d,
+    "block_rso_b": sum(rank * o for _, o in kernels),  # B: r × out
+    "block_rso_p_sharded": sum(i * rank for i, _ in kernels if i == d),  # P: in × r
+    "block_grass_d": sum(i * rank for i, _ in kernels),  # D: in × r
+    "block_grass_d_sharded": sum(i * rank for i, _ in kernels if i == d),
+    "block_update_rl": sum(rank * max(i, o) for i, o in kernels),  # r × l, l the larger side
+    "block_update_r2": len(kernels) * rank * rank,
+    "block_refresh_sl_s2": sum(i * o + min(i, o) ** 2 for i, o in kernels),
+    "outside_matrices": 2 * cfg.vocab_size * d,  # embedding and head, both split on d
+    "outside_norm": d,
   }
 
 
@@ -222,44 +243,54 @@ def analytic(cfg, rank, method, mesh_name):
   s, n = _sizes(cfg, rank), cfg.layers
   dense = s["outside_matrices"] + s["outside_norm"] + n * s["block_norms"]  # never projected
   full = n * s["block_params"] + s["outside_matrices"] + s["outside_norm"]
-  trainable = {"rso_model": n * s["block_rso_b"] + dense,
-               "grass_model": n * s["block_grass_d"] + dense}.get(method, full)
+  trainable = {
+    "rso_model": n * s["block_rso_b"] + dense,
+    "grass_model": n * s["block_grass_d"] + dense,
+  }.get(method, full)
   if mesh_name == "data":
     out = {"gather": 0, "reduce": 4 * trainable, "refresh": 0}
-    formula = {"rso_model": "all-reduce of the gradients of B and the unprojected Params:"
-                            " Σ r·out + unprojected",
-               "grass_model": "all-reduce of the gradients of D and the unprojected Params:"
-                              " Σ in·r + unprojected; per refresh: all-reduce of every layer's"
-                              " dW (Σ in·out) in the norms pass"}.get(
-                                  method, "all-reduce of the full gradient: Σ params")
+    formula = {
+      "rso_model": "all-reduce of the gradients of B and the unprojected Params:"
+      " Σ r·out + unprojected",
+      "grass_model": "all-reduce of the gradients of D and the unprojected Params:"
+      " Σ in·r + unprojected; per refresh: all-reduce of every layer's"
+      " dW (Σ in·out) in the norms pass",
+    }.get(method, "all-reduce of the full gradient: Σ params")
     if method == "grass_model":
       out["refresh"] = 4 * n * s["block_kernels"]
     return {**out, "formula": formula}
   sharded = n * s["block_kernels"] + s["outside_matrices"]  # all-gathered for the forward
-  update = {"galore": 2 * s["block_update_rl"], "rso": 2 * s["block_update_rl"],
-            "osd": 2 * s["block_update_rl"] + s["block_update_r2"],
-            "grass": s["block_update_rl"]}.get(method, 0) * n
+  update = {
+    "galore": 2 * s["block_update_rl"],
+    "rso": 2 * s["block_update_rl"],
+    "osd": 2 * s["block_update_rl"] + s["block_update_r2"],
+    "grass": s["block_update_rl"],
+  }.get(method, 0) * n
   refresh = {"galore": n * s["block_refresh_sl_s2"], "osd": n * s["block_refresh_sl_s2"]}
-  out = {"gather": 4 * sharded, "reduce": 4 * trainable, "update": 4 * update,
-         "refresh": 4 * refresh.get(method, 0)}
+  out = {
+    "gather": 4 * sharded,
+    "reduce": 4 * trainable,
+    "update": 4 * update,
+    "refresh": 4 * refresh.get(method, 0),
+  }
   if method == "rso_model":
     out["gather"] += 4 * n * s["block_rso_p_sharded"]
   if method == "grass_model":
     out["gather"] += 4 * n * s["block_grass_d_sharded"]
     out["refresh"] = 4 * (sharded + n * s["block_kernels"])
   formula = {
-      "adamw": "all-gather of the split params + reduce-scatter of the gradients",
-      "galore": "as adamw, plus the update (docs: case A): reduce R = PᵀG and gather N, 2·Σ r·l;"
-                " per refresh: gather of G and its Gram matrix, Σ s·l + s²",
-      "osd": "as galore, plus Σ r² every step; its refresh runs at step 0 only",
-      "rso": "as adamw, plus the update: reduce PᵀG and gather N, 2·Σ r·l; a new P is local",
-      "grass": "as adamw, plus the update: the selected rows, Σ r·l",
-      "rso_model": "all-gather of the frozen W, P (in·r where in is split) and the unprojected"
-                   " Params + reduction of the gradients of B (Σ r·out) and the unprojected;"
-                   " the merge W + P·B is local",
-      "grass_model": "all-gather of the frozen W, D (in·r where in is split) and the unprojected"
-                     " Params + reduction of the gradients of D (Σ in·r) and the unprojected;"
-                     " per refresh: a second forward (gathers again) and every dW reduced",
+    "adamw": "all-gather of the split params + reduce-scatter of the gradients",
+    "galore": "as adamw, plus the update (docs: case A): reduce R = PᵀG and gather N, 2·Σ r·l;"
+    " per refresh: gather of G and its Gram matrix, Σ s·l + s²",
+    "osd": "as galore, plus Σ r² every step; its refresh runs at step 0 only",
+    "rso": "as adamw, plus the update: reduce PᵀG and gather N, 2·Σ r·l; a new P is local",
+    "grass": "as adamw, plus the update: the selected rows, Σ r·l",
+    "rso_model": "all-gather of the frozen W, P (in·r where in is split) and the unprojected"
+    " Params + reduction of the gradients of B (Σ r·out) and the unprojected;"
+    " the merge W + P·B is local",
+    "grass_model": "all-gather of the frozen W, D (in·r where in is split) and the unprojected"
+    " Params + reduction of the gradients of D (Σ in·r) and the unprojected;"
+    " per refresh: a second forward (gathers again) and every dW reduced",
   }[method]
   return {**out, "formula": formula}
 
@@ -281,28 +312,42 @@ def main(argv=None) -> dict:
     raise SystemExit("needs 2 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
   cfg = ModelConfig(args.hidden, args.ffn, args.heads, args.layers, args.vocab)
   result = {
-      **record.provenance("communication_train_step", argv),
-      "what": "CPU HLO: sizes of the collectives in the compiled HLO of one whole train step"
-              " (forward, backward, update, apply), compiled for simulated CPU devices, never"
-              " executed or timed; per device; array sizes (all-gather: the gathered result;"
-              " all-reduce, reduce-scatter, all-to-all, collective-permute: the operand), not"
-              " wire traffic. A GPU compile may choose other collectives.",
-      "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), simulated,"
-                f" {jax.device_count()} visible, 2 used per mesh",
-      "host": platform.platform(),
-      "config": {k: getattr(args, k) for k in (
-          "hidden", "ffn", "heads", "vocab", "layers", "rank", "batch_per_device", "seq")}
-                | {"update_every": UPDATE_EVERY, "projected": PROJECTED,
-                   "compute_dtype": cfg.compute_dtype, "param_dtype": cfg.param_dtype,
-                   "meshes": {m: dict(zip(llama_mesh.AXES, MESHES[m])) for m in MESHES}},
-      "shapes": {"params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(
-          nnx.state(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))), nnx.Param)))),
-                 **{k: v for k, v in _sizes(cfg, args.rank).items()}},
-      "note": "Activations are split over the batch axes and pinned there. Batch and sequence"
-              " length do not change the sizes of the weights' collectives, but XLA replaces"
-              " some of them by moving activations when those are smaller (fewer tokens per"
-              " device than the hidden size); by_shape lists every collective's shapes.",
-      "runs": {},
+    **record.provenance("communication_train_step", argv),
+    "what": "CPU HLO: sizes of the collectives in the compiled HLO of one whole train step"
+    " (forward, backward, update, apply), compiled for simulated CPU devices, never"
+    " executed or timed; per device; array sizes (all-gather: the gathered result;"
+    " all-reduce, reduce-scatter, all-to-all, collective-permute: the operand), not"
+    " wire traffic. A GPU compile may choose other collectives.",
+    "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()}), simulated,"
+    f" {jax.device_count()} visible, 2 used per mesh",
+    "host": platform.platform(),
+    "config": {
+      k: getattr(args, k)
+      for k in ("hidden", "ffn", "heads", "vocab", "layers", "rank", "batch_per_device", "seq")
+    }
+    | {
+      "update_every": UPDATE_EVERY,
+      "projected": PROJECTED,
+      "compute_dtype": cfg.compute_dtype,
+      "param_dtype": cfg.param_dtype,
+      "meshes": {m: dict(zip(llama_mesh.AXES, MESHES[m])) for m in MESHES},
+    },
+    "shapes": {
+      "params": int(
+        sum(
+          math.prod(x.shape)
+          for x in jax.tree.leaves(
+            nnx.state(nnx.eval_shape(lambda: Llama(cfg, nnx.Rngs(0))), nnx.Param)
+          )
+        )
+      ),
+      **{k: v for k, v in _sizes(cfg, args.rank).items()},
+    },
+    "note": "Activations are split over the batch axes and pinned there. Batch and sequence"
+    " length do not change the sizes of the weights' collectives, but XLA replaces"
+    " some of them by moving activations when those are smaller (fewer tokens per"
+    " device than the hidden size); by_shape lists every collective's shapes.",
+    "runs": {},
   }
   for mesh_name in args.meshes.split(","):
     mesh = llama_mesh.make_mesh(*MESHES[mesh_name])
@@ -314,28 +359,47 @@ def main(argv=None) -> dict:
         counted, totals, lower_s, compile_s = _measure(cfg, method, args.rank, mesh, tokens)
       except Exception as e:  # pylint: disable=broad-except
         runs[method] = {"error": f"{type(e).__name__}: {e}"[:2000]}
-        print(json.dumps({"mesh": mesh_name, "method": method, "error": runs[method]["error"]}),
-              flush=True)
+        print(
+          json.dumps({"mesh": mesh_name, "method": method, "error": runs[method]["error"]}),
+          flush=True,
+        )
         continue
-      run = {"totals": totals, **counted, "lower_s": lower_s, "compile_s": compile_s,
-             "analytic": analytic(cfg, args.rank, method, mesh_name)}
+      run = {
+        "totals": totals,
+        **counted,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "analytic": analytic(cfg, args.rank, method, mesh_name),
+      }
       if args.layers >= 2:
         fewer = ModelConfig(args.hidden, args.ffn, args.heads, args.layers - 1, args.vocab)
         _, totals_fewer, _, _ = _measure(fewer, method, args.rank, mesh, tokens)
         per_layer = {k: totals[k] - totals_fewer[k] for k in totals}
         run["per_layer"] = per_layer
         run["extrapolated_to_24_layers"] = {
-            k: totals[k] + (FULL_LAYERS - args.layers) * per_layer[k] for k in totals}
+          k: totals[k] + (FULL_LAYERS - args.layers) * per_layer[k] for k in totals
+        }
       runs[method] = run
-      print(json.dumps({"mesh": mesh_name, "method": method, **totals,
-                        "per_layer_total": run.get("per_layer", {}).get("total"),
-                        "lower_s": lower_s, "compile_s": compile_s}), flush=True)
+      print(
+        json.dumps(
+          {
+            "mesh": mesh_name,
+            "method": method,
+            **totals,
+            "per_layer_total": run.get("per_layer", {}).get("total"),
+            "lower_s": lower_s,
+            "compile_s": compile_s,
+          }
+        ),
+        flush=True,
+      )
     base = runs.get("adamw", {}).get("totals")
     for run in runs.values():
       if base and "totals" in run:
         run["ratio_vs_adamw"] = {
-            k: round(run["totals"][k] / base[k], 4) if base[k] else None
-            for k in ("total", "reduce", "gather")}
+          k: round(run["totals"][k] / base[k], 4) if base[k] else None
+          for k in ("total", "reduce", "gather")
+        }
   record.write_json(args.out, result)
   print(markdown_table(result))
   return result
@@ -344,9 +408,11 @@ def main(argv=None) -> dict:
 def markdown_table(result) -> str:
   """Rows per mesh and method: measured MB (10⁶ bytes) per device next to the analytic ones."""
   mb = lambda b: f"{b / 1e6:,.1f}"
-  lines = ["| mesh | method | gathered | reduced | other | per refresh | total / AdamW |"
-           " analytic gathered | analytic reduced | per layer (total) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    "| mesh | method | gathered | reduced | other | per refresh | total / AdamW |"
+    " analytic gathered | analytic reduced | per layer (total) |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for mesh_name, runs in result["runs"].items():
     for method, run in runs.items():
       if "error" in run:
@@ -354,8 +420,9 @@ def markdown_table(result) -> str:
         continue
       t, a = run["totals"], run["analytic"]
       lines.append(
-          f"| {mesh_name} | {method} | {mb(t['gather'])} | {mb(t['reduce'])} | {mb(t['moved'])}"
-          f" | {mb(t['largest_branch_total'])} | {run.get('ratio_vs_adamw', {}).get('total')}"
-          f" | {mb(a['gather'])} | {mb(a['reduce'] + a.get('update', 0))}"
-          f" | {mb(run['per_layer']['total']) if 'per_layer' in run else ''} |")
+        f"| {mesh_name} | {method} | {mb(t['gather'])} | {mb(t['reduce'])} | {mb(t['moved'])}"
+        f" | {mb(t['largest_branch_total'])} | {run.get('ratio_vs_adamw', {}).get('total')}"
+        f" | {mb(a['gather'])} | {mb(a['reduce'] + a.get('update', 0))}"
+        f" | {mb(run['per_layer']['total']) if 'per_layer' in run else ''} |"
+      )
   return "\n".join(lines)

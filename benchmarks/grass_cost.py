@@ -35,18 +35,34 @@ from optax_subspace.nn import _surgery
 
 GRASS_LAYERS = r"(attention|mlp)/"
 UPDATE_EVERY = 200  # K: the refresh is timed apart and amortised over K steps
-TREE_METHODS = ("adamw", "galore_steady", "osd_steady", "grass_steady", "grass_refresh_topk",
-                "grass_model_level")
+TREE_METHODS = (
+  "adamw",
+  "galore_steady",
+  "osd_steady",
+  "grass_steady",
+  "grass_refresh_topk",
+  "grass_model_level",
+)
 
 
 def _parser():
   return suites.script_parser(
-      __doc__, layers=(8, "blocks in the stack"), hidden=2048, ffn=5461, heads=32, batch=4,
-      seq=2048, rank=(512, "GRASS's r (and GaLore's, OSD's)"),
-      selection=["topk", "multinomial", "uniform"], lr=1e-3, attention=["auto", "xla", "cudnn"],
-      reps=(20, "timed calls per measurement"), tree_size=(["1b", *optimizer_step.SIZES],
-                                                          "part 2's tree"),
-      skip_tree=(False, "part 1 only"), tree_methods=",".join(TREE_METHODS))
+    __doc__,
+    layers=(8, "blocks in the stack"),
+    hidden=2048,
+    ffn=5461,
+    heads=32,
+    batch=4,
+    seq=2048,
+    rank=(512, "GRASS's r (and GaLore's, OSD's)"),
+    selection=["topk", "multinomial", "uniform"],
+    lr=1e-3,
+    attention=["auto", "xla", "cudnn"],
+    reps=(20, "timed calls per measurement"),
+    tree_size=(["1b", *optimizer_step.SIZES], "part 2's tree"),
+    skip_tree=(False, "part 1 only"),
+    tree_methods=",".join(TREE_METHODS),
+  )
 
 
 def _stack(args):
@@ -82,10 +98,10 @@ def _compile_grads(model, x):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   loss = lambda p, r, x: _loss(nnx.merge(graphdef, p, r), x)
   fns = {
-      "forward": loss,
-      "value_and_grad": jax.value_and_grad(loss),
-      "grad_params_and_input": jax.grad(loss, argnums=(0, 2)),
-      "grad_input": jax.grad(loss, argnums=2),
+    "forward": loss,
+    "value_and_grad": jax.value_and_grad(loss),
+    "grad_params_and_input": jax.grad(loss, argnums=(0, 2)),
+    "grad_input": jax.grad(loss, argnums=2),
   }
   compiled = {}
   for name, fn in fns.items():
@@ -127,36 +143,35 @@ def _refresh(model, x):
 
 
 def bench_blocks(args) -> dict:
-  x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.seq, args.hidden),
-                        jnp.bfloat16)
+  x = jax.random.normal(jax.random.PRNGKey(1), (args.batch, args.seq, args.hidden), jnp.bfloat16)
   tokens = args.batch * args.seq
   out = {"tokens": tokens}
   # (in, out) of every layer GRASS replaces.
-  shapes = [tuple(layer.kernel.shape)
-            for _, layer in _surgery.find_linears(_stack(args), GRASS_LAYERS)]
+  shapes = [
+    tuple(layer.kernel.shape) for _, layer in _surgery.find_linears(_stack(args), GRASS_LAYERS)
+  ]
   sum_in_out = sum(m * n for m, n in shapes)
   sum_in_r = sum(m * min(args.rank, n) for m, n in shapes)
   out["analytic"] = {
-      "dense_dw_flops": 2 * tokens * sum_in_out,
-      "grass_dd_flops": 2 * tokens * sum_in_r,
-      # x·D in the forward and dY[:, σ]·(Dρ)ᵀ in ∂L/∂x: GRASS's extra products.
-      "grass_extra_forward_flops": 2 * tokens * sum_in_r,
-      "grass_extra_input_grad_flops": 2 * tokens * sum_in_r,
-      "target_weight_grad_cut": 1 - sum_in_r / sum_in_out,
-      "target_cut_per_layer": {f"{m}x{n}": 1 - min(args.rank, n) / n
-                               for m, n in sorted(set(shapes))},
+    "dense_dw_flops": 2 * tokens * sum_in_out,
+    "grass_dd_flops": 2 * tokens * sum_in_r,
+    # x·D in the forward and dY[:, σ]·(Dρ)ᵀ in ∂L/∂x: GRASS's extra products.
+    "grass_extra_forward_flops": 2 * tokens * sum_in_r,
+    "grass_extra_input_grad_flops": 2 * tokens * sum_in_r,
+    "target_weight_grad_cut": 1 - sum_in_r / sum_in_out,
+    "target_cut_per_layer": {f"{m}x{n}": 1 - min(args.rank, n) / n for m, n in sorted(set(shapes))},
   }
   for name in ("dense", "grass"):
     print(f"  {name} stack:", flush=True)
     model = _stack(args)
     if name == "grass":
-      osnn.grass_layers(model, args.rank, update_every=UPDATE_EVERY, mask=GRASS_LAYERS,
-                        selection=args.selection)
+      osnn.grass_layers(
+        model, args.rank, update_every=UPDATE_EVERY, mask=GRASS_LAYERS, selection=args.selection
+      )
     compiled, call_args, grad_bytes = _compile_grads(model, x)
     row = {f"{k}_flops": _flops(c) for k, c in compiled.items()}
     row["backward_flops"] = row["value_and_grad_flops"] - row["forward_flops"]
-    row["weight_grad_flops"] = (row["grad_params_and_input_flops"]
-                                - row["grad_input_flops"])
+    row["weight_grad_flops"] = row["grad_params_and_input_flops"] - row["grad_input_flops"]
     row["gradient_bytes"] = grad_bytes
     row["value_and_grad_temp_bytes"] = _temp_bytes(compiled["value_and_grad"])
     row["value_and_grad_ms"] = _median_ms(compiled["value_and_grad"], (), call_args, args.reps)
@@ -172,7 +187,8 @@ def bench_blocks(args) -> dict:
       row["refresh_temp_bytes"] = _temp_bytes(refresh)
       row["refresh_ms"] = _median_ms(refresh, carry, const, max(3, args.reps // 4))
       row["train_step_with_amortised_refresh_ms"] = (
-          row["train_step_ms"] + row["refresh_ms"] / UPDATE_EVERY)
+        row["train_step_ms"] + row["refresh_ms"] / UPDATE_EVERY
+      )
       del refresh, carry, const
     out[name] = row
     print("   ", {k: v for k, v in row.items() if k.endswith(("_ms", "bytes"))}, flush=True)
@@ -180,31 +196,34 @@ def bench_blocks(args) -> dict:
     gc.collect()
   d, g = out["dense"], out["grass"]
   out["measured"] = {
-      "weight_grad_cut": 1 - g["weight_grad_flops"] / d["weight_grad_flops"],
-      "backward_flops_ratio": g["backward_flops"] / d["backward_flops"],
-      "forward_flops_ratio": g["forward_flops"] / d["forward_flops"],
-      "gradient_bytes_ratio": g["gradient_bytes"] / d["gradient_bytes"],
-      "value_and_grad_time_ratio": g["value_and_grad_ms"] / d["value_and_grad_ms"],
-      "train_step_time_ratio": g["train_step_ms"] / d["train_step_ms"],
-      "train_step_with_amortised_refresh_ratio": (
-          g["train_step_with_amortised_refresh_ms"] / d["train_step_ms"]),
+    "weight_grad_cut": 1 - g["weight_grad_flops"] / d["weight_grad_flops"],
+    "backward_flops_ratio": g["backward_flops"] / d["backward_flops"],
+    "forward_flops_ratio": g["forward_flops"] / d["forward_flops"],
+    "gradient_bytes_ratio": g["gradient_bytes"] / d["gradient_bytes"],
+    "value_and_grad_time_ratio": g["value_and_grad_ms"] / d["value_and_grad_ms"],
+    "train_step_time_ratio": g["train_step_ms"] / d["train_step_ms"],
+    "train_step_with_amortised_refresh_ratio": (
+      g["train_step_with_amortised_refresh_ms"] / d["train_step_ms"]
+    ),
   }
   # dD's products are exactly 2·T·Σ in·r; what the measured weight-gradient FLOPs add to them
   # is elementwise (ρ's scaling, the norm scales' gradients), of relative size ~1/T.
   out["measured"]["weight_grad_cut_minus_target"] = (
-      out["measured"]["weight_grad_cut"] - out["analytic"]["target_weight_grad_cut"])
+    out["measured"]["weight_grad_cut"] - out["analytic"]["target_weight_grad_cut"]
+  )
   return out
 
 
 def _model_level_shapes(shapes, rank):
   """optimizer_step's tree with every projected kernel (in, out) replaced by D (in, r)."""
+
   def convert(path, shape):
     names = [str(getattr(k, "key", k)) for k in path]
     if ("attention" in names or "mlp" in names) and names[-1] == "kernel":
       return {osnn.grass.D_NAME: (shape[0], min(rank, shape[1]))}
     return shape
-  return jax.tree_util.tree_map_with_path(convert, shapes,
-                                          is_leaf=lambda x: isinstance(x, tuple))
+
+  return jax.tree_util.tree_map_with_path(convert, shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def bench_tree(args) -> dict:
@@ -217,31 +236,45 @@ def bench_tree(args) -> dict:
   grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
   table = optimizer_step.variants(rank, lr=lr)
   wanted = set(args.tree_methods.split(",")) | {"adamw"}
-  rows = optimizer_step.update_rows([(m, *table[m]) for m in TREE_METHODS[:-1] if m in wanted],
-                                    params, grads, args.reps)
+  rows = optimizer_step.update_rows(
+    [(m, *table[m]) for m in TREE_METHODS[:-1] if m in wanted], params, grads, args.reps
+  )
   del params, grads
   gc.collect()
   if "grass_model_level" in wanted:
     d_shapes = _model_level_shapes(shapes, rank)
     d_params = optimizer_step.make_tree(d_shapes, 0, lambda k, s: jnp.zeros(s))
     d_grads = optimizer_step.make_tree(d_shapes, 1, optimizer_step.synthetic_gradient)
-    (row,) = optimizer_update.bench_method("grass_model_level", osnn.grass_optimizer(lr),
-                                           d_params, d_grads, args.reps, None, None)
-    rows.append({**row, "ratio_to_adamw": row["median_ms"] / rows[0]["median_ms"],
-                 "state_ratio_to_adamw": row["state_bytes"] / rows[0]["state_bytes"]})
-  return {"size": args.tree_size, "config": cfg, "projected": projected, "rows": rows,
-          "grass_model_level_tree": "projected kernels (in, out) replaced by D (in, r)"}
+    (row,) = optimizer_update.bench_method(
+      "grass_model_level", osnn.grass_optimizer(lr), d_params, d_grads, args.reps, None, None
+    )
+    rows.append(
+      {
+        **row,
+        "ratio_to_adamw": row["median_ms"] / rows[0]["median_ms"],
+        "state_ratio_to_adamw": row["state_bytes"] / rows[0]["state_bytes"],
+      }
+    )
+  return {
+    "size": args.tree_size,
+    "config": cfg,
+    "projected": projected,
+    "rows": rows,
+    "grass_model_level_tree": "projected kernels (in, out) replaced by D (in, r)",
+  }
 
 
 def _plot(result: dict, path: pathlib.Path) -> None:
   blocks = result["blocks"]
   d, g = blocks["dense"], blocks["grass"]
   panels = [
-      ("weight-gradient GFLOPs", [d["weight_grad_flops"] / 1e9, g["weight_grad_flops"] / 1e9]),
-      ("backward GFLOPs", [d["backward_flops"] / 1e9, g["backward_flops"] / 1e9]),
-      ("gradient MiB", [d["gradient_bytes"] / 2**20, g["gradient_bytes"] / 2**20]),
-      ("train step ms (GRASS: + refresh / K)",
-       [d["train_step_ms"], g["train_step_with_amortised_refresh_ms"]]),
+    ("weight-gradient GFLOPs", [d["weight_grad_flops"] / 1e9, g["weight_grad_flops"] / 1e9]),
+    ("backward GFLOPs", [d["backward_flops"] / 1e9, g["backward_flops"] / 1e9]),
+    ("gradient MiB", [d["gradient_bytes"] / 2**20, g["gradient_bytes"] / 2**20]),
+    (
+      "train step ms (GRASS: + refresh / K)",
+      [d["train_step_ms"], g["train_step_with_amortised_refresh_ms"]],
+    ),
   ]
   n = len(panels) + ("tree" in result)
   fig, axes = record.subplots(1, n, figsize=(3.4 * n, 3.4))
@@ -261,20 +294,28 @@ def _plot(result: dict, path: pathlib.Path) -> None:
 
 def main(argv=None) -> dict:
   args = _parser().parse_args(argv)
-  attention = train_setups.attention_for(args.attention, jax.devices()[0].platform,
-                                         args.hidden // args.heads)
+  attention = train_setups.attention_for(
+    args.attention, jax.devices()[0].platform, args.hidden // args.heads
+  )
   train_setups.use_attention(attention)
   result = {
-      **record.provenance("grass_cost", argv),
-      "config": {k: v for k, v in vars(args).items() if k != "out"} | {
-          "attention": attention, "update_every": UPDATE_EVERY,
-          "compute_dtype": "bfloat16", "param_dtype": "float32"},
-      "timing": "median of --reps calls after 2 warm-up calls, each synced; train steps and"
-                " refreshes donate their state",
+    **record.provenance("grass_cost", argv),
+    "config": {k: v for k, v in vars(args).items() if k != "out"}
+    | {
+      "attention": attention,
+      "update_every": UPDATE_EVERY,
+      "compute_dtype": "bfloat16",
+      "param_dtype": "float32",
+    },
+    "timing": "median of --reps calls after 2 warm-up calls, each synced; train steps and"
+    " refreshes donate their state",
   }
   out = pathlib.Path(args.out)
-  print(f"block stack: {args.layers} blocks, d {args.hidden}, ffn {args.ffn}, {args.heads} heads,"
-        f" {args.batch}x{args.seq} tokens, rank {args.rank}, {attention} attention", flush=True)
+  print(
+    f"block stack: {args.layers} blocks, d {args.hidden}, ffn {args.ffn}, {args.heads} heads,"
+    f" {args.batch}x{args.seq} tokens, rank {args.rank}, {attention} attention",
+    flush=True,
+  )
   result["blocks"] = bench_blocks(args)
   print("  measured:", result["blocks"]["measured"], flush=True)
   record.write_json(out, result)

@@ -13,15 +13,32 @@ import math
 import re
 
 KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 
 
 def _shape_bytes(text):
   """Total bytes of every array type (e.g. f32[512,2048]{1,0}) in `text`."""
-  return sum(DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-             for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text)
-             if dtype in DTYPE_BYTES)
+  return sum(
+    DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text)
+    if dtype in DTYPE_BYTES
+  )
 
 
 def _group_size(line):
@@ -64,7 +81,7 @@ def parse_collectives(hlo):
     m = re.match(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", line)
     if m:
       rhs = m.group(2)
-      types[m.group(1)] = rhs[:rhs.index(")") + 1] if rhs.startswith("(") else rhs.split(" ")[0]
+      types[m.group(1)] = rhs[: rhs.index(")") + 1] if rhs.startswith("(") else rhs.split(" ")[0]
   for line in hlo.splitlines():
     head = re.match(r"^(ENTRY )?%(\S+) .*\{$", line)
     if head:
@@ -104,8 +121,7 @@ def parse_collectives(hlo):
 def _totals(collectives, calls, root):
   """Per-kind bytes of everything `root` runs (loops times their trips), not entering
   conditional branches; whether any loop had no known count."""
-  out = {k: {"count": 0, "operand_bytes": 0, "result_bytes": 0, "group_sizes": []}
-         for k in KINDS}
+  out = {k: {"count": 0, "operand_bytes": 0, "result_bytes": 0, "group_sizes": []} for k in KINDS}
   unknown = False
   todo = [(root, 1)]
   while todo:
@@ -139,8 +155,11 @@ def collective_bytes(hlo):
       per.append({"computation": name, "collectives": t})
     if any(b["collectives"] for b in per):
       branches.append({"in": parent, "branches": per})
-  return {"steady": steady, "conditional_branches": branches,
-          "loops_without_known_trip_count": unknown}
+  return {
+    "steady": steady,
+    "conditional_branches": branches,
+    "loops_without_known_trip_count": unknown,
+  }
 
 
 def summarize(counted) -> dict:
@@ -149,16 +168,21 @@ def summarize(counted) -> dict:
   conditional branch's total."""
   steady = counted["steady"]
   get = lambda kind, key: steady.get(kind, {}).get(key, 0)
-  out = {"gather": get("all-gather", "result_bytes"),
-         "reduce": get("all-reduce", "operand_bytes") + get("reduce-scatter", "operand_bytes"),
-         "moved": get("all-to-all", "operand_bytes") + get("collective-permute", "operand_bytes")}
+  out = {
+    "gather": get("all-gather", "result_bytes"),
+    "reduce": get("all-reduce", "operand_bytes") + get("reduce-scatter", "operand_bytes"),
+    "moved": get("all-to-all", "operand_bytes") + get("collective-permute", "operand_bytes"),
+  }
   out["total"] = out["gather"] + out["reduce"] + out["moved"]
   branch_totals = [0]
   for cond in counted["conditional_branches"]:
     for branch in cond["branches"]:
-      branch_totals.append(sum(
+      branch_totals.append(
+        sum(
           v["result_bytes"] if k == "all-gather" else v["operand_bytes"]
-          for k, v in branch["collectives"].items()))
+          for k, v in branch["collectives"].items()
+        )
+      )
   out["largest_branch_total"] = max(branch_totals)
   return out
 

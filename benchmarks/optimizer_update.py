@@ -34,31 +34,43 @@ DEFAULT_SIZES = ("60m", "350m", "1b")
 UPDATE_EVERY = 200  # T of the amortised rows
 # optax.contrib.galore's state, where this optax has it (its count is set like ours).
 _OPTAX_GALORE_STATE = getattr(getattr(optax, "contrib", None), "GaLoreState", None)
-METHODS = ("adamw", "optax_contrib_galore", "galore", "galore_refresh", "osd", "rso", "grass",
-           "grass_refresh", "fira", "frugal", "apollo", "apollo_mini")
+METHODS = (
+  "adamw",
+  "optax_contrib_galore",
+  "galore",
+  "galore_refresh",
+  "osd",
+  "rso",
+  "grass",
+  "grass_refresh",
+  "fira",
+  "frugal",
+  "apollo",
+  "apollo_mini",
+)
 # Words (4 bytes each: float32 moments and bases, int32 indices and keys) of the state of one
 # projected matrix, (s, l) its smaller and larger side, (m, n) its rows (input side) and
 # columns, r the rank; every other leaf holds Adam's 2·size. Scalar step counters not counted.
 PROJECTED_WORDS = {
-    "adamw": lambda s, l, m, n, r: 2 * s * l,
-    # P on the larger side (l × r), moments r × s.
-    "optax_contrib_galore": lambda s, l, m, n, r: r * l + 2 * r * s,
-    # P (s × r), moments r × l.
-    "galore": lambda s, l, m, n, r: r * s + 2 * r * l,
-    # P (s × r) and AdamW's moments on P (2·s × r), moments r × l.
-    "osd": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
-    # P regenerated from a key (2 words) and a subproblem index; moments of B (r × n).
-    "rso": lambda s, l, m, n, r: 2 * r * n + 3,
-    # σ (r), ρ (r), the row counts (s), moments r × l.
-    "grass": lambda s, l, m, n, r: 2 * r + s + 2 * r * l,
-    # GaLore's and the limiter's previous norm.
-    "fira": lambda s, l, m, n, r: r * s + 2 * r * l + 1,
-    # GaLore's and Adam's per-matrix step count (its state restarts with the subspace).
-    "frugal": lambda s, l, m, n, r: r * s + 2 * r * l + 1,
-    # Moments r × l, the limiter's norm, P regenerated from a key (2 words) and an index.
-    "apollo": lambda s, l, m, n, r: 2 * r * l + 4,
-    # Rank 1.
-    "apollo_mini": lambda s, l, m, n, r: 2 * l + 4,
+  "adamw": lambda s, l, m, n, r: 2 * s * l,
+  # P on the larger side (l × r), moments r × s.
+  "optax_contrib_galore": lambda s, l, m, n, r: r * l + 2 * r * s,
+  # P (s × r), moments r × l.
+  "galore": lambda s, l, m, n, r: r * s + 2 * r * l,
+  # P (s × r) and AdamW's moments on P (2·s × r), moments r × l.
+  "osd": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
+  # P regenerated from a key (2 words) and a subproblem index; moments of B (r × n).
+  "rso": lambda s, l, m, n, r: 2 * r * n + 3,
+  # σ (r), ρ (r), the row counts (s), moments r × l.
+  "grass": lambda s, l, m, n, r: 2 * r + s + 2 * r * l,
+  # GaLore's and the limiter's previous norm.
+  "fira": lambda s, l, m, n, r: r * s + 2 * r * l + 1,
+  # GaLore's and Adam's per-matrix step count (its state restarts with the subspace).
+  "frugal": lambda s, l, m, n, r: r * s + 2 * r * l + 1,
+  # Moments r × l, the limiter's norm, P regenerated from a key (2 words) and an index.
+  "apollo": lambda s, l, m, n, r: 2 * r * l + 4,
+  # Rank 1.
+  "apollo_mini": lambda s, l, m, n, r: 2 * l + 4,
 }
 
 
@@ -92,7 +104,8 @@ def _optax_galore_dims(params):
   """optax.contrib.galore's dimension numbers: the kernels we project, nothing else."""
   dims = optax.contrib.GaLoreDimensionNumbers(0, 1)
   return jax.tree_util.tree_map_with_path(
-      lambda path, p: dims if _projected(_path(path), p.shape) else None, params)
+    lambda path, p: dims if _projected(_path(path), p.shape) else None, params
+  )
 
 
 def transformations(rank: int, lr: float = 1e-3) -> dict:
@@ -105,10 +118,18 @@ def transformations(rank: int, lr: float = 1e-3) -> dict:
   mask = optimizer_step.PROJECTED
   txs = {"adamw": (optax.adamw(lr), None, None)}
   if _OPTAX_GALORE_STATE is not None:
-    txs["optax_contrib_galore"] = (optax.contrib.galore(
-        lr, rank=rank, update_proj_gap=optimizer_step.NEVER,
-        weight_dimension_numbers=_optax_galore_dims), 1, None)
-  txs.update({
+    txs["optax_contrib_galore"] = (
+      optax.contrib.galore(
+        lr,
+        rank=rank,
+        update_proj_gap=optimizer_step.NEVER,
+        weight_dimension_numbers=_optax_galore_dims,
+      ),
+      1,
+      None,
+    )
+  txs.update(
+    {
       "galore": (osub.galore(lr, rank, UPDATE_EVERY, mask=mask), 1, "galore_refresh"),
       "osd": (osub.online_subspace_descent(lr, rank, mask=mask), 1, None),
       "rso": (osub.rso(lr, rank, UPDATE_EVERY, mask=mask), 1, None),
@@ -117,7 +138,8 @@ def transformations(rank: int, lr: float = 1e-3) -> dict:
       "frugal": (osub.frugal(lr, rank, UPDATE_EVERY, mask=mask), 1, None),
       "apollo": (osub.apollo(lr, rank, UPDATE_EVERY, mask=mask), 1, None),
       "apollo_mini": (osub.apollo_mini(lr, UPDATE_EVERY, mask=mask), 1, None),
-  })
+    }
+  )
   return txs
 
 
@@ -131,8 +153,9 @@ def _count_setter(state):
   types = tuple(t for t in (osub.ProjectSubspaceState, _OPTAX_GALORE_STATE) if t is not None)
   is_counted = lambda x: isinstance(x, types)
   marker = object()
-  marked = jax.tree_util.tree_map(lambda x: x._replace(count=marker) if is_counted(x) else x,
-                                  state, is_leaf=is_counted)
+  marked = jax.tree_util.tree_map(
+    lambda x: x._replace(count=marker) if is_counted(x) else x, state, is_leaf=is_counted
+  )
   positions = [i for i, leaf in enumerate(jax.tree_util.tree_leaves(marked)) if leaf is marker]
 
   def set_count(state, count):
@@ -164,18 +187,27 @@ def bench_method(name, tx, params, grads, reps, steady_count, refresh_name, log=
     state = set_count(state, steady_count)
   steady = lambda p, s: (*compiled(p, s, grads),)
   median, (params, state) = optimizer_step.time_calls(steady, (params, state), reps)
-  rows = [{"method": name, "median_ms": median, "compile_s": compile_s,
-           "state_bytes": state_bytes}]
+  rows = [{"method": name, "median_ms": median, "compile_s": compile_s, "state_bytes": state_bytes}]
   if refresh_name is not None:
     refresh = lambda p, s: (*compiled(p, set_count(s, 0), grads),)
     median, (params, state) = optimizer_step.time_calls(
-        refresh, (params, state), max(3, reps // 10))
-    rows.append({"method": refresh_name, "median_ms": median, "compile_s": compile_s,
-                 "state_bytes": state_bytes, "program": f"{name}'s, count set to 0"})
+      refresh, (params, state), max(3, reps // 10)
+    )
+    rows.append(
+      {
+        "method": refresh_name,
+        "median_ms": median,
+        "compile_s": compile_s,
+        "state_bytes": state_bytes,
+        "program": f"{name}'s, count set to 0",
+      }
+    )
   del params, state
   for r in rows:
-    log(f"  {r['method']:<22} {r['median_ms']:10.3f} ms   compile {compile_s:6.1f} s"
-        f"   state {state_bytes / 2**20:10.2f} MiB")
+    log(
+      f"  {r['method']:<22} {r['median_ms']:10.3f} ms   compile {compile_s:6.1f} s"
+      f"   state {state_bytes / 2**20:10.2f} MiB"
+    )
   return rows
 
 
@@ -188,8 +220,10 @@ def bench_size(size: str, reps: int, methods, log=print) -> dict:
   grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
   init = lambda k, s: 0.02 * jax.random.normal(k, s)
   limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-  log(f"tree {size}: {n_params / 1e9:.3f}e9 params, {len(_leaves(shapes))} leaves, rank {rank}"
-      + (f", device limit {limit / 2**30:.1f} GiB" if limit else ""))
+  log(
+    f"tree {size}: {n_params / 1e9:.3f}e9 params, {len(_leaves(shapes))} leaves, rank {rank}"
+    + (f", device limit {limit / 2**30:.1f} GiB" if limit else "")
+  )
   rows = []
   for name, (tx, count, refresh_name) in transformations(rank).items():
     wanted = [n for n in (name, refresh_name) if n in methods]
@@ -205,8 +239,16 @@ def bench_size(size: str, reps: int, methods, log=print) -> dict:
     params = optimizer_step.make_tree(shapes, 0, init)  # consumed by the timed calls
     steady_reps = min(reps, UPDATE_EVERY - 3) if count is not None else reps
     try:
-      measured = bench_method(name, tx, params, grads, steady_reps, count,
-                              refresh_name if refresh_name in methods else None, log)
+      measured = bench_method(
+        name,
+        tx,
+        params,
+        grads,
+        steady_reps,
+        count,
+        refresh_name if refresh_name in methods else None,
+        log,
+      )
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -233,16 +275,23 @@ def bench_size(size: str, reps: int, methods, log=print) -> dict:
   amortised = {}
   for method in ("galore", "grass"):
     if method in by and f"{method}_refresh" in by:
-      ms = (by[f"{method}_refresh"]["median_ms"]
-            + (UPDATE_EVERY - 1) * by[method]["median_ms"]) / UPDATE_EVERY
+      ms = (
+        by[f"{method}_refresh"]["median_ms"] + (UPDATE_EVERY - 1) * by[method]["median_ms"]
+      ) / UPDATE_EVERY
       amortised[method] = {"median_ms": ms}
       if "adamw" in by:
         amortised[method]["ratio_to_adamw"] = ms / by["adamw"]["median_ms"]
-  return {"size": size, "config": cfg, "n_params": n_params, "n_leaves": len(_leaves(shapes)),
-          "projected_matrices": dict(collections.Counter(
-              f"{s[0]}x{s[1]}" for p, s in _leaves(shapes) if _projected(_path(p), s))),
-          "rows": rows,
-          f"amortised_over_{UPDATE_EVERY}_steps": amortised}
+  return {
+    "size": size,
+    "config": cfg,
+    "n_params": n_params,
+    "n_leaves": len(_leaves(shapes)),
+    "projected_matrices": dict(
+      collections.Counter(f"{s[0]}x{s[1]}" for p, s in _leaves(shapes) if _projected(_path(p), s))
+    ),
+    "rows": rows,
+    f"amortised_over_{UPDATE_EVERY}_steps": amortised,
+  }
 
 
 def run(sizes, reps, methods=METHODS, log=print, checkpoint=None) -> dict:
@@ -264,10 +313,20 @@ def figure(result):
   sizes = result["results"]["sizes"]
   methods = [m for m in METHODS if any(r["method"] == m for s in sizes for r in s["rows"])]
   fig, axes = record.subplots(1, 2, figsize=(12, 4.5))
-  for ax, key, title in [(axes[0], "ratio_to_adamw", "update time / AdamW's"),
-                         (axes[1], "state_ratio_to_adamw", "state bytes / AdamW's")]:
-    record.bars(ax, methods, {s["size"]: [{r["method"]: r for r in s["rows"]}.get(m, {}).get(
-        key, 0.0) for m in methods] for s in sizes}, title, legend_title="LLaMA tree")
+  for ax, key, title in [
+    (axes[0], "ratio_to_adamw", "update time / AdamW's"),
+    (axes[1], "state_ratio_to_adamw", "state bytes / AdamW's"),
+  ]:
+    record.bars(
+      ax,
+      methods,
+      {
+        s["size"]: [{r["method"]: r for r in s["rows"]}.get(m, {}).get(key, 0.0) for m in methods]
+        for s in sizes
+      },
+      title,
+      legend_title="LLaMA tree",
+    )
     ax.axhline(1.0, color="gray", linewidth=0.8)
   axes[0].set_yscale("log")
   fig.suptitle(f"optimizer update, {result['device']}, float32, rank hidden/4", fontsize=10)

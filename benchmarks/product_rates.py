@@ -19,6 +19,7 @@ from benchmarks import optimizer_step
 from benchmarks import record
 from benchmarks import suites
 
+
 # (name, A as stored, B, A read transposed, count in the tree) for s = d_model, l = the kept
 # side, r = rank, in the layouts `project_subspace` runs them: rows projected (q, k, v, o, gate,
 # up; l padded to a multiple of 8): R = PᵀG, back P·N, OSD's G·Rᵀ; columns projected
@@ -29,17 +30,17 @@ def product_kinds(d, ffn, layers, rank, **_):
   s, r, lf = d, rank, ffn + (-ffn % 8)
   square, wide, every = 4 * layers, 2 * layers, 7 * layers
   return [
-      ("project PᵀG, square", (s, r), (s, s), True, square),
-      ("back P·N, square", (s, r), (r, s), False, square),
-      ("osd G·Rᵀ, square", (s, s), (s, r), False, square),
-      ("project PᵀG, gate/up", (s, r), (s, lf), True, wide),
-      ("back P·N, gate/up", (s, r), (r, lf), False, wide),
-      ("osd G·Rᵀ, gate/up", (s, lf), (lf, r), False, wide),
-      ("project G·P, down", (ffn, s), (s, r), False, layers),
-      ("back N·Pᵀ, down", (ffn, r), (r, s), False, layers),
-      ("osd Gᵀ·R, down", (ffn, s), (ffn, r), True, layers),
-      ("osd PᵀP and Pᵀ·A", (s, r), (s, r), True, 2 * every),
-      ("osd P·(r×r), twice", (s, r), (r, r), False, 2 * every),
+    ("project PᵀG, square", (s, r), (s, s), True, square),
+    ("back P·N, square", (s, r), (r, s), False, square),
+    ("osd G·Rᵀ, square", (s, s), (s, r), False, square),
+    ("project PᵀG, gate/up", (s, r), (s, lf), True, wide),
+    ("back P·N, gate/up", (s, r), (r, lf), False, wide),
+    ("osd G·Rᵀ, gate/up", (s, lf), (lf, r), False, wide),
+    ("project G·P, down", (ffn, s), (s, r), False, layers),
+    ("back N·Pᵀ, down", (ffn, r), (r, s), False, layers),
+    ("osd Gᵀ·R, down", (ffn, s), (ffn, r), True, layers),
+    ("osd PᵀP and Pᵀ·A", (s, r), (s, r), True, 2 * every),
+    ("osd P·(r×r), twice", (s, r), (r, r), False, 2 * every),
   ]
 
 
@@ -51,8 +52,9 @@ def time_product(a_shape, b_shape, transpose_a, count, batched, dtype, reps):
   """
   key = jax.random.PRNGKey(0)
   draw = lambda k, shape: jax.random.normal(k, shape, jnp.float32).astype(dtype)
-  dot = lambda a, b: jnp.matmul(jnp.swapaxes(a, -1, -2) if transpose_a else a, b,
-                                preferred_element_type=jnp.float32)
+  dot = lambda a, b: jnp.matmul(
+    jnp.swapaxes(a, -1, -2) if transpose_a else a, b, preferred_element_type=jnp.float32
+  )
   if batched:
     a = draw(key, (count,) + a_shape)
     b = draw(jax.random.fold_in(key, 1), (count,) + b_shape)
@@ -69,29 +71,46 @@ def time_product(a_shape, b_shape, transpose_a, count, batched, dtype, reps):
 
 
 def main(argv=None) -> dict:
-  args = suites.script_parser(__doc__, size=["1b", *optimizer_step.SIZES], reps=20,
-                              dtypes="float32,bfloat16").parse_args(argv)
+  args = suites.script_parser(
+    __doc__, size=["1b", *optimizer_step.SIZES], reps=20, dtypes="float32,bfloat16"
+  ).parse_args(argv)
   cfg = optimizer_step.SIZES[args.size]
-  result = {**record.provenance("product_rates", argv), "size": args.size, "config": cfg,
-            "reps": args.reps,
-            "timing": "ms per call of `reps` calls in a row with one sync, median of 3 rounds;"
-                      " float32 at JAX's default matmul precision",
-            "rows": [], "floor_ms": {}}
+  result = {
+    **record.provenance("product_rates", argv),
+    "size": args.size,
+    "config": cfg,
+    "reps": args.reps,
+    "timing": "ms per call of `reps` calls in a row with one sync, median of 3 rounds;"
+    " float32 at JAX's default matmul precision",
+    "rows": [],
+    "floor_ms": {},
+  }
   out = pathlib.Path(args.out)
   for dtype_name in args.dtypes.split(","):
     dtype = jnp.dtype(dtype_name)
     for name, a_shape, b_shape, transpose_a, count in product_kinds(**cfg):
-      row = {"product": name, "a": list(a_shape), "b": list(b_shape),
-             "transpose_a": transpose_a, "count": count, "dtype": dtype_name}
+      row = {
+        "product": name,
+        "a": list(a_shape),
+        "b": list(b_shape),
+        "transpose_a": transpose_a,
+        "count": count,
+        "dtype": dtype_name,
+      }
       row["separate_ms"], row["separate_tflops"] = time_product(
-          a_shape, b_shape, transpose_a, count, False, dtype, max(2, args.reps // 4))
+        a_shape, b_shape, transpose_a, count, False, dtype, max(2, args.reps // 4)
+      )
       row["batched_ms"], row["batched_tflops"] = time_product(
-          a_shape, b_shape, transpose_a, count, True, dtype, max(2, args.reps // 4))
+        a_shape, b_shape, transpose_a, count, True, dtype, max(2, args.reps // 4)
+      )
       result["rows"].append(row)
-      print(f"{dtype_name:<9} {name:<24} separate {row['separate_ms']:8.3f} ms"
-            f" {row['separate_tflops']:6.1f}"
-            f" TFLOP/s   batched {row['batched_ms']:8.3f} ms {row['batched_tflops']:6.1f}"
-            f" TFLOP/s", flush=True)
+      print(
+        f"{dtype_name:<9} {name:<24} separate {row['separate_ms']:8.3f} ms"
+        f" {row['separate_tflops']:6.1f}"
+        f" TFLOP/s   batched {row['batched_ms']:8.3f} ms {row['batched_tflops']:6.1f}"
+        f" TFLOP/s",
+        flush=True,
+      )
       record.write_json(out, result)
     rows = [r for r in result["rows"] if r["dtype"] == dtype_name]
     galore = [r for r in rows if r["product"].startswith(("project", "back"))]
@@ -107,9 +126,15 @@ def _plot(result, path):
   fig, ax = record.subplots(figsize=(11, 5))
   dtypes = sorted({r["dtype"] for r in result["rows"]})
   names = [r["product"] for r in result["rows"] if r["dtype"] == dtypes[0]]
-  record.bars(ax, names, {f"{dtype}, {layout}": [r[f"{layout}_tflops"] for r in result["rows"]
-                                                 if r["dtype"] == dtype]
-                          for dtype in dtypes for layout in ("separate", "batched")},
-              f"Subspace-step products, LLaMA-{result['size']} shapes ({result['device']})",
-              "TFLOP/s")
+  record.bars(
+    ax,
+    names,
+    {
+      f"{dtype}, {layout}": [r[f"{layout}_tflops"] for r in result["rows"] if r["dtype"] == dtype]
+      for dtype in dtypes
+      for layout in ("separate", "batched")
+    },
+    f"Subspace-step products, LLaMA-{result['size']} shapes ({result['device']})",
+    "TFLOP/s",
+  )
   record.save(fig, path, dpi=110)

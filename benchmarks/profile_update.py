@@ -33,10 +33,20 @@ from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profil
 from optax_subspace import _chunks
 from optax_subspace import _combinator
 
-PROFILED = ("adamw", "galore_steady", "galore_steady_unpadded", "galore_steady_bf16_products",
-            "osd_steady", "galore_steady_host_refresh", "osd_steady_host_refresh",
-            "osd_steady_bf16_products_host_refresh", "osd_steady_unpadded",
-            "osd_steady_bf16_products", "galore_refresh", "galore_refresh_unchunked")
+PROFILED = (
+  "adamw",
+  "galore_steady",
+  "galore_steady_unpadded",
+  "galore_steady_bf16_products",
+  "osd_steady",
+  "galore_steady_host_refresh",
+  "osd_steady_host_refresh",
+  "osd_steady_bf16_products_host_refresh",
+  "osd_steady_unpadded",
+  "osd_steady_bf16_products",
+  "galore_refresh",
+  "galore_refresh_unchunked",
+)
 
 
 def methods(rank: int, dims=None) -> dict:
@@ -57,8 +67,10 @@ def methods(rank: int, dims=None) -> dict:
 
 
 # Library settings a method's name changes while it compiles (they are read while tracing).
-_COMPILE_SETTINGS = {"_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
-                     "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62)}
+_COMPILE_SETTINGS = {
+  "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
+  "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
+}
 
 
 def traced_kernels(run, carry, reps: int, top: int):
@@ -102,10 +114,13 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
   (p, state), summary = traced_kernels(lambda c: run(*c), (p, state), reps, top)
   del p, state
   row = {"method": name, "wall_ms": wall, "pipelined_ms": pipelined, **summary}
-  print(f"{name:<30} wall {wall:8.2f} ms  pipelined {pipelined:8.2f} ms"
-        f"  kernels {row['kernel_ms']:8.2f} ms"
-        f"  ({row['kernels_per_step']:.0f} per step)  "
-        + ", ".join(f"{k} {v:.2f}" for k, v in row["by_kind_ms"].items()), flush=True)
+  print(
+    f"{name:<30} wall {wall:8.2f} ms  pipelined {pipelined:8.2f} ms"
+    f"  kernels {row['kernel_ms']:8.2f} ms"
+    f"  ({row['kernels_per_step']:.0f} per step)  "
+    + ", ".join(f"{k} {v:.2f}" for k, v in row["by_kind_ms"].items()),
+    flush=True,
+  )
   return row
 
 
@@ -114,8 +129,15 @@ def main(argv=None) -> dict:
   # of a scanned model (kernels stacked over the layers, so each leaf's products run batched);
   # --commit: the one to record (default: $OPTAX_SUBSPACE_COMMIT or git).
   args = suites.script_parser(
-      __doc__, size=["1b", *optimizer_step.SIZES], reps=10, top=25, hlo_dir="", methods="",
-      scanned=False, commit="").parse_args(argv)
+    __doc__,
+    size=["1b", *optimizer_step.SIZES],
+    reps=10,
+    top=25,
+    hlo_dir="",
+    methods="",
+    scanned=False,
+    commit="",
+  ).parse_args(argv)
   cfg = optimizer_step.SIZES[args.size]
   shapes = optimizer_step.llama_shapes(**cfg, scanned=args.scanned)
   params = optimizer_step.make_tree(shapes, 0, lambda k, s: 0.02 * jax.random.normal(k, s))
@@ -124,22 +146,26 @@ def main(argv=None) -> dict:
   if args.methods:
     chosen = {k: chosen[k] for k in suites.chosen(args.methods, chosen)}
   result = {
-      **record.provenance("profile_update", argv),
-      "size": args.size, "scanned": args.scanned, "config": cfg, "reps": args.reps,
-      "timing": "kernel_ms: device kernel durations from a jax.profiler Perfetto trace, summed"
-                " and divided by the traced calls; wall_ms: median synced wall time;"
-                " pipelined_ms: wall time per call of `reps` calls in a row with one sync"
-                " (median of 3 rounds)",
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "rows": [],
+    **record.provenance("profile_update", argv),
+    "size": args.size,
+    "scanned": args.scanned,
+    "config": cfg,
+    "reps": args.reps,
+    "timing": "kernel_ms: device kernel durations from a jax.profiler Perfetto trace, summed"
+    " and divided by the traced calls; wall_ms: median synced wall time;"
+    " pipelined_ms: wall time per call of `reps` calls in a row with one sync"
+    " (median of 3 rounds)",
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "rows": [],
   }
   result["commit"] = args.commit or result["commit"]
   started = time.perf_counter()
   if args.hlo_dir:
     pathlib.Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
   for name, (tx, count) in chosen.items():
-    result["rows"].append(profile(name, tx, count, params, grads, args.reps, args.top,
-                                  args.hlo_dir))
+    result["rows"].append(
+      profile(name, tx, count, params, grads, args.reps, args.top, args.hlo_dir)
+    )
     result["elapsed_s"] = time.perf_counter() - started
     record.write_json(args.out, result)
   return result

@@ -41,6 +41,7 @@ def main(argv=None):
   def with_cond(w, p, g):
     def refresh(p):
       return [jnp.linalg.eigh(gi @ gi.T)[1][:, :r] for gi in g]
+
     p = jax.lax.cond(jnp.int32(1) == 0, refresh, lambda p: p, p)
     return per_matrix(w, p, g)
 
@@ -60,22 +61,31 @@ def main(argv=None):
 
   def stack_then_batch(w, p, g):
     ws, ps, gs = (groups(x) for x in (w, p, g))
-    out = stacked([jnp.stack(x) for x in ws], [jnp.stack(x) for x in ps],
-                  [jnp.stack(x) for x in gs])
+    out = stacked(
+      [jnp.stack(x) for x in ws], [jnp.stack(x) for x in ps], [jnp.stack(x) for x in gs]
+    )
     return [x for block in out for x in block]
 
-  results = {**record.provenance("projection_layouts", argv),
-             "jax": jax.__version__, "rank": r, "n_matrices": len(shapes), "dtype": "float32"}
+  results = {
+    **record.provenance("projection_layouts", argv),
+    "jax": jax.__version__,
+    "rank": r,
+    "n_matrices": len(shapes),
+    "dtype": "float32",
+  }
   donate = dict(donate_argnums=(0,))
   cases = {
-      "per_matrix": (jax.jit(per_matrix, **donate), (w, p, g)),
-      "per_matrix_highest": (jax.jit(
-          lambda w, p, g: per_matrix(w, p, g, jax.lax.Precision.HIGHEST),
-          **donate), (w, p, g)),
-      "per_matrix_with_cond": (jax.jit(with_cond, **donate), (w, p, g)),
-      "stack_then_batch": (jax.jit(stack_then_batch, **donate), (w, p, g)),
-      "stacked_inputs": (jax.jit(stacked, **donate), tuple(
-          [jnp.stack(x) for x in groups(t)] for t in (w, p, g))),
+    "per_matrix": (jax.jit(per_matrix, **donate), (w, p, g)),
+    "per_matrix_highest": (
+      jax.jit(lambda w, p, g: per_matrix(w, p, g, jax.lax.Precision.HIGHEST), **donate),
+      (w, p, g),
+    ),
+    "per_matrix_with_cond": (jax.jit(with_cond, **donate), (w, p, g)),
+    "stack_then_batch": (jax.jit(stack_then_batch, **donate), (w, p, g)),
+    "stacked_inputs": (
+      jax.jit(stacked, **donate),
+      tuple([jnp.stack(x) for x in groups(t)] for t in (w, p, g)),
+    ),
   }
   for name, (fn, a) in cases.items():
     a = jax.tree_util.tree_map(jnp.copy, a)

@@ -28,8 +28,15 @@ from benchmarks import record
 # The attention/MLP matrix (d × ffn) of each LLaMA size of optimizer_step.SIZES.
 SHAPES = {name: (cfg["d"], cfg["ffn"]) for name, cfg in optimizer_step.SIZES.items()}
 DEFAULT_SIZES = ("60m", "130m", "350m", "1b", "7b")
-STEPS = ("exact_svd", "svd_refresh_eigh", "randomized_svd_refresh", "online_pca_step",
-         "sparse_rows_topk_refresh", "random_basis_haar", "adamw_step")
+STEPS = (
+  "exact_svd",
+  "svd_refresh_eigh",
+  "randomized_svd_refresh",
+  "online_pca_step",
+  "sparse_rows_topk_refresh",
+  "random_basis_haar",
+  "adamw_step",
+)
 
 
 def thunks(s, l, r, g) -> dict:
@@ -55,13 +62,15 @@ def thunks(s, l, r, g) -> dict:
     return optax.apply_updates(w, updates), st
 
   adamw_step = jax.jit(adamw_step)
-  return {"exact_svd": lambda: exact(g),
-          "svd_refresh_eigh": lambda: refresh_svd(st_svd, g),
-          "randomized_svd_refresh": lambda: refresh_rand(st_rand, g),
-          "online_pca_step": lambda: online_step(st_online, g),
-          "sparse_rows_topk_refresh": lambda: refresh_rows(st_rows, g),
-          "random_basis_haar": lambda: draw(jax.random.PRNGKey(3)),
-          "adamw_step": lambda: adamw_step(w, adamw_state, g)}
+  return {
+    "exact_svd": lambda: exact(g),
+    "svd_refresh_eigh": lambda: refresh_svd(st_svd, g),
+    "randomized_svd_refresh": lambda: refresh_rand(st_rand, g),
+    "online_pca_step": lambda: online_step(st_online, g),
+    "sparse_rows_topk_refresh": lambda: refresh_rows(st_rows, g),
+    "random_basis_haar": lambda: draw(jax.random.PRNGKey(3)),
+    "adamw_step": lambda: adamw_step(w, adamw_state, g),
+  }
 
 
 def median_ms(thunk, reps: int) -> float:
@@ -77,9 +86,14 @@ def run(sizes, reps, log=print) -> dict:
     r = max(1, s // 4)
     steps = thunks(s, l, r, optimizer_step.synthetic_gradient(jax.random.PRNGKey(2), (s, l)))
     medians = {name: median_ms(steps[name], reps) for name in STEPS}
-    row = {"size": size, "shape": [s, l], "rank": r, "median_ms": medians,
-           "ratio_to_adamw_step": {k: v / medians["adamw_step"] for k, v in medians.items()},
-           "exact_svd_over": {k: medians["exact_svd"] / v for k, v in medians.items()}}
+    row = {
+      "size": size,
+      "shape": [s, l],
+      "rank": r,
+      "median_ms": medians,
+      "ratio_to_adamw_step": {k: v / medians["adamw_step"] for k, v in medians.items()},
+      "exact_svd_over": {k: medians["exact_svd"] / v for k, v in medians.items()},
+    }
     log(f"  {s}x{l} r={r}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in medians.items()))
     rows.append(row)
   return {"rows": rows}
@@ -91,8 +105,13 @@ def figure(result):
   labels = [f"{r['shape'][0]}×{r['shape'][1]}\n({r['size']})" for r in rows]
   fig, ax = record.subplots(figsize=(8, 4.5))
   for name in STEPS:
-    ax.plot(range(len(rows)), [r["median_ms"][name] for r in rows], marker="o", label=name,
-            linestyle="--" if name == "adamw_step" else "-")
+    ax.plot(
+      range(len(rows)),
+      [r["median_ms"][name] for r in rows],
+      marker="o",
+      label=name,
+      linestyle="--" if name == "adamw_step" else "-",
+    )
   ax.set_xticks(range(len(rows)), labels, fontsize=8)
   ax.set_yscale("log")
   ax.set_ylabel("ms (median)")

@@ -30,10 +30,15 @@ from benchmarks import suites
 SIZES = ("tiny", "9m", "20m", "60m", "130m", "350m")
 DEFAULT_SIZES = ("60m",)
 QUICK_SIZES = ("tiny",)
-FULL = {"steps": 1000, "batch": 64, "seq": 256, "eval_every": 100, "eval_windows": 512,
-        "corpus": "offline-large"}
-QUICK = {"steps": 8, "batch": 4, "seq": 32, "eval_every": 4, "eval_windows": 4,
-         "corpus": "sotu"}
+FULL = {
+  "steps": 1000,
+  "batch": 64,
+  "seq": 256,
+  "eval_every": 100,
+  "eval_windows": 512,
+  "corpus": "offline-large",
+}
+QUICK = {"steps": 8, "batch": 4, "seq": 32, "eval_every": 4, "eval_windows": 4, "corpus": "sotu"}
 # --quick without --runs, --methods or --lrs: two methods, a sweep of two (~1 min on 2 cores).
 QUICK_RUNS = "adamw:3e-3,adamw:1e-2,grass:1e-2:3e-2"
 
@@ -42,34 +47,36 @@ QUICK_RUNS = "adamw:3e-3,adamw:1e-2,grass:1e-2:3e-2"
 _PEAKS_SUBSPACE = (5e-3, 1e-2, 2e-2)
 _PEAKS_SELECTED = (1e-3, 3e-3, 1e-2)  # α = 1: the kernels' own rate
 SWEEP = (
-    [("adamw", "adamw", lr, 0.0, ()) for lr in (1e-3, 2e-3, 4e-3)]
-    + [("adamw", "adamw", lr, 1e-2, ()) for lr in (2e-3, 4e-3)]
-    + [("galore", "galore", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
-    + [("osd", "osd", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
-    + [("grass", "grass", lr, 1e-2, ()) for lr in _PEAKS_SELECTED]
-    + [("rso", "rso", lr, 1e-2, ()) for lr in (5e-3, 1e-2, 2e-2)]
-    + [("grass_model", "grass_model", lr, 1e-2, ()) for lr in _PEAKS_SELECTED]
-    + [("rso_model", "rso_model", lr, 1e-2, ()) for lr in (5e-3, 1e-2, 2e-2)]
-    + [("optax_galore", "optax_galore", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
-    # The papers' pre-training rates in the middle: Fira and APOLLO 1e-2 (GaLore's), APOLLO-Mini
-    # 1e-2 (2e-2 its better runs: the top of the sweep), FRUGAL 1e-3 (its signSGD part moves
-    # every weight of the complement by the full rate).
-    + [("fira", "fira", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
-    + [("frugal", "frugal", lr, 0.0, ()) for lr in (3e-4, 1e-3, 3e-3)]
-    + [("apollo", "apollo", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
-    + [("apollo_mini", "apollo_mini", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+  [("adamw", "adamw", lr, 0.0, ()) for lr in (1e-3, 2e-3, 4e-3)]
+  + [("adamw", "adamw", lr, 1e-2, ()) for lr in (2e-3, 4e-3)]
+  + [("galore", "galore", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+  + [("osd", "osd", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+  + [("grass", "grass", lr, 1e-2, ()) for lr in _PEAKS_SELECTED]
+  + [("rso", "rso", lr, 1e-2, ()) for lr in (5e-3, 1e-2, 2e-2)]
+  + [("grass_model", "grass_model", lr, 1e-2, ()) for lr in _PEAKS_SELECTED]
+  + [("rso_model", "rso_model", lr, 1e-2, ()) for lr in (5e-3, 1e-2, 2e-2)]
+  + [("optax_galore", "optax_galore", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+  # The papers' pre-training rates in the middle: Fira and APOLLO 1e-2 (GaLore's), APOLLO-Mini
+  # 1e-2 (2e-2 its better runs: the top of the sweep), FRUGAL 1e-3 (its signSGD part moves
+  # every weight of the complement by the full rate).
+  + [("fira", "fira", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+  + [("frugal", "frugal", lr, 0.0, ()) for lr in (3e-4, 1e-3, 3e-3)]
+  + [("apollo", "apollo", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
+  + [("apollo_mini", "apollo_mini", lr, 0.0, ()) for lr in _PEAKS_SUBSPACE]
 )
 # One choice changed at a time, at each method's usual best; labels say which.
 ABLATIONS = (
-    [("grass_shared_count", "grass", lr, 1e-2, ("--grass-shared-count",)) for lr in (1e-3, 3e-3)]
-    + [("grass_one_lr", "grass", lr, 0.0, ()) for lr in (1e-3, 3e-3)]
-    + [("grass_multinomial", "grass", 3e-3, 1e-2, ("--grass-selection", "multinomial"))]
-    + [("grass_every50", "grass", 3e-3, 1e-2, ("--update-every", "50"))]
-    + [("rso_one_lr", "rso", 1e-2, 0.0, ())]
-    + [("rso_every50", "rso", 1e-2, 1e-2, ("--update-every", "50"))]
-    # Full rank: rank = the smaller side of every kernel (hidden): the projection costs nothing.
-    + [(f"{m}_full_rank", m, lr, lu, ("--rank", "FULL"))
-       for m, lr, lu in (("galore", 1e-2, 0.0), ("osd", 1e-2, 0.0), ("grass", 3e-3, 1e-2))]
+  [("grass_shared_count", "grass", lr, 1e-2, ("--grass-shared-count",)) for lr in (1e-3, 3e-3)]
+  + [("grass_one_lr", "grass", lr, 0.0, ()) for lr in (1e-3, 3e-3)]
+  + [("grass_multinomial", "grass", 3e-3, 1e-2, ("--grass-selection", "multinomial"))]
+  + [("grass_every50", "grass", 3e-3, 1e-2, ("--update-every", "50"))]
+  + [("rso_one_lr", "rso", 1e-2, 0.0, ())]
+  + [("rso_every50", "rso", 1e-2, 1e-2, ("--update-every", "50"))]
+  # Full rank: rank = the smaller side of every kernel (hidden): the projection costs nothing.
+  + [
+    (f"{m}_full_rank", m, lr, lu, ("--rank", "FULL"))
+    for m, lr, lu in (("galore", 1e-2, 0.0), ("osd", 1e-2, 0.0), ("grass", 3e-3, 1e-2))
+  ]
 )
 
 
@@ -86,11 +93,15 @@ def sweep(methods=None, lrs=None, lr_unprojected=None, ablations: bool = False) 
     firsts = {}
     for label, optimizer, _, lu, flags in specs:
       firsts.setdefault((label, optimizer, flags), lu)
-    specs = [(label, optimizer, lr, lu, flags)
-             for (label, optimizer, flags), lu in firsts.items() for lr in lrs]
+    specs = [
+      (label, optimizer, lr, lu, flags)
+      for (label, optimizer, flags), lu in firsts.items()
+      for lr in lrs
+    ]
   if lr_unprojected is not None:
-    specs = [(label, optimizer, lr, lr_unprojected, flags)
-             for label, optimizer, lr, _, flags in specs]
+    specs = [
+      (label, optimizer, lr, lr_unprojected, flags) for label, optimizer, lr, _, flags in specs
+    ]
   return specs
 
 
@@ -111,15 +122,17 @@ def checked(options: dict, methods=None) -> dict:
 
 
 def parse_runs(text: str) -> list[tuple]:
-  """"label:lr[:lr_unprojected],..." -> sweep entries, each label's optimizer and flags from the
+  """ "label:lr[:lr_unprojected],..." -> sweep entries, each label's optimizer and flags from the
   suite's tables (`SWEEP`, `ABLATIONS`)."""
   known = {s[0]: s for s in list(SWEEP) + list(ABLATIONS)}
   specs = []
   for item in filter(None, text.split(",")):
     label, *rates = item.split(":")
     if label not in known or not 1 <= len(rates) <= 2:
-      raise ValueError(f"--runs entry {item!r}: want label:lr[:lr_unprojected] with a label of"
-                       f" {', '.join(sorted(known))}")
+      raise ValueError(
+        f"--runs entry {item!r}: want label:lr[:lr_unprojected] with a label of"
+        f" {', '.join(sorted(known))}"
+      )
     try:
       lr, lu = float(rates[0]), float(rates[1]) if len(rates) == 2 else 0.0
     except ValueError:
@@ -141,13 +154,35 @@ def train_argv(size: str, spec: tuple, run_dir: pathlib.Path, settings: dict) ->
 
   _, optimizer, lr, lu, flags = spec
   flags = [str(MODEL_SIZES[size][0]) if f == "FULL" else f for f in flags]
-  argv = ["--model-size", size, "--optimizer", optimizer, "--lr", f"{lr:g}",
-          "--corpus", settings["corpus"], "--batch-size", str(settings["batch"]),
-          "--seq-len", str(settings["seq"]), "--steps", str(settings["steps"]),
-          "--eval-every", str(settings["eval_every"]),
-          "--eval-windows", str(settings["eval_windows"]), "--checkpoint-every", "0",
-          "--log-every", str(max(1, settings["steps"] // 40)), "--seed", "0",
-          "--run-dir", str(run_dir), *flags]
+  argv = [
+    "--model-size",
+    size,
+    "--optimizer",
+    optimizer,
+    "--lr",
+    f"{lr:g}",
+    "--corpus",
+    settings["corpus"],
+    "--batch-size",
+    str(settings["batch"]),
+    "--seq-len",
+    str(settings["seq"]),
+    "--steps",
+    str(settings["steps"]),
+    "--eval-every",
+    str(settings["eval_every"]),
+    "--eval-windows",
+    str(settings["eval_windows"]),
+    "--checkpoint-every",
+    "0",
+    "--log-every",
+    str(max(1, settings["steps"] // 40)),
+    "--seed",
+    "0",
+    "--run-dir",
+    str(run_dir),
+    *flags,
+  ]
   if lu:
     argv += ["--lr-unprojected", f"{lu:g}"]
   if settings.get("data_dir"):
@@ -159,27 +194,34 @@ def run_record(size: str, spec: tuple, run_dir: pathlib.Path) -> dict:
   """One run's figures from its config.json, metrics.jsonl and summary.json."""
   label, optimizer, lr, lu, flags = spec
   config = json.loads((run_dir / "config.json").read_text())
-  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if line.strip()]
+  records = [
+    json.loads(line)
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    if line.strip()
+  ]
   summary_file = run_dir / "summary.json"
   summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
   evals = [r for r in records if r["kind"] == "eval"]
   trains = [r for r in records if r["kind"] == "train"]
   finite = [r["eval_ppl"] for r in evals if math.isfinite(r["eval_ppl"])]
   return {
-      "method": label, "optimizer": optimizer, "size": size, "lr": lr,
-      "lr_unprojected": lu or lr, "flags": list(flags),
-      "rank": None if optimizer == "adamw" else config.get("rank"),
-      "steps": summary.get("steps", evals[-1]["step"] if evals else 0),
-      "tokens": summary.get("tokens", evals[-1]["tokens"] if evals else 0),
-      "finished": "final_eval_ppl" in summary,
-      "best_eval_perplexity": min(finite) if finite else None,
-      "final_eval_perplexity": summary.get("final_eval_ppl"),
-      "tokens_per_s": summary.get("tokens_per_s"),
-      "opt_state_bytes": config.get("opt_state_bytes"),
-      "grass_rows_ever_selected": summary.get("grass_rows_ever_selected"),
-      "curve": [[r["step"], r["tokens"], r["eval_ppl"]] for r in evals],
-      "train_curve": [[r["step"], r["loss"]] for r in trains],
+    "method": label,
+    "optimizer": optimizer,
+    "size": size,
+    "lr": lr,
+    "lr_unprojected": lu or lr,
+    "flags": list(flags),
+    "rank": None if optimizer == "adamw" else config.get("rank"),
+    "steps": summary.get("steps", evals[-1]["step"] if evals else 0),
+    "tokens": summary.get("tokens", evals[-1]["tokens"] if evals else 0),
+    "finished": "final_eval_ppl" in summary,
+    "best_eval_perplexity": min(finite) if finite else None,
+    "final_eval_perplexity": summary.get("final_eval_ppl"),
+    "tokens_per_s": summary.get("tokens_per_s"),
+    "opt_state_bytes": config.get("opt_state_bytes"),
+    "grass_rows_ever_selected": summary.get("grass_rows_ever_selected"),
+    "curve": [[r["step"], r["tokens"], r["eval_ppl"]] for r in evals],
+    "train_curve": [[r["step"], r["loss"]] for r in trains],
   }
 
 
@@ -197,13 +239,18 @@ def best_of_sweeps(runs: list[dict]) -> dict:
   for (size, label), run in sorted(best.items()):
     adamw = best.get((size, "adamw"))
     ratio = (run["best_eval_perplexity"] / adamw["best_eval_perplexity"]) if adamw else None
-    tried = sorted({(r["lr"], r["lr_unprojected"]) for r in runs
-                    if (r["size"], r["method"]) == (size, label)})
+    tried = sorted(
+      {(r["lr"], r["lr_unprojected"]) for r in runs if (r["size"], r["method"]) == (size, label)}
+    )
     out[f"{size}/{label}"] = {
-        "best_eval_perplexity": run["best_eval_perplexity"],
-        "final_eval_perplexity": run["final_eval_perplexity"],
-        "lr": run["lr"], "lr_unprojected": run["lr_unprojected"], "flags": run["flags"],
-        "opt_state_bytes": run["opt_state_bytes"], "ratio_to_adamw": ratio, "swept": tried,
+      "best_eval_perplexity": run["best_eval_perplexity"],
+      "final_eval_perplexity": run["final_eval_perplexity"],
+      "lr": run["lr"],
+      "lr_unprojected": run["lr_unprojected"],
+      "flags": run["flags"],
+      "opt_state_bytes": run["opt_state_bytes"],
+      "ratio_to_adamw": ratio,
+      "swept": tried,
     }
   return out
 
@@ -215,26 +262,40 @@ def _settings(quick: bool, steps=None) -> dict:
 
 def describe(quick: bool, options: dict) -> dict:
   """The suite's settings, for the JSON's "config"."""
-  return {**_settings(quick, options.get("steps")), "rank": "hidden / 4", "update_every": 200,
-          "clip_norm": 1.0, "seed": 0, "parallel": options.get("parallel", 1),
-          "lr_schedule": "linear warm-up over 10% of the steps, cosine decay to 10% of the peak",
-          "metric": "held-out perplexity (eval windows spread over the held-out documents);"
-                    " best of the run and final"}
+  return {
+    **_settings(quick, options.get("steps")),
+    "rank": "hidden / 4",
+    "update_every": 200,
+    "clip_norm": 1.0,
+    "seed": 0,
+    "parallel": options.get("parallel", 1),
+    "lr_schedule": "linear warm-up over 10% of the steps, cosine decay to 10% of the peak",
+    "metric": "held-out perplexity (eval windows spread over the held-out documents);"
+    " best of the run and final",
+  }
 
 
 def _train_in_processes(jobs, parallel: int, done) -> None:
   """Runs `jobs` [(argv, on_finish)] `parallel` (> 1) at a time, each in its own process
   sharing the GPU (none may take the usual 75% of its memory up front)."""
   waiting, running = list(jobs), []
-  env = {**os.environ, "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / parallel:.3f}",
-         "PYTHONUNBUFFERED": "1"}
+  env = {
+    **os.environ,
+    "XLA_PYTHON_CLIENT_MEM_FRACTION": f"{0.9 / parallel:.3f}",
+    "PYTHONUNBUFFERED": "1",
+  }
   while waiting or running:
     while waiting and len(running) < parallel:
       argv, finish = waiting.pop(0)
       run_dir = pathlib.Path(argv[argv.index("--run-dir") + 1])
       log_file = open(run_dir.parent / (run_dir.name + ".log"), "w")
-      proc = subprocess.Popen([sys.executable, "-m", "examples.llama", "train", *argv],
-                              cwd=record.ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+      proc = subprocess.Popen(
+        [sys.executable, "-m", "examples.llama", "train", *argv],
+        cwd=record.ROOT,
+        env=env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+      )
       running.append((proc, finish, log_file, time.perf_counter()))
     for item in list(running):
       proc, finish, log_file, started = item
@@ -246,9 +307,22 @@ def _train_in_processes(jobs, parallel: int, done) -> None:
     time.sleep(0.5)
 
 
-def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, ablations=False,
-        parallel=1, data_dir="", steps=None, work_dir=None, runs=None, log=print,
-        checkpoint=None) -> list:
+def run(
+  sizes,
+  methods=None,
+  lrs=None,
+  lr_unprojected=None,
+  *,
+  quick=False,
+  ablations=False,
+  parallel=1,
+  data_dir="",
+  steps=None,
+  work_dir=None,
+  runs=None,
+  log=print,
+  checkpoint=None,
+) -> list:
   """Trains every run of the sweep at each size; returns the run records (see the module doc)."""
   from examples.llama import train  # pylint: disable=g-import-not-at-top
 
@@ -266,21 +340,33 @@ def run(sizes, methods=None, lrs=None, lr_unprojected=None, *, quick=False, abla
     if (run_dir / "metrics.jsonl").exists():
       record = run_record(size, spec, run_dir)
     else:
-      record = {"method": spec[0], "size": size, "lr": spec[2], "finished": False,
-                "best_eval_perplexity": None, "error": pathlib.Path(log_name).read_text()[-600:]
-                if log_name else f"exit code {code}"}
+      record = {
+        "method": spec[0],
+        "size": size,
+        "lr": spec[2],
+        "finished": False,
+        "best_eval_perplexity": None,
+        "error": pathlib.Path(log_name).read_text()[-600:] if log_name else f"exit code {code}",
+      }
     record["exit_code"], record["wall_s"] = code, round(seconds, 1)
     records.append(record)
     ppl = record["best_eval_perplexity"]
-    log(f"{_run_name(size, spec)}: best held-out perplexity "
-        f"{'-' if ppl is None else f'{ppl:.2f}'} ({seconds:.0f} s, exit {code})")
+    log(
+      f"{_run_name(size, spec)}: best held-out perplexity "
+      f"{'-' if ppl is None else f'{ppl:.2f}'} ({seconds:.0f} s, exit {code})"
+    )
     if checkpoint:
       checkpoint(records)
 
-  jobs = [(train_argv(size, spec, work / _run_name(size, spec), settings), (size, spec))
-          for size in sizes for spec in specs]
-  log(f"quality: {len(jobs)} runs, {settings['steps']} steps of {settings['batch']} x "
-      f"{settings['seq']} tokens on {settings['corpus']}, {parallel} at a time")
+  jobs = [
+    (train_argv(size, spec, work / _run_name(size, spec), settings), (size, spec))
+    for size in sizes
+    for spec in specs
+  ]
+  log(
+    f"quality: {len(jobs)} runs, {settings['steps']} steps of {settings['batch']} x "
+    f"{settings['seq']} tokens on {settings['corpus']}, {parallel} at a time"
+  )
   if parallel <= 1:  # in this process: no start-up per run
     for argv, key in jobs:
       started = time.perf_counter()
@@ -295,21 +381,36 @@ def figure(result: dict):
   """Held-out perplexity against tokens of each label's best run, one panel per size."""
   best = result.get("best", {})
   sizes = sorted({key.split("/")[0] for key in best})
-  fig, axes = record.subplots(1, max(1, len(sizes)), figsize=(7 * max(1, len(sizes)), 5),
-                              squeeze=False)
+  fig, axes = record.subplots(
+    1, max(1, len(sizes)), figsize=(7 * max(1, len(sizes)), 5), squeeze=False
+  )
   for ax, size in zip(axes[0], sizes):
     for key, figures in best.items():
       if not key.startswith(size + "/"):
         continue
       label = key.split("/", 1)[1]
-      run = next(r for r in result["runs"] if r["size"] == size and r["method"] == label
-                 and r["lr"] == figures["lr"] and r["lr_unprojected"] == figures["lr_unprojected"])
+      run = next(
+        r
+        for r in result["runs"]
+        if r["size"] == size
+        and r["method"] == label
+        and r["lr"] == figures["lr"]
+        and r["lr_unprojected"] == figures["lr_unprojected"]
+      )
       tokens = [c[1] for c in run["curve"]]
       ppl = [c[2] for c in run["curve"]]
-      ax.plot(tokens, ppl, marker=".", label=f"{label} (lr {figures['lr']:g}) "
-              f"{figures['best_eval_perplexity']:.2f}")
-    ax.set(title=f"LLaMA-{size}: best of each sweep", xlabel="tokens",
-           ylabel="held-out perplexity", yscale="log")
+      ax.plot(
+        tokens,
+        ppl,
+        marker=".",
+        label=f"{label} (lr {figures['lr']:g}) {figures['best_eval_perplexity']:.2f}",
+      )
+    ax.set(
+      title=f"LLaMA-{size}: best of each sweep",
+      xlabel="tokens",
+      ylabel="held-out perplexity",
+      yscale="log",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   return fig
@@ -317,14 +418,18 @@ def figure(result: dict):
 
 def markdown_table(result: dict) -> str:
   """One row per label: best perplexity, its ratio to AdamW's, the lrs that gave it."""
-  lines = ["| size | method | best held-out ppl | / AdamW's best | lr (kernels / rest) | swept |",
-           "|---|---|---|---|---|---|"]
+  lines = [
+    "| size | method | best held-out ppl | / AdamW's best | lr (kernels / rest) | swept |",
+    "|---|---|---|---|---|---|",
+  ]
   for key, b in result.get("best", {}).items():
     size, label = key.split("/", 1)
     ratio = "-" if b["ratio_to_adamw"] is None else f"{b['ratio_to_adamw']:.3f}"
     swept = ", ".join(f"{lr:g}/{lu:g}" for lr, lu in b["swept"])
-    lines.append(f"| {size} | {label} | {b['best_eval_perplexity']:.2f} | {ratio} | "
-                 f"{b['lr']:g} / {b['lr_unprojected']:g} | {swept} |")
+    lines.append(
+      f"| {size} | {label} | {b['best_eval_perplexity']:.2f} | {ratio} | "
+      f"{b['lr']:g} / {b['lr_unprojected']:g} | {swept} |"
+    )
   return "\n".join(lines)
 
 
@@ -341,9 +446,14 @@ def combine(parts: list[dict]) -> dict:
   result = {k: v for k, v in parts[0].items() if k not in ("runs", "best", "png", "command")}
   result["commit"] = parts[-1]["commit"]
   # The device's output folder is its own absolute path: say $OUT instead.
-  result["parts"] = [{"commit": p["commit"], "command": re.sub(r"--out \S*/", "--out $OUT/",
-                                                                p["command"] or ""),
-                      "runs": len(p["runs"])} for p in parts]
+  result["parts"] = [
+    {
+      "commit": p["commit"],
+      "command": re.sub(r"--out \S*/", "--out $OUT/", p["command"] or ""),
+      "runs": len(p["runs"]),
+    }
+    for p in parts
+  ]
   result["config"].pop("reps", None)
   result["runs"] = [run for part in parts for run in part["runs"]]
   result["best"] = best_of_sweeps(result["runs"])

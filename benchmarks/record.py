@@ -22,8 +22,9 @@ def commit() -> str:
   if os.environ.get(ENV):
     return os.environ[ENV]
   try:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=ROOT, check=False)
+    proc = subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
+    )
   except OSError:
     return "unknown"
   return proc.stdout.strip() or "unknown"
@@ -49,13 +50,22 @@ def provenance(benchmark: str, argv=None, command_line: str | None = None) -> di
   import optax_subspace  # pylint: disable=g-import-not-at-top
 
   dev = jax.devices()[0]
-  return {"benchmark": benchmark,
-          "command": command(benchmark, argv) if command_line is None else command_line,
-          "commit": commit(), "device": dev.device_kind, "platform": dev.platform,
-          "versions": {"python": platform.python_version(), "jax": jax.__version__,
-                       "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                       "optax": optax.__version__, "numpy": np.__version__,
-                       "optax_subspace": optax_subspace.__version__}}
+  return {
+    "benchmark": benchmark,
+    "command": command(benchmark, argv) if command_line is None else command_line,
+    "commit": commit(),
+    "device": dev.device_kind,
+    "platform": dev.platform,
+    "versions": {
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "numpy": np.__version__,
+      "optax_subspace": optax_subspace.__version__,
+    },
+  }
 
 
 def write_json(path, result: dict) -> pathlib.Path:
@@ -78,10 +88,17 @@ def bars(ax, names, groups: dict, heading: str, ylabel: str = "", legend_title=N
   """Grouped bars on `ax`: for each label -> values (one per name) of `groups`, one bar per name;
   the names under the groups' middle. Returns each group's bars."""
   width = 0.8 / max(1, len(groups))
-  drawn = [ax.bar([i + j * width for i in range(len(names))], values, width, label=label)
-           for j, (label, values) in enumerate(groups.items())]
-  ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(names))], names,
-                rotation=30, ha="right", fontsize=8)
+  drawn = [
+    ax.bar([i + j * width for i in range(len(names))], values, width, label=label)
+    for j, (label, values) in enumerate(groups.items())
+  ]
+  ax.set_xticks(
+    [i + width * (len(groups) - 1) / 2 for i in range(len(names))],
+    names,
+    rotation=30,
+    ha="right",
+    fontsize=8,
+  )
   ax.set(title=heading, ylabel=ylabel)
   ax.title.set_fontsize(9)
   ax.legend(fontsize=8, title=legend_title, title_fontsize=8)

@@ -52,12 +52,24 @@ UPDATE_EVERY = 200  # GaLore's T and RSO's K: neither refresh nor merge is in th
 
 def _parser() -> argparse.ArgumentParser:
   ap = suites.script_parser(
-      __doc__, layers=(24, "blocks in the stack"), hidden=1024, ffn=2736, heads=16, batch=8,
-      seq=2048, rank=(256, "rank of GaLore and RSO"), lr=1e-3,
-      remat=(False, "recompute each block in the backward"),
-      attention=(["auto", "xla", "cudnn", "recompute"], "auto: cudnn on GPU, xla elsewhere;"
-                 " recompute: keeps what cuDNN keeps"),
-      steps=(10, "timed steps (GPU only)"), warmup=3, methods=",".join(METHODS))
+    __doc__,
+    layers=(24, "blocks in the stack"),
+    hidden=1024,
+    ffn=2736,
+    heads=16,
+    batch=8,
+    seq=2048,
+    rank=(256, "rank of GaLore and RSO"),
+    lr=1e-3,
+    remat=(False, "recompute each block in the backward"),
+    attention=(
+      ["auto", "xla", "cudnn", "recompute"],
+      "auto: cudnn on GPU, xla elsewhere; recompute: keeps what cuDNN keeps",
+    ),
+    steps=(10, "timed steps (GPU only)"),
+    warmup=3,
+    methods=",".join(METHODS),
+  )
   ap.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
   return ap
 
@@ -81,14 +93,18 @@ def _block_residual_bytes(block, x) -> dict:
     if m is None or "from the argument" in m.group(3) or "from a constant" in m.group(3):
       continue
     shape = [int(d) for d in m.group(2).split(",") if d]
-    itemsize = jnp.dtype({"bf16": "bfloat16", "f32": "float32", "f16": "float16",
-                          "i32": "int32"}.get(m.group(1), m.group(1))).itemsize
+    itemsize = jnp.dtype(
+      {"bf16": "bfloat16", "f32": "float32", "f16": "float16", "i32": "int32"}.get(
+        m.group(1), m.group(1)
+      )
+    ).itemsize
     out["activations" if len(shape) >= 3 else "weights"] += itemsize * math.prod(shape)
   return out
 
 
-def _recomputing_attention(query, key, value, bias=None, mask=None, *, scale=None,
-                           is_causal=False, **unused):
+def _recomputing_attention(
+  query, key, value, bias=None, mask=None, *, scale=None, is_causal=False, **unused
+):
   """Softmax attention that keeps q, k, v, the output and the log-sum-exp for its backward.
 
   What a flash-attention kernel (cuDNN's) keeps, so that a CPU compile's activation memory
@@ -131,7 +147,7 @@ def _recomputing_attention(query, key, value, bias=None, mask=None, *, scale=Non
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), o.astype(jnp.float32))
 
     def blocks(x, axis):  # (…, seq, …) -> (seq/block, …, block, …)
-      shape = x.shape[:axis] + (seq // block, block) + x.shape[axis + 1:]
+      shape = x.shape[:axis] + (seq // block, block) + x.shape[axis + 1 :]
       return jnp.moveaxis(x.reshape(shape), axis, 0)
 
     def body(carry, xs):
@@ -142,8 +158,9 @@ def _recomputing_attention(query, key, value, bias=None, mask=None, *, scale=Non
         rows = start + jnp.arange(block)[:, None]
         s_b = jnp.where(rows >= jnp.arange(seq)[None, :], s_b, -jnp.inf)
       p_b = jnp.exp(s_b - lse_b[..., None])
-      dv = dv + jnp.einsum("bhqk,bqhd->bkhd", p_b.astype(do.dtype), do_b,
-                           preferred_element_type=jnp.float32)
+      dv = dv + jnp.einsum(
+        "bhqk,bqhd->bkhd", p_b.astype(do.dtype), do_b, preferred_element_type=jnp.float32
+      )
       dp_b = jnp.einsum("bqhd,bkhd->bhqk", do_b, v, preferred_element_type=jnp.float32)
       ds_b = (p_b * (dp_b - delta_b[..., None])).astype(q.dtype)
       dq_b = jnp.einsum("bhqk,bkhd->bqhd", ds_b, k, preferred_element_type=jnp.float32)
@@ -152,9 +169,10 @@ def _recomputing_attention(query, key, value, bias=None, mask=None, *, scale=Non
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     (dk, dv), dq = jax.lax.scan(
-        body, (zeros, zeros),
-        (jnp.arange(0, seq, block), blocks(q, 1), blocks(do, 1), blocks(lse, 2),
-         blocks(delta, 2)))
+      body,
+      (zeros, zeros),
+      (jnp.arange(0, seq, block), blocks(q, 1), blocks(do, 1), blocks(lse, 2), blocks(delta, 2)),
+    )
     dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape)
     return dq.astype(q.dtype), (dk * scale).astype(k.dtype), dv.astype(v.dtype)
 
@@ -169,7 +187,8 @@ def _worker(args) -> dict:
   that name is rebound while the worker runs, and restored after (tests call it in-process).
   """
   train_setups.use_attention(
-      _recomputing_attention if args.attention == "recompute" else args.attention)
+    _recomputing_attention if args.attention == "recompute" else args.attention
+  )
   try:
     return _measure(args)
   finally:
@@ -207,12 +226,12 @@ def _measure(args) -> dict:
   compiled = step.lower(params, opt_state, frozen, x).compile()
   compile_s = time.perf_counter() - t0
   out = {
-      "compile_s": round(compile_s, 2),
-      "memory_analysis": train_setups.memory_analysis(compiled),
-      "trainable_param_bytes": train_setups.nbytes(params),
-      "frozen_bytes": train_setups.nbytes(frozen),
-      "opt_state_bytes": train_setups.nbytes(opt_state),
-      "block_residual_bytes": _block_residual_bytes(model.layers[0], x),
+    "compile_s": round(compile_s, 2),
+    "memory_analysis": train_setups.memory_analysis(compiled),
+    "trainable_param_bytes": train_setups.nbytes(params),
+    "frozen_bytes": train_setups.nbytes(frozen),
+    "opt_state_bytes": train_setups.nbytes(opt_state),
+    "block_residual_bytes": _block_residual_bytes(model.layers[0], x),
   }
   dev = jax.devices()[0]
   if dev.platform != "gpu":
@@ -242,8 +261,11 @@ def _measure(args) -> dict:
 
 def _run_method(method: str, argv: list[str]) -> dict:
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.rso_memory", *argv, "--worker", method],
-      capture_output=True, text=True, cwd=record.ROOT)
+    [sys.executable, "-m", "benchmarks.rso_memory", *argv, "--worker", method],
+    capture_output=True,
+    text=True,
+    cwd=record.ROOT,
+  )
   if proc.returncode != 0:
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-12:]
     return {"error": "\n".join(tail)}
@@ -258,8 +280,10 @@ def _ratios(methods: dict) -> dict:
   for name, m in methods.items():
     if name == "adamw" or "memory_analysis" not in m:
       continue
-    r = {"temp_bytes": m["memory_analysis"]["temp_size_in_bytes"]
-         / base["memory_analysis"]["temp_size_in_bytes"]}
+    r = {
+      "temp_bytes": m["memory_analysis"]["temp_size_in_bytes"]
+      / base["memory_analysis"]["temp_size_in_bytes"]
+    }
     if "peak_bytes_in_use" in m and "peak_bytes_in_use" in base:
       r["peak_bytes"] = m["peak_bytes_in_use"] / base["peak_bytes_in_use"]
       r["step_time"] = m["step_ms"] / base["step_ms"]
@@ -269,25 +293,32 @@ def _ratios(methods: dict) -> dict:
 
 def _plot(result: dict, path: pathlib.Path) -> None:
   names = [n for n, m in result["methods"].items() if "memory_analysis" in m]
-  panels = [("temp (activations + gradients)",
-             lambda m: m["memory_analysis"]["temp_size_in_bytes"]),
-            ("arguments", lambda m: m["memory_analysis"]["argument_size_in_bytes"]),
-            ("measured peak", lambda m: m.get("peak_bytes_in_use", 0))]
+  panels = [
+    ("temp (activations + gradients)", lambda m: m["memory_analysis"]["temp_size_in_bytes"]),
+    ("arguments", lambda m: m["memory_analysis"]["argument_size_in_bytes"]),
+    ("measured peak", lambda m: m.get("peak_bytes_in_use", 0)),
+  ]
   timed = all("step_ms" in result["methods"][n] for n in names)
-  fig, axes = record.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4),
-                              squeeze=False)
-  record.bars(axes[0][0], names, {label: [get(result["methods"][n]) / 2**30 for n in names]
-                                  for label, get in panels},
-              f"train step memory, {result['device']}", "GiB")
+  fig, axes = record.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4), squeeze=False)
+  record.bars(
+    axes[0][0],
+    names,
+    {label: [get(result["methods"][n]) / 2**30 for n in names] for label, get in panels},
+    f"train step memory, {result['device']}",
+    "GiB",
+  )
   if timed:
     ax = axes[0][1]
     ax.bar(names, [result["methods"][n]["step_ms"] for n in names], color="gray")
     ax.set_ylabel("ms (median)")
     ax.set_title("train step time", fontsize=9)
   c = result["config"]
-  fig.suptitle(f"{c['layers']} LLaMA blocks, d {c['hidden']}, ffn {c['ffn']}, "
-               f"{c['batch']}×{c['seq']} tokens, rank {c['rank']}, attention {c['attention']}"
-               f"{', remat' if c['remat'] else ''}", fontsize=10)
+  fig.suptitle(
+    f"{c['layers']} LLaMA blocks, d {c['hidden']}, ffn {c['ffn']}, "
+    f"{c['batch']}×{c['seq']} tokens, rank {c['rank']}, attention {c['attention']}"
+    f"{', remat' if c['remat'] else ''}",
+    fontsize=10,
+  )
   record.save(fig, path)
 
 
@@ -303,25 +334,38 @@ def main(argv=None) -> dict:
     argv += ["--attention", args.attention]
   methods = suites.chosen(args.methods, METHODS)
   result = {
-      **record.provenance("rso_memory", argv),
-      "config": {k: getattr(args, k) for k in (
-          "layers", "hidden", "ffn", "heads", "batch", "seq", "rank", "lr", "remat",
-          "attention", "steps", "warmup")} | {"update_every": UPDATE_EVERY,
-                                              "compute_dtype": "bfloat16",
-                                              "param_dtype": "float32"},
-      "definitions": {
-          "temp_size_in_bytes": "activation+gradient memory: what the compiled train step"
-          " allocates besides its arguments and outputs (activations kept for the backward,"
-          " gradients, update temporaries)",
-          "argument_size_in_bytes": "parameters (RSO: also the constant W and P), optimizer"
-          " state and input",
-          "peak_bytes_in_use": "device allocator's peak over compile-free warm-up + timed steps"
-          " (the process holds only this method)",
-          "block_residual_bytes": "what one block keeps for its backward, from jax's saved"
-          " residuals (traced, before XLA): activations (batch × seq × …) and 2-D weights",
-          "step_ms": f"median of {args.steps} synced steps after {args.warmup} warm-up steps",
-      },
-      "methods": {m: _run_method(m, argv) for m in methods},
+    **record.provenance("rso_memory", argv),
+    "config": {
+      k: getattr(args, k)
+      for k in (
+        "layers",
+        "hidden",
+        "ffn",
+        "heads",
+        "batch",
+        "seq",
+        "rank",
+        "lr",
+        "remat",
+        "attention",
+        "steps",
+        "warmup",
+      )
+    }
+    | {"update_every": UPDATE_EVERY, "compute_dtype": "bfloat16", "param_dtype": "float32"},
+    "definitions": {
+      "temp_size_in_bytes": "activation+gradient memory: what the compiled train step"
+      " allocates besides its arguments and outputs (activations kept for the backward,"
+      " gradients, update temporaries)",
+      "argument_size_in_bytes": "parameters (RSO: also the constant W and P), optimizer"
+      " state and input",
+      "peak_bytes_in_use": "device allocator's peak over compile-free warm-up + timed steps"
+      " (the process holds only this method)",
+      "block_residual_bytes": "what one block keeps for its backward, from jax's saved"
+      " residuals (traced, before XLA): activations (batch × seq × …) and 2-D weights",
+      "step_ms": f"median of {args.steps} synced steps after {args.warmup} warm-up steps",
+    },
+    "methods": {m: _run_method(m, argv) for m in methods},
   }
   result["ratios_vs_adamw"] = _ratios(result["methods"])
   result["targets"] = {"temp_bytes_ratio_max": 0.8, "step_time_ratio_max": 1.1}
@@ -329,15 +373,25 @@ def main(argv=None) -> dict:
     ratios = result["ratios_vs_adamw"].get(method, {})
     suffix = "" if method == "rso" else "_" + method
     result["targets"]["temp_bytes_met" + suffix] = (
-        ratios["temp_bytes"] <= 0.8 if "temp_bytes" in ratios else None)
+      ratios["temp_bytes"] <= 0.8 if "temp_bytes" in ratios else None
+    )
     result["targets"]["step_time_met" + suffix] = (
-        ratios["step_time"] <= 1.1 if "step_time" in ratios else None)
+      ratios["step_time"] <= 1.1 if "step_time" in ratios else None
+    )
   out = record.write_json(args.out, result)
   _plot(result, out.with_suffix(".png"))
-  print(json.dumps({"methods": {m: {k: v for k, v in r.items() if k != "memory_analysis"}
-                                | r.get("memory_analysis", {})
-                                for m, r in result["methods"].items()},
-                    "ratios_vs_adamw": result["ratios_vs_adamw"]}, indent=1))
+  print(
+    json.dumps(
+      {
+        "methods": {
+          m: {k: v for k, v in r.items() if k != "memory_analysis"} | r.get("memory_analysis", {})
+          for m, r in result["methods"].items()
+        },
+        "ratios_vs_adamw": result["ratios_vs_adamw"],
+      },
+      indent=1,
+    )
+  )
   print("wrote", out, "and", out.with_suffix(".png"))
   return result
 

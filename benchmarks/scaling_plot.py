@@ -16,8 +16,16 @@ import pathlib
 from benchmarks import record
 
 # What must agree for the runs of several files to be put side by side.
-SHARED = ("model_size", "global_batch", "seq_len", "steps", "mesh", "shard_optimizer",
-          "train_args", "mesh_args")
+SHARED = (
+  "model_size",
+  "global_batch",
+  "seq_len",
+  "steps",
+  "mesh",
+  "shard_optimizer",
+  "train_args",
+  "mesh_args",
+)
 
 
 def collect(paths: list[pathlib.Path]) -> dict:
@@ -35,12 +43,12 @@ def collect(paths: list[pathlib.Path]) -> dict:
     for method, entry in result["methods"].items():
       if "speedup" in entry:  # both runs finished
         methods[method] = {
-            "one_tokens_per_s": entry["one"]["tokens_per_s"],
-            "mesh_tokens_per_s": entry["mesh"]["tokens_per_s"],
-            "speedup": entry["speedup"],
-            "max_rel_loss_diff": entry["max_rel_loss_diff"],
-            "commit": result["commit"],
-            "file": path.name,
+          "one_tokens_per_s": entry["one"]["tokens_per_s"],
+          "mesh_tokens_per_s": entry["mesh"]["tokens_per_s"],
+          "speedup": entry["speedup"],
+          "max_rel_loss_diff": entry["max_rel_loss_diff"],
+          "commit": result["commit"],
+          "file": path.name,
         }
   if not methods:
     raise ValueError("no method has both its one-device and its mesh run in these files")
@@ -48,12 +56,16 @@ def collect(paths: list[pathlib.Path]) -> dict:
 
 
 def markdown(summary: dict) -> str:
-  rows = ["| method | 1 device tokens/s | mesh tokens/s | speed-up | max rel. loss diff | commit |",
-          "|---|---|---|---|---|---|"]
+  rows = [
+    "| method | 1 device tokens/s | mesh tokens/s | speed-up | max rel. loss diff | commit |",
+    "|---|---|---|---|---|---|",
+  ]
   for method, m in summary["methods"].items():
-    rows.append(f"| {method} | {m['one_tokens_per_s'] / 1e3:.1f}K | "
-                f"{m['mesh_tokens_per_s'] / 1e3:.1f}K | {m['speedup']:.2f}× | "
-                f"{m['max_rel_loss_diff']:.4f} | {m['commit']} |")
+    rows.append(
+      f"| {method} | {m['one_tokens_per_s'] / 1e3:.1f}K | "
+      f"{m['mesh_tokens_per_s'] / 1e3:.1f}K | {m['speedup']:.2f}× | "
+      f"{m['max_rel_loss_diff']:.4f} | {m['commit']} |"
+    )
   return "\n".join(rows)
 
 
@@ -63,10 +75,12 @@ def plot(summary: dict, path: pathlib.Path, target: float) -> None:
   x = range(len(names))
   fig, (left, right) = record.subplots(1, 2, figsize=(4 + 1.4 * len(names), 3.4))
   n = summary["setup"]["devices"]["count"]
-  left.bar([i - 0.2 for i in x], [f["one_tokens_per_s"] / 1e3 for f in figures], 0.4,
-           label="1 device")
-  left.bar([i + 0.2 for i in x], [f["mesh_tokens_per_s"] / 1e3 for f in figures], 0.4,
-           label=f"{n} devices")
+  left.bar(
+    [i - 0.2 for i in x], [f["one_tokens_per_s"] / 1e3 for f in figures], 0.4, label="1 device"
+  )
+  left.bar(
+    [i + 0.2 for i in x], [f["mesh_tokens_per_s"] / 1e3 for f in figures], 0.4, label=f"{n} devices"
+  )
   left.set_ylabel("thousand tokens/s")
   left.set_ylim(0, 1.25 * max(f["mesh_tokens_per_s"] for f in figures) / 1e3)
   left.legend(fontsize=8, loc="upper center", ncol=2)
@@ -82,17 +96,24 @@ def plot(summary: dict, path: pathlib.Path, target: float) -> None:
     ax.set_xticks(list(x), names)
   setup = summary["setup"]
   commits = sorted({f["commit"] for f in figures})
-  fig.suptitle(f"{setup['model_size']}, global batch {setup['global_batch']} × {setup['seq_len']}, "
-               f"{setup['mesh']}{', ZeRO-1' if setup['shard_optimizer'] else ''}, "
-               f"{setup['devices']['kind']} (commit {', '.join(commits)})", fontsize=9)
+  fig.suptitle(
+    f"{setup['model_size']}, global batch {setup['global_batch']} × {setup['seq_len']}, "
+    f"{setup['mesh']}{', ZeRO-1' if setup['shard_optimizer'] else ''}, "
+    f"{setup['devices']['kind']} (commit {', '.join(commits)})",
+    fontsize=9,
+  )
   record.save(fig, path)
 
 
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("files", nargs="+", type=pathlib.Path, help="multi_gpu.py JSONs")
-  p.add_argument("--out", required=True, type=pathlib.Path,
-                 help="the PNG; the summary JSON goes next to it (.json)")
+  p.add_argument(
+    "--out",
+    required=True,
+    type=pathlib.Path,
+    help="the PNG; the summary JSON goes next to it (.json)",
+  )
   p.add_argument("--target", type=float, default=1.8, help="the speed-up to draw as a line")
   args = p.parse_args(argv)
   summary = collect(args.files)

@@ -17,13 +17,18 @@ import re
 # First match wins: NCCL's kernels ("ncclDevKernel_AllReduce_Sum_f32_RING_LL") before
 # "reduction", which their names would also match.
 KINDS = (
-    ("collective", re.compile(r"nccl|all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter"
-                              r"|all[-_]?to[-_]?all|collective[-_]?permute", re.I)),
-    ("gemm", re.compile(r"gemm|cutlass|xmma|cublas|sm\d+_.*(tn|nt|nn|tt)|triton_gemm|matmul",
-                        re.I)),
-    ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
-    ("reduction", re.compile(r"reduc", re.I)),
-    ("fusion", re.compile(r"fusion|loop_|input_|wrapped_", re.I)),
+  (
+    "collective",
+    re.compile(
+      r"nccl|all[-_]?reduce|all[-_]?gather|reduce[-_]?scatter"
+      r"|all[-_]?to[-_]?all|collective[-_]?permute",
+      re.I,
+    ),
+  ),
+  ("gemm", re.compile(r"gemm|cutlass|xmma|cublas|sm\d+_.*(tn|nt|nn|tt)|triton_gemm|matmul", re.I)),
+  ("copy/transpose", re.compile(r"copy|transpose|memcpy|memset", re.I)),
+  ("reduction", re.compile(r"reduc", re.I)),
+  ("fusion", re.compile(r"fusion|loop_|input_|wrapped_", re.I)),
 )
 
 
@@ -43,23 +48,32 @@ def device_events(trace_dir: pathlib.Path) -> dict[str, list[tuple[str, float, f
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
   devices = {
-      e["pid"]: str(e["args"]["name"]) for e in events
-      if e.get("ph") == "M" and e.get("name") == "process_name"
-      and "/device:" in str(e.get("args", {}).get("name", ""))
+    e["pid"]: str(e["args"]["name"])
+    for e in events
+    if e.get("ph") == "M"
+    and e.get("name") == "process_name"
+    and "/device:" in str(e.get("args", {}).get("name", ""))
   }
   # Kernels sit on the device tracks' stream threads; XLA op and module rows on the same pid are
   # spans over them (named like the HLO op or "XLA Modules"), so keep the stream rows only.
-  threads = [(e["pid"], e["tid"], str(e.get("args", {}).get("name", ""))) for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in devices]
+  threads = [
+    (e["pid"], e["tid"], str(e.get("args", {}).get("name", "")))
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in devices
+  ]
   streams = {(pid, tid) for pid, tid, name in threads if re.search(r"stream", name, re.I)}
   if not streams:  # another trace layout: every device row but the HLO op/module spans
-    streams = {(pid, tid) for pid, tid, name in threads
-               if not re.search(r"XLA (Ops|Modules)|TraceMe|Steps", name)}
+    streams = {
+      (pid, tid)
+      for pid, tid, name in threads
+      if not re.search(r"XLA (Ops|Modules)|TraceMe|Steps", name)
+    }
   found = collections.defaultdict(list)
   for e in events:
     if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams:
-      found[devices[e["pid"]]].append((e["name"], float(e.get("ts", 0.0)),
-                                       float(e.get("dur", 0.0))))
+      found[devices[e["pid"]]].append(
+        (e["name"], float(e.get("ts", 0.0)), float(e.get("dur", 0.0)))
+      )
   return dict(found)
 
 
@@ -86,9 +100,12 @@ def timeline(kernels: list[tuple[str, float, float]], steps: int, top: int = 10)
   span = (max(t + d for _, t, d in kernels) - min(t for _, t, _ in kernels)) if kernels else 0.0
   busy = _union(compute + collective)
   return {
-      "span_ms": span / per, "busy_ms": busy / per, "compute_ms": _union(compute) / per,
-      "exposed_collective_ms": (busy - _union(compute)) / per, "idle_ms": (span - busy) / per,
-      **summary(kernels, steps, top),
+    "span_ms": span / per,
+    "busy_ms": busy / per,
+    "compute_ms": _union(compute) / per,
+    "exposed_collective_ms": (busy - _union(compute)) / per,
+    "idle_ms": (span - busy) / per,
+    **summary(kernels, steps, top),
   }
 
 
@@ -103,9 +120,16 @@ def summary(kernels: list[tuple[str, float, float]], steps: int, top: int = 10) 
     calls[name] += 1
   total = sum(by_kind.values())
   return {
-      "kernels_per_step": len(kernels) / steps,
-      "by_kind_ms": {k: v / per for k, v in by_kind.most_common()},
-      "top": [{"kernel": k[:160], "ms": v / per, "share": v / total if total else None,
-               "calls_per_step": calls[k] / steps, "kind": kind_of(k)}
-              for k, v in by_name.most_common(top)],
+    "kernels_per_step": len(kernels) / steps,
+    "by_kind_ms": {k: v / per for k, v in by_kind.most_common()},
+    "top": [
+      {
+        "kernel": k[:160],
+        "ms": v / per,
+        "share": v / total if total else None,
+        "calls_per_step": calls[k] / steps,
+        "kind": kind_of(k),
+      }
+      for k, v in by_name.most_common(top)
+    ],
   }

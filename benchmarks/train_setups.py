@@ -50,19 +50,33 @@ from optax_subspace import nn as osnn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAS_OPTAX_GALORE = hasattr(getattr(optax, "contrib", None), "galore")
-METHODS = tuple(m for m in ("adamw", "optax_contrib_galore", *registry.OPTIMIZER_LEVEL[1:],
-                            "rso_model", "rso_model_shared", "grass_model")
-                if m != "optax_contrib_galore" or HAS_OPTAX_GALORE)
+METHODS = tuple(
+  m
+  for m in (
+    "adamw",
+    "optax_contrib_galore",
+    *registry.OPTIMIZER_LEVEL[1:],
+    "rso_model",
+    "rso_model_shared",
+    "grass_model",
+  )
+  if m != "optax_contrib_galore" or HAS_OPTAX_GALORE
+)
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 # What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.
 NEEDS_LAYER_MODULES = MODEL_LEVEL + ("optax_contrib_galore",)
 RSO_MODEL = ("rso_model", "rso_model_shared")
 # The LLaMA example's --optimizer name of each optimizer-level method.
-EXAMPLE_OPTIMIZER = {m: n for m, n in registry.EXAMPLE_NAME.items()
-                     if n not in registry.MODEL_LEVEL}
-REFRESH_KIND = {"galore": "count", "grass": "count", "rso_model": "program",
-                "rso_model_shared": "program",
-                "grass_model": "program"}
+EXAMPLE_OPTIMIZER = {
+  m: n for m, n in registry.EXAMPLE_NAME.items() if n not in registry.MODEL_LEVEL
+}
+REFRESH_KIND = {
+  "galore": "count",
+  "grass": "count",
+  "rso_model": "program",
+  "rso_model_shared": "program",
+  "grass_model": "program",
+}
 UPDATE_EVERY = 200
 # The layers the model level replaces: those whose kernels the optimizer level projects
 # (examples/llama/optimizers.py's PROJECTED, r"(attention|mlp)/.*kernel").
@@ -70,8 +84,13 @@ MODEL_LEVEL_LAYERS = r"(attention|mlp)/"
 # Steps of the example's schedule (warm-up 10%, then cosine): long enough that a benchmark's
 # few steps stay in the warm-up, where the learning rate is small.
 SCHEDULE_STEPS = 10_000
-MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-                 "temp_size_in_bytes", "generated_code_size_in_bytes")
+MEMORY_FIELDS = (
+  "argument_size_in_bytes",
+  "output_size_in_bytes",
+  "alias_size_in_bytes",
+  "temp_size_in_bytes",
+  "generated_code_size_in_bytes",
+)
 _XLA_ATTENTION = jax.nn.dot_product_attention
 
 
@@ -116,7 +135,8 @@ def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientT
   """
   dtype = jnp.dtype(dtype)
   cast = lambda tree: jax.tree.map(
-      lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+  )
 
   # Jitted, so the float32 cast of the parameters is folded into the state it shapes: run
   # eagerly it is a float32 copy of the whole model (27 GB at 7B) in the device's peak memory.
@@ -129,8 +149,13 @@ def with_state_dtype(tx: optax.GradientTransformation, dtype) -> optax.GradientT
   return optax.GradientTransformation(init, update)
 
 
-def optimizer(method: str, rank: int, update_every: int = UPDATE_EVERY,
-              state_dtype=None, scan_layers: bool = False) -> optax.GradientTransformation:
+def optimizer(
+  method: str,
+  rank: int,
+  update_every: int = UPDATE_EVERY,
+  state_dtype=None,
+  scan_layers: bool = False,
+) -> optax.GradientTransformation:
   """The update rule of `method`: the example's for the optimizer level, `optax_subspace.nn`'s
   for the model level; both with the example's warm-up + cosine schedule, no clipping.
   `scan_layers`: for a scanned model's stacked kernels (the example's `matrix_dims`)."""
@@ -138,9 +163,13 @@ def optimizer(method: str, rank: int, update_every: int = UPDATE_EVERY,
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
   if scan_layers and method in NEEDS_LAYER_MODULES:
     raise ValueError(f"{method} needs one module per layer: no scanned model")
-  cfg = TrainConfig(optimizer=EXAMPLE_OPTIMIZER.get(method, method.removesuffix("_model")),
-                    rank=rank, update_every=update_every, steps=SCHEDULE_STEPS,
-                    scan_layers=scan_layers)
+  cfg = TrainConfig(
+    optimizer=EXAMPLE_OPTIMIZER.get(method, method.removesuffix("_model")),
+    rank=rank,
+    update_every=update_every,
+    steps=SCHEDULE_STEPS,
+    scan_layers=scan_layers,
+  )
   if method in RSO_MODEL:
     tx = osnn.rso_optimizer(llama_optimizers.schedule(cfg), inner_steps=update_every)
   elif method == "grass_model":
@@ -159,8 +188,10 @@ def cross_entropy(model, tokens):
 def _set_nnx_step(opt_state, count):
   """An `nnx.Optimizer` state with its step count set to `count` (a new array: it is donated)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(opt_state)
-  leaves = [jnp.asarray(count, leaf.dtype)
-            if path[0] == jax.tree_util.DictKey("step") else leaf for path, leaf in flat]
+  leaves = [
+    jnp.asarray(count, leaf.dtype) if path[0] == jax.tree_util.DictKey("step") else leaf
+    for path, leaf in flat
+  ]
   return treedef.unflatten(leaves)
 
 
@@ -177,8 +208,9 @@ def _optimizer_level(method, cfg, tx, seed, refresh=None):
 
   def train_step(params, opt_state, frozen, tokens):
     del frozen  # the optimizer level trains every parameter
-    loss, grads = jax.value_and_grad(
-        lambda p: cross_entropy(nnx.merge(graphdef, p), tokens))(params)
+    loss, grads = jax.value_and_grad(lambda p: cross_entropy(nnx.merge(graphdef, p), tokens))(
+      params
+    )
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     return optax.apply_updates(params, updates), opt_state, loss
 
@@ -230,9 +262,18 @@ def _model_level(method, cfg, tx, rank, update_every, seed):
   return train_step, init, jax.eval_shape(init), refresh
 
 
-def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Optional[int] = None,
-          update_every: int = UPDATE_EVERY, state_dtype=None, seed: int = 0,
-          host_refresh: bool = False) -> TrainSetup:
+def build(
+  method: str,
+  model: ModelConfig,
+  *,
+  batch: int,
+  seq: int,
+  rank: Optional[int] = None,
+  update_every: int = UPDATE_EVERY,
+  state_dtype=None,
+  seed: int = 0,
+  host_refresh: bool = False,
+) -> TrainSetup:
   """The `TrainSetup` of `method` on the LLaMA `model` (remat and dtypes: the config's), rank
   None: hidden / 4, `update_every` T (RSO's K), `state_dtype` None: the method's own.
 
@@ -265,18 +306,32 @@ def build(method: str, model: ModelConfig, *, batch: int, seq: int, rank: Option
     kind = None if schedule.every is None else "count"
     refresh = None if kind is None else _optimizer_level(method, model, tx, seed, True)[0]
   return TrainSetup(
-      method=method, level="model" if method in MODEL_LEVEL else "optimizer", model=model,
-      batch=batch, seq=seq, rank=rank, update_every=update_every,
-      state_dtype=None if state_dtype is None else jnp.dtype(state_dtype).name,
-      step=jax.jit(train_step, donate_argnums=(0, 1)), init=init,
-      abstract=(*jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), carry),
-                tokens_shape),
-      tokens=lambda s: jax.random.randint(jax.random.PRNGKey(s), tokens_shape.shape, 0,
-                                          model.vocab_size, jnp.int32),
-      refresh_kind=kind,
-      refresh=(jax.jit(refresh, donate_argnums=(0, 1, 2)) if kind == "program"
-               else jax.jit(refresh, donate_argnums=(0, 1)) if refresh is not None else None),
-      set_count=set_count, steady_count=steady_count, host_refresh=host)
+    method=method,
+    level="model" if method in MODEL_LEVEL else "optimizer",
+    model=model,
+    batch=batch,
+    seq=seq,
+    rank=rank,
+    update_every=update_every,
+    state_dtype=None if state_dtype is None else jnp.dtype(state_dtype).name,
+    step=jax.jit(train_step, donate_argnums=(0, 1)),
+    init=init,
+    abstract=(*jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), carry), tokens_shape),
+    tokens=lambda s: jax.random.randint(
+      jax.random.PRNGKey(s), tokens_shape.shape, 0, model.vocab_size, jnp.int32
+    ),
+    refresh_kind=kind,
+    refresh=(
+      jax.jit(refresh, donate_argnums=(0, 1, 2))
+      if kind == "program"
+      else jax.jit(refresh, donate_argnums=(0, 1))
+      if refresh is not None
+      else None
+    ),
+    set_count=set_count,
+    steady_count=steady_count,
+    host_refresh=host,
+  )
 
 
 # ------------------------------------------------------------------ compiling and running
@@ -310,8 +365,12 @@ def memory_analysis(compiled) -> Optional[dict]:
   if analysis is None:
     return None
   fields = {f: int(getattr(analysis, f)) for f in MEMORY_FIELDS if hasattr(analysis, f)}
-  fields["need_bytes"] = (fields["argument_size_in_bytes"] + fields["output_size_in_bytes"]
-                          - fields["alias_size_in_bytes"] + fields["temp_size_in_bytes"])
+  fields["need_bytes"] = (
+    fields["argument_size_in_bytes"]
+    + fields["output_size_in_bytes"]
+    - fields["alias_size_in_bytes"]
+    + fields["temp_size_in_bytes"]
+  )
   return fields
 
 
@@ -347,22 +406,30 @@ def nbytes(tree) -> int:
   return sum(bytes_by_dtype(tree).values())
 
 
-def model_fields(shape, vocab: int, remat: bool, param_dtype: str,
-                 scan_layers: bool = False) -> dict:
+def model_fields(
+  shape, vocab: int, remat: bool, param_dtype: str, scan_layers: bool = False
+) -> dict:
   """A `ModelConfig`'s fields (as a JSON-able dict) of the LLaMA `shape` (hidden, ffn, heads,
   layers) with bf16 compute."""
   hidden, ffn, heads, layers = shape
-  return {"hidden": hidden, "ffn": ffn, "heads": heads, "layers": layers, "vocab_size": vocab,
-          "remat": remat, "param_dtype": param_dtype, "compute_dtype": "bfloat16",
-          "scan_layers": scan_layers}
+  return {
+    "hidden": hidden,
+    "ffn": ffn,
+    "heads": heads,
+    "layers": layers,
+    "vocab_size": vocab,
+    "remat": remat,
+    "param_dtype": param_dtype,
+    "compute_dtype": "bfloat16",
+    "scan_layers": scan_layers,
+  }
 
 
 def n_params(fields: dict) -> int:
   """The parameter count of the LLaMA of `model_fields` (from abstract shapes)."""
   from examples.llama.model import count_params  # pylint: disable=g-import-not-at-top
 
-  return count_params(nnx.state(nnx.eval_shape(lambda: Llama(ModelConfig(**fields),
-                                                             nnx.Rngs(0)))))
+  return count_params(nnx.state(nnx.eval_shape(lambda: Llama(ModelConfig(**fields), nnx.Rngs(0)))))
 
 
 def start_job(job: dict):
@@ -376,9 +443,16 @@ def start_job(job: dict):
   cfg = ModelConfig(**job["model"])
   attention = attention_for(job["attention"], jax.devices()[0].platform, cfg.head_dim)
   use_attention(attention)
-  setup = build(job["method"], cfg, batch=job["batch"], seq=job["seq"], rank=job["rank"],
-                update_every=job.get("update_every", UPDATE_EVERY),
-                state_dtype=job["state_dtype"], host_refresh=bool(job.get("host_refresh")))
+  setup = build(
+    job["method"],
+    cfg,
+    batch=job["batch"],
+    seq=job["seq"],
+    rank=job["rank"],
+    update_every=job.get("update_every", UPDATE_EVERY),
+    state_dtype=job["state_dtype"],
+    host_refresh=bool(job.get("host_refresh")),
+  )
   progress(f"built ({attention} attention), compiling")
   compiled = compile_setup(setup)
   compile_s = {k: round(v, 2) for k, v in compiled.compile_s.items()}
@@ -386,19 +460,30 @@ def start_job(job: dict):
   analyses = {"step": memory_analysis(compiled.step)}
   if compiled.refresh is not None:
     analyses["refresh"] = memory_analysis(compiled.refresh)
-  return setup, compiled, {"attention": attention, "rank": setup.rank, "compile_s": compile_s,
-                           "memory_analysis": analyses}
+  return (
+    setup,
+    compiled,
+    {
+      "attention": attention,
+      "rank": setup.rank,
+      "compile_s": compile_s,
+      "memory_analysis": analyses,
+    },
+  )
 
 
 def state_bytes(params, opt_state, frozen) -> dict:
   """The bytes of the trainable parameters, the frozen state and the optimizer state."""
-  return {"trainable_param_bytes": nbytes(params), "frozen_bytes": nbytes(frozen),
-          "opt_state_bytes": nbytes(opt_state),
-          "opt_state_bytes_by_dtype": bytes_by_dtype(opt_state)}
+  return {
+    "trainable_param_bytes": nbytes(params),
+    "frozen_bytes": nbytes(frozen),
+    "opt_state_bytes": nbytes(opt_state),
+    "opt_state_bytes_by_dtype": bytes_by_dtype(opt_state),
+  }
 
 
 def attention_for(requested: str, platform: str, head_dim: int) -> str:
-  """"cudnn" or "xla": auto picks cuDNN's flash attention on a GPU where it takes the head size.
+  """ "cudnn" or "xla": auto picks cuDNN's flash attention on a GPU where it takes the head size.
 
   XLA's attention keeps b×heads×s×s tensors for the backward (benchmarks/rso_memory.py);
   cuDNN's does not, but needs a head dimension that is a multiple of 8 and at most 128 (the 3B
@@ -414,20 +499,31 @@ def use_attention(implementation) -> None:
   """Makes the model's `jax.nn.dot_product_attention` calls use `implementation` (this
   process): "xla", "cudnn", or a function taking that function's arguments."""
   jax.nn.dot_product_attention = (
-      implementation if callable(implementation)
-      else functools.partial(_XLA_ATTENTION, implementation="cudnn") if implementation == "cudnn"
-      else _XLA_ATTENTION)
+    implementation
+    if callable(implementation)
+    else functools.partial(_XLA_ATTENTION, implementation="cudnn")
+    if implementation == "cudnn"
+    else _XLA_ATTENTION
+  )
 
 
-def block_stack(hidden: int, ffn: int, heads: int, layers: int, remat: bool = False,
-                seed: int = 0) -> nnx.Module:
+def block_stack(
+  hidden: int, ffn: int, heads: int, layers: int, remat: bool = False, seed: int = 0
+) -> nnx.Module:
   """`layers` of the LLaMA example's `Block`s applied in sequence, as `Llama.__call__` does
   (bf16 compute, float32 parameters; `remat`: each block recomputed in the backward)."""
-  cfg = ModelConfig(hidden=hidden, ffn=ffn, heads=heads, layers=layers, vocab_size=1,
-                    compute_dtype="bfloat16", param_dtype="float32", remat=remat)
+  cfg = ModelConfig(
+    hidden=hidden,
+    ffn=ffn,
+    heads=heads,
+    layers=layers,
+    vocab_size=1,
+    compute_dtype="bfloat16",
+    param_dtype="float32",
+    remat=remat,
+  )
 
   class BlockStack(nnx.Module):
-
     def __init__(self, rngs):
       layer_list = getattr(nnx, "List", list)  # as examples/llama/model.py
       self.layers = layer_list([Block(cfg, rngs) for _ in range(layers)])
@@ -444,8 +540,10 @@ def block_stack(hidden: int, ffn: int, heads: int, layers: int, remat: bool = Fa
 def device_memory() -> dict:
   """{"bytes_limit", "peak_bytes_in_use"} of the default device; Nones where not reported."""
   stats = jax.devices()[0].memory_stats() or {}
-  return {"bytes_limit": stats.get("bytes_limit"),
-          "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+  return {
+    "bytes_limit": stats.get("bytes_limit"),
+    "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
+  }
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -500,8 +598,9 @@ def prepare_parent() -> None:
   """Keeps the calling (parent) process from preallocating GPU memory: call before JAX starts
   its backend. Workers get the user's setting back (`worker_env`)."""
   if "_TRAIN_SETUPS_PREALLOCATE" not in os.environ:
-    os.environ["_TRAIN_SETUPS_PREALLOCATE"] = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE",
-                                                             "<unset>")
+    os.environ["_TRAIN_SETUPS_PREALLOCATE"] = os.environ.get(
+      "XLA_PYTHON_CLIENT_PREALLOCATE", "<unset>"
+    )
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
 
@@ -518,8 +617,13 @@ class Workers:
   warning, where the GPU backend fails to start).
   """
 
-  def __init__(self, isolate: bool, timeout_s: Optional[float] = JOB_TIMEOUT_S, log=print,
-               platform: Optional[str] = None):
+  def __init__(
+    self,
+    isolate: bool,
+    timeout_s: Optional[float] = JOB_TIMEOUT_S,
+    log=print,
+    platform: Optional[str] = None,
+  ):
     self.isolate = isolate
     self.timeout_s = timeout_s
     self.log = log
@@ -554,17 +658,19 @@ class Workers:
     if result is None:  # the deadline
       self._proc.kill()
       self._finish()
-      result = {"error": f"timed out after {self.timeout_s} s (worker killed); last progress:"
-                         f" {self._last_progress or 'none'}",
-                "timed_out": True, "last_progress": self._last_progress}
+      result = {
+        "error": f"timed out after {self.timeout_s} s (worker killed); last progress:"
+        f" {self._last_progress or 'none'}",
+        "timed_out": True,
+        "last_progress": self._last_progress,
+      }
     elif self.isolate or "returncode" in result:
       self._finish()
     if "error" in result:
       result.setdefault("output_tail", list(self._tail))
     elapsed = time.monotonic() - self._start
     result["elapsed_s"] = round(elapsed, 1)
-    status = ("timed out" if result.get("timed_out") else "failed" if "error" in result
-              else "done")
+    status = "timed out" if result.get("timed_out") else "failed" if "error" in result else "done"
     self._say(f"  [{self._label}] {status} after {elapsed:.1f} s")
     return result
 
@@ -573,8 +679,14 @@ class Workers:
     sys.stdout.flush()
 
   def _spawn(self) -> None:
-    self._proc = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, cwd=ROOT, env=worker_env())
+    self._proc = subprocess.Popen(
+      self._cmd,
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      cwd=ROOT,
+      env=worker_env(),
+    )
     self._buffers = {self._proc.stdout.fileno(): b"", self._proc.stderr.fileno(): b""}
 
   def _read(self, deadline) -> Optional[dict]:
@@ -592,8 +704,11 @@ class Workers:
           return result
     self._finish()  # stdout closed: the worker died; its stderr says why
     tail = "\n".join(list(self._tail)[-12:])
-    return {"error": f"worker exited with status {self._proc_returncode}: {tail}",
-            "returncode": self._proc_returncode, "out_of_memory": "RESOURCE_EXHAUSTED" in tail}
+    return {
+      "error": f"worker exited with status {self._proc_returncode}: {tail}",
+      "returncode": self._proc_returncode,
+      "out_of_memory": "RESOURCE_EXHAUSTED" in tail,
+    }
 
   def _take(self, fd) -> Optional[dict]:
     """Reads what `fd` has, handles its complete lines; the result, if one came."""
@@ -608,11 +723,14 @@ class Workers:
     for raw in filter(None, lines):
       text = raw.decode(errors="replace")
       if is_stdout and text.startswith(_RESULT):
-        result = json.loads(text[len(_RESULT):])
+        result = json.loads(text[len(_RESULT) :])
       elif is_stdout and text.startswith(_PROGRESS):
-        self._last_progress = text[len(_PROGRESS):]
-        print(f"    [{self._label}] {self._last_progress}"
-              f"  ({time.monotonic() - self._start:.1f} s)", file=sys.stderr, flush=True)
+        self._last_progress = text[len(_PROGRESS) :]
+        print(
+          f"    [{self._label}] {self._last_progress}  ({time.monotonic() - self._start:.1f} s)",
+          file=sys.stderr,
+          flush=True,
+        )
         if self._on_progress is not None:
           self._on_progress(self._last_progress)
       else:
@@ -665,12 +783,15 @@ def _check_platform(expected: Optional[str]) -> None:
   device = jax.devices()[0]
   if expected and device.platform != expected:
     raise RuntimeError(
-        f"the worker runs on {device.platform}, the parent on {expected}: JAX fell back after"
-        f" its {expected} backend failed to start (the worker's stderr says why; a memory"
-        f" fraction too large for what is free on the device is one cause)")
+      f"the worker runs on {device.platform}, the parent on {expected}: JAX fell back after"
+      f" its {expected} backend failed to start (the worker's stderr says why; a memory"
+      f" fraction too large for what is free on the device is one cause)"
+    )
   limit = device_memory()["bytes_limit"]
-  progress(f"worker on {device.device_kind} ({device.platform})"
-           + ("" if limit is None else f", bytes_limit {limit / 2**30:.1f} GiB"))
+  progress(
+    f"worker on {device.device_kind} ({device.platform})"
+    + ("" if limit is None else f", bytes_limit {limit / 2**30:.1f} GiB")
+  )
 
 
 def _worker_main() -> None:
@@ -690,9 +811,11 @@ def _worker_main() -> None:
       _check_platform(job.get("platform"))
       result = importlib.import_module(job["module"]).run_job(job)
     except Exception as e:  # pylint: disable=broad-except
-      result = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}",
-                "out_of_memory": is_out_of_memory(e),
-                "traceback": traceback.format_exc()[-3000:]}
+      result = {
+        "error": f"{type(e).__name__}: {str(e).splitlines()[0][:500] if str(e) else ''}",
+        "out_of_memory": is_out_of_memory(e),
+        "traceback": traceback.format_exc()[-3000:],
+      }
     jax.clear_caches()
     _channel.write(_RESULT + json.dumps(result) + "\n")
     _channel.flush()

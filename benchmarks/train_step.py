@@ -22,8 +22,16 @@ from examples.llama.config import MODEL_SIZES as SIZES
 
 DEFAULT_SIZES = ("350m", "1b")
 QUICK_SIZES = ("tiny",)
-DEFAULT_BATCH = {"tiny": 8, "9m": 64, "20m": 64, "60m": 256, "130m": 256, "350m": 128, "1b": 64,
-                 "7b": 8}
+DEFAULT_BATCH = {
+  "tiny": 8,
+  "9m": 64,
+  "20m": 64,
+  "60m": 256,
+  "130m": 256,
+  "350m": 128,
+  "1b": 64,
+  "7b": 8,
+}
 SEQ = 256
 VOCAB = 32000
 # A job of the quick run that takes this long is killed and recorded (jaxlib 0.10's batched CPU
@@ -63,10 +71,10 @@ def run_job(job: dict) -> dict:
   if setup.level == "optimizer" and setup.state_dtype is None:
     # Issue 7's check: state bytes within 2% of the method's formula (float32 state).
     from benchmarks import optimizer_update  # pylint: disable=g-import-not-at-top
+
     shapes = jax.tree.map(lambda x: tuple(x.shape), params)
     analytic = optimizer_update.analytic_state_bytes(setup.method, shapes, setup.rank)
-    row.update(analytic_state_bytes=analytic,
-               state_over_analytic=row["opt_state_bytes"] / analytic)
+    row.update(analytic_state_bytes=analytic, state_over_analytic=row["opt_state_bytes"] / analytic)
   del params, opt_state, frozen
   if setup.steady_count is not None:  # past the step-0 refresh
     carry = (carry[0], setup.set_count(carry[1], setup.steady_count), carry[2])
@@ -81,24 +89,39 @@ def run_job(job: dict) -> dict:
   losses = [float(x) for x in losses]
   # Steps back to back, one sync (`optimizer_step.time_pipelined`, one round).
   from benchmarks import optimizer_step  # pylint: disable=g-import-not-at-top
+
   pipelined_ms, (carry,) = optimizer_step.time_pipelined(
-      lambda c: (train_setups.run_step(compiled, c, tokens)[0],), (carry,), job["reps"], rounds=1)
+    lambda c: (train_setups.run_step(compiled, c, tokens)[0],), (carry,), job["reps"], rounds=1
+  )
   train_setups.progress(f"{job['reps']} steps back to back: {pipelined_ms:.2f} ms per step")
   if job.get("profile_top"):  # where the step's device time goes, kernel by kernel
     from benchmarks import profile_update  # pylint: disable=g-import-not-at-top
+
     carry, row["kernels"] = profile_update.traced_kernels(
-        lambda c: train_setups.run_step(compiled, c, tokens)[0], carry, job["reps"],
-        job["profile_top"])
+      lambda c: train_setups.run_step(compiled, c, tokens)[0],
+      carry,
+      job["reps"],
+      job["profile_top"],
+    )
     train_setups.progress(f"profiled: kernels {row['kernels']['kernel_ms']:.2f} ms per step")
   tokens_per_step = setup.batch * setup.seq
-  row.update(step_ms=step_ms, tokens_per_s=tokens_per_step / (step_ms / 1e3),
-             step_ms_pipelined=pipelined_ms,
-             tokens_per_s_pipelined=tokens_per_step / (pipelined_ms / 1e3),
-             loss_first=losses[0], loss_last=losses[-1],
-             losses_finite=all(math.isfinite(x) for x in losses))
+  row.update(
+    step_ms=step_ms,
+    tokens_per_s=tokens_per_step / (step_ms / 1e3),
+    step_ms_pipelined=pipelined_ms,
+    tokens_per_s_pipelined=tokens_per_step / (pipelined_ms / 1e3),
+    loss_first=losses[0],
+    loss_last=losses[-1],
+    losses_finite=all(math.isfinite(x) for x in losses),
+  )
   if setup.refresh_kind is not None:
-    refresh_ms, carry = _timed(lambda c: train_setups.run_refresh(setup, compiled, c, tokens),
-                               carry, job["refresh_reps"], 1, "refreshes")
+    refresh_ms, carry = _timed(
+      lambda c: train_setups.run_refresh(setup, compiled, c, tokens),
+      carry,
+      job["refresh_reps"],
+      1,
+      "refreshes",
+    )
     t = setup.update_every
     if setup.refresh_kind == "count":  # the refresh step replaces one step in T
       amortise = lambda step: (refresh_ms + (t - 1) * step) / t
@@ -123,14 +146,19 @@ def _ratios(rows) -> None:
   for r in rows:
     if "step_ms" not in r:
       continue
-    for key in ("tokens_per_s", f"tokens_per_s_{AMORTISED}", "tokens_per_s_pipelined",
-                f"tokens_per_s_{AMORTISED}_pipelined"):
+    for key in (
+      "tokens_per_s",
+      f"tokens_per_s_{AMORTISED}",
+      "tokens_per_s_pipelined",
+      f"tokens_per_s_{AMORTISED}_pipelined",
+    ):
       if key in r and key in base:
         r[f"{key}_ratio_to_adamw"] = r[key] / base[key]
     if r.get("peak_bytes_in_use") and base.get("peak_bytes_in_use"):
       r["peak_ratio_to_adamw"] = r["peak_bytes_in_use"] / base["peak_bytes_in_use"]
-    r["need_bytes_ratio_to_adamw"] = (r["memory_analysis"]["step"]["need_bytes"]
-                                      / base["memory_analysis"]["step"]["need_bytes"])
+    r["need_bytes_ratio_to_adamw"] = (
+      r["memory_analysis"]["step"]["need_bytes"] / base["memory_analysis"]["step"]["need_bytes"]
+    )
 
 
 def _targets(rows) -> dict:
@@ -160,35 +188,39 @@ def describe(options, quick) -> dict:
   param = options.get("param_dtype") or "float32"
   state = state_dtype(options)
   return {
-      "dtype": f"compute bfloat16; parameters {param}; optimizer state "
-               + (state or "the method's own (Adam's moments in the parameters' dtype, the"
-                  " library's projector state float32)"),
-      "matmul_precision": "JAX default (TF32 on H100/H200 for float32 products) except the"
-                          " refreshes, which use HIGHEST",
-      "timing": f"median of --reps synced steps after {options.get('warmup', WARMUP)} warm-up"
-                " steps (refreshes: after 1); *_pipelined: --reps steps back to back, one sync;"
-                " random tokens, parameters and state donated; no"
-                " gradient clipping; learning rate: the example's warm-up + cosine schedule",
-      "config": {
-          "seq": options.get("seq") or (QUICK["seq"] if quick else SEQ),
-          "batch": options.get("batch") or ("quick" if quick else DEFAULT_BATCH),
-          "vocab": QUICK["vocab"] if quick else VOCAB,
-          "remat": bool(options.get("remat")),
-          "scan_layers": bool(options.get("scan_layers")), "param_dtype": param,
-          "host_refresh": bool(options.get("host_refresh")),
-          "state_dtype": state or "native", "attention": options.get("attention") or "auto",
-          "rank": options.get("rank") or "hidden / 4",
-          "projected": "attention and MLP kernels (optimizer level: examples/llama/"
-                       "optimizers.py PROJECTED; model level: those nnx.Linear layers)",
-          "update_every_amortised": options.get("update_every") or train_setups.UPDATE_EVERY,
-          "memory_fraction": train_setups.worker_env()["XLA_PYTHON_CLIENT_MEM_FRACTION"],
-          "compilation_cache": options.get("compilation_cache"),
-      },
+    "dtype": f"compute bfloat16; parameters {param}; optimizer state "
+    + (
+      state
+      or "the method's own (Adam's moments in the parameters' dtype, the"
+      " library's projector state float32)"
+    ),
+    "matmul_precision": "JAX default (TF32 on H100/H200 for float32 products) except the"
+    " refreshes, which use HIGHEST",
+    "timing": f"median of --reps synced steps after {options.get('warmup', WARMUP)} warm-up"
+    " steps (refreshes: after 1); *_pipelined: --reps steps back to back, one sync;"
+    " random tokens, parameters and state donated; no"
+    " gradient clipping; learning rate: the example's warm-up + cosine schedule",
+    "config": {
+      "seq": options.get("seq") or (QUICK["seq"] if quick else SEQ),
+      "batch": options.get("batch") or ("quick" if quick else DEFAULT_BATCH),
+      "vocab": QUICK["vocab"] if quick else VOCAB,
+      "remat": bool(options.get("remat")),
+      "scan_layers": bool(options.get("scan_layers")),
+      "param_dtype": param,
+      "host_refresh": bool(options.get("host_refresh")),
+      "state_dtype": state or "native",
+      "attention": options.get("attention") or "auto",
+      "rank": options.get("rank") or "hidden / 4",
+      "projected": "attention and MLP kernels (optimizer level: examples/llama/"
+      "optimizers.py PROJECTED; model level: those nnx.Linear layers)",
+      "update_every_amortised": options.get("update_every") or train_setups.UPDATE_EVERY,
+      "memory_fraction": train_setups.worker_env()["XLA_PYTHON_CLIENT_MEM_FRACTION"],
+      "compilation_cache": options.get("compilation_cache"),
+    },
   }
 
 
-def run(sizes, reps, methods=None, options=None, quick=False, log=print,
-        checkpoint=None) -> dict:
+def run(sizes, reps, methods=None, options=None, quick=False, log=print, checkpoint=None) -> dict:
   """Every method of `methods` (default all; AdamW always) at every size; see the module doc.
 
   `options`: the harness's train_step flags (suites._FLAGS) as keywords, and update_every, warmup.
@@ -209,34 +241,56 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print,
   warmup = options.get("warmup", QUICK["warmup"] if quick else WARMUP)
   isolate = jax.devices()[0].platform != "cpu"
   results = {"methods": methods, "sizes": []}
-  timeout = options.get("job_timeout_s") or (QUICK_JOB_TIMEOUT_S if quick
-                                             else train_setups.JOB_TIMEOUT_S)
+  timeout = options.get("job_timeout_s") or (
+    QUICK_JOB_TIMEOUT_S if quick else train_setups.JOB_TIMEOUT_S
+  )
   results["job_timeout_s"] = timeout
   save = checkpoint or (lambda results: None)
   with train_setups.Workers(isolate, timeout, log=log) as workers:
     for size in sizes:
       batch = options.get("batch") or (QUICK["batch"] if quick else DEFAULT_BATCH.get(size, 64))
-      fields = train_setups.model_fields(SIZES[size], vocab, bool(options.get("remat")),
-                                         options.get("param_dtype") or "float32",
-                                         bool(options.get("scan_layers")))
-      entry = {"size": size, "model": fields, "n_params": train_setups.n_params(fields),
-               "batch": batch,
-               "seq": seq, "tokens_per_step": batch * seq,
-               "rank": options.get("rank") or fields["hidden"] // 4, "rows": []}
+      fields = train_setups.model_fields(
+        SIZES[size],
+        vocab,
+        bool(options.get("remat")),
+        options.get("param_dtype") or "float32",
+        bool(options.get("scan_layers")),
+      )
+      entry = {
+        "size": size,
+        "model": fields,
+        "n_params": train_setups.n_params(fields),
+        "batch": batch,
+        "seq": seq,
+        "tokens_per_step": batch * seq,
+        "rank": options.get("rank") or fields["hidden"] // 4,
+        "rows": [],
+      }
       results["sizes"].append(entry)
-      log(f"LLaMA {size}: {entry['n_params'] / 1e6:.1f}M params, batch {batch} x {seq},"
-          f" rank {entry['rank']}")
+      log(
+        f"LLaMA {size}: {entry['n_params'] / 1e6:.1f}M params, batch {batch} x {seq},"
+        f" rank {entry['rank']}"
+      )
       save(results)
       for method in methods:
-        job = {"module": __name__, "method": method, "size": size, "model": fields,
-               "batch": batch, "seq": seq, "rank": entry["rank"],
-               "state_dtype": state_dtype(options),
-               "attention": options.get("attention") or "auto",
-               "update_every": options.get("update_every") or train_setups.UPDATE_EVERY,
-               "reps": reps, "warmup": warmup, "refresh_reps": max(2, reps // 5),
-               "profile_top": options.get("profile_top"),
-               "host_refresh": bool(options.get("host_refresh")),
-               "compilation_cache": options.get("compilation_cache")}
+        job = {
+          "module": __name__,
+          "method": method,
+          "size": size,
+          "model": fields,
+          "batch": batch,
+          "seq": seq,
+          "rank": entry["rank"],
+          "state_dtype": state_dtype(options),
+          "attention": options.get("attention") or "auto",
+          "update_every": options.get("update_every") or train_setups.UPDATE_EVERY,
+          "reps": reps,
+          "warmup": warmup,
+          "refresh_reps": max(2, reps // 5),
+          "profile_top": options.get("profile_top"),
+          "host_refresh": bool(options.get("host_refresh")),
+          "compilation_cache": options.get("compilation_cache"),
+        }
         row = {"method": method, "status": "running"}
         entry["rows"].append(row)
         save(results)
@@ -261,31 +315,61 @@ def _log_row(row, log) -> None:
     return
   peak = row.get("peak_bytes_in_use")
   refresh = f"   refresh {row['refresh_ms']:9.1f} ms" if "refresh_ms" in row else ""
-  log(f"  {row['method']:<22} {row['step_ms']:9.2f} ms  {row['tokens_per_s']:12.0f} tok/s"
-      f"   back to back {row.get('step_ms_pipelined', float('nan')):9.2f} ms"
-      f"   amortised {row[f'tokens_per_s_{AMORTISED}']:12.0f} tok/s{refresh}"
-      f"   peak {'-' if peak is None else f'{peak / 2**30:.2f} GiB'}"
-      f"   compile {sum(row['compile_s'].values()):.1f} s")
+  log(
+    f"  {row['method']:<22} {row['step_ms']:9.2f} ms  {row['tokens_per_s']:12.0f} tok/s"
+    f"   back to back {row.get('step_ms_pipelined', float('nan')):9.2f} ms"
+    f"   amortised {row[f'tokens_per_s_{AMORTISED}']:12.0f} tok/s{refresh}"
+    f"   peak {'-' if peak is None else f'{peak / 2**30:.2f} GiB'}"
+    f"   compile {sum(row['compile_s'].values()):.1f} s"
+  )
 
 
 def figure(result):
   """Amortised tokens/s and peak memory (predicted need where no peak is measured) per method."""
   sizes = result["results"]["sizes"]
-  methods = [m for m in train_setups.METHODS
-             if any(r["method"] == m and "step_ms" in r for s in sizes for r in s["rows"])]
+  methods = [
+    m
+    for m in train_setups.METHODS
+    if any(r["method"] == m and "step_ms" in r for s in sizes for r in s["rows"])
+  ]
   measured = all(r.get("peak_bytes_in_use") for s in sizes for r in s["rows"] if "step_ms" in r)
-  memory = ((lambda r: r["peak_bytes_in_use"]) if measured
-            else (lambda r: r["memory_analysis"]["step"]["need_bytes"]))
-  by_size = {f"{s['size']} ({s['batch']}×{s['seq']})":
-             {r["method"]: r for r in s["rows"] if "step_ms" in r} for s in sizes}
+  memory = (
+    (lambda r: r["peak_bytes_in_use"])
+    if measured
+    else (lambda r: r["memory_analysis"]["step"]["need_bytes"])
+  )
+  by_size = {
+    f"{s['size']} ({s['batch']}×{s['seq']})": {r["method"]: r for r in s["rows"] if "step_ms" in r}
+    for s in sizes
+  }
   fig, axes = record.subplots(1, 2, figsize=(12, 4.5))
   for ax, value, title, ylabel in [
-      (axes[0], lambda r: r[f"tokens_per_s_{AMORTISED}"] / 1e3, "whole train step throughput",
-       f"thousand tokens/s (refresh amortised over {train_setups.UPDATE_EVERY})"),
-      (axes[1], lambda r: memory(r) / 2**30, "peak device memory (memory_stats)" if measured
-       else "predicted need (memory_analysis: args + outputs − aliases + temp)", "GiB")]:
-    record.bars(ax, methods, {label: [value(by[m]) if m in by else 0 for m in methods]
-                              for label, by in by_size.items()}, title, ylabel, "LLaMA")
-  fig.suptitle(f"train step, {result['device']}, bf16 compute, parameters "
-               f"{sizes[0]['model']['param_dtype'] if sizes else ''}", fontsize=10)
+    (
+      axes[0],
+      lambda r: r[f"tokens_per_s_{AMORTISED}"] / 1e3,
+      "whole train step throughput",
+      f"thousand tokens/s (refresh amortised over {train_setups.UPDATE_EVERY})",
+    ),
+    (
+      axes[1],
+      lambda r: memory(r) / 2**30,
+      "peak device memory (memory_stats)"
+      if measured
+      else "predicted need (memory_analysis: args + outputs − aliases + temp)",
+      "GiB",
+    ),
+  ]:
+    record.bars(
+      ax,
+      methods,
+      {label: [value(by[m]) if m in by else 0 for m in methods] for label, by in by_size.items()},
+      title,
+      ylabel,
+      "LLaMA",
+    )
+  fig.suptitle(
+    f"train step, {result['device']}, bf16 compute, parameters "
+    f"{sizes[0]['model']['param_dtype'] if sizes else ''}",
+    fontsize=10,
+  )
   return fig

@@ -39,13 +39,13 @@ def _transformations(rank: int) -> dict:
 
   lr = 1e-3
   return {
-      "galore": osub.galore(lr, rank, UPDATE_EVERY, mask=PROJECTED),
-      "galore_transport_bf16": osub.galore(lr, rank, UPDATE_EVERY, mask=PROJECTED,
-                                           on_change="transport",
-                                           projection_dtype=jnp.bfloat16),
-      "osd": osub.online_subspace_descent(lr, rank, mask=PROJECTED),
-      "rso": osub.rso(lr, rank, UPDATE_EVERY, mask=PROJECTED),
-      "grass": osub.grass(lr, rank, UPDATE_EVERY, mask=PROJECTED),
+    "galore": osub.galore(lr, rank, UPDATE_EVERY, mask=PROJECTED),
+    "galore_transport_bf16": osub.galore(
+      lr, rank, UPDATE_EVERY, mask=PROJECTED, on_change="transport", projection_dtype=jnp.bfloat16
+    ),
+    "osd": osub.online_subspace_descent(lr, rank, mask=PROJECTED),
+    "rso": osub.rso(lr, rank, UPDATE_EVERY, mask=PROJECTED),
+    "grass": osub.grass(lr, rank, UPDATE_EVERY, mask=PROJECTED),
   }
 
 
@@ -57,8 +57,9 @@ def worker(size: str, out: str) -> None:
 
   shapes = optimizer_step.llama_shapes(**optimizer_step.SIZES[size])
   params = optimizer_step.make_tree(shapes, 0, optimizer_step.synthetic_gradient)
-  grads = [optimizer_step.make_tree(shapes, 1 + t, optimizer_step.synthetic_gradient)
-           for t in range(STEPS)]
+  grads = [
+    optimizer_step.make_tree(shapes, 1 + t, optimizer_step.synthetic_gradient) for t in range(STEPS)
+  ]
   hashes, samples = {}, {}
   for name, tx in _transformations(optimizer_step.SIZES[size]["rank"]).items():
     state, update = tx.init(params), jax.jit(tx.update)
@@ -68,7 +69,7 @@ def worker(size: str, out: str) -> None:
         key = f"{name}/{t}/{jax.tree_util.keystr(path)}"
         u = np.asarray(u)
         hashes[key] = hashlib.sha256(u.tobytes()).hexdigest()
-        samples[key] = u.reshape(-1)[::max(1, u.size // SAMPLE)].astype(np.float64)
+        samples[key] = u.reshape(-1)[:: max(1, u.size // SAMPLE)].astype(np.float64)
   np.savez(out, **samples)
   pathlib.Path(out + ".json").write_text(json.dumps(hashes))
 
@@ -83,10 +84,18 @@ def _run_worker(tree: pathlib.Path, size: str, out: pathlib.Path) -> str:
   link.mkdir()
   (link / "optax_subspace").symlink_to(tree / "optax_subspace", target_is_directory=True)
   env = dict(os.environ, PYTHONPATH=f"{link}{os.pathsep}{ROOT}")
-  code = ("import os, sys, optax_subspace; from benchmarks import update_identity as u; "
-          "u.worker(sys.argv[1], sys.argv[2]); print(os.path.realpath(optax_subspace.__file__))")
-  done = subprocess.run([sys.executable, "-c", code, size, str(out)], check=True, env=env,
-                        cwd=out.parent, capture_output=True, text=True)
+  code = (
+    "import os, sys, optax_subspace; from benchmarks import update_identity as u; "
+    "u.worker(sys.argv[1], sys.argv[2]); print(os.path.realpath(optax_subspace.__file__))"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code, size, str(out)],
+    check=True,
+    env=env,
+    cwd=out.parent,
+    capture_output=True,
+    text=True,
+  )
   return done.stdout.strip().splitlines()[-1]
 
 
@@ -111,9 +120,10 @@ def compare(current: tuple[dict, dict], baseline: tuple[dict, dict]) -> dict:
 
 def main(argv=None):
   args = suites.script_parser(
-      __doc__, baseline=("HEAD", "the commit to compare against (any git revision)"),
-      size=("60m", "the LLaMA tree (benchmarks/optimizer_step.py SIZES)"),
-      rtol=(1e-6, "largest relative sample difference still called the same"),
+    __doc__,
+    baseline=("HEAD", "the commit to compare against (any git revision)"),
+    size=("60m", "the LLaMA tree (benchmarks/optimizer_step.py SIZES)"),
+    rtol=(1e-6, "largest relative sample difference still called the same"),
   ).parse_args(argv)
   from benchmarks import optimizer_step  # pylint: disable=g-import-not-at-top
 
@@ -122,29 +132,44 @@ def main(argv=None):
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
     base = tmp / "baseline"
-    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), args.baseline],
-                   check=True, cwd=ROOT)
+    subprocess.run(
+      ["git", "worktree", "add", "--detach", "-q", str(base), args.baseline], check=True, cwd=ROOT
+    )
     try:
       runs, imported = [], {}
       for tree, name in ((ROOT, "current"), (base, "baseline")):
         imported[name] = _run_worker(tree, args.size, tmp / f"{name}.npz")
         if not imported[name].startswith(str(tree.resolve())):
           raise RuntimeError(f"the {name} worker imported {imported[name]}, not its tree's")
-        runs.append((json.loads((tmp / f"{name}.npz.json").read_text()),
-                     dict(np.load(tmp / f"{name}.npz"))))
+        runs.append(
+          (json.loads((tmp / f"{name}.npz.json").read_text()), dict(np.load(tmp / f"{name}.npz")))
+        )
     finally:
       subprocess.run(["git", "worktree", "remove", "--force", str(base)], check=True, cwd=ROOT)
-    baseline_commit = subprocess.run(["git", "rev-parse", "--short", args.baseline],
-                                     check=True, cwd=ROOT, capture_output=True,
-                                     text=True).stdout.strip()
+    baseline_commit = subprocess.run(
+      ["git", "rev-parse", "--short", args.baseline],
+      check=True,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+    ).stdout.strip()
   methods = compare(*runs)
   for row in methods.values():
     row["same"] = row["bitwise_identical"] == row["leaves"] or row["max_rel_diff"] <= args.rtol
-  result = {**record.provenance("update_identity", argv), "baseline": baseline_commit,
-            "size": args.size, "steps": STEPS, "update_every": UPDATE_EVERY, "rtol": args.rtol,
-            "methods": methods, "all_same": all(r["same"] for r in methods.values())}
+  result = {
+    **record.provenance("update_identity", argv),
+    "baseline": baseline_commit,
+    "size": args.size,
+    "steps": STEPS,
+    "update_every": UPDATE_EVERY,
+    "rtol": args.rtol,
+    "methods": methods,
+    "all_same": all(r["same"] for r in methods.values()),
+  }
   record.write_json(args.out, result)
   for name, row in methods.items():
-    print(f"{name:24s} {row['bitwise_identical']}/{row['leaves']} leaf updates bitwise identical,"
-          f" max relative difference {row['max_rel_diff']:.2e}")
+    print(
+      f"{name:24s} {row['bitwise_identical']}/{row['leaves']} leaf updates bitwise identical,"
+      f" max relative difference {row['max_rel_diff']:.2e}"
+    )
   return result

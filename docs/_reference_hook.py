@@ -23,7 +23,7 @@ def public_names(package: str) -> list[tuple[str, str]]:
       for alias in node.names:
         source[alias.asname or alias.name] = node.module
     elif isinstance(node, ast.Assign) and any(
-        isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
+      isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets
     ):
       names = ast.literal_eval(node.value)
   return [(name, source.get(name, package)) for name in names]
@@ -44,7 +44,7 @@ def on_page_markdown(markdown, page, **kwargs):
   lines = []
   for line in markdown.splitlines():
     if line.startswith(MARKER):
-      lines.append(directives(line[len(MARKER):].split()[0]))
+      lines.append(directives(line[len(MARKER) :].split()[0]))
     else:
       lines.append(line)
   return "\n".join(lines) + "\n"

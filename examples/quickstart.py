@@ -16,9 +16,8 @@ def main(steps: int = 300):
   x = jax.random.normal(k1, (256, 64))
   y = jnp.tanh(x @ jax.random.normal(k2, (64, 32)) / 8)
   params = {
-      "hidden": {"kernel": jax.random.normal(k3, (64, 256)) / 8,
-                 "bias": jnp.zeros(256)},
-      "out": {"kernel": jnp.zeros((256, 32)), "bias": jnp.zeros(32)},
+    "hidden": {"kernel": jax.random.normal(k3, (64, 256)) / 8, "bias": jnp.zeros(256)},
+    "out": {"kernel": jnp.zeros((256, 32)), "bias": jnp.zeros(32)},
   }
 
   def loss_fn(p):
@@ -26,11 +25,10 @@ def main(steps: int = 300):
     return jnp.mean((h @ p["out"]["kernel"] + p["out"]["bias"] - y) ** 2)
 
   methods = {
-      "adamw": optax.adamw(3e-3, weight_decay=0.0),
-      # Project the kernels (not the biases) on rank 16, refresh every 50.
-      "galore": osub.galore(3e-3, rank=16, update_every=50, mask="kernel"),
-      "online_subspace_descent": osub.online_subspace_descent(
-          3e-3, rank=16, mask="kernel"),
+    "adamw": optax.adamw(3e-3, weight_decay=0.0),
+    # Project the kernels (not the biases) on rank 16, refresh every 50.
+    "galore": osub.galore(3e-3, rank=16, update_every=50, mask="kernel"),
+    "online_subspace_descent": osub.online_subspace_descent(3e-3, rank=16, mask="kernel"),
   }
   print(f"{'method':<26}{'loss':>10}{'state bytes':>14}")
   for name, tx in methods.items():

@@ -29,8 +29,7 @@ def _log(beta):
 
 def _matrix_counts(params):
   """One zero step count per matrix of each leaf: shape ``leaf.shape[:-2]``."""
-  return jax.tree_util.tree_map(
-      lambda x: jnp.zeros(jnp.shape(x)[:-2], jnp.int32), params)
+  return jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x)[:-2], jnp.int32), params)
 
 
 def _against(c, x):
@@ -38,14 +37,12 @@ def _against(c, x):
   return jnp.reshape(c, jnp.shape(c) + (1,) * (jnp.ndim(x) - jnp.ndim(c)))
 
 
-def scale_by_precise_adam(b1, b2, eps, mu_dtype, eps_before_correction,
-                          per_matrix_count=False):
+def scale_by_precise_adam(b1, b2, eps, mu_dtype, eps_before_correction, per_matrix_count=False):
   """Adam with bias corrections as precise as torch's (see `_log`)."""
 
   def init_fn(params):
     mu = optax.tree.zeros_like(params, dtype=mu_dtype)
-    count = (_matrix_counts(params) if per_matrix_count
-             else jnp.zeros([], jnp.int32))
+    count = _matrix_counts(params) if per_matrix_count else jnp.zeros([], jnp.int32)
     return ScaleByHfAdamState(count, mu, optax.tree.zeros_like(params))
 
   def corrections(count):
@@ -67,14 +64,15 @@ def scale_by_precise_adam(b1, b2, eps, mu_dtype, eps_before_correction,
     if per_matrix_count:
       count = jax.tree_util.tree_map(optax.safe_increment, state.count)
       new = jax.tree_util.tree_map(
-          lambda m, v, c: scale(m, v, *(_against(x, m)
-                                        for x in corrections(c))
-                                ).astype(m.dtype), mu, nu, count)
+        lambda m, v, c: scale(m, v, *(_against(x, m) for x in corrections(c))).astype(m.dtype),
+        mu,
+        nu,
+        count,
+      )
     else:
       count = optax.safe_increment(state.count)
       c1, c2 = corrections(count)
-      new = jax.tree_util.tree_map(
-          lambda m, v: scale(m, v, c1, c2).astype(m.dtype), mu, nu)
+      new = jax.tree_util.tree_map(lambda m, v: scale(m, v, c1, c2).astype(m.dtype), mu, nu)
     mu = optax.tree.cast(mu, mu_dtype)
     return new, ScaleByHfAdamState(count, mu, nu)
 
@@ -82,11 +80,11 @@ def scale_by_precise_adam(b1, b2, eps, mu_dtype, eps_before_correction,
 
 
 def scale_by_hf_adam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    mu_dtype: Optional[jnp.dtype] = None,
-    per_matrix_count: bool = False,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  mu_dtype: Optional[jnp.dtype] = None,
+  per_matrix_count: bool = False,
 ) -> optax.GradientTransformation:
   r"""Adam whose eps is added to the un-bias-corrected √v (HF AdamW).
 
@@ -125,8 +123,9 @@ def scale_by_hf_adam(
     >>> import optax, optax_subspace as osub
     >>> tx = optax.chain(osub.scale_by_hf_adam(), optax.scale(-1e-3))
   """
-  return scale_by_precise_adam(b1, b2, eps, mu_dtype, eps_before_correction=True,
-                        per_matrix_count=per_matrix_count)
+  return scale_by_precise_adam(
+    b1, b2, eps, mu_dtype, eps_before_correction=True, per_matrix_count=per_matrix_count
+  )
 
 
 def torch_adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01):
@@ -152,7 +151,7 @@ def torch_adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01):
     >>> tx = osub.torch_adamw(1e-3)
   """
   return optax.chain(
-      scale_by_precise_adam(b1, b2, eps, None, eps_before_correction=False),
-      optax.add_decayed_weights(weight_decay),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_precise_adam(b1, b2, eps, None, eps_before_correction=False),
+    optax.add_decayed_weights(weight_decay),
+    optax.scale_by_learning_rate(learning_rate),
   )

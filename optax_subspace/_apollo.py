@@ -64,9 +64,15 @@ def scaling_factors(r: jax.Array, n: jax.Array, granularity: str = "channel") ->
   return _fira.matrix_norm_ratio(r, n)
 
 
-def apollo_output(g: jax.Array, r: jax.Array, n: jax.Array, state: NormGrowthState, *,
-                  granularity: str = "channel", gamma: float = GAMMA
-                  ) -> tuple[jax.Array, NormGrowthState]:
+def apollo_output(
+  g: jax.Array,
+  r: jax.Array,
+  n: jax.Array,
+  state: NormGrowthState,
+  *,
+  granularity: str = "channel",
+  gamma: float = GAMMA,
+) -> tuple[jax.Array, NormGrowthState]:
   r"""APOLLO's update direction for one matrix: the full G scaled, then limited (s, l).
 
       G̃ = G · diag(s)    (APOLLO-Mini: G̃ = s · G)

@@ -33,9 +33,12 @@ REFRESH_CHUNK_BYTES = 1 << 28
 OPTIMIZER_REFRESH_CHUNK_BYTES = 1 << 32
 
 
-def chunks(items: Iterable[T], group: Callable[[T], Hashable],
-           nbytes: Callable[[T], int],
-           budget: int | None = None) -> list[tuple[Hashable, list[T]]]:
+def chunks(
+  items: Iterable[T],
+  group: Callable[[T], Hashable],
+  nbytes: Callable[[T], int],
+  budget: int | None = None,
+) -> list[tuple[Hashable, list[T]]]:
   """(group key, items) for runs of `items` of one group, each at most `budget` bytes.
 
   Items keep their order within a group; groups come in the order of their

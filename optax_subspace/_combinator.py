@@ -90,12 +90,13 @@ def _state_children(s):
 
 
 jax.tree_util.register_pytree_with_keys(
-    ProjectSubspaceState,
-    lambda s: (tuple((jax.tree_util.GetAttrKey(f), getattr(s, f))
-                     for f in _state_children(s)), s.plan),
-    lambda plan, children: ProjectSubspaceState(*children, plan=plan),
-    flatten_func=lambda s: (tuple(getattr(s, f) for f in _state_children(s)),
-                            s.plan),
+  ProjectSubspaceState,
+  lambda s: (
+    tuple((jax.tree_util.GetAttrKey(f), getattr(s, f)) for f in _state_children(s)),
+    s.plan,
+  ),
+  lambda plan, children: ProjectSubspaceState(*children, plan=plan),
+  flatten_func=lambda s: (tuple(getattr(s, f) for f in _state_children(s)), s.plan),
 )
 
 
@@ -110,13 +111,12 @@ def _restore_structure(pstate, template):
   want, treedef = jax.tree_util.tree_flatten_with_path(template)
   if jax.tree_util.tree_structure(pstate) == treedef:
     return pstate
-  got = {_leaves.path_str(p): x
-         for p, x in jax.tree_util.tree_flatten_with_path(pstate)[0]}
+  got = {_leaves.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(pstate)[0]}
   names = [_leaves.path_str(p) for p, _ in want]
   if sorted(got) != sorted(names):
     raise ValueError(
-        f"projector state has fields {sorted(got)}, expected {sorted(names)}:"
-        " was the state made by another projector?"
+      f"projector state has fields {sorted(got)}, expected {sorted(names)}:"
+      " was the state made by another projector?"
     )
   return jax.tree_util.tree_unflatten(treedef, [got[n] for n in names])
 
@@ -141,15 +141,19 @@ def _init_projector(projector, i, leaf: _leaves.LeafPlan):
   keys = _base.matrix_keys(i, leaf.num_matrices)
   one = lambda key: projector.init(leaf.side, leaf.other, leaf.rank, key)
   return jax.tree_util.tree_map(
-      lambda y: y.reshape(leaf.batch_shape + y.shape[1:]), jax.vmap(one)(keys))
+    lambda y: y.reshape(leaf.batch_shape + y.shape[1:]), jax.vmap(one)(keys)
+  )
 
 
 def _projector_states(projector, plan, updates, tree) -> dict:
   """{leaf: projector state} of the projected leaves, in `init`'s containers."""
   flat = projector_treedef(updates).flatten_up_to(tree)
-  return {i: _restore_structure(flat[i], jax.eval_shape(
-      functools.partial(_init_projector, projector, i, plan[i])))
-          for i in plan.projected}
+  return {
+    i: _restore_structure(
+      flat[i], jax.eval_shape(functools.partial(_init_projector, projector, i, plan[i]))
+    )
+    for i in plan.projected
+  }
 
 
 def _limiter_states(plan, updates, state) -> dict:
@@ -166,12 +170,12 @@ def _key_paths(tree) -> list:
 
 def _static_refresh(subspace_refresh):
   """`update`'s ``subspace_refresh`` as None or a Python bool."""
-  if subspace_refresh is not None and not isinstance(subspace_refresh,
-                                                     (bool, np.bool_)):
+  if subspace_refresh is not None and not isinstance(subspace_refresh, (bool, np.bool_)):
     raise TypeError(
-        "subspace_refresh must be None, True or False (a Python bool the"
-        " caller computes from its step count; under jit a static argument),"
-        f" got {type(subspace_refresh).__name__}.")
+      "subspace_refresh must be None, True or False (a Python bool the"
+      " caller computes from its step count; under jit a static argument),"
+      f" got {type(subspace_refresh).__name__}."
+    )
   return None if subspace_refresh is None else bool(subspace_refresh)
 
 
@@ -199,12 +203,13 @@ def _check_arguments(on_change, side, refresh_chunk_bytes):
   if side not in _leaves.SIDES:
     raise ValueError(f"side must be one of {_leaves.SIDES}, got {side!r}.")
   if refresh_chunk_bytes is not None and (
-      isinstance(refresh_chunk_bytes, bool)
-      or not isinstance(refresh_chunk_bytes, (int, np.integer))
-      or refresh_chunk_bytes <= 0):
+    isinstance(refresh_chunk_bytes, bool)
+    or not isinstance(refresh_chunk_bytes, (int, np.integer))
+    or refresh_chunk_bytes <= 0
+  ):
     raise ValueError(
-        "refresh_chunk_bytes must be None or a positive int (bytes),"
-        f" got {refresh_chunk_bytes!r}.")
+      f"refresh_chunk_bytes must be None or a positive int (bytes), got {refresh_chunk_bytes!r}."
+    )
 
 
 def _on_explicit_mesh(update, updates, state, params, extra_args):
@@ -223,32 +228,49 @@ def _on_explicit_mesh(update, updates, state, params, extra_args):
   plain path.
   """
   sharding = jax.sharding
-  if not hasattr(jax, "typeof") or not all(hasattr(sharding, n) for n in (
-      "AxisType", "auto_axes", "use_abstract_mesh", "get_abstract_mesh")):
+  if not hasattr(jax, "typeof") or not all(
+    hasattr(sharding, n)
+    for n in ("AxisType", "auto_axes", "use_abstract_mesh", "get_abstract_mesh")
+  ):
     return update(updates, state, params, **extra_args)
-  typed = lambda x: isinstance(x, jax.Array) and hasattr(
-      getattr(jax.typeof(x), "sharding", None), "mesh")
+  typed = lambda x: (
+    isinstance(x, jax.Array) and hasattr(getattr(jax.typeof(x), "sharding", None), "mesh")
+  )
   leaves = jax.tree_util.tree_leaves((updates, state, params, extra_args))
   meshes = [jax.typeof(x).sharding.mesh for x in leaves if typed(x)]
-  mesh = next((m for m in meshes + [sharding.get_abstract_mesh()]
-               if sharding.AxisType.Explicit in tuple(m.axis_types)), None)
+  mesh = next(
+    (
+      m
+      for m in meshes + [sharding.get_abstract_mesh()]
+      if sharding.AxisType.Explicit in tuple(m.axis_types)
+    ),
+    None,
+  )
   if mesh is None:
     return update(updates, state, params, **extra_args)
   # Outside jit (no tracers), moving arrays onto the mesh needs its devices:
   # the concrete mesh of an input, when one is on it.
   concrete = None
   tracer = getattr(jax.core, "Tracer", None)
-  if hasattr(sharding, "set_mesh") and tracer is not None and not any(
-      isinstance(x, tracer) for x in leaves):
-    concrete = next((
-        x.sharding.mesh for x in leaves
+  if (
+    hasattr(sharding, "set_mesh")
+    and tracer is not None
+    and not any(isinstance(x, tracer) for x in leaves)
+  ):
+    concrete = next(
+      (
+        x.sharding.mesh
+        for x in leaves
         if isinstance(getattr(x, "sharding", None), sharding.NamedSharding)
         and isinstance(x.sharding.mesh, sharding.Mesh)
-        and x.sharding.mesh.abstract_mesh == mesh), None)
-  explicit = tuple(n for n, t in zip(mesh.axis_names, mesh.axis_types)
-                   if t == sharding.AxisType.Explicit)
-  spec = lambda x: (jax.typeof(x).sharding.spec if typed(x)
-                    else sharding.PartitionSpec())
+        and x.sharding.mesh.abstract_mesh == mesh
+      ),
+      None,
+    )
+  explicit = tuple(
+    n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == sharding.AxisType.Explicit
+  )
+  spec = lambda x: jax.typeof(x).sharding.spec if typed(x) else sharding.PartitionSpec()
   out_specs = jax.tree_util.tree_map(spec, (updates, state))
   # Array-valued extra arguments go through auto_axes with the rest; any
   # other value is closed over as it is.
@@ -261,27 +283,27 @@ def _on_explicit_mesh(update, updates, state, params, extra_args):
       leaves[i] = x
     return update(u, s, p, **e_def.unflatten(leaves))
 
-  with (sharding.use_abstract_mesh(mesh) if concrete is None
-        else sharding.set_mesh(concrete)):
+  with sharding.use_abstract_mesh(mesh) if concrete is None else sharding.set_mesh(concrete):
     return sharding.auto_axes(auto, axes=explicit, out_sharding=out_specs)(
-        updates, state, params, [e_leaves[i] for i in e_arrays])
+      updates, state, params, [e_leaves[i] for i in e_arrays]
+    )
 
 
 def project_subspace(
-    inner: optax.GradientTransformation,
-    projector: _base.Projector,
-    *,
-    scale: float = 1.0,
-    mask: _leaves.MaskSpec = None,
-    dims: _leaves.DimsSpec = None,
-    on_change: str = "keep",
-    projection_dtype=None,
-    side: str = "smaller",
-    refresh_chunk_bytes: int | None = None,
-    residual: Any = None,
-    residual_scale: float = 1.0,
-    output: str = "back_project",
-    gamma: float = 1.01,
+  inner: optax.GradientTransformation,
+  projector: _base.Projector,
+  *,
+  scale: float = 1.0,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  on_change: str = "keep",
+  projection_dtype=None,
+  side: str = "smaller",
+  refresh_chunk_bytes: int | None = None,
+  residual: Any = None,
+  residual_scale: float = 1.0,
+  output: str = "back_project",
+  gamma: float = 1.01,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` on low-rank projections of the selected gradients.
 
@@ -420,49 +442,59 @@ def project_subspace(
   """
   _check_arguments(on_change, side, refresh_chunk_bytes)
   stages = _stages.Stages(residual, residual_scale, output, gamma)
-  schedule = (projector.needs_refresh if isinstance(
-      projector.needs_refresh, _base.RefreshSchedule) else None)
-  make_plan = functools.partial(_plan.make_plan, rank=projector.rank,
-                                mask=mask, dims=dims, side=side)
+  schedule = (
+    projector.needs_refresh if isinstance(projector.needs_refresh, _base.RefreshSchedule) else None
+  )
+  make_plan = functools.partial(
+    _plan.make_plan, rank=projector.rank, mask=mask, dims=dims, side=side
+  )
 
   def init_fn(params):
     plan = make_plan(params)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    pstates = [_init_projector(projector, i, leaf) if leaf.projected
-               else optax.MaskedNode() for i, leaf in enumerate(plan)]
-    low_rank = [jnp.zeros(leaf.low_rank_shape, jnp.result_type(x))
-                if leaf.projected else x for leaf, x in zip(plan, leaves)]
+    pstates = [
+      _init_projector(projector, i, leaf) if leaf.projected else optax.MaskedNode()
+      for i, leaf in enumerate(plan)
+    ]
+    low_rank = [
+      jnp.zeros(leaf.low_rank_shape, jnp.result_type(x)) if leaf.projected else x
+      for leaf, x in zip(plan, leaves)
+    ]
     inner_state = inner.init(treedef.unflatten(low_rank))
     if on_change == "transport":
       _transport.check_transport(inner_state, plan, _key_paths(params))
     for i in plan.projected:
       stages.check_state_free((plan[i].side, plan[i].other))
     return ProjectSubspaceState(
-        count=jnp.zeros([], jnp.int32),
-        projectors=projector_treedef(params).unflatten(pstates),
-        inner=inner_state,
-        schedule=schedule,
-        refresh_mismatch=jnp.full([], -1, jnp.int32),
-        limiter=projector_treedef(params).unflatten([
-            jnp.zeros(leaf.batch_shape, jnp.float32) if leaf.projected
-            else optax.MaskedNode() for leaf in plan]) if stages.limited
-        else None,
-        plan=plan,
+      count=jnp.zeros([], jnp.int32),
+      projectors=projector_treedef(params).unflatten(pstates),
+      inner=inner_state,
+      schedule=schedule,
+      refresh_mismatch=jnp.full([], -1, jnp.int32),
+      limiter=projector_treedef(params).unflatten(
+        [
+          jnp.zeros(leaf.batch_shape, jnp.float32) if leaf.projected else optax.MaskedNode()
+          for leaf in plan
+        ]
+      )
+      if stages.limited
+      else None,
+      plan=plan,
     )
 
-  def update(updates, state, params=None, *, subspace_refresh=None,
-             **extra_args):
+  def update(updates, state, params=None, *, subspace_refresh=None, **extra_args):
     due = _static_refresh(subspace_refresh)
-    plan = (make_plan(updates, quiet=True) if state.plan is None
-            else state.plan)
+    plan = make_plan(updates, quiet=True) if state.plan is None else state.plan
     g, treedef = jax.tree_util.tree_flatten(updates)
     w = None if params is None else treedef.flatten_up_to(params)
     count, transport = state.count, on_change == "transport"
-    pipe = _pipeline.Pipeline(projector, plan, projection_dtype or jnp.float32,
-                              PRODUCT_ALIGNMENT, OWN_BATCH_MATRICES)
+    pipe = _pipeline.Pipeline(
+      projector, plan, projection_dtype or jnp.float32, PRODUCT_ALIGNMENT, OWN_BATCH_MATRICES
+    )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(
-        on_change, inner_state, plan, _key_paths(updates), old, new, changed)
+      on_change, inner_state, plan, _key_paths(updates), old, new, changed
+    )
 
     # 1. Refresh when due (GaLore: steps 0, T, 2T, ...; OSD: step 0). This
     # step's bases are then evaluated once, shared by every product and by
@@ -471,46 +503,57 @@ def project_subspace(
     # selections) form them only for "transport".
     old = pipe.bases(pstates) if transport else None
     pstates, changed = pipe.refresh(
-        pstates, g, count, due, _chunks.OPTIMIZER_REFRESH_CHUNK_BYTES
-        if refresh_chunk_bytes is None else refresh_chunk_bytes)
+      pstates,
+      g,
+      count,
+      due,
+      _chunks.OPTIMIZER_REFRESH_CHUNK_BYTES if refresh_chunk_bytes is None else refresh_chunk_bytes,
+    )
     bases = pipe.bases(pstates) if pipe.dense or transport else None
     inner_state = moved(state.inner, old, bases, changed)
     # 2. Project: R = PᵀG (and what the projector's advance reads of G).
     r, x = pipe.project(pstates, bases, g)
     # 3. Inner: N = inner(R), on the low-rank tree.
     n, inner_state = _pipeline.inner_update(
-        inner, plan, treedef, g, r,
-        None if w is None else pipe.project_params(pstates, bases, w),
-        inner_state, w, extra_args)
+      inner,
+      plan,
+      treedef,
+      g,
+      r,
+      None if w is None else pipe.project_params(pstates, bases, w),
+      inner_state,
+      w,
+      extra_args,
+    )
     # 4. Back-project: ΔW = α·P·N; with a residual stage α·(P·N + S), S
     # from G − P·R (FRUGAL, Fira); or the output mode's α·G·diag(s) (APOLLO).
-    alpha, mismatch = _guarded_scale(projector, plan, count, due, scale,
-                                     state.refresh_mismatch)
+    alpha, mismatch = _guarded_scale(projector, plan, count, due, scale, state.refresh_mismatch)
     u, norms = dict(enumerate(n)), _limiter_states(plan, updates, state)
     if stages.scales_output:
       projected, norms = pipe.scale_output(stages, g, r, n, alpha, norms)
     else:
       terms = None
       if stages.has_residual:
-        terms, n, norms = pipe.residual(stages, pstates, bases, g, r, n,
-                                        norms)
+        terms, n, norms = pipe.residual(stages, pstates, bases, g, r, n, norms)
       projected = pipe.back_project(pstates, bases, n, alpha, g, terms)
     u.update(projected)
     # 5. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
     if projector.advance is not None and plan.projected:
       pstates, changed = pipe.advance(pstates, bases, x, count)
-      inner_state = moved(inner_state, bases,
-                          pipe.bases(pstates) if transport else None, changed)
+      inner_state = moved(inner_state, bases, pipe.bases(pstates) if transport else None, changed)
 
     return treedef.unflatten([u[i] for i in range(len(g))]), state._replace(
-        count=optax.safe_increment(count),
-        projectors=projector_treedef(updates).unflatten(
-            [pstates.get(i, optax.MaskedNode()) for i in range(len(g))]),
-        inner=inner_state,
-        refresh_mismatch=mismatch,
-        limiter=None if state.limiter is None else
-        projector_treedef(updates).unflatten(
-            [norms.get(i, optax.MaskedNode()) for i in range(len(g))]),
+      count=optax.safe_increment(count),
+      projectors=projector_treedef(updates).unflatten(
+        [pstates.get(i, optax.MaskedNode()) for i in range(len(g))]
+      ),
+      inner=inner_state,
+      refresh_mismatch=mismatch,
+      limiter=None
+      if state.limiter is None
+      else projector_treedef(updates).unflatten(
+        [norms.get(i, optax.MaskedNode()) for i in range(len(g))]
+      ),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -552,11 +595,10 @@ def subspace_plan(opt_state: Any) -> _plan.SubspacePlan | None:
     (4, 2, (2, 8))
   """
   is_state = lambda x: isinstance(x, ProjectSubspaceState)
-  plans = {x.plan for x in jax.tree_util.tree_leaves(opt_state,
-                                                     is_leaf=is_state)
-           if is_state(x)}
+  plans = {x.plan for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state) if is_state(x)}
   if len(plans) > 1:
     raise ValueError(
-        f"opt_state holds {len(plans)} project_subspace states with different"
-        " plans: read each state's `plan`.")
+      f"opt_state holds {len(plans)} project_subspace states with different"
+      " plans: read each state's `plan`."
+    )
   return plans.pop() if plans else None

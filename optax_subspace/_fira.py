@@ -49,8 +49,9 @@ def init_norm_growth() -> NormGrowthState:
   return NormGrowthState(jnp.zeros([], jnp.float32))
 
 
-def norm_growth_limit(x: jax.Array, state: NormGrowthState, gamma: float = GAMMA
-                      ) -> tuple[jax.Array, NormGrowthState]:
+def norm_growth_limit(
+  x: jax.Array, state: NormGrowthState, gamma: float = GAMMA
+) -> tuple[jax.Array, NormGrowthState]:
   r"""Caps the growth of ‖x‖ from one step to the next at the factor γ.
 
       x ← x · γ / max(‖x‖ / (‖x_{t−1}‖ + ε), γ)
@@ -82,8 +83,9 @@ def norm_growth_limit(x: jax.Array, state: NormGrowthState, gamma: float = GAMMA
   return x * factor, state
 
 
-def limit_factor(norm: jax.Array, state: NormGrowthState, gamma: float = GAMMA
-                 ) -> tuple[jax.Array, NormGrowthState]:
+def limit_factor(
+  norm: jax.Array, state: NormGrowthState, gamma: float = GAMMA
+) -> tuple[jax.Array, NormGrowthState]:
   """`norm_growth_limit`'s factor γ / max(‖x‖ / (‖x_{t−1}‖ + ε), γ) from ‖x‖, and its new state."""
   previous = state.previous_norm
   ratio = jnp.where(previous > 0, norm / (previous + NORM_EPS), 0.0)
@@ -91,9 +93,15 @@ def limit_factor(norm: jax.Array, state: NormGrowthState, gamma: float = GAMMA
   return factor, NormGrowthState((norm * factor).astype(jnp.float32))
 
 
-def fused_fira_terms(g: jax.Array, r: jax.Array, n: jax.Array, state: NormGrowthState, *,
-                     gamma: float = GAMMA, granularity: str = "column"
-                     ) -> tuple[jax.Array, jax.Array, NormGrowthState]:
+def fused_fira_terms(
+  g: jax.Array,
+  r: jax.Array,
+  n: jax.Array,
+  state: NormGrowthState,
+  *,
+  gamma: float = GAMMA,
+  granularity: str = "column",
+) -> tuple[jax.Array, jax.Array, NormGrowthState]:
   r"""`fira_residual` regrouped so that the update needs one product with P: (c·G·D, N − c·R·D).
 
       P·N + c·(G − P·R)·D = c·G·D + P·(N − c·R·D)
@@ -118,8 +126,7 @@ def fused_fira_terms(g: jax.Array, r: jax.Array, n: jax.Array, state: NormGrowth
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
   if r.shape[0] >= g.shape[0]:
     return jnp.zeros_like(g), n, state
-  scaling = (column_norm_ratio(r, n)[None, :] if granularity == "column"
-             else matrix_norm_ratio(r, n))
+  scaling = column_norm_ratio(r, n)[None, :] if granularity == "column" else matrix_norm_ratio(r, n)
   g_d, r_d = g * scaling, r * scaling
   norm = jnp.sqrt(jnp.maximum(jnp.sum(g_d * g_d) - jnp.sum(r_d * r_d), 0.0))
   factor, state = limit_factor(norm, state, gamma)
@@ -146,9 +153,16 @@ def matrix_norm_ratio(r: jax.Array, n: jax.Array) -> jax.Array:
   return jnp.linalg.norm(n) / (jnp.linalg.norm(r) + NORM_EPS)
 
 
-def fira_residual(g: jax.Array, back_r: jax.Array, r: jax.Array, n: jax.Array,
-                  state: NormGrowthState, *, gamma: float = GAMMA,
-                  granularity: str = "column") -> tuple[jax.Array, NormGrowthState]:
+def fira_residual(
+  g: jax.Array,
+  back_r: jax.Array,
+  r: jax.Array,
+  n: jax.Array,
+  state: NormGrowthState,
+  *,
+  gamma: float = GAMMA,
+  granularity: str = "column",
+) -> tuple[jax.Array, NormGrowthState]:
   r"""Fira's term for the gradient outside the subspace, limited: S_t (s, l).
 
       S_t = (G − P·R) · diag(k),  k_j = ‖N_{:,j}‖ / (‖R_{:,j}‖ + ε)

@@ -55,8 +55,9 @@ def complement(g: jax.Array, back_r: jax.Array) -> jax.Array:
   return g - back_r
 
 
-def state_free_update(residual: jax.Array, rule: str = RULE,
-                      scale: float = FREE_SCALE) -> jax.Array:
+def state_free_update(
+  residual: jax.Array, rule: str = RULE, scale: float = FREE_SCALE
+) -> jax.Array:
   r"""The state-free optimizer's direction on the residual: scale · sign(G_free) or scale · G_free.
 
   signSGD (Bernstein et al., arXiv:1802.04434) or SGD, FRUGAL's two
@@ -80,8 +81,9 @@ def state_free_update(residual: jax.Array, rule: str = RULE,
   return (scale * direction).astype(jnp.float32)
 
 
-def frugal_residual(g: jax.Array, back_r: jax.Array, r: jax.Array, *,
-                    rule: str = RULE, scale: float = FREE_SCALE) -> jax.Array:
+def frugal_residual(
+  g: jax.Array, back_r: jax.Array, r: jax.Array, *, rule: str = RULE, scale: float = FREE_SCALE
+) -> jax.Array:
   r"""FRUGAL's state-free term U (s, l) for one matrix: no state.
 
       U = scale · sign(G − P·R)   (rule "sign_sgd"),   U = scale · (G − P·R)   ("sgd")

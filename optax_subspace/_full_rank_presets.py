@@ -27,38 +27,39 @@ APOLLO_GRANULARITIES = {"channel": "scale", "tensor": "scale_tensor"}
 
 
 def _svd_projector(projector, rank, update_every, seed, name):
-  """"svd", "randomized_svd" or a `Projector`, as `galore` takes it."""
+  """ "svd", "randomized_svd" or a `Projector`, as `galore` takes it."""
   if isinstance(projector, _base.Projector):
     return projector
   if projector == "svd":
     return projectors_lib.svd(rank, update_every)
   if projector == "randomized_svd":
     return projectors_lib.randomized_svd(rank, update_every, seed=seed)
-  raise ValueError(f"{name}: projector must be 'svd', 'randomized_svd' or a"
-                   f" Projector, got {projector!r}.")
+  raise ValueError(
+    f"{name}: projector must be 'svd', 'randomized_svd' or a Projector, got {projector!r}."
+  )
 
 
 def fira(
-    learning_rate: ScalarOrSchedule,
-    rank: int = 128,
-    update_every: int = _fira.UPDATE_EVERY,
-    scale: float = _fira.SCALE,
-    *,
-    gamma: float = _fira.GAMMA,
-    granularity: str = "column",
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_placement: str = "hf",
-    weight_decay: float = 0.0,
-    mask: _leaves.MaskSpec = None,
-    dims: _leaves.DimsSpec = None,
-    projector: Union[str, _base.Projector] = "svd",
-    on_change: str = "keep",
-    seed: int = 0,
-    projection_dtype: Any = None,
-    refresh_chunk_bytes: Optional[int] = None,
-    unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
+  learning_rate: ScalarOrSchedule,
+  rank: int = 128,
+  update_every: int = _fira.UPDATE_EVERY,
+  scale: float = _fira.SCALE,
+  *,
+  gamma: float = _fira.GAMMA,
+  granularity: str = "column",
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  weight_decay: float = 0.0,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  projector: Union[str, _base.Projector] = "svd",
+  on_change: str = "keep",
+  seed: int = 0,
+  projection_dtype: Any = None,
+  refresh_chunk_bytes: Optional[int] = None,
+  unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""Fira: GaLore plus the residual G − P·R, scaled by Adam's norm ratios and limited.
 
@@ -113,15 +114,26 @@ def fira(
     >>> tx = osub.fira(1e-2, rank=128, mask=r"kernel")
   """
   if granularity not in FIRA_GRANULARITIES:
-    raise ValueError(f"granularity must be one of {tuple(FIRA_GRANULARITIES)},"
-                     f" got {granularity!r}.")
+    raise ValueError(
+      f"granularity must be one of {tuple(FIRA_GRANULARITIES)}, got {granularity!r}."
+    )
   return _presets.subspace_adamw(
-      learning_rate, _svd_projector(projector, rank, update_every, seed,
-                                    "fira"),
-      scale, b1, b2, eps, eps_placement, weight_decay, mask, dims, on_change,
-      projection_dtype, refresh_chunk_bytes=refresh_chunk_bytes,
-      unprojected_learning_rate=unprojected_learning_rate,
-      stages=dict(residual=FIRA_GRANULARITIES[granularity], gamma=gamma))
+    learning_rate,
+    _svd_projector(projector, rank, update_every, seed, "fira"),
+    scale,
+    b1,
+    b2,
+    eps,
+    eps_placement,
+    weight_decay,
+    mask,
+    dims,
+    on_change,
+    projection_dtype,
+    refresh_chunk_bytes=refresh_chunk_bytes,
+    unprojected_learning_rate=unprojected_learning_rate,
+    stages=dict(residual=FIRA_GRANULARITIES[granularity], gamma=gamma),
+  )
 
 
 def _frugal_projector(projector, rank, update_every, seed):
@@ -131,35 +143,34 @@ def _frugal_projector(projector, rank, update_every, seed):
   if projector == "svd":
     return projectors_lib.svd(rank, update_every)
   if projector == "random":
-    return projectors_lib.random(rank, update_every, distribution="haar",
-                                 seed=seed)
+    return projectors_lib.random(rank, update_every, distribution="haar", seed=seed)
   if projector == "rows":
-    return projectors_lib.sparse_rows(rank, update_every, selection="topk",
-                                      seed=seed)
-  raise ValueError("frugal: projector must be 'svd', 'random', 'rows' or a"
-                   f" Projector, got {projector!r}.")
+    return projectors_lib.sparse_rows(rank, update_every, selection="topk", seed=seed)
+  raise ValueError(
+    f"frugal: projector must be 'svd', 'random', 'rows' or a Projector, got {projector!r}."
+  )
 
 
 def frugal(
-    learning_rate: ScalarOrSchedule,
-    rank: int = 128,
-    update_every: int = _frugal.UPDATE_EVERY,
-    *,
-    rule: Union[str, optax.GradientTransformation] = _frugal.RULE,
-    free_scale: float = _frugal.FREE_SCALE,
-    projector: Union[str, _base.Projector] = "svd",
-    on_change: str = _frugal.ON_CHANGE,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_placement: str = "hf",
-    weight_decay: float = 0.0,
-    mask: _leaves.MaskSpec = None,
-    dims: _leaves.DimsSpec = None,
-    seed: int = 0,
-    projection_dtype: Any = None,
-    refresh_chunk_bytes: Optional[int] = None,
-    unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
+  learning_rate: ScalarOrSchedule,
+  rank: int = 128,
+  update_every: int = _frugal.UPDATE_EVERY,
+  *,
+  rule: Union[str, optax.GradientTransformation] = _frugal.RULE,
+  free_scale: float = _frugal.FREE_SCALE,
+  projector: Union[str, _base.Projector] = "svd",
+  on_change: str = _frugal.ON_CHANGE,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  weight_decay: float = 0.0,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  seed: int = 0,
+  projection_dtype: Any = None,
+  refresh_chunk_bytes: Optional[int] = None,
+  unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""FRUGAL: Adam in a subspace, a state-free signSGD (or SGD) on the rest.
 
@@ -219,47 +230,64 @@ def frugal(
     >>> tx = osub.frugal(1e-3, rank=128, mask=r"kernel")
   """
   return _presets.subspace_adamw(
-      learning_rate, _frugal_projector(projector, rank, update_every, seed),
-      _frugal.SCALE, b1, b2, eps, eps_placement, weight_decay, mask, dims,
-      on_change, projection_dtype, refresh_chunk_bytes=refresh_chunk_bytes,
-      unprojected_learning_rate=unprojected_learning_rate,
-      per_matrix_count=on_change == "reset",
-      stages=dict(residual=rule, residual_scale=free_scale))
+    learning_rate,
+    _frugal_projector(projector, rank, update_every, seed),
+    _frugal.SCALE,
+    b1,
+    b2,
+    eps,
+    eps_placement,
+    weight_decay,
+    mask,
+    dims,
+    on_change,
+    projection_dtype,
+    refresh_chunk_bytes=refresh_chunk_bytes,
+    unprojected_learning_rate=unprojected_learning_rate,
+    per_matrix_count=on_change == "reset",
+    stages=dict(residual=rule, residual_scale=free_scale),
+  )
 
 
-def _apollo_preset(learning_rate, rank, update_every, scale, granularity, gamma,
-            seed, kwargs):
+def _apollo_preset(learning_rate, rank, update_every, scale, granularity, gamma, seed, kwargs):
   return _presets.subspace_adamw(
-      learning_rate,
-      projectors_lib.random(rank, update_every, distribution="gaussian",
-                            seed=seed),
-      scale, kwargs["b1"], kwargs["b2"], kwargs["eps"],
-      kwargs["eps_placement"], kwargs["weight_decay"], kwargs["mask"],
-      kwargs["dims"], kwargs["on_change"], kwargs["projection_dtype"],
-      refresh_chunk_bytes=kwargs["refresh_chunk_bytes"],
-      unprojected_learning_rate=kwargs["unprojected_learning_rate"],
-      stages=dict(output=APOLLO_GRANULARITIES[granularity], gamma=gamma))
+    learning_rate,
+    projectors_lib.random(rank, update_every, distribution="gaussian", seed=seed),
+    scale,
+    kwargs["b1"],
+    kwargs["b2"],
+    kwargs["eps"],
+    kwargs["eps_placement"],
+    kwargs["weight_decay"],
+    kwargs["mask"],
+    kwargs["dims"],
+    kwargs["on_change"],
+    kwargs["projection_dtype"],
+    refresh_chunk_bytes=kwargs["refresh_chunk_bytes"],
+    unprojected_learning_rate=kwargs["unprojected_learning_rate"],
+    stages=dict(output=APOLLO_GRANULARITIES[granularity], gamma=gamma),
+  )
 
 
 def apollo(
-    learning_rate: ScalarOrSchedule,
-    rank: int = 128,
-    update_every: int = _apollo.UPDATE_EVERY,
-    scale: float = _apollo.SCALE,
-    *,
-    gamma: float = _apollo.GAMMA,
-    seed: int = 0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_placement: str = "hf",
-    weight_decay: float = 0.0,
-    mask: _leaves.MaskSpec = None,
-    dims: _leaves.DimsSpec = None,
-    on_change: str = "keep",
-    projection_dtype: Any = None,
-    refresh_chunk_bytes: Optional[int] = None,
-    unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
+  learning_rate: ScalarOrSchedule,
+  rank: int = 128,
+  update_every: int = _apollo.UPDATE_EVERY,
+  scale: float = _apollo.SCALE,
+  *,
+  gamma: float = _apollo.GAMMA,
+  seed: int = 0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  weight_decay: float = 0.0,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  on_change: str = "keep",
+  projection_dtype: Any = None,
+  refresh_chunk_bytes: Optional[int] = None,
+  unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""APOLLO: the full gradient scaled channel-wise by factors from Adam on a random projection.
 
@@ -310,28 +338,27 @@ def apollo(
     >>> import optax_subspace as osub
     >>> tx = osub.apollo(1e-2, rank=128, mask=r"kernel")
   """
-  return _apollo_preset(learning_rate, rank, update_every, scale, "channel", gamma,
-                 seed, locals())
+  return _apollo_preset(learning_rate, rank, update_every, scale, "channel", gamma, seed, locals())
 
 
 def apollo_mini(
-    learning_rate: ScalarOrSchedule,
-    update_every: int = _apollo.UPDATE_EVERY,
-    scale: float = _apollo.MINI_SCALE,
-    *,
-    gamma: float = _apollo.GAMMA,
-    seed: int = 0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_placement: str = "hf",
-    weight_decay: float = 0.0,
-    mask: _leaves.MaskSpec = None,
-    dims: _leaves.DimsSpec = None,
-    on_change: str = "keep",
-    projection_dtype: Any = None,
-    refresh_chunk_bytes: Optional[int] = None,
-    unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
+  learning_rate: ScalarOrSchedule,
+  update_every: int = _apollo.UPDATE_EVERY,
+  scale: float = _apollo.MINI_SCALE,
+  *,
+  gamma: float = _apollo.GAMMA,
+  seed: int = 0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  weight_decay: float = 0.0,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  on_change: str = "keep",
+  projection_dtype: Any = None,
+  refresh_chunk_bytes: Optional[int] = None,
+  unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""APOLLO-Mini: rank 1, one scaling factor per matrix: SGD-like memory.
 
@@ -373,5 +400,6 @@ def apollo_mini(
     >>> import optax_subspace as osub
     >>> tx = osub.apollo_mini(1e-2, mask=r"kernel")
   """
-  return _apollo_preset(learning_rate, _apollo.MINI_RANK, update_every, scale,
-                 "tensor", gamma, seed, locals())
+  return _apollo_preset(
+    learning_rate, _apollo.MINI_RANK, update_every, scale, "tensor", gamma, seed, locals()
+  )

@@ -16,26 +16,26 @@ ON_CHANGE = {"reset": "reset", "remap": "transport"}
 
 
 def grass(
-    learning_rate: _presets.ScalarOrSchedule,
-    rank: int = 128,
-    update_every: int = 200,
-    selection: str = "topk",
-    *,
-    on_change: str = "reset",
-    scale: float = 1.0,
-    replacement: Optional[bool] = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_placement: str = "hf",
-    weight_decay: float = 0.0,
-    mask: _leaves.MaskSpec = None,
-    dims: _leaves.DimsSpec = None,
-    seed: int = 0,
-    projection_dtype=None,
-    side: str = "smaller",
-    restart_bias_correction: bool = True,
-    unprojected_learning_rate: Optional[_presets.ScalarOrSchedule] = None,
+  learning_rate: _presets.ScalarOrSchedule,
+  rank: int = 128,
+  update_every: int = 200,
+  selection: str = "topk",
+  *,
+  on_change: str = "reset",
+  scale: float = 1.0,
+  replacement: Optional[bool] = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  weight_decay: float = 0.0,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  seed: int = 0,
+  projection_dtype=None,
+  side: str = "smaller",
+  restart_bias_correction: bool = True,
+  unprojected_learning_rate: Optional[_presets.ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""GRASS: AdamW whose moments live on r selected rows of each matrix.
 
@@ -111,14 +111,24 @@ def grass(
     ...                             mask=r"kernel"))
   """
   if on_change not in ON_CHANGE:
-    raise ValueError(
-        f"grass: on_change must be one of {tuple(ON_CHANGE)}, got"
-        f" {on_change!r}.")
+    raise ValueError(f"grass: on_change must be one of {tuple(ON_CHANGE)}, got {on_change!r}.")
   projector = projectors_lib.sparse_rows(
-      rank, update_every, selection=selection, replacement=replacement,
-      seed=seed)
+    rank, update_every, selection=selection, replacement=replacement, seed=seed
+  )
   return _presets.subspace_adamw(
-      learning_rate, projector, scale, b1, b2, eps, eps_placement,
-      weight_decay, mask, dims, ON_CHANGE[on_change], projection_dtype,
-      side, unprojected_learning_rate=unprojected_learning_rate,
-      per_matrix_count=restart_bias_correction and on_change == "reset")
+    learning_rate,
+    projector,
+    scale,
+    b1,
+    b2,
+    eps,
+    eps_placement,
+    weight_decay,
+    mask,
+    dims,
+    ON_CHANGE[on_change],
+    projection_dtype,
+    side,
+    unprojected_learning_rate=unprojected_learning_rate,
+    per_matrix_count=restart_bias_correction and on_change == "reset",
+  )

@@ -43,9 +43,7 @@ class MatrixDims(NamedTuple):
   cols: Union[int, Sequence[int]] = 1
 
 
-DimsSpec = Union[
-    None, MatrixDims, Callable[[str, Any], Optional[MatrixDims]], Any
-]
+DimsSpec = Union[None, MatrixDims, Callable[[str, Any], Optional[MatrixDims]], Any]
 # A regex on leaf paths, `leaf_predicate(fn)`, a callable of the params tree
 # returning a tree of bools (optax's convention), or such a tree.
 MaskSpec = Union[None, str, "LeafPredicate", Callable[[Any], Any], Any]
@@ -88,7 +86,7 @@ class LeafPlan(NamedTuple):
   @property
   def batch_axes(self) -> tuple[int, ...]:
     """The leaf's axes that index its matrices (leading in `perm`)."""
-    return self.perm[:len(self.batch_shape)]
+    return self.perm[: len(self.batch_shape)]
 
   @property
   def side(self) -> int:
@@ -187,12 +185,12 @@ def leaf_paths(tree) -> list[str]:
   leaf whichever form the tree comes in.
   """
   paths = []
-  for path, x in jax.tree_util.tree_flatten_with_path(
-      tree, is_leaf=is_variable)[0]:
+  for path, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)[0]:
     if is_variable(x):
-      paths.extend(path_str(tuple(path) + tuple(sub)) for sub, _ in
-                   jax.tree_util.tree_flatten_with_path(
-                       unwrap_variables(x))[0])
+      paths.extend(
+        path_str(tuple(path) + tuple(sub))
+        for sub, _ in jax.tree_util.tree_flatten_with_path(unwrap_variables(x))[0]
+      )
     else:
       paths.append(path_str(path))
   return paths
@@ -205,9 +203,7 @@ def _as_axes(spec, ndim: int, what: str, path: str) -> tuple[int, ...]:
   out = []
   for a in axes:
     if not -ndim <= int(a) < ndim:
-      raise ValueError(
-          f"MatrixDims.{what}={spec} does not fit leaf '{path}' of rank {ndim}."
-      )
+      raise ValueError(f"MatrixDims.{what}={spec} does not fit leaf '{path}' of rank {ndim}.")
     out.append(int(a) % ndim)
   return tuple(out)
 
@@ -279,14 +275,14 @@ def _spread(mask_tree, params, what: str) -> list[bool]:
   mask_tree, pure = unwrap_variables(mask_tree), unwrap_variables(params)
   try:
     spread = jax.tree_util.tree_map(
-        lambda m, sub: [bool(m)] * len(jax.tree_util.tree_leaves(sub)),
-        mask_tree, pure)
+      lambda m, sub: [bool(m)] * len(jax.tree_util.tree_leaves(sub)), mask_tree, pure
+    )
   except (ValueError, TypeError, KeyError) as e:
     raise ValueError(
-        f"{what} is a pytree whose structure does not match the parameters"
-        " (it must be their structure or a prefix of it):"
-        f"\n  mask:   {jax.tree_util.tree_structure(mask_tree)}"
-        f"\n  params: {jax.tree_util.tree_structure(pure)}"
+      f"{what} is a pytree whose structure does not match the parameters"
+      " (it must be their structure or a prefix of it):"
+      f"\n  mask:   {jax.tree_util.tree_structure(mask_tree)}"
+      f"\n  params: {jax.tree_util.tree_structure(pure)}"
     ) from e
   return jax.tree_util.tree_leaves(spread)
 
@@ -295,17 +291,15 @@ def _leaf_mask(mask: MaskSpec, paths, leaves, params) -> list[bool]:
   """Resolves `mask` to one bool per leaf."""
   if mask is None:  # every floating-point matrix or batch of matrices
     return [
-        len(np.shape(x)) >= 2
-        and jnp.issubdtype(jnp.result_type(x), jnp.floating)
-        for x in leaves
+      len(np.shape(x)) >= 2 and jnp.issubdtype(jnp.result_type(x), jnp.floating) for x in leaves
     ]
   if isinstance(mask, str):
     pattern = re.compile(mask)
     selected = [bool(pattern.search(p)) for p in paths]
     if not any(selected):
       raise ValueError(
-          f"mask {mask!r} matches no parameter path. Paths are matched with"
-          f" re.search against: {paths[:8]}{' ...' if len(paths) > 8 else ''}"
+        f"mask {mask!r} matches no parameter path. Paths are matched with"
+        f" re.search against: {paths[:8]}{' ...' if len(paths) > 8 else ''}"
       )
     return selected
   if isinstance(mask, LeafPredicate):
@@ -313,13 +307,14 @@ def _leaf_mask(mask: MaskSpec, paths, leaves, params) -> list[bool]:
   if callable(mask):
     if _takes_path_and_leaf(mask):
       warnings.warn(
-          "mask: a callable of (path, leaf) is read as a per-leaf predicate;"
-          " wrap it as optax_subspace.leaf_predicate(fn). A bare callable mask"
-          " follows optax's convention, mask(params) -> tree of bools.",
-          DeprecationWarning, stacklevel=5)
+        "mask: a callable of (path, leaf) is read as a per-leaf predicate;"
+        " wrap it as optax_subspace.leaf_predicate(fn). A bare callable mask"
+        " follows optax's convention, mask(params) -> tree of bools.",
+        DeprecationWarning,
+        stacklevel=5,
+      )
       return [bool(mask(p, x)) for p, x in zip(paths, leaves)]
-    return _spread(mask(unwrap_variables(params)), params,
-                   "mask(params) returned a tree that")
+    return _spread(mask(unwrap_variables(params)), params, "mask(params) returned a tree that")
   return _spread(mask, params, "mask")
 
 
@@ -336,19 +331,22 @@ def _leaf_dims(dims: DimsSpec, paths, leaves, treedef) -> list:
   if callable(dims):
     return [dims(p, x) for p, x in zip(paths, leaves)]
   dims_leaves, dims_def = jax.tree_util.tree_flatten(
-      dims, is_leaf=lambda d: d is None or isinstance(d, MatrixDims)
+    dims, is_leaf=lambda d: d is None or isinstance(d, MatrixDims)
   )
   if dims_def != treedef:
     raise ValueError(
-        "dims is a pytree whose structure does not match the parameters:"
-        f"\n  dims:   {dims_def}\n  params: {treedef}"
+      "dims is a pytree whose structure does not match the parameters:"
+      f"\n  dims:   {dims_def}\n  params: {treedef}"
     )
   return dims_leaves
 
 
 def plan_leaves(
-    params, rank: int, mask: MaskSpec = None, dims: DimsSpec = None,
-    side: str = "smaller",
+  params,
+  rank: int,
+  mask: MaskSpec = None,
+  dims: DimsSpec = None,
+  side: str = "smaller",
 ) -> tuple[list[LeafPlan], Any]:
   """Decides, for each leaf of `params`, whether and how it is projected.
 
@@ -372,18 +370,18 @@ def plan_leaves(
       continue
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
       raise TypeError(
-          f"Leaf '{path}' is selected for projection but has dtype"
-          f" {jnp.result_type(x)}; only floating-point leaves can be projected."
-          " Exclude it with `mask`."
+        f"Leaf '{path}' is selected for projection but has dtype"
+        f" {jnp.result_type(x)}; only floating-point leaves can be projected."
+        " Exclude it with `mask`."
       )
     ndim = len(shape)
     if d is None:
       if ndim != 2:
         raise ValueError(
-            f"Leaf '{path}' of shape {shape} is selected for projection but is"
-            " not 2-D: say which axes form the matrix with"
-            " `dims=MatrixDims(rows=..., cols=...)` (other axes are batch"
-            " axes), or exclude it with `mask`."
+          f"Leaf '{path}' of shape {shape} is selected for projection but is"
+          " not 2-D: say which axes form the matrix with"
+          " `dims=MatrixDims(rows=..., cols=...)` (other axes are batch"
+          " axes), or exclude it with `mask`."
         )
       d = MatrixDims(0, 1)
     rows = _as_axes(d.rows, ndim, "rows", path)
@@ -401,39 +399,38 @@ def plan_leaves(
     if rank >= s:
       clamped.append(path)
     plans.append(
-        LeafPlan(
-            path=path,
-            shape=shape,
-            projected=True,
-            perm=batch + rows + cols,
-            batch_shape=tuple(shape[a] for a in batch),
-            rows=m,
-            cols=n,
-            axis=axis,
-            rank=min(rank, s),
-            row_axes=rows,
-            col_axes=cols,
-        )
+      LeafPlan(
+        path=path,
+        shape=shape,
+        projected=True,
+        perm=batch + rows + cols,
+        batch_shape=tuple(shape[a] for a in batch),
+        rows=m,
+        cols=n,
+        axis=axis,
+        rank=min(rank, s),
+        row_axes=rows,
+        col_axes=cols,
+      )
     )
   if clamped:
-    what = {"smaller": "smaller side", "rows": "row (input) side",
-            "cols": "column (output) side"}[side]
+    what = {"smaller": "smaller side", "rows": "row (input) side", "cols": "column (output) side"}[
+      side
+    ]
     warnings.warn(
-        f"rank {rank} is not below the {what} of {len(clamped)} leaves"
-        f" ({', '.join(clamped[:4])}{', ...' if len(clamped) > 4 else ''}):"
-        f" they are projected on their full {what} (an exact rotation for an"
-        " orthonormal basis, which saves no memory). Lower the rank or"
-        " exclude them with `mask`.",
-        stacklevel=4,
+      f"rank {rank} is not below the {what} of {len(clamped)} leaves"
+      f" ({', '.join(clamped[:4])}{', ...' if len(clamped) > 4 else ''}):"
+      f" they are projected on their full {what} (an exact rotation for an"
+      " orthonormal basis, which saves no memory). Lower the rank or"
+      " exclude them with `mask`.",
+      stacklevel=4,
     )
   return plans, treedef
 
 
 def to_oriented(x, plan: LeafPlan):
   """Leaf -> (*batch, s, l): the projected side first, as projectors see it."""
-  x = jnp.transpose(x, plan.perm).reshape(
-      plan.batch_shape + (plan.rows, plan.cols)
-  )
+  x = jnp.transpose(x, plan.perm).reshape(plan.batch_shape + (plan.rows, plan.cols))
   return x if plan.axis == 0 else jnp.swapaxes(x, -1, -2)
 
 

@@ -48,14 +48,13 @@ def over_batch(fn, leaf: _leaves.LeafPlan, *args, in_axes):
     return fn(*args)
   b = leaf.num_matrices
   flat = [
-      jax.tree_util.tree_map(lambda x: x.reshape((b,) + x.shape[
-          len(leaf.batch_shape):]), a) if ax == 0 else a
-      for a, ax in zip(args, in_axes)
+    jax.tree_util.tree_map(lambda x: x.reshape((b,) + x.shape[len(leaf.batch_shape) :]), a)
+    if ax == 0
+    else a
+    for a, ax in zip(args, in_axes)
   ]
   out = jax.vmap(fn, in_axes=in_axes)(*flat)
-  return jax.tree_util.tree_map(
-      lambda x: x.reshape(leaf.batch_shape + x.shape[1:]), out
-  )
+  return jax.tree_util.tree_map(lambda x: x.reshape(leaf.batch_shape + x.shape[1:]), out)
 
 
 def stacked(fn, plan: _plan.SubspacePlan, leaves, group, *trees):
@@ -72,21 +71,21 @@ def stacked(fn, plan: _plan.SubspacePlan, leaves, group, *trees):
     groups.setdefault(group(plan[i]), []).append(i)
   results = {}
   for members in groups.values():
-    flat = lambda x, i: x.reshape((plan[i].num_matrices,) + x.shape[
-        len(plan[i].batch_shape):])
+    flat = lambda x, i: x.reshape((plan[i].num_matrices,) + x.shape[len(plan[i].batch_shape) :])
     cat = lambda xs: xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=0)
     stacks = [
-        jax.tree_util.tree_map(
-            lambda *xs: cat([flat(x, i) for x, i in zip(xs, members)]),
-            *[tree[i] for i in members])
-        for tree in trees
+      jax.tree_util.tree_map(
+        lambda *xs: cat([flat(x, i) for x, i in zip(xs, members)]), *[tree[i] for i in members]
+      )
+      for tree in trees
     ]
     out = jax.vmap(fn)(*stacks)
     start = 0
     for i in members:
       leaf, stop = plan[i], start + plan[i].num_matrices
       results[i] = jax.tree_util.tree_map(
-          lambda x: x[start:stop].reshape(leaf.batch_shape + x.shape[1:]), out)
+        lambda x: x[start:stop].reshape(leaf.batch_shape + x.shape[1:]), out
+      )
       start = stop
   return results
 
@@ -96,7 +95,7 @@ def _pad(x, extra):
 
 
 def _cut(x, extra):
-  return x if not extra else x[..., :x.shape[-1] - extra]
+  return x if not extra else x[..., : x.shape[-1] - extra]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,23 +153,25 @@ class Pipeline:
     states, changed, previous = dict(pstates), {}, None
     predicate = None if due else projector.needs_refresh(count)
     size = lambda i: 4 * plan[i].num_matrices * plan[i].side * plan[i].other
-    for _, chunk in _chunks.chunks(plan.projected, lambda i: plan[i].bucket,
-                                   size, chunk_bytes):
-      sub, raw = _chunks.after(previous, ({i: pstates[i] for i in chunk},
-                                          {i: g[i] for i in chunk}))
+    for _, chunk in _chunks.chunks(plan.projected, lambda i: plan[i].bucket, size, chunk_bytes):
+      sub, raw = _chunks.after(previous, ({i: pstates[i] for i in chunk}, {i: g[i] for i in chunk}))
 
       def refreshed(sub, raw, chunk=chunk):
-        out = stacked(lambda state, x: projector.refresh(state, x, count),
-                      plan, chunk, lambda leaf: leaf.bucket, sub,
-                      {i: self.orient(i, x) for i, x in raw.items()})
+        out = stacked(
+          lambda state, x: projector.refresh(state, x, count),
+          plan,
+          chunk,
+          lambda leaf: leaf.bucket,
+          sub,
+          {i: self.orient(i, x) for i, x in raw.items()},
+        )
         return {i: tuple(out[i]) for i in out}
 
       def kept(sub, raw, chunk=chunk):
         del raw
         return {i: (sub[i], unchanged(i)) for i in chunk}
 
-      out = (refreshed(sub, raw) if due else
-             jax.lax.cond(predicate, refreshed, kept, sub, raw))
+      out = refreshed(sub, raw) if due else jax.lax.cond(predicate, refreshed, kept, sub, raw)
       for i, (state, moved) in out.items():
         states[i], changed[i] = state, moved
       previous = out
@@ -185,10 +186,12 @@ class Pipeline:
     """
     projected = self.plan.projected
     if self.projector.batch_basis:
-      return stacked(self.projector.basis, self.plan, projected,
-                     lambda leaf: (leaf.side, leaf.rank), pstates)
-    return {i: over_batch(self.projector.basis, self.plan[i], pstates[i],
-                          in_axes=(0,)) for i in projected}
+      return stacked(
+        self.projector.basis, self.plan, projected, lambda leaf: (leaf.side, leaf.rank), pstates
+      )
+    return {
+      i: over_batch(self.projector.basis, self.plan[i], pstates[i], in_axes=(0,)) for i in projected
+    }
 
   def _padding(self, i, own):
     """Zero columns to add to leaf i's (…, l) operands of the dense products.
@@ -220,12 +223,14 @@ class Pipeline:
     for i in self.plan.projected:
       extra = self._padding(i, self.projector.project)
       padded = _pad(self.orient(i, g[i]), extra)
-      r_padded = self._product(self.projector.project, _base.dense_project,
-                               i, pstates, bases, padded)
+      r_padded = self._product(
+        self.projector.project, _base.dense_project, i, pstates, bases, padded
+      )
       r[i] = _cut(r_padded, extra)
       if advance is not None:
-        x[i] = over_batch(advance.inputs, self.plan[i], pstates[i], padded,
-                          r_padded, in_axes=(0, 0, 0))
+        x[i] = over_batch(
+          advance.inputs, self.plan[i], pstates[i], padded, r_padded, in_axes=(0, 0, 0)
+        )
     return r, x
 
   def project_params(self, pstates, bases, w):
@@ -234,10 +239,15 @@ class Pipeline:
     out = {}
     for i in self.plan.projected:
       extra = self._padding(i, self.projector.project)
-      r = self._product(self.projector.project, _base.dense_project, i,
-                        pstates, bases, _pad(self.orient(i, w[i]), extra))
-      out[i] = _leaves.low_rank_layout(_cut(r, extra), self.plan[i]).astype(
-          jnp.result_type(w[i]))
+      r = self._product(
+        self.projector.project,
+        _base.dense_project,
+        i,
+        pstates,
+        bases,
+        _pad(self.orient(i, w[i]), extra),
+      )
+      out[i] = _leaves.low_rank_layout(_cut(r, extra), self.plan[i]).astype(jnp.result_type(w[i]))
     return out
 
   def back_project(self, pstates, bases, n, alpha, g, terms=None):
@@ -251,14 +261,18 @@ class Pipeline:
     out = {}
     for i in self.plan.projected:
       leaf, dtype = self.plan[i], jnp.result_type(g[i])
-      if (self.projector.back is None and leaf.axis == 1
-          and terms is None):
+      if self.projector.back is None and leaf.axis == 1 and terms is None:
         out[i] = self._back_on_columns(i, bases, n[i], alpha, dtype)
         continue
       extra = self._padding(i, self.projector.back)
       pn = self._product(
-          self.projector.back, _base.dense_back, i, pstates, bases,
-          _pad(_leaves.low_rank_layout(n[i], leaf).astype(self.dtype), extra))
+        self.projector.back,
+        _base.dense_back,
+        i,
+        pstates,
+        bases,
+        _pad(_leaves.low_rank_layout(n[i], leaf).astype(self.dtype), extra),
+      )
       pn = _cut(pn, extra) if terms is None else _cut(pn, extra) + terms[i]
       out[i] = _leaves.from_oriented(pn * alpha, leaf).astype(dtype)
     return out
@@ -266,9 +280,11 @@ class Pipeline:
   def _float32_operands(self, i, g, r, n):
     """Leaf i's oriented G (…, s, l), R and N (…, r, l), in float32."""
     leaf = self.plan[i]
-    return (_leaves.to_oriented(g[i], leaf).astype(jnp.float32),
-            r[i].astype(jnp.float32),
-            _leaves.low_rank_layout(n[i], leaf).astype(jnp.float32))
+    return (
+      _leaves.to_oriented(g[i], leaf).astype(jnp.float32),
+      r[i].astype(jnp.float32),
+      _leaves.low_rank_layout(n[i], leaf).astype(jnp.float32),
+    )
 
   def residual(self, stages, pstates, bases, g, r, n, previous):
     """The residual stage: a term from G − P·R for every projected matrix.
@@ -289,15 +305,14 @@ class Pipeline:
       g32, r32, n32 = self._float32_operands(i, g, r, n)
       if stages.fused:
         terms[i], n_i, norms[i] = over_batch(
-            stages.fused_terms, leaf, g32, r32, n32, previous.get(i),
-            in_axes=(0, 0, 0, 0))
+          stages.fused_terms, leaf, g32, r32, n32, previous.get(i), in_axes=(0, 0, 0, 0)
+        )
         n[i] = _leaves.low_rank_layout(n_i, leaf).astype(n[i].dtype)
         continue
-      back_r = self._product(self.projector.back, _base.dense_back, i,
-                             pstates, bases, r32)
+      back_r = self._product(self.projector.back, _base.dense_back, i, pstates, bases, r32)
       terms[i], norms[i] = over_batch(
-          stages.residual_term, leaf, g32, back_r, r32, n32,
-          previous.get(i), in_axes=(0, 0, 0, 0, 0))
+        stages.residual_term, leaf, g32, back_r, r32, n32, previous.get(i), in_axes=(0, 0, 0, 0, 0)
+      )
     return terms, n, norms
 
   def scale_output(self, stages, g, r, n, alpha, previous):
@@ -312,10 +327,10 @@ class Pipeline:
     for i in self.plan.projected:
       leaf = self.plan[i]
       g32, r32, n32 = self._float32_operands(i, g, r, n)
-      scaled, norms[i] = over_batch(stages.scaled_output, leaf, g32, r32, n32,
-                                    previous[i], in_axes=(0, 0, 0, 0))
-      out[i] = _leaves.from_oriented(scaled * alpha, leaf).astype(
-          jnp.result_type(g[i]))
+      scaled, norms[i] = over_batch(
+        stages.scaled_output, leaf, g32, r32, n32, previous[i], in_axes=(0, 0, 0, 0)
+      )
+      out[i] = _leaves.from_oriented(scaled * alpha, leaf).astype(jnp.result_type(g[i]))
     return out, norms
 
   def _back_on_columns(self, i, bases, n, alpha, dtype):
@@ -326,17 +341,19 @@ class Pipeline:
     """
     leaf = self.plan[i]
     flipped = over_batch(
-        lambda p, x: jnp.matmul(x, p.T.astype(x.dtype),
-                                preferred_element_type=jnp.float32),
-        leaf, bases[i], n.astype(self.dtype), in_axes=(0, 0))
+      lambda p, x: jnp.matmul(x, p.T.astype(x.dtype), preferred_element_type=jnp.float32),
+      leaf,
+      bases[i],
+      n.astype(self.dtype),
+      in_axes=(0, 0),
+    )
     if leaf.perm == tuple(range(len(leaf.shape))):
       # Already the leaf's layout: returned as it is. Swapped to (s, l) and
       # back, XLA folded the outer transpose into the product (computing
       # P·N again) and copied the s×l result into the leaf's layout: 1.3 ms
       # of LLaMA-1B's GaLore step (H200, profile_update_h200_b210501.json).
       return (flipped * alpha).reshape(leaf.shape).astype(dtype)
-    return _leaves.from_oriented(jnp.swapaxes(flipped, -1, -2) * alpha,
-                                 leaf).astype(dtype)
+    return _leaves.from_oriented(jnp.swapaxes(flipped, -1, -2) * alpha, leaf).astype(dtype)
 
   def _step_group(self, leaf: _leaves.LeafPlan):
     """The stacking key of a leaf's `Advance.direction`: (s, r), or the leaf
@@ -359,19 +376,25 @@ class Pipeline:
     """
     advance = _base.Advance.of(self.projector.advance)
     projected = self.plan.projected
-    d = ({i: None for i in projected} if advance.direction is None else
-         stacked(advance.direction, self.plan, projected, self._step_group,
-                 bases, x))
+    d = (
+      {i: None for i in projected}
+      if advance.direction is None
+      else stacked(advance.direction, self.plan, projected, self._step_group, bases, x)
+    )
     states, changed = dict(pstates), {}
     for i in projected:
       states[i], changed[i] = over_batch(
-          lambda st, xi, di: advance.apply(st, xi, di, count), self.plan[i],
-          pstates[i], x[i], d[i], in_axes=(0, 0, 0))
+        lambda st, xi, di: advance.apply(st, xi, di, count),
+        self.plan[i],
+        pstates[i],
+        x[i],
+        d[i],
+        in_axes=(0, 0, 0),
+      )
     return states, changed
 
 
-def inner_update(inner, plan, treedef, g, r, w_r, inner_state, params,
-                 extra_args):
+def inner_update(inner, plan, treedef, g, r, w_r, inner_state, params, extra_args):
   """N = inner(R): `inner` on the mixed tree, low-rank where projected.
 
   `g` is every leaf's gradient as it comes (unprojected leaves go in as
@@ -380,8 +403,7 @@ def inner_update(inner, plan, treedef, g, r, w_r, inner_state, params,
   """
   mixed = list(g)
   for i in plan.projected:
-    mixed[i] = _leaves.low_rank_layout(r[i], plan[i]).astype(
-        jnp.result_type(g[i]))
+    mixed[i] = _leaves.low_rank_layout(r[i], plan[i]).astype(jnp.result_type(g[i]))
   inner_params = None
   if params is not None:
     inner_params = list(params)
@@ -389,5 +411,6 @@ def inner_update(inner, plan, treedef, g, r, w_r, inner_state, params,
       inner_params[i] = w_r[i]
     inner_params = treedef.unflatten(inner_params)
   n, inner_state = optax.with_extra_args_support(inner).update(
-      treedef.unflatten(mixed), inner_state, inner_params, **extra_args)
+    treedef.unflatten(mixed), inner_state, inner_params, **extra_args
+  )
   return treedef.flatten_up_to(n), inner_state

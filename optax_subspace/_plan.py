@@ -49,9 +49,9 @@ class SubspacePlan:
 
   def __eq__(self, other):
     return self is other or (
-        isinstance(other, SubspacePlan)
-        and (self.leaves, self.rank, self.side)
-        == (other.leaves, other.rank, other.side))
+      isinstance(other, SubspacePlan)
+      and (self.leaves, self.rank, self.side) == (other.leaves, other.rank, other.side)
+    )
 
   @functools.cached_property
   def projected(self) -> tuple[int, ...]:
@@ -80,9 +80,15 @@ class SubspacePlan:
     return iter(self.leaves)
 
 
-def make_plan(params: Any, rank: int, mask: _leaves.MaskSpec = None,
-              dims: _leaves.DimsSpec = None, side: str = "smaller", *,
-              quiet: bool = False) -> SubspacePlan:
+def make_plan(
+  params: Any,
+  rank: int,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  side: str = "smaller",
+  *,
+  quiet: bool = False,
+) -> SubspacePlan:
   """The plan of `params` (see `_leaves.plan_leaves` for the rules).
 
   `quiet` drops the warning about ranks clamped to a matrix's side (given

@@ -28,9 +28,9 @@ class DecayAfterUpdateState(NamedTuple):
 
 
 def add_decayed_weights_after_update(
-    learning_rate: ScalarOrSchedule,
-    weight_decay: float,
-    mask=None,
+  learning_rate: ScalarOrSchedule,
+  weight_decay: float,
+  mask=None,
 ) -> optax.GradientTransformation:
   r"""Decoupled weight decay applied to the already-updated weights.
 
@@ -66,8 +66,9 @@ def add_decayed_weights_after_update(
       raise ValueError("add_decayed_weights_after_update needs `params`.")
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     new = jax.tree_util.tree_map(
-        lambda u, w: (u - lr * weight_decay * (w + u)).astype(u.dtype),
-        updates, params,
+      lambda u, w: (u - lr * weight_decay * (w + u)).astype(u.dtype),
+      updates,
+      params,
     )
     return new, DecayAfterUpdateState(optax.safe_increment(state.count))
 
@@ -83,15 +84,12 @@ def is_zero(x) -> bool:
 def hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count=False):
   """The presets' Adam direction: HF eps placement ("hf") or optax's ("optax")."""
   if eps_placement == "hf":
-    return _adam.scale_by_hf_adam(b1, b2, eps,
-                                  per_matrix_count=per_matrix_count)
+    return _adam.scale_by_hf_adam(b1, b2, eps, per_matrix_count=per_matrix_count)
   if eps_placement == "optax" and per_matrix_count:
     return _adam.scale_by_precise_adam(b1, b2, eps, None, False, True)
   if eps_placement == "optax":
     return optax.scale_by_adam(b1, b2, eps)
-  raise ValueError(
-      f"eps_placement must be 'hf' or 'optax', got {eps_placement!r}."
-  )
+  raise ValueError(f"eps_placement must be 'hf' or 'optax', got {eps_placement!r}.")
 
 
 PROJECTED, UNPROJECTED = "projected", "unprojected"
@@ -110,12 +108,12 @@ def by_group(make, learning_rate, unprojected_learning_rate, mask):
 
   def labels(tree):
     return jax.tree_util.tree_map(
-        lambda chosen: PROJECTED if chosen else UNPROJECTED,
-        _leaves.selected(tree, mask))
+      lambda chosen: PROJECTED if chosen else UNPROJECTED, _leaves.selected(tree, mask)
+    )
 
-  return optax.partition({PROJECTED: make(learning_rate),
-                          UNPROJECTED: make(unprojected_learning_rate)},
-                         labels)
+  return optax.partition(
+    {PROJECTED: make(learning_rate), UNPROJECTED: make(unprojected_learning_rate)}, labels
+  )
 
 
 def check_learning_rate(value, name: str):
@@ -125,11 +123,25 @@ def check_learning_rate(value, name: str):
   return value
 
 
-def subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
-                    eps_placement, weight_decay, mask, dims, on_change,
-                    projection_dtype, side="smaller", refresh_chunk_bytes=None,
-                    unprojected_learning_rate=None, per_matrix_count=False,
-                    stages=None):
+def subspace_adamw(
+  learning_rate,
+  projector,
+  scale,
+  b1,
+  b2,
+  eps,
+  eps_placement,
+  weight_decay,
+  mask,
+  dims,
+  on_change,
+  projection_dtype,
+  side="smaller",
+  refresh_chunk_bytes=None,
+  unprojected_learning_rate=None,
+  per_matrix_count=False,
+  stages=None,
+):
   """`project_subspace` of Adam, the learning rate by group, weight decay.
 
   `stages` ({"residual": ..., "output": ..., ...}) go to `project_subspace`
@@ -138,47 +150,51 @@ def subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
   if unprojected_learning_rate is not None:
     check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
   parts = [
-      _combinator.project_subspace(
-          hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count),
-          projector,
-          scale=scale,
-          mask=mask,
-          dims=dims,
-          on_change=on_change,
-          projection_dtype=projection_dtype,
-          side=side,
-          refresh_chunk_bytes=refresh_chunk_bytes,
-          **(stages or {}),
-      ),
-      by_group(optax.scale_by_learning_rate, learning_rate,
-               unprojected_learning_rate, mask),
+    _combinator.project_subspace(
+      hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count),
+      projector,
+      scale=scale,
+      mask=mask,
+      dims=dims,
+      on_change=on_change,
+      projection_dtype=projection_dtype,
+      side=side,
+      refresh_chunk_bytes=refresh_chunk_bytes,
+      **(stages or {}),
+    ),
+    by_group(optax.scale_by_learning_rate, learning_rate, unprojected_learning_rate, mask),
   ]
   if not is_zero(weight_decay):
-    parts.append(by_group(
+    parts.append(
+      by_group(
         lambda lr: add_decayed_weights_after_update(lr, weight_decay),
-        learning_rate, unprojected_learning_rate, mask))
+        learning_rate,
+        unprojected_learning_rate,
+        mask,
+      )
+    )
   return optax.chain(*parts)
 
 
 def galore(
-    learning_rate: ScalarOrSchedule,
-    rank: int = 128,
-    update_every: int = 200,
-    scale: float = 0.25,
-    *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_placement: str = "hf",
-    weight_decay: float = 0.0,
-    mask: _leaves.MaskSpec = None,
-    dims: _leaves.DimsSpec = None,
-    projector: Union[str, _base.Projector] = "svd",
-    on_change: str = "keep",
-    seed: int = 0,
-    projection_dtype=None,
-    refresh_chunk_bytes: Optional[int] = None,
-    unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
+  learning_rate: ScalarOrSchedule,
+  rank: int = 128,
+  update_every: int = 200,
+  scale: float = 0.25,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  weight_decay: float = 0.0,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  projector: Union[str, _base.Projector] = "svd",
+  on_change: str = "keep",
+  seed: int = 0,
+  projection_dtype=None,
+  refresh_chunk_bytes: Optional[int] = None,
+  unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""GaLore: AdamW whose moments live in a periodically refreshed SVD subspace.
 
@@ -237,14 +253,24 @@ def galore(
       projector = projectors_lib.randomized_svd(rank, update_every, seed=seed)
     else:
       raise ValueError(
-          "projector must be 'svd', 'randomized_svd' or a Projector, got"
-          f" {projector!r}."
+        f"projector must be 'svd', 'randomized_svd' or a Projector, got {projector!r}."
       )
-  return subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
-                         eps_placement, weight_decay, mask, dims, on_change,
-                         projection_dtype,
-                         refresh_chunk_bytes=refresh_chunk_bytes,
-                         unprojected_learning_rate=unprojected_learning_rate)
+  return subspace_adamw(
+    learning_rate,
+    projector,
+    scale,
+    b1,
+    b2,
+    eps,
+    eps_placement,
+    weight_decay,
+    mask,
+    dims,
+    on_change,
+    projection_dtype,
+    refresh_chunk_bytes=refresh_chunk_bytes,
+    unprojected_learning_rate=unprojected_learning_rate,
+  )
 
 
 def _projector_learning_rate(learning_rate, peak_learning_rate, update_every):
@@ -256,9 +282,9 @@ def _projector_learning_rate(learning_rate, peak_learning_rate, update_every):
   if callable(learning_rate):
     if peak_learning_rate is None:
       raise ValueError(
-          "online_subspace_descent with a learning-rate schedule needs"
-          " peak_learning_rate: the projector's learning rate follows"
-          " lr(t)/peak/update_every, as in the authors' code."
+        "online_subspace_descent with a learning-rate schedule needs"
+        " peak_learning_rate: the projector's learning rate follows"
+        " lr(t)/peak/update_every, as in the authors' code."
       )
     return lambda c: learning_rate(c + 1) / (peak_learning_rate * update_every)
   peak = learning_rate if peak_learning_rate is None else peak_learning_rate
@@ -266,27 +292,27 @@ def _projector_learning_rate(learning_rate, peak_learning_rate, update_every):
 
 
 def online_subspace_descent(
-    learning_rate: ScalarOrSchedule,
-    rank: int = 128,
-    scale: float = 0.25,
-    *,
-    update_every: int = 200,
-    peak_learning_rate: Optional[float] = None,
-    projector_optimizer: Optional[optax.GradientTransformation] = None,
-    projector_weight_decay: float = 0.01,
-    orthogonality_weight: float = 0.0,
-    step_before_projection: bool = False,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_placement: str = "hf",
-    weight_decay: float = 0.0,
-    mask: _leaves.MaskSpec = None,
-    dims: _leaves.DimsSpec = None,
-    on_change: str = "keep",
-    projection_dtype=None,
-    refresh_chunk_bytes: Optional[int] = None,
-    unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
+  learning_rate: ScalarOrSchedule,
+  rank: int = 128,
+  scale: float = 0.25,
+  *,
+  update_every: int = 200,
+  peak_learning_rate: Optional[float] = None,
+  projector_optimizer: Optional[optax.GradientTransformation] = None,
+  projector_weight_decay: float = 0.01,
+  orthogonality_weight: float = 0.0,
+  step_before_projection: bool = False,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  weight_decay: float = 0.0,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  on_change: str = "keep",
+  projection_dtype=None,
+  refresh_chunk_bytes: Optional[int] = None,
+  unprojected_learning_rate: Optional[ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""Online Subspace Descent: GaLore's subspace Adam with an online-PCA P.
 
@@ -334,16 +360,28 @@ def online_subspace_descent(
   update_every = _base.check_every(update_every)
   if projector_optimizer is None:
     projector_optimizer = _adam.torch_adamw(
-        _projector_learning_rate(learning_rate, peak_learning_rate,
-                                 update_every),
-        weight_decay=projector_weight_decay,
+      _projector_learning_rate(learning_rate, peak_learning_rate, update_every),
+      weight_decay=projector_weight_decay,
     )
   projector = projectors_lib.online_pca(
-      rank, projector_optimizer, orthogonality_weight=orthogonality_weight,
-      step_before_projection=step_before_projection,
+    rank,
+    projector_optimizer,
+    orthogonality_weight=orthogonality_weight,
+    step_before_projection=step_before_projection,
   )
-  return subspace_adamw(learning_rate, projector, scale, b1, b2, eps,
-                         eps_placement, weight_decay, mask, dims, on_change,
-                         projection_dtype,
-                         refresh_chunk_bytes=refresh_chunk_bytes,
-                         unprojected_learning_rate=unprojected_learning_rate)
+  return subspace_adamw(
+    learning_rate,
+    projector,
+    scale,
+    b1,
+    b2,
+    eps,
+    eps_placement,
+    weight_decay,
+    mask,
+    dims,
+    on_change,
+    projection_dtype,
+    refresh_chunk_bytes=refresh_chunk_bytes,
+    unprojected_learning_rate=unprojected_learning_rate,
+  )

@@ -30,8 +30,7 @@ def _is_state(x) -> bool:
 
 
 def _states(opt_state) -> list:
-  return [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_state)
-          if _is_state(x)]
+  return [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_state) if _is_state(x)]
 
 
 def refresh_schedule(opt_state: Any) -> Optional[_base.RefreshSchedule]:
@@ -67,15 +66,17 @@ def refresh_schedule(opt_state: Any) -> Optional[_base.RefreshSchedule]:
   schedules = {s.schedule for s in states}
   if None in schedules:
     raise ValueError(
-        "a projector of this optimizer declares no RefreshSchedule (its"
-        " needs_refresh is a plain function): the host cannot tell its"
-        " refresh steps. Pass no subspace_refresh (the device decides), or"
-        " give the projector needs_refresh=projectors.RefreshSchedule(T).")
+      "a projector of this optimizer declares no RefreshSchedule (its"
+      " needs_refresh is a plain function): the host cannot tell its"
+      " refresh steps. Pass no subspace_refresh (the device decides), or"
+      " give the projector needs_refresh=projectors.RefreshSchedule(T)."
+    )
   if len(schedules) > 1:
     raise ValueError(
-        f"the optimizer's projectors refresh on different schedules"
-        f" ({', '.join(sorted(map(repr, schedules)))}); one subspace_refresh"
-        " flag reaches all of them, so pass none (the device decides).")
+      f"the optimizer's projectors refresh on different schedules"
+      f" ({', '.join(sorted(map(repr, schedules)))}); one subspace_refresh"
+      " flag reaches all of them, so pass none (the device decides)."
+    )
   return schedules.pop()
 
 
@@ -84,8 +85,9 @@ def _computed_int(x) -> Optional[int]:
   x = _leaves.unwrap_variables(x)
   if isinstance(x, jax.core.Tracer):
     raise TypeError(
-        "refresh_due runs on the host, before the step: pass the concrete"
-        " optimizer state, not a traced one.")
+      "refresh_due runs on the host, before the step: pass the concrete"
+      " optimizer state, not a traced one."
+    )
   if x is None or isinstance(x, jax.ShapeDtypeStruct):
     return None
   if isinstance(x, jax.Array):
@@ -141,15 +143,17 @@ def refresh_due(opt_state: Any, step: int) -> Optional[bool]:
     mismatch = _computed_int(state.refresh_mismatch)
     if mismatch is not None and mismatch >= 0:
       raise RefreshScheduleError(
-          f"step {mismatch} got subspace_refresh={not schedule(mismatch)},"
-          f" but the projector's schedule ({schedule}) says"
-          f" {schedule(mismatch)}: that step's projected updates are NaN."
-          " Pass subspace_refresh=osub.refresh_due(opt_state, step), or"
-          " none (the device then decides).")
+        f"step {mismatch} got subspace_refresh={not schedule(mismatch)},"
+        f" but the projector's schedule ({schedule}) says"
+        f" {schedule(mismatch)}: that step's projected updates are NaN."
+        " Pass subspace_refresh=osub.refresh_due(opt_state, step), or"
+        " none (the device then decides)."
+      )
     count = _computed_int(state.count)
     if count is not None and count != step:
       raise RefreshScheduleError(
-          f"refresh_due was asked about step {step}, but the optimizer state"
-          f" has taken {count} steps: the schedule reads the state's count"
-          " (optimizer updates, from 0).")
+        f"refresh_due was asked about step {step}, but the optimizer state"
+        f" has taken {count} steps: the schedule reads the state's count"
+        " (optimizer updates, from 0)."
+      )
   return bool(schedule(step))

@@ -18,8 +18,9 @@ class RestartEveryState(NamedTuple):
   inner: optax.OptState
 
 
-def restart_every(inner: optax.GradientTransformation,
-                  every: int) -> optax.GradientTransformationExtraArgs:
+def restart_every(
+  inner: optax.GradientTransformation, every: int
+) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` from a fresh state at steps 0, K, 2K, … (K = `every`).
 
   At those steps the inner state is replaced by ``inner.init(params)``
@@ -55,10 +56,9 @@ def restart_every(inner: optax.GradientTransformation,
     fresh = inner.init(updates if params is None else params)
     restart = state.count % every == 0
     inner_state = jax.tree_util.tree_map(
-        lambda new, old: jnp.where(restart, new, old), fresh, state.inner)
-    updates, inner_state = inner.update(updates, inner_state, params,
-                                        **extra_args)
-    return updates, RestartEveryState(optax.safe_increment(state.count),
-                                      inner_state)
+      lambda new, old: jnp.where(restart, new, old), fresh, state.inner
+    )
+    updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
+    return updates, RestartEveryState(optax.safe_increment(state.count), inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

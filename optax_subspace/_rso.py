@@ -47,13 +47,15 @@ def _check_proximal(proximal) -> Optional[float]:
     return None
   if isinstance(proximal, bool) or not isinstance(proximal, (int, float)):
     raise TypeError(
-        "proximal must be None or a Python number, got"
-        f" {type(proximal).__name__}. Under optax.inject_hyperparams, list"
-        " 'proximal' in static_args.")
+      "proximal must be None or a Python number, got"
+      f" {type(proximal).__name__}. Under optax.inject_hyperparams, list"
+      " 'proximal' in static_args."
+    )
   if not math.isfinite(proximal) or proximal <= 0:
     raise ValueError(
-        "proximal must be None (no proximal term) or η, a positive finite"
-        f" number (the subproblem adds ‖B‖²/(2η)), got {proximal!r}.")
+      "proximal must be None (no proximal term) or η, a positive finite"
+      f" number (the subproblem adds ‖B‖²/(2η)), got {proximal!r}."
+    )
   return float(proximal)
 
 
@@ -67,55 +69,53 @@ def _subproblem(direction, learning_rate, proximal, inner_steps):
   restarted = _restart.restart_every(direction, inner_steps)
 
   def init_fn(params):
-    displacement = None if proximal is None else jax.tree_util.tree_map(
-        lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
-    return RsoSubproblemState(jnp.zeros([], jnp.int32), displacement,
-                              restarted.init(params))
+    displacement = (
+      None
+      if proximal is None
+      else jax.tree_util.tree_map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32), params)
+    )
+    return RsoSubproblemState(jnp.zeros([], jnp.int32), displacement, restarted.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     displacement = state.displacement
     if proximal is not None:
       # Each subproblem starts from B = 0 (docs/methods.md, RSO).
       starts = state.count % inner_steps == 0
-      displacement = jax.tree_util.tree_map(
-          lambda b: jnp.where(starts, 0.0, b), displacement)
+      displacement = jax.tree_util.tree_map(lambda b: jnp.where(starts, 0.0, b), displacement)
       # ∇_B [f(W_k + P_k B) + ‖B‖²/(2η)] = P_kᵀ∇f(W_k + P_k B) + B/η.
       updates = jax.tree_util.tree_map(
-          lambda g, b: (g + b / proximal).astype(jnp.result_type(g)),
-          updates, displacement)
-    directions, inner = restarted.update(updates, state.inner, params,
-                                         **extra_args)
-    lr = (learning_rate(state.count) if callable(learning_rate)
-          else learning_rate)
-    steps = jax.tree_util.tree_map(
-        lambda d: (-lr * d).astype(jnp.result_type(d)), directions)
+        lambda g, b: (g + b / proximal).astype(jnp.result_type(g)), updates, displacement
+      )
+    directions, inner = restarted.update(updates, state.inner, params, **extra_args)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    steps = jax.tree_util.tree_map(lambda d: (-lr * d).astype(jnp.result_type(d)), directions)
     if proximal is not None:
       displacement = jax.tree_util.tree_map(
-          lambda b, u: b + u.astype(jnp.float32), displacement, steps)
-    return steps, RsoSubproblemState(optax.safe_increment(state.count),
-                                     displacement, inner)
+        lambda b, u: b + u.astype(jnp.float32), displacement, steps
+      )
+    return steps, RsoSubproblemState(optax.safe_increment(state.count), displacement, inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def rso(
-    learning_rate: _presets.ScalarOrSchedule,
-    rank: int = 128,
-    inner_steps: int = 200,
-    proximal: Optional[float] = None,
-    *,
-    inner: Optional[optax.GradientTransformation] = None,
-    distribution: str = "haar",
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_placement: str = "hf",
-    weight_decay: float = 0.0,
-    mask: _leaves.MaskSpec = None,
-    dims: _leaves.DimsSpec = None,
-    seed: int = 0,
-    projection_dtype=None,
-    unprojected_learning_rate: Optional[_presets.ScalarOrSchedule] = None,
+  learning_rate: _presets.ScalarOrSchedule,
+  rank: int = 128,
+  inner_steps: int = 200,
+  proximal: Optional[float] = None,
+  *,
+  inner: Optional[optax.GradientTransformation] = None,
+  distribution: str = "haar",
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  weight_decay: float = 0.0,
+  mask: _leaves.MaskSpec = None,
+  dims: _leaves.DimsSpec = None,
+  seed: int = 0,
+  projection_dtype=None,
+  unprojected_learning_rate: Optional[_presets.ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""RSO: each block of K steps solves one randomized low-rank subproblem.
 
@@ -186,16 +186,16 @@ def rso(
   rank = _base.check_rank(rank)
   inner_steps = _base.check_every(inner_steps, "inner_steps")
   proximal = _check_proximal(proximal)
-  projector = projectors_lib.random(rank, inner_steps,
-                                    distribution=distribution, seed=seed)
-  full_lr = (learning_rate if unprojected_learning_rate is None else
-             _presets.check_learning_rate(unprojected_learning_rate,
-                                          "unprojected_learning_rate"))
-  direction = inner if inner is not None else _presets.hf_or_optax_adam(
-      b1, b2, eps, eps_placement)
+  projector = projectors_lib.random(rank, inner_steps, distribution=distribution, seed=seed)
+  full_lr = (
+    learning_rate
+    if unprojected_learning_rate is None
+    else _presets.check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
+  )
+  direction = inner if inner is not None else _presets.hf_or_optax_adam(b1, b2, eps, eps_placement)
   transforms = {
-      SUBSPACE: _subproblem(direction, learning_rate, proximal, inner_steps),
-      FULL: optax.chain(direction, optax.scale_by_learning_rate(full_lr)),
+    SUBSPACE: _subproblem(direction, learning_rate, proximal, inner_steps),
+    FULL: optax.chain(direction, optax.scale_by_learning_rate(full_lr)),
   }
 
   def plan(tree):
@@ -206,22 +206,28 @@ def rso(
   def subspace_tx(tree):
     """`project_subspace` with P on the input side, routing by the plan."""
     plans, treedef = plan(tree)
-    labels = treedef.unflatten(
-        [SUBSPACE if p.projected else FULL for p in plans])
+    labels = treedef.unflatten([SUBSPACE if p.projected else FULL for p in plans])
     return _combinator.project_subspace(
-        optax.partition(transforms, labels), projector, mask=mask,
-        dims=dims, projection_dtype=projection_dtype, side="rows")
+      optax.partition(transforms, labels),
+      projector,
+      mask=mask,
+      dims=dims,
+      projection_dtype=projection_dtype,
+      side="rows",
+    )
 
   def init_fn(params):
-    too_large = [f"'{p.path}' ({p.rows})" for p in plan(params)[0]
-                 if p.projected and rank >= p.rows]
+    too_large = [
+      f"'{p.path}' ({p.rows})" for p in plan(params)[0] if p.projected and rank >= p.rows
+    ]
     if too_large:
       raise ValueError(
-          f"rso: rank {rank} is not below the input side (rows) of"
-          f" {', '.join(too_large[:4])}{' ...' if len(too_large) > 4 else ''}:"
-          " RSO's subspace must be smaller than the layer input. Lower the"
-          " rank or exclude these leaves with `mask` (for r = m, use"
-          " project_subspace(..., projectors.random(m, K), side='rows')).")
+        f"rso: rank {rank} is not below the input side (rows) of"
+        f" {', '.join(too_large[:4])}{' ...' if len(too_large) > 4 else ''}:"
+        " RSO's subspace must be smaller than the layer input. Lower the"
+        " rank or exclude these leaves with `mask` (for r = m, use"
+        " project_subspace(..., projectors.random(m, K), side='rows'))."
+      )
     return subspace_tx(params).init(params)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -229,7 +235,12 @@ def rso(
 
   parts = [optax.GradientTransformationExtraArgs(init_fn, update_fn)]
   if not _presets.is_zero(weight_decay):
-    parts.append(_presets.by_group(
+    parts.append(
+      _presets.by_group(
         lambda lr: _presets.add_decayed_weights_after_update(lr, weight_decay),
-        learning_rate, unprojected_learning_rate, mask))
+        learning_rate,
+        unprojected_learning_rate,
+        mask,
+      )
+    )
   return optax.chain(*parts)

@@ -58,18 +58,22 @@ class Stages:
 
   def __post_init__(self):
     named = tuple(STATE_FREE) + tuple(FIRA)
-    if not (self.residual is None or self.residual in named
-            or isinstance(self.residual, optax.GradientTransformation)):
+    if not (
+      self.residual is None
+      or self.residual in named
+      or isinstance(self.residual, optax.GradientTransformation)
+    ):
       raise ValueError(
-          f"residual must be None, one of {named} or a state-free optax"
-          f" transformation, got {self.residual!r}.")
+        f"residual must be None, one of {named} or a state-free optax"
+        f" transformation, got {self.residual!r}."
+      )
     if self.output not in OUTPUTS:
-      raise ValueError(
-          f"output must be one of {tuple(OUTPUTS)}, got {self.output!r}.")
+      raise ValueError(f"output must be one of {tuple(OUTPUTS)}, got {self.output!r}.")
     if self.residual is not None and self.output != "back_project":
       raise ValueError(
-          "a residual term is added to the back-projection: it needs"
-          f" output='back_project', got output={self.output!r}.")
+        "a residual term is added to the back-projection: it needs"
+        f" output='back_project', got output={self.output!r}."
+      )
     if not self.gamma > 1:
       raise ValueError(f"gamma must be > 1, got {self.gamma!r}.")
 
@@ -84,20 +88,19 @@ class Stages:
   @property
   def limited(self) -> bool:
     """Whether each matrix carries the limiter's previous norm (one float)."""
-    return (isinstance(self.residual, str) and self.residual in FIRA
-            ) or self.scales_output
+    return (isinstance(self.residual, str) and self.residual in FIRA) or self.scales_output
 
   def check_state_free(self, shape) -> None:
     """Raises at `init` for a residual transformation that keeps state."""
     if not isinstance(self.residual, optax.GradientTransformation):
       return
-    state = jax.eval_shape(self.residual.init, jax.ShapeDtypeStruct(
-        shape, jnp.float32))
+    state = jax.eval_shape(self.residual.init, jax.ShapeDtypeStruct(shape, jnp.float32))
     if jax.tree_util.tree_leaves(state):
       raise ValueError(
-          "the residual transformation must be state-free (its state would"
-          " be s×l per matrix and start afresh every step); its init gave"
-          f" {state}.")
+        "the residual transformation must be state-free (its state would"
+        " be s×l per matrix and start afresh every step); its init gave"
+        f" {state}."
+      )
 
   @property
   def fused(self) -> bool:
@@ -107,21 +110,27 @@ class Stages:
   def fused_terms(self, g, r, n, previous):
     """Fira's (c·G·D, N − c·R·D, the limiter's new previous norm): `_fira.fused_fira_terms`."""
     term, n, limit = _fira.fused_fira_terms(
-        g, r, n, _fira.NormGrowthState(previous), gamma=self.gamma,
-        granularity=FIRA[self.residual])
+      g, r, n, _fira.NormGrowthState(previous), gamma=self.gamma, granularity=FIRA[self.residual]
+    )
     return term, n, limit.previous_norm
 
   def residual_term(self, g, back_r, r, n, previous):
     """(the term added to P·N before α, the limiter's new previous norm)."""
     if isinstance(self.residual, str) and self.residual in FIRA:
       term, limit = _fira.fira_residual(
-          g, back_r, r, n, _fira.NormGrowthState(previous), gamma=self.gamma,
-          granularity=FIRA[self.residual])
+        g,
+        back_r,
+        r,
+        n,
+        _fira.NormGrowthState(previous),
+        gamma=self.gamma,
+        granularity=FIRA[self.residual],
+      )
       return term, limit.previous_norm
     if isinstance(self.residual, str):
-      return _frugal.frugal_residual(g, back_r, r,
-                                     rule=STATE_FREE[self.residual],
-                                     scale=self.residual_scale), previous
+      return _frugal.frugal_residual(
+        g, back_r, r, rule=STATE_FREE[self.residual], scale=self.residual_scale
+      ), previous
     if r.shape[0] >= g.shape[0]:  # no complement: exact zero, as FRUGAL's rules
       return jnp.zeros_like(g), previous
     free = _frugal.complement(g, back_r)
@@ -131,6 +140,6 @@ class Stages:
   def scaled_output(self, g, r, n, previous):
     """(APOLLO's G̃ = limited G·diag(s), the limiter's new previous norm)."""
     out, limit = _apollo.apollo_output(
-        g, r, n, _fira.NormGrowthState(previous),
-        granularity=OUTPUTS[self.output], gamma=self.gamma)
+      g, r, n, _fira.NormGrowthState(previous), granularity=OUTPUTS[self.output], gamma=self.gamma
+    )
     return out, limit.previous_norm

@@ -19,7 +19,7 @@ from optax_subspace import _leaves
 # `sum_of_squares`, Adafactor's unfactored `v`, Adadelta's `e_g` and `e_x`):
 # "transport" moves them with M⊙M instead of M.
 SECOND_MOMENT_FIELDS = frozenset(
-    {"nu", "nu_max", "sum_of_squares", "v", "exp_avg_sq", "e_g", "e_x"}
+  {"nu", "nu_max", "sum_of_squares", "v", "exp_avg_sq", "e_g", "e_x"}
 )
 # Inner-state buffers linear in the gradient (Adam's and Lion's `mu`, SGD
 # momentum's `trace`, `m`, `exp_avg`): "transport" moves them with M. A
@@ -30,17 +30,19 @@ FIRST_MOMENT_FIELDS = frozenset({"mu", "trace", "m", "exp_avg"})
 # own (first, second) moment fields: optax.adan's `v` averages gradient
 # differences (linear), `n` is its second moment, `g` the last gradient.
 STATE_MOMENT_FIELDS = {
-    "ScaleByAdanState": (frozenset({"m", "v", "g"}), frozenset({"n"})),
+  "ScaleByAdanState": (frozenset({"m", "v", "g"}), frozenset({"n"})),
 }
 # State types "transport" refuses whatever their fields, and why.
 TRANSPORT_REFUSED = {
-    "ScaleByRStdDevState": (
-        "centered RMSProp takes √(nu − mu²), and nu moved with M⊙M and mu"
-        " with M separately need not keep nu ≥ mu² (NaN)"),
+  "ScaleByRStdDevState": (
+    "centered RMSProp takes √(nu − mu²), and nu moved with M⊙M and mu"
+    " with M separately need not keep nu ≥ mu² (NaN)"
+  ),
 }
 # Per-matrix step counts of the inner state (shape: the leaf's batch shape),
 # restarted by on_change="reset" with the matrix's moments.
 MATRIX_COUNT_FIELDS = frozenset({"count"})
+
 
 def _namedtuple_types(tree) -> dict:
   """{key path: type name} of every NamedTuple node of `tree` (the states)."""
@@ -49,8 +51,9 @@ def _namedtuple_types(tree) -> dict:
   def walk(node, path):
     if isinstance(node, tuple) and hasattr(node, "_fields"):
       found[path] = type(node).__name__
-    for sub, child in jax.tree_util.tree_flatten_with_path(
-        node, is_leaf=lambda x: x is not node)[0]:
+    for sub, child in jax.tree_util.tree_flatten_with_path(node, is_leaf=lambda x: x is not node)[
+      0
+    ]:
       if sub:
         walk(child, path + tuple(sub))
 
@@ -59,10 +62,9 @@ def _namedtuple_types(tree) -> dict:
 
 
 def _moment_kind(owner, name):
-  """"first", "second" or None (unknown) for inner-state field `name` of a
+  """ "first", "second" or None (unknown) for inner-state field `name` of a
   state of type `owner`."""
-  first, second = STATE_MOMENT_FIELDS.get(
-      owner, (FIRST_MOMENT_FIELDS, SECOND_MOMENT_FIELDS))
+  first, second = STATE_MOMENT_FIELDS.get(owner, (FIRST_MOMENT_FIELDS, SECOND_MOMENT_FIELDS))
   if name in second:
     return "second"
   return "first" if name in first else None
@@ -79,10 +81,7 @@ def low_rank_buffers(state_tree, plans, key_paths):
   Returns {state leaf index: (param leaf index, field name, moment kind)},
   the kind from `_moment_kind` ("first", "second" or None).
   """
-  by_path = {
-      tuple(kp): i for i, (kp, p) in enumerate(zip(key_paths, plans))
-      if p.projected
-  }
+  by_path = {tuple(kp): i for i, (kp, p) in enumerate(zip(key_paths, plans)) if p.projected}
   flat, _ = jax.tree_util.tree_flatten_with_path(state_tree)
   owners = None
   found = {}
@@ -94,11 +93,11 @@ def low_rank_buffers(state_tree, plans, key_paths):
       field = path[cut - 1] if cut > 0 else None
       name = getattr(field, "name", getattr(field, "key", None))
       if np.shape(x) == plans[i].low_rank_shape or (
-          name in MATRIX_COUNT_FIELDS
-          and np.shape(x) == plans[i].batch_shape):
+        name in MATRIX_COUNT_FIELDS and np.shape(x) == plans[i].batch_shape
+      ):
         if owners is None:
           owners = _namedtuple_types(state_tree)
-        owner = owners.get(tuple(path[:max(cut - 1, 0)]))
+        owner = owners.get(tuple(path[: max(cut - 1, 0)]))
         found[j] = (i, name, _moment_kind(owner, name))
         break
   return found
@@ -119,50 +118,63 @@ def check_transport(state_tree, plans, key_paths):
   key path.
   """
   known = low_rank_buffers(state_tree, plans, key_paths)
-  by_path = {tuple(kp): i for i, (kp, p) in enumerate(zip(key_paths, plans))
-             if p.projected and len(kp)}
+  by_path = {
+    tuple(kp): i for i, (kp, p) in enumerate(zip(key_paths, plans)) if p.projected and len(kp)
+  }
   flat, _ = jax.tree_util.tree_flatten_with_path(state_tree)
   owners = _namedtuple_types(state_tree)
   for j, (path, x) in enumerate(flat):
     where = f"inner-state buffer '{_leaves.path_str(path)}'"
     if j in known:
       i, name, kind = known[j]
-      owner = next((owners[tuple(path[:k])] for k in range(len(path), -1, -1)
-                    if owners.get(tuple(path[:k])) in TRANSPORT_REFUSED), None)
+      owner = next(
+        (
+          owners[tuple(path[:k])]
+          for k in range(len(path), -1, -1)
+          if owners.get(tuple(path[:k])) in TRANSPORT_REFUSED
+        ),
+        None,
+      )
       if owner is not None:
         raise ValueError(
-            f"on_change='transport' cannot move {where} ({owner}):"
-            f" {TRANSPORT_REFUSED[owner]}. Use on_change='keep' or 'reset'.")
+          f"on_change='transport' cannot move {where} ({owner}):"
+          f" {TRANSPORT_REFUSED[owner]}. Use on_change='keep' or 'reset'."
+        )
       if kind is None and name not in MATRIX_COUNT_FIELDS:
         raise ValueError(
-            f"on_change='transport' cannot move {where} (field {name!r},"
-            f" the low-rank shape of leaf '{plans[i].path}'): it is neither a"
-            " first moment (FIRST_MOMENT_FIELDS) nor a second moment"
-            " (SECOND_MOMENT_FIELDS), so there is no known way to express it"
-            " in a new basis. Use on_change='keep' or 'reset'.")
+          f"on_change='transport' cannot move {where} (field {name!r},"
+          f" the low-rank shape of leaf '{plans[i].path}'): it is neither a"
+          " first moment (FIRST_MOMENT_FIELDS) nor a second moment"
+          " (SECOND_MOMENT_FIELDS), so there is no known way to express it"
+          " in a new basis. Use on_change='keep' or 'reset'."
+        )
       continue
-    owner = next((by_path[tuple(path[cut:end])]
-                  for end in range(len(path), 0, -1) for cut in range(end)
-                  if tuple(path[cut:end]) in by_path), None)
-    if owner is not None and np.size(x) > 1 and np.shape(x) != (
-        plans[owner].batch_shape):
+    owner = next(
+      (
+        by_path[tuple(path[cut:end])]
+        for end in range(len(path), 0, -1)
+        for cut in range(end)
+        if tuple(path[cut:end]) in by_path
+      ),
+      None,
+    )
+    if owner is not None and np.size(x) > 1 and np.shape(x) != (plans[owner].batch_shape):
       raise ValueError(
-          f"on_change='transport' cannot move {where} of shape"
-          f" {np.shape(x)}: it belongs to leaf '{plans[owner].path}' but is"
-          f" not of its low-rank shape {plans[owner].low_rank_shape} (a"
-          " factored or per-axis statistic, such as Adafactor's v_row and"
-          " v_col or SM3's accumulators, has no image in a new basis). Use"
-          " on_change='keep' or 'reset'.")
+        f"on_change='transport' cannot move {where} of shape"
+        f" {np.shape(x)}: it belongs to leaf '{plans[owner].path}' but is"
+        f" not of its low-rank shape {plans[owner].low_rank_shape} (a"
+        " factored or per-axis statistic, such as Adafactor's v_row and"
+        " v_col or SM3's accumulators, has no image in a new basis). Use"
+        " on_change='keep' or 'reset'."
+      )
 
 
-def on_change(mode, inner_state, plans, key_paths, old_bases, new_bases,
-              changed):
+def on_change(mode, inner_state, plans, key_paths, old_bases, new_bases, changed):
   """Applies `on_change` to the inner state for matrices whose basis moved."""
   if mode == "keep" or not changed:
     return inner_state
   flat, treedef = jax.tree_util.tree_flatten(inner_state)
-  for j, (i, name, kind) in low_rank_buffers(inner_state, plans,
-                                             key_paths).items():
+  for j, (i, name, kind) in low_rank_buffers(inner_state, plans, key_paths).items():
     if i not in changed:
       continue
     plan, buf = plans[i], flat[j]
@@ -178,7 +190,6 @@ def on_change(mode, inner_state, plans, key_paths, old_bases, new_bases,
       m = jnp.einsum("...sr,...sq->...rq", new_bases[i], old_bases[i])
       if kind == "second":
         m = m * m  # variances of uncorrelated coordinates: Σ_q M_rq² v_q
-      new = jnp.where(moved, jnp.einsum("...rq,...ql->...rl", m, oriented),
-                      oriented)
+      new = jnp.where(moved, jnp.einsum("...rq,...ql->...rl", m, oriented), oriented)
     flat[j] = _leaves.low_rank_layout(new, plan).astype(buf.dtype)
   return jax.tree_util.tree_unflatten(treedef, flat)

@@ -40,14 +40,12 @@ class CheckpointMismatchError(ValueError):
 
 
 def _describe(x) -> dict:
-  return {"shape": [int(n) for n in np.shape(x)],
-          "dtype": str(jax.numpy.result_type(x))}
+  return {"shape": [int(n) for n in np.shape(x)], "dtype": str(jax.numpy.result_type(x))}
 
 
 def _leaf_table(tree) -> dict:
   return {
-      _leaves.path_str(kp): _describe(x)
-      for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    _leaves.path_str(kp): _describe(x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]
   }
 
 
@@ -67,8 +65,8 @@ def _subspaces(params, opt_state) -> dict:
   treedef = _combinator.projector_treedef(params)
   paths = _leaves.leaf_paths(params)
   nodes = jax.tree_util.tree_flatten_with_path(
-      opt_state,
-      is_leaf=lambda x: isinstance(x, _combinator.ProjectSubspaceState))[0]
+    opt_state, is_leaf=lambda x: isinstance(x, _combinator.ProjectSubspaceState)
+  )[0]
   out = {}
   for kp, node in nodes:
     if not isinstance(node, _combinator.ProjectSubspaceState):
@@ -82,11 +80,12 @@ def _subspaces(params, opt_state) -> dict:
       if isinstance(p, optax.MaskedNode):
         continue
       leaves[path] = {
-          "projector": type(p).__name__,
-          "fields": list(getattr(p, "_fields", ()) or (
-              [f.name for f in dataclasses.fields(p)]
-              if dataclasses.is_dataclass(p) else ())),
-          "rank": _rank(node, i, p),
+        "projector": type(p).__name__,
+        "fields": list(
+          getattr(p, "_fields", ())
+          or ([f.name for f in dataclasses.fields(p)] if dataclasses.is_dataclass(p) else ())
+        ),
+        "rank": _rank(node, i, p),
       }
     out[_leaves.path_str(kp)] = leaves
   return out
@@ -94,10 +93,10 @@ def _subspaces(params, opt_state) -> dict:
 
 def _signature(params, opt_state) -> dict:
   return {
-      "format": _FORMAT,
-      "params": _leaf_table(params),
-      "subspaces": _subspaces(params, opt_state),
-      "opt_state": _leaf_table(opt_state),
+    "format": _FORMAT,
+    "params": _leaf_table(params),
+    "subspaces": _subspaces(params, opt_state),
+    "opt_state": _leaf_table(opt_state),
   }
 
 
@@ -105,58 +104,67 @@ def _table_diff(what, saved, target) -> list[str]:
   only_saved = sorted(set(saved) - set(target))
   only_target = sorted(set(target) - set(saved))
   changed = [
-      f"'{p}': checkpoint {tuple(saved[p]['shape'])} {saved[p]['dtype']},"
-      f" target {tuple(target[p]['shape'])} {target[p]['dtype']}"
-      for p in sorted(set(saved) & set(target)) if saved[p] != target[p]
+    f"'{p}': checkpoint {tuple(saved[p]['shape'])} {saved[p]['dtype']},"
+    f" target {tuple(target[p]['shape'])} {target[p]['dtype']}"
+    for p in sorted(set(saved) & set(target))
+    if saved[p] != target[p]
   ]
   lines = []
-  short = lambda xs: ", ".join(f"'{x}'" for x in xs[:6]) + (
-      " ..." if len(xs) > 6 else "")
+  short = lambda xs: ", ".join(f"'{x}'" for x in xs[:6]) + (" ..." if len(xs) > 6 else "")
   if only_saved:
     lines.append(f"{what}: only in the checkpoint: {short(only_saved)}")
   if only_target:
     lines.append(f"{what}: only in the target: {short(only_target)}")
   if changed:
-    lines.append(f"{what}: shape or dtype differs: {'; '.join(changed[:6])}"
-                 + (" ..." if len(changed) > 6 else ""))
+    lines.append(
+      f"{what}: shape or dtype differs: {'; '.join(changed[:6])}"
+      + (" ..." if len(changed) > 6 else "")
+    )
   return lines
 
 
 def _differences(saved: dict, target: dict) -> list[str]:
   """What differs between two signatures, most telling first."""
   if saved.get("format") != _FORMAT:
-    return [f"checkpoint signature format {saved.get('format')!r}, this"
-            f" version reads {_FORMAT}"]
+    return [f"checkpoint signature format {saved.get('format')!r}, this version reads {_FORMAT}"]
   lines = _table_diff("parameter tree", saved["params"], target["params"])
   s_sub, t_sub = saved["subspaces"], target["subspaces"]
   if sorted(s_sub) != sorted(t_sub):
     lines.append(
-        f"optimizer: subspace states at {sorted(s_sub) or 'none'} in the"
-        f" checkpoint, at {sorted(t_sub) or 'none'} in the target (a"
-        " different method or chain)")
+      f"optimizer: subspace states at {sorted(s_sub) or 'none'} in the"
+      f" checkpoint, at {sorted(t_sub) or 'none'} in the target (a"
+      " different method or chain)"
+    )
   for node in sorted(set(s_sub) & set(t_sub)):
     s, t = s_sub[node], t_sub[node]
     where = f" (state '{node}')" if node else ""
     if sorted(s) != sorted(t):
       lines.append(
-          f"projected leaves differ{where}: checkpoint {sorted(s)}, target"
-          f" {sorted(t)} (a different mask)")
+        f"projected leaves differ{where}: checkpoint {sorted(s)}, target"
+        f" {sorted(t)} (a different mask)"
+      )
     common = sorted(set(s) & set(t))
-    methods = sorted({f"checkpoint {s[p]['projector']}{tuple(s[p]['fields'])}"
-                      f", target {t[p]['projector']}{tuple(t[p]['fields'])}"
-                      for p in common
-                      if (s[p]["projector"], s[p]["fields"])
-                      != (t[p]["projector"], t[p]["fields"])})
+    methods = sorted(
+      {
+        f"checkpoint {s[p]['projector']}{tuple(s[p]['fields'])}"
+        f", target {t[p]['projector']}{tuple(t[p]['fields'])}"
+        for p in common
+        if (s[p]["projector"], s[p]["fields"]) != (t[p]["projector"], t[p]["fields"])
+      }
+    )
     for m in methods:
       lines.append(f"method differs{where}: projector state {m}")
-    ranks = [f"'{p}': checkpoint {s[p]['rank']}, target {t[p]['rank']}"
-             for p in common if s[p]["rank"] != t[p]["rank"]]
+    ranks = [
+      f"'{p}': checkpoint {s[p]['rank']}, target {t[p]['rank']}"
+      for p in common
+      if s[p]["rank"] != t[p]["rank"]
+    ]
     if ranks:
-      lines.append(f"rank differs{where}: {'; '.join(ranks[:6])}"
-                   + (" ..." if len(ranks) > 6 else ""))
+      lines.append(
+        f"rank differs{where}: {'; '.join(ranks[:6])}" + (" ..." if len(ranks) > 6 else "")
+      )
   if not lines:  # e.g. another chain around the same subspace state
-    lines = _table_diff("optimizer state", saved["opt_state"],
-                        target["opt_state"])
+    lines = _table_diff("optimizer state", saved["opt_state"], target["opt_state"])
   return lines
 
 
@@ -167,19 +175,18 @@ def _abstract(tree):
 
   def one(x):
     sharding = getattr(x, "sharding", None) or default
-    return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x),
-                                sharding=sharding)
+    return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x), sharding=sharding)
 
   return jax.tree_util.tree_map(one, tree)
 
 
 def save_checkpoint(
-    manager: ocp.CheckpointManager,
-    step: int,
-    params: Any,
-    opt_state: Any,
-    *,
-    force: bool = False,
+  manager: ocp.CheckpointManager,
+  step: int,
+  params: Any,
+  opt_state: Any,
+  *,
+  force: bool = False,
 ) -> bool:
   r"""Saves parameters, optimizer state and their signature at `step`.
 
@@ -218,22 +225,22 @@ def save_checkpoint(
     >>> manager.wait_until_finished()
   """
   return manager.save(
-      step,
-      args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params),
-          opt_state=ocp.args.StandardSave(opt_state),
-          **{_SIGNATURE: ocp.args.JsonSave(_signature(params, opt_state))},
-      ),
-      force=force,
+    step,
+    args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      **{_SIGNATURE: ocp.args.JsonSave(_signature(params, opt_state))},
+    ),
+    force=force,
   )
 
 
 def restore_checkpoint(
-    manager: ocp.CheckpointManager,
-    params: Any,
-    opt_state: Any,
-    *,
-    step: Optional[int] = None,
+  manager: ocp.CheckpointManager,
+  params: Any,
+  opt_state: Any,
+  *,
+  step: Optional[int] = None,
 ) -> tuple[int, Any, Any]:
   r"""Restores parameters and optimizer state, after checking they fit.
 
@@ -284,31 +291,30 @@ def restore_checkpoint(
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint in {manager.directory}")
   try:
-    saved = manager.restore(
-        step, args=ocp.args.Composite(**{_SIGNATURE: ocp.args.JsonRestore()})
-    )[_SIGNATURE]
+    saved = manager.restore(step, args=ocp.args.Composite(**{_SIGNATURE: ocp.args.JsonRestore()}))[
+      _SIGNATURE
+    ]
   except KeyError as e:
     if _SIGNATURE not in str(e):
       raise
     saved = None
     warnings.warn(
-        f"checkpoint step {step} in {manager.directory} has no"
-        f" '{_SIGNATURE}' signature (not written by save_checkpoint): it is"
-        " restored without checking method, rank or parameter tree.",
-        stacklevel=2,
+      f"checkpoint step {step} in {manager.directory} has no"
+      f" '{_SIGNATURE}' signature (not written by save_checkpoint): it is"
+      " restored without checking method, rank or parameter tree.",
+      stacklevel=2,
     )
-  differences = [] if saved is None else _differences(
-      saved, _signature(params, opt_state))
+  differences = [] if saved is None else _differences(saved, _signature(params, opt_state))
   if differences:
     raise CheckpointMismatchError(
-        f"checkpoint step {step} in {manager.directory} does not fit the"
-        " target:\n  " + "\n  ".join(differences)
+      f"checkpoint step {step} in {manager.directory} does not fit the"
+      " target:\n  " + "\n  ".join(differences)
     )
   restored = manager.restore(
-      step,
-      args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(_abstract(params)),
-          opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
-      ),
+    step,
+    args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(_abstract(params)),
+      opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+    ),
   )
   return step, restored["params"], restored["opt_state"]

@@ -52,12 +52,10 @@ def _as_named(s, mesh):
     return s
   if isinstance(s, PartitionSpec):
     if mesh is None:
-      raise ValueError(
-          "param_shardings holds PartitionSpecs: pass the mesh as `mesh=`.")
+      raise ValueError("param_shardings holds PartitionSpecs: pass the mesh as `mesh=`.")
     return NamedSharding(mesh, s)
   raise TypeError(
-      "param_shardings must hold NamedSharding or PartitionSpec leaves, got"
-      f" {type(s).__name__}."
+    f"param_shardings must hold NamedSharding or PartitionSpec leaves, got {type(s).__name__}."
   )
 
 
@@ -111,14 +109,12 @@ class _LeafSpecs:
     if not plan.projected:
       return
     batch, rows, cols = plan.batch_axes, plan.row_axes, plan.col_axes
-    merged = lambda axes: _merged_entry([self.full[a] for a in axes],
-                                        [plan.shape[a] for a in axes])
+    merged = lambda axes: _merged_entry([self.full[a] for a in axes], [plan.shape[a] for a in axes])
     self.batch = tuple(self.full[a] for a in batch)
     row_e, col_e = merged(rows), merged(cols)
     side_e, other_e = (row_e, col_e) if plan.axis == 0 else (col_e, row_e)
     self.side = side_e
-    if (other_e is None and side_e is not None
-        and plan.other % _mesh_size(self.mesh, side_e) == 0):
+    if other_e is None and side_e is not None and plan.other % _mesh_size(self.mesh, side_e) == 0:
       other_e = side_e  # ZeRO: the moments are split along the kept side
     self.other = other_e
 
@@ -155,33 +151,32 @@ def _state_plan(node, params, dims):
   plan = node.plan
   if plan is None:
     raise ValueError(
-        "this project_subspace state has no plan (not made by its `init`):"
-        " take the state from `tx.init` or `jax.eval_shape(tx.init, params)`.")
+      "this project_subspace state has no plan (not made by its `init`):"
+      " take the state from `tx.init` or `jax.eval_shape(tx.init, params)`."
+    )
   if dims is not None:
-    mask = _combinator.projector_treedef(params).unflatten(
-        [leaf.projected for leaf in plan])
+    mask = _combinator.projector_treedef(params).unflatten([leaf.projected for leaf in plan])
     try:
-      given = _plan.make_plan(params, plan.rank, mask, dims, plan.side,
-                              quiet=True)
+      given = _plan.make_plan(params, plan.rank, mask, dims, plan.side, quiet=True)
     except ValueError as e:
-      raise ValueError(
-          f"{e}\nstate_shardings needs the same `dims` as the optimizer.") from e
+      raise ValueError(f"{e}\nstate_shardings needs the same `dims` as the optimizer.") from e
     differ = [a.path for a, b in zip(plan, given) if a != b]
     if differ:
       raise ValueError(
-          f"dims {dims!r} give leaves {differ[:4]} other matrix axes than the"
-          " optimizer's plan: state_shardings needs the same `dims` as the"
-          " optimizer (or none: the plan has them).")
+        f"dims {dims!r} give leaves {differ[:4]} other matrix axes than the"
+        " optimizer's plan: state_shardings needs the same `dims` as the"
+        " optimizer (or none: the plan has them)."
+      )
   return plan
 
 
 def state_shardings(
-    tx: optax.GradientTransformation,
-    params: Any,
-    param_shardings: Any,
-    *,
-    dims: _leaves.DimsSpec = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
+  tx: optax.GradientTransformation,
+  params: Any,
+  param_shardings: Any,
+  *,
+  dims: _leaves.DimsSpec = None,
+  mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Any:
   r"""`NamedSharding`s for the state of `tx`, derived from the parameters'.
 
@@ -237,8 +232,7 @@ def state_shardings(
   shapes = [tuple(np.shape(x)) for _, x in flat_params]
   by_path = {kp: i for i, kp in enumerate(key_paths)}
   sharded_sizes = [
-      math.prod(shape) for shape, s in zip(shapes, named)
-      if any(e is not None for e in s.spec)
+    math.prod(shape) for shape, s in zip(shapes, named) if any(e is not None for e in s.spec)
   ]
   warn_above = min(sharded_sizes) if sharded_sizes else math.inf
 
@@ -260,15 +254,17 @@ def state_shardings(
       specs = [_LeafSpecs(p, s) for p, s in zip(plans, named)]
       out.append(replicated)  # count
       visit_projectors(node.projectors, specs)
-      visit_inner(node.inner, plans, specs,
-                  path + (jax.tree_util.GetAttrKey("inner"),))
+      visit_inner(node.inner, plans, specs, path + (jax.tree_util.GetAttrKey("inner"),))
       # The schedule has no leaves; the mismatch step is a scalar; the
       # limiter (Fira, APOLLO) one float per matrix.
-      out.extend(replicated for _ in jax.tree_util.tree_leaves(
-          (node.schedule, node.refresh_mismatch, node.limiter)))
+      out.extend(
+        replicated
+        for _ in jax.tree_util.tree_leaves((node.schedule, node.refresh_mismatch, node.limiter))
+      )
       return
     children = jax.tree_util.tree_flatten_with_path(
-        node, is_leaf=lambda x: x is not node and _is_state(x))[0]
+      node, is_leaf=lambda x: x is not node and _is_state(x)
+    )[0]
     for sub, x in children:
       if _is_state(x):
         visit(x, path + tuple(sub))
@@ -286,8 +282,7 @@ def state_shardings(
     for sub, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
       full_path = path + tuple(sub)
       i = _match(full_path, by_path)
-      if i is not None and plans[i].projected and (
-          tuple(x.shape) == plans[i].low_rank_shape):
+      if i is not None and plans[i].projected and (tuple(x.shape) == plans[i].low_rank_shape):
         out.append(NamedSharding(mesh, PartitionSpec(*specs[i].low_rank())))
       else:
         out.append(full_or_replicated(full_path, x))
@@ -295,11 +290,11 @@ def state_shardings(
   visit(abstract, ())
   if unmatched:
     warnings.warn(
-        "state_shardings replicates optimizer-state buffers it could not"
-        " match to a parameter (by key path and shape):"
-        f" {', '.join(repr(u) for u in unmatched[:4])}"
-        f"{' ...' if len(unmatched) > 4 else ''}.",
-        stacklevel=2,
+      "state_shardings replicates optimizer-state buffers it could not"
+      " match to a parameter (by key path and shape):"
+      f" {', '.join(repr(u) for u in unmatched[:4])}"
+      f"{' ...' if len(unmatched) > 4 else ''}.",
+      stacklevel=2,
     )
   state_def = jax.tree_util.tree_structure(abstract)
   return jax.tree_util.tree_unflatten(state_def, out)
@@ -326,12 +321,12 @@ def _kept_side_spec(plan: _leaves.LeafPlan, sharding: NamedSharding) -> tuple:
 
 
 def update_shardings(
-    tx: optax.GradientTransformation,
-    params: Any,
-    param_shardings: Any,
-    *,
-    dims: _leaves.DimsSpec = None,
-    mesh: Optional[jax.sharding.Mesh] = None,
+  tx: optax.GradientTransformation,
+  params: Any,
+  param_shardings: Any,
+  *,
+  dims: _leaves.DimsSpec = None,
+  mesh: Optional[jax.sharding.Mesh] = None,
 ) -> Any:
   r"""Where a sharded update (ZeRO-1) should split each gradient: projected ones on their kept side.
 
@@ -385,8 +380,7 @@ def update_shardings(
         if plan.projected:
           plans.setdefault(i, plan)
   out = [
-      NamedSharding(s.mesh, PartitionSpec(*_kept_side_spec(plans[i], s)))
-      if i in plans else s
-      for i, s in enumerate(named)
+    NamedSharding(s.mesh, PartitionSpec(*_kept_side_spec(plans[i], s))) if i in plans else s
+    for i, s in enumerate(named)
   ]
   return treedef.unflatten(out)

@@ -54,8 +54,9 @@ def initialize(coordinator: str, num_processes: int, process_id: int, timeout_s:
   import jax  # pylint: disable=g-import-not-at-top
 
   use_gloo()
-  jax.distributed.initialize(coordinator, int(num_processes), int(process_id),
-                             initialization_timeout=timeout_s)
+  jax.distributed.initialize(
+    coordinator, int(num_processes), int(process_id), initialization_timeout=timeout_s
+  )
 
 
 @dataclasses.dataclass
@@ -81,9 +82,16 @@ def _kill_group(popen) -> None:
     pass
 
 
-def run(argv, num_processes: int = 2, local_devices: int = 4, timeout_s: float = 300,
-        env: dict | None = None, cwd=None, check: bool = True,
-        grace_s: float = GRACE_S) -> list[Process]:
+def run(
+  argv,
+  num_processes: int = 2,
+  local_devices: int = 4,
+  timeout_s: float = 300,
+  env: dict | None = None,
+  cwd=None,
+  check: bool = True,
+  grace_s: float = GRACE_S,
+) -> list[Process]:
   """Runs `argv` (a list, or a function of the process id giving one; placeholders filled per
   process) as `num_processes` JAX processes.
 
@@ -104,8 +112,15 @@ def run(argv, num_processes: int = 2, local_devices: int = 4, timeout_s: float =
         args = [str(a).format(**fill) for a in (argv(i) if callable(argv) else argv)]
         out = open(os.path.join(logs, f"{i}.out"), "w+")
         err = open(os.path.join(logs, f"{i}.err"), "w+")
-        popen = subprocess.Popen(args, env=base, cwd=cwd, stdout=out, stderr=err,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        popen = subprocess.Popen(
+          args,
+          env=base,
+          cwd=cwd,
+          stdout=out,
+          stderr=err,
+          stdin=subprocess.DEVNULL,
+          start_new_session=True,
+        )
         started.append((popen, out, err))
       deadline = time.monotonic() + timeout_s
       killed = set()
@@ -147,8 +162,10 @@ def describe(results: list[Process], tail: int = 3000) -> str:
   lines = []
   for r in results:
     how = "killed by the harness" if r.killed else f"exit code {r.returncode}"
-    lines.append(f"--- process {r.process_id}: {how}\nstdout: ...{r.stdout[-tail:]}\n"
-                 f"stderr: ...{r.stderr[-tail:]}")
+    lines.append(
+      f"--- process {r.process_id}: {how}\nstdout: ...{r.stdout[-tail:]}\n"
+      f"stderr: ...{r.stderr[-tail:]}"
+    )
   return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import pathlib
 # Read when JAX first creates its CPU backend (not at `import jax`), which no test has done yet.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(
-      filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=8"])
+    filter(None, [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=8"])
   )
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation_cache"

@@ -9,19 +9,53 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["--hidden", "64", "--ffn", "176", "--heads", "4", "--vocab", "256", "--rank", "8",
-        "--seq", "16", "--layers", "1", "--methods", "adamw,rso_model", "--meshes", "data"]
+TINY = [
+  "--hidden",
+  "64",
+  "--ffn",
+  "176",
+  "--heads",
+  "4",
+  "--vocab",
+  "256",
+  "--rank",
+  "8",
+  "--seq",
+  "16",
+  "--layers",
+  "1",
+  "--methods",
+  "adamw,rso_model",
+  "--meshes",
+  "data",
+]
 
 
 @pytest.mark.slow
 def test_model_level_rso_all_reduces_less_than_adamw_whose_all_reduce_is_the_full_gradient(
-    tmp_path):
+  tmp_path,
+):
   # A subprocess, so the simulated devices exist whatever this process's jax already started.
   out = tmp_path / "communication_train_step.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite",
-                  "communication_train_step", "--", *TINY, "--out", str(out)],
-                 cwd=ROOT, env=env, check=True, capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks",
+      "run",
+      "--suite",
+      "communication_train_step",
+      "--",
+      *TINY,
+      "--out",
+      str(out),
+    ],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+  )
   runs = json.loads(out.read_text())["runs"]["data"]
   adamw, rso = runs["adamw"], runs["rso_model"]
   assert "error" not in rso, rso.get("error")

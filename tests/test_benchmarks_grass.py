@@ -15,10 +15,32 @@ from benchmarks import grass_cost  # noqa: E402
 @pytest.mark.slow
 def test_grass_cost_runs_at_a_tiny_size_and_writes_json_and_plot(tmp_path):
   out = tmp_path / "grass_cost.json"
-  grass_cost.main([
-      "--hidden", "32", "--ffn", "64", "--heads", "2", "--layers", "1", "--batch", "1",
-      "--seq", "16", "--rank", "4", "--reps", "1", "--tree-size", "tiny",
-      "--tree-methods", "adamw,grass_model_level", "--out", str(out)])
+  grass_cost.main(
+    [
+      "--hidden",
+      "32",
+      "--ffn",
+      "64",
+      "--heads",
+      "2",
+      "--layers",
+      "1",
+      "--batch",
+      "1",
+      "--seq",
+      "16",
+      "--rank",
+      "4",
+      "--reps",
+      "1",
+      "--tree-size",
+      "tiny",
+      "--tree-methods",
+      "adamw,grass_model_level",
+      "--out",
+      str(out),
+    ]
+  )
   result = json.loads(out.read_text())
   assert out.with_suffix(".png").exists()
   blocks = result["blocks"]

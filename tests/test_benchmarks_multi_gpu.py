@@ -11,10 +11,32 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUITE = [sys.executable, "-m", "benchmarks", "run", "--suite", "multi_gpu", "--"]
-TINY = ["--model-size", "tiny", "--tokenizer", "byte", "--batch-size", "4", "--seq-len", "32",
-        "--steps", "3", "--eval-windows", "4", "--data-parallel", "2", "--fsdp", "1",
-        "--methods", "adamw", "--weak", "--commit", "abc1234", "--shard-optimizer",
-        "--train-args", "--seed 0"]
+TINY = [
+  "--model-size",
+  "tiny",
+  "--tokenizer",
+  "byte",
+  "--batch-size",
+  "4",
+  "--seq-len",
+  "32",
+  "--steps",
+  "3",
+  "--eval-windows",
+  "4",
+  "--data-parallel",
+  "2",
+  "--fsdp",
+  "1",
+  "--methods",
+  "adamw",
+  "--weak",
+  "--commit",
+  "abc1234",
+  "--shard-optimizer",
+  "--train-args",
+  "--seed 0",
+]
 
 
 @pytest.mark.slow
@@ -22,9 +44,13 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   # A subprocess, so the simulated devices exist whatever this process's jax already started.
   out = tmp_path / "multi_gpu.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  subprocess.run([*SUITE, *TINY, "--out", str(out),
-                  "--hlo-dir", str(tmp_path / "hlo")],
-                 cwd=ROOT, env=env, check=True, capture_output=True)
+  subprocess.run(
+    [*SUITE, *TINY, "--out", str(out), "--hlo-dir", str(tmp_path / "hlo")],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+  )
   result = json.loads(out.read_text())
   assert result["commit"] == "abc1234"
   assert result["config"]["weak_global_batch"] == 8
@@ -43,8 +69,9 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
   # --replot redraws the PNG from the JSON alone (what a run cut by a time limit leaves).
   out.with_suffix(".png").unlink()
   written = out.read_text()
-  subprocess.run([*SUITE, "--out", str(out), "--replot"],
-                 cwd=ROOT, env=env, check=True, capture_output=True)
+  subprocess.run(
+    [*SUITE, "--out", str(out), "--replot"], cwd=ROOT, env=env, check=True, capture_output=True
+  )
   assert out.with_suffix(".png").exists() and out.read_text() == written
   # --hlo-dir: each run's compiled step; only the mesh runs communicate.
   collectives = ("all-reduce(", "reduce-scatter(", "all-gather(")
@@ -69,9 +96,13 @@ def test_profiled_mesh_only_run_keeps_its_trace(tmp_path):
   out = tmp_path / "profiled.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   flags = [f for f in TINY if f != "--weak"]
-  subprocess.run([*SUITE, *flags, "--out", str(out),
-                  "--layouts", "mesh", "--profile-steps", "1"],
-                 cwd=ROOT, env=env, check=True, capture_output=True)
+  subprocess.run(
+    [*SUITE, *flags, "--out", str(out), "--layouts", "mesh", "--profile-steps", "1"],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+  )
   result = json.loads(out.read_text())
   adamw = result["methods"]["adamw"]
   assert set(adamw) == {"mesh"} and result["config"]["profile_steps"] == 1
@@ -87,12 +118,30 @@ def test_hlo_dir_keeps_the_steady_and_the_refresh_program_and_counts_their_bytes
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   flags = [f for f in TINY if f != "--weak"]
   flags[flags.index("adamw")] = "adamw,galore"
-  subprocess.run([*SUITE, *flags, "--out", str(out),
-                  "--layouts", "mesh", "--update-every", "2", "--hlo-dir", str(tmp_path / "hlo")],
-                 cwd=ROOT, env=env, check=True, capture_output=True)
+  subprocess.run(
+    [
+      *SUITE,
+      *flags,
+      "--out",
+      str(out),
+      "--layouts",
+      "mesh",
+      "--update-every",
+      "2",
+      "--hlo-dir",
+      str(tmp_path / "hlo"),
+    ],
+    cwd=ROOT,
+    env=env,
+    check=True,
+    capture_output=True,
+  )
   methods = json.loads(out.read_text())["methods"]
   assert sorted(p.name for p in (tmp_path / "hlo").iterdir()) == [
-      "adamw-mesh.hlo.txt.gz", "galore-mesh.hlo.txt.gz", "galore-mesh.refresh.hlo.txt.gz"]
+    "adamw-mesh.hlo.txt.gz",
+    "galore-mesh.hlo.txt.gz",
+    "galore-mesh.refresh.hlo.txt.gz",
+  ]
   adamw, galore = methods["adamw"]["mesh"]["collectives"], methods["galore"]["mesh"]["collectives"]
   # ZeRO-1 over the data axis: GaLore projects each device's share of the reduce-scattered
   # gradient locally, so its steady step moves AdamW's bytes; its refresh program also sums

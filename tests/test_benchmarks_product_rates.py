@@ -19,8 +19,7 @@ def test_product_kinds_cover_the_steps_flops():
   padded = ffn + (-ffn % 8)
   per_layer = 4 * 2 * d * d * r + 2 * 2 * d * padded * r + 2 * d * ffn * r
   assert galore == 2 * layers * per_layer
-  osd_big = sum(c * flop(a, b, t) for n, a, b, t, c in kinds
-                if n.startswith("osd") and ("G" in n))
+  osd_big = sum(c * flop(a, b, t) for n, a, b, t, c in kinds if n.startswith("osd") and ("G" in n))
   assert osd_big == layers * per_layer
 
 
@@ -28,12 +27,30 @@ def test_product_kinds_cover_the_steps_flops():
 def test_rows_and_floors_are_written(tmp_path):
   out = tmp_path / "rates.json"
   # Through the harness: the flags after "--" are the script suite's own.
-  result = suites.main(["run", "--suite", "product_rates", "--", "--size", "tiny", "--reps", "2",
-                        "--dtypes", "float32", "--out", str(out)])
+  result = suites.main(
+    [
+      "run",
+      "--suite",
+      "product_rates",
+      "--",
+      "--size",
+      "tiny",
+      "--reps",
+      "2",
+      "--dtypes",
+      "float32",
+      "--out",
+      str(out),
+    ]
+  )
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
   assert len(result["rows"]) == len(product_rates.product_kinds(**optimizer_step.SIZES["tiny"]))
   for row in result["rows"]:
     assert row["separate_ms"] > 0 and row["batched_ms"] > 0
-  assert set(result["floor_ms"]) == {"galore_float32_separate", "galore_float32_batched",
-                                     "osd_float32_separate", "osd_float32_batched"}
+  assert set(result["floor_ms"]) == {
+    "galore_float32_separate",
+    "galore_float32_batched",
+    "osd_float32_separate",
+    "osd_float32_batched",
+  }
   assert out.with_suffix(".png").exists()

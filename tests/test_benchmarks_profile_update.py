@@ -11,9 +11,20 @@ from benchmarks import profile_update
 @pytest.mark.slow
 def test_profile_rows_carry_wall_time_and_kernel_breakdown(tmp_path):
   out = tmp_path / "profile_update.json"
-  result = profile_update.main(["--size", "tiny", "--reps", "2", "--methods",
-                                "adamw,galore_steady_unpadded,galore_refresh_unchunked",
-                                "--hlo-dir", str(tmp_path / "hlo"), "--out", str(out)])
+  result = profile_update.main(
+    [
+      "--size",
+      "tiny",
+      "--reps",
+      "2",
+      "--methods",
+      "adamw,galore_steady_unpadded,galore_refresh_unchunked",
+      "--hlo-dir",
+      str(tmp_path / "hlo"),
+      "--out",
+      str(out),
+    ]
+  )
   assert json.loads(out.read_text()) == json.loads(json.dumps(result))
   rows = {r["method"]: r for r in result["rows"]}
   assert set(rows) == {"adamw", "galore_steady_unpadded", "galore_refresh_unchunked"}
@@ -25,6 +36,7 @@ def test_profile_rows_carry_wall_time_and_kernel_breakdown(tmp_path):
     assert row["kernel_ms"] == sum(row["by_kind_ms"].values())
   # The padding and chunking switches are restored after the variants' compiles.
   from optax_subspace import _chunks, _combinator  # pylint: disable=g-import-not-at-top
+
   assert _combinator.PRODUCT_ALIGNMENT == 8
   assert _chunks.OPTIMIZER_REFRESH_CHUNK_BYTES == 1 << 32
 
@@ -44,8 +56,19 @@ def test_scanned_tree_profiles_and_holds_the_same_state(tmp_path):
   import optax_subspace as osub  # pylint: disable=g-import-not-at-top
   from benchmarks import optimizer_step  # pylint: disable=g-import-not-at-top
 
-  result = profile_update.main(["--size", "tiny", "--reps", "2", "--scanned", "--methods",
-                                "adamw,osd_steady", "--out", str(tmp_path / "p.json")])
+  result = profile_update.main(
+    [
+      "--size",
+      "tiny",
+      "--reps",
+      "2",
+      "--scanned",
+      "--methods",
+      "adamw,osd_steady",
+      "--out",
+      str(tmp_path / "p.json"),
+    ]
+  )
   assert result["scanned"] and {r["method"] for r in result["rows"]} == {"adamw", "osd_steady"}
   cfg = optimizer_step.SIZES["tiny"]
   sizes = []
@@ -53,11 +76,17 @@ def test_scanned_tree_profiles_and_holds_the_same_state(tmp_path):
     shapes = optimizer_step.llama_shapes(**cfg, scanned=scanned)
     params = optimizer_step.make_tree(shapes, 0, lambda k, s: jax.numpy.zeros(s))
     grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
-    assert all(jax.tree_util.tree_leaves(
-        jax.tree_util.tree_map(lambda g, p: g.shape == p.shape, grads, params)))
+    assert all(
+      jax.tree_util.tree_leaves(
+        jax.tree_util.tree_map(lambda g, p: g.shape == p.shape, grads, params)
+      )
+    )
     tx = osub.online_subspace_descent(
-        1e-3, cfg["rank"], mask=optimizer_step.PROJECTED,
-        dims=osub.MatrixDims(rows=1, cols=2) if scanned else None)
+      1e-3,
+      cfg["rank"],
+      mask=optimizer_step.PROJECTED,
+      dims=osub.MatrixDims(rows=1, cols=2) if scanned else None,
+    )
     state = jax.eval_shape(tx.init, params)
     sizes.append(sum(x.size for x in jax.tree_util.tree_leaves(state)))
   assert sizes[0] == sizes[1]
@@ -65,9 +94,20 @@ def test_scanned_tree_profiles_and_holds_the_same_state(tmp_path):
 
 @pytest.mark.slow
 def test_host_refresh_variants_compile_without_the_refresh_cond(tmp_path):
-  result = profile_update.main(["--size", "tiny", "--reps", "2", "--methods",
-                                "galore_steady,galore_steady_host_refresh,osd_steady_host_refresh",
-                                "--hlo-dir", str(tmp_path), "--out", str(tmp_path / "p.json")])
+  result = profile_update.main(
+    [
+      "--size",
+      "tiny",
+      "--reps",
+      "2",
+      "--methods",
+      "galore_steady,galore_steady_host_refresh,osd_steady_host_refresh",
+      "--hlo-dir",
+      str(tmp_path),
+      "--out",
+      str(tmp_path / "p.json"),
+    ]
+  )
   assert len(result["rows"]) == 3
   texts = {}
   for name in ("galore_steady", "galore_steady_host_refresh", "osd_steady_host_refresh"):

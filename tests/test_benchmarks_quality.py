@@ -14,18 +14,36 @@ from benchmarks import quality
 from benchmarks import suites
 
 PNG = b"\x89PNG\r\n\x1a\n"
-RUN_KEYS = {"method", "size", "lr", "lr_unprojected", "rank", "steps", "tokens",
-            "best_eval_perplexity", "final_eval_perplexity", "tokens_per_s", "opt_state_bytes",
-            "curve"}
+RUN_KEYS = {
+  "method",
+  "size",
+  "lr",
+  "lr_unprojected",
+  "rank",
+  "steps",
+  "tokens",
+  "best_eval_perplexity",
+  "final_eval_perplexity",
+  "tokens_per_s",
+  "opt_state_bytes",
+  "curve",
+}
 
 
 @pytest.mark.slow
 def test_quick_suite_writes_runs_best_of_sweep_and_plot(tmp_path):
   out = tmp_path / "quality.json"
   result = suites.run_suite(
-      "quality", quick=True, out=out, log=lambda *_: None,
-      options={"runs": "adamw:1e-2,adamw:3e-3,grass:1e-2:3e-2", "steps": 6,
-               "work_dir": str(tmp_path / "runs")})
+    "quality",
+    quick=True,
+    out=out,
+    log=lambda *_: None,
+    options={
+      "runs": "adamw:1e-2,adamw:3e-3,grass:1e-2:3e-2",
+      "steps": 6,
+      "work_dir": str(tmp_path / "runs"),
+    },
+  )
   written = json.loads(out.read_text())
   assert written["runs"] == result["runs"]
   assert len(written["runs"]) == 3
@@ -42,7 +60,8 @@ def test_quick_suite_writes_runs_best_of_sweep_and_plot(tmp_path):
   assert written["best"]["tiny/adamw"]["best_eval_perplexity"] == adamw_best
   assert written["best"]["tiny/adamw"]["ratio_to_adamw"] == 1.0
   assert written["best"]["tiny/grass"]["ratio_to_adamw"] == pytest.approx(
-      grass["best_eval_perplexity"] / adamw_best)
+    grass["best_eval_perplexity"] / adamw_best
+  )
   assert written["best"]["tiny/adamw"]["swept"] == [[3e-3, 3e-3], [1e-2, 1e-2]]
   assert out.with_suffix(".png").read_bytes().startswith(PNG)
   assert "| tiny | grass |" in quality.markdown_table(written)
@@ -52,19 +71,34 @@ def test_sweep_defaults_cover_every_method_with_three_rates():
   labels = {}
   for label, _, lr, lu, _ in quality.sweep():
     labels.setdefault(label, set()).add((lr, lu))
-  assert set(labels) == {"adamw", "galore", "osd", "grass", "rso", "grass_model", "rso_model",
-                         "optax_galore", "fira", "frugal", "apollo", "apollo_mini"}
+  assert set(labels) == {
+    "adamw",
+    "galore",
+    "osd",
+    "grass",
+    "rso",
+    "grass_model",
+    "rso_model",
+    "optax_galore",
+    "fira",
+    "frugal",
+    "apollo",
+    "apollo_mini",
+  }
   assert all(len(rates) >= 3 for rates in labels.values())
 
 
-@pytest.mark.parametrize("argv, message", [
+@pytest.mark.parametrize(
+  "argv, message",
+  [
     (["--lrs", "1e-3,0"], "learning rates must be positive"),
     (["--lrs", "1e-3,-2"], "learning rates must be positive"),
     (["--size", "61m"], "unknown size"),
     (["--runs", "adamw:-1"], "learning rates must be positive"),
     (["--runs", "sgd:1e-3"], "want label:lr"),
     (["--methods", "nope"], "unknown methods"),
-])
+  ],
+)
 def test_bad_input_is_a_one_line_error(argv, message, tmp_path):
   # Every case fails before any run starts (no --quick: nothing would be small). In process:
   # SystemExit with a message is what `python -m benchmarks` prints as its one line (the test
@@ -77,24 +111,50 @@ def test_bad_input_is_a_one_line_error(argv, message, tmp_path):
 
 
 def test_the_command_prints_a_bad_input_as_one_line_without_a_traceback(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "quality",
-                         "--out", str(tmp_path / "q.json"), "--runs", "sgd:1e-3"],
-                        capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks",
+      "run",
+      "--suite",
+      "quality",
+      "--out",
+      str(tmp_path / "q.json"),
+      "--runs",
+      "sgd:1e-3",
+    ],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode != 0 and len(lines) == 1 and "want label:lr" in lines[0], proc.stderr
   assert not (tmp_path / "q.json").exists()
 
 
 def _part(device, commit, runs, steps=1000):
-  return {"device": device, "commit": commit,
-          "command": f"python -m benchmarks ... --out /x/{commit}.json",
-          "config": {"steps": steps, "parallel": 6}, "runs": runs}
+  return {
+    "device": device,
+    "commit": commit,
+    "command": f"python -m benchmarks ... --out /x/{commit}.json",
+    "config": {"steps": steps, "parallel": 6},
+    "runs": runs,
+  }
 
 
 def _run(method, lr, ppl):
-  return {"method": method, "size": "60m", "lr": lr, "lr_unprojected": lr, "flags": [],
-          "finished": True, "best_eval_perplexity": ppl, "final_eval_perplexity": ppl,
-          "opt_state_bytes": 1}
+  return {
+    "method": method,
+    "size": "60m",
+    "lr": lr,
+    "lr_unprojected": lr,
+    "flags": [],
+    "finished": True,
+    "best_eval_perplexity": ppl,
+    "final_eval_perplexity": ppl,
+    "opt_state_bytes": 1,
+  }
 
 
 def test_combined_calls_take_the_best_over_all_parts_and_refuse_mixed_settings():

@@ -9,8 +9,22 @@ import pytest
 
 from benchmarks import rso_memory
 
-TINY = ["--layers", "1", "--batch", "1", "--seq", "32", "--hidden", "32", "--ffn", "64",
-        "--heads", "2", "--rank", "8"]
+TINY = [
+  "--layers",
+  "1",
+  "--batch",
+  "1",
+  "--seq",
+  "32",
+  "--hidden",
+  "32",
+  "--ffn",
+  "64",
+  "--heads",
+  "2",
+  "--rank",
+  "8",
+]
 
 
 @pytest.mark.slow
@@ -28,14 +42,14 @@ def test_rso_memory_writes_json_and_plot_for_every_method(tmp_path):
   assert rso["trainable_param_bytes"] < adamw["trainable_param_bytes"]
   assert rso["frozen_bytes"] > 0
   # A block keeps x·P (b×r) for its linear layers' backward instead of their inputs.
-  assert (rso["block_residual_bytes"]["activations"]
-          < adamw["block_residual_bytes"]["activations"])
+  assert rso["block_residual_bytes"]["activations"] < adamw["block_residual_bytes"]["activations"]
   assert set(result["ratios_vs_adamw"]) == {"galore", "rso", "rso_shared"}
   # Sharing P among q/k/v and gate/up keeps fewer x·P and stores fewer P.
   shared = result["methods"]["rso_shared"]
   assert shared["frozen_bytes"] < rso["frozen_bytes"]
-  assert (shared["memory_analysis"]["temp_size_in_bytes"]
-          < rso["memory_analysis"]["temp_size_in_bytes"])
+  assert (
+    shared["memory_analysis"]["temp_size_in_bytes"] < rso["memory_analysis"]["temp_size_in_bytes"]
+  )
   assert result["config"]["attention"] == "xla"
 
 
@@ -44,8 +58,8 @@ def test_rso_step_compiles_under_remat(tmp_path):
   # nnx.remat per block writes W and P back after each block: the step must merge them as
   # Variables of its own trace (regression: TraceContextError on FrozenKernel).
   args = rso_memory._parser().parse_args(  # pylint: disable=protected-access
-      TINY + ["--out", str(tmp_path / "x.json"), "--remat", "--attention", "xla",
-              "--worker", "rso"])
+    TINY + ["--out", str(tmp_path / "x.json"), "--remat", "--attention", "xla", "--worker", "rso"]
+  )
   numbers = rso_memory._worker(args)  # pylint: disable=protected-access
   assert numbers["memory_analysis"]["temp_size_in_bytes"] > 0
   assert numbers["frozen_bytes"] > 0
@@ -64,9 +78,12 @@ def test_recomputing_attention_equals_xla_attention_and_its_gradients(seq, is_ca
     return lambda q, k, v: jnp.sum(attention(q, k, v, is_causal=is_causal) * cot)
 
   with jax.default_matmul_precision("highest"):
-    np.testing.assert_allclose(attention(q, k, v, is_causal=is_causal),
-                               jax.nn.dot_product_attention(q, k, v, is_causal=is_causal),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      attention(q, k, v, is_causal=is_causal),
+      jax.nn.dot_product_attention(q, k, v, is_causal=is_causal),
+      rtol=1e-5,
+      atol=1e-6,
+    )
     got = jax.grad(loss(attention), argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
   for g, w in zip(got, want):
@@ -78,10 +95,12 @@ def test_recomputing_attention_keeps_no_scores_for_the_backward(tmp_path):
   # Its residuals are q, k, v, the output (batch, seq, heads, dim) and the log-sum-exp; XLA's
   # attention keeps batch × heads × seq × seq tensors.
   args = rso_memory._parser().parse_args(  # pylint: disable=protected-access
-      TINY + ["--out", str(tmp_path / "x.json"), "--attention", "recompute", "--worker", "adamw"])
+    TINY + ["--out", str(tmp_path / "x.json"), "--attention", "recompute", "--worker", "adamw"]
+  )
   numbers = rso_memory._worker(args)  # pylint: disable=protected-access
-  xla = rso_memory._worker(rso_memory._parser().parse_args(  # pylint: disable=protected-access
-      TINY + ["--out", str(tmp_path / "x.json"), "--attention", "xla", "--worker", "adamw"]))
-  assert (numbers["block_residual_bytes"]["activations"]
-          < xla["block_residual_bytes"]["activations"])
-
+  xla = rso_memory._worker(
+    rso_memory._parser().parse_args(  # pylint: disable=protected-access
+      TINY + ["--out", str(tmp_path / "x.json"), "--attention", "xla", "--worker", "adamw"]
+    )
+  )
+  assert numbers["block_residual_bytes"]["activations"] < xla["block_residual_bytes"]["activations"]

@@ -6,8 +6,16 @@ import pytest
 
 from benchmarks import scaling_plot
 
-CONFIG = {"model_size": "350m", "global_batch": 256, "seq_len": 256, "steps": 20,
-          "mesh": "data 2 x fsdp 1", "shard_optimizer": True, "train_args": "", "mesh_args": ""}
+CONFIG = {
+  "model_size": "350m",
+  "global_batch": 256,
+  "seq_len": 256,
+  "steps": 20,
+  "mesh": "data 2 x fsdp 1",
+  "shard_optimizer": True,
+  "train_args": "",
+  "mesh_args": "",
+}
 
 
 def _run(tokens_per_s, losses):
@@ -15,8 +23,12 @@ def _run(tokens_per_s, losses):
 
 
 def _write(path, methods, commit="abc1234", **config):
-  result = {"commit": commit, "devices": {"platform": "gpu", "kind": "H200", "count": 2},
-            "config": {**CONFIG, **config}, "methods": {}}
+  result = {
+    "commit": commit,
+    "devices": {"platform": "gpu", "kind": "H200", "count": 2},
+    "config": {**CONFIG, **config},
+    "methods": {},
+  }
   for name, (one, mesh) in methods.items():
     entry = {"one": _run(one, [4.0, 2.0])}
     if mesh is not None:  # a call cut before the mesh run: no speedup in the file

@@ -34,8 +34,10 @@ def run_job(job: dict) -> dict:
 
 @pytest.fixture(autouse=True)
 def _fast_cpu_compiles(monkeypatch):
-  monkeypatch.setenv("XLA_FLAGS", " ".join(
-      [*filter(None, [os.environ.get("XLA_FLAGS")]), "--xla_backend_optimization_level=0"]))
+  monkeypatch.setenv(
+    "XLA_FLAGS",
+    " ".join([*filter(None, [os.environ.get("XLA_FLAGS")]), "--xla_backend_optimization_level=0"]),
+  )
 
 
 @pytest.mark.slow
@@ -80,8 +82,19 @@ def test_train_step_host_refresh_times_steady_and_refresh_programs(tmp_path):
   # --host-refresh: the example's loop; GaLore's refresh step is a program of its own (kind
   # "count", amortised), OSD's steady step starts past its step-0 SVD; finite losses (a step
   # told the wrong refresh would have NaN updates).
-  result = suites.main(["run", "--suite", "train_step", "--quick", "--host-refresh",
-                        "--methods", "galore,osd", "--out", str(tmp_path / "t.json")])
+  result = suites.main(
+    [
+      "run",
+      "--suite",
+      "train_step",
+      "--quick",
+      "--host-refresh",
+      "--methods",
+      "galore,osd",
+      "--out",
+      str(tmp_path / "t.json"),
+    ]
+  )
   assert result["config"]["host_refresh"]
   rows = {r["method"]: r for r in result["results"]["sizes"][0]["rows"]}
   assert set(rows) == {"adamw", "galore", "osd"}
@@ -95,8 +108,21 @@ def test_train_step_host_refresh_times_steady_and_refresh_programs(tmp_path):
 @pytest.mark.slow
 def test_train_step_scan_layers_runs_the_optimizer_level_on_a_scanned_model(tmp_path):
   out = tmp_path / "train_step_scan.json"
-  result = suites.main(["run", "--suite", "train_step", "--quick", "--scan-layers", "--methods",
-                        "osd,rso_model", "--profile-top", "5", "--out", str(out)])
+  result = suites.main(
+    [
+      "run",
+      "--suite",
+      "train_step",
+      "--quick",
+      "--scan-layers",
+      "--methods",
+      "osd,rso_model",
+      "--profile-top",
+      "5",
+      "--out",
+      str(out),
+    ]
+  )
   assert result["config"]["scan_layers"]
   (size,) = result["results"]["sizes"]
   assert size["model"]["scan_layers"]
@@ -114,8 +140,18 @@ def test_train_step_scan_layers_runs_the_optimizer_level_on_a_scanned_model(tmp_
 @pytest.mark.slow
 def test_largest_model_quick_runs_the_ladder_and_writes_json_and_png(tmp_path):
   out = tmp_path / "largest_model.json"
-  result = suites.main(["run", "--suite", "largest_model", "--quick", "--out", str(out),
-                        "--methods", "adamw,rso_model"])
+  result = suites.main(
+    [
+      "run",
+      "--suite",
+      "largest_model",
+      "--quick",
+      "--out",
+      str(out),
+      "--methods",
+      "adamw,rso_model",
+    ]
+  )
   assert json.loads(out.read_text()) == result
   assert out.with_suffix(".png").read_bytes()[:8] == PNG
   assert result["config"]["param_dtype"] == "bfloat16"
@@ -138,8 +174,9 @@ def test_a_small_budget_makes_a_smaller_model_the_answer():
   # d32's step needs about 0.9 MB, d64's about 2 MB: a 1.2 MB budget runs d32 only; d64, the
   # reported size, is still compiled; d128 past it is skipped.
   logs = []
-  result = largest_model.run(["d32", "d64", "d128"], 2, ["adamw"], {"budget_gb": 1.2e-3},
-                             quick=True, log=logs.append)
+  result = largest_model.run(
+    ["d32", "d64", "d128"], 2, ["adamw"], {"budget_gb": 1.2e-3}, quick=True, log=logs.append
+  )
   rows = {r["size"]: r for r in result["rows"]["adamw"]}
   assert rows["d32"]["ran"] and rows["d32"]["need_bytes"] <= 1.2e6
   assert not rows["d64"]["fits"] and not rows["d64"]["ran"]
@@ -168,24 +205,28 @@ def test_a_job_past_its_timeout_is_killed_and_recorded_with_its_last_progress(is
 def test_a_worker_that_floods_stdout_and_stderr_still_answers():
   # 1 MB on each pipe, 16 times a pipe's buffer: the parent drains both as they come.
   with train_setups.Workers(True, timeout_s=60, log=lambda line: None) as workers:
-    result = workers.run({"module": THIS_MODULE, "method": "flood", "sleep_s": 0,
-                          "flood_kb": 1000})
+    result = workers.run({"module": THIS_MODULE, "method": "flood", "sleep_s": 0, "flood_kb": 1000})
   assert result["slept"] == 0, result
 
 
 def test_a_worker_on_another_platform_than_the_parent_refuses_the_job():
   # JAX falls back to the CPU where the GPU backend fails to start; the job must not run there.
-  with train_setups.Workers(True, timeout_s=60, log=lambda line: None,
-                            platform="gpu") as workers:
+  with train_setups.Workers(True, timeout_s=60, log=lambda line: None, platform="gpu") as workers:
     result = workers.run({"module": THIS_MODULE, "method": "any", "sleep_s": 0})
   assert "slept" not in result and "runs on cpu, the parent on gpu" in result["error"]
 
 
 def test_train_step_writes_its_json_before_the_first_job_and_records_a_timeout():
   snapshots, logs = [], []
-  result = train_step.run(["tiny"], 1, ["adamw"], {"job_timeout_s": 0.5}, quick=True,
-                          log=logs.append,
-                          checkpoint=lambda r: snapshots.append(json.loads(json.dumps(r))))
+  result = train_step.run(
+    ["tiny"],
+    1,
+    ["adamw"],
+    {"job_timeout_s": 0.5},
+    quick=True,
+    log=logs.append,
+    checkpoint=lambda r: snapshots.append(json.loads(json.dumps(r))),
+  )
   # Written before any job ran (its config), then as adamw started ("running")...
   assert snapshots[0]["sizes"][0]["rows"] == [] and snapshots[0]["job_timeout_s"] == 0.5
   assert snapshots[1]["sizes"][0]["rows"] == [{"method": "adamw", "status": "running"}]

@@ -12,10 +12,10 @@ def _trace(path, devices):
   events = []
   for pid, (name, kernels) in enumerate(devices.items(), start=1):
     events.append({"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}})
-    for tid, stream in ((1, "Stream #13(compute)"), (2, "Stream #20(nccl)"),
-                        (3, "XLA Ops")):
-      events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
-                     "args": {"name": stream}})
+    for tid, stream in ((1, "Stream #13(compute)"), (2, "Stream #20(nccl)"), (3, "XLA Ops")):
+      events.append(
+        {"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": stream}}
+      )
     for kernel, tid, ts, dur in kernels:
       events.append({"ph": "X", "name": kernel, "pid": pid, "tid": tid, "ts": ts, "dur": dur})
   events.append({"ph": "M", "name": "process_name", "pid": 99, "args": {"name": "/host:CPU"}})
@@ -26,10 +26,13 @@ def _trace(path, devices):
 
 
 def test_timeline_splits_a_step_into_compute_exposed_collectives_and_idle(tmp_path):
-  gpu0 = [("sm90_xmma_gemm_f32f32_nt", 1, 0, 400), ("loop_add_fusion", 1, 500, 100),
-          # the all-reduce overlaps the fusion for 50 µs, then runs alone for 250 µs
-          ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 2, 550, 300),
-          ("fusion.7", 3, 0, 1000)]  # an XLA op span over the kernels: not a kernel
+  gpu0 = [
+    ("sm90_xmma_gemm_f32f32_nt", 1, 0, 400),
+    ("loop_add_fusion", 1, 500, 100),
+    # the all-reduce overlaps the fusion for 50 µs, then runs alone for 250 µs
+    ("ncclDevKernel_AllReduce_Sum_f32_RING_LL", 2, 550, 300),
+    ("fusion.7", 3, 0, 1000),
+  ]  # an XLA op span over the kernels: not a kernel
   gpu1 = [("loop_add_fusion", 1, 0, 200)]
   _trace(tmp_path / "t", {"/device:GPU:0": gpu0, "/device:GPU:1": gpu1})
   events = traces.device_events(tmp_path / "t")
@@ -43,7 +46,9 @@ def test_timeline_splits_a_step_into_compute_exposed_collectives_and_idle(tmp_pa
   assert t["exposed_collective_ms"] == pytest.approx(0.125)
   assert t["idle_ms"] == pytest.approx(0.05)
   assert t["by_kind_ms"] == pytest.approx({"gemm": 0.2, "collective": 0.15, "fusion": 0.05})
-  assert [k["kernel"] for k in t["top"]] == ["sm90_xmma_gemm_f32f32_nt",
-                                             "ncclDevKernel_AllReduce_Sum_f32_RING_LL"]
+  assert [k["kernel"] for k in t["top"]] == [
+    "sm90_xmma_gemm_f32f32_nt",
+    "ncclDevKernel_AllReduce_Sum_f32_RING_LL",
+  ]
   assert traces.kind_of("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "collective"
   assert traces.device_events(tmp_path / "none") == {}

@@ -12,8 +12,11 @@ def _run(values):
 
 
 def test_identical_updates_are_counted_bitwise_and_differences_relative_to_the_leaf():
-  base = {"galore/0/w": np.array([1.0, -4.0]), "galore/0/b": np.array([2.0]),
-          "osd/0/w": np.array([1.0, 2.0])}
+  base = {
+    "galore/0/w": np.array([1.0, -4.0]),
+    "galore/0/b": np.array([2.0]),
+    "osd/0/w": np.array([1.0, 2.0]),
+  }
   current = dict(base, **{"osd/0/w": np.array([1.0, 2.002])})
   rows = update_identity.compare(_run(current), _run(base))
   assert rows["galore"] == {"leaves": 2, "bitwise_identical": 2, "max_rel_diff": 0.0}

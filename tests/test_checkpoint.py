@@ -26,27 +26,22 @@ import optax_subspace as osub
 
 RANK, EVERY, HALF = 4, 2, 3  # refreshes at 0, 2, 4: one in each half
 PRESETS = {
-    "galore": lambda: osub.galore(0.01, RANK, EVERY, weight_decay=0.1),
-    "galore_randomized_svd": lambda: osub.galore(
-        0.01, RANK, EVERY, projector="randomized_svd"),
-    "galore_transport": lambda: osub.galore(0.01, RANK, EVERY,
-                                            on_change="transport"),
-    "online_subspace_descent": lambda: osub.online_subspace_descent(
-        0.01, RANK, update_every=EVERY),
-    "online_subspace_descent_paper": lambda: osub.online_subspace_descent(
-        0.01, RANK, orthogonality_weight=0.1,
-        projector_optimizer=optax.adamw(0.05)),
-    "grass_topk": lambda: osub.grass(0.01, RANK, EVERY),
-    "grass_multinomial": lambda: osub.grass(
-        0.01, RANK, EVERY, "multinomial", on_change="remap"),
-    "rso": lambda: osub.rso(0.01, RANK, EVERY, proximal=1.0,
-                            weight_decay=0.1),
+  "galore": lambda: osub.galore(0.01, RANK, EVERY, weight_decay=0.1),
+  "galore_randomized_svd": lambda: osub.galore(0.01, RANK, EVERY, projector="randomized_svd"),
+  "galore_transport": lambda: osub.galore(0.01, RANK, EVERY, on_change="transport"),
+  "online_subspace_descent": lambda: osub.online_subspace_descent(0.01, RANK, update_every=EVERY),
+  "online_subspace_descent_paper": lambda: osub.online_subspace_descent(
+    0.01, RANK, orthogonality_weight=0.1, projector_optimizer=optax.adamw(0.05)
+  ),
+  "grass_topk": lambda: osub.grass(0.01, RANK, EVERY),
+  "grass_multinomial": lambda: osub.grass(0.01, RANK, EVERY, "multinomial", on_change="remap"),
+  "rso": lambda: osub.rso(0.01, RANK, EVERY, proximal=1.0, weight_decay=0.1),
 }
 NAMES = sorted(PRESETS)
 SPECS = {"w1": P("fsdp", None), "w2": P("fsdp", None), "b": P()}
 needs_8_devices = pytest.mark.skipif(
-    jax.device_count() < 8,
-    reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",
+  jax.device_count() < 8,
+  reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",
 )
 
 
@@ -55,8 +50,11 @@ def _problem():
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
   x = jax.random.normal(k1, (64, 16))
   y = jnp.tanh(x @ jax.random.normal(k2, (16, 8)))
-  params = {"w1": 0.3 * jax.random.normal(k3, (16, 32)),
-            "w2": 0.3 * jax.random.normal(k4, (32, 8)), "b": jnp.zeros(8)}
+  params = {
+    "w1": 0.3 * jax.random.normal(k3, (16, 32)),
+    "w2": 0.3 * jax.random.normal(k4, (32, 8)),
+    "b": jnp.zeros(8),
+  }
   loss = lambda p: jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] + p["b"] - y) ** 2)
   return params, loss
 
@@ -87,9 +85,8 @@ def _train(name, steps, params=None, state=None):
 
 def _manager(directory, async_save=True):
   return ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=2, enable_async_checkpointing=async_save),
+    directory,
+    options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=async_save),
   )
 
 
@@ -101,8 +98,7 @@ def _abstract(tx, params, shardings=None):
     return params, state
   psh, ssh = shardings
   put = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-  return (jax.tree_util.tree_map(put, params, psh),
-          jax.tree_util.tree_map(put, state, ssh))
+  return (jax.tree_util.tree_map(put, params, psh), jax.tree_util.tree_map(put, state, ssh))
 
 
 def _assert_bitwise_equal(got, want):
@@ -117,8 +113,12 @@ def _assert_bitwise_equal(got, want):
 def _run_worker(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(
-      [sys.executable, __file__, *map(str, args)], env=env,
-      capture_output=True, text=True, timeout=300)
+    [sys.executable, __file__, *map(str, args)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 @pytest.mark.slow
@@ -147,8 +147,7 @@ def test_save_and_restore_every_array_of_the_state(tmp_path, async_save):
   manager = _manager(tmp_path, async_save)
   assert osub.save_checkpoint(manager, 2, params, state)
   manager.wait_until_finished()
-  step, got_params, got_state = osub.restore_checkpoint(
-      _manager(tmp_path), *_abstract(tx, params))
+  step, got_params, got_state = osub.restore_checkpoint(_manager(tmp_path), *_abstract(tx, params))
   assert step == 2
   _assert_bitwise_equal((got_params, got_state), (params, state))
   # Projector bases, P's own AdamW state, counts: all came back.
@@ -157,9 +156,8 @@ def test_save_and_restore_every_array_of_the_state(tmp_path, async_save):
 
 
 def _auto_mesh(shape, devices):
-  names = ("data", "fsdp")[-len(shape):]
-  return jax.make_mesh(shape, names, (AxisType.Auto,) * len(shape),
-                       devices=devices)
+  names = ("data", "fsdp")[-len(shape) :]
+  return jax.make_mesh(shape, names, (AxisType.Auto,) * len(shape), devices=devices)
 
 
 @needs_8_devices
@@ -175,14 +173,17 @@ def test_restores_a_sharded_state_onto_4_devices_and_onto_1(tmp_path):
   osub.save_checkpoint(manager, 2, params, state)
   manager.wait_until_finished()
   for shape in ((2, 2), (1,)):
-    mesh = _auto_mesh(shape, jax.devices()[:np.prod(shape)])
+    mesh = _auto_mesh(shape, jax.devices()[: np.prod(shape)])
     target_psh = {n: NamedSharding(mesh, s) for n, s in SPECS.items()}
     target_ssh = osub.state_shardings(tx, params, target_psh)
     _, got_params, got_state = osub.restore_checkpoint(
-        manager, *_abstract(tx, params, (target_psh, target_ssh)))
+      manager, *_abstract(tx, params, (target_psh, target_ssh))
+    )
     _assert_bitwise_equal((got_params, got_state), (params, state))
-    for x, s in zip(jax.tree_util.tree_leaves((got_params, got_state)),
-                    jax.tree_util.tree_leaves((target_psh, target_ssh))):
+    for x, s in zip(
+      jax.tree_util.tree_leaves((got_params, got_state)),
+      jax.tree_util.tree_leaves((target_psh, target_ssh)),
+    ):
       assert x.sharding.is_equivalent_to(s, x.ndim)
       assert len(x.sharding.device_set) == np.prod(shape)
 
@@ -196,53 +197,61 @@ def galore_rank_4(tmp_path_factory):
   return manager
 
 
-@pytest.mark.parametrize("tx,match", [
-    (osub.online_subspace_descent(0.01, RANK),
-     r"method differs.*checkpoint SvdState\('basis',\), target "
-     r"OnlinePcaState\('basis', 'opt_state'\)"),
-    (osub.galore(0.01, RANK, EVERY, projector="randomized_svd",
-                 weight_decay=0.1),
-     r"method differs.*checkpoint SvdState.*target RandomizedSvdState"),
-    (osub.galore(0.01, 2, EVERY, weight_decay=0.1),
-     r"rank differs.*'w1': checkpoint 4, target 2; 'w2': checkpoint 4,"
-     r" target 2"),
-    (osub.galore(0.01, RANK, EVERY, weight_decay=0.1, mask="w1"),
-     r"projected leaves differ.*checkpoint \['w1', 'w2'\], target \['w1'\]"),
-    (osub.galore(0.01, RANK, EVERY),
-     r"optimizer state: only in the checkpoint: '2/count'"),
-], ids=["method", "projector", "rank", "mask", "chain"])
-def test_a_checkpoint_of_another_optimizer_fails_naming_what_differs(
-    galore_rank_4, tx, match):
+@pytest.mark.parametrize(
+  "tx,match",
+  [
+    (
+      osub.online_subspace_descent(0.01, RANK),
+      r"method differs.*checkpoint SvdState\('basis',\), target "
+      r"OnlinePcaState\('basis', 'opt_state'\)",
+    ),
+    (
+      osub.galore(0.01, RANK, EVERY, projector="randomized_svd", weight_decay=0.1),
+      r"method differs.*checkpoint SvdState.*target RandomizedSvdState",
+    ),
+    (
+      osub.galore(0.01, 2, EVERY, weight_decay=0.1),
+      r"rank differs.*'w1': checkpoint 4, target 2; 'w2': checkpoint 4,"
+      r" target 2",
+    ),
+    (
+      osub.galore(0.01, RANK, EVERY, weight_decay=0.1, mask="w1"),
+      r"projected leaves differ.*checkpoint \['w1', 'w2'\], target \['w1'\]",
+    ),
+    (osub.galore(0.01, RANK, EVERY), r"optimizer state: only in the checkpoint: '2/count'"),
+  ],
+  ids=["method", "projector", "rank", "mask", "chain"],
+)
+def test_a_checkpoint_of_another_optimizer_fails_naming_what_differs(galore_rank_4, tx, match):
   params, _ = _problem()
   with pytest.raises(osub.CheckpointMismatchError, match=match):
     osub.restore_checkpoint(galore_rank_4, *_abstract(tx, params))
 
 
-def test_a_checkpoint_of_another_parameter_tree_fails_naming_the_leaves(
-    galore_rank_4):
+def test_a_checkpoint_of_another_parameter_tree_fails_naming_the_leaves(galore_rank_4):
   tx, _ = _step("galore")
   params, _ = _problem()
-  params = {"w1": jnp.zeros((16, 64)), "w2": params["w2"],
-            "bias": params["b"]}
+  params = {"w1": jnp.zeros((16, 64)), "w2": params["w2"], "bias": params["b"]}
   with pytest.raises(osub.CheckpointMismatchError) as error:
     osub.restore_checkpoint(galore_rank_4, *_abstract(tx, params))
   message = str(error.value)
   assert "parameter tree: only in the checkpoint: 'b'" in message
   assert "parameter tree: only in the target: 'bias'" in message
-  assert ("'w1': checkpoint (16, 32) float32, target (16, 64) float32"
-          in message)
+  assert "'w1': checkpoint (16, 32) float32, target (16, 64) float32" in message
 
 
 def test_a_plain_orbax_checkpoint_restores_with_a_warning(tmp_path):
   tx, _ = _step("galore")
   params, state = _train("galore", 1)
   manager = _manager(tmp_path, async_save=False)
-  manager.save(1, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(state)))
+  manager.save(
+    1,
+    args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(state)
+    ),
+  )
   with pytest.warns(UserWarning, match="restored without checking"):
-    _, got_params, got_state = osub.restore_checkpoint(
-        manager, *_abstract(tx, params))
+    _, got_params, got_state = osub.restore_checkpoint(manager, *_abstract(tx, params))
   _assert_bitwise_equal((got_params, got_state), (params, state))
 
 
@@ -255,8 +264,7 @@ def test_a_save_killed_midway_is_never_the_latest_step(tmp_path):
   manager = _manager(tmp_path)
   assert manager.latest_step() == 1 and manager.all_steps() == [1]
   tx, _ = _step("galore")
-  step, params, state = osub.restore_checkpoint(
-      manager, *_abstract(tx, _problem()[0]))
+  step, params, state = osub.restore_checkpoint(manager, *_abstract(tx, _problem()[0]))
   assert step == 1
   _assert_bitwise_equal((params, state), _train("galore", 1))
 
@@ -269,10 +277,10 @@ def _worker(mode, directory, out=None):
     for name in NAMES:
       tx, _ = _step(name)
       _, params, state = osub.restore_checkpoint(
-          _manager(directory / name), *_abstract(tx, _problem()[0]))
+        _manager(directory / name), *_abstract(tx, _problem()[0])
+      )
       leaves = jax.tree_util.tree_leaves(_train(name, HALF, params, state))
-      arrays.update({f"{name}/{i}": np.asarray(x)
-                     for i, x in enumerate(leaves)})
+      arrays.update({f"{name}/{i}": np.asarray(x) for i, x in enumerate(leaves)})
     np.savez(out, **arrays)
     return
   # killed-save: step 1 completes; step 2's data is written, then the

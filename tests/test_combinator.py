@@ -21,9 +21,7 @@ def _grads(params, seed):
   key = jax.random.PRNGKey(seed)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten(
-      [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
-  )
+  return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 def _run(tx, params, steps, jit=True, seed=0):
@@ -38,10 +36,8 @@ def _run(tx, params, steps, jit=True, seed=0):
 @pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
 @pytest.mark.parametrize("jit", [False, True])
 def test_rank_equal_to_smaller_side_with_sgd_is_plain_sgd(shape, jit):
-  params = {"w": jax.random.normal(jax.random.PRNGKey(0), shape),
-            "b": jnp.zeros(shape[1])}
-  tx = osub.project_subspace(optax.sgd(0.1), projectors.svd(min(shape), 2),
-                             mask=r"^w$")
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), shape), "b": jnp.zeros(shape[1])}
+  tx = osub.project_subspace(optax.sgd(0.1), projectors.svd(min(shape), 2), mask=r"^w$")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # rank = smaller side warns; tested below
     ours, _ = _run(tx, params, 5, jit)
@@ -60,8 +56,7 @@ def test_rank_not_below_smaller_side_warns_and_clamps():
 
 def _state_sizes(tx, params):
   shapes = jax.eval_shape(tx.init, params)
-  return [math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)
-          if x.ndim > 0]
+  return [math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes) if x.ndim > 0]
 
 
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (48, 48)])
@@ -92,16 +87,15 @@ def test_unprojected_leaves_keep_full_size_state():
 
 def test_stacked_layers_are_a_batch_of_independent_matrices():
   stacked = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 12))
-  tx = osub.galore(1e-2, rank=2, update_every=2,
-                   dims=osub.MatrixDims(rows=1, cols=2))
+  tx = osub.galore(1e-2, rank=2, update_every=2, dims=osub.MatrixDims(rows=1, cols=2))
   per_layer = osub.galore(1e-2, rank=2, update_every=2)
-  state, state_l = tx.init({"k": stacked}), per_layer.init(
-      {str(i): stacked[i] for i in range(3)})
+  state, state_l = tx.init({"k": stacked}), per_layer.init({str(i): stacked[i] for i in range(3)})
   for t in range(4):
     g = jax.random.normal(jax.random.PRNGKey(10 + t), stacked.shape)
     u, state = tx.update({"k": g}, state, {"k": stacked})
-    u_l, state_l = per_layer.update({str(i): g[i] for i in range(3)}, state_l,
-                                    {str(i): stacked[i] for i in range(3)})
+    u_l, state_l = per_layer.update(
+      {str(i): g[i] for i in range(3)}, state_l, {str(i): stacked[i] for i in range(3)}
+    )
     for i in range(3):
       np.testing.assert_allclose(u["k"][i], u_l[str(i)], rtol=2e-5, atol=1e-7)
   assert state[0].projectors["k"].basis.shape == (3, 8, 2)
@@ -114,11 +108,10 @@ def test_attention_kernel_folds_heads_into_one_side():
   tx2 = osub.galore(1e-2, rank=3)
   g = jax.random.normal(jax.random.PRNGKey(3), kernel.shape)
   u3, _ = tx3.update({"k": g}, tx3.init({"k": kernel}), {"k": kernel})
-  u2, _ = tx2.update({"k": g.reshape(16, 24)},
-                     tx2.init({"k": kernel.reshape(16, 24)}),
-                     {"k": kernel.reshape(16, 24)})
-  np.testing.assert_allclose(u3["k"].reshape(16, 24), u2["k"], rtol=1e-5,
-                             atol=1e-7)
+  u2, _ = tx2.update(
+    {"k": g.reshape(16, 24)}, tx2.init({"k": kernel.reshape(16, 24)}), {"k": kernel.reshape(16, 24)}
+  )
+  np.testing.assert_allclose(u3["k"].reshape(16, 24), u2["k"], rtol=1e-5, atol=1e-7)
 
 
 def test_out_projection_with_rows_after_cols_is_transposed_consistently():
@@ -126,30 +119,37 @@ def test_out_projection_with_rows_after_cols_is_transposed_consistently():
   kernel = jax.random.normal(jax.random.PRNGKey(4), (2, 12, 16))
   g = jax.random.normal(jax.random.PRNGKey(5), kernel.shape)
   tx = osub.galore(1e-2, rank=3, dims=osub.MatrixDims(rows=(0, 1), cols=2))
-  tx_t = osub.galore(1e-2, rank=3,
-                     dims=osub.MatrixDims(rows=2, cols=(0, 1)))
+  tx_t = osub.galore(1e-2, rank=3, dims=osub.MatrixDims(rows=2, cols=(0, 1)))
   u, _ = tx.update({"k": g}, tx.init({"k": kernel}), {"k": kernel})
   u_t, _ = tx_t.update({"k": g}, tx_t.init({"k": kernel}), {"k": kernel})
   # Transposing the roles keeps the smaller side (16): the same update.
   np.testing.assert_allclose(u["k"], u_t["k"], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("mask", [
+@pytest.mark.parametrize(
+  "mask",
+  [
     r"attn/.*kernel",
     lambda path, leaf: path.startswith("attn") and leaf.ndim == 2,
     {"attn": {"kernel": True, "bias": False}, "embed": False},
-    osub.leaf_predicate(lambda path, leaf: path.startswith("attn")
-                        and leaf.ndim == 2),
+    osub.leaf_predicate(lambda path, leaf: path.startswith("attn") and leaf.ndim == 2),
     lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, x: path[0].key == "attn" and x.ndim == 2, params),
+      lambda path, x: path[0].key == "attn" and x.ndim == 2, params
+    ),
     lambda params: {"attn": {"kernel": True, "bias": False}, "embed": False},
-], ids=["regex", "two_argument_callable", "tree", "leaf_predicate",
-        "optax_callable", "optax_callable_tree"])
+  ],
+  ids=[
+    "regex",
+    "two_argument_callable",
+    "tree",
+    "leaf_predicate",
+    "optax_callable",
+    "optax_callable_tree",
+  ],
+)
 def test_mask_selects_by_path_regex_callable_or_pytree(mask):
-  params = {"attn": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)},
-            "embed": jnp.ones((30, 8))}
-  state = osub.project_subspace(optax.adam(1e-3), projectors.svd(2, 5),
-                                mask=mask).init(params)
+  params = {"attn": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)}, "embed": jnp.ones((30, 8))}
+  state = osub.project_subspace(optax.adam(1e-3), projectors.svd(2, 5), mask=mask).init(params)
   assert state.inner[0].mu["attn"]["kernel"].shape == (2, 16)
   assert state.inner[0].mu["embed"].shape == (30, 8)
 
@@ -159,18 +159,18 @@ def test_a_callable_mask_follows_optax_and_a_per_leaf_one_is_explicit():
   # a tree of bools, or a prefix of the params' structure. A per-leaf
   # predicate is leaf_predicate(fn); a bare callable of (path, leaf) still
   # works, with a DeprecationWarning naming leaf_predicate.
-  params = {"attn": {"q": jnp.ones((8, 16)), "k": jnp.ones((8, 16))},
-            "embed": jnp.ones((30, 8))}
+  params = {"attn": {"q": jnp.ones((8, 16)), "k": jnp.ones((8, 16))}, "embed": jnp.ones((30, 8))}
+
   def low_rank(tx):
     state = tx.init(params)
     return {k: v.shape for k, v in state[0].inner.mu["attn"].items()}, (
-        state[0].inner.mu["embed"].shape)
+      state[0].inner.mu["embed"].shape
+    )
+
   prefix = lambda p: {"attn": True, "embed": False}  # True for a whole subtree
-  assert low_rank(osub.galore(1e-3, 2, mask=prefix)) == (
-      {"q": (2, 16), "k": (2, 16)}, (30, 8))
+  assert low_rank(osub.galore(1e-3, 2, mask=prefix)) == ({"q": (2, 16), "k": (2, 16)}, (30, 8))
   by_leaf = osub.leaf_predicate(lambda path, x: path == "attn/q")
-  assert low_rank(osub.galore(1e-3, 2, mask=by_leaf)) == (
-      {"q": (2, 16), "k": (8, 16)}, (30, 8))
+  assert low_rank(osub.galore(1e-3, 2, mask=by_leaf)) == ({"q": (2, 16), "k": (8, 16)}, (30, 8))
   with pytest.warns(DeprecationWarning, match="leaf_predicate"):
     osub.galore(1e-3, 2, mask=lambda path, x: path == "attn/q").init(params)
   # The same callable selects the same leaves as it masks in optax.masked.
@@ -187,30 +187,28 @@ def test_flax_nnx_paths_have_no_value_suffix_at_init_or_update():
   # plain arrays nnx.Optimizer passes ("up/kernel"): a mask sees "up/kernel"
   # both times, so a regex anchored on the kernel name selects it.
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)),
-                         nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+
+  model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
   seen = set()
+
   def leaf(path, x):
     seen.add(path)
     return path.endswith("kernel")
+
   tx = osub.galore(1e-2, 2, mask=osub.leaf_predicate(leaf))
   anchored = osub.galore(1e-2, 2, mask=r"kernel$")
   opts = [nnx.Optimizer(model, t, wrt=nnx.Param) for t in (tx, anchored)]
   grads = nnx.grad(lambda m: jnp.mean(m(jnp.ones((2, 8))) ** 2))(model)
   for opt in opts:
     opt.update(model, grads)
-  assert seen == {"layers/0/kernel", "layers/0/bias", "layers/1/kernel",
-                  "layers/1/bias"}
+  assert seen == {"layers/0/kernel", "layers/0/bias", "layers/1/kernel", "layers/1/bias"}
   for opt in opts:
-    assert opt.opt_state[0].projectors["layers"][0]["kernel"].basis.shape == (
-        8, 2)
+    assert opt.opt_state[0].projectors["layers"][0]["kernel"].basis.shape == (8, 2)
 
 
 def test_bad_input_is_rejected_at_init_with_a_clear_message():
-  params = {"w": jnp.ones((8, 16)), "ids": jnp.ones((8, 16), jnp.int32),
-            "k3": jnp.ones((4, 8, 16))}
-  sub = lambda **kw: osub.project_subspace(optax.adam(1e-3),
-                                           projectors.svd(2, 5), **kw)
+  params = {"w": jnp.ones((8, 16)), "ids": jnp.ones((8, 16), jnp.int32), "k3": jnp.ones((4, 8, 16))}
+  sub = lambda **kw: osub.project_subspace(optax.adam(1e-3), projectors.svd(2, 5), **kw)
   with pytest.raises(ValueError, match="matches no parameter path"):
     sub(mask="nothing_like_this").init(params)
   with pytest.raises(ValueError, match="does not match the parameters"):
@@ -227,12 +225,14 @@ def test_bad_input_is_rejected_at_init_with_a_clear_message():
     sub(on_change="rotate")
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: osub.galore(1e-2, rank=2, update_every=2),
-    lambda: osub.galore(1e-2, rank=2, update_every=2,
-                        projector="randomized_svd"),
+    lambda: osub.galore(1e-2, rank=2, update_every=2, projector="randomized_svd"),
     lambda: osub.online_subspace_descent(1e-2, rank=2),
-])
+  ],
+)
 @pytest.mark.parametrize("bad", [0.0, np.nan])
 def test_bad_gradients_never_poison_the_projector(make, bad):
   params = {"w": jax.random.normal(jax.random.PRNGKey(6), (6, 10))}
@@ -258,39 +258,34 @@ def test_bf16_gradients_keep_float32_projectors_and_bf16_updates():
 
 def _swap_projector():
   """A projector whose refresh at step 1 swaps its two basis vectors."""
+
   def init(s, l, r, key):
     return projectors.SvdState(jnp.eye(s, r))
 
   def refresh(state, g, count):
     del g
     swapped = state.basis[:, ::-1]
-    return projectors.SvdState(jnp.where(count == 1, swapped, state.basis)), (
-        count == 1)
+    return projectors.SvdState(jnp.where(count == 1, swapped, state.basis)), (count == 1)
 
-  return projectors.Projector(2, init, lambda s: s.basis,
-                              lambda count: count >= 1, refresh)
+  return projectors.Projector(2, init, lambda s: s.basis, lambda count: count >= 1, refresh)
 
 
 def test_transport_carries_moments_into_the_new_basis():
   params = {"w": jnp.zeros((4, 6))}
   g0 = {"w": jax.random.normal(jax.random.PRNGKey(8), (4, 6))}
   kept, moved, reset = (
-      osub.project_subspace(optax.scale_by_adam(), _swap_projector(),
-                            on_change=mode) for mode in
-      ("keep", "transport", "reset"))
-  states = [tx.update(g0, tx.init(params), params)[1] for tx in
-            (kept, moved, reset)]
+    osub.project_subspace(optax.scale_by_adam(), _swap_projector(), on_change=mode)
+    for mode in ("keep", "transport", "reset")
+  )
+  states = [tx.update(g0, tx.init(params), params)[1] for tx in (kept, moved, reset)]
   zero = {"w": jnp.zeros((4, 6))}
-  after = [tx.update(zero, st, params)[1].inner for tx, st in
-           zip((kept, moved, reset), states)]
+  after = [tx.update(zero, st, params)[1].inner for tx, st in zip((kept, moved, reset), states)]
   before = states[0].inner
   b1, b2 = 0.9, 0.999
   # The basis swapped its two vectors: transport permutes the moment rows,
   # so P_new m_new = P_old m_old (the full-space momentum is unchanged).
-  np.testing.assert_allclose(after[1].mu["w"], b1 * before.mu["w"][::-1],
-                             rtol=1e-6)
-  np.testing.assert_allclose(after[1].nu["w"], b2 * before.nu["w"][::-1],
-                             rtol=1e-6)
+  np.testing.assert_allclose(after[1].mu["w"], b1 * before.mu["w"][::-1], rtol=1e-6)
+  np.testing.assert_allclose(after[1].nu["w"], b2 * before.nu["w"][::-1], rtol=1e-6)
   np.testing.assert_allclose(after[0].mu["w"], b1 * before.mu["w"], rtol=1e-6)
   np.testing.assert_array_equal(after[2].mu["w"], 0.0)
   np.testing.assert_array_equal(after[2].nu["w"], 0.0)
@@ -301,26 +296,32 @@ def test_transport_reads_moments_by_field_name_and_state_type():
   # state whose names mislead: optax.adan's v averages gradient differences
   # (linear) and its n is the second moment.
   from optax_subspace import _leaves, _transport  # pylint: disable=g-import-not-at-top
+
   params = {"w": jnp.zeros((4, 6))}
   key_paths = [kp for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   plans, _ = _leaves.plan_leaves(params, 2)
+
   def kinds(opt):
     tx = osub.project_subspace(opt, projectors.svd(2, 2), on_change="transport")
-    found = _transport.low_rank_buffers(tx.init(params).inner, plans,
-                                        key_paths)
+    found = _transport.low_rank_buffers(tx.init(params).inner, plans, key_paths)
     return sorted((name, kind) for _, name, kind in found.values())
+
   assert kinds(optax.adam(1e-3)) == [("mu", "first"), ("nu", "second")]
   assert kinds(optax.adan(1e-3)) == [
-      ("g", "first"), ("m", "first"), ("n", "second"), ("v", "first")]
+    ("g", "first"),
+    ("m", "first"),
+    ("n", "second"),
+    ("v", "first"),
+  ]
   with pytest.raises(ValueError, match="'step_sizes'.*neither a first"):
-    osub.project_subspace(optax.rprop(1e-3), projectors.svd(2, 2),
-                          on_change="transport").init(params)
+    osub.project_subspace(optax.rprop(1e-3), projectors.svd(2, 2), on_change="transport").init(
+      params
+    )
 
 
 def test_transported_second_moment_stays_non_negative():
   params = {"w": jnp.zeros((10, 20))}
-  tx = osub.project_subspace(optax.scale_by_adam(), projectors.svd(3, 2),
-                             on_change="transport")
+  tx = osub.project_subspace(optax.scale_by_adam(), projectors.svd(3, 2), on_change="transport")
   _, state = _run(tx, params, 7)
   assert bool(jnp.all(state.inner.nu["w"] >= 0))
 
@@ -328,8 +329,7 @@ def test_transported_second_moment_stays_non_negative():
 def test_inner_sees_projected_parameters():
   w = jax.random.normal(jax.random.PRNGKey(9), (6, 10))
   # add_decayed_weights(1) returns its params argument as the update.
-  tx = osub.project_subspace(optax.add_decayed_weights(1.0),
-                             projectors.svd(3, 5))
+  tx = osub.project_subspace(optax.add_decayed_weights(1.0), projectors.svd(3, 5))
   g = {"w": jax.random.normal(jax.random.PRNGKey(10), (6, 10))}
   u, state = tx.update({"w": jnp.zeros((6, 10))}, tx.init({"w": w}), {"w": w})
   p = state.projectors["w"].basis  # the step-0 refresh of a zero gradient
@@ -340,25 +340,32 @@ def test_inner_sees_projected_parameters():
 def test_same_seed_same_result_and_different_seed_differs():
   params = {"w": jax.random.normal(jax.random.PRNGKey(11), (12, 20))}
   # No oversampling or power iteration: the subspace depends on the draw.
-  run = lambda seed: _run(osub.galore(1e-2, projector=projectors.randomized_svd(
-      3, 2, oversample=0, power_iters=0, seed=seed)), params, 5)[0]
+  run = lambda seed: _run(
+    osub.galore(
+      1e-2, projector=projectors.randomized_svd(3, 2, oversample=0, power_iters=0, seed=seed)
+    ),
+    params,
+    5,
+  )[0]
   a, b, c = run(0), run(0), run(1)
   chex.assert_trees_all_equal(a, b)
   assert not np.allclose(a["w"], c["w"])
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda **kw: osub.galore(1e-2, rank=3, update_every=2, **kw),
     lambda **kw: osub.online_subspace_descent(1e-2, rank=3, **kw),
-])
+  ],
+)
 def test_bf16_projection_products_stay_close_to_float32(make):
   params = {"w": jax.random.normal(jax.random.PRNGKey(12), (16, 24))}
   exact, _ = _run(make(), params, 4)
   fast, state = _run(make(projection_dtype=jnp.bfloat16), params, 4)
   assert state[0].projectors["w"].basis.dtype == jnp.float32
   delta = lambda p: np.asarray(p["w"] - params["w"])
-  err = np.linalg.norm(delta(fast) - delta(exact)) / np.linalg.norm(
-      delta(exact))
+  err = np.linalg.norm(delta(fast) - delta(exact)) / np.linalg.norm(delta(exact))
   assert err < 3e-2  # bf16 operands: 8 mantissa bits
 
 
@@ -367,8 +374,7 @@ def _with_setting(monkeypatch, module, name, value, make, params, seed):
   the constant `name` of `module` set to `value` while tracing."""
   monkeypatch.setattr(module, name, value)
   keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-  grads = [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params)
-           for k in keys]
+  grads = [jax.tree.map(lambda x, k=k: jax.random.normal(k, x.shape), params) for k in keys]
   tx = make()
   state, p = tx.init(params), params
   update = jax.jit(tx.update)
@@ -379,30 +385,38 @@ def _with_setting(monkeypatch, module, name, value, make, params, seed):
   return (p, state), hlo
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: osub.galore(1e-2, 4, 2),
     lambda: osub.online_subspace_descent(1e-2, 4),
     lambda: osub.rso(1e-2, 4, 2),
-], ids=["galore", "osd", "rso"])
+  ],
+  ids=["galore", "osd", "rso"],
+)
 def test_zero_padded_products_change_no_value(make, monkeypatch):
   # Kept sides of 37 and 45 are not multiples of PRODUCT_ALIGNMENT: the dense
   # products run on zero-padded copies, which must give the unpadded result
   # (to float32 rounding of the reordered sums), refreshes and OSD's P steps
   # included, and add a pad to the compiled update.
-  params = {"a": jnp.ones((24, 37)), "b": jnp.ones((45, 16)),
-            "c": jnp.ones((16, 16))}
+  params = {"a": jnp.ones((24, 37)), "b": jnp.ones((45, 16)), "c": jnp.ones((16, 16))}
 
   run = lambda alignment: _with_setting(
-      monkeypatch, _combinator, "PRODUCT_ALIGNMENT", alignment, make, params, 0)
+    monkeypatch, _combinator, "PRODUCT_ALIGNMENT", alignment, make, params, 0
+  )
   (padded, hlo_padded), (plain, hlo_plain) = run(8), run(1)
   chex.assert_trees_all_close(padded, plain, atol=1e-6, rtol=1e-6)
   assert "stablehlo.pad" in hlo_padded and "stablehlo.pad" not in hlo_plain
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: osub.galore(1e-2, 4, update_every=2),
     lambda: osub.online_subspace_descent(1e-2, 4),
-], ids=["galore", "osd"])
+  ],
+  ids=["galore", "osd"],
+)
 def test_refresh_in_chunks_changes_no_value(make, monkeypatch):
   # OPTIMIZER_REFRESH_CHUNK_BYTES bounds the gradients one batched refresh stacks: with
   # a cap below one matrix every leaf is refreshed under its own cond, in
@@ -415,7 +429,8 @@ def test_refresh_in_chunks_changes_no_value(make, monkeypatch):
   from optax_subspace import _chunks  # pylint: disable=g-import-not-at-top
 
   run = lambda chunk_bytes: _with_setting(
-      monkeypatch, _chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", chunk_bytes, make, params, 3)
+    monkeypatch, _chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", chunk_bytes, make, params, 3
+  )
   (whole, hlo_whole), (chunked, hlo_chunked) = run(1 << 28), run(1)
   chex.assert_trees_all_close(whole, chunked, atol=1e-5, rtol=1e-5)
   # One refresh cond per leaf, not one.
@@ -426,8 +441,12 @@ def test_osd_step_on_p_per_leaf_equals_the_stacked_step():
   # The combinator runs OSD's ∇P stacked by (s, r) (`Advance.direction`) and the optimizer
   # step on P per leaf (`Advance.apply`); an `Advance` without a direction computes ∇P in
   # `apply`, per leaf. Same trajectory, to float32 rounding of the batched products.
-  params = {"a": jnp.ones((12, 20)), "b": jnp.ones((12, 20)), "c": jnp.ones((20, 12)),
-            "d": jnp.ones((3, 12, 20))}
+  params = {
+    "a": jnp.ones((12, 20)),
+    "b": jnp.ones((12, 20)),
+    "c": jnp.ones((20, 12)),
+    "d": jnp.ones((3, 12, 20)),
+  }
   dims = lambda path, x: osub.MatrixDims(rows=1, cols=2) if x.ndim == 3 else None
   grads = [_grads(params, seed) for seed in range(4)]
   runs = []
@@ -435,9 +454,14 @@ def test_osd_step_on_p_per_leaf_equals_the_stacked_step():
     projector = projectors.online_pca(4, optax.adamw(1e-2, weight_decay=0.01))
     if not split:
       adv = projector.advance
-      projector = projector._replace(advance=projectors.Advance(
-          inputs=adv.inputs, apply=lambda st, x, _, count, adv=adv: adv.apply(
-              st, x, adv.direction(st.basis.astype(jnp.float32), x), count)))
+      projector = projector._replace(
+        advance=projectors.Advance(
+          inputs=adv.inputs,
+          apply=lambda st, x, _, count, adv=adv: adv.apply(
+            st, x, adv.direction(st.basis.astype(jnp.float32), x), count
+          ),
+        )
+      )
     tx = osub.project_subspace(optax.adam(1e-2), projector, dims=dims)
     state, p = tx.init(params), params
     update = jax.jit(tx.update)
@@ -472,11 +496,16 @@ def test_refresh_chunk_bytes_argument_sets_the_chunks_and_rejects_bad_values():
   # The argument does what the module default does: 1 byte is one chunk (one cond) per leaf.
   params = {f"w{i}": jnp.ones((12, 20)) for i in range(4)}
   g = _grads(params, 0)
-  conds = lambda **kw: jax.jit(osub.galore(1e-2, 4, 2, **kw).update).lower(
-      g, osub.galore(1e-2, 4, 2, **kw).init(params), params).as_text().count("stablehlo.case")
+  conds = lambda **kw: (
+    jax.jit(osub.galore(1e-2, 4, 2, **kw).update)
+    .lower(g, osub.galore(1e-2, 4, 2, **kw).init(params), params)
+    .as_text()
+    .count("stablehlo.case")
+  )
   assert conds(refresh_chunk_bytes=1) == 4 * conds()
-  (p1, s1), (p2, s2) = [_run(osub.galore(1e-2, 4, 2, refresh_chunk_bytes=b), params, 3)
-                        for b in (1, None)]
+  (p1, s1), (p2, s2) = [
+    _run(osub.galore(1e-2, 4, 2, refresh_chunk_bytes=b), params, 3) for b in (1, None)
+  ]
   chex.assert_trees_all_close((p1, s1), (p2, s2), atol=1e-5, rtol=1e-5)
   for bad in (0, -1, 1.5, True, "4GiB"):
     with pytest.raises(ValueError, match="refresh_chunk_bytes"):
@@ -506,6 +535,7 @@ def test_column_projected_updates_come_in_the_leaf_layout_with_the_same_values()
   hlo = jax.jit(tx.update).lower(down, tx.init(down), down).compile().as_text()
   assert not re.findall(r"= f32\[48,16\]\{0,1\}", hlo.split("ENTRY")[1])
 
+
 def test_stacked_leaves_run_their_projector_step_without_stacking_copies(monkeypatch):
   # OSD's ∇P runs stacked over the leaves of one (s, r); a leaf that is already a batch of
   # OWN_BATCH_MATRICES matrices or more (a scanned model's kernel) runs its own. Same values;
@@ -515,8 +545,9 @@ def test_stacked_leaves_run_their_projector_step_without_stacking_copies(monkeyp
   dims = lambda path, x: osub.MatrixDims(rows=1, cols=2) if x.ndim == 3 else None
   make = lambda: osub.online_subspace_descent(1e-2, 4, dims=dims)
   (own, hlo_own), (stacked, hlo_stacked) = [
-      _with_setting(monkeypatch, _combinator, "OWN_BATCH_MATRICES", n, make, params, 0)
-      for n in (8, 10**6)]
+    _with_setting(monkeypatch, _combinator, "OWN_BATCH_MATRICES", n, make, params, 0)
+    for n in (8, 10**6)
+  ]
   chex.assert_trees_all_close(own, stacked, atol=1e-5, rtol=1e-5)
   stacks = lambda hlo, shape: len(re.findall(rf"concatenate.*-> tensor<{shape}xf32>", hlo))
   assert stacks(hlo_stacked, "17x12x4") == stacks(hlo_own, "17x12x4") + 2
@@ -524,11 +555,11 @@ def test_stacked_leaves_run_their_projector_step_without_stacking_copies(monkeyp
 
 
 STATIC_REFRESH_METHODS = {
-    # (transformation, is step t a refresh step): the rule a caller applies on the host.
-    "galore": (lambda: osub.galore(1e-2, 4, update_every=2), lambda t: t % 2 == 0),
-    "osd": (lambda: osub.online_subspace_descent(1e-2, 4), lambda t: t == 0),
-    "rso": (lambda: osub.rso(1e-2, 4, 2), lambda t: t % 2 == 0),
-    "grass": (lambda: osub.grass(1e-2, 4, update_every=2), lambda t: t % 2 == 0),
+  # (transformation, is step t a refresh step): the rule a caller applies on the host.
+  "galore": (lambda: osub.galore(1e-2, 4, update_every=2), lambda t: t % 2 == 0),
+  "osd": (lambda: osub.online_subspace_descent(1e-2, 4), lambda t: t == 0),
+  "rso": (lambda: osub.rso(1e-2, 4, 2), lambda t: t % 2 == 0),
+  "grass": (lambda: osub.grass(1e-2, 4, update_every=2), lambda t: t % 2 == 0),
 }
 
 
@@ -560,20 +591,19 @@ def test_static_subspace_refresh_gives_the_same_steps_with_no_cond(name):
 
 
 WRAPPERS = {
-    "chain": lambda tx: optax.chain(optax.clip_by_global_norm(1.0), tx),
-    # rebuilds the transformation at every update
-    "inject_hyperparams": lambda tx: optax.inject_hyperparams(
-        lambda scale: optax.chain(tx, optax.scale(scale)))(scale=1.0),
-    "multisteps": lambda tx: optax.MultiSteps(tx, every_k_schedule=1),
-    "masked": lambda tx: optax.masked(tx, lambda p: jax.tree_util.tree_map(
-        lambda _: True, p)),
+  "chain": lambda tx: optax.chain(optax.clip_by_global_norm(1.0), tx),
+  # rebuilds the transformation at every update
+  "inject_hyperparams": lambda tx: optax.inject_hyperparams(
+    lambda scale: optax.chain(tx, optax.scale(scale))
+  )(scale=1.0),
+  "multisteps": lambda tx: optax.MultiSteps(tx, every_k_schedule=1),
+  "masked": lambda tx: optax.masked(tx, lambda p: jax.tree_util.tree_map(lambda _: True, p)),
 }
 
 
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
 @pytest.mark.parametrize("name", sorted(STATIC_REFRESH_METHODS))
-def test_refresh_due_reads_the_projectors_schedule_through_any_wrapper(name,
-                                                                      wrapper):
+def test_refresh_due_reads_the_projectors_schedule_through_any_wrapper(name, wrapper):
   # The schedule belongs to the projector and travels in the state: the host
   # reads it there, so no caller writes a method's schedule again.
   make, due = STATIC_REFRESH_METHODS[name]
@@ -584,8 +614,7 @@ def test_refresh_due_reads_the_projectors_schedule_through_any_wrapper(name,
   answers = []
   for t in range(5):
     answers.append(osub.refresh_due(state, t))
-    updates, state = step(_grads(params, t), state, params,
-                          subspace_refresh=answers[-1])
+    updates, state = step(_grads(params, t), state, params, subspace_refresh=answers[-1])
     jax.block_until_ready(state)
     assert all(np.all(np.isfinite(u)) for u in jax.tree_util.tree_leaves(updates))
   assert answers == [due(t) for t in range(5)]
@@ -593,9 +622,9 @@ def test_refresh_due_reads_the_projectors_schedule_through_any_wrapper(name,
 
 def test_refresh_due_reads_an_nnx_optimizer_state():
   from flax import nnx  # pylint: disable=g-import-not-at-top
+
   model = nnx.Linear(12, 20, rngs=nnx.Rngs(0))
-  opt = nnx.Optimizer(model, osub.galore(1e-2, 4, update_every=2,
-                                         mask="kernel"), wrt=nnx.Param)
+  opt = nnx.Optimizer(model, osub.galore(1e-2, 4, update_every=2, mask="kernel"), wrt=nnx.Param)
   grads = nnx.grad(lambda m: jnp.mean(m(jnp.ones((2, 12))) ** 2))(model)
   answers = []
   for t in range(3):
@@ -606,16 +635,16 @@ def test_refresh_due_reads_an_nnx_optimizer_state():
 
 def test_a_wrong_static_refresh_is_an_error_at_the_next_refresh_due():
   params = {"w": jnp.ones((12, 20)), "b": jnp.zeros(20)}
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   osub.galore(1e-2, 4, update_every=2))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), osub.galore(1e-2, 4, update_every=2))
   step = jax.jit(tx.update, static_argnames="subspace_refresh")
   state = tx.init(params)
   _, state = step(_grads(params, 0), state, params, subspace_refresh=True)
   _, state = step(_grads(params, 1), state, params, subspace_refresh=True)
   jax.block_until_ready(state)  # what a logged loss does: the step is computed
   # Step 1 does not refresh (T = 2): recorded in the state, raised on the host.
-  with pytest.raises(osub.RefreshScheduleError,
-                     match=r"step 1 got subspace_refresh=True.*says False"):
+  with pytest.raises(
+    osub.RefreshScheduleError, match=r"step 1 got subspace_refresh=True.*says False"
+  ):
     osub.refresh_due(state, 2)
   # The state's count is what the schedule reads: another step is an error.
   with pytest.raises(osub.RefreshScheduleError, match="has taken 0 steps"):
@@ -631,16 +660,16 @@ def test_refresh_due_without_one_schedule():
   assert osub.refresh_due(optax.adam(1e-3).init(params), 0) is None
   custom = projectors.svd(4, 2)._replace(needs_refresh=lambda c: c % 2 == 0)
   with pytest.raises(ValueError, match="declares no RefreshSchedule"):
-    osub.refresh_due(
-        osub.project_subspace(optax.adam(1e-3), custom).init(params), 0)
+    osub.refresh_due(osub.project_subspace(optax.adam(1e-3), custom).init(params), 0)
   both = optax.chain(
-      osub.project_subspace(optax.adam(1e-3), projectors.svd(4, 2)),
-      osub.project_subspace(optax.sgd(1e-3), projectors.svd(4, 3)))
+    osub.project_subspace(optax.adam(1e-3), projectors.svd(4, 2)),
+    osub.project_subspace(optax.sgd(1e-3), projectors.svd(4, 3)),
+  )
   with pytest.raises(ValueError, match="different schedules"):
     osub.refresh_due(both.init(params), 0)
-  assert osub.refresh_schedule(
-      osub.online_subspace_descent(1e-2, 4).init(params)) == (
-          projectors.RefreshSchedule(None))
+  assert osub.refresh_schedule(osub.online_subspace_descent(1e-2, 4).init(params)) == (
+    projectors.RefreshSchedule(None)
+  )
 
 
 def test_a_wrong_static_refresh_poisons_the_projected_updates_and_a_traced_one_is_refused():
@@ -653,4 +682,5 @@ def test_a_wrong_static_refresh_poisons_the_projected_updates_and_a_traced_one_i
   assert np.all(np.isnan(updates["w"])) and np.all(np.isfinite(updates["b"]))
   with pytest.raises(TypeError, match="subspace_refresh must be None, True or False"):
     jax.jit(lambda g, s, p, r: tx.update(g, s, p, subspace_refresh=r))(
-        g, state, params, jnp.array(True))
+      g, state, params, jnp.array(True)
+    )

@@ -17,29 +17,29 @@ from optax_subspace._leaves import path_str
 
 LR = 0.05
 PRESETS = {
-    "galore": lambda lr: osub.galore(lr, rank=2, update_every=3),
-    "galore_randomized_svd": lambda lr: osub.galore(
-        lr, rank=2, update_every=3, projector="randomized_svd"),
-    "galore_transport": lambda lr: osub.galore(lr, rank=2, update_every=3,
-                                               on_change="transport"),
-    "grass_topk": lambda lr: osub.grass(lr, rank=2, update_every=3),
-    "grass_multinomial": lambda lr: osub.grass(
-        lr, rank=2, update_every=3, selection="multinomial"),
-    "online_subspace_descent": lambda lr: osub.online_subspace_descent(
-        lr, rank=2, update_every=3, peak_learning_rate=LR),
-    "online_subspace_descent_code_order": lambda lr: osub.online_subspace_descent(
-        lr, rank=2, update_every=3, peak_learning_rate=LR,
-        step_before_projection=True),
-    "online_subspace_descent_paper": lambda lr: osub.online_subspace_descent(
-        lr, rank=2, orthogonality_weight=0.1,
-        projector_optimizer=optax.adamw(5 * LR)),
-    "rso": lambda lr: osub.rso(lr, rank=2, inner_steps=3, proximal=1.0),
-    "fira": lambda lr: osub.fira(lr, rank=2, update_every=3),
-    # SGD on the rest: this problem's gradients have rank 1, so G − P·R is rounding noise, whose
-    # signs (the default signSGD) differ between any two float32 orders of the same sums.
-    "frugal": lambda lr: osub.frugal(lr, rank=2, update_every=3, rule="sgd"),
-    "apollo": lambda lr: osub.apollo(lr, rank=2, update_every=3),
-    "apollo_mini": lambda lr: osub.apollo_mini(lr, update_every=3),
+  "galore": lambda lr: osub.galore(lr, rank=2, update_every=3),
+  "galore_randomized_svd": lambda lr: osub.galore(
+    lr, rank=2, update_every=3, projector="randomized_svd"
+  ),
+  "galore_transport": lambda lr: osub.galore(lr, rank=2, update_every=3, on_change="transport"),
+  "grass_topk": lambda lr: osub.grass(lr, rank=2, update_every=3),
+  "grass_multinomial": lambda lr: osub.grass(lr, rank=2, update_every=3, selection="multinomial"),
+  "online_subspace_descent": lambda lr: osub.online_subspace_descent(
+    lr, rank=2, update_every=3, peak_learning_rate=LR
+  ),
+  "online_subspace_descent_code_order": lambda lr: osub.online_subspace_descent(
+    lr, rank=2, update_every=3, peak_learning_rate=LR, step_before_projection=True
+  ),
+  "online_subspace_descent_paper": lambda lr: osub.online_subspace_descent(
+    lr, rank=2, orthogonality_weight=0.1, projector_optimizer=optax.adamw(5 * LR)
+  ),
+  "rso": lambda lr: osub.rso(lr, rank=2, inner_steps=3, proximal=1.0),
+  "fira": lambda lr: osub.fira(lr, rank=2, update_every=3),
+  # SGD on the rest: this problem's gradients have rank 1, so G − P·R is rounding noise, whose
+  # signs (the default signSGD) differ between any two float32 orders of the same sums.
+  "frugal": lambda lr: osub.frugal(lr, rank=2, update_every=3, rule="sgd"),
+  "apollo": lambda lr: osub.apollo(lr, rank=2, update_every=3),
+  "apollo_mini": lambda lr: osub.apollo_mini(lr, update_every=3),
 }
 NAMES = sorted(PRESETS)
 # The fast subset (-m "not slow") puts each method through the checks once, with its default
@@ -50,8 +50,7 @@ NAMES = sorted(PRESETS)
 # selections and transport in tests/test_projectors.py, tests/test_grass.py and
 # tests/test_combinator.py.
 FAST_PRESETS = ("galore", "grass_topk", "online_subspace_descent", "rso")
-PRESET_PARAMS = [n if n in FAST_PRESETS else pytest.param(n, marks=pytest.mark.slow)
-                 for n in NAMES]
+PRESET_PARAMS = [n if n in FAST_PRESETS else pytest.param(n, marks=pytest.mark.slow) for n in NAMES]
 
 
 def _problem(dtype=jnp.float32):
@@ -59,8 +58,11 @@ def _problem(dtype=jnp.float32):
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
   x = jax.random.normal(k1, (64, 8))
   y = x @ jax.random.normal(k2, (8, 4)) + 0.5
-  params = {"w1": 0.3 * jax.random.normal(k3, (8, 16)),
-            "w2": jnp.full((16, 4), 0.1), "b": jnp.zeros(4)}
+  params = {
+    "w1": 0.3 * jax.random.normal(k3, (8, 16)),
+    "w2": jnp.full((16, 4), 0.1),
+    "b": jnp.zeros(4),
+  }
   params = jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
 
   def loss(p):
@@ -103,8 +105,9 @@ def test_jit_and_no_jit_agree(name):
 
 @pytest.mark.parametrize("name", PRESET_PARAMS)
 def test_inject_hyperparams_matches_and_exposes_the_learning_rate(name):
-  injected = optax.inject_hyperparams(lambda learning_rate: PRESETS[name](
-      learning_rate))(learning_rate=LR)
+  injected = optax.inject_hyperparams(lambda learning_rate: PRESETS[name](learning_rate))(
+    learning_rate=LR
+  )
   a, state, _ = _train(injected, 4)
   b, _, _ = _train(PRESETS[name](LR), 4)
   chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
@@ -137,8 +140,7 @@ def test_multisteps_applies_the_mean_gradient_once(name):
 
 @pytest.mark.parametrize("name", PRESET_PARAMS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_state_shapes_and_dtypes_are_stable_and_updates_keep_dtype(name,
-                                                                   dtype):
+def test_state_shapes_and_dtypes_are_stable_and_updates_keep_dtype(name, dtype):
   params, loss = _problem(dtype)
   tx = PRESETS[name](LR)
   state0 = tx.init(params)
@@ -162,13 +164,13 @@ def test_chains_after_gradient_clipping_with_donated_state(name):
 
   donated_step = jax.jit(reference_step.__wrapped__, donate_argnums=(0, 1))
   expected, _ = reference_step(params, state)
-  got, _ = donated_step(jax.tree_util.tree_map(jnp.copy, params),
-                        jax.tree_util.tree_map(jnp.copy, state))
+  got, _ = donated_step(
+    jax.tree_util.tree_map(jnp.copy, params), jax.tree_util.tree_map(jnp.copy, state)
+  )
   chex.assert_trees_all_close(got, expected, rtol=1e-6, atol=1e-7)
 
 
 class _Mlp(nnx.Module):
-
   def __init__(self, rngs):
     self.up = nnx.Linear(8, 16, rngs=rngs)
     self.down = nnx.Linear(16, 4, rngs=rngs)
@@ -198,9 +200,10 @@ def test_trains_a_flax_nnx_model_through_nnx_optimizer(name):
   # The inner first moment of up/kernel (wherever the preset's inner state
   # keeps it) is low-rank: r × larger side.
   first_moments = [
-      x.shape for p, x in jax.tree_util.tree_flatten_with_path(
-          optimizer.opt_state[0].inner)[0]
-      if path_str(p).endswith("mu/up/kernel/value")]
+    x.shape
+    for p, x in jax.tree_util.tree_flatten_with_path(optimizer.opt_state[0].inner)[0]
+    if path_str(p).endswith("mu/up/kernel/value")
+  ]
   rank = 1 if name == "apollo_mini" else 2  # APOLLO-Mini is rank 1 by definition
   assert first_moments == [(rank, 16)]
 
@@ -238,37 +241,36 @@ def test_nnx_optimizer_compiles_the_train_step_once(name):
 # two largest sides reach min_dim_size_to_factor: at 2 here, as at 128 on
 # a real model's low-rank R.
 OPTAX_OPTIMIZERS = {
-    "adam": (optax.adam, 0.05, "moves"),
-    "adamw": (lambda lr: optax.adamw(lr, weight_decay=1e-4), 0.05, "moves"),
-    "lion": (optax.lion, 0.005, "moves"),
-    "sgd_momentum": (lambda lr: optax.sgd(lr, momentum=0.9), 0.02, "moves"),
-    "sgd_nesterov": (lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True),
-                     0.02, "moves"),
-    "rmsprop": (optax.rmsprop, 0.01, "moves"),
-    "rmsprop_centered": (lambda lr: optax.rmsprop(lr, centered=True), 0.01,
-                         "raises"),
-    "adagrad": (optax.adagrad, 0.3, "moves"),
-    "adafactor": (optax.adafactor, 0.05, "moves"),
-    "adafactor_factored": (lambda lr: optax.adafactor(
-        lr, min_dim_size_to_factor=2), 0.05, "raises"),
-    "adabelief": (optax.adabelief, 0.05, "moves"),
-    "lamb": (optax.lamb, 0.05, "moves"),
-    "yogi": (optax.yogi, 0.05, "moves"),
-    "novograd": (optax.novograd, 0.05, "moves"),
-    "adan": (optax.adan, 0.05, "moves"),
-    "amsgrad": (optax.amsgrad, 0.05, "moves"),
-    "radam": (optax.radam, 0.05, "moves"),
-    "nadam": (optax.nadam, 0.05, "moves"),
-    "adamax": (optax.adamax, 0.05, "moves"),
-    "adadelta": (optax.adadelta, 5.0, "moves"),
-    "sm3": (optax.sm3, 0.3, "raises"),
-    "rprop": (optax.rprop, 0.01, "raises"),
+  "adam": (optax.adam, 0.05, "moves"),
+  "adamw": (lambda lr: optax.adamw(lr, weight_decay=1e-4), 0.05, "moves"),
+  "lion": (optax.lion, 0.005, "moves"),
+  "sgd_momentum": (lambda lr: optax.sgd(lr, momentum=0.9), 0.02, "moves"),
+  "sgd_nesterov": (lambda lr: optax.sgd(lr, momentum=0.9, nesterov=True), 0.02, "moves"),
+  "rmsprop": (optax.rmsprop, 0.01, "moves"),
+  "rmsprop_centered": (lambda lr: optax.rmsprop(lr, centered=True), 0.01, "raises"),
+  "adagrad": (optax.adagrad, 0.3, "moves"),
+  "adafactor": (optax.adafactor, 0.05, "moves"),
+  "adafactor_factored": (lambda lr: optax.adafactor(lr, min_dim_size_to_factor=2), 0.05, "raises"),
+  "adabelief": (optax.adabelief, 0.05, "moves"),
+  "lamb": (optax.lamb, 0.05, "moves"),
+  "yogi": (optax.yogi, 0.05, "moves"),
+  "novograd": (optax.novograd, 0.05, "moves"),
+  "adan": (optax.adan, 0.05, "moves"),
+  "amsgrad": (optax.amsgrad, 0.05, "moves"),
+  "radam": (optax.radam, 0.05, "moves"),
+  "nadam": (optax.nadam, 0.05, "moves"),
+  "adamax": (optax.adamax, 0.05, "moves"),
+  "adadelta": (optax.adadelta, 5.0, "moves"),
+  "sm3": (optax.sm3, 0.3, "raises"),
+  "rprop": (optax.rprop, 0.01, "raises"),
 }
 # In the fast subset: a moment-based and a momentum-based state that move into the new basis,
 # and both kinds that refuse it (a centred second moment, a factored one); the rest are slow.
 FAST_SWEEP = ("adam", "adafactor_factored", "rmsprop_centered", "sgd_momentum")
-SWEEP = [n if n in FAST_SWEEP else pytest.param(n, marks=pytest.mark.slow)
-         for n in sorted(OPTAX_OPTIMIZERS)]
+SWEEP = [
+  n if n in FAST_SWEEP else pytest.param(n, marks=pytest.mark.slow)
+  for n in sorted(OPTAX_OPTIMIZERS)
+]
 
 
 def _train_fused(tx, steps):
@@ -281,6 +283,7 @@ def _train_fused(tx, steps):
       params, state = carry
       updates, state = tx.update(jax.grad(loss)(params), state, params)
       return optax.apply_updates(params, updates), state
+
     return jax.lax.fori_loop(0, steps, step, (params, state))
 
   params, state = run(params, tx.init(params))
@@ -292,14 +295,15 @@ def test_any_optax_optimizer_trains_in_the_subspace_with_low_rank_state(name):
   make, lr, transport = OPTAX_OPTIMIZERS[name]
   params, loss = _problem()
   sub = lambda on_change: osub.project_subspace(
-      make(lr), osub.projectors.svd(2, 3), on_change=on_change)
+    make(lr), osub.projectors.svd(2, 3), on_change=on_change
+  )
   # Every inner-state buffer of a projected leaf (found by its key path) is
   # at most r × l: none is full size.
   low_rank = {"w1": 2 * 16, "w2": 16 * 2}  # (8, 16) -> (2, 16); (16, 4) -> (16, 2)
   for path, x in jax.tree_util.tree_flatten_with_path(
-      jax.eval_shape(sub("keep").init, params).inner)[0]:
-    leaf = next((k.key for k in reversed(path)
-                 if getattr(k, "key", None) in low_rank), None)
+    jax.eval_shape(sub("keep").init, params).inner
+  )[0]:
+    leaf = next((k.key for k in reversed(path) if getattr(k, "key", None) in low_rank), None)
     if leaf is not None:
       assert x.size <= low_rank[leaf], (path_str(path), x.shape)
   # on_change="transport" moves the inner state into each new basis (a
@@ -311,8 +315,7 @@ def test_any_optax_optimizer_trains_in_the_subspace_with_low_rank_state(name):
   else:
     tx = sub("transport")
   trained, state, final = _train_fused(tx, 120)
-  assert all(bool(jnp.all(jnp.isfinite(x)))
-             for x in jax.tree_util.tree_leaves((trained, state)))
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves((trained, state)))
   assert final < 0.5 * float(loss(params)), final
 
 
@@ -320,9 +323,9 @@ def test_presets_under_inject_hyperparams_need_static_ints():
   params, _ = _problem()
   with pytest.raises(TypeError, match="static_args"):
     optax.inject_hyperparams(osub.galore)(learning_rate=LR, rank=2).init(params)
-  tx = optax.inject_hyperparams(osub.galore,
-                                static_args=("rank", "update_every"))(
-                                    learning_rate=LR, rank=2, update_every=3)
+  tx = optax.inject_hyperparams(osub.galore, static_args=("rank", "update_every"))(
+    learning_rate=LR, rank=2, update_every=3
+  )
   a, _, _ = _train(tx, 3)
   b, _, _ = _train(osub.galore(LR, rank=2, update_every=3), 3)
   chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)

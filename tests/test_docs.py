@@ -13,9 +13,11 @@ from optax_subspace import nn
 from optax_subspace import projectors
 
 API_PAGE = (pathlib.Path(__file__).parent.parent / "docs" / "api.md").read_text()
-PUBLIC = [(n, getattr(osub, n)) for n in osub.__all__ if n != "projectors"] + [
-    (n, getattr(projectors, n)) for n in projectors.__all__
-] + [(n, getattr(nn, n)) for n in nn.__all__]
+PUBLIC = (
+  [(n, getattr(osub, n)) for n in osub.__all__ if n != "projectors"]
+  + [(n, getattr(projectors, n)) for n in projectors.__all__]
+  + [(n, getattr(nn, n)) for n in nn.__all__]
+)
 FUNCTIONS = [(n, obj) for n, obj in PUBLIC if inspect.isfunction(obj)]
 
 
@@ -43,11 +45,18 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 # names does not find this line.)
 OUTSIDE = re.compile(r"share[d]/|\b(METHOD[S]|DESIG[N]|TARGET[S])\.md|/roo[t]/|/hom[e]/|/wor[k]/")
 TEXT_FILES = sorted(
-    p
-    for pattern in ("*.md", "docs/**/*.md", "examples/**/*.md", "examples/**/*.py",
-                    "optax_subspace/**/*.py", "benchmarks/*.py", "tests/**/*.py")
-    for p in REPO.glob(pattern)
-    if p.resolve() != pathlib.Path(__file__).resolve()
+  p
+  for pattern in (
+    "*.md",
+    "docs/**/*.md",
+    "examples/**/*.md",
+    "examples/**/*.py",
+    "optax_subspace/**/*.py",
+    "benchmarks/*.py",
+    "tests/**/*.py",
+  )
+  for p in REPO.glob(pattern)
+  if p.resolve() != pathlib.Path(__file__).resolve()
 )
 # A repository file named in a doc: `docs/x.md`, [text](path), `examples/llama/README.md`.
 DOC_PATH = re.compile(r"`((?:docs|examples|benchmarks|tests|optax_subspace)/[\w./-]+\.\w+)`")
@@ -72,7 +81,7 @@ def test_files_a_doc_names_exist(path):
     if "://" in target or target.startswith("mailto:"):
       continue
     assert (path.parent / target).resolve().exists(), (
-        f"{path.relative_to(REPO)} links {target}, which does not exist"
+      f"{path.relative_to(REPO)} links {target}, which does not exist"
     )
 
 
@@ -81,8 +90,7 @@ INSTALL = re.compile(r"pip install -e \S+ && pip install --no-deps [\w.=\- ]+?(?
 
 def test_both_readmes_give_the_same_install_command():
   commands = [
-      INSTALL.findall((REPO / name).read_text())
-      for name in ("README.md", "examples/llama/README.md")
+    INSTALL.findall((REPO / name).read_text()) for name in ("README.md", "examples/llama/README.md")
   ]
   assert commands[0] and commands[0] == commands[1], commands
 

@@ -43,8 +43,7 @@ def test_compressed_gradient_is_the_scaled_selected_rows(selection):
   assert r.shape == (5, 7) and r.dtype == np.float32
   np.testing.assert_array_equal(r, rho[:, None] * np.asarray(g)[idx])
   assert state.indices.dtype == jnp.int32 and state.scales.shape == (5,)
-  np.testing.assert_array_equal(np.asarray(state.counts),
-                                np.bincount(idx, minlength=12))
+  np.testing.assert_array_equal(np.asarray(state.counts), np.bincount(idx, minlength=12))
 
 
 def test_state_holds_no_dense_selection_matrix():
@@ -52,14 +51,12 @@ def test_state_holds_no_dense_selection_matrix():
     proj = projectors.sparse_rows(4, 10, selection=selection)
     state = proj.init(64, 128, 4, jax.random.PRNGKey(0))
     shapes = sorted(x.shape for x in jax.tree_util.tree_leaves(state))
-    expected = [(2,), (4,), (4,), (64,)] if selection != "topk" else [
-        (4,), (4,), (64,)]
+    expected = [(2,), (4,), (4,), (64,)] if selection != "topk" else [(4,), (4,), (64,)]
     assert shapes == sorted(expected), (selection, shapes)
 
 
 def test_topk_picks_the_largest_rows_and_its_residual_is_the_rest():
-  g = jax.random.normal(jax.random.PRNGKey(2), (10, 6)) * jnp.arange(
-      1.0, 11.0)[::-1, None] ** 0.5
+  g = jax.random.normal(jax.random.PRNGKey(2), (10, 6)) * jnp.arange(1.0, 11.0)[::-1, None] ** 0.5
   g = g[jax.random.permutation(jax.random.PRNGKey(3), 10)]
   proj = projectors.sparse_rows(4, 10)
   state = _refreshed(proj, g)
@@ -67,8 +64,7 @@ def test_topk_picks_the_largest_rows_and_its_residual_is_the_rest():
   top = np.sort(np.argsort(-norms)[:4])
   np.testing.assert_array_equal(np.asarray(state.indices), top)
   np.testing.assert_array_equal(np.asarray(state.scales), np.ones(4))
-  residual = np.sum((np.asarray(g) - np.asarray(_round_trip(proj, state, g)))
-                    ** 2)
+  residual = np.sum((np.asarray(g) - np.asarray(_round_trip(proj, state, g))) ** 2)
   rest = np.sum(np.delete(norms, top) ** 2)
   np.testing.assert_allclose(residual, rest, rtol=1e-6)
 
@@ -79,14 +75,13 @@ def _expected_variance(g, q, r):
   return (np.sum(sq / q) - np.sum(sq)) / r
 
 
-@pytest.mark.parametrize("selection,replacement", [
-    ("multinomial", True), ("uniform", True), ("uniform", False)])
-def test_sampled_round_trip_is_unbiased_with_the_predicted_variance(
-    selection, replacement):
+@pytest.mark.parametrize(
+  "selection,replacement", [("multinomial", True), ("uniform", True), ("uniform", False)]
+)
+def test_sampled_round_trip_is_unbiased_with_the_predicted_variance(selection, replacement):
   s, l, r, n = 8, 5, 3, 20_000
   g = _uneven_rows(jax.random.PRNGKey(4), s, l)
-  proj = projectors.sparse_rows(r, 1, selection=selection,
-                                replacement=replacement)
+  proj = projectors.sparse_rows(r, 1, selection=selection, replacement=replacement)
   state = proj.init(s, l, r, jax.random.PRNGKey(5))
 
   @jax.jit
@@ -94,12 +89,13 @@ def test_sampled_round_trip_is_unbiased_with_the_predicted_variance(
     new = proj.refresh(state, g, count)[0]
     return _round_trip(proj, new, g)
 
-  draws = np.asarray(jax.lax.map(sample, jnp.arange(n, dtype=jnp.int32),
-                                 batch_size=1000), np.float64)
+  draws = np.asarray(
+    jax.lax.map(sample, jnp.arange(n, dtype=jnp.int32), batch_size=1000), np.float64
+  )
   g64 = np.asarray(g, np.float64)
   norms = np.linalg.norm(g64, axis=1)
   if not replacement:  # each row kept with probability r/s, times s/r
-    variance = np.sum(g64 ** 2) * (s / r - 1)
+    variance = np.sum(g64**2) * (s / r - 1)
   elif selection == "multinomial":
     variance = _expected_variance(g, norms / norms.sum(), r)
   else:
@@ -116,7 +112,7 @@ def test_norm_proportional_sampling_has_less_variance_than_uniform():
   g = _uneven_rows(jax.random.PRNGKey(6), 16, 4)
   norms = np.linalg.norm(np.asarray(g, np.float64), axis=1)
   by_norm = _expected_variance(g, norms / norms.sum(), 4)
-  by_square = _expected_variance(g, norms ** 2 / np.sum(norms ** 2), 4)
+  by_square = _expected_variance(g, norms**2 / np.sum(norms**2), 4)
   uniform = _expected_variance(g, np.full(16, 1 / 16), 4)
   assert by_norm < by_square and by_norm < uniform
 
@@ -124,10 +120,11 @@ def test_norm_proportional_sampling_has_less_variance_than_uniform():
 def test_duplicate_rows_accumulate_in_the_back_projection():
   proj = projectors.sparse_rows(3, 10, selection="multinomial")
   state = projectors.SparseRowsState(
-      indices=jnp.array([2, 2, 5], jnp.int32),
-      scales=jnp.array([0.5, 2.0, 3.0]),
-      counts=jnp.zeros(6, jnp.int32).at[jnp.array([2, 2, 5])].add(1),
-      key=jax.random.PRNGKey(0))
+    indices=jnp.array([2, 2, 5], jnp.int32),
+    scales=jnp.array([0.5, 2.0, 3.0]),
+    counts=jnp.zeros(6, jnp.int32).at[jnp.array([2, 2, 5])].add(1),
+    key=jax.random.PRNGKey(0),
+  )
   n = jnp.arange(12.0).reshape(3, 4)
   out = np.asarray(proj.back(state, n))
   expected = np.zeros((6, 4), np.float32)
@@ -146,14 +143,12 @@ def test_sampled_duplicates_add_up_to_count_over_r_q():
   norms = np.linalg.norm(np.asarray(g, np.float64), axis=1)
   q = norms / norms.sum()
   expected = (counts / (4 * q))[:, None] * np.asarray(g, np.float64)
-  np.testing.assert_allclose(np.asarray(_round_trip(proj, state, g)),
-                             expected, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(_round_trip(proj, state, g)), expected, rtol=1e-5)
 
 
 def test_sampling_without_replacement_never_repeats_a_row():
   g = jnp.array([[10.0, 0.0], [0.1, 0.1], [0.0, 0.0], [0.3, 0.0]])
-  proj = projectors.sparse_rows(4, 1, selection="multinomial",
-                                replacement=False)
+  proj = projectors.sparse_rows(4, 1, selection="multinomial", replacement=False)
   state = _refreshed(proj, g)
   np.testing.assert_array_equal(np.asarray(state.indices), np.arange(4))
   # The zero row had probability 0: it is kept with scale 0, not inf.
@@ -165,16 +160,14 @@ def test_sampling_without_replacement_never_repeats_a_row():
 def test_zero_gradient_samples_uniformly_without_nan(selection):
   proj = projectors.sparse_rows(3, 1, selection=selection)
   state = _refreshed(proj, jnp.zeros((6, 4)))
-  np.testing.assert_allclose(np.asarray(state.scales), np.sqrt(6 / 3),
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(state.scales), np.sqrt(6 / 3), rtol=1e-6)
   seen = np.zeros(6)
   for count in range(200):
     seen += np.asarray(_refreshed(proj, jnp.zeros((6, 4)), count).counts)
   assert np.all(seen > 0)  # every row drawn: the fallback is uniform
   params = {"w": jnp.ones((6, 4))}
   tx = osub.grass(0.1, rank=3, selection=selection)
-  updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params),
-                         tx.init(params), params)
+  updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
   assert np.all(np.isfinite(np.asarray(updates["w"])))
 
 
@@ -268,17 +261,14 @@ def test_remap_carries_exactly_the_rows_kept_and_zeroes_new_ones(on_change):
   g0 = {"w": row(3.0, 2.5, 2.0, 0.5, 0.1, 0.2)}
   g2 = {"w": row(0.1, 2.0, 3.0, 0.5, 0.2, 4.0)}
   b1, b2 = 0.9, 0.999
-  tx = osub.grass(0.1, rank=3, update_every=2, on_change=on_change, b1=b1,
-                  b2=b2)
+  tx = osub.grass(0.1, rank=3, update_every=2, on_change=on_change, b1=b1, b2=b2)
   state = tx.init(w)
   _, state = tx.update(g0, state, w)
   _, state = tx.update(g0, state, w)
   mu, nu = _adam_moments(state)
-  np.testing.assert_array_equal(np.asarray(state[0].projectors["w"].indices),
-                                [0, 1, 2])
+  np.testing.assert_array_equal(np.asarray(state[0].projectors["w"].indices), [0, 1, 2])
   _, state = tx.update(g2, state, w)
-  np.testing.assert_array_equal(np.asarray(state[0].projectors["w"].indices),
-                                [1, 2, 5])
+  np.testing.assert_array_equal(np.asarray(state[0].projectors["w"].indices), [1, 2, 5])
   new_mu, new_nu = _adam_moments(state)
   r = np.asarray(g2["w"])[[1, 2, 5]]  # ρ = 1
   if on_change == "remap":  # rows 1 and 2 move from slots 1, 2 to slots 0, 1
@@ -286,10 +276,8 @@ def test_remap_carries_exactly_the_rows_kept_and_zeroes_new_ones(on_change):
     carried_nu = np.stack([nu[1], nu[2], np.zeros(10)])
   else:
     carried_mu = carried_nu = np.zeros((3, 10))
-  np.testing.assert_allclose(np.asarray(new_mu),
-                             b1 * carried_mu + (1 - b1) * r, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(new_nu),
-                             b2 * carried_nu + (1 - b2) * r ** 2, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_mu), b1 * carried_mu + (1 - b1) * r, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(new_nu), b2 * carried_nu + (1 - b2) * r**2, rtol=1e-6)
 
 
 def test_remap_matrix_is_a_row_match_without_scales():
@@ -297,8 +285,8 @@ def test_remap_matrix_is_a_row_match_without_scales():
   # hold the same row; a row drawn twice before is summed into it.
   proj = projectors.sparse_rows(3, 1, selection="multinomial")
   make = lambda idx, rho: projectors.SparseRowsState(
-      jnp.array(idx, jnp.int32), jnp.array(rho), jnp.zeros(6, jnp.int32),
-      jax.random.PRNGKey(0))
+    jnp.array(idx, jnp.int32), jnp.array(rho), jnp.zeros(6, jnp.int32), jax.random.PRNGKey(0)
+  )
   old = make([1, 1, 4], [0.7, 0.7, 2.0])
   new = make([1, 3, 4], [0.5, 1.5, 3.0])
   m = np.asarray(proj.basis(new).T @ proj.basis(old))
@@ -312,11 +300,9 @@ def test_grass_trains_a_small_model_jitted_or_not(selection, on_change):
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(12), 3)
   x = jax.random.normal(k1, (64, 8))
   y = x @ jax.random.normal(k2, (8, 4))
-  params = {"w1": 0.3 * jax.random.normal(k3, (8, 16)),
-            "w2": jnp.full((16, 4), 0.1)}
+  params = {"w1": 0.3 * jax.random.normal(k3, (8, 16)), "w2": jnp.full((16, 4), 0.1)}
   loss = lambda p: jnp.mean((x @ p["w1"] @ p["w2"] - y) ** 2)
-  tx = osub.grass(0.05, rank=2, update_every=5, selection=selection,
-                  on_change=on_change)
+  tx = osub.grass(0.05, rank=2, update_every=5, selection=selection, on_change=on_change)
 
   def step(p, s):
     u, s = tx.update(jax.grad(loss)(p), s, p)
@@ -344,25 +330,26 @@ def test_reset_restarts_the_bias_correction_of_the_moved_matrix_only(restart):
   g0 = {"w": row(3.0, 2.5, 2.0, 0.5, 0.1, 0.2), "v": row(2.0, 1.0, 0.1, 0.2)}
   g2 = {"w": row(0.1, 2.0, 3.0, 0.5, 0.2, 4.0), "v": g0["v"]}
   lr, b1, b2, eps = 0.1, 0.9, 0.999, 1e-6
-  tx = osub.grass(lr, rank=3, update_every=2, b1=b1, b2=b2, eps=eps,
-                  restart_bias_correction=restart)
+  tx = osub.grass(
+    lr, rank=3, update_every=2, b1=b1, b2=b2, eps=eps, restart_bias_correction=restart
+  )
   state = tx.init(params)
   for g in (g0, g0):
     _, state = tx.update(g, state, params)
   updates, state = tx.update(g2, state, params)
 
   def adam_step(m, v, t):  # HF placement: m/(√v + eps)·√(1 − β2ᵗ)/(1 − β1ᵗ)
-    return m / (np.sqrt(v) + eps) * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+    return m / (np.sqrt(v) + eps) * np.sqrt(1 - b2**t) / (1 - b1**t)
 
   r = np.asarray(g2["w"])[[1, 2, 5]]
-  fresh_m, fresh_v = (1 - b1) * r, (1 - b2) * r ** 2
+  fresh_m, fresh_v = (1 - b1) * r, (1 - b2) * r**2
   expected_w = np.zeros((6, 10))
   expected_w[[1, 2, 5]] = -lr * adam_step(fresh_m, fresh_v, 1 if restart else 3)
   np.testing.assert_allclose(np.asarray(updates["w"]), expected_w, rtol=1e-5)
   # "v" (rows {0, 1, 2} of 4: rank 3) saw the same gradient three times.
   rv = np.asarray(g0["v"])[np.asarray(state[0].projectors["v"].indices)]
-  m = (1 - b1 ** 3) * rv
-  v = (1 - b2 ** 3) * rv ** 2
+  m = (1 - b1**3) * rv
+  v = (1 - b2**3) * rv**2
   expected_v = np.zeros((4, 10))
   expected_v[np.asarray(state[0].projectors["v"].indices)] = -lr * adam_step(m, v, 3)
   np.testing.assert_allclose(np.asarray(updates["v"]), expected_v, rtol=1e-5)

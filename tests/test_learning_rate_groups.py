@@ -10,19 +10,28 @@ from optax_subspace import nn as osnn
 
 MASK = r"kernel"
 PRESETS = {
-    "galore": lambda lr, **kw: osub.galore(lr, rank=2, update_every=3, mask=MASK, **kw),
-    "osd": lambda lr, **kw: osub.online_subspace_descent(lr, rank=2, mask=MASK, **kw),
-    "grass": lambda lr, **kw: osub.grass(lr, rank=2, update_every=3, mask=MASK, **kw),
-    "rso": lambda lr, **kw: osub.rso(lr, rank=2, inner_steps=3, mask=MASK, **kw),
+  "galore": lambda lr, **kw: osub.galore(lr, rank=2, update_every=3, mask=MASK, **kw),
+  "osd": lambda lr, **kw: osub.online_subspace_descent(lr, rank=2, mask=MASK, **kw),
+  "grass": lambda lr, **kw: osub.grass(lr, rank=2, update_every=3, mask=MASK, **kw),
+  "rso": lambda lr, **kw: osub.rso(lr, rank=2, inner_steps=3, mask=MASK, **kw),
 }
 
 
 def _params_and_grads():
   k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(3), 4)
-  params = {"kernel": jax.random.normal(k1, (6, 8)), "embedding": jax.random.normal(k2, (5, 4)),
-            "scale": jnp.ones((4,))}
-  grads = [{"kernel": jax.random.normal(k, (6, 8)), "embedding": jax.random.normal(k, (5, 4)),
-            "scale": jax.random.normal(k, (4,))} for k in (k3, k4, k3, k4)]
+  params = {
+    "kernel": jax.random.normal(k1, (6, 8)),
+    "embedding": jax.random.normal(k2, (5, 4)),
+    "scale": jnp.ones((4,)),
+  }
+  grads = [
+    {
+      "kernel": jax.random.normal(k, (6, 8)),
+      "embedding": jax.random.normal(k, (5, 4)),
+      "scale": jax.random.normal(k, (4,)),
+    }
+    for k in (k3, k4, k3, k4)
+  ]
   return params, grads
 
 
@@ -39,8 +48,9 @@ def _updates(tx, params, grads):
 def test_unprojected_leaves_follow_their_own_rate_and_kernels_keep_theirs(name, weight_decay):
   make = PRESETS[name]
   params, grads = _params_and_grads()
-  split = _updates(make(1e-2, unprojected_learning_rate=3e-2, weight_decay=weight_decay),
-                   params, grads)
+  split = _updates(
+    make(1e-2, unprojected_learning_rate=3e-2, weight_decay=weight_decay), params, grads
+  )
   kernels_rate = _updates(make(1e-2, weight_decay=weight_decay), params, grads)
   rest_rate = _updates(make(3e-2, weight_decay=weight_decay), params, grads)
   for mine, low, high in zip(split, kernels_rate, rest_rate):
@@ -65,15 +75,20 @@ def test_a_rate_that_is_not_positive_is_rejected(name, bad):
     PRESETS[name](1e-2, unprojected_learning_rate=bad)
 
 
-@pytest.mark.parametrize("factor, make", [
+@pytest.mark.parametrize(
+  "factor, make",
+  [
     ("grass_d", lambda lr, **kw: osnn.grass_optimizer(lr, **kw)),
     ("rso_b", lambda lr, **kw: osnn.rso_optimizer(lr, inner_steps=2, **kw)),
-])
+  ],
+)
 def test_model_level_optimizers_give_the_dense_params_their_own_rate(factor, make):
   # The factors (GRASS's D, RSO's B) keep `learning_rate`; every other Param takes the other.
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(5), 3)
-  params = {"q_proj": {factor: jax.random.normal(k1, (6, 2))},
-            "embed": {"embedding": jax.random.normal(k2, (5, 4))}}
+  params = {
+    "q_proj": {factor: jax.random.normal(k1, (6, 2))},
+    "embed": {"embedding": jax.random.normal(k2, (5, 4))},
+  }
   grads = [jax.tree.map(lambda x, i=i: jnp.cos(x + i), params) for i in range(3)]
   split = _updates(make(1e-2, unprojected_learning_rate=3e-2), params, grads)
   low = _updates(make(1e-2), params, grads)

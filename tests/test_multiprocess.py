@@ -42,19 +42,21 @@ NUM_PROCESSES, LOCAL_DEVICES = 2, 4
 NAMES = ("galore", "grass_multinomial", "grass_topk", "online_subspace_descent", "rso")
 # Checkpoints written by this process and restored by the two.
 FROM_ONE = ("grass_multinomial", "online_subspace_descent", "rso")
-COLLECTIVES = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)"
-                         r"(-start)?\(")
+COLLECTIVES = re.compile(
+  r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)"
+  r"(-start)?\("
+)
 
 
 def _sharding_tests():
   import test_sharding  # pylint: disable=g-import-not-at-top
+
   return test_sharding
 
 
 def _flat(tree) -> dict:
   """{path: numpy array} of a tree (key paths as strings)."""
-  return {osub_path(p): np.asarray(x)
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {osub_path(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def _flat_arrays(tree) -> dict:
@@ -63,6 +65,7 @@ def _flat_arrays(tree) -> dict:
 
 def osub_path(key_path) -> str:
   from optax_subspace._leaves import path_str  # pylint: disable=g-import-not-at-top
+
   return path_str(key_path)
 
 
@@ -75,9 +78,12 @@ def _targets(tx, params, param_shardings, dims):
   ssh = osub.state_shardings(tx, params, param_shardings, dims=dims)
   put = lambda x, s: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype, sharding=s)
   abstract_state = jax.eval_shape(tx.init, params)
-  return (jax.tree_util.tree_map(put, params, param_shardings),
-          jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                 abstract_state, ssh))
+  return (
+    jax.tree_util.tree_map(put, params, param_shardings),
+    jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_state, ssh
+    ),
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +96,10 @@ def _worker(out, from_one):
   ts = _sharding_tests()  # after initialize: its import asks for the devices
   out, pid = pathlib.Path(out), jax.process_index()
   assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (
-      NUM_PROCESSES, NUM_PROCESSES * LOCAL_DEVICES, LOCAL_DEVICES)
+    NUM_PROCESSES,
+    NUM_PROCESSES * LOCAL_DEVICES,
+    LOCAL_DEVICES,
+  )
   mesh = jax.make_mesh((8,), ("fsdp",), (AxisType.Auto,))
   mesh42 = jax.make_mesh((4, 2), ("data", "fsdp"), (AxisType.Auto,) * 2)
   psh = {n: NamedSharding(mesh, s) for n, s in ts.SPECS.items()}
@@ -98,8 +107,10 @@ def _worker(out, from_one):
 
   def put(tree, shardings):  # every process holds the global values; each places its shards
     return jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
-        tree, shardings)
+      lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda i: np.asarray(x)[i]),
+      tree,
+      shardings,
+    )
 
   gather = lambda tree: _flat(multihost_utils.process_allgather(tree, tiled=True))
   arrays, local, info = {}, {}, {}
@@ -119,15 +130,17 @@ def _worker(out, from_one):
       arrays[f"{name}/{key}"] = value
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     info[name] = {
-        "specs": {osub_path(k): str(s.spec) for k, s in
-                  jax.tree_util.tree_flatten_with_path(ssh)[0]},
-        # Each leaf sits on the sharding state_shardings gave it; a split one spans both
-        # processes (no process holds all of it).
-        "placed": all(x.sharding.is_equivalent_to(s, x.ndim) for (_, x), s in
-                      zip(leaves, jax.tree_util.tree_leaves(ssh))),
-        "split_span_processes": all(
-            not x.is_fully_addressable for _, x in leaves if not x.sharding.is_fully_replicated),
-        "replicated": [osub_path(k) for k, x in leaves if x.sharding.is_fully_replicated],
+      "specs": {osub_path(k): str(s.spec) for k, s in jax.tree_util.tree_flatten_with_path(ssh)[0]},
+      # Each leaf sits on the sharding state_shardings gave it; a split one spans both
+      # processes (no process holds all of it).
+      "placed": all(
+        x.sharding.is_equivalent_to(s, x.ndim)
+        for (_, x), s in zip(leaves, jax.tree_util.tree_leaves(ssh))
+      ),
+      "split_span_processes": all(
+        not x.is_fully_addressable for _, x in leaves if not x.sharding.is_fully_replicated
+      ),
+      "replicated": [osub_path(k) for k, x in leaves if x.sharding.is_fully_replicated],
     }
     # What each process holds of the replicated leaves (keys, selections, counts, and the
     # bases of matrices split on their kept side), read locally: no gather.
@@ -148,29 +161,31 @@ def _worker(out, from_one):
     for key, value in gather(p).items():
       arrays[f"{name}/params/{key}"] = value
     if name == NAMES[0]:  # targets without shardings: each process gets a copy on its device
-      _, rp, rs = osub.restore_checkpoint(manager, jax.eval_shape(lambda x: x, params),
-                                          jax.eval_shape(tx.init, params))
+      _, rp, rs = osub.restore_checkpoint(
+        manager, jax.eval_shape(lambda x: x, params), jax.eval_shape(tx.init, params)
+      )
       for k, x in _flat_arrays((rp, rs)).items():
         assert x.is_fully_addressable and x.devices() == {jax.local_devices()[0]}, k
         local[f"{name}/unsharded/{k}"] = np.asarray(x)
     if name in FROM_ONE:  # a checkpoint of one process, restored onto both
-      _, rp, rs = osub.restore_checkpoint(_manager(pathlib.Path(from_one) / name),
-                                          *_targets(tx, params, psh, ts.DIMS))
+      _, rp, rs = osub.restore_checkpoint(
+        _manager(pathlib.Path(from_one) / name), *_targets(tx, params, psh, ts.DIMS)
+      )
       for key, value in gather((rp, rs)).items():
         arrays[f"{name}/from_one/{key}"] = value
 
   # Random bases and sampled selections from a replicated key: each process draws them itself.
   replicated = NamedSharding(mesh, P())
   draws = {
-      "random_basis": lambda key: osub.projectors.random_basis(key, 16, 4),
-      "multinomial": lambda key: jax.random.choice(
-          key, 16, (4,), replace=False, p=jax.nn.softmax(jax.random.normal(key, (16,)))),
+    "random_basis": lambda key: osub.projectors.random_basis(key, 16, 4),
+    "multinomial": lambda key: jax.random.choice(
+      key, 16, (4,), replace=False, p=jax.nn.softmax(jax.random.normal(key, (16,)))
+    ),
   }
   info["draws"] = {}
   key = jax.device_put(np.asarray(jax.random.PRNGKey(3)), replicated)
   for what, draw in draws.items():
-    compiled = jax.jit(draw, in_shardings=replicated, out_shardings=replicated).lower(
-        key).compile()
+    compiled = jax.jit(draw, in_shardings=replicated, out_shardings=replicated).lower(key).compile()
     info["draws"][what] = COLLECTIVES.findall(compiled.as_text())
     local[f"draw/{what}"] = np.asarray(compiled(key).addressable_shards[0].data)
 
@@ -213,20 +228,24 @@ def _two_process_run(root):
   out = root / "out"
   out.mkdir()
   _multiprocess.run(
-      _multiprocess.python(__file__, "{coordinator}", "{num_processes}", "{process_id}", out,
-                           from_one),
-      NUM_PROCESSES, LOCAL_DEVICES, timeout_s=300)
+    _multiprocess.python(
+      __file__, "{coordinator}", "{num_processes}", "{process_id}", out, from_one
+    ),
+    NUM_PROCESSES,
+    LOCAL_DEVICES,
+    timeout_s=300,
+  )
   return {
-      "dir": out,
-      "global": dict(np.load(out / "global.npz")),
-      "local": [dict(np.load(out / f"local{i}.npz")) for i in range(NUM_PROCESSES)],
-      "info": json.loads((out / "info.json").read_text()),
-      "saved_by_one": saved,
+    "dir": out,
+    "global": dict(np.load(out / "global.npz")),
+    "local": [dict(np.load(out / f"local{i}.npz")) for i in range(NUM_PROCESSES)],
+    "info": json.loads((out / "info.json").read_text()),
+    "saved_by_one": saved,
   }
 
 
 def _prefixed(arrays, prefix):
-  return {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+  return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
 
 
 def _check_an_update_on_a_mesh_over_two_processes_equals_one_device(run, name):
@@ -251,11 +270,15 @@ def _check_state_shardings_on_a_two_process_mesh_are_the_one_process_ones(run):
   abstract = AbstractMesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
   for name in NAMES:
     info = run["info"][name]
-    want = osub.state_shardings(ts.PRESETS[name](), ts._params(),
-                                {n: NamedSharding(abstract, s) for n, s in ts.SPECS.items()},
-                                dims=ts.DIMS)
-    assert info["specs"] == {osub_path(k): str(s.spec) for k, s in
-                             jax.tree_util.tree_flatten_with_path(want)[0]}, name
+    want = osub.state_shardings(
+      ts.PRESETS[name](),
+      ts._params(),
+      {n: NamedSharding(abstract, s) for n, s in ts.SPECS.items()},
+      dims=ts.DIMS,
+    )
+    assert info["specs"] == {
+      osub_path(k): str(s.spec) for k, s in jax.tree_util.tree_flatten_with_path(want)[0]
+    }, name
     assert info["placed"] and info["split_span_processes"], name
     assert any(spec != str(P()) for spec in info["specs"].values())
 
@@ -265,8 +288,11 @@ def _check_random_and_sparse_selections_are_identical_on_both_processes(run):
   assert sorted(first) == sorted(second)
   # The replicated leaves of the random and sparse methods: RSO's keys, GRASS's rows, scales
   # and keys; then every replicated leaf (counts, bases of matrices split on their kept side).
-  for pattern in (r"^rso/.*key$", r"^grass_multinomial/.*(indices|scales|key)$",
-                  r"^grass_topk/.*indices$"):
+  for pattern in (
+    r"^rso/.*key$",
+    r"^grass_multinomial/.*(indices|scales|key)$",
+    r"^grass_topk/.*indices$",
+  ):
     keys = [k for k in first if re.search(pattern, k)]
     assert keys, pattern
     for k in keys:
@@ -301,7 +327,8 @@ def _check_a_checkpoint_saved_by_two_processes_restores_exactly_on_one(run):
   for name in NAMES:
     tx = ts.PRESETS[name]()
     step, params, state = osub.restore_checkpoint(
-        _manager(run["dir"] / "checkpoints" / name), *_targets(tx, ts._params(), psh, ts.DIMS))
+      _manager(run["dir"] / "checkpoints" / name), *_targets(tx, ts._params(), psh, ts.DIMS)
+    )
     assert step == ts.STEPS
     want = _prefixed(run["global"], f"{name}/")
     got = _flat((params, state))
@@ -333,14 +360,17 @@ def _check_a_checkpoint_saved_by_one_process_restores_exactly_on_two(run):
 # ---------------------------------------------------------------------------------------------
 # The harness itself: a hung or failed process never holds up the suite
 
-HANG = ("import subprocess, sys, time; subprocess.Popen(['sleep', '120']);"
-        "sys.exit(int(sys.argv[1])) if sys.argv[2] == '0' else time.sleep(120)")
+HANG = (
+  "import subprocess, sys, time; subprocess.Popen(['sleep', '120']);"
+  "sys.exit(int(sys.argv[1])) if sys.argv[2] == '0' else time.sleep(120)"
+)
 
 
 def test_the_harness_kills_hung_processes_and_their_children_at_the_deadline():
   start = time.monotonic()
-  results = _multiprocess.run(_multiprocess.python("-c", HANG, "0", "{process_id}"),
-                              timeout_s=3, check=False)
+  results = _multiprocess.run(
+    _multiprocess.python("-c", HANG, "0", "{process_id}"), timeout_s=3, check=False
+  )
   assert time.monotonic() - start < 10
   assert [r.returncode for r in results] == [0, -signal.SIGKILL]
   assert [r.killed for r in results] == [False, True]
@@ -350,16 +380,18 @@ def test_the_harness_kills_hung_processes_and_their_children_at_the_deadline():
 
 def test_the_harness_ends_the_others_soon_after_one_process_fails():
   start = time.monotonic()
-  results = _multiprocess.run(_multiprocess.python("-c", HANG, "3", "{process_id}"),
-                              timeout_s=100, check=False, grace_s=1)
+  results = _multiprocess.run(
+    _multiprocess.python("-c", HANG, "3", "{process_id}"), timeout_s=100, check=False, grace_s=1
+  )
   assert time.monotonic() - start < 10
   assert [r.returncode for r in results] == [3, -signal.SIGKILL]
   # The processes' groups are gone: no `sleep 120` of theirs is left (SIGKILL is delivered at
   # once, the process ends a moment later).
   groups = ",".join(str(r.pid) for r in results)
   for _ in range(50):
-    left = subprocess.run(["pgrep", "-f", "sleep 120", "-g", groups], capture_output=True,
-                          text=True).stdout
+    left = subprocess.run(
+      ["pgrep", "-f", "sleep 120", "-g", groups], capture_output=True, text=True
+    ).stdout
     if not left:
       break
     time.sleep(0.1)
@@ -387,12 +419,22 @@ print(jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))(x))
 def test_a_process_stuck_in_a_collective_is_ended_soon_after_its_peer_fails():
   start = time.monotonic()
   results = _multiprocess.run(
-      _multiprocess.python("-c", COLLECTIVE_WITHOUT_PEER, pathlib.Path(__file__).parent,
-                           "{coordinator}", "{num_processes}", "{process_id}"),
-      timeout_s=120, check=False, grace_s=5)
+    _multiprocess.python(
+      "-c",
+      COLLECTIVE_WITHOUT_PEER,
+      pathlib.Path(__file__).parent,
+      "{coordinator}",
+      "{num_processes}",
+      "{process_id}",
+    ),
+    timeout_s=120,
+    check=False,
+    grace_s=5,
+  )
   assert time.monotonic() - start < 60, _multiprocess.describe(results)
   assert [(r.returncode, r.killed) for r in results] == [(-signal.SIGKILL, True), (1, False)], (
-      _multiprocess.describe(results))
+    _multiprocess.describe(results)
+  )
   assert "entering the collective" in results[0].stdout
 
 

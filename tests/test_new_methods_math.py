@@ -225,8 +225,7 @@ def _svd_bases(grads, rank, side):
 def _assert_steps_close(ours, reference):
   assert len(ours) == len(reference)
   for t, (a, b) in enumerate(zip(ours, reference)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(),
-                               err_msg=f"step {t}")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=f"step {t}")
 
 
 # ------------------------------------------------------------------------------------ the tests
@@ -243,18 +242,22 @@ def test_fira_matches_its_algorithm_1_over_steps_and_a_subspace_change(shape, ra
 @pytest.mark.parametrize("rule", ["sign_sgd", "sgd"])
 @pytest.mark.parametrize("shape,rank,side", CASES, ids=IDS)
 def test_frugal_matches_its_split_with_a_state_free_rule_and_resets_at_a_change(
-    shape, rank, side, rule):
+  shape, rank, side, rule
+):
   grads = _gradients(shape)
   reference = frugal_reference(grads, rank, side, rule, free_scale=0.1)
   ours = frugal_library(grads, _svd_bases(grads, rank, side), side, rule, free_scale=0.1)
   _assert_steps_close(ours, reference)
 
 
-@pytest.mark.parametrize("granularity,rank,alpha", [("channel", 3, _apollo.SCALE),
-                                                    ("tensor", 1, _apollo.MINI_SCALE)],
-                         ids=["apollo", "apollo_mini"])
-@pytest.mark.parametrize("shape,side", [((6, 10), "left"), ((10, 6), "right"),
-                                        ((8, 8), "left")], ids=IDS)
+@pytest.mark.parametrize(
+  "granularity,rank,alpha",
+  [("channel", 3, _apollo.SCALE), ("tensor", 1, _apollo.MINI_SCALE)],
+  ids=["apollo", "apollo_mini"],
+)
+@pytest.mark.parametrize(
+  "shape,side", [((6, 10), "left"), ((10, 6), "right"), ((8, 8), "left")], ids=IDS
+)
 def test_apollo_matches_its_algorithm_1_with_the_limiter(shape, side, granularity, rank, alpha):
   grads = _gradients(shape)
   reference, bases, limiter = apollo_reference(grads, rank, side, granularity, alpha)
@@ -286,7 +289,8 @@ def test_a_zero_gradient_gives_a_zero_update_and_no_nan(method):
       u = _frugal.frugal_residual(g, _dot(p, r), r)
     else:
       u, limit = _apollo.apollo_output(
-          g, r, n, limit, granularity="channel" if method == "apollo" else "tensor")
+        g, r, n, limit, granularity="channel" if method == "apollo" else "tensor"
+      )
     for x in jax.tree_util.tree_leaves((u, limit)):
       assert np.all(np.isfinite(np.asarray(x)))
     if not np.any(np.asarray(g)):
@@ -299,8 +303,12 @@ def test_the_limiter_caps_growth_at_exactly_gamma():
   limited, new = _fira.norm_growth_limit(10.0 * x / jnp.linalg.norm(x), state, gamma=1.01)
   np.testing.assert_allclose(float(jnp.linalg.norm(limited)), 1.01 * 2.0, rtol=1e-6)
   np.testing.assert_allclose(float(new.previous_norm), 1.01 * 2.0, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(limited / jnp.linalg.norm(limited)),
-                             np.asarray(x / jnp.linalg.norm(x)), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(limited / jnp.linalg.norm(limited)),
+    np.asarray(x / jnp.linalg.norm(x)),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_the_limiter_leaves_slower_growth_and_the_first_step_alone():
@@ -318,8 +326,7 @@ def test_fira_matrix_granularity_is_one_norm_ratio_for_the_whole_matrix():
   g = jnp.asarray(rng.standard_normal((6, 9)), jnp.float32)
   p = jnp.asarray(np.linalg.qr(rng.standard_normal((6, 2)))[0], jnp.float32)
   r, n = Subspace().step(g, p)
-  s, _ = _fira.fira_residual(g, _dot(p, r), r, n, _fira.init_norm_growth(),
-                             granularity="matrix")
+  s, _ = _fira.fira_residual(g, _dot(p, r), r, n, _fira.init_norm_growth(), granularity="matrix")
   ratio = np.linalg.norm(np.asarray(n)) / np.linalg.norm(np.asarray(r))
   np.testing.assert_allclose(np.asarray(s), ratio * np.asarray(g - _dot(p, r)), rtol=1e-5)
 
@@ -337,8 +344,11 @@ def test_apollo_with_the_identity_projection_is_channel_wise_adamw():
 
 
 def _floats(tree):
-  return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree)
-             if jnp.issubdtype(x.dtype, jnp.floating))
+  return sum(
+    int(np.prod(x.shape))
+    for x in jax.tree_util.tree_leaves(tree)
+    if jnp.issubdtype(x.dtype, jnp.floating)
+  )
 
 
 @pytest.mark.parametrize("s,l", [(2048, 2048), (2048, 5461)])
@@ -349,13 +359,15 @@ def test_state_shapes_follow_the_analytic_formulas(s, l):
   limiter = jax.eval_shape(_fira.init_norm_growth)
   for rank, floats in [(1, _apollo.state_floats(s, l, 1)), (256, _apollo.state_floats(s, l, 256))]:
     projector = projectors.random(rank, distribution=_apollo.PROJECTION)
-    state = jax.eval_shape(lambda: (adam.init(jnp.zeros((rank, l))),
-                                    projector.init(s, l, rank, key)))
+    state = jax.eval_shape(
+      lambda: (adam.init(jnp.zeros((rank, l))), projector.init(s, l, rank, key))
+    )
     assert _floats((state, limiter)) == floats
     assert all(int(np.prod(x.shape)) < s * l for x in jax.tree_util.tree_leaves(state))
   assert _apollo.state_floats(s, l, 1) == 2 * l + 1
-  svd_state = jax.eval_shape(lambda: (adam.init(jnp.zeros((512, l))),
-                                      projectors.svd(512).init(s, l, 512, key)))
+  svd_state = jax.eval_shape(
+    lambda: (adam.init(jnp.zeros((512, l))), projectors.svd(512).init(s, l, 512, key))
+  )
   assert _floats(svd_state) == _frugal.state_floats(s, l, 512) == s * 512 + 2 * 512 * l
   assert _floats((svd_state, limiter)) == _fira.state_floats(s, l, 512)
 
@@ -364,8 +376,9 @@ def test_the_functions_jit_and_vmap_over_a_batch_of_matrices_as_one_by_one():
   """The combinator will vmap them over a leaf's batch axes (stacked layers) and buckets."""
   rng = np.random.default_rng(0)
   g = jnp.asarray(rng.standard_normal((3, 6, 9)), jnp.float32)
-  p = jnp.asarray(np.stack([np.linalg.qr(rng.standard_normal((6, 2)))[0] for _ in range(3)]),
-                  jnp.float32)
+  p = jnp.asarray(
+    np.stack([np.linalg.qr(rng.standard_normal((6, 2)))[0] for _ in range(3)]), jnp.float32
+  )
   r = jnp.einsum("bsr,bsl->brl", p, g, precision=HI)
   n = jnp.tanh(r)  # any inner direction
   back_r = jnp.einsum("bsr,brl->bsl", p, r, precision=HI)

@@ -27,21 +27,23 @@ LR, RANK, EVERY, STEPS = 0.01, 3, 3, 7  # subspace changes at steps 0, 3 and 6
 # the rows) or columns (m > n: the right case, R = G·Q).
 SHAPES = {"wide": (6, 10), "tall": (10, 6), "square": (8, 8)}
 PRESETS = {
-    "fira": lambda: osub.fira(LR, RANK, EVERY),
-    "frugal": lambda: osub.frugal(LR, RANK, EVERY),
-    "frugal_sgd": lambda: osub.frugal(LR, RANK, EVERY, rule="sgd", free_scale=0.1),
-    "frugal_random": lambda: osub.frugal(LR, RANK, EVERY, projector="random"),
-    "frugal_rows": lambda: osub.frugal(LR, RANK, EVERY, projector="rows"),
-    "apollo": lambda: osub.apollo(LR, RANK, EVERY),
-    "apollo_mini": lambda: osub.apollo_mini(LR, EVERY),
+  "fira": lambda: osub.fira(LR, RANK, EVERY),
+  "frugal": lambda: osub.frugal(LR, RANK, EVERY),
+  "frugal_sgd": lambda: osub.frugal(LR, RANK, EVERY, rule="sgd", free_scale=0.1),
+  "frugal_random": lambda: osub.frugal(LR, RANK, EVERY, projector="random"),
+  "frugal_rows": lambda: osub.frugal(LR, RANK, EVERY, projector="rows"),
+  "apollo": lambda: osub.apollo(LR, RANK, EVERY),
+  "apollo_mini": lambda: osub.apollo_mini(LR, EVERY),
 }
 
 
 def _gradients(shape, seed=0):
   """Gradients whose norms jump around from step to step, so the limiters act."""
   rng = np.random.default_rng(seed)
-  return [{"w": rng.standard_normal(shape) * rng.uniform(0.3, 3.0),
-           "b": rng.standard_normal(4)} for _ in range(STEPS)]
+  return [
+    {"w": rng.standard_normal(shape) * rng.uniform(0.3, 3.0), "b": rng.standard_normal(4)}
+    for _ in range(STEPS)
+  ]
 
 
 def _basis(pstate, s, distribution):
@@ -53,8 +55,9 @@ def _basis(pstate, s, distribution):
     p[np.asarray(pstate.indices), np.arange(p.shape[1])] = np.asarray(pstate.scales)
     return p
   r = pstate.basis_shape[1]
-  return np.asarray(osub.projectors.random(r, EVERY, distribution=distribution).basis(pstate),
-                    np.float64)
+  return np.asarray(
+    osub.projectors.random(r, EVERY, distribution=distribution).basis(pstate), np.float64
+  )
 
 
 def _run_library(tx, grads, jit=True, distribution="gaussian"):
@@ -64,8 +67,9 @@ def _run_library(tx, grads, jit=True, distribution="gaussian"):
   updates, bases = [], []
   s = min(grads[0]["w"].shape)
   for g in grads:
-    u, state = update(jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), g),
-                      state, params)
+    u, state = update(
+      jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), g), state, params
+    )
     updates.append(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), u))
     bases.append(_basis(state[0].projectors["w"], s, distribution))
   return updates, bases, state
@@ -135,20 +139,19 @@ def bias_reference(grads):
 
 
 REFERENCES = {
-    "fira": fira_reference,
-    "frugal": frugal_reference,
-    "frugal_sgd": lambda grads, bases: frugal_reference(grads, bases, "sgd", 0.1),
-    "frugal_random": frugal_reference,
-    "frugal_rows": frugal_reference,
-    "apollo": lambda grads, bases: apollo_reference(grads, bases, 1.0, False),
-    "apollo_mini": lambda grads, bases: apollo_reference(grads, bases, np.sqrt(128), True),
+  "fira": fira_reference,
+  "frugal": frugal_reference,
+  "frugal_sgd": lambda grads, bases: frugal_reference(grads, bases, "sgd", 0.1),
+  "frugal_random": frugal_reference,
+  "frugal_rows": frugal_reference,
+  "apollo": lambda grads, bases: apollo_reference(grads, bases, 1.0, False),
+  "apollo_mini": lambda grads, bases: apollo_reference(grads, bases, np.sqrt(128), True),
 }
 
 
 def _assert_steps_close(ours, reference):
   for t, (a, b) in enumerate(zip(ours, reference)):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(),
-                               err_msg=f"step {t}")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(b).max(), err_msg=f"step {t}")
 
 
 # ------------------------------------------------------------------------------------ the tests
@@ -159,7 +162,8 @@ def _assert_steps_close(ours, reference):
 def test_preset_matches_its_papers_algorithm_over_steps_and_subspace_changes(name, shape):
   grads = _gradients(shape)
   updates, bases, _ = _run_library(
-      PRESETS[name](), grads, distribution="haar" if name == "frugal_random" else "gaussian")
+    PRESETS[name](), grads, distribution="haar" if name == "frugal_random" else "gaussian"
+  )
   _assert_steps_close([u["w"] for u in updates], REFERENCES[name](grads, bases))
   _assert_steps_close([u["b"] for u in updates], bias_reference(grads))
 
@@ -188,25 +192,29 @@ def test_jit_and_no_jit_give_the_same_updates(name):
 
 def _floats(tree):
   """(total floating-point elements, the largest floating-point leaf's size)."""
-  sizes = [x.size for x in jax.tree_util.tree_leaves(tree)
-           if jnp.issubdtype(x.dtype, jnp.floating)]
+  sizes = [x.size for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
   return sum(sizes), max(sizes)
 
 
 @pytest.mark.parametrize("s,l", [(16, 48), (48, 16), (24, 24)])
-@pytest.mark.parametrize("name,r,formula", [
+@pytest.mark.parametrize(
+  "name,r,formula",
+  [
     ("fira", 4, lambda s, l, r: s * r + 2 * r * l + 1),  # P, Adam's moments of R, ‖S_{t−1}‖
     ("frugal", 4, lambda s, l, r: s * r + 2 * r * l),  # P and Adam's moments; U has none
     ("frugal_random", 4, lambda s, l, r: 2 * r * l),  # P regenerated from a key
     ("apollo", 4, lambda s, l, r: 2 * r * l + 1),  # Adam's moments of R and one norm
     ("apollo_mini", 1, lambda s, l, r: 2 * l + 1),  # rank 1: O(s + l), no s×l buffer
-])
+  ],
+)
 def test_state_floats_follow_the_analytic_formulas(name, r, formula, s, l):
   small, large = min(s, l), max(s, l)
   factory = {
-      "fira": lambda: osub.fira(LR, r), "frugal": lambda: osub.frugal(LR, r),
-      "frugal_random": lambda: osub.frugal(LR, r, projector="random"),
-      "apollo": lambda: osub.apollo(LR, r), "apollo_mini": lambda: osub.apollo_mini(LR),
+    "fira": lambda: osub.fira(LR, r),
+    "frugal": lambda: osub.frugal(LR, r),
+    "frugal_random": lambda: osub.frugal(LR, r, projector="random"),
+    "apollo": lambda: osub.apollo(LR, r),
+    "apollo_mini": lambda: osub.apollo_mini(LR),
   }[name]
   state = jax.eval_shape(factory().init, {"w": jax.ShapeDtypeStruct((s, l), jnp.float32)})
   total, largest = _floats(state)
@@ -217,10 +225,20 @@ def test_state_floats_follow_the_analytic_formulas(name, r, formula, s, l):
 def test_apollo_mini_state_on_a_llama_1b_tree_is_under_one_percent_of_adamw():
   # LLaMA-1B's projected matrices (hidden 2048, MLP 5461, 24 layers), abstract: nothing is
   # allocated. AdamW keeps 2 floats per weight.
-  layer = {"q": (2048, 2048), "k": (2048, 2048), "v": (2048, 2048), "o": (2048, 2048),
-           "gate": (2048, 5461), "up": (2048, 5461), "down": (5461, 2048)}
-  params = {f"{i}/{n}": jax.ShapeDtypeStruct(shape, jnp.float32)
-            for i in range(24) for n, shape in layer.items()}
+  layer = {
+    "q": (2048, 2048),
+    "k": (2048, 2048),
+    "v": (2048, 2048),
+    "o": (2048, 2048),
+    "gate": (2048, 5461),
+    "up": (2048, 5461),
+    "down": (5461, 2048),
+  }
+  params = {
+    f"{i}/{n}": jax.ShapeDtypeStruct(shape, jnp.float32)
+    for i in range(24)
+    for n, shape in layer.items()
+  }
   adamw = 2 * sum(x.size for x in params.values())
   mini = _floats(jax.eval_shape(osub.apollo_mini(LR).init, params))[0]
   apollo = _floats(jax.eval_shape(osub.apollo(LR, 512).init, params))[0]
@@ -233,8 +251,9 @@ def test_apollo_mini_state_on_a_llama_1b_tree_is_under_one_percent_of_adamw():
 
 def test_a_state_without_a_limiter_flattens_to_the_five_fields_of_older_checkpoints():
   params = {"w": jnp.zeros((6, 10))}
-  keys = lambda tx: {jax.tree_util.keystr(p[:2]) for p, _ in
-                     jax.tree_util.tree_flatten_with_path(tx.init(params))[0]}
+  keys = lambda tx: {
+    jax.tree_util.keystr(p[:2]) for p, _ in jax.tree_util.tree_flatten_with_path(tx.init(params))[0]
+  }
   assert not any("limiter" in k for k in keys(osub.galore(LR, RANK)))
   assert not any("limiter" in k for k in keys(osub.frugal(LR, RANK)))
   assert any("limiter" in k for k in keys(osub.fira(LR, RANK)))
@@ -268,10 +287,10 @@ def test_residual_and_output_options_are_checked():
   with pytest.raises(ValueError, match="output"):
     osub.project_subspace(optax.adam(1.0), osub.projectors.svd(2), output="scaled")
   with pytest.raises(ValueError, match="back_project"):
-    osub.project_subspace(optax.adam(1.0), osub.projectors.svd(2), residual="sgd",
-                          output="scale")
-  stateful = osub.project_subspace(optax.adam(1.0), osub.projectors.svd(2),
-                                   residual=optax.adam(1.0))
+    osub.project_subspace(optax.adam(1.0), osub.projectors.svd(2), residual="sgd", output="scale")
+  stateful = osub.project_subspace(
+    optax.adam(1.0), osub.projectors.svd(2), residual=optax.adam(1.0)
+  )
   with pytest.raises(ValueError, match="state-free"):
     stateful.init({"w": jnp.zeros((4, 6))})
 
@@ -279,25 +298,41 @@ def test_residual_and_output_options_are_checked():
 def test_a_state_free_optax_residual_is_frugals_rule():
   # optax.scale_by_sign() on G − P·R is FRUGAL's signSGD rule.
   g = {"w": jnp.asarray(np.random.default_rng(2).standard_normal((6, 10)), jnp.float32)}
-  named = osub.project_subspace(osub.scale_by_hf_adam(), osub.projectors.svd(RANK, EVERY),
-                                residual="sign_sgd", residual_scale=0.5)
-  given = osub.project_subspace(osub.scale_by_hf_adam(), osub.projectors.svd(RANK, EVERY),
-                                residual=optax.scale_by_sign(), residual_scale=0.5)
+  named = osub.project_subspace(
+    osub.scale_by_hf_adam(),
+    osub.projectors.svd(RANK, EVERY),
+    residual="sign_sgd",
+    residual_scale=0.5,
+  )
+  given = osub.project_subspace(
+    osub.scale_by_hf_adam(),
+    osub.projectors.svd(RANK, EVERY),
+    residual=optax.scale_by_sign(),
+    residual_scale=0.5,
+  )
   a = named.update(g, named.init(g), g)[0]
   b = given.update(g, given.init(g), g)[0]
   np.testing.assert_array_equal(np.asarray(a["w"]), np.asarray(b["w"]))
 
 
-@pytest.mark.parametrize("stages", [dict(residual="fira"), dict(residual="sign_sgd"),
-                                    dict(output="scale"), dict(output="scale_tensor")],
-                         ids=["fira", "sign_sgd", "scale", "scale_tensor"])
+@pytest.mark.parametrize(
+  "stages",
+  [
+    dict(residual="fira"),
+    dict(residual="sign_sgd"),
+    dict(output="scale"),
+    dict(output="scale_tensor"),
+  ],
+  ids=["fira", "sign_sgd", "scale", "scale_tensor"],
+)
 def test_a_batch_of_matrices_is_stepped_matrix_by_matrix_with_its_own_limiter(stages):
   # A (2, 6, 10) leaf (dims: a batch of two matrices) gives each matrix the update it gets on
   # its own: the residual, the factors and the limiter's norm are per matrix.
   rng = np.random.default_rng(4)
   grads = [rng.standard_normal((2, 6, 10)) * rng.uniform(0.3, 3.0, (2, 1, 1)) for _ in range(4)]
   make = lambda dims: osub.project_subspace(
-      osub.scale_by_hf_adam(), osub.projectors.svd(RANK, 2), dims=dims, **stages)
+    osub.scale_by_hf_adam(), osub.projectors.svd(RANK, 2), dims=dims, **stages
+  )
   batched = make(lambda path, x: osub.MatrixDims(1, 2) if x.ndim == 3 else None)
   single = make(None)
   b_state = batched.init({"w": jnp.zeros((2, 6, 10))})
@@ -306,14 +341,14 @@ def test_a_batch_of_matrices_is_stepped_matrix_by_matrix_with_its_own_limiter(st
     g = jnp.asarray(g, jnp.float32)
     u, b_state = batched.update({"w": g}, b_state)
     v, s_state = single.update({"a": g[0], "b": g[1]}, s_state)
-    np.testing.assert_allclose(np.asarray(u["w"]), np.stack([v["a"], v["b"]]), rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(u["w"]), np.stack([v["a"], v["b"]]), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("granularity", ["column", "matrix"])
 def test_firas_term_folded_into_n_is_the_explicit_residual_for_an_orthonormal_p(granularity):
   # c·G·D + P·(N − c·R·D) = P·N + limit((G − P·R)·D): one product with P instead of two.
   from optax_subspace import _fira  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(6)
   g = jnp.asarray(rng.standard_normal((8, 12)), jnp.float32)
   p = jnp.asarray(np.linalg.qr(rng.standard_normal((8, 3)))[0], jnp.float32)

@@ -26,7 +26,6 @@ def _highest_precision():
 
 
 class Net(nnx.Module):
-
   def __init__(self, n_in, n_out, rngs, use_bias=False):
     self.proj = nnx.Linear(n_in, n_out, use_bias=use_bias, rngs=rngs)
 
@@ -40,13 +39,11 @@ def _loss(model, x):
 
 def _llama_loss(model, tokens):
   logits = model(tokens[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(
-      logits, tokens[:, 1:]).mean()
+  return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
 
 def _tokens(seed, batch=2, seq=9):
-  return jax.random.randint(jax.random.PRNGKey(seed), (batch, seq), 0,
-                            TINY.vocab_size)
+  return jax.random.randint(jax.random.PRNGKey(seed), (batch, seq), 0, TINY.vocab_size)
 
 
 def _set_selection(layer, indices, scales):
@@ -76,24 +73,25 @@ def test_surgery_keeps_the_outputs_identical():
   before = model(tokens)
   replaced = nng.grass_layers(model, 4)
   assert len(replaced) == 7 * TINY.layers
-  assert all(isinstance(m, nng.GrassLinear) for p, m in nnx.iter_graph(model)
-             if isinstance(m, (nnx.Linear, nng.GrassLinear)) and "layers" in p)
+  assert all(
+    isinstance(m, nng.GrassLinear)
+    for p, m in nnx.iter_graph(model)
+    if isinstance(m, (nnx.Linear, nng.GrassLinear)) and "layers" in p
+  )
   np.testing.assert_array_equal(np.asarray(model(tokens)), np.asarray(before))
   # With a non-zero D, the layer applies the effective kernel.
   layer = model.layers[0].mlp.up_proj
   _set_selection(layer, [0, 2, 2, 9], [1.0, 0.5, 2.0, 3.0])
   layer.grass_d[...] = jax.random.normal(jax.random.PRNGKey(2), (16, 4))
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 16))
-  np.testing.assert_allclose(np.asarray(layer(x)),
-                             np.asarray(x @ layer.effective_kernel()),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(layer(x)), np.asarray(x @ layer.effective_kernel()), rtol=1e-5, atol=1e-6
+  )
   w = np.asarray(layer.kernel[...]).copy()
   w[:, 0] += np.asarray(layer.grass_d[...])[:, 0]
-  w[:, 2] += (0.5 * np.asarray(layer.grass_d[...])[:, 1]
-              + 2.0 * np.asarray(layer.grass_d[...])[:, 2])
+  w[:, 2] += 0.5 * np.asarray(layer.grass_d[...])[:, 1] + 2.0 * np.asarray(layer.grass_d[...])[:, 2]
   w[:, 9] += 3.0 * np.asarray(layer.grass_d[...])[:, 3]
-  np.testing.assert_allclose(np.asarray(layer.effective_kernel()), w,
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(layer.effective_kernel()), w, rtol=1e-6)
 
 
 def test_only_d_is_a_param_and_its_shape_is_in_by_r():
@@ -157,15 +155,13 @@ def test_refresh_norms_are_the_dense_gradients_column_norms():
     g = np.asarray(flat[path + ("kernel",)], np.float64)
     col = np.linalg.norm(g, axis=0)
     # _row_norms's scale by max|G|: the norms of G / max|G|.
-    np.testing.assert_allclose(np.asarray(n), col / np.abs(g).max(),
-                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(n), col / np.abs(g).max(), rtol=1e-5, atol=1e-7)
     assert not layer.probing
 
 
 def _train_model_level(selection, steps, every, rank, lr, mask, cfg=TINY):
   model = Llama(cfg, nnx.Rngs(0))
-  nng.grass_layers(model, rank, update_every=every, selection=selection,
-                   seed=3, mask=mask)
+  nng.grass_layers(model, rank, update_every=every, selection=selection, seed=3, mask=mask)
   opt = nnx.Optimizer(model, nng.grass_optimizer(lr), wrt=nnx.Param)
 
   @nnx.jit
@@ -185,8 +181,7 @@ def _train_model_level(selection, steps, every, rank, lr, mask, cfg=TINY):
 
 def _train_optimizer_level(selection, steps, every, rank, lr, mask, **kw):
   model = Llama(TINY, nnx.Rngs(0))
-  tx = osub.grass(lr, rank, every, selection, seed=3, mask=mask + ".*kernel",
-                  **kw)
+  tx = osub.grass(lr, rank, every, selection, seed=3, mask=mask + ".*kernel", **kw)
   opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
   @nnx.jit
@@ -197,8 +192,7 @@ def _train_optimizer_level(selection, steps, every, rank, lr, mask, **kw):
 
   losses = [float(step(model, opt, _tokens(100 + t))) for t in range(steps)]
   selections = {}
-  for path, x in jax.tree_util.tree_flatten_with_path(
-      opt.opt_state[0].projectors)[0]:
+  for path, x in jax.tree_util.tree_flatten_with_path(opt.opt_state[0].projectors)[0]:
     name = osub._leaves.path_str(path)  # pylint: disable=protected-access
     layer, _, field = name.partition("/kernel/")  # field: indices[/value]
     field = [f for f in field.split("/") if f != "value"][0]
@@ -214,16 +208,16 @@ def test_model_level_follows_the_optimizer_level_trajectory(selection):
   # updates, so the same effective weights.
   steps, every, rank, lr = 7, 3, 4, 1e-2  # refreshes at steps 0, 3 and 6
   grass_model, grass_losses, changes = _train_model_level(
-      selection, steps, every, rank, lr, GRASS_MASK)
+    selection, steps, every, rank, lr, GRASS_MASK
+  )
   plain_model, plain_losses, selections = _train_optimizer_level(
-      selection, steps, every, rank, lr, GRASS_MASK, side="cols")
+    selection, steps, every, rank, lr, GRASS_MASK, side="cols"
+  )
   np.testing.assert_allclose(grass_losses, plain_losses, rtol=1e-5)
   # The selection moved at refresh steps only, and did at some.
-  assert all(not any(bool(v) for v in c.values())
-             for t, c in enumerate(changes) if t % every)
+  assert all(not any(bool(v) for v in c.values()) for t, c in enumerate(changes) if t % every)
   assert any(bool(v) for c in changes[every:] for v in c.values())
-  plain = {tuple(p): v[...] for p, v in
-           nnx.to_flat_state(nnx.state(plain_model, nnx.Param))}
+  plain = {tuple(p): v[...] for p, v in nnx.to_flat_state(nnx.state(plain_model, nnx.Param))}
   initial = Llama(TINY, nnx.Rngs(0)).layers[0].attention.q_proj.kernel[...]
   trained = grass_model.layers[0].attention.q_proj.effective_kernel()
   assert float(jnp.abs(trained - initial).max()) > 1e-3
@@ -235,20 +229,19 @@ def test_model_level_follows_the_optimizer_level_trajectory(selection):
   for path, layer in nnx.iter_graph(grass_model):
     if isinstance(layer, nng.GrassLinear):
       name = "/".join(str(p) for p in path)
-      np.testing.assert_array_equal(np.asarray(layer.grass_indices[...]),
-                                    selections[(name, "indices")])
-      np.testing.assert_allclose(np.asarray(layer.grass_scales[...]),
-                                 selections[(name, "scales")], rtol=1e-5)
+      np.testing.assert_array_equal(
+        np.asarray(layer.grass_indices[...]), selections[(name, "indices")]
+      )
+      np.testing.assert_allclose(
+        np.asarray(layer.grass_scales[...]), selections[(name, "scales")], rtol=1e-5
+      )
       w = np.asarray(plain[tuple(path) + ("kernel",)])
-      np.testing.assert_allclose(np.asarray(layer.effective_kernel()), w,
-                                 rtol=1e-5, atol=atol)
-  for path in [("embed", "embedding"), ("lm_head", "kernel"),
-               ("layers", 1, "mlp_norm", "scale")]:
+      np.testing.assert_allclose(np.asarray(layer.effective_kernel()), w, rtol=1e-5, atol=atol)
+  for path in [("embed", "embedding"), ("lm_head", "kernel"), ("layers", 1, "mlp_norm", "scale")]:
     mine = nnx.state(grass_model, nnx.Param)
     for p in path:
       mine = mine[p]
-    np.testing.assert_allclose(np.asarray(mine[...]),
-                               np.asarray(plain[path]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mine[...]), np.asarray(plain[path]), rtol=1e-5, atol=1e-6)
 
 
 # --- activation checkpointing (nnx.remat per block) ---------------------------
@@ -263,8 +256,7 @@ def _grass_llama(cfg):
   layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, nng.GrassLinear)]
   for i, layer in enumerate(layers):
     _set_selection(layer, [1, 5, 5, 9], [0.5, 2.0, 1.5, 3.0])
-    layer.grass_d[...] = 0.1 * jax.random.normal(jax.random.PRNGKey(i),
-                                                 layer.grass_d.shape)
+    layer.grass_d[...] = 0.1 * jax.random.normal(jax.random.PRNGKey(i), layer.grass_d.shape)
   return model
 
 
@@ -274,8 +266,7 @@ def _functional_grads(model, tokens):
 
   @jax.jit
   def grads(params, rest, tokens):
-    return jax.grad(lambda p: _llama_loss(
-        nnx.merge(graphdef, p, rest, copy=True), tokens))(params)
+    return jax.grad(lambda p: _llama_loss(nnx.merge(graphdef, p, rest, copy=True), tokens))(params)
 
   return grads(params, rest, tokens)
 
@@ -290,34 +281,37 @@ def test_remat_gradients_equal_the_no_remat_gradients(how):
   assert [p for p, _ in flat_remat] == [p for p, _ in flat_plain]
   assert any(p[-1] == nng.D_NAME for p, _ in flat_remat)
   for (path, a), (_, b) in zip(flat_plain, flat_remat):
-    np.testing.assert_allclose(np.asarray(b[...]), np.asarray(a[...]),
-                               rtol=1e-5, atol=1e-7, err_msg=str(path))
+    np.testing.assert_allclose(
+      np.asarray(b[...]), np.asarray(a[...]), rtol=1e-5, atol=1e-7, err_msg=str(path)
+    )
 
 
 @pytest.mark.slow
 def test_remat_refresh_and_train_loop_match_no_remat():
   # grass_refresh's norms pass (the probe's custom VJP) runs inside every
   # rematerialized block; selections, losses and weights must not change.
-  runs = [_train_model_level("multinomial", 5, 2, 4, 1e-2, GRASS_MASK, cfg=cfg)
-          for cfg in (TINY, REMAT)]
+  runs = [
+    _train_model_level("multinomial", 5, 2, 4, 1e-2, GRASS_MASK, cfg=cfg) for cfg in (TINY, REMAT)
+  ]
   (plain, plain_losses, plain_changes), (remat, remat_losses, remat_changes) = runs
   np.testing.assert_allclose(remat_losses, plain_losses, rtol=1e-6)
   for a, b in zip(plain_changes, remat_changes):
     assert {k: bool(v) for k, v in a.items()} == {k: bool(v) for k, v in b.items()}
   layers = lambda m: [(p, l) for p, l in nnx.iter_graph(m) if isinstance(l, nng.GrassLinear)]
   for (path, a), (_, b) in zip(layers(plain), layers(remat)):
-    np.testing.assert_array_equal(np.asarray(b.grass_indices[...]),
-                                  np.asarray(a.grass_indices[...]), err_msg=str(path))
-    np.testing.assert_allclose(np.asarray(b.effective_kernel()),
-                               np.asarray(a.effective_kernel()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+      np.asarray(b.grass_indices[...]), np.asarray(a.grass_indices[...]), err_msg=str(path)
+    )
+    np.testing.assert_allclose(
+      np.asarray(b.effective_kernel()), np.asarray(a.effective_kernel()), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_remat_backward_still_forms_no_weight_gradient_per_block():
   tokens = _tokens(5)
   model = _grass_llama(REMAT)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  f = lambda p: jax.grad(lambda p: _llama_loss(
-      nnx.merge(graphdef, p, rest, copy=True), tokens))(p)
+  f = lambda p: jax.grad(lambda p: _llama_loss(nnx.merge(graphdef, p, rest, copy=True), tokens))(p)
   jaxpr = jax.make_jaxpr(f)(params).jaxpr
   remats = [e for e in jaxpr.eqns if e.primitive.name.startswith("remat")]
   assert len(remats) >= TINY.layers  # jax.checkpoint's primitive, once per block at least
@@ -331,8 +325,10 @@ def test_remat_backward_still_forms_no_weight_gradient_per_block():
 
 def _arrays(tree):
   """Path -> array of every leaf of an NNX state (or pytree), for exact comparisons."""
-  return {jax.tree_util.keystr(path): np.asarray(x)
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(path): np.asarray(x)
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 @pytest.mark.slow
@@ -374,7 +370,6 @@ def test_refresh_merging_layer_by_layer_equals_one_chunk_and_so_do_the_steps(mon
 
 
 class TwoNet(nnx.Module):
-
   def __init__(self, rngs):
     self.a = nnx.Linear(6, 8, use_bias=False, rngs=rngs)
     self.b = nnx.Linear(6, 8, use_bias=False, rngs=rngs)
@@ -402,8 +397,7 @@ def test_refresh_merges_d_and_resets_the_moments_of_moved_layers_only():
     opt.update(model, nnx.grad(_weighted_loss)(model, x))
   assert not any(bool(v) for v in changed.values())  # step 1: no refresh
   for layer in (model.a, model.b):
-    np.testing.assert_array_equal(np.asarray(layer.grass_indices[...]),
-                                  [0, 1, 2])
+    np.testing.assert_array_equal(np.asarray(layer.grass_indices[...]), [0, 1, 2])
   model.a.grass_indices[...] = jnp.array([3, 4, 5], jnp.int32)
   before = {n: getattr(model, n).effective_kernel() for n in "ab"}
   changed = nng.grass_refresh(model, opt, _weighted_loss, x)  # step 2
@@ -411,8 +405,9 @@ def test_refresh_merges_d_and_resets_the_moments_of_moved_layers_only():
   adam = opt.opt_state[0]
   for n in "ab":
     layer = getattr(model, n)
-    np.testing.assert_allclose(np.asarray(layer.effective_kernel()),
-                               np.asarray(before[n]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      np.asarray(layer.effective_kernel()), np.asarray(before[n]), rtol=1e-6, atol=1e-7
+    )
     np.testing.assert_array_equal(np.asarray(layer.grass_d[...]), 0.0)
     for moment in (adam.mu, adam.nu):
       buf = np.asarray(moment[n][nng.D_NAME][...])
@@ -424,16 +419,14 @@ def test_all_zero_gradients_sample_uniformly_and_keep_topk():
   x = jnp.ones((4, 6))
   for selection in ("topk", "multinomial", "uniform"):
     model = Net(6, 8, nnx.Rngs(1))
-    nng.grass_layers(model, 3, update_every=1, mask="proj",
-                     selection=selection)
+    nng.grass_layers(model, 3, update_every=1, mask="proj", selection=selection)
     opt = nnx.Optimizer(model, nng.grass_optimizer(1e-2), wrt=nnx.Param)
     changed = nng.grass_refresh(model, opt, zero_loss, x)
     scales = np.asarray(model.proj.grass_scales[...])
     assert np.all(np.isfinite(scales))
     if selection == "topk":
       assert not bool(changed["proj"])
-      np.testing.assert_array_equal(
-          np.asarray(model.proj.grass_indices[...]), [0, 1, 2])
+      np.testing.assert_array_equal(np.asarray(model.proj.grass_indices[...]), [0, 1, 2])
     else:  # uniform q = 1/8: ρ = 1/√(r·q) = √(8/3)
       np.testing.assert_allclose(scales, np.sqrt(8 / 3), rtol=1e-6)
 
@@ -441,13 +434,11 @@ def test_all_zero_gradients_sample_uniformly_and_keep_topk():
 def test_non_finite_gradients_keep_the_selection():
   nan_loss = lambda m, x: jnp.nan * jnp.sum(m(x))
   model = Net(6, 8, nnx.Rngs(1))
-  nng.grass_layers(model, 3, update_every=1, mask="proj",
-                   selection="multinomial")
+  nng.grass_layers(model, 3, update_every=1, mask="proj", selection="multinomial")
   opt = nnx.Optimizer(model, nng.grass_optimizer(1e-2), wrt=nnx.Param)
   changed = nng.grass_refresh(model, opt, nan_loss, jnp.ones((4, 6)))
   assert not bool(changed["proj"])
-  np.testing.assert_array_equal(np.asarray(model.proj.grass_indices[...]),
-                                [0, 1, 2])
+  np.testing.assert_array_equal(np.asarray(model.proj.grass_indices[...]), [0, 1, 2])
   np.testing.assert_array_equal(np.asarray(model.proj.grass_scales[...]), 1.0)
 
 
@@ -481,29 +472,32 @@ def test_rank_equal_to_out_features_trains_every_column():
   opt = nnx.Optimizer(model, nng.grass_optimizer(1e-2), wrt=nnx.Param)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 6))
   nng.grass_refresh(model, opt, _loss, x)
-  np.testing.assert_array_equal(np.asarray(model.proj.grass_indices[...]),
-                                np.arange(8))
+  np.testing.assert_array_equal(np.asarray(model.proj.grass_indices[...]), np.arange(8))
 
 
 def test_grass_optimizer_scales_d_and_decays_only_the_dense_params():
   params = {"proj": {nng.D_NAME: jnp.ones((3, 2)), "bias": jnp.ones(2)}}
-  grads = {"proj": {nng.D_NAME: jnp.full((3, 2), 0.5),
-                    "bias": jnp.full(2, 0.5)}}
+  grads = {"proj": {nng.D_NAME: jnp.full((3, 2), 0.5), "bias": jnp.full(2, 0.5)}}
   plain = nng.grass_optimizer(0.1)
   scaled = nng.grass_optimizer(0.1, scale=0.25, weight_decay=0.5)
   u_plain, _ = plain.update(grads, plain.init(params), params)
   u_scaled, _ = scaled.update(grads, scaled.init(params), params)
-  np.testing.assert_allclose(np.asarray(u_scaled["proj"][nng.D_NAME]),
-                             0.25 * np.asarray(u_plain["proj"][nng.D_NAME]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(u_scaled["proj"][nng.D_NAME]),
+    0.25 * np.asarray(u_plain["proj"][nng.D_NAME]),
+    rtol=1e-6,
+  )
   # bias: W ← (W + u)(1 − lr·wd), i.e. u − lr·wd·(W + u)
   u = np.asarray(u_plain["proj"]["bias"])
-  np.testing.assert_allclose(np.asarray(u_scaled["proj"]["bias"]),
-                             u - 0.1 * 0.5 * (1.0 + u), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(u_scaled["proj"]["bias"]), u - 0.1 * 0.5 * (1.0 + u), rtol=1e-6
+  )
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS="
-                    "--xla_force_host_platform_device_count=8")
+@pytest.mark.skipif(
+  jax.device_count() < 8,
+  reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",
+)
 def test_partitioning_metadata_carries_over_to_d():
   # D (in, r) shares the kernel's input axis: its split and its out_sharding
   # metadata, as RsoLinear's B shares the output axis (one builder for both).
@@ -512,8 +506,12 @@ def test_partitioning_metadata_carries_over_to_d():
 
   class Mlp(nnx.Module):
     def __init__(self, rngs):
-      self.up = nnx.Linear(16, 32, rngs=rngs, kernel_init=nnx.with_partitioning(
-          nnx.initializers.lecun_normal(), ("model", None)))
+      self.up = nnx.Linear(
+        16,
+        32,
+        rngs=rngs,
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("model", None)),
+      )
 
   with jax.set_mesh(mesh):
     model = Mlp(nnx.Rngs(0))

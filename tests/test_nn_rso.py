@@ -27,8 +27,7 @@ from optax_subspace import _chunks
 from optax_subspace.projectors import _base
 from optax_subspace.projectors import random_basis
 
-TINY = ModelConfig(hidden=16, ffn=24, heads=2, layers=2, vocab_size=32,
-                   compute_dtype="float32")
+TINY = ModelConfig(hidden=16, ffn=24, heads=2, layers=2, vocab_size=32, compute_dtype="float32")
 RANK = 4
 
 
@@ -61,7 +60,8 @@ def _effective_kernels(model):
   for path, node in nnx.iter_graph(model):
     if isinstance(node, osnn.RsoLinear):
       out["/".join(map(str, path))] = np.asarray(
-          node.kernel[...] + node.rso_basis[...] @ node.rso_b[...])
+        node.kernel[...] + node.rso_basis[...] @ node.rso_b[...]
+      )
     elif isinstance(node, nnx.Linear):
       out["/".join(map(str, path))] = np.asarray(node.kernel[...])
   return out
@@ -99,7 +99,8 @@ def test_grad_of_b_at_zero_is_projected_weight_gradient_exactly():
   grad_w = jax.grad(lambda w: jnp.sum((x @ w) * cot))(linear.kernel[...])
   layer = osnn.RsoLinear(linear, RANK)
   layer.rso_basis.value = jnp.asarray(
-      np.random.RandomState(2).randint(-2, 3, (8, RANK)), jnp.float32)
+    np.random.RandomState(2).randint(-2, 3, (8, RANK)), jnp.float32
+  )
   grads = nnx.grad(lambda m: jnp.sum(m(x) * cot))(layer)
   np.testing.assert_array_equal(grads["rso_b"][...], layer.rso_basis[...].T @ grad_w)
 
@@ -112,9 +113,11 @@ def test_grad_of_b_at_zero_is_projected_weight_gradient_in_llama():
   low = nnx.grad(_loss)(model, tokens)
   layer = model.layers[1].mlp.down_proj
   np.testing.assert_allclose(
-      low["layers"][1]["mlp"]["down_proj"]["rso_b"][...],
-      layer.rso_basis[...].T @ full["layers"][1]["mlp"]["down_proj"]["kernel"][...],
-      rtol=1e-5, atol=1e-7)
+    low["layers"][1]["mlp"]["down_proj"]["rso_b"][...],
+    layer.rso_basis[...].T @ full["layers"][1]["mlp"]["down_proj"]["kernel"][...],
+    rtol=1e-5,
+    atol=1e-7,
+  )
   # Gradients exist only for B and the full-size parameters: no dW anywhere.
   assert "kernel" not in low["layers"][1]["mlp"]["down_proj"]
 
@@ -127,8 +130,10 @@ def _residuals_text(f, *args):
 
 
 def _residual_shapes(f, *args):
-  return [tuple(int(d) for d in m.group(1).split(",") if d)
-          for m in re.finditer(r"\[([0-9,]*)\]", _residuals_text(f, *args))]
+  return [
+    tuple(int(d) for d in m.group(1).split(",") if d)
+    for m in re.finditer(r"\[([0-9,]*)\]", _residuals_text(f, *args))
+  ]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -144,16 +149,19 @@ def test_backward_saves_xp_not_x(dtype):
 
   shapes = _residual_shapes(f, params, x)
   assert (batch, 8) in shapes, shapes  # x·P, in the compute dtype
-  assert re.search(rf"{jnp.dtype(dtype).name.replace('bfloat16', 'bf16').replace('float32', 'f32')}"
-                   rf"\[{batch},8\]", _residuals_text(f, params, x))
+  assert re.search(
+    rf"{jnp.dtype(dtype).name.replace('bfloat16', 'bf16').replace('float32', 'f32')}"
+    rf"\[{batch},8\]",
+    _residuals_text(f, params, x),
+  )
   assert (batch, m) not in shapes, shapes  # not x
   assert (m, n) in shapes  # W, for ∂L/∂x: a parameter, not an activation
   # The plain layer, for contrast, keeps x.
   plain = _linear(m, n, use_bias=True, dtype=dtype)
   graphdef2, params2 = nnx.split(plain)
   shapes2 = _residual_shapes(
-      lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef2, p)(x).astype(jnp.float32))),
-      params2, x)
+    lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef2, p)(x).astype(jnp.float32))), params2, x
+  )
   assert (batch, m) in shapes2
 
 
@@ -168,8 +176,9 @@ def _product_case(dtype, batch=(3, 5), m=12, n=10, r=4, seed=0):
 
 
 def _layer_with(w, p, b, dtype):
-  layer = osnn.RsoLinear(nnx.Linear(*w.shape, use_bias=False, dtype=dtype,
-                                    rngs=nnx.Rngs(0)), p.shape[1])
+  layer = osnn.RsoLinear(
+    nnx.Linear(*w.shape, use_bias=False, dtype=dtype, rngs=nnx.Rngs(0)), p.shape[1]
+  )
   layer.kernel.value, layer.rso_basis.value, layer.rso_b.value = w, p, b
   return layer
 
@@ -194,8 +203,9 @@ def test_custom_vjp_equals_autodiff_of_the_plain_formula_in_float32():
   np.testing.assert_allclose(got_x, want_x, rtol=1e-5, atol=1e-6)
   # W and P are constants of the subproblem: zero cotangent even when differentiated.
   graphdef, params, frozen, rest = nnx.split(layer, nnx.Param, osnn.FrozenKernel, ...)
-  grad_w = jax.grad(
-      lambda frozen: jnp.sum(nnx.merge(graphdef, params, frozen, rest)(x) * cot))(frozen)
+  grad_w = jax.grad(lambda frozen: jnp.sum(nnx.merge(graphdef, params, frozen, rest)(x) * cot))(
+    frozen
+  )
   assert float(jnp.abs(grad_w["kernel"][...]).max()) == 0.0
   assert float(jnp.abs(want_w).max()) > 0 and float(jnp.abs(want_p).max()) > 0
 
@@ -207,14 +217,17 @@ def test_custom_vjp_in_bfloat16_rounds_the_effective_kernel_once_and_accumulates
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
   # Forward: x·bf16(W + P·B), P·B from bf16 P and B summed with W in float32, as the
   # full-weight layer computes x·bf16(W).
-  kernel = (w + jnp.matmul(p.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                           preferred_element_type=jnp.float32)).astype(jnp.bfloat16)
+  kernel = (
+    w
+    + jnp.matmul(p.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  ).astype(jnp.bfloat16)
   y = layer(x)
   assert y.dtype == jnp.bfloat16
   np.testing.assert_array_equal(y, x @ kernel)
   got_b, got_x = jax.grad(
-      lambda params, x: jnp.sum((nnx.merge(graphdef, params, rest)(x) * cot).astype(
-          jnp.float32)), argnums=(0, 1))(params, x)
+    lambda params, x: jnp.sum((nnx.merge(graphdef, params, rest)(x) * cot).astype(jnp.float32)),
+    argnums=(0, 1),
+  )(params, x)
   got_b = got_b["rso_b"][...]
   assert got_b.dtype == jnp.float32 and got_x.dtype == jnp.bfloat16
   # ∂L/∂B = (x·P)ᵀ·∂L/∂y from the bf16 x·P, accumulated and returned in float32.
@@ -229,16 +242,15 @@ def test_custom_vjp_in_bfloat16_rounds_the_effective_kernel_once_and_accumulates
 def _weight_sized_products(layer, x):
   """What each dot_general of ∂(Σ layer(x))/∂(Params, x) with an in×out result contracts."""
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-  jaxpr = jax.make_jaxpr(jax.grad(
-      lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x)), argnums=(0, 1)))(
-          params, x)
+  jaxpr = jax.make_jaxpr(
+    jax.grad(lambda params, x: jnp.sum(nnx.merge(graphdef, params, rest)(x)), argnums=(0, 1))
+  )(params, x)
   shape = (layer.in_features, layer.out_features)
   found = []
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      if (eqn.primitive.name == "dot_general"
-          and eqn.outvars[0].aval.shape in (shape, shape[::-1])):
+      if eqn.primitive.name == "dot_general" and eqn.outvars[0].aval.shape in (shape, shape[::-1]):
         (lhs_contract, _), _ = eqn.params["dimension_numbers"]
         found.append([eqn.invars[0].aval.shape[a] for a in lhs_contract])
       for sub in jax.core.jaxprs_in_params(eqn.params):
@@ -275,17 +287,20 @@ def test_layer_keeps_dtype_bias_and_precision_semantics():
 def test_each_layer_draws_the_optimizer_levels_basis_for_its_leaf():
   model = _llama()
   flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-  leaf_of = {"/".join(str(k.key) for k in kp[:-2]): i
-             for i, (kp, _) in enumerate(flat) if kp[-2].key == "kernel"}
+  leaf_of = {
+    "/".join(str(k.key) for k in kp[:-2]): i
+    for i, (kp, _) in enumerate(flat)
+    if kp[-2].key == "kernel"
+  }
   osnn.rso_layers(model, RANK, distribution="gaussian", seed=7)
   for k in range(2):
     for path, node in nnx.iter_graph(model):
       if isinstance(node, osnn.RsoLinear):
         i = leaf_of["/".join(map(str, path))]
-        key = jax.random.fold_in(
-            jax.random.fold_in(_base.matrix_keys(i, 1)[0], 7), k)
+        key = jax.random.fold_in(jax.random.fold_in(_base.matrix_keys(i, 1)[0], 7), k)
         np.testing.assert_array_equal(
-            node.rso_basis[...], random_basis(key, node.in_features, RANK, "gaussian"))
+          node.rso_basis[...], random_basis(key, node.in_features, RANK, "gaussian")
+        )
     osnn.merge_and_redraw(model)
 
 
@@ -318,8 +333,10 @@ def test_merge_if_due_merges_after_updates_k_2k():
 
 def _arrays(tree):
   """Path -> array of every leaf of an NNX state (or pytree), for exact comparisons."""
-  return {jax.tree_util.keystr(path): np.asarray(x)
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(path): np.asarray(x)
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def test_refresh_chunks_split_each_group_at_the_byte_budget(monkeypatch):
@@ -334,7 +351,8 @@ def test_refresh_chunks_split_each_group_at_the_byte_budget(monkeypatch):
 @pytest.mark.parametrize("distribution", ["gaussian", "haar"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_merge_layer_by_layer_equals_one_chunk_and_so_does_the_next_step(
-    monkeypatch, jit, distribution):
+  monkeypatch, jit, distribution
+):
   # A budget below every layer's bytes makes each layer a chunk of its own (ordered by optimization
   # barriers under jit); a budget above all of them is one chunk per (in, r, distribution), one
   # vmapped draw each. Same W, P, B and k afterwards, bit for bit, and so the same next update;
@@ -354,8 +372,7 @@ def test_merge_layer_by_layer_equals_one_chunk_and_so_does_the_next_step(
     layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, osnn.RsoLinear)]
     for i, layer in enumerate(layers):
       layer.rso_b.value = 0.1 * jax.random.normal(jax.random.PRNGKey(i), layer.rso_b.shape)
-    opt = nnx.Optimizer(model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0),
-                        wrt=nnx.Param)
+    opt = nnx.Optimizer(model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0), wrt=nnx.Param)
     # A fresh function per budget: the chunks are fixed when the merge is traced.
     merge = lambda model: osnn.merge_and_redraw(model)  # pylint: disable=unnecessary-lambda
     merge, update = (nnx.jit(merge), nnx.jit(step)) if jit else (merge, step)
@@ -386,10 +403,12 @@ def _members(model, block=0):
 def test_share_basis_gives_siblings_one_basis_drawn_for_the_first_and_redraws_it_once():
   model = _llama()
   flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
-  leaf_of = {"/".join(str(k.key) for k in kp[:-2]): i
-             for i, (kp, _) in enumerate(flat) if kp[-2].key == "kernel"}
-  osnn.rso_layers(model, RANK, distribution="gaussian", seed=7,
-                  share_basis=osnn.SHARE_QKV_GATE_UP)
+  leaf_of = {
+    "/".join(str(k.key) for k in kp[:-2]): i
+    for i, (kp, _) in enumerate(flat)
+    if kp[-2].key == "kernel"
+  }
+  osnn.rso_layers(model, RANK, distribution="gaussian", seed=7, share_basis=osnn.SHARE_QKV_GATE_UP)
   layers = [node for _, node in nnx.iter_graph(model) if isinstance(node, osnn.RsoLinear)]
   for i, layer in enumerate(layers):
     layer.rso_b.value = 0.1 * jax.random.normal(jax.random.PRNGKey(i), layer.rso_b.shape)
@@ -407,7 +426,8 @@ def test_share_basis_gives_siblings_one_basis_drawn_for_the_first_and_redraws_it
         path = next("/".join(map(str, p)) for p, n in nnx.iter_graph(model) if n is owner)
         key = jax.random.fold_in(jax.random.fold_in(_base.matrix_keys(leaf_of[path], 1)[0], 7), k)
         np.testing.assert_array_equal(
-            owner.rso_basis[...], random_basis(key, owner.in_features, RANK, "gaussian"))
+          owner.rso_basis[...], random_basis(key, owner.in_features, RANK, "gaussian")
+        )
         assert int(owner.rso_subproblem[...]) == k
     if k == 0:
       osnn.merge_and_redraw(model)
@@ -427,14 +447,19 @@ def test_shared_basis_gradients_are_the_projected_weight_gradients(jit):
   grad = nnx.jit(nnx.grad(_loss)) if jit else nnx.grad(_loss)
   grads = grad(model, _tokens(1))
   for block in range(TINY.layers):
-    for part, names in (("attention", ("q_proj", "k_proj", "v_proj")),
-                        ("mlp", ("gate_proj", "up_proj"))):
+    for part, names in (
+      ("attention", ("q_proj", "k_proj", "v_proj")),
+      ("mlp", ("gate_proj", "up_proj")),
+    ):
       module = getattr(model.layers[block], part)
       for name in names:
         p = getattr(module, name).rso_basis[...]
         np.testing.assert_allclose(
-            grads["layers"][block][part][name]["rso_b"][...],
-            p.T @ full["layers"][block][part][name]["kernel"][...], rtol=1e-5, atol=1e-6)
+          grads["layers"][block][part][name]["rso_b"][...],
+          p.T @ full["layers"][block][part][name]["kernel"][...],
+          rtol=1e-5,
+          atol=1e-6,
+        )
 
 
 def _input_products(model, tokens):
@@ -470,8 +495,9 @@ def test_shared_basis_train_loop_jit_matches_eager():
   for jit in (False, True):
     model = _llama()
     osnn.rso_layers(model, RANK, share_basis=osnn.SHARE_QKV_GATE_UP)
-    _train_model_level(model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0),
-                       batches, 2, jit=jit)
+    _train_model_level(
+      model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0), batches, 2, jit=jit
+    )
     attention, mlp = _members(model, 1)
     assert int(attention.k_proj.rso_subproblem[...]) == 2
     assert attention.q_proj.rso_basis is attention.v_proj.rso_basis
@@ -605,8 +631,9 @@ def test_jitted_train_loop_matches_eager():
   for jit in (False, True):
     model = _llama()
     osnn.rso_layers(model, RANK)
-    _train_model_level(model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0),
-                       batches, 2, jit=jit)
+    _train_model_level(
+      model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0), batches, 2, jit=jit
+    )
     assert int(model.layers[1].attention.o_proj.rso_subproblem[...]) == 2
     results.append(_effective_kernels(model))
   for path in results[0]:
@@ -632,8 +659,7 @@ def _functional_grads(model, tokens):
 
   @jax.jit
   def grads(params, rest, tokens):
-    return jax.grad(
-        lambda p: _loss(nnx.merge(graphdef, p, rest, copy=True), tokens))(params)
+    return jax.grad(lambda p: _loss(nnx.merge(graphdef, p, rest, copy=True), tokens))(params)
 
   return grads(params, rest, tokens)
 
@@ -658,8 +684,9 @@ def test_remat_train_loop_with_merges_matches_no_remat():
   results = []
   for remat in (False, True):
     model = _rso_llama(remat)
-    _train_model_level(model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0),
-                       batches, 2, jit=True)
+    _train_model_level(
+      model, osnn.rso_optimizer(0.01, inner_steps=2, proximal=1.0), batches, 2, jit=True
+    )
     assert int(model.layers[0].mlp.down_proj.rso_subproblem[...]) == 2
     results.append(_effective_kernels(model))
   for path in results[0]:
@@ -672,7 +699,8 @@ def test_remat_keeps_block_inputs_and_each_block_recomputes_keeping_xp():
   batch, seq = tokens.shape[0], tokens.shape[1] - 1
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   shapes = _residual_shapes(
-      lambda p: _loss(nnx.merge(graphdef, p, rest, copy=True), tokens), params)
+    lambda p: _loss(nnx.merge(graphdef, p, rest, copy=True), tokens), params
+  )
   # Across blocks only their inputs (batch, seq, hidden) are kept: no x·P, no FFN-wide tensor.
   assert (batch, seq, RANK) not in shapes, shapes
   assert (batch, seq, TINY.ffn) not in shapes, shapes
@@ -684,7 +712,8 @@ def test_remat_keeps_block_inputs_and_each_block_recomputes_keeping_xp():
   def block_residuals(block):
     graphdef, params, rest = nnx.split(block, nnx.Param, ...)
     return _residual_shapes(
-        lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x)), params, x)
+      lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest, copy=True)(x)), params, x
+    )
 
   rso_block = block_residuals(model.layers[0])
   plain_block = block_residuals(_llama(cfg=dataclasses.replace(TINY, remat=True)).layers[0])
@@ -695,13 +724,14 @@ def test_remat_keeps_block_inputs_and_each_block_recomputes_keeping_xp():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS="
-                    "--xla_force_host_platform_device_count=8")
+@pytest.mark.skipif(
+  jax.device_count() < 8,
+  reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",
+)
 def test_sharded_train_loop_matches_one_device_and_keeps_shardings():
   mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
   batches = [_tokens(s) for s in range(5)]
-  cfg = ModelConfig(hidden=16, ffn=32, heads=2, layers=2, vocab_size=32,
-                    compute_dtype="float32")
+  cfg = ModelConfig(hidden=16, ffn=32, heads=2, layers=2, vocab_size=32, compute_dtype="float32")
   reference = _llama(cfg=cfg)
   osnn.rso_layers(reference, RANK)
   _train_model_level(reference, osnn.rso_optimizer(0.01, inner_steps=2), batches, 2, True)
@@ -710,7 +740,8 @@ def test_sharded_train_loop_matches_one_device_and_keeps_shardings():
   state = nnx.state(model)
   # Every 2-D parameter sharded on its output axis, the rest replicated.
   shardings = jax.tree.map(
-      lambda x: NamedSharding(mesh, P(None, "model") if x.ndim == 2 else P()), state)
+    lambda x: NamedSharding(mesh, P(None, "model") if x.ndim == 2 else P()), state
+  )
   nnx.update(model, jax.device_put(state, shardings))
   osnn.rso_layers(model, RANK)
   down = model.layers[0].mlp.down_proj
@@ -774,16 +805,17 @@ def _all_weights(model):
 # absolute gradient error by up to lr/eps: 2e4 with the default eps 1e-6
 # (errors ~1e-5 after 7 steps), 20 with eps 1e-3.
 DIRECTIONS = {
-    "sgd": (lambda: optax.identity(), 1e-7),
-    "adam_eps_1e-3": (lambda: osub.scale_by_hf_adam(eps=1e-3), 1e-7),
-    "default_adam": (lambda: None, 3e-5),
+  "sgd": (lambda: optax.identity(), 1e-7),
+  "adam_eps_1e-3": (lambda: osub.scale_by_hf_adam(eps=1e-3), 1e-7),
+  "default_adam": (lambda: None, 3e-5),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("direction,proximal", [
-    ("sgd", 2.0), ("adam_eps_1e-3", None), ("adam_eps_1e-3", 0.5),
-    ("default_adam", 0.5)])
+@pytest.mark.parametrize(
+  "direction,proximal",
+  [("sgd", 2.0), ("adam_eps_1e-3", None), ("adam_eps_1e-3", 0.5), ("default_adam", 0.5)],
+)
 def test_model_and_optimizer_level_take_the_same_steps(direction, proximal):
   inner_steps, steps, seed = 3, 7, 3  # merges after updates 3 and 6: 3 subproblems
   lr = optax.linear_schedule(0.02, 0.005, steps)
@@ -791,15 +823,29 @@ def test_model_and_optimizer_level_take_the_same_steps(direction, proximal):
   batches = [_tokens(s) for s in range(steps)]
 
   plain = _llama()
-  _train_optimizer_level(plain, osub.rso(
-      lr, RANK, inner_steps, proximal, inner=make_inner(), seed=seed,
-      mask=r"(attention|mlp)/.*kernel"), batches)
+  _train_optimizer_level(
+    plain,
+    osub.rso(
+      lr,
+      RANK,
+      inner_steps,
+      proximal,
+      inner=make_inner(),
+      seed=seed,
+      mask=r"(attention|mlp)/.*kernel",
+    ),
+    batches,
+  )
 
   model = _llama()
   osnn.rso_layers(model, RANK, seed=seed)
-  _train_model_level(model, osnn.rso_optimizer(
-      lr, inner_steps=inner_steps, proximal=proximal, inner=make_inner()), batches,
-                     inner_steps, jit=True)
+  _train_model_level(
+    model,
+    osnn.rso_optimizer(lr, inner_steps=inner_steps, proximal=proximal, inner=make_inner()),
+    batches,
+    inner_steps,
+    jit=True,
+  )
   assert int(model.layers[0].attention.q_proj.rso_subproblem[...]) == 2
 
   want, got = _all_weights(plain), _all_weights(model)
@@ -812,15 +858,21 @@ def test_model_and_optimizer_level_take_the_same_steps(direction, proximal):
   assert moved > 1e-3  # the comparison is not between untrained models
 
 
-@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices: XLA_FLAGS="
-                    "--xla_force_host_platform_device_count=8")
+@pytest.mark.skipif(
+  jax.device_count() < 8,
+  reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",
+)
 def test_partitioning_metadata_carries_over_to_b_and_p_and_through_a_jitted_merge():
   mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
 
   class Mlp(nnx.Module):
     def __init__(self, rngs):
-      self.up = nnx.Linear(16, 32, rngs=rngs, kernel_init=nnx.with_partitioning(
-          nnx.initializers.lecun_normal(), (None, "model")))
+      self.up = nnx.Linear(
+        16,
+        32,
+        rngs=rngs,
+        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model")),
+      )
 
   with jax.set_mesh(mesh):
     model = Mlp(nnx.Rngs(0))

@@ -17,29 +17,41 @@ def _executed(tmp_path, monkeypatch, params):
   monkeypatch.setenv("BENCHMARKS_NOTEBOOK_PARAMS", json.dumps(params))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   # Unoptimised CPU code compiles in half the time; these timings only need to exist.
-  monkeypatch.setenv("XLA_FLAGS", " ".join(
-      [*filter(None, [os.environ.get("XLA_FLAGS")]), "--xla_backend_optimization_level=0"]))
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-      [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+  monkeypatch.setenv(
+    "XLA_FLAGS",
+    " ".join([*filter(None, [os.environ.get("XLA_FLAGS")]), "--xla_backend_optimization_level=0"]),
+  )
+  monkeypatch.setenv(
+    "PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+  )
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   start = time.perf_counter()
-  NotebookClient(notebook, timeout=120, kernel_name="python3",
-                 resources={"metadata": {"path": str(tmp_path)}}).execute()
+  NotebookClient(
+    notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+  ).execute()
   return notebook, time.perf_counter() - start
 
 
 @pytest.mark.slow
 def test_notebook_runs_both_suites_and_plots_what_they_wrote(tmp_path, monkeypatch):
-  notebook, seconds = _executed(tmp_path, monkeypatch,
-                                {"size": "tiny", "reps": 1, "out_dir": str(tmp_path)})
+  notebook, seconds = _executed(
+    tmp_path, monkeypatch, {"size": "tiny", "reps": 1, "out_dir": str(tmp_path)}
+  )
   assert seconds < 60
 
   projector = json.loads((tmp_path / "projector_cost_cpu.json").read_text())
   assert projector["platform"] == "cpu" and projector["versions"]["jax"]
   (row,) = projector["results"]["rows"]
   assert row["shape"] == [64, 176] and row["rank"] == 16
-  for step in ("exact_svd", "svd_refresh_eigh", "randomized_svd_refresh", "online_pca_step",
-               "sparse_rows_topk_refresh", "random_basis_haar", "adamw_step"):
+  for step in (
+    "exact_svd",
+    "svd_refresh_eigh",
+    "randomized_svd_refresh",
+    "online_pca_step",
+    "sparse_rows_topk_refresh",
+    "random_basis_haar",
+    "adamw_step",
+  ):
     assert row["median_ms"][step] > 0
     assert row["ratio_to_adamw_step"][step] > 0
 
@@ -57,6 +69,11 @@ def test_notebook_runs_both_suites_and_plots_what_they_wrote(tmp_path, monkeypat
 
   for name in ("projector_cost_cpu.png", "optimizer_update_cpu.png"):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  images = [o for cell in notebook.cells if cell.cell_type == "code"
-            for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+  images = [
+    o
+    for cell in notebook.cells
+    if cell.cell_type == "code"
+    for o in cell.get("outputs", [])
+    if "image/png" in o.get("data", {})
+  ]
   assert len(images) == 2  # one plot per suite, drawn from the JSON read back

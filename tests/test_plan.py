@@ -20,25 +20,43 @@ from optax_subspace import projectors
 # Tall, wide and square matrices, a scanned stack (batch axis 0) and an attention kernel
 # (embed, heads, head_dim) whose columns are two axes.
 PARAMS = {
-    "tall": jnp.zeros((24, 8)), "wide": jnp.zeros((8, 24)), "square": jnp.zeros((12, 12)),
-    "stack": jnp.zeros((3, 8, 16)), "attn": jnp.zeros((16, 2, 4)), "bias": jnp.zeros(24),
+  "tall": jnp.zeros((24, 8)),
+  "wide": jnp.zeros((8, 24)),
+  "square": jnp.zeros((12, 12)),
+  "stack": jnp.zeros((3, 8, 16)),
+  "attn": jnp.zeros((16, 2, 4)),
+  "bias": jnp.zeros(24),
 }
-DIMS = {"tall": None, "wide": None, "square": None, "bias": None,
-        "stack": osub.MatrixDims(rows=1, cols=2), "attn": osub.MatrixDims(rows=0, cols=(1, 2))}
-SPECS = {"tall": P("fsdp", None), "wide": P(None, "fsdp"), "square": P("fsdp"),
-         "stack": P(None, "fsdp", None), "attn": P("fsdp", None, None), "bias": P("fsdp")}
+DIMS = {
+  "tall": None,
+  "wide": None,
+  "square": None,
+  "bias": None,
+  "stack": osub.MatrixDims(rows=1, cols=2),
+  "attn": osub.MatrixDims(rows=0, cols=(1, 2)),
+}
+SPECS = {
+  "tall": P("fsdp", None),
+  "wide": P(None, "fsdp"),
+  "square": P("fsdp"),
+  "stack": P(None, "fsdp", None),
+  "attn": P("fsdp", None, None),
+  "bias": P("fsdp"),
+}
 
 CONFIGS = {
-    "galore": lambda: osub.galore(1e-2, 4, 2, dims=DIMS),
-    # rank 12: the square matrix and the attention kernel are projected at full rank.
-    "galore_full_rank": lambda: osub.galore(1e-2, 12, 2, dims=DIMS, on_change="transport"),
-    "osd": lambda: osub.online_subspace_descent(1e-2, 4, dims=DIMS),
-    "rso": lambda: osub.rso(1e-2, 4, 2, dims=DIMS),
-    "grass": lambda: osub.grass(1e-2, 4, 2, dims=DIMS),
-    "rows": lambda: osub.project_subspace(optax.adam(1e-2), projectors.svd(4, 2), dims=DIMS,
-                                          side="rows"),
-    "cols": lambda: osub.project_subspace(optax.adam(1e-2), projectors.random(4, 2),
-                                          dims=DIMS, side="cols"),
+  "galore": lambda: osub.galore(1e-2, 4, 2, dims=DIMS),
+  # rank 12: the square matrix and the attention kernel are projected at full rank.
+  "galore_full_rank": lambda: osub.galore(1e-2, 12, 2, dims=DIMS, on_change="transport"),
+  "osd": lambda: osub.online_subspace_descent(1e-2, 4, dims=DIMS),
+  "rso": lambda: osub.rso(1e-2, 4, 2, dims=DIMS),
+  "grass": lambda: osub.grass(1e-2, 4, 2, dims=DIMS),
+  "rows": lambda: osub.project_subspace(
+    optax.adam(1e-2), projectors.svd(4, 2), dims=DIMS, side="rows"
+  ),
+  "cols": lambda: osub.project_subspace(
+    optax.adam(1e-2), projectors.random(4, 2), dims=DIMS, side="cols"
+  ),
 }
 # What the shardings and the checkpoint signature were before the plan (commit 21cd102, when
 # sharding.py read each leaf's side off its buffers' shapes and checkpoint.py its rank).
@@ -53,12 +71,12 @@ def facts(tx) -> dict:
   """{"state": {state path: spec}, "update": {param path: spec}, "subspaces": signature}."""
   mesh = _mesh()
   as_text = lambda tree: {
-      jax.tree_util.keystr(kp): str(s.spec)
-      for kp, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    jax.tree_util.keystr(kp): str(s.spec) for kp, s in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
   return {
-      "state": as_text(osub.state_shardings(tx, PARAMS, SPECS, dims=DIMS, mesh=mesh)),
-      "update": as_text(osub.update_shardings(tx, PARAMS, SPECS, dims=DIMS, mesh=mesh)),
-      "subspaces": checkpoint._signature(PARAMS, tx.init(PARAMS))["subspaces"],  # pylint: disable=protected-access
+    "state": as_text(osub.state_shardings(tx, PARAMS, SPECS, dims=DIMS, mesh=mesh)),
+    "update": as_text(osub.update_shardings(tx, PARAMS, SPECS, dims=DIMS, mesh=mesh)),
+    "subspaces": checkpoint._signature(PARAMS, tx.init(PARAMS))["subspaces"],  # pylint: disable=protected-access
   }
 
 
@@ -93,8 +111,10 @@ def test_the_plan_is_static_and_keeps_the_state_arrays_as_they_were():
   tx = osub.galore(1e-2, 4, 2, dims=DIMS)
   state = tx.init(PARAMS)
   # No arrays of its own: the state's leaves (what a checkpoint holds) are those without it.
-  chex.assert_trees_all_equal(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(
-      (state[0]._replace(plan=None),) + tuple(state[1:])))
+  chex.assert_trees_all_equal(
+    jax.tree_util.tree_leaves(state),
+    jax.tree_util.tree_leaves((state[0]._replace(plan=None),) + tuple(state[1:])),
+  )
   # It travels through jit in the state's structure, unchanged.
   _, after = jax.jit(tx.update)(PARAMS, state, PARAMS)
   assert after[0].plan is state[0].plan or after[0].plan == state[0].plan
@@ -119,8 +139,9 @@ def test_a_checkpoint_written_before_the_plan_restores_into_a_state_with_it(tmp_
   manager.save(1, args=ocp.args.Composite(opt_state=ocp.args.StandardSave(old)))
   manager.wait_until_finished()
   target = jax.eval_shape(tx.init, PARAMS)
-  restored = manager.restore(1, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore(
-      checkpoint._abstract(target))))["opt_state"]  # pylint: disable=protected-access
+  restored = manager.restore(
+    1, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore(checkpoint._abstract(target)))
+  )["opt_state"]  # pylint: disable=protected-access
   chex.assert_trees_all_equal(restored, state)
   assert restored[0].plan == state[0].plan
 
@@ -129,12 +150,14 @@ def test_an_update_of_a_state_without_a_plan_plans_from_the_gradients():
   # A state built without `init`'s plan (plan=None) is planned from the update's tree, the
   # same decisions: the same update.
   tx = osub.galore(1e-2, 4, 2, dims=DIMS)
-  g = jax.tree_util.tree_map(lambda x: jnp.ones_like(x) + jnp.arange(x.size).reshape(x.shape)
-                             % 7, PARAMS)
+  g = jax.tree_util.tree_map(
+    lambda x: jnp.ones_like(x) + jnp.arange(x.size).reshape(x.shape) % 7, PARAMS
+  )
   state = tx.init(PARAMS)
   planless = (state[0]._replace(plan=None),) + tuple(state[1:])
-  chex.assert_trees_all_close(tx.update(g, state, PARAMS)[0],
-                              tx.update(g, planless, PARAMS)[0], rtol=1e-6)
+  chex.assert_trees_all_close(
+    tx.update(g, state, PARAMS)[0], tx.update(g, planless, PARAMS)[0], rtol=1e-6
+  )
 
 
 def test_subspace_plan_of_a_state_without_subspaces_is_none():

@@ -35,11 +35,14 @@ def _captured_energy(p, g):
   return float(np.sum((np.asarray(p).T @ np.asarray(g)) ** 2))
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda r: projectors.svd(r, 10),
     lambda r: projectors.randomized_svd(r, 10, seed=3),
     lambda r: projectors.online_pca(r),
-])
+  ],
+)
 def test_refresh_finds_the_top_singular_subspace(make):
   g = _decaying(jax.random.PRNGKey(0), 12, 30)
   proj = make(4)
@@ -69,8 +72,7 @@ def test_randomized_svd_captures_the_exact_top_energy():
   g = _decaying(jax.random.PRNGKey(4), 64, 200, decay=0.97)
   exact = _captured_energy(_top_subspace(g, 16), g)
   proj = projectors.randomized_svd(16, 10)  # defaults: p = 32, 2 iterations
-  state, _ = proj.refresh(proj.init(64, 200, 16, jax.random.PRNGKey(0)), g,
-                          jnp.int32(0))
+  state, _ = proj.refresh(proj.init(64, 200, 16, jax.random.PRNGKey(0)), g, jnp.int32(0))
   assert _captured_energy(proj.basis(state), g) >= 0.999 * exact
 
 
@@ -93,22 +95,19 @@ def test_online_pca_gradient_matches_autodiff(lam):
 
   def loss(p):
     gn = g / jnp.linalg.norm(g)
-    return (jnp.sum((p @ p.T @ gn - gn) ** 2)
-            + lam * jnp.sum((p.T @ p - jnp.eye(3)) ** 2))
+    return jnp.sum((p @ p.T @ gn - gn) ** 2) + lam * jnp.sum((p.T @ p - jnp.eye(3)) ** 2)
 
   closed = projectors.online_pca_gradient(p, g, g.T @ p, lam)
-  np.testing.assert_allclose(np.asarray(closed),
-                             np.asarray(jax.grad(loss)(p)), rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(closed), np.asarray(jax.grad(loss)(p)), rtol=1e-4, atol=1e-6
+  )
 
 
 def test_online_pca_converges_to_the_top_subspace_of_a_fixed_gradient():
   g = _decaying(jax.random.PRNGKey(8), 16, 40, decay=0.6)
   proj = projectors.online_pca(4, optax.adam(1e-2))
   # Start far from the answer: the last 4 canonical directions.
-  state = projectors.OnlinePcaState(
-      jnp.eye(16)[:, 12:], optax.adam(1e-2).init(jnp.eye(16)[:, 12:])
-  )
+  state = projectors.OnlinePcaState(jnp.eye(16)[:, 12:], optax.adam(1e-2).init(jnp.eye(16)[:, 12:]))
   angle0 = _max_principal_angle(state.basis, _top_subspace(g, 4))
 
   @jax.jit
@@ -131,42 +130,40 @@ def test_online_pca_does_not_step_at_step_zero():
   np.testing.assert_array_equal(np.asarray(new.basis), np.asarray(state.basis))
 
 
-@pytest.mark.parametrize("make", [
+@pytest.mark.parametrize(
+  "make",
+  [
     lambda: projectors.svd(3, 5),
     lambda: projectors.randomized_svd(3, 5),
     lambda: projectors.online_pca(3),
-])
+  ],
+)
 @pytest.mark.parametrize("bad", [0.0, np.nan, np.inf])
 def test_unusable_gradient_keeps_the_previous_basis(make, bad):
   proj = make()
   good = jax.random.normal(jax.random.PRNGKey(10), (8, 12))
-  state, _ = proj.refresh(proj.init(8, 12, 3, jax.random.PRNGKey(0)), good,
-                          jnp.int32(0))
+  state, _ = proj.refresh(proj.init(8, 12, 3, jax.random.PRNGKey(0)), good, jnp.int32(0))
   g = jnp.full((8, 12), bad)
   refreshed, changed = jax.jit(proj.refresh)(state, g, jnp.int32(5))
   assert not bool(changed)
-  np.testing.assert_array_equal(np.asarray(proj.basis(refreshed)),
-                                np.asarray(proj.basis(state)))
+  np.testing.assert_array_equal(np.asarray(proj.basis(refreshed)), np.asarray(proj.basis(state)))
   if proj.advance is not None:
     p = proj.basis(state)
     advanced, changed = jax.jit(proj.advance)(state, g, p.T @ g, jnp.int32(5))
     assert not bool(changed)
-    for new, old in zip(jax.tree_util.tree_leaves(advanced),
-                        jax.tree_util.tree_leaves(state)):
+    for new, old in zip(jax.tree_util.tree_leaves(advanced), jax.tree_util.tree_leaves(state)):
       np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
 
 
 def test_zero_first_gradient_gives_a_finite_orthonormal_basis():
   proj = projectors.svd(3, 5)
-  state, _ = proj.refresh(proj.init(8, 12, 3, None), jnp.zeros((8, 12)),
-                          jnp.int32(0))
+  state, _ = proj.refresh(proj.init(8, 12, 3, None), jnp.zeros((8, 12)), jnp.int32(0))
   p = np.asarray(proj.basis(state))
   assert np.all(np.isfinite(p))
   np.testing.assert_allclose(p.T @ p, np.eye(3), atol=1e-6)
 
 
-@pytest.mark.parametrize("make", [projectors.svd, projectors.randomized_svd,
-                                  projectors.online_pca])
+@pytest.mark.parametrize("make", [projectors.svd, projectors.randomized_svd, projectors.online_pca])
 def test_bad_rank_is_rejected(make):
   with pytest.raises(ValueError, match="rank must be positive"):
     make(0)
@@ -182,21 +179,20 @@ def test_bad_update_every_is_rejected():
 def test_canonical_signs_is_idempotent():
   p = jax.random.normal(jax.random.PRNGKey(11), (7, 3))
   once = canonical_signs(p)
-  np.testing.assert_array_equal(np.asarray(canonical_signs(once)),
-                                np.asarray(once))
+  np.testing.assert_array_equal(np.asarray(canonical_signs(once)), np.asarray(once))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("decay", [0.5, 0.97])
 def test_randomized_svd_handles_steep_spectra_and_rank_deficiency(decay):
   steep = _decaying(jax.random.PRNGKey(12), 64, 200, decay)
-  rank3 = (jax.random.normal(jax.random.PRNGKey(13), (64, 3))
-           @ jax.random.normal(jax.random.PRNGKey(14), (3, 200)))
+  rank3 = jax.random.normal(jax.random.PRNGKey(13), (64, 3)) @ jax.random.normal(
+    jax.random.PRNGKey(14), (3, 200)
+  )
   ones = jnp.ones((64, 200))  # rank 1: y = GΩ has one direction only
   proj = projectors.randomized_svd(16, 10)
   for g in (steep, rank3, ones):
-    state, _ = proj.refresh(proj.init(64, 200, 16, jax.random.PRNGKey(0)), g,
-                            jnp.int32(0))
+    state, _ = proj.refresh(proj.init(64, 200, 16, jax.random.PRNGKey(0)), g, jnp.int32(0))
     p = proj.basis(state)
     np.testing.assert_allclose(np.asarray(p.T @ p), np.eye(16), atol=1e-5)
     exact = _captured_energy(_top_subspace(g, 16), g)

@@ -94,8 +94,9 @@ def _reference(grads_torch, r, method, gap):
 
 
 @pytest.mark.parametrize("method", ["galore", "osd", "osd_code"])
-@pytest.mark.parametrize("flax_shape", [(12, 20), (20, 12), (16, 16)],
-                         ids=["in<out", "in>out", "square"])
+@pytest.mark.parametrize(
+  "flax_shape", [(12, 20), (20, 12), (16, 16)], ids=["in<out", "in>out", "square"]
+)
 # Eager (op by op) costs several times the jitted run; the fast subset runs the jitted cases,
 # and tests/test_conformance.py's test_jit_and_no_jit_agree ties eager to jitted for galore and
 # online_subspace_descent.
@@ -113,8 +114,8 @@ def test_matches_the_authors_update(method, flax_shape, jit):
     tx = osub.galore(LR, rank=r, update_every=gap, scale=SCALE)
   else:
     tx = osub.online_subspace_descent(
-        LR, rank=r, scale=SCALE, update_every=gap,
-        step_before_projection=method == "osd_code")
+      LR, rank=r, scale=SCALE, update_every=gap, step_before_projection=method == "osd_code"
+    )
   params = {"kernel": jnp.zeros(flax_shape)}
   state = tx.init(params)
   update = jax.jit(tx.update) if jit else tx.update
@@ -122,8 +123,7 @@ def test_matches_the_authors_update(method, flax_shape, jit):
   for g in grads:
     u, state = update({"kernel": g}, state, params)
     ours.append(np.asarray(u["kernel"]))
-  ref = _reference([np.asarray(g, np.float64).T for g in grads], r, method,
-                   gap)
+  ref = _reference([np.asarray(g, np.float64).T for g in grads], r, method, gap)
   for t, (a, b) in enumerate(zip(ours, ref)):
     # Relative to the update's norm: float32 against float64.
     err = np.linalg.norm(a - b.T) / np.linalg.norm(b)
@@ -140,8 +140,7 @@ def test_weight_decay_is_applied_to_the_updated_weights():
   u0, _ = plain.update({"w": g}, plain.init({"w": w}), {"w": w})
   u1, _ = decayed.update({"w": g}, decayed.init({"w": w}), {"w": w})
   expected = (w + u0["w"]) * (1 - LR * wd)
-  np.testing.assert_allclose(np.asarray(w + u1["w"]), np.asarray(expected),
-                             rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(w + u1["w"]), np.asarray(expected), rtol=1e-6)
 
 
 def test_hf_adam_differs_from_optax_adam_only_by_eps_placement():
@@ -151,5 +150,4 @@ def test_hf_adam_differs_from_optax_adam_only_by_eps_placement():
   # eps/√(1−β2) after bias correction is the same thing at step 1.
   ox = optax.scale_by_adam(eps=1e-6 / np.sqrt(1 - 0.999))
   u_ox, _ = ox.update(g, ox.init(g))
-  np.testing.assert_allclose(np.asarray(u_hf["w"]), np.asarray(u_ox["w"]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(u_hf["w"]), np.asarray(u_ox["w"]), rtol=1e-5)

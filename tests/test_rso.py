@@ -20,32 +20,33 @@ from optax_subspace.projectors import _base
 def _grads(params, seed):
   leaves, treedef = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  return treedef.unflatten(
-      [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+  return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
 
 def _basis(leaf_index, seed, subproblem, s, r, distribution="haar"):
   """P_k of the matrix of leaf `leaf_index`, as the model level draws it."""
   key = jax.random.fold_in(_base.matrix_keys(leaf_index, 1)[0], seed)
-  return np.asarray(projectors.random_basis(
-      jax.random.fold_in(key, subproblem), s, r, distribution), np.float64)
+  return np.asarray(
+    projectors.random_basis(jax.random.fold_in(key, subproblem), s, r, distribution), np.float64
+  )
 
 
 # --- project_subspace(side=...) -------------------------------------------
 
 
-@pytest.mark.parametrize("side,shape,low_rank", [
+@pytest.mark.parametrize(
+  "side,shape,low_rank",
+  [
     ("smaller", (16, 8), (16, 3)),  # the 8 columns: the smaller side
-    ("rows", (16, 8), (3, 8)),      # the 16 rows although they are larger
-    ("cols", (8, 16), (8, 3)),      # the 16 columns although they are larger
+    ("rows", (16, 8), (3, 8)),  # the 16 rows although they are larger
+    ("cols", (8, 16), (8, 3)),  # the 16 columns although they are larger
     ("rows", (8, 8), (3, 8)),
     ("cols", (8, 8), (8, 3)),
-])
-def test_side_chooses_which_side_of_each_matrix_is_projected(side, shape,
-                                                             low_rank):
+  ],
+)
+def test_side_chooses_which_side_of_each_matrix_is_projected(side, shape, low_rank):
   params = {"w": jnp.ones(shape)}
-  tx = osub.project_subspace(optax.adam(1e-2), projectors.svd(3, 5),
-                             side=side)
+  tx = osub.project_subspace(optax.adam(1e-2), projectors.svd(3, 5), side=side)
   state = jax.eval_shape(tx.init, params)
   assert state.inner[0].mu["w"].shape == low_rank
   s = shape[0] if low_rank[0] == 3 else shape[1]
@@ -56,8 +57,7 @@ def test_side_chooses_which_side_of_each_matrix_is_projected(side, shape,
 def test_side_projected_update_is_the_basis_times_the_inner_update(side):
   params = {"w": jax.random.normal(jax.random.PRNGKey(0), (6, 10))}
   g = _grads(params, 1)
-  tx = osub.project_subspace(optax.sgd(1.0), projectors.random(3, 4),
-                             side=side)
+  tx = osub.project_subspace(optax.sgd(1.0), projectors.random(3, 4), side=side)
   updates, state = tx.update(g, tx.init(params), params)
   p = np.asarray(projectors.random(3, 4).basis(state.projectors["w"]))
   assert p.shape == ((6, 3) if side == "rows" else (10, 3))
@@ -66,12 +66,12 @@ def test_side_projected_update_is_the_basis_times_the_inner_update(side):
   np.testing.assert_allclose(updates["w"], want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("side,what", [("rows", "row \\(input\\) side"),
-                                       ("cols", "column \\(output\\) side")])
+@pytest.mark.parametrize(
+  "side,what", [("rows", "row \\(input\\) side"), ("cols", "column \\(output\\) side")]
+)
 def test_rank_not_below_the_chosen_side_warns_and_clamps_to_it(side, what):
   params = {"w": jnp.ones((4, 9)) if side == "rows" else jnp.ones((9, 4))}
-  tx = osub.project_subspace(optax.adam(1e-3), projectors.svd(6, 5),
-                             side=side)
+  tx = osub.project_subspace(optax.adam(1e-3), projectors.svd(6, 5), side=side)
   with pytest.warns(UserWarning, match=f"not below the {what}"):
     state = tx.init(params)
   assert state.projectors["w"].basis.shape == (4, 4)
@@ -88,16 +88,16 @@ def test_an_unknown_side_is_rejected():
 def _states(proj, s, r, subproblems):
   """One matrix's state at each subproblem index, batched."""
   state = proj.init(s, 1, r, jax.random.PRNGKey(3))
-  return jax.vmap(lambda k: osub.projectors.RandomState(
-      state.key, k, state.basis_shape))(jnp.arange(subproblems, dtype=jnp.int32))
+  return jax.vmap(lambda k: osub.projectors.RandomState(state.key, k, state.basis_shape))(
+    jnp.arange(subproblems, dtype=jnp.int32)
+  )
 
 
 def test_haar_basis_has_orthonormal_columns():
   proj = projectors.random(5, 10)
   p = jax.vmap(proj.basis)(_states(proj, 12, 5, 20))
   gram = jnp.einsum("ksr,ksq->krq", p, p)
-  np.testing.assert_allclose(gram, np.broadcast_to(np.eye(5), gram.shape),
-                             atol=2e-6)
+  np.testing.assert_allclose(gram, np.broadcast_to(np.eye(5), gram.shape), atol=2e-6)
 
 
 def test_gaussian_basis_has_identity_expected_ppt():
@@ -132,8 +132,7 @@ def test_random_projector_bases_follow_the_model_level_key_contract():
   # Leaf i (flatten order) draws P_k from fold_in(fold_in(matrix_keys(i, 1)
   # [0], seed), k): `optax_subspace.nn` relies on it.
   params = {"a": jnp.zeros((6, 5)), "b": jnp.zeros((8, 3))}
-  tx = osub.project_subspace(optax.sgd(1.0),
-                             projectors.random(2, 2, seed=11), side="rows")
+  tx = osub.project_subspace(optax.sgd(1.0), projectors.random(2, 2, seed=11), side="rows")
   state = tx.init(params)
   update = jax.jit(tx.update)
   for t in range(5):
@@ -141,8 +140,9 @@ def test_random_projector_bases_follow_the_model_level_key_contract():
     updates, state = update(g, state, params)
     for i, name in enumerate(("a", "b")):
       p = _basis(i, 11, t // 2, params[name].shape[0], 2)
-      np.testing.assert_allclose(updates[name], -p @ p.T @ np.asarray(g[name]),
-                                 rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(
+        updates[name], -p @ p.T @ np.asarray(g[name]), rtol=1e-5, atol=1e-6
+      )
 
 
 # --- rso: the method --------------------------------------------------------
@@ -154,11 +154,10 @@ def test_full_rank_orthogonal_single_step_subproblems_with_sgd_are_sgd(shape):
   # step solves its subproblem by one SGD step from B = 0, W + P(−lr PᵀG) =
   # W − lr G. `rso` refuses r = m (no memory saved); this is the same
   # method through `project_subspace` at r = m.
-  params = {"w": jax.random.normal(jax.random.PRNGKey(0), shape),
-            "b": jnp.zeros(shape[1])}
+  params = {"w": jax.random.normal(jax.random.PRNGKey(0), shape), "b": jnp.zeros(shape[1])}
   tx = osub.project_subspace(
-      osub.restart_every(optax.sgd(0.1), 1),
-      projectors.random(shape[0], 1), mask=r"^w$", side="rows")
+    osub.restart_every(optax.sgd(0.1), 1), projectors.random(shape[0], 1), mask=r"^w$", side="rows"
+  )
   sgd = optax.sgd(0.1)
   ours, plain = params, params
   with pytest.warns(UserWarning, match="not below the row \\(input\\) side"):
@@ -173,19 +172,18 @@ def test_full_rank_orthogonal_single_step_subproblems_with_sgd_are_sgd(shape):
 
 
 @pytest.mark.parametrize("distribution", ["haar", "gaussian"])
-def test_one_rso_step_with_sgd_moves_the_weights_by_p_times_the_sgd_step_on_b(
-    distribution):
-  params = {"b": jnp.zeros(5), "w": jax.random.normal(jax.random.PRNGKey(0),
-                                                      (12, 5))}
+def test_one_rso_step_with_sgd_moves_the_weights_by_p_times_the_sgd_step_on_b(distribution):
+  params = {"b": jnp.zeros(5), "w": jax.random.normal(jax.random.PRNGKey(0), (12, 5))}
   g = _grads(params, 1)
-  tx = osub.rso(0.1, rank=3, inner_steps=4, inner=optax.identity(),
-                distribution=distribution, seed=2)
+  tx = osub.rso(
+    0.1, rank=3, inner_steps=4, inner=optax.identity(), distribution=distribution, seed=2
+  )
   updates, _ = tx.update(g, tx.init(params), params)
   p = _basis(1, 2, 0, 12, 3, distribution)
-  np.testing.assert_allclose(updates["w"], -0.1 * p @ p.T @ np.asarray(g["w"]),
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(updates["b"], -0.1 * np.asarray(g["b"]),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    updates["w"], -0.1 * p @ p.T @ np.asarray(g["w"]), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(updates["b"], -0.1 * np.asarray(g["b"]), rtol=1e-6)
 
 
 def _regression():
@@ -207,8 +205,7 @@ def test_proximal_subproblems_match_a_numpy_restatement():
     res = (x @ w + b - y) / len(x)
     return x.T @ res, res.sum(0)
 
-  tx = osub.rso(lr, rank=r, inner_steps=k_steps, proximal=eta,
-                inner=optax.identity(), seed=1)
+  tx = osub.rso(lr, rank=r, inner_steps=k_steps, proximal=eta, inner=optax.identity(), seed=1)
   params = {"b": jnp.zeros(4, jnp.float32), "w": jnp.asarray(w0, jnp.float32)}
   state = tx.init(params)
   update = jax.jit(tx.update)
@@ -220,8 +217,7 @@ def test_proximal_subproblems_match_a_numpy_restatement():
     gw, gb = grad(w, b)
     disp = disp - lr * (p.T @ gw + disp / eta)
     w, b = w_k + p @ disp, b - lr * gb
-    gw, gb = grad(np.asarray(params["w"], np.float64),
-                  np.asarray(params["b"], np.float64))
+    gw, gb = grad(np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64))
     g = {"b": jnp.asarray(gb, jnp.float32), "w": jnp.asarray(gw, jnp.float32)}
     u, state = update(g, state, params)
     params = optax.apply_updates(params, u)
@@ -236,8 +232,7 @@ def test_proximal_term_pulls_the_subproblem_towards_b_zero():
   g = _grads(params, 0)
   moves = {}
   for eta in (None, 0.5):
-    tx = osub.rso(0.2, rank=3, inner_steps=200, proximal=eta,
-                  inner=optax.identity())
+    tx = osub.rso(0.2, rank=3, inner_steps=200, proximal=eta, inner=optax.identity())
     state, total = tx.init(params), jnp.zeros((10, 4))
     update = jax.jit(tx.update)
     for _ in range(100):
@@ -245,10 +240,8 @@ def test_proximal_term_pulls_the_subproblem_towards_b_zero():
       total = total + u["w"]
     moves[eta] = total
   p = _basis(0, 0, 0, 10, 3)
-  np.testing.assert_allclose(moves[None], -0.2 * 100 * p @ p.T @ g["w"],
-                             rtol=1e-4)
-  np.testing.assert_allclose(moves[0.5], -0.5 * p @ p.T @ g["w"], rtol=1e-4,
-                             atol=1e-6)
+  np.testing.assert_allclose(moves[None], -0.2 * 100 * p @ p.T @ g["w"], rtol=1e-4)
+  np.testing.assert_allclose(moves[0.5], -0.5 * p @ p.T @ g["w"], rtol=1e-4, atol=1e-6)
 
 
 def test_a_schedule_follows_the_global_step_not_the_subproblem_step():
@@ -257,8 +250,7 @@ def test_a_schedule_follows_the_global_step_not_the_subproblem_step():
   # under the constant c, at every step t, across subproblems, for
   # projected and unprojected leaves alike.
   schedule = lambda t: 0.01 * (1.0 + t)
-  params = {"b": jnp.zeros(4), "w": jax.random.normal(jax.random.PRNGKey(0),
-                                                      (8, 4))}
+  params = {"b": jnp.zeros(4), "w": jax.random.normal(jax.random.PRNGKey(0), (8, 4))}
   runs = {}
   for name, lr in (("schedule", schedule), ("constant", 0.01)):
     tx = osub.rso(lr, rank=2, inner_steps=2)
@@ -269,22 +261,18 @@ def test_a_schedule_follows_the_global_step_not_the_subproblem_step():
     runs[name] = out
   for t in range(5):
     want = jax.tree_util.tree_map(lambda u: (1.0 + t) * u, runs["constant"][t])
-    chex.assert_trees_all_close(runs["schedule"][t], want, rtol=1e-5,
-                                atol=1e-8)
+    chex.assert_trees_all_close(runs["schedule"][t], want, rtol=1e-5, atol=1e-8)
 
 
-def test_resume_across_a_subproblem_boundary_equals_an_uninterrupted_run(
-    tmp_path):
-  tx = osub.rso(0.01, rank=3, inner_steps=3, proximal=2.0, weight_decay=0.1,
-                mask=r"kernel")
-  params = {"dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0),
-                                                  (10, 6)),
-                      "bias": jnp.zeros(6)}}
+def test_resume_across_a_subproblem_boundary_equals_an_uninterrupted_run(tmp_path):
+  tx = osub.rso(0.01, rank=3, inner_steps=3, proximal=2.0, weight_decay=0.1, mask=r"kernel")
+  params = {
+    "dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (10, 6)), "bias": jnp.zeros(6)}
+  }
 
   @jax.jit
   def step(params, state, t):
-    grads = jax.tree_util.tree_map(
-        lambda p: jnp.sin(p + t.astype(p.dtype)) + 0.1, params)
+    grads = jax.tree_util.tree_map(lambda p: jnp.sin(p + t.astype(p.dtype)) + 0.1, params)
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
@@ -298,10 +286,8 @@ def test_resume_across_a_subproblem_boundary_equals_an_uninterrupted_run(
   manager = ocp.CheckpointManager(tmp_path)
   osub.save_checkpoint(manager, 2, *half)
   manager.wait_until_finished()
-  abstract = (jax.eval_shape(lambda p: p, params),
-              jax.eval_shape(tx.init, params))
-  restored_step, *restored = osub.restore_checkpoint(
-      ocp.CheckpointManager(tmp_path), *abstract)
+  abstract = (jax.eval_shape(lambda p: p, params), jax.eval_shape(tx.init, params))
+  restored_step, *restored = osub.restore_checkpoint(ocp.CheckpointManager(tmp_path), *abstract)
   assert restored_step == 2
   got = run(*restored, range(2, 7))  # crosses the boundaries at 3 and 6
   chex.assert_trees_all_equal(got, want)
@@ -320,8 +306,7 @@ def test_runs_are_deterministic_and_the_seed_changes_the_subspaces():
     return p
 
   chex.assert_trees_all_equal(run(0, True), run(0, True))
-  chex.assert_trees_all_close(run(0, False), run(0, True), rtol=1e-5,
-                              atol=1e-6)
+  chex.assert_trees_all_close(run(0, False), run(0, True), rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(run(1, True)["w"] - run(0, True)["w"]).max()) > 1e-3
 
 
@@ -332,16 +317,18 @@ def test_runs_are_deterministic_and_the_seed_changes_the_subspaces():
 def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
   m, n, r = 64, 24, 4
   params = {"w": jnp.zeros((m, n)), "b": jnp.zeros(n)}
-  state = jax.eval_shape(osub.rso(1e-3, rank=r, proximal=proximal).init,
-                         params)[0]
+  state = jax.eval_shape(osub.rso(1e-3, rank=r, proximal=proximal).init, params)[0]
   projector = state.projectors["w"]
-  assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(projector)] \
-      == [((2,), jnp.uint32), ((), jnp.int32)]
-  shapes = {path_str(p): x.shape
-            for p, x in jax.tree_util.tree_flatten_with_path(state.inner)[0]}
+  assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(projector)] == [
+    ((2,), jnp.uint32),
+    ((), jnp.int32),
+  ]
+  shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(state.inner)[0]}
   low_rank = sorted(k for k, v in shapes.items() if k.endswith("/w"))
-  expected = ["inner_states/subspace/inner_state/inner/inner/mu/w",
-              "inner_states/subspace/inner_state/inner/inner/nu/w"]
+  expected = [
+    "inner_states/subspace/inner_state/inner/inner/mu/w",
+    "inner_states/subspace/inner_state/inner/inner/nu/w",
+  ]
   if proximal is not None:
     expected.insert(0, "inner_states/subspace/inner_state/displacement/w")
   assert low_rank == expected
@@ -349,8 +336,7 @@ def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
   # Nothing of the matrix's size, nor of P's (m × r), anywhere.
   leaves = jax.tree_util.tree_leaves(state)
   assert max(math.prod(x.shape) for x in leaves) == r * n
-  floats = sum(math.prod(x.shape) for x in leaves
-               if jnp.issubdtype(x.dtype, jnp.floating))
+  floats = sum(math.prod(x.shape) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
   # Adam's m, v (and B) on r × n, Adam's m, v on the bias (n).
   assert floats == (2 + (proximal is not None)) * r * n + 2 * n
 
@@ -358,7 +344,9 @@ def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
 # --- rso: bad input ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("kwargs,error,match", [
+@pytest.mark.parametrize(
+  "kwargs,error,match",
+  [
     (dict(inner_steps=0), ValueError, "inner_steps must be positive"),
     (dict(inner_steps=-3), ValueError, "inner_steps must be positive"),
     (dict(rank=0), ValueError, "rank must be positive"),
@@ -369,9 +357,9 @@ def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
     (dict(distribution="uniform"), ValueError, "distribution must be one of"),
     (dict(inner_steps=2.5), TypeError, "inner_steps must be a Python int"),
     (dict(proximal=jnp.float32(1.0)), TypeError, "'proximal' in static_args"),
-])
-def test_bad_arguments_are_rejected_when_the_optimizer_is_built(kwargs, error,
-                                                                 match):
+  ],
+)
+def test_bad_arguments_are_rejected_when_the_optimizer_is_built(kwargs, error, match):
   args = dict(rank=2, inner_steps=4) | kwargs
   with pytest.raises(error, match=match):
     osub.rso(1e-3, **args)
@@ -380,8 +368,11 @@ def test_bad_arguments_are_rejected_when_the_optimizer_is_built(kwargs, error,
 @pytest.mark.parametrize("rank", [8, 9])
 def test_rank_not_below_the_input_side_is_an_error_at_init(rank):
   params = {"w": jnp.zeros((8, 32))}  # rank ≥ m = 8 (the input side)
-  with pytest.raises(ValueError, match=r"rank \d is not below the input side"
-                     r" \(rows\) of 'w' \(8\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"rank \d is not below the input side"
+    r" \(rows\) of 'w' \(8\)",
+  ):
     osub.rso(1e-3, rank=rank).init(params)
 
 
@@ -390,8 +381,7 @@ def test_the_input_side_is_checked_even_when_it_is_the_larger_side():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     state = osub.rso(1e-3, rank=5).init(params)
-  assert state[0].inner.inner_states["subspace"].inner_state.inner.inner.mu[
-      "w"].shape == (5, 4)
+  assert state[0].inner.inner_states["subspace"].inner_state.inner.inner.mu["w"].shape == (5, 4)
 
 
 def test_a_layer_that_is_not_a_2d_linear_map_needs_dims():
@@ -407,31 +397,28 @@ def test_a_layer_that_is_not_a_2d_linear_map_needs_dims():
 
 
 @pytest.mark.skipif(
-    jax.device_count() < 8,
-    reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  jax.device_count() < 8,
+  reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",
+)
 def test_state_shardings_read_the_projected_side_off_the_state():
   mesh = jax.make_mesh((8,), ("fsdp",), (jax.sharding.AxisType.Auto,))
   spec = jax.sharding.PartitionSpec
   params = {"a": jnp.zeros((16, 32)), "c": jnp.zeros((64, 16))}
-  shardings = {n: jax.sharding.NamedSharding(mesh, spec("fsdp", None))
-               for n in params}
-  got = osub.state_shardings(osub.rso(1e-3, rank=4, proximal=1.0), params,
-                             shardings)[0]
+  shardings = {n: jax.sharding.NamedSharding(mesh, spec("fsdp", None)) for n in params}
+  got = osub.state_shardings(osub.rso(1e-3, rank=4, proximal=1.0), params, shardings)[0]
   # P on the rows (16 and 64), moments and B at r × n: the rows' sharding
   # moves to n (ZeRO); keys and indices are replicated.
   for leaf in jax.tree_util.tree_leaves(got.projectors):
     assert all(e is None for e in leaf.spec)
   subspace = got.inner.inner_states["subspace"].inner_state
-  for buffers in (subspace.displacement, subspace.inner.inner.mu,
-                  subspace.inner.inner.nu):
+  for buffers in (subspace.displacement, subspace.inner.inner.mu, subspace.inner.inner.nu):
     assert buffers["a"].spec == spec(None, "fsdp")  # (4, 32)
     assert buffers["c"].spec == spec(None, "fsdp")  # (4, 16)
   # A wide matrix projected on its (larger) columns: P (32 × 4) keeps the
   # columns' sharding, the moments (16 × 4) take it on their rows.
   wide = {"a": params["a"]}
   tx = osub.project_subspace(optax.adam(1e-3), projectors.svd(4), side="cols")
-  got = osub.state_shardings(
-      tx, wide, {"a": jax.sharding.NamedSharding(mesh, spec(None, "fsdp"))})
+  got = osub.state_shardings(tx, wide, {"a": jax.sharding.NamedSharding(mesh, spec(None, "fsdp"))})
   assert got.projectors["a"].basis.spec == spec("fsdp", None)
   assert got.inner[0].mu["a"].spec == spec("fsdp", None)
 
@@ -443,13 +430,18 @@ def test_a_checkpoint_at_another_rank_fails_naming_the_rank(tmp_path):
   osub.save_checkpoint(manager, 0, params, tx.init(params))
   manager.wait_until_finished()
   other = osub.rso(1e-3, rank=2)
-  with pytest.raises(osub.CheckpointMismatchError,
-                     match=r"rank differs.*'w': checkpoint 3, target 2"):
-    osub.restore_checkpoint(manager, jax.eval_shape(lambda p: p, params),
-                            jax.eval_shape(other.init, params))
+  with pytest.raises(
+    osub.CheckpointMismatchError, match=r"rank differs.*'w': checkpoint 3, target 2"
+  ):
+    osub.restore_checkpoint(
+      manager, jax.eval_shape(lambda p: p, params), jax.eval_shape(other.init, params)
+    )
   galore = osub.galore(1e-3, rank=3)
-  with pytest.raises(osub.CheckpointMismatchError,
-                     match=r"checkpoint RandomState\('key', 'subproblem',"
-                     r" 'basis_shape'\), target SvdState\('basis',\)"):
-    osub.restore_checkpoint(manager, jax.eval_shape(lambda p: p, params),
-                            jax.eval_shape(galore.init, params))
+  with pytest.raises(
+    osub.CheckpointMismatchError,
+    match=r"checkpoint RandomState\('key', 'subproblem',"
+    r" 'basis_shape'\), target SvdState\('basis',\)",
+  ):
+    osub.restore_checkpoint(
+      manager, jax.eval_shape(lambda p: p, params), jax.eval_shape(galore.init, params)
+    )

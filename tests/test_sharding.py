@@ -22,41 +22,46 @@ import optax_subspace as osub
 from optax_subspace._leaves import path_str
 
 pytestmark = pytest.mark.skipif(
-    jax.device_count() < 8,
-    reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",
+  jax.device_count() < 8,
+  reason="needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8",
 )
 
 RANK, EVERY, STEPS = 4, 2, 3  # refreshes at steps 0 and 2
 DIMS = lambda path, x: osub.MatrixDims(1, 2) if x.ndim == 3 else None
 PRESETS = {
-    "galore": lambda: osub.galore(0.01, RANK, EVERY, dims=DIMS,
-                                  weight_decay=0.1),
-    "galore_randomized_svd": lambda: osub.galore(
-        0.01, RANK, EVERY, dims=DIMS, projector="randomized_svd"),
-    "galore_transport": lambda: osub.galore(0.01, RANK, EVERY, dims=DIMS,
-                                            on_change="transport"),
-    "online_subspace_descent": lambda: osub.online_subspace_descent(
-        0.01, RANK, update_every=EVERY, dims=DIMS),
-    "online_subspace_descent_paper": lambda: osub.online_subspace_descent(
-        0.01, RANK, orthogonality_weight=0.1, dims=DIMS,
-        projector_optimizer=optax.adamw(0.05)),
-    "grass_topk": lambda: osub.grass(0.01, RANK, EVERY, dims=DIMS),
-    "grass_multinomial": lambda: osub.grass(
-        0.01, RANK, EVERY, "multinomial", on_change="remap", dims=DIMS),
-    "rso": lambda: osub.rso(0.01, RANK, EVERY, proximal=1.0, dims=DIMS),
-    "fira": lambda: osub.fira(0.01, RANK, EVERY, dims=DIMS),
-    "frugal": lambda: osub.frugal(0.01, RANK, EVERY, dims=DIMS),
-    "apollo": lambda: osub.apollo(0.01, RANK, EVERY, dims=DIMS),
-    "apollo_mini": lambda: osub.apollo_mini(0.01, EVERY, dims=DIMS),
+  "galore": lambda: osub.galore(0.01, RANK, EVERY, dims=DIMS, weight_decay=0.1),
+  "galore_randomized_svd": lambda: osub.galore(
+    0.01, RANK, EVERY, dims=DIMS, projector="randomized_svd"
+  ),
+  "galore_transport": lambda: osub.galore(0.01, RANK, EVERY, dims=DIMS, on_change="transport"),
+  "online_subspace_descent": lambda: osub.online_subspace_descent(
+    0.01, RANK, update_every=EVERY, dims=DIMS
+  ),
+  "online_subspace_descent_paper": lambda: osub.online_subspace_descent(
+    0.01, RANK, orthogonality_weight=0.1, dims=DIMS, projector_optimizer=optax.adamw(0.05)
+  ),
+  "grass_topk": lambda: osub.grass(0.01, RANK, EVERY, dims=DIMS),
+  "grass_multinomial": lambda: osub.grass(
+    0.01, RANK, EVERY, "multinomial", on_change="remap", dims=DIMS
+  ),
+  "rso": lambda: osub.rso(0.01, RANK, EVERY, proximal=1.0, dims=DIMS),
+  "fira": lambda: osub.fira(0.01, RANK, EVERY, dims=DIMS),
+  "frugal": lambda: osub.frugal(0.01, RANK, EVERY, dims=DIMS),
+  "apollo": lambda: osub.apollo(0.01, RANK, EVERY, dims=DIMS),
+  "apollo_mini": lambda: osub.apollo_mini(0.01, EVERY, dims=DIMS),
 }
 NAMES = sorted(PRESETS)
 # Every case of a matrix under FSDP: sharded on its projected (smaller) side
 # ("a", "stack"), on its kept side ("b"), with the columns projected ("c"),
 # a batch of matrices ("stack"), and an unprojected leaf ("bias").
-SHAPES = {"a": (16, 32), "b": (16, 64), "c": (64, 16), "stack": (2, 16, 32),
-          "bias": (32,)}
-SPECS = {"a": P("fsdp", None), "b": P(None, "fsdp"), "c": P("fsdp", None),
-         "stack": P(None, "fsdp", None), "bias": P("fsdp")}
+SHAPES = {"a": (16, 32), "b": (16, 64), "c": (64, 16), "stack": (2, 16, 32), "bias": (32,)}
+SPECS = {
+  "a": P("fsdp", None),
+  "b": P(None, "fsdp"),
+  "c": P("fsdp", None),
+  "stack": P(None, "fsdp", None),
+  "bias": P("fsdp"),
+}
 MESHES = {"8": ((8,), ("fsdp",)), "4x2": ((4, 2), ("data", "fsdp"))}
 # Sharded and one-device runs differ by the order of float32 sums, which an
 # SVD refresh amplifies by 1/(eigenvalue gap). Measured on the CPU (8
@@ -69,8 +74,9 @@ UPDATE_ATOL, STATE_ATOL, RTOL = 5e-8, 3e-5, 1e-5
 @functools.lru_cache(maxsize=None)
 def _params():
   keys = jax.random.split(jax.random.PRNGKey(0), len(SHAPES))
-  return {n: np.asarray(0.1 * jax.random.normal(k, s))
-          for k, (n, s) in zip(keys, sorted(SHAPES.items()))}
+  return {
+    n: np.asarray(0.1 * jax.random.normal(k, s)) for k, (n, s) in zip(keys, sorted(SHAPES.items()))
+  }
 
 
 @functools.lru_cache(maxsize=None)
@@ -111,6 +117,7 @@ def _step_fn(tx):
   def step(grads, state, params):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state, updates
+
   return step
 
 
@@ -135,32 +142,32 @@ def _run(name, mesh_name=None, axis_type=AxisType.Auto):
   if axis_type == AxisType.Explicit:
     step = jax.jit(_step_fn(tx))
   else:
-    step = jax.jit(_step_fn(tx), in_shardings=(psh, ssh, psh),
-                   out_shardings=(psh, ssh, psh)).lower(
-                       params, abstract, params).compile()
+    step = (
+      jax.jit(_step_fn(tx), in_shardings=(psh, ssh, psh), out_shardings=(psh, ssh, psh))
+      .lower(params, abstract, params)
+      .compile()
+    )
   params = jax.device_put(params, psh)
   state = init(params)
   updates = []
   for t in range(STEPS):
     params, state, u = step(jax.device_put(_grads(t), psh), state, params)
     updates.append(u)
-  hlo = None if mesh_name is None or axis_type == AxisType.Explicit else (
-      step.as_text())
+  hlo = None if mesh_name is None or axis_type == AxisType.Explicit else (step.as_text())
   return updates, state, ssh, hlo
 
 
 def _per_device_bytes(abstract, shardings):
   return sum(
-      math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-      for x, s in zip(jax.tree_util.tree_leaves(abstract),
-                      jax.tree_util.tree_leaves(shardings)))
+    math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+    for x, s in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings))
+  )
 
 
 def test_state_shardings_follow_the_parameters_axis_by_axis():
   mesh = _mesh("4x2")
   tx = optax.MultiSteps(PRESETS["galore_randomized_svd"](), 2)
-  shardings = osub.state_shardings(tx, _params(), _param_shardings(mesh),
-                                   dims=DIMS)
+  shardings = osub.state_shardings(tx, _params(), _param_shardings(mesh), dims=DIMS)
   sub = shardings.inner_opt_state[0]  # the project_subspace state
   spec = lambda s: tuple(s.spec) + (None,) * 3
   # Basis (s × r): the projected side's sharding, r replicated.
@@ -187,28 +194,30 @@ def test_state_shardings_follow_the_parameters_axis_by_axis():
 # The fast subset (-m "not slow") runs every preset on the (8,) mesh with Explicit axes (JAX's
 # default); the (4, 2) mesh, Auto axes and the randomized SVD (slowest to compile) are slow.
 SHARDED_CASES = [
-    pytest.param(name, mesh_name, axis_type, id=f"{name}-{mesh_name}-{axis_id}",
-                 marks=[] if (mesh_name, axis_id) == ("8", "explicit")
-                 and name != "galore_randomized_svd" else [pytest.mark.slow])
-    for name in NAMES
-    for mesh_name in sorted(MESHES)
-    for axis_type, axis_id in ((AxisType.Auto, "auto"), (AxisType.Explicit, "explicit"))
+  pytest.param(
+    name,
+    mesh_name,
+    axis_type,
+    id=f"{name}-{mesh_name}-{axis_id}",
+    marks=[]
+    if (mesh_name, axis_id) == ("8", "explicit") and name != "galore_randomized_svd"
+    else [pytest.mark.slow],
+  )
+  for name in NAMES
+  for mesh_name in sorted(MESHES)
+  for axis_type, axis_id in ((AxisType.Auto, "auto"), (AxisType.Explicit, "explicit"))
 ]
 
 
 @pytest.mark.parametrize("name,mesh_name,axis_type", SHARDED_CASES)
-def test_sharded_updates_equal_one_device_across_a_refresh(name, mesh_name,
-                                                           axis_type):
+def test_sharded_updates_equal_one_device_across_a_refresh(name, mesh_name, axis_type):
   # Explicit axes are jax.make_mesh's default: the update runs them as Auto
   # inside (project_subspace's update_fn) and keeps the state's shardings.
   want_updates, want_state, _, _ = _run(name)
   got_updates, got_state, shardings, _ = _run(name, mesh_name, axis_type)
-  chex.assert_trees_all_close(got_updates, want_updates, rtol=RTOL,
-                              atol=UPDATE_ATOL)
-  chex.assert_trees_all_close(got_state, want_state, rtol=RTOL,
-                              atol=STATE_ATOL)
-  for x, s in zip(jax.tree_util.tree_leaves(got_state),
-                  jax.tree_util.tree_leaves(shardings)):
+  chex.assert_trees_all_close(got_updates, want_updates, rtol=RTOL, atol=UPDATE_ATOL)
+  chex.assert_trees_all_close(got_state, want_state, rtol=RTOL, atol=STATE_ATOL)
+  for x, s in zip(jax.tree_util.tree_leaves(got_state), jax.tree_util.tree_leaves(shardings)):
     assert x.sharding.is_equivalent_to(s, x.ndim)
 
 
@@ -218,27 +227,26 @@ def test_an_update_on_an_explicit_mesh_also_runs_without_jit():
   tx = PRESETS["galore"]()
   psh = _param_shardings(mesh)
   params = jax.device_put(_params(), psh)
-  state = jax.jit(tx.init, out_shardings=osub.state_shardings(
-      tx, _params(), psh, dims=DIMS))(params)
-  updates, new_state = tx.update(jax.device_put(_grads(0), psh), state,
-                                 params)
-  chex.assert_trees_all_close(updates, _run("galore")[0][0], rtol=RTOL,
-                              atol=UPDATE_ATOL)
-  for x, y in zip(jax.tree_util.tree_leaves(new_state),
-                  jax.tree_util.tree_leaves(state)):
+  state = jax.jit(tx.init, out_shardings=osub.state_shardings(tx, _params(), psh, dims=DIMS))(
+    params
+  )
+  updates, new_state = tx.update(jax.device_put(_grads(0), psh), state, params)
+  chex.assert_trees_all_close(updates, _run("galore")[0][0], rtol=RTOL, atol=UPDATE_ATOL)
+  for x, y in zip(jax.tree_util.tree_leaves(new_state), jax.tree_util.tree_leaves(state)):
     assert jax.typeof(x).sharding.spec == jax.typeof(y).sharding.spec
+
 
 def test_per_device_state_bytes_shrink_with_the_fsdp_axis():
   tx = PRESETS["online_subspace_descent"]()
   params = _params()
   abstract = jax.eval_shape(tx.init, params)
-  total = _per_device_bytes(abstract, jax.tree_util.tree_map(
-      lambda _: NamedSharding(_mesh("8"), P()), abstract))
+  total = _per_device_bytes(
+    abstract, jax.tree_util.tree_map(lambda _: NamedSharding(_mesh("8"), P()), abstract)
+  )
   sizes = []
   for fsdp in (1, 2, 4, 8):
     mesh = _auto_mesh((8 // fsdp, fsdp), ("data", "fsdp"))
-    shardings = osub.state_shardings(tx, params, _param_shardings(mesh),
-                                     dims=DIMS)
+    shardings = osub.state_shardings(tx, params, _param_shardings(mesh), dims=DIMS)
     sizes.append(_per_device_bytes(abstract, shardings))
   assert sizes[0] == total
   assert all(a > b for a, b in zip(sizes, sizes[1:])), sizes
@@ -263,14 +271,12 @@ def _all_gathers_by_computation(hlo: str):
     if " all-gather(" in line or " all-gather-start(" in line:
       out = line.split("=", 1)[1].split("all-gather")[0]
       for dims in re.findall(r"\w+\[([\d,]*)\]", out):
-        gathers[current].append(
-            math.prod(int(d) for d in dims.split(",") if d))
+        gathers[current].append(math.prod(int(d) for d in dims.split(",") if d))
     calls[current].update(re.findall(r"%([\w.\-]+)", line.split("=", 1)[-1]))
     if " conditional(" in line:
       for group in re.findall(r"branch_computations=\{([^}]*)\}", line):
         branches.update(re.findall(r"%([\w.\-]+)", group))
-      branches.update(re.findall(r"(?:true|false)_computation=%([\w.\-]+)",
-                                 line))
+      branches.update(re.findall(r"(?:true|false)_computation=%([\w.\-]+)", line))
   reach, todo = set(), list(branches)
   while todo:
     c = todo.pop()
@@ -281,22 +287,24 @@ def _all_gathers_by_computation(hlo: str):
   return gathers, reach
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if n == "galore_randomized_svd" else n for n in NAMES])
+@pytest.mark.parametrize(
+  "name",
+  [pytest.param(n, marks=pytest.mark.slow) if n == "galore_randomized_svd" else n for n in NAMES],
+)
 def test_compiled_update_gathers_no_full_parameter_outside_the_refresh(name):
   hlo = _run(name, "4x2")[3]
   gathers, in_refresh = _all_gathers_by_computation(hlo)
   assert in_refresh, "no conditional (refresh) found in the compiled update"
   smallest = min(math.prod(SHAPES[n]) for n in ("a", "b", "c"))
-  every_step = {c: g for c, g in gathers.items()
-                if c not in in_refresh and any(n >= smallest for n in g)}
+  every_step = {
+    c: g for c, g in gathers.items() if c not in in_refresh and any(n >= smallest for n in g)
+  }
   assert not every_step, f"full-size all-gathers every step: {every_step}"
   # Documented (docs/scaling.md): the refresh may gather whole gradients
   # (svd: those sharded on s; randomized_svd: those sharded on l), never
   # more than the parameters hold.
   refresh = [n for c in in_refresh for n in gathers[c]]
-  assert max(refresh, default=0) <= sum(
-      math.prod(s) for s in SHAPES.values())
+  assert max(refresh, default=0) <= sum(math.prod(s) for s in SHAPES.values())
 
 
 def test_random_projector_keys_and_bases_are_identical_on_every_device():
@@ -312,26 +320,24 @@ def test_random_projector_keys_and_bases_are_identical_on_every_device():
 
 def test_an_unmatched_full_size_buffer_is_replicated_with_a_warning():
   flat = optax.GradientTransformation(  # one flat buffer for the whole tree
-      lambda p: jnp.zeros(sum(x.size for x in jax.tree_util.tree_leaves(p))),
-      lambda u, s, p=None: (u, s))
+    lambda p: jnp.zeros(sum(x.size for x in jax.tree_util.tree_leaves(p))),
+    lambda u, s, p=None: (u, s),
+  )
   tx = optax.chain(PRESETS["galore"](), flat)
   with pytest.warns(UserWarning, match="could not match.*'1'"):
-    shardings = osub.state_shardings(tx, _params(),
-                                     _param_shardings(_mesh("8")), dims=DIMS)
+    shardings = osub.state_shardings(tx, _params(), _param_shardings(_mesh("8")), dims=DIMS)
   assert shardings[1].spec == P()
 
 
 def test_takes_a_flax_nnx_param_state():
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)),
-                         nnx.Linear(32, 16, rngs=nnx.Rngs(1)))
+
+  model = nnx.Sequential(nnx.Linear(16, 32, rngs=nnx.Rngs(0)), nnx.Linear(32, 16, rngs=nnx.Rngs(1)))
   params = nnx.state(model, nnx.Param)
-  specs = jax.tree_util.tree_map(
-      lambda x: P("fsdp", None) if x.ndim == 2 else P(), params)
+  specs = jax.tree_util.tree_map(lambda x: P("fsdp", None) if x.ndim == 2 else P(), params)
   tx = osub.galore(0.01, RANK, mask="kernel")
   shardings = osub.state_shardings(tx, params, specs, mesh=_mesh("8"))
-  got = {path_str(p): s.spec for p, s in
-         jax.tree_util.tree_flatten_with_path(shardings)[0]}
+  got = {path_str(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]}
   # (16, 32) by rows: P sharded; (32, 16) by columns, sharded on its rows
   # (the kept side): P replicated; both moments on the 32 side. Projector
   # states sit outside the nnx.Param (no "value" in their paths).
@@ -347,8 +353,9 @@ def test_the_state_plan_gives_the_matrix_axes_and_other_dims_are_refused():
   # it must be the optimizer's.
   mesh = _mesh("8")
   tx = PRESETS["galore"]()
-  assert (osub.state_shardings(tx, _params(), _param_shardings(mesh))
-          == osub.state_shardings(tx, _params(), _param_shardings(mesh), dims=DIMS))
+  assert osub.state_shardings(tx, _params(), _param_shardings(mesh)) == osub.state_shardings(
+    tx, _params(), _param_shardings(mesh), dims=DIMS
+  )
   other = lambda path, x: osub.MatrixDims(0, (1, 2)) if x.ndim == 3 else None
   with pytest.raises(ValueError, match="same `dims` as the optimizer"):
     osub.state_shardings(tx, _params(), _param_shardings(mesh), dims=other)
@@ -358,17 +365,26 @@ def test_partition_specs_need_a_mesh():
   tx = PRESETS["galore"]()
   with pytest.raises(ValueError, match="mesh="):
     osub.state_shardings(tx, _params(), SPECS, dims=DIMS)
-  shardings = osub.state_shardings(tx, _params(), SPECS, dims=DIMS,
-                                   mesh=_mesh("8"))
+  shardings = osub.state_shardings(tx, _params(), SPECS, dims=DIMS, mesh=_mesh("8"))
   assert shardings[0].projectors["a"].basis.spec == P("fsdp", None)
 
 
 # ZeRO-1 over a "data" axis: the split each matrix would get on its first axis, and the one
 # `update_shardings` moves to the kept side (a, b, stack project their rows; c its columns).
-ZERO_BASE = {"a": P("data", None), "b": P("data", None), "c": P(None, "data"),
-             "stack": P(None, "data", None), "bias": P("data")}
-ZERO_KEPT = {"a": P(None, "data"), "b": P(None, "data"), "c": P("data", None),
-             "stack": P(None, None, "data"), "bias": P("data")}
+ZERO_BASE = {
+  "a": P("data", None),
+  "b": P("data", None),
+  "c": P(None, "data"),
+  "stack": P(None, "data", None),
+  "bias": P("data"),
+}
+ZERO_KEPT = {
+  "a": P(None, "data"),
+  "b": P(None, "data"),
+  "c": P("data", None),
+  "stack": P(None, None, "data"),
+  "bias": P("data"),
+}
 
 
 def _zero_run(name, specs):
@@ -379,9 +395,11 @@ def _zero_run(name, specs):
   mesh = _auto_mesh((8,), ("data",))
   psh = {n: NamedSharding(mesh, s) for n, s in specs.items()}
   ssh = osub.state_shardings(tx, params, psh, dims=DIMS)
-  step = jax.jit(_step_fn(tx), in_shardings=(psh, ssh, psh),
-                 out_shardings=(psh, ssh, psh)).lower(
-                     params, jax.eval_shape(tx.init, params), params).compile()
+  step = (
+    jax.jit(_step_fn(tx), in_shardings=(psh, ssh, psh), out_shardings=(psh, ssh, psh))
+    .lower(params, jax.eval_shape(tx.init, params), params)
+    .compile()
+  )
   state = jax.jit(tx.init, out_shardings=ssh)(jax.device_put(params, psh))
   params, updates = jax.device_put(params, psh), []
   for t in range(STEPS):
@@ -405,8 +423,7 @@ def test_update_shardings_split_projected_matrices_on_their_kept_side(name):
       chex.assert_trees_all_close(got, ref, atol=UPDATE_ATOL, rtol=RTOL)
     gathers, in_refresh = _all_gathers_by_computation(hlo)
     low_rank = RANK * 32  # r × l of matrix "a"
-    every_step = [n for c, g in gathers.items() if c not in in_refresh for n in g
-                  if n >= low_rank]
+    every_step = [n for c, g in gathers.items() if c not in in_refresh for n in g if n >= low_rank]
     assert bool(every_step) == gathers_expected, (specs, every_step)
 
 

@@ -11,7 +11,6 @@ COLUMNS = ("run", "method", "rank", "final eval ppl", "opt-state MiB", "tokens/s
 
 
 class _OneLineParser(argparse.ArgumentParser):
-
   def error(self, message):
     self.exit(2, f"error: {message} (see --help)\n")
 
@@ -23,10 +22,10 @@ def load_run(run_dir: pathlib.Path) -> dict:
     raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json / metrics.jsonl)")
   summary_file = run_dir / "summary.json"
   return {
-      "dir": run_dir,
-      "config": json.loads(config_file.read_text()),
-      "records": read_jsonl(metrics_file),
-      "summary": json.loads(summary_file.read_text()) if summary_file.exists() else {},
+    "dir": run_dir,
+    "config": json.loads(config_file.read_text()),
+    "records": read_jsonl(metrics_file),
+    "summary": json.loads(summary_file.read_text()) if summary_file.exists() else {},
   }
 
 
@@ -38,14 +37,12 @@ def table_row(run: dict) -> dict:
   finished = "final_eval_ppl" in summary
   tokens_per_s = summary.get("tokens_per_s")
   return {
-      "run": run["dir"].name,
-      "method": optimizer,
-      "rank": "-" if optimizer == "adamw" else str(config["rank"]),
-      "final eval ppl": "-"
-      if ppl is None
-      else f"{ppl:.2f}" + ("" if finished else " (unfinished)"),
-      "opt-state MiB": f"{config['opt_state_bytes'] / 2**20:.2f}",
-      "tokens/s": "-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
+    "run": run["dir"].name,
+    "method": optimizer,
+    "rank": "-" if optimizer == "adamw" else str(config["rank"]),
+    "final eval ppl": "-" if ppl is None else f"{ppl:.2f}" + ("" if finished else " (unfinished)"),
+    "opt-state MiB": f"{config['opt_state_bytes'] / 2**20:.2f}",
+    "tokens/s": "-" if tokens_per_s is None else f"{tokens_per_s:,.0f}",
   }
 
 
@@ -70,19 +67,19 @@ def plot(runs: list[dict], out: pathlib.Path) -> bool:
     train = [r for r in run["records"] if r["kind"] == "train"]
     evals = [r for r in run["records"] if r["kind"] == "eval"]
     (line,) = ax.plot(
-        [r["tokens"] for r in train],
-        [r["loss"] for r in train],
-        lw=1,
-        alpha=0.8,
-        label=f"{run['dir'].name} (train)",
+      [r["tokens"] for r in train],
+      [r["loss"] for r in train],
+      lw=1,
+      alpha=0.8,
+      label=f"{run['dir'].name} (train)",
     )
     ax.plot(
-        [r["tokens"] for r in evals],
-        [r["eval_loss"] for r in evals],
-        "o-",
-        color=line.get_color(),
-        ms=4,
-        label=f"{run['dir'].name} (eval)",
+      [r["tokens"] for r in evals],
+      [r["eval_loss"] for r in evals],
+      "o-",
+      color=line.get_color(),
+      ms=4,
+      label=f"{run['dir'].name} (eval)",
     )
   ax.set_xlabel("tokens")
   ax.set_ylabel("loss (nats/token)")
@@ -97,15 +94,15 @@ def plot(runs: list[dict], out: pathlib.Path) -> bool:
 
 def main(argv=None) -> int:
   p = _OneLineParser(
-      prog="python -m examples.llama compare",
-      description="Compare training runs: a table and a loss-vs-tokens PNG.",
+    prog="python -m examples.llama compare",
+    description="Compare training runs: a table and a loss-vs-tokens PNG.",
   )
   p.add_argument("runs", nargs="+", type=pathlib.Path, help="run directories")
   p.add_argument(
-      "--out",
-      type=pathlib.Path,
-      default=None,
-      help="the PNG to write (default: compare.png beside the first run directory)",
+    "--out",
+    type=pathlib.Path,
+    default=None,
+    help="the PNG to write (default: compare.png beside the first run directory)",
   )
   args = p.parse_args(argv)
   out = args.out or args.runs[0].parent / "compare.png"

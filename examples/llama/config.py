@@ -11,19 +11,31 @@ import typing
 # hidden / ffn / heads / layers of the LLaMA models in the GaLore (arXiv 2403.03507, Table 5)
 # and Online Subspace Descent (arXiv 2408.12857) experiments; "tiny" is for tests and smoke runs.
 MODEL_SIZES = {
-    "tiny": (64, 176, 4, 2),
-    "9m": (128, 352, 4, 4),
-    "20m": (256, 688, 4, 4),
-    "60m": (512, 1376, 8, 8),
-    "130m": (768, 2048, 12, 12),
-    "350m": (1024, 2736, 16, 24),
-    "1b": (2048, 5461, 32, 24),
-    "7b": (4096, 11008, 32, 32),
+  "tiny": (64, 176, 4, 2),
+  "9m": (128, 352, 4, 4),
+  "20m": (256, 688, 4, 4),
+  "60m": (512, 1376, 8, 8),
+  "130m": (768, 2048, 12, 12),
+  "350m": (1024, 2736, 16, 24),
+  "1b": (2048, 5461, 32, 24),
+  "7b": (4096, 11008, 32, 32),
 }
 
 # rso_model and grass_model are the model-level RSO and GRASS (optax_subspace.nn).
-OPTIMIZERS = ("adamw", "galore", "osd", "rso", "grass", "rso_model", "grass_model", "optax_galore",
-              "fira", "frugal", "apollo", "apollo_mini")
+OPTIMIZERS = (
+  "adamw",
+  "galore",
+  "osd",
+  "rso",
+  "grass",
+  "rso_model",
+  "grass_model",
+  "optax_galore",
+  "fira",
+  "frugal",
+  "apollo",
+  "apollo_mini",
+)
 # Methods that need one module per layer: the model-level ones replace each layer's nnx.Linear,
 # and optax.contrib.galore's dimension numbers name no batch axis.
 SCAN_UNSUPPORTED = ("rso_model", "grass_model", "optax_galore")
@@ -80,21 +92,21 @@ class TrainConfig:
   pure_bf16: bool = _flag(False, "keep the parameters (and so the optimizer state) in bfloat16")
   remat: bool = _flag(False, "activation checkpointing: recompute each block in the backward pass")
   scan_layers: bool = _flag(
-      False,
-      "stack the blocks' parameters over the layers and run them with nnx.scan: one block to "
-      "compile, and each kernel a (layers, in, out) batch of matrices whose subspace products "
-      "run batched (optimizer-level methods other than optax_galore)",
+    False,
+    "stack the blocks' parameters over the layers and run them with nnx.scan: one block to "
+    "compile, and each kernel a (layers, in, out) batch of matrices whose subspace products "
+    "run batched (optimizer-level methods other than optax_galore)",
   )
   # data
   corpus: str = _flag("sotu", f"one of {', '.join(CORPORA)}")
   tokenizer: str = _flag(
-      "auto", "mistral (32k SentencePiece), byte, or t5; auto: t5 for c4, mistral otherwise"
+    "auto", "mistral (32k SentencePiece), byte, or t5; auto: t5 for c4, mistral otherwise"
   )
   tokenizer_path: str = _flag("", "a local SentencePiece .model file to use for --tokenizer t5")
   c4_path: str = _flag("", "a local folder of c4-{train,validation}.*.json.gz files (else stream)")
   data_dir: str = _flag(
-      "",
-      "cache folder for tokenized corpora; default $OPTAX_SUBSPACE_DATA or ~/.cache/optax_subspace",
+    "",
+    "cache folder for tokenized corpora; default $OPTAX_SUBSPACE_DATA or ~/.cache/optax_subspace",
   )
   seq_len: int = _flag(256, "tokens per training window")
   batch_size: int = _flag(16, "windows per optimizer step (the global batch)")
@@ -105,9 +117,9 @@ class TrainConfig:
   steps: int = _flag(250, "optimizer steps")
   lr: float = _flag(0.0, "peak learning rate; 0: 3e-3 for adamw, 1e-2 for the subspace methods")
   lr_unprojected: float = _flag(
-      0.0,
-      "peak learning rate of the leaves the subspace methods do not project (embeddings, head,"
-      " norms); the kernels keep --lr. adamw takes the same split. 0: --lr",
+    0.0,
+    "peak learning rate of the leaves the subspace methods do not project (embeddings, head,"
+    " norms); the kernels keep --lr. adamw takes the same split. 0: --lr",
   )
   warmup_steps: int = _flag(-1, "linear warm-up steps before the cosine decay; -1: 10% of --steps")
   weight_decay: float = _flag(0.0, "decoupled weight decay")
@@ -117,71 +129,71 @@ class TrainConfig:
   clip_norm: float = _flag(1.0, "clip the gradient to this global norm; 0 disables")
   rank: int = _flag(0, "projection rank of the subspace methods; 0: hidden size / 4")
   update_every: int = _flag(
-      200, "steps between subspace refreshes (GaLore's T; RSO's subproblem length K)"
+    200, "steps between subspace refreshes (GaLore's T; RSO's subproblem length K)"
   )
   galore_scale: float = _flag(0.25, "scale alpha of the back-projected update")
   grass_selection: str = _flag(
-      "topk", "grass: how rows are chosen at each refresh: topk, multinomial or uniform"
+    "topk", "grass: how rows are chosen at each refresh: topk, multinomial or uniform"
   )
   grass_shared_count: bool = _flag(
-      False,
-      "grass, grass_model: one Adam step count for all leaves, so a reset keeps the old bias"
-      " correction (the behaviour before per-matrix counts; for comparisons)",
+    False,
+    "grass, grass_model: one Adam step count for all leaves, so a reset keeps the old bias"
+    " correction (the behaviour before per-matrix counts; for comparisons)",
   )
   rso_share_basis: bool = _flag(
-      False,
-      "rso_model: q/k/v share one random basis and gate/up another, so x·P is kept once per "
-      "input (less activation memory; the paper draws one basis per weight)",
+    False,
+    "rso_model: q/k/v share one random basis and gate/up another, so x·P is kept once per "
+    "input (less activation memory; the paper draws one basis per weight)",
   )
   # devices
   data_parallel: int = _flag(1, "devices on the mesh's data axis (batch split, weights replicated)")
   fsdp: int = _flag(1, "devices on the mesh's fsdp axis (batch and every matrix split: FSDP)")
   shard_optimizer: bool = _flag(
-      False,
-      "ZeRO-1 with --data-parallel > 1: weights replicated, optimizer state and update split "
-      "over the data axis (not with --fsdp > 1, which splits them already)",
+    False,
+    "ZeRO-1 with --data-parallel > 1: weights replicated, optimizer state and update split "
+    "over the data axis (not with --fsdp > 1, which splits them already)",
   )
   # several hosts: examples/llama/distributed.py, docs/scaling.md
   num_processes: int = _flag(
-      1,
-      "processes in the run, one per host (or per GPU), each running this command with its own "
-      "--process-id; 0: all three from the launcher's environment (SLURM, Open MPI, TPU pods)",
+    1,
+    "processes in the run, one per host (or per GPU), each running this command with its own "
+    "--process-id; 0: all three from the launcher's environment (SLURM, Open MPI, TPU pods)",
   )
   process_id: int = _flag(0, "this process's index, 0 .. --num-processes - 1 (0 coordinates)")
   coordinator_address: str = _flag(
-      "", "HOST:PORT of process 0, reachable from every process; default $JAX_COORDINATOR_ADDRESS"
+    "", "HOST:PORT of process 0, reachable from every process; default $JAX_COORDINATOR_ADDRESS"
   )
   distributed_timeout: int = _flag(
-      300, "seconds for all processes to join the run; past them each one ends with an error"
+    300, "seconds for all processes to join the run; past them each one ends with an error"
   )
   # run
   seed: int = _flag(0, "seeds the initialisation and the data order")
   run_dir: str = _flag(
-      "",
-      "where config, metrics, checkpoints and loss.png go; default runs/<size>-<optimizer>, or"
-      " runs/<size>-<optimizer>-2, -3, ... (the first free one) when that folder holds a run",
+    "",
+    "where config, metrics, checkpoints and loss.png go; default runs/<size>-<optimizer>, or"
+    " runs/<size>-<optimizer>-2, -3, ... (the first free one) when that folder holds a run",
   )
   resume: bool = _flag(
-      False,
-      "continue the run in --run-dir (default runs/<size>-<optimizer>) from its latest checkpoint",
+    False,
+    "continue the run in --run-dir (default runs/<size>-<optimizer>) from its latest checkpoint",
   )
   log_every: int = _flag(10, "steps between metric lines")
   eval_every: int = _flag(50, "steps between evaluations (and one at the end); 0: only at the end")
   checkpoint_every: int = _flag(
-      100, "steps between checkpoints (and one at the end); 0: only at the end"
+    100, "steps between checkpoints (and one at the end); 0: only at the end"
   )
   stop_at_step: int = _flag(
-      0, "save a checkpoint and exit at this step, as a preemption would; 0: never"
+    0, "save a checkpoint and exit at this step, as a preemption would; 0: never"
   )
   compilation_cache: str = _flag(
-      "",
-      "a folder for JAX's persistent compilation cache: a resumed or repeated run loads the"
-      " programs compiled before from it instead of compiling them again; empty: no cache",
+    "",
+    "a folder for JAX's persistent compilation cache: a resumed or repeated run loads the"
+    " programs compiled before from it instead of compiling them again; empty: no cache",
   )
   profile_steps: int = _flag(
-      0,
-      "trace this many training steps with jax.profiler into <run-dir>/profile (TensorBoard,"
-      " Perfetto), from the first whose program this process has compiled already; 0: none",
+    0,
+    "trace this many training steps with jax.profiler into <run-dir>/profile (TensorBoard,"
+    " Perfetto), from the first whose program this process has compiled already; 0: none",
   )
 
   @property
@@ -206,25 +218,25 @@ class TrainConfig:
   def validate(self) -> None:
     """Raises `ConfigError` for any flag value that cannot run."""
     choices = {
-        "model_size": tuple(MODEL_SIZES),
-        "optimizer": OPTIMIZERS,
-        "corpus": CORPORA,
-        "tokenizer": TOKENIZERS,
-        "compute_dtype": DTYPES,
+      "model_size": tuple(MODEL_SIZES),
+      "optimizer": OPTIMIZERS,
+      "corpus": CORPORA,
+      "tokenizer": TOKENIZERS,
+      "compute_dtype": DTYPES,
     }
     for name, allowed in choices.items():
       value = getattr(self, name)
       if value not in allowed:
         flag = "--" + name.replace("_", "-")
         raise ConfigError(
-            f"unknown {flag.lstrip('-').replace('-', ' ')} {value!r}; "
-            f"choose one of {', '.join(allowed)} ({flag})"
+          f"unknown {flag.lstrip('-').replace('-', ' ')} {value!r}; "
+          f"choose one of {', '.join(allowed)} ({flag})"
         )
     hidden = MODEL_SIZES[self.model_size][0]
     if self.rank < 0 or self.rank > hidden:
       raise ConfigError(
-          f"--rank {self.rank} does not fit model {self.model_size} (hidden size {hidden}); "
-          f"pick 1..{hidden}, or 0 for {hidden // 4}"
+        f"--rank {self.rank} does not fit model {self.model_size} (hidden size {hidden}); "
+        f"pick 1..{hidden}, or 0 for {hidden // 4}"
       )
     positive = (
         "seq_len", "batch_size", "grad_accum", "steps", "eval_windows", "update_every",
@@ -241,8 +253,8 @@ class TrainConfig:
         raise ConfigError(f"{flag} {value:g} must be positive (or 0: the default)")
     if self.grass_selection not in GRASS_SELECTIONS:
       raise ConfigError(
-          f"unknown --grass-selection {self.grass_selection!r}; choose one of"
-          f" {', '.join(GRASS_SELECTIONS)}"
+        f"unknown --grass-selection {self.grass_selection!r}; choose one of"
+        f" {', '.join(GRASS_SELECTIONS)}"
       )
     if self.num_processes < 0:
       raise ConfigError("--num-processes must be positive, or 0 to read it from the launcher")
@@ -251,33 +263,33 @@ class TrainConfig:
       raise ConfigError(f"{flag} is for a run of several processes: give --num-processes too")
     if self.num_processes > 1 and not 0 <= self.process_id < self.num_processes:
       raise ConfigError(
-          f"--process-id {self.process_id} must be 0 .. {self.num_processes - 1} "
-          f"(--num-processes {self.num_processes})"
+        f"--process-id {self.process_id} must be 0 .. {self.num_processes - 1} "
+        f"(--num-processes {self.num_processes})"
       )
     if self.profile_steps < 0:
       raise ConfigError("--profile-steps must be 0 (no trace) or positive")
     if self.batch_size % self.grad_accum:
       raise ConfigError(
-          f"--grad-accum {self.grad_accum} must divide --batch-size {self.batch_size}"
+        f"--grad-accum {self.grad_accum} must divide --batch-size {self.batch_size}"
       )
     devices = self.data_parallel * self.fsdp
     if self.micro_batch_size % devices:
       raise ConfigError(
-          f"the micro-batch of {self.micro_batch_size} windows does not split over "
-          f"--data-parallel {self.data_parallel} × --fsdp {self.fsdp} = {devices} devices"
+        f"the micro-batch of {self.micro_batch_size} windows does not split over "
+        f"--data-parallel {self.data_parallel} × --fsdp {self.fsdp} = {devices} devices"
       )
     if self.rso_share_basis and self.optimizer != "rso_model":
       raise ConfigError(
-          f"--rso-share-basis is an option of --optimizer rso_model, not {self.optimizer}"
+        f"--rso-share-basis is an option of --optimizer rso_model, not {self.optimizer}"
       )
     if self.scan_layers and self.optimizer in SCAN_UNSUPPORTED:
       raise ConfigError(
-          f"--scan-layers works with the optimizer-level methods; --optimizer {self.optimizer}"
-          " needs the unstacked layers (drop --scan-layers)"
+        f"--scan-layers works with the optimizer-level methods; --optimizer {self.optimizer}"
+        " needs the unstacked layers (drop --scan-layers)"
       )
     if self.shard_optimizer and self.fsdp > 1:
       raise ConfigError(
-          f"--shard-optimizer needs --fsdp 1: --fsdp {self.fsdp} already shards the optimizer state"
+        f"--shard-optimizer needs --fsdp 1: --fsdp {self.fsdp} already shards the optimizer state"
       )
     if self.warmup_steps >= self.steps:
       raise ConfigError(f"--warmup-steps {self.warmup_steps} must be below --steps {self.steps}")

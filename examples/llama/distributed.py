@@ -46,13 +46,13 @@ def _host_port(cfg: TrainConfig) -> tuple[str, int]:
   address = coordinator_address(cfg)
   if not address:
     raise ConfigError(
-        f"--num-processes {cfg.num_processes} needs --coordinator-address HOST:PORT (process 0's"
-        f" host, a free port), or ${ADDRESS_VARIABLE}"
+      f"--num-processes {cfg.num_processes} needs --coordinator-address HOST:PORT (process 0's"
+      f" host, a free port), or ${ADDRESS_VARIABLE}"
     )
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit():
     raise ConfigError(
-        f"{_address_flag(cfg)} {address!r} is not HOST:PORT (process 0's host, a free port)"
+      f"{_address_flag(cfg)} {address!r} is not HOST:PORT (process 0's host, a free port)"
     )
   return host.strip("[]"), int(port)
 
@@ -79,8 +79,8 @@ def _coordinate(cfg: TrainConfig, port: int, deadline: float) -> None:
     server = _listen(port)
   except OSError as error:
     raise ConfigError(
-        f"process 0 cannot listen on the port of {_address_flag(cfg)} "
-        f"{coordinator_address(cfg)}: {error.strerror}; pick a free port"
+      f"process 0 cannot listen on the port of {_address_flag(cfg)} "
+      f"{coordinator_address(cfg)}: {error.strerror}; pick a free port"
     ) from None
   conns, joined, verdict = [], set(), ""
   try:
@@ -89,9 +89,9 @@ def _coordinate(cfg: TrainConfig, port: int, deadline: float) -> None:
       if remaining <= 0:
         missing = sorted(set(range(1, cfg.num_processes)) - joined)
         verdict = (
-            f"--num-processes {cfg.num_processes}: process(es) {missing} did not reach "
-            f"{_address_flag(cfg)} {coordinator_address(cfg)} within --distributed-timeout "
-            f"{cfg.distributed_timeout} s"
+          f"--num-processes {cfg.num_processes}: process(es) {missing} did not reach "
+          f"{_address_flag(cfg)} {coordinator_address(cfg)} within --distributed-timeout "
+          f"{cfg.distributed_timeout} s"
         )
         break
       server.settimeout(remaining)
@@ -108,8 +108,8 @@ def _coordinate(cfg: TrainConfig, port: int, deadline: float) -> None:
       conns.append(conn)
       if count != cfg.num_processes:
         verdict = (
-            f"--num-processes differs between processes: {cfg.num_processes} on process 0, "
-            f"{count} on process {pid}"
+          f"--num-processes differs between processes: {cfg.num_processes} on process 0, "
+          f"{count} on process {pid}"
         )
       elif pid == 0 or pid in joined:
         verdict = f"--process-id {pid} is given to two processes"
@@ -133,9 +133,9 @@ def _join(cfg: TrainConfig, host: str, port: int, deadline: float) -> None:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
       raise ConfigError(
-          f"process {cfg.process_id} cannot reach process 0 at {_address_flag(cfg)} "
-          f"{coordinator_address(cfg)} within --distributed-timeout {cfg.distributed_timeout} s;"
-          " start process 0 on that host, or fix the address"
+        f"process {cfg.process_id} cannot reach process 0 at {_address_flag(cfg)} "
+        f"{coordinator_address(cfg)} within --distributed-timeout {cfg.distributed_timeout} s;"
+        " start process 0 on that host, or fix the address"
       )
     try:
       conn = socket.create_connection((host, port), timeout=min(remaining, 5.0))
@@ -151,8 +151,9 @@ def _join(cfg: TrainConfig, host: str, port: int, deadline: float) -> None:
       verdict = ""
   if verdict != "ok":
     raise ConfigError(
-        verdict or f"process {cfg.process_id}: no answer from process 0 at {_address_flag(cfg)} "
-        f"{coordinator_address(cfg)} within --distributed-timeout {cfg.distributed_timeout} s"
+      verdict
+      or f"process {cfg.process_id}: no answer from process 0 at {_address_flag(cfg)} "
+      f"{coordinator_address(cfg)} within --distributed-timeout {cfg.distributed_timeout} s"
     )
 
 
@@ -175,10 +176,10 @@ def initialize(cfg: TrainConfig) -> None:
     _join(cfg, host, port, deadline)
   _use_gloo()
   jax.distributed.initialize(
-      coordinator_address(cfg),
-      cfg.num_processes,
-      cfg.process_id,
-      initialization_timeout=max(int(deadline - time.monotonic()), 10),
+    coordinator_address(cfg),
+    cfg.num_processes,
+    cfg.process_id,
+    initialization_timeout=max(int(deadline - time.monotonic()), 10),
   )
 
 
@@ -189,8 +190,8 @@ def check_mesh(cfg: TrainConfig) -> None:
   devices = cfg.data_parallel * cfg.fsdp
   if devices != jax.device_count():
     raise ConfigError(
-        f"--data-parallel {cfg.data_parallel} × --fsdp {cfg.fsdp} = {devices} devices; "
-        f"the {jax.process_count()} processes have {jax.device_count()}: use them all"
+      f"--data-parallel {cfg.data_parallel} × --fsdp {cfg.fsdp} = {devices} devices; "
+      f"the {jax.process_count()} processes have {jax.device_count()}: use them all"
     )
 
 

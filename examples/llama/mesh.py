@@ -33,8 +33,8 @@ def make_mesh(data: int, fsdp: int) -> jax.sharding.Mesh | None:
     return None
   if data * fsdp > jax.device_count():
     raise ValueError(
-        f"--data-parallel {data} × --fsdp {fsdp} needs {data * fsdp} devices, "
-        f"{jax.device_count()} are visible"
+      f"--data-parallel {data} × --fsdp {fsdp} needs {data * fsdp} devices, "
+      f"{jax.device_count()} are visible"
     )
   devices = np.array(jax.devices()[: data * fsdp]).reshape(data, fsdp)
   # Auto axes: jit's in/out shardings drive XLA's partitioner (docs/scaling.md).
@@ -95,14 +95,14 @@ def model_level_specs(params, frozen, hidden: int, fsdp: int, mesh_axis: str = "
     return factor_spec(leaf, *kernels[path[:-1]])
 
   return (
-      jax.tree_util.tree_map_with_path(spec, params),
-      jax.tree_util.tree_map_with_path(spec, frozen),
+    jax.tree_util.tree_map_with_path(spec, params),
+    jax.tree_util.tree_map_with_path(spec, frozen),
   )
 
 
 def _named(mesh, specs):
   return jax.tree.map(
-      lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    lambda spec: NamedSharding(mesh, spec), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
   )
 
 
@@ -134,8 +134,7 @@ def update_shardings(mesh, params, hidden: int, frozen=None, tx=None, dims=None)
   return optax_subspace.update_shardings(tx, params, split, dims=dims)
 
 
-def shardings(mesh, params, tx, hidden: int, frozen=None, shard_optimizer: bool = False,
-              dims=None):
+def shardings(mesh, params, tx, hidden: int, frozen=None, shard_optimizer: bool = False, dims=None):
   """(param, optimizer-state, batch) shardings for `jax.jit`, or Nones without a mesh.
 
   With `frozen` (the model-level methods' non-Param state), a fourth: the frozen state's
@@ -146,8 +145,7 @@ def shardings(mesh, params, tx, hidden: int, frozen=None, shard_optimizer: bool 
   if mesh is None:
     return (None,) * (3 if frozen is None else 4)
   psh, fsh = _split_on(mesh, "fsdp", params, hidden, frozen)
-  state_from = (update_shardings(mesh, params, hidden, frozen, tx, dims) if shard_optimizer
-                else psh)
+  state_from = update_shardings(mesh, params, hidden, frozen, tx, dims) if shard_optimizer else psh
   import optax_subspace  # the state rules cover any optax chain, subspace or not
 
   ssh = optax_subspace.state_shardings(tx, params, state_from, mesh=mesh, dims=dims)
@@ -160,4 +158,3 @@ def place(tree, sharding_tree):
   if sharding_tree is None:
     return tree
   return jax.tree.map(jax.device_put, tree, sharding_tree)
-

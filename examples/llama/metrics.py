@@ -41,8 +41,8 @@ class Progress:
     width = 24
     filled = int(width * step / self.total)
     line = (
-        f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
-        f"{self.last} ETA {_duration(self.eta(step))}"
+      f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
+      f"{self.last} ETA {_duration(self.eta(step))}"
     )
     self.stream.write(line.ljust(100)[:120])
     self.stream.flush()
@@ -50,8 +50,8 @@ class Progress:
   def log(self, step: int, loss: float, tokens_per_s: float, tflops: float, step_s: float) -> None:
     self.last = f"loss {loss:.4f} | {tokens_per_s:,.0f} tok/s"
     self.say(
-        f"step {step}/{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
-        f"{tflops:.3f} TFLOP/s | {step_s:.3f} s/step | ETA {_duration(self.eta(step))}"
+      f"step {step}/{self.total} | loss {loss:.4f} | {tokens_per_s:,.0f} tok/s | "
+      f"{tflops:.3f} TFLOP/s | {step_s:.3f} s/step | ETA {_duration(self.eta(step))}"
     )
 
   def say(self, line: str) -> None:
@@ -111,9 +111,9 @@ class MetricsLog:
     if resume_step is not None and self.path.exists():
       # Records past the checkpoint belong to the interrupted tail that is being redone.
       kept = [
-          line
-          for line in self.path.read_text().splitlines()
-          if line and json.loads(line)["step"] <= resume_step
+        line
+        for line in self.path.read_text().splitlines()
+        if line and json.loads(line)["step"] <= resume_step
       ]
     self.path.write_text("".join(line + "\n" for line in kept))
     self.file = open(self.path, "a")

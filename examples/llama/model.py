@@ -39,23 +39,23 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 def _linear(cfg: ModelConfig, n_in: int, n_out: int, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(
-      n_in,
-      n_out,
-      use_bias=False,
-      kernel_init=_INIT,
-      dtype=cfg.compute_dtype,
-      param_dtype=cfg.param_dtype,
-      rngs=rngs,
+    n_in,
+    n_out,
+    use_bias=False,
+    kernel_init=_INIT,
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.param_dtype,
+    rngs=rngs,
   )
 
 
 def _rms_norm(cfg: ModelConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
   return nnx.RMSNorm(
-      cfg.hidden,
-      epsilon=cfg.norm_eps,
-      dtype=cfg.compute_dtype,
-      param_dtype=cfg.param_dtype,
-      rngs=rngs,
+    cfg.hidden,
+    epsilon=cfg.norm_eps,
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.param_dtype,
+    rngs=rngs,
   )
 
 
@@ -143,12 +143,12 @@ class Llama(nnx.Module):
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     self.cfg = cfg
     self.embed = nnx.Embed(
-        cfg.vocab_size,
-        cfg.hidden,
-        embedding_init=_INIT,
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.param_dtype,
-        rngs=rngs,
+      cfg.vocab_size,
+      cfg.hidden,
+      embedding_init=_INIT,
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.param_dtype,
+      rngs=rngs,
     )
     if cfg.scan_layers:
       self.layers = _stacked_blocks(cfg, rngs)

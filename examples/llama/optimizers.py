@@ -32,7 +32,7 @@ def schedule(cfg: TrainConfig, peak: float | None = None) -> optax.Schedule:
   GaLore setting)."""
   peak = cfg.effective_lr() if peak is None else peak
   return optax.warmup_cosine_decay_schedule(
-      0.0, peak, cfg.effective_warmup(), cfg.steps, end_value=0.1 * peak
+    0.0, peak, cfg.effective_warmup(), cfg.steps, end_value=0.1 * peak
   )
 
 
@@ -66,7 +66,7 @@ def _subspace_method(flag: str, function: str, module: str = "optax_subspace"):
     library = importlib.import_module(module)
   except ImportError:
     raise ConfigError(
-        f"--optimizer {flag} needs the optax_subspace library: pip install -e ."
+      f"--optimizer {flag} needs the optax_subspace library: pip install -e ."
     ) from None
   if not hasattr(library, function):
     raise ConfigError(f"--optimizer {flag}: this optax_subspace has no {function}(); update it")
@@ -92,7 +92,7 @@ def _not_factors(factor_name: str):
 
   def mask(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: path_string(path).rpartition("/")[2] != factor_name, params
+      lambda path, _: path_string(path).rpartition("/")[2] != factor_name, params
     )
 
   return mask
@@ -111,18 +111,18 @@ def apply_layers(cfg: TrainConfig, llama) -> list[str]:
   if cfg.optimizer == "rso_model":
     rso_layers = model_level_function(cfg.optimizer, "rso_layers")
     share = (
-        model_level_function(cfg.optimizer, "SHARE_QKV_GATE_UP") if cfg.rso_share_basis else None
+      model_level_function(cfg.optimizer, "SHARE_QKV_GATE_UP") if cfg.rso_share_basis else None
     )
     return rso_layers(llama, cfg.effective_rank(), mask=LAYERS, seed=cfg.seed, share_basis=share)
   if cfg.optimizer == "grass_model":
     grass_layers = model_level_function(cfg.optimizer, "grass_layers")
     return grass_layers(
-        llama,
-        cfg.effective_rank(),
-        update_every=cfg.update_every,
-        mask=LAYERS,
-        selection=cfg.grass_selection,
-        seed=cfg.seed,
+      llama,
+      cfg.effective_rank(),
+      update_every=cfg.update_every,
+      mask=LAYERS,
+      selection=cfg.grass_selection,
+      seed=cfg.seed,
     )
   raise ConfigError(f"--optimizer {cfg.optimizer} changes no layer; it is not model-level")
 
@@ -143,11 +143,11 @@ def _adamw_by_group(cfg: TrainConfig) -> optax.GradientTransformation:
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "kernels" if re.search(PROJECTED, path_string(path)) else "rest", params
+      lambda path, _: "kernels" if re.search(PROJECTED, path_string(path)) else "rest", params
     )
 
   return optax.partition(
-      {"kernels": adamw(schedule(cfg)), "rest": adamw(unprojected_schedule(cfg))}, labels
+    {"kernels": adamw(schedule(cfg)), "rest": adamw(unprojected_schedule(cfg))}, labels
   )
 
 
@@ -159,18 +159,22 @@ def _full_rank_method(cfg: TrainConfig, lr, lr_rest) -> optax.GradientTransforma
   α is 1, APOLLO-Mini's √128 at rank 1 (--rank is not read).
   """
   common = dict(
-      weight_decay=cfg.weight_decay, mask=PROJECTED, dims=matrix_dims(cfg),
-      unprojected_learning_rate=lr_rest,
+    weight_decay=cfg.weight_decay,
+    mask=PROJECTED,
+    dims=matrix_dims(cfg),
+    unprojected_learning_rate=lr_rest,
   )
   preset = _subspace_method(cfg.optimizer, cfg.optimizer)
   if cfg.optimizer == "fira":
-    return preset(lr, rank=cfg.effective_rank(), update_every=cfg.update_every,
-                  scale=cfg.galore_scale, **common)
+    return preset(
+      lr, rank=cfg.effective_rank(), update_every=cfg.update_every, scale=cfg.galore_scale, **common
+    )
   if cfg.optimizer == "frugal":
     return preset(lr, rank=cfg.effective_rank(), update_every=cfg.update_every, **common)
   if cfg.optimizer == "apollo":
-    return preset(lr, rank=cfg.effective_rank(), update_every=cfg.update_every,
-                  seed=cfg.seed, **common)
+    return preset(
+      lr, rank=cfg.effective_rank(), update_every=cfg.update_every, seed=cfg.seed, **common
+    )
   return preset(lr, update_every=cfg.update_every, seed=cfg.seed, **common)
 
 
@@ -182,63 +186,63 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
     return _adamw_by_group(cfg)
   if cfg.optimizer == "optax_galore":
     return optax.contrib.galore(
-        lr,
-        rank=cfg.effective_rank(),
-        update_proj_gap=cfg.update_every,
-        scale=cfg.galore_scale,
-        base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
-        weight_decay=cfg.weight_decay,
-        weight_dimension_numbers=_optax_galore_dims,
+      lr,
+      rank=cfg.effective_rank(),
+      update_proj_gap=cfg.update_every,
+      scale=cfg.galore_scale,
+      base_optimizer=optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
+      weight_decay=cfg.weight_decay,
+      weight_dimension_numbers=_optax_galore_dims,
     )
   if cfg.optimizer == "galore":
     return _subspace_method("galore", "galore")(
-        lr,
-        rank=cfg.effective_rank(),
-        update_every=cfg.update_every,
-        scale=cfg.galore_scale,
-        weight_decay=cfg.weight_decay,
-        mask=PROJECTED,
-        dims=matrix_dims(cfg),
-        unprojected_learning_rate=lr_rest,
+      lr,
+      rank=cfg.effective_rank(),
+      update_every=cfg.update_every,
+      scale=cfg.galore_scale,
+      weight_decay=cfg.weight_decay,
+      mask=PROJECTED,
+      dims=matrix_dims(cfg),
+      unprojected_learning_rate=lr_rest,
     )
   if cfg.optimizer == "osd":
     return _subspace_method("osd", "online_subspace_descent")(
-        lr,
-        rank=cfg.effective_rank(),
-        scale=cfg.galore_scale,
-        update_every=cfg.update_every,
-        peak_learning_rate=cfg.effective_lr(),
-        weight_decay=cfg.weight_decay,
-        mask=PROJECTED,
-        dims=matrix_dims(cfg),
-        unprojected_learning_rate=lr_rest,
+      lr,
+      rank=cfg.effective_rank(),
+      scale=cfg.galore_scale,
+      update_every=cfg.update_every,
+      peak_learning_rate=cfg.effective_lr(),
+      weight_decay=cfg.weight_decay,
+      mask=PROJECTED,
+      dims=matrix_dims(cfg),
+      unprojected_learning_rate=lr_rest,
     )
   if cfg.optimizer == "grass":
     # Top-r rows by norm, moments reset at a new selection (as reported for
     # GRASS); no α: GRASS has none (--galore-scale is GaLore's and OSD's).
     return _subspace_method("grass", "grass")(
-        lr,
-        rank=cfg.effective_rank(),
-        selection=cfg.grass_selection,
-        restart_bias_correction=not cfg.grass_shared_count,
-        update_every=cfg.update_every,
-        weight_decay=cfg.weight_decay,
-        mask=PROJECTED,
-        dims=matrix_dims(cfg),
-        unprojected_learning_rate=lr_rest,
+      lr,
+      rank=cfg.effective_rank(),
+      selection=cfg.grass_selection,
+      restart_bias_correction=not cfg.grass_shared_count,
+      update_every=cfg.update_every,
+      weight_decay=cfg.weight_decay,
+      mask=PROJECTED,
+      dims=matrix_dims(cfg),
+      unprojected_learning_rate=lr_rest,
     )
   if cfg.optimizer == "rso":
     # One RSO subproblem per --update-every steps: a fresh random (Haar) P on the input side of
     # every projected kernel, Adam restarted on B; no proximal term and no α (docs/rso.md).
     return _subspace_method("rso", "rso")(
-        lr,
-        rank=cfg.effective_rank(),
-        inner_steps=cfg.update_every,
-        weight_decay=cfg.weight_decay,
-        mask=PROJECTED,
-        dims=matrix_dims(cfg),
-        unprojected_learning_rate=lr_rest,
-        seed=cfg.seed,
+      lr,
+      rank=cfg.effective_rank(),
+      inner_steps=cfg.update_every,
+      weight_decay=cfg.weight_decay,
+      mask=PROJECTED,
+      dims=matrix_dims(cfg),
+      unprojected_learning_rate=lr_rest,
+      seed=cfg.seed,
     )
   if cfg.optimizer in ("fira", "frugal", "apollo", "apollo_mini"):
     return _full_rank_method(cfg, lr, lr_rest)
@@ -247,7 +251,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
     # after every --update-every updates runs in the train loop), Adam on the dense Params. Its
     # decoupled weight decay would move the frozen W every step, so it decays the dense Params.
     tx = model_level_function("rso_model", "rso_optimizer")(
-        lr, inner_steps=cfg.update_every, unprojected_learning_rate=lr_rest
+      lr, inner_steps=cfg.update_every, unprojected_learning_rate=lr_rest
     )
     if not cfg.weight_decay:
       return tx
@@ -257,14 +261,14 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
     # Adam on D (its gradient is already GRASS's compressed one) and the dense Params; weight
     # decay on the dense Params only; the refresh every --update-every steps runs in the loop.
     return model_level_function("grass_model", "grass_optimizer")(
-        lr,
-        weight_decay=cfg.weight_decay,
-        restart_bias_correction=not cfg.grass_shared_count,
-        unprojected_learning_rate=lr_rest,
+      lr,
+      weight_decay=cfg.weight_decay,
+      restart_bias_correction=not cfg.grass_shared_count,
+      unprojected_learning_rate=lr_rest,
     )
   raise ConfigError(
-      f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, rso, grass,"
-      " rso_model, grass_model, optax_galore, fira, frugal, apollo, apollo_mini"
+    f"unknown optimizer {cfg.optimizer!r}; choose one of adamw, galore, osd, rso, grass,"
+    " rso_model, grass_model, optax_galore, fira, frugal, apollo, apollo_mini"
   )
 
 
@@ -326,7 +330,11 @@ def selected_rows_summary(seen: dict) -> dict:
   if not seen:
     return {}
   fractions = np.concatenate([rows.mean(axis=-1) for rows in seen.values()])
-  return {"grass_rows_ever_selected": {"mean": float(fractions.mean()),
-                                       "min": float(fractions.min()),
-                                       "max": float(fractions.max()),
-                                       "matrices": int(fractions.size)}}
+  return {
+    "grass_rows_ever_selected": {
+      "mean": float(fractions.mean()),
+      "min": float(fractions.min()),
+      "max": float(fractions.max()),
+      "matrices": int(fractions.size),
+    }
+  }

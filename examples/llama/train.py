@@ -47,9 +47,9 @@ class _OneLineParser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
   """One flag per TrainConfig field; flags not given stay absent so --resume can tell them apart."""
   p = _OneLineParser(
-      prog="python -m examples.llama train",
-      description="Pretrain a LLaMA with AdamW or a subspace optimizer.",
-      argument_default=argparse.SUPPRESS,
+    prog="python -m examples.llama train",
+    description="Pretrain a LLaMA with AdamW or a subspace optimizer.",
+    argument_default=argparse.SUPPRESS,
   )
   for field in dataclasses.fields(TrainConfig):
     flag = "--" + field.name.replace("_", "-")
@@ -90,13 +90,20 @@ def resolve_config(given: dict) -> tuple[TrainConfig, dict | None]:
     if name not in RESUMABLE_FLAGS and saved["flags"].get(name) != value:
       flag = "--" + name.replace("_", "-")
       raise ConfigError(
-          f"{flag} {value} differs from {saved['flags'].get(name)} in {config_file}; "
-          f"drop {flag} to resume, or start a new --run-dir"
+        f"{flag} {value} differs from {saved['flags'].get(name)} in {config_file}; "
+        f"drop {flag} to resume, or start a new --run-dir"
       )
   # What one process (or one launch of the processes) asked for, not the run; and where the run
   # is: the folder resumed from.
-  once = ("stop_at_step", "profile_steps", "num_processes", "process_id", "coordinator_address",
-          "distributed_timeout", "run_dir")
+  once = (
+    "stop_at_step",
+    "profile_steps",
+    "num_processes",
+    "process_id",
+    "coordinator_address",
+    "distributed_timeout",
+    "run_dir",
+  )
   inherited = {k: v for k, v in saved["flags"].items() if k not in once}
   cfg = TrainConfig(**{**inherited, **given})
   cfg.validate()
@@ -171,8 +178,14 @@ def _on_mesh(jitted, mesh):
   return call
 
 
-def jit_train_step(graphdef, tx, shardings=(None, None, None), frozen_shardings=None,
-                   update_shardings=None, grad_accum=1):
+def jit_train_step(
+  graphdef,
+  tx,
+  shardings=(None, None, None),
+  frozen_shardings=None,
+  update_shardings=None,
+  grad_accum=1,
+):
   """The jitted step of `make_train_step`, to call or `.lower` under `jax.set_mesh(mesh)`.
 
   ``(params, opt_state, batch, frozen, refresh[, accumulated])``; `refresh` is static.
@@ -187,9 +200,9 @@ def jit_train_step(graphdef, tx, shardings=(None, None, None), frozen_shardings=
     loss, grads = jax.value_and_grad(_loss)(params, graphdef, batch, frozen)
     if accumulated is not None:
       grads = jax.tree.map(
-          lambda a, g: ((a + g.astype(jnp.float32)) / grad_accum).astype(g.dtype),
-          accumulated,
-          grads,
+        lambda a, g: ((a + g.astype(jnp.float32)) / grad_accum).astype(g.dtype),
+        accumulated,
+        grads,
       )
     if update_shardings is not None:
       grads = jax.lax.with_sharding_constraint(grads, update_shardings)
@@ -204,16 +217,22 @@ def jit_train_step(graphdef, tx, shardings=(None, None, None), frozen_shardings=
   if grad_accum > 1:
     in_shardings += (update_shardings or psh,)
   return jax.jit(
-      train_step,
-      in_shardings=in_shardings,
-      out_shardings=(psh, ssh, None),
-      donate_argnums=(0, 1),  # not `accumulated`: no output has its shapes and dtypes left
-      static_argnums=4,
+    train_step,
+    in_shardings=in_shardings,
+    out_shardings=(psh, ssh, None),
+    donate_argnums=(0, 1),  # not `accumulated`: no output has its shapes and dtypes left
+    static_argnums=4,
   )
 
 
-def make_train_step(graphdef, tx, shardings=(None, None, None), frozen_shardings=None,
-                    update_shardings=None, grad_accum=1):
+def make_train_step(
+  graphdef,
+  tx,
+  shardings=(None, None, None),
+  frozen_shardings=None,
+  update_shardings=None,
+  grad_accum=1,
+):
   """(params, opt_state, batch[, frozen, refresh, accumulated]) -> (params, opt_state, loss),
   jitted, state donated: one optimizer step.
 
@@ -229,15 +248,16 @@ def make_train_step(graphdef, tx, shardings=(None, None, None), frozen_shardings
   step = _on_mesh(step, None if shardings[2] is None else shardings[2].mesh)
   if grad_accum > 1:
     return lambda params, opt_state, batch, frozen=None, refresh=None, accumulated=None: step(
-        params, opt_state, batch, frozen, refresh, accumulated
+      params, opt_state, batch, frozen, refresh, accumulated
     )
   return lambda params, opt_state, batch, frozen=None, refresh=None: step(
-      params, opt_state, batch, frozen, refresh
+    params, opt_state, batch, frozen, refresh
   )
 
 
-def make_accumulate(graphdef, shardings=(None, None, None), frozen_shardings=None,
-                    update_shardings=None):
+def make_accumulate(
+  graphdef, shardings=(None, None, None), frozen_shardings=None, update_shardings=None
+):
   """(params, accumulated, batch[, frozen]) -> (accumulated + this batch's gradient, loss).
 
   The micro-batches of a step but its last (`--grad-accum`): their gradients summed in float32,
@@ -261,10 +281,17 @@ def make_accumulate(graphdef, shardings=(None, None, None), frozen_shardings=Non
     more = jax.jit(accumulate, donate_argnums=1)
   else:
     ash = update_shardings or psh
-    first = jax.jit(lambda params, batch, frozen: accumulate(params, None, batch, frozen),
-                    in_shardings=(psh, bsh, frozen_shardings), out_shardings=(ash, None))
-    more = jax.jit(accumulate, in_shardings=(psh, ash, bsh, frozen_shardings),
-                   out_shardings=(ash, None), donate_argnums=1)
+    first = jax.jit(
+      lambda params, batch, frozen: accumulate(params, None, batch, frozen),
+      in_shardings=(psh, bsh, frozen_shardings),
+      out_shardings=(ash, None),
+    )
+    more = jax.jit(
+      accumulate,
+      in_shardings=(psh, ash, bsh, frozen_shardings),
+      out_shardings=(ash, None),
+      donate_argnums=1,
+    )
   mesh = None if shardings[2] is None else shardings[2].mesh
   first, more = _on_mesh(first, mesh), _on_mesh(more, mesh)
 
@@ -285,7 +312,7 @@ def _compiled(function, mesh, donate, in_shardings, out_shardings, *args):
   if mesh is None:
     return jax.jit(function, donate_argnums=donate).lower(*args).compile()
   jitted = jax.jit(
-      function, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate
+    function, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate
   )
   with jax.set_mesh(mesh):
     return jitted.lower(*args).compile()
@@ -311,8 +338,9 @@ def make_rso_merge(graphdef, params, frozen, shardings=(None, None, None, None))
   return _compiled(merge, mesh, (0, 1), (psh, fsh), (psh, fsh), params, frozen)
 
 
-def make_grass_refresh(graphdef, tx, params, opt_state, frozen, batch_shape,
-                       shardings=(None, None, None, None)):
+def make_grass_refresh(
+  graphdef, tx, params, opt_state, frozen, batch_shape, shardings=(None, None, None, None)
+):
   """(params, opt_state, frozen, step, batch) -> (params, opt_state, frozen), compiled.
 
   `optax_subspace.nn.grass_refresh` for an optimizer step that is a multiple of K, before that
@@ -370,8 +398,8 @@ def make_eval(graphdef, windows: np.ndarray, batch_size: int):
 
   def evaluate(params, frozen=None) -> float:
     total = sum(
-        summed_loss(params, frozen, rows[i : i + batch_size], weights[i : i + batch_size])
-        for i in range(0, padded, batch_size)
+      summed_loss(params, frozen, rows[i : i + batch_size], weights[i : i + batch_size])
+      for i in range(0, padded, batch_size)
     )
     return float(total) / n
 
@@ -423,9 +451,9 @@ def _save(manager, step, params, opt_state, meta, frozen=None) -> None:
   """Saves the run's state; `frozen` is the model-level methods' non-Param state (frozen W,
   RSO's P and subproblem index, GRASS's selection and key), which a resume needs as well."""
   items = dict(
-      params=ocp.args.StandardSave(params),
-      opt_state=ocp.args.StandardSave(_without_empty(opt_state)),
-      meta=ocp.args.JsonSave(meta),
+    params=ocp.args.StandardSave(params),
+    opt_state=ocp.args.StandardSave(_without_empty(opt_state)),
+    meta=ocp.args.JsonSave(meta),
   )
   if frozen is not None:
     items["frozen"] = ocp.args.StandardSave(frozen)
@@ -436,26 +464,26 @@ def _save(manager, step, params, opt_state, meta, frozen=None) -> None:
 def _restore(manager, params, opt_state, frozen=None):
   """(params, opt_state, meta, frozen) of the latest checkpoint, in the templates' structure."""
   items = dict(
-      params=ocp.args.StandardRestore(params),
-      opt_state=ocp.args.StandardRestore(_without_empty(opt_state)),
-      meta=ocp.args.JsonRestore(),
+    params=ocp.args.StandardRestore(params),
+    opt_state=ocp.args.StandardRestore(_without_empty(opt_state)),
+    meta=ocp.args.JsonRestore(),
   )
   if frozen is not None:
     items["frozen"] = ocp.args.StandardRestore(frozen)
   restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(**items))
   return (
-      restored.params,
-      _with_empty(opt_state, restored.opt_state),
-      restored.meta,
-      None if frozen is None else restored.frozen,
+    restored.params,
+    _with_empty(opt_state, restored.opt_state),
+    restored.meta,
+    None if frozen is None else restored.frozen,
   )
 
 
 def _tokenizer_record(tokenizer) -> dict:
   return {
-      "name": tokenizer.name,
-      "vocab_size": tokenizer.vocab_size,
-      "fingerprint": tokenizer.fingerprint,
+    "name": tokenizer.name,
+    "vocab_size": tokenizer.vocab_size,
+    "fingerprint": tokenizer.fingerprint,
   }
 
 
@@ -466,17 +494,17 @@ def _check_run_dir(cfg: TrainConfig, saved: dict | None, tokenizer) -> None:
   if saved is None:
     if has_checkpoint:
       raise ConfigError(
-          f"{run_dir} already holds a run; pass --resume to continue it, or pick another --run-dir"
+        f"{run_dir} already holds a run; pass --resume to continue it, or pick another --run-dir"
       )
     return
   if not has_checkpoint:
     raise ConfigError(
-        f"no checkpoint in {checkpoints} to resume; drop --resume to start the run again"
+      f"no checkpoint in {checkpoints} to resume; drop --resume to start the run again"
     )
   if saved["tokenizer"] != _tokenizer_record(tokenizer):
     raise ConfigError(
-        f"tokenizer {_tokenizer_record(tokenizer)} does not match the checkpoint's "
-        f"{saved['tokenizer']} in {run_dir}; restore that tokenizer, or start a new --run-dir"
+      f"tokenizer {_tokenizer_record(tokenizer)} does not match the checkpoint's "
+      f"{saved['tokenizer']} in {run_dir}; restore that tokenizer, or start a new --run-dir"
     )
 
 
@@ -486,19 +514,19 @@ def _print_config(cfg, mcfg, dataset, n_params, n_trainable, sizes, run_dir) -> 
   print(textwrap.fill(flags, width=100, initial_indent="  ", subsequent_indent="  "))
   print(f"data: {dataset.description}")
   print(
-      f"model: {cfg.model_size} ({mcfg.hidden}/{mcfg.ffn}/{mcfg.heads}/{mcfg.layers}), "
-      f"{n_params:,} parameters"
-      f"{f' ({n_trainable:,} trainable)' if n_trainable != n_params else ''}, "
-      f"compute {mcfg.compute_dtype}, parameters {mcfg.param_dtype}, remat {mcfg.remat}"
+    f"model: {cfg.model_size} ({mcfg.hidden}/{mcfg.ffn}/{mcfg.heads}/{mcfg.layers}), "
+    f"{n_params:,} parameters"
+    f"{f' ({n_trainable:,} trainable)' if n_trainable != n_params else ''}, "
+    f"compute {mcfg.compute_dtype}, parameters {mcfg.param_dtype}, remat {mcfg.remat}"
   )
   print(
-      f"optimizer: {cfg.optimizer}, peak lr {cfg.effective_lr():g}"
-      + (f" (unprojected leaves {cfg.lr_unprojected:g})" if cfg.lr_unprojected else "")
-      + ", "
-      f"warm-up {cfg.effective_warmup()} steps, "
-      f"state {sizes['opt_state_bytes']:,} bytes; device {jax.devices()[0].device_kind}"
-      f" × {cfg.data_parallel * cfg.fsdp} (data {cfg.data_parallel}, fsdp {cfg.fsdp}"
-      f"{', optimizer state split over data' if cfg.shard_optimizer else ''})"
+    f"optimizer: {cfg.optimizer}, peak lr {cfg.effective_lr():g}"
+    + (f" (unprojected leaves {cfg.lr_unprojected:g})" if cfg.lr_unprojected else "")
+    + ", "
+    f"warm-up {cfg.effective_warmup()} steps, "
+    f"state {sizes['opt_state_bytes']:,} bytes; device {jax.devices()[0].device_kind}"
+    f" × {cfg.data_parallel * cfg.fsdp} (data {cfg.data_parallel}, fsdp {cfg.fsdp}"
+    f"{', optimizer state split over data' if cfg.shard_optimizer else ''})"
   )
 
 
@@ -534,12 +562,12 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   tokenizer = dataset.tokenizer
   _check_run_dir(cfg, saved, tokenizer)
   mcfg = model_config(
-      cfg.model_size,
-      tokenizer.vocab_size,
-      compute_dtype=cfg.compute_dtype,
-      param_dtype="bfloat16" if cfg.pure_bf16 else "float32",
-      remat=cfg.remat,
-      scan_layers=cfg.scan_layers,
+    cfg.model_size,
+    tokenizer.vocab_size,
+    compute_dtype=cfg.compute_dtype,
+    param_dtype="bfloat16" if cfg.pure_bf16 else "float32",
+    remat=cfg.remat,
+    scan_layers=cfg.scan_layers,
   )
   tx = optimizers.build(cfg)  # raises ConfigError for a missing library
   model_level = cfg.optimizer in optimizers.MODEL_LEVEL
@@ -564,13 +592,11 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     opt_state = tx.init(params)
     shard_optimizer = cfg.shard_optimizer and device_mesh is not None
     dims = optimizers.matrix_dims(cfg)
-    shardings = mesh.shardings(
-        device_mesh, params, tx, mcfg.hidden, frozen, shard_optimizer, dims
-    )
+    shardings = mesh.shardings(device_mesh, params, tx, mcfg.hidden, frozen, shard_optimizer, dims)
     update_shardings = (
-        mesh.update_shardings(device_mesh, params, mcfg.hidden, frozen, tx, dims)
-        if shard_optimizer
-        else None
+      mesh.update_shardings(device_mesh, params, mcfg.hidden, frozen, tx, dims)
+      if shard_optimizer
+      else None
     )
   except ValueError as error:  # an optimizer's own check of its settings against the shapes
     raise ConfigError(f"--optimizer {cfg.optimizer}: {error}") from None
@@ -583,8 +609,10 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   n_trainable = model.count_params(params)
   n_params = n_trainable + optimizers.frozen_weight_count(frozen)
   # The gradient accumulator of --grad-accum (float32, like the Params) lives within a step.
-  sizes = {**optimizers.state_bytes(opt_state),
-           "grad_accum_bytes": 4 * n_trainable if cfg.grad_accum > 1 else 0}
+  sizes = {
+    **optimizers.state_bytes(opt_state),
+    "grad_accum_bytes": 4 * n_trainable if cfg.grad_accum > 1 else 0,
+  }
 
   # Every input has been checked: from here on the run directory is written.
   run_dir = pathlib.Path(cfg.resolved_run_dir())
@@ -592,16 +620,16 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   primary = jax.process_index() == 0  # the one process that writes the run's files
   if saved is None and primary:
     record = {
-        "flags": cfg.flags(),
-        "model": dataclasses.asdict(mcfg),
-        "tokenizer": _tokenizer_record(tokenizer),
-        "data": dataset.description,
-        "params": n_params,
-        "trainable_params": n_trainable,
-        "rank": cfg.effective_rank(),
-        "lr": cfg.effective_lr(),
-        "warmup_steps": cfg.effective_warmup(),
-        **sizes,
+      "flags": cfg.flags(),
+      "model": dataclasses.asdict(mcfg),
+      "tokenizer": _tokenizer_record(tokenizer),
+      "data": dataset.description,
+      "params": n_params,
+      "trainable_params": n_trainable,
+      "rank": cfg.effective_rank(),
+      "lr": cfg.effective_lr(),
+      "warmup_steps": cfg.effective_warmup(),
+      **sizes,
     }
     (run_dir / "config.json").write_text(json.dumps(record, indent=1) + "\n")
   _print_config(cfg, mcfg, dataset, n_params, n_trainable, sizes, run_dir)
@@ -615,12 +643,12 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
 
   frozen_shardings = shardings[3] if model_level else None
   train_step = make_train_step(
-      graphdef, tx, shardings[:3], frozen_shardings, update_shardings, cfg.grad_accum
+    graphdef, tx, shardings[:3], frozen_shardings, update_shardings, cfg.grad_accum
   )
   accumulate = (
-      make_accumulate(graphdef, shardings[:3], frozen_shardings, update_shardings)
-      if cfg.grad_accum > 1
-      else None
+    make_accumulate(graphdef, shardings[:3], frozen_shardings, update_shardings)
+    if cfg.grad_accum > 1
+    else None
   )
   merge = refresh = None
   if cfg.optimizer == "rso_model":
@@ -633,8 +661,10 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   if jax.process_count() > 1:
     batch_shape = (cfg.micro_batch_size, cfg.seq_len + 1)
     rows = distributed.local_rows(shardings[2], batch_shape)
-    print(f"data: process {jax.process_index()} of {jax.process_count()} loads rows "
-          f"{rows.start}..{rows.stop - 1} of each batch of {cfg.micro_batch_size}")
+    print(
+      f"data: process {jax.process_index()} of {jax.process_count()} loads rows "
+      f"{rows.start}..{rows.stop - 1} of each batch of {cfg.micro_batch_size}"
+    )
   batches = dataset.train_batches(cfg.micro_batch_size, position, rows)
   # Jitted, and its value fetched with the step's loss at the next log: a float() of it here
   # would wait for the step queued before it on the device, a sync per step that leaves the
@@ -651,17 +681,21 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
   compiled = set()  # the train-step programs (`refresh` values) this process has run
   # Where this process's wall time goes (summary.json "seconds"): the training steps that
   # tokens/s counts are the clock's; the rest is set-up, compiling steps, evaluations, saves.
-  spent = {"setup": time.perf_counter() - started, "compiling_steps": 0.0, "eval": 0.0,
-           "checkpoint": 0.0}
+  spent = {
+    "setup": time.perf_counter() - started,
+    "compiling_steps": 0.0,
+    "eval": 0.0,
+    "checkpoint": 0.0,
+  }
 
   def run_eval():
     eval_loss = evaluate(params, frozen)
     entry = {
-        "kind": "eval",
-        "step": step,
-        "tokens": tokens,
-        "eval_loss": eval_loss,
-        "eval_ppl": math.exp(min(eval_loss, 50.0)),
+      "kind": "eval",
+      "step": step,
+      "tokens": tokens,
+      "eval_loss": eval_loss,
+      "eval_ppl": math.exp(min(eval_loss, 50.0)),
     }
     log.write(entry)
     progress.say(f"eval step {step} | loss {eval_loss:.4f} | perplexity {entry['eval_ppl']:.2f}")
@@ -727,7 +761,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
         profile_until, profiled = 0, (profiled[0], step)
       wants_eval = cfg.eval_every and step % cfg.eval_every == 0 or step == cfg.steps
       wants_checkpoint = (
-          cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or step == cfg.steps
+        cfg.checkpoint_every and step % cfg.checkpoint_every == 0 or step == cfg.steps
       )
       if wants_eval or wants_checkpoint or stop:
         _write_steps(log, pending)
@@ -745,7 +779,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
       if stop:
         why = "interrupted" if interrupts.requested else f"stopped at --stop-at-step {step}"
         progress.say(
-            f"{why}: checkpoint saved at step {step}; continue with --resume --run-dir {run_dir}"
+          f"{why}: checkpoint saved at step {step}; continue with --resume --run-dir {run_dir}"
         )
         exit_code = EXIT_INTERRUPTED if interrupts.requested else 0
         break
@@ -758,31 +792,33 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
 
   timed = clock.total_steps * cfg.tokens_per_step
   summary = {
-      "run": str(run_dir),
-      "optimizer": cfg.optimizer,
-      "rank": None if cfg.optimizer == "adamw" else cfg.effective_rank(),
-      "model_size": cfg.model_size,
-      "steps": step,
-      "tokens": tokens,
-      "params": n_params,
-      "trainable_params": n_trainable,
-      "tokens_per_s": timed / clock.total_seconds if clock.total_seconds else None,
-      "timed_steps": clock.total_steps,
-      "profiled_steps": profiled,
-      **optimizers.selected_rows_summary(selected_rows),
-      **sizes,
-      "exit_code": exit_code,
-      "seconds": {**{k: round(v, 6) for k, v in spent.items()},
-                  "timed_steps": round(clock.total_seconds, 6),
-                  "total": round(time.perf_counter() - started, 6)},
+    "run": str(run_dir),
+    "optimizer": cfg.optimizer,
+    "rank": None if cfg.optimizer == "adamw" else cfg.effective_rank(),
+    "model_size": cfg.model_size,
+    "steps": step,
+    "tokens": tokens,
+    "params": n_params,
+    "trainable_params": n_trainable,
+    "tokens_per_s": timed / clock.total_seconds if clock.total_seconds else None,
+    "timed_steps": clock.total_steps,
+    "profiled_steps": profiled,
+    **optimizers.selected_rows_summary(selected_rows),
+    **sizes,
+    "exit_code": exit_code,
+    "seconds": {
+      **{k: round(v, 6) for k, v in spent.items()},
+      "timed_steps": round(clock.total_seconds, 6),
+      "total": round(time.perf_counter() - started, 6),
+    },
   }
   if step == cfg.steps:
     summary.update(final_eval_loss=last_eval["eval_loss"], final_eval_ppl=last_eval["eval_ppl"])
     if primary:
       (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(
-        f"final eval perplexity: {last_eval['eval_ppl']:.2f} (loss {last_eval['eval_loss']:.4f}) "
-        f"after {step} steps, {tokens:,} tokens"
+      f"final eval perplexity: {last_eval['eval_ppl']:.2f} (loss {last_eval['eval_loss']:.4f}) "
+      f"after {step} steps, {tokens:,} tokens"
     )
   if primary:
     _report_outputs(run_dir, step, has_tensorboard, finished=step == cfg.steps)

@@ -21,8 +21,9 @@ from optax_subspace._leaves import path_str
 LayerMask = Union[str, Callable[[str, nnx.Module], bool]]
 
 
-def find_linears(model: nnx.Module, mask: LayerMask,
-                 kinds=(nnx.Linear,)) -> list[tuple[tuple, nnx.Module]]:
+def find_linears(
+  model: nnx.Module, mask: LayerMask, kinds=(nnx.Linear,)
+) -> list[tuple[tuple, nnx.Module]]:
   """(path, layer) of every layer of type `kinds` whose path `mask` selects.
 
   `mask` is a regex searched (`re.search`) in the "/"-joined module path
@@ -45,8 +46,9 @@ def find_linears(model: nnx.Module, mask: LayerMask,
   if not found:
     kinds_names = ", ".join(k.__name__ for k in kinds)
     raise ValueError(
-        f"mask {mask!r} selects no layer of type {kinds_names}; the model has:"
-        f" {seen[:8]}{' ...' if len(seen) > 8 else ''}")
+      f"mask {mask!r} selects no layer of type {kinds_names}; the model has:"
+      f" {seen[:8]}{' ...' if len(seen) > 8 else ''}"
+    )
   return found
 
 
@@ -72,18 +74,24 @@ def param_leaf_indices(model: nnx.Module) -> dict[tuple, int]:
   """
   flat = jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]
   return {
-      tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)): i
-      for i, (key_path, _) in enumerate(flat)
+    tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey)): i
+    for i, (key_path, _) in enumerate(flat)
   }
 
 
 # What a layer that replaces an `nnx.Linear` keeps of it, besides its arrays.
-LINEAR_SETTINGS = ("use_bias", "dtype", "param_dtype", "precision",
-                   "dot_general", "promote_dtype", "preferred_element_type")
+LINEAR_SETTINGS = (
+  "use_bias",
+  "dtype",
+  "param_dtype",
+  "precision",
+  "dot_general",
+  "promote_dtype",
+  "preferred_element_type",
+)
 
 
-def adopt_linear(module: nnx.Module, linear: nnx.Module,
-                 wrapper: str) -> nnx.Variable:
+def adopt_linear(module: nnx.Module, linear: nnx.Module, wrapper: str) -> nnx.Variable:
   """Checks that `linear` is an `nnx.Linear` with a 2-D kernel and gives
   `module` (its replacement, named `wrapper` in errors) its sizes
   (`in_features`, `out_features`), `LINEAR_SETTINGS` and its bias (the same
@@ -91,12 +99,10 @@ def adopt_linear(module: nnx.Module, linear: nnx.Module,
   frozen copy (`frozen`) and factor (`factor_param`).
   """
   if not isinstance(linear, nnx.Linear):
-    raise TypeError(
-        f"{wrapper} replaces an nnx.Linear, got {type(linear).__name__}.")
+    raise TypeError(f"{wrapper} replaces an nnx.Linear, got {type(linear).__name__}.")
   kernel = linear.kernel
   if kernel.ndim != 2:
-    raise ValueError(
-        f"{wrapper} needs a 2-D kernel (in, out), got shape {kernel.shape}.")
+    raise ValueError(f"{wrapper} needs a 2-D kernel (in, out), got shape {kernel.shape}.")
   module.in_features, module.out_features = kernel.shape
   for name in LINEAR_SETTINGS:
     setattr(module, name, getattr(linear, name))
@@ -108,12 +114,10 @@ def frozen(variable_type, kernel: nnx.Variable) -> nnx.Variable:
   """The kernel's array as a `variable_type` (not a Param: no gradient, no
   optimizer state), with the kernel's metadata; already placed, so not
   resharded on creation."""
-  return variable_type(kernel[...],
-                       **{**kernel.get_metadata(), "eager_sharding": False})
+  return variable_type(kernel[...], **{**kernel.get_metadata(), "eager_sharding": False})
 
 
-def split_sharding(kernel: jax.Array,
-                   keep_axis: int) -> Optional[NamedSharding]:
+def split_sharding(kernel: jax.Array, keep_axis: int) -> Optional[NamedSharding]:
   """A NamedSharding for an array that shares axis `keep_axis` with the kernel, if it has one."""
   sharding = getattr(kernel, "sharding", None)
   if not isinstance(sharding, NamedSharding):
@@ -141,12 +145,10 @@ def placed(value: jax.Array, kernel: jax.Array, keep_axis: int) -> jax.Array:
   return value if sharding is None else jax.device_put(value, sharding)
 
 
-def factor_param(value: jax.Array, kernel: nnx.Variable,
-                 keep_axis: int) -> nnx.Param:
+def factor_param(value: jax.Array, kernel: nnx.Variable, keep_axis: int) -> nnx.Param:
   """The trainable factor of a replacement layer as an `nnx.Param` that
   shares axis `keep_axis` with `kernel` (RSO's B, r × out: 1; GRASS's D,
   in × r: 0): placed with the kernel array's split of that axis, and with
   the matching `out_sharding` metadata (`nnx.get_partition_spec`, and the
   sharding `nnx.Optimizer` gives its moments)."""
-  return nnx.Param(placed(value, kernel[...], keep_axis),
-                   **split_metadata(kernel, keep_axis))
+  return nnx.Param(placed(value, kernel[...], keep_axis), **split_metadata(kernel, keep_axis))

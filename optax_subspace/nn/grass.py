@@ -113,8 +113,7 @@ def _probed_matmul(dot: Callable[[jax.Array, jax.Array], jax.Array]):
     dx = jax.vjp(lambda x: dot(x, w), x)[1](dy)[0]
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dw = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+    dw = jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     finite = jnp.all(jnp.isfinite(dw))
     norms = jnp.where(finite, row_norms(jnp.where(finite, dw, 0.0).T), jnp.nan)
     # ∂L/∂x, which the backward of the layers before needs, is released only once this layer's
@@ -173,21 +172,28 @@ class GrassLinear(nnx.Module):
     (2, 8)
   """
 
-  def __init__(self, linear: nnx.Linear, rank: int, *,
-               update_every: int = 200, leaf_index: int = 0,
-               selection: str = "topk", replacement: Optional[bool] = None,
-               seed: int = 0):
+  def __init__(
+    self,
+    linear: nnx.Linear,
+    rank: int,
+    *,
+    update_every: int = 200,
+    leaf_index: int = 0,
+    selection: str = "topk",
+    replacement: Optional[bool] = None,
+    seed: int = 0,
+  ):
     kernel = _surgery.adopt_linear(self, linear, "GrassLinear")
     m, n = kernel.shape
     _base.check_rank(rank)
     if rank > n:
       raise ValueError(
-          f"rank must be at most the output side out_features={n} (GRASS"
-          f" selects output columns), got {rank}.")
+        f"rank must be at most the output side out_features={n} (GRASS"
+        f" selects output columns), got {rank}."
+      )
     self.update_every = _base.check_every(update_every)
     # Validates selection/replacement exactly as the optimizer level does.
-    sparse_rows(rank, update_every, selection=selection,
-                                replacement=replacement)
+    sparse_rows(rank, update_every, selection=selection, replacement=replacement)
     if replacement is None:
       replacement = selection == "multinomial"
     self.rank = rank
@@ -198,8 +204,7 @@ class GrassLinear(nnx.Module):
     w = kernel[...]
     self.kernel = _surgery.frozen(GrassKernel, kernel)
     # D (in, r) shares the kernel's input axis: its split and metadata.
-    setattr(self, D_NAME,
-            _surgery.factor_param(jnp.zeros((m, rank), w.dtype), kernel, 0))
+    setattr(self, D_NAME, _surgery.factor_param(jnp.zeros((m, rank), w.dtype), kernel, 0))
     self.grass_indices = GrassSelection(jnp.arange(rank, dtype=jnp.int32))
     self.grass_scales = GrassSelection(jnp.ones((rank,), jnp.float32))
     self.grass_key = GrassSelection(_layer_key(leaf_index, seed))
@@ -210,9 +215,14 @@ class GrassLinear(nnx.Module):
     extra = {}
     if self.preferred_element_type is not None:
       extra["preferred_element_type"] = self.preferred_element_type
-    return self.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
-                            precision=self.precision,
-                            out_sharding=out_sharding, **extra)
+    return self.dot_general(
+      x,
+      w,
+      (((x.ndim - 1,), (0,)), ((), ())),
+      precision=self.precision,
+      out_sharding=out_sharding,
+      **extra,
+    )
 
   def effective_kernel(self) -> jax.Array:
     """W + scatter_cols(D·diag ρ, σ), in W's dtype: the kernel the layer applies."""
@@ -231,15 +241,14 @@ class GrassLinear(nnx.Module):
     """y = x·W + scatter_cols(x·(D·diag ρ), σ) (+ bias); W under stop_gradient."""
     kernel = jax.lax.stop_gradient(self.kernel[...])
     bias = self.bias[...] if self.bias is not None else None
-    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias),
-                                              dtype=self.dtype)
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
     if self.probing:  # grass_refresh's norms pass: D = 0 after the merge
       dot = lambda x, w: self._dot(x, w, out_sharding)
       y = _probed_matmul(dot)(inputs, kernel, self.grass_probe[...])
     else:
       y = self._dot(inputs, kernel, out_sharding)
       scales = self.grass_scales[...].astype(jnp.float32)
-      d = (getattr(self, D_NAME)[...].astype(jnp.float32) * scales[None, :])
+      d = getattr(self, D_NAME)[...].astype(jnp.float32) * scales[None, :]
       z = self._dot(inputs, d.astype(inputs.dtype))
       y = y.at[..., self.grass_indices[...]].add(z.astype(y.dtype))
     if bias is not None:
@@ -248,18 +257,22 @@ class GrassLinear(nnx.Module):
 
 
 def _grass_modules(model: nnx.Module) -> list[tuple[tuple, GrassLinear]]:
-  found = [(tuple(p), m) for p, m in nnx.iter_graph(model)
-           if isinstance(m, GrassLinear)]
+  found = [(tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, GrassLinear)]
   if not found:
-    raise ValueError("the model has no GrassLinear layer: call grass_layers"
-                     " first.")
+    raise ValueError("the model has no GrassLinear layer: call grass_layers first.")
   return found
 
 
-def grass_layers(model: nnx.Module, rank: int, *, update_every: int = 200,
-                 mask: _surgery.LayerMask = r"(attention|mlp)/",
-                 selection: str = "topk", replacement: Optional[bool] = None,
-                 seed: int = 0) -> list[str]:
+def grass_layers(
+  model: nnx.Module,
+  rank: int,
+  *,
+  update_every: int = 200,
+  mask: _surgery.LayerMask = r"(attention|mlp)/",
+  selection: str = "topk",
+  replacement: Optional[bool] = None,
+  seed: int = 0,
+) -> list[str]:
   r"""Replaces the selected `nnx.Linear` layers of `model` by `GrassLinear`, in place.
 
   The model's code is untouched (module surgery). Each replaced layer keeps
@@ -298,35 +311,44 @@ def grass_layers(model: nnx.Module, rank: int, *, update_every: int = 200,
   """
   _base.check_rank(rank)
   _base.check_every(update_every)
-  sparse_rows(rank, update_every, selection=selection,
-                              replacement=replacement)
+  sparse_rows(rank, update_every, selection=selection, replacement=replacement)
   index = _surgery.param_leaf_indices(model)
   replaced = []
   for path, layer in _surgery.find_linears(model, mask):
-    _surgery.replace(model, path, GrassLinear(
-        layer, rank, update_every=update_every,
-        leaf_index=index[tuple(path) + ("kernel",)], selection=selection,
-        replacement=replacement, seed=seed))
+    _surgery.replace(
+      model,
+      path,
+      GrassLinear(
+        layer,
+        rank,
+        update_every=update_every,
+        leaf_index=index[tuple(path) + ("kernel",)],
+        selection=selection,
+        replacement=replacement,
+        seed=seed,
+      ),
+    )
     replaced.append(_leaves.path_str(path))
   return replaced
 
 
 def _is_d(params) -> Any:
   return jax.tree_util.tree_map_with_path(
-      lambda p, _: _leaves.path_str(p).split("/")[-1] == D_NAME, params)
+    lambda p, _: _leaves.path_str(p).split("/")[-1] == D_NAME, params
+  )
 
 
 def grass_optimizer(
-    learning_rate: _presets.ScalarOrSchedule,
-    *,
-    scale: float = 1.0,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_placement: str = "hf",
-    weight_decay: float = 0.0,
-    restart_bias_correction: bool = True,
-    unprojected_learning_rate: Optional[_presets.ScalarOrSchedule] = None,
+  learning_rate: _presets.ScalarOrSchedule,
+  *,
+  scale: float = 1.0,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  weight_decay: float = 0.0,
+  restart_bias_correction: bool = True,
+  unprojected_learning_rate: Optional[_presets.ScalarOrSchedule] = None,
 ) -> optax.GradientTransformation:
   r"""The optimizer of a model with `GrassLinear` layers, for ``nnx.Optimizer(..., wrt=nnx.Param)``.
 
@@ -367,19 +389,16 @@ def grass_optimizer(
     >>> from optax_subspace import nn as osnn
     >>> tx = osnn.grass_optimizer(1e-3)
   """
-  parts = [_presets.hf_or_optax_adam(b1, b2, eps, eps_placement,
-                                     restart_bias_correction)]
+  parts = [_presets.hf_or_optax_adam(b1, b2, eps, eps_placement, restart_bias_correction)]
   if scale != 1.0:
     parts.append(optax.masked(optax.scale(scale), _is_d))
-  parts.append(_presets.by_group(optax.scale_by_learning_rate, learning_rate,
-                                 unprojected_learning_rate, _is_d))
+  parts.append(
+    _presets.by_group(optax.scale_by_learning_rate, learning_rate, unprojected_learning_rate, _is_d)
+  )
   if weight_decay:
-    not_d = lambda params: jax.tree_util.tree_map(lambda x: not x,
-                                                  _is_d(params))
-    dense_lr = (learning_rate if unprojected_learning_rate is None
-                else unprojected_learning_rate)
-    parts.append(_presets.add_decayed_weights_after_update(
-        dense_lr, weight_decay, mask=not_d))
+    not_d = lambda params: jax.tree_util.tree_map(lambda x: not x, _is_d(params))
+    dense_lr = learning_rate if unprojected_learning_rate is None else unprojected_learning_rate
+    parts.append(_presets.add_decayed_weights_after_update(dense_lr, weight_decay, mask=not_d))
   return optax.chain(*parts)
 
 
@@ -393,10 +412,12 @@ def _merge_in_chunks(layers: list[GrassLinear]) -> None:
   buffer, where zeros made earlier were a copy of every D kept to the end.
   """
   previous = None
-  for _, chunk in _chunks.chunks(layers, lambda layer: None,
-                                 lambda layer: 4 * layer.in_features * layer.out_features):
-    inputs = _chunks.after(previous, [(layer.kernel[...], getattr(layer, D_NAME)[...])
-                                      for layer in chunk])
+  for _, chunk in _chunks.chunks(
+    layers, lambda layer: None, lambda layer: 4 * layer.in_features * layer.out_features
+  ):
+    inputs = _chunks.after(
+      previous, [(layer.kernel[...], getattr(layer, D_NAME)[...]) for layer in chunk]
+    )
     for layer, (w, d) in zip(chunk, inputs):  # the merge reads W and D as the barrier gives them
       layer.kernel[...] = w
       getattr(layer, D_NAME)[...] = d
@@ -412,8 +433,9 @@ def _probe_norms(model, layers, loss_fn, args, kwargs):
   for _, layer in layers:
     layer.probing = True
   try:
-    grads = nnx.grad(lambda m: loss_fn(m, *args, **kwargs),
-                     argnums=nnx.DiffState(0, GrassProbe))(model)
+    grads = nnx.grad(lambda m: loss_fn(m, *args, **kwargs), argnums=nnx.DiffState(0, GrassProbe))(
+      model
+    )
   finally:
     for _, layer in layers:
       layer.probing = False
@@ -425,8 +447,9 @@ def _reselect_all(layers, norms, step):
   """New σ, ρ for every layer, one vmapped selection per (out, r, rule)."""
   groups: dict[tuple, list[int]] = {}
   for i, (_, layer) in enumerate(layers):
-    groups.setdefault((layer.out_features, layer.rank, layer.selection,
-                       layer.replacement), []).append(i)
+    groups.setdefault(
+      (layer.out_features, layer.rank, layer.selection, layer.replacement), []
+    ).append(i)
   moved = [None] * len(layers)
   for (_, _, selection, replacement), members in groups.items():
     sampled = selection != "topk"
@@ -435,15 +458,16 @@ def _reselect_all(layers, norms, step):
       finite = jnp.all(jnp.isfinite(cotangent))
       key = jax.random.fold_in(key, step) if sampled else None
       return reselect(
-          selection, replacement, indices, scales,
-          jnp.where(finite, cotangent, 0.0), finite, key)
+        selection, replacement, indices, scales, jnp.where(finite, cotangent, 0.0), finite, key
+      )
 
     stack = lambda xs: jnp.stack(xs)
     new = jax.vmap(one)(
-        stack([layers[i][1].grass_indices[...] for i in members]),
-        stack([layers[i][1].grass_scales[...] for i in members]),
-        stack([layers[i][1].grass_key[...] for i in members]),
-        stack([norms[i] for i in members]))
+      stack([layers[i][1].grass_indices[...] for i in members]),
+      stack([layers[i][1].grass_scales[...] for i in members]),
+      stack([layers[i][1].grass_key[...] for i in members]),
+      stack([norms[i] for i in members]),
+    )
     for k, i in enumerate(members):
       layer = layers[i][1]
       layer.grass_indices[...] = new[0][k]
@@ -454,11 +478,13 @@ def _reselect_all(layers, norms, step):
 
 def _reset_moments(optimizer, layers, moved):
   """Zeros the optimizer buffers of D (by path and shape) where σ or ρ moved."""
-  targets = {_leaves.path_str(path + (D_NAME,)): (getattr(layer, D_NAME).shape,
-                                                    flag)
-             for (path, layer), flag in zip(layers, moved)}
+  targets = {
+    _leaves.path_str(path + (D_NAME,)): (getattr(layer, D_NAME).shape, flag)
+    for (path, layer), flag in zip(layers, moved)
+  }
   leaves = jax.tree_util.tree_flatten_with_path(
-      optimizer.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    optimizer.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]
   for key_path, var in leaves:
     if not isinstance(var, nnx.Variable):
       continue
@@ -466,15 +492,14 @@ def _reset_moments(optimizer, layers, moved):
     for d_path, (shape, flag) in targets.items():
       # D's moments have D's shape; a () buffer under D's path is D's own
       # step count (grass_optimizer(restart_bias_correction=True)).
-      if (name == d_path or name.endswith("/" + d_path)) and var.shape in (
-          shape, ()):
+      if (name == d_path or name.endswith("/" + d_path)) and var.shape in (shape, ()):
         var[...] = jnp.where(flag, jnp.zeros_like(var[...]), var[...])
         break
 
 
-def grass_refresh(model: nnx.Module, optimizer: nnx.Optimizer,
-                  loss_fn: Callable[..., jax.Array], *args,
-                  **kwargs) -> dict[str, jax.Array]:
+def grass_refresh(
+  model: nnx.Module, optimizer: nnx.Optimizer, loss_fn: Callable[..., jax.Array], *args, **kwargs
+) -> dict[str, jax.Array]:
   r"""GRASS's selection step for every `GrassLinear`, at steps 0, K, 2K, ….
 
   When ``optimizer.step % K == 0`` (K: the layers' `update_every`), in the

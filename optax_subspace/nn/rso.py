@@ -170,20 +170,26 @@ class RsoLinear(nnx.Module):
     (2, 8)
   """
 
-  def __init__(self, linear: nnx.Linear, rank: int, *, leaf_index: int = 0,
-               distribution: str = "haar", seed: int = 0,
-               share_basis_of: Optional["RsoLinear"] = None):
+  def __init__(
+    self,
+    linear: nnx.Linear,
+    rank: int,
+    *,
+    leaf_index: int = 0,
+    distribution: str = "haar",
+    seed: int = 0,
+    share_basis_of: Optional["RsoLinear"] = None,
+  ):
     kernel = _surgery.adopt_linear(self, linear, "RsoLinear")
     m, n = kernel.shape
     _base.check_rank(rank)
     if rank >= m:
       raise ValueError(
-          f"rank must be below the input side in_features={m} (P is in×r and"
-          f" r = in would not save anything), got {rank}.")
+        f"rank must be below the input side in_features={m} (P is in×r and"
+        f" r = in would not save anything), got {rank}."
+      )
     if distribution not in DISTRIBUTIONS:
-      raise ValueError(
-          f"distribution must be one of {DISTRIBUTIONS},"
-          f" got {distribution!r}.")
+      raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
     self.rank = rank
     self.leaf_index = leaf_index
     self.distribution = distribution
@@ -194,13 +200,13 @@ class RsoLinear(nnx.Module):
     if share_basis_of is not None:
       other = share_basis_of
       if not isinstance(other, RsoLinear):
-        raise TypeError(
-            f"share_basis_of must be an RsoLinear, got {type(other).__name__}.")
+        raise TypeError(f"share_basis_of must be an RsoLinear, got {type(other).__name__}.")
       theirs = (other.in_features, other.rank, other.distribution, other.seed)
       if theirs != (m, rank, distribution, seed):
         raise ValueError(
-            "a shared basis needs equal (in_features, rank, distribution, seed):"
-            f" this layer has {(m, rank, distribution, seed)}, the other {theirs}.")
+          "a shared basis needs equal (in_features, rank, distribution, seed):"
+          f" this layer has {(m, rank, distribution, seed)}, the other {theirs}."
+        )
       # One Variable in both modules: NNX keeps it one leaf of the state, so the layers read the
       # same array, and a merge redraws it once.
       self.basis_index = other.basis_index
@@ -209,10 +215,8 @@ class RsoLinear(nnx.Module):
       return
     # The leaf whose key draws this layer's P_k (its own unless shared).
     self.basis_index = leaf_index
-    basis = random_basis(
-        _layer_key(leaf_index, seed, 0), m, rank, distribution)
-    self.rso_basis = RsoBasis(_surgery.placed(basis, w, 0),
-                              **_surgery.split_metadata(kernel, 0))
+    basis = random_basis(_layer_key(leaf_index, seed, 0), m, rank, distribution)
+    self.rso_basis = RsoBasis(_surgery.placed(basis, w, 0), **_surgery.split_metadata(kernel, 0))
     self.rso_subproblem = RsoBasis(jnp.zeros([], jnp.int32))
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
@@ -224,10 +228,13 @@ class RsoLinear(nnx.Module):
     # in their stored dtypes, so that W + P·B is summed before it is rounded to the compute dtype
     # (the promoted W is unused; the compiler drops it).
     inputs, _, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
-    spec = _ProductSpec(dtype=inputs.dtype, precision=self.precision,
-                        dot_general=self.dot_general,
-                        preferred_element_type=self.preferred_element_type,
-                        out_sharding=out_sharding)
+    spec = _ProductSpec(
+      dtype=inputs.dtype,
+      precision=self.precision,
+      dot_general=self.dot_general,
+      preferred_element_type=self.preferred_element_type,
+      out_sharding=out_sharding,
+    )
     y = _rso_product(inputs, kernel, basis, self.rso_b[...], spec)
     if bias is not None:
       y += jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
@@ -236,6 +243,7 @@ class RsoLinear(nnx.Module):
 
 class _ProductSpec(NamedTuple):
   """The static part of `_rso_product`: the replaced layer's compute dtype and products."""
+
   dtype: jnp.dtype
   precision: Any
   dot_general: Callable
@@ -251,8 +259,9 @@ def _effective_kernel(w: jax.Array, p: jax.Array, b: jax.Array, spec: _ProductSp
   """W + P·B in the compute dtype: P·B from P and B in the compute dtype, summed with W in (at
   least) float32, rounded once, as the full-weight layer rounds its W."""
   acc = _accumulation_dtype(w)
-  pb = jnp.matmul(p.astype(spec.dtype), b.astype(spec.dtype), precision=spec.precision,
-                  preferred_element_type=acc)
+  pb = jnp.matmul(
+    p.astype(spec.dtype), b.astype(spec.dtype), precision=spec.precision, preferred_element_type=acc
+  )
   return (w.astype(acc) + pb).astype(spec.dtype)
 
 
@@ -260,13 +269,15 @@ def _last_axis_product(x: jax.Array, k: jax.Array, spec: _ProductSpec, **kwargs)
   """x (…, in) · k (in, out) with the layer's dot_general, precision and preferred type."""
   if spec.preferred_element_type is not None:
     kwargs["preferred_element_type"] = spec.preferred_element_type
-  return spec.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=spec.precision,
-                          **kwargs)
+  return spec.dot_general(
+    x, k, (((x.ndim - 1,), (0,)), ((), ())), precision=spec.precision, **kwargs
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _rso_product(x: jax.Array, w: jax.Array, p: jax.Array, b: jax.Array,
-                 spec: _ProductSpec) -> jax.Array:
+def _rso_product(
+  x: jax.Array, w: jax.Array, p: jax.Array, b: jax.Array, spec: _ProductSpec
+) -> jax.Array:
   r"""y = x·(W + P·B), whose backward keeps x·P and forms no weight gradient but ∂L/∂B.
 
   Forward: one product with the effective kernel W + P·B (in the compute dtype) and the thin
@@ -277,13 +288,13 @@ def _rso_product(x: jax.Array, w: jax.Array, p: jax.Array, b: jax.Array,
   step, so nothing of size m×n stays alive between the two passes).
   Chen, Zhang, Liu, Yuan, Wen, arXiv:2502.07222: the model-level memory argument.
   """
-  return _last_axis_product(x, _effective_kernel(w, p, b, spec), spec,
-                            out_sharding=spec.out_sharding)
+  return _last_axis_product(
+    x, _effective_kernel(w, p, b, spec), spec, out_sharding=spec.out_sharding
+  )
 
 
 def _rso_product_fwd(x, w, p, b, spec):
-  y = _last_axis_product(x, _effective_kernel(w, p, b, spec), spec,
-                         out_sharding=spec.out_sharding)
+  y = _last_axis_product(x, _effective_kernel(w, p, b, spec), spec, out_sharding=spec.out_sharding)
   xp = _last_axis_product(x, p.astype(spec.dtype), spec).astype(spec.dtype)
   # A materialised x·P: the compiler may compute x·P inside one product with x·(W + P·B)
   # (dot merging); the barrier keeps the saved b×r slice from pinning that b×(out + r) output.
@@ -298,11 +309,15 @@ def _rso_product_bwd(spec, residuals, dy):
   (xp, w, p, b), dy = jax.lax.optimization_barrier((residuals, dy))
   dy = dy.astype(spec.dtype)
   kernel = _effective_kernel(w, p, b, spec)
-  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())),
-                           precision=spec.precision)
+  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())), precision=spec.precision)
   batch_axes = tuple(range(dy.ndim - 1))
-  db = jax.lax.dot_general(xp, dy, ((batch_axes, batch_axes), ((), ())),
-                           precision=spec.precision, preferred_element_type=_accumulation_dtype(b))
+  db = jax.lax.dot_general(
+    xp,
+    dy,
+    ((batch_axes, batch_axes), ((), ())),
+    precision=spec.precision,
+    preferred_element_type=_accumulation_dtype(b),
+  )
   return dx.astype(spec.dtype), None, None, db.astype(b.dtype)
 
 
@@ -313,9 +328,15 @@ def _rso_linears(model: nnx.Module) -> list[RsoLinear]:
   return [node for _, node in nnx.iter_graph(model) if isinstance(node, RsoLinear)]
 
 
-def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(attention|mlp)/",
-               distribution: str = "haar", seed: int = 0,
-               share_basis: Optional[str] = None) -> list[str]:
+def rso_layers(
+  model: nnx.Module,
+  rank: int,
+  *,
+  mask: _surgery.LayerMask = r"(attention|mlp)/",
+  distribution: str = "haar",
+  seed: int = 0,
+  share_basis: Optional[str] = None,
+) -> list[str]:
   r"""Turns the selected `nnx.Linear` layers of `model` into `RsoLinear`, in place.
 
   Each selected layer computes y = x·W + (x·P_k)·B afterwards, with B = 0,
@@ -374,14 +395,16 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
   _base.check_rank(rank)
   if _rso_linears(model):
     raise ValueError(
-        "model already has RsoLinear layers; call rso_layers once, on the"
-        " unmodified model (its Param flatten order fixes every layer's P).")
+      "model already has RsoLinear layers; call rso_layers once, on the"
+      " unmodified model (its Param flatten order fixes every layer's P)."
+    )
   found = _surgery.find_linears(model, mask, kinds=(nnx.Linear,) + _NOT_2D_LINEAR)
   for path, layer in found:
     if not isinstance(layer, nnx.Linear):
       raise ValueError(
-          f"{_leaves.path_str(path)} is an nnx.{type(layer).__name__}, not a"
-          " 2-D linear map (nnx.Linear); narrow `mask` to leave it out.")
+        f"{_leaves.path_str(path)} is an nnx.{type(layer).__name__}, not a"
+        " 2-D linear map (nnx.Linear); narrow `mask` to leave it out."
+      )
   index = _surgery.param_leaf_indices(model)
   sharing = None if share_basis is None else re.compile(share_basis)
   owners: dict[tuple, RsoLinear] = {}
@@ -391,11 +414,18 @@ def rso_layers(model: nnx.Module, rank: int, *, mask: _surgery.LayerMask = r"(at
     owner = owners.get(parent) if parent is not None else None
     if owner is not None and owner.in_features != layer.in_features:
       raise ValueError(
-          f"share_basis {share_basis!r} groups {_leaves.path_str(path)} (in_features"
-          f" {layer.in_features}) with a sibling of in_features {owner.in_features};"
-          " only layers reading the same input can share P.")
-    replacement = RsoLinear(layer, rank, leaf_index=index[path + ("kernel",)],
-                            distribution=distribution, seed=seed, share_basis_of=owner)
+        f"share_basis {share_basis!r} groups {_leaves.path_str(path)} (in_features"
+        f" {layer.in_features}) with a sibling of in_features {owner.in_features};"
+        " only layers reading the same input can share P."
+      )
+    replacement = RsoLinear(
+      layer,
+      rank,
+      leaf_index=index[path + ("kernel",)],
+      distribution=distribution,
+      seed=seed,
+      share_basis_of=owner,
+    )
     if parent is not None and owner is None:
       owners[parent] = replacement
     new.append((path, replacement))
@@ -420,11 +450,9 @@ def _kept(new: jax.Array, variable: nnx.Variable) -> jax.Array:
     return jax.device_put(new, sharding) if isinstance(sharding, NamedSharding) else new
   metadata = variable.get_metadata()
   names = metadata.get("out_sharding")
-  if not names or (metadata.get("mesh") is None
-                   and jax.sharding.get_abstract_mesh().empty):
+  if not names or (metadata.get("mesh") is None and jax.sharding.get_abstract_mesh().empty):
     return new
-  return flax_spmd.shard_value(new, names, metadata.get("sharding_rules"),
-                               metadata.get("mesh"))
+  return flax_spmd.shard_value(new, names, metadata.get("sharding_rules"), metadata.get("mesh"))
 
 
 def merge_and_redraw(model: nnx.Module) -> None:
@@ -477,26 +505,44 @@ def merge_and_redraw(model: nnx.Module) -> None:
   # A unit's float32 temporaries: each member's W + P·B (m×n) and the Gaussian draw (m×r).
   previous = None
   for (m, r, distribution), chunk in _chunks.chunks(
-      list(units.values()),
-      lambda unit: (unit[0].in_features, unit[0].rank, unit[0].distribution),
-      lambda unit: 4 * unit[0].in_features * (
-          sum(layer.out_features for layer in unit) + unit[0].rank)):
-    inputs = _chunks.after(previous, [
-        (unit[0].rso_subproblem[...], unit[0].rso_basis[...],
-         [(layer.kernel[...], layer.rso_b[...]) for layer in unit])
-        for unit in chunk])
+    list(units.values()),
+    lambda unit: (unit[0].in_features, unit[0].rank, unit[0].distribution),
+    lambda unit: (
+      4 * unit[0].in_features * (sum(layer.out_features for layer in unit) + unit[0].rank)
+    ),
+  ):
+    inputs = _chunks.after(
+      previous,
+      [
+        (
+          unit[0].rso_subproblem[...],
+          unit[0].rso_basis[...],
+          [(layer.kernel[...], layer.rso_b[...]) for layer in unit],
+        )
+        for unit in chunk
+      ],
+    )
     kernels = []
     for unit, (_, p, members) in zip(chunk, inputs):
       for layer, (w, b) in zip(unit, members):
         merged = w.astype(jnp.float32) + jnp.matmul(
-            p, b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+          p, b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
         kernels.append(_kept(merged.astype(w.dtype), layer.kernel))
     # The new P and B = 0 go where the old ones were (donated under jit): made after the merges
     # read the old ones, or the compiler copies every P and B first to keep them.
-    keys, zeros = _chunks.after(kernels, (
-        jnp.stack([_layer_key(unit[0].basis_index, unit[0].seed, k + 1)
-                   for unit, (k, _, _) in zip(chunk, inputs)]),
-        [jnp.zeros_like(b) for _, _, members in inputs for _, b in members]))
+    keys, zeros = _chunks.after(
+      kernels,
+      (
+        jnp.stack(
+          [
+            _layer_key(unit[0].basis_index, unit[0].seed, k + 1)
+            for unit, (k, _, _) in zip(chunk, inputs)
+          ]
+        ),
+        [jnp.zeros_like(b) for _, _, members in inputs for _, b in members],
+      ),
+    )
     bases = jax.vmap(lambda key: random_basis(key, m, r, distribution))(keys)
     previous = []
     merged_kernels, new_zeros = iter(kernels), iter(zeros)
@@ -555,13 +601,18 @@ def _is_rso_b(path) -> bool:
   return any(isinstance(k, jax.tree_util.DictKey) and k.key == B_NAME for k in path)
 
 
-def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
-                  proximal: Optional[float] = None,
-                  inner: Optional[optax.GradientTransformation] = None,
-                  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-                  eps_placement: str = "hf",
-                  unprojected_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-                  ) -> optax.GradientTransformation:
+def rso_optimizer(
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  inner_steps: int,
+  proximal: Optional[float] = None,
+  inner: Optional[optax.GradientTransformation] = None,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-6,
+  eps_placement: str = "hf",
+  unprojected_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+) -> optax.GradientTransformation:
   r"""The optimizer of a model with `RsoLinear` layers, for ``nnx.Optimizer(..., wrt=nnx.Param)``.
 
   Within subproblem k every B (the ``rso_b`` parameters) runs the inner
@@ -610,29 +661,37 @@ def rso_optimizer(learning_rate: optax.ScalarOrSchedule, *, inner_steps: int,
     >>> opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
   """
   inner_steps = _base.check_every(inner_steps, "inner_steps")
-  if proximal is not None and (isinstance(proximal, bool) or not proximal > 0
-                               or not math.isfinite(proximal)):
-    raise ValueError(
-        f"proximal (η) must be None or a positive finite number, got {proximal!r}.")
-  direction = inner if inner is not None else _presets.hf_or_optax_adam(
-      b1, b2, eps, eps_placement)
+  if proximal is not None and (
+    isinstance(proximal, bool) or not proximal > 0 or not math.isfinite(proximal)
+  ):
+    raise ValueError(f"proximal (η) must be None or a positive finite number, got {proximal!r}.")
+  direction = inner if inner is not None else _presets.hf_or_optax_adam(b1, b2, eps, eps_placement)
   subproblem = direction
   if proximal is not None:
     # ∇_B ‖B‖²/(2η) = B/η, the proximal term of RSO's subproblem (arXiv:2502.07222).
     add_proximal = optax.stateless(
-        lambda g, b: jax.tree_util.tree_map(
-            lambda g, b: (g + b / proximal).astype(jnp.result_type(g)), g, b))
+      lambda g, b: jax.tree_util.tree_map(
+        lambda g, b: (g + b / proximal).astype(jnp.result_type(g)), g, b
+      )
+    )
     subproblem = optax.chain(add_proximal, direction)
-  full_lr = (learning_rate if unprojected_learning_rate is None else
-             _presets.check_learning_rate(unprojected_learning_rate,
-                                          "unprojected_learning_rate"))
+  full_lr = (
+    learning_rate
+    if unprojected_learning_rate is None
+    else _presets.check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
+  )
 
   def labels(params):
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "rso" if _is_rso_b(path) else "full", params)
+      lambda path, _: "rso" if _is_rso_b(path) else "full", params
+    )
 
   return optax.multi_transform(
-      {"rso": optax.chain(restart_every(subproblem, inner_steps),
-                          optax.scale_by_learning_rate(learning_rate)),
-       "full": optax.chain(direction,
-                           optax.scale_by_learning_rate(full_lr))}, labels)
+    {
+      "rso": optax.chain(
+        restart_every(subproblem, inner_steps), optax.scale_by_learning_rate(learning_rate)
+      ),
+      "full": optax.chain(direction, optax.scale_by_learning_rate(full_lr)),
+    },
+    labels,
+  )

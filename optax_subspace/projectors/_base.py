@@ -89,14 +89,14 @@ class Advance:
     ``(state, g, r, count) -> (state, changed)`` (g and r kept as inputs)."""
     if fn is None or isinstance(fn, Advance):
       return fn
-    return cls(inputs=lambda state, g, r: (g, r),
-               apply=lambda state, x, d, count: fn(state, *x, count))
+    return cls(
+      inputs=lambda state, g, r: (g, r), apply=lambda state, x, d, count: fn(state, *x, count)
+    )
 
   def __call__(self, state, g, r, count):
     """One matrix's step, the three parts composed."""
     x = self.inputs(state, g, r)
-    d = None if self.direction is None else self.direction(
-        self.basis(state), x)
+    d = None if self.direction is None else self.direction(self.basis(state), x)
     return self.apply(state, x, d, count)
 
 
@@ -164,13 +164,11 @@ def dense_back(p: jax.Array, n: jax.Array) -> jax.Array:
 
 def check_rank(rank) -> int:
   """Validates a rank argument (a Python int, not a traced hyperparameter)."""
-  if isinstance(rank, jax.Array) or not isinstance(rank, int) or isinstance(
-      rank, bool
-  ):
+  if isinstance(rank, jax.Array) or not isinstance(rank, int) or isinstance(rank, bool):
     raise TypeError(
-        f"rank must be a Python int, got {type(rank).__name__}. Under"
-        " optax.inject_hyperparams, name it static:"
-        " inject_hyperparams(galore, static_args=('rank', 'update_every'))."
+      f"rank must be a Python int, got {type(rank).__name__}. Under"
+      " optax.inject_hyperparams, name it static:"
+      " inject_hyperparams(galore, static_args=('rank', 'update_every'))."
     )
   if rank <= 0:
     raise ValueError(f"rank must be positive, got {rank}.")
@@ -181,8 +179,8 @@ def check_every(update_every, name: str = "update_every") -> int:
   """Validates a refresh period T (a Python int ≥ 1)."""
   if isinstance(update_every, jax.Array) or not isinstance(update_every, int):
     raise TypeError(
-        f"{name} must be a Python int, got {type(update_every).__name__}."
-        f" Under optax.inject_hyperparams, list '{name}' in static_args."
+      f"{name} must be a Python int, got {type(update_every).__name__}."
+      f" Under optax.inject_hyperparams, list '{name}' in static_args."
     )
   if update_every <= 0:
     raise ValueError(f"{name} must be positive, got {update_every}.")
@@ -197,8 +195,7 @@ def matrix_keys(leaf_index: int, num_matrices: int) -> jax.Array:
   their own seed in. Model-level pieces that must draw the same random
   subspaces as the optimizer level (RSO) derive their keys here too.
   """
-  return jax.random.split(
-      jax.random.fold_in(jax.random.PRNGKey(0), leaf_index), num_matrices)
+  return jax.random.split(jax.random.fold_in(jax.random.PRNGKey(0), leaf_index), num_matrices)
 
 
 def first_columns(s: int, r: int) -> jax.Array:
@@ -240,12 +237,14 @@ def one_matrix_per_call_on_cpu(fn):
     if not any(in_batched):
       out = fn(*args)
       return out, jax.tree_util.tree_map(lambda _: False, out)
-    args = tuple(a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
-                 for a, batched in zip(args, in_batched))
+    args = tuple(
+      a if batched else jnp.broadcast_to(a, (axis_size,) + a.shape)
+      for a, batched in zip(args, in_batched)
+    )
     # lax.map calls `one_at_a_time` unbatched; an outer vmap comes back here.
     out = jax.lax.platform_dependent(
-        *args, cpu=lambda *xs: jax.lax.map(lambda x: one_at_a_time(*x), xs),
-        default=jax.vmap(fn))
+      *args, cpu=lambda *xs: jax.lax.map(lambda x: one_at_a_time(*x), xs), default=jax.vmap(fn)
+    )
     return out, jax.tree_util.tree_map(lambda _: True, out)
 
   return one_at_a_time

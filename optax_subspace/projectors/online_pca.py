@@ -59,12 +59,12 @@ def _gradient_from_products(p, products, orthogonality_weight):
 
 
 def online_pca(
-    rank: int,
-    optimizer: Optional[optax.GradientTransformation] = None,
-    *,
-    orthogonality_weight: float = 0.0,
-    step_before_projection: bool = False,
-    dtype=jnp.float32,
+  rank: int,
+  optimizer: Optional[optax.GradientTransformation] = None,
+  *,
+  orthogonality_weight: float = 0.0,
+  step_before_projection: bool = False,
+  dtype=jnp.float32,
 ):
   """Online Subspace Descent's projector, stepped by online PCA every step.
 
@@ -137,42 +137,39 @@ def online_pca(
     sq = products[0]
     ok = jnp.isfinite(sq) & (sq > 0) & (count > 0)
     updates, opt_state = optimizer.update(
-        grad.astype(state.basis.dtype), state.opt_state, state.basis
+      grad.astype(state.basis.dtype), state.opt_state, state.basis
     )
     new_basis = optax.apply_updates(state.basis, updates)
     keep = lambda new, old: jnp.where(ok, new, old)
     new_state = OnlinePcaState(
-        keep(new_basis, state.basis),
-        jax.tree_util.tree_map(keep, opt_state, state.opt_state),
+      keep(new_basis, state.basis),
+      jax.tree_util.tree_map(keep, opt_state, state.opt_state),
     )
     return new_state, ok
 
   basis = lambda state: state.basis.astype(jnp.float32)
-  advance = _base.Advance(inputs=inputs, apply=apply, direction=direction,
-                          basis=basis)
+  advance = _base.Advance(inputs=inputs, apply=apply, direction=direction, basis=basis)
 
   if not step_before_projection:
     return _base.Projector(
-        rank=rank,
-        init=init,
-        basis=basis,
-        needs_refresh=_base.RefreshSchedule(None),  # step 0
-        refresh=lambda state, g, count: svd_start(state, g),
-        advance=advance,
-    )
-
-  def step_first(state, g, count):
-    projected = jnp.matmul(state.basis.T.astype(g.dtype), g,
-                           preferred_element_type=jnp.float32)
-    return advance(state, g, projected, count)
-
-  return _base.Projector(
       rank=rank,
       init=init,
       basis=basis,
-      needs_refresh=_base.RefreshSchedule(1),  # every step
-      refresh=lambda state, g, count: jax.lax.cond(
-          count == 0, lambda: svd_start(state, g),
-          lambda: step_first(state, g, count)),
-  )
+      needs_refresh=_base.RefreshSchedule(None),  # step 0
+      refresh=lambda state, g, count: svd_start(state, g),
+      advance=advance,
+    )
 
+  def step_first(state, g, count):
+    projected = jnp.matmul(state.basis.T.astype(g.dtype), g, preferred_element_type=jnp.float32)
+    return advance(state, g, projected, count)
+
+  return _base.Projector(
+    rank=rank,
+    init=init,
+    basis=basis,
+    needs_refresh=_base.RefreshSchedule(1),  # every step
+    refresh=lambda state, g, count: jax.lax.cond(
+      count == 0, lambda: svd_start(state, g), lambda: step_first(state, g, count)
+    ),
+  )

@@ -18,8 +18,7 @@ from optax_subspace.projectors import _base
 DISTRIBUTIONS = ("haar", "gaussian")
 
 
-def random_basis(key: jax.Array, s: int, r: int,
-                 distribution: str = "haar") -> jax.Array:
+def random_basis(key: jax.Array, s: int, r: int, distribution: str = "haar") -> jax.Array:
   """The random basis P (s, r), float32, of one matrix for one key.
 
   "haar": orthonormal columns, uniform on the Stiefel manifold (PᵀP = I,
@@ -56,8 +55,7 @@ def random_basis(key: jax.Array, s: int, r: int,
     >>> p = random_basis(jax.random.PRNGKey(0), 64, 8)
   """
   if distribution not in DISTRIBUTIONS:
-    raise ValueError(
-        f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
   g = jax.random.normal(key, (s, r), jnp.float32)
   if distribution == "gaussian":
     return g / jnp.sqrt(jnp.float32(r))
@@ -99,9 +97,9 @@ def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
   return _base._cholesky_solve(gram, eye)  # pylint: disable=protected-access
 
 
-@functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("key", "subproblem"),
-                   meta_fields=("basis_shape",))
+@functools.partial(
+  jax.tree_util.register_dataclass, data_fields=("key", "subproblem"), meta_fields=("basis_shape",)
+)
 @dataclasses.dataclass(frozen=True)
 class RandomState:
   """State of one matrix under `random`: a key and the subproblem index.
@@ -123,8 +121,9 @@ class RandomState:
   basis_shape: tuple[int, int]
 
 
-def random(rank: int, update_every: int = 200, *,
-           distribution: str = "haar", seed: int = 0) -> _base.Projector:
+def random(
+  rank: int, update_every: int = 200, *, distribution: str = "haar", seed: int = 0
+) -> _base.Projector:
   """RSO's random subspace: a new random P every `update_every` steps.
 
   At steps 0, K, 2K, … (K = `update_every`) the matrix enters subproblem
@@ -164,30 +163,26 @@ def random(rank: int, update_every: int = 200, *,
   rank = _base.check_rank(rank)
   update_every = _base.check_every(update_every)
   if distribution not in DISTRIBUTIONS:
-    raise ValueError(
-        f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
+    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
 
   def init(s, l, r, key):
     del l
-    return RandomState(jax.random.fold_in(key, seed),
-                       jnp.zeros([], jnp.int32), (s, r))
+    return RandomState(jax.random.fold_in(key, seed), jnp.zeros([], jnp.int32), (s, r))
 
   def refresh(state, g, count):
     del g
     subproblem = (count // update_every).astype(jnp.int32)
-    return (RandomState(state.key, subproblem, state.basis_shape),
-            jnp.array(True))
+    return (RandomState(state.key, subproblem, state.basis_shape), jnp.array(True))
 
   def basis(state):
     s, r = state.basis_shape
-    return random_basis(jax.random.fold_in(state.key, state.subproblem), s, r,
-                        distribution)
+    return random_basis(jax.random.fold_in(state.key, state.subproblem), s, r, distribution)
 
   return _base.Projector(
-      rank=rank,
-      init=init,
-      basis=basis,
-      needs_refresh=_base.RefreshSchedule(update_every),
-      refresh=refresh,
-      batch_basis=True,  # each basis is a draw and a QR: batched by shape
+    rank=rank,
+    init=init,
+    basis=basis,
+    needs_refresh=_base.RefreshSchedule(update_every),
+    refresh=refresh,
+    batch_basis=True,  # each basis is a draw and a QR: batched by shape
   )

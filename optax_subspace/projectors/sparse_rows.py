@@ -41,8 +41,7 @@ class SparseRowsState(NamedTuple):
 def row_norms(g):
   """‖G_i‖ for every row, computed on G/max|G| so squares cannot overflow."""
   amax = jnp.max(jnp.abs(g))
-  return jnp.linalg.norm(g / jnp.maximum(amax, jnp.finfo(g.dtype).tiny),
-                         axis=1)
+  return jnp.linalg.norm(g / jnp.maximum(amax, jnp.finfo(g.dtype).tiny), axis=1)
 
 
 def _select(selection, replacement, norms, r, key):
@@ -68,8 +67,7 @@ def _select(selection, replacement, norms, r, key):
   indices = jnp.sort(indices)
   qs = q[indices]
   # A row of q = 0 is drawn only without replacement; it carries no gradient.
-  scales = jnp.where(qs > 0, jax.lax.rsqrt(r * jnp.where(qs > 0, qs, 1.0)),
-                     0.0)
+  scales = jnp.where(qs > 0, jax.lax.rsqrt(r * jnp.where(qs > 0, qs, 1.0)), 0.0)
   return indices, scales
 
 
@@ -89,20 +87,19 @@ def reselect(selection, replacement, indices, scales, norms, finite, key):
   new_indices = new_indices.astype(jnp.int32)
   new_scales = new_scales.astype(scales.dtype)
   ok = finite if sampled else finite & jnp.any(norms > 0)
-  moved = ok & (jnp.any(new_indices != indices)
-                | jnp.any(new_scales != scales))
+  moved = ok & (jnp.any(new_indices != indices) | jnp.any(new_scales != scales))
   keep = lambda new, old: jnp.where(moved, new, old)
   return keep(new_indices, indices), keep(new_scales, scales), moved
 
 
 def sparse_rows(
-    rank: int,
-    update_every: int = 200,
-    *,
-    selection: str = "topk",
-    replacement: Optional[bool] = None,
-    seed: int = 0,
-    dtype=jnp.float32,
+  rank: int,
+  update_every: int = 200,
+  *,
+  selection: str = "topk",
+  replacement: Optional[bool] = None,
+  seed: int = 0,
+  dtype=jnp.float32,
 ):
   r"""GRASS's row-selection projector, refreshed every `update_every` steps.
 
@@ -157,11 +154,11 @@ def sparse_rows(
   rank = _base.check_rank(rank)
   update_every = _base.check_every(update_every)
   if selection not in SELECTIONS:
-    raise ValueError(
-        f"selection must be one of {SELECTIONS}, got {selection!r}.")
+    raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
   if selection == "topk" and replacement:
-    raise ValueError("selection='topk' picks distinct rows: replacement=True"
-                     " is not defined for it.")
+    raise ValueError(
+      "selection='topk' picks distinct rows: replacement=True is not defined for it."
+    )
   if replacement is None:
     replacement = selection == "multinomial"
   sampled = selection != "topk"
@@ -170,10 +167,10 @@ def sparse_rows(
     del l
     indices = jnp.arange(r, dtype=jnp.int32)
     return SparseRowsState(
-        indices=indices,
-        scales=jnp.ones((r,), dtype),
-        counts=jnp.zeros((s,), jnp.int32).at[indices].add(1),
-        key=jax.random.fold_in(key, seed) if sampled else None,
+      indices=indices,
+      scales=jnp.ones((r,), dtype),
+      counts=jnp.zeros((s,), jnp.int32).at[indices].add(1),
+      key=jax.random.fold_in(key, seed) if sampled else None,
     )
 
   def refresh(state, g, count):
@@ -181,8 +178,9 @@ def sparse_rows(
     finite = jnp.all(jnp.isfinite(g))
     norms = row_norms(jnp.where(finite, g, 0.0))
     key = jax.random.fold_in(state.key, count) if sampled else None
-    indices, scales, moved = reselect(selection, replacement, state.indices,
-                                      state.scales, norms, finite, key)
+    indices, scales, moved = reselect(
+      selection, replacement, state.indices, state.scales, norms, finite, key
+    )
     counts = jnp.zeros_like(state.counts).at[indices].add(1)
     return SparseRowsState(indices, scales, counts, state.key), moved
 
@@ -201,11 +199,11 @@ def sparse_rows(
     return (rows == state.indices[None, :]).astype(jnp.float32)
 
   return _base.Projector(
-      rank=rank,
-      init=init,
-      basis=basis,
-      needs_refresh=_base.RefreshSchedule(update_every),
-      refresh=refresh,
-      project=project,
-      back=back,
+    rank=rank,
+    init=init,
+    basis=basis,
+    needs_refresh=_base.RefreshSchedule(update_every),
+    refresh=refresh,
+    project=project,
+    back=back,
   )

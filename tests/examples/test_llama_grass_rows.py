@@ -22,8 +22,22 @@ from test_llama import _c4_corpus, _flags  # noqa: E402
 def test_summary_holds_the_fraction_of_rows_ever_selected(tmp_path):
   # tiny: 2 blocks of 7 kernels, the smaller side 64; rank 16 = 1/4; selections at steps 0, 2, 4.
   _c4_corpus(tmp_path / "c4")
-  code = train.main(_flags(tmp_path, "run", "--optimizer", "grass", "--rank", "16",
-                           "--update-every", "2", "--steps", "6", "--eval-every", "0"))
+  code = train.main(
+    _flags(
+      tmp_path,
+      "run",
+      "--optimizer",
+      "grass",
+      "--rank",
+      "16",
+      "--update-every",
+      "2",
+      "--steps",
+      "6",
+      "--eval-every",
+      "0",
+    )
+  )
   assert code == 0
   rows = json.loads((tmp_path / "run" / "summary.json").read_text())["grass_rows_ever_selected"]
   assert rows["matrices"] == 14

@@ -14,14 +14,18 @@ import pytest  # noqa: E402
 from examples.llama import optimizers  # noqa: E402
 from examples.llama.config import ConfigError, TrainConfig  # noqa: E402
 
-PARAMS = {"layers": {"0": {"attention": {"q_proj": {"kernel": jnp.ones((64, 64))}}}},
-          "embed": {"embedding": jnp.ones((32, 64))}, "norm": {"scale": jnp.ones((64,))}}
+PARAMS = {
+  "layers": {"0": {"attention": {"q_proj": {"kernel": jnp.ones((64, 64))}}}},
+  "embed": {"embedding": jnp.ones((32, 64))},
+  "norm": {"scale": jnp.ones((64,))},
+}
 
 
 def _first_updates(cfg):
   tx = optimizers.method(cfg)
-  grads = jax.tree.map(lambda x: jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape),
-                       PARAMS)
+  grads = jax.tree.map(
+    lambda x: jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape), PARAMS
+  )
   state = tx.init(PARAMS)
   for _ in range(3):  # past the first warm-up step, whose rate is 0
     updates, state = tx.update(grads, state, PARAMS)
@@ -41,11 +45,14 @@ def test_lr_unprojected_moves_the_rest_and_leaves_the_kernels(optimizer):
     assert not np.allclose(leaf(split), leaf(low))
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     ({"lr_unprojected": -1e-3}, "--lr-unprojected"),
     ({"lr": -1.0}, "--lr"),
     ({"grass_selection": "best"}, "--grass-selection"),
-])
+  ],
+)
 def test_bad_learning_rate_flags_are_one_line_errors(flags, message):
   with pytest.raises(ConfigError, match=message):
     TrainConfig(**flags).validate()

@@ -19,23 +19,55 @@ import _multiprocess  # noqa: E402
 from examples.llama import data, train  # noqa: E402
 from test_llama import _c4_corpus, _flags, _train_records  # noqa: E402
 
-MULTIHOST = ("--num-processes", "{num_processes}", "--process-id", "{process_id}",
-             "--coordinator-address", "{coordinator}", "--distributed-timeout", "60")
+MULTIHOST = (
+  "--num-processes",
+  "{num_processes}",
+  "--process-id",
+  "{process_id}",
+  "--coordinator-address",
+  "{coordinator}",
+  "--distributed-timeout",
+  "60",
+)
 # GaLore refreshes at step 0 only (the resumed run compiles the other step program);
 # 2 processes × 2 devices, batch 4: each process holds 2 rows of every batch.
-RUN = ("--optimizer", "galore", "--rank", "8", "--update-every", "100", "--steps", "2",
-       "--compute-dtype", "float32", "--eval-every", "0", "--data-parallel", "2", "--fsdp", "2")
+RUN = (
+  "--optimizer",
+  "galore",
+  "--rank",
+  "8",
+  "--update-every",
+  "100",
+  "--steps",
+  "2",
+  "--compute-dtype",
+  "float32",
+  "--eval-every",
+  "0",
+  "--data-parallel",
+  "2",
+  "--fsdp",
+  "2",
+)
 
 
 def _two_processes(tmp_path, run, *extra, timeout_s=300):
   flags = _flags(tmp_path, run, *RUN, *MULTIHOST, *extra)
-  return _multiprocess.run(_multiprocess.python("-m", "examples.llama", "train", *flags),
-                           num_processes=2, local_devices=2, timeout_s=timeout_s, cwd=ROOT)
+  return _multiprocess.run(
+    _multiprocess.python("-m", "examples.llama", "train", *flags),
+    num_processes=2,
+    local_devices=2,
+    timeout_s=timeout_s,
+    cwd=ROOT,
+  )
 
 
 def _losses(run_dir):
-  return [json.loads(line)["loss"] for line in _train_records(run_dir).splitlines()
-          if json.loads(line)["kind"] == "train"]
+  return [
+    json.loads(line)["loss"]
+    for line in _train_records(run_dir).splitlines()
+    if json.loads(line)["kind"] == "train"
+  ]
 
 
 def _cut_after_step_1(run_dir, to):
@@ -73,10 +105,13 @@ def test_two_processes_train_like_one_device_each_on_its_rows_and_resume_exactly
   # The same checkpoint resumed by one process on one device (the multi-host flags are not
   # inherited from the run's config.json, the mesh flags are given anew): its trajectory again.
   _cut_after_step_1(tmp_path / "whole", tmp_path / "cut-on-one")
-  assert train.main(["--resume", "--run-dir", str(tmp_path / "cut-on-one"), "--data-parallel",
-                     "1", "--fsdp", "1"]) == 0
-  np.testing.assert_allclose(_losses(tmp_path / "cut-on-one"), _losses(tmp_path / "one"),
-                             rtol=2e-4)
+  assert (
+    train.main(
+      ["--resume", "--run-dir", str(tmp_path / "cut-on-one"), "--data-parallel", "1", "--fsdp", "1"]
+    )
+    == 0
+  )
+  np.testing.assert_allclose(_losses(tmp_path / "cut-on-one"), _losses(tmp_path / "one"), rtol=2e-4)
 
 
 def test_each_process_reads_only_its_rows_of_a_batch(tmp_path):
@@ -101,43 +136,91 @@ def test_processes_that_cannot_meet_end_with_one_line_naming_the_flag(tmp_path):
   elsewhere = f"localhost:{_multiprocess.free_port()}"
   start = time.monotonic()
   results = _multiprocess.run(
-      lambda i: _multiprocess.python(
-          "-m", "examples.llama", "train", *base, "--num-processes", "2", "--process-id", str(i),
-          "--coordinator-address", "{coordinator}" if i == 0 else elsewhere,
-          "--distributed-timeout", "3"),
-      num_processes=2, timeout_s=120, cwd=ROOT, check=False)
+    lambda i: _multiprocess.python(
+      "-m",
+      "examples.llama",
+      "train",
+      *base,
+      "--num-processes",
+      "2",
+      "--process-id",
+      str(i),
+      "--coordinator-address",
+      "{coordinator}" if i == 0 else elsewhere,
+      "--distributed-timeout",
+      "3",
+    ),
+    num_processes=2,
+    timeout_s=120,
+    cwd=ROOT,
+    check=False,
+  )
   assert time.monotonic() - start < 60
   assert [p.returncode for p in results] == [2, 2], _multiprocess.describe(results)
   waited, unreachable = _errors(results)
   assert "\n" not in waited and "\n" not in unreachable
-  assert waited.startswith("error: --num-processes 2: process(es) [1] did not reach "
-                           "--coordinator-address localhost:")
+  assert waited.startswith(
+    "error: --num-processes 2: process(es) [1] did not reach --coordinator-address localhost:"
+  )
   assert unreachable == (
-      f"error: process 1 cannot reach process 0 at --coordinator-address {elsewhere} within "
-      "--distributed-timeout 3 s; start process 0 on that host, or fix the address")
+    f"error: process 1 cannot reach process 0 at --coordinator-address {elsewhere} within "
+    "--distributed-timeout 3 s; start process 0 on that host, or fix the address"
+  )
   # Process counts that disagree: every process says so, at once.
   results = _multiprocess.run(
-      lambda i: _multiprocess.python(
-          "-m", "examples.llama", "train", *base, "--num-processes", str(2 + i),
-          "--process-id", str(i), "--coordinator-address", "{coordinator}",
-          "--distributed-timeout", "60"),
-      num_processes=2, timeout_s=120, cwd=ROOT, check=False)
+    lambda i: _multiprocess.python(
+      "-m",
+      "examples.llama",
+      "train",
+      *base,
+      "--num-processes",
+      str(2 + i),
+      "--process-id",
+      str(i),
+      "--coordinator-address",
+      "{coordinator}",
+      "--distributed-timeout",
+      "60",
+    ),
+    num_processes=2,
+    timeout_s=120,
+    cwd=ROOT,
+    check=False,
+  )
   assert [p.returncode for p in results] == [2, 2], _multiprocess.describe(results)
-  assert _errors(results) == [
-      "error: --num-processes differs between processes: 2 on process 0, 3 on process 1"] * 2
+  assert (
+    _errors(results)
+    == ["error: --num-processes differs between processes: 2 on process 0, 3 on process 1"] * 2
+  )
   # Two processes given the same id.
   results = _multiprocess.run(
-      lambda i: _multiprocess.python(
-          "-m", "examples.llama", "train", *base, "--num-processes", "3",
-          "--process-id", str(min(i, 1)), "--coordinator-address", "{coordinator}",
-          "--distributed-timeout", "60"),
-      num_processes=3, timeout_s=120, cwd=ROOT, check=False)
+    lambda i: _multiprocess.python(
+      "-m",
+      "examples.llama",
+      "train",
+      *base,
+      "--num-processes",
+      "3",
+      "--process-id",
+      str(min(i, 1)),
+      "--coordinator-address",
+      "{coordinator}",
+      "--distributed-timeout",
+      "60",
+    ),
+    num_processes=3,
+    timeout_s=120,
+    cwd=ROOT,
+    check=False,
+  )
   assert [p.returncode for p in results] == [2, 2, 2], _multiprocess.describe(results)
   assert _errors(results) == ["error: --process-id 1 is given to two processes"] * 3
   assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize(
+  "flags, message",
+  [
     (["--num-processes", "2", "--process-id", "2"], "--process-id 2 must be 0 .. 1"),
     (["--num-processes", "-1"], "--num-processes must be positive"),
     (["--process-id", "1"], "--process-id is for a run of several processes"),
@@ -145,7 +228,9 @@ def test_processes_that_cannot_meet_end_with_one_line_naming_the_flag(tmp_path):
     (["--num-processes", "2", "--coordinator-address", "h"], "'h' is not HOST:PORT"),
     (["--num-processes", "2"], "--num-processes 2 needs --coordinator-address HOST:PORT"),
     (["--num-processes", "2", "--distributed-timeout", "0"], "--distributed-timeout must be"),
-], ids=["id", "count", "id alone", "address alone", "address", "no address", "timeout"])
+  ],
+  ids=["id", "count", "id alone", "address alone", "address", "no address", "timeout"],
+)
 def test_bad_multihost_flags_end_with_one_line(tmp_path, capsys, monkeypatch, flags, message):
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   assert train.main(_flags(tmp_path, "bad", *flags)) == 2
