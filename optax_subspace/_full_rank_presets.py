@@ -26,19 +26,6 @@ FIRA_GRANULARITIES = {"column": "fira", "matrix": "fira_matrix"}
 APOLLO_GRANULARITIES = {"channel": "scale", "tensor": "scale_tensor"}
 
 
-def _svd_projector(projector, rank, update_every, seed, name):
-  """ "svd", "randomized_svd" or a `Projector`, as `galore` takes it."""
-  if isinstance(projector, _base.Projector):
-    return projector
-  if projector == "svd":
-    return projectors_lib.svd(rank, update_every)
-  if projector == "randomized_svd":
-    return projectors_lib.randomized_svd(rank, update_every, seed=seed)
-  raise ValueError(
-    f"{name}: projector must be 'svd', 'randomized_svd' or a Projector, got {projector!r}."
-  )
-
-
 def fira(
   learning_rate: ScalarOrSchedule,
   rank: int = 128,
@@ -119,19 +106,9 @@ def fira(
     )
   return _presets.subspace_adamw(
     learning_rate,
-    _svd_projector(projector, rank, update_every, seed, "fira"),
+    _presets.svd_projector(projector, rank, update_every, seed, "fira"),
     scale,
-    b1,
-    b2,
-    eps,
-    eps_placement,
-    weight_decay,
-    mask,
-    dims,
-    on_change,
-    projection_dtype,
-    refresh_chunk_bytes=refresh_chunk_bytes,
-    unprojected_learning_rate=unprojected_learning_rate,
+    **_presets.adamw_options(locals()),
     stages=dict(residual=FIRA_GRANULARITIES[granularity], gamma=gamma),
   )
 
@@ -233,38 +210,18 @@ def frugal(
     learning_rate,
     _frugal_projector(projector, rank, update_every, seed),
     _frugal.SCALE,
-    b1,
-    b2,
-    eps,
-    eps_placement,
-    weight_decay,
-    mask,
-    dims,
-    on_change,
-    projection_dtype,
-    refresh_chunk_bytes=refresh_chunk_bytes,
-    unprojected_learning_rate=unprojected_learning_rate,
+    **_presets.adamw_options(locals()),
     per_matrix_count=on_change == "reset",
     stages=dict(residual=rule, residual_scale=free_scale),
   )
 
 
-def _apollo_preset(learning_rate, rank, update_every, scale, granularity, gamma, seed, kwargs):
+def _apollo_preset(learning_rate, rank, update_every, scale, granularity, gamma, seed, arguments):
   return _presets.subspace_adamw(
     learning_rate,
     projectors_lib.random(rank, update_every, distribution="gaussian", seed=seed),
     scale,
-    kwargs["b1"],
-    kwargs["b2"],
-    kwargs["eps"],
-    kwargs["eps_placement"],
-    kwargs["weight_decay"],
-    kwargs["mask"],
-    kwargs["dims"],
-    kwargs["on_change"],
-    kwargs["projection_dtype"],
-    refresh_chunk_bytes=kwargs["refresh_chunk_bytes"],
-    unprojected_learning_rate=kwargs["unprojected_learning_rate"],
+    **_presets.adamw_options(arguments),
     stages=dict(output=APOLLO_GRANULARITIES[granularity], gamma=gamma),
   )
 

@@ -123,10 +123,46 @@ def check_learning_rate(value, name: str):
   return value
 
 
+# The keyword arguments every subspace-Adam preset takes and hands on as they
+# are (each preset's signature spells them out for its users).
+ADAMW_OPTIONS = (
+  "b1",
+  "b2",
+  "eps",
+  "eps_placement",
+  "weight_decay",
+  "mask",
+  "dims",
+  "on_change",
+  "projection_dtype",
+  "refresh_chunk_bytes",
+  "unprojected_learning_rate",
+)
+
+
+def adamw_options(arguments: dict) -> dict:
+  """The `ADAMW_OPTIONS` among a preset's arguments (its ``locals()``)."""
+  return {name: arguments[name] for name in ADAMW_OPTIONS if name in arguments}
+
+
+def svd_projector(projector, rank: int, update_every: int, seed: int, name: str):
+  """ "svd", "randomized_svd" or a `Projector`, as `galore` takes it."""
+  if isinstance(projector, _base.Projector):
+    return projector
+  if projector == "svd":
+    return projectors_lib.svd(rank, update_every)
+  if projector == "randomized_svd":
+    return projectors_lib.randomized_svd(rank, update_every, seed=seed)
+  raise ValueError(
+    f"{name}: projector must be 'svd', 'randomized_svd' or a Projector, got {projector!r}."
+  )
+
+
 def subspace_adamw(
   learning_rate,
   projector,
   scale,
+  *,
   b1,
   b2,
   eps,
@@ -246,30 +282,11 @@ def galore(
     >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
     ...                  osub.galore(sched, rank=128, mask=r"kernel"))
   """
-  if isinstance(projector, str):
-    if projector == "svd":
-      projector = projectors_lib.svd(rank, update_every)
-    elif projector == "randomized_svd":
-      projector = projectors_lib.randomized_svd(rank, update_every, seed=seed)
-    else:
-      raise ValueError(
-        f"projector must be 'svd', 'randomized_svd' or a Projector, got {projector!r}."
-      )
   return subspace_adamw(
     learning_rate,
-    projector,
+    svd_projector(projector, rank, update_every, seed, "galore"),
     scale,
-    b1,
-    b2,
-    eps,
-    eps_placement,
-    weight_decay,
-    mask,
-    dims,
-    on_change,
-    projection_dtype,
-    refresh_chunk_bytes=refresh_chunk_bytes,
-    unprojected_learning_rate=unprojected_learning_rate,
+    **adamw_options(locals()),
   )
 
 
@@ -369,19 +386,4 @@ def online_subspace_descent(
     orthogonality_weight=orthogonality_weight,
     step_before_projection=step_before_projection,
   )
-  return subspace_adamw(
-    learning_rate,
-    projector,
-    scale,
-    b1,
-    b2,
-    eps,
-    eps_placement,
-    weight_decay,
-    mask,
-    dims,
-    on_change,
-    projection_dtype,
-    refresh_chunk_bytes=refresh_chunk_bytes,
-    unprojected_learning_rate=unprojected_learning_rate,
-  )
+  return subspace_adamw(learning_rate, projector, scale, **adamw_options(locals()))
