@@ -1,6 +1,7 @@
 """The example's run summary: GRASS's rows ever selected; a finished run resumed again."""
 
 import json
+import math
 import pathlib
 import sys
 
@@ -39,7 +40,9 @@ def test_summary_holds_the_fraction_of_rows_ever_selected(tmp_path):
     )
   )
   assert code == 0
-  rows = json.loads((tmp_path / "run" / "summary.json").read_text())["grass_rows_ever_selected"]
+  summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+  assert math.isfinite(summary["final_eval_loss"])
+  rows = summary["grass_rows_ever_selected"]
   assert rows["matrices"] == 14
   # Each selection trains 16 of 64 rows; three of them at most 48.
   assert 0.25 <= rows["min"] <= rows["mean"] <= rows["max"] <= 0.75
