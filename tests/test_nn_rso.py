@@ -437,7 +437,10 @@ def test_share_basis_gives_siblings_one_basis_drawn_for_the_first_and_redraws_it
       assert not any(np.any(np.asarray(layer.rso_b[...])) for layer in layers)
 
 
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+# Eager is slow (each operation compiled on its own); the fast subset runs the jitted case.
+@pytest.mark.parametrize(
+  "jit", [pytest.param(False, marks=pytest.mark.slow), True], ids=["eager", "jit"]
+)
 def test_shared_basis_gradients_are_the_projected_weight_gradients(jit):
   # Each member's ∂L/∂B at B = 0 is Pᵀ·∂L/∂W with the group's one P (and stays so under jit, where
   # the members' x·P products are one).
@@ -811,10 +814,13 @@ DIRECTIONS = {
 }
 
 
+# Each direction once, and the proximal term on and off: SGD and the default Adam with it,
+# Adam with eps 1e-3 without it. (Adam eps 1e-3 with proximal 0.5, a fourth case, passed when it
+# was dropped to keep CI's time: its two parts are each checked by another case.)
 @pytest.mark.slow
 @pytest.mark.parametrize(
   "direction,proximal",
-  [("sgd", 2.0), ("adam_eps_1e-3", None), ("adam_eps_1e-3", 0.5), ("default_adam", 0.5)],
+  [("sgd", 2.0), ("adam_eps_1e-3", None), ("default_adam", 0.5)],
 )
 def test_model_and_optimizer_level_take_the_same_steps(direction, proximal):
   inner_steps, steps, seed = 3, 7, 3  # merges after updates 3 and 6: 3 subproblems
