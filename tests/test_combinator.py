@@ -33,8 +33,15 @@ def _run(tx, params, steps, jit=True, seed=0):
   return params, state
 
 
-@pytest.mark.parametrize("shape", [(6, 10), (10, 6), (8, 8)])
-@pytest.mark.parametrize("jit", [False, True])
+# The fast subset (-m "not slow"): each shape once, eager for the wide one, jitted for the others.
+@pytest.mark.parametrize(
+  "shape,jit",
+  [
+    pytest.param(shape, jit, marks=[] if jit == (shape != (6, 10)) else [pytest.mark.slow])
+    for jit in (False, True)
+    for shape in ((6, 10), (10, 6), (8, 8))
+  ],
+)
 def test_rank_equal_to_smaller_side_with_sgd_is_plain_sgd(shape, jit):
   params = {"w": jax.random.normal(jax.random.PRNGKey(0), shape), "b": jnp.zeros(shape[1])}
   tx = osub.project_subspace(optax.sgd(0.1), projectors.svd(min(shape), 2), mask=r"^w$")
@@ -225,15 +232,21 @@ def test_bad_input_is_rejected_at_init_with_a_clear_message():
     sub(on_change="rotate")
 
 
+# The fast subset (-m "not slow"): each projector once, a zero gradient for one, NaN for two.
 @pytest.mark.parametrize(
-  "make",
+  "make,bad",
   [
-    lambda: osub.galore(1e-2, rank=2, update_every=2),
-    lambda: osub.galore(1e-2, rank=2, update_every=2, projector="randomized_svd"),
-    lambda: osub.online_subspace_descent(1e-2, rank=2),
+    pytest.param(make, bad, marks=[] if (i + j) % 2 == 0 else [pytest.mark.slow])
+    for i, bad in enumerate([0.0, np.nan])
+    for j, make in enumerate(
+      [
+        lambda: osub.galore(1e-2, rank=2, update_every=2),
+        lambda: osub.galore(1e-2, rank=2, update_every=2, projector="randomized_svd"),
+        lambda: osub.online_subspace_descent(1e-2, rank=2),
+      ]
+    )
   ],
 )
-@pytest.mark.parametrize("bad", [0.0, np.nan])
 def test_bad_gradients_never_poison_the_projector(make, bad):
   params = {"w": jax.random.normal(jax.random.PRNGKey(6), (6, 10))}
   tx = make()
@@ -389,8 +402,9 @@ def _with_setting(monkeypatch, module, name, value, make, params, seed):
   "make",
   [
     lambda: osub.galore(1e-2, 4, 2),
-    lambda: osub.online_subspace_descent(1e-2, 4),
-    lambda: osub.rso(1e-2, 4, 2),
+    # OSD's P steps and RSO's products: the slow set (the fast subset pads GaLore's products).
+    pytest.param(lambda: osub.online_subspace_descent(1e-2, 4), marks=pytest.mark.slow),
+    pytest.param(lambda: osub.rso(1e-2, 4, 2), marks=pytest.mark.slow),
   ],
   ids=["galore", "osd", "rso"],
 )
@@ -601,8 +615,20 @@ WRAPPERS = {
 }
 
 
-@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
-@pytest.mark.parametrize("name", sorted(STATIC_REFRESH_METHODS))
+# The fast subset (-m "not slow") runs the diagonal of the grid: each method once and each
+# wrapper once (sorted, the i-th method in the i-th wrapper).
+@pytest.mark.parametrize(
+  "name,wrapper",
+  [
+    pytest.param(
+      name,
+      wrapper,
+      marks=[] if i == j else [pytest.mark.slow],
+    )
+    for i, name in enumerate(sorted(STATIC_REFRESH_METHODS))
+    for j, wrapper in enumerate(sorted(WRAPPERS))
+  ],
+)
 def test_refresh_due_reads_the_projectors_schedule_through_any_wrapper(name, wrapper):
   # The schedule belongs to the projector and travels in the state: the host
   # reads it there, so no caller writes a method's schedule again.

@@ -43,8 +43,17 @@ def _updates(tx, params, grads):
   return out
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
-@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+# The fast subset (-m "not slow"): GaLore with weight decay, GRASS without.
+@pytest.mark.parametrize(
+  "name,weight_decay",
+  [
+    pytest.param(
+      n, wd, marks=[] if (n, wd) in {("galore", 0.1), ("grass", 0.0)} else [pytest.mark.slow]
+    )
+    for wd in (0.0, 0.1)
+    for n in sorted(PRESETS)
+  ],
+)
 def test_unprojected_leaves_follow_their_own_rate_and_kernels_keep_theirs(name, weight_decay):
   make = PRESETS[name]
   params, grads = _params_and_grads()

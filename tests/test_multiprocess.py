@@ -416,6 +416,7 @@ print(jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))(x))
 """
 
 
+@pytest.mark.slow  # two processes that start JAX (the fast subset checks the harness without)
 def test_a_process_stuck_in_a_collective_is_ended_soon_after_its_peer_fails():
   start = time.monotonic()
   results = _multiprocess.run(

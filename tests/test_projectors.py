@@ -130,15 +130,21 @@ def test_online_pca_does_not_step_at_step_zero():
   np.testing.assert_array_equal(np.asarray(new.basis), np.asarray(state.basis))
 
 
+# The fast subset (-m "not slow") runs the diagonal: each projector once, each bad value once.
 @pytest.mark.parametrize(
-  "make",
+  "make,bad",
   [
-    lambda: projectors.svd(3, 5),
-    lambda: projectors.randomized_svd(3, 5),
-    lambda: projectors.online_pca(3),
+    pytest.param(make, bad, marks=[] if i == j else [pytest.mark.slow])
+    for i, bad in enumerate([0.0, np.nan, np.inf])
+    for j, make in enumerate(
+      [
+        lambda: projectors.svd(3, 5),
+        lambda: projectors.randomized_svd(3, 5),
+        lambda: projectors.online_pca(3),
+      ]
+    )
   ],
 )
-@pytest.mark.parametrize("bad", [0.0, np.nan, np.inf])
 def test_unusable_gradient_keeps_the_previous_basis(make, bad):
   proj = make()
   good = jax.random.normal(jax.random.PRNGKey(10), (8, 12))

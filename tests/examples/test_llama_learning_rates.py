@@ -32,7 +32,11 @@ def _first_updates(cfg):
   return updates
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "galore", "grass", "rso", "osd"])
+# The fast subset (-m "not slow"): AdamW (no projection) and GaLore; the other methods are slow.
+@pytest.mark.parametrize(
+  "optimizer",
+  ["adamw", "galore", *(pytest.param(o, marks=pytest.mark.slow) for o in ("grass", "rso", "osd"))],
+)
 def test_lr_unprojected_moves_the_rest_and_leaves_the_kernels(optimizer):
   base = dict(model_size="tiny", optimizer=optimizer, steps=20, rank=16, update_every=2)
   split = _first_updates(TrainConfig(**base, lr=1e-3, lr_unprojected=4e-3))

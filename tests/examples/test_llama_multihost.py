@@ -127,6 +127,7 @@ def _errors(results):
   return [p.stderr.strip() for p in results]
 
 
+@pytest.mark.slow  # three pairs of processes of the example's CLI, each importing JAX
 def test_processes_that_cannot_meet_end_with_one_line_naming_the_flag(tmp_path):
   # None of these processes gets as far as JAX's own initialization.
   _c4_corpus(tmp_path / "c4")
