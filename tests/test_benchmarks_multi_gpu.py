@@ -92,28 +92,8 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
 
 
 @pytest.mark.slow
-def test_profiled_mesh_only_run_keeps_its_trace(tmp_path):
-  out = tmp_path / "profiled.json"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  flags = [f for f in TINY if f != "--weak"]
-  subprocess.run(
-    [*SUITE, *flags, "--out", str(out), "--layouts", "mesh", "--profile-steps", "1"],
-    cwd=ROOT,
-    env=env,
-    check=True,
-    capture_output=True,
-  )
-  result = json.loads(out.read_text())
-  adamw = result["methods"]["adamw"]
-  assert set(adamw) == {"mesh"} and result["config"]["profile_steps"] == 1
-  assert len(adamw["mesh"]["losses"]) == 3
-  # The trace of step 2 is written; a CPU trace has no device tracks, so no timeline rows.
-  traced = list((tmp_path / "profiled_runs" / "adamw-mesh" / "profile").rglob("*.json.gz"))
-  assert traced and adamw["mesh"]["profile"] == {}
-
-
-@pytest.mark.slow
-def test_hlo_dir_keeps_the_steady_and_the_refresh_program_and_counts_their_bytes(tmp_path):
+def test_a_profiled_mesh_only_run_keeps_its_trace_and_its_hlo_and_counts_the_bytes(tmp_path):
+  # One run checks two flags: --profile-steps and --hlo-dir (a steady and a refresh program).
   out = tmp_path / "hlo.json"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   flags = [f for f in TINY if f != "--weak"]
@@ -130,13 +110,21 @@ def test_hlo_dir_keeps_the_steady_and_the_refresh_program_and_counts_their_bytes
       "2",
       "--hlo-dir",
       str(tmp_path / "hlo"),
+      "--profile-steps",
+      "1",
     ],
     cwd=ROOT,
     env=env,
     check=True,
     capture_output=True,
   )
-  methods = json.loads(out.read_text())["methods"]
+  result = json.loads(out.read_text())
+  methods = result["methods"]
+  assert set(methods["adamw"]) == {"mesh"} and result["config"]["profile_steps"] == 1
+  assert len(methods["adamw"]["mesh"]["losses"]) == 3
+  # The trace of step 2 is written; a CPU trace has no device tracks, so no timeline rows.
+  traced = list((tmp_path / "hlo_runs" / "adamw-mesh" / "profile").rglob("*.json.gz"))
+  assert traced and methods["adamw"]["mesh"]["profile"] == {}
   assert sorted(p.name for p in (tmp_path / "hlo").iterdir()) == [
     "adamw-mesh.hlo.txt.gz",
     "galore-mesh.hlo.txt.gz",
