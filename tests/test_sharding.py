@@ -198,11 +198,11 @@ def test_state_shardings_follow_the_parameters_axis_by_axis():
 # (galore), a trained basis with its own AdamW state (online_subspace_descent_paper) and a
 # sampled index set remapped on a change (grass_multinomial). (Every pairing on every preset,
 # 48 cases, passed when this grid was cut to 30 to keep CI's time.) The fast subset
-# (-m "not slow") is the (8,) Explicit row of galore, GRASS, OSD and RSO (FAST_SHARDED_PRESETS);
-# there, test_compiled_update_gathers_no_full_parameter_outside_the_refresh steps the variants on
-# the (4, 2) mesh.
+# (-m "not slow") is the (8,) Explicit row of galore and RSO (FAST_SHARDED_PRESETS); there,
+# test_compiled_update_gathers_no_full_parameter_outside_the_refresh steps GRASS and OSD (their
+# variants) and GaLore's transport on the (4, 2) mesh.
 MESH_PAIRING_PRESETS = ("galore", "grass_multinomial", "online_subspace_descent_paper")
-FAST_SHARDED_PRESETS = ("galore", "grass_topk", "online_subspace_descent", "rso")
+FAST_SHARDED_PRESETS = ("galore", "rso")
 SHARDED_CASES = [
   pytest.param(
     name,
@@ -298,10 +298,10 @@ def _all_gathers_by_computation(hlo: str):
   return gathers, reach
 
 
-# The fast subset (-m "not slow") runs it for galore and the variants it steps nowhere else
-# there: transport, multinomial selection and OSD's paper projector optimizer.
-FAST_GATHER_PRESETS = ("galore", "galore_transport", "grass_multinomial")
-FAST_GATHER_PRESETS += ("online_subspace_descent_paper",)
+# The fast subset (-m "not slow") runs it for GaLore's transport, GRASS's multinomial selection
+# and OSD's paper projector optimizer: with FAST_SHARDED_PRESETS, GaLore, GRASS, OSD and RSO
+# each on a mesh.
+FAST_GATHER_PRESETS = ("galore_transport", "grass_multinomial", "online_subspace_descent_paper")
 
 
 @pytest.mark.parametrize(
