@@ -92,6 +92,7 @@ def test_unprojected_leaves_keep_full_size_state():
   assert isinstance(state[0].projectors["emb"], optax.MaskedNode)
 
 
+@pytest.mark.slow
 def test_stacked_layers_are_a_batch_of_independent_matrices():
   stacked = jax.random.normal(jax.random.PRNGKey(1), (3, 8, 12))
   tx = osub.galore(1e-2, rank=2, update_every=2, dims=osub.MatrixDims(rows=1, cols=2))
@@ -189,6 +190,7 @@ def test_a_callable_mask_follows_optax_and_a_per_leaf_one_is_explicit():
     osub.galore(1e-3, 2, mask=lambda p: {"attn": True}).init(params)
 
 
+@pytest.mark.slow
 def test_flax_nnx_paths_have_no_value_suffix_at_init_or_update():
   # init gets nnx.Params ("up/kernel/value" in jax's key paths), update the
   # plain arrays nnx.Optimizer passes ("up/kernel"): a mask sees "up/kernel"

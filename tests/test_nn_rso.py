@@ -70,6 +70,7 @@ def _effective_kernels(model):
 # --- the layer -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_surgery_keeps_the_models_outputs_at_b_zero():
   model = _llama()
   tokens = _tokens(0)
@@ -105,6 +106,7 @@ def test_grad_of_b_at_zero_is_projected_weight_gradient_exactly():
   np.testing.assert_array_equal(grads["rso_b"][...], layer.rso_basis[...].T @ grad_w)
 
 
+@pytest.mark.slow
 def test_grad_of_b_at_zero_is_projected_weight_gradient_in_llama():
   model = _llama()
   tokens = _tokens(1)
@@ -602,6 +604,7 @@ def _train_model_level(model, tx, batches, inner_steps, jit):
   return opt
 
 
+@pytest.mark.slow
 def test_rso_optimizer_restarts_only_b_and_merges_every_k():
   model = _llama()
   osnn.rso_layers(model, RANK)

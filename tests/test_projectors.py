@@ -67,6 +67,7 @@ def test_svd_signs_are_canonical():
   np.testing.assert_allclose(np.asarray(proj.basis(state_neg)), p, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_randomized_svd_captures_the_exact_top_energy():
   # Slowly decaying spectrum: the hard case for a range finder.
   g = _decaying(jax.random.PRNGKey(4), 64, 200, decay=0.97)

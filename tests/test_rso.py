@@ -293,6 +293,7 @@ def test_resume_across_a_subproblem_boundary_equals_an_uninterrupted_run(tmp_pat
   chex.assert_trees_all_equal(got, want)
 
 
+@pytest.mark.slow
 def test_runs_are_deterministic_and_the_seed_changes_the_subspaces():
   params = {"w": jax.random.normal(jax.random.PRNGKey(0), (9, 7))}
 

@@ -324,6 +324,7 @@ def test_compiled_update_gathers_no_full_parameter_outside_the_refresh(name):
   assert max(refresh, default=0) <= sum(math.prod(s) for s in SHAPES.values())
 
 
+@pytest.mark.slow
 def test_random_projector_keys_and_bases_are_identical_on_every_device():
   state = _run("galore_randomized_svd", "4x2")[1]
   sub = state[0]

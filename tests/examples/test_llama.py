@@ -52,6 +52,7 @@ def _paths(params):
 # Model
 
 
+@pytest.mark.slow
 def test_logits_have_batch_seq_vocab_shape_in_float32():
   graphdef, params = _params(model_config("tiny", 257))  # bfloat16 compute
   logits = nnx.merge(graphdef, params)(jnp.zeros((2, 16), jnp.int32))
@@ -324,6 +325,7 @@ def test_optax_galore_projects_only_attention_and_mlp_kernels():
     assert projector.shape == expected, path
 
 
+@pytest.mark.slow
 def test_grad_accumulation_steps_once_per_global_batch():
   # Two micro-batches of 2: the first's gradient summed (make_accumulate), one optimizer step
   # with the mean of both in the train step of the second; the same step as one batch of 4.
