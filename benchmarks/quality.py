@@ -433,10 +433,19 @@ def markdown_table(result: dict) -> str:
   return "\n".join(lines)
 
 
+def _calls(part: dict) -> list[dict]:
+  """The provenance of the calls behind `part`: its own, or an earlier combination's list."""
+  if "parts" in part:
+    return part["parts"]
+  # The device's output folder is its own absolute path: say $OUT instead.
+  command = re.sub(r"--out \S*/", "--out $OUT/", part["command"] or "")
+  return [{"commit": part["commit"], "command": command, "runs": len(part["runs"])}]
+
+
 def combine(parts: list[dict]) -> dict:
   """One result of several calls' JSONs of the same size and device (a GPU call is limited to
-  10 minutes): their runs together, the best of each sweep over all of them, each part's
-  provenance under "parts"."""
+  10 minutes): their runs together, the best of each sweep over all of them, each call's
+  provenance under "parts". A part may itself be a combination (its calls are listed)."""
   devices = {part["device"] for part in parts}
   if len(devices) != 1:
     raise ValueError(f"parts ran on different devices {sorted(devices)}: not comparable")
@@ -445,15 +454,7 @@ def combine(parts: list[dict]) -> dict:
     raise ValueError("parts ran with different settings: not comparable")
   result = {k: v for k, v in parts[0].items() if k not in ("runs", "best", "png", "command")}
   result["commit"] = parts[-1]["commit"]
-  # The device's output folder is its own absolute path: say $OUT instead.
-  result["parts"] = [
-    {
-      "commit": p["commit"],
-      "command": re.sub(r"--out \S*/", "--out $OUT/", p["command"] or ""),
-      "runs": len(p["runs"]),
-    }
-    for p in parts
-  ]
+  result["parts"] = [call for part in parts for call in _calls(part)]
   result["config"].pop("reps", None)
   result["runs"] = [run for part in parts for run in part["runs"]]
   result["best"] = best_of_sweeps(result["runs"])

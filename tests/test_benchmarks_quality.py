@@ -165,6 +165,12 @@ def test_combined_calls_take_the_best_over_all_parts_and_refuse_mixed_settings()
   assert result["best"]["60m/grass"]["ratio_to_adamw"] == pytest.approx(15.0 / 12.0)
   assert [p["commit"] for p in result["parts"]] == ["aaa", "bbb"]
   assert all("--out $OUT/" in p["command"] for p in result["parts"])
+  # A combination combines again: its calls stay listed, one by one.
+  c = _part("H100", "ccc", [_run("grass", 3e-3, 13.0)])
+  again = quality.combine([result, c])
+  assert [p["commit"] for p in again["parts"]] == ["aaa", "bbb", "ccc"]
+  assert again["best"]["60m/grass"]["swept"] == [(1e-3, 1e-3), (3e-3, 3e-3)]
+  assert again["best"]["60m/grass"]["ratio_to_adamw"] == pytest.approx(13.0 / 12.0)
   with pytest.raises(ValueError, match="different devices"):
     quality.combine([a, _part("H200", "ccc", [])])
   with pytest.raises(ValueError, match="different settings"):
