@@ -138,7 +138,8 @@ def projector_treedef(tree):
 
 def _init_projector(projector, i, leaf: _leaves.LeafPlan):
   """States of leaf i's matrices, batch axes leading; keys from i."""
-  keys = _base.matrix_keys(i, leaf.num_matrices)
+  with jax.ensure_compile_time_eval():  # constants: derived while tracing, not compiled
+    keys = _base.matrix_keys(i, leaf.num_matrices)
   one = lambda key: projector.init(leaf.side, leaf.other, leaf.rank, key)
   return jax.tree_util.tree_map(
     lambda y: y.reshape(leaf.batch_shape + y.shape[1:]), jax.vmap(one)(keys)
