@@ -211,8 +211,12 @@ def bench_method(name, tx, params, grads, reps, steady_count, refresh_name, log=
   return rows
 
 
-def bench_size(size: str, reps: int, methods, log=print) -> dict:
-  """Every method of `methods` on the tree of `size`: one row each, ratios, amortised rows."""
+def bench_size(size: str, reps: int, methods, log=print, partial=None) -> dict:
+  """Every method of `methods` on the tree of `size`: one row each, ratios, amortised rows.
+
+  `partial(result)`, if given, gets the result so far after each method (a run cut by a time
+  limit keeps the methods that finished).
+  """
   cfg = optimizer_step.SIZES[size]
   rank = cfg["rank"]
   shapes = optimizer_step.llama_shapes(**cfg)
@@ -264,8 +268,15 @@ def bench_size(size: str, reps: int, methods, log=print) -> dict:
       if "state_bytes" in row:
         row["state_over_analytic"] = row["state_bytes"] / analytic
       rows.append(row)
+    if partial is not None:
+      partial(_summary(size, cfg, shapes, n_params, [dict(r) for r in rows]))  # a snapshot
   del grads
   gc.collect()
+  return _summary(size, cfg, shapes, n_params, rows)
+
+
+def _summary(size, cfg, shapes, n_params, rows) -> dict:
+  """One size's result from its rows: ratios to AdamW, GaLore's and GRASS's amortised rows."""
   by = {r["method"]: r for r in rows if "median_ms" in r}
   if "adamw" in by:
     base = by["adamw"]
@@ -295,14 +306,16 @@ def bench_size(size: str, reps: int, methods, log=print) -> dict:
 
 
 def run(sizes, reps, methods=METHODS, log=print, checkpoint=None) -> dict:
-  """`bench_size` for every size; `checkpoint(results)` after each (a cut run keeps them).
+  """`bench_size` for every size; `checkpoint(results)` after each method (a cut run keeps them).
 
   AdamW always runs: the ratios are to it.
   """
   methods = suites.chosen(methods, METHODS, adamw=True)
   results = {"sizes": []}
   for size in sizes:
-    results["sizes"].append(bench_size(size, reps, methods, log))
+    done = list(results["sizes"])
+    partial = None if checkpoint is None else lambda cut: checkpoint({"sizes": [*done, cut]})
+    results["sizes"].append(bench_size(size, reps, methods, log, partial))
     if checkpoint is not None:
       checkpoint(results)
   return results
