@@ -46,6 +46,10 @@ PROFILED = (
   "osd_steady_bf16_products",
   "galore_refresh",
   "galore_refresh_unchunked",
+  "fira_steady",
+  "frugal_steady",
+  "apollo_steady",
+  "apollo_mini_steady",
 )
 
 
@@ -58,12 +62,28 @@ def methods(rank: int, dims=None) -> dict:
   "galore_refresh*" refresh at every call (T = 1); "*_unchunked" compile with
   `_chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh per shape, as before
   972ca93). "*_host_refresh": the update told on the host that the step does not refresh
-  (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU). (Earlier
+  (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU).
+  "fira_steady", "frugal_steady", "apollo_steady", "apollo_mini_steady": those presets' steady
+  steps (`_output_variants`), to see where their time over GaLore's goes. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
   table["galore_refresh"] = table["galore_refresh_svd"]
+  table.update(_output_variants(rank, dims))
   return {n: table[re.sub(r"_(unpadded|host_refresh|unchunked)$", "", n)] for n in PROFILED}
+
+
+def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
+  """Steady steps (from count 1; T never comes) of the methods with a residual path or a
+  scaling output: Fira and FRUGAL at `rank`, APOLLO at `rank`, APOLLO-Mini at rank 1."""
+  common = {"mask": optimizer_step.PROJECTED, "dims": dims}
+  never = optimizer_step.NEVER
+  return {
+    "fira_steady": (osub.fira(lr, rank, never, **common), 1),
+    "frugal_steady": (osub.frugal(lr, rank, never, **common), 1),
+    "apollo_steady": (osub.apollo(lr, rank, never, **common), 1),
+    "apollo_mini_steady": (osub.apollo_mini(lr, never, **common), 1),
+  }
 
 
 # Library settings a method's name changes while it compiles (they are read while tracing).

@@ -41,6 +41,16 @@ def test_profile_rows_carry_wall_time_and_kernel_breakdown(tmp_path):
   assert _chunks.OPTIMIZER_REFRESH_CHUNK_BYTES == 1 << 32
 
 
+def test_every_profiled_name_builds_its_update():
+  import optax  # pylint: disable=g-import-not-at-top
+
+  table = profile_update.methods(16)
+  assert set(table) == set(profile_update.PROFILED)
+  for name, (tx, count) in table.items():
+    assert isinstance(tx, optax.GradientTransformation), name
+    assert count in (None, 1), name
+
+
 def test_kernel_names_sort_into_kinds():
   assert profile_update.kind_of("sm90_xmma_gemm_f32f32_tf32f32_f32_nt_n") == "gemm"
   assert profile_update.kind_of("void cutlass::Kernel2<cutlass_80_tensorop_s1688gemm>") == "gemm"
