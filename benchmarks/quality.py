@@ -72,6 +72,9 @@ ABLATIONS = (
   + [("grass_every50", "grass", 3e-3, 1e-2, ("--update-every", "50"))]
   + [("rso_one_lr", "rso", 1e-2, 0.0, ())]
   + [("rso_every50", "rso", 1e-2, 1e-2, ("--update-every", "50"))]
+  # 1000 steps see five subspaces at T = 200 (the papers' T over 10k+ steps): a shorter T.
+  + [("galore_every50", "galore", 1e-2, 1e-2, ("--update-every", "50"))]
+  + [("apollo_every50", "apollo", 3e-3, 1e-2, ("--update-every", "50"))]
   # Full rank: rank = the smaller side of every kernel (hidden): the projection costs nothing.
   + [
     (f"{m}_full_rank", m, lr, lu, ("--rank", "FULL"))
