@@ -75,6 +75,11 @@ ABLATIONS = (
   # 1000 steps see five subspaces at T = 200 (the papers' T over 10k+ steps): a shorter T.
   + [("galore_every50", "galore", 1e-2, 1e-2, ("--update-every", "50"))]
   + [("apollo_every50", "apollo", 3e-3, 1e-2, ("--update-every", "50"))]
+  # The norm-growth limiter (γ = 1.01) off: how much of APOLLO's and Fira's gap it makes.
+  + [
+    (f"{m}_no_limiter", m, lr, 1e-2, ("--limiter-gamma", "inf"))
+    for m, lr in (("apollo", 3e-3), ("apollo_mini", 3e-3), ("fira", 5e-3))
+  ]
   # Full rank: rank = the smaller side of every kernel (hidden): the projection costs nothing.
   + [
     (f"{m}_full_rank", m, lr, lu, ("--rank", "FULL"))

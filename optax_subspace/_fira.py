@@ -18,6 +18,7 @@ that is not projected. Everything is float32.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -74,7 +75,7 @@ def norm_growth_limit(
   Args:
     x: the term to limit (any shape), float32.
     state: the limiter's `NormGrowthState`.
-    gamma: γ > 1, the largest growth allowed per step.
+    gamma: γ > 1, the largest growth allowed per step; inf: no limit.
 
   Returns:
     (limited x, new state).
@@ -86,7 +87,12 @@ def norm_growth_limit(
 def limit_factor(
   norm: jax.Array, state: NormGrowthState, gamma: float = GAMMA
 ) -> tuple[jax.Array, NormGrowthState]:
-  """`norm_growth_limit`'s factor γ / max(‖x‖ / (‖x_{t−1}‖ + ε), γ) from ‖x‖, and its new state."""
+  """`norm_growth_limit`'s factor γ / max(‖x‖ / (‖x_{t−1}‖ + ε), γ) from ‖x‖, and its new state.
+
+  γ = inf turns the limiter off (factor 1; the formula would give inf/inf).
+  """
+  if math.isinf(gamma):
+    return jnp.ones_like(norm), NormGrowthState(norm.astype(jnp.float32))
   previous = state.previous_norm
   ratio = jnp.where(previous > 0, norm / (previous + NORM_EPS), 0.0)
   factor = gamma / jnp.maximum(ratio, gamma)

@@ -74,7 +74,7 @@ def fira(
     rank: r (as GaLore: 128 at LLaMA-60M, 256 at 130M/350M, 512 at 1B).
     update_every: T, steps between SVD refreshes (200).
     scale: α (0.25, GaLore's).
-    gamma: γ of the norm-growth limiter (1.01 in all the paper's runs).
+    gamma: γ of the norm-growth limiter (1.01 in all the paper's runs; inf: none).
     granularity: "column" (Fira) or "matrix" (one ratio per matrix,
       Fira-matrix, Eqn. 10).
     b1: as in `galore`.
@@ -273,7 +273,7 @@ def apollo(
       LLaMA-60M, 256 at 7B).
     update_every: T, steps between fresh random projections (200).
     scale: α (1; 1/2 at 1B).
-    gamma: γ of the norm-growth limiter (1.01).
+    gamma: γ of the norm-growth limiter (1.01; inf: none).
     seed: folded into every matrix's key.
     b1: as in `galore`.
     b2: as in `galore`.

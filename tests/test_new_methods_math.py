@@ -180,12 +180,12 @@ class Subspace:
     return r, n
 
 
-def fira_library(grads, bases, side, alpha=0.25):
+def fira_library(grads, bases, side, alpha=0.25, gamma=_fira.GAMMA):
   sub, limit, out = Subspace(), _fira.init_norm_growth(), []
   for g64, p64 in zip(grads, bases):
     g, p = jnp.asarray(_orient(g64, side), jnp.float32), jnp.asarray(p64, jnp.float32)
     r, n = sub.step(g, p)
-    s, limit = _fira.fira_residual(g, _dot(p, r), r, n, limit)
+    s, limit = _fira.fira_residual(g, _dot(p, r), r, n, limit, gamma=gamma)
     out.append(_orient(np.asarray(-LR * alpha * (_dot(p, n) + s), np.float64), side))
   return out
 
@@ -202,13 +202,13 @@ def frugal_library(grads, bases, side, rule="sign_sgd", free_scale=1.0):
   return out
 
 
-def apollo_library(grads, bases, side, granularity, alpha):
+def apollo_library(grads, bases, side, granularity, alpha, gamma=_apollo.GAMMA):
   sub, limit, out = Subspace(), _apollo.init_norm_growth(), []
   for g64, p64 in zip(grads, bases):
     g = jnp.asarray(_orient(g64, side), jnp.float32)
     p = jnp.asarray(p64.T, jnp.float32)  # the paper's P (r × s) is our Pᵀ
     r, n = sub.step(g, p)
-    scaled, limit = _apollo.apollo_output(g, r, n, limit, granularity=granularity)
+    scaled, limit = _apollo.apollo_output(g, r, n, limit, granularity=granularity, gamma=gamma)
     out.append(_orient(np.asarray(-LR * alpha * scaled, np.float64), side))
   return out
 
@@ -263,6 +263,19 @@ def test_apollo_matches_its_algorithm_1_with_the_limiter(shape, side, granularit
   reference, bases, limiter = apollo_reference(grads, rank, side, granularity, alpha)
   assert limiter.limited > 0
   _assert_steps_close(apollo_library(grads, bases, side, granularity, alpha), reference)
+
+
+def test_an_infinite_gamma_turns_the_limiter_off():
+  """γ = inf: Fira's and APOLLO's updates without the limiter (not inf/inf = NaN)."""
+  grads = _gradients((6, 10))
+  reference, limiter = fira_reference(grads, 3, "left", gamma=math.inf)
+  assert limiter.limited == 0 and limiter.previous
+  ours = fira_library(grads, _svd_bases(grads, 3, "left"), "left", gamma=math.inf)
+  _assert_steps_close(ours, reference)
+  assert not np.allclose(ours[-1], fira_reference(grads, 3, "left")[0][-1])  # 1.01 limits
+  reference, bases, limiter = apollo_reference(grads, 3, "left", "channel", 1.0, gamma=math.inf)
+  assert limiter.limited == 0
+  _assert_steps_close(apollo_library(grads, bases, "left", "channel", 1.0, math.inf), reference)
 
 
 def test_frugal_at_full_rank_has_no_state_free_term():

@@ -11,6 +11,8 @@ jit, the state's tree (a None limiter is no child, so older checkpoints restore)
 checkpoint round trip.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,6 +181,23 @@ def test_the_limiter_acts_in_these_runs(name):
   else:
     apollo_reference(grads, bases, 1.0, False, limiter=limiter)
   assert limiter.limited > 0
+
+
+@pytest.mark.parametrize("name", ["fira", "apollo"])
+def test_gamma_inf_is_the_update_without_the_limiter(name):
+  grads = _gradients(SHAPES["wide"])
+  preset = {
+    "fira": osub.fira(LR, RANK, EVERY, gamma=math.inf),
+    "apollo": osub.apollo(LR, RANK, EVERY, gamma=math.inf),
+  }
+  updates, bases, _ = _run_library(preset[name], grads)
+  limiter = NumpyLimiter(math.inf)
+  if name == "fira":
+    reference = fira_reference(grads, bases, limiter=limiter)
+  else:
+    reference = apollo_reference(grads, bases, 1.0, False, limiter=limiter)
+  assert limiter.limited == 0
+  _assert_steps_close([u["w"] for u in updates], reference)
 
 
 @pytest.mark.parametrize("name", ["fira", "frugal", "apollo", "apollo_mini"])

@@ -132,6 +132,11 @@ class TrainConfig:
     200, "steps between subspace refreshes (GaLore's T; RSO's subproblem length K)"
   )
   galore_scale: float = _flag(0.25, "scale alpha of the back-projected update")
+  limiter_gamma: float = _flag(
+    0.0,
+    "fira, apollo, apollo_mini: gamma of the norm-growth limiter (> 1); 0: the papers' 1.01;"
+    " inf: no limiter",
+  )
   grass_selection: str = _flag(
     "topk", "grass: how rows are chosen at each refresh: topk, multinomial or uniform"
   )
@@ -251,6 +256,10 @@ class TrainConfig:
       if not (math.isfinite(value) and value >= 0):
         flag = "--" + name.replace("_", "-")
         raise ConfigError(f"{flag} {value:g} must be positive (or 0: the default)")
+    if not (self.limiter_gamma == 0 or self.limiter_gamma > 1):
+      raise ConfigError(
+        f"--limiter-gamma {self.limiter_gamma:g} must be above 1 (or 0: the papers' 1.01)"
+      )
     if self.grass_selection not in GRASS_SELECTIONS:
       raise ConfigError(
         f"unknown --grass-selection {self.grass_selection!r}; choose one of"

@@ -156,7 +156,8 @@ def _full_rank_method(cfg: TrainConfig, lr, lr_rest) -> optax.GradientTransforma
 
   Each with its paper's defaults, on the kernels GaLore projects: Fira's α is GaLore's
   (--galore-scale); FRUGAL has none (signSGD on the rest at the same learning rate); APOLLO's
-  α is 1, APOLLO-Mini's √128 at rank 1 (--rank is not read).
+  α is 1, APOLLO-Mini's √128 at rank 1 (--rank is not read). --limiter-gamma sets the γ of
+  Fira's and APOLLO's norm-growth limiter (inf: none).
   """
   common = dict(
     weight_decay=cfg.weight_decay,
@@ -165,6 +166,8 @@ def _full_rank_method(cfg: TrainConfig, lr, lr_rest) -> optax.GradientTransforma
     unprojected_learning_rate=lr_rest,
   )
   preset = _subspace_method(cfg.optimizer, cfg.optimizer)
+  if cfg.limiter_gamma and cfg.optimizer != "frugal":
+    common["gamma"] = cfg.limiter_gamma
   if cfg.optimizer == "fira":
     return preset(
       lr, rank=cfg.effective_rank(), update_every=cfg.update_every, scale=cfg.galore_scale, **common

@@ -731,6 +731,7 @@ def _bad_input_cases(tmp_path):
     "rank above hidden": (["--model-size", "tiny", "--rank", "65"], "--rank 65"),
     "negative profile steps": (["--profile-steps", "-1"], "--profile-steps must be"),
     "negative learning rate": (["--lr", "-1"], "--lr -1 must be positive (or 0: the default)"),
+    "limiter gamma at most 1": (["--limiter-gamma", "1"], "--limiter-gamma 1 must be above 1"),
     "unprojected learning rate not a number": (
       ["--lr-unprojected", "nan"],
       "--lr-unprojected nan must be positive",
