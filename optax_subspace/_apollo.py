@@ -72,6 +72,7 @@ def apollo_output(
   *,
   granularity: str = "channel",
   gamma: float = GAMMA,
+  transposed: bool = False,
 ) -> tuple[jax.Array, NormGrowthState]:
   r"""APOLLO's update direction for one matrix: the full G scaled, then limited (s, l).
 
@@ -113,12 +114,14 @@ def apollo_output(
     state: the limiter's `NormGrowthState` for this matrix.
     granularity: "channel" (APOLLO) or "tensor" (APOLLO-Mini).
     gamma: γ of the limiter.
+    transposed: G and G̃ are (l, s), the transpose of the oriented matrix
+      (how a leaf projected on its columns stores it); R and R̃ stay (r, l).
 
   Returns:
     (G̃ (s, l) float32, new state).
   """
   factors = scaling_factors(r, n, granularity)
-  scaled = g * (factors[None, :] if granularity == "channel" else factors)
+  scaled = g * (_fira.column_factors(factors, transposed) if granularity == "channel" else factors)
   return _fira.norm_growth_limit(scaled, state, gamma)
 
 

@@ -107,6 +107,7 @@ def fused_fira_terms(
   *,
   gamma: float = GAMMA,
   granularity: str = "column",
+  transposed: bool = False,
 ) -> tuple[jax.Array, jax.Array, NormGrowthState]:
   r"""`fira_residual` regrouped so that the update needs one product with P: (c·G·D, N − c·R·D).
 
@@ -124,19 +125,37 @@ def fused_fira_terms(
     state: the limiter's `NormGrowthState` for this matrix.
     gamma: γ of the limiter.
     granularity: "column" or "matrix", as `fira_residual`.
+    transposed: as in `fira_residual` (G and c·G·D are (l, s)).
 
   Returns:
     (c·G·D (s, l), N − c·R·D (r, l), new state); at r = s, (0, N, state).
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
-  if r.shape[0] >= g.shape[0]:
+  if r.shape[0] >= projected_side(g, transposed):
     return jnp.zeros_like(g), n, state
-  scaling = column_norm_ratio(r, n)[None, :] if granularity == "column" else matrix_norm_ratio(r, n)
-  g_d, r_d = g * scaling, r * scaling
-  norm = jnp.sqrt(jnp.maximum(jnp.sum(g_d * g_d) - jnp.sum(r_d * r_d), 0.0))
+  # ‖R·D‖² from the norms k is made of (Σ_j k_j²·‖R_{:,j}‖²), not from another pass over R.
+  if granularity == "column":
+    r_norms = jnp.linalg.norm(r, axis=0)
+    k = jnp.linalg.norm(n, axis=0) / (r_norms + NORM_EPS)  # column_norm_ratio
+    g_d, r_d = g * column_factors(k, transposed), r * k[None, :]
+  else:
+    r_norms = jnp.linalg.norm(r)
+    k = jnp.linalg.norm(n) / (r_norms + NORM_EPS)  # matrix_norm_ratio
+    g_d, r_d = g * k, r * k
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(g_d * g_d) - jnp.sum(jnp.square(k * r_norms)), 0.0))
   factor, state = limit_factor(norm, state, gamma)
   return factor * g_d, n - factor * r_d, state
+
+
+def projected_side(g: jax.Array, transposed: bool = False) -> int:
+  """s, the projected side of G: (s, l), or (l, s) when `transposed`."""
+  return g.shape[-1] if transposed else g.shape[-2]
+
+
+def column_factors(k: jax.Array, transposed: bool = False) -> jax.Array:
+  """k (l,) shaped to scale G's columns, G·diag(k): G (s, l), or Gᵀ (l, s) when `transposed`."""
+  return k[:, None] if transposed else k[None, :]
 
 
 def column_norm_ratio(r: jax.Array, n: jax.Array) -> jax.Array:
@@ -168,6 +187,7 @@ def fira_residual(
   *,
   gamma: float = GAMMA,
   granularity: str = "column",
+  transposed: bool = False,
 ) -> tuple[jax.Array, NormGrowthState]:
   r"""Fira's term for the gradient outside the subspace, limited: S_t (s, l).
 
@@ -204,16 +224,19 @@ def fira_residual(
     state: the limiter's `NormGrowthState` for this matrix.
     gamma: γ of the limiter.
     granularity: "column" (Fira, Eqn. 11) or "matrix" (Fira-matrix, Eqn. 10).
+    transposed: G, P·R and S_t are given and returned as (l, s), the
+      transpose of the oriented matrix (how a leaf projected on its columns
+      stores it, so no transpose of G is made); R and N stay (r, l).
 
   Returns:
     (S_t (s, l) float32, new state).
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
-  if r.shape[0] >= g.shape[0]:
+  if r.shape[0] >= projected_side(g, transposed):
     return jnp.zeros_like(g), state
   if granularity == "column":
-    scaling = column_norm_ratio(r, n)[None, :]
+    scaling = column_factors(column_norm_ratio(r, n), transposed)
   else:
     scaling = matrix_norm_ratio(r, n)
   return norm_growth_limit((g - back_r) * scaling, state, gamma)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from optax_subspace import _fira
+
 # The authors' defaults (the README of their released code):
 DENSITY = 0.25  # ρ, the state-full fraction of each projected matrix: rank r = ρ·s
 UPDATE_EVERY = 200  # T, steps between choices of the state-full subspace, as GaLore
@@ -82,7 +84,13 @@ def state_free_update(
 
 
 def frugal_residual(
-  g: jax.Array, back_r: jax.Array, r: jax.Array, *, rule: str = RULE, scale: float = FREE_SCALE
+  g: jax.Array,
+  back_r: jax.Array,
+  r: jax.Array,
+  *,
+  rule: str = RULE,
+  scale: float = FREE_SCALE,
+  transposed: bool = False,
 ) -> jax.Array:
   r"""FRUGAL's state-free term U (s, l) for one matrix: no state.
 
@@ -112,11 +120,13 @@ def frugal_residual(
     r: R = PᵀG (r, l); only its shape is read (r = s: no complement).
     rule: "sign_sgd" or "sgd".
     scale: the state-free learning rate relative to the state-full one.
+    transposed: G, P·R and U are (l, s), the transpose of the oriented
+      matrix (the rules are elementwise, so only the full-rank check reads it).
 
   Returns:
     U (s, l), float32.
   """
-  if r.shape[0] >= g.shape[0]:
+  if r.shape[0] >= _fira.projected_side(g, transposed):
     if rule not in RULES:
       raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
     return jnp.zeros_like(g, jnp.float32)

@@ -428,18 +428,31 @@ def plan_leaves(
   return plans, treedef
 
 
+def to_stored(x, plan: LeafPlan):
+  """Leaf -> (*batch, rows, cols): its matrices as the leaf stores them.
+
+  No data moves when the batch axes lead and each side is one axis (a
+  kernel (in, out), a scanned (layers, in, out)). It is the oriented
+  (s, l) matrix when P spans the rows, its transpose (l, s) otherwise.
+  """
+  return jnp.transpose(x, plan.perm).reshape(plan.batch_shape + (plan.rows, plan.cols))
+
+
+def from_stored(y, plan: LeafPlan):
+  """(*batch, rows, cols) -> the leaf's own shape and axis order."""
+  permuted = tuple(plan.shape[a] for a in plan.perm)
+  return jnp.transpose(y.reshape(permuted), np.argsort(plan.perm))
+
+
 def to_oriented(x, plan: LeafPlan):
   """Leaf -> (*batch, s, l): the projected side first, as projectors see it."""
-  x = jnp.transpose(x, plan.perm).reshape(plan.batch_shape + (plan.rows, plan.cols))
+  x = to_stored(x, plan)
   return x if plan.axis == 0 else jnp.swapaxes(x, -1, -2)
 
 
 def from_oriented(y, plan: LeafPlan):
   """(*batch, s, l) -> the leaf's own shape and axis order."""
-  if plan.axis == 1:
-    y = jnp.swapaxes(y, -1, -2)
-  permuted = tuple(plan.shape[a] for a in plan.perm)
-  return jnp.transpose(y.reshape(permuted), np.argsort(plan.perm))
+  return from_stored(y if plan.axis == 0 else jnp.swapaxes(y, -1, -2), plan)
 
 
 def low_rank_layout(r, plan: LeafPlan):

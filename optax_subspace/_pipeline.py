@@ -24,6 +24,7 @@ leaves and buckets build one program.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -255,14 +256,15 @@ class Pipeline:
 
     `n` holds the inner update N of each projected leaf in the inner
     layout. GaLore's Algorithm 1: G̃ = α·P·N (Zhao et al. 2024). With
-    `terms` ({leaf: (…, s, l) float32}, from `residual`), ΔW = α·(P·N + S):
+    `terms` ({leaf: float32 in the stored layout}, from `residual`), ΔW = α·(P·N + S):
     the residual term is added before α (Fira's Algorithm 1; FRUGAL's α is 1).
     """
     out = {}
     for i in self.plan.projected:
       leaf, dtype = self.plan[i], jnp.result_type(g[i])
-      if self.projector.back is None and leaf.axis == 1 and terms is None:
-        out[i] = self._back_on_columns(i, bases, n[i], alpha, dtype)
+      term = None if terms is None else terms[i]
+      if self.projector.back is None and leaf.axis == 1:
+        out[i] = self._back_on_columns(i, bases, n[i], alpha, dtype, term)
         continue
       extra = self._padding(i, self.projector.back)
       pn = self._product(
@@ -273,18 +275,47 @@ class Pipeline:
         bases,
         _pad(_leaves.low_rank_layout(n[i], leaf).astype(self.dtype), extra),
       )
-      pn = _cut(pn, extra) if terms is None else _cut(pn, extra) + terms[i]
+      pn = _cut(pn, extra)
+      if term is not None:  # stored (l, s) for a leaf projected on its columns
+        pn = pn + (jnp.swapaxes(term, -1, -2) if leaf.axis == 1 else term)
       out[i] = _leaves.from_oriented(pn * alpha, leaf).astype(dtype)
     return out
 
   def _float32_operands(self, i, g, r, n):
-    """Leaf i's oriented G (…, s, l), R and N (…, r, l), in float32."""
+    """Leaf i's G as stored (…, rows, cols), R and N oriented (…, r, l), in float32.
+
+    The stored matrix is the oriented G (s, l) when P spans the rows and its
+    transpose (l, s) when P spans the columns; the residual and output
+    stages read either (`transposed`), so G is never copied into the other
+    layout. Oriented, Fira's and FRUGAL's 1B steps transposed the 24 MLP
+    down projections' gradients and terms (3.7 ms of copies per update on
+    an H100, profile_update_1b_h100_bec3eb6_new_methods.json).
+    """
     leaf = self.plan[i]
     return (
-      _leaves.to_oriented(g[i], leaf).astype(jnp.float32),
+      _leaves.to_stored(g[i], leaf).astype(jnp.float32),
       r[i].astype(jnp.float32),
       _leaves.low_rank_layout(n[i], leaf).astype(jnp.float32),
     )
+
+  def _back_stored(self, i, pstates, bases, r32):
+    """P·R of leaf i in its stored layout (float32): as `_float32_operands`' G.
+
+    With a dense P and the columns projected, (P·R)ᵀ = Rᵀ·Pᵀ lands in the
+    stored layout directly; otherwise the projector's oriented P·R is
+    swapped.
+    """
+    leaf = self.plan[i]
+    if self.projector.back is None and leaf.axis == 1:
+      return over_batch(
+        lambda p, x: jnp.matmul(x.T, p.T.astype(x.dtype), preferred_element_type=jnp.float32),
+        leaf,
+        bases[i],
+        r32,
+        in_axes=(0, 0),
+      )
+    back_r = self._product(self.projector.back, _base.dense_back, i, pstates, bases, r32)
+    return jnp.swapaxes(back_r, -1, -2) if leaf.axis == 1 else back_r
 
   def residual(self, stages, pstates, bases, g, r, n, previous):
     """The residual stage: a term from G − P·R for every projected matrix.
@@ -295,23 +326,26 @@ class Pipeline:
     limiter's previous norm of each matrix in `previous` ({leaf: float32
     array of the leaf's batch shape}). Fira's term folds into N instead
     (`_fira.fused_fira_terms`: c·G·D + P·(N − c·R·D), one product with P,
-    for an orthonormal P). Returns ({leaf: term, (…, s, l) float32}, the
-    inner updates N to back-project (Fira's adjusted), {leaf: previous
-    norm}), for `back_project`.
+    for an orthonormal P). Returns ({leaf: term, float32, in the stored
+    layout of `_float32_operands`' G}, the inner updates N to back-project
+    (Fira's adjusted), {leaf: previous norm}), for `back_project`.
     """
     terms, norms, n = {}, {}, dict(enumerate(n))
     for i in self.plan.projected:
       leaf = self.plan[i]
+      transposed = leaf.axis == 1
       g32, r32, n32 = self._float32_operands(i, g, r, n)
       if stages.fused:
+        fused = functools.partial(stages.fused_terms, transposed=transposed)
         terms[i], n_i, norms[i] = over_batch(
-          stages.fused_terms, leaf, g32, r32, n32, previous.get(i), in_axes=(0, 0, 0, 0)
+          fused, leaf, g32, r32, n32, previous.get(i), in_axes=(0, 0, 0, 0)
         )
         n[i] = _leaves.low_rank_layout(n_i, leaf).astype(n[i].dtype)
         continue
-      back_r = self._product(self.projector.back, _base.dense_back, i, pstates, bases, r32)
+      back_r = self._back_stored(i, pstates, bases, r32)
+      term = functools.partial(stages.residual_term, transposed=transposed)
       terms[i], norms[i] = over_batch(
-        stages.residual_term, leaf, g32, back_r, r32, n32, previous.get(i), in_axes=(0, 0, 0, 0, 0)
+        term, leaf, g32, back_r, r32, n32, previous.get(i), in_axes=(0, 0, 0, 0, 0)
       )
     return terms, n, norms
 
@@ -327,17 +361,19 @@ class Pipeline:
     for i in self.plan.projected:
       leaf = self.plan[i]
       g32, r32, n32 = self._float32_operands(i, g, r, n)
+      scaled_output = functools.partial(stages.scaled_output, transposed=leaf.axis == 1)
       scaled, norms[i] = over_batch(
-        stages.scaled_output, leaf, g32, r32, n32, previous[i], in_axes=(0, 0, 0, 0)
+        scaled_output, leaf, g32, r32, n32, previous[i], in_axes=(0, 0, 0, 0)
       )
-      out[i] = _leaves.from_oriented(scaled * alpha, leaf).astype(jnp.result_type(g[i]))
+      out[i] = _leaves.from_stored(scaled * alpha, leaf).astype(jnp.result_type(g[i]))
     return out, norms
 
-  def _back_on_columns(self, i, bases, n, alpha, dtype):
-    """α·P·N of a leaf projected on its columns, as (P N)ᵀ = Nᵀ Pᵀ.
+  def _back_on_columns(self, i, bases, n, alpha, dtype, term=None):
+    """α·(P·N + S) of a leaf projected on its columns, as (P N)ᵀ = Nᵀ Pᵀ.
 
     Nᵀ is the inner layout (l, r) of such a leaf: the product lands in the
-    leaf's layout, with no transpose of an s×l result.
+    leaf's layout, with no transpose of an s×l result. `term` S (a residual
+    stage's, in the stored layout (l, s)) is added before α, or None.
     """
     leaf = self.plan[i]
     flipped = over_batch(
@@ -347,13 +383,15 @@ class Pipeline:
       n.astype(self.dtype),
       in_axes=(0, 0),
     )
+    if term is not None:
+      flipped = flipped + term
     if leaf.perm == tuple(range(len(leaf.shape))):
       # Already the leaf's layout: returned as it is. Swapped to (s, l) and
       # back, XLA folded the outer transpose into the product (computing
       # P·N again) and copied the s×l result into the leaf's layout: 1.3 ms
       # of LLaMA-1B's GaLore step (H200, profile_update_h200_b210501.json).
       return (flipped * alpha).reshape(leaf.shape).astype(dtype)
-    return _leaves.from_oriented(jnp.swapaxes(flipped, -1, -2) * alpha, leaf).astype(dtype)
+    return _leaves.from_stored(flipped * alpha, leaf).astype(dtype)
 
   def _step_group(self, leaf: _leaves.LeafPlan):
     """The stacking key of a leaf's `Advance.direction`: (s, r), or the leaf

@@ -107,14 +107,24 @@ class Stages:
     """Whether the residual folds into the back-projection (Fira: no P·R product)."""
     return isinstance(self.residual, str) and self.residual in FIRA
 
-  def fused_terms(self, g, r, n, previous):
+  # Each per-matrix method takes G (and P·R, and returns its s × l term) oriented (s, l), or
+  # as its transpose (l, s) with `transposed`: how a leaf projected on its columns stores its
+  # matrices, so the pipeline makes no transposed copy of G (R and N are (r, l) either way).
+
+  def fused_terms(self, g, r, n, previous, transposed=False):
     """Fira's (c·G·D, N − c·R·D, the limiter's new previous norm): `_fira.fused_fira_terms`."""
     term, n, limit = _fira.fused_fira_terms(
-      g, r, n, _fira.NormGrowthState(previous), gamma=self.gamma, granularity=FIRA[self.residual]
+      g,
+      r,
+      n,
+      _fira.NormGrowthState(previous),
+      gamma=self.gamma,
+      granularity=FIRA[self.residual],
+      transposed=transposed,
     )
     return term, n, limit.previous_norm
 
-  def residual_term(self, g, back_r, r, n, previous):
+  def residual_term(self, g, back_r, r, n, previous, transposed=False):
     """(the term added to P·N before α, the limiter's new previous norm)."""
     if isinstance(self.residual, str) and self.residual in FIRA:
       term, limit = _fira.fira_residual(
@@ -125,21 +135,36 @@ class Stages:
         _fira.NormGrowthState(previous),
         gamma=self.gamma,
         granularity=FIRA[self.residual],
+        transposed=transposed,
       )
       return term, limit.previous_norm
     if isinstance(self.residual, str):
       return _frugal.frugal_residual(
-        g, back_r, r, rule=STATE_FREE[self.residual], scale=self.residual_scale
+        g,
+        back_r,
+        r,
+        rule=STATE_FREE[self.residual],
+        scale=self.residual_scale,
+        transposed=transposed,
       ), previous
-    if r.shape[0] >= g.shape[0]:  # no complement: exact zero, as FRUGAL's rules
+    if r.shape[0] >= _fira.projected_side(g, transposed):  # no complement: exact zero
       return jnp.zeros_like(g), previous
+    # A transformation of the caller's sees G − P·R oriented, whatever it computes.
     free = _frugal.complement(g, back_r)
+    free = free.T if transposed else free
     direction, _ = self.residual.update(free, self.residual.init(free))
+    direction = direction.T if transposed else direction
     return (self.residual_scale * direction).astype(jnp.float32), previous
 
-  def scaled_output(self, g, r, n, previous):
+  def scaled_output(self, g, r, n, previous, transposed=False):
     """(APOLLO's G̃ = limited G·diag(s), the limiter's new previous norm)."""
     out, limit = _apollo.apollo_output(
-      g, r, n, _fira.NormGrowthState(previous), granularity=OUTPUTS[self.output], gamma=self.gamma
+      g,
+      r,
+      n,
+      _fira.NormGrowthState(previous),
+      granularity=OUTPUTS[self.output],
+      gamma=self.gamma,
+      transposed=transposed,
     )
     return out, limit.previous_norm
