@@ -316,6 +316,7 @@ def project_subspace(
   residual_scale: float = 1.0,
   output: str = "back_project",
   gamma: float = 1.01,
+  limit_uncorrected: tuple[float, float] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` on low-rank projections of the selected gradients.
 
@@ -441,6 +442,12 @@ def project_subspace(
     gamma: γ of the norm-growth limiter of "fira" and the "scale" outputs
       (‖S_t‖ ≤ γ·‖S_{t−1}‖; 1.01 in both papers). Its state is one float per
       matrix, `ProjectSubspaceState.limiter`.
+    limit_uncorrected: None (the "scale" outputs' factors and limiter see
+      N as `inner` gives it), or the (b1, b2) of `inner`'s bias-corrected
+      Adam: they then see N before its correction c_t = √(1 − b2ᵗ)/(1 −
+      b1ᵗ), t = this transformation's step, and the limited update is
+      multiplied by c_t afterwards (APOLLO's released code). `inner`'s step
+      count must be this transformation's (one shared count, not restarted).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -453,7 +460,7 @@ def project_subspace(
     >>> updates, state = tx.update(params, state, params)
   """
   _check_arguments(on_change, side, refresh_chunk_bytes)
-  stages = _stages.Stages(residual, residual_scale, output, gamma)
+  stages = _stages.Stages(residual, residual_scale, output, gamma, limit_uncorrected)
   schedule = (
     projector.needs_refresh if isinstance(projector.needs_refresh, _base.RefreshSchedule) else None
   )
@@ -542,7 +549,8 @@ def project_subspace(
     alpha, mismatch = _guarded_scale(projector, plan, count, due, scale, state.refresh_mismatch)
     u, norms = dict(enumerate(n)), _limiter_states(plan, updates, state)
     if stages.scales_output:
-      projected, norms = pipe.scale_output(stages, g, r, n, alpha, norms)
+      correction = stages.bias_correction(count)
+      projected, norms = pipe.scale_output(stages, g, r, n, alpha, norms, correction)
     else:
       terms = None
       if stages.has_residual:

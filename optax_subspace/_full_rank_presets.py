@@ -217,12 +217,15 @@ def frugal(
 
 
 def _apollo_preset(learning_rate, rank, update_every, scale, granularity, gamma, seed, arguments):
+  stages = dict(output=APOLLO_GRANULARITIES[granularity], gamma=gamma)
+  if arguments["limit_before_bias_correction"]:
+    stages["limit_uncorrected"] = (arguments["b1"], arguments["b2"])
   return _presets.subspace_adamw(
     learning_rate,
     projectors_lib.random(rank, update_every, distribution="gaussian", seed=seed),
     scale,
     **_presets.adamw_options(arguments),
-    stages=dict(output=APOLLO_GRANULARITIES[granularity], gamma=gamma),
+    stages=stages,
   )
 
 
@@ -233,6 +236,7 @@ def apollo(
   scale: float = _apollo.SCALE,
   *,
   gamma: float = _apollo.GAMMA,
+  limit_before_bias_correction: bool = False,
   seed: int = 0,
   b1: float = 0.9,
   b2: float = 0.999,
@@ -274,6 +278,11 @@ def apollo(
     update_every: T, steps between fresh random projections (200).
     scale: α (1; 1/2 at 1B).
     gamma: γ of the norm-growth limiter (1.01; inf: none).
+    limit_before_bias_correction: the factors s and the limiter see Adam's
+      direction before its bias correction √(1 − β2ᵗ)/(1 − β1ᵗ), which
+      then multiplies the limited update, as the authors' released code
+      orders them; False (default): they see the corrected direction (the
+      paper's Algorithm 1 does not say; docs/methods.md).
     seed: folded into every matrix's key.
     b1: as in `galore`.
     b2: as in `galore`.
@@ -304,6 +313,7 @@ def apollo_mini(
   scale: float = _apollo.MINI_SCALE,
   *,
   gamma: float = _apollo.GAMMA,
+  limit_before_bias_correction: bool = False,
   seed: int = 0,
   b1: float = 0.9,
   b2: float = 0.999,
@@ -337,6 +347,7 @@ def apollo_mini(
     update_every: T (200).
     scale: α (√128).
     gamma: as in `apollo`.
+    limit_before_bias_correction: as in `apollo`.
     seed: as in `apollo`.
     b1: as in `apollo`.
     b2: as in `apollo`.

@@ -349,19 +349,22 @@ class Pipeline:
       )
     return terms, n, norms
 
-  def scale_output(self, stages, g, r, n, alpha, previous):
+  def scale_output(self, stages, g, r, n, alpha, previous, correction=None):
     """The "scale" output mode, in place of `back_project`: ΔW = α·G̃.
 
     G̃ is the full G scaled by factors from R and N, then limited
     (`stages.scaled_output`: APOLLO's Algorithm 1 with the norm-growth
-    limiter of its Eq. 4). Returns ({leaf: ΔW in the leaf's layout and G's
-    dtype}, {leaf: the limiter's previous norm}).
+    limiter of its Eq. 4; with `correction`, the limiter sees N before
+    Adam's bias correction, `stages.scaled_output`). Returns ({leaf: ΔW in
+    the leaf's layout and G's dtype}, {leaf: the limiter's previous norm}).
     """
     out, norms = {}, {}
     for i in self.plan.projected:
       leaf = self.plan[i]
       g32, r32, n32 = self._float32_operands(i, g, r, n)
-      scaled_output = functools.partial(stages.scaled_output, transposed=leaf.axis == 1)
+      scaled_output = functools.partial(
+        stages.scaled_output, transposed=leaf.axis == 1, correction=correction
+      )
       scaled, norms[i] = over_batch(
         scaled_output, leaf, g32, r32, n32, previous[i], in_axes=(0, 0, 0, 0)
       )

@@ -19,6 +19,7 @@ is in `_fira`, `_frugal` and `_apollo`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -49,12 +50,18 @@ class Stages:
       subspace's (FRUGAL's λ); not read for Fira.
     output: "back_project", "scale" (APOLLO) or "scale_tensor" (APOLLO-Mini).
     gamma: γ of the norm-growth limiter (Fira and the "scale" outputs).
+    limit_uncorrected: None, or the (β1, β2) of an inner Adam whose
+      direction is bias-corrected: a "scale" output's factors and limiter
+      then see that direction before its correction c_t = √(1 − β2ᵗ)/(1 − β1ᵗ),
+      which multiplies the limited update afterwards (APOLLO's released
+      code; docs/methods.md).
   """
 
   residual: Any = None
   residual_scale: float = 1.0
   output: str = "back_project"
   gamma: float = _fira.GAMMA
+  limit_uncorrected: Any = None
 
   def __post_init__(self):
     named = tuple(STATE_FREE) + tuple(FIRA)
@@ -76,6 +83,15 @@ class Stages:
       )
     if not self.gamma > 1:
       raise ValueError(f"gamma must be > 1, got {self.gamma!r}.")
+    if self.limit_uncorrected is not None and (
+      not self.scales_output
+      or len(self.limit_uncorrected) != 2
+      or not all(0 <= b < 1 for b in self.limit_uncorrected)
+    ):
+      raise ValueError(
+        "limit_uncorrected is the (b1, b2) of the inner Adam, each in [0, 1), for a 'scale'"
+        f" output; got {self.limit_uncorrected!r} with output={self.output!r}."
+      )
 
   @property
   def has_residual(self) -> bool:
@@ -156,15 +172,33 @@ class Stages:
     direction = direction.T if transposed else direction
     return (self.residual_scale * direction).astype(jnp.float32), previous
 
-  def scaled_output(self, g, r, n, previous, transposed=False):
-    """(APOLLO's G̃ = limited G·diag(s), the limiter's new previous norm)."""
+  def bias_correction(self, count):
+    """c_t = √(1 − β2ᵗ)/(1 − β1ᵗ) at the inner's step t = count + 1, or None.
+
+    None unless `limit_uncorrected`. The inner's count is this
+    transformation's: the presets' Adam shares one step count, started and
+    stepped with the combinator's.
+    """
+    if self.limit_uncorrected is None:
+      return None
+    b1, b2 = self.limit_uncorrected
+    t = (count + 1).astype(jnp.float32)
+    return jnp.sqrt(-jnp.expm1(t * math.log(b2))) / -jnp.expm1(t * math.log(b1))
+
+  def scaled_output(self, g, r, n, previous, transposed=False, correction=None):
+    """(APOLLO's G̃ = limited G·diag(s), the limiter's new previous norm).
+
+    With `correction` c_t (`bias_correction`), the factors and the limiter
+    see N/c_t, Adam's direction before its bias correction, and the limited
+    G̃ is multiplied by c_t afterwards: the released code's order.
+    """
     out, limit = _apollo.apollo_output(
       g,
       r,
-      n,
+      n if correction is None else n / correction,
       _fira.NormGrowthState(previous),
       granularity=OUTPUTS[self.output],
       gamma=self.gamma,
       transposed=transposed,
     )
-    return out, limit.previous_norm
+    return (out if correction is None else out * correction), limit.previous_norm

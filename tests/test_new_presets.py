@@ -134,6 +134,20 @@ def apollo_reference(grads, bases, alpha, tensor, limiter=None):
   return out
 
 
+def apollo_released_order_reference(grads, bases, alpha, tensor):
+  """APOLLO as the authors' released code orders it: s and the limiter from Adam's direction
+  before bias correction, W ← W − η·α·c_t·limit(G·diag(s)), c_t = √(1 − β2ᵗ)/(1 − β1ᵗ)."""
+  left = grads[0]["w"].shape[0] <= grads[0]["w"].shape[1]
+  adam, limiter, out = None, NumpyLimiter(1.01), []
+  for g, p in zip(grads, bases):
+    r, _ = _split(g["w"], p, left)
+    adam = adam or NumpyAdam(r.shape)
+    n = adam(r)
+    c = math.sqrt(1 - 0.999**adam.t) / (1 - 0.9**adam.t)
+    out.append(-LR * alpha * c * limiter(g["w"] * _ratios(n / c, r, left, tensor)))
+  return out, limiter
+
+
 def bias_reference(grads):
   """The unprojected bias: full-size HF Adam at the learning rate, no α."""
   adam = NumpyAdam(grads[0]["b"].shape)
@@ -198,6 +212,37 @@ def test_gamma_inf_is_the_update_without_the_limiter(name):
     reference = apollo_reference(grads, bases, 1.0, False, limiter=limiter)
   assert limiter.limited == 0
   _assert_steps_close([u["w"] for u in updates], reference)
+
+
+@pytest.mark.parametrize("mini", [False, True], ids=["apollo", "apollo_mini"])
+@pytest.mark.parametrize("shape", [SHAPES["wide"], SHAPES["tall"]], ids=["wide", "tall"])
+def test_apollo_can_limit_before_the_bias_correction_as_its_released_code(shape, mini):
+  grads = _gradients(shape)
+  if mini:
+    tx = osub.apollo_mini(LR, EVERY, limit_before_bias_correction=True)
+  else:
+    tx = osub.apollo(LR, RANK, EVERY, limit_before_bias_correction=True)
+  updates, bases, _ = _run_library(tx, grads)
+  alpha = np.sqrt(128) if mini else 1.0
+  reference, limiter = apollo_released_order_reference(grads, bases, alpha, mini)
+  assert limiter.limited > 0
+  _assert_steps_close([u["w"] for u in updates], reference)
+  default, _, _ = _run_library(
+    osub.apollo_mini(LR, EVERY) if mini else osub.apollo(LR, RANK, EVERY), grads
+  )
+  # The order matters on these gradients (their norms jump, so both limiters act).
+  assert not all(np.allclose(a["w"], b["w"]) for a, b in zip(updates, default))
+
+
+def test_limit_uncorrected_is_only_for_a_scale_output():
+  with pytest.raises(ValueError, match="limit_uncorrected"):
+    osub.project_subspace(
+      optax.adam(1.0), osub.projectors.svd(2, 5), limit_uncorrected=(0.9, 0.999)
+    )
+  with pytest.raises(ValueError, match="limit_uncorrected"):
+    osub.project_subspace(
+      optax.adam(1.0), osub.projectors.svd(2, 5), output="scale", limit_uncorrected=(0.9, 1.0)
+    )
 
 
 @pytest.mark.parametrize("name", ["fira", "frugal", "apollo", "apollo_mini"])

@@ -174,6 +174,7 @@ def _full_rank_method(cfg: TrainConfig, lr, lr_rest) -> optax.GradientTransforma
     )
   if cfg.optimizer == "frugal":
     return preset(lr, rank=cfg.effective_rank(), update_every=cfg.update_every, **common)
+  common["limit_before_bias_correction"] = cfg.limit_before_bias_correction
   if cfg.optimizer == "apollo":
     return preset(
       lr, rank=cfg.effective_rank(), update_every=cfg.update_every, seed=cfg.seed, **common
