@@ -316,7 +316,7 @@ def project_subspace(
   residual_scale: float = 1.0,
   output: str = "back_project",
   gamma: float = 1.01,
-  limit_uncorrected: tuple[float, float] | None = None,
+  released_order: tuple[float, float] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Runs `inner` on low-rank projections of the selected gradients.
 
@@ -442,12 +442,15 @@ def project_subspace(
     gamma: γ of the norm-growth limiter of "fira" and the "scale" outputs
       (‖S_t‖ ≤ γ·‖S_{t−1}‖; 1.01 in both papers). Its state is one float per
       matrix, `ProjectSubspaceState.limiter`.
-    limit_uncorrected: None (the "scale" outputs' factors and limiter see
-      N as `inner` gives it), or the (b1, b2) of `inner`'s bias-corrected
-      Adam: they then see N before its correction c_t = √(1 − b2ᵗ)/(1 −
-      b1ᵗ), t = this transformation's step, and the limited update is
-      multiplied by c_t afterwards (APOLLO's released code). `inner`'s step
-      count must be this transformation's (one shared count, not restarted).
+    released_order: None (the "scale" outputs' factors and Fira's k, and
+      their limiters, see N as `inner` gives it), or the (b1, b2) of
+      `inner`'s bias-corrected Adam, for the step as the authors' released
+      code orders it: they see N before its correction c_t = √(1 − b2ᵗ)/(1 −
+      b1ᵗ), t = this transformation's step, which multiplies the limited
+      update afterwards; Fira's residual is then G − scale·P·R and its term
+      is not multiplied by scale (APOLLO's and Fira's released code).
+      `inner`'s step count must be this transformation's (one shared count,
+      not restarted).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -460,7 +463,9 @@ def project_subspace(
     >>> updates, state = tx.update(params, state, params)
   """
   _check_arguments(on_change, side, refresh_chunk_bytes)
-  stages = _stages.Stages(residual, residual_scale, output, gamma, limit_uncorrected)
+  stages = _stages.Stages(residual, residual_scale, output, gamma, released_order)
+  if released_order is not None and stages.fused and not scale > 0:
+    raise ValueError(f"Fira's released order divides by the scale: it must be > 0, got {scale!r}.")
   schedule = (
     projector.needs_refresh if isinstance(projector.needs_refresh, _base.RefreshSchedule) else None
   )
@@ -554,7 +559,9 @@ def project_subspace(
     else:
       terms = None
       if stages.has_residual:
-        terms, n, norms = pipe.residual(stages, pstates, bases, g, r, n, norms)
+        correction = stages.bias_correction(count)
+        released = None if correction is None else (correction, scale)
+        terms, n, norms = pipe.residual(stages, pstates, bases, g, r, n, norms, released)
       projected = pipe.back_project(pstates, bases, n, alpha, g, terms)
     u.update(projected)
     # 5. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).

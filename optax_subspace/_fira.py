@@ -108,6 +108,7 @@ def fused_fira_terms(
   gamma: float = GAMMA,
   granularity: str = "column",
   transposed: bool = False,
+  released: tuple | None = None,
 ) -> tuple[jax.Array, jax.Array, NormGrowthState]:
   r"""`fira_residual` regrouped so that the update needs one product with P: (c·G·D, N − c·R·D).
 
@@ -118,6 +119,12 @@ def fused_fira_terms(
   needs. The limiter reads ‖S‖ = ‖(G − P·R)·D‖ as √(‖G·D‖² − ‖R·D‖²), exact when PᵀP = I
   (an SVD basis): (I − PPᵀ) is then an orthogonal projection and R·D = Pᵀ(G·D).
 
+  With `released` = (b, α) the step is the authors' released code's (`fira_residual` lists
+  its three departures): k and the limiter see N/b, Adam's direction before its bias
+  correction b, the residual is G − α·P·R, and ΔW = α·P·N + b·S, so that after the
+  combinator's α the terms are (b/α)·c·G·D and N − b·c·R·D, with ‖(G − α·P·R)·D‖² =
+  ‖G·D‖² − α(2 − α)·‖R·D‖² for an orthonormal P.
+
   Args:
     g: the oriented gradient G (s, l), float32.
     r: R = PᵀG (r, l).
@@ -126,6 +133,8 @@ def fused_fira_terms(
     gamma: γ of the limiter.
     granularity: "column" or "matrix", as `fira_residual`.
     transposed: as in `fira_residual` (G and c·G·D are (l, s)).
+    released: None (Algorithm 1), or (b, α): the bias correction b = √(1 − β2ᵗ)/(1 − β1ᵗ)
+      of this step and the scale α, for the released code's step.
 
   Returns:
     (c·G·D (s, l), N − c·R·D (r, l), new state); at r = s, (0, N, state).
@@ -134,18 +143,25 @@ def fused_fira_terms(
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
   if r.shape[0] >= projected_side(g, transposed):
     return jnp.zeros_like(g), n, state
+  # Algorithm 1: S = (G − P·R)·D joins P·N. Released code: w = α, term and R·D scaled by b/α.
+  if released is None:
+    seen, w, u = n, 1.0, 1.0
+  else:
+    b, alpha = released
+    seen, w, u = n / b, alpha, b / alpha
   # ‖R·D‖² from the norms k is made of (Σ_j k_j²·‖R_{:,j}‖²), not from another pass over R.
   if granularity == "column":
     r_norms = jnp.linalg.norm(r, axis=0)
-    k = jnp.linalg.norm(n, axis=0) / (r_norms + NORM_EPS)  # column_norm_ratio
+    k = jnp.linalg.norm(seen, axis=0) / (r_norms + NORM_EPS)  # column_norm_ratio
     g_d, r_d = g * column_factors(k, transposed), r * k[None, :]
   else:
     r_norms = jnp.linalg.norm(r)
-    k = jnp.linalg.norm(n) / (r_norms + NORM_EPS)  # matrix_norm_ratio
+    k = jnp.linalg.norm(seen) / (r_norms + NORM_EPS)  # matrix_norm_ratio
     g_d, r_d = g * k, r * k
-  norm = jnp.sqrt(jnp.maximum(jnp.sum(g_d * g_d) - jnp.sum(jnp.square(k * r_norms)), 0.0))
+  rd2 = jnp.sum(jnp.square(k * r_norms))
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(g_d * g_d) - w * (2 - w) * rd2, 0.0))
   factor, state = limit_factor(norm, state, gamma)
-  return factor * g_d, n - factor * r_d, state
+  return (u * factor) * g_d, n - (u * w * factor) * r_d, state
 
 
 def projected_side(g: jax.Array, transposed: bool = False) -> int:

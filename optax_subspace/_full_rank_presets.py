@@ -34,6 +34,7 @@ def fira(
   *,
   gamma: float = _fira.GAMMA,
   granularity: str = "column",
+  released_order: bool = False,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-6,
@@ -62,7 +63,8 @@ def fira(
   projected. The state is GaLore's plus one float per matrix, the
   limiter's ‖S_{t−1}‖. The authors' released code differs from Algorithm 1
   (its residual is G − α·P·R, its update α·P·N + S_t, and the factors see
-  Adam's direction before bias correction); this follows the paper
+  Adam's direction before bias correction); this follows the paper by
+  default, the released code with ``released_order=True``
   (docs/methods.md). Other leaves run the same Adam at full size, without α.
 
   References:
@@ -77,6 +79,10 @@ def fira(
     gamma: γ of the norm-growth limiter (1.01 in all the paper's runs; inf: none).
     granularity: "column" (Fira) or "matrix" (one ratio per matrix,
       Fira-matrix, Eqn. 10).
+    released_order: the step of the authors' released code: k and the
+      limiter from Adam's direction before its bias correction, the
+      residual G − α·P·R, ΔW = α·P·N + S_t, all times the bias correction
+      √(1 − β2ᵗ)/(1 − β1ᵗ).
     b1: as in `galore`.
     b2: as in `galore`.
     eps: as in `galore`.
@@ -104,12 +110,15 @@ def fira(
     raise ValueError(
       f"granularity must be one of {tuple(FIRA_GRANULARITIES)}, got {granularity!r}."
     )
+  stages = dict(residual=FIRA_GRANULARITIES[granularity], gamma=gamma)
+  if released_order:
+    stages["released_order"] = (b1, b2)
   return _presets.subspace_adamw(
     learning_rate,
     _presets.svd_projector(projector, rank, update_every, seed, "fira"),
     scale,
     **_presets.adamw_options(locals()),
-    stages=dict(residual=FIRA_GRANULARITIES[granularity], gamma=gamma),
+    stages=stages,
   )
 
 
@@ -218,8 +227,8 @@ def frugal(
 
 def _apollo_preset(learning_rate, rank, update_every, scale, granularity, gamma, seed, arguments):
   stages = dict(output=APOLLO_GRANULARITIES[granularity], gamma=gamma)
-  if arguments["limit_before_bias_correction"]:
-    stages["limit_uncorrected"] = (arguments["b1"], arguments["b2"])
+  if arguments["released_order"]:
+    stages["released_order"] = (arguments["b1"], arguments["b2"])
   return _presets.subspace_adamw(
     learning_rate,
     projectors_lib.random(rank, update_every, distribution="gaussian", seed=seed),
@@ -236,7 +245,7 @@ def apollo(
   scale: float = _apollo.SCALE,
   *,
   gamma: float = _apollo.GAMMA,
-  limit_before_bias_correction: bool = False,
+  released_order: bool = False,
   seed: int = 0,
   b1: float = 0.9,
   b2: float = 0.999,
@@ -278,7 +287,7 @@ def apollo(
     update_every: T, steps between fresh random projections (200).
     scale: α (1; 1/2 at 1B).
     gamma: γ of the norm-growth limiter (1.01; inf: none).
-    limit_before_bias_correction: the factors s and the limiter see Adam's
+    released_order: the factors s and the limiter see Adam's
       direction before its bias correction √(1 − β2ᵗ)/(1 − β1ᵗ), which
       then multiplies the limited update, as the authors' released code
       orders them; False (default): they see the corrected direction (the
@@ -313,7 +322,7 @@ def apollo_mini(
   scale: float = _apollo.MINI_SCALE,
   *,
   gamma: float = _apollo.GAMMA,
-  limit_before_bias_correction: bool = False,
+  released_order: bool = False,
   seed: int = 0,
   b1: float = 0.9,
   b2: float = 0.999,
@@ -347,7 +356,7 @@ def apollo_mini(
     update_every: T (200).
     scale: α (√128).
     gamma: as in `apollo`.
-    limit_before_bias_correction: as in `apollo`.
+    released_order: as in `apollo`.
     seed: as in `apollo`.
     b1: as in `apollo`.
     b2: as in `apollo`.

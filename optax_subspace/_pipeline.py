@@ -317,7 +317,7 @@ class Pipeline:
     back_r = self._product(self.projector.back, _base.dense_back, i, pstates, bases, r32)
     return jnp.swapaxes(back_r, -1, -2) if leaf.axis == 1 else back_r
 
-  def residual(self, stages, pstates, bases, g, r, n, previous):
+  def residual(self, stages, pstates, bases, g, r, n, previous, released=None):
     """The residual stage: a term from G − P·R for every projected matrix.
 
     P·R is the projector's back-projection of R (`back`, or the dense P·R);
@@ -329,6 +329,8 @@ class Pipeline:
     for an orthonormal P). Returns ({leaf: term, float32, in the stored
     layout of `_float32_operands`' G}, the inner updates N to back-project
     (Fira's adjusted), {leaf: previous norm}), for `back_project`.
+    `released`: Fira's (bias correction, α) for the released code's step,
+    or None (`_stages.Stages.fused_terms`).
     """
     terms, norms, n = {}, {}, dict(enumerate(n))
     for i in self.plan.projected:
@@ -336,7 +338,7 @@ class Pipeline:
       transposed = leaf.axis == 1
       g32, r32, n32 = self._float32_operands(i, g, r, n)
       if stages.fused:
-        fused = functools.partial(stages.fused_terms, transposed=transposed)
+        fused = functools.partial(stages.fused_terms, transposed=transposed, released=released)
         terms[i], n_i, norms[i] = over_batch(
           fused, leaf, g32, r32, n32, previous.get(i), in_axes=(0, 0, 0, 0)
         )

@@ -50,18 +50,20 @@ class Stages:
       subspace's (FRUGAL's λ); not read for Fira.
     output: "back_project", "scale" (APOLLO) or "scale_tensor" (APOLLO-Mini).
     gamma: γ of the norm-growth limiter (Fira and the "scale" outputs).
-    limit_uncorrected: None, or the (β1, β2) of an inner Adam whose
-      direction is bias-corrected: a "scale" output's factors and limiter
-      then see that direction before its correction c_t = √(1 − β2ᵗ)/(1 − β1ᵗ),
-      which multiplies the limited update afterwards (APOLLO's released
-      code; docs/methods.md).
+    released_order: None, or the (β1, β2) of an inner Adam whose
+      direction is bias-corrected, for the step as the authors' released
+      code orders it: a "scale" output's factors and limiter (APOLLO) and
+      Fira's k and limiter see that direction before its correction
+      c_t = √(1 − β2ᵗ)/(1 − β1ᵗ), which multiplies the limited update
+      afterwards; Fira's residual is then G − α·P·R and its term is not
+      scaled by α (docs/methods.md).
   """
 
   residual: Any = None
   residual_scale: float = 1.0
   output: str = "back_project"
   gamma: float = _fira.GAMMA
-  limit_uncorrected: Any = None
+  released_order: Any = None
 
   def __post_init__(self):
     named = tuple(STATE_FREE) + tuple(FIRA)
@@ -83,14 +85,15 @@ class Stages:
       )
     if not self.gamma > 1:
       raise ValueError(f"gamma must be > 1, got {self.gamma!r}.")
-    if self.limit_uncorrected is not None and (
-      not self.scales_output
-      or len(self.limit_uncorrected) != 2
-      or not all(0 <= b < 1 for b in self.limit_uncorrected)
+    if self.released_order is not None and (
+      not (self.scales_output or self.fused)
+      or len(self.released_order) != 2
+      or not all(0 <= b < 1 for b in self.released_order)
     ):
       raise ValueError(
-        "limit_uncorrected is the (b1, b2) of the inner Adam, each in [0, 1), for a 'scale'"
-        f" output; got {self.limit_uncorrected!r} with output={self.output!r}."
+        "released_order is the (b1, b2) of the inner Adam, each in [0, 1), for a 'scale'"
+        f" output or a Fira residual; got {self.released_order!r} with output="
+        f"{self.output!r}, residual={self.residual!r}."
       )
 
   @property
@@ -127,8 +130,11 @@ class Stages:
   # as its transpose (l, s) with `transposed`: how a leaf projected on its columns stores its
   # matrices, so the pipeline makes no transposed copy of G (R and N are (r, l) either way).
 
-  def fused_terms(self, g, r, n, previous, transposed=False):
-    """Fira's (c·G·D, N − c·R·D, the limiter's new previous norm): `_fira.fused_fira_terms`."""
+  def fused_terms(self, g, r, n, previous, transposed=False, released=None):
+    """Fira's (c·G·D, N − c·R·D, the limiter's new previous norm): `_fira.fused_fira_terms`.
+
+    `released`: None, or (the bias correction of this step, the scale α) for the released
+    code's step (`released_order`)."""
     term, n, limit = _fira.fused_fira_terms(
       g,
       r,
@@ -137,6 +143,7 @@ class Stages:
       gamma=self.gamma,
       granularity=FIRA[self.residual],
       transposed=transposed,
+      released=released,
     )
     return term, n, limit.previous_norm
 
@@ -175,13 +182,13 @@ class Stages:
   def bias_correction(self, count):
     """c_t = √(1 − β2ᵗ)/(1 − β1ᵗ) at the inner's step t = count + 1, or None.
 
-    None unless `limit_uncorrected`. The inner's count is this
+    None unless `released_order`. The inner's count is this
     transformation's: the presets' Adam shares one step count, started and
     stepped with the combinator's.
     """
-    if self.limit_uncorrected is None:
+    if self.released_order is None:
       return None
-    b1, b2 = self.limit_uncorrected
+    b1, b2 = self.released_order
     t = (count + 1).astype(jnp.float32)
     return jnp.sqrt(-jnp.expm1(t * math.log(b2))) / -jnp.expm1(t * math.log(b1))
 

@@ -134,6 +134,21 @@ def apollo_reference(grads, bases, alpha, tensor, limiter=None):
   return out
 
 
+def fira_released_order_reference(grads, bases, alpha=0.25):
+  """Fira as the authors' released code steps: k and the limiter from Adam's direction before
+  bias correction, S = limit((G − α·P·R)·diag(k)), W ← W − η·c_t·(α·P·N + S)."""
+  left = grads[0]["w"].shape[0] <= grads[0]["w"].shape[1]
+  adam, limiter, out = None, NumpyLimiter(1.01), []
+  for g, p in zip(grads, bases):
+    r, back_r = _split(g["w"], p, left)
+    adam = adam or NumpyAdam(r.shape)
+    n = adam(r)
+    c = math.sqrt(1 - 0.999**adam.t) / (1 - 0.9**adam.t)
+    s = limiter((g["w"] - alpha * back_r) * _ratios(n / c, r, left))
+    out.append(-LR * c * (alpha * (p @ (n / c) if left else (n / c) @ p.T) + s))
+  return out, limiter
+
+
 def apollo_released_order_reference(grads, bases, alpha, tensor):
   """APOLLO as the authors' released code orders it: s and the limiter from Adam's direction
   before bias correction, W ← W − η·α·c_t·limit(G·diag(s)), c_t = √(1 − β2ᵗ)/(1 − β1ᵗ)."""
@@ -219,9 +234,9 @@ def test_gamma_inf_is_the_update_without_the_limiter(name):
 def test_apollo_can_limit_before_the_bias_correction_as_its_released_code(shape, mini):
   grads = _gradients(shape)
   if mini:
-    tx = osub.apollo_mini(LR, EVERY, limit_before_bias_correction=True)
+    tx = osub.apollo_mini(LR, EVERY, released_order=True)
   else:
-    tx = osub.apollo(LR, RANK, EVERY, limit_before_bias_correction=True)
+    tx = osub.apollo(LR, RANK, EVERY, released_order=True)
   updates, bases, _ = _run_library(tx, grads)
   alpha = np.sqrt(128) if mini else 1.0
   reference, limiter = apollo_released_order_reference(grads, bases, alpha, mini)
@@ -234,14 +249,25 @@ def test_apollo_can_limit_before_the_bias_correction_as_its_released_code(shape,
   assert not all(np.allclose(a["w"], b["w"]) for a, b in zip(updates, default))
 
 
-def test_limit_uncorrected_is_only_for_a_scale_output():
-  with pytest.raises(ValueError, match="limit_uncorrected"):
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+def test_fira_can_step_as_its_released_code(shape):
+  grads = _gradients(shape)
+  updates, bases, _ = _run_library(osub.fira(LR, RANK, EVERY, released_order=True), grads)
+  reference, limiter = fira_released_order_reference(grads, bases)
+  assert limiter.limited > 0
+  _assert_steps_close([u["w"] for u in updates], reference)
+  default, _, _ = _run_library(PRESETS["fira"](), grads)
+  assert not all(np.allclose(a["w"], b["w"]) for a, b in zip(updates, default))
+
+
+def test_released_order_is_only_for_a_scale_output_or_fira():
+  with pytest.raises(ValueError, match="scale"):  # Fira's released order divides by it
+    osub.fira(LR, RANK, EVERY, 0.0, released_order=True)
+  with pytest.raises(ValueError, match="released_order"):
+    osub.project_subspace(optax.adam(1.0), osub.projectors.svd(2, 5), released_order=(0.9, 0.999))
+  with pytest.raises(ValueError, match="released_order"):
     osub.project_subspace(
-      optax.adam(1.0), osub.projectors.svd(2, 5), limit_uncorrected=(0.9, 0.999)
-    )
-  with pytest.raises(ValueError, match="limit_uncorrected"):
-    osub.project_subspace(
-      optax.adam(1.0), osub.projectors.svd(2, 5), output="scale", limit_uncorrected=(0.9, 1.0)
+      optax.adam(1.0), osub.projectors.svd(2, 5), output="scale", released_order=(0.9, 1.0)
     )
 
 

@@ -137,10 +137,11 @@ class TrainConfig:
     "fira, apollo, apollo_mini: gamma of the norm-growth limiter (> 1); 0: the papers' 1.01;"
     " inf: no limiter",
   )
-  limit_before_bias_correction: bool = _flag(
+  released_order: bool = _flag(
     False,
-    "apollo, apollo_mini: the scaling factors and the limiter see Adam's direction before its"
-    " bias correction, as the authors' released code (default: after, the library's)",
+    "fira, apollo, apollo_mini: step as the authors' released code (the factors and the limiter"
+    " see Adam's direction before its bias correction; Fira's residual G - alpha P R, no alpha on"
+    " it); default: the papers' form",
   )
   grass_selection: str = _flag(
     "topk", "grass: how rows are chosen at each refresh: topk, multinomial or uniform"

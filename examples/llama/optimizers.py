@@ -168,13 +168,14 @@ def _full_rank_method(cfg: TrainConfig, lr, lr_rest) -> optax.GradientTransforma
   preset = _subspace_method(cfg.optimizer, cfg.optimizer)
   if cfg.limiter_gamma and cfg.optimizer != "frugal":
     common["gamma"] = cfg.limiter_gamma
+  if cfg.optimizer != "frugal":
+    common["released_order"] = cfg.released_order
   if cfg.optimizer == "fira":
     return preset(
       lr, rank=cfg.effective_rank(), update_every=cfg.update_every, scale=cfg.galore_scale, **common
     )
   if cfg.optimizer == "frugal":
     return preset(lr, rank=cfg.effective_rank(), update_every=cfg.update_every, **common)
-  common["limit_before_bias_correction"] = cfg.limit_before_bias_correction
   if cfg.optimizer == "apollo":
     return preset(
       lr, rank=cfg.effective_rank(), update_every=cfg.update_every, seed=cfg.seed, **common

@@ -64,17 +64,24 @@ def test_bad_learning_rate_flags_are_one_line_errors(flags, message):
 
 
 def test_apollo_limiter_flags_reach_the_preset():
-  # --limit-before-bias-correction: the released code's order, whose limiter (on Adam's growing
+  # --released-order: the released code's order, whose limiter (on Adam's growing
   # uncorrected direction) acts in these first steps; without the limiter both orders give the
   # same update. The leaves APOLLO does not project are not touched by either flag.
   base = dict(model_size="tiny", optimizer="apollo", steps=20, rank=16, update_every=2)
   default = _first_updates(TrainConfig(**base))
-  released = _first_updates(TrainConfig(**base, limit_before_bias_correction=True))
-  unlimited = _first_updates(
-    TrainConfig(**base, limit_before_bias_correction=True, limiter_gamma=math.inf)
-  )
+  released = _first_updates(TrainConfig(**base, released_order=True))
+  unlimited = _first_updates(TrainConfig(**base, released_order=True, limiter_gamma=math.inf))
   kernel = lambda u: u["layers"]["0"]["attention"]["q_proj"]["kernel"]
   assert not np.allclose(kernel(released), kernel(default))
   np.testing.assert_allclose(kernel(unlimited), kernel(default), rtol=1e-5)
   for u in (released, unlimited):
     np.testing.assert_array_equal(u["embed"]["embedding"], default["embed"]["embedding"])
+
+
+def test_fira_released_order_flag_reaches_the_preset():
+  base = dict(model_size="tiny", optimizer="fira", steps=20, rank=16, update_every=2)
+  default = _first_updates(TrainConfig(**base))
+  released = _first_updates(TrainConfig(**base, released_order=True))
+  kernel = lambda u: u["layers"]["0"]["attention"]["q_proj"]["kernel"]
+  assert not np.allclose(kernel(released), kernel(default))
+  np.testing.assert_array_equal(released["embed"]["embedding"], default["embed"]["embedding"])
