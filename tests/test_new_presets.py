@@ -134,32 +134,35 @@ def apollo_reference(grads, bases, alpha, tensor, limiter=None):
   return out
 
 
-def fira_released_order_reference(grads, bases, alpha=0.25):
-  """Fira as the authors' released code steps: k and the limiter from Adam's direction before
-  bias correction, S = limit((G − α·P·R)·diag(k)), W ← W − η·c_t·(α·P·N + S)."""
+def _uncorrected_steps(grads, bases):
+  """Per step, as the released codes read it: (G, P, R, P·R, Adam's direction before bias
+  correction M/(√V + ε), its correction c_t = √(1 − β2ᵗ)/(1 − β1ᵗ), left)."""
   left = grads[0]["w"].shape[0] <= grads[0]["w"].shape[1]
-  adam, limiter, out = None, NumpyLimiter(1.01), []
+  adam = None
   for g, p in zip(grads, bases):
     r, back_r = _split(g["w"], p, left)
     adam = adam or NumpyAdam(r.shape)
     n = adam(r)
     c = math.sqrt(1 - 0.999**adam.t) / (1 - 0.9**adam.t)
-    s = limiter((g["w"] - alpha * back_r) * _ratios(n / c, r, left))
-    out.append(-LR * c * (alpha * (p @ (n / c) if left else (n / c) @ p.T) + s))
+    yield g["w"], p, r, back_r, n / c, c, left
+
+
+def fira_released_order_reference(grads, bases, alpha=0.25):
+  """Fira as the authors' released code steps: k and the limiter from Adam's direction before
+  bias correction, S = limit((G − α·P·R)·diag(k)), W ← W − η·c_t·(α·P·N + S)."""
+  limiter, out = NumpyLimiter(1.01), []
+  for g, p, r, back_r, n, c, left in _uncorrected_steps(grads, bases):
+    s = limiter((g - alpha * back_r) * _ratios(n, r, left))
+    out.append(-LR * c * (alpha * (p @ n if left else n @ p.T) + s))
   return out, limiter
 
 
 def apollo_released_order_reference(grads, bases, alpha, tensor):
   """APOLLO as the authors' released code orders it: s and the limiter from Adam's direction
-  before bias correction, W ← W − η·α·c_t·limit(G·diag(s)), c_t = √(1 − β2ᵗ)/(1 − β1ᵗ)."""
-  left = grads[0]["w"].shape[0] <= grads[0]["w"].shape[1]
-  adam, limiter, out = None, NumpyLimiter(1.01), []
-  for g, p in zip(grads, bases):
-    r, _ = _split(g["w"], p, left)
-    adam = adam or NumpyAdam(r.shape)
-    n = adam(r)
-    c = math.sqrt(1 - 0.999**adam.t) / (1 - 0.9**adam.t)
-    out.append(-LR * alpha * c * limiter(g["w"] * _ratios(n / c, r, left, tensor)))
+  before bias correction, W ← W − η·α·c_t·limit(G·diag(s))."""
+  limiter, out = NumpyLimiter(1.01), []
+  for g, _, r, _, n, c, left in _uncorrected_steps(grads, bases):
+    out.append(-LR * alpha * c * limiter(g * _ratios(n, r, left, tensor)))
   return out, limiter
 
 
