@@ -88,10 +88,10 @@ class Stages:
     if self.released_order is not None and (
       not (self.scales_output or self.fused)
       or len(self.released_order) != 2
-      or not all(0 <= b < 1 for b in self.released_order)
+      or not all(0 < b < 1 for b in self.released_order)
     ):
       raise ValueError(
-        "released_order is the (b1, b2) of the inner Adam, each in [0, 1), for a 'scale'"
+        "released_order is the (b1, b2) of the inner Adam, each in (0, 1), for a 'scale'"
         f" output or a Fira residual; got {self.released_order!r} with output="
         f"{self.output!r}, residual={self.residual!r}."
       )

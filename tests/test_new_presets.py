@@ -272,6 +272,8 @@ def test_released_order_is_only_for_a_scale_output_or_fira():
     osub.project_subspace(
       optax.adam(1.0), osub.projectors.svd(2, 5), output="scale", released_order=(0.9, 1.0)
     )
+  with pytest.raises(ValueError, match="released_order"):  # log(0): no bias correction to undo
+    osub.apollo(LR, RANK, EVERY, b1=0.0, released_order=True)
 
 
 @pytest.mark.parametrize("name", ["fira", "frugal", "apollo", "apollo_mini"])
