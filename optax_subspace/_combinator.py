@@ -553,13 +553,12 @@ def project_subspace(
     # from G − P·R (FRUGAL, Fira); or the output mode's α·G·diag(s) (APOLLO).
     alpha, mismatch = _guarded_scale(projector, plan, count, due, scale, state.refresh_mismatch)
     u, norms = dict(enumerate(n)), _limiter_states(plan, updates, state)
+    correction = stages.bias_correction(count)  # None but for `released_order`
     if stages.scales_output:
-      correction = stages.bias_correction(count)
       projected, norms = pipe.scale_output(stages, g, r, n, alpha, norms, correction)
     else:
       terms = None
       if stages.has_residual:
-        correction = stages.bias_correction(count)
         released = None if correction is None else (correction, scale)
         terms, n, norms = pipe.residual(stages, pstates, bases, g, r, n, norms, released)
       projected = pipe.back_project(pstates, bases, n, alpha, g, terms)

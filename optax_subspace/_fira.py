@@ -149,15 +149,11 @@ def fused_fira_terms(
   else:
     b, alpha = released
     seen, w, u = n / b, alpha, b / alpha
+  column = granularity == "column"
+  k, r_norms = _norm_ratio(r, seen, axis=0 if column else None)
+  g_d = g * (column_factors(k, transposed) if column else k)
+  r_d = r * (k[None, :] if column else k)
   # ‖R·D‖² from the norms k is made of (Σ_j k_j²·‖R_{:,j}‖²), not from another pass over R.
-  if granularity == "column":
-    r_norms = jnp.linalg.norm(r, axis=0)
-    k = jnp.linalg.norm(seen, axis=0) / (r_norms + NORM_EPS)  # column_norm_ratio
-    g_d, r_d = g * column_factors(k, transposed), r * k[None, :]
-  else:
-    r_norms = jnp.linalg.norm(r)
-    k = jnp.linalg.norm(seen) / (r_norms + NORM_EPS)  # matrix_norm_ratio
-    g_d, r_d = g * k, r * k
   rd2 = jnp.sum(jnp.square(k * r_norms))
   norm = jnp.sqrt(jnp.maximum(jnp.sum(g_d * g_d) - w * (2 - w) * rd2, 0.0))
   factor, state = limit_factor(norm, state, gamma)
@@ -182,7 +178,7 @@ def column_norm_ratio(r: jax.Array, n: jax.Array) -> jax.Array:
   Algorithm 1); APOLLO, Eq. 5 (the channel-wise factor s_j^R). A zero
   column of R gives 0 (its N column is zero too for Adam-like inners).
   """
-  return jnp.linalg.norm(n, axis=0) / (jnp.linalg.norm(r, axis=0) + NORM_EPS)
+  return _norm_ratio(r, n, axis=0)[0]
 
 
 def matrix_norm_ratio(r: jax.Array, n: jax.Array) -> jax.Array:
@@ -191,7 +187,13 @@ def matrix_norm_ratio(r: jax.Array, n: jax.Array) -> jax.Array:
   Fira, Eqns. 9–10 (the matrix-level scaling factor, "Fira-matrix"); APOLLO,
   Algorithm 1 (APOLLO-Mini's tensor-wise factor s^R).
   """
-  return jnp.linalg.norm(n) / (jnp.linalg.norm(r) + NORM_EPS)
+  return _norm_ratio(r, n, axis=None)[0]
+
+
+def _norm_ratio(r: jax.Array, n: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
+  """(‖N‖ / (‖R‖ + ε), ‖R‖) over `axis` (0: per column; None: the whole matrix)."""
+  r_norms = jnp.linalg.norm(r, axis=axis)
+  return jnp.linalg.norm(n, axis=axis) / (r_norms + NORM_EPS), r_norms
 
 
 def fira_residual(
@@ -203,7 +205,6 @@ def fira_residual(
   *,
   gamma: float = GAMMA,
   granularity: str = "column",
-  transposed: bool = False,
 ) -> tuple[jax.Array, NormGrowthState]:
   r"""Fira's term for the gradient outside the subspace, limited: S_t (s, l).
 
@@ -240,19 +241,16 @@ def fira_residual(
     state: the limiter's `NormGrowthState` for this matrix.
     gamma: γ of the limiter.
     granularity: "column" (Fira, Eqn. 11) or "matrix" (Fira-matrix, Eqn. 10).
-    transposed: G, P·R and S_t are given and returned as (l, s), the
-      transpose of the oriented matrix (how a leaf projected on its columns
-      stores it, so no transpose of G is made); R and N stay (r, l).
 
   Returns:
     (S_t (s, l) float32, new state).
   """
   if granularity not in GRANULARITIES:
     raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
-  if r.shape[0] >= projected_side(g, transposed):
+  if r.shape[0] >= g.shape[0]:
     return jnp.zeros_like(g), state
   if granularity == "column":
-    scaling = column_factors(column_norm_ratio(r, n), transposed)
+    scaling = column_norm_ratio(r, n)[None, :]
   else:
     scaling = matrix_norm_ratio(r, n)
   return norm_growth_limit((g - back_r) * scaling, state, gamma)

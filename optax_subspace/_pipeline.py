@@ -307,13 +307,7 @@ class Pipeline:
     """
     leaf = self.plan[i]
     if self.projector.back is None and leaf.axis == 1:
-      return over_batch(
-        lambda p, x: jnp.matmul(x.T, p.T.astype(x.dtype), preferred_element_type=jnp.float32),
-        leaf,
-        bases[i],
-        r32,
-        in_axes=(0, 0),
-      )
+      return self._product_on_columns(i, bases, _leaves.low_rank_layout(r32, leaf))
     back_r = self._product(self.projector.back, _base.dense_back, i, pstates, bases, r32)
     return jnp.swapaxes(back_r, -1, -2) if leaf.axis == 1 else back_r
 
@@ -381,13 +375,7 @@ class Pipeline:
     stage's, in the stored layout (l, s)) is added before α, or None.
     """
     leaf = self.plan[i]
-    flipped = over_batch(
-      lambda p, x: jnp.matmul(x, p.T.astype(x.dtype), preferred_element_type=jnp.float32),
-      leaf,
-      bases[i],
-      n.astype(self.dtype),
-      in_axes=(0, 0),
-    )
+    flipped = self._product_on_columns(i, bases, n.astype(self.dtype))
     if term is not None:
       flipped = flipped + term
     if leaf.perm == tuple(range(len(leaf.shape))):
@@ -397,6 +385,17 @@ class Pipeline:
       # of LLaMA-1B's GaLore step (H200, profile_update_h200_b210501.json).
       return (flipped * alpha).reshape(leaf.shape).astype(dtype)
     return _leaves.from_stored(flipped * alpha, leaf).astype(dtype)
+
+  def _product_on_columns(self, i, bases, x):
+    """(P·X)ᵀ = Xᵀ·Pᵀ of a leaf projected on its columns, float32: X given in the
+    inner layout (…, l, r), the product in the stored one (…, l, s)."""
+    return over_batch(
+      lambda p, x: jnp.matmul(x, p.T.astype(x.dtype), preferred_element_type=jnp.float32),
+      self.plan[i],
+      bases[i],
+      x,
+      in_axes=(0, 0),
+    )
 
   def _step_group(self, leaf: _leaves.LeafPlan):
     """The stacking key of a leaf's `Advance.direction`: (s, r), or the leaf

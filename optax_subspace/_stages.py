@@ -148,19 +148,9 @@ class Stages:
     return term, n, limit.previous_norm
 
   def residual_term(self, g, back_r, r, n, previous, transposed=False):
-    """(the term added to P·N before α, the limiter's new previous norm)."""
-    if isinstance(self.residual, str) and self.residual in FIRA:
-      term, limit = _fira.fira_residual(
-        g,
-        back_r,
-        r,
-        n,
-        _fira.NormGrowthState(previous),
-        gamma=self.gamma,
-        granularity=FIRA[self.residual],
-        transposed=transposed,
-      )
-      return term, limit.previous_norm
+    """(the term added to P·N before α, the limiter's new previous norm), FRUGAL's rules or a
+    caller's state-free transformation (Fira's term folds into N: `fused_terms`)."""
+    del n  # read by Fira's term only
     if isinstance(self.residual, str):
       return _frugal.frugal_residual(
         g,
