@@ -50,10 +50,6 @@ PROFILED = (
   "frugal_steady",
   "apollo_steady",
   "apollo_mini_steady",
-  "galore_steady_per_leaf",
-  "osd_steady_per_leaf",
-  "fira_steady_per_leaf",
-  "apollo_steady_per_leaf",
 )
 
 
@@ -65,9 +61,8 @@ def methods(rank: int, dims=None) -> dict:
   whose kept side is not a multiple of 8 (1B's ffn 5461) run on the gradient as it is.
   "galore_refresh*" refresh at every call (T = 1); "*_unchunked" compile with
   `_chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh per shape, as before
-  972ca93). "*_per_leaf" compile with `_combinator.STACKED_PRODUCT_ELEMENTS` at 0: every product
-  with P per leaf, none stacked. "*_host_refresh": the update told on the host that the step
-  does not refresh (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU).
+  972ca93). "*_host_refresh": the update told on the host that the step does not refresh
+  (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU).
   "fira_steady", "frugal_steady", "apollo_steady", "apollo_mini_steady": those presets' steady
   steps (`_output_variants`), to see where their time over GaLore's goes. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
@@ -75,8 +70,7 @@ def methods(rank: int, dims=None) -> dict:
   table = optimizer_step.variants(rank, dims=dims)
   table["galore_refresh"] = table["galore_refresh_svd"]
   table.update(_output_variants(rank, dims))
-  base = lambda n: re.sub(r"_(unpadded|host_refresh|unchunked|per_leaf)$", "", n)
-  return {n: table[base(n)] for n in PROFILED}
+  return {n: table[re.sub(r"_(unpadded|host_refresh|unchunked)$", "", n)] for n in PROFILED}
 
 
 def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
@@ -96,7 +90,6 @@ def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
 _COMPILE_SETTINGS = {
   "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
   "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
-  "_per_leaf": (_combinator, "STACKED_PRODUCT_ELEMENTS", 0),
 }
 
 

@@ -260,13 +260,6 @@ _FLAGS = {
       "largest_model: the memory a step may need, in GB (default"
       " the GPU's bytes_limit; needed on the CPU)",
     ),
-    (
-      "--stacked-product-elements",
-      int,
-      None,
-      "train_step: the library's STACKED_PRODUCT_ELEMENTS for the step (0: every product"
-      " with P per leaf; default: the library's)",
-    ),
     ("--compilation-cache", str, None, "a directory for JAX's persistent compilation cache"),
     (
       "--job-timeout-s",
@@ -279,7 +272,7 @@ _FLAGS = {
 }
 # The suites each group applies to (and the flags that apply to train_step alone).
 _APPLIES = {"quality": ("quality",), "train_step and largest_model": WORKER_SUITES}
-_TRAIN_STEP_ONLY = ("scan_layers", "profile_top", "host_refresh", "stacked_product_elements")
+_TRAIN_STEP_ONLY = ("scan_layers", "profile_top", "host_refresh")
 
 
 def _parser() -> argparse.ArgumentParser:

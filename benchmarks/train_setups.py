@@ -46,7 +46,6 @@ from examples.llama import optimizers as llama_optimizers
 from examples.llama.config import ModelConfig, TrainConfig
 from examples.llama.model import Block, Llama
 import optax_subspace as osub
-from optax_subspace import _combinator
 from optax_subspace import nn as osnn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -441,8 +440,6 @@ def start_job(job: dict):
   """
   if job.get("compilation_cache"):
     jax.config.update("jax_compilation_cache_dir", job["compilation_cache"])
-  if job.get("stacked_product_elements") is not None:  # read while the step is traced
-    _combinator.STACKED_PRODUCT_ELEMENTS = job["stacked_product_elements"]
   cfg = ModelConfig(**job["model"])
   attention = attention_for(job["attention"], jax.devices()[0].platform, cfg.head_dim)
   use_attention(attention)

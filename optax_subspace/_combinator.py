@@ -43,12 +43,6 @@ PRODUCT_ALIGNMENT = 8
 # least this many matrices (a scanned model's stacked kernel) runs its own:
 # stacking it would only copy its P and inputs.
 OWN_BATCH_MATRICES = 8
-# The products with P (R = PᵀG, P·N) of matrices of at most this many
-# elements run stacked, one batched product per (s, l, r): a LLaMA-60M step's
-# 56 matrices are launch-bound, a few microseconds of work per product. A
-# larger matrix's products stay per leaf (stacking copies its G, P and N,
-# which costs more than the launches it saves at 1B).
-STACKED_PRODUCT_ELEMENTS = 1 << 21
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -519,12 +513,7 @@ def project_subspace(
     w = None if params is None else treedef.flatten_up_to(params)
     count, transport = state.count, on_change == "transport"
     pipe = _pipeline.Pipeline(
-      projector,
-      plan,
-      projection_dtype or jnp.float32,
-      PRODUCT_ALIGNMENT,
-      OWN_BATCH_MATRICES,
-      STACKED_PRODUCT_ELEMENTS,
+      projector, plan, projection_dtype or jnp.float32, PRODUCT_ALIGNMENT, OWN_BATCH_MATRICES
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(

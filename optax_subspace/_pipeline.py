@@ -91,12 +91,6 @@ def stacked(fn, plan: _plan.SubspacePlan, leaves, group, *trees):
   return results
 
 
-def _columns_product(p, x):
-  """x·Pᵀ (l, s) in float32: (P·xᵀ)ᵀ, the product with P of a matrix projected
-  on its columns, whose inner layout x is (l, r), landing in its stored layout."""
-  return jnp.matmul(x, p.T.astype(x.dtype), preferred_element_type=jnp.float32)
-
-
 def _pad(x, extra):
   return x if not extra else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
@@ -115,8 +109,6 @@ class Pipeline:
     dtype: operand dtype of the products with G (`projection_dtype`).
     alignment: `PRODUCT_ALIGNMENT`, read while the update is traced.
     own_batch: `OWN_BATCH_MATRICES`, read while the update is traced.
-    stack_elements: `STACKED_PRODUCT_ELEMENTS`, read while the update is
-      traced.
   """
 
   projector: _base.Projector
@@ -124,7 +116,6 @@ class Pipeline:
   dtype: Any
   alignment: int
   own_batch: int
-  stack_elements: int
 
   @property
   def dense(self) -> bool:
@@ -220,37 +211,6 @@ class Pipeline:
       return over_batch(own, self.plan[i], pstates[i], x, in_axes=(0, 0))
     return over_batch(dense, self.plan[i], bases[i], x, in_axes=(0, 0))
 
-  def _product_group(self, leaf: _leaves.LeafPlan):
-    """The stacking key of a leaf's dense products with P, or None to run
-    them per leaf.
-
-    Matrices of at most `stack_elements` (s·l) with the same (s, l, r),
-    side and padding make one batched product: at 60M each product is a
-    few microseconds of work behind a kernel launch. A larger matrix's
-    product is bandwidth-bound and stacking would only copy its G and P; a
-    leaf that is already a batch of `own_batch` matrices runs its own.
-    """
-    if leaf.side * leaf.other > self.stack_elements or leaf.num_matrices >= self.own_batch:
-      return None
-    extra = -leaf.other % self.alignment if leaf.kept_side_is_last else 0
-    return (leaf.bucket, leaf.axis, extra)
-
-  def _dense_products(self, fn, bases, xs):
-    """{leaf: fn(P, x)} for the leaves of `xs`, batched by `_product_group`.
-
-    A group of one leaf, or a leaf with no group, runs alone (`over_batch`).
-    """
-    groups: dict[Any, list[int]] = {}
-    for i in xs:
-      key = self._product_group(self.plan[i])
-      groups.setdefault(i if key is None else key, []).append(i)
-    together = [i for members in groups.values() if len(members) > 1 for i in members]
-    out = stacked(fn, self.plan, together, self._product_group, bases, xs) if together else {}
-    for i in xs:
-      if i not in out:
-        out[i] = over_batch(fn, self.plan[i], bases[i], xs[i], in_axes=(0, 0))
-    return out
-
   def project(self, pstates, bases, g):
     """R = PᵀG of every projected leaf, oriented (…, r, l), and the advance's
     inputs.
@@ -260,21 +220,17 @@ class Pipeline:
     the inner update. Returns ({leaf: R}, {leaf: inputs}).
     """
     advance = _base.Advance.of(self.projector.advance)
-    own = self.projector.project
-    extra = {i: self._padding(i, own) for i in self.plan.projected}
-    padded = {i: _pad(self.orient(i, g[i]), extra[i]) for i in self.plan.projected}
-    if own is None:
-      r_padded = self._dense_products(_base.dense_project, bases, padded)
-    else:
-      r_padded = {
-        i: over_batch(own, self.plan[i], pstates[i], padded[i], in_axes=(0, 0)) for i in padded
-      }
     r, x = {}, {}
     for i in self.plan.projected:
-      r[i] = _cut(r_padded[i], extra[i])
+      extra = self._padding(i, self.projector.project)
+      padded = _pad(self.orient(i, g[i]), extra)
+      r_padded = self._product(
+        self.projector.project, _base.dense_project, i, pstates, bases, padded
+      )
+      r[i] = _cut(r_padded, extra)
       if advance is not None:
         x[i] = over_batch(
-          advance.inputs, self.plan[i], pstates[i], padded[i], r_padded[i], in_axes=(0, 0, 0)
+          advance.inputs, self.plan[i], pstates[i], padded, r_padded, in_axes=(0, 0, 0)
         )
     return r, x
 
@@ -303,33 +259,26 @@ class Pipeline:
     `terms` ({leaf: float32 in the stored layout}, from `residual`), ΔW = α·(P·N + S):
     the residual term is added before α (Fira's Algorithm 1; FRUGAL's α is 1).
     """
-    own = self.projector.back
-    projected = self.plan.projected
-    on_columns = [i for i in projected if own is None and self.plan[i].axis == 1]
-    on_rows = [i for i in projected if i not in on_columns]
-    flipped = self._dense_products(
-      _columns_product, bases, {i: n[i].astype(self.dtype) for i in on_columns}
-    )
-    extra = {i: self._padding(i, own) for i in on_rows}
-    x = {
-      i: _pad(_leaves.low_rank_layout(n[i], self.plan[i]).astype(self.dtype), extra[i])
-      for i in on_rows
-    }
-    if own is None:
-      pn = self._dense_products(_base.dense_back, bases, x)
-    else:
-      pn = {i: over_batch(own, self.plan[i], pstates[i], x[i], in_axes=(0, 0)) for i in x}
     out = {}
-    for i in projected:
+    for i in self.plan.projected:
       leaf, dtype = self.plan[i], jnp.result_type(g[i])
       term = None if terms is None else terms[i]
-      if i in flipped:
-        out[i] = self._back_on_columns(i, flipped[i], alpha, dtype, term)
+      if self.projector.back is None and leaf.axis == 1:
+        out[i] = self._back_on_columns(i, bases, n[i], alpha, dtype, term)
         continue
-      back = _cut(pn[i], extra[i])
+      extra = self._padding(i, self.projector.back)
+      pn = self._product(
+        self.projector.back,
+        _base.dense_back,
+        i,
+        pstates,
+        bases,
+        _pad(_leaves.low_rank_layout(n[i], leaf).astype(self.dtype), extra),
+      )
+      pn = _cut(pn, extra)
       if term is not None:  # stored (l, s) for a leaf projected on its columns
-        back = back + (jnp.swapaxes(term, -1, -2) if leaf.axis == 1 else term)
-      out[i] = _leaves.from_oriented(back * alpha, leaf).astype(dtype)
+        pn = pn + (jnp.swapaxes(term, -1, -2) if leaf.axis == 1 else term)
+      out[i] = _leaves.from_oriented(pn * alpha, leaf).astype(dtype)
     return out
 
   def _float32_operands(self, i, g, r, n):
@@ -418,15 +367,15 @@ class Pipeline:
       out[i] = _leaves.from_stored(scaled * alpha, leaf).astype(jnp.result_type(g[i]))
     return out, norms
 
-  def _back_on_columns(self, i, flipped, alpha, dtype, term=None):
-    """α·(P·N + S) of a leaf projected on its columns, from (P N)ᵀ = Nᵀ Pᵀ.
+  def _back_on_columns(self, i, bases, n, alpha, dtype, term=None):
+    """α·(P·N + S) of a leaf projected on its columns, as (P N)ᵀ = Nᵀ Pᵀ.
 
-    Nᵀ is the inner layout (l, r) of such a leaf, so `flipped` = Nᵀ·Pᵀ
-    (`_columns_product`) is already in the leaf's layout, with no transpose
-    of an s×l result. `term` S (a residual stage's, in the stored layout
-    (l, s)) is added before α, or None.
+    Nᵀ is the inner layout (l, r) of such a leaf: the product lands in the
+    leaf's layout, with no transpose of an s×l result. `term` S (a residual
+    stage's, in the stored layout (l, s)) is added before α, or None.
     """
     leaf = self.plan[i]
+    flipped = self._product_on_columns(i, bases, n.astype(self.dtype))
     if term is not None:
       flipped = flipped + term
     if leaf.perm == tuple(range(len(leaf.shape))):
@@ -440,7 +389,13 @@ class Pipeline:
   def _product_on_columns(self, i, bases, x):
     """(P·X)ᵀ = Xᵀ·Pᵀ of a leaf projected on its columns, float32: X given in the
     inner layout (…, l, r), the product in the stored one (…, l, s)."""
-    return over_batch(_columns_product, self.plan[i], bases[i], x, in_axes=(0, 0))
+    return over_batch(
+      lambda p, x: jnp.matmul(x, p.T.astype(x.dtype), preferred_element_type=jnp.float32),
+      self.plan[i],
+      bases[i],
+      x,
+      in_axes=(0, 0),
+    )
 
   def _step_group(self, leaf: _leaves.LeafPlan):
     """The stacking key of a leaf's `Advance.direction`: (s, r), or the leaf
