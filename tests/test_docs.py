@@ -53,6 +53,8 @@ TEXT_FILES = sorted(
     "examples/**/*.py",
     "optax_subspace/**/*.py",
     "benchmarks/*.py",
+    "benchmarks/results/**/*.json",
+    "benchmarks/results/**/*.md",
     "tests/**/*.py",
   )
   for p in REPO.glob(pattern)
