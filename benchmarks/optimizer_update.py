@@ -61,6 +61,8 @@ PROJECTED_WORDS = {
   "osd": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
   # P regenerated from a key (2 words) and a subproblem index; moments of B (r × n).
   "rso": lambda s, l, m, n, r: 2 * r * n + 3,
+  # The same, and P_k kept (m × r, rso(..., store_basis=True)).
+  "rso_stored_basis": lambda s, l, m, n, r: 2 * r * n + 3 + m * r,
   # σ (r), ρ (r), the row counts (s), moments r × l.
   "grass": lambda s, l, m, n, r: 2 * r + s + 2 * r * l,
   # GaLore's and the limiter's previous norm.

@@ -62,6 +62,9 @@ METHODS = tuple(
   )
   if m != "optax_contrib_galore" or HAS_OPTAX_GALORE
 )
+# Variants a run names explicitly (--methods), left out of the default list: RSO with each
+# subproblem's basis kept in the state (`rso(..., store_basis=True)`).
+VARIANTS = ("rso_stored_basis",)
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 # What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.
 NEEDS_LAYER_MODULES = MODEL_LEVEL + ("optax_contrib_galore",)
@@ -69,7 +72,7 @@ RSO_MODEL = ("rso_model", "rso_model_shared")
 # The LLaMA example's --optimizer name of each optimizer-level method.
 EXAMPLE_OPTIMIZER = {
   m: n for m, n in registry.EXAMPLE_NAME.items() if n not in registry.MODEL_LEVEL
-}
+} | {"rso_stored_basis": "rso"}
 REFRESH_KIND = {
   "galore": "count",
   "grass": "count",
@@ -159,12 +162,13 @@ def optimizer(
   """The update rule of `method`: the example's for the optimizer level, `optax_subspace.nn`'s
   for the model level; both with the example's warm-up + cosine schedule, no clipping.
   `scan_layers`: for a scanned model's stacked kernels (the example's `matrix_dims`)."""
-  if method not in METHODS:
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+  if method not in METHODS + VARIANTS:
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS + VARIANTS)}")
   if scan_layers and method in NEEDS_LAYER_MODULES:
     raise ValueError(f"{method} needs one module per layer: no scanned model")
   cfg = TrainConfig(
     optimizer=EXAMPLE_OPTIMIZER.get(method, method.removesuffix("_model")),
+    rso_store_basis=method == "rso_stored_basis",
     rank=rank,
     update_every=update_every,
     steps=SCHEDULE_STEPS,

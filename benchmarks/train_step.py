@@ -230,7 +230,8 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print, checkpo
   import jax  # pylint: disable=g-import-not-at-top
 
   options = dict(options or {})
-  methods = suites.chosen(methods or train_setups.METHODS, train_setups.METHODS, adamw=True)
+  known = train_setups.METHODS + train_setups.VARIANTS
+  methods = suites.chosen(methods or train_setups.METHODS, known, adamw=True)
   if options.get("scan_layers"):
     left_out = [m for m in methods if m in train_setups.NEEDS_LAYER_MODULES]
     if left_out:
@@ -329,7 +330,7 @@ def figure(result):
   sizes = result["results"]["sizes"]
   methods = [
     m
-    for m in train_setups.METHODS
+    for m in train_setups.METHODS + train_setups.VARIANTS
     if any(r["method"] == m and "step_ms" in r for s in sizes for r in s["rows"])
   ]
   measured = all(r.get("peak_bytes_in_use") for s in sizes for r in s["rows"] if "step_ms" in r)

@@ -116,6 +116,7 @@ def rso(
   seed: int = 0,
   projection_dtype=None,
   unprojected_learning_rate: Optional[_presets.ScalarOrSchedule] = None,
+  store_basis: bool = False,
 ) -> optax.GradientTransformation:
   r"""RSO: each block of K steps solves one randomized low-rank subproblem.
 
@@ -129,9 +130,10 @@ def rso(
   so that after each step the weights are W_k + P_k·B. The inner state
   (Adam's moments and its bias correction) and B restart at each
   subproblem; the learning rate (a float or a schedule) follows the global
-  step. P_k is never stored: only a key per matrix, from which P_k is
-  regenerated. Leaves that are not selected (embeddings, norms, biases) run
-  the same inner optimizer at full size, never restarted. Decoupled weight
+  step. By default P_k is never stored: only a key per matrix, from which
+  P_k is regenerated (``store_basis=True`` keeps it instead). Leaves that
+  are not selected (embeddings, norms, biases) run the same inner optimizer
+  at full size, never restarted. Decoupled weight
   decay, if any, acts in full space after the update, as in `galore`; with
   it the weights leave W_k + P_k·B by the decay.
 
@@ -168,6 +170,9 @@ def rso(
       `project_subspace`.
     unprojected_learning_rate: learning rate of the leaves `mask` leaves
       out (run full size, never restarted); default `learning_rate`.
+    store_basis: keep each P_k (m × r floats per matrix) in the state
+      instead of regenerating it, a draw and a QR, at every step
+      (`projectors.random`); the same updates.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (its `update` takes
@@ -186,7 +191,9 @@ def rso(
   rank = _base.check_rank(rank)
   inner_steps = _base.check_every(inner_steps, "inner_steps")
   proximal = _check_proximal(proximal)
-  projector = projectors_lib.random(rank, inner_steps, distribution=distribution, seed=seed)
+  projector = projectors_lib.random(
+    rank, inner_steps, distribution=distribution, seed=seed, store_basis=store_basis
+  )
   full_lr = (
     learning_rate
     if unprojected_learning_rate is None

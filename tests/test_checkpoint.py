@@ -36,6 +36,7 @@ PRESETS = {
   "grass_topk": lambda: osub.grass(0.01, RANK, EVERY),
   "grass_multinomial": lambda: osub.grass(0.01, RANK, EVERY, "multinomial", on_change="remap"),
   "rso": lambda: osub.rso(0.01, RANK, EVERY, proximal=1.0, weight_decay=0.1),
+  "rso_stored_basis": lambda: osub.rso(0.01, RANK, EVERY, store_basis=True),
   # The residual and scaling outputs: their limiters' previous norms are state too.
   "fira": lambda: osub.fira(0.01, RANK, EVERY),
   "frugal": lambda: osub.frugal(0.01, RANK, EVERY),

@@ -342,6 +342,43 @@ def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
   assert floats == (2 + (proximal is not None)) * r * n + 2 * n
 
 
+def test_a_stored_basis_gives_the_updates_of_the_regenerated_one():
+  params = {
+    "dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (10, 6)), "bias": jnp.zeros(6)},
+    "stack": jax.random.normal(jax.random.PRNGKey(1), (2, 12, 5)),
+  }
+  dims = lambda path, x: osub.MatrixDims(rows=1, cols=2) if x.ndim == 3 else None
+
+  def run(store_basis):
+    tx = osub.rso(0.01, rank=3, inner_steps=3, proximal=2.0, weight_decay=0.1, dims=dims,
+                  mask=r"kernel|stack", store_basis=store_basis)  # fmt: skip
+    state, p, out = tx.init(params), params, []
+    for t in range(7):  # subproblems start at 0, 3 and 6
+      u, state = jax.jit(tx.update)(_grads(p, t), state, p)
+      p = optax.apply_updates(p, u)
+      out.append(p)
+    return out, state
+
+  stored, state = run(True)
+  regenerated, _ = run(False)
+  chex.assert_trees_all_equal(stored, regenerated)
+  # What the state keeps is the P_2 the default regenerates: the model level's draw.
+  np.testing.assert_array_equal(
+    np.asarray(state[0].projectors["dense"]["kernel"].basis, np.float64), _basis(1, 0, 2, 10, 3)
+  )
+
+
+def test_a_stored_basis_is_m_by_r_floats_next_to_the_key_and_index():
+  m, n, r = 64, 24, 4
+  params = {"w": jnp.zeros((m, n)), "b": jnp.zeros(n)}
+  state = jax.eval_shape(osub.rso(1e-3, rank=r, store_basis=True).init, params)[0]
+  assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(state.projectors["w"])] == [
+    ((m, r), jnp.float32),
+    ((2,), jnp.uint32),
+    ((), jnp.int32),
+  ]
+
+
 # --- rso: bad input ---------------------------------------------------------
 
 

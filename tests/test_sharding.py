@@ -45,6 +45,7 @@ PRESETS = {
     0.01, RANK, EVERY, "multinomial", on_change="remap", dims=DIMS
   ),
   "rso": lambda: osub.rso(0.01, RANK, EVERY, proximal=1.0, dims=DIMS),
+  "rso_stored_basis": lambda: osub.rso(0.01, RANK, EVERY, dims=DIMS, store_basis=True),
   "fira": lambda: osub.fira(0.01, RANK, EVERY, dims=DIMS),
   "frugal": lambda: osub.frugal(0.01, RANK, EVERY, dims=DIMS),
   "apollo": lambda: osub.apollo(0.01, RANK, EVERY, dims=DIMS),

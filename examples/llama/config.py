@@ -156,6 +156,11 @@ class TrainConfig:
     "rso_model: q/k/v share one random basis and gate/up another, so x·P is kept once per "
     "input (less activation memory; the paper draws one basis per weight)",
   )
+  rso_store_basis: bool = _flag(
+    False,
+    "rso: keep each subproblem's random basis in the optimizer state (s x r floats per matrix)"
+    " instead of regenerating it at every step (the same updates, a faster step)",
+  )
   # devices
   data_parallel: int = _flag(1, "devices on the mesh's data axis (batch split, weights replicated)")
   fsdp: int = _flag(1, "devices on the mesh's fsdp axis (batch and every matrix split: FSDP)")
@@ -297,6 +302,8 @@ class TrainConfig:
       raise ConfigError(
         f"--rso-share-basis is an option of --optimizer rso_model, not {self.optimizer}"
       )
+    if self.rso_store_basis and self.optimizer != "rso":
+      raise ConfigError(f"--rso-store-basis is an option of --optimizer rso, not {self.optimizer}")
     if self.scan_layers and self.optimizer in SCAN_UNSUPPORTED:
       raise ConfigError(
         f"--scan-layers works with the optimizer-level methods; --optimizer {self.optimizer}"

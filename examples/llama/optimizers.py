@@ -248,6 +248,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
       dims=matrix_dims(cfg),
       unprojected_learning_rate=lr_rest,
       seed=cfg.seed,
+      store_basis=cfg.rso_store_basis,
     )
   if cfg.optimizer in ("fira", "frugal", "apollo", "apollo_mini"):
     return _full_rank_method(cfg, lr, lr_rest)

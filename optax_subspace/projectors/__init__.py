@@ -14,6 +14,7 @@ from optax_subspace.projectors.online_pca import online_pca_gradient
 from optax_subspace.projectors.sparse_rows import SparseRowsState
 from optax_subspace.projectors.sparse_rows import sparse_rows
 from optax_subspace.projectors.random import RandomState
+from optax_subspace.projectors.random import StoredRandomState
 from optax_subspace.projectors.random import random
 from optax_subspace.projectors.random import random_basis
 from optax_subspace.projectors.svd import RandomizedSvdState
@@ -29,6 +30,7 @@ __all__ = [
   "RandomizedSvdState",
   "RefreshSchedule",
   "SparseRowsState",
+  "StoredRandomState",
   "SvdState",
   "online_pca",
   "online_pca_gradient",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,8 +122,27 @@ class RandomState:
   basis_shape: tuple[int, int]
 
 
+class StoredRandomState(NamedTuple):
+  """State of one matrix under ``random(..., store_basis=True)``: P_k itself.
+
+  Attributes:
+    basis: P_k (s, r), float32, drawn at the subproblem's start.
+    key: uint32[2], the matrix's key, as `RandomState`'s.
+    subproblem: int32, k of the current subproblem.
+  """
+
+  basis: jax.Array
+  key: jax.Array
+  subproblem: jax.Array
+
+
 def random(
-  rank: int, update_every: int = 200, *, distribution: str = "haar", seed: int = 0
+  rank: int,
+  update_every: int = 200,
+  *,
+  distribution: str = "haar",
+  seed: int = 0,
+  store_basis: bool = False,
 ) -> _base.Projector:
   """RSO's random subspace: a new random P every `update_every` steps.
 
@@ -132,7 +152,11 @@ def random(
   the matrix's key (from `project_subspace`) folded with `seed`. Only the
   key and k are stored; P is regenerated where it is used, identical on
   every device without communication (docs/design.md). The refresh does not look
-  at the gradient.
+  at the gradient. With ``store_basis=True`` the refresh draws the same P_k
+  once and the state keeps it (s × r floats per matrix, as GaLore's P):
+  the steps in between skip the draw and its QR, which on a GPU cost a
+  LLaMA-60M train step about 0.4 ms (docs/benchmarks.md); the updates are
+  the same.
 
   The key derivation is a contract with `optax_subspace.nn`'s model-level
   RSO: the matrix of leaf i (flatten order) draws
@@ -151,6 +175,8 @@ def random(
     distribution: "haar" (orthonormal columns, PᵀP = I, the paper's theory)
       or "gaussian" (i.i.d. N(0, 1/r), E[PPᵀ] = I); see `random_basis`.
     seed: folded into every matrix's key.
+    store_basis: keep P_k in the state (`StoredRandomState`) instead of
+      regenerating it at every use (`RandomState`: a key and k).
 
   Returns:
     A `Projector` for `project_subspace`.
@@ -165,6 +191,12 @@ def random(
   if distribution not in DISTRIBUTIONS:
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
 
+  def draw(key, subproblem, s, r):
+    return random_basis(jax.random.fold_in(key, subproblem), s, r, distribution)
+
+  if store_basis:
+    return _stored(rank, update_every, seed, draw)
+
   def init(s, l, r, key):
     del l
     return RandomState(jax.random.fold_in(key, seed), jnp.zeros([], jnp.int32), (s, r))
@@ -175,8 +207,7 @@ def random(
     return (RandomState(state.key, subproblem, state.basis_shape), jnp.array(True))
 
   def basis(state):
-    s, r = state.basis_shape
-    return random_basis(jax.random.fold_in(state.key, state.subproblem), s, r, distribution)
+    return draw(state.key, state.subproblem, *state.basis_shape)
 
   return _base.Projector(
     rank=rank,
@@ -185,4 +216,35 @@ def random(
     needs_refresh=_base.RefreshSchedule(update_every),
     refresh=refresh,
     batch_basis=True,  # each basis is a draw and a QR: batched by shape
+  )
+
+
+def _stored(rank: int, update_every: int, seed: int, draw) -> _base.Projector:
+  """`random`'s projector that keeps P_k in its state (``store_basis=True``).
+
+  The keys, subproblem indices and draws are `random`'s, so P_k and every
+  update are the same; the state starts with P_0, the basis subproblem 0
+  regenerates.
+  """
+
+  def init(s, l, r, key):
+    del l
+    key = jax.random.fold_in(key, seed)
+    subproblem = jnp.zeros([], jnp.int32)
+    return StoredRandomState(draw(key, subproblem, s, r), key, subproblem)
+
+  def refresh(state, g, count):
+    del g
+    subproblem = (count // update_every).astype(jnp.int32)
+    s, r = state.basis.shape
+    return StoredRandomState(draw(state.key, subproblem, s, r), state.key, subproblem), jnp.array(
+      True
+    )
+
+  return _base.Projector(
+    rank=rank,
+    init=init,
+    basis=lambda state: state.basis,
+    needs_refresh=_base.RefreshSchedule(update_every),
+    refresh=refresh,
   )

@@ -778,6 +778,10 @@ def _bad_input_cases(tmp_path):
       ["--optimizer", "rso_model", "--scan-layers"],
       "--scan-layers works with the optimizer-level methods",
     ),
+    "stored rso basis for another method": (
+      ["--optimizer", "galore", "--rso-store-basis"],
+      "--rso-store-basis is an option of --optimizer rso",
+    ),
   }
 
 
@@ -797,6 +801,7 @@ def _bad_input_cases(tmp_path):
     "bad flag value",
     "shard optimizer with fsdp",
     "scanned layers with a model-level method",
+    "stored rso basis for another method",
   ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, capsys, case):
