@@ -133,9 +133,9 @@ def rso(
   step. By default P_k is never stored: only a key per matrix, from which
   P_k is regenerated (``store_basis=True`` keeps it instead). Leaves that
   are not selected (embeddings, norms, biases) run the same inner optimizer
-  at full size, never restarted. Decoupled weight
-  decay, if any, acts in full space after the update, as in `galore`; with
-  it the weights leave W_k + P_k·B by the decay.
+  at full size, never restarted. Decoupled weight decay, if any, acts in
+  full space after the update, as in `galore`; with it the weights leave
+  W_k + P_k·B by the decay.
 
   See docs/rso.md for what the paper leaves open (P's scale, η, K) and
   what is chosen here. This is the optimizer level: the full gradient is

@@ -154,9 +154,8 @@ def random(
   every device without communication (docs/design.md). The refresh does not look
   at the gradient. With ``store_basis=True`` the refresh draws the same P_k
   once and the state keeps it (s × r floats per matrix, as GaLore's P):
-  the steps in between skip the draw and its QR, which on a GPU cost a
-  LLaMA-60M train step about 0.4 ms (docs/benchmarks.md); the updates are
-  the same.
+  the steps in between skip the draw and its QR (LLaMA-60M's train step on
+  an H100: 1.06 ms of 16.9 faster, docs/rso.md); the updates are the same.
 
   The key derivation is a contract with `optax_subspace.nn`'s model-level
   RSO: the matrix of leaf i (flatten order) draws
@@ -223,15 +222,16 @@ def _stored(rank: int, update_every: int, seed: int, draw) -> _base.Projector:
   """`random`'s projector that keeps P_k in its state (``store_basis=True``).
 
   The keys, subproblem indices and draws are `random`'s, so P_k and every
-  update are the same; the state starts with P_0, the basis subproblem 0
-  regenerates.
+  update are the same. Before the first refresh (step 0's) the state holds
+  the first r canonical vectors, as `svd`'s does: drawing P_0 in `init`
+  would compile a QR per leaf there (40 s instead of 6 s for the jitted
+  `init` of the LLaMA-1B tree on a 2-core CPU).
   """
 
   def init(s, l, r, key):
     del l
     key = jax.random.fold_in(key, seed)
-    subproblem = jnp.zeros([], jnp.int32)
-    return StoredRandomState(draw(key, subproblem, s, r), key, subproblem)
+    return StoredRandomState(_base.first_columns(s, r), key, jnp.zeros([], jnp.int32))
 
   def refresh(state, g, count):
     del g
