@@ -85,6 +85,15 @@ ABLATIONS = (
     (f"{m}_released_order", m, lr, 1e-2, ("--released-order",))
     for m, lr in (("fira", 1e-2), ("apollo", 5e-3), ("apollo_mini", 3e-3))
   ]
+  # RSO's and GRASS's open choices (docs/rso.md, docs/grass.md): the proximal term, a Gaussian
+  # P (its weight steps are ~√(m/r) = 2× the Haar P's at r = m/4: half the rate), the moments
+  # of a row kept across a new selection.
+  + [
+    (f"rso_proximal{eta:g}", "rso", 2.5e-3, 1e-2, ("--rso-proximal", f"{eta:g}"))
+    for eta in (0.1, 1)
+  ]
+  + [("rso_gaussian", "rso", 1.25e-3, 1e-2, ("--rso-distribution", "gaussian"))]
+  + [("grass_remap", "grass", 3e-3, 1e-2, ("--grass-on-change", "remap"))]
   # Full rank: rank = the smaller side of every kernel (hidden): the projection costs nothing.
   + [
     (f"{m}_full_rank", m, lr, lu, ("--rank", "FULL"))

@@ -88,6 +88,16 @@ def test_sweep_defaults_cover_every_method_with_three_rates():
   assert all(len(rates) >= 3 for rates in labels.values())
 
 
+@pytest.mark.parametrize("spec", quality.ABLATIONS, ids=lambda spec: f"{spec[0]}-{spec[2]:g}")
+def test_every_ablation_is_a_command_line_the_example_accepts(spec, tmp_path):
+  from examples.llama import train  # pylint: disable=g-import-not-at-top
+  from examples.llama.config import TrainConfig  # pylint: disable=g-import-not-at-top
+
+  argv = quality.train_argv("60m", spec, tmp_path / "run", quality.FULL)
+  given = {k: v for k, v in vars(train.parser().parse_args(argv)).items() if v is not None}
+  TrainConfig(**given).validate()
+
+
 @pytest.mark.parametrize(
   "argv, message",
   [

@@ -43,6 +43,8 @@ CORPORA = ("sotu", "offline-large", "c4")
 TOKENIZERS = ("auto", "mistral", "byte", "t5")
 DTYPES = ("bfloat16", "float32")
 GRASS_SELECTIONS = ("topk", "multinomial", "uniform")
+GRASS_ON_CHANGE = ("reset", "remap")
+RSO_DISTRIBUTIONS = ("haar", "gaussian")
 
 
 class ConfigError(ValueError):
@@ -150,6 +152,17 @@ class TrainConfig:
     False,
     "grass, grass_model: one Adam step count for all leaves, so a reset keeps the old bias"
     " correction (the behaviour before per-matrix counts; for comparisons)",
+  )
+  grass_on_change: str = _flag(
+    "reset",
+    "grass: the moments at a new selection: reset (zeroed, as reported for GRASS) or remap (a"
+    " row kept keeps its moments)",
+  )
+  rso_proximal: float = _flag(
+    0.0, "rso: eta of the proximal term |B|^2/(2 eta) of each subproblem; 0: none (eta = inf)"
+  )
+  rso_distribution: str = _flag(
+    "haar", "rso: the random basis, haar (orthonormal columns) or gaussian (N(0, 1/r) entries)"
   )
   rso_share_basis: bool = _flag(
     False,
@@ -276,6 +289,14 @@ class TrainConfig:
         f"unknown --grass-selection {self.grass_selection!r}; choose one of"
         f" {', '.join(GRASS_SELECTIONS)}"
       )
+    for flag, value, allowed in (
+      ("--grass-on-change", self.grass_on_change, GRASS_ON_CHANGE),
+      ("--rso-distribution", self.rso_distribution, RSO_DISTRIBUTIONS),
+    ):
+      if value not in allowed:
+        raise ConfigError(f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
+    if not (math.isfinite(self.rso_proximal) and self.rso_proximal >= 0):
+      raise ConfigError(f"--rso-proximal {self.rso_proximal:g} must be positive (or 0: none)")
     if self.num_processes < 0:
       raise ConfigError("--num-processes must be positive, or 0 to read it from the launcher")
     if self.num_processes == 1 and (self.process_id or self.coordinator_address):
@@ -302,8 +323,15 @@ class TrainConfig:
       raise ConfigError(
         f"--rso-share-basis is an option of --optimizer rso_model, not {self.optimizer}"
       )
-    if self.rso_store_basis and self.optimizer != "rso":
-      raise ConfigError(f"--rso-store-basis is an option of --optimizer rso, not {self.optimizer}")
+    only = {
+      "--rso-store-basis": ("rso", self.rso_store_basis),
+      "--rso-proximal": ("rso", self.rso_proximal != 0),
+      "--rso-distribution": ("rso", self.rso_distribution != "haar"),
+      "--grass-on-change": ("grass", self.grass_on_change != "reset"),
+    }
+    for flag, (optimizer, given) in only.items():
+      if given and self.optimizer != optimizer:
+        raise ConfigError(f"{flag} is an option of --optimizer {optimizer}, not {self.optimizer}")
     if self.scan_layers and self.optimizer in SCAN_UNSUPPORTED:
       raise ConfigError(
         f"--scan-layers works with the optimizer-level methods; --optimizer {self.optimizer}"

@@ -223,12 +223,13 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
       unprojected_learning_rate=lr_rest,
     )
   if cfg.optimizer == "grass":
-    # Top-r rows by norm, moments reset at a new selection (as reported for
-    # GRASS); no α: GRASS has none (--galore-scale is GaLore's and OSD's).
+    # Top-r rows by norm, moments reset at a new selection (as reported for GRASS; or
+    # --grass-on-change remap); no α: GRASS has none (--galore-scale is GaLore's and OSD's).
     return _subspace_method("grass", "grass")(
       lr,
       rank=cfg.effective_rank(),
       selection=cfg.grass_selection,
+      on_change=cfg.grass_on_change,
       restart_bias_correction=not cfg.grass_shared_count,
       update_every=cfg.update_every,
       weight_decay=cfg.weight_decay,
@@ -237,8 +238,9 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
       unprojected_learning_rate=lr_rest,
     )
   if cfg.optimizer == "rso":
-    # One RSO subproblem per --update-every steps: a fresh random (Haar) P on the input side of
-    # every projected kernel, Adam restarted on B; no proximal term and no α (docs/rso.md).
+    # One RSO subproblem per --update-every steps: a fresh random P (Haar by default) on the
+    # input side of every projected kernel, Adam restarted on B; by default no proximal term;
+    # no α (docs/rso.md).
     return _subspace_method("rso", "rso")(
       lr,
       rank=cfg.effective_rank(),
@@ -249,6 +251,8 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
       unprojected_learning_rate=lr_rest,
       seed=cfg.seed,
       store_basis=cfg.rso_store_basis,
+      proximal=cfg.rso_proximal or None,
+      distribution=cfg.rso_distribution,
     )
   if cfg.optimizer in ("fira", "frugal", "apollo", "apollo_mini"):
     return _full_rank_method(cfg, lr, lr_rest)

@@ -22,13 +22,16 @@ PARAMS = {
 }
 
 
-def _first_updates(cfg):
+def _first_updates(cfg, moving=False):
+  """The third update of `cfg`'s method; `moving`: the gradient's phase moves at every step
+  (so a row selection changes), else the same gradient each step."""
   tx = optimizers.method(cfg)
-  grads = jax.tree.map(
-    lambda x: jnp.sin(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape), PARAMS
-  )
   state = tx.init(PARAMS)
-  for _ in range(3):  # past the first warm-up step, whose rate is 0
+  for t in range(3):  # past the first warm-up step, whose rate is 0
+    phase = 1.7 * t if moving else 0.0
+    grads = jax.tree.map(
+      lambda x: jnp.sin(jnp.arange(x.size, dtype=jnp.float32) + phase).reshape(x.shape), PARAMS
+    )
     updates, state = tx.update(grads, state, PARAMS)
   return updates
 
@@ -56,6 +59,14 @@ def test_lr_unprojected_moves_the_rest_and_leaves_the_kernels(optimizer):
     ({"lr_unprojected": -1e-3}, "--lr-unprojected"),
     ({"lr": -1.0}, "--lr"),
     ({"grass_selection": "best"}, "--grass-selection"),
+    ({"grass_on_change": "keep"}, "--grass-on-change"),
+    ({"rso_distribution": "sobol"}, "--rso-distribution"),
+    ({"rso_proximal": -1.0}, "--rso-proximal"),
+    (
+      {"optimizer": "galore", "rso_proximal": 1.0},
+      "--rso-proximal is an option of --optimizer rso",
+    ),
+    ({"optimizer": "rso", "grass_on_change": "remap"}, "an option of --optimizer grass"),
   ],
 )
 def test_bad_learning_rate_flags_are_one_line_errors(flags, message):
@@ -85,3 +96,21 @@ def test_fira_released_order_flag_reaches_the_preset():
   kernel = lambda u: u["layers"]["0"]["attention"]["q_proj"]["kernel"]
   assert not np.allclose(kernel(released), kernel(default))
   np.testing.assert_array_equal(released["embed"]["embedding"], default["embed"]["embedding"])
+
+
+@pytest.mark.parametrize(
+  "optimizer, update_every, flags",
+  [
+    ("rso", 20, {"rso_proximal": 0.1}),  # B ≠ 0 from the second step, where B/η acts
+    ("rso", 20, {"rso_distribution": "gaussian"}),
+    # Rows selected again at step 2 keep their moments (the gradient moves, so some change).
+    ("grass", 2, {"grass_on_change": "remap"}),
+  ],
+)
+def test_rso_and_grass_choice_flags_reach_the_preset(optimizer, update_every, flags):
+  base = dict(model_size="tiny", optimizer=optimizer, steps=20, rank=16, update_every=update_every)
+  default = _first_updates(TrainConfig(**base), moving=True)
+  chosen = _first_updates(TrainConfig(**base, **flags), moving=True)
+  kernel = lambda u: u["layers"]["0"]["attention"]["q_proj"]["kernel"]
+  assert not np.allclose(kernel(chosen), kernel(default))
+  np.testing.assert_array_equal(chosen["embed"]["embedding"], default["embed"]["embedding"])
