@@ -50,6 +50,8 @@ PROFILED = (
   "frugal_steady",
   "apollo_steady",
   "apollo_mini_steady",
+  "apollo_steady_unpadded",
+  "apollo_mini_steady_unpadded",
 )
 
 
@@ -64,7 +66,9 @@ def methods(rank: int, dims=None) -> dict:
   972ca93). "*_host_refresh": the update told on the host that the step does not refresh
   (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU).
   "fira_steady", "frugal_steady", "apollo_steady", "apollo_mini_steady": those presets' steady
-  steps (`_output_variants`), to see where their time over GaLore's goes. (Earlier
+  steps (`_output_variants`), to see where their time over GaLore's goes; "apollo*_unpadded":
+  APOLLO pads G only for its one product R = PᵀG (1.5 ms of the 1B update on an H100), which
+  may cost more than an unaligned product. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
