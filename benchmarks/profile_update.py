@@ -33,6 +33,8 @@ from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profil
 from optax_subspace import _chunks
 from optax_subspace import _combinator
 
+# Rounds of subspace iteration of "galore_refresh_warm".
+WARM_ITERATIONS = 2
 PROFILED = (
   "adamw",
   "galore_steady",
@@ -46,6 +48,7 @@ PROFILED = (
   "osd_steady_bf16_products",
   "galore_refresh",
   "galore_refresh_unchunked",
+  "galore_refresh_warm",
   "fira_steady",
   "frugal_steady",
   "apollo_steady",
@@ -61,7 +64,9 @@ def methods(rank: int, dims=None) -> dict:
 
   "*_unpadded" compile with the combinator's PRODUCT_ALIGNMENT at 1: products with gradients
   whose kept side is not a multiple of 8 (1B's ffn 5461) run on the gradient as it is.
-  "galore_refresh*" refresh at every call (T = 1); "*_unchunked" compile with
+  "galore_refresh*" refresh at every call (T = 1; "galore_refresh_warm": after the first call
+  the refresh is `WARM_ITERATIONS` rounds of subspace iteration from the previous basis,
+  `projectors.svd(..., warm_iterations=...)`); "*_unchunked" compile with
   `_chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh per shape, as before
   972ca93). "*_host_refresh": the update told on the host that the step does not refresh
   (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU).
@@ -73,6 +78,11 @@ def methods(rank: int, dims=None) -> dict:
   """
   table = optimizer_step.variants(rank, dims=dims)
   table["galore_refresh"] = table["galore_refresh_svd"]
+  warm = osub.projectors.svd(rank, 1, warm_iterations=WARM_ITERATIONS)
+  table["galore_refresh_warm"] = (
+    osub.galore(1e-3, rank, 1, mask=optimizer_step.PROJECTED, dims=dims, projector=warm),
+    None,
+  )
   table.update(_output_variants(rank, dims))
   return {n: table[re.sub(r"_(unpadded|host_refresh|unchunked)$", "", n)] for n in PROFILED}
 

@@ -33,6 +33,9 @@ PRESETS = {
   "online_subspace_descent_paper": lambda lr: osub.online_subspace_descent(
     lr, rank=2, orthogonality_weight=0.1, projector_optimizer=optax.adamw(5 * LR)
   ),
+  "galore_warm_refresh": lambda lr: osub.galore(
+    lr, rank=2, update_every=3, projector=osub.projectors.svd(2, 3, warm_iterations=1)
+  ),
   "rso": lambda lr: osub.rso(lr, rank=2, inner_steps=3, proximal=1.0),
   "fira": lambda lr: osub.fira(lr, rank=2, update_every=3),
   # SGD on the rest: this problem's gradients have rank 1, so G − P·R is rounding noise, whose

@@ -77,6 +77,34 @@ def test_randomized_svd_captures_the_exact_top_energy():
   assert _captured_energy(proj.basis(state), g) >= 0.999 * exact
 
 
+def test_warm_refresh_is_exact_at_step_0_and_near_the_exact_energy_later():
+  # Two gradients T steps apart whose top subspaces overlap (the second a perturbation of the
+  # first), with a slowly decaying spectrum: the warm start's rounds recover ≥ 0.999 of the
+  # second gradient's exact top-r energy from the first's basis.
+  g0 = _decaying(jax.random.PRNGKey(20), 64, 200, decay=0.93)
+  g1 = g0 + 0.3 * _decaying(jax.random.PRNGKey(21), 64, 200, decay=0.93)
+  warm, exact = projectors.svd(16, 10, warm_iterations=2), projectors.svd(16, 10)
+  state0, _ = jax.jit(warm.refresh)(warm.init(64, 200, 16, None), g0, jnp.int32(0))
+  exact0, _ = exact.refresh(exact.init(64, 200, 16, None), g0, jnp.int32(0))
+  np.testing.assert_array_equal(np.asarray(warm.basis(state0)), np.asarray(exact.basis(exact0)))
+  state1, changed = jax.jit(warm.refresh)(state0, g1, jnp.int32(10))
+  p = np.asarray(warm.basis(state1))
+  assert bool(changed)
+  np.testing.assert_allclose(p.T @ p, np.eye(16), atol=1e-5)
+  captured = _captured_energy(p, g1)
+  assert captured >= 0.999 * _captured_energy(_top_subspace(g1, 16), g1)
+  # Not the exact basis: the start's basis kept, rotated only as far as g1 moved it.
+  assert captured > _captured_energy(np.asarray(warm.basis(state0)), g1)
+
+
+@pytest.mark.parametrize(
+  "value, error", [(-1, ValueError), (1.5, TypeError), (True, TypeError), (None, TypeError)]
+)
+def test_bad_warm_iterations_are_rejected(value, error):
+  with pytest.raises(error, match="warm_iterations"):
+    projectors.svd(4, 10, warm_iterations=value)
+
+
 def test_randomized_svd_is_deterministic_per_key_and_step():
   g = jax.random.normal(jax.random.PRNGKey(5), (20, 40))
   proj = projectors.randomized_svd(5, 10, oversample=0, power_iters=0)
