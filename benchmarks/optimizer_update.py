@@ -57,6 +57,7 @@ PROJECTED_WORDS = {
   "optax_contrib_galore": lambda s, l, m, n, r: r * l + 2 * r * s,
   # P (s × r), moments r × l.
   "galore": lambda s, l, m, n, r: r * s + 2 * r * l,
+  "galore_warm": lambda s, l, m, n, r: r * s + 2 * r * l,
   # P (s × r) and AdamW's moments on P (2·s × r), moments r × l.
   "osd": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
   # P regenerated from a key (2 words) and a subproblem index; moments of B (r × n).

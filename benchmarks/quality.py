@@ -94,6 +94,8 @@ ABLATIONS = (
   ]
   + [("rso_gaussian", "rso", 1.25e-3, 1e-2, ("--rso-distribution", "gaussian"))]
   + [("grass_remap", "grass", 3e-3, 1e-2, ("--grass-on-change", "remap"))]
+  # GaLore's refreshes after step 0 by two rounds of subspace iteration instead of the eigh.
+  + [("galore_warm2", "galore", 1e-2, 1e-2, ("--galore-warm-iterations", "2"))]
   # Full rank: rank = the smaller side of every kernel (hidden): the projection costs nothing.
   + [
     (f"{m}_full_rank", m, lr, lu, ("--rank", "FULL"))

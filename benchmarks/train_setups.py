@@ -63,8 +63,9 @@ METHODS = tuple(
   if m != "optax_contrib_galore" or HAS_OPTAX_GALORE
 )
 # Variants a run names explicitly (--methods), left out of the default list: RSO with each
-# subproblem's basis kept in the state (`rso(..., store_basis=True)`).
-VARIANTS = ("rso_stored_basis",)
+# subproblem's basis kept in the state (`rso(..., store_basis=True)`); GaLore whose refreshes
+# after step 0 are two rounds of subspace iteration (`projectors.svd(..., warm_iterations=2)`).
+VARIANTS = ("rso_stored_basis", "galore_warm")
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 # What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.
 NEEDS_LAYER_MODULES = MODEL_LEVEL + ("optax_contrib_galore",)
@@ -72,9 +73,10 @@ RSO_MODEL = ("rso_model", "rso_model_shared")
 # The LLaMA example's --optimizer name of each optimizer-level method.
 EXAMPLE_OPTIMIZER = {
   m: n for m, n in registry.EXAMPLE_NAME.items() if n not in registry.MODEL_LEVEL
-} | {"rso_stored_basis": "rso"}
+} | {"rso_stored_basis": "rso", "galore_warm": "galore"}
 REFRESH_KIND = {
   "galore": "count",
+  "galore_warm": "count",
   "grass": "count",
   "rso_model": "program",
   "rso_model_shared": "program",
@@ -169,6 +171,7 @@ def optimizer(
   cfg = TrainConfig(
     optimizer=EXAMPLE_OPTIMIZER.get(method, method.removesuffix("_model")),
     rso_store_basis=method == "rso_stored_basis",
+    galore_warm_iterations=2 if method == "galore_warm" else 0,
     rank=rank,
     update_every=update_every,
     steps=SCHEDULE_STEPS,
@@ -304,7 +307,7 @@ def build(
   set_count, steady_count = None, None
   if method == "grass_model":
     set_count = _set_nnx_step
-  elif method in ("galore", "grass", "optax_contrib_galore") or host:
+  elif method in ("galore", "galore_warm", "grass", "optax_contrib_galore") or host:
     set_count, steady_count = _count_setter(carry[1]), 1
   if host:
     kind = None if schedule.every is None else "count"
@@ -388,10 +391,12 @@ def run_step(compiled: Compiled, carry, tokens, set_count=None):
 
 
 def run_refresh(setup: TrainSetup, compiled: Compiled, carry, tokens):
-  """One refresh as it runs at a due step (the count set to 0); returns the new carry."""
+  """One refresh as it runs at a due step; returns the new carry. A refresh step runs with the
+  count set to T (a refresh after step 0's, which a warm-started refresh does differently), a
+  refresh program with it set to 0."""
   if setup.refresh_kind == "count":  # with host refreshes, the refresh step's own program
     program = compiled if compiled.refresh is None else Compiled(compiled.refresh, None, {})
-    return run_step(program, carry, tokens, lambda s: setup.set_count(s, 0))[0]
+    return run_step(program, carry, tokens, lambda s: setup.set_count(s, setup.update_every))[0]
   params, opt_state, frozen = carry
   if setup.set_count is not None:
     opt_state = setup.set_count(opt_state, 0)

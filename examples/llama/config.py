@@ -134,6 +134,11 @@ class TrainConfig:
     200, "steps between subspace refreshes (GaLore's T; RSO's subproblem length K)"
   )
   galore_scale: float = _flag(0.25, "scale alpha of the back-projected update")
+  galore_warm_iterations: int = _flag(
+    0,
+    "galore: the refreshes after step 0 as k rounds of subspace iteration from the previous"
+    " basis (no eigh; an approximation); 0: exact",
+  )
   limiter_gamma: float = _flag(
     0.0,
     "fira, apollo, apollo_mini: gamma of the norm-growth limiter (> 1); 0: the papers' 1.01;"
@@ -295,6 +300,8 @@ class TrainConfig:
     ):
       if value not in allowed:
         raise ConfigError(f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
+    if self.galore_warm_iterations < 0:
+      raise ConfigError(f"--galore-warm-iterations {self.galore_warm_iterations} must be 0 or more")
     if not (math.isfinite(self.rso_proximal) and self.rso_proximal >= 0):
       raise ConfigError(f"--rso-proximal {self.rso_proximal:g} must be positive (or 0: none)")
     if self.num_processes < 0:
@@ -328,6 +335,7 @@ class TrainConfig:
       "--rso-proximal": ("rso", self.rso_proximal != 0),
       "--rso-distribution": ("rso", self.rso_distribution != "haar"),
       "--grass-on-change": ("grass", self.grass_on_change != "reset"),
+      "--galore-warm-iterations": ("galore", self.galore_warm_iterations != 0),
     }
     for flag, (optimizer, given) in only.items():
       if given and self.optimizer != optimizer:

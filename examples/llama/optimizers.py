@@ -200,10 +200,16 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
       weight_dimension_numbers=_optax_galore_dims,
     )
   if cfg.optimizer == "galore":
+    projector = "svd"
+    if cfg.galore_warm_iterations:
+      projector = _subspace_method("galore", "projectors").svd(
+        cfg.effective_rank(), cfg.update_every, warm_iterations=cfg.galore_warm_iterations
+      )
     return _subspace_method("galore", "galore")(
       lr,
       rank=cfg.effective_rank(),
       update_every=cfg.update_every,
+      projector=projector,
       scale=cfg.galore_scale,
       weight_decay=cfg.weight_decay,
       mask=PROJECTED,

@@ -67,6 +67,8 @@ def test_lr_unprojected_moves_the_rest_and_leaves_the_kernels(optimizer):
       "--rso-proximal is an option of --optimizer rso",
     ),
     ({"optimizer": "rso", "grass_on_change": "remap"}, "an option of --optimizer grass"),
+    ({"optimizer": "galore", "galore_warm_iterations": -1}, "--galore-warm-iterations"),
+    ({"optimizer": "osd", "galore_warm_iterations": 2}, "an option of --optimizer galore"),
   ],
 )
 def test_bad_learning_rate_flags_are_one_line_errors(flags, message):
@@ -105,9 +107,11 @@ def test_fira_released_order_flag_reaches_the_preset():
     ("rso", 20, {"rso_distribution": "gaussian"}),
     # Rows selected again at step 2 keep their moments (the gradient moves, so some change).
     ("grass", 2, {"grass_on_change": "remap"}),
+    # Step 2's refresh: two rounds of subspace iteration from step 0's basis, not the eigh.
+    ("galore", 2, {"galore_warm_iterations": 2}),
   ],
 )
-def test_rso_and_grass_choice_flags_reach_the_preset(optimizer, update_every, flags):
+def test_method_choice_flags_reach_the_preset(optimizer, update_every, flags):
   base = dict(model_size="tiny", optimizer=optimizer, steps=20, rank=16, update_every=update_every)
   default = _first_updates(TrainConfig(**base), moving=True)
   chosen = _first_updates(TrainConfig(**base, **flags), moving=True)
