@@ -76,7 +76,6 @@ EXAMPLE_OPTIMIZER = {
 } | {"rso_stored_basis": "rso", "galore_warm": "galore"}
 REFRESH_KIND = {
   "galore": "count",
-  "galore_warm": "count",
   "grass": "count",
   "rso_model": "program",
   "rso_model_shared": "program",
@@ -303,7 +302,7 @@ def build(
   if host:
     train_step = _optimizer_level(method, model, tx, seed, False)[0]
   tokens_shape = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
-  kind = REFRESH_KIND.get(method)
+  kind = REFRESH_KIND.get(EXAMPLE_OPTIMIZER[method] if method in VARIANTS else method)
   set_count, steady_count = None, None
   if method == "grass_model":
     set_count = _set_nnx_step

@@ -63,7 +63,7 @@ def test_train_step_quick_times_every_method_and_writes_json_and_png(tmp_path):
     assert r["peak_bytes_in_use"] is None  # the CPU has no peak counter
     if r["level"] == "optimizer":  # issue 7: state bytes within 2% of the method's formula
       assert abs(r["state_over_analytic"] - 1) < 0.02, (name, r["state_over_analytic"])
-  # Refreshes: a step at count 0 (GaLore, GRASS), a program between steps (model level).
+  # Refreshes: a step at count T (GaLore, GRASS), a program between steps (model level).
   for name, kind in train_setups.REFRESH_KIND.items():
     assert rows[name]["refresh_kind"] == kind and rows[name]["refresh_ms"] > 0, name
     assert "refresh" in rows[name]["memory_analysis"] or kind == "count"
