@@ -302,11 +302,12 @@ def build(
   if host:
     train_step = _optimizer_level(method, model, tx, seed, False)[0]
   tokens_shape = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
-  kind = REFRESH_KIND.get(EXAMPLE_OPTIMIZER[method] if method in VARIANTS else method)
+  base = EXAMPLE_OPTIMIZER[method] if method in VARIANTS else method  # a variant's method
+  kind = REFRESH_KIND.get(base)
   set_count, steady_count = None, None
   if method == "grass_model":
     set_count = _set_nnx_step
-  elif method in ("galore", "galore_warm", "grass", "optax_contrib_galore") or host:
+  elif base in ("galore", "grass", "optax_contrib_galore") or host:
     set_count, steady_count = _count_setter(carry[1]), 1
   if host:
     kind = None if schedule.every is None else "count"

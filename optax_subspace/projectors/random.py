@@ -193,8 +193,11 @@ def random(
   def draw(key, subproblem, s, r):
     return random_basis(jax.random.fold_in(key, subproblem), s, r, distribution)
 
+  def subproblem_of(count):
+    return (count // update_every).astype(jnp.int32)
+
   if store_basis:
-    return _stored(rank, update_every, seed, draw)
+    return _stored(rank, update_every, seed, draw, subproblem_of)
 
   def init(s, l, r, key):
     del l
@@ -202,8 +205,7 @@ def random(
 
   def refresh(state, g, count):
     del g
-    subproblem = (count // update_every).astype(jnp.int32)
-    return (RandomState(state.key, subproblem, state.basis_shape), jnp.array(True))
+    return RandomState(state.key, subproblem_of(count), state.basis_shape), jnp.array(True)
 
   def basis(state):
     return draw(state.key, state.subproblem, *state.basis_shape)
@@ -218,7 +220,7 @@ def random(
   )
 
 
-def _stored(rank: int, update_every: int, seed: int, draw) -> _base.Projector:
+def _stored(rank: int, update_every: int, seed: int, draw, subproblem_of) -> _base.Projector:
   """`random`'s projector that keeps P_k in its state (``store_basis=True``).
 
   The keys, subproblem indices and draws are `random`'s, so P_k and every
@@ -235,11 +237,9 @@ def _stored(rank: int, update_every: int, seed: int, draw) -> _base.Projector:
 
   def refresh(state, g, count):
     del g
-    subproblem = (count // update_every).astype(jnp.int32)
-    s, r = state.basis.shape
-    return StoredRandomState(draw(state.key, subproblem, s, r), state.key, subproblem), jnp.array(
-      True
-    )
+    subproblem = subproblem_of(count)
+    basis = draw(state.key, subproblem, *state.basis.shape)
+    return StoredRandomState(basis, state.key, subproblem), jnp.array(True)
 
   return _base.Projector(
     rank=rank,
