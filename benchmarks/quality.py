@@ -87,10 +87,11 @@ ABLATIONS = (
   ]
   # RSO's and GRASS's open choices (docs/rso.md, docs/grass.md): the proximal term, a Gaussian
   # P (its weight steps are ~√(m/r) = 2× the Haar P's at r = m/4: half the rate), the moments
-  # of a row kept across a new selection.
+  # of a row kept across a new selection. The proximal term adds B/η to B's gradient: at η ≤ 1
+  # it outweighs gradients of ~1e-4 once B has moved, so η spans 0.1 (strong) to 1000 (weak).
   + [
     (f"rso_proximal{eta:g}", "rso", 2.5e-3, 1e-2, ("--rso-proximal", f"{eta:g}"))
-    for eta in (0.1, 1)
+    for eta in (0.1, 1, 10, 100, 1000)
   ]
   + [("rso_gaussian", "rso", 1.25e-3, 1e-2, ("--rso-distribution", "gaussian"))]
   + [("grass_remap", "grass", 3e-3, 1e-2, ("--grass-on-change", "remap"))]
