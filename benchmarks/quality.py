@@ -371,8 +371,9 @@ def run(
         "lr": spec[2],
         "finished": False,
         "best_eval_perplexity": None,
-        "error": pathlib.Path(log_name).read_text()[-600:] if log_name else f"exit code {code}",
       }
+    if code != 0:  # e.g. out of GPU memory mid-run, after metrics.jsonl was started
+      record["error"] = pathlib.Path(log_name).read_text()[-600:] if log_name else f"exit code {code}"
     record["exit_code"], record["wall_s"] = code, round(seconds, 1)
     records.append(record)
     ppl = record["best_eval_perplexity"]
