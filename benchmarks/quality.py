@@ -373,7 +373,8 @@ def run(
         "best_eval_perplexity": None,
       }
     if code != 0:  # e.g. out of GPU memory mid-run, after metrics.jsonl was started
-      record["error"] = pathlib.Path(log_name).read_text()[-600:] if log_name else f"exit code {code}"
+      log_tail = pathlib.Path(log_name).read_text()[-600:] if log_name else None
+      record["error"] = log_tail or f"exit code {code}"
     record["exit_code"], record["wall_s"] = code, round(seconds, 1)
     records.append(record)
     ppl = record["best_eval_perplexity"]

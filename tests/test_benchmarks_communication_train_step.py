@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from _multiprocess import with_device_count
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = [
@@ -37,7 +38,7 @@ def test_model_level_rso_all_reduces_less_than_adamw_whose_all_reduce_is_the_ful
 ):
   # A subprocess, so the simulated devices exist whatever this process's jax already started.
   out = tmp_path / "communication_train_step.json"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {**os.environ, "XLA_FLAGS": with_device_count(os.environ["XLA_FLAGS"], 8)}
   subprocess.run(
     [
       sys.executable,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from _multiprocess import with_device_count
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SUITE = [sys.executable, "-m", "benchmarks", "run", "--suite", "multi_gpu", "--"]
@@ -43,7 +44,7 @@ TINY = [
 def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_path):
   # A subprocess, so the simulated devices exist whatever this process's jax already started.
   out = tmp_path / "multi_gpu.json"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "XLA_FLAGS": with_device_count(os.environ["XLA_FLAGS"], 2)}
   subprocess.run(
     [*SUITE, *TINY, "--out", str(out), "--hlo-dir", str(tmp_path / "hlo")],
     cwd=ROOT,
@@ -95,7 +96,7 @@ def test_mesh_run_matches_one_device_and_weak_run_doubles_the_global_batch(tmp_p
 def test_a_profiled_mesh_only_run_keeps_its_trace_and_its_hlo_and_counts_the_bytes(tmp_path):
   # One run checks two flags: --profile-steps and --hlo-dir (a steady and a refresh program).
   out = tmp_path / "hlo.json"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {**os.environ, "XLA_FLAGS": with_device_count(os.environ["XLA_FLAGS"], 2)}
   flags = [f for f in TINY if f != "--weak"]
   flags[flags.index("adamw")] = "adamw,galore"
   subprocess.run(

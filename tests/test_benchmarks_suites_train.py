@@ -6,7 +6,6 @@ tests/test_notebooks.py): these runs check what the suites record, not how fast 
 
 import json
 import math
-import os
 import sys
 import time
 
@@ -30,14 +29,6 @@ def run_job(job: dict) -> dict:
   train_setups.progress(f"sleeping {job['sleep_s']} s")
   time.sleep(job["sleep_s"])
   return {"slept": job["sleep_s"]}
-
-
-@pytest.fixture(autouse=True)
-def _fast_cpu_compiles(monkeypatch):
-  monkeypatch.setenv(
-    "XLA_FLAGS",
-    " ".join([*filter(None, [os.environ.get("XLA_FLAGS")]), "--xla_backend_optimization_level=0"]),
-  )
 
 
 @pytest.mark.slow

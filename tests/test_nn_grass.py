@@ -237,11 +237,13 @@ def test_model_level_follows_the_optimizer_level_trajectory(selection):
       )
       w = np.asarray(plain[tuple(path) + ("kernel",)])
       np.testing.assert_allclose(np.asarray(layer.effective_kernel()), w, rtol=1e-5, atol=atol)
+  # AdamW on the unprojected leaves: an entry whose gradient is near 0 takes a step of up to
+  # ~lr·sign(g) from the rounding of g, which the two levels compute in different orders.
   for path in [("embed", "embedding"), ("lm_head", "kernel"), ("layers", 1, "mlp_norm", "scale")]:
     mine = nnx.state(grass_model, nnx.Param)
     for p in path:
       mine = mine[p]
-    np.testing.assert_allclose(np.asarray(mine[...]), np.asarray(plain[path]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(mine[...]), np.asarray(plain[path]), rtol=1e-5, atol=1e-5)
 
 
 # --- activation checkpointing (nnx.remat per block) ---------------------------

@@ -16,11 +16,6 @@ NOTEBOOK = ROOT / "benchmarks" / "notebooks" / "benchmarks.ipynb"
 def _executed(tmp_path, monkeypatch, params):
   monkeypatch.setenv("BENCHMARKS_NOTEBOOK_PARAMS", json.dumps(params))
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-  # Unoptimised CPU code compiles in half the time; these timings only need to exist.
-  monkeypatch.setenv(
-    "XLA_FLAGS",
-    " ".join([*filter(None, [os.environ.get("XLA_FLAGS")]), "--xla_backend_optimization_level=0"]),
-  )
   monkeypatch.setenv(
     "PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
   )

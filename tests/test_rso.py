@@ -361,10 +361,15 @@ def test_a_stored_basis_gives_the_updates_of_the_regenerated_one():
 
   stored, state = run(True)
   regenerated, _ = run(False)
-  chex.assert_trees_all_equal(stored, regenerated)
+  # The same draw, computed in two programs: equal up to the rounding of the draw's kernels
+  # (bit for bit under XLA's default CPU compile; tests/conftest.py compiles unoptimised).
+  chex.assert_trees_all_close(stored, regenerated, rtol=1e-6, atol=1e-7)
   # What the state keeps is the P_2 the default regenerates: the model level's draw.
-  np.testing.assert_array_equal(
-    np.asarray(state[0].projectors["dense"]["kernel"].basis, np.float64), _basis(1, 0, 2, 10, 3)
+  np.testing.assert_allclose(
+    np.asarray(state[0].projectors["dense"]["kernel"].basis, np.float64),
+    _basis(1, 0, 2, 10, 3),
+    rtol=1e-6,
+    atol=1e-7,
   )
 
 
