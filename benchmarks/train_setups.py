@@ -62,10 +62,15 @@ METHODS = tuple(
   )
   if m != "optax_contrib_galore" or HAS_OPTAX_GALORE
 )
-# Variants a run names explicitly (--methods), left out of the default list: RSO with each
-# subproblem's basis kept in the state (`rso(..., store_basis=True)`); GaLore whose refreshes
-# after step 0 are two rounds of subspace iteration (`projectors.svd(..., warm_iterations=2)`).
-VARIANTS = ("rso_stored_basis", "galore_warm")
+# Variants a run names explicitly (--methods), left out of the default list: each is a method
+# run with the example's options given here. RSO with each subproblem's basis kept in the state
+# (`rso(..., store_basis=True)`); GaLore whose refreshes after step 0 are two rounds of subspace
+# iteration (`projectors.svd(..., warm_iterations=2)`).
+VARIANT_OF = {
+  "rso_stored_basis": ("rso", {"rso_store_basis": True}),
+  "galore_warm": ("galore", {"galore_warm_iterations": 2}),
+}
+VARIANTS = tuple(VARIANT_OF)
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 # What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.
 NEEDS_LAYER_MODULES = MODEL_LEVEL + ("optax_contrib_galore",)
@@ -73,7 +78,7 @@ RSO_MODEL = ("rso_model", "rso_model_shared")
 # The LLaMA example's --optimizer name of each optimizer-level method.
 EXAMPLE_OPTIMIZER = {
   m: n for m, n in registry.EXAMPLE_NAME.items() if n not in registry.MODEL_LEVEL
-} | {"rso_stored_basis": "rso", "galore_warm": "galore"}
+} | {variant: base for variant, (base, _) in VARIANT_OF.items()}
 REFRESH_KIND = {
   "galore": "count",
   "grass": "count",
@@ -169,8 +174,7 @@ def optimizer(
     raise ValueError(f"{method} needs one module per layer: no scanned model")
   cfg = TrainConfig(
     optimizer=EXAMPLE_OPTIMIZER.get(method, method.removesuffix("_model")),
-    rso_store_basis=method == "rso_stored_basis",
-    galore_warm_iterations=2 if method == "galore_warm" else 0,
+    **VARIANT_OF.get(method, (None, {}))[1],
     rank=rank,
     update_every=update_every,
     steps=SCHEDULE_STEPS,
@@ -302,7 +306,7 @@ def build(
   if host:
     train_step = _optimizer_level(method, model, tx, seed, False)[0]
   tokens_shape = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
-  base = EXAMPLE_OPTIMIZER[method] if method in VARIANTS else method  # a variant's method
+  base = VARIANT_OF[method][0] if method in VARIANTS else method
   kind = REFRESH_KIND.get(base)
   set_count, steady_count = None, None
   if method == "grass_model":

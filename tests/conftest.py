@@ -42,10 +42,8 @@ _TEST_XLA_FLAGS = {
   "--xla_cpu_use_fusion_emitters": "false",
 }
 _caller_flags = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = " ".join(
-  [_caller_flags] * bool(_caller_flags)
-  + [f"{name}={value}" for name, value in _TEST_XLA_FLAGS.items() if name not in _caller_flags]
-)
+_added = [f"{name}={value}" for name, value in _TEST_XLA_FLAGS.items() if name not in _caller_flags]
+os.environ["XLA_FLAGS"] = " ".join([_caller_flags, *_added]).strip()
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation_cache"
 # Environment, not jax.config: the example and benchmark subprocesses inherit it.

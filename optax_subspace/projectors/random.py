@@ -155,7 +155,7 @@ def random(
   at the gradient. With ``store_basis=True`` the refresh draws the same P_k
   once and the state keeps it (s × r floats per matrix, as GaLore's P):
   the steps in between skip the draw and its QR (LLaMA-60M's train step on
-  an H100: 1.06 ms of 16.9 faster, docs/rso.md); the updates are the same.
+  an H100: ~1 ms of ~17 faster, docs/rso.md); the updates are the same.
 
   The key derivation is a contract with `optax_subspace.nn`'s model-level
   RSO: the matrix of leaf i (flatten order) draws
