@@ -34,6 +34,7 @@ SCRIPT_SUITES = (
   "optimizer_step",
   "scaling_plot",
   "update_identity",
+  "refresh_energy",
 )
 # Suites whose methods run in worker processes (benchmarks/train_setups.py).
 WORKER_SUITES = ("train_step", "largest_model")
