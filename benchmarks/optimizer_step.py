@@ -227,6 +227,17 @@ def bench_tree(size, reps):
   }
 
 
+def oriented(g: jax.Array) -> jax.Array:
+  """G as GaLore projects it: float32, its smaller side first (s ≤ l)."""
+  g = g.astype(jnp.float32)
+  return g.T if g.shape[0] > g.shape[1] else g
+
+
+def captured(p: jax.Array, g: jax.Array) -> jax.Array:
+  """‖PᵀG‖², the energy of g (s, l) in the span of P's orthonormal columns (s, r)."""
+  return jnp.sum(jnp.square(jnp.matmul(p.T, g, precision=jax.lax.Precision.HIGHEST)))
+
+
 def refresh_accuracy(grads, rank):
   """Top-r energy of the randomized basis over the exact one, per shape."""
   out = {}
@@ -239,13 +250,13 @@ def refresh_accuracy(grads, rank):
     ):
       continue
     seen.add(g.shape)
-    o = g if g.shape[0] <= g.shape[1] else g.T  # (s, l)
+    o = oriented(g)
     s, l = o.shape
     r = min(rank, s)
     exact, rand = osub.projectors.svd(r, 1), osub.projectors.randomized_svd(r, 1)
     e_state, _ = jax.jit(exact.refresh)(exact.init(s, l, r, None), o, 0)
     r_state, _ = jax.jit(rand.refresh)(rand.init(s, l, r, jax.random.PRNGKey(0)), o, 0)
-    energy = lambda p: float(jnp.sum(jnp.matmul(p.T, o, precision=jax.lax.Precision.HIGHEST) ** 2))
+    energy = lambda p: float(captured(p, o))
     out[f"{g.shape[0]}x{g.shape[1]}"] = energy(rand.basis(r_state)) / energy(exact.basis(e_state))
   return out
 

@@ -24,10 +24,10 @@ import pathlib
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from benchmarks import optimizer_step
 from benchmarks import record
 from benchmarks import suites
 from examples.llama import config
@@ -38,7 +38,6 @@ from examples.llama import train
 
 # `optax_subspace.projectors.svd` is the projector function; the module holds the refreshes.
 svd_refreshes = importlib.import_module("optax_subspace.projectors.svd")
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _parser():
@@ -55,17 +54,6 @@ def _parser():
   )
 
 
-def oriented(g: jax.Array) -> jax.Array:
-  """G as GaLore projects it: float32, its smaller side first (s ≤ l)."""
-  g = g.astype(jnp.float32)
-  return g.T if g.shape[0] > g.shape[1] else g
-
-
-def captured(p: jax.Array, g: jax.Array) -> jax.Array:
-  """‖PᵀG‖², the energy of g (s, l) in the span of P's orthonormal columns (s, r)."""
-  return jnp.sum(jnp.square(jnp.matmul(p.T, g, precision=HIGHEST)))
-
-
 def projected_kernels(grads: dict, rank: int) -> dict:
   """path -> gradient of each kernel the example's galore projects (rank below its sides)."""
   out = {}
@@ -80,14 +68,14 @@ def _scorer(rank: int, iterations: tuple[int, ...]):
   @jax.jit
   def score(g, exact_before, warm_before):
     """(fractions, the exact basis, each warm chain's new basis) for one gradient."""
-    g = oriented(g)
+    g = optimizer_step.oriented(g)
     exact = svd_refreshes.top_left_singular_vectors(g, rank)
-    best = captured(exact, g)
-    fractions = {"stale": captured(exact_before, g) / best}
+    best = optimizer_step.captured(exact, g)
+    fractions = {"stale": optimizer_step.captured(exact_before, g) / best}
     warm = {}
     for k in iterations:
       warm[k] = svd_refreshes.warm_left_singular_vectors(g, warm_before[k], k)
-      fractions[f"warm{k}"] = captured(warm[k], g) / best
+      fractions[f"warm{k}"] = optimizer_step.captured(warm[k], g) / best
     return fractions, exact, warm
 
   return score
@@ -151,8 +139,11 @@ def main(argv=None):
   loss_of = lambda p, batch: train._loss(p, graphdef, batch)  # pylint: disable=protected-access
   gradient = jax.jit(jax.grad(loss_of))
   rank = cfg.effective_rank()
+  bases = ["stale"] + [f"warm{k}" for k in iterations]
   score = _scorer(rank, iterations)
-  exact_basis = jax.jit(lambda g: svd_refreshes.top_left_singular_vectors(oriented(g), rank))
+  exact_basis = jax.jit(
+    lambda g: svd_refreshes.top_left_singular_vectors(optimizer_step.oriented(g), rank)
+  )
 
   batches = dataset.train_batches(cfg.batch_size, 0)
   exact, warm, rows = {}, {}, []
@@ -167,11 +158,10 @@ def main(argv=None):
         fractions, exact[name], warm[name] = score(g, exact[name], warm[name])
         rows.append({"step": step, "kernel": name, **{b: float(v) for b, v in fractions.items()}})
       if step:
-        print(step, summary(rows, ["stale"] + [f"warm{k}" for k in iterations])[-1], flush=True)
+        print(summary([r for r in rows if r["step"] == step], bases)[0], flush=True)
     due = optimizers.refresh_due(cfg, opt_state, step)
     params, opt_state, loss = train_step(params, opt_state, batch, None, due)
 
-  bases = ["stale"] + [f"warm{k}" for k in iterations]
   result = {
     **record.provenance("refresh_energy", argv),
     "config": {

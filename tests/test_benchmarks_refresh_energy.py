@@ -13,18 +13,18 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # benchmarks/ and examples/ are run from the repository root
 
-from benchmarks import refresh_energy  # noqa: E402
+from benchmarks import optimizer_step, refresh_energy  # noqa: E402
 
 
 def test_captured_energy_is_the_top_singular_values_for_the_exact_basis():
   g = jax.random.normal(jax.random.PRNGKey(0), (12, 20))
   u, s, _ = np.linalg.svd(np.asarray(g), full_matrices=False)
   chex.assert_trees_all_close(
-    refresh_energy.captured(jnp.asarray(u[:, :4]), g), np.sum(s[:4] ** 2), rtol=1e-5
+    optimizer_step.captured(jnp.asarray(u[:, :4]), g), np.sum(s[:4] ** 2), rtol=1e-5
   )
   # A kernel (in, out) with in > out is projected on its smaller side: oriented transposes it.
-  assert refresh_energy.oriented(jnp.ones((8, 3), jnp.bfloat16)).shape == (3, 8)
-  assert refresh_energy.oriented(jnp.ones((3, 8))).dtype == jnp.float32
+  assert optimizer_step.oriented(jnp.ones((8, 3), jnp.bfloat16)).shape == (3, 8)
+  assert optimizer_step.oriented(jnp.ones((3, 8))).dtype == jnp.float32
 
 
 @pytest.mark.slow
