@@ -33,8 +33,10 @@ from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profil
 from optax_subspace import _chunks
 from optax_subspace import _combinator
 
-# Rounds of subspace iteration of "galore_refresh_warm".
+# Rounds of subspace iteration of "galore_refresh_warm" and (on r + r/2 columns, the 9M example's
+# gradients' ≥ 0.999 of the exact top-r energy on every kernel) "galore_refresh_warm_oversampled".
 WARM_ITERATIONS = 2
+OVERSAMPLED_ITERATIONS = 3
 PROFILED = (
   "adamw",
   "galore_steady",
@@ -49,6 +51,7 @@ PROFILED = (
   "galore_refresh",
   "galore_refresh_unchunked",
   "galore_refresh_warm",
+  "galore_refresh_warm_oversampled",
   "fira_steady",
   "frugal_steady",
   "apollo_steady",
@@ -66,7 +69,9 @@ def methods(rank: int, dims=None) -> dict:
   whose kept side is not a multiple of 8 (1B's ffn 5461) run on the gradient as it is.
   "galore_refresh*" refresh at every call (T = 1; "galore_refresh_warm": after the first call
   the refresh is `WARM_ITERATIONS` rounds of subspace iteration from the previous basis,
-  `projectors.svd(..., warm_iterations=...)`); "*_unchunked" compile with
+  `projectors.svd(..., warm_iterations=...)`; "galore_refresh_warm_oversampled":
+  `OVERSAMPLED_ITERATIONS` rounds on r + r/2 columns, ``warm_oversample=rank // 2``, the top r
+  kept by a Rayleigh–Ritz eigh); "*_unchunked" compile with
   `_chunks.OPTIMIZER_REFRESH_CHUNK_BYTES` unbounded (one batched refresh per shape, as before
   972ca93). "*_host_refresh": the update told on the host that the step does not refresh
   (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU).
@@ -81,6 +86,13 @@ def methods(rank: int, dims=None) -> dict:
   warm = osub.projectors.svd(rank, 1, warm_iterations=WARM_ITERATIONS)
   table["galore_refresh_warm"] = (
     osub.galore(1e-3, rank, 1, mask=optimizer_step.PROJECTED, dims=dims, projector=warm),
+    None,
+  )
+  oversampled = osub.projectors.svd(
+    rank, 1, warm_iterations=OVERSAMPLED_ITERATIONS, warm_oversample=rank // 2
+  )
+  table["galore_refresh_warm_oversampled"] = (
+    osub.galore(1e-3, rank, 1, mask=optimizer_step.PROJECTED, dims=dims, projector=oversampled),
     None,
   )
   table.update(_output_variants(rank, dims))

@@ -11,7 +11,10 @@ stores):
 - ``stale``: U_{t−T}, the basis kept without a refresh;
 - ``warm<k>``: `projectors.svd(..., warm_iterations=k)`'s refresh, k rounds of subspace iteration
   from the basis its own previous refresh left (the exact one at step 0, then its own chain), as
-  a warm-started run would hold it.
+  a warm-started run would hold it;
+- ``warm<k>_p<p>`` (--oversample p > 0): the same with ``warm_oversample=p``, k rounds on r + p
+  columns (p from a Gaussian sketch of G, drawn from the step as the projector draws it) and the
+  top r of them kept.
 The run itself follows the exact refreshes, so every basis is scored on the same gradients.
 JSON: one record per refresh and kernel, and per refresh and basis the smallest and the mean
 fraction over the kernels; the PNG plots both against the step.
@@ -51,6 +54,7 @@ def _parser():
     corpus=("sotu", "the example's --corpus"),
     data_dir=("", "the example's --data-dir (its token cache)"),
     iterations=("1,2,3", "the warm refreshes' rounds k, comma-separated"),
+    oversample=("0", "the warm refreshes' extra columns p, comma-separated (0: none)"),
   )
 
 
@@ -64,18 +68,24 @@ def projected_kernels(grads: dict, rank: int) -> dict:
   return out
 
 
-def _scorer(rank: int, iterations: tuple[int, ...]):
+def chain_name(k: int, p: int) -> str:
+  """The basis name of the warm chain with k rounds and p extra columns."""
+  return f"warm{k}" if not p else f"warm{k}_p{p}"
+
+
+def _scorer(rank: int, chains: tuple[tuple[int, int], ...]):
   @jax.jit
-  def score(g, exact_before, warm_before):
+  def score(g, exact_before, warm_before, step):
     """(fractions, the exact basis, each warm chain's new basis) for one gradient."""
     g = optimizer_step.oriented(g)
     exact = svd_refreshes.top_left_singular_vectors(g, rank)
     best = optimizer_step.captured(exact, g)
     fractions = {"stale": optimizer_step.captured(exact_before, g) / best}
+    key = jax.random.fold_in(jax.random.PRNGKey(0), step)  # as `projectors.svd` draws Ω
     warm = {}
-    for k in iterations:
-      warm[k] = svd_refreshes.warm_left_singular_vectors(g, warm_before[k], k)
-      fractions[f"warm{k}"] = optimizer_step.captured(warm[k], g) / best
+    for k, p in chains:
+      warm[k, p] = svd_refreshes.warm_left_singular_vectors(g, warm_before[k, p], k, p, key)
+      fractions[chain_name(k, p)] = optimizer_step.captured(warm[k, p], g) / best
     return fractions, exact, warm
 
   return score
@@ -112,6 +122,13 @@ def main(argv=None):
   iterations = tuple(int(k) for k in args.iterations.split(",") if k)
   if not iterations or min(iterations) < 1:
     raise SystemExit("--iterations: want positive integers, e.g. 1,2,3")
+  try:
+    oversample = tuple(int(p) for p in args.oversample.split(",") if p)
+  except ValueError:
+    oversample = (-1,)
+  if not oversample or min(oversample) < 0:
+    raise SystemExit("--oversample: want integers ≥ 0, e.g. 0,64")
+  chains = tuple((k, p) for p in oversample for k in iterations)
   if args.update_every < 1 or args.steps <= args.update_every:
     raise SystemExit("--steps must exceed --update-every (≥ 1): no refresh after step 0 to score")
   cfg = config.TrainConfig(
@@ -139,8 +156,8 @@ def main(argv=None):
   loss_of = lambda p, batch: train._loss(p, graphdef, batch)  # pylint: disable=protected-access
   gradient = jax.jit(jax.grad(loss_of))
   rank = cfg.effective_rank()
-  bases = ["stale"] + [f"warm{k}" for k in iterations]
-  score = _scorer(rank, iterations)
+  bases = ["stale"] + [chain_name(k, p) for k, p in chains]
+  score = _scorer(rank, chains)
   exact_basis = jax.jit(
     lambda g: svd_refreshes.top_left_singular_vectors(optimizer_step.oriented(g), rank)
   )
@@ -153,9 +170,9 @@ def main(argv=None):
       for name, g in projected_kernels(gradient(params, batch), rank).items():
         if step == 0:  # every chain starts from the exact refresh of step 0
           exact[name] = exact_basis(g)
-          warm[name] = {k: exact[name] for k in iterations}
+          warm[name] = {chain: exact[name] for chain in chains}
           continue
-        fractions, exact[name], warm[name] = score(g, exact[name], warm[name])
+        fractions, exact[name], warm[name] = score(g, exact[name], warm[name], step)
         rows.append({"step": step, "kernel": name, **{b: float(v) for b, v in fractions.items()}})
       if step:
         print(summary([r for r in rows if r["step"] == step], bases)[0], flush=True)
@@ -173,6 +190,7 @@ def main(argv=None):
       "corpus": args.corpus,
       "rank": rank,
       "iterations": list(iterations),
+      "oversample": list(oversample),
     },
     "final_loss": float(loss),
     "bases": bases,

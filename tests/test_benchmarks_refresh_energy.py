@@ -31,10 +31,11 @@ def test_captured_energy_is_the_top_singular_values_for_the_exact_basis():
 def test_refresh_energy_scores_every_kernel_at_every_refresh(tmp_path):
   out = tmp_path / "energy.json"
   argv = ["--size", "tiny", "--steps", "5", "--update-every", "2", "--batch", "2"]
-  refresh_energy.main([*argv, "--seq", "32", "--iterations", "1,3", "--out", str(out)])
+  flags = ["--seq", "32", "--iterations", "1,3", "--oversample", "0,4", "--out", str(out)]
+  refresh_energy.main([*argv, *flags])
   result = json.loads(out.read_text())
   assert out.with_suffix(".png").exists()
-  assert result["bases"] == ["stale", "warm1", "warm3"]
+  assert result["bases"] == ["stale", "warm1", "warm3", "warm1_p4", "warm3_p4"]
   # Refreshes at 2 and 4 are scored (step 0 starts the chains); the tiny model's 2 blocks
   # have 7 projected kernels each.
   assert [e["step"] for e in result["summary"]] == [2, 4]
@@ -48,6 +49,8 @@ def test_refresh_energy_scores_every_kernel_at_every_refresh(tmp_path):
     # Subspace iteration from the previous basis recovers energy the stale basis misses.
     assert entry["warm3"]["mean"] > entry["stale"]["mean"]
     assert entry["warm1"]["min"] <= entry["warm1"]["mean"]
+    # Four more columns and the Rayleigh–Ritz step: at least what the plain round keeps.
+    assert entry["warm3_p4"]["mean"] >= entry["warm3"]["mean"] - 1e-4
 
 
 def test_refresh_energy_refuses_a_run_with_no_refresh_to_score(tmp_path):
@@ -55,3 +58,7 @@ def test_refresh_energy_refuses_a_run_with_no_refresh_to_score(tmp_path):
     refresh_energy.main(["--steps", "200", "--update-every", "200", "--out", str(tmp_path / "x")])
   with pytest.raises(SystemExit, match="--iterations"):
     refresh_energy.main(["--iterations", "0", "--out", str(tmp_path / "x")])
+  with pytest.raises(SystemExit, match="--oversample"):
+    refresh_energy.main(["--oversample", "-4", "--out", str(tmp_path / "x")])
+  with pytest.raises(SystemExit, match="--oversample"):
+    refresh_energy.main(["--oversample", "a", "--out", str(tmp_path / "x")])

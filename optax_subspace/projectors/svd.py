@@ -25,7 +25,7 @@ cost at scale.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -67,7 +67,13 @@ def top_left_singular_vectors(g: jax.Array, r: int) -> jax.Array:
   return canonical_signs(vecs[:, ::-1][:, :r])
 
 
-def warm_left_singular_vectors(g: jax.Array, previous: jax.Array, iterations: int) -> jax.Array:
+def warm_left_singular_vectors(
+  g: jax.Array,
+  previous: jax.Array,
+  iterations: int,
+  oversample: int = 0,
+  key: Optional[jax.Array] = None,
+) -> jax.Array:
   """An orthonormal basis (s, r) near g's top-r left singular subspace, from `previous`.
 
   `iterations` rounds of subspace iteration on the Gram matrix g gᵀ started
@@ -79,13 +85,32 @@ def warm_left_singular_vectors(g: jax.Array, previous: jax.Array, iterations: in
   columns are not the singular vectors themselves but stay in the previous
   basis' order and orientation (no sign flips for the kept moments to
   meet). The products run at full float32 precision, as the exact refresh's.
+
+  With ``oversample=p > 0`` the iteration runs on r + p columns, the
+  previous basis and p more from a Gaussian sketch g·Ω (Ω: l × p, drawn
+  from `key`), and the r kept are the top r of that subspace: the
+  Rayleigh–Ritz step of Halko et al. (Algorithm 5.1 on the iterated
+  range), an eigh of the (r + p)² matrix (gᵀQ)ᵀ(gᵀQ), then the sign
+  convention of the exact refresh (`canonical_signs`; the columns are then
+  the Ritz vectors, ordered by value). The extra columns let the
+  directions near the r-th converge at the rate of σ_{r+p+1}/σ_r instead of
+  σ_{r+1}/σ_r, what a flat gradient spectrum needs.
   """
   g = g.astype(jnp.float32)
   hi = jax.lax.Precision.HIGHEST
   q = previous.astype(jnp.float32)
+  r = q.shape[-1]
+  oversample = min(oversample, g.shape[0] - r)
+  if oversample > 0:
+    omega = jax.random.normal(key, (g.shape[1], oversample), jnp.float32)
+    q = _base.orthonormalize(jnp.concatenate([q, jnp.matmul(g, omega, precision=hi)], axis=1))
   for _ in range(iterations):
     q = _base.orthonormalize(jnp.matmul(g, jnp.matmul(g.T, q, precision=hi), precision=hi))
-  return q
+  if oversample <= 0:
+    return q
+  h = jnp.matmul(g.T, q, precision=hi)  # (l, r + p)
+  vecs = eigenvectors(jnp.matmul(h.T, h, precision=hi))  # ascending
+  return canonical_signs(jnp.matmul(q, vecs[:, ::-1][:, :r], precision=hi))
 
 
 class SvdState(NamedTuple):
@@ -110,7 +135,14 @@ def _keep_if_unusable(g, new_basis_fn, old_basis):
   return jnp.where(ok, new.astype(old_basis.dtype), old_basis), ok
 
 
-def svd(rank: int, update_every: int = 200, *, dtype=jnp.float32, warm_iterations: int = 0):
+def svd(
+  rank: int,
+  update_every: int = 200,
+  *,
+  dtype=jnp.float32,
+  warm_iterations: int = 0,
+  warm_oversample: int = 0,
+):
   """GaLore's SVD projector, refreshed every `update_every` steps.
 
   At steps 0, T, 2T, … (T = `update_every`) the basis becomes the top-`rank`
@@ -123,7 +155,12 @@ def svd(rank: int, update_every: int = 200, *, dtype=jnp.float32, warm_iteration
   With ``warm_iterations=k > 0`` only step 0's refresh is exact; the later
   ones run k rounds of subspace iteration from the previous basis
   (`warm_left_singular_vectors`): an approximation of GaLore's basis, not
-  the authors' refresh, for when the exact one's eigh is the cost.
+  the authors' refresh, for when the exact one's eigh is the cost. With
+  ``warm_oversample=p`` those rounds run on r + p columns (p from a
+  Gaussian sketch of the gradient, drawn from the step count) and keep the
+  top r of them, which on a flat spectrum is what brings the warm basis
+  close to the exact one (docs/benchmarks.md, "How much of the exact
+  refresh the warm start keeps").
 
   References:
     Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
@@ -136,6 +173,8 @@ def svd(rank: int, update_every: int = 200, *, dtype=jnp.float32, warm_iteration
     dtype: storage dtype of P (math is float32 regardless).
     warm_iterations: 0 (default) for the exact refresh at every T; k > 0 for
       k rounds of subspace iteration from the previous basis after step 0.
+    warm_oversample: p ≥ 0, extra columns of the warm rounds (clamped to
+      s − r per matrix); needs ``warm_iterations > 0``.
 
   Returns:
     A `Projector` for `project_subspace`.
@@ -150,6 +189,14 @@ def svd(rank: int, update_every: int = 200, *, dtype=jnp.float32, warm_iteration
     raise TypeError(f"warm_iterations must be an int, got {warm_iterations!r}.")
   if warm_iterations < 0:
     raise ValueError(f"warm_iterations must be 0 or positive, got {warm_iterations}.")
+  if isinstance(warm_oversample, bool) or not isinstance(warm_oversample, int):
+    raise TypeError(f"warm_oversample must be an int, got {warm_oversample!r}.")
+  if warm_oversample < 0:
+    raise ValueError(f"warm_oversample must be 0 or positive, got {warm_oversample}.")
+  if warm_oversample and not warm_iterations:
+    raise ValueError(
+      "warm_oversample needs warm_iterations > 0 (the exact refresh has no use for it)."
+    )
 
   def init(s, l, r, key):
     del l, key
@@ -159,17 +206,23 @@ def svd(rank: int, update_every: int = 200, *, dtype=jnp.float32, warm_iteration
     r = state.basis.shape[-1]
     return _keep_if_unusable(g, lambda x: top_left_singular_vectors(x, r), state.basis)
 
-  def warm(state, g):
+  def warm(state, g, count):
     start = state.basis
+    # Ω from the step: the same on every device, a new sketch at each refresh.
+    key = jax.random.fold_in(jax.random.PRNGKey(0), count)
     return _keep_if_unusable(
-      g, lambda x: warm_left_singular_vectors(x, start, warm_iterations), state.basis
+      g,
+      lambda x: warm_left_singular_vectors(x, start, warm_iterations, warm_oversample, key),
+      state.basis,
     )
 
   def refresh(state, g, count):
     if not warm_iterations:
       basis, ok = exact(state, g)
     else:  # step 0 has no previous basis to start from
-      basis, ok = jax.lax.cond(count == 0, exact, warm, state, g)
+      basis, ok = jax.lax.cond(
+        count == 0, lambda st, x: exact(st, x), lambda st, x: warm(st, x, count), state, g
+      )
     return SvdState(basis), ok
 
   return _base.Projector(
