@@ -139,6 +139,11 @@ class TrainConfig:
     "galore: the refreshes after step 0 as k rounds of subspace iteration from the previous"
     " basis (no eigh; an approximation); 0: exact",
   )
+  galore_warm_oversample: int = _flag(
+    0,
+    "galore: extra columns p of those rounds (a Gaussian sketch of G), the top r kept by a"
+    " Rayleigh-Ritz eigh of (r + p)^2; 0: none",
+  )
   limiter_gamma: float = _flag(
     0.0,
     "fira, apollo, apollo_mini: gamma of the norm-growth limiter (> 1); 0: the papers' 1.01;"
@@ -302,6 +307,10 @@ class TrainConfig:
         raise ConfigError(f"unknown {flag} {value!r}; choose one of {', '.join(allowed)}")
     if self.galore_warm_iterations < 0:
       raise ConfigError(f"--galore-warm-iterations {self.galore_warm_iterations} must be 0 or more")
+    if self.galore_warm_oversample < 0:
+      raise ConfigError(f"--galore-warm-oversample {self.galore_warm_oversample} must be 0 or more")
+    if self.galore_warm_oversample and not self.galore_warm_iterations:
+      raise ConfigError("--galore-warm-oversample needs --galore-warm-iterations (≥ 1)")
     if not (math.isfinite(self.rso_proximal) and self.rso_proximal >= 0):
       raise ConfigError(f"--rso-proximal {self.rso_proximal:g} must be positive (or 0: none)")
     if self.num_processes < 0:
@@ -336,6 +345,7 @@ class TrainConfig:
       "--rso-distribution": ("rso", self.rso_distribution != "haar"),
       "--grass-on-change": ("grass", self.grass_on_change != "reset"),
       "--galore-warm-iterations": ("galore", self.galore_warm_iterations != 0),
+      "--galore-warm-oversample": ("galore", self.galore_warm_oversample != 0),
     }
     for flag, (optimizer, given) in only.items():
       if given and self.optimizer != optimizer:

@@ -203,7 +203,10 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
     projector = "svd"
     if cfg.galore_warm_iterations:
       projector = _subspace_method("galore", "projectors").svd(
-        cfg.effective_rank(), cfg.update_every, warm_iterations=cfg.galore_warm_iterations
+        cfg.effective_rank(),
+        cfg.update_every,
+        warm_iterations=cfg.galore_warm_iterations,
+        warm_oversample=cfg.galore_warm_oversample,
       )
     return _subspace_method("galore", "galore")(
       lr,

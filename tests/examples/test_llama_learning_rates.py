@@ -69,6 +69,8 @@ def test_lr_unprojected_moves_the_rest_and_leaves_the_kernels(optimizer):
     ({"optimizer": "rso", "grass_on_change": "remap"}, "an option of --optimizer grass"),
     ({"optimizer": "galore", "galore_warm_iterations": -1}, "--galore-warm-iterations"),
     ({"optimizer": "osd", "galore_warm_iterations": 2}, "an option of --optimizer galore"),
+    ({"optimizer": "galore", "galore_warm_oversample": -1}, "--galore-warm-oversample"),
+    ({"optimizer": "galore", "galore_warm_oversample": 4}, "needs --galore-warm-iterations"),
   ],
 )
 def test_bad_learning_rate_flags_are_one_line_errors(flags, message):
@@ -109,6 +111,7 @@ def test_fira_released_order_flag_reaches_the_preset():
     ("grass", 2, {"grass_on_change": "remap"}),
     # Step 2's refresh: two rounds of subspace iteration from step 0's basis, not the eigh.
     ("galore", 2, {"galore_warm_iterations": 2}),
+    ("galore", 2, {"galore_warm_iterations": 2, "galore_warm_oversample": 4}),
   ],
 )
 def test_method_choice_flags_reach_the_preset(optimizer, update_every, flags):
