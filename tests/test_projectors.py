@@ -8,6 +8,7 @@ import pytest
 
 from optax_subspace import projectors
 from optax_subspace.projectors.svd import canonical_signs
+from optax_subspace.projectors.svd import warm_left_singular_vectors
 
 
 def _decaying(key, s, l, decay=0.7):
@@ -148,6 +149,13 @@ def test_warm_oversample_is_clamped_to_the_projected_side():
 def test_bad_warm_oversample_is_rejected(kwargs, error):
   with pytest.raises(error, match="warm_oversample"):
     projectors.svd(4, 10, **kwargs)
+
+
+def test_oversampled_warm_rounds_need_a_key():
+  g = jax.random.normal(jax.random.PRNGKey(8), (12, 30))
+  start = jnp.eye(12)[:, :4]
+  with pytest.raises(ValueError, match="key"):
+    warm_left_singular_vectors(g, start, 1, oversample=4)
 
 
 @pytest.mark.parametrize(

@@ -101,6 +101,8 @@ def warm_left_singular_vectors(
   q = previous.astype(jnp.float32)
   r = q.shape[-1]
   oversample = min(oversample, g.shape[0] - r)
+  if oversample > 0 and key is None:
+    raise ValueError("warm_left_singular_vectors: oversample > 0 draws its sketch from `key`.")
   if oversample > 0:
     omega = jax.random.normal(key, (g.shape[1], oversample), jnp.float32)
     q = _base.orthonormalize(jnp.concatenate([q, jnp.matmul(g, omega, precision=hi)], axis=1))
