@@ -81,7 +81,7 @@ def _scorer(rank: int, chains: tuple[tuple[int, int], ...]):
     exact = svd_refreshes.top_left_singular_vectors(g, rank)
     best = optimizer_step.captured(exact, g)
     fractions = {"stale": optimizer_step.captured(exact_before, g) / best}
-    key = jax.random.fold_in(jax.random.PRNGKey(0), step)  # as `projectors.svd` draws Ω
+    key = svd_refreshes.warm_sketch_key(step)  # the Ω `projectors.svd` draws at this step
     warm = {}
     for k, p in chains:
       warm[k, p] = svd_refreshes.warm_left_singular_vectors(g, warm_before[k, p], k, p, key)

@@ -115,6 +115,15 @@ def warm_left_singular_vectors(
   return canonical_signs(jnp.matmul(q, vecs[:, ::-1][:, :r], precision=hi))
 
 
+def warm_sketch_key(count) -> jax.Array:
+  """The key of the warm refresh's Gaussian sketch Ω at step `count`.
+
+  From the step alone: the same on every device (no communication) and a
+  new sketch at each refresh.
+  """
+  return jax.random.fold_in(jax.random.PRNGKey(0), count)
+
+
 class SvdState(NamedTuple):
   """State of one matrix under `svd`: its basis P (s, r)."""
 
@@ -209,9 +218,7 @@ def svd(
     return _keep_if_unusable(g, lambda x: top_left_singular_vectors(x, r), state.basis)
 
   def warm(state, g, count):
-    start = state.basis
-    # Ω from the step: the same on every device, a new sketch at each refresh.
-    key = jax.random.fold_in(jax.random.PRNGKey(0), count)
+    start, key = state.basis, warm_sketch_key(count)
     return _keep_if_unusable(
       g,
       lambda x: warm_left_singular_vectors(x, start, warm_iterations, warm_oversample, key),
