@@ -209,6 +209,46 @@ def _guarded_scale(projector, plan, count, due, scale, mismatch):
   return alpha, mismatch
 
 
+def _unprojected_steps(plan, n, learning_rate, count):
+  """{leaf: update} of every leaf: the inner's, times −lr on the unprojected
+  ones when the transformation has a learning rate (as optax's
+  `scale_by_learning_rate`, in the update's dtype); the projected leaves'
+  entries are replaced by their back-projections."""
+  rate = _negative_rate(learning_rate, count)
+  if rate is None:
+    return dict(enumerate(n))
+  projected = set(plan.projected)
+  return {
+    i: x if i in projected else jnp.asarray(rate, jnp.result_type(x)) * x for i, x in enumerate(n)
+  }
+
+
+def _check_learning_rates(learning_rate, unprojected_learning_rate):
+  for name, value in (
+    ("learning_rate", learning_rate),
+    ("unprojected_learning_rate", unprojected_learning_rate),
+  ):
+    if value is None or callable(value):
+      continue
+    numeric = (int, float, np.number, np.ndarray, jax.Array)
+    if isinstance(value, bool) or not isinstance(value, numeric):
+      raise TypeError(f"{name} must be None, a float or an optax schedule, got {value!r}.")
+    if isinstance(value, (int, float, np.number)) and not value > 0:
+      raise ValueError(f"{name} must be positive (or a schedule), got {value!r}.")
+  if learning_rate is None and unprojected_learning_rate is not None:
+    raise ValueError(
+      "unprojected_learning_rate needs learning_rate: without it this transformation"
+      " applies no learning rate (chain one after)."
+    )
+
+
+def _negative_rate(learning_rate, count):
+  """−lr at `count` (optax's `scale_by_learning_rate`: a descent step), or None."""
+  if learning_rate is None:
+    return None
+  return -(learning_rate(count) if callable(learning_rate) else learning_rate)
+
+
 def _check_arguments(on_change, side, refresh_chunk_bytes):
   if on_change not in ON_CHANGE:
     raise ValueError(f"on_change must be one of {ON_CHANGE}, got {on_change!r}.")
@@ -306,6 +346,8 @@ def project_subspace(
   projector: _base.Projector,
   *,
   scale: float = 1.0,
+  learning_rate: Any = None,
+  unprojected_learning_rate: Any = None,
   mask: _leaves.MaskSpec = None,
   dims: _leaves.DimsSpec = None,
   on_change: str = "keep",
@@ -382,6 +424,17 @@ def project_subspace(
       receives the projected parameters Pᵀ W.
     projector: a `Projector`, e.g. `projectors.svd(rank, update_every)`.
     scale: α, multiplies the back-projected update of projected leaves.
+    learning_rate: None (the update is as above: chain a learning rate
+      after, ``optax.scale_by_learning_rate``), or a float or an optax
+      schedule of this transformation's step count: the projected leaves'
+      update is then −lr·α·P·N, the rate applied to the low-rank N before
+      the back-projection, so the product P·(−lr·α·N) is the whole update
+      and `optax.apply_updates`' W + ΔW folds into the GEMM (on a GPU one
+      cuBLAS call with β = 1 instead of the product and a separate pass
+      over W). The same values as the chain, rounded differently.
+    unprojected_learning_rate: with `learning_rate`, the rate of the
+      leaves that are not projected (their update −lr·inner(G)); default
+      None: `learning_rate`. Ignored without `learning_rate`.
     mask: which leaves are projected, one of: a regex matched (`re.search`)
       against the key path joined by "/" (e.g. ``r"(attention|mlp)/.*kernel"``);
       a pytree of bools with the params' structure or a prefix of it; a
@@ -463,6 +516,9 @@ def project_subspace(
     >>> updates, state = tx.update(params, state, params)
   """
   _check_arguments(on_change, side, refresh_chunk_bytes)
+  _check_learning_rates(learning_rate, unprojected_learning_rate)
+  if unprojected_learning_rate is None:
+    unprojected_learning_rate = learning_rate
   stages = _stages.Stages(residual, residual_scale, output, gamma, released_order)
   if released_order is not None and stages.fused and not scale > 0:
     raise ValueError(f"Fira's released order divides by the scale: it must be > 0, got {scale!r}.")
@@ -552,7 +608,10 @@ def project_subspace(
     # 4. Back-project: ΔW = α·P·N; with a residual stage α·(P·N + S), S
     # from G − P·R (FRUGAL, Fira); or the output mode's α·G·diag(s) (APOLLO).
     alpha, mismatch = _guarded_scale(projector, plan, count, due, scale, state.refresh_mismatch)
-    u, norms = dict(enumerate(n)), _limiter_states(plan, updates, state)
+    u = _unprojected_steps(plan, n, unprojected_learning_rate, count)
+    norms = _limiter_states(plan, updates, state)
+    if learning_rate is not None:  # −lr joins α: it reaches N before the product
+      alpha = alpha * _negative_rate(learning_rate, count)
     correction = stages.bias_correction(count)  # None but for `released_order`
     if stages.scales_output:
       projected, norms = pipe.scale_output(stages, g, r, n, alpha, norms, correction)

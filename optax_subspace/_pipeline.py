@@ -258,13 +258,19 @@ class Pipeline:
     layout. GaLore's Algorithm 1: G̃ = α·P·N (Zhao et al. 2024). With
     `terms` ({leaf: float32 in the stored layout}, from `residual`), ΔW = α·(P·N + S):
     the residual term is added before α (Fira's Algorithm 1; FRUGAL's α is 1).
+    `alpha` is α, times −lr when the transformation has a learning rate.
     """
     out = {}
     for i in self.plan.projected:
       leaf, dtype = self.plan[i], jnp.result_type(g[i])
       term = None if terms is None else terms[i]
+      # Without a term α multiplies N, not P·N: the product is then the
+      # whole update, and XLA folds the weight's add W + P·N' into it (one
+      # cuBLAS GEMM with β = 1), where a scalar between the two (α traced, or a
+      # learning rate) left a separate pass over W and the update.
+      after, n_i = (alpha, n[i]) if term is not None else (None, n[i].astype(jnp.float32) * alpha)
       if self.projector.back is None and leaf.axis == 1:
-        out[i] = self._back_on_columns(i, bases, n[i], alpha, dtype, term)
+        out[i] = self._back_on_columns(i, bases, n_i, after, dtype, term)
         continue
       extra = self._padding(i, self.projector.back)
       pn = self._product(
@@ -273,12 +279,12 @@ class Pipeline:
         i,
         pstates,
         bases,
-        _pad(_leaves.low_rank_layout(n[i], leaf).astype(self.dtype), extra),
+        _pad(_leaves.low_rank_layout(n_i, leaf).astype(self.dtype), extra),
       )
       pn = _cut(pn, extra)
       if term is not None:  # stored (l, s) for a leaf projected on its columns
         pn = pn + (jnp.swapaxes(term, -1, -2) if leaf.axis == 1 else term)
-      out[i] = _leaves.from_oriented(pn * alpha, leaf).astype(dtype)
+      out[i] = _leaves.from_oriented(_times(pn, after), leaf).astype(dtype)
     return out
 
   def _float32_operands(self, i, g, r, n):
@@ -372,7 +378,8 @@ class Pipeline:
 
     Nᵀ is the inner layout (l, r) of such a leaf: the product lands in the
     leaf's layout, with no transpose of an s×l result. `term` S (a residual
-    stage's, in the stored layout (l, s)) is added before α, or None.
+    stage's, in the stored layout (l, s)) is added before α, or None; α
+    None: already applied to N.
     """
     leaf = self.plan[i]
     flipped = self._product_on_columns(i, bases, n.astype(self.dtype))
@@ -383,8 +390,8 @@ class Pipeline:
       # back, XLA folded the outer transpose into the product (computing
       # P·N again) and copied the s×l result into the leaf's layout: 1.3 ms
       # of LLaMA-1B's GaLore step (H200, profile_update_h200_b210501.json).
-      return (flipped * alpha).reshape(leaf.shape).astype(dtype)
-    return _leaves.from_stored(flipped * alpha, leaf).astype(dtype)
+      return _times(flipped, alpha).reshape(leaf.shape).astype(dtype)
+    return _leaves.from_stored(_times(flipped, alpha), leaf).astype(dtype)
 
   def _product_on_columns(self, i, bases, x):
     """(P·X)ᵀ = Xᵀ·Pᵀ of a leaf projected on its columns, float32: X given in the
@@ -434,6 +441,11 @@ class Pipeline:
         in_axes=(0, 0, 0),
       )
     return states, changed
+
+
+def _times(x, alpha):
+  """x·α, or x when α is None (already applied to N)."""
+  return x if alpha is None else x * alpha
 
 
 def inner_update(inner, plan, treedef, g, r, w_r, inner_state, params, extra_args):

@@ -178,18 +178,24 @@ def subspace_adamw(
   per_matrix_count=False,
   stages=None,
 ):
-  """`project_subspace` of Adam, the learning rate by group, weight decay.
+  """`project_subspace` of Adam with the learning rates by group, then weight decay.
 
   `stages` ({"residual": ..., "output": ..., ...}) go to `project_subspace`
   as they are (Fira, FRUGAL, APOLLO); None: GaLore's back-projection.
   """
   if unprojected_learning_rate is not None:
     check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
+  # The learning rates go into the combinator rather than a
+  # `scale_by_learning_rate` after it: it applies the projected leaves' rate
+  # to N before the back-projection, so each weight's add folds into that
+  # product on a GPU (`project_subspace`'s `learning_rate`).
   parts = [
     _combinator.project_subspace(
       hf_or_optax_adam(b1, b2, eps, eps_placement, per_matrix_count),
       projector,
       scale=scale,
+      learning_rate=learning_rate,
+      unprojected_learning_rate=unprojected_learning_rate,
       mask=mask,
       dims=dims,
       on_change=on_change,
@@ -198,7 +204,6 @@ def subspace_adamw(
       refresh_chunk_bytes=refresh_chunk_bytes,
       **(stages or {}),
     ),
-    by_group(optax.scale_by_learning_rate, learning_rate, unprojected_learning_rate, mask),
   ]
   if not is_zero(weight_decay):
     parts.append(

@@ -712,3 +712,53 @@ def test_a_wrong_static_refresh_poisons_the_projected_updates_and_a_traced_one_i
     jax.jit(lambda g, s, p, r: tx.update(g, s, p, subspace_refresh=r))(
       g, state, params, jnp.array(True)
     )
+
+
+@pytest.mark.parametrize(
+  "stages",
+  [{}, {"residual": "sign_sgd"}, {"residual": "fira"}, {"output": "scale"}],
+  ids=["back_project", "frugal", "fira", "apollo"],
+)
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant", "schedule"])
+def test_a_learning_rate_inside_takes_the_steps_of_one_chained_after(stages, schedule):
+  # The rate folded into N before the back-projection (and into α for the
+  # other outputs) gives the chain's steps: projected leaves of both sides, a
+  # stacked leaf, and an unprojected one at its own rate.
+  params = {
+    "rows": jnp.ones((6, 10)),
+    "cols": jnp.ones((10, 6)),
+    "stacked": jnp.ones((2, 8, 8)),
+    "bias": jnp.ones((10,)),
+  }
+  mask = {"rows": True, "cols": True, "stacked": True, "bias": False}
+  dims = {"rows": None, "cols": None, "stacked": osub.MatrixDims(1, 2), "bias": None}
+  lr = optax.linear_schedule(0.1, 0.02, 4) if schedule else 0.05
+  bias_lr = optax.linear_schedule(0.3, 0.1, 4) if schedule else 0.2
+  common = dict(scale=0.5, mask=mask, dims=dims, **stages)
+  projector = projectors.svd(3, 2)
+  inside = osub.project_subspace(
+    optax.scale_by_adam(), projector, learning_rate=lr, unprojected_learning_rate=bias_lr, **common
+  )
+  labels = {"rows": "p", "cols": "p", "stacked": "p", "bias": "u"}
+  after = optax.chain(
+    osub.project_subspace(optax.scale_by_adam(), projector, **common),
+    optax.partition(
+      {"p": optax.scale_by_learning_rate(lr), "u": optax.scale_by_learning_rate(bias_lr)}, labels
+    ),
+  )
+  got, _ = _run(inside, params, 5)
+  want, _ = _run(after, params, 5)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(got["rows"], params["rows"])
+
+
+def test_learning_rate_arguments_are_checked():
+  make = lambda **kw: osub.project_subspace(optax.scale_by_adam(), projectors.svd(2, 5), **kw)
+  with pytest.raises(ValueError, match="learning_rate must be positive"):
+    make(learning_rate=-1e-3)
+  with pytest.raises(ValueError, match="unprojected_learning_rate must be positive"):
+    make(learning_rate=1e-3, unprojected_learning_rate=0.0)
+  with pytest.raises(ValueError, match="unprojected_learning_rate needs learning_rate"):
+    make(unprojected_learning_rate=1e-3)
+  with pytest.raises(TypeError, match="learning_rate must be None, a float or an optax schedule"):
+    make(learning_rate="1e-3")
