@@ -84,7 +84,19 @@ def warm_left_singular_vectors(
   subspaces overlap, a round or two recover most of the top-r energy; the
   columns are not the singular vectors themselves but stay in the previous
   basis' order and orientation (no sign flips for the kept moments to
-  meet). The products run at full float32 precision, as the exact refresh's.
+  meet).
+
+  Precision: the products with g run at `lax.Precision.HIGH` (TF32 on an
+  NVIDIA GPU, three bfloat16 passes on a TPU, float32 on a CPU), the
+  orthonormalization, the Rayleigh–Ritz matrix and the final rotation at
+  full float32. A product's relative error ε moves the iterate by an angle
+  of order ε, and the share of the top-r energy a basis keeps is 1 minus
+  the square of its angle to the top-r subspace (to first order), so TF32's
+  ε ≈ 1e-3 costs about 1e-6 of it, while the orthonormalization, at full
+  precision, keeps the returned basis orthonormal to float32 rounding
+  (Fira's fused residual relies on PᵀP = I). At full float32 these products
+  were 604 of the 793 ms of three oversampled rounds on the LLaMA-1B tree
+  (one H100, profile_update_1b_h100_37c7c23_warm_refresh.json).
 
   With ``oversample=p > 0`` the iteration runs on r + p columns, the
   previous basis and p more from a Gaussian sketch g·Ω (Ω: l × p, drawn
@@ -97,7 +109,7 @@ def warm_left_singular_vectors(
   σ_{r+1}/σ_r, what a flat gradient spectrum needs.
   """
   g = g.astype(jnp.float32)
-  hi = jax.lax.Precision.HIGHEST
+  hi, with_g = jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGH
   q = previous.astype(jnp.float32)
   r = q.shape[-1]
   oversample = min(oversample, g.shape[0] - r)
@@ -105,12 +117,12 @@ def warm_left_singular_vectors(
     raise ValueError("warm_left_singular_vectors: oversample > 0 draws its sketch from `key`.")
   if oversample > 0:
     omega = jax.random.normal(key, (g.shape[1], oversample), jnp.float32)
-    q = _base.orthonormalize(jnp.concatenate([q, jnp.matmul(g, omega, precision=hi)], axis=1))
+    q = _base.orthonormalize(jnp.concatenate([q, jnp.matmul(g, omega, precision=with_g)], axis=1))
   for _ in range(iterations):
-    q = _base.orthonormalize(jnp.matmul(g, jnp.matmul(g.T, q, precision=hi), precision=hi))
+    q = _base.orthonormalize(jnp.matmul(g, jnp.matmul(g.T, q, precision=with_g), precision=with_g))
   if oversample <= 0:
     return q
-  h = jnp.matmul(g.T, q, precision=hi)  # (l, r + p)
+  h = jnp.matmul(g.T, q, precision=with_g)  # (l, r + p)
   vecs = eigenvectors(jnp.matmul(h.T, h, precision=hi))  # ascending
   return canonical_signs(jnp.matmul(q, vecs[:, ::-1][:, :r], precision=hi))
 
