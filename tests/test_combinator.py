@@ -762,3 +762,32 @@ def test_learning_rate_arguments_are_checked():
     make(unprojected_learning_rate=1e-3)
   with pytest.raises(TypeError, match="learning_rate must be None, a float or an optax schedule"):
     make(learning_rate="1e-3")
+
+
+def _producers_back_to_a_product(jaxpr, var):
+  """The primitives that make `var`, walking back through first operands to a dot_general."""
+  made_by = {id(v): eqn for eqn in jaxpr.eqns for v in eqn.outvars}
+  chain = []
+  while id(var) in made_by and (not chain or chain[-1] != "dot_general"):
+    eqn = made_by[id(var)]
+    chain.append(eqn.primitive.name)
+    var = eqn.invars[0]
+  return chain
+
+
+@pytest.mark.parametrize("schedule", [False, True], ids=["constant", "schedule"])
+def test_a_projected_update_is_the_back_projection_itself(schedule):
+  # What lets XLA fold apply_updates' add into the product on a GPU (cuBLAS β = 1):
+  # no multiply (α, the NaN guard of a host-told refresh, the learning rate)
+  # between the product and the update, on either side.
+  params = {"rows": jnp.ones((8, 16)), "cols": jnp.ones((16, 8)), "bias": jnp.ones((16,))}
+  lr = optax.linear_schedule(0.1, 0.01, 10) if schedule else 0.1
+  tx = osub.galore(lr, rank=2, update_every=5)
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(lambda g, s, p: tx.update(g, s, p, subspace_refresh=False)[0])(
+    params, state, params
+  ).jaxpr
+  out = dict(zip(sorted(params), jaxpr.outvars))  # dict leaves flatten in sorted key order
+  assert _producers_back_to_a_product(jaxpr, out["rows"]) == ["dot_general"]
+  assert _producers_back_to_a_product(jaxpr, out["cols"]) == ["dot_general"]
+  assert "dot_general" not in _producers_back_to_a_product(jaxpr, out["bias"])
