@@ -484,8 +484,8 @@ def project_subspace(
       rank (r = s) there is no complement and the term is exactly zero.
     residual_scale: the state-free term's learning rate relative to the
       subspace's (FRUGAL's λ; 1.0 in pre-training, 0.1 in fine-tuning),
-      i.e. to a learning rate applied after this transformation, as the
-      presets chain it. An `inner` with its own learning rate
+      i.e. to `learning_rate` (as the presets run it) or to a rate
+      chained after this transformation. An `inner` with its own learning rate
       (``optax.adam(lr)``) does not scale this term: pass lr·λ then. (Fira's
       and APOLLO's factors come from N, so they carry its learning rate.)
     output: "back_project" (ΔW = α·P·N), or, in its place, the full G

@@ -91,7 +91,7 @@ def warm_left_singular_vectors(
   orthonormalization, the Rayleigh–Ritz matrix and the final rotation at
   full float32. A product's relative error ε moves the iterate by an angle
   of order ε, and the share of the top-r energy a basis keeps is 1 minus
-  the square of its angle to the top-r subspace (to first order), so TF32's
+  the square of its angle to the top-r subspace (to leading order), so TF32's
   ε ≈ 1e-3 costs about 1e-6 of it, while the orthonormalization, at full
   precision, keeps the returned basis orthonormal to float32 rounding
   (Fira's fused residual relies on PᵀP = I). At full float32 these products
