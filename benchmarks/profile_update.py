@@ -58,6 +58,8 @@ PROFILED = (
   "apollo_mini_steady",
   "apollo_steady_unpadded",
   "apollo_mini_steady_unpadded",
+  "apollo_steady_stored_basis",
+  "apollo_mini_steady_stored_basis",
 )
 
 
@@ -78,7 +80,9 @@ def methods(rank: int, dims=None) -> dict:
   "fira_steady", "frugal_steady", "apollo_steady", "apollo_mini_steady": those presets' steady
   steps (`_output_variants`), to see where their time over GaLore's goes; "apollo*_unpadded":
   APOLLO pads G only for its one product R = PᵀG (1.5 ms of the 1B update on an H100), which
-  may cost more than an unaligned product. (Earlier
+  may cost more than an unaligned product; "apollo*_stored_basis": P kept in the state
+  (``store_basis=True``) instead of drawn from its key in every update, a Gaussian draw that
+  XLA may fuse into the product with G. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
@@ -109,6 +113,11 @@ def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
     "frugal_steady": (osub.frugal(lr, rank, never, **common), 1),
     "apollo_steady": (osub.apollo(lr, rank, never, **common), 1),
     "apollo_mini_steady": (osub.apollo_mini(lr, never, **common), 1),
+    "apollo_steady_stored_basis": (osub.apollo(lr, rank, never, store_basis=True, **common), 1),
+    "apollo_mini_steady_stored_basis": (
+      osub.apollo_mini(lr, never, store_basis=True, **common),
+      1,
+    ),
   }
 
 

@@ -231,7 +231,13 @@ def _apollo_preset(learning_rate, rank, update_every, scale, granularity, gamma,
     stages["released_order"] = (arguments["b1"], arguments["b2"])
   return _presets.subspace_adamw(
     learning_rate,
-    projectors_lib.random(rank, update_every, distribution="gaussian", seed=seed),
+    projectors_lib.random(
+      rank,
+      update_every,
+      distribution="gaussian",
+      seed=seed,
+      store_basis=arguments["store_basis"],
+    ),
     scale,
     **_presets.adamw_options(arguments),
     stages=stages,
@@ -247,6 +253,7 @@ def apollo(
   gamma: float = _apollo.GAMMA,
   released_order: bool = False,
   seed: int = 0,
+  store_basis: bool = False,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-6,
@@ -293,6 +300,10 @@ def apollo(
       orders them; False (default): they see the corrected direction (the
       paper's Algorithm 1 does not say; docs/methods.md).
     seed: folded into every matrix's key.
+    store_basis: keep each P (s × r floats per matrix) in the state
+      instead of drawing it again from its key at every step
+      (`projectors.random`): the same updates, more state, no draw per
+      step.
     b1: as in `galore`.
     b2: as in `galore`.
     eps: as in `galore`.
@@ -324,6 +335,7 @@ def apollo_mini(
   gamma: float = _apollo.GAMMA,
   released_order: bool = False,
   seed: int = 0,
+  store_basis: bool = False,
   b1: float = 0.9,
   b2: float = 0.999,
   eps: float = 1e-6,
@@ -358,6 +370,7 @@ def apollo_mini(
     gamma: as in `apollo`.
     released_order: as in `apollo`.
     seed: as in `apollo`.
+    store_basis: as in `apollo` (P is then an s-vector per matrix).
     b1: as in `apollo`.
     b2: as in `apollo`.
     eps: as in `apollo`.

@@ -454,3 +454,34 @@ def test_firas_term_folded_into_n_is_the_explicit_residual_for_an_orthonormal_p(
   term, n_fused, fused = _fira.fused_fira_terms(g, r, n, state, granularity=granularity)
   np.testing.assert_allclose(term + p @ n_fused, p @ n + s, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(fused.previous_norm, explicit.previous_norm, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mini", [False, True], ids=["apollo", "apollo_mini"])
+def test_apollo_with_a_stored_basis_takes_the_same_steps(mini):
+  # P kept in the state (no draw per step) is the P drawn from the key: same
+  # updates through a fresh projection at step EVERY; the state holds P.
+  make = (
+    (lambda **kw: osub.apollo_mini(LR, EVERY, **kw))
+    if mini
+    else (lambda **kw: osub.apollo(LR, RANK, EVERY, **kw))
+  )
+  grads = _gradients(SHAPES["tall"], seed=5)[: EVERY + 2]
+  params = jax.tree_util.tree_map(lambda g: jnp.zeros(g.shape, jnp.float32), grads[0])
+
+  def run(tx):
+    state, out = tx.init(params), []
+    for g in grads:
+      u, state = jax.jit(tx.update)(jax.tree_util.tree_map(jnp.asarray, g), state, params)
+      out.append(np.asarray(u["w"]))
+    return out, state
+
+  stored, state = run(make(store_basis=True))
+  drawn, _ = run(make())
+  for a, b in zip(stored, drawn):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  s = min(grads[0]["w"].shape)
+  extra = (
+    _floats(jax.eval_shape(make(store_basis=True).init, params))[0]
+    - _floats(jax.eval_shape(make().init, params))[0]
+  )
+  assert extra == s * (1 if mini else RANK)
