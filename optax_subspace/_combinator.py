@@ -223,18 +223,23 @@ def _unprojected_steps(plan, n, learning_rate, count):
   }
 
 
+def check_learning_rate(value, name: str):
+  """Returns `value`, a learning rate: a schedule, an array (as
+  `optax.inject_hyperparams` passes it) or a number > 0; raises TypeError or
+  ValueError otherwise (None passes: no rate)."""
+  if value is None or callable(value):
+    return value
+  numeric = (int, float, np.number, np.ndarray, jax.Array)
+  if isinstance(value, bool) or not isinstance(value, numeric):
+    raise TypeError(f"{name} must be None, a float or an optax schedule, got {value!r}.")
+  if isinstance(value, (int, float, np.number)) and not value > 0:
+    raise ValueError(f"{name} must be positive (or a schedule), got {value!r}.")
+  return value
+
+
 def _check_learning_rates(learning_rate, unprojected_learning_rate):
-  for name, value in (
-    ("learning_rate", learning_rate),
-    ("unprojected_learning_rate", unprojected_learning_rate),
-  ):
-    if value is None or callable(value):
-      continue
-    numeric = (int, float, np.number, np.ndarray, jax.Array)
-    if isinstance(value, bool) or not isinstance(value, numeric):
-      raise TypeError(f"{name} must be None, a float or an optax schedule, got {value!r}.")
-    if isinstance(value, (int, float, np.number)) and not value > 0:
-      raise ValueError(f"{name} must be positive (or a schedule), got {value!r}.")
+  check_learning_rate(learning_rate, "learning_rate")
+  check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
   if learning_rate is None and unprojected_learning_rate is not None:
     raise ValueError(
       "unprojected_learning_rate needs learning_rate: without it this transformation"

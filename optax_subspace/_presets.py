@@ -116,11 +116,8 @@ def by_group(make, learning_rate, unprojected_learning_rate, mask):
   )
 
 
-def check_learning_rate(value, name: str):
-  """Raises ValueError for a float learning rate that is not > 0."""
-  if isinstance(value, (int, float)) and not value > 0:
-    raise ValueError(f"{name} must be positive (or a schedule), got {value!r}.")
-  return value
+# One check for every preset and the combinator (which takes the rates).
+check_learning_rate = _combinator.check_learning_rate
 
 
 # The keyword arguments every subspace-Adam preset takes and hands on as they
@@ -183,8 +180,6 @@ def subspace_adamw(
   `stages` ({"residual": ..., "output": ..., ...}) go to `project_subspace`
   as they are (Fira, FRUGAL, APOLLO); None: GaLore's back-projection.
   """
-  if unprojected_learning_rate is not None:
-    check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
   # The learning rates go into the combinator rather than a
   # `scale_by_learning_rate` after it: it applies the projected leaves' rate
   # to N before the back-projection, so each weight's add folds into that
