@@ -96,7 +96,7 @@ def warm_left_singular_vectors(
   precision, keeps the returned basis orthonormal to float32 rounding
   (Fira's fused residual relies on PᵀP = I). At full float32 these products
   were 604 of the 793 ms of three oversampled rounds on the LLaMA-1B tree
-  (one H100, profile_update_1b_h100_37c7c23_warm_refresh.json).
+  (one H100, 37c7c23); at TF32 they are 437 of 620 ms (one H100, 11eca49).
 
   With ``oversample=p > 0`` the iteration runs on r + p columns, the
   previous basis and p more from a Gaussian sketch g·Ω (Ω: l × p, drawn
