@@ -60,6 +60,9 @@ PROFILED = (
   "apollo_mini_steady_unpadded",
   "apollo_steady_stored_basis",
   "apollo_mini_steady_stored_basis",
+  "grass_steady_host_refresh",
+  "rso_steady_host_refresh",
+  "rso_steady_stored_basis_host_refresh",
 )
 
 
@@ -82,7 +85,9 @@ def methods(rank: int, dims=None) -> dict:
   APOLLO pads G only for its one product R = PᵀG (1.5 ms of the 1B update on an H100), which
   may cost more than an unaligned product; "apollo*_stored_basis": P kept in the state
   (``store_basis=True``) instead of drawn from its key in every update, a Gaussian draw that
-  XLA may fuse into the product with G. (Earlier
+  XLA may fuse into the product with G. "grass_steady*", "rso_steady*": GRASS's and RSO's steady
+  steps (RSO at `rank`, its P regenerated from its key in every update, or with
+  ``store_basis=True`` kept in the state), to see what RSO's redraw costs. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
@@ -105,7 +110,8 @@ def methods(rank: int, dims=None) -> dict:
 
 def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
   """Steady steps (from count 1; T never comes) of the methods with a residual path or a
-  scaling output: Fira and FRUGAL at `rank`, APOLLO at `rank`, APOLLO-Mini at rank 1."""
+  scaling output: Fira and FRUGAL at `rank`, APOLLO at `rank`, APOLLO-Mini at rank 1; and RSO's
+  at `rank` (K never comes)."""
   common = {"mask": optimizer_step.PROJECTED, "dims": dims}
   never = optimizer_step.NEVER
   return {
@@ -118,6 +124,8 @@ def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
       osub.apollo_mini(lr, never, store_basis=True, **common),
       1,
     ),
+    "rso_steady": (osub.rso(lr, rank, never, **common), 1),
+    "rso_steady_stored_basis": (osub.rso(lr, rank, never, store_basis=True, **common), 1),
   }
 
 

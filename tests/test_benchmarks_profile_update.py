@@ -104,6 +104,14 @@ def test_scanned_tree_profiles_and_holds_the_same_state(tmp_path):
 
 @pytest.mark.slow
 def test_host_refresh_variants_compile_without_the_refresh_cond(tmp_path):
+  names = [
+    "galore_steady",
+    "galore_steady_host_refresh",
+    "osd_steady_host_refresh",
+    "grass_steady_host_refresh",
+    "rso_steady_host_refresh",
+    "rso_steady_stored_basis_host_refresh",
+  ]
   result = profile_update.main(
     [
       "--size",
@@ -111,18 +119,18 @@ def test_host_refresh_variants_compile_without_the_refresh_cond(tmp_path):
       "--reps",
       "2",
       "--methods",
-      "galore_steady,galore_steady_host_refresh,osd_steady_host_refresh",
+      ",".join(names),
       "--hlo-dir",
       str(tmp_path),
       "--out",
       str(tmp_path / "p.json"),
     ]
   )
-  assert len(result["rows"]) == 3
+  assert [row["method"] for row in result["rows"]] == names
   texts = {}
-  for name in ("galore_steady", "galore_steady_host_refresh", "osd_steady_host_refresh"):
+  for name in names:
     with gzip.open(tmp_path / f"{name}.hlo.txt.gz", "rt") as f:
       texts[name] = f.read()
   assert " conditional(" in texts["galore_steady"]
-  assert " conditional(" not in texts["galore_steady_host_refresh"]
-  assert " conditional(" not in texts["osd_steady_host_refresh"]
+  for name in names[1:]:
+    assert " conditional(" not in texts[name], name
