@@ -6,6 +6,7 @@ Fira, FRUGAL and APOLLO, which add a residual or an output stage, are in
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional, Union
 
 import jax
@@ -375,6 +376,13 @@ def online_subspace_descent(
     >>> tx = osub.online_subspace_descent(1e-3, rank=64, mask=r"kernel")
   """
   update_every = _base.check_every(update_every)
+  # Checked here, not only by the combinator: P's learning rate is derived from it first.
+  learning_rate = check_learning_rate(learning_rate, "learning_rate")
+  peak = peak_learning_rate
+  if peak is not None and (
+    isinstance(peak, bool) or not isinstance(peak, numbers.Real) or not peak > 0
+  ):
+    raise ValueError(f"peak_learning_rate must be a number > 0, got {peak_learning_rate!r}.")
   if projector_optimizer is None:
     projector_optimizer = _adam.torch_adamw(
       _projector_learning_rate(learning_rate, peak_learning_rate, update_every),

@@ -194,6 +194,7 @@ def rso(
   projector = projectors_lib.random(
     rank, inner_steps, distribution=distribution, seed=seed, store_basis=store_basis
   )
+  learning_rate = _presets.check_learning_rate(learning_rate, "learning_rate")
   full_lr = (
     learning_rate
     if unprojected_learning_rate is None

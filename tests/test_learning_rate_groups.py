@@ -84,6 +84,28 @@ def test_a_rate_that_is_not_positive_is_rejected(name, bad):
     PRESETS[name](1e-2, unprojected_learning_rate=bad)
 
 
+MODEL_LEVEL = {
+  "grass_optimizer": lambda lr, **kw: osnn.grass_optimizer(lr, **kw),
+  "rso_optimizer": lambda lr, **kw: osnn.rso_optimizer(lr, inner_steps=2, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS) + sorted(MODEL_LEVEL))
+@pytest.mark.parametrize("rates", ["learning_rate", "unprojected_learning_rate"])
+def test_every_optimizer_rejects_a_rate_that_is_not_positive_or_not_a_number(name, rates):
+  make = {**PRESETS, **MODEL_LEVEL}[name]
+  build = (
+    (lambda lr: make(lr))
+    if rates == "learning_rate"
+    else (lambda lr: make(1e-2, unprojected_learning_rate=lr))
+  )
+  for bad in (0.0, -1e-3):
+    with pytest.raises(ValueError, match=f"^{rates} must be positive"):
+      build(bad)
+  with pytest.raises(TypeError, match=f"^{rates} must be None, a float or an optax schedule"):
+    build("1e-3")
+
+
 @pytest.mark.parametrize(
   "factor, make",
   [
@@ -105,3 +127,10 @@ def test_model_level_optimizers_give_the_dense_params_their_own_rate(factor, mak
   for mine, a, b in zip(split, low, high):
     np.testing.assert_allclose(mine["q_proj"][factor], a["q_proj"][factor], rtol=1e-6)
     np.testing.assert_allclose(mine["embed"]["embedding"], b["embed"]["embedding"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, "1e-2"])
+def test_osd_rejects_a_peak_learning_rate_that_is_not_positive(bad):
+  # P's learning rate is lr / (peak · T): a zero peak was a ZeroDivisionError.
+  with pytest.raises(ValueError, match="^peak_learning_rate must be a number > 0"):
+    PRESETS["osd"](1e-2, peak_learning_rate=bad)

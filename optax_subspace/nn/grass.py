@@ -389,6 +389,8 @@ def grass_optimizer(
     >>> from optax_subspace import nn as osnn
     >>> tx = osnn.grass_optimizer(1e-3)
   """
+  learning_rate = _presets.check_learning_rate(learning_rate, "learning_rate")
+  _presets.check_learning_rate(unprojected_learning_rate, "unprojected_learning_rate")
   parts = [_presets.hf_or_optax_adam(b1, b2, eps, eps_placement, restart_bias_correction)]
   if scale != 1.0:
     parts.append(optax.masked(optax.scale(scale), _is_d))

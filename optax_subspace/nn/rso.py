@@ -675,6 +675,7 @@ def rso_optimizer(
       )
     )
     subproblem = optax.chain(add_proximal, direction)
+  learning_rate = _presets.check_learning_rate(learning_rate, "learning_rate")
   full_lr = (
     learning_rate
     if unprojected_learning_rate is None
