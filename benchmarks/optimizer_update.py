@@ -60,8 +60,9 @@ PROJECTED_WORDS = {
   "galore_warm": lambda s, l, m, n, r: r * s + 2 * r * l,
   # P (s × r) and AdamW's moments on P (2·s × r), moments r × l.
   "osd": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
-  # P regenerated from a key (2 words) and a subproblem index; moments of B (r × n).
-  "rso": lambda s, l, m, n, r: 2 * r * n + 3,
+  # P regenerated from a key (2 words), a subproblem index and, for m ≥ 2r, its QR factor
+  # (r × r); moments of B (r × n).
+  "rso": lambda s, l, m, n, r: 2 * r * n + 3 + (r * r if m >= 2 * r else 0),
   # The same, and P_k kept (m × r, rso(..., store_basis=True)).
   "rso_stored_basis": lambda s, l, m, n, r: 2 * r * n + 3 + m * r,
   # σ (r), ρ (r), the row counts (s), moments r × l.

@@ -583,7 +583,7 @@ def project_subspace(
 
     # 1. Refresh when due (GaLore: steps 0, T, 2T, ...; OSD: step 0). This
     # step's bases are then evaluated once, shared by every product and by
-    # "transport" (a random projector regenerates P, a QR, at each `basis`
+    # "transport" (a random projector regenerates P, a draw, at each `basis`
     # call); projectors with their own `project` and `back` (row
     # selections) form them only for "transport".
     old = pipe.bases(pstates) if transport else None

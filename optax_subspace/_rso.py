@@ -130,8 +130,9 @@ def rso(
   so that after each step the weights are W_k + P_k·B. The inner state
   (Adam's moments and its bias correction) and B restart at each
   subproblem; the learning rate (a float or a schedule) follows the global
-  step. By default P_k is never stored: only a key per matrix, from which
-  P_k is regenerated (``store_basis=True`` keeps it instead). Leaves that
+  step. By default P_k is never stored: a key per matrix (and the r × r
+  factor of P_k's QR), from which P_k is regenerated (``store_basis=True``
+  keeps it instead). Leaves that
   are not selected (embeddings, norms, biases) run the same inner optimizer
   at full size, never restarted. Decoupled weight decay, if any, acts in
   full space after the update, as in `galore`; with it the weights leave
@@ -171,7 +172,7 @@ def rso(
     unprojected_learning_rate: learning rate of the leaves `mask` leaves
       out (run full size, never restarted); default `learning_rate`.
     store_basis: keep each P_k (m × r floats per matrix) in the state
-      instead of regenerating it, a draw and a QR, at every step
+      instead of regenerating it, a draw and a product, at every step
       (`projectors.random`); the same updates.
 
   Returns:

@@ -297,7 +297,8 @@ def _floats(tree):
   [
     ("fira", 4, lambda s, l, r: s * r + 2 * r * l + 1),  # P, Adam's moments of R, ‖S_{t−1}‖
     ("frugal", 4, lambda s, l, r: s * r + 2 * r * l),  # P and Adam's moments; U has none
-    ("frugal_random", 4, lambda s, l, r: 2 * r * l),  # P regenerated from a key
+    # P regenerated from a key and its QR factor M (r × r; s ≥ 2r here)
+    ("frugal_random", 4, lambda s, l, r: r * r + 2 * r * l),
     ("apollo", 4, lambda s, l, r: 2 * r * l + 1),  # Adam's moments of R and one norm
     ("apollo_mini", 1, lambda s, l, r: 2 * l + 1),  # rank 1: O(s + l), no s×l buffer
   ],

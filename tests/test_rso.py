@@ -15,6 +15,7 @@ import optax_subspace as osub
 from optax_subspace import projectors
 from optax_subspace._leaves import path_str
 from optax_subspace.projectors import _base
+from optax_subspace.projectors.random import haar_factor
 
 
 def _grads(params, seed):
@@ -88,7 +89,8 @@ def test_an_unknown_side_is_rejected():
 def _states(proj, s, r, subproblems):
   """One matrix's state at each subproblem index, batched."""
   state = proj.init(s, 1, r, jax.random.PRNGKey(3))
-  return jax.vmap(lambda k: osub.projectors.RandomState(state.key, k, state.basis_shape))(
+  every = proj.needs_refresh.every
+  return jax.vmap(lambda k: proj.refresh(state, None, k * every)[0])(
     jnp.arange(subproblems, dtype=jnp.int32)
   )
 
@@ -98,6 +100,30 @@ def test_haar_basis_has_orthonormal_columns():
   p = jax.vmap(proj.basis)(_states(proj, 12, 5, 20))
   gram = jnp.einsum("ksr,ksq->krq", p, p)
   np.testing.assert_allclose(gram, np.broadcast_to(np.eye(5), gram.shape), atol=2e-6)
+
+
+def test_haar_factor_gives_the_q_of_the_draws_qr_with_a_positive_diagonal():
+  z = jax.random.normal(jax.random.PRNGKey(4), (64, 16), jnp.float32)
+  m = np.asarray(haar_factor(z), np.float64)
+  q, r = np.linalg.qr(np.asarray(z, np.float64))
+  q = q * np.sign(np.diag(r))  # the QR with R's diagonal positive (Mezzadri)
+  np.testing.assert_array_equal(np.tril(m, -1), 0.0)  # M = R⁻¹: upper triangular
+  np.testing.assert_allclose(np.asarray(z, np.float64) @ m, q, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+  "s,r,distribution", [(12, 5, "haar"), (10, 5, "haar"), (9, 5, "haar"), (12, 5, "gaussian")]
+)
+def test_a_regenerated_basis_is_the_model_level_draw_with_a_factor_only_for_haar_at_s_ge_2r(
+  s, r, distribution
+):
+  proj = projectors.random(r, 4, distribution=distribution)
+  state, _ = proj.refresh(proj.init(s, 3, r, jax.random.PRNGKey(5)), None, jnp.int32(8))
+  assert (state.factor is not None) == (distribution == "haar" and s >= 2 * r)
+  if state.factor is not None:
+    assert state.factor.shape == (r, r)
+  want = projectors.random_basis(jax.random.fold_in(state.key, 2), s, r, distribution)
+  np.testing.assert_allclose(proj.basis(state), want, rtol=1e-5, atol=1e-6)
 
 
 def test_gaussian_basis_has_identity_expected_ppt():
@@ -315,7 +341,7 @@ def test_runs_are_deterministic_and_the_seed_changes_the_subspaces():
 
 
 @pytest.mark.parametrize("proximal", [None, 0.5])
-def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
+def test_state_per_matrix_is_a_key_an_index_a_qr_factor_and_low_rank_buffers(proximal):
   m, n, r = 64, 24, 4
   params = {"w": jnp.zeros((m, n)), "b": jnp.zeros(n)}
   state = jax.eval_shape(osub.rso(1e-3, rank=r, proximal=proximal).init, params)[0]
@@ -323,6 +349,7 @@ def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
   assert [(x.shape, x.dtype) for x in jax.tree_util.tree_leaves(projector)] == [
     ((2,), jnp.uint32),
     ((), jnp.int32),
+    ((r, r), jnp.float32),  # M, with P = Z·M: r² floats, not the m × r of P
   ]
   shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(state.inner)[0]}
   low_rank = sorted(k for k, v in shapes.items() if k.endswith("/w"))
@@ -338,8 +365,8 @@ def test_state_per_matrix_is_a_key_an_index_and_low_rank_buffers(proximal):
   leaves = jax.tree_util.tree_leaves(state)
   assert max(math.prod(x.shape) for x in leaves) == r * n
   floats = sum(math.prod(x.shape) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating))
-  # Adam's m, v (and B) on r × n, Adam's m, v on the bias (n).
-  assert floats == (2 + (proximal is not None)) * r * n + 2 * n
+  # Adam's m, v (and B) on r × n, P's factor M (r × r), Adam's m, v on the bias (n).
+  assert floats == (2 + (proximal is not None)) * r * n + r * r + 2 * n
 
 
 def test_a_stored_basis_gives_the_updates_of_the_regenerated_one():
@@ -483,7 +510,7 @@ def test_a_checkpoint_at_another_rank_fails_naming_the_rank(tmp_path):
   with pytest.raises(
     osub.CheckpointMismatchError,
     match=r"checkpoint RandomState\('key', 'subproblem',"
-    r" 'basis_shape'\), target SvdState\('basis',\)",
+    r" 'factor', 'basis_shape'\), target SvdState\('basis',\)",
   ):
     osub.restore_checkpoint(
       manager, jax.eval_shape(lambda p: p, params), jax.eval_shape(galore.init, params)

@@ -1,15 +1,16 @@
 """Random subspaces (RSO, and Flora/GoLore-style projections).
 
 A random basis P (s × r) is a function of a PRNG key and the subproblem
-index only, so the state stores the key and P is regenerated where it is
-needed, identical on every device without communication.
+index only, so the state stores the key (and, for a Haar basis, the r × r
+factor of its QR) and P is regenerated where it is needed, identical on
+every device without communication.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ def random_basis(key: jax.Array, s: int, r: int, distribution: str = "haar") -> 
   "haar": orthonormal columns, uniform on the Stiefel manifold (PᵀP = I,
   E[PPᵀ] = (r/s)·I), as RSO's theory assumes; drawn as the Q factor of a
   Gaussian matrix with a positive-diagonal R (Mezzadri), which is what
-  CholeskyQR yields. For s ≥ 2r it is CholeskyQR2 (`_cholesky_qr2`): a
+  CholeskyQR yields. For s ≥ 2r it is Z·M, M from CholeskyQR2 (`haar_factor`): a
   Gaussian s×r matrix is then well conditioned (κ ≈ (√s+√r)/(√s−√r), 3 at
   s = 4r), so two plain passes are exact to float32 rounding (Yamamoto et
   al.). Closer to square, κ grows without bound and the shifted CholeskyQR3
@@ -57,29 +58,42 @@ def random_basis(key: jax.Array, s: int, r: int, distribution: str = "haar") -> 
   """
   if distribution not in DISTRIBUTIONS:
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}.")
-  g = jax.random.normal(key, (s, r), jnp.float32)
+  g = gaussian_draw(key, s, r)
   if distribution == "gaussian":
     return g / jnp.sqrt(jnp.float32(r))
-  if s >= 2 * r:
-    return _cholesky_qr2(g)
+  if has_haar_factor(s, r, distribution):
+    return jnp.matmul(g, haar_factor(g), precision=jax.lax.Precision.HIGHEST)
   return _base.orthonormalize(g)
 
 
-def _cholesky_qr2(y: jax.Array) -> jax.Array:
-  """Q of y = QR (R upper triangular, positive diagonal) by CholeskyQR2.
+def gaussian_draw(key: jax.Array, s: int, r: int) -> jax.Array:
+  """Z (s, r), i.i.d. N(0, 1) float32: the draw every random basis is made from."""
+  return jax.random.normal(key, (s, r), jnp.float32)
 
-  Each pass: the r×r Gram matrix yᵀy = LLᵀ, then y ← y L⁻ᵀ, with L⁻¹ from
-  one r×r triangular solve so that the s×r work is a matrix product. For
-  κ(y) well below float32's u^(−1/2) ≈ 4000 (a Gaussian y with s ≥ 2r), the
-  second pass leaves ‖QᵀQ − I‖ at O(u) and Q is that of the exact QR
-  (Yamamoto, Nakatsukasa, Yanagisawa, Fukaya, ETNA 2015). No shift and no
-  perturbation: those are for rank-deficient inputs (`_base.orthonormalize`).
+
+def has_haar_factor(s: int, r: int, distribution: str) -> bool:
+  """Whether the basis is Z·M with M = `haar_factor`(Z): "haar" with s ≥ 2r (CholeskyQR2)."""
+  return distribution == "haar" and s >= 2 * r
+
+
+def haar_factor(z: jax.Array) -> jax.Array:
+  """M (r, r), upper triangular, with Z·M = Q of Z = QR (positive diagonal): CholeskyQR2.
+
+  Each pass: the r×r Gram matrix yᵀy = LLᵀ, then y ← y·L⁻ᵀ, with L⁻¹ from
+  one r×r triangular solve so that the s×r work is a matrix product; M is
+  the product L₁⁻ᵀ·L₂⁻ᵀ of the two passes. For κ(Z) well below float32's
+  u^(−1/2) ≈ 4000 (a Gaussian Z with s ≥ 2r), the second pass leaves
+  ‖QᵀQ − I‖ at O(u) and Q is that of the exact QR (Yamamoto, Nakatsukasa,
+  Yanagisawa, Fukaya, ETNA 2015); with κ(Z) ≤ 6, Z·M is Q to the same order.
+  No shift and no perturbation: those are for rank-deficient inputs
+  (`_base.orthonormalize`). Keeping M (r² floats) lets a regenerated basis
+  cost a draw and one product instead of the two passes (`random`).
   """
   hi = jax.lax.Precision.HIGHEST
-  for _ in range(2):
-    inv = _inverse_cholesky_factor(jnp.matmul(y.T, y, precision=hi))  # L⁻¹
-    y = jnp.matmul(y, inv.T, precision=hi)
-  return y
+  first = _inverse_cholesky_factor(jnp.matmul(z.T, z, precision=hi)).T  # L₁⁻ᵀ
+  y = jnp.matmul(z, first, precision=hi)  # the first pass's y, measured: the second corrects it
+  second = _inverse_cholesky_factor(jnp.matmul(y.T, y, precision=hi)).T  # L₂⁻ᵀ
+  return jnp.matmul(first, second, precision=hi)
 
 
 def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
@@ -99,19 +113,26 @@ def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
 
 
 @functools.partial(
-  jax.tree_util.register_dataclass, data_fields=("key", "subproblem"), meta_fields=("basis_shape",)
+  jax.tree_util.register_dataclass,
+  data_fields=("key", "subproblem", "factor"),
+  meta_fields=("basis_shape",),
 )
 @dataclasses.dataclass(frozen=True)
 class RandomState:
-  """State of one matrix under `random`: a key and the subproblem index.
+  """State of one matrix under `random`: a key, the subproblem index and the QR factor.
 
-  P is not stored: `basis` regenerates it as
-  ``random_basis(fold_in(key, subproblem), s, r, distribution)``.
+  P is not stored: `basis` regenerates it from the draw
+  Z = ``gaussian_draw(fold_in(key, subproblem), s, r)``: Z·`factor` for a
+  Haar basis with s ≥ 2r, otherwise as ``random_basis(fold_in(key,
+  subproblem), s, r, distribution)`` does.
 
   Attributes:
     key: uint32[2], the matrix's key from `project_subspace` folded with the
       projector's seed.
     subproblem: int32, k of the current subproblem (count // K).
+    factor: M (r, r) float32 with P_k = Z·M (`haar_factor`, computed by the
+      subproblem's refresh; zero before the first one), or None where the
+      basis has none (Gaussian entries; Haar with s < 2r).
     basis_shape: (s, r), static (part of the tree structure, not an array):
       the shape of the P it regenerates, which the `Projector` interface
       does not pass to `basis`.
@@ -119,6 +140,7 @@ class RandomState:
 
   key: jax.Array
   subproblem: jax.Array
+  factor: Optional[jax.Array]
   basis_shape: tuple[int, int]
 
 
@@ -149,13 +171,21 @@ def random(
   At steps 0, K, 2K, … (K = `update_every`) the matrix enters subproblem
   k = step // K, whose basis is
   ``P_k = random_basis(fold_in(key, k), s, r, distribution)`` with `key`
-  the matrix's key (from `project_subspace`) folded with `seed`. Only the
-  key and k are stored; P is regenerated where it is used, identical on
-  every device without communication (docs/design.md). The refresh does not look
-  at the gradient. With ``store_basis=True`` the refresh draws the same P_k
-  once and the state keeps it (s × r floats per matrix, as GaLore's P):
-  the steps in between skip the draw and its QR (LLaMA-60M's train step on
-  an H100: ~1 ms of ~17 faster, docs/rso.md); the updates are the same.
+  the matrix's key (from `project_subspace`) folded with `seed`. The key
+  and k are stored, not P, which is regenerated where it is used, identical
+  on every device without communication (docs/design.md). For a Haar basis
+  with s ≥ 2r the refresh also keeps the r × r factor M of the draw's QR
+  (`haar_factor`, two CholeskyQR passes), so that each use costs the draw Z
+  and one product, P = Z·M, instead of the passes again; r² floats per
+  matrix, next to the moments' 2·r·l. The refresh does not look at the
+  gradient. With ``store_basis=True`` the refresh draws the same P_k once
+  and the state keeps it (s × r floats per matrix, as GaLore's P): the
+  steps in between skip the draw too; the updates are the same.
+
+  Z·M is computed at JAX's default matmul precision, as are the products
+  with G it enters (on a GPU: TF32 operands), while the refresh's passes
+  and `random_basis` use float32 throughout: on such a device the
+  regenerated P differs from `random_basis`'s by TF32 rounding.
 
   The key derivation is a contract with `optax_subspace.nn`'s model-level
   RSO: the matrix of leaf i (flatten order) draws
@@ -175,7 +205,7 @@ def random(
       or "gaussian" (i.i.d. N(0, 1/r), E[PPᵀ] = I); see `random_basis`.
     seed: folded into every matrix's key.
     store_basis: keep P_k in the state (`StoredRandomState`) instead of
-      regenerating it at every use (`RandomState`: a key and k).
+      regenerating it at every use (`RandomState`: a key, k and M).
 
   Returns:
     A `Projector` for `project_subspace`.
@@ -201,14 +231,25 @@ def random(
 
   def init(s, l, r, key):
     del l
-    return RandomState(jax.random.fold_in(key, seed), jnp.zeros([], jnp.int32), (s, r))
+    factor = jnp.zeros((r, r), jnp.float32) if has_haar_factor(s, r, distribution) else None
+    return RandomState(jax.random.fold_in(key, seed), jnp.zeros([], jnp.int32), factor, (s, r))
+
+  def draw_z(state, subproblem):
+    return gaussian_draw(jax.random.fold_in(state.key, subproblem), *state.basis_shape)
 
   def refresh(state, g, count):
     del g
-    return RandomState(state.key, subproblem_of(count), state.basis_shape), jnp.array(True)
+    subproblem = subproblem_of(count)
+    factor = state.factor
+    if factor is not None:  # the subproblem's two CholeskyQR passes, once
+      factor = haar_factor(draw_z(state, subproblem))
+    return RandomState(state.key, subproblem, factor, state.basis_shape), jnp.array(True)
 
   def basis(state):
-    return draw(state.key, state.subproblem, *state.basis_shape)
+    if state.factor is None:
+      return draw(state.key, state.subproblem, *state.basis_shape)
+    # At the default matmul precision, as the products with G that P enters (on a GPU: TF32).
+    return jnp.matmul(draw_z(state, state.subproblem), state.factor)
 
   return _base.Projector(
     rank=rank,
@@ -216,7 +257,7 @@ def random(
     basis=basis,
     needs_refresh=_base.RefreshSchedule(update_every),
     refresh=refresh,
-    batch_basis=True,  # each basis is a draw and a QR: batched by shape
+    batch_basis=True,  # each basis is a draw (and a product): batched by shape
   )
 
 
