@@ -54,6 +54,7 @@ PROFILED = (
   "galore_refresh_warm_oversampled",
   "fira_steady",
   "frugal_steady",
+  "frugal_rows_steady",
   "apollo_steady",
   "apollo_mini_steady",
   "apollo_steady_unpadded",
@@ -81,7 +82,8 @@ def methods(rank: int, dims=None) -> dict:
   972ca93). "*_host_refresh": the update told on the host that the step does not refresh
   (``subspace_refresh=False``: no refresh cond, so no host sync at it on a GPU).
   "fira_steady", "frugal_steady", "apollo_steady", "apollo_mini_steady": those presets' steady
-  steps (`_output_variants`), to see where their time over GaLore's goes; "apollo*_unpadded":
+  steps (`_output_variants`), to see where their time over GaLore's goes ("frugal_rows_steady":
+  FRUGAL with ``projector="rows"``, a gather and a scatter instead of products); "apollo*_unpadded":
   APOLLO pads G only for its one product R = PᵀG (1.5 ms of the 1B update on an H100), which
   may cost more than an unaligned product; "apollo*_stored_basis": P kept in the state
   (``store_basis=True``) instead of drawn from its key in every update, a Gaussian draw that
@@ -117,6 +119,7 @@ def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
   return {
     "fira_steady": (osub.fira(lr, rank, never, **common), 1),
     "frugal_steady": (osub.frugal(lr, rank, never, **common), 1),
+    "frugal_rows_steady": (osub.frugal(lr, rank, never, projector="rows", **common), 1),
     "apollo_steady": (osub.apollo(lr, rank, never, **common), 1),
     "apollo_mini_steady": (osub.apollo_mini(lr, never, **common), 1),
     "apollo_steady_stored_basis": (osub.apollo(lr, rank, never, store_basis=True, **common), 1),
