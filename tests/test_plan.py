@@ -59,7 +59,8 @@ CONFIGS = {
   ),
 }
 # What the shardings and the checkpoint signature were before the plan (commit 21cd102, when
-# sharding.py read each leaf's side off its buffers' shapes and checkpoint.py its rank).
+# sharding.py read each leaf's side off its buffers' shapes and checkpoint.py its rank), plus
+# the one state field added since: `RandomState.factor` (replicated; in the signature's fields).
 GOLDEN = pathlib.Path(__file__).with_name("plan_golden.json")
 
 
