@@ -314,7 +314,14 @@ class Pipeline:
     leaf = self.plan[i]
     if self.projector.back is None and leaf.axis == 1:
       return self._product_on_columns(i, bases, _leaves.low_rank_layout(r32, leaf))
-    back_r = self._product(self.projector.back, _base.dense_back, i, pstates, bases, r32)
+    # Padded as `back_project`'s N: R cut from its padded product and fed to P·R as it is was an
+    # unaligned operand, which XLA ran as a Triton GEMM fusion (FRUGAL's 1B update on an H100: 48
+    # gate/up products at ~187 µs each, 9.0 ms; profile_update_1b_h100_1b9b86f_fira_frugal.json).
+    extra = self._padding(i, self.projector.back)
+    back_r = _cut(
+      self._product(self.projector.back, _base.dense_back, i, pstates, bases, _pad(r32, extra)),
+      extra,
+    )
     return jnp.swapaxes(back_r, -1, -2) if leaf.axis == 1 else back_r
 
   def residual(self, stages, pstates, bases, g, r, n, previous, released=None):

@@ -407,8 +407,11 @@ def _with_setting(monkeypatch, module, name, value, make, params, seed):
     # OSD's P steps and RSO's products: the slow set (the fast subset pads GaLore's products).
     pytest.param(lambda: osub.online_subspace_descent(1e-2, 4), marks=pytest.mark.slow),
     pytest.param(lambda: osub.rso(1e-2, 4, 2), marks=pytest.mark.slow),
+    # FRUGAL's P·R on the padded R, Fira's folded back-projection.
+    lambda: osub.frugal(1e-2, 4, 2),
+    pytest.param(lambda: osub.fira(1e-2, 4, 2), marks=pytest.mark.slow),
   ],
-  ids=["galore", "osd", "rso"],
+  ids=["galore", "osd", "rso", "frugal", "fira"],
 )
 def test_zero_padded_products_change_no_value(make, monkeypatch):
   # Kept sides of 37 and 45 are not multiples of PRODUCT_ALIGNMENT: the dense
