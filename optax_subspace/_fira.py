@@ -150,16 +150,12 @@ def fused_fira_terms(
     b, alpha = released
     seen, w, u = n / b, alpha, b / alpha
   column = granularity == "column"
-  # ‖G_{:,j}‖² read off G before k is known, so that the pass over G needs nothing from the inner
-  # update (XLA may fuse it with another reader of G, e.g. the products' zero padding).
-  g_sq = jnp.sum(jnp.square(g), axis=-1 if transposed else 0) if column else jnp.sum(jnp.square(g))
   k, r_norms = _norm_ratio(r, seen, axis=0 if column else None)
   g_d = g * (column_factors(k, transposed) if column else k)
   r_d = r * (k[None, :] if column else k)
-  # ‖G·D‖² = Σ_j k_j²·‖G_{:,j}‖² and ‖R·D‖² = Σ_j k_j²·‖R_{:,j}‖²: no pass over G·D or R·D.
-  gd2 = jnp.sum(jnp.square(k) * g_sq)
+  # ‖R·D‖² from the norms k is made of (Σ_j k_j²·‖R_{:,j}‖²), not from another pass over R.
   rd2 = jnp.sum(jnp.square(k * r_norms))
-  norm = jnp.sqrt(jnp.maximum(gd2 - w * (2 - w) * rd2, 0.0))
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(g_d * g_d) - w * (2 - w) * rd2, 0.0))
   factor, state = limit_factor(norm, state, gamma)
   return (u * factor) * g_d, n - (u * w * factor) * r_d, state
 
