@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 
 from optax_subspace import _combinator
 from optax_subspace import _leaves
+from optax_subspace.projectors.random import RandomState
+from optax_subspace.projectors.random import subproblem_factor
 
 _FORMAT = 1
 _ITEMS = ("params", "opt_state")
@@ -255,7 +257,9 @@ def restore_checkpoint(
   Arrays are then restored onto the targets' shardings, on any mesh (saved
   on 8 devices, restored on 4 or 1). Restoring step N and taking M more
   steps gives, bit for bit, the state of N + M uninterrupted steps (same
-  program, same devices).
+  program, same devices). A `projectors.random` state saved before it kept
+  its QR factor (`RandomState.factor`) is restored without it, and each
+  factor is computed again from the restored key and subproblem index.
 
   References:
     Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
@@ -305,7 +309,14 @@ def restore_checkpoint(
       stacklevel=2,
     )
   differences = [] if saved is None else _differences(saved, _signature(params, opt_state))
-  if differences:
+  # A random projector's state written before it kept its QR factor (`RandomState.factor`):
+  # restored without it, the factor is then computed from the key and subproblem it belongs to.
+  legacy = None
+  if differences and saved is not None:
+    legacy = _without_random_factors(opt_state)
+    if legacy is opt_state or _differences(_with_factor_fields(saved), _signature(params, legacy)):
+      legacy = None
+  if differences and legacy is None:
     raise CheckpointMismatchError(
       f"checkpoint step {step} in {manager.directory} does not fit the"
       " target:\n  " + "\n  ".join(differences)
@@ -314,7 +325,71 @@ def restore_checkpoint(
     step,
     args=ocp.args.Composite(
       params=ocp.args.StandardRestore(_abstract(params)),
-      opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
+      opt_state=ocp.args.StandardRestore(_abstract(opt_state if legacy is None else legacy)),
     ),
   )
-  return step, restored["params"], restored["opt_state"]
+  restored_state = restored["opt_state"]
+  if legacy is not None:
+    restored_state = _restore_random_factors(restored_state, opt_state)
+  return step, restored["params"], restored_state
+
+
+_LEGACY_RANDOM_FIELDS = ["key", "subproblem", "basis_shape"]
+
+
+def _is_random_state(x) -> bool:
+  return isinstance(x, RandomState)
+
+
+def _without_random_factors(opt_state):
+  """`opt_state` with every `RandomState.factor` None (the state before the factor existed);
+  `opt_state` itself if it has none."""
+  found = []
+
+  def strip(x):
+    if _is_random_state(x) and x.factor is not None:
+      found.append(x)
+      return dataclasses.replace(x, factor=None)
+    return x
+
+  stripped = jax.tree_util.tree_map(strip, opt_state, is_leaf=_is_random_state)
+  return stripped if found else opt_state
+
+
+def _with_factor_fields(saved: dict) -> dict:
+  """The saved signature with the field lists of a `RandomState` written before `factor`
+  existed given it, so that it compares with a target whose factors are set aside."""
+  subspaces = {
+    node: {
+      path: (
+        {**entry, "fields": ["key", "subproblem", "factor", "basis_shape"]}
+        if entry["projector"] == "RandomState" and entry["fields"] == _LEGACY_RANDOM_FIELDS
+        else entry
+      )
+      for path, entry in leaves.items()
+    }
+    for node, leaves in saved["subspaces"].items()
+  }
+  return {**saved, "subspaces": subspaces}
+
+
+def _restore_random_factors(restored, target):
+  """`restored` (factors None) with each `RandomState.factor` the target has computed from the
+  restored key and subproblem (`projectors.random`'s refresh: the same function), batched over
+  the leaf's matrices and placed on the target's sharding."""
+
+  def fill(state, like):
+    if not _is_random_state(state) or like.factor is None:
+      return state
+    s, r = state.basis_shape
+    batch = np.shape(state.subproblem)
+    factors = jax.jit(jax.vmap(lambda k, j: subproblem_factor(k, j, s, r)))(
+      state.key.reshape((-1,) + np.shape(state.key)[len(batch) :]),
+      state.subproblem.reshape(-1),
+    ).reshape(batch + (r, r))
+    sharding = getattr(like.factor, "sharding", None)
+    return dataclasses.replace(
+      state, factor=factors if sharding is None else jax.device_put(factors, sharding)
+    )
+
+  return jax.tree_util.tree_map(fill, restored, target, is_leaf=_is_random_state)

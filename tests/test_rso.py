@@ -1,5 +1,6 @@
 """RSO (issue 4, optimizer level): the `side` option, `projectors.random`, `rso`."""
 
+import dataclasses
 import math
 import warnings
 
@@ -12,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import optax_subspace as osub
+from optax_subspace import checkpoint
 from optax_subspace import projectors
 from optax_subspace._leaves import path_str
 from optax_subspace.projectors import _base
@@ -491,6 +493,57 @@ def test_state_shardings_read_the_projected_side_off_the_state():
   got = osub.state_shardings(tx, wide, {"a": jax.sharding.NamedSharding(mesh, spec(None, "fsdp"))})
   assert got.projectors["a"].basis.spec == spec("fsdp", None)
   assert got.inner[0].mu["a"].spec == spec("fsdp", None)
+
+
+def test_a_checkpoint_written_before_the_qr_factor_restores_with_it_and_resumes(
+  tmp_path, monkeypatch
+):
+  params = {
+    "w": jax.random.normal(jax.random.PRNGKey(0), (12, 6)),
+    "stack": jax.random.normal(jax.random.PRNGKey(1), (2, 10, 4)),
+  }
+  dims = lambda path, x: osub.MatrixDims(rows=1, cols=2) if x.ndim == 3 else None
+  tx = osub.rso(0.01, rank=2, inner_steps=3, dims=dims, mask=r"w|stack")
+  update = jax.jit(tx.update)
+
+  def run(p, state, steps):
+    for t in steps:
+      u, state = update(_grads(p, t), state, p)
+      p = optax.apply_updates(p, u)
+    return p, state
+
+  p4, s4 = run(params, tx.init(params), range(4))  # subproblem 1 started at step 3
+  assert s4[0].projectors["stack"].factor.shape == (2, 2, 2)
+  # Written as the library wrote RSO states before RandomState.factor: no factor arrays, and
+  # the signature's field lists without it.
+  signature_fields = checkpoint._subspaces  # pylint: disable=protected-access
+
+  def legacy_subspaces(params, opt_state):
+    out = signature_fields(params, opt_state)
+    for leaves in out.values():
+      for entry in leaves.values():
+        entry["fields"] = [f for f in entry["fields"] if f != "factor"]
+    return out
+
+  manager = ocp.CheckpointManager(tmp_path)
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint, "_subspaces", legacy_subspaces)
+    legacy = jax.tree_util.tree_map(
+      lambda x: dataclasses.replace(x, factor=None) if isinstance(x, projectors.RandomState) else x,
+      s4,
+      is_leaf=lambda x: isinstance(x, projectors.RandomState),
+    )
+    osub.save_checkpoint(manager, 4, p4, legacy)
+    manager.wait_until_finished()
+  step, p, state = osub.restore_checkpoint(
+    manager, jax.eval_shape(lambda x: x, params), jax.eval_shape(tx.init, params)
+  )
+  assert step == 4
+  # The factors are computed again from the restored keys and subproblems: the run's own.
+  chex.assert_trees_all_close(state, s4, rtol=1e-6, atol=1e-7)
+  resumed, _ = run(p, state, range(4, 7))
+  uninterrupted, _ = run(p4, s4, range(4, 7))
+  chex.assert_trees_all_close(resumed, uninterrupted, rtol=1e-6, atol=1e-7)
 
 
 def test_a_checkpoint_at_another_rank_fails_naming_the_rank(tmp_path):

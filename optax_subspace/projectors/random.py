@@ -96,6 +96,11 @@ def haar_factor(z: jax.Array) -> jax.Array:
   return jnp.matmul(first, second, precision=hi)
 
 
+def subproblem_factor(key: jax.Array, subproblem: jax.Array, s: int, r: int) -> jax.Array:
+  """M (r, r) of one matrix's subproblem: `haar_factor` of its draw, as `random`'s refresh keeps."""
+  return haar_factor(gaussian_draw(jax.random.fold_in(key, subproblem), s, r))
+
+
 def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
   """L⁻¹ for gram = LLᵀ (L lower triangular): a Cholesky and a triangular solve.
 
@@ -242,7 +247,7 @@ def random(
     subproblem = subproblem_of(count)
     factor = state.factor
     if factor is not None:  # the subproblem's two CholeskyQR passes, once
-      factor = haar_factor(draw_z(state, subproblem))
+      factor = subproblem_factor(state.key, subproblem, *state.basis_shape)
     return RandomState(state.key, subproblem, factor, state.basis_shape), jnp.array(True)
 
   def basis(state):
