@@ -371,6 +371,21 @@ def test_state_per_matrix_is_a_key_an_index_a_qr_factor_and_low_rank_buffers(pro
   assert floats == (2 + (proximal is not None)) * r * n + r * r + 2 * n
 
 
+def test_a_steady_update_regenerates_p_without_a_qr():
+  # Between subproblems P = Z·M: the draw and one product, no Cholesky or triangular solve (the
+  # refresh's CholeskyQR2 runs once per subproblem).
+  params = {"w": jnp.zeros((16, 6)), "v": jnp.zeros((12, 5))}
+  tx = osub.rso(1e-3, rank=3, inner_steps=4)
+  state = tx.init(params)
+
+  def primitives(refresh):
+    update = lambda g, s, p: tx.update(g, s, p, subspace_refresh=refresh)
+    return str(jax.make_jaxpr(update)(params, state, params))
+
+  assert "cholesky" not in primitives(False) and "triangular_solve" not in primitives(False)
+  assert "cholesky" in primitives(True) and "triangular_solve" in primitives(True)
+
+
 def test_a_stored_basis_gives_the_updates_of_the_regenerated_one():
   params = {
     "dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (10, 6)), "bias": jnp.zeros(6)},
