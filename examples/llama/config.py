@@ -182,7 +182,8 @@ class TrainConfig:
   rso_store_basis: bool = _flag(
     False,
     "rso: keep each subproblem's random basis in the optimizer state (s x r floats per matrix)"
-    " instead of regenerating it at every step (the same updates, a faster step)",
+    " instead of regenerating it from its key and r x r QR factor at every step (the same"
+    " updates; the step a draw and a product faster)",
   )
   # devices
   data_parallel: int = _flag(1, "devices on the mesh's data axis (batch split, weights replicated)")
