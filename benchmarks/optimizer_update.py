@@ -58,8 +58,10 @@ PROJECTED_WORDS = {
   # P (s × r), moments r × l.
   "galore": lambda s, l, m, n, r: r * s + 2 * r * l,
   "galore_warm": lambda s, l, m, n, r: r * s + 2 * r * l,
+  "galore_bf16_products": lambda s, l, m, n, r: r * s + 2 * r * l,
   # P (s × r) and AdamW's moments on P (2·s × r), moments r × l.
   "osd": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
+  "osd_bf16_products": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
   # P regenerated from a key (2 words), a subproblem index and, for m ≥ 2r, its QR factor
   # (r × r); moments of B (r × n).
   "rso": lambda s, l, m, n, r: 2 * r * n + 3 + (r * r if m >= 2 * r else 0),

@@ -65,10 +65,13 @@ METHODS = tuple(
 # Variants a run names explicitly (--methods), left out of the default list: each is a method
 # run with the example's options given here. RSO with each subproblem's basis kept in the state
 # (`rso(..., store_basis=True)`); GaLore whose refreshes after step 0 are two rounds of subspace
-# iteration (`projectors.svd(..., warm_iterations=2)`).
+# iteration (`projectors.svd(..., warm_iterations=2)`); GaLore and OSD with their products with G
+# in bfloat16 (`projection_dtype=jnp.bfloat16`, the example's --projection-dtype).
 VARIANT_OF = {
   "rso_stored_basis": ("rso", {"rso_store_basis": True}),
   "galore_warm": ("galore", {"galore_warm_iterations": 2}),
+  "galore_bf16_products": ("galore", {"projection_dtype": "bfloat16"}),
+  "osd_bf16_products": ("osd", {"projection_dtype": "bfloat16"}),
 }
 VARIANTS = tuple(VARIANT_OF)
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")

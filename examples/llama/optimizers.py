@@ -164,6 +164,7 @@ def _full_rank_method(cfg: TrainConfig, lr, lr_rest) -> optax.GradientTransforma
     mask=PROJECTED,
     dims=matrix_dims(cfg),
     unprojected_learning_rate=lr_rest,
+    projection_dtype=projection_dtype(cfg),
   )
   preset = _subspace_method(cfg.optimizer, cfg.optimizer)
   if cfg.limiter_gamma and cfg.optimizer != "frugal":
@@ -181,6 +182,11 @@ def _full_rank_method(cfg: TrainConfig, lr, lr_rest) -> optax.GradientTransforma
       lr, rank=cfg.effective_rank(), update_every=cfg.update_every, seed=cfg.seed, **common
     )
   return preset(lr, update_every=cfg.update_every, seed=cfg.seed, **common)
+
+
+def projection_dtype(cfg: TrainConfig):
+  """--projection-dtype as the presets take it: None (their float32 default) or bfloat16."""
+  return None if cfg.projection_dtype == "float32" else jax.numpy.dtype(cfg.projection_dtype)
 
 
 def method(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -218,6 +224,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
       mask=PROJECTED,
       dims=matrix_dims(cfg),
       unprojected_learning_rate=lr_rest,
+      projection_dtype=projection_dtype(cfg),
     )
   if cfg.optimizer == "osd":
     return _subspace_method("osd", "online_subspace_descent")(
@@ -230,6 +237,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
       mask=PROJECTED,
       dims=matrix_dims(cfg),
       unprojected_learning_rate=lr_rest,
+      projection_dtype=projection_dtype(cfg),
     )
   if cfg.optimizer == "grass":
     # Top-r rows by norm, moments reset at a new selection (as reported for GRASS; or
@@ -245,6 +253,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
       mask=PROJECTED,
       dims=matrix_dims(cfg),
       unprojected_learning_rate=lr_rest,
+      projection_dtype=projection_dtype(cfg),
     )
   if cfg.optimizer == "rso":
     # One RSO subproblem per --update-every steps: a fresh random P (Haar by default) on the
@@ -258,6 +267,7 @@ def method(cfg: TrainConfig) -> optax.GradientTransformation:
       mask=PROJECTED,
       dims=matrix_dims(cfg),
       unprojected_learning_rate=lr_rest,
+      projection_dtype=projection_dtype(cfg),
       seed=cfg.seed,
       store_basis=cfg.rso_store_basis,
       proximal=cfg.rso_proximal or None,

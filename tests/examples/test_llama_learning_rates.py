@@ -71,6 +71,8 @@ def test_lr_unprojected_moves_the_rest_and_leaves_the_kernels(optimizer):
     ({"optimizer": "osd", "galore_warm_iterations": 2}, "an option of --optimizer galore"),
     ({"optimizer": "galore", "galore_warm_oversample": -1}, "--galore-warm-oversample"),
     ({"optimizer": "galore", "galore_warm_oversample": 4}, "needs --galore-warm-iterations"),
+    ({"optimizer": "galore", "projection_dtype": "float16"}, "--projection-dtype"),
+    ({"optimizer": "adamw", "projection_dtype": "bfloat16"}, "--projection-dtype is an option"),
   ],
 )
 def test_bad_learning_rate_flags_are_one_line_errors(flags, message):
@@ -112,6 +114,9 @@ def test_fira_released_order_flag_reaches_the_preset():
     # Step 2's refresh: two rounds of subspace iteration from step 0's basis, not the eigh.
     ("galore", 2, {"galore_warm_iterations": 2}),
     ("galore", 2, {"galore_warm_iterations": 2, "galore_warm_oversample": 4}),
+    # bf16 operands of the products with G round them: another update.
+    ("galore", 2, {"projection_dtype": "bfloat16"}),
+    ("osd", 2, {"projection_dtype": "bfloat16"}),
   ],
 )
 def test_method_choice_flags_reach_the_preset(optimizer, update_every, flags):
