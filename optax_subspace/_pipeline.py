@@ -314,9 +314,9 @@ class Pipeline:
     leaf = self.plan[i]
     if self.projector.back is None and leaf.axis == 1:
       return self._product_on_columns(i, bases, _leaves.low_rank_layout(r32, leaf))
-    # Padded as `back_project`'s N: R cut from its padded product and fed to P·R as it is was an
-    # unaligned operand, which XLA ran as a Triton GEMM fusion (FRUGAL's 1B update on an H100: 48
-    # gate/up products at ~187 µs each, 9.0 ms; profile_update_1b_h100_1b9b86f_fira_frugal.json).
+    # Padded as `back_project`'s N: R as cut from its padded product was an unaligned operand of
+    # P·R, which XLA ran as a Triton GEMM fusion (48 gate/up products at ~187 µs each on an H100);
+    # padded, FRUGAL's 1B update went from 38.12 to 34.90 ms (profile_update_1b_h100_9f250f3.json).
     extra = self._padding(i, self.projector.back)
     back_r = _cut(
       self._product(self.projector.back, _base.dense_back, i, pstates, bases, _pad(r32, extra)),
