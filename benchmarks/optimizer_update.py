@@ -57,11 +57,8 @@ PROJECTED_WORDS = {
   "optax_contrib_galore": lambda s, l, m, n, r: r * l + 2 * r * s,
   # P (s × r), moments r × l.
   "galore": lambda s, l, m, n, r: r * s + 2 * r * l,
-  "galore_warm": lambda s, l, m, n, r: r * s + 2 * r * l,
-  "galore_bf16_products": lambda s, l, m, n, r: r * s + 2 * r * l,
   # P (s × r) and AdamW's moments on P (2·s × r), moments r × l.
   "osd": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
-  "osd_bf16_products": lambda s, l, m, n, r: 3 * r * s + 2 * r * l,
   # P regenerated from a key (2 words), a subproblem index and, for m ≥ 2r, its QR factor
   # (r × r); moments of B (r × n).
   "rso": lambda s, l, m, n, r: 2 * r * n + 3 + (r * r if m >= 2 * r else 0),
@@ -92,9 +89,19 @@ def _projected(path: str, shape) -> bool:
   return len(shape) == 2 and re.search(optimizer_step.PROJECTED, path) is not None
 
 
+# Variants that hold their base method's state: another refresh, or another operand dtype of the
+# products.
+SAME_STATE_AS = {
+  "galore_warm": "galore",
+  "galore_bf16_products": "galore",
+  "osd_bf16_products": "osd",
+}
+
+
 def analytic_state_bytes(method: str, shapes, rank: int) -> int:
   """The state bytes `method` should hold on the tree `shapes` at `rank` (float32)."""
-  words = PROJECTED_WORDS[method.removesuffix("_refresh")]
+  method = method.removesuffix("_refresh")
+  words = PROJECTED_WORDS[SAME_STATE_AS.get(method, method)]
   total = 0
   for path, shape in _leaves(shapes):
     if _projected(_path(path), shape):

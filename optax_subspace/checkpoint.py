@@ -362,7 +362,7 @@ def _with_factor_fields(saved: dict) -> dict:
   subspaces = {
     node: {
       path: (
-        {**entry, "fields": ["key", "subproblem", "factor", "basis_shape"]}
+        {**entry, "fields": [f.name for f in dataclasses.fields(RandomState)]}
         if entry["projector"] == "RandomState" and entry["fields"] == _LEGACY_RANDOM_FIELDS
         else entry
       )

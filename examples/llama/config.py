@@ -40,7 +40,7 @@ OPTIMIZERS = (
 # and optax.contrib.galore's dimension numbers name no batch axis.
 SCAN_UNSUPPORTED = ("rso_model", "grass_model", "optax_galore")
 # The optimizer-level methods built on optax_subspace.project_subspace (--projection-dtype).
-PROJECTED_METHODS = ("galore", "osd", "rso", "grass", "fira", "frugal", "apollo", "apollo_mini")
+PROJECTED_METHODS = tuple(m for m in OPTIMIZERS if m not in SCAN_UNSUPPORTED + ("adamw",))
 CORPORA = ("sotu", "offline-large", "c4")
 TOKENIZERS = ("auto", "mistral", "byte", "t5")
 DTYPES = ("bfloat16", "float32")

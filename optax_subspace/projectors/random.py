@@ -96,9 +96,14 @@ def haar_factor(z: jax.Array) -> jax.Array:
   return jnp.matmul(first, second, precision=hi)
 
 
+def subproblem_draw(key: jax.Array, subproblem: jax.Array, s: int, r: int) -> jax.Array:
+  """Z (s, r) of one matrix's subproblem: the draw of its key folded with the index."""
+  return gaussian_draw(jax.random.fold_in(key, subproblem), s, r)
+
+
 def subproblem_factor(key: jax.Array, subproblem: jax.Array, s: int, r: int) -> jax.Array:
   """M (r, r) of one matrix's subproblem: `haar_factor` of its draw, as `random`'s refresh keeps."""
-  return haar_factor(gaussian_draw(jax.random.fold_in(key, subproblem), s, r))
+  return haar_factor(subproblem_draw(key, subproblem, s, r))
 
 
 def _inverse_cholesky_factor(gram: jax.Array) -> jax.Array:
@@ -239,9 +244,6 @@ def random(
     factor = jnp.zeros((r, r), jnp.float32) if has_haar_factor(s, r, distribution) else None
     return RandomState(jax.random.fold_in(key, seed), jnp.zeros([], jnp.int32), factor, (s, r))
 
-  def draw_z(state, subproblem):
-    return gaussian_draw(jax.random.fold_in(state.key, subproblem), *state.basis_shape)
-
   def refresh(state, g, count):
     del g
     subproblem = subproblem_of(count)
@@ -254,7 +256,8 @@ def random(
     if state.factor is None:
       return draw(state.key, state.subproblem, *state.basis_shape)
     # At the default matmul precision, as the products with G that P enters (on a GPU: TF32).
-    return jnp.matmul(draw_z(state, state.subproblem), state.factor)
+    z = subproblem_draw(state.key, state.subproblem, *state.basis_shape)
+    return jnp.matmul(z, state.factor)
 
   return _base.Projector(
     rank=rank,
