@@ -237,6 +237,14 @@ _FLAGS = {
       " the device kernels' time by kind and the top N kernels",
     ),
     (
+      "--stacked-projection-elements",
+      int,
+      None,
+      "train_step: the library's STACKED_PROJECTION_ELEMENTS while the steps compile (R = PᵀG"
+      " of matrices of at most this many elements batched per shape; 0: per leaf; default:"
+      " the library's)",
+    ),
+    (
       "--param-dtype",
       ("float32", "bfloat16"),
       None,
@@ -273,7 +281,12 @@ _FLAGS = {
 }
 # The suites each group applies to (and the flags that apply to train_step alone).
 _APPLIES = {"quality": ("quality",), "train_step and largest_model": WORKER_SUITES}
-_TRAIN_STEP_ONLY = ("scan_layers", "profile_top", "host_refresh")
+_TRAIN_STEP_ONLY = (
+  "scan_layers",
+  "profile_top",
+  "host_refresh",
+  "stacked_projection_elements",
+)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -208,6 +208,7 @@ def describe(options, quick) -> dict:
       "scan_layers": bool(options.get("scan_layers")),
       "param_dtype": param,
       "host_refresh": bool(options.get("host_refresh")),
+      "stacked_projection_elements": options.get("stacked_projection_elements", "library default"),
       "state_dtype": state or "native",
       "attention": options.get("attention") or "auto",
       "rank": options.get("rank") or "hidden / 4",
@@ -290,6 +291,7 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print, checkpo
           "refresh_reps": max(2, reps // 5),
           "profile_top": options.get("profile_top"),
           "host_refresh": bool(options.get("host_refresh")),
+          "stacked_projection_elements": options.get("stacked_projection_elements"),
           "compilation_cache": options.get("compilation_cache"),
         }
         row = {"method": method, "status": "running"}

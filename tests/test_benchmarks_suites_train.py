@@ -227,3 +227,27 @@ def test_train_step_writes_its_json_before_the_first_job_and_records_a_timeout()
   assert snapshots[-1]["sizes"][0]["rows"] == [row]
   assert "  [adamw tiny] started" in logs
   assert any(line.startswith("  [adamw tiny] timed out after ") for line in logs)
+
+
+def test_stacked_projection_elements_reach_the_compiled_step_and_only_it():
+  # --stacked-projection-elements: the library's STACKED_PROJECTION_ELEMENTS while the job's
+  # programs compile (the tiny model's q/k/v/o kernels are one (s, l, r) bucket: their PᵀG one
+  # batched product), and the library's setting again afterwards.
+  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
+
+  job = {
+    "method": "galore",
+    "model": train_setups.model_fields(train_step.SIZES["tiny"], 512, False, "float32"),
+    "batch": 2,
+    "seq": 16,
+    "rank": None,
+    "state_dtype": None,
+    "attention": "xla",
+    "host_refresh": True,
+  }
+  products = {}
+  for elements in (0, 1 << 30):
+    _, compiled, _ = train_setups.start_job({**job, "stacked_projection_elements": elements})
+    products[elements] = compiled.step.as_text().count(" dot(")
+  assert 0 < products[1 << 30] < products[0]
+  assert _combinator.STACKED_PROJECTION_ELEMENTS == 0
