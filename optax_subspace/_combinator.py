@@ -51,7 +51,8 @@ OWN_BATCH_MATRICES = 8
 # own GEMM (likely with the gradient's bf16 → float32 conversion fused in), 5.56 ms
 # against 2.59 ms as cuBLAS GEMMs in the update alone (docs/benchmarks.md, "Measured: 60M,
 # 350M and 1B from one commit"). Not yet measured on a GPU: the train_step
-# suite's --stacked-projection-elements sets it for one run.
+# suite's --stacked-projection-elements sets it for one run. Meant for one device:
+# on a mesh the concatenation is XLA's to shard, and no test checks what it moves.
 STACKED_PROJECTION_ELEMENTS = 0
 
 
