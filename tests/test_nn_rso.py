@@ -448,7 +448,7 @@ def test_shared_basis_gradients_are_the_projected_weight_gradients(jit):
   # Each member's ∂L/∂B at B = 0 is Pᵀ·∂L/∂W with the group's one P (and stays so under jit, where
   # the members' x·P products are one).
   model = _llama()
-  full = nnx.grad(_loss)(model, _tokens(1))
+  full = nnx.jit(nnx.grad(_loss))(model, _tokens(1))  # the dense reference, jitted either way
   osnn.rso_layers(model, RANK, share_basis=osnn.SHARE_QKV_GATE_UP)
   grad = nnx.jit(nnx.grad(_loss)) if jit else nnx.grad(_loss)
   grads = grad(model, _tokens(1))
