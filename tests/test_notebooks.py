@@ -3,7 +3,6 @@
 import json
 import os
 import pathlib
-import time
 
 import nbformat
 import pytest
@@ -20,19 +19,17 @@ def _executed(tmp_path, monkeypatch, params):
     "PYTHONPATH", os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
   )
   notebook = nbformat.read(NOTEBOOK, as_version=4)
-  start = time.perf_counter()
+  # A cell that hangs fails the test after 120 s; how fast the notebook runs is not a test's to
+  # check (a loaded 2-core machine runs it in 20-30 s).
   NotebookClient(
     notebook, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
   ).execute()
-  return notebook, time.perf_counter() - start
+  return notebook
 
 
 @pytest.mark.slow
 def test_notebook_runs_both_suites_and_plots_what_they_wrote(tmp_path, monkeypatch):
-  notebook, seconds = _executed(
-    tmp_path, monkeypatch, {"size": "tiny", "reps": 1, "out_dir": str(tmp_path)}
-  )
-  assert seconds < 60
+  notebook = _executed(tmp_path, monkeypatch, {"size": "tiny", "reps": 1, "out_dir": str(tmp_path)})
 
   projector = json.loads((tmp_path / "projector_cost_cpu.json").read_text())
   assert projector["platform"] == "cpu" and projector["versions"]["jax"]
