@@ -237,6 +237,13 @@ _FLAGS = {
       " the device kernels' time by kind and the top N kernels",
     ),
     (
+      "--hlo-dir",
+      str,
+      None,
+      "train_step: write each method's compiled programs (step, refresh) there as"
+      " METHOD_SIZE_PROGRAM.hlo.txt.gz: the kernel names of --profile-top are its fusions'",
+    ),
+    (
       "--stacked-projection-elements",
       int,
       None,
@@ -286,6 +293,7 @@ _TRAIN_STEP_ONLY = (
   "profile_top",
   "host_refresh",
   "stacked_projection_elements",
+  "hlo_dir",
 )
 
 

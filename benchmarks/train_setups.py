@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import gzip
 import importlib
 import json
 import os
@@ -375,6 +376,17 @@ def compile_setup(setup: TrainSetup) -> Compiled:
   return Compiled(programs["step"], programs.get("refresh"), times)
 
 
+def write_hlo(compiled: Compiled, folder, stem: str) -> None:
+  """Each compiled program's optimised HLO text as FOLDER/STEM_PROGRAM.hlo.txt.gz (PROGRAM: step,
+  refresh): what the device runs, fusions named as the profiler's kernels."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  for name, program in (("step", compiled.step), ("refresh", compiled.refresh)):
+    if program is not None:
+      with gzip.open(folder / f"{stem}_{name}.hlo.txt.gz", "wt") as f:
+        f.write(program.as_text())
+
+
 def memory_analysis(compiled) -> Optional[dict]:
   """`compiled.memory_analysis()` as a dict, with ``need_bytes`` = arguments + outputs −
   aliased outputs + temporaries: what running the program needs at once."""
@@ -482,6 +494,8 @@ def start_job(job: dict):
     compiled = compile_setup(setup)
   compile_s = {k: round(v, 2) for k, v in compiled.compile_s.items()}
   progress("compiled (" + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()) + ")")
+  if job.get("hlo_dir"):
+    write_hlo(compiled, job["hlo_dir"], f"{job['method']}_{job.get('size', 'model')}")
   analyses = {"step": memory_analysis(compiled.step)}
   if compiled.refresh is not None:
     analyses["refresh"] = memory_analysis(compiled.refresh)

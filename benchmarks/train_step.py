@@ -209,6 +209,7 @@ def describe(options, quick) -> dict:
       "param_dtype": param,
       "host_refresh": bool(options.get("host_refresh")),
       "stacked_projection_elements": options.get("stacked_projection_elements", "library default"),
+      "hlo_dir": options.get("hlo_dir"),
       "state_dtype": state or "native",
       "attention": options.get("attention") or "auto",
       "rank": options.get("rank") or "hidden / 4",
@@ -292,6 +293,7 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print, checkpo
           "profile_top": options.get("profile_top"),
           "host_refresh": bool(options.get("host_refresh")),
           "stacked_projection_elements": options.get("stacked_projection_elements"),
+          "hlo_dir": options.get("hlo_dir"),
           "compilation_cache": options.get("compilation_cache"),
         }
         row = {"method": method, "status": "running"}

@@ -4,6 +4,7 @@ The workers compile unoptimised CPU code (--xla_backend_optimization_level=0, as
 tests/test_notebooks.py): these runs check what the suites record, not how fast the CPU is.
 """
 
+import gzip
 import json
 import math
 import sys
@@ -229,13 +230,15 @@ def test_train_step_writes_its_json_before_the_first_job_and_records_a_timeout()
   assert any(line.startswith("  [adamw tiny] timed out after ") for line in logs)
 
 
-def test_stacked_projection_elements_reach_the_compiled_step_and_only_it():
+def test_stacked_projection_elements_reach_the_compiled_step_and_only_it(tmp_path):
   # --stacked-projection-elements: the library's STACKED_PROJECTION_ELEMENTS while the job's
   # programs compile (the tiny model's q/k/v/o kernels are one (s, l, r) bucket: their PᵀG one
-  # batched product), and the library's setting again afterwards.
+  # batched product), and the library's setting again afterwards. --hlo-dir: the compiled
+  # programs' text, as the job compiled them.
   from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
 
   job = {
+    "size": "tiny",
     "method": "galore",
     "model": train_setups.model_fields(train_step.SIZES["tiny"], 512, False, "float32"),
     "batch": 2,
@@ -247,7 +250,12 @@ def test_stacked_projection_elements_reach_the_compiled_step_and_only_it():
   }
   products = {}
   for elements in (0, 1 << 30):
-    _, compiled, _ = train_setups.start_job({**job, "stacked_projection_elements": elements})
+    hlo_dir = tmp_path / str(elements)
+    _, compiled, _ = train_setups.start_job(
+      {**job, "stacked_projection_elements": elements, "hlo_dir": str(hlo_dir)}
+    )
     products[elements] = compiled.step.as_text().count(" dot(")
+    with gzip.open(hlo_dir / "galore_tiny_step.hlo.txt.gz", "rt") as f:
+      assert f.read() == compiled.step.as_text()
   assert 0 < products[1 << 30] < products[0]
   assert _combinator.STACKED_PROJECTION_ELEMENTS == 0
