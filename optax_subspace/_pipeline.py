@@ -214,6 +214,12 @@ class Pipeline:
       return over_batch(own, self.plan[i], pstates[i], x, in_axes=(0, 0))
     return over_batch(dense, self.plan[i], bases[i], x, in_axes=(0, 0))
 
+  def _aligned_product(self, own, dense, i, pstates, bases, x):
+    """`_product` on x zero-padded to the alignment (`_padding`), the padding cut off again:
+    the same values, an aligned operand for the GEMM."""
+    extra = self._padding(i, own)
+    return _cut(self._product(own, dense, i, pstates, bases, _pad(x, extra)), extra)
+
   def project(self, pstates, bases, g):
     """R = PᵀG of every projected leaf, oriented (…, r, l), and the advance's
     inputs.
@@ -226,7 +232,7 @@ class Pipeline:
     own, projected = self.projector.project, self.plan.projected
     extra = {i: self._padding(i, own) for i in projected}
     padded = {i: _pad(self.orient(i, g[i]), extra[i]) for i in projected}
-    together = self._stacked_projections(padded) if own is None else []
+    together = self._stacked_projections(projected) if own is None and self.stack_elements else []
     r_padded = (
       stacked(_base.dense_project, self.plan, together, self._projection_group, bases, padded)
       if together
@@ -248,13 +254,13 @@ class Pipeline:
     same (s, l, r) and the same padding of l."""
     return leaf.bucket, leaf.kept_side_is_last
 
-  def _stacked_projections(self, padded) -> list:
+  def _stacked_projections(self, leaves) -> list:
     """The leaves whose R = PᵀG runs stacked (`stack_elements`): matrices of
     at most that many elements that share their `_projection_group` with
     another such leaf. A leaf that is already a batch of `own_batch`
     matrices (a scanned model's kernel) runs its own batched product."""
     groups: dict[Any, list[int]] = {}
-    for i in padded:
+    for i in leaves:
       leaf = self.plan[i]
       if leaf.side * leaf.other <= self.stack_elements and leaf.num_matrices < self.own_batch:
         groups.setdefault(self._projection_group(leaf), []).append(i)
@@ -265,16 +271,10 @@ class Pipeline:
     its `params`), in the inner layout and the parameter's dtype."""
     out = {}
     for i in self.plan.projected:
-      extra = self._padding(i, self.projector.project)
-      r = self._product(
-        self.projector.project,
-        _base.dense_project,
-        i,
-        pstates,
-        bases,
-        _pad(self.orient(i, w[i]), extra),
+      r = self._aligned_product(
+        self.projector.project, _base.dense_project, i, pstates, bases, self.orient(i, w[i])
       )
-      out[i] = _leaves.low_rank_layout(_cut(r, extra), self.plan[i]).astype(jnp.result_type(w[i]))
+      out[i] = _leaves.low_rank_layout(r, self.plan[i]).astype(jnp.result_type(w[i]))
     return out
 
   def back_project(self, pstates, bases, n, alpha, g, terms=None):
@@ -298,16 +298,14 @@ class Pipeline:
       if self.projector.back is None and leaf.axis == 1:
         out[i] = self._back_on_columns(i, bases, n_i, after, dtype, term)
         continue
-      extra = self._padding(i, self.projector.back)
-      pn = self._product(
+      pn = self._aligned_product(
         self.projector.back,
         _base.dense_back,
         i,
         pstates,
         bases,
-        _pad(_leaves.low_rank_layout(n_i, leaf).astype(self.dtype), extra),
+        _leaves.low_rank_layout(n_i, leaf).astype(self.dtype),
       )
-      pn = _cut(pn, extra)
       if term is not None:  # stored (l, s) for a leaf projected on its columns
         pn = pn + (jnp.swapaxes(term, -1, -2) if leaf.axis == 1 else term)
       out[i] = _leaves.from_oriented(_times(pn, after), leaf).astype(dtype)
@@ -343,11 +341,7 @@ class Pipeline:
     # Padded as `back_project`'s N: R as cut from its padded product was an unaligned operand of
     # P·R, which XLA ran as a Triton GEMM fusion (48 gate/up products at ~187 µs each on an H100);
     # padded, FRUGAL's 1B update went from 38.12 to 34.90 ms (profile_update_1b_h100_9f250f3.json).
-    extra = self._padding(i, self.projector.back)
-    back_r = _cut(
-      self._product(self.projector.back, _base.dense_back, i, pstates, bases, _pad(r32, extra)),
-      extra,
-    )
+    back_r = self._aligned_product(self.projector.back, _base.dense_back, i, pstates, bases, r32)
     return jnp.swapaxes(back_r, -1, -2) if leaf.axis == 1 else back_r
 
   def residual(self, stages, pstates, bases, g, r, n, previous, released=None):
