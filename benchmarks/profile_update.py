@@ -64,13 +64,7 @@ PROFILED = (
   "grass_steady_host_refresh",
   "rso_steady_host_refresh",
   "rso_steady_stored_basis_host_refresh",
-  "galore_steady_stacked_projection_host_refresh",
-  "osd_steady_stacked_projection_host_refresh",
-  "rso_steady_stacked_projection_host_refresh",
 )
-# STACKED_PROJECTION_ELEMENTS of the "*_stacked_projection*" variants: every matrix of the 7B
-# tree and below (4096 × 11008) has its R = PᵀG batched with its bucket's.
-STACKED_PROJECTION = 1 << 26
 
 
 def methods(rank: int, dims=None) -> dict:
@@ -95,9 +89,7 @@ def methods(rank: int, dims=None) -> dict:
   (``store_basis=True``) instead of drawn from its key in every update, a Gaussian draw that
   XLA may fuse into the product with G. "grass_steady*", "rso_steady*": GRASS's and RSO's steady
   steps (RSO at `rank`, its P regenerated from its key in every update, or with
-  ``store_basis=True`` kept in the state), to see what RSO's redraw costs.
-  "*_stacked_projection*" compile with the combinator's STACKED_PROJECTION_ELEMENTS at
-  `STACKED_PROJECTION`: each bucket's R = PᵀG one batched product. (Earlier
+  ``store_basis=True`` kept in the state), to see what RSO's redraw costs. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
@@ -115,8 +107,7 @@ def methods(rank: int, dims=None) -> dict:
     None,
   )
   table.update(_output_variants(rank, dims))
-  suffixes = r"(_(unpadded|host_refresh|unchunked|stacked_projection))+$"
-  return {n: table[re.sub(suffixes, "", n)] for n in PROFILED}
+  return {n: table[re.sub(r"_(unpadded|host_refresh|unchunked)$", "", n)] for n in PROFILED}
 
 
 def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
@@ -145,7 +136,6 @@ def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
 _COMPILE_SETTINGS = {
   "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
   "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
-  "_stacked_projection": (_combinator, "STACKED_PROJECTION_ELEMENTS", STACKED_PROJECTION),
 }
 
 
@@ -177,7 +167,7 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
     state = optimizer_update._count_setter(state)(state, count)  # past the step-0 refresh
   with contextlib.ExitStack() as settings:  # changed around the compile only
     for suffix, (module, attr, value) in _COMPILE_SETTINGS.items():
-      if suffix in name:
+      if name.endswith(suffix):
         settings.enter_context(mock.patch.object(module, attr, value))
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
   if hlo_dir:  # the kernel names of `top` are the fusions' names in this text

@@ -36,10 +36,12 @@ def command(suite: str, argv) -> str:
 
 
 def provenance(benchmark: str, argv=None, command_line: str | None = None) -> dict:
-  """The head of a result's JSON: benchmark, command, commit, device, platform, versions.
+  """The head of a result's JSON: benchmark, command, commit, device, platform, versions,
+  XLA flags.
 
   The command is `command_line`, else the harness command of script suite `benchmark` with
-  its flags `argv`.
+  its flags `argv`. `xla_flags` is $XLA_FLAGS as the run saw it: a flag such as
+  `--xla_gpu_enable_triton_gemm=false` moves a 1B step by 1.8x, so it is part of the result.
   """
   import flax  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -65,6 +67,7 @@ def provenance(benchmark: str, argv=None, command_line: str | None = None) -> di
       "numpy": np.__version__,
       "optax_subspace": optax_subspace.__version__,
     },
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 

@@ -244,14 +244,6 @@ _FLAGS = {
       " METHOD_SIZE_PROGRAM.hlo.txt.gz: the kernel names of --profile-top are its fusions'",
     ),
     (
-      "--stacked-projection-elements",
-      int,
-      None,
-      "train_step: the library's STACKED_PROJECTION_ELEMENTS while the steps compile (R = PᵀG"
-      " of matrices of at most this many elements batched per shape; 0: per leaf; default:"
-      " the library's)",
-    ),
-    (
       "--param-dtype",
       ("float32", "bfloat16"),
       None,
@@ -292,7 +284,6 @@ _TRAIN_STEP_ONLY = (
   "scan_layers",
   "profile_top",
   "host_refresh",
-  "stacked_projection_elements",
   "hlo_dir",
 )
 

@@ -21,7 +21,6 @@ job, so `peak_bytes_in_use` is that job's and an out-of-memory crash takes only 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import functools
 import gzip
@@ -36,7 +35,6 @@ import threading
 import time
 import traceback
 from typing import Any, Callable, Optional
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +47,6 @@ from examples.llama import optimizers as llama_optimizers
 from examples.llama.config import ModelConfig, TrainConfig
 from examples.llama.model import Block, Llama
 import optax_subspace as osub
-from optax_subspace import _combinator
 from optax_subspace import nn as osnn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -485,13 +482,7 @@ def start_job(job: dict):
     host_refresh=bool(job.get("host_refresh")),
   )
   progress(f"built ({attention} attention), compiling")
-  stacking = job.get("stacked_projection_elements")
-  with (
-    contextlib.nullcontext()
-    if stacking is None  # the library's setting, read while the programs are traced
-    else mock.patch.object(_combinator, "STACKED_PROJECTION_ELEMENTS", stacking)
-  ):
-    compiled = compile_setup(setup)
+  compiled = compile_setup(setup)
   compile_s = {k: round(v, 2) for k, v in compiled.compile_s.items()}
   progress("compiled (" + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()) + ")")
   if job.get("hlo_dir"):

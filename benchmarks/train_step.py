@@ -208,7 +208,6 @@ def describe(options, quick) -> dict:
       "scan_layers": bool(options.get("scan_layers")),
       "param_dtype": param,
       "host_refresh": bool(options.get("host_refresh")),
-      "stacked_projection_elements": options.get("stacked_projection_elements", "library default"),
       "hlo_dir": options.get("hlo_dir"),
       "state_dtype": state or "native",
       "attention": options.get("attention") or "auto",
@@ -292,7 +291,6 @@ def run(sizes, reps, methods=None, options=None, quick=False, log=print, checkpo
           "refresh_reps": max(2, reps // 5),
           "profile_top": options.get("profile_top"),
           "host_refresh": bool(options.get("host_refresh")),
-          "stacked_projection_elements": options.get("stacked_projection_elements"),
           "hlo_dir": options.get("hlo_dir"),
           "compilation_cache": options.get("compilation_cache"),
         }

@@ -43,17 +43,6 @@ PRODUCT_ALIGNMENT = 8
 # least this many matrices (a scanned model's stacked kernel) runs its own:
 # stacking it would only copy its P and inputs.
 OWN_BATCH_MATRICES = 8
-# R = PᵀG of the matrices of at most this many elements (s·l) runs as one
-# batched product per (s, l, r) and padding, the gradients concatenated, rather
-# than one product per leaf; 0 (the default) runs every product per leaf. On a
-# GPU, one LLaMA-1B attention kernel's product (512 × 2048 × 2048) fills about
-# half of an H100's SMs, and in the whole train step the 96 of them ran as XLA's
-# own GEMM (likely with the gradient's bf16 → float32 conversion fused in), 5.56 ms
-# against 2.59 ms as cuBLAS GEMMs in the update alone (docs/benchmarks.md, "Measured: 60M,
-# 350M and 1B from one commit"). Not yet measured on a GPU: the train_step
-# suite's --stacked-projection-elements sets it for one run. Meant for one device:
-# on a mesh the concatenation is XLA's to shard, and no test checks what it moves.
-STACKED_PROJECTION_ELEMENTS = 0
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -590,7 +579,6 @@ def project_subspace(
       projection_dtype or jnp.float32,
       PRODUCT_ALIGNMENT,
       OWN_BATCH_MATRICES,
-      STACKED_PROJECTION_ELEMENTS,
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(

@@ -109,8 +109,6 @@ class Pipeline:
     dtype: operand dtype of the products with G (`projection_dtype`).
     alignment: `PRODUCT_ALIGNMENT`, read while the update is traced.
     own_batch: `OWN_BATCH_MATRICES`, read while the update is traced.
-    stack_elements: `STACKED_PROJECTION_ELEMENTS`, read while the update is
-      traced (0: every R = PᵀG per leaf).
   """
 
   projector: _base.Projector
@@ -118,7 +116,6 @@ class Pipeline:
   dtype: Any
   alignment: int
   own_batch: int
-  stack_elements: int = 0
 
   @property
   def dense(self) -> bool:
@@ -229,42 +226,19 @@ class Pipeline:
     the inner update. Returns ({leaf: R}, {leaf: inputs}).
     """
     advance = _base.Advance.of(self.projector.advance)
-    own, projected = self.projector.project, self.plan.projected
-    extra = {i: self._padding(i, own) for i in projected}
-    padded = {i: _pad(self.orient(i, g[i]), extra[i]) for i in projected}
-    together = self._stacked_projections(projected) if own is None and self.stack_elements else []
-    r_padded = (
-      stacked(_base.dense_project, self.plan, together, self._projection_group, bases, padded)
-      if together
-      else {}
-    )
     r, x = {}, {}
-    for i in projected:
-      if i not in r_padded:
-        r_padded[i] = self._product(own, _base.dense_project, i, pstates, bases, padded[i])
-      r[i] = _cut(r_padded[i], extra[i])
+    for i in self.plan.projected:
+      extra = self._padding(i, self.projector.project)
+      padded = _pad(self.orient(i, g[i]), extra)
+      r_padded = self._product(
+        self.projector.project, _base.dense_project, i, pstates, bases, padded
+      )
+      r[i] = _cut(r_padded, extra)
       if advance is not None:
         x[i] = over_batch(
-          advance.inputs, self.plan[i], pstates[i], padded[i], r_padded[i], in_axes=(0, 0, 0)
+          advance.inputs, self.plan[i], pstates[i], padded, r_padded, in_axes=(0, 0, 0)
         )
     return r, x
-
-  def _projection_group(self, leaf: _leaves.LeafPlan):
-    """The key of the leaves whose R = PᵀG can be one batched product: the
-    same (s, l, r) and the same padding of l."""
-    return leaf.bucket, leaf.kept_side_is_last
-
-  def _stacked_projections(self, leaves) -> list:
-    """The leaves whose R = PᵀG runs stacked (`stack_elements`): matrices of
-    at most that many elements that share their `_projection_group` with
-    another such leaf. A leaf that is already a batch of `own_batch`
-    matrices (a scanned model's kernel) runs its own batched product."""
-    groups: dict[Any, list[int]] = {}
-    for i in leaves:
-      leaf = self.plan[i]
-      if leaf.side * leaf.other <= self.stack_elements and leaf.num_matrices < self.own_batch:
-        groups.setdefault(self._projection_group(leaf), []).append(i)
-    return [i for members in groups.values() if len(members) > 1 for i in members]
 
   def project_params(self, pstates, bases, w):
     """PᵀW of every projected leaf (what the inner transformation sees as

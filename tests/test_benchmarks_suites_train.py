@@ -13,6 +13,7 @@ import time
 import pytest
 
 from benchmarks import largest_model
+from benchmarks import record
 from benchmarks import suites
 from benchmarks import train_setups
 from benchmarks import train_step
@@ -230,13 +231,9 @@ def test_train_step_writes_its_json_before_the_first_job_and_records_a_timeout()
   assert any(line.startswith("  [adamw tiny] timed out after ") for line in logs)
 
 
-def test_stacked_projection_elements_reach_the_compiled_step_and_only_it(tmp_path):
-  # --stacked-projection-elements: the library's STACKED_PROJECTION_ELEMENTS while the job's
-  # programs compile (the tiny model's q/k/v/o kernels are one (s, l, r) bucket: their PᵀG one
-  # batched product), and the library's setting again afterwards. --hlo-dir: the compiled
-  # programs' text, as the job compiled them.
-  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
-
+def test_hlo_dir_keeps_each_compiled_program_as_the_job_compiled_it(tmp_path):
+  # --hlo-dir: the step's and the refresh's compiled HLO text, gzipped, named for method,
+  # size and program.
   job = {
     "size": "tiny",
     "method": "galore",
@@ -247,15 +244,17 @@ def test_stacked_projection_elements_reach_the_compiled_step_and_only_it(tmp_pat
     "state_dtype": None,
     "attention": "xla",
     "host_refresh": True,
+    "hlo_dir": str(tmp_path),
   }
-  products = {}
-  for elements in (0, 1 << 30):
-    hlo_dir = tmp_path / str(elements)
-    _, compiled, _ = train_setups.start_job(
-      {**job, "stacked_projection_elements": elements, "hlo_dir": str(hlo_dir)}
-    )
-    products[elements] = compiled.step.as_text().count(" dot(")
-    with gzip.open(hlo_dir / "galore_tiny_step.hlo.txt.gz", "rt") as f:
-      assert f.read() == compiled.step.as_text()
-  assert 0 < products[1 << 30] < products[0]
-  assert _combinator.STACKED_PROJECTION_ELEMENTS == 0
+  _, compiled, _ = train_setups.start_job(job)
+  with gzip.open(tmp_path / "galore_tiny_step.hlo.txt.gz", "rt") as f:
+    assert f.read() == compiled.step.as_text()
+  with gzip.open(tmp_path / "galore_tiny_refresh.hlo.txt.gz", "rt") as f:
+    assert f.read() == compiled.refresh.as_text()
+
+
+def test_results_record_the_xla_flags_they_ran_under(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_triton_gemm=false")
+  assert record.provenance("train_step")["xla_flags"] == "--xla_gpu_enable_triton_gemm=false"
+  monkeypatch.delenv("XLA_FLAGS")
+  assert record.provenance("train_step")["xla_flags"] == ""

@@ -431,36 +431,6 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
 @pytest.mark.parametrize(
   "make",
   [
-    lambda: osub.galore(1e-2, 4, 2),
-    # OSD's advance reads the stacked product's R; RSO's bases come batched by shape.
-    pytest.param(lambda: osub.online_subspace_descent(1e-2, 4), marks=pytest.mark.slow),
-    pytest.param(lambda: osub.rso(1e-2, 4, 2), marks=pytest.mark.slow),
-  ],
-  ids=["galore", "osd", "rso"],
-)
-def test_stacked_projections_change_no_value(make, monkeypatch):
-  # STACKED_PROJECTION_ELEMENTS: R = PᵀG of the small matrices of one (s, l, r) and padding as one
-  # batched product. Three 12×20 kernels (l = 20 padded to 24) make one group, two 20×12 ones
-  # projected on their columns (the same (s, l, r), read unpadded) another; a 12×37 one alone in
-  # its bucket and a 48×48 one above the limit stay per leaf. The trajectory (refreshes at steps
-  # 0 and 2 included) is the per-leaf one, and the stacked update has fewer products.
-  params = {f"w{i}": jnp.ones((12, 20)) for i in range(3)}
-  params |= {"v0": jnp.ones((20, 12)), "v1": jnp.ones((20, 12))}
-  params |= {"odd": jnp.ones((12, 37)), "big": jnp.ones((48, 48))}
-
-  run = lambda elements: _with_setting(
-    monkeypatch, _combinator, "STACKED_PROJECTION_ELEMENTS", elements, make, params, 0
-  )
-  (stacked, hlo_stacked), (per_leaf, hlo_per_leaf) = run(1000), run(0)
-  chex.assert_trees_all_close(stacked, per_leaf, atol=1e-6, rtol=1e-6)
-  dots = lambda hlo: hlo.count("stablehlo.dot_general")
-  assert dots(hlo_stacked) < dots(hlo_per_leaf)
-  assert "stablehlo.concatenate" in hlo_stacked
-
-
-@pytest.mark.parametrize(
-  "make",
-  [
     lambda: osub.galore(1e-2, 4, update_every=2),
     lambda: osub.online_subspace_descent(1e-2, 4),
   ],

@@ -19,7 +19,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_subspace as osub
-from optax_subspace import _combinator
 from optax_subspace._leaves import path_str
 
 pytestmark = pytest.mark.skipif(
@@ -232,19 +231,6 @@ def test_sharded_updates_equal_one_device_across_a_refresh(name, mesh_name, axis
   chex.assert_trees_all_close(got_state, want_state, rtol=RTOL, atol=STATE_ATOL)
   for x, s in zip(jax.tree_util.tree_leaves(got_state), jax.tree_util.tree_leaves(shardings)):
     assert x.sharding.is_equivalent_to(s, x.ndim)
-
-
-@pytest.mark.slow
-def test_stacked_projections_on_a_mesh_equal_one_device_per_leaf(monkeypatch):
-  # STACKED_PROJECTION_ELEMENTS on: "a" and the two matrices of "stack" (one (s, l, r), both
-  # sharded on s) are traced as one batched R = PᵀG on the (4, 2) mesh; the steps are the
-  # one-device per-leaf ones. (What the partitioned program makes of the concatenation is
-  # XLA's: on this CPU mesh it compiles to as many products as per leaf.)
-  want_updates, want_state, _, _ = _run("galore")
-  monkeypatch.setattr(_combinator, "STACKED_PROJECTION_ELEMENTS", 1 << 20)
-  got_updates, got_state, _, _ = _run("galore", "4x2")
-  chex.assert_trees_all_close(got_updates, want_updates, rtol=RTOL, atol=UPDATE_ATOL)
-  chex.assert_trees_all_close(got_state, want_state, rtol=RTOL, atol=STATE_ATOL)
 
 
 @pytest.mark.slow
