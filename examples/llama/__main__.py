@@ -2,6 +2,8 @@
 
 import sys
 
+from examples.llama import xla_flags
+
 USAGE = "usage: python -m examples.llama {train,compare} [--help] ..."
 
 
@@ -9,6 +11,7 @@ def main(argv: list[str]) -> int:
   if not argv or argv[0] not in ("train", "compare"):
     print(USAGE, file=sys.stderr)
     return 0 if argv[:1] in (["-h"], ["--help"]) else 2
+  xla_flags.set_defaults()  # before JAX creates its backend
   if argv[0] == "train":
     from examples.llama import train
 

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import signal
 import sys
@@ -528,6 +529,7 @@ def _print_config(cfg, mcfg, dataset, n_params, n_trainable, sizes, run_dir) -> 
     f" × {cfg.data_parallel * cfg.fsdp} (data {cfg.data_parallel}, fsdp {cfg.fsdp}"
     f"{', optimizer state split over data' if cfg.shard_optimizer else ''})"
   )
+  print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS') or '(none)'}")
 
 
 class _NoLog:
@@ -806,6 +808,7 @@ def train(cfg: TrainConfig, saved: dict | None) -> dict:
     **optimizers.selected_rows_summary(selected_rows),
     **sizes,
     "exit_code": exit_code,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "seconds": {
       **{k: round(v, 6) for k, v in spent.items()},
       "timed_steps": round(clock.total_seconds, 6),

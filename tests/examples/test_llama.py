@@ -853,14 +853,19 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     "train",
     *_flags(tmp_path, "run", "--steps", "100000", "--log-every", "1", "--eval-every", "0"),
   )
+  header = []
   for line in process.stdout:
     if line.startswith("step "):
       break
+    header.append(line.rstrip("\n"))
   process.send_signal(signal.SIGINT)
   out, err = process.communicate(timeout=120)
   assert process.returncode == train.EXIT_INTERRUPTED, err
   assert "interrupted: checkpoint saved" in out
   assert any(p.name.isdigit() for p in (tmp_path / "run" / "checkpoints").iterdir())
+  # `python -m examples.llama` adds its XLA flags to the caller's (the tests' own) and says so.
+  (flags,) = [line for line in header if line.startswith("XLA_FLAGS: ")]
+  assert os.environ["XLA_FLAGS"] in flags and "--xla_gpu_enable_triton_gemm=false" in flags
 
 
 @pytest.mark.slow
