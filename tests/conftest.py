@@ -51,3 +51,14 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))
 # Small programs too: most of the suite's compiles take well under the default 1 s.
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_collection_modifyitems(items):
+  """Runs the slow-marked tests (the long ones: subprocesses, whole example runs) first.
+
+  pytest-xdist's worksteal gives each worker a contiguous share of the tests and lets an idle
+  worker take from the end of a busy one's: with the long tests first, the run ends on short
+  tests spread over the workers, not on one long test while the others wait. Cold on 2 cores,
+  `-n 2`: 586 s against 599 s in collection order (`-n 3`: 612 s against 651 s).
+  """
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
