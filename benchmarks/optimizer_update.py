@@ -94,6 +94,7 @@ def _projected(path: str, shape) -> bool:
 SAME_STATE_AS = {
   "galore_warm": "galore",
   "galore_bf16_products": "galore",
+  "galore_warm_bf16_products": "galore",
   "osd_bf16_products": "osd",
 }
 

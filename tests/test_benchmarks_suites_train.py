@@ -83,18 +83,21 @@ def test_train_step_host_refresh_times_steady_and_refresh_programs(tmp_path):
       "--quick",
       "--host-refresh",
       "--methods",
-      "galore,osd",
+      "galore,osd,galore_warm_bf16_products",
       "--out",
       str(tmp_path / "t.json"),
     ]
   )
   assert result["config"]["host_refresh"]
   rows = {r["method"]: r for r in result["results"]["sizes"][0]["rows"]}
-  assert set(rows) == {"adamw", "galore", "osd"}
+  assert set(rows) == {"adamw", "galore", "osd", "galore_warm_bf16_products"}
   for name, r in rows.items():
     assert "error" not in r and r["losses_finite"], (name, r.get("error"))
     assert r["host_refresh"] == (name != "adamw")
-  assert rows["galore"]["refresh_kind"] == "count" and rows["galore"]["refresh_ms"] > 0
+  for name in ("galore", "galore_warm_bf16_products"):
+    assert rows[name]["refresh_kind"] == "count" and rows[name]["refresh_ms"] > 0, name
+  # The variant is GaLore with both opt-ins: other steps than GaLore's own.
+  assert rows["galore_warm_bf16_products"]["loss_last"] != rows["galore"]["loss_last"]
   assert "refresh" in rows["galore"]["memory_analysis"] and "refresh_kind" not in rows["osd"]
 
 
