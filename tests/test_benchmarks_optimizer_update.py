@@ -1,4 +1,4 @@
-"""`benchmarks.optimizer_update`: what a run cut by its time limit keeps."""
+"""`benchmarks.optimizer_update`: what a run cut by its time limit keeps; the state formulas."""
 
 from benchmarks import optimizer_update
 
@@ -14,3 +14,13 @@ def test_each_method_is_checkpointed_as_it_finishes():
   rso = {row["method"]: row for row in after_rso["rows"]}["rso"]
   assert rso["median_ms"] > 0 and rso["ratio_to_adamw"] > 0
   assert calls[-1] == final
+
+
+def test_every_train_step_variant_has_its_state_formula():
+  # The train_step suite checks each optimizer-level row's state against this formula: a variant
+  # without one would fail its job, not the check.
+  from benchmarks import train_setups  # pylint: disable=g-import-not-at-top
+
+  shapes = {"kernel": (16, 24), "bias": (24,)}
+  for variant in train_setups.VARIANTS:
+    assert optimizer_update.analytic_state_bytes(variant, shapes, 4) > 0, variant

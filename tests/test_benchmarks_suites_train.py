@@ -96,7 +96,8 @@ def test_train_step_host_refresh_times_steady_and_refresh_programs(tmp_path):
     assert r["host_refresh"] == (name != "adamw")
   for name in ("galore", "galore_warm_bf16_products"):
     assert rows[name]["refresh_kind"] == "count" and rows[name]["refresh_ms"] > 0, name
-  # The variant is GaLore with both opt-ins: other steps than GaLore's own.
+  # The variant holds GaLore's state (its formula's), and takes other steps than GaLore's own.
+  assert abs(rows["galore_warm_bf16_products"]["state_over_analytic"] - 1) < 0.02
   assert rows["galore_warm_bf16_products"]["loss_last"] != rows["galore"]["loss_last"]
   assert "refresh" in rows["galore"]["memory_analysis"] and "refresh_kind" not in rows["osd"]
 
