@@ -400,6 +400,7 @@ def test_train_writes_metrics_and_checkpoints_and_resume_is_bit_exact(tmp_path, 
   assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 6]
   summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
   assert np.isfinite(summary["final_eval_ppl"]) and summary["opt_state_bytes"] > 0
+  assert summary["xla_flags"] == os.environ["XLA_FLAGS"]  # the run's (here the tests' own)
   # Where the wall time went: set-up, the compiling step, the timed steps (tokens/s's), two
   # evaluations (steps 3, 6) and the save at the end; the parts are disjoint, so they add up to
   # no more than the whole.
