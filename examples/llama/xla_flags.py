@@ -13,9 +13,10 @@ from typing import MutableMapping
 
 # cuBLAS, not XLA's Triton GEMM fusions, for the model's products on a GPU. On an H100 (jax
 # 0.11.2) XLA ran the 1B model's MLP products as Triton fusions: their width 5461 (GaLore's
-# configuration) is no multiple of 8, and those kernels took 2.0 ms where cuBLAS on zero-padded
-# operands takes ~0.6. AdamW's whole 1B step (batch 64 x 256): 446.15 ms with them, 246.69 ms
-# without; at 60M and 350M (widths 1376 and 2736) 2.5% and 0.7% faster without
+# configuration) is no multiple of 8, and the costliest of those kernels took 2.0 ms a call; off,
+# XLA zero-pads the operands and cuBLAS runs them: the step's products took 184.55 ms instead of
+# 375.00, and AdamW's whole 1B step (batch 64 x 256) 246.69 ms instead of 446.15. At 60M and
+# 350M (widths 1376 and 2736) the step is 2.5% and 0.7% faster without them
 # (benchmarks/results/train_step_1b_adamw_galore*_h100_ee2e591.json, *_adamw*_h100_2324c63.json).
 # The flag concerns GPUs only: XLA's CPU backend accepts it and runs as before.
 DEFAULTS = {"--xla_gpu_enable_triton_gemm": "false"}
