@@ -14,7 +14,6 @@ XLA_FLAGS=--xla_force_host_platform_device_count=4, ``--model-size tiny --tokeni
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import pathlib
@@ -141,9 +140,7 @@ def _keep_hlo(dump: pathlib.Path, hlo_dir: pathlib.Path, name: str) -> dict:
   for program, source in programs.items():
     text = source.read_text()
     suffix = "" if program == "steady" else ".refresh"
-    hlo_dir.mkdir(parents=True, exist_ok=True)
-    with gzip.open(hlo_dir / f"{name}{suffix}.hlo.txt.gz", "wt") as f:
-      f.write(text)
+    record.write_hlo(hlo_dir / f"{name}{suffix}.hlo.txt.gz", text)
     counted[program] = hlo_collectives.summarize(hlo_collectives.collective_bytes(text))
   shutil.rmtree(dump, ignore_errors=True)
   return counted

@@ -11,7 +11,6 @@ holds no device kernels (every figure 0): a smoke run (--size tiny) checks the p
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
 import pathlib
 import re
@@ -171,8 +170,7 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
         settings.enter_context(mock.patch.object(module, attr, value))
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
   if hlo_dir:  # the kernel names of `top` are the fusions' names in this text
-    with gzip.open(pathlib.Path(hlo_dir) / f"{name}.hlo.txt.gz", "wt") as f:
-      f.write(compiled.as_text())
+    record.write_hlo(pathlib.Path(hlo_dir) / f"{name}.hlo.txt.gz", compiled.as_text())
   p = jax.tree_util.tree_map(jnp.copy, params)
   run = lambda p, s: (*compiled(p, s, grads),)
   wall, (p, state) = optimizer_step.time_calls(run, (p, state), reps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pathlib
@@ -69,6 +70,15 @@ def provenance(benchmark: str, argv=None, command_line: str | None = None) -> di
     },
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
+
+
+def write_hlo(path, text: str) -> pathlib.Path:
+  """Writes HLO `text` gzipped to `path` (…/NAME.hlo.txt.gz; making its folder)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with gzip.open(path, "wt") as f:
+    f.write(text)
+  return path
 
 
 def write_json(path, result: dict) -> pathlib.Path:

@@ -280,12 +280,7 @@ _FLAGS = {
 }
 # The suites each group applies to (and the flags that apply to train_step alone).
 _APPLIES = {"quality": ("quality",), "train_step and largest_model": WORKER_SUITES}
-_TRAIN_STEP_ONLY = (
-  "scan_layers",
-  "profile_top",
-  "host_refresh",
-  "hlo_dir",
-)
+_TRAIN_STEP_ONLY = ("scan_layers", "profile_top", "host_refresh", "hlo_dir")
 
 
 def _parser() -> argparse.ArgumentParser:

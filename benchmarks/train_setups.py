@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import gzip
 import importlib
 import json
 import os
@@ -42,6 +41,7 @@ import optax
 from flax import nnx
 
 from benchmarks import methods as registry
+from benchmarks import record
 from benchmarks.optimizer_update import _count_setter
 from examples.llama import optimizers as llama_optimizers
 from examples.llama.config import ModelConfig, TrainConfig
@@ -381,12 +381,9 @@ def compile_setup(setup: TrainSetup) -> Compiled:
 def write_hlo(compiled: Compiled, folder, stem: str) -> None:
   """Each compiled program's optimised HLO text as FOLDER/STEM_PROGRAM.hlo.txt.gz (PROGRAM: step,
   refresh): what the device runs, fusions named as the profiler's kernels."""
-  folder = pathlib.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
   for name, program in (("step", compiled.step), ("refresh", compiled.refresh)):
     if program is not None:
-      with gzip.open(folder / f"{stem}_{name}.hlo.txt.gz", "wt") as f:
-        f.write(program.as_text())
+      record.write_hlo(pathlib.Path(folder) / f"{stem}_{name}.hlo.txt.gz", program.as_text())
 
 
 def memory_analysis(compiled) -> Optional[dict]:

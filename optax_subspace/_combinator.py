@@ -574,11 +574,7 @@ def project_subspace(
     w = None if params is None else treedef.flatten_up_to(params)
     count, transport = state.count, on_change == "transport"
     pipe = _pipeline.Pipeline(
-      projector,
-      plan,
-      projection_dtype or jnp.float32,
-      PRODUCT_ALIGNMENT,
-      OWN_BATCH_MATRICES,
+      projector, plan, projection_dtype or jnp.float32, PRODUCT_ALIGNMENT, OWN_BATCH_MATRICES
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(
