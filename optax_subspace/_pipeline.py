@@ -272,14 +272,23 @@ class Pipeline:
       if self.projector.back is None and leaf.axis == 1:
         out[i] = self._back_on_columns(i, bases, n_i, after, dtype, term)
         continue
-      pn = self._aligned_product(
+      extra = self._padding(i, self.projector.back)
+      pn = self._product(
         self.projector.back,
         _base.dense_back,
         i,
         pstates,
         bases,
-        _leaves.low_rank_layout(n_i, leaf).astype(self.dtype),
+        _pad(_leaves.low_rank_layout(n_i, leaf).astype(self.dtype), extra),
       )
+      if extra and term is None:
+        # A padded P·N' cut to W's width: XLA would fold the weight's add into the GEMM here
+        # too, on a zero-padded copy of W whose result it then cuts (two more passes over W:
+        # the 48 gate/up kernels of the 1B tree, 5461 wide, ~1.4 ms per update on an H100 with
+        # Triton GEMM off, profile_update_1b_h100_bbf146b.json). The barrier keeps the padded
+        # product as the GEMM's output, so that the cut and the add are one pass.
+        pn = jax.lax.optimization_barrier(pn)
+      pn = _cut(pn, extra)
       if term is not None:  # stored (l, s) for a leaf projected on its columns
         pn = pn + (jnp.swapaxes(term, -1, -2) if leaf.axis == 1 else term)
       out[i] = _leaves.from_oriented(_times(pn, after), leaf).astype(dtype)
