@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
       ".hlo.txt.gz) and count their collectives' bytes",
     ),
     keep_checkpoints=(False, "keep each run's final checkpoint under <out>_runs"),
-    commit=("", "the commit to record (default: git rev-parse of this tree)"),
+    commit=("", "the commit to record (default: $OPTAX_SUBSPACE_COMMIT, else git HEAD[-dirty])"),
     replot=(False, "run nothing: redraw <out>.png from the JSON at --out"),
   ).parse_args(argv)
   out = pathlib.Path(args.out)

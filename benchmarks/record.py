@@ -14,21 +14,29 @@ ENV = "OPTAX_SUBSPACE_COMMIT"
 
 
 def commit() -> str:
-  """$OPTAX_SUBSPACE_COMMIT if set, else `git rev-parse --short HEAD`, else "unknown".
+  """$OPTAX_SUBSPACE_COMMIT if set, else git's short HEAD, else "unknown".
 
   The variable is for trees copied without their git metadata (or with stale metadata, as on
   the GPU machines' copies of a working tree): the command that runs the benchmark names the
-  commit it was copied from.
+  commit it was copied from. From git, a tree whose tracked files differ from HEAD's gets
+  "-dirty" after the hash: the code that ran is not that commit's (uncommitted edits, or a
+  copy whose git metadata is older than its files, which once recorded a stale commit).
   """
   if os.environ.get(ENV):
     return os.environ[ENV]
-  try:
-    proc = subprocess.run(
-      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=False
-    )
-  except OSError:
+  head = _git("rev-parse", "--short", "HEAD")
+  if head is None or not head.stdout.strip():
     return "unknown"
-  return proc.stdout.strip() or "unknown"
+  changed = _git("diff", "--quiet", "HEAD", "--")
+  return head.stdout.strip() + ("-dirty" if changed is not None and changed.returncode == 1 else "")
+
+
+def _git(*args):
+  """`git ARGS` run in the repository root (the completed process), None without git."""
+  try:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=False)
+  except OSError:
+    return None
 
 
 def command(suite: str, argv) -> str:

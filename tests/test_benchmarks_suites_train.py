@@ -7,6 +7,7 @@ tests/test_notebooks.py): these runs check what the suites record, not how fast 
 import gzip
 import json
 import math
+import subprocess
 import sys
 import time
 
@@ -262,3 +263,32 @@ def test_results_record_the_xla_flags_they_ran_under(monkeypatch):
   assert record.provenance("train_step")["xla_flags"] == "--xla_gpu_enable_triton_gemm=false"
   monkeypatch.delenv("XLA_FLAGS")
   assert record.provenance("train_step")["xla_flags"] == ""
+
+
+def test_results_record_the_commit_and_whether_the_tree_differs_from_it(
+  tmp_path, tmp_path_factory, monkeypatch
+):
+  git = lambda *args: subprocess.run(
+    ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+    cwd=tmp_path,
+    check=True,
+    capture_output=True,
+    text=True,
+  )
+  git("init", "-q")
+  (tmp_path / "a.py").write_text("x = 1\n")
+  git("add", "a.py")
+  git("commit", "-q", "-m", "one")
+  head = git("rev-parse", "--short", "HEAD").stdout.strip()
+  monkeypatch.setattr(record, "ROOT", tmp_path)
+  monkeypatch.delenv(record.ENV, raising=False)
+  assert record.commit() == head
+  (tmp_path / "b.py").write_text("untracked: not the code of any commit, not counted\n")
+  assert record.commit() == head
+  (tmp_path / "a.py").write_text("x = 2\n")  # an edit, or files newer than a stale .git
+  assert record.commit() == f"{head}-dirty"
+  monkeypatch.setenv(record.ENV, "abc1234")  # the command names the commit: that wins
+  assert record.commit() == "abc1234"
+  monkeypatch.setattr(record, "ROOT", tmp_path_factory.mktemp("not_a_repository"))
+  monkeypatch.delenv(record.ENV)
+  assert record.commit() == "unknown"
