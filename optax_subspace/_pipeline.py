@@ -109,6 +109,7 @@ class Pipeline:
     dtype: operand dtype of the products with G (`projection_dtype`).
     alignment: `PRODUCT_ALIGNMENT`, read while the update is traced.
     own_batch: `OWN_BATCH_MATRICES`, read while the update is traced.
+    term_barrier: `PADDED_TERM_BARRIER`, read while the update is traced.
   """
 
   projector: _base.Projector
@@ -116,6 +117,7 @@ class Pipeline:
   dtype: Any
   alignment: int
   own_batch: int
+  term_barrier: bool = False
 
   @property
   def dense(self) -> bool:
@@ -281,11 +283,11 @@ class Pipeline:
         bases,
         _pad(_leaves.low_rank_layout(n_i, leaf).astype(self.dtype), extra),
       )
-      if extra and term is None:
+      if extra and (term is None or self.term_barrier):
         # A padded P·N' cut to W's width: XLA would fold the weight's add into the GEMM here
         # too, on a zero-padded copy of W whose result it then cuts (two more passes over W:
-        # the 48 gate/up kernels of the 1B tree, 5461 wide, ~1.4 ms per update on an H100 with
-        # Triton GEMM off, profile_update_1b_h100_bbf146b.json). The barrier keeps the padded
+        # GaLore's 1B update on an H100 with Triton GEMM off went from 23.50 to 21.29 ms
+        # without them, profile_update_1b_h100_c140bf9.json). The barrier keeps the padded
         # product as the GEMM's output, so that the cut and the add are one pass.
         pn = jax.lax.optimization_barrier(pn)
       pn = _cut(pn, extra)
