@@ -37,18 +37,19 @@ ON_CHANGE = ("keep", "reset", "transport")
 # gradient. 1 turns the padding off. Read (with the one below) each time
 # `update` is traced and handed to its `_pipeline.Pipeline`.
 PRODUCT_ALIGNMENT = 8
-# Whether a padded back-projection that a residual term joins (Fira, FRUGAL) is kept as the
-# GEMM's output, as one without a term always is (`_pipeline.Pipeline.back_project`), so that
-# the cut, the term and the weight's add are one pass. Off until a GPU measures it: Fira's 1B
-# update on an H100 has a full-size pad of 48 calls more than GaLore's
-# (benchmarks/results/profile_update_1b_h100_bbf146b_issue23.json), which this may remove.
-PADDED_TERM_BARRIER = False
 # The per-step r×r work of a stepped projector (OSD's ∇P) runs stacked over the
 # leaves of one (s, r), so that 168 separate LLaMA-1B matrices make one batch
 # and not 168 calls of a few tiles each. A leaf that is already a batch of at
 # least this many matrices (a scanned model's stacked kernel) runs its own:
 # stacking it would only copy its P and inputs.
 OWN_BATCH_MATRICES = 8
+# Whether a padded back-projection that a residual term joins (Fira, FRUGAL) is kept as the
+# GEMM's output, as one without a term always is (`_pipeline.Pipeline.back_project`), so that
+# the cut, the term and the weight's add are one pass. Off until a GPU measures it: Fira's 1B
+# update on an H100 has a full-size pad of 48 calls more than GaLore's
+# (benchmarks/results/profile_update_1b_h100_bbf146b_issue23.json), which this may remove.
+# Read, as the two above, each time `update` is traced.
+PADDED_TERM_BARRIER = False
 
 
 class ProjectSubspaceState(NamedTuple):
