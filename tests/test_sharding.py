@@ -458,3 +458,34 @@ def test_update_shardings_on_the_kept_side_keep_grass_and_rso_exact(name):
   updates, _ = _zero_run(name, {n: s.spec for n, s in split.items()})
   for got, ref in zip(updates, _run(name)[0]):
     chex.assert_trees_all_close(got, ref, atol=UPDATE_ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("term_barrier", [False, True], ids=["default", "term_barrier"])
+@pytest.mark.parametrize("name", ["galore", "fira"])
+def test_padded_products_on_a_mesh_equal_one_device(name, term_barrier, monkeypatch):
+  # A kept side of 36, no multiple of PRODUCT_ALIGNMENT: R = PᵀG and the back-projection run on
+  # zero-padded copies, the latter through an optimization barrier (GaLore always; Fira's, whose
+  # term joins it, with PADDED_TERM_BARRIER). Sharded on its projected side, as one device.
+  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setattr(_combinator, "PADDED_TERM_BARRIER", term_barrier)
+  tx = PRESETS[name]()
+  rng = np.random.default_rng(0)
+  params = {"w": 0.1 * rng.standard_normal((16, 36), np.float32)}
+  grads = [{"w": rng.standard_normal((16, 36), np.float32)} for _ in range(STEPS)]
+
+  def run(psh):
+    step = jax.jit(_step_fn(tx))
+    p = jax.device_put(params, psh)
+    state, updates = jax.jit(tx.init)(p), []
+    for g in grads:
+      p, state, u = step(jax.device_put(g, psh), state, p)
+      updates.append(u)
+    return updates, step.lower(jax.device_put(grads[0], psh), state, p).as_text()
+
+  one, _ = run(jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  sharded, text = run({"w": NamedSharding(_mesh("8"), P("fsdp", None))})
+  chex.assert_trees_all_close(sharded, one, atol=UPDATE_ATOL, rtol=RTOL)
+  assert "stablehlo.pad" in text
+  if name == "galore" or term_barrier:
+    assert "optimization_barrier" in text
