@@ -213,11 +213,15 @@ class Pipeline:
       return over_batch(own, self.plan[i], pstates[i], x, in_axes=(0, 0))
     return over_batch(dense, self.plan[i], bases[i], x, in_axes=(0, 0))
 
-  def _aligned_product(self, own, dense, i, pstates, bases, x):
+  def _aligned_product(self, own, dense, i, pstates, bases, x, hold=False):
     """`_product` on x zero-padded to the alignment (`_padding`), the padding cut off again:
-    the same values, an aligned operand for the GEMM."""
+    the same values, an aligned operand for the GEMM. `hold`: a padded product goes through
+    an optimization barrier before its cut (`back_project` says why)."""
     extra = self._padding(i, own)
-    return _cut(self._product(own, dense, i, pstates, bases, _pad(x, extra)), extra)
+    out = self._product(own, dense, i, pstates, bases, _pad(x, extra))
+    if extra and hold:
+      out = jax.lax.optimization_barrier(out)
+    return _cut(out, extra)
 
   def project(self, pstates, bases, g):
     """R = PᵀG of every projected leaf, oriented (…, r, l), and the advance's
@@ -274,23 +278,20 @@ class Pipeline:
       if self.projector.back is None and leaf.axis == 1:
         out[i] = self._back_on_columns(i, bases, n_i, after, dtype, term)
         continue
-      extra = self._padding(i, self.projector.back)
-      pn = self._product(
+      # Held: a padded P·N' cut to W's width would let XLA fold the weight's add into the GEMM
+      # on a zero-padded copy of W whose result it then cuts (two more passes over W: GaLore's
+      # 1B update on an H100 with Triton GEMM off went from 23.50 to 21.29 ms without them,
+      # profile_update_1b_h100_c140bf9.json). The barrier keeps the padded product as the
+      # GEMM's output, so that the cut and the add are one pass.
+      pn = self._aligned_product(
         self.projector.back,
         _base.dense_back,
         i,
         pstates,
         bases,
-        _pad(_leaves.low_rank_layout(n_i, leaf).astype(self.dtype), extra),
+        _leaves.low_rank_layout(n_i, leaf).astype(self.dtype),
+        hold=term is None or self.term_barrier,
       )
-      if extra and (term is None or self.term_barrier):
-        # A padded P·N' cut to W's width: XLA would fold the weight's add into the GEMM here
-        # too, on a zero-padded copy of W whose result it then cuts (two more passes over W:
-        # GaLore's 1B update on an H100 with Triton GEMM off went from 23.50 to 21.29 ms
-        # without them, profile_update_1b_h100_c140bf9.json). The barrier keeps the padded
-        # product as the GEMM's output, so that the cut and the add are one pass.
-        pn = jax.lax.optimization_barrier(pn)
-      pn = _cut(pn, extra)
       if term is not None:  # stored (l, s) for a leaf projected on its columns
         pn = pn + (jnp.swapaxes(term, -1, -2) if leaf.axis == 1 else term)
       out[i] = _leaves.from_oriented(_times(pn, after), leaf).astype(dtype)
