@@ -100,7 +100,12 @@ ABLATIONS = (
   # Full rank: rank = the smaller side of every kernel (hidden): the projection costs nothing.
   + [
     (f"{m}_full_rank", m, lr, lu, ("--rank", "FULL"))
-    for m, lr, lu in (("galore", 1e-2, 0.0), ("osd", 1e-2, 0.0), ("grass", 3e-3, 1e-2))
+    for m, lr, lu in (
+      ("galore", 1e-2, 0.0),
+      ("osd", 1e-2, 0.0),
+      ("grass", 3e-3, 1e-2),
+      ("apollo", 2.5e-3, 1e-2),
+    )
   ]
 )
 
