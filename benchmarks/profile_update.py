@@ -53,8 +53,6 @@ PROFILED = (
   "galore_refresh_warm_oversampled",
   "fira_steady",
   "frugal_steady",
-  "fira_steady_term_barrier",
-  "frugal_steady_term_barrier",
   "frugal_rows_steady",
   "apollo_steady",
   "apollo_mini_steady",
@@ -85,8 +83,8 @@ def methods(rank: int, dims=None) -> dict:
   "fira_steady", "frugal_steady", "apollo_steady", "apollo_mini_steady": those presets' steady
   steps (`_output_variants`), to see where their time over GaLore's goes ("frugal_rows_steady":
   FRUGAL with ``projector="rows"``, a gather and a scatter instead of products);
-  "*_term_barrier" compile with the combinator's PADDED_TERM_BARRIER on: Fira's and FRUGAL's
-  padded back-projection kept as the GEMM's output before their term joins it. "apollo*_unpadded":
+  (73a30f5's "*_term_barrier" held Fira's and FRUGAL's padded back-projection before their
+  term joins it: Fira's is held since.) "apollo*_unpadded":
   APOLLO pads G only for its one product R = PᵀG (1.5 ms of the 1B update on an H100), which
   may cost more than an unaligned product; "apollo*_stored_basis": P kept in the state
   (``store_basis=True``) instead of drawn from its key in every update, a Gaussian draw that
@@ -110,9 +108,7 @@ def methods(rank: int, dims=None) -> dict:
     None,
   )
   table.update(_output_variants(rank, dims))
-  return {
-    n: table[re.sub(r"_(unpadded|host_refresh|unchunked|term_barrier)$", "", n)] for n in PROFILED
-  }
+  return {n: table[re.sub(r"_(unpadded|host_refresh|unchunked)$", "", n)] for n in PROFILED}
 
 
 def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
@@ -141,7 +137,6 @@ def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
 _COMPILE_SETTINGS = {
   "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
   "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
-  "_term_barrier": (_combinator, "PADDED_TERM_BARRIER", True),
 }
 
 

@@ -43,13 +43,6 @@ PRODUCT_ALIGNMENT = 8
 # least this many matrices (a scanned model's stacked kernel) runs its own:
 # stacking it would only copy its P and inputs.
 OWN_BATCH_MATRICES = 8
-# Whether a padded back-projection that a residual term joins (Fira, FRUGAL) is kept as the
-# GEMM's output, as one without a term always is (`_pipeline.Pipeline.back_project`), so that
-# the cut, the term and the weight's add are one pass. Off until a GPU measures it: Fira's 1B
-# update on an H100 has a full-size pad of 48 calls more than GaLore's
-# (benchmarks/results/profile_update_1b_h100_bbf146b_issue23.json), which this may remove.
-# Read, as the two above, each time `update` is traced.
-PADDED_TERM_BARRIER = False
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -586,7 +579,6 @@ def project_subspace(
       projection_dtype or jnp.float32,
       PRODUCT_ALIGNMENT,
       OWN_BATCH_MATRICES,
-      PADDED_TERM_BARRIER,
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(
@@ -637,7 +629,10 @@ def project_subspace(
       if stages.has_residual:
         released = None if correction is None else (correction, scale)
         terms, n, norms = pipe.residual(stages, pstates, bases, g, r, n, norms, released)
-      projected = pipe.back_project(pstates, bases, n, alpha, g, terms)
+      # Fira's folded term joins a held padded product; FRUGAL's sign term does not: on an
+      # H100 (1B update, Triton GEMM off) the hold took Fira from 34.25 to 32.53 ms and
+      # FRUGAL from 34.26 to 36.05 (profile_update_1b_h100_73a30f5_issue23.json).
+      projected = pipe.back_project(pstates, bases, n, alpha, g, terms, hold_term=stages.fused)
     u.update(projected)
     # 5. Advance (OSD: one online-PCA step gives P_{t+1} for the next step).
     if projector.advance is not None and plan.projected:

@@ -109,7 +109,6 @@ class Pipeline:
     dtype: operand dtype of the products with G (`projection_dtype`).
     alignment: `PRODUCT_ALIGNMENT`, read while the update is traced.
     own_batch: `OWN_BATCH_MATRICES`, read while the update is traced.
-    term_barrier: `PADDED_TERM_BARRIER`, read while the update is traced.
   """
 
   projector: _base.Projector
@@ -117,7 +116,6 @@ class Pipeline:
   dtype: Any
   alignment: int
   own_batch: int
-  term_barrier: bool = False
 
   @property
   def dense(self) -> bool:
@@ -257,7 +255,7 @@ class Pipeline:
       out[i] = _leaves.low_rank_layout(r, self.plan[i]).astype(jnp.result_type(w[i]))
     return out
 
-  def back_project(self, pstates, bases, n, alpha, g, terms=None):
+  def back_project(self, pstates, bases, n, alpha, g, terms=None, hold_term=False):
     """ΔW = α·P·N of every projected leaf, in the leaf's layout and G's dtype.
 
     `n` holds the inner update N of each projected leaf in the inner
@@ -265,6 +263,8 @@ class Pipeline:
     `terms` ({leaf: float32 in the stored layout}, from `residual`), ΔW = α·(P·N + S):
     the residual term is added before α (Fira's Algorithm 1; FRUGAL's α is 1).
     `alpha` is α, times −lr when the transformation has a learning rate.
+    `hold_term`: a padded product that a term joins is held too (below), not
+    only one without a term.
     """
     out = {}
     for i in self.plan.projected:
@@ -282,7 +282,8 @@ class Pipeline:
       # on a zero-padded copy of W whose result it then cuts (two more passes over W: GaLore's
       # 1B update on an H100 with Triton GEMM off went from 23.50 to 21.29 ms without them,
       # profile_update_1b_h100_c140bf9.json). The barrier keeps the padded product as the
-      # GEMM's output, so that the cut and the add are one pass.
+      # GEMM's output, so that the cut and the add are one pass (with `hold_term`, the cut,
+      # the term and the add).
       pn = self._aligned_product(
         self.projector.back,
         _base.dense_back,
@@ -290,7 +291,7 @@ class Pipeline:
         pstates,
         bases,
         _leaves.low_rank_layout(n_i, leaf).astype(self.dtype),
-        hold=term is None or self.term_barrier,
+        hold=term is None or hold_term,
       )
       if term is not None:  # stored (l, s) for a leaf projected on its columns
         pn = pn + (jnp.swapaxes(term, -1, -2) if leaf.axis == 1 else term)

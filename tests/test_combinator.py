@@ -430,27 +430,6 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
 
 @pytest.mark.parametrize(
   "make",
-  [lambda: osub.frugal(1e-2, 4, 2), lambda: osub.fira(1e-2, 4, 2)],
-  ids=["frugal", "fira"],
-)
-def test_the_padded_term_barrier_changes_no_value(make, monkeypatch):
-  # PADDED_TERM_BARRIER (off by default, for a GPU measurement) keeps a padded
-  # back-projection that a residual term joins as the product's own output:
-  # the same arithmetic, so the same values as without it.
-  params = {"a": jnp.ones((24, 37)), "b": jnp.ones((45, 16)), "c": jnp.ones((16, 16))}
-  run = lambda on: _with_setting(
-    monkeypatch, _combinator, "PADDED_TERM_BARRIER", on, make, params, 0
-  )
-  (with_barrier, hlo_on), (without, hlo_off) = run(True), run(False)
-  chex.assert_trees_all_close(with_barrier, without, atol=1e-6, rtol=1e-6)
-  # The refresh's chunks (and a random basis's QR) hold barriers of their own; the switch adds
-  # one, for the one padded matrix ("a").
-  barrier = "stablehlo.optimization_barrier"
-  assert hlo_on.count(barrier) == hlo_off.count(barrier) + 1
-
-
-@pytest.mark.parametrize(
-  "make",
   [
     lambda: osub.galore(1e-2, 4, update_every=2),
     lambda: osub.online_subspace_descent(1e-2, 4),

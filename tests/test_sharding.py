@@ -460,15 +460,11 @@ def test_update_shardings_on_the_kept_side_keep_grass_and_rso_exact(name):
     chex.assert_trees_all_close(got, ref, atol=UPDATE_ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("term_barrier", [False, True], ids=["default", "term_barrier"])
-@pytest.mark.parametrize("name", ["galore", "fira"])
-def test_padded_products_on_a_mesh_equal_one_device(name, term_barrier, monkeypatch):
+@pytest.mark.parametrize("name", ["galore", "fira", "frugal"])
+def test_padded_products_on_a_mesh_equal_one_device(name):
   # A kept side of 36, no multiple of PRODUCT_ALIGNMENT: R = PᵀG and the back-projection run on
-  # zero-padded copies, the latter through an optimization barrier (GaLore always; Fira's, whose
-  # term joins it, with PADDED_TERM_BARRIER). Sharded on its projected side, as one device.
-  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
-
-  monkeypatch.setattr(_combinator, "PADDED_TERM_BARRIER", term_barrier)
+  # zero-padded copies, the latter held by an optimization barrier (GaLore's; Fira's, whose
+  # term joins it; not FRUGAL's). Sharded on its projected side, as one device.
   tx = PRESETS[name]()
   rng = np.random.default_rng(0)
   params = {"w": 0.1 * rng.standard_normal((16, 36), np.float32)}
@@ -487,5 +483,4 @@ def test_padded_products_on_a_mesh_equal_one_device(name, term_barrier, monkeypa
   sharded, text = run({"w": NamedSharding(_mesh("8"), P("fsdp", None))})
   chex.assert_trees_all_close(sharded, one, atol=UPDATE_ATOL, rtol=RTOL)
   assert "stablehlo.pad" in text
-  if name == "galore" or term_barrier:
-    assert "optimization_barrier" in text
+  assert ("optimization_barrier" in text) == (name != "frugal")
