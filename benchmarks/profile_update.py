@@ -63,6 +63,8 @@ PROFILED = (
   "grass_steady_host_refresh",
   "rso_steady_host_refresh",
   "rso_steady_stored_basis_host_refresh",
+  "rso_steady_held_bases_host_refresh",
+  "apollo_steady_held_bases",
 )
 
 
@@ -90,7 +92,9 @@ def methods(rank: int, dims=None) -> dict:
   (``store_basis=True``) instead of drawn from its key in every update, a Gaussian draw that
   XLA may fuse into the product with G. "grass_steady*", "rso_steady*": GRASS's and RSO's steady
   steps (RSO at `rank`, its P regenerated from its key in every update, or with
-  ``store_basis=True`` kept in the state), to see what RSO's redraw costs. (Earlier
+  ``store_basis=True`` kept in the state), to see what RSO's redraw costs. "*_held_bases"
+  compile with the combinator's HOLD_COMPUTED_BASES on: RSO's and APOLLO's per-leaf cuts of
+  their stacked bases held, so that XLA autotunes the GEMMs that read them. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
@@ -108,7 +112,9 @@ def methods(rank: int, dims=None) -> dict:
     None,
   )
   table.update(_output_variants(rank, dims))
-  return {n: table[re.sub(r"_(unpadded|host_refresh|unchunked)$", "", n)] for n in PROFILED}
+  return {
+    n: table[re.sub(r"(_(unpadded|host_refresh|unchunked|held_bases))+$", "", n)] for n in PROFILED
+  }
 
 
 def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
@@ -137,6 +143,7 @@ def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
 _COMPILE_SETTINGS = {
   "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
   "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
+  "_held_bases": (_combinator, "HOLD_COMPUTED_BASES", True),
 }
 
 
@@ -168,7 +175,7 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
     state = optimizer_update._count_setter(state)(state, count)  # past the step-0 refresh
   with contextlib.ExitStack() as settings:  # changed around the compile only
     for suffix, (module, attr, value) in _COMPILE_SETTINGS.items():
-      if name.endswith(suffix):
+      if suffix in name:
         settings.enter_context(mock.patch.object(module, attr, value))
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
   if hlo_dir:  # the kernel names of `top` are the fusions' names in this text

@@ -43,6 +43,15 @@ PRODUCT_ALIGNMENT = 8
 # least this many matrices (a scanned model's stacked kernel) runs its own:
 # stacking it would only copy its P and inputs.
 OWN_BATCH_MATRICES = 8
+# Whether the bases a projector computes in one vmapped call per (s, r) (`batch_basis`: RSO's
+# regenerated P, APOLLO's Gaussian draw) are held by an optimization barrier once cut per leaf.
+# Unheld, XLA on a GPU folds each leaf's slice of the stacked bases into the product that reads
+# it (a dynamic-slice fusion), and it does not autotune the cuBLAS GEMM inside such a fusion:
+# all 168 of APOLLO's products on the 1B tree ran on cuBLAS's heuristic choice, Ampere
+# kernels (benchmarks/results/hlo/profile_update_1b_h100_e556ac1_apollo_steady.hlo.txt.gz),
+# as did RSO's. Off until a GPU measures what the cuts' copies cost against the GEMMs' gain.
+# Read, as the two above, each time `update` is traced.
+HOLD_COMPUTED_BASES = False
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -579,6 +588,7 @@ def project_subspace(
       projection_dtype or jnp.float32,
       PRODUCT_ALIGNMENT,
       OWN_BATCH_MATRICES,
+      HOLD_COMPUTED_BASES,
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(

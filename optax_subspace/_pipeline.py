@@ -109,6 +109,7 @@ class Pipeline:
     dtype: operand dtype of the products with G (`projection_dtype`).
     alignment: `PRODUCT_ALIGNMENT`, read while the update is traced.
     own_batch: `OWN_BATCH_MATRICES`, read while the update is traced.
+    hold_bases: `HOLD_COMPUTED_BASES`, read while the update is traced.
   """
 
   projector: _base.Projector
@@ -116,6 +117,7 @@ class Pipeline:
   dtype: Any
   alignment: int
   own_batch: int
+  hold_bases: bool = False
 
   @property
   def dense(self) -> bool:
@@ -187,9 +189,12 @@ class Pipeline:
     """
     projected = self.plan.projected
     if self.projector.batch_basis:
-      return stacked(
+      bases = stacked(
         self.projector.basis, self.plan, projected, lambda leaf: (leaf.side, leaf.rank), pstates
       )
+      # Held, each leaf's cut of the stacked bases is an array of its own, not a slice that
+      # XLA folds into the GEMM reading it (`HOLD_COMPUTED_BASES`).
+      return jax.lax.optimization_barrier(bases) if self.hold_bases else bases
     return {
       i: over_batch(self.projector.basis, self.plan[i], pstates[i], in_axes=(0,)) for i in projected
     }

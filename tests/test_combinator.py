@@ -430,6 +430,25 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
 
 @pytest.mark.parametrize(
   "make",
+  [lambda: osub.rso(1e-2, 4, 2), lambda: osub.apollo(1e-2, 4, 2)],
+  ids=["rso", "apollo"],
+)
+def test_held_computed_bases_change_no_value(make, monkeypatch):
+  # HOLD_COMPUTED_BASES (off by default, for a GPU measurement) puts one barrier on the
+  # per-leaf cuts of the bases a projector computes stacked (RSO's regenerated Haar P,
+  # APOLLO's Gaussian draw): the same bases, so the same steps.
+  params = {"a": jnp.ones((24, 40)), "b": jnp.ones((48, 16)), "c": jnp.ones((16, 16))}
+  run = lambda on: _with_setting(
+    monkeypatch, _combinator, "HOLD_COMPUTED_BASES", on, make, params, 0
+  )
+  (held, hlo_on), (plain, hlo_off) = run(True), run(False)
+  chex.assert_trees_all_equal(held, plain)
+  barrier = "stablehlo.optimization_barrier"
+  assert hlo_on.count(barrier) == hlo_off.count(barrier) + 1
+
+
+@pytest.mark.parametrize(
+  "make",
   [
     lambda: osub.galore(1e-2, 4, update_every=2),
     lambda: osub.online_subspace_descent(1e-2, 4),
