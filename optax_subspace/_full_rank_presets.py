@@ -303,7 +303,8 @@ def apollo(
     store_basis: keep each P (s × r floats per matrix) in the state
       instead of drawing it again from its key at every step
       (`projectors.random`): the same updates, more state, no draw per
-      step.
+      step. On an H100 the 1B update with it did not finish (a known
+      issue: docs/methods.md, APOLLO).
     b1: as in `galore`.
     b2: as in `galore`.
     eps: as in `galore`.
