@@ -6,6 +6,11 @@ time per call by kind (`traces.KINDS`: GEMMs, fusions, copies/transposes, reduct
 the top kernels with their share, next to the median synced wall time of the same calls ("wall")
 and the time per call of calls back to back with one sync ("pipelined"). On the CPU the trace
 holds no device kernels (every figure 0): a smoke run (--size tiny) checks the plumbing.
+
+With --method-timeout-s S each method runs in a process of its own (`train_setups.Workers`),
+killed after S seconds: a method whose compile or calls never finish (APOLLO's update has
+stalled on an H100 where XLA autotunes its GEMMs) leaves a row with its error and the last
+phase it reached ("compiled in …", "timing …"), and the methods after it still run.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from benchmarks import optimizer_step
 from benchmarks import optimizer_update
 from benchmarks import record
 from benchmarks import suites
+from benchmarks import train_setups
 from benchmarks import traces
 from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profile rows' kinds)
 from optax_subspace import _chunks
@@ -173,17 +179,22 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
   state = jax.jit(tx.init)(params)
   if count is not None:
     state = optimizer_update._count_setter(state)(state, count)  # past the step-0 refresh
+  started = time.perf_counter()
+  train_setups.progress(f"{name}: compiling")
   with contextlib.ExitStack() as settings:  # changed around the compile only
     for suffix, (module, attr, value) in _COMPILE_SETTINGS.items():
       if suffix in name:
         settings.enter_context(mock.patch.object(module, attr, value))
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+  train_setups.progress(f"{name}: compiled in {time.perf_counter() - started:.1f} s; first call")
   if hlo_dir:  # the kernel names of `top` are the fusions' names in this text
     record.write_hlo(pathlib.Path(hlo_dir) / f"{name}.hlo.txt.gz", compiled.as_text())
   p = jax.tree_util.tree_map(jnp.copy, params)
   run = lambda p, s: (*compiled(p, s, grads),)
   wall, (p, state) = optimizer_step.time_calls(run, (p, state), reps)
+  train_setups.progress(f"{name}: synced calls timed; timing calls back to back")
   pipelined, (p, state) = optimizer_step.time_pipelined(run, (p, state), reps)
+  train_setups.progress(f"{name}: calls back to back timed; tracing kernels")
   (p, state), summary = traced_kernels(lambda c: run(*c), (p, state), reps, top)
   del p, state
   row = {"method": name, "wall_ms": wall, "pipelined_ms": pipelined, **summary}
@@ -200,7 +211,8 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
 def main(argv=None) -> dict:
   # --hlo-dir: each method's compiled HLO goes there (<method>.hlo.txt.gz); --scanned: the tree
   # of a scanned model (kernels stacked over the layers, so each leaf's products run batched);
-  # --commit: the one to record (default: $OPTAX_SUBSPACE_COMMIT or git).
+  # --commit: the one to record (default: $OPTAX_SUBSPACE_COMMIT or git); --method-timeout-s:
+  # each method in its own process, killed after that many seconds (0: all in this one).
   args = suites.script_parser(
     __doc__,
     size=["1b", *optimizer_step.SIZES],
@@ -210,14 +222,12 @@ def main(argv=None) -> dict:
     methods="",
     scanned=False,
     commit="",
+    method_timeout_s=0.0,
   ).parse_args(argv)
+  if args.method_timeout_s:
+    train_setups.prepare_parent()  # the workers hold the device's memory, not this process
   cfg = optimizer_step.SIZES[args.size]
-  shapes = optimizer_step.llama_shapes(**cfg, scanned=args.scanned)
-  params = optimizer_step.make_tree(shapes, 0, lambda k, s: 0.02 * jax.random.normal(k, s))
-  grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
-  chosen = methods(cfg["rank"], dims=osub.MatrixDims(rows=1, cols=2) if args.scanned else None)
-  if args.methods:
-    chosen = {k: chosen[k] for k in suites.chosen(args.methods, chosen)}
+  names = suites.chosen(args.methods, PROFILED) if args.methods else list(PROFILED)
   result = {
     **record.provenance("profile_update", argv),
     "size": args.size,
@@ -235,10 +245,48 @@ def main(argv=None) -> dict:
   started = time.perf_counter()
   if args.hlo_dir:
     pathlib.Path(args.hlo_dir).mkdir(parents=True, exist_ok=True)
-  for name, (tx, count) in chosen.items():
-    result["rows"].append(
-      profile(name, tx, count, params, grads, args.reps, args.top, args.hlo_dir)
-    )
-    result["elapsed_s"] = time.perf_counter() - started
-    record.write_json(args.out, result)
+  jobs = [
+    {
+      "module": __name__,
+      "method": name,
+      "size": args.size,
+      "scanned": args.scanned,
+      "reps": args.reps,
+      "top": args.top,
+      "hlo_dir": args.hlo_dir,
+    }
+    for name in names
+  ]
+  with contextlib.ExitStack() as stack:
+    if args.method_timeout_s:
+      workers = stack.enter_context(
+        train_setups.Workers(isolate=True, timeout_s=args.method_timeout_s)
+      )
+      run = lambda job: {"method": job["method"], **workers.run(job)}
+    else:
+      tree = _trees(args.size, args.scanned)
+      run = lambda job: run_job(job, tree)
+    for job in jobs:
+      result["rows"].append(run(job))
+      result["elapsed_s"] = time.perf_counter() - started
+      record.write_json(args.out, result)
   return result
+
+
+def _trees(size: str, scanned: bool) -> tuple:
+  """(params, grads) of the LLaMA tree of `size` (`optimizer_step.llama_shapes`)."""
+  cfg = optimizer_step.SIZES[size]
+  shapes = optimizer_step.llama_shapes(**cfg, scanned=scanned)
+  params = optimizer_step.make_tree(shapes, 0, lambda k, s: 0.02 * jax.random.normal(k, s))
+  grads = optimizer_step.make_tree(shapes, 1, optimizer_step.synthetic_gradient)
+  return params, grads
+
+
+def run_job(job: dict, tree: tuple | None = None) -> dict:
+  """One method's row (`profile`); a `train_setups.Workers` job, or `main`'s in its process
+  with the `tree` it built once for every method."""
+  rank = optimizer_step.SIZES[job["size"]]["rank"]
+  dims = osub.MatrixDims(rows=1, cols=2) if job["scanned"] else None
+  tx, count = methods(rank, dims=dims)[job["method"]]
+  params, grads = tree or _trees(job["size"], job["scanned"])
+  return profile(job["method"], tx, count, params, grads, job["reps"], job["top"], job["hlo_dir"])

@@ -134,3 +134,33 @@ def test_host_refresh_variants_compile_without_the_refresh_cond(tmp_path):
   assert " conditional(" in texts["galore_steady"]
   for name in names[1:]:
     assert " conditional(" not in texts[name], name
+
+
+@pytest.mark.slow
+def test_methods_in_their_own_processes_give_the_same_rows(tmp_path):
+  # --method-timeout-s: each method in a worker process of its own; its row has what the
+  # in-process row has (and the worker's elapsed_s).
+  argv = ["--size", "tiny", "--reps", "2", "--methods", "adamw,galore_steady"]
+  alone = profile_update.main(
+    [*argv, "--method-timeout-s", "300", "--out", str(tmp_path / "w.json")]
+  )
+  together = profile_update.main([*argv, "--out", str(tmp_path / "p.json")])
+  assert [r["method"] for r in alone["rows"]] == ["adamw", "galore_steady"]
+  for row, same in zip(alone["rows"], together["rows"]):
+    assert "error" not in row, row.get("error")
+    assert set(row) == set(same) | {"elapsed_s"}
+    assert row["wall_ms"] > 0 and row["pipelined_ms"] > 0
+
+
+@pytest.mark.slow
+def test_a_method_past_its_timeout_leaves_a_row_and_the_next_one_runs(tmp_path):
+  # A worker cannot start JAX and compile within 0.5 s: each method is killed and recorded,
+  # and the JSON on disk has both rows.
+  out = tmp_path / "t.json"
+  argv = ["--size", "tiny", "--reps", "2", "--methods", "adamw,galore_steady"]
+  result = profile_update.main([*argv, "--method-timeout-s", "0.5", "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert rows == json.loads(json.dumps(result["rows"]))
+  assert [r["method"] for r in rows] == ["adamw", "galore_steady"]
+  for row in rows:
+    assert row["timed_out"] and "timed out after 0.5 s" in row["error"]
