@@ -16,6 +16,7 @@ phase it reached ("compiled in …", "timing …"), and the methods after it sti
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import pathlib
 import re
@@ -38,6 +39,9 @@ from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profil
 from optax_subspace import _chunks
 from optax_subspace import _combinator
 
+# The module, not the `svd` function `optax_subspace.projectors` exports under its name.
+_svd = importlib.import_module("optax_subspace.projectors.svd")
+
 # Rounds of subspace iteration of "galore_refresh_warm" and (on r + r/2 columns, the 9M example's
 # gradients' ≥ 0.999 of the exact top-r energy on every kernel) "galore_refresh_warm_oversampled".
 WARM_ITERATIONS = 2
@@ -55,6 +59,7 @@ PROFILED = (
   "osd_steady_bf16_products",
   "galore_refresh",
   "galore_refresh_unchunked",
+  "galore_refresh_jacobi",
   "galore_refresh_warm",
   "galore_refresh_warm_oversampled",
   "fira_steady",
@@ -100,7 +105,9 @@ def methods(rank: int, dims=None) -> dict:
   steps (RSO at `rank`, its P regenerated from its key in every update, or with
   ``store_basis=True`` kept in the state), to see what RSO's redraw costs. "*_held_bases"
   compile with the combinator's HOLD_COMPUTED_BASES on: RSO's and APOLLO's per-leaf cuts of
-  their stacked bases held, so that XLA autotunes the GEMMs that read them. (Earlier
+  their stacked bases held, so that XLA autotunes the GEMMs that read them. "*_jacobi"
+  compile with `projectors.svd.GPU_EIGENSOLVER` = "jacobi": the refresh's eigh on cuSOLVER's
+  Jacobi solver instead of its divide and conquer. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
@@ -118,9 +125,8 @@ def methods(rank: int, dims=None) -> dict:
     None,
   )
   table.update(_output_variants(rank, dims))
-  return {
-    n: table[re.sub(r"(_(unpadded|host_refresh|unchunked|held_bases))+$", "", n)] for n in PROFILED
-  }
+  suffixes = r"(_(unpadded|host_refresh|unchunked|held_bases|jacobi))+$"
+  return {n: table[re.sub(suffixes, "", n)] for n in PROFILED}
 
 
 def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
@@ -150,6 +156,7 @@ _COMPILE_SETTINGS = {
   "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
   "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
   "_held_bases": (_combinator, "HOLD_COMPUTED_BASES", True),
+  "_jacobi": (_svd, "GPU_EIGENSOLVER", "jacobi"),
 }
 
 
