@@ -260,7 +260,8 @@ def main(argv=None) -> dict:
       "scanned": args.scanned,
       "reps": args.reps,
       "top": args.top,
-      "hlo_dir": args.hlo_dir,
+      # Absolute: a worker runs in the repository root, not necessarily the caller's folder.
+      "hlo_dir": str(pathlib.Path(args.hlo_dir).resolve()) if args.hlo_dir else "",
     }
     for name in names
   ]

@@ -44,12 +44,13 @@ GPU_EIGENSOLVER = "default"
 @_base.one_matrix_per_call_on_cpu
 def eigenvectors(symmetric: jax.Array) -> jax.Array:
   """Eigenvectors of a symmetric matrix, columns by ascending eigenvalue."""
+  solver_choice = lambda x: jnp.linalg.eigh(x)[1]
   if GPU_EIGENSOLVER == "default":
-    return jnp.linalg.eigh(symmetric)[1]
+    return solver_choice(symmetric)
   jacobi = jax.lax.linalg.EighImplementation.JACOBI
   return jax.lax.platform_dependent(
     symmetric,
-    default=lambda x: jnp.linalg.eigh(x)[1],
+    default=solver_choice,
     cuda=lambda x: jax.lax.linalg.eigh(x, implementation=jacobi)[0],
   )
 
