@@ -76,6 +76,7 @@ PROFILED = (
   "rso_steady_stored_basis_host_refresh",
   "rso_steady_held_bases_host_refresh",
   "apollo_steady_held_bases",
+  "osd_steady_unstacked_direction_host_refresh",
 )
 
 
@@ -107,7 +108,9 @@ def methods(rank: int, dims=None) -> dict:
   compile with the combinator's HOLD_COMPUTED_BASES on: RSO's and APOLLO's per-leaf cuts of
   their stacked bases held, so that XLA autotunes the GEMMs that read them. "*_jacobi"
   compile with `projectors.svd.GPU_EIGENSOLVER` = "jacobi": the refresh's eigh on cuSOLVER's
-  Jacobi solver instead of its divide and conquer. (Earlier
+  Jacobi solver instead of its divide and conquer. "*_unstacked_direction" compile with the
+  combinator's OWN_BATCH_MATRICES at 1: OSD's ∇P runs per leaf, not stacked by (s, r), so no
+  concatenation of P and G·GᵀP (2.94 ms of the 1B update on an H100). (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
@@ -125,7 +128,7 @@ def methods(rank: int, dims=None) -> dict:
     None,
   )
   table.update(_output_variants(rank, dims))
-  suffixes = r"(_(unpadded|host_refresh|unchunked|held_bases|jacobi))+$"
+  suffixes = r"(_(unpadded|host_refresh|unchunked|held_bases|jacobi|unstacked_direction))+$"
   return {n: table[re.sub(suffixes, "", n)] for n in PROFILED}
 
 
@@ -157,6 +160,7 @@ _COMPILE_SETTINGS = {
   "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
   "_held_bases": (_combinator, "HOLD_COMPUTED_BASES", True),
   "_jacobi": (_svd, "GPU_EIGENSOLVER", "jacobi"),
+  "_unstacked_direction": (_combinator, "OWN_BATCH_MATRICES", 1),
 }
 
 
