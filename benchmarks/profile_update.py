@@ -16,7 +16,6 @@ phase it reached ("compiled in …", "timing …"), and the methods after it sti
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import pathlib
 import re
@@ -39,9 +38,6 @@ from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profil
 from optax_subspace import _chunks
 from optax_subspace import _combinator
 
-# The module, not the `svd` function `optax_subspace.projectors` exports under its name.
-_svd = importlib.import_module("optax_subspace.projectors.svd")
-
 # Rounds of subspace iteration of "galore_refresh_warm" and (on r + r/2 columns, the 9M example's
 # gradients' ≥ 0.999 of the exact top-r energy on every kernel) "galore_refresh_warm_oversampled".
 WARM_ITERATIONS = 2
@@ -59,7 +55,6 @@ PROFILED = (
   "osd_steady_bf16_products",
   "galore_refresh",
   "galore_refresh_unchunked",
-  "galore_refresh_jacobi",
   "galore_refresh_warm",
   "galore_refresh_warm_oversampled",
   "fira_steady",
@@ -106,9 +101,9 @@ def methods(rank: int, dims=None) -> dict:
   steps (RSO at `rank`, its P regenerated from its key in every update, or with
   ``store_basis=True`` kept in the state), to see what RSO's redraw costs. "*_held_bases"
   compile with the combinator's HOLD_COMPUTED_BASES on: RSO's and APOLLO's per-leaf cuts of
-  their stacked bases held, so that XLA autotunes the GEMMs that read them. "*_jacobi"
-  compile with `projectors.svd.GPU_EIGENSOLVER` = "jacobi": the refresh's eigh on cuSOLVER's
-  Jacobi solver instead of its divide and conquer. "*_unstacked_direction" compile with the
+  their stacked bases held, so that XLA autotunes the GEMMs that read them (RSO's are held
+  by default since f50e8d7's measurement; "rso_steady*" without the suffix hold them too).
+  "*_unstacked_direction" compile with the
   combinator's OWN_BATCH_MATRICES at 1: OSD's ∇P runs per leaf, not stacked by (s, r), so no
   concatenation of P and G·GᵀP (2.94 ms of the 1B update on an H100). (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
@@ -128,7 +123,7 @@ def methods(rank: int, dims=None) -> dict:
     None,
   )
   table.update(_output_variants(rank, dims))
-  suffixes = r"(_(unpadded|host_refresh|unchunked|held_bases|jacobi|unstacked_direction))+$"
+  suffixes = r"(_(unpadded|host_refresh|unchunked|held_bases|unstacked_direction))+$"
   return {n: table[re.sub(suffixes, "", n)] for n in PROFILED}
 
 
@@ -159,7 +154,6 @@ _COMPILE_SETTINGS = {
   "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
   "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
   "_held_bases": (_combinator, "HOLD_COMPUTED_BASES", True),
-  "_jacobi": (_svd, "GPU_EIGENSOLVER", "jacobi"),
   "_unstacked_direction": (_combinator, "OWN_BATCH_MATRICES", 1),
 }
 

@@ -12,9 +12,6 @@ stores):
 - ``warm<k>``: `projectors.svd(..., warm_iterations=k)`'s refresh, k rounds of subspace iteration
   from the basis its own previous refresh left (the exact one at step 0, then its own chain), as
   a warm-started run would hold it;
-- ``jacobi`` (--jacobi): the exact refresh with `projectors.svd.GPU_EIGENSOLVER` = "jacobi", the
-  Gram matrix's eigenvectors from cuSOLVER's Jacobi solver (syevj) instead of jaxlib's default;
-  on the CPU both are LAPACK's and it scores 1;
 - ``warm<k>_p<p>`` (--oversample p > 0): the same with ``warm_oversample=p``, k rounds on r + p
   columns (p from a Gaussian sketch of G, drawn from the step as the projector draws it) and the
   top r of them kept.
@@ -28,7 +25,6 @@ from __future__ import annotations
 import importlib
 import pathlib
 import re
-from unittest import mock
 
 import jax
 import numpy as np
@@ -59,7 +55,6 @@ def _parser():
     data_dir=("", "the example's --data-dir (its token cache)"),
     iterations=("1,2,3", "the warm refreshes' rounds k, comma-separated"),
     oversample=("0", "the warm refreshes' extra columns p, comma-separated (0: none)"),
-    jacobi=(False, "also score the exact refresh on the GPU's Jacobi eigensolver"),
   )
 
 
@@ -78,7 +73,7 @@ def chain_name(k: int, p: int) -> str:
   return f"warm{k}" if not p else f"warm{k}_p{p}"
 
 
-def _scorer(rank: int, chains: tuple[tuple[int, int], ...], jacobi: bool = False):
+def _scorer(rank: int, chains: tuple[tuple[int, int], ...]):
   @jax.jit
   def score(g, exact_before, warm_before, step):
     """(fractions, the exact basis, each warm chain's new basis) for one gradient."""
@@ -86,10 +81,6 @@ def _scorer(rank: int, chains: tuple[tuple[int, int], ...], jacobi: bool = False
     exact = svd_refreshes.top_left_singular_vectors(g, rank)
     best = optimizer_step.captured(exact, g)
     fractions = {"stale": optimizer_step.captured(exact_before, g) / best}
-    if jacobi:  # the setting is read while this is traced
-      with mock.patch.object(svd_refreshes, "GPU_EIGENSOLVER", "jacobi"):
-        on_jacobi = svd_refreshes.top_left_singular_vectors(g, rank)
-      fractions["jacobi"] = optimizer_step.captured(on_jacobi, g) / best
     key = svd_refreshes.warm_sketch_key(step)  # the Ω `projectors.svd` draws at this step
     warm = {}
     for k, p in chains:
@@ -165,8 +156,8 @@ def main(argv=None):
   loss_of = lambda p, batch: train._loss(p, graphdef, batch)  # pylint: disable=protected-access
   gradient = jax.jit(jax.grad(loss_of))
   rank = cfg.effective_rank()
-  bases = ["stale"] + ["jacobi"] * args.jacobi + [chain_name(k, p) for k, p in chains]
-  score = _scorer(rank, chains, args.jacobi)
+  bases = ["stale"] + [chain_name(k, p) for k, p in chains]
+  score = _scorer(rank, chains)
   exact_basis = jax.jit(
     lambda g: svd_refreshes.top_left_singular_vectors(optimizer_step.oriented(g), rank)
   )
@@ -200,7 +191,6 @@ def main(argv=None):
       "rank": rank,
       "iterations": list(iterations),
       "oversample": list(oversample),
-      "jacobi": args.jacobi,
     },
     "final_loss": float(loss),
     "bases": bases,

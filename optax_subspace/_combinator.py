@@ -49,9 +49,10 @@ OWN_BATCH_MATRICES = 8
 # it (a dynamic-slice fusion), and it does not autotune the cuBLAS GEMM inside such a fusion:
 # all 168 of APOLLO's products on the 1B tree ran on cuBLAS's heuristic choice, Ampere
 # kernels (benchmarks/results/hlo/profile_update_1b_h100_e556ac1_apollo_steady.hlo.txt.gz),
-# as did RSO's. Off until a GPU measures what the cuts' copies cost against the GEMMs' gain.
-# Read, as the two above, each time `update` is traced.
-HOLD_COMPUTED_BASES = False
+# as did RSO's. None: each projector's `hold_basis` (held for RSO's Haar P, not for a Gaussian
+# one); True or False: every computed basis, for measurements. Read, as the two above, each
+# time `update` is traced.
+HOLD_COMPUTED_BASES = None
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -588,7 +589,7 @@ def project_subspace(
       projection_dtype or jnp.float32,
       PRODUCT_ALIGNMENT,
       OWN_BATCH_MATRICES,
-      HOLD_COMPUTED_BASES,
+      projector.hold_basis if HOLD_COMPUTED_BASES is None else HOLD_COMPUTED_BASES,
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(

@@ -109,7 +109,8 @@ class Pipeline:
     dtype: operand dtype of the products with G (`projection_dtype`).
     alignment: `PRODUCT_ALIGNMENT`, read while the update is traced.
     own_batch: `OWN_BATCH_MATRICES`, read while the update is traced.
-    hold_bases: `HOLD_COMPUTED_BASES`, read while the update is traced.
+    hold_bases: the projector's `hold_basis`, or `HOLD_COMPUTED_BASES` where set, read
+      while the update is traced.
   """
 
   projector: _base.Projector
@@ -193,7 +194,7 @@ class Pipeline:
         self.projector.basis, self.plan, projected, lambda leaf: (leaf.side, leaf.rank), pstates
       )
       # Held, each leaf's cut of the stacked bases is an array of its own, not a slice that
-      # XLA folds into the GEMM reading it (`HOLD_COMPUTED_BASES`).
+      # XLA folds into the GEMM reading it (`Projector.hold_basis`).
       return jax.lax.optimization_barrier(bases) if self.hold_bases else bases
     return {
       i: over_batch(self.projector.basis, self.plan[i], pstates[i], in_axes=(0,)) for i in projected

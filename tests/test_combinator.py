@@ -429,12 +429,12 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "make",
-  [lambda: osub.rso(1e-2, 4, 2), lambda: osub.apollo(1e-2, 4, 2)],
+  "make, held_by_default",
+  [(lambda: osub.rso(1e-2, 4, 2), True), (lambda: osub.apollo(1e-2, 4, 2), False)],
   ids=["rso", "apollo"],
 )
-def test_held_computed_bases_change_no_value(make, monkeypatch):
-  # HOLD_COMPUTED_BASES (off by default, for a GPU measurement) puts one barrier on the
+def test_held_computed_bases_change_no_value(make, held_by_default, monkeypatch):
+  # A held basis (RSO's by default, APOLLO's with HOLD_COMPUTED_BASES) is one barrier on the
   # per-leaf cuts of the bases a projector computes stacked (RSO's regenerated Haar P,
   # APOLLO's Gaussian draw): the same bases, so the same steps.
   params = {"a": jnp.ones((24, 40)), "b": jnp.ones((48, 16)), "c": jnp.ones((16, 16))}
@@ -445,6 +445,9 @@ def test_held_computed_bases_change_no_value(make, monkeypatch):
   chex.assert_trees_all_equal(held, plain)
   barrier = "stablehlo.optimization_barrier"
   assert hlo_on.count(barrier) == hlo_off.count(barrier) + 1
+  # By default each projector decides: RSO's Haar P is held, APOLLO's Gaussian one is not.
+  _, hlo_default = run(None)
+  assert hlo_default == (hlo_on if held_by_default else hlo_off)
 
 
 @pytest.mark.parametrize(

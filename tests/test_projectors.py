@@ -1,7 +1,5 @@
 """Projectors on one matrix: the subspace they find, and what bad input does."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,27 +66,6 @@ def test_svd_signs_are_canonical():
   # The same subspace from -g: identical basis, not a sign-flipped one.
   state_neg, _ = proj.refresh(proj.init(10, 20, 3, None), -g, jnp.int32(0))
   np.testing.assert_allclose(np.asarray(proj.basis(state_neg)), p, atol=1e-5)
-
-
-def test_the_jacobi_switch_asks_cusolver_for_jacobi_and_leaves_the_cpu_alone(monkeypatch):
-  # GPU_EIGENSOLVER = "jacobi": the refresh's eigh lowered for a GPU asks cuSOLVER for its
-  # Jacobi solver (algorithm 2; jaxlib's own choice is 0); on the CPU the basis is LAPACK's,
-  # bit for bit as without the switch.
-  # The module, not the `svd` function the package exports under its name.
-  svd_module = importlib.import_module("optax_subspace.projectors.svd")
-  g = _decaying(jax.random.PRNGKey(3), 12, 20)
-  proj = projectors.svd(3, 5)
-  refresh = jax.jit(lambda g: proj.basis(proj.refresh(proj.init(12, 20, 3, None), g, 0)[0]))
-
-  def cusolver_algorithms():
-    text = jax.export.export(refresh, platforms=["cuda"])(g).mlir_module()
-    return [line.split("algorithm = ")[1][0] for line in text.splitlines() if "syevd" in line]
-
-  default_basis, default_gpu = refresh(g), cusolver_algorithms()
-  monkeypatch.setattr(svd_module, "GPU_EIGENSOLVER", "jacobi")
-  refresh = jax.jit(lambda g: proj.basis(proj.refresh(proj.init(12, 20, 3, None), g, 0)[0]))
-  assert default_gpu == ["0"] and cusolver_algorithms() == ["2"]
-  np.testing.assert_array_equal(np.asarray(refresh(g)), np.asarray(default_basis))
 
 
 @pytest.mark.slow

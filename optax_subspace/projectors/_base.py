@@ -127,6 +127,11 @@ class Projector(NamedTuple):
       orthonormalisation), so the combinator evaluates it once per step for
       all matrices of one shape in one vmapped call; False (a stored P, read
       per matrix) avoids stacking and unstacking every P each step.
+    hold_basis: with `batch_basis`, whether each matrix's cut of the
+      batched bases is held by an optimization barrier, an array of its
+      own: unheld, XLA on a GPU folds the cut into the GEMM that reads it (a
+      dynamic-slice fusion) and does not autotune that GEMM
+      (`project_subspace`'s `HOLD_COMPUTED_BASES` overrides it).
   """
 
   rank: int
@@ -138,6 +143,7 @@ class Projector(NamedTuple):
   project: Optional[Callable[[ProjectorState, jax.Array], jax.Array]] = None
   back: Optional[Callable[[ProjectorState, jax.Array], jax.Array]] = None
   batch_basis: bool = False
+  hold_basis: bool = False
 
   def project_fn(self):
     """`project`, or the dense product with the basis."""

@@ -32,27 +32,17 @@ import jax.numpy as jnp
 
 from optax_subspace.projectors import _base
 
-# cuSOLVER's eigensolver on a GPU: "default" (jaxlib's choice, divide and conquer (syevd) at
-# LLaMA's 512² to 4096² Gram matrices) or "jacobi" (syevj). Both give the full
-# eigendecomposition to float32 rounding; whether Jacobi refreshes faster at these sizes is for
-# a GPU to measure (profile_update's "galore_refresh_jacobi"): the exact refresh of the 1B tree
-# takes ~2 s on an H100, 3.5% of a 1B step over T = 200. The CPU always runs LAPACK's. Read
-# when a refresh is traced.
-GPU_EIGENSOLVER = "default"
-
 
 @_base.one_matrix_per_call_on_cpu
 def eigenvectors(symmetric: jax.Array) -> jax.Array:
-  """Eigenvectors of a symmetric matrix, columns by ascending eigenvalue."""
-  solver_choice = lambda x: jnp.linalg.eigh(x)[1]
-  if GPU_EIGENSOLVER == "default":
-    return solver_choice(symmetric)
-  jacobi = jax.lax.linalg.EighImplementation.JACOBI
-  return jax.lax.platform_dependent(
-    symmetric,
-    default=solver_choice,
-    cuda=lambda x: jax.lax.linalg.eigh(x, implementation=jacobi)[0],
-  )
+  """Eigenvectors of a symmetric matrix, columns by ascending eigenvalue.
+
+  jaxlib's eigensolver: on a GPU, cuSOLVER's divide and conquer (syevd) at LLaMA's Gram
+  matrices. Its Jacobi solver (syevj) is no faster there: asked for it, the 1B tree's first
+  exact refresh had not finished after 109 s on an H100, where the default's takes ~2 s
+  (profile_update_1b_h100_f50e8d7_rso_held_bases.json, "galore_refresh_jacobi").
+  """
+  return jnp.linalg.eigh(symmetric)[1]
 
 
 def canonical_signs(p: jax.Array) -> jax.Array:
