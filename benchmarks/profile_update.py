@@ -102,10 +102,10 @@ def methods(rank: int, dims=None) -> dict:
   ``store_basis=True`` kept in the state), to see what RSO's redraw costs. "*_held_bases"
   compile with the combinator's HOLD_COMPUTED_BASES on: RSO's and APOLLO's per-leaf cuts of
   their stacked bases held, so that XLA autotunes the GEMMs that read them (RSO's are held
-  by default since f50e8d7's measurement; "rso_steady*" without the suffix hold them too).
-  "*_unstacked_direction" compile with the
-  combinator's OWN_BATCH_MATRICES at 1: OSD's ∇P runs per leaf, not stacked by (s, r), so no
-  concatenation of P and G·GᵀP (2.94 ms of the 1B update on an H100). (Earlier
+  by default since 92e9a51; "rso_steady*" without the suffix hold them too).
+  "*_unstacked_direction" compile with the combinator's OWN_BATCH_MATRICES at 1: OSD's ∇P
+  runs per leaf, not stacked by (s, r), so no concatenation of P and G·GᵀP (2.94 ms of the 1B
+  update on an H100). (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
