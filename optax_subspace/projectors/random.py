@@ -273,11 +273,8 @@ def random(
     needs_refresh=_base.RefreshSchedule(update_every),
     refresh=refresh,
     batch_basis=True,  # each basis is a draw (and a product): batched by shape
-    # Held cuts, so that XLA autotunes the products with G: RSO's 1B update on an H100 took
-    # 24.73 ms instead of 29.00 (its GEMMs on Hopper kernels, not Ampere ones;
-    # profile_update_1b_h100_f50e8d7_rso_held_bases.json). Not for a Gaussian P (APOLLO's):
-    # that program, held, had not finished compiling after 60–75 s, where unheld its compile,
-    # timings and trace all end within 60 s (profile_update_1b_h100_13c792e_*.json).
+    # Held for a Haar P only (the docstring says why): benchmarks/results/
+    # profile_update_1b_h100_f50e8d7_rso_held_bases.json, profile_update_1b_h100_13c792e_*.json.
     hold_basis=distribution == "haar",
   )
 
