@@ -58,14 +58,15 @@ def over_batch(fn, leaf: _leaves.LeafPlan, *args, in_axes):
   return jax.tree_util.tree_map(lambda x: x.reshape(leaf.batch_shape + x.shape[1:]), out)
 
 
-def stacked(fn, plan: _plan.SubspacePlan, leaves, group, *trees):
+def stacked(fn, plan: _plan.SubspacePlan, leaves, group, *trees, hold=False):
   """Applies a one-matrix function to the matrices of many leaves, batched.
 
   `trees` are dicts {leaf: pytree with the leaf's batch axes leading}; the
   leaves whose `group(leaf plan)` agree are concatenated along one batch
   axis and go through one vmapped `fn`, so a tree of 170 matrices compiles
   to a few batched calls, not 170. Returns {leaf: output, batch axes
-  restored}.
+  restored}. `hold`: each batched output passes an optimization barrier
+  before it is cut, so the cuts read one stored array.
   """
   groups: dict[Any, list[int]] = {}
   for i in leaves:
@@ -81,6 +82,8 @@ def stacked(fn, plan: _plan.SubspacePlan, leaves, group, *trees):
       for tree in trees
     ]
     out = jax.vmap(fn)(*stacks)
+    if hold:
+      out = jax.lax.optimization_barrier(out)
     start = 0
     for i in members:
       leaf, stop = plan[i], start + plan[i].num_matrices
@@ -191,10 +194,19 @@ class Pipeline:
     projected = self.plan.projected
     if self.projector.batch_basis:
       bases = stacked(
-        self.projector.basis, self.plan, projected, lambda leaf: (leaf.side, leaf.rank), pstates
+        self.projector.basis,
+        self.plan,
+        projected,
+        lambda leaf: (leaf.side, leaf.rank),
+        pstates,
+        hold=self.hold_bases,
       )
       # Held, each leaf's cut of the stacked bases is an array of its own, not a slice that
-      # XLA folds into the GEMM reading it (`Projector.hold_basis`).
+      # XLA folds into the GEMM reading it (`Projector.hold_basis`). The stack is held before
+      # it is cut as well: with only the cuts held, APOLLO's update of the 1B tree (a Gaussian
+      # draw, no QR between it and the cuts) finished XLA's HLO passes in 12 s and was still in
+      # code generation ~85 s later on an H100; with the stack held it compiles in 9 s
+      # (benchmarks/results/profile_update_1b_h100_50e0858_apollo_passes.log.gz).
       return jax.lax.optimization_barrier(bases) if self.hold_bases else bases
     return {
       i: over_batch(self.projector.basis, self.plan[i], pstates[i], in_axes=(0,)) for i in projected

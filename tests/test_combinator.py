@@ -434,9 +434,9 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
   ids=["rso", "apollo"],
 )
 def test_held_computed_bases_change_no_value(make, held_by_default, monkeypatch):
-  # A held basis (RSO's by default, APOLLO's with HOLD_COMPUTED_BASES) is one barrier on the
-  # per-leaf cuts of the bases a projector computes stacked (RSO's regenerated Haar P,
-  # APOLLO's Gaussian draw): the same bases, so the same steps.
+  # A held basis (RSO's by default, APOLLO's with HOLD_COMPUTED_BASES) is a barrier on the
+  # bases a projector computes stacked (RSO's regenerated Haar P, APOLLO's Gaussian draw) and
+  # one on their per-leaf cuts: the same bases, so the same steps.
   params = {"a": jnp.ones((24, 40)), "b": jnp.ones((48, 16)), "c": jnp.ones((16, 16))}
   run = lambda on: _with_setting(
     monkeypatch, _combinator, "HOLD_COMPUTED_BASES", on, make, params, 0
@@ -444,7 +444,7 @@ def test_held_computed_bases_change_no_value(make, held_by_default, monkeypatch)
   (held, hlo_on), (plain, hlo_off) = run(True), run(False)
   chex.assert_trees_all_equal(held, plain)
   barrier = "stablehlo.optimization_barrier"
-  assert hlo_on.count(barrier) == hlo_off.count(barrier) + 1
+  assert hlo_on.count(barrier) > hlo_off.count(barrier)
   # By default each projector decides: RSO's Haar P is held, APOLLO's Gaussian one is not.
   _, hlo_default = run(None)
   assert hlo_default == (hlo_on if held_by_default else hlo_off)
