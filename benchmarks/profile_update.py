@@ -71,6 +71,8 @@ PROFILED = (
   "rso_steady_stored_basis_host_refresh",
   "rso_steady_held_bases_host_refresh",
   "apollo_steady_held_bases",
+  "apollo_steady_unheld_bases",
+  "rso_steady_unheld_bases_host_refresh",
   "osd_steady_unstacked_direction_host_refresh",
 )
 
@@ -102,7 +104,8 @@ def methods(rank: int, dims=None) -> dict:
   ``store_basis=True`` kept in the state), to see what RSO's redraw costs. "*_held_bases"
   compile with the combinator's HOLD_COMPUTED_BASES on: RSO's and APOLLO's per-leaf cuts of
   their stacked bases held, so that XLA autotunes the GEMMs that read them (RSO's are held
-  by default since 92e9a51; "rso_steady*" without the suffix hold them too).
+  by default since 92e9a51, APOLLO's since fe293fe made their program compile: "rso_steady*"
+  and "apollo*_steady" without the suffix hold them too); "*_unheld_bases" with it off.
   "*_unstacked_direction" compile with the combinator's OWN_BATCH_MATRICES at 1: OSD's ∇P
   runs per leaf, not stacked by (s, r), so no concatenation of P and G·GᵀP (2.94 ms of the 1B
   update on an H100). (Earlier
@@ -123,7 +126,7 @@ def methods(rank: int, dims=None) -> dict:
     None,
   )
   table.update(_output_variants(rank, dims))
-  suffixes = r"(_(unpadded|host_refresh|unchunked|held_bases|unstacked_direction))+$"
+  suffixes = r"(_(unpadded|host_refresh|unchunked|held_bases|unheld_bases|unstacked_direction))+$"
   return {n: table[re.sub(suffixes, "", n)] for n in PROFILED}
 
 
@@ -154,6 +157,7 @@ _COMPILE_SETTINGS = {
   "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
   "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
   "_held_bases": (_combinator, "HOLD_COMPUTED_BASES", True),
+  "_unheld_bases": (_combinator, "HOLD_COMPUTED_BASES", False),
   "_unstacked_direction": (_combinator, "OWN_BATCH_MATRICES", 1),
 }
 

@@ -49,9 +49,9 @@ OWN_BATCH_MATRICES = 8
 # it (a dynamic-slice fusion), and it does not autotune the cuBLAS GEMM inside such a fusion:
 # all 168 of APOLLO's products on the 1B tree ran on cuBLAS's heuristic choice, Ampere
 # kernels (benchmarks/results/hlo/profile_update_1b_h100_e556ac1_apollo_steady.hlo.txt.gz),
-# as did RSO's. None: each projector's `hold_basis` (held for RSO's Haar P, not for a Gaussian
-# one); True or False: every computed basis, for measurements. Read, as the two above, each
-# time `update` is traced.
+# as did RSO's. None: each projector's `hold_basis` (`projectors.random` holds its Haar and
+# its Gaussian P); True or False: every computed basis, for measurements. Read, as the two
+# above, each time `update` is traced.
 HOLD_COMPUTED_BASES = None
 
 

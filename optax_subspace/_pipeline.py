@@ -171,6 +171,7 @@ class Pipeline:
           lambda leaf: leaf.bucket,
           sub,
           {i: self.orient(i, x) for i, x in raw.items()},
+          hold=projector.hold_basis,
         )
         return {i: tuple(out[i]) for i in out}
 

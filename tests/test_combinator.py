@@ -429,14 +429,14 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
 
 
 @pytest.mark.parametrize(
-  "make, held_by_default",
-  [(lambda: osub.rso(1e-2, 4, 2), True), (lambda: osub.apollo(1e-2, 4, 2), False)],
+  "make",
+  [lambda: osub.rso(1e-2, 4, 2), lambda: osub.apollo(1e-2, 4, 2)],
   ids=["rso", "apollo"],
 )
-def test_held_computed_bases_change_no_value(make, held_by_default, monkeypatch):
-  # A held basis (RSO's by default, APOLLO's with HOLD_COMPUTED_BASES) is a barrier on the
-  # bases a projector computes stacked (RSO's regenerated Haar P, APOLLO's Gaussian draw) and
-  # one on their per-leaf cuts: the same bases, so the same steps.
+def test_held_computed_bases_change_no_value(make, monkeypatch):
+  # Held bases (the default of RSO's Haar P and of APOLLO's Gaussian one) are a barrier on the
+  # bases a projector computes stacked and one on their per-leaf cuts: the same bases, so the
+  # same steps.
   params = {"a": jnp.ones((24, 40)), "b": jnp.ones((48, 16)), "c": jnp.ones((16, 16))}
   run = lambda on: _with_setting(
     monkeypatch, _combinator, "HOLD_COMPUTED_BASES", on, make, params, 0
@@ -445,9 +445,8 @@ def test_held_computed_bases_change_no_value(make, held_by_default, monkeypatch)
   chex.assert_trees_all_equal(held, plain)
   barrier = "stablehlo.optimization_barrier"
   assert hlo_on.count(barrier) > hlo_off.count(barrier)
-  # By default each projector decides: RSO's Haar P is held, APOLLO's Gaussian one is not.
   _, hlo_default = run(None)
-  assert hlo_default == (hlo_on if held_by_default else hlo_off)
+  assert hlo_default == hlo_on
 
 
 @pytest.mark.parametrize(

@@ -127,11 +127,15 @@ class Projector(NamedTuple):
       orthonormalisation), so the combinator evaluates it once per step for
       all matrices of one shape in one vmapped call; False (a stored P, read
       per matrix) avoids stacking and unstacking every P each step.
-    hold_basis: with `batch_basis`, whether each matrix's cut of the
-      batched bases is held by an optimization barrier, an array of its
-      own: unheld, XLA on a GPU folds the cut into the GEMM that reads it (a
-      dynamic-slice fusion) and does not autotune that GEMM
-      (`project_subspace`'s `HOLD_COMPUTED_BASES` overrides it).
+    hold_basis: whether the bases computed for the matrices of one shape in
+      one batched call (a refresh's; with `batch_basis`, a step's) are held
+      by an optimization barrier before they are cut per matrix, and with
+      `batch_basis` each cut too, an array of its own. Unheld, XLA on a GPU
+      folds a step's cut into the GEMM that reads it (a dynamic-slice
+      fusion) and does not autotune that GEMM; and with only the cuts held,
+      a Gaussian draw and its cuts for LLaMA-1B's 168 matrices did not
+      finish compiling in minutes (`project_subspace`'s
+      `HOLD_COMPUTED_BASES` overrides this for a step's bases).
   """
 
   rank: int

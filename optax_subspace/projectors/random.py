@@ -197,12 +197,11 @@ def random(
   and `random_basis` use float32 throughout: on such a device the
   regenerated P differs from `random_basis`'s by TF32 rounding.
 
-  The bases of all matrices of one shape are drawn in one batched call; a Haar
-  basis is then cut per matrix into an array of its own (`Projector.hold_basis`),
-  so that XLA on a GPU autotunes the products that read it: one more copy of the
-  bases during a step (s·r floats per matrix), for an update of LLaMA-1B's tree
-  15% faster on an H100. A Gaussian basis is not held (APOLLO's update with it
-  held had not compiled after 60–75 s).
+  The bases of all matrices of one shape are drawn in one batched call, held,
+  then cut per matrix into arrays of their own (`Projector.hold_basis`), so that
+  XLA on a GPU autotunes the products that read them: one more copy of the bases
+  during a step (s·r floats per matrix), for an update of LLaMA-1B's tree 15%
+  faster on an H100 with a Haar P (RSO), 2% faster with a Gaussian one (APOLLO).
 
   The key derivation is a contract with `optax_subspace.nn`'s model-level
   RSO: the matrix of leaf i (flatten order) draws
@@ -273,9 +272,10 @@ def random(
     needs_refresh=_base.RefreshSchedule(update_every),
     refresh=refresh,
     batch_basis=True,  # each basis is a draw (and a product): batched by shape
-    # Held for a Haar P only (the docstring says why): benchmarks/results/
-    # profile_update_1b_h100_f50e8d7_rso_held_bases.json, profile_update_1b_h100_13c792e_*.json.
-    hold_basis=distribution == "haar",
+    # Held (the docstring says why): benchmarks/results/
+    # profile_update_1b_h100_f50e8d7_rso_held_bases.json,
+    # profile_update_1b_h100_50e0858_stack_hold.json.
+    hold_basis=True,
   )
 
 
@@ -306,4 +306,5 @@ def _stored(rank: int, update_every: int, seed: int, draw, subproblem_of) -> _ba
     basis=lambda state: state.basis,
     needs_refresh=_base.RefreshSchedule(update_every),
     refresh=refresh,
+    hold_basis=True,  # the refresh's stacked draws (`Projector.hold_basis`)
   )
