@@ -73,6 +73,9 @@ PROFILED = (
   "apollo_steady_held_bases",
   "apollo_steady_unheld_bases",
   "rso_steady_unheld_bases_host_refresh",
+  "galore_steady_stacked_products_host_refresh",
+  "osd_steady_stacked_products_host_refresh",
+  "rso_steady_stacked_products_host_refresh",
   "osd_steady_unstacked_direction_host_refresh",
 )
 
@@ -106,6 +109,9 @@ def methods(rank: int, dims=None) -> dict:
   their stacked bases held, so that XLA autotunes the GEMMs that read them (RSO's are held
   by default since 92e9a51, APOLLO's since fe293fe made their program compile: "rso_steady*"
   and "apollo*_steady" without the suffix hold them too); "*_unheld_bases" with it off.
+  "*_stacked_products" compile with the combinator's STACKED_PRODUCT_ELEMENTS at 2^20: the
+  products of matrices under a million elements (every matrix of the 60M tree but its 8
+  down projections, none of the 1B tree's) batched per (s, l, r).
   "*_unstacked_direction" compile with the combinator's OWN_BATCH_MATRICES at 1: OSD's ∇P
   runs per leaf, not stacked by (s, r), so no concatenation of P and G·GᵀP (2.94 ms of the 1B
   update on an H100). (Earlier
@@ -126,7 +132,8 @@ def methods(rank: int, dims=None) -> dict:
     None,
   )
   table.update(_output_variants(rank, dims))
-  suffixes = r"(_(unpadded|host_refresh|unchunked|held_bases|unheld_bases|unstacked_direction))+$"
+  suffixes = "|".join(s.lstrip("_") for s in [*_COMPILE_SETTINGS, "_host_refresh"])
+  suffixes = rf"(_({suffixes}))+$"
   return {n: table[re.sub(suffixes, "", n)] for n in PROFILED}
 
 
@@ -158,6 +165,7 @@ _COMPILE_SETTINGS = {
   "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
   "_held_bases": (_combinator, "HOLD_COMPUTED_BASES", True),
   "_unheld_bases": (_combinator, "HOLD_COMPUTED_BASES", False),
+  "_stacked_products": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 20),
   "_unstacked_direction": (_combinator, "OWN_BATCH_MATRICES", 1),
 }
 

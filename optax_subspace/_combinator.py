@@ -43,6 +43,14 @@ PRODUCT_ALIGNMENT = 8
 # least this many matrices (a scanned model's stacked kernel) runs its own:
 # stacking it would only copy its P and inputs.
 OWN_BATCH_MATRICES = 8
+# The dense products with G and with N (R = PᵀG, P·N) of the matrices of fewer
+# than this many elements (s·l) run as one batched product per (s, l, r), their
+# operands concatenated, rather than one per leaf: on a GPU a small matrix's
+# product is a GEMM of a few µs whatever its size, and LLaMA-60M's update ran 112
+# of them, launch-bound. Larger matrices keep their own products: stacked, LLaMA-1B's
+# update was 8.5 ms slower for the copies (docs/benchmarks.md, "R = PᵀG stacked per
+# bucket"). 0: every product per leaf. Read each time `update` is traced.
+STACKED_PRODUCT_ELEMENTS = 0
 # Whether the bases a projector computes in one vmapped call per (s, r) (`batch_basis`: RSO's
 # regenerated P, APOLLO's Gaussian draw) are held by an optimization barrier once cut per leaf.
 # Unheld, XLA on a GPU folds each leaf's slice of the stacked bases into the product that reads
@@ -590,6 +598,7 @@ def project_subspace(
       PRODUCT_ALIGNMENT,
       OWN_BATCH_MATRICES,
       projector.hold_basis if HOLD_COMPUTED_BASES is None else HOLD_COMPUTED_BASES,
+      STACKED_PRODUCT_ELEMENTS,
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(

@@ -114,6 +114,8 @@ class Pipeline:
     own_batch: `OWN_BATCH_MATRICES`, read while the update is traced.
     hold_bases: the projector's `hold_basis`, or `HOLD_COMPUTED_BASES` where set, read
       while the update is traced.
+    stack_elements: `STACKED_PRODUCT_ELEMENTS`, read while the update is traced (0: every
+      product with G and with N per leaf).
   """
 
   projector: _base.Projector
@@ -122,6 +124,7 @@ class Pipeline:
   alignment: int
   own_batch: int
   hold_bases: bool = False
+  stack_elements: int = 0
 
   @property
   def dense(self) -> bool:
@@ -249,19 +252,47 @@ class Pipeline:
     the inner update. Returns ({leaf: R}, {leaf: inputs}).
     """
     advance = _base.Advance.of(self.projector.advance)
+    own, projected = self.projector.project, self.plan.projected
+    extra = {i: self._padding(i, own) for i in projected}
+    padded = {i: _pad(self.orient(i, g[i]), extra[i]) for i in projected}
+    together = self._stacked_products(own)
+    r_padded = (
+      stacked(_base.dense_project, self.plan, together, _bucket, bases, padded) if together else {}
+    )
     r, x = {}, {}
-    for i in self.plan.projected:
-      extra = self._padding(i, self.projector.project)
-      padded = _pad(self.orient(i, g[i]), extra)
-      r_padded = self._product(
-        self.projector.project, _base.dense_project, i, pstates, bases, padded
-      )
-      r[i] = _cut(r_padded, extra)
+    for i in projected:
+      if i not in r_padded:
+        r_padded[i] = self._product(own, _base.dense_project, i, pstates, bases, padded[i])
+      r[i] = _cut(r_padded[i], extra[i])
       if advance is not None:
         x[i] = over_batch(
-          advance.inputs, self.plan[i], pstates[i], padded, r_padded, in_axes=(0, 0, 0)
+          advance.inputs, self.plan[i], pstates[i], padded[i], r_padded[i], in_axes=(0, 0, 0)
         )
     return r, x
+
+  def _stacked_products(self, own) -> list:
+    """The leaves whose dense products run stacked (`stack_elements`): matrices of
+    fewer than that many elements, in their own layout (`kept_side_is_last`), that
+    share their (s, l, r) with another. On a GPU each product of a small matrix is a
+    GEMM of a few µs whatever its size (LLaMA-60M's 112 per update); one batched
+    GEMM per (s, l, r) replaces them, for one concatenation of the operands. A leaf
+    that is a batch of `own_batch` matrices or more (a scanned model's kernel) runs
+    its own batched products already.
+    """
+    if own is not None or not self.stack_elements:
+      return []
+    groups: dict[Any, list[int]] = {}
+    for i in self.plan.projected:
+      leaf = self.plan[i]
+      small = leaf.side * leaf.other < self.stack_elements
+      if small and leaf.kept_side_is_last and leaf.num_matrices < self.own_batch:
+        groups.setdefault(leaf.bucket, []).append(i)
+    return [
+      i
+      for members in groups.values()
+      if sum(self.plan[j].num_matrices for j in members) > 1
+      for i in members
+    ]
 
   def project_params(self, pstates, bases, w):
     """PᵀW of every projected leaf (what the inner transformation sees as
@@ -286,7 +317,26 @@ class Pipeline:
     only one without a term.
     """
     out = {}
+    together = [] if terms is not None else self._stacked_products(self.projector.back)
+    if together:
+      # α·P·N of the small matrices, one batched product per (s, l, r): no weight's add folds
+      # into a batched GEMM, so the add is a pass of its own, as cheap as such a matrix is.
+      x = {
+        i: _pad(
+          _leaves.low_rank_layout(n[i].astype(jnp.float32) * alpha, self.plan[i]).astype(
+            self.dtype
+          ),
+          self._padding(i, None),
+        )
+        for i in together
+      }
+      pn = stacked(_base.dense_back, self.plan, together, _bucket, bases, x)
+      for i in together:
+        cut = _cut(pn[i], self._padding(i, None))
+        out[i] = _leaves.from_oriented(cut, self.plan[i]).astype(jnp.result_type(g[i]))
     for i in self.plan.projected:
+      if i in out:
+        continue
       leaf, dtype = self.plan[i], jnp.result_type(g[i])
       term = None if terms is None else terms[i]
       # Without a term α multiplies N, not P·N: the product is then the
@@ -474,6 +524,11 @@ class Pipeline:
         in_axes=(0, 0, 0),
       )
     return states, changed
+
+
+def _bucket(leaf: _leaves.LeafPlan):
+  """(s, l, r): the stacking key of `Pipeline._stacked_products`."""
+  return leaf.bucket
 
 
 def _times(x, alpha):

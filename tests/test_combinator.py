@@ -430,6 +430,39 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
 
 @pytest.mark.parametrize(
   "make",
+  [
+    lambda: osub.galore(1e-2, 4, 2),
+    pytest.param(lambda: osub.online_subspace_descent(1e-2, 4), marks=pytest.mark.slow),
+    pytest.param(lambda: osub.rso(1e-2, 4, 2), marks=pytest.mark.slow),
+    # R = PᵀG stacked; a residual term keeps the back-projection per leaf; APOLLO has none.
+    pytest.param(lambda: osub.fira(1e-2, 4, 2), marks=pytest.mark.slow),
+    pytest.param(lambda: osub.apollo(1e-2, 4, 2), marks=pytest.mark.slow),
+  ],
+  ids=["galore", "osd", "rso", "fira", "apollo"],
+)
+def test_stacked_products_change_no_value(make, monkeypatch):
+  # Below STACKED_PRODUCT_ELEMENTS the products of matrices of one (s, l, r) run as one
+  # batched product (here the two 24 × 37 leaves, padded, and the two 16 × 16 ones; the 45 × 16
+  # leaf is projected on its columns and keeps its own): the same steps, refreshes and
+  # OSD's P steps included, with fewer products in the compiled update.
+  params = {
+    "a": jnp.ones((24, 37)),
+    "a2": jnp.ones((24, 37)),
+    "b": jnp.ones((45, 16)),
+    "c": jnp.ones((16, 16)),
+    "c2": jnp.ones((16, 16)),
+  }
+  run = lambda elements: _with_setting(
+    monkeypatch, _combinator, "STACKED_PRODUCT_ELEMENTS", elements, make, params, 0
+  )
+  (stacked, hlo_stacked), (own, hlo_own) = run(1 << 20), run(0)
+  chex.assert_trees_all_close(stacked, own, atol=1e-6, rtol=1e-6)
+  dots = lambda hlo: hlo.count("stablehlo.dot_general")
+  assert dots(hlo_stacked) < dots(hlo_own)
+
+
+@pytest.mark.parametrize(
+  "make",
   [lambda: osub.rso(1e-2, 4, 2), lambda: osub.apollo(1e-2, 4, 2)],
   ids=["rso", "apollo"],
 )
@@ -584,6 +617,8 @@ def test_stacked_leaves_run_their_projector_step_without_stacking_copies(monkeyp
   params = {"q": jnp.ones((8, 12, 20)), "k": jnp.ones((8, 12, 20)), "w": jnp.ones((12, 20))}
   dims = lambda path, x: osub.MatrixDims(rows=1, cols=2) if x.ndim == 3 else None
   make = lambda: osub.online_subspace_descent(1e-2, 4, dims=dims)
+  # The products with G and N per leaf, so that only the step's stacks are counted.
+  monkeypatch.setattr(_combinator, "STACKED_PRODUCT_ELEMENTS", 0)
   (own, hlo_own), (stacked, hlo_stacked) = [
     _with_setting(monkeypatch, _combinator, "OWN_BATCH_MATRICES", n, make, params, 0)
     for n in (8, 10**6)
