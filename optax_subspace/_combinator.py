@@ -50,7 +50,7 @@ OWN_BATCH_MATRICES = 8
 # of them, launch-bound. Larger matrices keep their own products: stacked, LLaMA-1B's
 # update was 8.5 ms slower for the copies (docs/benchmarks.md, "R = PᵀG stacked per
 # bucket"). 0: every product per leaf. Read each time `update` is traced.
-STACKED_PRODUCT_ELEMENTS = 0
+STACKED_PRODUCT_ELEMENTS = 1 << 20
 # Whether the bases a projector computes in one vmapped call per (s, r) (`batch_basis`: RSO's
 # regenerated P, APOLLO's Gaussian draw) are held by an optimization barrier once cut per leaf.
 # Unheld, XLA on a GPU folds each leaf's slice of the stacked bases into the product that reads
