@@ -316,24 +316,8 @@ class Pipeline:
     `hold_term`: a padded product that a term joins is held too (below), not
     only one without a term.
     """
-    out = {}
     together = [] if terms is not None else self._stacked_products(self.projector.back)
-    if together:
-      # α·P·N of the small matrices, one batched product per (s, l, r): no weight's add folds
-      # into a batched GEMM, so the add is a pass of its own, as cheap as such a matrix is.
-      x = {
-        i: _pad(
-          _leaves.low_rank_layout(n[i].astype(jnp.float32) * alpha, self.plan[i]).astype(
-            self.dtype
-          ),
-          self._padding(i, None),
-        )
-        for i in together
-      }
-      pn = stacked(_base.dense_back, self.plan, together, _bucket, bases, x)
-      for i in together:
-        cut = _cut(pn[i], self._padding(i, None))
-        out[i] = _leaves.from_oriented(cut, self.plan[i]).astype(jnp.result_type(g[i]))
+    out = self._back_stacked(together, bases, n, alpha, g) if together else {}
     for i in self.plan.projected:
       if i in out:
         continue
@@ -366,6 +350,22 @@ class Pipeline:
         pn = pn + (jnp.swapaxes(term, -1, -2) if leaf.axis == 1 else term)
       out[i] = _leaves.from_oriented(_times(pn, after), leaf).astype(dtype)
     return out
+
+  def _back_stacked(self, leaves, bases, n, alpha, g):
+    """α·P·N of `leaves` (`_stacked_products`'), one batched product per (s, l, r), in
+    each leaf's layout and G's dtype. No weight's add folds into a batched GEMM: the
+    add is a pass of its own, as cheap as such a small matrix is."""
+    x = {}
+    for i in leaves:
+      n_i = _leaves.low_rank_layout(n[i].astype(jnp.float32) * alpha, self.plan[i])
+      x[i] = _pad(n_i.astype(self.dtype), self._padding(i, None))
+    pn = stacked(_base.dense_back, self.plan, leaves, _bucket, bases, x)
+    return {
+      i: _leaves.from_oriented(_cut(pn[i], self._padding(i, None)), self.plan[i]).astype(
+        jnp.result_type(g[i])
+      )
+      for i in leaves
+    }
 
   def _float32_operands(self, i, g, r, n):
     """Leaf i's G as stored (…, rows, cols), R and N oriented (…, r, l), in float32.
