@@ -171,7 +171,7 @@ class Pipeline:
           lambda state, x: projector.refresh(state, x, count),
           plan,
           chunk,
-          lambda leaf: leaf.bucket,
+          _bucket,
           sub,
           {i: self.orient(i, x) for i, x in raw.items()},
           hold=projector.hold_basis,
@@ -527,7 +527,7 @@ class Pipeline:
 
 
 def _bucket(leaf: _leaves.LeafPlan):
-  """(s, l, r): the stacking key of `Pipeline._stacked_products`."""
+  """(s, l, r): the stacking key of the refresh's chunks and of `Pipeline._stacked_products`."""
   return leaf.bucket
 
 
