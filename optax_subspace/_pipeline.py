@@ -216,14 +216,16 @@ class Pipeline:
       i: over_batch(self.projector.basis, self.plan[i], pstates[i], in_axes=(0,)) for i in projected
     }
 
-  def _padding(self, i, own):
+  def _padding(self, i, own, stacked=False):
     """Zero columns to add to leaf i's (…, l) operands of the dense products.
 
-    Only where l is the leaf's last axis (`kept_side_is_last`), the GEMM's
-    row stride; a leaf projected on its columns is read in its own layout,
-    rows of s.
+    Only where l is the GEMM's row stride: the leaf's last axis
+    (`kept_side_is_last`), or any leaf whose products run `stacked`
+    (`_stacked_products`: its operands are concatenated as oriented (s, l)
+    matrices). Otherwise a leaf projected on its columns is read in its own
+    layout, rows of s.
     """
-    if own is not None or not self.plan[i].kept_side_is_last:
+    if own is not None or not (stacked or self.plan[i].kept_side_is_last):
       return 0
     return -self.plan[i].other % self.alignment
 
@@ -253,9 +255,9 @@ class Pipeline:
     """
     advance = _base.Advance.of(self.projector.advance)
     own, projected = self.projector.project, self.plan.projected
-    extra = {i: self._padding(i, own) for i in projected}
-    padded = {i: _pad(self.orient(i, g[i]), extra[i]) for i in projected}
     together = self._stacked_products(own)
+    extra = {i: self._padding(i, own, i in together) for i in projected}
+    padded = {i: _pad(self.orient(i, g[i]), extra[i]) for i in projected}
     r_padded = (
       stacked(_base.dense_project, self.plan, together, _bucket, bases, padded) if together else {}
     )
@@ -272,12 +274,14 @@ class Pipeline:
 
   def _stacked_products(self, own) -> list:
     """The leaves whose dense products run stacked (`stack_elements`): matrices of
-    fewer than that many elements, in their own layout (`kept_side_is_last`), that
-    share their (s, l, r) with another. On a GPU each product of a small matrix is a
-    GEMM of a few µs whatever its size (LLaMA-60M's 112 per update); one batched
-    GEMM per (s, l, r) replaces them, for one concatenation of the operands. A leaf
-    that is a batch of `own_batch` matrices or more (a scanned model's kernel) runs
-    its own batched products already.
+    fewer than that many elements that share their (s, l, r) with another. On a GPU
+    each product of a small matrix is a GEMM of a few µs whatever its size
+    (LLaMA-60M's 112 per update); one batched GEMM per (s, l, r) replaces them, for
+    one concatenation of the operands as oriented (s, l) matrices: a leaf projected
+    on its columns (LLaMA's MLP down projections, stored (l, s)) joins its bucket
+    transposed by that copy, which it makes anyway. A leaf that is a batch of
+    `own_batch` matrices or more (a scanned model's kernel) runs its own batched
+    products already.
     """
     if own is not None or not self.stack_elements:
       return []
@@ -285,7 +289,7 @@ class Pipeline:
     for i in self.plan.projected:
       leaf = self.plan[i]
       small = leaf.side * leaf.other < self.stack_elements
-      if small and leaf.kept_side_is_last and leaf.num_matrices < self.own_batch:
+      if small and leaf.num_matrices < self.own_batch:
         groups.setdefault(leaf.bucket, []).append(i)
     return [
       i
@@ -358,12 +362,12 @@ class Pipeline:
     x = {}
     for i in leaves:
       n_i = _leaves.low_rank_layout(n[i].astype(jnp.float32) * alpha, self.plan[i])
-      x[i] = _pad(n_i.astype(self.dtype), self._padding(i, None))
+      x[i] = _pad(n_i.astype(self.dtype), self._padding(i, None, stacked=True))
     pn = stacked(_base.dense_back, self.plan, leaves, _bucket, bases, x)
     return {
-      i: _leaves.from_oriented(_cut(pn[i], self._padding(i, None)), self.plan[i]).astype(
-        jnp.result_type(g[i])
-      )
+      i: _leaves.from_oriented(
+        _cut(pn[i], self._padding(i, None, stacked=True)), self.plan[i]
+      ).astype(jnp.result_type(g[i]))
       for i in leaves
     }
 

@@ -442,13 +442,16 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
 )
 def test_stacked_products_change_no_value(make, monkeypatch):
   # Below STACKED_PRODUCT_ELEMENTS the products of matrices of one (s, l, r) run as one
-  # batched product (here the two 24 × 37 leaves, padded, and the two 16 × 16 ones; the 45 × 16
-  # leaf is projected on its columns and keeps its own): the same steps, refreshes and
-  # OSD's P steps included, with fewer products in the compiled update.
+  # batched product: here the two 24 × 37 leaves, padded; the two 16 × 16 ones; and the
+  # 16 × 45 leaf with the two 45 × 16 ones, which are projected on their columns and join it
+  # transposed (and padded, since stacked, l = 45 is the rows' stride). The same steps,
+  # refreshes and OSD's P steps included, with fewer products in the compiled update.
   params = {
     "a": jnp.ones((24, 37)),
     "a2": jnp.ones((24, 37)),
     "b": jnp.ones((45, 16)),
+    "b2": jnp.ones((45, 16)),
+    "d": jnp.ones((16, 45)),
     "c": jnp.ones((16, 16)),
     "c2": jnp.ones((16, 16)),
   }
@@ -835,10 +838,12 @@ def _producers_back_to_a_product(jaxpr, var):
 
 
 @pytest.mark.parametrize("schedule", [False, True], ids=["constant", "schedule"])
-def test_a_projected_update_is_the_back_projection_itself(schedule):
+def test_a_projected_update_is_the_back_projection_itself(schedule, monkeypatch):
   # What lets XLA fold apply_updates' add into the product on a GPU (cuBLAS β = 1):
   # no multiply (α, the NaN guard of a host-told refresh, the learning rate)
-  # between the product and the update, on either side.
+  # between the product and the update, on either side. Per leaf, as matrices above
+  # STACKED_PRODUCT_ELEMENTS run (stacked, the two would share one batched product).
+  monkeypatch.setattr(_combinator, "STACKED_PRODUCT_ELEMENTS", 0)
   params = {"rows": jnp.ones((8, 16)), "cols": jnp.ones((16, 8)), "bias": jnp.ones((16,))}
   lr = optax.linear_schedule(0.1, 0.01, 10) if schedule else 0.1
   tx = osub.galore(lr, rank=2, update_every=5)
