@@ -110,8 +110,9 @@ def methods(rank: int, dims=None) -> dict:
   by default since 92e9a51, APOLLO's since fe293fe made their program compile: "rso_steady*"
   and "apollo*_steady" without the suffix hold them too); "*_unheld_bases" with it off.
   "*_stacked_products" compile with the combinator's STACKED_PRODUCT_ELEMENTS at 2^20: the
-  products of matrices under a million elements (every matrix of the 60M tree but its 8
-  down projections, none of the 1B tree's) batched per (s, l, r).
+  products of matrices under a million elements (every matrix of the 60M tree, none of the
+  1B tree's) batched per (s, l, r); it is the default since a2ce464, and since a83aa76 the
+  leaves projected on their columns (60M's 8 down projections under GaLore and OSD) join them.
   "*_unstacked_direction" compile with the combinator's OWN_BATCH_MATRICES at 1: OSD's ∇P
   runs per leaf, not stacked by (s, r), so no concatenation of P and G·GᵀP (2.94 ms of the 1B
   update on an H100). (Earlier
