@@ -251,22 +251,26 @@ class Pipeline:
 
     A stepped projector's `Advance.inputs` take what they need from G now,
     while the (padded) G is at hand, so no copy of it stays alive across
-    the inner update. Returns ({leaf: R}, {leaf: inputs}).
+    the inner update; stacked like the products (`_stacked_products`: one
+    batched G·GᵀP and ‖G‖² of OSD's for LLaMA-60M's 56 matrices, not 56 of
+    each). Returns ({leaf: R}, {leaf: inputs}).
     """
     advance = _base.Advance.of(self.projector.advance)
     own, projected = self.projector.project, self.plan.projected
     together = self._stacked_products(own)
     extra = {i: self._padding(i, own, i in together) for i in projected}
     padded = {i: _pad(self.orient(i, g[i]), extra[i]) for i in projected}
-    r_padded = (
-      stacked(_base.dense_project, self.plan, together, _bucket, bases, padded) if together else {}
-    )
-    r, x = {}, {}
+    r_padded, x = {}, {}
+    if together:
+      r_padded = stacked(_base.dense_project, self.plan, together, _bucket, bases, padded)
+      if advance is not None:
+        x = stacked(advance.inputs, self.plan, together, _bucket, pstates, padded, r_padded)
+    r = {}
     for i in projected:
       if i not in r_padded:
         r_padded[i] = self._product(own, _base.dense_project, i, pstates, bases, padded[i])
       r[i] = _cut(r_padded[i], extra[i])
-      if advance is not None:
+      if advance is not None and i not in x:
         x[i] = over_batch(
           advance.inputs, self.plan[i], pstates[i], padded[i], r_padded[i], in_axes=(0, 0, 0)
         )
@@ -506,9 +510,11 @@ class Pipeline:
     (OSD: ∇P, a few small products) runs stacked by (s, r) from P and those
     inputs, one call for all matrices; `apply` (the step on P) per leaf, so
     the projector's optimizer state is read and written in place, never
-    stacked (2 ms less than stacking it too:
-    profile_update_h200_f125423.json). Returns ({leaf: state},
-    {leaf: changed}).
+    stacked (2 ms less than stacking it too at LLaMA-1B:
+    profile_update_h200_f125423.json), except for the small matrices whose
+    products run stacked (`_stacked_products`), whose state is as small and
+    whose steps, one per leaf, would be a few launches each (LLaMA-60M: 56).
+    Returns ({leaf: state}, {leaf: changed}).
     """
     advance = _base.Advance.of(self.projector.advance)
     projected = self.plan.projected
@@ -517,10 +523,16 @@ class Pipeline:
       if advance.direction is None
       else stacked(advance.direction, self.plan, projected, self._step_group, bases, x)
     )
+    step = lambda st, xi, di: advance.apply(st, xi, di, count)
+    small = self._stacked_products(self.projector.project)
+    out = stacked(step, self.plan, small, self._step_group, pstates, x, d) if small else {}
     states, changed = dict(pstates), {}
     for i in projected:
+      if i in out:
+        states[i], changed[i] = out[i]
+        continue
       states[i], changed[i] = over_batch(
-        lambda st, xi, di: advance.apply(st, xi, di, count),
+        step,
         self.plan[i],
         pstates[i],
         x[i],
