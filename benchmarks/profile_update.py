@@ -77,6 +77,7 @@ PROFILED = (
   "osd_steady_stacked_products_host_refresh",
   "rso_steady_stacked_products_host_refresh",
   "osd_steady_unstacked_direction_host_refresh",
+  "osd_steady_per_leaf_steps_host_refresh",
 )
 
 
@@ -115,7 +116,9 @@ def methods(rank: int, dims=None) -> dict:
   leaves projected on their columns (60M's 8 down projections under GaLore and OSD) join them.
   "*_unstacked_direction" compile with the combinator's OWN_BATCH_MATRICES at 1: OSD's ∇P
   runs per leaf, not stacked by (s, r), so no concatenation of P and G·GᵀP (2.94 ms of the 1B
-  update on an H100). (Earlier
+  update on an H100). "*_per_leaf_steps" compile with the combinator's
+  STACK_SMALL_PROJECTOR_STEPS off: the small matrices' OSD steps on P per leaf, their
+  inputs and products still stacked (80697b9 stacks both). (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
@@ -168,6 +171,7 @@ _COMPILE_SETTINGS = {
   "_unheld_bases": (_combinator, "HOLD_COMPUTED_BASES", False),
   "_stacked_products": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 20),
   "_unstacked_direction": (_combinator, "OWN_BATCH_MATRICES", 1),
+  "_per_leaf_steps": (_combinator, "STACK_SMALL_PROJECTOR_STEPS", False),
 }
 
 

@@ -54,6 +54,14 @@ OWN_BATCH_MATRICES = 8
 # update was 8.5 ms slower for the copies (docs/benchmarks.md, "R = PᵀG stacked per
 # bucket"). 0: every product per leaf. Read each time `update` is traced.
 STACKED_PRODUCT_ELEMENTS = 1 << 20
+# Whether those small matrices' projector steps (OSD's Adam step on P, `Advance.apply`) also
+# run stacked, one call per (s, r), rather than one per leaf. With it (and their inputs
+# G·GᵀP and ‖G‖² stacked, which go with the products), LLaMA-60M's whole OSD step on an H100
+# ran at 0.926 and 0.932× AdamW's tokens/s back to back against 0.892–0.899 before
+# (benchmarks/results/train_step_60m_b64_h100_80697b9*.json); the update's profile shows the
+# cuts of the stacked states as 225 copies (0.35 ms), which a per-leaf step would not make:
+# False runs the steps per leaf (profile_update's "*_per_leaf_steps"), for that comparison.
+STACK_SMALL_PROJECTOR_STEPS = True
 # Whether the bases a projector computes in one vmapped call per (s, r) (`batch_basis`: RSO's
 # regenerated P, APOLLO's Gaussian draw) are held by an optimization barrier once cut per leaf.
 # Unheld, XLA on a GPU folds each leaf's slice of the stacked bases into the product that reads
@@ -602,6 +610,7 @@ def project_subspace(
       OWN_BATCH_MATRICES,
       projector.hold_basis if HOLD_COMPUTED_BASES is None else HOLD_COMPUTED_BASES,
       STACKED_PRODUCT_ELEMENTS,
+      STACK_SMALL_PROJECTOR_STEPS,
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(

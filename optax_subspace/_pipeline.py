@@ -116,6 +116,8 @@ class Pipeline:
       while the update is traced.
     stack_elements: `STACKED_PRODUCT_ELEMENTS`, read while the update is traced (0: every
       product with G and with N per leaf).
+    stack_steps: `STACK_SMALL_PROJECTOR_STEPS`, read while the update is traced: whether the
+      projector steps of the leaves whose products run stacked run stacked too.
   """
 
   projector: _base.Projector
@@ -125,6 +127,7 @@ class Pipeline:
   own_batch: int
   hold_bases: bool = False
   stack_elements: int = 0
+  stack_steps: bool = False
 
   @property
   def dense(self) -> bool:
@@ -511,9 +514,10 @@ class Pipeline:
     inputs, one call for all matrices; `apply` (the step on P) per leaf, so
     the projector's optimizer state is read and written in place, never
     stacked (2 ms less than stacking it too at LLaMA-1B:
-    profile_update_h200_f125423.json), except for the small matrices whose
-    products run stacked (`_stacked_products`), whose state is as small and
-    whose steps, one per leaf, would be a few launches each (LLaMA-60M: 56).
+    profile_update_h200_f125423.json), except, with `stack_steps`, for the
+    small matrices whose products run stacked (`_stacked_products`), whose
+    state is as small and whose steps, one per leaf, would be a few launches
+    each (LLaMA-60M: 56).
     Returns ({leaf: state}, {leaf: changed}).
     """
     advance = _base.Advance.of(self.projector.advance)
@@ -524,7 +528,7 @@ class Pipeline:
       else stacked(advance.direction, self.plan, projected, self._step_group, bases, x)
     )
     step = lambda st, xi, di: advance.apply(st, xi, di, count)
-    small = self._stacked_products(self.projector.project)
+    small = self._stacked_products(self.projector.project) if self.stack_steps else []
     out = stacked(step, self.plan, small, self._step_group, pstates, x, d) if small else {}
     states, changed = dict(pstates), {}
     for i in projected:

@@ -464,6 +464,21 @@ def test_stacked_products_change_no_value(make, monkeypatch):
   assert dots(hlo_stacked) < dots(hlo_own)
 
 
+def test_small_projector_steps_stacked_change_no_value(monkeypatch):
+  # The small matrices whose products run stacked take OSD's steps on P stacked too, one
+  # call per (s, r) (STACK_SMALL_PROJECTOR_STEPS), or per leaf: the same P's and moments, and
+  # the stacked program concatenates the states it steps.
+  params = {"a": jnp.ones((24, 37)), "a2": jnp.ones((24, 37)), "b": jnp.ones((45, 24))}
+  make = lambda: osub.online_subspace_descent(1e-2, 4)
+  (stacked, hlo_stacked), (per_leaf, hlo_per_leaf) = [
+    _with_setting(monkeypatch, _combinator, "STACK_SMALL_PROJECTOR_STEPS", on, make, params, 0)
+    for on in (True, False)
+  ]
+  chex.assert_trees_all_close(stacked, per_leaf, atol=1e-6, rtol=1e-6)
+  cats = lambda hlo: hlo.count("stablehlo.concatenate")
+  assert cats(hlo_stacked) > cats(hlo_per_leaf)
+
+
 @pytest.mark.parametrize(
   "make",
   [lambda: osub.rso(1e-2, 4, 2), lambda: osub.apollo(1e-2, 4, 2)],
