@@ -78,6 +78,9 @@ PROFILED = (
   "rso_steady_stacked_products_host_refresh",
   "osd_steady_unstacked_direction_host_refresh",
   "osd_steady_per_leaf_steps_host_refresh",
+  "galore_steady_stacked_under_2m_host_refresh",
+  "osd_steady_stacked_under_2m_host_refresh",
+  "rso_steady_stacked_under_2m_host_refresh",
 )
 
 
@@ -118,7 +121,9 @@ def methods(rank: int, dims=None) -> dict:
   runs per leaf, not stacked by (s, r), so no concatenation of P and G·GᵀP (2.94 ms of the 1B
   update on an H100). "*_per_leaf_steps" compile with the combinator's
   STACK_SMALL_PROJECTOR_STEPS off: the small matrices' OSD steps on P per leaf, their
-  inputs and products still stacked (80697b9 stacks both). (Earlier
+  inputs and products still stacked (80697b9 stacks both). "*_stacked_under_2m" compile with
+  STACKED_PRODUCT_ELEMENTS at 2^21: LLaMA-350M's 96 attention matrices (1024², exactly the
+  default's 2^20, so per leaf by default) stacked too, its MLP's not. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
@@ -172,6 +177,7 @@ _COMPILE_SETTINGS = {
   "_stacked_products": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 20),
   "_unstacked_direction": (_combinator, "OWN_BATCH_MATRICES", 1),
   "_per_leaf_steps": (_combinator, "STACK_SMALL_PROJECTOR_STEPS", False),
+  "_stacked_under_2m": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 21),
 }
 
 
