@@ -81,6 +81,7 @@ PROFILED = (
   "galore_steady_stacked_under_2m_host_refresh",
   "osd_steady_stacked_under_2m_host_refresh",
   "rso_steady_stacked_under_2m_host_refresh",
+  "rso_steady_bases_as_product_stacks_host_refresh",
 )
 
 
@@ -123,7 +124,10 @@ def methods(rank: int, dims=None) -> dict:
   STACK_SMALL_PROJECTOR_STEPS off: the small matrices' OSD steps on P per leaf, their
   inputs and products still stacked (80697b9 stacks both). "*_stacked_under_2m" compile with
   STACKED_PRODUCT_ELEMENTS at 2^21: LLaMA-350M's 96 attention matrices (1024², exactly the
-  default's 2^20, so per leaf by default) stacked too, its MLP's not. (Earlier
+  default's 2^20, so per leaf by default) stacked too, its MLP's not.
+  "*_bases_as_product_stacks" compile with the combinator's BASES_AS_PRODUCT_STACKS on: RSO's
+  bases of the matrices whose products run stacked drawn in those stacks, not cut and held
+  per leaf and concatenated again. (Earlier
   runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
@@ -178,6 +182,7 @@ _COMPILE_SETTINGS = {
   "_unstacked_direction": (_combinator, "OWN_BATCH_MATRICES", 1),
   "_per_leaf_steps": (_combinator, "STACK_SMALL_PROJECTOR_STEPS", False),
   "_stacked_under_2m": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 21),
+  "_bases_as_product_stacks": (_combinator, "BASES_AS_PRODUCT_STACKS", True),
 }
 
 

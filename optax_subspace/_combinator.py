@@ -72,6 +72,12 @@ STACK_SMALL_PROJECTOR_STEPS = True
 # its Gaussian P); True or False: every computed basis, for measurements. Read, as the two
 # above, each time `update` is traced.
 HOLD_COMPUTED_BASES = None
+# Whether the computed bases (RSO's, APOLLO's) of the matrices whose products run stacked
+# (STACKED_PRODUCT_ELEMENTS) are drawn in those products' stacks and left uncut, so that the
+# products read the drawn stack itself: at LLaMA-60M RSO's held per-leaf cuts (58 copies per
+# update on an H100, profile_update_60m_h100_80697b9.json) are concatenated again for its
+# stacked products. Off until a GPU measures it (profile_update's "*_bases_as_product_stacks").
+BASES_AS_PRODUCT_STACKS = False
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -611,6 +617,7 @@ def project_subspace(
       projector.hold_basis if HOLD_COMPUTED_BASES is None else HOLD_COMPUTED_BASES,
       STACKED_PRODUCT_ELEMENTS,
       STACK_SMALL_PROJECTOR_STEPS,
+      BASES_AS_PRODUCT_STACKS,
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(

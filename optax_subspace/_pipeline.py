@@ -118,6 +118,7 @@ class Pipeline:
       product with G and with N per leaf).
     stack_steps: `STACK_SMALL_PROJECTOR_STEPS`, read while the update is traced: whether the
       projector steps of the leaves whose products run stacked run stacked too.
+    bases_as_product_stacks: `BASES_AS_PRODUCT_STACKS`, read while the update is traced.
   """
 
   projector: _base.Projector
@@ -128,6 +129,7 @@ class Pipeline:
   hold_bases: bool = False
   stack_elements: int = 0
   stack_steps: bool = False
+  bases_as_product_stacks: bool = False
 
   @property
   def dense(self) -> bool:
@@ -200,14 +202,23 @@ class Pipeline:
     """
     projected = self.plan.projected
     if self.projector.batch_basis:
+      # With `bases_as_product_stacks`, the leaves whose products run stacked draw their
+      # bases in the stacks of those products, (s, l, r) in the same leaf order, and their
+      # cuts are not held one by one: the product's concatenation of the cuts is then the
+      # stack itself, which XLA folds back into it (no copy per leaf, no second stacking).
+      together = set(self._stacked_products(None)) if self.bases_as_product_stacks else set()
+      paths = {self.plan[i].path for i in together}
       bases = stacked(
         self.projector.basis,
         self.plan,
         projected,
-        lambda leaf: (leaf.side, leaf.rank),
+        lambda leaf: ("product", leaf.bucket) if leaf.path in paths else (leaf.side, leaf.rank),
         pstates,
         hold=self.hold_bases,
       )
+      if together and self.hold_bases:
+        own = jax.lax.optimization_barrier({i: b for i, b in bases.items() if i not in together})
+        return {**bases, **own}
       # Held, each leaf's cut of the stacked bases is an array of its own, not a slice that
       # XLA folds into the GEMM reading it (`Projector.hold_basis`). The stack is held before
       # it is cut as well: with only the cuts held, APOLLO's update of the 1B tree (a Gaussian
