@@ -206,7 +206,9 @@ class Pipeline:
       # bases in the stacks of those products, (s, l, r) in the same leaf order, and their
       # cuts are not held one by one: the product's concatenation of the cuts is then the
       # stack itself, which XLA folds back into it (no copy per leaf, no second stacking).
-      together = set(self._stacked_products(None)) if self.bases_as_product_stacks else set()
+      together = set()
+      if self.bases_as_product_stacks:
+        together = set(self._stacked_products(self.projector.project))
       paths = {self.plan[i].path for i in together}
       bases = stacked(
         self.projector.basis,
