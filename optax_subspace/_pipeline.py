@@ -379,15 +379,14 @@ class Pipeline:
     """α·P·N of `leaves` (`_stacked_products`'), one batched product per (s, l, r), in
     each leaf's layout and G's dtype. No weight's add folds into a batched GEMM: the
     add is a pass of its own, as cheap as such a small matrix is."""
+    extra = {i: self._padding(i, None, stacked=True) for i in leaves}
     x = {}
     for i in leaves:
       n_i = _leaves.low_rank_layout(n[i].astype(jnp.float32) * alpha, self.plan[i])
-      x[i] = _pad(n_i.astype(self.dtype), self._padding(i, None, stacked=True))
+      x[i] = _pad(n_i.astype(self.dtype), extra[i])
     pn = stacked(_base.dense_back, self.plan, leaves, _bucket, bases, x)
     return {
-      i: _leaves.from_oriented(
-        _cut(pn[i], self._padding(i, None, stacked=True)), self.plan[i]
-      ).astype(jnp.result_type(g[i]))
+      i: _leaves.from_oriented(_cut(pn[i], extra[i]), self.plan[i]).astype(jnp.result_type(g[i]))
       for i in leaves
     }
 
