@@ -96,6 +96,11 @@ SAME_STATE_AS = {
   "galore_bf16_products": "galore",
   "galore_warm_bf16_products": "galore",
   "osd_bf16_products": "osd",
+  "osd_per_leaf_steps": "osd",
+  "rso_bases_as_product_stacks": "rso",
+  "galore_stacked_under_2m": "galore",
+  "osd_stacked_under_2m": "osd",
+  "rso_stacked_under_2m": "rso",
 }
 
 

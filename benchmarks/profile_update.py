@@ -21,7 +21,6 @@ import pathlib
 import re
 import tempfile
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -35,8 +34,6 @@ from benchmarks import suites
 from benchmarks import train_setups
 from benchmarks import traces
 from benchmarks.traces import KINDS, kind_of  # noqa: F401  (re-exported: profile rows' kinds)
-from optax_subspace import _chunks
-from optax_subspace import _combinator
 
 # Rounds of subspace iteration of "galore_refresh_warm" and (on r + r/2 columns, the 9M example's
 # gradients' ≥ 0.999 of the exact top-r energy on every kernel) "galore_refresh_warm_oversampled".
@@ -145,7 +142,7 @@ def methods(rank: int, dims=None) -> dict:
     None,
   )
   table.update(_output_variants(rank, dims))
-  suffixes = "|".join(s.lstrip("_") for s in [*_COMPILE_SETTINGS, "_host_refresh"])
+  suffixes = "|".join(s.lstrip("_") for s in [*train_setups.COMPILE_SETTINGS, "_host_refresh"])
   suffixes = rf"(_({suffixes}))+$"
   return {n: table[re.sub(suffixes, "", n)] for n in PROFILED}
 
@@ -170,20 +167,6 @@ def _output_variants(rank: int, dims, lr: float = 1e-3) -> dict:
     "rso_steady": (osub.rso(lr, rank, never, **common), 1),
     "rso_steady_stored_basis": (osub.rso(lr, rank, never, store_basis=True, **common), 1),
   }
-
-
-# Library settings a method's name changes while it compiles (they are read while tracing).
-_COMPILE_SETTINGS = {
-  "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
-  "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
-  "_held_bases": (_combinator, "HOLD_COMPUTED_BASES", True),
-  "_unheld_bases": (_combinator, "HOLD_COMPUTED_BASES", False),
-  "_stacked_products": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 20),
-  "_unstacked_direction": (_combinator, "OWN_BATCH_MATRICES", 1),
-  "_per_leaf_steps": (_combinator, "STACK_SMALL_PROJECTOR_STEPS", False),
-  "_stacked_under_2m": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 21),
-  "_bases_as_product_stacks": (_combinator, "BASES_AS_PRODUCT_STACKS", True),
-}
 
 
 def traced_kernels(run, carry, reps: int, top: int):
@@ -214,10 +197,7 @@ def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -
     state = optimizer_update._count_setter(state)(state, count)  # past the step-0 refresh
   started = time.perf_counter()
   train_setups.progress(f"{name}: compiling")
-  with contextlib.ExitStack() as settings:  # changed around the compile only
-    for suffix, (module, attr, value) in _COMPILE_SETTINGS.items():
-      if suffix in name:
-        settings.enter_context(mock.patch.object(module, attr, value))
+  with train_setups.compile_settings(name):  # changed around the compile only
     compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
   train_setups.progress(f"{name}: compiled in {time.perf_counter() - started:.1f} s; first call")
   if hlo_dir:  # the kernel names of `top` are the fusions' names in this text

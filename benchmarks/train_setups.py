@@ -21,6 +21,7 @@ job, so `peak_bytes_in_use` is that job's and an out-of-memory crash takes only 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -34,6 +35,7 @@ import threading
 import time
 import traceback
 from typing import Any, Callable, Optional
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +49,8 @@ from examples.llama import optimizers as llama_optimizers
 from examples.llama.config import ModelConfig, TrainConfig
 from examples.llama.model import Block, Llama
 import optax_subspace as osub
+from optax_subspace import _chunks
+from optax_subspace import _combinator
 from optax_subspace import nn as osnn
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -78,8 +82,29 @@ VARIANT_OF = {
     {"galore_warm_iterations": 2, "projection_dtype": "bfloat16"},
   ),
   "osd_bf16_products": ("osd", {"projection_dtype": "bfloat16"}),
+  # The method compiled with one of the combinator's choices changed (COMPILE_SETTINGS).
+  "osd_per_leaf_steps": ("osd", {}),
+  "rso_bases_as_product_stacks": ("rso", {}),
+  "galore_stacked_under_2m": ("galore", {}),
+  "osd_stacked_under_2m": ("osd", {}),
+  "rso_stacked_under_2m": ("rso", {}),
 }
 VARIANTS = tuple(VARIANT_OF)
+# Library settings read while an update is traced, each changed around the compile of a method
+# whose name holds its suffix (`compile_settings`): the program the library would run with that
+# choice flipped, timed beside the default's in one run (train_step's and profile_update's
+# variants).
+COMPILE_SETTINGS = {
+  "_unpadded": (_combinator, "PRODUCT_ALIGNMENT", 1),
+  "_unchunked": (_chunks, "OPTIMIZER_REFRESH_CHUNK_BYTES", 1 << 62),
+  "_held_bases": (_combinator, "HOLD_COMPUTED_BASES", True),
+  "_unheld_bases": (_combinator, "HOLD_COMPUTED_BASES", False),
+  "_stacked_products": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 20),
+  "_unstacked_direction": (_combinator, "OWN_BATCH_MATRICES", 1),
+  "_per_leaf_steps": (_combinator, "STACK_SMALL_PROJECTOR_STEPS", False),
+  "_stacked_under_2m": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 21),
+  "_bases_as_product_stacks": (_combinator, "BASES_AS_PRODUCT_STACKS", True),
+}
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 # What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.
 NEEDS_LAYER_MODULES = MODEL_LEVEL + ("optax_contrib_galore",)
@@ -366,15 +391,26 @@ class Compiled:
   compile_s: dict
 
 
+@contextlib.contextmanager
+def compile_settings(method: str):
+  """`COMPILE_SETTINGS` whose suffix `method` holds, set until the block ends (wrap a compile)."""
+  with contextlib.ExitStack() as settings:
+    for suffix, (module, attr, value) in COMPILE_SETTINGS.items():
+      if suffix in method:
+        settings.enter_context(mock.patch.object(module, attr, value))
+    yield
+
+
 def compile_setup(setup: TrainSetup) -> Compiled:
   """Compiles the step (and a "program" refresh) from the abstract arguments: nothing is
-  allocated on the device."""
+  allocated on the device. A variant's `COMPILE_SETTINGS` hold while both are traced."""
   programs, times = {}, {}
-  for name, jitted in (("step", setup.step), ("refresh", setup.refresh)):
-    if jitted is not None:
-      t0 = time.perf_counter()
-      programs[name] = jitted.lower(*setup.abstract).compile()
-      times[name] = time.perf_counter() - t0
+  with compile_settings(setup.method):
+    for name, jitted in (("step", setup.step), ("refresh", setup.refresh)):
+      if jitted is not None:
+        t0 = time.perf_counter()
+        programs[name] = jitted.lower(*setup.abstract).compile()
+        times[name] = time.perf_counter() - t0
   return Compiled(programs["step"], programs.get("refresh"), times)
 
 

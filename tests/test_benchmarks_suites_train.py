@@ -7,6 +7,7 @@ tests/test_notebooks.py): these runs check what the suites record, not how fast 
 import gzip
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -292,3 +293,33 @@ def test_results_record_the_commit_and_whether_the_tree_differs_from_it(
   monkeypatch.setattr(record, "ROOT", tmp_path_factory.mktemp("not_a_repository"))
   monkeypatch.delenv(record.ENV)
   assert record.commit() == "unknown"
+
+
+def test_a_settings_variant_is_its_method_compiled_with_the_setting_changed(monkeypatch):
+  # osd_per_leaf_steps: OSD's train step as compiled with the combinator's
+  # STACK_SMALL_PROJECTOR_STEPS off, which is not the default's program; the setting is restored.
+  from optax_subspace import _combinator  # pylint: disable=g-import-not-at-top
+
+  def step_text(method):
+    job = {
+      "method": method,
+      "model": train_setups.model_fields(train_step.SIZES["tiny"], 512, False, "float32"),
+      "batch": 2,
+      "seq": 16,
+      "rank": None,
+      "state_dtype": None,
+      "attention": "xla",
+      "host_refresh": True,
+    }
+    text = train_setups.start_job(job)[1].step.as_text()
+    # The computations without their source metadata (the header's file and stack-frame tables,
+    # the ops' metadata), which differ between a fresh compile and one loaded from the tests'
+    # compilation cache.
+    body = text[re.search(r"^(%|ENTRY)", text, re.M).start() :]
+    return re.sub(r", metadata=\{[^}]*\}", "", body)
+
+  variant = step_text("osd_per_leaf_steps")
+  assert _combinator.STACK_SMALL_PROJECTOR_STEPS is True
+  assert variant != step_text("osd")
+  monkeypatch.setattr(_combinator, "STACK_SMALL_PROJECTOR_STEPS", False)
+  assert variant == step_text("osd")
