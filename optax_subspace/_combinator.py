@@ -61,7 +61,7 @@ STACKED_PRODUCT_ELEMENTS = 1 << 20
 # (benchmarks/results/train_step_60m_b64_h100_80697b9*.json); the update's profile shows the
 # cuts of the stacked states as 225 copies (0.35 ms), which a per-leaf step would not make:
 # False runs the steps per leaf (profile_update's "*_per_leaf_steps"), for that comparison.
-STACK_SMALL_PROJECTOR_STEPS = True
+STACK_SMALL_PROJECTOR_STEPS = False
 # Whether the bases a projector computes in one vmapped call per (s, r) (`batch_basis`: RSO's
 # regenerated P, APOLLO's Gaussian draw) are held by an optimization barrier once cut per leaf.
 # Unheld, XLA on a GPU folds each leaf's slice of the stacked bases into the product that reads
@@ -77,7 +77,7 @@ HOLD_COMPUTED_BASES = None
 # products read the drawn stack itself: at LLaMA-60M RSO's held per-leaf cuts (58 copies per
 # update on an H100, profile_update_60m_h100_80697b9.json) are concatenated again for its
 # stacked products. Off until a GPU measures it (profile_update's "*_bases_as_product_stacks").
-BASES_AS_PRODUCT_STACKS = False
+BASES_AS_PRODUCT_STACKS = True
 
 
 class ProjectSubspaceState(NamedTuple):
