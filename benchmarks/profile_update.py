@@ -119,13 +119,14 @@ def methods(rank: int, dims=None) -> dict:
   runs per leaf, not stacked by (s, r), so no concatenation of P and G·GᵀP (2.94 ms of the 1B
   update on an H100). "*_per_leaf_steps" compile with the combinator's
   STACK_SMALL_PROJECTOR_STEPS off: the small matrices' OSD steps on P per leaf, their
-  inputs and products still stacked (80697b9 stacks both). "*_stacked_under_2m" compile with
-  STACKED_PRODUCT_ELEMENTS at 2^21: LLaMA-350M's 96 attention matrices (1024², exactly the
-  default's 2^20, so per leaf by default) stacked too, its MLP's not.
-  "*_bases_as_product_stacks" compile with the combinator's BASES_AS_PRODUCT_STACKS on: RSO's
-  bases of the matrices whose products run stacked drawn in those stacks, not cut and held
-  per leaf and concatenated again. (Earlier
-  runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
+  inputs and products still stacked (80697b9 stacks both; the default since af9fd14).
+  "*_stacked_under_2m" compile with STACKED_PRODUCT_ELEMENTS at 2^21: LLaMA-350M's 96
+  attention matrices (1024², exactly the default's 2^20, so per leaf by default) stacked too,
+  its MLP's not (slower in 350M's whole step, 523014e). "*_bases_as_product_stacks" compile
+  with the combinator's BASES_AS_PRODUCT_STACKS on: RSO's bases of the matrices whose
+  products run stacked drawn in those stacks, not cut and held per leaf and concatenated
+  again (the default since af9fd14). (Earlier runs' "*_stacked_state" and
+  "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
   table["galore_refresh"] = table["galore_refresh_svd"]

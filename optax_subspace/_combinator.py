@@ -55,12 +55,12 @@ OWN_BATCH_MATRICES = 8
 # bucket"). 0: every product per leaf. Read each time `update` is traced.
 STACKED_PRODUCT_ELEMENTS = 1 << 20
 # Whether those small matrices' projector steps (OSD's Adam step on P, `Advance.apply`) also
-# run stacked, one call per (s, r), rather than one per leaf. With it (and their inputs
-# G·GᵀP and ‖G‖² stacked, which go with the products), LLaMA-60M's whole OSD step on an H100
-# ran at 0.926 and 0.932× AdamW's tokens/s back to back against 0.892–0.899 before
-# (benchmarks/results/train_step_60m_b64_h100_80697b9*.json); the update's profile shows the
-# cuts of the stacked states as 225 copies (0.35 ms), which a per-leaf step would not make:
-# False runs the steps per leaf (profile_update's "*_per_leaf_steps"), for that comparison.
+# run stacked, one call per (s, r), rather than one per leaf; their inputs (G·GᵀP and ‖G‖²) run
+# stacked either way, with the products. Stacked (80697b9), LLaMA-60M's update cuts the stacked
+# P and moments back per leaf every step (225 copies on an H100, 0.35 ms); per leaf, its whole
+# OSD step ran at 0.949 and 0.956× AdamW's tokens/s back to back against 0.929 and 0.927
+# stacked, side by side on one H100 (benchmarks/results/train_step_60m_b64_h100_523014e*.json,
+# "osd_per_leaf_steps"). Off since af9fd14; True runs 80697b9's program, for comparison.
 STACK_SMALL_PROJECTOR_STEPS = False
 # Whether the bases a projector computes in one vmapped call per (s, r) (`batch_basis`: RSO's
 # regenerated P, APOLLO's Gaussian draw) are held by an optimization barrier once cut per leaf.
@@ -69,14 +69,17 @@ STACK_SMALL_PROJECTOR_STEPS = False
 # all 168 of APOLLO's products on the 1B tree ran on cuBLAS's heuristic choice, Ampere
 # kernels (benchmarks/results/hlo/profile_update_1b_h100_e556ac1_apollo_steady.hlo.txt.gz),
 # as did RSO's. None: each projector's `hold_basis` (`projectors.random` holds its Haar and
-# its Gaussian P); True or False: every computed basis, for measurements. Read, as the two
-# above, each time `update` is traced.
+# its Gaussian P); True or False: every computed basis, for measurements. Read, as the
+# settings above, each time `update` is traced.
 HOLD_COMPUTED_BASES = None
 # Whether the computed bases (RSO's, APOLLO's) of the matrices whose products run stacked
 # (STACKED_PRODUCT_ELEMENTS) are drawn in those products' stacks and left uncut, so that the
-# products read the drawn stack itself: at LLaMA-60M RSO's held per-leaf cuts (58 copies per
-# update on an H100, profile_update_60m_h100_80697b9.json) are concatenated again for its
-# stacked products. Off until a GPU measures it (profile_update's "*_bases_as_product_stacks").
+# products read the drawn stack itself, rather than cut and held per leaf (58 copies per update
+# of LLaMA-60M on an H100) and concatenated again for the stacked products. On: LLaMA-60M's RSO
+# update 0.995 ms of kernels in 168 launches against 1.080 ms in 222 (profile_update_60m_h100_
+# dbef545.json); its whole step 0.970 and 0.969× AdamW's tokens/s back to back against 0.958
+# and 0.967, side by side on one H100 (train_step_60m_b64_h100_523014e*.json, a gain inside
+# the run-to-run spread of ~0.01). On since af9fd14.
 BASES_AS_PRODUCT_STACKS = True
 
 
