@@ -237,12 +237,11 @@ def test_train_step_writes_its_json_before_the_first_job_and_records_a_timeout()
   assert any(line.startswith("  [adamw tiny] timed out after ") for line in logs)
 
 
-def test_hlo_dir_keeps_each_compiled_program_as_the_job_compiled_it(tmp_path):
-  # --hlo-dir: the step's and the refresh's compiled HLO text, gzipped, named for method,
-  # size and program.
-  job = {
+def _tiny_job(method: str, **extra) -> dict:
+  """A train-step job for `method` on the tiny LLaMA, 2 × 16 tokens, refreshes on the host."""
+  return {
     "size": "tiny",
-    "method": "galore",
+    "method": method,
     "model": train_setups.model_fields(train_step.SIZES["tiny"], 512, False, "float32"),
     "batch": 2,
     "seq": 16,
@@ -250,9 +249,14 @@ def test_hlo_dir_keeps_each_compiled_program_as_the_job_compiled_it(tmp_path):
     "state_dtype": None,
     "attention": "xla",
     "host_refresh": True,
-    "hlo_dir": str(tmp_path),
+    **extra,
   }
-  _, compiled, _ = train_setups.start_job(job)
+
+
+def test_hlo_dir_keeps_each_compiled_program_as_the_job_compiled_it(tmp_path):
+  # --hlo-dir: the step's and the refresh's compiled HLO text, gzipped, named for method,
+  # size and program.
+  _, compiled, _ = train_setups.start_job(_tiny_job("galore", hlo_dir=str(tmp_path)))
   with gzip.open(tmp_path / "galore_tiny_step.hlo.txt.gz", "rt") as f:
     assert f.read() == compiled.step.as_text()
   with gzip.open(tmp_path / "galore_tiny_refresh.hlo.txt.gz", "rt") as f:
@@ -304,17 +308,7 @@ def test_a_settings_variant_is_its_method_compiled_with_the_setting_changed(monk
   monkeypatch.setattr(_combinator, "STACK_SMALL_PROJECTOR_STEPS", True)
 
   def step_text(method):
-    job = {
-      "method": method,
-      "model": train_setups.model_fields(train_step.SIZES["tiny"], 512, False, "float32"),
-      "batch": 2,
-      "seq": 16,
-      "rank": None,
-      "state_dtype": None,
-      "attention": "xla",
-      "host_refresh": True,
-    }
-    text = train_setups.start_job(job)[1].step.as_text()
+    text = train_setups.start_job(_tiny_job(method))[1].step.as_text()
     # The computations without their source metadata (the header's file and stack-frame tables,
     # the ops' metadata), which differ between a fresh compile and one loaded from the tests'
     # compilation cache.
