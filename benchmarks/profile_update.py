@@ -79,6 +79,8 @@ PROFILED = (
   "osd_steady_stacked_under_2m_host_refresh",
   "rso_steady_stacked_under_2m_host_refresh",
   "rso_steady_bases_as_product_stacks_host_refresh",
+  "apollo_steady_bases_cut_per_leaf",
+  "rso_steady_bases_cut_per_leaf_host_refresh",
 )
 
 
@@ -125,8 +127,8 @@ def methods(rank: int, dims=None) -> dict:
   its MLP's not (slower in 350M's whole step, 523014e). "*_bases_as_product_stacks" compile
   with the combinator's BASES_AS_PRODUCT_STACKS on: RSO's bases of the matrices whose
   products run stacked drawn in those stacks, not cut and held per leaf and concatenated
-  again (the default since af9fd14). (Earlier runs' "*_stacked_state" and
-  "*_swapped_updates" measured layouts since taken out.)
+  again (the default since af9fd14); "*_bases_cut_per_leaf" with it off (before af9fd14).
+  (Earlier runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)
   table["galore_refresh"] = table["galore_refresh_svd"]

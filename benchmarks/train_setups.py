@@ -104,6 +104,7 @@ COMPILE_SETTINGS = {
   "_per_leaf_steps": (_combinator, "STACK_SMALL_PROJECTOR_STEPS", False),
   "_stacked_under_2m": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 21),
   "_bases_as_product_stacks": (_combinator, "BASES_AS_PRODUCT_STACKS", True),
+  "_bases_cut_per_leaf": (_combinator, "BASES_AS_PRODUCT_STACKS", False),
 }
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 # What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.
