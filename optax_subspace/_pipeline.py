@@ -218,16 +218,16 @@ class Pipeline:
         pstates,
         hold=self.hold_bases,
       )
-      if together and self.hold_bases:
-        own = jax.lax.optimization_barrier({i: b for i, b in bases.items() if i not in together})
-        return {**bases, **own}
       # Held, each leaf's cut of the stacked bases is an array of its own, not a slice that
       # XLA folds into the GEMM reading it (`Projector.hold_basis`). The stack is held before
       # it is cut as well: with only the cuts held, APOLLO's update of the 1B tree (a Gaussian
       # draw, no QR between it and the cuts) finished XLA's HLO passes in 12 s and was still in
       # code generation ~85 s later on an H100; with the stack held it compiles in 9 s
       # (benchmarks/results/profile_update_1b_h100_50e0858_apollo_passes.log.gz).
-      return jax.lax.optimization_barrier(bases) if self.hold_bases else bases
+      if not self.hold_bases:
+        return bases
+      held = jax.lax.optimization_barrier({i: b for i, b in bases.items() if i not in together})
+      return {**bases, **held}
     return {
       i: over_batch(self.projector.basis, self.plan[i], pstates[i], in_axes=(0,)) for i in projected
     }
@@ -526,10 +526,10 @@ class Pipeline:
     inputs, one call for all matrices; `apply` (the step on P) per leaf, so
     the projector's optimizer state is read and written in place, never
     stacked (2 ms less than stacking it too at LLaMA-1B:
-    profile_update_h200_f125423.json), except, with `stack_steps`, for the
-    small matrices whose products run stacked (`_stacked_products`), whose
-    state is as small and whose steps, one per leaf, would be a few launches
-    each (LLaMA-60M: 56).
+    profile_update_h200_f125423.json; at LLaMA-60M the whole step was 2–3%
+    faster per leaf too, train_step_60m_b64_h100_523014e*.json). With
+    `stack_steps` (off by default, kept for that comparison) the small
+    matrices whose products run stacked (`_stacked_products`) step stacked.
     Returns ({leaf: state}, {leaf: changed}).
     """
     advance = _base.Advance.of(self.projector.advance)
