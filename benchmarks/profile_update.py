@@ -188,13 +188,21 @@ def traced_kernels(run, carry, reps: int, top: int):
   return carry, {"kernel_ms": sum(summary["by_kind_ms"].values()), **summary}
 
 
-def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -> dict:
+def update_step(name: str, tx):
+  """The profiled program of method `name`: `tx`'s update and the weights' add, ``(params, state,
+  grads) -> (params, state)`` (the caller donates params and state); a "*_host_refresh" update
+  is told on the host that no refresh is due."""
   extra = {"subspace_refresh": False} if name.endswith("_host_refresh") else {}
 
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
 
+  return step
+
+
+def profile(name, tx, count, params, grads, reps: int, top: int, hlo_dir=None) -> dict:
+  step = update_step(name, tx)
   state = jax.jit(tx.init)(params)
   if count is not None:
     state = optimizer_update._count_setter(state)(state, count)  # past the step-0 refresh

@@ -25,6 +25,7 @@ SUITES = ("projector_cost", "optimizer_update", "train_step", "largest_model", "
 SCRIPT_SUITES = (
   "multi_gpu",
   "profile_update",
+  "gpu_program",
   "product_rates",
   "projection_layouts",
   "grass_cost",
