@@ -217,6 +217,25 @@ def measured_kernels(entries) -> dict:
   return found
 
 
+def plot(result: dict, path) -> None:
+  """One panel per size: each method's kernels counted here beside those measured (0: none)."""
+  sizes = list(dict.fromkeys(row["size"] for row in result["rows"]))
+  fig, axes = record.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
+  for ax, size in zip(axes[0], sizes):
+    rows = [row for row in result["rows"] if row["size"] == size]
+    record.bars(
+      ax,
+      [re.sub(r"_host_refresh$|_steady", "", row["method"]) for row in rows],
+      {
+        "counted (compile only)": [row["kernels"] for row in rows],
+        "measured (profile)": [row.get("measured_kernels_per_step", 0) for row in rows],
+      },
+      f"{size}: kernels per update, {result['target']}",
+      "kernels",
+    )
+  record.save(fig, path)
+
+
 def main(argv=None) -> dict:
   # --measured: profile_update JSONs whose kernels per step go beside the counts
   # (`measured_kernels`: "PATH" or "PATH:THERE:HERE", comma-separated); --target: a
@@ -263,4 +282,5 @@ def main(argv=None) -> dict:
         f"{f' (measured {seen:.0f})' if seen else ''}  {row['by_kind']}",
         flush=True,
       )
+  plot(result, pathlib.Path(args.out).with_suffix(".png"))
   return result

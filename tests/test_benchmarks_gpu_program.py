@@ -91,6 +91,7 @@ def test_cpu_run_counts_each_method_beside_its_measured_kernels(tmp_path):
   assert rows["osd_steady_host_refresh"]["measured_kernels_per_step"] == 99.0
   assert rows["osd_steady_host_refresh"]["measured_as"].endswith(": osd_steady_stacked")
   assert result["target_config"] is None
+  assert out.with_suffix(".png").stat().st_size > 0
 
 
 def test_the_first_measurement_of_a_method_wins(tmp_path):
