@@ -101,6 +101,8 @@ SAME_STATE_AS = {
   "galore_stacked_under_2m": "galore",
   "osd_stacked_under_2m": "osd",
   "rso_stacked_under_2m": "rso",
+  "galore_columns_stacked_as_stored": "galore",
+  "osd_columns_stacked_as_stored": "osd",
 }
 
 

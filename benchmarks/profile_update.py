@@ -81,6 +81,8 @@ PROFILED = (
   "rso_steady_bases_as_product_stacks_host_refresh",
   "apollo_steady_bases_cut_per_leaf",
   "rso_steady_bases_cut_per_leaf_host_refresh",
+  "galore_steady_columns_stacked_as_stored_host_refresh",
+  "osd_steady_columns_stacked_as_stored_host_refresh",
 )
 
 
@@ -128,6 +130,9 @@ def methods(rank: int, dims=None) -> dict:
   with the combinator's BASES_AS_PRODUCT_STACKS on: RSO's bases of the matrices whose
   products run stacked drawn in those stacks, not cut and held per leaf and concatenated
   again (the default since af9fd14); "*_bases_cut_per_leaf" with it off (before af9fd14).
+  "*_columns_stacked_as_stored" compile with COLUMNS_STACKED_AS_STORED on: the leaves projected
+  on their columns (60M's 8 down projections under GaLore and OSD) stacked apart, in their
+  stored layout, instead of transposed into their bucket's stack.
   (Earlier runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)

@@ -88,6 +88,8 @@ VARIANT_OF = {
   "galore_stacked_under_2m": ("galore", {}),
   "osd_stacked_under_2m": ("osd", {}),
   "rso_stacked_under_2m": ("rso", {}),
+  "galore_columns_stacked_as_stored": ("galore", {}),
+  "osd_columns_stacked_as_stored": ("osd", {}),
 }
 VARIANTS = tuple(VARIANT_OF)
 # Library settings read while an update is traced, each changed around the compile of a method
@@ -105,6 +107,7 @@ COMPILE_SETTINGS = {
   "_stacked_under_2m": (_combinator, "STACKED_PRODUCT_ELEMENTS", 1 << 21),
   "_bases_as_product_stacks": (_combinator, "BASES_AS_PRODUCT_STACKS", True),
   "_bases_cut_per_leaf": (_combinator, "BASES_AS_PRODUCT_STACKS", False),
+  "_columns_stacked_as_stored": (_combinator, "COLUMNS_STACKED_AS_STORED", True),
 }
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 # What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.

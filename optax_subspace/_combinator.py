@@ -81,6 +81,15 @@ HOLD_COMPUTED_BASES = None
 # and 0.967, side by side on one H100 (train_step_60m_b64_h100_523014e*.json, a gain inside
 # the run-to-run spread of ~0.01). On since af9fd14.
 BASES_AS_PRODUCT_STACKS = True
+# Whether the leaves projected on their columns (stored (l, s): LLaMA's MLP down projections)
+# whose products run stacked form stacks of their own per (s, l, r) in that stored layout, the
+# products reading each matrix swapped (which XLA folds into the GEMM) and landing as stored,
+# rather than joining their bucket's (s, l) stack transposed (since a83aa76). Joined, LLaMA-60M's
+# GaLore and OSD updates transpose the 8 down projections' G into the stack, their inner moments
+# back to the stored (1376, 128) and P·N into W's layout, and copy those adds into the donated W:
+# 40 launches of 178 (GaLore) and 254 (OSD), counted without a GPU (docs/benchmarks.md,
+# "Kernels counted without a GPU"). Off until a GPU measures it.
+COLUMNS_STACKED_AS_STORED = False
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -621,6 +630,7 @@ def project_subspace(
       STACKED_PRODUCT_ELEMENTS,
       STACK_SMALL_PROJECTOR_STEPS,
       BASES_AS_PRODUCT_STACKS,
+      COLUMNS_STACKED_AS_STORED,
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(

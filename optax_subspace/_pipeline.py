@@ -119,6 +119,7 @@ class Pipeline:
     stack_steps: `STACK_SMALL_PROJECTOR_STEPS`, read while the update is traced: whether the
       projector steps of the leaves whose products run stacked run stacked too.
     bases_as_product_stacks: `BASES_AS_PRODUCT_STACKS`, read while the update is traced.
+    columns_stacked_as_stored: `COLUMNS_STACKED_AS_STORED`, read while the update is traced.
   """
 
   projector: _base.Projector
@@ -130,6 +131,7 @@ class Pipeline:
   stack_elements: int = 0
   stack_steps: bool = False
   bases_as_product_stacks: bool = False
+  columns_stacked_as_stored: bool = False
 
   @property
   def dense(self) -> bool:
@@ -214,7 +216,9 @@ class Pipeline:
         self.projector.basis,
         self.plan,
         projected,
-        lambda leaf: ("product", leaf.bucket) if leaf.path in paths else (leaf.side, leaf.rank),
+        lambda leaf: (
+          ("product", self._product_group(leaf)) if leaf.path in paths else (leaf.side, leaf.rank)
+        ),
         pstates,
         hold=self.hold_bases,
       )
@@ -274,13 +278,19 @@ class Pipeline:
     advance = _base.Advance.of(self.projector.advance)
     own, projected = self.projector.project, self.plan.projected
     together = self._stacked_products(own)
-    extra = {i: self._padding(i, own, i in together) for i in projected}
-    padded = {i: _pad(self.orient(i, g[i]), extra[i]) for i in projected}
+    as_stored = self._stacked_as_stored(together)
+    extra = {i: self._padding(i, own, i in together and i not in as_stored) for i in projected}
+    padded = {
+      i: _leaves.to_stored(g[i], self.plan[i]).astype(self.dtype)
+      if i in as_stored
+      else _pad(self.orient(i, g[i]), extra[i])
+      for i in projected
+    }
     r_padded, x = {}, {}
     if together:
-      r_padded = stacked(_base.dense_project, self.plan, together, _bucket, bases, padded)
+      r_padded = self._stacked_by_layout(_base.dense_project, together, as_stored, bases, padded)
       if advance is not None:
-        x = stacked(advance.inputs, self.plan, together, _bucket, pstates, padded, r_padded)
+        x = self._stacked_by_layout(advance.inputs, together, as_stored, pstates, padded, r_padded)
     r = {}
     for i in projected:
       if i not in r_padded:
@@ -317,6 +327,32 @@ class Pipeline:
       if sum(self.plan[j].num_matrices for j in members) > 1
       for i in members
     ]
+
+  def _stacked_as_stored(self, together) -> set:
+    """The leaves of `together` projected on their columns that are stacked in their stored
+    (…, l, s) layout, a stack of their own per (s, l, r) (`columns_stacked_as_stored`), not
+    transposed into their bucket's (s, l) stack."""
+    if not self.columns_stacked_as_stored:
+      return set()
+    return {i for i in together if self.plan[i].axis == 1}
+
+  def _product_group(self, leaf: _leaves.LeafPlan):
+    """The stacking key of the stacked products: (s, l, r), and whether the stack holds
+    matrices in their stored layout (`_stacked_as_stored`)."""
+    return (leaf.bucket, self.columns_stacked_as_stored and leaf.axis == 1)
+
+  def _stacked_by_layout(self, fn, together, as_stored, first, g, *rest):
+    """`stacked` `fn(first, G oriented (s, l), *rest)` over `together`, one call per
+    `_product_group`: the stacks of `as_stored` leaves hold G as stored (l, s) and swap each
+    matrix inside the vmapped call, which XLA folds into the products (no transpose of G)."""
+    swapped = lambda a, x, *more: fn(a, jnp.swapaxes(x, -1, -2), *more)
+    rows = [i for i in together if i not in as_stored]
+    columns = [i for i in together if i in as_stored]
+    group = self._product_group
+    out = stacked(fn, self.plan, rows, group, first, g, *rest) if rows else {}
+    if columns:
+      out.update(stacked(swapped, self.plan, columns, group, first, g, *rest))
+    return out
 
   def project_params(self, pstates, bases, w):
     """PᵀW of every projected leaf (what the inner transformation sees as
@@ -379,16 +415,23 @@ class Pipeline:
     """α·P·N of `leaves` (`_stacked_products`'), one batched product per (s, l, r), in
     each leaf's layout and G's dtype. No weight's add folds into a batched GEMM: the
     add is a pass of its own, as cheap as such a small matrix is."""
-    extra = {i: self._padding(i, None, stacked=True) for i in leaves}
+    as_stored = self._stacked_as_stored(leaves)
+    extra = {i: self._padding(i, None, stacked=i not in as_stored) for i in leaves}
     x = {}
     for i in leaves:
-      n_i = _leaves.low_rank_layout(n[i].astype(jnp.float32) * alpha, self.plan[i])
-      x[i] = _pad(n_i.astype(self.dtype), extra[i])
-    pn = stacked(_base.dense_back, self.plan, leaves, _bucket, bases, x)
-    return {
-      i: _leaves.from_oriented(_cut(pn[i], extra[i]), self.plan[i]).astype(jnp.result_type(g[i]))
-      for i in leaves
-    }
+      n_i = n[i].astype(jnp.float32) * alpha
+      if i in as_stored:  # N in the inner layout (l, r): the product lands as stored, (l, s)
+        x[i] = n_i.astype(self.dtype)
+        continue
+      x[i] = _pad(_leaves.low_rank_layout(n_i, self.plan[i]).astype(self.dtype), extra[i])
+    rows = [i for i in leaves if i not in as_stored]
+    group = self._product_group
+    pn = stacked(_base.dense_back, self.plan, rows, group, bases, x) if rows else {}
+    columns = [i for i in leaves if i in as_stored]
+    stored = stacked(_transposed_back, self.plan, columns, group, bases, x) if columns else {}
+    out = {i: _leaves.from_stored(y, self.plan[i]) for i, y in stored.items()}
+    out.update({i: _leaves.from_oriented(_cut(pn[i], extra[i]), self.plan[i]) for i in rows})
+    return {i: out[i].astype(jnp.result_type(g[i])) for i in leaves}
 
   def _float32_operands(self, i, g, r, n):
     """Leaf i's G as stored (…, rows, cols), R and N oriented (…, r, l), in float32.
@@ -503,7 +546,7 @@ class Pipeline:
     """(P·X)ᵀ = Xᵀ·Pᵀ of a leaf projected on its columns, float32: X given in the
     inner layout (…, l, r), the product in the stored one (…, l, s)."""
     return over_batch(
-      lambda p, x: jnp.matmul(x, p.T.astype(x.dtype), preferred_element_type=jnp.float32),
+      _transposed_back,
       self.plan[i],
       bases[i],
       x,
@@ -561,6 +604,12 @@ class Pipeline:
 def _bucket(leaf: _leaves.LeafPlan):
   """(s, l, r): the stacking key of the refresh's chunks and of `Pipeline._stacked_products`."""
   return leaf.bucket
+
+
+def _transposed_back(p, nt):
+  """(P·N)ᵀ = Nᵀ·Pᵀ (l, s) of one matrix projected on its columns, from N in the inner layout
+  (l, r), in nt's dtype accumulated in float32: the product lands in the stored layout."""
+  return jnp.matmul(nt, p.T.astype(nt.dtype), preferred_element_type=jnp.float32)
 
 
 def _times(x, alpha):

@@ -464,6 +464,37 @@ def test_stacked_products_change_no_value(make, monkeypatch):
   assert dots(hlo_stacked) < dots(hlo_own)
 
 
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: osub.galore(1e-2, 4, 2),
+    pytest.param(lambda: osub.online_subspace_descent(1e-2, 4), marks=pytest.mark.slow),
+    pytest.param(lambda: osub.fira(1e-2, 4, 2), marks=pytest.mark.slow),
+    pytest.param(lambda: osub.apollo(1e-2, 4, 2), marks=pytest.mark.slow),
+  ],
+  ids=["galore", "osd", "fira", "apollo"],
+)
+def test_columns_stacked_as_stored_change_no_value(make, monkeypatch):
+  # COLUMNS_STACKED_AS_STORED: the leaves projected on their columns (b, b2: 45 × 16, P on the
+  # 16 side) stack as stored, apart from the 16 × 45 leaf they otherwise join transposed; the
+  # same steps, refreshes and OSD's P steps included, with their own batched products (one
+  # more each way).
+  params = {
+    "a": jnp.ones((24, 37)),
+    "b": jnp.ones((45, 16)),
+    "b2": jnp.ones((45, 16)),
+    "d": jnp.ones((16, 45)),
+    "d2": jnp.ones((16, 45)),
+  }
+  run = lambda on: _with_setting(
+    monkeypatch, _combinator, "COLUMNS_STACKED_AS_STORED", on, make, params, 0
+  )
+  (stored, hlo_stored), (joined, hlo_joined) = run(True), run(False)
+  chex.assert_trees_all_close(stored, joined, atol=1e-6, rtol=1e-6)
+  dots = lambda hlo: hlo.count("stablehlo.dot_general")
+  assert dots(hlo_stored) > dots(hlo_joined)
+
+
 def test_small_projector_steps_stacked_change_no_value(monkeypatch):
   # The small matrices whose products run stacked take OSD's steps on P stacked too, one
   # call per (s, r) (STACK_SMALL_PROJECTOR_STEPS), or per leaf: the same P's and moments, and
