@@ -103,6 +103,8 @@ SAME_STATE_AS = {
   "rso_stacked_under_2m": "rso",
   "galore_columns_stacked_as_stored": "galore",
   "osd_columns_stacked_as_stored": "osd",
+  "osd_ordered_count_keeps": "osd",
+  "osd_columns_stacked_as_stored_ordered_count_keeps": "osd",
 }
 
 

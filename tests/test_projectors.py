@@ -1,5 +1,7 @@
 """Projectors on one matrix: the subspace they find, and what bad input does."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,8 +9,12 @@ import optax
 import pytest
 
 from optax_subspace import projectors
+from optax_subspace.projectors import _base
 from optax_subspace.projectors.svd import canonical_signs
 from optax_subspace.projectors.svd import warm_left_singular_vectors
+
+# The module, not the function of that name that `projectors` exports.
+online_pca = importlib.import_module("optax_subspace.projectors.online_pca")
 
 
 def _decaying(key, s, l, decay=0.7):
@@ -249,6 +255,33 @@ def test_unusable_gradient_keeps_the_previous_basis(make, bad):
     assert not bool(changed)
     for new, old in zip(jax.tree_util.tree_leaves(advanced), jax.tree_util.tree_leaves(state)):
       np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+@pytest.mark.parametrize("value", [0.0, -2.5, np.nan, np.inf, -np.inf])
+def test_after_is_its_flag_whatever_the_value_it_waits_for(value):
+  x = jnp.full((4, 3), value)
+  for flag in (True, False):
+    assert bool(jax.jit(_base.after)(jnp.array(flag), x)) is flag
+
+
+@pytest.mark.parametrize("bad", [None, 0.0, np.nan], ids=["stepped", "zero", "nan"])
+def test_ordered_scalar_keeps_change_no_value(bad, monkeypatch):
+  # online_pca.ORDERED_SCALAR_KEEPS orders the select that keeps P's optimizer step count after
+  # the step on P: a step taken and a step skipped (unusable gradient) leave the same state.
+  good = jax.random.normal(jax.random.PRNGKey(10), (8, 12))
+  g = jax.random.normal(jax.random.PRNGKey(11), (8, 12)) if bad is None else jnp.full((8, 12), bad)
+  states = []
+  for on in (False, True):
+    monkeypatch.setattr(online_pca, "ORDERED_SCALAR_KEEPS", on)
+    proj = projectors.online_pca(3)
+    state, _ = proj.refresh(proj.init(8, 12, 3, None), good, jnp.int32(0))
+    p = proj.basis(state)
+    advanced, changed = jax.jit(proj.advance)(state, g, p.T @ g, jnp.int32(5))
+    assert bool(changed) is (bad is None)
+    states.append(advanced)
+  assert int(states[0].opt_state[0].count) == (1 if bad is None else 0)
+  for new, old in zip(*map(jax.tree_util.tree_leaves, states)):
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
 
 
 def test_zero_first_gradient_gives_a_finite_orthonormal_basis():
