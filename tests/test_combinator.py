@@ -428,6 +428,14 @@ def test_zero_padded_products_change_no_value(make, monkeypatch):
   assert "stablehlo.pad" in hlo_padded and "stablehlo.pad" not in hlo_plain
 
 
+def _products_at(monkeypatch, name, values, make, params):
+  """The dense products (dot_generals) of the lowered update with the combinator's constant
+  `name` at each of two `values`, whose 4 steps (`_with_setting`) leave equal states."""
+  runs = [_with_setting(monkeypatch, _combinator, name, v, make, params, 0) for v in values]
+  chex.assert_trees_all_close(runs[0][0], runs[1][0], atol=1e-6, rtol=1e-6)
+  return [hlo.count("stablehlo.dot_general") for _, hlo in runs]
+
+
 @pytest.mark.parametrize(
   "make",
   [
@@ -455,13 +463,8 @@ def test_stacked_products_change_no_value(make, monkeypatch):
     "c": jnp.ones((16, 16)),
     "c2": jnp.ones((16, 16)),
   }
-  run = lambda elements: _with_setting(
-    monkeypatch, _combinator, "STACKED_PRODUCT_ELEMENTS", elements, make, params, 0
-  )
-  (stacked, hlo_stacked), (own, hlo_own) = run(1 << 20), run(0)
-  chex.assert_trees_all_close(stacked, own, atol=1e-6, rtol=1e-6)
-  dots = lambda hlo: hlo.count("stablehlo.dot_general")
-  assert dots(hlo_stacked) < dots(hlo_own)
+  stacked, own = _products_at(monkeypatch, "STACKED_PRODUCT_ELEMENTS", (1 << 20, 0), make, params)
+  assert stacked < own
 
 
 @pytest.mark.parametrize(
@@ -486,13 +489,9 @@ def test_columns_stacked_as_stored_change_no_value(make, monkeypatch):
     "d": jnp.ones((16, 45)),
     "d2": jnp.ones((16, 45)),
   }
-  run = lambda on: _with_setting(
-    monkeypatch, _combinator, "COLUMNS_STACKED_AS_STORED", on, make, params, 0
-  )
-  (stored, hlo_stored), (joined, hlo_joined) = run(True), run(False)
-  chex.assert_trees_all_close(stored, joined, atol=1e-6, rtol=1e-6)
-  dots = lambda hlo: hlo.count("stablehlo.dot_general")
-  assert dots(hlo_stored) > dots(hlo_joined)
+  setting = "COLUMNS_STACKED_AS_STORED"
+  stored, joined = _products_at(monkeypatch, setting, (True, False), make, params)
+  assert stored > joined
 
 
 def test_small_projector_steps_stacked_change_no_value(monkeypatch):
