@@ -14,9 +14,12 @@ is spent on timing it.
 
 The programs are `profile_update`'s (`profile_update.update_step`: the update and the weights'
 add, parameters and state donated), with its method names and compile settings, on the LLaMA
-trees of `optimizer_step.SIZES`. Needs JAX's CUDA plugin of the installed jaxlib's version
-(`pip install jax-cuda12-plugin==<jaxlib version>`; no GPU, driver or CUDA toolkit), and runs
-with JAX_PLATFORMS=cpu. ``--platform cpu`` counts the CPU backend's program instead: a smoke
+trees of `optimizer_step.SIZES`; with ``--program train_step``, train_step's steady steps
+(forward, backward and update, refreshes decided on the host) of its methods and variants on
+the example's models, ``--batch`` × 256 tokens, XLA's attention (`compiled_train_step`).
+Needs JAX's CUDA plugin of the installed jaxlib's version (`pip install
+jax-cuda12-plugin==<jaxlib version>`; no GPU, driver or CUDA toolkit), and runs with
+JAX_PLATFORMS=cpu. ``--platform cpu`` counts the CPU backend's program instead: a smoke
 run of the plumbing without the plugin (its counts say nothing about a GPU).
 """
 
@@ -197,6 +200,30 @@ def compiled_update(method: str, size: str, device) -> str:
     return lowered.compile().as_text()
 
 
+def compiled_train_step(method: str, size: str, batch: int, device) -> str:
+  """The compiled text of train_step's steady step of `method` (refreshes decided on the host,
+  `--host-refresh`) on the example's LLaMA of `size`, `batch` × `train_step.SEQ` tokens,
+  compiled for `device`. XLA's attention: cuDNN's, which the suite picks on a GPU, builds its
+  graph with the GPU's cuDNN at compile time, so only the attention's kernels differ from the
+  step timed there."""
+  from benchmarks import train_step  # pylint: disable=g-import-not-at-top
+  from examples.llama.config import ModelConfig  # pylint: disable=g-import-not-at-top
+
+  fields = train_setups.model_fields(
+    train_step.SIZES[size], train_step.VOCAB, False, "float32", False
+  )
+  train_setups.use_attention("xla")
+  setup = train_setups.build(
+    method, ModelConfig(**fields), batch=batch, seq=train_step.SEQ, host_refresh=True
+  )
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  abstract = jax.tree_util.tree_map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), setup.abstract
+  )
+  with train_setups.compile_settings(method):
+    return setup.step.lower(*abstract).compile().as_text()
+
+
 def measured_kernels(entries) -> dict:
   """(size, method here) -> (kernels per step, "file: method there") from profile_update JSONs
   measured on a GPU. An entry is a JSON's path (each row under its own name) or
@@ -245,6 +272,8 @@ def main(argv=None) -> dict:
     size="60m",
     methods=",".join(DEFAULT_METHODS),
     platform=["cuda", "cpu"],
+    program=["update", "train_step"],
+    batch=64,
     target="",
     measured="",
     hlo_dir="",
@@ -264,10 +293,18 @@ def main(argv=None) -> dict:
     "rows": [],
   }
   result["commit"] = args.commit or result["commit"]
+  if args.program == "train_step":
+    known = train_setups.METHODS + train_setups.VARIANTS
+    compiled = lambda method, size: compiled_train_step(method, size, args.batch, device)
+  else:
+    known = profile_update.PROFILED
+    compiled = lambda method, size: compiled_update(method, size, device)
+  result["program"] = args.program
+  result["batch"] = args.batch if args.program == "train_step" else None
   for size in sizes:
-    for method in suites.chosen(args.methods, profile_update.PROFILED):
+    for method in suites.chosen(args.methods, known):
       started = time.perf_counter()
-      text = compiled_update(method, size, device)
+      text = compiled(method, size)
       row = {"size": size, "method": method, **launches(text)}
       row["compile_s"] = round(time.perf_counter() - started, 1)
       if (size, method) in measured:

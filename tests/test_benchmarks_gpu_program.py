@@ -94,6 +94,19 @@ def test_cpu_run_counts_each_method_beside_its_measured_kernels(tmp_path):
   assert out.with_suffix(".png").stat().st_size > 0
 
 
+def test_cpu_run_counts_the_whole_train_step_of_a_method(tmp_path):
+  argv = ["--platform", "cpu", "--program", "train_step", "--size", "tiny", "--batch", "2"]
+  result = gpu_program.main([*argv, "--methods", "adamw,osd", "--out", str(tmp_path / "t.json")])
+  rows = {r["method"]: r for r in result["rows"]}
+  assert result["program"] == "train_step" and result["batch"] == 2
+  # The whole step holds the forward and backward passes: more kernels than its update alone.
+  update = gpu_program.main(
+    ["--platform", "cpu", "--size", "tiny", "--methods", "adamw", "--out", str(tmp_path / "u.json")]
+  )
+  assert rows["adamw"]["kernels"] > update["rows"][0]["kernels"]
+  assert rows["osd"]["kernels"] > rows["adamw"]["kernels"]
+
+
 def test_the_first_measurement_of_a_method_wins(tmp_path):
   first = _profile(tmp_path, [{"method": "adamw", "kernels_per_step": 77.0}])
   second = tmp_path / "second.json"
