@@ -257,7 +257,8 @@ def plot(result: dict, path) -> None:
         "counted (compile only)": [row["kernels"] for row in rows],
         "measured (profile)": [row.get("measured_kernels_per_step", 0) for row in rows],
       },
-      f"{size}: kernels per update, {result['target']}",
+      f"{size}: kernels per {result.get('program', 'update').replace('_', ' ')},"
+      f" {result['target']}",
       "kernels",
     )
   record.save(fig, path)
