@@ -8,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+import optax_subspace as osub
 from optax_subspace import projectors
 from optax_subspace.projectors import _base
 from optax_subspace.projectors.svd import canonical_signs
@@ -281,6 +282,30 @@ def test_ordered_scalar_keeps_change_no_value(bad, monkeypatch):
     states.append(advanced)
   assert int(states[0].opt_state[0].count) == (1 if bad is None else 0)
   for new, old in zip(*map(jax.tree_util.tree_leaves, states)):
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+
+
+def test_ordered_scalar_keeps_change_no_osd_step_of_a_stacked_leaf(monkeypatch):
+  # Under the preset, a leaf of 3 matrices (a scanned kernel) whose middle matrix gets a zero
+  # gradient at step 1: that matrix's P keeps its step count (vmapped `apply`), the same
+  # states and weights with the setting on or off.
+  params = {"stack": jnp.ones((3, 16, 24)), "w": jnp.ones((16, 40))}
+  dims = {"stack": osub.MatrixDims(rows=1, cols=2), "w": osub.MatrixDims(rows=0, cols=1)}
+  runs = []
+  for on in (False, True):
+    monkeypatch.setattr(online_pca, "ORDERED_SCALAR_KEEPS", on)
+    tx = osub.online_subspace_descent(1e-2, 4, dims=dims)
+    state, p, update = tx.init(params), params, jax.jit(tx.update)
+    for t in range(3):
+      g = jax.tree.map(lambda x, t=t: jax.random.normal(jax.random.PRNGKey(t), x.shape), params)
+      if t == 1:
+        g["stack"] = g["stack"].at[1].set(0.0)
+      u, state = update(g, state, p)
+      p = optax.apply_updates(p, u)
+    runs.append((p, state))
+  counts = runs[1][1][0].projectors["stack"].opt_state[0].count
+  np.testing.assert_array_equal(np.asarray(counts), [2, 1, 2])
+  for new, old in zip(*map(jax.tree_util.tree_leaves, runs)):
     np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
 
 
