@@ -105,6 +105,8 @@ SAME_STATE_AS = {
   "osd_columns_stacked_as_stored": "osd",
   "osd_ordered_count_keeps": "osd",
   "osd_columns_stacked_as_stored_ordered_count_keeps": "osd",
+  "osd_split_direction_stacks": "osd",
+  "osd_ordered_count_keeps_split_direction_stacks": "osd",
 }
 
 

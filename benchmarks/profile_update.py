@@ -85,6 +85,8 @@ PROFILED = (
   "osd_steady_columns_stacked_as_stored_host_refresh",
   "osd_steady_ordered_count_keeps_host_refresh",
   "osd_steady_columns_stacked_as_stored_ordered_count_keeps_host_refresh",
+  "osd_steady_split_direction_stacks_host_refresh",
+  "osd_steady_ordered_count_keeps_split_direction_stacks_host_refresh",
 )
 
 
@@ -137,6 +139,8 @@ def methods(rank: int, dims=None) -> dict:
   stored layout, instead of transposed into their bucket's stack. "*_ordered_count_keeps" with
   `projectors.online_pca.ORDERED_SCALAR_KEEPS` on: the select keeping the step count of each
   P's Adam ordered after the step, so XLA makes no copy of the donated count.
+  "*_split_direction_stacks" with DIRECTION_STACK_LIMIT at 128: OSD's ∇P of 350M's and 1B's
+  168 matrices in two stacks of 84, not one that XLA concatenates in two levels.
   (Earlier runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
   """
   table = optimizer_step.variants(rank, dims=dims)

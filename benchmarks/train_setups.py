@@ -95,6 +95,8 @@ VARIANT_OF = {
   "osd_columns_stacked_as_stored": ("osd", {}),
   "osd_ordered_count_keeps": ("osd", {}),
   "osd_columns_stacked_as_stored_ordered_count_keeps": ("osd", {}),
+  "osd_split_direction_stacks": ("osd", {}),
+  "osd_ordered_count_keeps_split_direction_stacks": ("osd", {}),
 }
 VARIANTS = tuple(VARIANT_OF)
 # Library settings read while an update is traced, each changed around the compile of a method
@@ -114,6 +116,7 @@ COMPILE_SETTINGS = {
   "_bases_cut_per_leaf": (_combinator, "BASES_AS_PRODUCT_STACKS", False),
   "_columns_stacked_as_stored": (_combinator, "COLUMNS_STACKED_AS_STORED", True),
   "_ordered_count_keeps": (online_pca, "ORDERED_SCALAR_KEEPS", True),
+  "_split_direction_stacks": (_combinator, "DIRECTION_STACK_LIMIT", 128),
 }
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 # What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.
