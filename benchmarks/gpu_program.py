@@ -91,6 +91,8 @@ NO_KERNEL = {
 }
 CONTROL_FLOW = {"conditional", "while", "call"}
 GEMM_TARGETS = re.compile(r"cublas|gemm|matmul", re.I)
+BYTES_PER_ELEMENT = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
+BYTES_PER_ELEMENT |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 
 
 def _split_shape(rest: str) -> tuple[str, str]:
@@ -136,11 +138,22 @@ def kernel_kind(name: str, opcode: str, target: str) -> str:
   return opcode
 
 
+def written_bytes(shape: str) -> int:
+  """The bytes of an instruction's result (every array of a tuple), from its shape text."""
+  total = 0
+  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+    count = 1
+    for d in filter(None, dims.split(",")):
+      count *= int(d)
+    total += BYTES_PER_ELEMENT.get(dtype, 0) * count
+  return total
+
+
 def launches(hlo_text: str) -> dict:
   """The kernels the compiled program's entry computation launches: their number (a GEMM call
-  counted once), by kind, its GEMM calls, its copies by shape, and the control-flow
-  instructions (whose bodies' kernels are not counted)."""
-  by_kind, copies = collections.Counter(), collections.Counter()
+  counted once), by kind, its GEMM calls, its copies by shape, the bytes the launches write by
+  kind, and the control-flow instructions (whose bodies' kernels are not counted)."""
+  by_kind, copies, written = collections.Counter(), collections.Counter(), collections.Counter()
   gemm_calls = control_flow = 0
   for name, opcode, shape, target in entry_instructions(hlo_text):
     if opcode in NO_KERNEL:
@@ -150,6 +163,7 @@ def launches(hlo_text: str) -> dict:
       continue
     kind = kernel_kind(name, opcode, target)
     by_kind[kind] += 1
+    written[kind] += written_bytes(shape)
     gemm_calls += kind == "gemm"
     if opcode == "copy":
       copies[re.sub(r"\{[^}]*\}", "", shape)] += 1
@@ -158,6 +172,9 @@ def launches(hlo_text: str) -> dict:
     "by_kind": dict(by_kind.most_common()),
     "gemm_calls": gemm_calls,
     "copies": dict(copies.most_common()),
+    # What the launches write (their results; a GEMM's workspace included), by kind: a copy's
+    # or a concatenation's cost is its bytes, not its launch.
+    "bytes_written_by_kind": dict(written.most_common()),
     "control_flow": control_flow,
   }
 
