@@ -138,10 +138,13 @@ def kernel_kind(name: str, opcode: str, target: str) -> str:
   return opcode
 
 
-def written_bytes(shape: str) -> int:
-  """The bytes of an instruction's result (every array of a tuple), from its shape text."""
+def written_bytes(shape: str, workspace: bool = True) -> int:
+  """The bytes of an instruction's result (every array of a tuple), from its shape text;
+  without `workspace`, not its int8 arrays (a cuBLAS call's scratch space)."""
   total = 0
   for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+    if dtype == "s8" and not workspace:
+      continue
     count = 1
     for d in filter(None, dims.split(",")):
       count *= int(d)
@@ -163,7 +166,7 @@ def launches(hlo_text: str) -> dict:
       continue
     kind = kernel_kind(name, opcode, target)
     by_kind[kind] += 1
-    written[kind] += written_bytes(shape)
+    written[kind] += written_bytes(shape, workspace=kind != "gemm")
     gemm_calls += kind == "gemm"
     if opcode == "copy":
       copies[re.sub(r"\{[^}]*\}", "", shape)] += 1
@@ -172,8 +175,8 @@ def launches(hlo_text: str) -> dict:
     "by_kind": dict(by_kind.most_common()),
     "gemm_calls": gemm_calls,
     "copies": dict(copies.most_common()),
-    # What the launches write (their results; a GEMM's workspace included), by kind: a copy's
-    # or a concatenation's cost is its bytes, not its launch.
+    # What the launches write (their results, a GEMM's scratch space left out), by kind: a
+    # copy's or a concatenation's cost is its bytes, not its launch.
     "bytes_written_by_kind": dict(written.most_common()),
     "control_flow": control_flow,
   }
