@@ -34,6 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks import hlo_collectives
 from benchmarks import optimizer_step
 from benchmarks import profile_update
 from benchmarks import record
@@ -91,8 +92,6 @@ NO_KERNEL = {
 }
 CONTROL_FLOW = {"conditional", "while", "call"}
 GEMM_TARGETS = re.compile(r"cublas|gemm|matmul", re.I)
-BYTES_PER_ELEMENT = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2}
-BYTES_PER_ELEMENT |= {"f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
 
 
 def _split_shape(rest: str) -> tuple[str, str]:
@@ -141,15 +140,9 @@ def kernel_kind(name: str, opcode: str, target: str) -> str:
 def written_bytes(shape: str, workspace: bool = True) -> int:
   """The bytes of an instruction's result (every array of a tuple), from its shape text;
   without `workspace`, not its int8 arrays (a cuBLAS call's scratch space)."""
-  total = 0
-  for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
-    if dtype == "s8" and not workspace:
-      continue
-    count = 1
-    for d in filter(None, dims.split(",")):
-      count *= int(d)
-    total += BYTES_PER_ELEMENT.get(dtype, 0) * count
-  return total
+  if not workspace:
+    shape = re.sub(r"\bs8\[[\d,]*\]", "", shape)
+  return hlo_collectives.shape_bytes(shape)
 
 
 def launches(hlo_text: str) -> dict:

@@ -32,7 +32,7 @@ DTYPE_BYTES = {
 }
 
 
-def _shape_bytes(text):
+def shape_bytes(text):
   """Total bytes of every array type (e.g. f32[512,2048]{1,0}) in `text`."""
   return sum(
     DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
@@ -95,8 +95,8 @@ def parse_collectives(hlo):
     m = op_re.search(rhs)
     if m:
       kind, op = m.group(1), m.group(1) + (m.group(2) or "")
-      operand_bytes = sum(_shape_bytes(types.get(o, "")) for o in _operands(rhs, op))
-      result_bytes = _shape_bytes(types[name.strip().split("%")[-1]])
+      operand_bytes = sum(shape_bytes(types.get(o, "")) for o in _operands(rhs, op))
+      result_bytes = shape_bytes(types[name.strip().split("%")[-1]])
       if m.group(2):  # async start: its result tuple holds operands, outputs
         result_bytes -= operand_bytes
       collectives[current].append((kind, operand_bytes, result_bytes, _group_size(rhs)))
