@@ -102,6 +102,8 @@ SAME_STATE_AS = {
   "osd_stacked_under_2m": "osd",
   "rso_stacked_under_2m": "rso",
   "galore_columns_stacked_as_stored": "galore",
+  "galore_columns_joined_transposed": "galore",
+  "osd_columns_joined_transposed": "osd",
   "osd_columns_stacked_as_stored": "osd",
   "osd_ordered_count_keeps": "osd",
   "osd_columns_stacked_as_stored_ordered_count_keeps": "osd",

@@ -82,6 +82,8 @@ PROFILED = (
   "apollo_steady_bases_cut_per_leaf",
   "rso_steady_bases_cut_per_leaf_host_refresh",
   "galore_steady_columns_stacked_as_stored_host_refresh",
+  "galore_steady_columns_joined_transposed_host_refresh",
+  "osd_steady_columns_joined_transposed_host_refresh",
   "osd_steady_columns_stacked_as_stored_host_refresh",
   "osd_steady_ordered_count_keeps_host_refresh",
   "osd_steady_columns_stacked_as_stored_ordered_count_keeps_host_refresh",
@@ -136,9 +138,11 @@ def methods(rank: int, dims=None) -> dict:
   again (the default since af9fd14); "*_bases_cut_per_leaf" with it off (before af9fd14).
   "*_columns_stacked_as_stored" compile with COLUMNS_STACKED_AS_STORED on: the leaves projected
   on their columns (60M's 8 down projections under GaLore and OSD) stacked apart, in their
-  stored layout, instead of transposed into their bucket's stack. "*_ordered_count_keeps" with
-  `projectors.online_pca.ORDERED_SCALAR_KEEPS` on: the select keeping the step count of each
-  P's Adam ordered after the step, so XLA makes no copy of the donated count.
+  stored layout, instead of transposed into their bucket's stack (the default since it was
+  measured, after 04c3fd3); "*_columns_joined_transposed" with it off (04c3fd3's default).
+  "*_ordered_count_keeps" with `projectors.online_pca.ORDERED_SCALAR_KEEPS` on: the select
+  keeping the step count of each P's Adam ordered after the step, so XLA makes no copy of the
+  donated count.
   "*_split_direction_stacks" with DIRECTION_STACK_LIMIT at 128: OSD's ∇P of 350M's and 1B's
   168 matrices in two stacks of 84, not one that XLA concatenates in two levels.
   (Earlier runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)

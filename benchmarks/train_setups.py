@@ -92,6 +92,8 @@ VARIANT_OF = {
   "osd_stacked_under_2m": ("osd", {}),
   "rso_stacked_under_2m": ("rso", {}),
   "galore_columns_stacked_as_stored": ("galore", {}),
+  "galore_columns_joined_transposed": ("galore", {}),
+  "osd_columns_joined_transposed": ("osd", {}),
   "osd_columns_stacked_as_stored": ("osd", {}),
   "osd_ordered_count_keeps": ("osd", {}),
   "osd_columns_stacked_as_stored_ordered_count_keeps": ("osd", {}),
@@ -115,6 +117,7 @@ COMPILE_SETTINGS = {
   "_bases_as_product_stacks": (_combinator, "BASES_AS_PRODUCT_STACKS", True),
   "_bases_cut_per_leaf": (_combinator, "BASES_AS_PRODUCT_STACKS", False),
   "_columns_stacked_as_stored": (_combinator, "COLUMNS_STACKED_AS_STORED", True),
+  "_columns_joined_transposed": (_combinator, "COLUMNS_STACKED_AS_STORED", False),
   "_ordered_count_keeps": (online_pca, "ORDERED_SCALAR_KEEPS", True),
   "_split_direction_stacks": (_combinator, "DIRECTION_STACK_LIMIT", 128),
 }

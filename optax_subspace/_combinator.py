@@ -88,8 +88,12 @@ BASES_AS_PRODUCT_STACKS = True
 # GaLore and OSD updates transpose the 8 down projections' G into the stack, their inner moments
 # back to the stored (1376, 128) and P·N into W's layout, and copy those adds into the donated W:
 # 40 launches of 178 (GaLore) and 254 (OSD), counted without a GPU (docs/benchmarks.md,
-# "Kernels counted without a GPU"). Off until a GPU measures it.
-COLUMNS_STACKED_AS_STORED = False
+# "Kernels counted without a GPU"). On: GaLore's 60M update 0.963 ms of kernels in 170
+# launches against 1.031 ms in 179 on an H100 (profile_update_60m_h100_04c3fd3.json); its whole
+# 60M step 0.963 and 0.972× AdamW's tokens/s back to back against 0.960 and 0.961, side by side
+# in two runs (train_step_60m_b64_h100_04c3fd3*.json); OSD's within the runs' spread. LLaMA-350M
+# and 1B have no such stacks: their programs are the same either way. On since 04c3fd3's runs.
+COLUMNS_STACKED_AS_STORED = True
 # At most this many matrices in one stacked call of a stepped projector's direction (OSD's ∇P,
 # `Pipeline.advance`), a larger (s, r) group split into near-equal stacks; 0: no limit. XLA on
 # a GPU splits a concatenation of more than 128 operands into nested ones: LLaMA-350M's and

@@ -147,16 +147,22 @@ def test_scanned_layers_compute_what_the_layered_model_does():
 def test_scanned_kernels_get_the_layered_kernels_updates(optimizer):
   # --scan-layers gives each stacked kernel (layers, in, out) MatrixDims(rows=1, cols=2): a batch
   # of matrices, each with its own projector, so the updates are the layered model's, stacked.
+  # A new gradient at each call: with one gradient throughout, OSD's P (its top singular
+  # vectors since step 0) would be a stationary point of its loss, ∇P rounding noise that its
+  # Adam scales up to a full step, and the two programs' noise differs.
   _, params = _params()
-  grads = jax.tree.map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape), params)
+  grads = [
+    jax.tree.map(lambda x, i=i: jax.random.normal(jax.random.key(x.size + i), x.shape), params)
+    for i in range(3)
+  ]
   updates = []
-  for scan, p, g in [(False, params, grads), (True, _stacked(params), _stacked(grads))]:
+  for scan, p, gs in [(False, params, grads), (True, _stacked(params), map(_stacked, grads))]:
     cfg = TrainConfig(
       model_size="tiny", optimizer=optimizer, rank=8, update_every=2, scan_layers=scan
     )
     tx = optimizers.build(cfg)
     state = tx.init(p)
-    for _ in range(3):  # a refresh, a step, a refresh
+    for g in gs:  # a refresh, a step, a refresh
       u, state = jax.jit(tx.update)(g, state, p)
     updates.append(u)
   jax.tree.map(
