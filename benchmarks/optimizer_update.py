@@ -105,10 +105,6 @@ SAME_STATE_AS = {
   "galore_columns_joined_transposed": "galore",
   "osd_columns_joined_transposed": "osd",
   "osd_columns_stacked_as_stored": "osd",
-  "osd_ordered_count_keeps": "osd",
-  "osd_columns_stacked_as_stored_ordered_count_keeps": "osd",
-  "osd_split_direction_stacks": "osd",
-  "osd_ordered_count_keeps_split_direction_stacks": "osd",
 }
 
 

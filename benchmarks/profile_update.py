@@ -85,10 +85,6 @@ PROFILED = (
   "galore_steady_columns_joined_transposed_host_refresh",
   "osd_steady_columns_joined_transposed_host_refresh",
   "osd_steady_columns_stacked_as_stored_host_refresh",
-  "osd_steady_ordered_count_keeps_host_refresh",
-  "osd_steady_columns_stacked_as_stored_ordered_count_keeps_host_refresh",
-  "osd_steady_split_direction_stacks_host_refresh",
-  "osd_steady_ordered_count_keeps_split_direction_stacks_host_refresh",
 )
 
 
@@ -140,12 +136,8 @@ def methods(rank: int, dims=None) -> dict:
   on their columns (60M's 8 down projections under GaLore and OSD) stacked apart, in their
   stored layout, instead of transposed into their bucket's stack (the default since it was
   measured, after 04c3fd3); "*_columns_joined_transposed" with it off (04c3fd3's default).
-  "*_ordered_count_keeps" with `projectors.online_pca.ORDERED_SCALAR_KEEPS` on: the select
-  keeping the step count of each P's Adam ordered after the step, so XLA makes no copy of the
-  donated count.
-  "*_split_direction_stacks" with DIRECTION_STACK_LIMIT at 128: OSD's ∇P of 350M's and 1B's
-  168 matrices in two stacks of 84, not one that XLA concatenates in two levels.
-  (Earlier runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out.)
+  (Earlier runs' "*_stacked_state" and "*_swapped_updates" measured layouts since taken out;
+  04c3fd3's "*_ordered_count_keeps" and "*_split_direction_stacks" settings too.)
   """
   table = optimizer_step.variants(rank, dims=dims)
   table["galore_refresh"] = table["galore_refresh_svd"]

@@ -53,9 +53,6 @@ from optax_subspace import _chunks
 from optax_subspace import _combinator
 from optax_subspace import nn as osnn
 
-# The module, not the function of that name that `osub.projectors` exports.
-online_pca = importlib.import_module("optax_subspace.projectors.online_pca")
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HAS_OPTAX_GALORE = hasattr(getattr(optax, "contrib", None), "galore")
 METHODS = tuple(
@@ -95,10 +92,6 @@ VARIANT_OF = {
   "galore_columns_joined_transposed": ("galore", {}),
   "osd_columns_joined_transposed": ("osd", {}),
   "osd_columns_stacked_as_stored": ("osd", {}),
-  "osd_ordered_count_keeps": ("osd", {}),
-  "osd_columns_stacked_as_stored_ordered_count_keeps": ("osd", {}),
-  "osd_split_direction_stacks": ("osd", {}),
-  "osd_ordered_count_keeps_split_direction_stacks": ("osd", {}),
 }
 VARIANTS = tuple(VARIANT_OF)
 # Library settings read while an update is traced, each changed around the compile of a method
@@ -118,8 +111,6 @@ COMPILE_SETTINGS = {
   "_bases_cut_per_leaf": (_combinator, "BASES_AS_PRODUCT_STACKS", False),
   "_columns_stacked_as_stored": (_combinator, "COLUMNS_STACKED_AS_STORED", True),
   "_columns_joined_transposed": (_combinator, "COLUMNS_STACKED_AS_STORED", False),
-  "_ordered_count_keeps": (online_pca, "ORDERED_SCALAR_KEEPS", True),
-  "_split_direction_stacks": (_combinator, "DIRECTION_STACK_LIMIT", 128),
 }
 MODEL_LEVEL = ("rso_model", "rso_model_shared", "grass_model")
 # What a scanned model (`ModelConfig.scan_layers`) cannot run: the example's SCAN_UNSUPPORTED.

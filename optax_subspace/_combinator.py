@@ -94,13 +94,6 @@ BASES_AS_PRODUCT_STACKS = True
 # in two runs (train_step_60m_b64_h100_04c3fd3*.json); OSD's within the runs' spread. LLaMA-350M
 # and 1B have no such stacks: their programs are the same either way. On since 04c3fd3's runs.
 COLUMNS_STACKED_AS_STORED = True
-# At most this many matrices in one stacked call of a stepped projector's direction (OSD's ∇P,
-# `Pipeline.advance`), a larger (s, r) group split into near-equal stacks; 0: no limit. XLA on
-# a GPU splits a concatenation of more than 128 operands into nested ones: LLaMA-350M's and
-# 1B's 168 matrices stack their P's and G·GᵀP's first 128 and then that stack with the other
-# 40, writing the first 128 twice (the H100 profile's four concatenations, 0.74 ms of
-# LLaMA-350M's OSD update, profile_update_350m_h100_dbef545.json). Off until a GPU times it.
-DIRECTION_STACK_LIMIT = 0
 
 
 class ProjectSubspaceState(NamedTuple):
@@ -642,7 +635,6 @@ def project_subspace(
       STACK_SMALL_PROJECTOR_STEPS,
       BASES_AS_PRODUCT_STACKS,
       COLUMNS_STACKED_AS_STORED,
-      DIRECTION_STACK_LIMIT,
     )
     pstates = _projector_states(projector, plan, updates, state.projectors)
     moved = lambda inner_state, old, new, changed: _transport.on_change(

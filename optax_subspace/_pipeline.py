@@ -120,7 +120,6 @@ class Pipeline:
       projector steps of the leaves whose products run stacked run stacked too.
     bases_as_product_stacks: `BASES_AS_PRODUCT_STACKS`, read while the update is traced.
     columns_stacked_as_stored: `COLUMNS_STACKED_AS_STORED`, read while the update is traced.
-    direction_stack_limit: `DIRECTION_STACK_LIMIT`, read while the update is traced.
   """
 
   projector: _base.Projector
@@ -133,7 +132,6 @@ class Pipeline:
   stack_steps: bool = False
   bases_as_product_stacks: bool = False
   columns_stacked_as_stored: bool = False
-  direction_stack_limit: int = 0
 
   @property
   def dense(self) -> bool:
@@ -563,22 +561,6 @@ class Pipeline:
       return (leaf.side, leaf.rank, leaf)
     return (leaf.side, leaf.rank)
 
-  def _direction_parts(self, leaves) -> dict:
-    """{leaf path: part}: each `_step_group` of more than `direction_stack_limit` matrices
-    (0: no limit) split, in leaf order, into that many near-equal parts (stacks) or fewer."""
-    groups: dict[Any, list[int]] = {}
-    for i in leaves:
-      groups.setdefault(self._step_group(self.plan[i]), []).append(i)
-    parts = {}
-    for members in groups.values():
-      total = sum(self.plan[i].num_matrices for i in members)
-      count = -(-total // self.direction_stack_limit) if self.direction_stack_limit else 1
-      done = 0
-      for i in members:
-        parts[self.plan[i].path] = done * count // total
-        done += self.plan[i].num_matrices
-    return parts
-
   def advance(self, pstates, bases, x, count):
     """The projector's step after the update (OSD: P_{t+1} by online PCA).
 
@@ -595,18 +577,10 @@ class Pipeline:
     """
     advance = _base.Advance.of(self.projector.advance)
     projected = self.plan.projected
-    part = self._direction_parts(projected)
     d = (
       {i: None for i in projected}
       if advance.direction is None
-      else stacked(
-        advance.direction,
-        self.plan,
-        projected,
-        lambda leaf: (self._step_group(leaf), part[leaf.path]),
-        bases,
-        x,
-      )
+      else stacked(advance.direction, self.plan, projected, self._step_group, bases, x)
     )
     step = lambda st, xi, di: advance.apply(st, xi, di, count)
     small = self._stacked_products(self.projector.project) if self.stack_steps else []

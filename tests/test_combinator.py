@@ -494,15 +494,6 @@ def test_columns_stacked_as_stored_change_no_value(make, monkeypatch):
   assert stored > joined
 
 
-def test_direction_stacks_split_change_no_value(monkeypatch):
-  # DIRECTION_STACK_LIMIT: OSD's ∇P of five matrices of one (s, r) runs in stacks of at most
-  # two (three batched calls of its products) or in one: the same steps.
-  params = {f"a{i}": jnp.ones((24, 40 + i)) for i in range(5)}
-  make = lambda: osub.online_subspace_descent(1e-2, 4)
-  split, one = _products_at(monkeypatch, "DIRECTION_STACK_LIMIT", (2, 0), make, params)
-  assert split > one
-
-
 def test_small_projector_steps_stacked_change_no_value(monkeypatch):
   # The small matrices whose products run stacked take OSD's steps on P stacked too, one
   # call per (s, r) (STACK_SMALL_PROJECTOR_STEPS), or per leaf: the same P's and moments, and

@@ -172,16 +172,6 @@ def dense_back(p: jax.Array, n: jax.Array) -> jax.Array:
   return jnp.matmul(p.astype(n.dtype), n, preferred_element_type=jnp.float32)
 
 
-def after(flag, x):
-  """`flag`, as a value computed from `x` (one element of it): a select on it waits for x.
-
-  XLA cannot simplify ``isnan(v) | ~isnan(v)`` (always true) away, so the select is ordered
-  after the fusion that computes x.
-  """
-  v = jnp.ravel(x)[0]
-  return flag & (jnp.isnan(v) | ~jnp.isnan(v))
-
-
 def check_rank(rank) -> int:
   """Validates a rank argument (a Python int, not a traced hyperparameter)."""
   if isinstance(rank, jax.Array) or not isinstance(rank, int) or isinstance(rank, bool):

@@ -13,17 +13,6 @@ from optax_subspace.projectors import _base
 from optax_subspace.projectors.svd import top_left_singular_vectors
 
 
-# Whether the select that keeps a scalar of P's optimizer state (its step count) on a skipped
-# step is ordered after the step on P (`_base.after`). Unordered, both that select and the step
-# (its bias correction) read the donated count, and XLA copies it first: on a GPU one 4-byte
-# copy per projected matrix and update (LLaMA-60M's 56, the H100 profile's 57
-# `memcpy32_post`; 1B's 168). Ordered, none: LLaMA-60M's OSD update compiles for an H100 to
-# 199 launches instead of 254, 350M's to 1,259 instead of 1,426, the same values (counted
-# without a GPU, docs/benchmarks.md, "Kernels counted without a GPU"). Off until a GPU times it.
-# Read each time the update is traced.
-ORDERED_SCALAR_KEEPS = False
-
-
 class OnlinePcaState(NamedTuple):
   """State of one matrix under `online_pca`: P (s, r) and P's optimizer state."""
 
@@ -151,11 +140,12 @@ def online_pca(
       grad.astype(state.basis.dtype), state.opt_state, state.basis
     )
     new_basis = optax.apply_updates(state.basis, updates)
-    basis = jnp.where(ok, new_basis, state.basis)
-    # The step count of P's optimizer: its select waits for the new P (`ORDERED_SCALAR_KEEPS`).
-    ok_scalar = _base.after(ok, basis) if ORDERED_SCALAR_KEEPS else ok
-    keep = lambda new, old: jnp.where(ok_scalar if jnp.ndim(new) == 0 else ok, new, old)
-    return OnlinePcaState(basis, jax.tree_util.tree_map(keep, opt_state, state.opt_state)), ok
+    keep = lambda new, old: jnp.where(ok, new, old)
+    new_state = OnlinePcaState(
+      keep(new_basis, state.basis),
+      jax.tree_util.tree_map(keep, opt_state, state.opt_state),
+    )
+    return new_state, ok
 
   basis = lambda state: state.basis.astype(jnp.float32)
   advance = _base.Advance(inputs=inputs, apply=apply, direction=direction, basis=basis)
